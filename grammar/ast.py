@@ -1,0 +1,234 @@
+"""The spec AST: frozen dataclasses, each carrying the position it was parsed from.
+
+The parser builds these from the lark tree; semantic checks (mapc.compiler.check) run over them
+afterwards, so every error can point at ``file:line:col``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+
+@dataclass(frozen=True)
+class Pos:
+    file: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+NOWHERE = Pos("<builtin>", 0, 0)
+
+
+# ---- expressions ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Num:
+    value: Union[int, float]
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Str:
+    value: str
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Bool:
+    value: bool
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Sym:
+    name: str
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Op:
+    """A unary or binary operator: ``op`` is one of + - * / // % == != < <= > >= and or not neg."""
+    op: str
+    args: tuple["Expr", ...]
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Call:
+    func: str
+    args: tuple["Expr", ...]
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class ListExpr:
+    items: tuple["Expr", ...]
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+Expr = Union[Num, Str, Bool, Sym, Op, Call, ListExpr]
+
+
+# ---- axis patterns -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Member:
+    """One tensor's share of a concatenated factor: ``q: heads / groups``."""
+    name: str
+    size: Expr
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Concat:
+    members: tuple[Member, ...]
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Factor:
+    name: str
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One tensor axis, the row-major composition of its factors (outermost first)."""
+    factors: tuple[Union[Factor, Concat], ...]
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    axes: tuple[Axis, ...]
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+# ---- declarations --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Let:
+    name: str
+    expr: Expr
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Match:
+    key: str
+    values: tuple[Expr, ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class ConfigEntry:
+    name: str
+    keys: tuple[str, ...]          # dotted config key paths, tried in order
+    default: Expr | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    name: str                      # e.g. "q"; inside a group the full name is "layer.q"
+    group: str | None              # e.g. "layer"
+    index: str | None              # the group's index variable, e.g. "i"
+    count: Expr | None             # the group's size, e.g. Sym("layers")
+    pattern: Pattern
+    when: Expr | None
+    pos: Pos
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.group}.{self.name}" if self.group else self.name
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to a logical tensor: ``embed`` or ``layer[i].q``."""
+    group: str | None
+    index: str | None
+    name: str
+    pos: Pos
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.group}.{self.name}" if self.group else self.name
+
+    def __str__(self) -> str:
+        return f"{self.group}[{self.index}].{self.name}" if self.group else self.name
+
+
+@dataclass(frozen=True)
+class Split:
+    factor: str
+    mesh: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Pad:
+    factor: str
+    multiple: Expr
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str                      # physical name pattern, e.g. "model.layers.{i}.q_proj.weight"
+    copy: bool                     # an explicit replica of tensors another rule already places
+    refs: tuple[Ref, ...]
+    as_pattern: Pattern | None     # the physical tensor's axes
+    from_pattern: Pattern | None   # the logical tensor's axes, when they must be rearranged
+    splits: tuple[Split, ...]
+    pads: tuple[Pad, ...]
+    stage: str | None              # "first" | "last" | None
+    when: Expr | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    choices: tuple[Expr, ...]      # the first is the default; one choice means "any value"
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    group: str                     # e.g. "layer"
+    index: str                     # the global index variable, e.g. "i"
+    local: str | None              # the stage-local index variable, e.g. "j"
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class MetaEntry:
+    key: str
+    expr: Expr
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    mesh: tuple[str, ...]
+    params: tuple[Param, ...]
+    pipeline: Pipeline | None
+    meta: tuple[MetaEntry, ...]
+    lets: tuple[Let, ...]
+    rules: tuple[Rule, ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Spec:
+    family: str
+    matches: tuple[Match, ...]
+    lets: tuple[Let, ...]
+    config: tuple[ConfigEntry, ...]
+    tensors: tuple[TensorDecl, ...]
+    layouts: tuple[Layout, ...]
+    file: str
+    source: str                    # the spec text, for error carets
+    pos: Pos

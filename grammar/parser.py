@@ -1,0 +1,361 @@
+"""Parse spec text into the AST.
+
+The grammar lives in ``mapc.lark`` beside this file and is loaded once (LALR, cached).
+Syntax errors become :class:`SpecError` with ``file:line:col``, the offending line, a caret
+and what was expected.
+"""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import lark
+from lark import Token, Transformer, v_args
+
+from mapc.errors import SpecError
+from mapc.grammar import ast as A
+
+# Terminal names as a user would read them in "expected ..." messages.
+_TERMINAL_WORDS = {
+    "NAME": "a name", "LABEL": "a name followed by ':'", "STRING": "a quoted string",
+    "NUMBER": "a number", "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'",
+    "LSQB": "'['", "RSQB": "']'", "COLON": "':'", "COMMA": "','", "EQUAL": "'='",
+    "DOT": "'.'", "LESSTHAN": "'<'", "VBAR": "'|'", "COMP": "a comparison",
+    "ADDOP": "'+' or '-'", "MULOP": "'*', '/', '//' or '%'", "STAGE": "'first' or 'last'",
+    "COPY": "'copy'", "MINUS": "'-'", "$END": "end of file",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> lark.Lark:
+    text = resources.files("mapc.grammar").joinpath("mapc.lark").read_text()
+    return lark.Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True,
+                     cache=True)
+
+
+def caret(source: str, line: int, column: int) -> str:
+    """The offending source line with a caret under ``column`` (both 1-based)."""
+    lines = source.splitlines()
+    if not 1 <= line <= len(lines):
+        return ""
+    text = lines[line - 1]
+    return f"\n    {text}\n    {' ' * (column - 1)}^"
+
+
+def _expected(tokens) -> str:
+    words = sorted({_TERMINAL_WORDS.get(t, f"'{t.lower()}'" if t.isalpha() else t)
+                    for t in tokens if not t.startswith("__")})
+    if not words:
+        return ""
+    if len(words) > 8:
+        words = words[:8] + ["..."]
+    return "; expected " + ", ".join(words)
+
+
+def parse(text: str, file: str = "<spec>") -> A.Spec:
+    """Parse a spec. Raises SpecError (with position and caret) on a syntax error."""
+    try:
+        tree = _parser().parse(text)
+    except lark.exceptions.UnexpectedCharacters as e:
+        raise SpecError(f"unexpected character {text[e.pos_in_stream]!r}"
+                        f"{_expected(e.allowed or ())}{caret(text, e.line, e.column)}",
+                        where=f"{file}:{e.line}:{e.column}") from None
+    except lark.exceptions.UnexpectedToken as e:
+        got = "end of file" if e.token.type == "$END" else repr(str(e.token))
+        line, col = (e.line, e.column) if e.line and e.line > 0 else _end(text)
+        raise SpecError(f"unexpected {got}{_expected(e.expected)}{caret(text, line, col)}",
+                        where=f"{file}:{line}:{col}") from None
+    except lark.exceptions.UnexpectedEOF as e:
+        line, col = _end(text)
+        raise SpecError(f"unexpected end of file{_expected(e.expected)}",
+                        where=f"{file}:{line}:{col}") from None
+    return _Build(file, text).transform(tree)
+
+
+def _end(text: str) -> tuple[int, int]:
+    lines = text.splitlines() or [""]
+    return len(lines), len(lines[-1]) + 1
+
+
+def parse_file(path) -> A.Spec:
+    from pathlib import Path
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read spec: {e.strerror}", where=str(path)) from None
+    return parse(text, str(path))
+
+
+class _Build(Transformer):
+    """Lark tree -> AST. Purely structural: no semantic checks here (see mapc.compiler.check)."""
+
+    def __init__(self, file: str, text: str):
+        super().__init__()
+        self.file = file
+        self.text = text
+
+    def _pos(self, meta_or_tok) -> A.Pos:
+        line = getattr(meta_or_tok, "line", 0) or 0
+        col = getattr(meta_or_tok, "column", 0) or 0
+        return A.Pos(self.file, line, col)
+
+    # -- top level --
+    @v_args(meta=True)
+    def start(self, meta, items):
+        family = [i for i in items if isinstance(i, tuple) and i[0] == "family"]
+        if len(family) != 1:
+            where = family[1][2] if family else A.Pos(self.file, 1, 1)
+            raise SpecError("a spec declares exactly one 'family NAME'" +
+                            (" (found two)" if family else " (found none)") +
+                            caret(self.text, where.line, where.column), where=str(where))
+        config = [e for i in items if isinstance(i, list) and i and i[0] == "config" for e in i[1:]]
+        tensors = [t for i in items if isinstance(i, list) and i and i[0] == "tensors"
+                   for t in i[1:]]
+        return A.Spec(
+            family=family[0][1],
+            matches=tuple(i for i in items if isinstance(i, A.Match)),
+            lets=tuple(i for i in items if isinstance(i, A.Let)),
+            config=tuple(config),
+            tensors=tuple(tensors),
+            layouts=tuple(i for i in items if isinstance(i, A.Layout)),
+            file=self.file, source=self.text, pos=A.Pos(self.file, 1, 1))
+
+    @v_args(meta=True)
+    def family(self, meta, c):
+        return ("family", str(c[0]), self._pos(meta))
+
+    @v_args(meta=True)
+    def match(self, meta, c):
+        return A.Match(str(c[0]), tuple(c[1:]), self._pos(meta))
+
+    @v_args(meta=True)
+    def let_decl(self, meta, c):
+        return A.Let(str(c[0]), c[1], self._pos(meta))
+
+    def config_block(self, c):
+        return ["config", *c]
+
+    @v_args(meta=True)
+    def config_entry(self, meta, c):
+        *keys, default = c[1:]
+        return A.ConfigEntry(str(c[0]), tuple(keys), default, self._pos(meta))
+
+    def key_path(self, c):
+        return ".".join(str(t) for t in c)
+
+    def tensors_block(self, c):
+        out = ["tensors"]
+        for item in c:
+            out.extend(item if isinstance(item, list) else [item])
+        return out
+
+    @v_args(meta=True)
+    def tensor_group(self, meta, c):
+        group, index, count, *decls = c
+        return [A.TensorDecl(d.name, str(group), str(index), count, d.pattern, d.when, d.pos)
+                for d in decls]
+
+    @v_args(meta=True)
+    def tensor_decl(self, meta, c):
+        return A.TensorDecl(str(c[0]), None, None, None, c[1], c[2], self._pos(meta))
+
+    # -- layouts --
+    @v_args(meta=True)
+    def layout_block(self, meta, c):
+        name, *items = c
+        mesh = tuple(m for i in items if isinstance(i, tuple) and i and i[0] == "mesh"
+                     for m in i[1])
+        pipelines = [i for i in items if isinstance(i, A.Pipeline)]
+        if len(pipelines) > 1:
+            p = pipelines[1].pos
+            raise SpecError(f"layout {name} declares 'pipeline' twice" +
+                            caret(self.text, p.line, p.column), where=str(p))
+        return A.Layout(
+            name=str(name), mesh=mesh,
+            params=tuple(i for i in items if isinstance(i, A.Param)),
+            pipeline=pipelines[0] if pipelines else None,
+            meta=tuple(e for i in items if isinstance(i, list) for e in i),
+            lets=tuple(i for i in items if isinstance(i, A.Let)),
+            rules=tuple(i for i in items if isinstance(i, A.Rule)),
+            pos=self._pos(meta))
+
+    def mesh_decl(self, c):
+        return ("mesh", tuple(str(t) for t in c))
+
+    @v_args(meta=True)
+    def param_decl(self, meta, c):
+        return A.Param(str(c[0]), tuple(c[1:]), self._pos(meta))
+
+    @v_args(meta=True)
+    def pipeline_decl(self, meta, c):
+        return A.Pipeline(str(c[0]), str(c[1]), str(c[2]) if c[2] is not None else None,
+                          self._pos(meta))
+
+    def meta_block(self, c):
+        return list(c)
+
+    @v_args(meta=True)
+    def meta_entry(self, meta, c):
+        return A.MetaEntry(c[0], c[1], self._pos(meta))
+
+    @v_args(meta=True)
+    def rule(self, meta, c):
+        name_tok, copy, *rest = c
+        refs = tuple(x for x in rest if isinstance(x, A.Ref))
+        clauses = [x for x in rest if isinstance(x, tuple)]
+        pos = self._pos(meta)
+
+        def one(kind):
+            found = [x for x in clauses if x[0] == kind]
+            if len(found) > 1:
+                p = found[1][-1]
+                raise SpecError(f"rule {name_tok} has two '{kind}' clauses" +
+                                caret(self.text, p.line, p.column), where=str(p))
+            return found[0][1] if found else None
+
+        return A.Rule(
+            name=str(name_tok)[1:-1], copy=copy is not None, refs=refs,
+            as_pattern=one("as"), from_pattern=one("from"),
+            splits=tuple(x[1] for x in clauses if x[0] == "split"),
+            pads=tuple(x[1] for x in clauses if x[0] == "pad"),
+            stage=one("on"), when=one("if"), pos=pos)
+
+    @v_args(meta=True)
+    def ref(self, meta, c):
+        head, index, *names = c
+        pos = self._pos(meta)
+        if index is None and not names:
+            return A.Ref(None, None, str(head), pos)
+        if index is None or len(names) != 1:
+            raise SpecError(f"a tensor reference is NAME or GROUP[INDEX].NAME, got "
+                            f"{head}{'[' + str(index) + ']' if index else ''}"
+                            f"{''.join('.' + str(n) for n in names)}"
+                            + caret(self.text, pos.line, pos.column), where=str(pos))
+        return A.Ref(str(head), str(index), str(names[0]), pos)
+
+    @v_args(meta=True)
+    def as_clause(self, meta, c):
+        return ("as", c[0], self._pos(meta))
+
+    @v_args(meta=True)
+    def from_clause(self, meta, c):
+        return ("from", c[0], self._pos(meta))
+
+    @v_args(meta=True)
+    def split_clause(self, meta, c):
+        pos = self._pos(meta)
+        return ("split", A.Split(str(c[0]), str(c[1]), pos), pos)
+
+    @v_args(meta=True)
+    def pad_clause(self, meta, c):
+        pos = self._pos(meta)
+        return ("pad", A.Pad(str(c[0]), c[1], pos), pos)
+
+    @v_args(meta=True)
+    def on_clause(self, meta, c):
+        return ("on", str(c[0]), self._pos(meta))
+
+    @v_args(meta=True)
+    def if_clause(self, meta, c):
+        return ("if", c[0], self._pos(meta))
+
+    # -- patterns --
+    @v_args(meta=True)
+    def pattern(self, meta, c):
+        return A.Pattern(tuple(c), self._pos(meta))
+
+    def axis_name(self, c):
+        tok = c[0]
+        return A.Axis((A.Factor(str(tok), self._pos(tok)),), self._pos(tok))
+
+    @v_args(meta=True)
+    def axis_group(self, meta, c):
+        return A.Axis(tuple(c), self._pos(meta))
+
+    @v_args(meta=True)
+    def axis_concat(self, meta, c):
+        return A.Axis((c[0],), self._pos(meta))
+
+    def factor_name(self, c):
+        return A.Factor(str(c[0]), self._pos(c[0]))
+
+    @v_args(meta=True)
+    def concat(self, meta, c):
+        return A.Concat(tuple(c), self._pos(meta))
+
+    @v_args(meta=True)
+    def concat_unit(self, meta, c):
+        return A.Concat(tuple(A.Member(str(t), A.Num(1), self._pos(t)) for t in c),
+                        self._pos(meta))
+
+    @v_args(meta=True)
+    def member(self, meta, c):
+        return A.Member(str(c[0]), c[1], self._pos(meta))
+
+    # -- expressions --
+    def number(self, c):
+        text = str(c[0])
+        value = float(text) if any(ch in text for ch in ".eE") else int(text)
+        return A.Num(value, self._pos(c[0]))
+
+    def string(self, c):
+        return A.Str(str(c[0])[1:-1], self._pos(c[0]))
+
+    @v_args(meta=True)
+    def true(self, meta, c):
+        return A.Bool(True, self._pos(meta))
+
+    @v_args(meta=True)
+    def false(self, meta, c):
+        return A.Bool(False, self._pos(meta))
+
+    def symbol(self, c):
+        return A.Sym(str(c[0]), self._pos(c[0]))
+
+    @v_args(meta=True)
+    def call(self, meta, c):
+        return A.Call(str(c[0]), tuple(c[1:]), self._pos(meta))
+
+    @v_args(meta=True)
+    def list_(self, meta, c):
+        return A.ListExpr(tuple(x for x in c if x is not None), self._pos(meta))
+
+    @v_args(meta=True)
+    def neg(self, meta, c):
+        return A.Op("neg", (c[0],), self._pos(meta))
+
+    @v_args(meta=True)
+    def not_(self, meta, c):
+        return A.Op("not", (c[0],), self._pos(meta))
+
+    @v_args(meta=True)
+    def or_(self, meta, c):
+        return self._chain("or", c, meta)
+
+    @v_args(meta=True)
+    def and_(self, meta, c):
+        return self._chain("and", c, meta)
+
+    def _chain(self, op, c, meta):
+        out = c[0]
+        for x in c[1:]:
+            out = A.Op(op, (out, x), self._pos(meta))
+        return out
+
+    @v_args(meta=True)
+    def compare(self, meta, c):
+        if len(c) == 1 or c[1] is None:
+            return c[0]
+        return A.Op(str(c[1]), (c[0], c[2]), self._pos(meta))
+
+    @v_args(meta=True)
+    def arith(self, meta, c):
+        out = c[0]
+        for i in range(1, len(c), 2):
+            out = A.Op(str(c[i]), (out, c[i + 1]), self._pos(meta))
+        return out
+
+
+def _is_token(x) -> bool:
+    return isinstance(x, Token)

@@ -1,0 +1,210 @@
+"""Ground truth from the real megatron-core: state-dict names and shapes.
+
+Builds a Llama-style ``GPTModel`` (local spec, ``get_gpt_layer_local_spec``)
+with the real megatron-core on CPU, once per ``(tp_rank, pp_rank)``, and
+reports ``{state_dict key: shape}`` for each rank.  Keys ending in
+``_extra_state`` are dropped.
+
+Every rank runs in its own subprocess (this file, run with ``--worker``)
+under a gloo process group, because megatron-core's ``parallel_state``
+needs a real ``torch.distributed`` world of size ``tp * pp``.  Each worker
+writes one JSON file into a temporary directory; the parent collects them.
+
+CPU workarounds (test harness only, applied only inside the worker):
+
+* ``use_cpu_initialization=True`` and ``perform_initialization=False``:
+  parameters are created with ``torch.empty`` on CPU, so the CUDA RNG
+  tracker (``model_parallel_cuda_manual_seed``, which needs CUDA) is never
+  used and is not seeded.
+* ``torch.Tensor.cuda`` is replaced by the identity.  With tied embeddings
+  and ``pp > 1``, ``LanguageModule.setup_embeddings_and_output_layer`` does
+  ``weight.data = weight.data.cuda()`` before an all-reduce over the
+  embedding group; on CPU the tensor simply stays put (gloo reduces CPU
+  tensors).  Nothing else reached while building the model touches CUDA.
+
+Usage as a script::
+
+    python tests/groundtruth/mcore_names.py '{"hidden":64,"layers":4,...}' TP PP
+
+prints ``{"tp_rank,pp_rank": {name: shape}}`` as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["mcore_state_dict_shapes", "CFG_KEYS"]
+
+CFG_KEYS = ("hidden", "layers", "heads", "groups", "head_dim", "ffn", "vocab", "tied")
+
+_WORKER_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mcore_state_dict_shapes(cfg: dict, tp: int, pp: int) -> dict[tuple[int, int], dict[str, list[int]]]:
+    """Build megatron-core GPTModel (local spec, get_gpt_layer_local_spec) for a Llama-style config
+    on CPU with use_cpu_initialization=True, for every (tp_rank, pp_rank), and return
+    {(tp_rank, pp_rank): {state_dict key: shape}} with `_extra_state` keys dropped.
+
+    Raises RuntimeError (carrying the workers' stderr) if megatron-core rejects the
+    configuration, e.g. ``layers % pp != 0``.
+    """
+    missing = [k for k in CFG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"cfg is missing keys {missing}")
+    tp, pp = int(tp), int(pp)
+    world = tp * pp
+    if world < 1:
+        raise ValueError("tp and pp must be >= 1")
+
+    with tempfile.TemporaryDirectory(prefix="mcore_names_") as out_dir:
+        env_base = dict(os.environ)
+        env_base.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+            WORLD_SIZE=str(world),
+            # keep each worker single-threaded: tp*pp of them share few cores
+            OMP_NUM_THREADS="1",
+            CUDA_VISIBLE_DEVICES="",
+            PYTHONWARNINGS="ignore",
+        )
+        cfg_json = json.dumps(cfg)
+        procs = []
+        for rank in range(world):
+            env = dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), "--worker", cfg_json, str(tp), str(pp), out_dir],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        failures = []
+        for rank, p in enumerate(procs):
+            try:
+                _, err = p.communicate(timeout=_WORKER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    if q.poll() is None:
+                        q.kill()
+                _, err = p.communicate()
+                failures.append(f"rank {rank}: timeout\n{err[-4000:]}")
+                continue
+            if p.returncode != 0:
+                failures.append(f"rank {rank}: exit {p.returncode}\n{err[-4000:]}")
+        if failures:
+            raise RuntimeError("megatron-core worker(s) failed:\n" + "\n".join(failures))
+
+        result: dict[tuple[int, int], dict[str, list[int]]] = {}
+        for rank in range(world):
+            data = json.loads(Path(out_dir, f"rank{rank}.json").read_text())
+            result[(data["tp_rank"], data["pp_rank"])] = data["shapes"]
+    if len(result) != world:
+        raise RuntimeError(f"expected {world} distinct (tp_rank, pp_rank), got {sorted(result)}")
+    return dict(sorted(result.items()))
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    # See module docstring: tied embeddings with pp > 1 call `.cuda()` on the
+    # shared weight before all-reducing it.  Keep it on CPU.
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend="gloo", rank=rank, world_size=world)
+
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+
+    config = TransformerConfig(
+        num_layers=int(cfg["layers"]),
+        hidden_size=int(cfg["hidden"]),
+        ffn_hidden_size=int(cfg["ffn"]),
+        num_attention_heads=int(cfg["heads"]),
+        num_query_groups=int(cfg["groups"]),
+        kv_channels=int(cfg["head_dim"]),
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+    )
+    if os.environ.get("MCORE_NAMES_META") == "1":
+        torch.set_default_device("meta")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=int(cfg["vocab"]),
+        max_sequence_length=int(cfg.get("max_seq", 128)),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=bool(cfg["tied"]),
+        position_embedding_type="rope",
+    )
+    shapes = {
+        k: list(v.shape)
+        for k, v in model.state_dict().items()
+        if not k.endswith("_extra_state")
+    }
+    tmp = Path(out_dir, f"rank{rank}.json.tmp")
+    tmp.write_text(json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank, "shapes": shapes}))
+    tmp.rename(Path(out_dir, f"rank{rank}.json"))
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "--worker":
+        _, cfg_json, tp, pp, out_dir = argv
+        _worker(json.loads(cfg_json), int(tp), int(pp), out_dir)
+        return 0
+    if len(argv) != 3:
+        print(f"usage: {sys.argv[0]} CFG_JSON TP PP", file=sys.stderr)
+        return 2
+    cfg_json, tp, pp = argv
+    res = mcore_state_dict_shapes(json.loads(cfg_json), int(tp), int(pp))
+    json.dump({f"{t},{p}": shapes for (t, p), shapes in res.items()}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
