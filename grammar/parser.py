@@ -30,7 +30,7 @@ _TERMINAL_WORDS = {
 def _parser() -> lark.Lark:
     text = resources.files("mapc.grammar").joinpath("mapc.lark").read_text()
     return lark.Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True,
-                     cache=True)
+                     cache=True, start=["start", "expr_only"])
 
 
 def caret(source: str, line: int, column: int) -> str:
@@ -54,8 +54,17 @@ def _expected(tokens) -> str:
 
 def parse(text: str, file: str = "<spec>") -> A.Spec:
     """Parse a spec. Raises SpecError (with position and caret) on a syntax error."""
+    return _parse(text, file, "start")
+
+
+def parse_expr(text: str, file: str = "<expr>") -> A.Expr:
+    """Parse one expression (used for the ``{...}`` placeholders of tensor names)."""
+    return _parse(text, file, "expr_only")
+
+
+def _parse(text: str, file: str, start: str):
     try:
-        tree = _parser().parse(text)
+        tree = _parser().parse(text, start=start)
     except lark.exceptions.UnexpectedCharacters as e:
         raise SpecError(f"unexpected character {text[e.pos_in_stream]!r}"
                         f"{_expected(e.allowed or ())}{caret(text, e.line, e.column)}",
@@ -101,6 +110,9 @@ class _Build(Transformer):
         return A.Pos(self.file, line, col)
 
     # -- top level --
+    def expr_only(self, c):
+        return c[0]
+
     @v_args(meta=True)
     def start(self, meta, items):
         family = [i for i in items if isinstance(i, tuple) and i[0] == "family"]

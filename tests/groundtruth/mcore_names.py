@@ -21,10 +21,12 @@ CPU workarounds (test harness only, applied only inside the worker):
   ``weight.data = weight.data.cuda()`` before an all-reduce over the
   embedding group; on CPU the tensor simply stays put (gloo reduces CPU
   tensors).  Nothing else reached while building the model touches CUDA.
+* ``meta=True`` (optional) also sets ``torch.set_default_device("meta")`` in
+  the worker, so full-size configs allocate nothing (same names and shapes).
 
 Usage as a script::
 
-    python tests/groundtruth/mcore_names.py '{"hidden":64,"layers":4,...}' TP PP
+    python tests/groundtruth/mcore_names.py '{"hidden":64,"layers":4,...}' TP PP [--meta]
 
 prints ``{"tp_rank,pp_rank": {name: shape}}`` as JSON on stdout.
 """
@@ -52,13 +54,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def mcore_state_dict_shapes(cfg: dict, tp: int, pp: int) -> dict[tuple[int, int], dict[str, list[int]]]:
+def mcore_state_dict_shapes(
+    cfg: dict, tp: int, pp: int, *, meta: bool = False
+) -> dict[tuple[int, int], dict[str, list[int]]]:
     """Build megatron-core GPTModel (local spec, get_gpt_layer_local_spec) for a Llama-style config
     on CPU with use_cpu_initialization=True, for every (tp_rank, pp_rank), and return
     {(tp_rank, pp_rank): {state_dict key: shape}} with `_extra_state` keys dropped.
 
-    Raises RuntimeError (carrying the workers' stderr) if megatron-core rejects the
-    configuration, e.g. ``layers % pp != 0``.
+    Optional cfg keys: ``layers_first_stage`` / ``layers_last_stage`` (passed as
+    ``num_layers_in_first/last_pipeline_stage``, megatron-core's uneven-PP knobs) and
+    ``max_seq`` (default 128; does not affect names or shapes).
+
+    ``meta=True`` builds the model under ``torch.set_default_device("meta")`` so that
+    full-size configs (e.g. 8B) cost no memory; names and shapes are identical.
+
+    Raises RuntimeError (carrying a worker's stderr) if megatron-core rejects the
+    configuration, e.g. ``layers % pp != 0`` without the uneven-PP keys.
     """
     missing = [k for k in CFG_KEYS if k not in cfg]
     if missing:
@@ -78,35 +89,56 @@ def mcore_state_dict_shapes(cfg: dict, tp: int, pp: int) -> dict[tuple[int, int]
             OMP_NUM_THREADS="1",
             CUDA_VISIBLE_DEVICES="",
             PYTHONWARNINGS="ignore",
+            MCORE_NAMES_META="1" if meta else "0",
         )
         cfg_json = json.dumps(cfg)
         procs = []
+        logs = []
         for rank in range(world):
             env = dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank))
+            # output goes to files, not pipes: a rank blocked on a full pipe
+            # would stall the collectives of all the others
+            log = open(Path(out_dir, f"rank{rank}.log"), "w+")
+            logs.append(log)
             procs.append(
                 subprocess.Popen(
                     [sys.executable, os.path.abspath(__file__), "--worker", cfg_json, str(tp), str(pp), out_dir],
                     env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             )
-        failures = []
-        for rank, p in enumerate(procs):
-            try:
-                _, err = p.communicate(timeout=_WORKER_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    if q.poll() is None:
-                        q.kill()
-                _, err = p.communicate()
-                failures.append(f"rank {rank}: timeout\n{err[-4000:]}")
-                continue
-            if p.returncode != 0:
-                failures.append(f"rank {rank}: exit {p.returncode}\n{err[-4000:]}")
+        failures = []  # (rank, reason, output)
+        try:
+            for rank, p in enumerate(procs):
+                try:
+                    p.wait(timeout=_WORKER_TIMEOUT_S)
+                    reason = None if p.returncode == 0 else f"exit {p.returncode}"
+                except subprocess.TimeoutExpired:
+                    reason = "timeout"
+                    for q in procs:  # one rank stuck => the collectives of the others hang too
+                        if q.poll() is None:
+                            q.kill()
+                    p.wait()
+                if reason:
+                    logs[rank].seek(0)
+                    failures.append((rank, reason, logs[rank].read()))
+        finally:
+            for q in procs:
+                if q.poll() is None:
+                    q.kill()
+                    q.wait()
+            for log in logs:
+                log.close()
         if failures:
-            raise RuntimeError("megatron-core worker(s) failed:\n" + "\n".join(failures))
+            rank, reason, err = failures[0]
+            others = ", ".join(f"rank {r}: {why}" for r, why, _ in failures[1:])
+            raise RuntimeError(
+                f"megatron-core worker rank {rank} failed ({reason})"
+                + (f"; also {others}" if others else "")
+                + f"\n--- rank {rank} output (tail) ---\n{err[-4000:]}"
+            )
 
         result: dict[tuple[int, int], dict[str, list[int]]] = {}
         for rank in range(world):
@@ -147,6 +179,11 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
 
+    extra = {}
+    if cfg.get("layers_first_stage") is not None:
+        extra["num_layers_in_first_pipeline_stage"] = int(cfg["layers_first_stage"])
+    if cfg.get("layers_last_stage") is not None:
+        extra["num_layers_in_last_pipeline_stage"] = int(cfg["layers_last_stage"])
     config = TransformerConfig(
         num_layers=int(cfg["layers"]),
         hidden_size=int(cfg["hidden"]),
@@ -165,6 +202,7 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
         perform_initialization=False,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
+        **extra,
     )
     if os.environ.get("MCORE_NAMES_META") == "1":
         torch.set_default_device("meta")
@@ -196,13 +234,19 @@ def _main(argv: list[str]) -> int:
         _, cfg_json, tp, pp, out_dir = argv
         _worker(json.loads(cfg_json), int(tp), int(pp), out_dir)
         return 0
+    meta = "--meta" in argv
+    argv = [a for a in argv if a != "--meta"]
     if len(argv) != 3:
-        print(f"usage: {sys.argv[0]} CFG_JSON TP PP", file=sys.stderr)
+        print(f"usage: {sys.argv[0]} CFG_JSON TP PP [--meta]", file=sys.stderr)
         return 2
     cfg_json, tp, pp = argv
-    res = mcore_state_dict_shapes(json.loads(cfg_json), int(tp), int(pp))
-    json.dump({f"{t},{p}": shapes for (t, p), shapes in res.items()}, sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    res = mcore_state_dict_shapes(json.loads(cfg_json), int(tp), int(pp), meta=meta)
+    # one "name": shape per line, ranks in (tp_rank, pp_rank) order
+    lines = []
+    for (t, p), shapes in res.items():
+        body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in shapes.items())
+        lines.append(f" {json.dumps(f'{t},{p}')}: {{\n{body}\n }}")
+    sys.stdout.write("{\n" + ",\n".join(lines) + "\n}\n")
     return 0
 
 

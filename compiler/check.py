@@ -1,0 +1,285 @@
+"""Static semantic checks of a Spec IR, before any config is known.
+
+Checked here: unknown symbols, unknown tensors and members, malformed fusions, splits and pads
+of factors that do not exist, tensors a layout never covers or covers twice unconditionally,
+and shapes that cannot agree (by symbolic algebra over products of symbols, e.g.
+``groups * (heads / groups) * head_dim == heads * head_dim``). Everything that needs numbers
+(divisibility, conditional coverage) is checked again when a program is compiled.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from fractions import Fraction
+
+from mapc.compiler.expr import symbols
+from mapc.errors import SpecError
+from mapc.grammar.parser import caret
+
+# Spec sources by file name, for carets in error messages (filled by mapc.compiler.spec).
+SOURCES: dict[str, str] = {}
+
+
+def error_at(at: str, message: str, hint: str | None = None) -> SpecError:
+    """A SpecError at ``file:line:col`` with the spec line and a caret."""
+    file, _, rest = at.rpartition(":")
+    file, _, line = file.rpartition(":")
+    try:
+        text = caret(SOURCES.get(file, ""), int(line), int(rest))
+    except ValueError:
+        text = ""
+    return SpecError(message + text, where=at, hint=hint)
+
+
+# ---- monomials: products of symbols with rational exponents -----------------------------------
+def monomial(e):
+    """``e`` as (coefficient, {symbol: exponent}) if it is a product/quotient, else None."""
+    tag = e[0]
+    if tag == "num" and not isinstance(e[1], bool):
+        return Fraction(e[1]), {}
+    if tag == "sym":
+        return Fraction(1), {e[1]: 1}
+    if tag == "op" and e[1] in ("*", "/"):
+        a, b = monomial(e[2]), monomial(e[3])
+        if a is None or b is None:
+            return None
+        sign = 1 if e[1] == "*" else -1
+        exps = dict(a[1])
+        for s, k in b[1].items():
+            exps[s] = exps.get(s, 0) + sign * k
+            if exps[s] == 0:
+                del exps[s]
+        return (a[0] * b[0] if sign == 1 else a[0] / b[0]), exps
+    return None
+
+
+def mono_mul(ms):
+    coef, exps = Fraction(1), {}
+    for m in ms:
+        if m is None:
+            return None
+        coef *= m[0]
+        for s, k in m[1].items():
+            exps[s] = exps.get(s, 0) + k
+            if exps[s] == 0:
+                del exps[s]
+    return coef, exps
+
+
+def mono_str(m) -> str:
+    coef, exps = m
+    parts = [] if coef == 1 else [str(coef)]
+    parts += [s if k == 1 else f"{s}^{k}" for s, k in sorted(exps.items())]
+    return " * ".join(parts) or "1"
+
+
+# ---- the checker --------------------------------------------------------------------------------
+def check(ir: dict) -> None:
+    config_names = [c["name"] for c in ir["config"]]
+    _no_duplicates(ir["config"], "config symbol")
+    known = set()
+    for c in ir["config"]:
+        _known(c["default"], known | set(config_names), c["at"], "default of " + c["name"])
+        known.add(c["name"])
+    for x in ir["lets"]:
+        _known(x["expr"], known, x["at"], "let " + x["name"])
+        known.add(x["name"])
+    spec_syms = set(known)
+
+    tensors = {}
+    groups = {}
+    for t in ir["tensors"]:
+        if t["name"] in tensors:
+            raise error_at(t["at"], f"tensor {t['name']} is declared twice")
+        tensors[t["name"]] = t
+        if t["group"]:
+            groups.setdefault(t["group"], (t["index"], t["count"]))
+            _known(t["count"], spec_syms, t["at"], "group size")
+        _known(t["when"], spec_syms, t["at"], "condition")
+        for axis in t["axes"]:
+            for f in axis:
+                if "concat" in f:
+                    raise error_at(f["at"], "a logical tensor cannot be a concatenation; "
+                                   "fusions belong in layouts")
+                if f["factor"] not in spec_syms:
+                    raise error_at(f["at"], f"unknown size symbol '{f['factor']}' in tensor "
+                                   f"{t['name']}", hint=_known_hint(spec_syms))
+
+    _no_duplicates(ir["layouts"], "layout")
+    for lay in ir["layouts"]:
+        _check_layout(lay, spec_syms, tensors, groups)
+
+
+def _no_duplicates(items, what):
+    seen = set()
+    for it in items:
+        if it["name"] in seen:
+            raise error_at(it["at"], f"{what} {it['name']} is declared twice")
+        seen.add(it["name"])
+
+
+def _known_hint(syms) -> str:
+    return "known: " + ", ".join(sorted(syms))
+
+
+def _known(e, syms, at, what):
+    unknown = symbols(e) - set(syms)
+    if unknown:
+        raise error_at(at, f"unknown symbol {', '.join(sorted(unknown))} in {what}",
+                       hint=_known_hint(syms))
+
+
+def _check_layout(lay, spec_syms, tensors, groups):
+    name = lay["name"]
+    syms = set(spec_syms) | set(lay["mesh"]) | {p["name"] for p in lay["params"]}
+    _no_duplicates(lay["params"], f"layout {name} parameter")
+    for x in lay["lets"]:
+        _known(x["expr"], syms, x["at"], "let " + x["name"])
+        syms.add(x["name"])
+    pipe = lay["pipeline"]
+    if pipe:
+        if pipe["group"] not in groups:
+            raise error_at(pipe["at"], f"pipeline names tensor group '{pipe['group']}', "
+                           f"which the spec does not declare",
+                           hint="declared groups: " + ", ".join(sorted(groups)) if groups else None)
+        if "pp" not in lay["mesh"]:
+            raise error_at(pipe["at"], f"layout {name} has a pipeline but no 'pp' mesh axis",
+                           hint="add 'mesh ... pp'")
+    for m in lay["meta"]:
+        _known(m["expr"], syms, m["at"], f"meta {m['key']}")
+
+    primary: dict[str, list] = {}
+    for rule in lay["rules"]:
+        _check_rule(lay, rule, syms, tensors, groups)
+        if not rule["copy"]:
+            for ref in rule["refs"]:
+                primary.setdefault(ref["tensor"], []).append(rule)
+    for t in tensors.values():
+        rules = primary.get(t["name"], [])
+        if not rules:
+            raise error_at(lay["at"], f"layout {name} never places tensor {t['name']} "
+                           f"(declared at {t['at']})", hint="add a rule for it")
+        unconditional = [r for r in rules if r["when"] is None]
+        if len(unconditional) > 1:
+            raise error_at(unconditional[1]["at"],
+                           f"tensor {t['name']} is placed twice in layout {name} (also at "
+                           f"{unconditional[0]['at']})",
+                           hint="give the rules exclusive 'if' conditions, or mark a deliberate "
+                                "replica with 'copy'")
+
+
+def _check_rule(lay, rule, syms, tensors, groups):
+    at = rule["at"]
+    refs = rule["refs"]
+    group = None
+    index = None
+    for ref in refs:
+        t = tensors.get(ref["tensor"])
+        if t is None:
+            raise error_at(ref["at"], f"unknown tensor {ref['tensor']}",
+                           hint="declared: " + ", ".join(sorted(tensors)))
+        if (t["group"] is None) != (ref["index"] is None):
+            raise error_at(ref["at"], f"tensor {t['name']} "
+                           + ("is in group " + t["group"] + "; refer to it as "
+                              f"{t['group']}[{t['index']}].{ref['member']}" if t["group"]
+                              else "is not in a group; refer to it without an index"))
+        if ref is refs[0]:
+            group, index = t["group"], ref["index"]
+        elif (t["group"], ref["index"]) != (group, index):
+            raise error_at(ref["at"], "all tensors fused in one rule must come from the same "
+                           "group and index")
+    if len({r["member"] for r in refs}) != len(refs):
+        raise error_at(at, "a rule fuses two tensors with the same name")
+
+    pipe = lay["pipeline"]
+    name_syms = set(syms)
+    if group:
+        name_syms.add(index)
+        if pipe and pipe["group"] == group and pipe["local"]:
+            name_syms.add(pipe["local"])
+    for part in rule["name_parts"]:
+        if isinstance(part, dict):
+            _known(part["expr"], name_syms, at, f"tensor name {rule['name']!r}")
+    index_vars = {index} | ({pipe["local"]} if pipe and pipe["group"] == group
+                             and pipe["local"] else set())
+    if group and not any(isinstance(p, dict) and index_vars & symbols(p["expr"])
+                         for p in rule["name_parts"]):
+        raise error_at(at, f"name {rule['name']!r} places every {group}[{index}] under one "
+                       f"name", hint=f"put {{{index}}} in the name")
+    _known(rule["when"], syms, at, "condition")
+    if "pp" in lay["mesh"] and not (pipe and group == pipe["group"]) and rule["stage"] is None:
+        raise error_at(at, f"layout {lay['name']} is pipelined: say which stage holds "
+                       f"{rule['name']!r}", hint="add 'on first' or 'on last'")
+
+    # Patterns.
+    if len(refs) > 1 and rule["as"] is None:
+        raise error_at(at, "fusing several tensors needs an 'as' pattern with a "
+                       "[member ...] concatenation")
+    phys = rule["as"] if rule["as"] is not None else tensors[refs[0]["tensor"]]["axes"]
+    concats = [f for axis in phys for f in axis if "concat" in f]
+    factor_names = [f["factor"] for axis in phys for f in axis if "factor" in f]
+    for f in (f for axis in phys for f in axis):
+        if "factor" in f and f["factor"] not in syms and f["factor"] not in lay["mesh"]:
+            raise error_at(f["at"], f"unknown size symbol '{f['factor']}'",
+                           hint=_known_hint(syms))
+    dup = [n for n, k in Counter(factor_names).items() if k > 1]
+    if dup:
+        raise error_at(at, f"factor {dup[0]} appears twice in one pattern",
+                       hint="name each factor once; use 'let' for a second factor of the same size")
+    members = {r["member"] for r in refs}
+    if len(refs) > 1 or concats:
+        if len(concats) != 1:
+            raise error_at(at, f"a fusion needs exactly one [member ...] concatenation, "
+                           f"found {len(concats)}")
+        names = [m["member"] for m in concats[0]["concat"]]
+        if sorted(names) != sorted(members):
+            raise error_at(concats[0]["at"], f"the concatenation lists {', '.join(names)} but "
+                           f"the rule fuses {', '.join(r['member'] for r in refs)}")
+        for m in concats[0]["concat"]:
+            _known(m["size"], syms, m["at"], f"size of member {m['member']}")
+    if rule["from"] is not None:
+        if len(refs) != 1:
+            raise error_at(at, "'from' rearranges a single tensor; fusions use 'as' alone")
+        from_names = [f.get("factor") for axis in rule["from"] for f in axis]
+        if None in from_names:
+            raise error_at(at, "a 'from' pattern cannot contain a concatenation")
+        if sorted(from_names) != sorted(factor_names):
+            raise error_at(at, f"'from' factors ({' '.join(from_names)}) must be the 'as' "
+                           f"factors ({' '.join(factor_names)}) in another order")
+    for s in rule["splits"]:
+        if s["mesh"] not in lay["mesh"]:
+            raise error_at(s["at"], f"split over '{s['mesh']}', which is not a mesh axis of "
+                           f"layout {lay['name']}", hint="mesh: " + " ".join(lay["mesh"]))
+        if s["factor"] not in factor_names:
+            raise error_at(s["at"], f"split of '{s['factor']}', which is not a factor of "
+                           f"{rule['name']!r}", hint="factors: " + " ".join(factor_names))
+    if len({s["factor"] for s in rule["splits"]}) != len(rule["splits"]):
+        raise error_at(at, "a factor is split twice")
+    for p in rule["pads"]:
+        if p["factor"] not in factor_names:
+            raise error_at(p["at"], f"pad of '{p['factor']}', which is not a factor of "
+                           f"{rule['name']!r}", hint="factors: " + " ".join(factor_names))
+        _known(p["multiple"], syms, p["at"], "pad multiple")
+
+    # Symbolic shape agreement, member by member.
+    for ref in refs:
+        t = tensors[ref["tensor"]]
+        logical = t["axes"]
+        view = rule["from"] if rule["from"] is not None else phys
+        if len(view) != len(logical):
+            raise error_at(ref["at"], f"{ref['tensor']} has {len(logical)} axes but the "
+                           f"pattern has {len(view)}")
+        for k, (laxis, vaxis) in enumerate(zip(logical, view)):
+            lm = mono_mul(monomial(["sym", f["factor"]]) for f in laxis)
+            vm = mono_mul(_factor_mono(f, ref["member"]) for f in vaxis)
+            if lm is not None and vm is not None and lm != vm:
+                raise error_at(ref["at"], f"axis {k} of {ref['tensor']} is {mono_str(lm)} "
+                               f"but the pattern makes it {mono_str(vm)}")
+
+
+def _factor_mono(f, member):
+    if "factor" in f:
+        return monomial(["sym", f["factor"]])
+    for m in f["concat"]:
+        if m["member"] == member:
+            return monomial(m["size"])
+    return None

@@ -1,0 +1,140 @@
+"""Expressions of the Spec IR: s-expressions as JSON lists, and their evaluator.
+
+``["num", 3]``, ``["str", "te"]``, ``["bool", true]``, ``["sym", "heads"]``,
+``["op", "/", a, b]``, ``["call", "round_up", a, b]``, ``["list", a, ...]``.
+
+Integer ``/`` is exact: ``hidden / heads`` with 10 and 4 is an error, not 2.5, because every
+size in a spec must divide evenly. ``//`` floors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+from mapc.errors import SpecError
+
+
+class EvalError(SpecError):
+    pass
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "round_up": _round_up,
+    "min": min,
+    "max": max,
+    "ceil_div": lambda a, b: -(-a // b),
+}
+
+
+def symbols(e) -> set[str]:
+    """Free symbols of an expression."""
+    if e is None:
+        return set()
+    tag = e[0]
+    if tag == "sym":
+        return {e[1]}
+    if tag in ("op", "call"):
+        return set().union(*(symbols(a) for a in e[2:]))
+    if tag == "list":
+        return set().union(*(symbols(a) for a in e[1:]))
+    return set()
+
+
+def show(e) -> str:
+    """An expression in spec syntax, for messages and the program printer."""
+    tag = e[0]
+    if tag == "num":
+        return repr(e[1])
+    if tag == "str":
+        return f'"{e[1]}"'
+    if tag == "bool":
+        return "true" if e[1] else "false"
+    if tag == "sym":
+        return e[1]
+    if tag == "list":
+        return "[" + ", ".join(show(a) for a in e[1:]) + "]"
+    if tag == "call":
+        return f"{e[1]}(" + ", ".join(show(a) for a in e[2:]) + ")"
+    op = e[1]
+    if op == "neg":
+        return f"-{_paren(e[2])}"
+    if op == "not":
+        return f"not {_paren(e[2])}"
+    return f"{_paren(e[2])} {op} {_paren(e[3])}"
+
+
+def _paren(e) -> str:
+    s = show(e)
+    return f"({s})" if e[0] == "op" else s
+
+
+def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
+    """Evaluate ``e`` in ``env``. Unknown symbols and inexact divisions raise EvalError."""
+    tag = e[0]
+    if tag in ("num", "str", "bool"):
+        return e[1]
+    if tag == "sym":
+        try:
+            return env[e[1]]
+        except KeyError:
+            raise EvalError(f"unknown symbol '{e[1]}'", where=where or None) from None
+    if tag == "list":
+        return [evaluate(a, env, where) for a in e[1:]]
+    if tag == "call":
+        fn = FUNCTIONS.get(e[1])
+        if fn is None:
+            raise EvalError(f"unknown function '{e[1]}' (known: {', '.join(sorted(FUNCTIONS))})",
+                            where=where or None)
+        return fn(*(evaluate(a, env, where) for a in e[2:]))
+    op = e[1]
+    if op == "and":
+        return bool(evaluate(e[2], env, where)) and bool(evaluate(e[3], env, where))
+    if op == "or":
+        return bool(evaluate(e[2], env, where)) or bool(evaluate(e[3], env, where))
+    if op == "not":
+        return not evaluate(e[2], env, where)
+    if op == "neg":
+        return -evaluate(e[2], env, where)
+    a, b = evaluate(e[2], env, where), evaluate(e[3], env, where)
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        if isinstance(a, int) and isinstance(b, int) and not isinstance(a, bool):
+            if b == 0 or a % b:
+                raise EvalError(f"{show(e)} = {a} / {b} does not divide evenly",
+                                where=where or None)
+            return a // b
+        return a / b
+    if op == "//":
+        return a // b
+    if op == "%":
+        return a % b
+    if op == "==":
+        return a == b
+    if op == "!=":
+        return a != b
+    if op == "<":
+        return a < b
+    if op == "<=":
+        return a <= b
+    if op == ">":
+        return a > b
+    if op == ">=":
+        return a >= b
+    raise EvalError(f"unknown operator {op!r}", where=where or None)
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def prod(xs) -> int:
+    return math.prod(xs)

@@ -1,0 +1,133 @@
+"""AST -> Spec IR: plain JSON data (dicts, lists, strings, numbers), validated by
+``schema/spec-ir.schema.json``. Positions travel as ``"at": "file:line:col"`` so that every
+later error can point back into the spec.
+"""
+from __future__ import annotations
+
+import re
+
+from mapc.errors import SpecError
+from mapc.grammar import ast as A
+from mapc.grammar.parser import caret, parse_expr
+
+IR_VERSION = 1
+
+
+def expr_ir(e: A.Expr | None):
+    if e is None:
+        return None
+    if isinstance(e, A.Num):
+        return ["num", e.value]
+    if isinstance(e, A.Str):
+        return ["str", e.value]
+    if isinstance(e, A.Bool):
+        return ["bool", e.value]
+    if isinstance(e, A.Sym):
+        return ["sym", e.name]
+    if isinstance(e, A.Op):
+        return ["op", e.op, *(expr_ir(a) for a in e.args)]
+    if isinstance(e, A.Call):
+        return ["call", e.func, *(expr_ir(a) for a in e.args)]
+    if isinstance(e, A.ListExpr):
+        return ["list", *(expr_ir(a) for a in e.items)]
+    raise TypeError(e)
+
+
+def value_ir(e: A.Expr):
+    """A literal value (param choices, match values)."""
+    return e.value
+
+
+def pattern_ir(p: A.Pattern | None):
+    if p is None:
+        return None
+    axes = []
+    for axis in p.axes:
+        factors = []
+        for f in axis.factors:
+            if isinstance(f, A.Factor):
+                factors.append({"factor": f.name, "at": str(f.pos)})
+            else:
+                factors.append({"concat": [{"member": m.name, "size": expr_ir(m.size),
+                                            "at": str(m.pos)} for m in f.members],
+                                "at": str(f.pos)})
+        axes.append(factors)
+    return axes
+
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def name_ir(rule: A.Rule, source: str):
+    """Split a physical name pattern into literal text and placeholder expressions."""
+    parts, last = [], 0
+    for m in _PLACEHOLDER.finditer(rule.name):
+        if m.start() > last:
+            parts.append(rule.name[last:m.start()])
+        try:
+            e = parse_expr(m.group(1), str(rule.pos))
+        except SpecError as err:
+            raise SpecError(f"bad placeholder {{{m.group(1)}}} in tensor name: {err.message}"
+                            + caret(source, rule.pos.line, rule.pos.column),
+                            where=str(rule.pos)) from None
+        parts.append({"expr": expr_ir(e)})
+        last = m.end()
+    if last < len(rule.name):
+        parts.append(rule.name[last:])
+    if "{" in "".join(p for p in parts if isinstance(p, str)) or \
+            "}" in "".join(p for p in parts if isinstance(p, str)):
+        raise SpecError(f"unbalanced braces in tensor name {rule.name!r}"
+                        + caret(source, rule.pos.line, rule.pos.column), where=str(rule.pos))
+    return parts
+
+
+def rule_ir(r: A.Rule, source: str) -> dict:
+    return {
+        "name": r.name,
+        "name_parts": name_ir(r, source),
+        "copy": r.copy,
+        "refs": [{"tensor": ref.full_name, "index": ref.index, "member": ref.name,
+                  "at": str(ref.pos)} for ref in r.refs],
+        "as": pattern_ir(r.as_pattern),
+        "from": pattern_ir(r.from_pattern),
+        "splits": [{"factor": s.factor, "mesh": s.mesh, "at": str(s.pos)} for s in r.splits],
+        "pads": [{"factor": p.factor, "multiple": expr_ir(p.multiple), "at": str(p.pos)}
+                 for p in r.pads],
+        "stage": r.stage,
+        "when": expr_ir(r.when),
+        "at": str(r.pos),
+    }
+
+
+def layout_ir(lay: A.Layout, source: str) -> dict:
+    return {
+        "name": lay.name,
+        "mesh": list(lay.mesh),
+        "params": [{"name": p.name, "choices": [value_ir(c) for c in p.choices],
+                    "default": value_ir(p.choices[0]), "at": str(p.pos)} for p in lay.params],
+        "pipeline": None if lay.pipeline is None else {
+            "group": lay.pipeline.group, "index": lay.pipeline.index,
+            "local": lay.pipeline.local, "at": str(lay.pipeline.pos)},
+        "meta": [{"key": m.key, "expr": expr_ir(m.expr), "at": str(m.pos)} for m in lay.meta],
+        "lets": [{"name": x.name, "expr": expr_ir(x.expr), "at": str(x.pos)} for x in lay.lets],
+        "rules": [rule_ir(r, source) for r in lay.rules],
+        "at": str(lay.pos),
+    }
+
+
+def lower(spec: A.Spec, sha256: str) -> dict:
+    return {
+        "ir_version": IR_VERSION,
+        "family": spec.family,
+        "file": spec.file,
+        "sha256": sha256,
+        "match": [{"key": m.key, "values": [value_ir(v) for v in m.values], "at": str(m.pos)}
+                  for m in spec.matches],
+        "lets": [{"name": x.name, "expr": expr_ir(x.expr), "at": str(x.pos)} for x in spec.lets],
+        "config": [{"name": c.name, "keys": list(c.keys), "default": expr_ir(c.default),
+                    "at": str(c.pos)} for c in spec.config],
+        "tensors": [{"name": t.full_name, "group": t.group, "index": t.index,
+                     "count": expr_ir(t.count), "axes": pattern_ir(t.pattern),
+                     "when": expr_ir(t.when), "at": str(t.pos)} for t in spec.tensors],
+        "layouts": [layout_ir(lay, source=spec.source) for lay in spec.layouts],
+    }

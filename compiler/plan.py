@@ -1,0 +1,456 @@
+"""Concrete plans: a spec + a model config + a layout + a topology -> every physical shard.
+
+``plan_layout`` evaluates a layout's rules for one config and topology: which rules apply, the
+name and mesh coordinate (pp stage, tp rank, ...) of every physical tensor, and the recipe that
+builds it. Everything is checked here, before a byte is read: shapes, divisibility, coverage
+(each logical tensor placed exactly once, replicas marked ``copy``), unique names.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from math import prod
+
+from mapc.compiler.check import error_at
+from mapc.compiler.expr import EvalError, evaluate, is_int, show
+from mapc.compiler.recipe import CONCAT, Factor, MemberPlan, Recipe
+from mapc.compiler.spec import Spec
+from mapc.errors import MapcError
+
+MISSING = object()
+
+
+# ---- config ------------------------------------------------------------------------------------
+def lookup(config: dict, key: str):
+    cur = config
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur or cur[part] is None:
+            return MISSING
+        cur = cur[part]
+    return cur
+
+
+def bind_config(spec: Spec, config: dict) -> dict:
+    """Evaluate the spec's config symbols and lets against a model config."""
+    env: dict = {}
+    for c in spec.ir["config"]:
+        value = MISSING
+        for key in c["keys"]:
+            value = lookup(config, key)
+            if value is not MISSING:
+                break
+        if value is MISSING:
+            if c["default"] is None:
+                raise MapcError(f"the model config has no '{' or '.join(c['keys'])}' "
+                                f"(needed for {c['name']}, {c['at']})",
+                                hint="pass --config CONFIG.json with the model's config")
+            value = evaluate(c["default"], env, c["at"])
+        env[c["name"]] = value
+    for x in spec.ir["lets"]:
+        env[x["name"]] = evaluate(x["expr"], env, x["at"])
+    return env
+
+
+def config_from_env(spec: Spec, env: dict) -> dict:
+    """The canonical config dict (first key of each symbol) for the given symbol values."""
+    out: dict = {}
+    for c in spec.ir["config"]:
+        if c["name"] in env:
+            cur = out
+            *head, last = c["keys"][0].split(".")
+            for part in head:
+                cur = cur.setdefault(part, {})
+            cur[last] = env[c["name"]]
+    return out
+
+
+# ---- logical tensors ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Logical:
+    key: str                   # "embed", "layer.q[3]"
+    tensor: str                # "layer.q"
+    index: int | None
+    shape: tuple[int, ...]
+
+
+def logical_key(tensor: str, index: int | None) -> str:
+    return tensor if index is None else f"{tensor}[{index}]"
+
+
+def _size(name, env, at):
+    v = env.get(name, MISSING)
+    if v is MISSING:
+        raise error_at(at, f"unknown size symbol '{name}'")
+    if not is_int(v) or v <= 0:
+        raise error_at(at, f"size {name} = {v!r} is not a positive integer",
+                       hint="check the model config")
+    return v
+
+
+def logical_tensors(spec: Spec, env: dict) -> dict[str, Logical]:
+    out = {}
+    for t in spec.ir["tensors"]:
+        if t["when"] is not None and not evaluate(t["when"], env, t["at"]):
+            continue
+        shape = tuple(prod(_size(f["factor"], env, f["at"]) for f in axis) for axis in t["axes"])
+        if t["group"]:
+            n = evaluate(t["count"], env, t["at"])
+            for i in range(n):
+                out[logical_key(t["name"], i)] = Logical(logical_key(t["name"], i), t["name"],
+                                                         i, shape)
+        else:
+            out[t["name"]] = Logical(t["name"], t["name"], None, shape)
+    return out
+
+
+# ---- layout plans ------------------------------------------------------------------------------
+@dataclass
+class Instance:
+    """One rule applied at one group index: its shards over the mesh share one recipe."""
+    rule: dict
+    index: int | None
+    stage: int
+    recipe: Recipe
+    members: dict[str, str]            # member name -> logical key
+    names: dict[tuple, str]            # mesh coord -> physical name
+    replicated: tuple[tuple[str, int], ...]  # mesh axes the tensor is copied over
+
+    @property
+    def copy(self) -> bool:
+        return self.rule["copy"]
+
+    def shards(self):
+        """(coord, name) for every physical tensor, coord a tuple of (axis, index)."""
+        return list(self.names.items())
+
+
+@dataclass
+class LayoutPlan:
+    spec: Spec
+    layout: dict
+    env: dict                          # config symbols + mesh sizes + params + lets
+    params: dict
+    mesh: dict                         # mesh axis -> size (every axis of the layout)
+    logical: dict[str, Logical]
+    instances: list[Instance] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.layout["name"]
+
+    def placements(self):
+        """(instance, coord, name) of every physical tensor."""
+        for inst in self.instances:
+            for coord, name in inst.names.items():
+                yield inst, coord, name
+
+    def coords(self) -> list[tuple]:
+        seen = {}
+        for _, coord, _ in self.placements():
+            seen.setdefault(coord, None)
+        return sorted(seen, key=lambda c: tuple(i for _, i in c))
+
+    def meta(self) -> dict:
+        """The layout's metadata entries evaluated for this plan."""
+        return {m["key"]: evaluate(m["expr"], self.env, m["at"]) for m in self.layout["meta"]}
+
+    def describe(self) -> str:
+        mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items())
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.name}({', '.join(x for x in (mesh, params) if x)})"
+
+
+def resolve_params(layout: dict, given: dict | None) -> dict:
+    given = dict(given or {})
+    out = {}
+    for p in layout["params"]:
+        if p["name"] in given:
+            raw = given.pop(p["name"])
+            out[p["name"]] = coerce_param(p, raw)
+        else:
+            out[p["name"]] = p["default"]
+    if given:
+        known = ", ".join(p["name"] for p in layout["params"]) or "none"
+        raise MapcError(f"layout {layout['name']} has no parameter "
+                        f"{', '.join(sorted(given))}", hint=f"its parameters: {known}")
+    return out
+
+
+def coerce_param(p: dict, raw):
+    default = p["default"]
+    value = raw
+    if isinstance(raw, str) and not isinstance(default, str):
+        try:
+            value = json.loads(raw.lower() if isinstance(default, bool) else raw)
+        except ValueError:
+            raise MapcError(f"parameter {p['name']} takes a {type(default).__name__}, got "
+                            f"{raw!r}") from None
+    if type(value) is not type(default) and not (isinstance(default, float) and is_int(value)):
+        raise MapcError(f"parameter {p['name']} takes a {type(default).__name__}, got {raw!r}")
+    if len(p["choices"]) > 1 and value not in p["choices"]:
+        raise MapcError(f"parameter {p['name']} must be one of "
+                        f"{', '.join(repr(c) for c in p['choices'])}, got {value!r}",
+                        hint=f"declared at {p['at']}")
+    return value
+
+
+def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict | None = None,
+                params: dict | None = None) -> LayoutPlan:
+    layout = spec.layout(layout_name)
+    topology = {k: v for k, v in (topology or {}).items() if v is not None}
+    mesh = {}
+    for axis in layout["mesh"]:
+        n = topology.pop(axis, 1)
+        if not is_int(n) or n < 1:
+            raise MapcError(f"{axis}={n!r} must be a positive integer")
+        mesh[axis] = n
+    extra = {k: v for k, v in topology.items() if v != 1}
+    if extra:
+        raise MapcError(f"layout {layout_name} has no {', '.join(extra)} axis "
+                        f"(it is not sharded that way)",
+                        hint=f"its mesh: {' '.join(layout['mesh']) or 'none'}")
+    params = resolve_params(layout, params)
+    env = dict(config_env)
+    env.update(mesh)
+    env.update(params)
+    for x in layout["lets"]:
+        env[x["name"]] = evaluate(x["expr"], env, x["at"])
+    logical = logical_tensors(spec, config_env)
+    plan = LayoutPlan(spec, layout, env, params, mesh, logical)
+
+    tensors = {t["name"]: t for t in spec.ir["tensors"]}
+    pipe = layout["pipeline"]
+    pp = mesh.get("pp", 1)
+    for rule in layout["rules"]:
+        if rule["when"] is not None and not evaluate(rule["when"], env, rule["at"]):
+            continue
+        decl = tensors[rule["refs"][0]["tensor"]]
+        indices = [None] if decl["group"] is None else \
+            range(evaluate(decl["count"], config_env, decl["at"]))
+        for index in indices:
+            keys = {r["member"]: logical_key(r["tensor"], index) for r in rule["refs"]}
+            present = [k for k in keys.values() if k in logical]
+            if not present:
+                continue  # optional tensors absent from this config
+            if len(present) != len(keys):
+                missing = [k for k in keys.values() if k not in logical]
+                raise error_at(rule["at"], f"rule fuses {', '.join(missing)}, which this config "
+                               f"does not have")
+            stage, local = _stage(rule, decl, index, pipe, pp, config_env)
+            names_env = dict(env)
+            if index is not None:
+                names_env[decl["index"]] = index
+                if pipe and pipe["local"] and pipe["group"] == decl["group"]:
+                    names_env[pipe["local"]] = local
+            shapes = tuple((m, logical[k].shape) for m, k in keys.items())
+            recipe = build_recipe(spec, rule, env, shapes, tuple(mesh.items()))
+            base = _format_name(rule, names_env)
+            rep = tuple((a, n) for a, n in mesh.items()
+                        if a != "pp" and a not in dict(recipe.mesh))
+            names = {}
+            for coord in recipe.coords():
+                for rcoord in _product(rep):
+                    full = dict(coord) | dict(rcoord)
+                    if "pp" in mesh:
+                        full["pp"] = stage
+                    names[tuple((a, full[a]) for a in layout["mesh"])] = base
+            plan.instances.append(Instance(rule, index, stage, recipe, keys, names, rep))
+    _check_coverage(plan)
+    return plan
+
+
+def _product(axes):
+    names = [a for a, _ in axes]
+    for idx in itertools.product(*(range(n) for _, n in axes)):
+        yield tuple(zip(names, idx))
+
+
+def _sizes_env(env):
+    return tuple(sorted((k, v) for k, v in env.items()
+                        if is_int(v) or isinstance(v, (str, bool, float))))
+
+
+def _stage(rule, decl, index, pipe, pp, env):
+    if pipe and decl["group"] == pipe["group"]:
+        count = evaluate(decl["count"], env, decl["at"])
+        if count % pp:
+            raise error_at(pipe["at"], f"pp={pp} does not divide the {count} entries of "
+                           f"{decl['group']}", hint="choose a pp that divides it")
+        per = count // pp
+        return index // per, index % per
+    if rule["stage"] == "last":
+        return pp - 1, None
+    return 0, None
+
+
+def _format_name(rule, env) -> str:
+    out = []
+    for part in rule["name_parts"]:
+        if isinstance(part, str):
+            out.append(part)
+        else:
+            v = evaluate(part["expr"], env, rule["at"])
+            out.append(str(v))
+    return "".join(out)
+
+
+_RECIPES: dict[tuple, Recipe] = {}
+
+
+def build_recipe(spec: Spec, rule: dict, env: dict, shapes: tuple, mesh: tuple) -> Recipe:
+    """The recipe of ``rule`` for these sizes, computed once and shared by every layer (and
+    every later plan) with the same shapes."""
+    key = (spec.sha256, rule["at"], _sizes_env(env), shapes, mesh)
+    recipe = _RECIPES.get(key)
+    if recipe is None:
+        phys = rule["as"]
+        if phys is None:
+            phys = next(t["axes"] for t in spec.ir["tensors"]
+                        if t["name"] == rule["refs"][0]["tensor"])
+        recipe = _RECIPES[key] = _build_recipe(rule, phys, env, dict(shapes), dict(mesh))
+    return recipe
+
+
+def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
+    at = rule["at"]
+    members = [r["member"] for r in rule["refs"]]
+    splits = {s["factor"]: s for s in rule["splits"]}
+    pads = {p["factor"]: p for p in rule["pads"]}
+
+    def value(e, where):
+        try:
+            v = evaluate(e, env, where)
+        except EvalError as err:
+            raise error_at(where, err.message) from None
+        if not is_int(v) or v <= 0:
+            raise error_at(where, f"{show(e)} = {v!r} is not a positive integer size")
+        return v
+
+    # Physical factors, with split factors expanded into (mesh, rest).
+    factors: list[Factor] = []
+    axes = []
+    widths: dict[str, int] = {}
+    for axis in phys:
+        idx = []
+        for f in axis:
+            if "concat" in f:
+                widths = {m["member"]: value(m["size"], m["at"]) for m in f["concat"]}
+                idx.append(len(factors))
+                total = sum(widths.values())
+                factors.append(Factor(CONCAT, total, total, total))
+                continue
+            name = f["factor"]
+            if name in mesh:
+                idx.append(len(factors))
+                factors.append(Factor(name, mesh[name], mesh[name], mesh[name], mesh=True))
+                continue
+            true = value(["sym", name], f["at"])
+            size = true
+            if name in pads:
+                mult = value(pads[name]["multiple"], pads[name]["at"])
+                size = -(-true // mult) * mult
+            if name in splits:
+                m = splits[name]["mesh"]
+                n = mesh[m]
+                if size % n:
+                    raise error_at(splits[name]["at"],
+                                   f"{m}={n} does not divide {name}={size} of "
+                                   f"{rule['name']!r}",
+                                   hint=f"choose a {m} that divides {size}")
+                idx.append(len(factors))
+                factors.append(Factor(m, n, n, n, mesh=True))
+                idx.append(len(factors))
+                factors.append(Factor(name, size // n, true, size))
+                continue
+            idx.append(len(factors))
+            factors.append(Factor(name, size, true, size))
+        axes.append(tuple(idx))
+    mesh_factors = tuple((f.name, f.size) for f in factors if f.mesh)
+    if len({n for n, _ in mesh_factors}) != len(mesh_factors):
+        raise error_at(at, "a mesh axis cuts this tensor twice")
+
+    phys_names = [f.name for f in factors]
+    plans = []
+    offset = 0
+    for member in members:
+        shape = shapes[member]
+        view = rule["from"]
+        if view is None:
+            view_names = [[f["factor"] if "factor" in f else CONCAT for f in axis]
+                          for axis in phys]
+        else:
+            view_names = [[f["factor"] for f in axis] for axis in view]
+        if len(view_names) != len(shape):
+            raise error_at(at, f"{member} has {len(shape)} axes, the pattern {len(view_names)}")
+        pre, split_shape, order, pad_list = [], [], [], []
+        width = widths.get(member, 1)
+        for k, axis in enumerate(view_names):
+            sizes = []
+            for name in axis:
+                if name == CONCAT:
+                    sizes.append(width)
+                    pre.append(width)
+                    split_shape.append(width)
+                    order.append(CONCAT)
+                    continue
+                if name in mesh:
+                    sizes.append(mesh[name])
+                    pre.append(mesh[name])
+                    split_shape.append(mesh[name])
+                    order.append(name)
+                    continue
+                f = next(x for x in factors if x.name == name and not x.mesh)
+                sizes.append(f.true)
+                if f.full != f.true:
+                    pad_list.append((len(pre), f.full - f.true))
+                pre.append(f.true)
+                if name in splits:
+                    m = splits[name]["mesh"]
+                    split_shape += [mesh[m], f.size]
+                    order += [m, name]
+                else:
+                    split_shape.append(f.size)
+                    order.append(name)
+            if prod(sizes) != shape[k]:
+                raise error_at(rule["refs"][members.index(member)]["at"],
+                               f"axis {k} of {member} has size {shape[k]} but the pattern "
+                               f"{' '.join(axis)} makes it {prod(sizes)}",
+                               hint="check the model config against the spec")
+        perm = tuple(order.index(n) for n in phys_names)
+        plans.append(MemberPlan(member, tuple(shape), tuple(pre), tuple(pad_list),
+                                tuple(split_shape), perm, offset, width))
+        offset += width
+    label = rule["name"]
+    return Recipe(label, tuple(factors), tuple(axes), tuple(plans), mesh_factors)
+
+
+def _check_coverage(plan: LayoutPlan) -> None:
+    placed: dict[str, Instance] = {}
+    for inst in plan.instances:
+        if inst.copy:
+            continue
+        for key in inst.members.values():
+            if key in placed:
+                raise error_at(inst.rule["at"], f"{key} is placed twice in layout {plan.name} "
+                               f"(also by {placed[key].rule['at']})",
+                               hint="make the rules' 'if' conditions exclusive, or mark the "
+                                    "replica with 'copy'")
+            placed[key] = inst
+    missing = [k for k in plan.logical if k not in placed]
+    if missing:
+        raise MapcError(f"layout {plan.name} ({plan.describe()}) places no tensor for "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
+                        where=plan.layout["at"],
+                        hint="a rule's 'if' condition excludes it for this config or parameters")
+    for inst in plan.instances:
+        if inst.copy:
+            for key in inst.members.values():
+                if key not in placed:
+                    raise error_at(inst.rule["at"], f"copy of {key}, which no rule places")
+    seen = {}
+    for inst, coord, name in plan.placements():
+        if (coord, name) in seen:
+            raise error_at(inst.rule["at"], f"two tensors named {name!r} on shard {coord} "
+                           f"(also {seen[(coord, name)]})")
+        seen[(coord, name)] = inst.rule["at"]

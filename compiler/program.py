@@ -1,0 +1,91 @@
+"""Programs: ``inverse(source layout) ∘ target layout`` for one config and two topologies.
+
+A program is a list of *units*. A unit is the smallest set of logical tensors that physical
+tensors tie together (the q, k, v of one layer when either side fuses them); executing it
+reads the unit's source shards, rebuilds its logical tensors with the source recipes'
+``gather``, and builds every target shard with the target recipes' ``shard``. Units are
+executed one at a time, so memory is bounded by the largest unit, not by the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mapc.compiler.plan import Instance, LayoutPlan
+
+
+@dataclass
+class Unit:
+    keys: list[str]                       # logical tensors, in declaration order
+    sources: list[Instance]               # source instances that read them (primary first)
+    targets: list[Instance]
+
+
+@dataclass
+class Program:
+    source: LayoutPlan
+    target: LayoutPlan
+    units: list[Unit] = field(default_factory=list)
+
+    def target_files(self) -> dict[tuple, list[tuple[str, Instance]]]:
+        """Physical tensors per target mesh coordinate (one checkpoint file each)."""
+        out: dict[tuple, list] = {}
+        for inst, coord, name in self.target.placements():
+            out.setdefault(coord, []).append((name, inst))
+        return dict(sorted(out.items(), key=lambda kv: tuple(i for _, i in kv[0])))
+
+    def pretty(self, file_names=None) -> str:
+        """The program as text: recipes once each, then every output shard's tensors."""
+        lines = [f"program {self.source.spec.family}: {self.source.describe()} -> "
+                 f"{self.target.describe()}",
+                 f"  units: {len(self.units)}, logical tensors: {len(self.source.logical)}"]
+        recipes: dict[int, tuple[str, object]] = {}
+        for inst in self.target.instances:
+            rid = id(inst.recipe)
+            if rid not in recipes:
+                recipes[rid] = (f"R{len(recipes)}", inst.recipe)
+        lines.append("")
+        for label, recipe in recipes.values():
+            body = recipe.describe()
+            lines.append(f"{label} = {body[0]}")
+            lines += ["  " + x for x in body[1:]]
+        for coord, tensors in self.target_files().items():
+            where = file_names(coord) if file_names else \
+                " ".join(f"{a}={i}" for a, i in coord) or "single shard"
+            lines.append("")
+            lines.append(f"shard {where}:")
+            for name, inst in tensors:
+                label = recipes[id(inst.recipe)][0]
+                args = ", ".join(inst.members.values())
+                rank = ",".join(f"{a}={i}" for a, i in coord if a in dict(inst.recipe.mesh))
+                lines.append(f"  {name} {list(inst.recipe.shard_shape)} = {label}({args})"
+                             + (f"[{rank}]" if rank else "")
+                             + ("  # copy" if inst.copy else ""))
+        return "\n".join(lines)
+
+
+def compile_program(source: LayoutPlan, target: LayoutPlan) -> Program:
+    if source.logical.keys() != target.logical.keys():
+        raise ValueError("source and target plans were built for different configs")
+    parent = {k: k for k in source.logical}
+
+    def find(k):
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for plan in (source, target):
+        for inst in plan.instances:
+            keys = list(inst.members.values())
+            for k in keys[1:]:
+                parent[find(k)] = find(keys[0])
+    order = {k: n for n, k in enumerate(source.logical)}
+    units: dict[str, Unit] = {}
+    for k in source.logical:
+        units.setdefault(find(k), Unit([], [], [])).keys.append(k)
+    for plan, attr in ((source, "sources"), (target, "targets")):
+        for inst in sorted(plan.instances, key=lambda i: i.copy):
+            root = find(next(iter(inst.members.values())))
+            getattr(units[root], attr).append(inst)
+    ordered = sorted(units.values(), key=lambda u: order[u.keys[0]])
+    return Program(source, target, ordered)

@@ -1,0 +1,158 @@
+"""Recipes: the fused chain of layout ops that builds one physical tensor shard from logical
+tensors (``shard``) and its exact inverse (``gather``).
+
+A rule's pattern factors every physical axis into named factors, one of which may be a
+concatenation of several logical tensors. Splitting a factor over a mesh axis replaces it by
+``(mesh, size / mesh)``; rank ``r`` holds the slice where ``mesh == r``. For each member the
+whole chain (reshape into factors, pad, split, rearrange, select the rank) is a fixed list of
+view ops, compiled once per shape and reused for every layer with that shape. Executed, it is
+one copy per output shard.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from math import prod
+
+CONCAT = "[]"
+
+
+@dataclass(frozen=True)
+class Factor:
+    name: str                  # factor name; CONCAT for the concatenation; a mesh axis name
+    size: int                  # size in one shard (after padding and splitting)
+    true: int                  # whole size before padding
+    full: int                  # whole size after padding (== true when not padded)
+    mesh: bool = False         # a mesh axis: selected per rank
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    name: str
+    logical_shape: tuple[int, ...]
+    pre: tuple[int, ...]               # logical view with padded factors at their true size
+    pads: tuple[tuple[int, int], ...]  # (axis in pre, amount)
+    split: tuple[int, ...]             # shape after splitting factors into (mesh, rest)
+    perm: tuple[int, ...]              # split view -> physical factor order
+    offset: int                        # start along the concatenation factor
+    width: int                         # this member's size along the concatenation factor
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one rule builds its shards, for concrete sizes."""
+    label: str
+    factors: tuple[Factor, ...]        # physical factor order, mesh factors included
+    axes: tuple[tuple[int, ...], ...]  # physical axis -> indices into factors
+    members: tuple[MemberPlan, ...]
+    mesh: tuple[tuple[str, int], ...]  # (mesh axis, size) of the mesh factors, in factor order
+
+    # -- shapes --
+    @property
+    def local_factors(self) -> tuple[Factor, ...]:
+        return tuple(f for f in self.factors if not f.mesh)
+
+    @property
+    def shard_shape(self) -> tuple[int, ...]:
+        return tuple(prod(self.factors[k].size for k in ax if not self.factors[k].mesh)
+                     for ax in self.axes)
+
+    def coords(self):
+        """Every combination of mesh indices, as tuples of (mesh axis, index)."""
+        names = [m for m, _ in self.mesh]
+        for idx in itertools.product(*(range(n) for _, n in self.mesh)):
+            yield tuple(zip(names, idx))
+
+    def _concat_axis(self) -> int | None:
+        local = [f.name for f in self.local_factors]
+        return local.index(CONCAT) if CONCAT in local else None
+
+    # -- logical -> shard --
+    def shard(self, be, members: dict, coord: dict):
+        """Build the shard at ``coord`` ({mesh axis: index}) from logical tensors."""
+        pieces = []
+        for m in self.members:
+            x = be.reshape(members[m.name], m.pre)
+            for axis, n in m.pads:
+                x = be.pad(x, axis, n)
+            x = be.reshape(x, m.split)
+            if m.perm != tuple(range(len(m.perm))):
+                x = be.transpose(x, m.perm)
+            # select mesh factors, innermost first so earlier axis numbers stay valid
+            mesh_pos = [k for k, f in enumerate(self.factors) if f.mesh]
+            for k in reversed(mesh_pos):
+                x = be.index(x, k, coord[self.factors[k].name])
+            pieces.append(x)
+        cat = self._concat_axis()
+        x = be.concat(pieces, cat) if cat is not None else pieces[0]
+        return be.reshape(x, self.shard_shape)
+
+    # -- shards -> logical --
+    def gather(self, be, shards: dict, check_padding=None):
+        """Rebuild every member from ``shards`` ({coord tuple: array}).
+
+        Dropped padding is passed to ``check_padding(member, array)`` when given."""
+        local = self.local_factors
+        local_shape = tuple(f.size for f in local)
+        cat = self._concat_axis()
+        out = {}
+        views = {c: be.reshape(s, local_shape) for c, s in shards.items()}
+        for m in self.members:
+            def piece(coord):
+                v = views[coord]
+                return be.slice(v, cat, m.offset, m.offset + m.width) if cat is not None else v
+            x = self._assemble(be, piece)
+            inv = tuple(sorted(range(len(m.perm)), key=lambda k: m.perm[k]))
+            if m.perm != tuple(range(len(m.perm))):
+                x = be.transpose(x, inv)
+            padded = tuple(s + n if any(a == k for a, n in m.pads) else s
+                           for k, s in enumerate(m.pre)
+                           for n in [dict(m.pads).get(k, 0)])
+            x = be.reshape(x, padded)
+            for axis, n in m.pads:
+                if check_padding is not None:
+                    check_padding(m.name, be.slice(x, axis, padded[axis] - n, padded[axis]))
+                x = be.slice(x, axis, 0, padded[axis] - n)
+            out[m.name] = be.reshape(x, m.logical_shape)
+        return out
+
+    def _assemble(self, be, piece):
+        """Stack per-rank pieces back along their mesh factors (physical factor order)."""
+        mesh_pos = [k for k, f in enumerate(self.factors) if f.mesh]
+        names = [self.factors[k].name for k in mesh_pos]
+
+        def build(level, fixed):
+            if level == len(mesh_pos):
+                return piece(tuple(zip(names, fixed)))
+            n = self.factors[mesh_pos[level]].size
+            parts = [build(level + 1, fixed + (i,)) for i in range(n)]
+            return be.stack(parts, mesh_pos[level])
+        return build(0, ())
+
+    # -- printing --
+    def describe(self) -> list[str]:
+        def fac(f):
+            if f.mesh:
+                return f"{f.name}={f.size}"
+            if f.name == CONCAT:
+                return "[" + " ".join(f"{m.name}:{m.width}" for m in self.members) + "]"
+            text = f"{f.name}={f.size}"
+            if f.full != f.size:
+                text += f"/{f.full}"
+            return text + (f"(padded from {f.true})" if f.full != f.true else "")
+        axes = " ".join("(" + " ".join(fac(self.factors[k]) for k in ax) + ")"
+                        if len(ax) > 1 else fac(self.factors[ax[0]]) for ax in self.axes)
+        lines = [f"recipe {self.label}: {axes} -> shard {list(self.shard_shape)}"]
+        for m in self.members:
+            ops = [f"reshape{list(m.pre)}"]
+            ops += [f"pad(axis {a}, +{n})" for a, n in m.pads]
+            if m.split != tuple(s + dict(m.pads).get(k, 0) for k, s in enumerate(m.pre)):
+                ops.append(f"reshape{list(m.split)}")
+            if m.perm != tuple(range(len(m.perm))):
+                ops.append(f"permute{list(m.perm)}")
+            if self.mesh:
+                ops.append("select " + ",".join(n for n, _ in self.mesh))
+            lines.append(f"  {m.name}{list(m.logical_shape)}: " + " . ".join(ops)
+                         + (f" -> [{m.offset}:{m.offset + m.width}]" if len(self.members) > 1
+                            else ""))
+        return lines

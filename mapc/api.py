@@ -1,0 +1,368 @@
+"""The Python API; the CLI is a thin layer over it.
+
+    import mapc
+    mapc.convert("llama-hf", "llama-megatron", to="megatron", tp=2, pp=2)
+    report = mapc.verify("llama-hf", "llama-megatron")
+    print(mapc.compile_spec("llama", layout="megatron", config=cfg, tp=2).pretty())
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mapc import __version__
+from mapc.compiler.expr import evaluate
+from mapc.compiler.plan import LayoutPlan, bind_config, config_from_env, plan_layout
+from mapc.compiler.program import Program, compile_program
+from mapc.compiler.spec import Spec, builtin_specs, load_spec
+from mapc.errors import MapcError
+from mapc.runtime import execute
+from mapc.runtime.containers import FORMATS, layout_of, open_source
+from mapc.runtime.containers.base import AtomicOutput
+
+DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# ---- resolving what a checkpoint holds --------------------------------------------------------
+@dataclass
+class Resolved:
+    source: object
+    spec: Spec
+    env: dict                      # config symbols
+    config: dict                   # canonical model config (HF keys)
+    plan: LayoutPlan
+    warnings: list[str] = field(default_factory=list)
+
+
+def _read_config(config) -> dict | None:
+    if config is None or isinstance(config, dict):
+        return config
+    try:
+        return json.loads(Path(config).read_text())
+    except (OSError, ValueError) as e:
+        raise MapcError(f"cannot read config: {e}", where=str(config)) from None
+
+
+def _candidate_specs(source, spec, config):
+    if spec is not None:
+        return [load_spec(spec)]
+    if source.record.get("family"):
+        return [load_spec(source.record["family"])]
+    specs = [load_spec(p) for p in sorted(builtin_specs().values())]
+    specs = [s for s in specs if source.layout in s.layout_names()]
+    if config:
+        matching = [s for s in specs if all(
+            config.get(m["key"]) in m["values"] for m in s.ir["match"])]
+        if matching:
+            return matching
+    return specs
+
+
+def _invert_meta(spec: Spec, layout: dict, meta: dict):
+    """Config symbols and layout params that a format's metadata states directly."""
+    syms = {c["name"] for c in spec.ir["config"]}
+    params = {p["name"] for p in layout["params"]}
+    env, found_params = {}, {}
+    for m in layout["meta"]:
+        if m["key"] not in meta or meta[m["key"]] is None:
+            continue
+        value, e = meta[m["key"]], m["expr"]
+        if e[0] == "op" and e[1] == "not" and e[2][0] == "sym":
+            value, e = (not value), e[2]
+        if e[0] != "sym":
+            continue
+        if e[1] in syms:
+            env[e[1]] = value
+        elif e[1] in params:
+            found_params[e[1]] = value
+    return env, found_params
+
+
+def _plan_matches(plan: LayoutPlan, source) -> bool:
+    for coord in source.coords():
+        want = {name for inst, c, name in plan.placements() if c == coord}
+        if not want or not want <= set(source.names(coord)):
+            return False
+    return True
+
+
+def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
+    """Find the family, config and layout parameters of an opened checkpoint, and check that
+    every tensor the spec expects is there with the right shape."""
+    config = _read_config(config) or source.config
+    warnings = []
+    errors = []
+    for sp in _candidate_specs(source, spec, config):
+        layout = sp.layout(source.layout)
+        inv_env, inv_params = _invert_meta(sp, layout, source.format_meta)
+        given = dict(source.record.get("params", {})) if source.record.get("layout") == \
+            source.layout else {}
+        given.update(inv_params)
+        given.update(params or {})
+        try:
+            if config is not None:
+                env = bind_config(sp, config)
+                canonical = dict(config)
+            else:
+                env = bind_config(sp, config_from_env(sp, inv_env))
+                canonical = _constructed_config(sp, env)
+        except MapcError as e:
+            errors.append(f"{sp.family}: {e}")
+            continue
+        free = [p for p in layout["params"] if p["name"] not in given and len(p["choices"]) > 1]
+        tried = []
+        for combo in itertools.product(*(p["choices"] for p in free)):
+            trial = dict(given)
+            trial.update({p["name"]: v for p, v in zip(free, combo)})
+            try:
+                plan = plan_layout(sp, source.layout, env, source.topology, trial)
+            except MapcError as e:
+                errors.append(f"{sp.family} {trial}: {e}")
+                continue
+            tried.append(trial)
+            if _plan_matches(plan, source):
+                _check_shapes(plan, source)
+                extra = _unplanned(plan, source)
+                if extra:
+                    warnings.append(f"ignored {len(extra)} tensors the spec does not know: "
+                                    f"{', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+                return Resolved(source, sp, env, canonical, plan, warnings)
+        if tried:
+            plan = plan_layout(sp, source.layout, env, source.topology, tried[0])
+            missing = _missing(plan, source)
+            errors.append(f"{sp.family}: the checkpoint lacks {len(missing)} expected tensors, "
+                          f"e.g. {missing[0]}")
+    detail = "; ".join(errors[-3:]) if errors else "no spec has a layout for this format"
+    raise MapcError(f"cannot match {source.path} ({source.format}) to a spec: {detail}",
+                    hint="pass --spec FILE.map, or --config CONFIG.json if the checkpoint "
+                         "lacks its model config")
+
+
+def _constructed_config(spec: Spec, env: dict) -> dict:
+    out = {}
+    if "hf" in spec.layout_names():
+        lay = spec.layout("hf")
+        out.update({m["key"]: evaluate(m["expr"], env, m["at"]) for m in lay["meta"]})
+    out.update(config_from_env(spec, env))
+    return out
+
+
+def _missing(plan, source):
+    out = []
+    for inst, coord, name in plan.placements():
+        if name not in set(source.names(coord)):
+            out.append(f"{name} in {source.describe_coord(coord)}")
+    return out
+
+
+def _unplanned(plan, source):
+    planned = {(c, n) for _, c, n in plan.placements()}
+    return [n for c in source.coords() for n in source.names(c) if (c, n) not in planned]
+
+
+def _check_shapes(plan, source):
+    for inst, coord, name in plan.placements():
+        got = tuple(source.shape(name, coord))
+        if got != inst.recipe.shard_shape:
+            raise MapcError(f"{name} has shape {list(got)} but the config and spec give "
+                            f"{list(inst.recipe.shard_shape)} ({inst.rule['at']})",
+                            where=f"{source.path} {source.describe_coord(coord)}",
+                            hint="the config does not describe this checkpoint; pass the right "
+                                 "--config")
+
+
+# ---- convert ----------------------------------------------------------------------------------
+def _parse_sets(sets) -> dict:
+    if isinstance(sets, dict):
+        return dict(sets)
+    out = {}
+    for s in sets or ():
+        if "=" not in s:
+            raise MapcError(f"--set {s!r} is not NAME=VALUE")
+        k, v = s.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def plan_conversion(src, to: str, *, tp=None, pp=None, config=None, set=None, spec=None,
+                    source_format=None):
+    """Open ``src`` and compile the program that converts it; nothing is written."""
+    source = open_source(src, source_format)
+    try:
+        res = resolve(source, spec=spec, config=config)
+        target_layout = layout_of(to)
+        topo = {"tp": tp, "pp": pp}
+        target = plan_layout(res.spec, target_layout, res.env, topo, _parse_sets(set))
+        return res, compile_program(res.plan, target)
+    except BaseException:
+        source.close()
+        raise
+
+
+def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
+            dtype: str = "keep", config=None, set=None, force: bool = False,
+            backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
+            max_shard_bytes: int | None = None) -> execute.Report:
+    """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report."""
+    if dtype not in DTYPE_CHOICES:
+        raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    if to not in FORMATS:
+        raise MapcError(f"unknown target format '{to}'", hint="known: " + ", ".join(FORMATS))
+    res, program = plan_conversion(src, to, tp=tp, pp=pp, config=config, set=set, spec=spec,
+                                   source_format=source_format)
+    source = res.source
+    out = None
+    try:
+        out = AtomicOutput(dst, force=force, source=src)
+        writer = _writer(to, out.tmp, program, res, max_shard_bytes)
+        try:
+            report = execute.run(program, source, writer, backend=backend,
+                                 dtype=DTYPE_CHOICES[dtype], quiet=quiet)
+            report.warnings[:0] = res.warnings
+            writer.finish(_record(res, program, to, src, report))
+        except BaseException:
+            writer.abort()
+            raise
+        out.commit()
+        return report
+    except BaseException:
+        if out is not None:
+            out.abort()
+        raise
+    finally:
+        source.close()
+
+
+def _writer(to, tmp, program: Program, res: Resolved, max_shard_bytes):
+    if to == "hf":
+        from mapc.runtime.containers.hf import DEFAULT_SHARD_BYTES, HFWriter
+        return HFWriter(tmp, max_shard_bytes or DEFAULT_SHARD_BYTES)
+    if to == "megatron":
+        from mapc.runtime.containers.megatron import MegatronWriter
+        return MegatronWriter(tmp, program.target.mesh, program.target.meta())
+    raise MapcError(f"no writer for format {to}")
+
+
+def _record(res: Resolved, program: Program, to: str, src, report) -> dict:
+    return {
+        "mapc_version": __version__,
+        "format": to,
+        "family": res.spec.family,
+        "spec_sha256": res.spec.sha256,
+        "layout": program.target.name,
+        "params": program.target.params,
+        "topology": program.target.mesh,
+        "config": res.config,
+        "source": {"path": str(Path(src).absolute()), "format": res.source.format,
+                   "layout": res.plan.name, "params": res.plan.params,
+                   "topology": res.plan.mesh},
+        "warnings": report.warnings,
+    }
+
+
+# ---- compile ------------------------------------------------------------------------------------
+def compile_spec(spec, *, layout: str | None = None, config=None, tp=None, pp=None, set=None,
+                 source_layout: str | None = None):
+    """The checked Spec IR (a ``Spec``), or with a config the compiled ``Program`` from
+    ``source_layout`` (default ``hf``, unsharded) to ``layout`` at the given topology."""
+    sp = load_spec(spec)
+    if config is None:
+        if layout is not None:
+            sp.layout(layout)
+        return sp
+    env = bind_config(sp, _read_config(config))
+    target_name = layout or sp.layout_names()[0]
+    src_name = source_layout or ("hf" if "hf" in sp.layout_names() else target_name)
+    src_plan = plan_layout(sp, src_name, env)
+    target = plan_layout(sp, target_name, env, {"tp": tp, "pp": pp}, _parse_sets(set))
+    return compile_program(src_plan, target)
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+def inspect(path, *, source_format=None, spec=None, config=None) -> dict:
+    """What a checkpoint holds: format, family, topology, tensors, dtypes, bytes."""
+    from mapc.runtime.backends import DTYPES
+    source = open_source(path, source_format)
+    try:
+        info = {"path": str(path), "format": source.format, "topology": source.topology or
+                {}, "family": None, "params": None, "config": None}
+        try:
+            res = resolve(source, spec=spec, config=config)
+            info.update(family=res.spec.family, params=res.plan.params,
+                        config={c["name"]: res.env[c["name"]] for c in res.spec.ir["config"]},
+                        warnings=res.warnings)
+        except MapcError as e:
+            info["unresolved"] = str(e)
+        shards = []
+        total = 0
+        dtypes: dict[str, int] = {}
+        for coord in source.coords():
+            tensors = []
+            for name in source.names(coord):
+                shape, dt = tuple(source.shape(name, coord)), source.dtype(name, coord)
+                n = DTYPES[dt].itemsize * int(np.prod(shape, dtype=np.int64))
+                total += n
+                dtypes[dt] = dtypes.get(dt, 0) + n
+                tensors.append({"name": name, "shape": list(shape), "dtype": dt, "bytes": n})
+            shards.append({"shard": source.describe_coord(coord), "tensors": tensors})
+        info.update(shards=shards, tensor_count=sum(len(s["tensors"]) for s in shards),
+                    bytes=total, dtypes=dtypes)
+        return info
+    finally:
+        source.close()
+
+
+# ---- verify -------------------------------------------------------------------------------------
+@dataclass
+class VerifyResult:
+    identical: bool
+    compared: int
+    differences: list[dict]          # {"tensor", "max_abs_diff", "dtype_a", "dtype_b"}
+    warnings: list[str]
+
+
+def verify(a, b, *, backend: str = "numpy", config=None, quiet: bool = True) -> VerifyResult:
+    """Do checkpoints ``a`` and ``b`` (any formats and topologies) hold the same model?"""
+    sa = open_source(a)
+    try:
+        sb = open_source(b)
+    except BaseException:
+        sa.close()
+        raise
+    try:
+        ra = resolve(sa, config=config)
+        rb = resolve(sb, spec=ra.spec, config=config)
+        if ra.plan.logical.keys() != rb.plan.logical.keys() or any(
+                ra.plan.logical[k].shape != rb.plan.logical[k].shape for k in ra.plan.logical):
+            diff = sorted(set(ra.plan.logical) ^ set(rb.plan.logical)) or [
+                k for k in ra.plan.logical if ra.plan.logical[k].shape != rb.plan.logical[k].shape]
+            raise MapcError(f"{a} and {b} are different models (first difference: {diff[0]})")
+        program = compile_program(ra.plan, rb.plan)
+        be = execute.get_backend(backend)
+        report_a, report_b = execute.Report(), execute.Report()
+        diffs, compared = [], 0
+        progress = execute.Progress(len(program.units), "verify", quiet)
+        for unit in program.units:
+            xa = execute.read_instances(unit.sources, sa, be, report_a)
+            xb = execute.read_instances(unit.targets, sb, be, report_b)
+            for key in unit.keys:
+                na, nb = be.to_numpy(xa[key]), be.to_numpy(xb[key])
+                compared += 1
+                if na.dtype == nb.dtype and be.equal(xa[key], xb[key]):
+                    continue
+                d = float(np.max(np.abs(na.astype(np.float64) - nb.astype(np.float64)))) \
+                    if na.size else 0.0
+                diffs.append({"tensor": key, "max_abs_diff": d, "dtype_a": str(na.dtype),
+                              "dtype_b": str(nb.dtype)})
+            progress.step()
+        progress.done(f"compared {compared} tensors: "
+                      + ("identical" if not diffs else f"{len(diffs)} differ"))
+        return VerifyResult(not diffs, compared, diffs,
+                            ra.warnings + rb.warnings + report_a.warnings + report_b.warnings)
+    finally:
+        sa.close()
+        sb.close()

@@ -1,0 +1,67 @@
+"""Convert a checkpoint to another format and/or parallel layout.
+
+The source format, model family, config and layout parameters are detected from SRC (mapc
+records everything it needs in every output, so converting again needs no extra flags). Output
+is written to a temporary directory beside DST and renamed into place only when complete; the
+source is never modified."""
+from __future__ import annotations
+
+import sys
+
+from mapc.cli.common import add_quiet, add_topology, print_json
+
+HELP = "convert / reshard a checkpoint"
+EXAMPLES = """examples:
+  mapc convert llama-hf llama-mcore --to megatron --tp 2 --pp 2
+  mapc convert llama-mcore llama-tp4 --to megatron --tp 4          # reshard up
+  mapc convert llama-mcore llama-back --to hf --dtype bf16
+  mapc convert llama-hf out --to megatron --set naming=te --set vocab_multiple=64
+"""
+
+
+def add_arguments(p):
+    from mapc.api import DTYPE_CHOICES
+    from mapc.runtime.containers import FORMATS
+    p.add_argument("src", help="source checkpoint directory")
+    p.add_argument("dst", help="destination directory (must not exist unless --force)")
+    p.add_argument("--to", required=True, choices=sorted(FORMATS), help="target format")
+    p.add_argument("--from", dest="source_format", choices=sorted(FORMATS),
+                   help="source format (default: detected)")
+    add_topology(p)
+    p.add_argument("--dtype", default="keep", choices=list(DTYPE_CHOICES),
+                   help="cast tensors on write (default: keep)")
+    p.add_argument("--config", help="model config JSON, when the source carries none")
+    p.add_argument("--spec", help="spec file to use instead of detecting the family")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a target layout parameter the spec declares (repeatable)")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "torch", "jax"],
+                   help="array backend (identical bytes on all)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan and check everything, print the plan, write nothing")
+    p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
+    add_quiet(p)
+
+
+def run(args) -> int:
+    from mapc.api import convert, plan_conversion
+    if args.dry_run:
+        res, program = plan_conversion(args.src, args.to, tp=args.tp, pp=args.pp,
+                                       config=args.config, set=args.set, spec=args.spec,
+                                       source_format=args.source_format)
+        res.source.close()
+        print(program.pretty())
+        return 0
+    report = convert(args.src, args.dst, args.to, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                     config=args.config, set=args.set, force=args.force, backend=args.backend,
+                     quiet=args.quiet, spec=args.spec, source_format=args.source_format)
+    for w in report.warnings:
+        print(f"mapc: warning: {w}", file=sys.stderr)
+    if args.json:
+        print_json({"dst": args.dst, "tensors": report.tensors_written,
+                    "bytes": report.bytes_written, "seconds": round(report.seconds, 3),
+                    "warnings": report.warnings})
+    elif not args.quiet:
+        print(f"{args.src} -> {args.dst} ({args.to}): {report.tensors_written} tensors, "
+              f"{report.bytes_written / 2**20:.1f} MiB", file=sys.stderr)
+    return 0

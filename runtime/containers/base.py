@@ -1,0 +1,128 @@
+"""What every container shares: the reader/writer protocol, format detection, atomic output
+and the ``mapc.json`` record every output carries.
+
+A container knows files (names, nesting, metadata files, shard naming) and never a model
+family; the spec's layouts know tensors and never a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from mapc.errors import MapcError
+
+MAPC_JSON = "mapc.json"
+FORMAT_VERSION = 1
+
+
+class Source:
+    """An opened checkpoint. Subclasses fill the attributes and implement the accessors."""
+
+    format: str = ""
+    layout: str = ""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.record: dict = read_record(self.path)   # mapc.json when mapc wrote it
+        self.config: dict | None = None              # the model's config (HF keys), if stored
+        self.format_meta: dict = {}                  # format metadata the spec's meta can read
+        self.topology: dict = {}
+
+    # -- tensors, by (mesh coord, physical name) --
+    def coords(self) -> list[tuple]:
+        raise NotImplementedError
+
+    def names(self, coord) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name, coord) -> tuple:
+        raise NotImplementedError
+
+    def dtype(self, name, coord) -> str:
+        raise NotImplementedError
+
+    def read(self, name, coord):
+        raise NotImplementedError
+
+    def describe_coord(self, coord) -> str:
+        return ",".join(f"{a}={i}" for a, i in coord) or "single file"
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Writer:
+    """Writes into a fresh temporary directory; ``commit`` renames it into place."""
+
+    def __init__(self, tmpdir: Path):
+        self.dir = tmpdir
+
+    def begin(self, tensors):
+        raise NotImplementedError
+
+    def write(self, coord, name, arr):
+        raise NotImplementedError
+
+    def finish(self, record: dict):
+        raise NotImplementedError
+
+    def abort(self):
+        pass
+
+
+def read_record(path: Path) -> dict:
+    f = Path(path) / MAPC_JSON
+    if f.is_file():
+        try:
+            return json.loads(f.read_text())
+        except ValueError as e:
+            raise MapcError(f"corrupt {MAPC_JSON}: {e}", where=str(f)) from None
+    return {}
+
+
+def write_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class AtomicOutput:
+    """A temporary directory beside ``dst``, renamed to ``dst`` only when complete."""
+
+    def __init__(self, dst, force: bool = False, source=None):
+        self.dst = Path(dst).absolute()
+        if source is not None:
+            src = Path(source).resolve()
+            d = self.dst.resolve()
+            if d == src or src in d.parents or d in src.parents:
+                raise MapcError(f"the destination {dst} overlaps the source {source}",
+                                hint="write somewhere else; mapc never modifies its source")
+        if self.dst.exists() and not force:
+            raise MapcError(f"{dst} already exists", hint="choose a new path, or pass --force "
+                            "to replace it")
+        parent = self.dst.parent
+        if not parent.is_dir():
+            raise MapcError(f"the parent directory of {dst} does not exist",
+                            hint=f"create {parent} first")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.mapc-", dir=parent))
+
+    def commit(self):
+        if self.dst.exists():
+            old = self.dst.with_name(f".{self.dst.name}.mapc-old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(self.dst, old)
+            os.rename(self.tmp, self.dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.dst)
+
+    def abort(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,139 @@
+"""Execute a program: stream units from a source reader into a target writer.
+
+Readers and writers are the containers' (mapc.runtime.containers); they know files, the
+program knows tensors. Each unit is read, rebuilt and written before the next is touched.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from mapc.compiler.program import Program
+from mapc.errors import MapcError
+from mapc.runtime.backends import dtype_name, get_backend
+
+
+@dataclass
+class Report:
+    tensors_written: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+class Progress:
+    """A one-line progress bar on stderr (silent when quiet or not a terminal, unless forced)."""
+
+    def __init__(self, total: int, label: str, quiet: bool = False):
+        self.total, self.label, self.n = max(total, 1), label, 0
+        self.enabled = not quiet
+        self.tty = sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+
+    def step(self, nbytes: int = 0):
+        self.n += 1
+        now = time.monotonic()
+        if self.enabled and self.tty and (now - self.last > 0.1 or self.n == self.total):
+            self.last = now
+            frac = self.n / self.total
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.n}/{self.total} "
+                             f"{now - self.start:5.1f}s")
+            sys.stderr.flush()
+
+    def done(self, summary: str):
+        if self.enabled:
+            if self.tty:
+                sys.stderr.write("\r\033[K")
+            sys.stderr.write(summary + "\n")
+
+
+def target_dtypes(program: Program, reader, dtype: str | None) -> dict[tuple, str]:
+    """The dtype of every target tensor, from the source headers (no data read)."""
+    logical_dtype = {}
+    for inst in program.source.instances:
+        coord, name = next(iter(inst.names.items()))
+        dt = reader.dtype(name, coord)
+        for key in inst.members.values():
+            logical_dtype.setdefault(key, dt)
+    out = {}
+    for inst, coord, name in program.target.placements():
+        out[(coord, name)] = dtype or logical_dtype[next(iter(inst.members.values()))]
+    return out
+
+
+def read_instances(instances, reader, be, report: Report, verify_replicas=True):
+    """Rebuild logical tensors from the shards of ``instances`` (primaries before copies)."""
+    logical = {}
+    for inst in instances:
+        recipe = inst.recipe
+        shards = {}
+        for rc in recipe.coords():
+            coords = [c for c in inst.names if all(dict(c)[a] == i for a, i in rc)]
+            first = coords[0]
+            arr = reader.read(inst.names[first], first)
+            report.bytes_read += arr.nbytes
+            if verify_replicas:
+                for other in coords[1:]:
+                    again = reader.read(inst.names[other], other)
+                    report.bytes_read += again.nbytes
+                    if not get_backend("numpy").equal(arr, again):
+                        report.warnings.append(
+                            f"replicas of {inst.names[first]} differ between shards "
+                            f"{_coord(first)} and {_coord(other)}; took {_coord(first)}")
+            shards[rc] = be.from_numpy(arr)
+
+        def check_pad(member, pad, inst=inst):
+            if not be.all_zero(pad):
+                report.warnings.append(f"padding of {inst.members[member]} in "
+                                       f"{inst.rule['name']} was not zero (trained pad rows?); "
+                                       f"dropped")
+        members = recipe.gather(be, shards, check_pad)
+        for m, key in inst.members.items():
+            if key in logical:
+                if not be.equal(logical[key], members[m]):
+                    report.warnings.append(
+                        f"the copy of {key} in {next(iter(inst.names.values()))} differs from "
+                        f"its primary; took the primary")
+            else:
+                logical[key] = members[m]
+    return logical
+
+
+def _coord(c) -> str:
+    return ",".join(f"{a}={i}" for a, i in c) or "single"
+
+
+def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str | None = None,
+        quiet: bool = False, verify_replicas: bool = True) -> Report:
+    be = get_backend(backend)
+    report = Report()
+    start = time.monotonic()
+    dtypes = target_dtypes(program, reader, dtype)
+    writer.begin([(coord, name, inst.recipe.shard_shape, dtypes[(coord, name)])
+                  for inst, coord, name in program.target.placements()])
+    progress = Progress(len(program.units), "convert", quiet)
+    for unit in program.units:
+        logical = read_instances(unit.sources, reader, be, report, verify_replicas)
+        for inst in unit.targets:
+            members = {m: logical[k] for m, k in inst.members.items()}
+            for rc in inst.recipe.coords():
+                shard = inst.recipe.shard(be, members, dict(rc))
+                for coord, name in inst.names.items():
+                    if all(dict(coord)[a] == i for a, i in rc):
+                        want = dtypes[(coord, name)]
+                        x = shard if want is None else be.cast(shard, want)
+                        arr = be.to_numpy(x)
+                        if dtype_name(arr.dtype) != want:
+                            raise MapcError(f"internal: {name} has dtype {arr.dtype}, "
+                                            f"planned {want}")
+                        writer.write(coord, name, arr)
+                        report.tensors_written += 1
+                        report.bytes_written += arr.nbytes
+        progress.step()
+    report.seconds = time.monotonic() - start
+    progress.done(f"wrote {report.tensors_written} tensors, "
+                  f"{report.bytes_written / 2**20:.1f} MiB in {report.seconds:.1f}s")
+    return report

@@ -1,0 +1,148 @@
+"""safetensors files, read lazily and written in a stream.
+
+The format is an 8-byte little-endian header length, a JSON header
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`` and the raw
+bytes. Reading parses the header only and fetches a tensor's bytes when asked (``pread`` into a
+fresh buffer, so memory is released as soon as the caller drops the array). Writing plans the
+whole header from shapes and dtypes first, then accepts tensors in any order and writes each at
+its offset: nothing is held in memory. bfloat16 works without torch (ml_dtypes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from math import prod
+
+import numpy as np
+
+from mapc.errors import MapcError
+from mapc.runtime.backends import DTYPES, dtype_name
+
+ST_TO_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool"}
+NAME_TO_ST = {v: k for k, v in ST_TO_NAME.items()}
+MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsFile:
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise MapcError(f"cannot open: {e.strerror}", where=self.path) from None
+        size = os.fstat(self.fd).st_size
+        raw = os.pread(self.fd, 8, 0)
+        if len(raw) < 8:
+            raise MapcError("truncated safetensors file (no header)", where=self.path,
+                            hint="re-copy or re-save the file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise MapcError(f"corrupt safetensors header (length {n}, file {size} bytes)",
+                            where=self.path, hint="re-copy or re-save the file")
+        try:
+            header = json.loads(os.pread(self.fd, n, 8))
+        except ValueError as e:
+            raise MapcError(f"corrupt safetensors header: {e}", where=self.path) from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.entries = {}
+        for name, info in header.items():
+            st = info.get("dtype")
+            if st not in ST_TO_NAME:
+                raise MapcError(f"tensor {name} has dtype {st}, which mapc does not handle",
+                                where=self.path)
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            want = prod(shape) * DTYPES[ST_TO_NAME[st]].itemsize
+            if end - begin != want:
+                raise MapcError(f"tensor {name}: {end - begin} bytes for shape {list(shape)}",
+                                where=self.path)
+            if self.base + end > size:
+                raise MapcError(f"truncated: tensor {name} needs bytes up to "
+                                f"{self.base + end}, the file has {size}", where=self.path,
+                                hint="re-copy or re-save the file")
+            self.entries[name] = (ST_TO_NAME[st], shape, begin)
+
+    def keys(self):
+        return list(self.entries)
+
+    def dtype(self, name) -> str:
+        return self.entries[name][0]
+
+    def shape(self, name) -> tuple:
+        return self.entries[name][1]
+
+    def read(self, name) -> np.ndarray:
+        dt, shape, begin = self.entries[name]
+        dtype = DTYPES[dt]
+        n = prod(shape) * dtype.itemsize
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = os.preadv(self.fd, [view[got:]], self.base + begin + got)
+            if k <= 0:
+                raise MapcError(f"truncated while reading {name}", where=self.path)
+            got += k
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class SafetensorsWriter:
+    """Write one safetensors file whose tensors are all known in advance."""
+
+    ALIGN = 8
+
+    def __init__(self, path, tensors: list[tuple[str, tuple, str]], metadata: dict | None = None):
+        self.path = str(path)
+        header = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        self.slots = {}
+        for name, shape, dt in tensors:
+            n = prod(shape) * DTYPES[dt].itemsize
+            header[name] = {"dtype": NAME_TO_ST[dt], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            self.slots[name] = (offset, n, dt, tuple(shape))
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-(8 + len(raw)) % self.ALIGN)
+        self.base = 8 + len(raw)
+        self.total = self.base + offset
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pending = set(self.slots)
+        _write_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0, self.path)
+
+    def write(self, name, arr: np.ndarray):
+        offset, n, dt, shape = self.slots[name]
+        if tuple(arr.shape) != shape or dtype_name(arr.dtype) != dt:
+            raise MapcError(f"internal: {name} is {arr.dtype}{list(arr.shape)}, planned "
+                            f"{dt}{list(shape)}", where=self.path)
+        _write_all(self.fd, memoryview(np.ascontiguousarray(arr)).cast("B"),
+                   self.base + offset, self.path)
+        self.pending.discard(name)
+
+    def close(self):
+        if self.pending:
+            raise MapcError(f"internal: {len(self.pending)} tensors never written "
+                            f"(e.g. {sorted(self.pending)[0]})", where=self.path)
+        os.close(self.fd)
+
+
+def _write_all(fd, data, offset, path):
+    view = memoryview(data)
+    try:
+        while len(view):
+            k = os.pwrite(fd, view, offset)
+            view, offset = view[k:], offset + k
+    except OSError as e:
+        raise MapcError(f"cannot write: {e.strerror}", where=path,
+                        hint="free disk space or choose another destination") from None

@@ -1,0 +1,1195 @@
+"""Read and write PyTorch ``.pt`` checkpoints without torch and without running pickled code.
+
+A ``torch.save`` file (torch >= 1.6) is an uncompressed zip archive::
+
+    <archive>/data.pkl          the pickled object tree; tensors refer to storages by key
+    <archive>/data/<key>        raw little-endian bytes of one storage
+    <archive>/version, byteorder, .format_version, .storage_alignment, ...
+
+Reading (:func:`load`) unpickles ``data.pkl`` with an unpickler whose ``find_class`` only
+hands out entries of :data:`ALLOWED_GLOBALS`: inert stand-ins for the handful of globals a
+checkpoint legitimately names (tensor rebuild functions, storage types, dtypes, ``argparse
+.Namespace``, numpy arrays, ...). Any other global is refused with a :class:`MapcError`; no
+callable from the file is ever looked up in a real module. Tensors come back as lazy
+:class:`TensorRef` objects whose :meth:`TensorRef.numpy` maps the bytes straight from the
+file with ``np.memmap``.
+
+Writing (:class:`TorchWriter`) streams each tensor into the archive as soon as it is added,
+64-byte aligned (so ``torch.load(mmap=True)`` works), and at the end pickles the object tree
+with mapc's own pickler, which emits only the opcodes and globals that
+``torch.load(weights_only=True)`` accepts.
+
+The legacy (torch < 1.6, non-zip) format is read as well; it is never written.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import argparse
+import codecs
+import collections
+import io
+import math
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from mapc.errors import MapcError
+
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "DTYPES",
+    "Namespace",
+    "Record",
+    "StorageRef",
+    "TensorPlaceholder",
+    "TensorRef",
+    "TorchDType",
+    "TorchDevice",
+    "TorchWriter",
+    "load",
+    "register_record_type",
+]
+
+# --------------------------------------------------------------------------------------
+# dtypes
+# --------------------------------------------------------------------------------------
+
+#: Canonical dtype name (torch's name without the ``torch.`` prefix) -> numpy dtype.
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+    "complex64": np.dtype(np.complex64),
+    "complex128": np.dtype(np.complex128),
+    "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32),
+    "uint64": np.dtype(np.uint64),
+}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+    if hasattr(ml_dtypes, _name):
+        DTYPES[_name] = np.dtype(getattr(ml_dtypes, _name))
+
+# Legacy typed storage classes (``torch.FloatStorage`` ...) and the dtype of their elements.
+# torch writes tensors of these dtypes as ``_rebuild_tensor_v2(<typed storage>, ...)``; the
+# newer dtypes (uint16/32/64, float8) as ``_rebuild_tensor_v3(<UntypedStorage>, ..., dtype)``.
+_TYPED_STORAGES: dict[str, str] = {
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+}
+_STORAGE_FOR_DTYPE = {dtype: cls for cls, dtype in _TYPED_STORAGES.items()}
+
+# Every torch dtype name a checkpoint may mention as a value (e.g. ``args.params_dtype``).
+# Only those in DTYPES can be the dtype of a tensor mapc reads.
+_TORCH_DTYPE_NAMES = sorted(
+    set(DTYPES)
+    | {"complex32", "qint8", "quint8", "qint32", "quint4x2", "quint2x4", "float8_e8m0fnu",
+       "float4_e2m1fn_x2", "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16"}
+    | {f"uint{n}" for n in range(1, 8)}
+    | {f"int{n}" for n in range(1, 8)}
+)
+
+
+def _canonical_dtype(dtype: np.dtype) -> str | None:
+    """The canonical name of a (native or little-endian) numpy dtype, or None."""
+    for name, candidate in DTYPES.items():
+        if dtype == candidate:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class TorchDType:
+    """A ``torch.<name>`` dtype object found in (or to be written into) a checkpoint."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"torch.{self.name}"
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The equivalent numpy dtype (raises MapcError if there is none)."""
+        try:
+            return DTYPES[self.name]
+        except KeyError:
+            raise MapcError(f"torch.{self.name} has no numpy equivalent") from None
+
+
+class TorchDevice(str):
+    """A ``torch.device`` as its string form (``"cpu"``, ``"cuda:0"``); written back as one."""
+
+    __slots__ = ()
+
+    @property
+    def type(self) -> str:
+        return self.split(":", 1)[0]
+
+    @property
+    def index(self) -> int | None:
+        _, _, index = self.partition(":")
+        return int(index) if index else None
+
+    def __repr__(self) -> str:
+        return f"TorchDevice({str(self)!r})"
+
+
+# --------------------------------------------------------------------------------------
+# inert records for pickled Python objects
+# --------------------------------------------------------------------------------------
+
+
+class Record:
+    """An inert stand-in for a pickled instance of a plain Python class.
+
+    The fields (the object's ``__dict__`` in the file) are kept as they are; no code of the
+    original class runs. Fields read as attributes (``rec.lr``) and as items (``rec["lr"]``);
+    a field whose name collides with a method here (``keys``, ``items``, ...) is reachable as
+    an item. :class:`TorchWriter` writes a record back as an instance of the class it came
+    from (``pickle_global``).
+    """
+
+    __slots__ = ("_fields",)
+    #: (module, qualified name) of the class this record stands for.
+    pickle_global: ClassVar[tuple[str, str]] = ("builtins", "object")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Record":
+        self = object.__new__(cls)
+        object.__setattr__(self, "_fields", {})
+        return self
+
+    def __init__(self, **fields: Any) -> None:
+        self._fields.update(fields)
+
+    # -- pickle protocol (used by the unpickler's BUILD, and by copy/deepcopy) --
+    def __setstate__(self, state: Any) -> None:
+        slots = None
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slots = state
+        for part in (state, slots):
+            if part:
+                if not isinstance(part, dict):
+                    raise MapcError(f"cannot restore a {self._global_name()} from a {type(part).__name__}")
+                self._fields.update(part)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self._fields)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (), self.__getstate__())
+
+    # -- attribute access --
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return object.__getattribute__(self, "_fields")[name]
+        except KeyError:
+            raise AttributeError(f"{self._global_name()} record has no field {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._fields[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self._fields[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    # -- mapping access --
+    def __getitem__(self, name: str) -> Any:
+        return self._fields[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._fields[name] = value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fields
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._fields.get(name, default)
+
+    def keys(self):
+        return self._fields.keys()
+
+    def items(self):
+        return self._fields.items()
+
+    def values(self):
+        return self._fields.values()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A shallow copy of the fields."""
+        return dict(self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._fields == other._fields
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the objects it stands for
+
+    @classmethod
+    def _global_name(cls) -> str:
+        return ".".join(cls.pickle_global)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._fields.items())
+        return f"{self._global_name()}({inner})"
+
+
+class Namespace(Record):
+    """Inert stand-in for ``argparse.Namespace`` (e.g. Megatron's saved ``args``)."""
+
+    __slots__ = ()
+    pickle_global = ("argparse", "Namespace")
+
+
+# --------------------------------------------------------------------------------------
+# storages and tensors
+# --------------------------------------------------------------------------------------
+
+
+class _MappedFile:
+    """One read-only ``np.memmap`` of a whole checkpoint, created on first use and shared by
+    all of its storages (one mapping per file rather than one per tensor)."""
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.size = size
+        self._map: np.memmap | None = None
+
+    def bytes_at(self, offset: int, nbytes: int) -> np.ndarray:
+        if nbytes == 0:
+            return np.empty(0, np.uint8)
+        if offset + nbytes > self.size:
+            raise MapcError(
+                f"truncated: needs {nbytes} bytes at offset {offset} but the file ends at "
+                f"{self.size}", where=str(self.path), hint="re-copy the file")
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._map[offset:offset + nbytes]
+
+
+class StorageRef:
+    """A storage record of a checkpoint: ``numel`` elements of ``dtype`` at a file offset.
+
+    Views of one storage (tied weights, slices, transposes) share one StorageRef.
+    """
+
+    __slots__ = ("key", "dtype", "numel", "_file", "_offset", "_parent")
+
+    def __init__(self, key: str, dtype: str, numel: int, file: _MappedFile | None,
+                 offset: int | None = None, parent: tuple["StorageRef", int] | None = None):
+        self.key = key
+        self.dtype = dtype
+        self.numel = numel
+        self._file = file
+        self._offset = offset  # absolute byte offset; None until known (legacy format)
+        self._parent = parent  # (root storage, byte delta) for legacy storage views
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def _raw(self) -> np.ndarray:
+        """The storage's bytes as a uint8 view of the file mapping."""
+        if self._parent is not None:
+            root, delta = self._parent
+            return root._raw()[delta:delta + self.nbytes]
+        if self._offset is None or self._file is None:
+            raise MapcError(f"storage {self.key} has no data in the file")
+        return self._file.bytes_at(self._offset, self.nbytes)
+
+    def numpy(self) -> np.ndarray:
+        """The whole storage as a 1-D read-only array (zero-copy)."""
+        return self._raw().view(DTYPES[self.dtype])
+
+    def __repr__(self) -> str:
+        return f"StorageRef(key={self.key!r}, dtype={self.dtype!r}, numel={self.numel})"
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major element strides, as torch computes them (a 0-length dim counts as 1)."""
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+class TensorRef:
+    """A tensor in a loaded checkpoint; its data stays in the file until :meth:`numpy`.
+
+    ``offset`` and ``stride`` count elements, like torch's ``storage_offset()`` and
+    ``stride()``.
+    """
+
+    __slots__ = ("storage", "offset", "shape", "stride", "dtype", "requires_grad", "is_parameter")
+
+    def __init__(self, storage: StorageRef, offset: int, shape: tuple[int, ...],
+                 stride: tuple[int, ...], dtype: str, requires_grad: bool = False):
+        self.storage = storage
+        self.offset = offset
+        self.shape = shape
+        self.stride = stride
+        self.dtype = dtype
+        self.requires_grad = requires_grad
+        self.is_parameter = False
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def is_contiguous(self) -> bool:
+        """Row-major contiguous (dims of size 1 may have any stride, as in torch)."""
+        expected = _contiguous_strides(self.shape)
+        return all(size <= 1 or st == ex for size, st, ex in zip(self.shape, self.stride, expected))
+
+    def _extent(self) -> int:
+        """Elements of the storage, from ``offset``, that the view reaches."""
+        if self.numel == 0:
+            return 0
+        return 1 + sum((size - 1) * st for size, st in zip(self.shape, self.stride))
+
+    def numpy(self) -> np.ndarray:
+        """The tensor as a read-only numpy array mapped from the file.
+
+        Contiguous tensors are zero-copy views of the file mapping; other layouts are
+        ``as_strided`` views of the storage (also zero-copy, but not contiguous).
+        """
+        dtype = DTYPES[self.dtype]
+        if self.numel == 0:
+            return np.zeros(self.shape, dtype)
+        raw = self.storage._raw()
+        start = self.offset * dtype.itemsize
+        if self.is_contiguous:
+            return raw[start:start + self.nbytes].view(dtype).reshape(self.shape)
+        flat = raw[start:start + self._extent() * dtype.itemsize].view(dtype)
+        return np.lib.stride_tricks.as_strided(
+            flat, shape=self.shape, strides=tuple(s * dtype.itemsize for s in self.stride),
+            writeable=False)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"TensorRef(dtype={self.dtype!r}, shape={self.shape}, storage={self.storage.key!r})"
+
+
+def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str,
+                 requires_grad: Any = False) -> TensorRef:
+    """Build and validate a TensorRef from a rebuild call's arguments."""
+    if not isinstance(storage, StorageRef):
+        raise MapcError(f"corrupt tensor record: expected a storage, got {type(storage).__name__}")
+    try:
+        shape = tuple(int(s) for s in size)
+        strides = tuple(int(s) for s in stride)
+        offset = int(offset)
+    except (TypeError, ValueError):
+        raise MapcError(f"corrupt tensor record for storage {storage.key}: size/stride/offset "
+                        f"are not integers") from None
+    if len(shape) != len(strides) or min(shape + strides + (offset,), default=0) < 0:
+        raise MapcError(f"corrupt tensor record for storage {storage.key}: size {shape}, "
+                        f"stride {strides}, offset {offset}")
+    if dtype not in DTYPES:
+        raise MapcError(f"tensor of dtype torch.{dtype} is not supported (no numpy equivalent)")
+    ref = TensorRef(storage, offset, shape, strides, dtype, bool(requires_grad))
+    needed = (offset + ref._extent()) * ref.itemsize
+    if ref.numel and needed > storage.nbytes:
+        raise MapcError(f"corrupt tensor record: a {dtype}{list(shape)} view at offset {offset} "
+                        f"needs {needed} bytes of storage {storage.key}, which holds "
+                        f"{storage.nbytes}")
+    return ref
+
+
+# --------------------------------------------------------------------------------------
+# the allow-list
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    """Stand-in for a storage class (``torch.FloatStorage``, ``torch.UntypedStorage``)."""
+
+    name: str
+    dtype: str
+
+
+class _TensorClass:
+    """Stand-in for ``torch.Tensor`` / ``torch.nn.Parameter`` as class objects; only
+    meaningful as the ``new_type`` argument of ``_rebuild_from_type_v2``."""
+
+    def __new__(cls, data: Any = None, requires_grad: bool = True) -> Any:
+        if isinstance(data, TensorRef):  # Parameter(data, requires_grad) via NEWOBJ
+            data.requires_grad = bool(requires_grad)
+            data.is_parameter = True
+            return data
+        raise MapcError("unsupported tensor construction in the checkpoint (not a plain "
+                        "torch.save of tensors)")
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return _make_tensor(storage, storage_offset, size, stride, getattr(storage, "dtype", ""))
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None):
+    return _make_tensor(storage, storage_offset, size, stride, getattr(storage, "dtype", ""),
+                        requires_grad)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       dtype, metadata=None):
+    if not isinstance(dtype, TorchDType):
+        raise MapcError(f"corrupt tensor record: dtype is a {type(dtype).__name__}")
+    return _make_tensor(storage, storage_offset, size, stride, dtype.name, requires_grad)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
+    if not isinstance(data, TensorRef):
+        raise MapcError(f"corrupt parameter record: data is a {type(data).__name__}")
+    data.requires_grad = bool(requires_grad)
+    data.is_parameter = True
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    # ``func`` was itself resolved through the allow-list, so calling it runs no file code.
+    if new_type is not _TensorClass:
+        raise MapcError("tensor subclasses are not supported")
+    return func(*args)
+
+
+def _torch_size(dims=()):
+    return tuple(int(d) for d in dims)
+
+
+def _torch_device(spec, index=None):
+    if not isinstance(spec, str):
+        raise MapcError(f"corrupt torch.device record: {spec!r}")
+    return TorchDevice(spec if index is None else f"{spec}:{int(index)}")
+
+
+def _encode_text(text, encoding="utf-8", errors="strict"):
+    # How protocol-2 pickles spell ``bytes``: ``_codecs.encode(str, "latin1")``.
+    if not isinstance(text, str) or codecs.lookup(encoding).name not in ("iso8859-1", "utf-8", "ascii"):
+        raise MapcError(f"unexpected _codecs.encode({type(text).__name__}, {encoding!r}) in pickle")
+    return text.encode(encoding, errors)
+
+
+def _numpy_multiarray():
+    core = getattr(np, "_core", None)
+    return core.multiarray if core is not None and hasattr(core, "multiarray") else np.core.multiarray
+
+
+_MULTIARRAY = _numpy_multiarray()
+
+
+def _np_reconstruct(subtype, shape, typecode):
+    if subtype is not np.ndarray:
+        raise MapcError(f"numpy array subclass {subtype!r} is not supported")
+    return _MULTIARRAY._reconstruct(np.ndarray, shape, typecode)
+
+
+#: ``"module.name"`` -> the inert object the unpickler uses for that global. Nothing outside
+#: this table is ever resolved; extend it (e.g. with :func:`register_record_type`) only with
+#: objects that run no code from the checkpoint.
+ALLOWED_GLOBALS: dict[str, Any] = {
+    "collections.OrderedDict": collections.OrderedDict,
+    "collections.Counter": collections.Counter,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.slice": slice,
+    "builtins.complex": complex,
+    "builtins.bytes": bytes,
+    "builtins.bytearray": bytearray,
+    "_codecs.encode": _encode_text,
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+    "torch.Tensor": _TensorClass,
+    "torch.nn.parameter.Parameter": _TensorClass,
+    "torch.Size": _torch_size,
+    "torch.device": _torch_device,
+    "torch.storage.UntypedStorage": _StorageType("UntypedStorage", "uint8"),
+    "torch.UntypedStorage": _StorageType("UntypedStorage", "uint8"),
+    "numpy.ndarray": np.ndarray,
+    "numpy.dtype": np.dtype,
+    "numpy.core.multiarray._reconstruct": _np_reconstruct,
+    "numpy._core.multiarray._reconstruct": _np_reconstruct,
+    "numpy.core.multiarray.scalar": _MULTIARRAY.scalar,
+    "numpy._core.multiarray.scalar": _MULTIARRAY.scalar,
+}
+ALLOWED_GLOBALS.update({f"torch.{cls}": _StorageType(cls, dtype) for cls, dtype in _TYPED_STORAGES.items()})
+ALLOWED_GLOBALS.update({f"torch.{name}": TorchDType(name) for name in _TORCH_DTYPE_NAMES})
+ALLOWED_GLOBALS.update({f"ml_dtypes.{name}": DTYPES[name].type for name in DTYPES
+                        if DTYPES[name].type.__module__.startswith("ml_dtypes")})
+
+
+def register_record_type(module: str, name: str) -> type[Record]:
+    """Allow the global ``module.name`` and load its instances as inert :class:`Record`\\ s.
+
+    Returns the record class (also usable to write such objects with :class:`TorchWriter`).
+    """
+    key = f"{module}.{name}"
+    existing = ALLOWED_GLOBALS.get(key)
+    if isinstance(existing, type) and issubclass(existing, Record):
+        return existing
+    if existing is not None:
+        raise ValueError(f"{key} is already allowed as {existing!r}")
+    cls = type(name, (Record,), {"__slots__": (), "pickle_global": (module, name),
+                                 "__module__": __name__})
+    ALLOWED_GLOBALS[key] = cls
+    return cls
+
+
+ALLOWED_GLOBALS["argparse.Namespace"] = Namespace
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler that resolves globals only through :data:`ALLOWED_GLOBALS`."""
+
+    def __init__(self, file: Any, resolve_storage: Callable[[Any], StorageRef] | None):
+        super().__init__(file, encoding="utf-8")
+        self._resolve_storage = resolve_storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Python-2 era names (``__builtin__.set``), as pickle's own fix_imports would map them.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        full = f"{module}.{name}"
+        try:
+            return ALLOWED_GLOBALS[full]
+        except KeyError:
+            raise MapcError(
+                f"the pickle references {full}; mapc never runs code from a checkpoint and "
+                f"{full} is not on its allow-list of inert objects",
+                hint="re-save the checkpoint with only tensors, containers and plain values "
+                     "(e.g. a state_dict)") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._resolve_storage is None:
+            raise MapcError(f"unexpected persistent id {pid!r}")
+        return self._resolve_storage(pid)
+
+
+# --------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_LOCAL_SIG = 0x04034B50
+
+
+def load(path: str | os.PathLike) -> Any:
+    """Load a ``torch.save`` file into plain Python objects, with tensors as :class:`TensorRef`.
+
+    Never imports torch and never runs code from the file. Raises :class:`MapcError` naming
+    the file for anything unreadable, truncated or not on the allow-list.
+    """
+    path = Path(path)
+    where = str(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise MapcError(f"cannot read checkpoint: {e.strerror or e}", where=where) from None
+    try:
+        if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+            return _load_zip(path, size)
+        if head[:1] == b"\x80":
+            return _load_legacy(path, size)
+        if not head:
+            raise MapcError("empty file; re-copy the checkpoint")
+        if _looks_like_tar(path):
+            raise MapcError("this is torch's pre-1.0 tar checkpoint format, which mapc does "
+                            "not read", hint="load it with an old torch and torch.save it again")
+        raise MapcError("not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    except MapcError as e:
+        if e.where is None:
+            raise MapcError(e.message, where=where, hint=e.hint) from e
+        raise
+
+
+def _looks_like_tar(path: Path) -> bool:
+    import tarfile
+
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+def _unpickle(data: Any, resolve_storage: Callable[[Any], StorageRef] | None, what: str) -> Any:
+    try:
+        return _SafeUnpickler(data, resolve_storage).load()
+    except MapcError:
+        raise
+    except RecursionError:
+        raise MapcError(f"{what} is nested too deeply to unpickle") from None
+    except Exception as e:  # malformed pickle stream: UnpicklingError, EOFError, ValueError...
+        raise MapcError(f"corrupt {what}: {type(e).__name__}: {e}",
+                        hint="re-copy the file") from None
+
+
+def _load_zip(path: Path, size: int) -> Any:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise MapcError(
+            f"truncated or corrupt: the file starts like a torch zip checkpoint but its zip "
+            f"directory cannot be read ({e}; the file is {size} bytes)",
+            hint="re-copy the file") from None
+    with zf:
+        members = {info.filename: info for info in zf.infolist()}
+        pickles = sorted((n for n in members if n.endswith("data.pkl")
+                          and (n == "data.pkl" or n.endswith("/data.pkl")) and n.count("/") <= 1),
+                         key=len)
+        if not pickles:
+            hint = "a TorchScript archive?" if any(n.endswith("constants.pkl") for n in members) else None
+            raise MapcError("zip archive has no data.pkl, so it is not a torch.save checkpoint",
+                            hint=hint)
+        pkl_name = pickles[0]
+        prefix = pkl_name[: -len("data.pkl")]
+        order = members.get(prefix + "byteorder")
+        try:
+            if order is not None and zf.read(order).strip() not in (b"little", b""):
+                raise MapcError("big-endian checkpoint; mapc reads little-endian files only")
+            pickle_bytes = zf.read(members[pkl_name])
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise MapcError(f"corrupt or truncated archive member: {e}", hint="re-copy the file") from None
+
+    mapped = _MappedFile(path, size)
+    storages: dict[str, StorageRef] = {}
+
+    with open(path, "rb") as f:
+
+        def resolve(pid: Any) -> StorageRef:
+            key, stype, numel = _parse_storage_pid(pid)
+            if key in storages:
+                return storages[key]
+            info = members.get(f"{prefix}data/{key}")
+            if info is None:
+                raise MapcError(f"storage {key} is referenced by data.pkl but {prefix}data/{key} "
+                                f"is missing from the archive", hint="re-copy the file")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise MapcError(f"storage {key} is compressed in the archive; mapc maps storages "
+                                f"straight from the file", hint="re-save it with torch.save")
+            needed = numel * DTYPES[stype.dtype].itemsize
+            if info.file_size < needed:
+                raise MapcError(f"corrupt: storage {key} needs {needed} bytes but its archive "
+                                f"member holds {info.file_size}", hint="re-copy the file")
+            offset = _member_data_offset(f, info, size)
+            if offset + needed > size:
+                raise MapcError(f"truncated: storage {key} needs {needed} bytes at offset "
+                                f"{offset} but the file ends at {size}", hint="re-copy the file")
+            storages[key] = StorageRef(key, stype.dtype, numel, mapped, offset)
+            return storages[key]
+
+        return _unpickle(io.BytesIO(pickle_bytes), resolve, pkl_name)
+
+
+def _parse_storage_pid(pid: Any) -> tuple[str, _StorageType, int]:
+    """Validate a zip-format persistent id ``('storage', type, key, location, numel)``."""
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
+        raise MapcError(f"unexpected persistent id {pid!r} in data.pkl")
+    _, stype, key, _location, numel = pid
+    if not isinstance(stype, _StorageType):
+        raise MapcError(f"unexpected storage type {stype!r} in data.pkl")
+    if isinstance(key, bytes):
+        key = key.decode("ascii")
+    if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+        raise MapcError(f"corrupt storage record {pid!r} in data.pkl")
+    return key, stype, numel
+
+
+def _member_data_offset(f: Any, info: zipfile.ZipInfo, size: int) -> int:
+    """Where a stored member's bytes start: after its *local* header, whose extra field (the
+    alignment padding) may differ in length from the central directory's."""
+    f.seek(info.header_offset)
+    header = f.read(_LOCAL_HEADER.size)
+    if len(header) < _LOCAL_HEADER.size:
+        raise MapcError(f"truncated: the header of {info.filename} at offset {info.header_offset} "
+                        f"runs past the end of the file ({size} bytes)", hint="re-copy the file")
+    fields = _LOCAL_HEADER.unpack(header)
+    if fields[0] != _LOCAL_SIG:
+        raise MapcError(f"corrupt: no zip entry header for {info.filename} at offset "
+                        f"{info.header_offset}", hint="re-copy the file")
+    name_len, extra_len = fields[9], fields[10]
+    name = f.read(name_len)
+    if name.decode("utf-8", "replace") != info.filename:
+        raise MapcError(f"corrupt: the entry header at offset {info.header_offset} names "
+                        f"{name!r}, not {info.filename!r}", hint="re-copy the file")
+    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+
+def _load_legacy(path: Path, size: int) -> Any:
+    """The torch < 1.6 format: magic, protocol and sys-info pickles, the object pickle, a pickle
+    of storage keys, then each storage as an int64 element count followed by its bytes."""
+    mapped = _MappedFile(path, size)
+    roots: dict[str, StorageRef] = {}
+
+    def resolve(pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ("storage", b"storage")):
+            raise MapcError(f"unexpected persistent id {pid!r} in legacy checkpoint")
+        _, stype, key, _location, numel, view = pid
+        if not isinstance(stype, _StorageType) or not isinstance(numel, int):
+            raise MapcError(f"corrupt storage record {pid!r}")
+        key = str(key)
+        root = roots.get(key)
+        if root is None:
+            root = roots[key] = StorageRef(key, stype.dtype, numel, mapped)
+        if view is None:
+            return root
+        view_key, view_offset, view_numel = view
+        itemsize = DTYPES[stype.dtype].itemsize
+        if (view_offset + view_numel) * itemsize > root.nbytes:
+            raise MapcError(f"corrupt storage view {view_key} of storage {key}")
+        return StorageRef(str(view_key), stype.dtype, view_numel, mapped,
+                          parent=(root, view_offset * itemsize))
+
+    with open(path, "rb") as f:
+        header = []
+        for what in ("magic number", "protocol version", "system info"):
+            header.append(_unpickle(f, None, f"legacy checkpoint header ({what})"))
+        magic, protocol, sys_info = header
+        if magic != _LEGACY_MAGIC:
+            raise MapcError("not a PyTorch checkpoint (a pickle without torch's magic number)")
+        if protocol != _LEGACY_PROTOCOL:
+            raise MapcError(f"unsupported legacy checkpoint protocol {protocol!r}")
+        if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+            raise MapcError("big-endian checkpoint; mapc reads little-endian files only")
+        result = _unpickle(f, resolve, "legacy checkpoint object pickle")
+        keys = _unpickle(f, None, "legacy checkpoint storage list")
+        if not isinstance(keys, list):
+            raise MapcError("corrupt legacy checkpoint storage list")
+        offset = f.tell()
+        for key in keys:
+            key = str(key)
+            if offset + 8 > size:
+                raise MapcError(f"truncated: storage {key} starts at offset {offset} but the "
+                                f"file ends at {size}", hint="re-copy the file")
+            f.seek(offset)
+            (numel,) = struct.unpack("<q", f.read(8))
+            storage = roots.get(key)
+            if storage is None:
+                raise MapcError(f"corrupt: storage {key} is listed but never used")
+            nbytes = numel * storage.itemsize
+            if numel != storage.numel:
+                raise MapcError(f"corrupt: storage {key} holds {numel} elements, the pickle says "
+                                f"{storage.numel}")
+            if offset + 8 + nbytes > size:
+                raise MapcError(f"truncated: storage {key} needs {nbytes} bytes at offset "
+                                f"{offset + 8} but the file ends at {size}", hint="re-copy the file")
+            storage._offset = offset + 8
+            offset += 8 + nbytes
+        missing = [k for k, s in roots.items() if s._offset is None]
+        if missing:
+            raise MapcError(f"corrupt: storages {missing} have no data in the file")
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------
+
+_ALIGNMENT = 64
+_ZIP64_LIMIT = 0xFFFFFFFF  # sizes/offsets at or above this use zip64 fields
+_ZIP64_COUNT_LIMIT = 0xFFFF
+_CHUNK = 16 << 20
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01: fixed, so output is reproducible
+_PAD_FIELD_ID = 0x4D50  # local extra-field id used for alignment padding (ignored by readers)
+_ARCHIVE = "archive"
+
+
+@dataclass(frozen=True, eq=False)
+class TensorPlaceholder:
+    """Returned by :meth:`TorchWriter.add_tensor`; put it in the object passed to ``finish``."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    writer_id: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class _Global:
+    """A ``module.name`` global to write into the pickle without importing it."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args: Any) -> Any:  # pickle's save_reduce insists on a callable
+        raise TypeError(f"{self.module}.{self.name} is only a name to write into a pickle")
+
+
+_REBUILD_V2 = _Global("torch._utils", "_rebuild_tensor_v2")
+_REBUILD_V3 = _Global("torch._utils", "_rebuild_tensor_v3")
+_UNTYPED_STORAGE = _Global("torch.storage", "UntypedStorage")
+_TORCH_DEVICE = _Global("torch", "device")
+
+
+class _StorageId:
+    """Pickled as the persistent id of one written storage."""
+
+    def __init__(self, placeholder: TensorPlaceholder):
+        if placeholder.dtype in _STORAGE_FOR_DTYPE:
+            stype, numel = _Global("torch", _STORAGE_FOR_DTYPE[placeholder.dtype]), placeholder.numel
+        else:  # torch keeps newer dtypes in an UntypedStorage, counted in bytes
+            stype, numel = _UNTYPED_STORAGE, placeholder.numel * DTYPES[placeholder.dtype].itemsize
+        self.pid = ("storage", stype, placeholder.key, "cpu", numel)
+
+
+def _writable_globals() -> dict[int, tuple[Any, str, str]]:
+    """Real objects that plain values pickle through (``OrderedDict``, numpy reconstruction,
+    ...), by id, with the global name written for them. All are on the read allow-list."""
+    table: dict[int, tuple[Any, str, str]] = {}
+    for obj, module, name in [
+        (collections.OrderedDict, "collections", "OrderedDict"),
+        (collections.Counter, "collections", "Counter"),
+        (codecs.encode, "_codecs", "encode"),
+        (set, "builtins", "set"),
+        (frozenset, "builtins", "frozenset"),
+        (slice, "builtins", "slice"),
+        (complex, "builtins", "complex"),
+        (bytearray, "builtins", "bytearray"),
+        (np.ndarray, "numpy", "ndarray"),
+        (np.dtype, "numpy", "dtype"),
+        (_MULTIARRAY._reconstruct, _MULTIARRAY.__name__, "_reconstruct"),
+        (_MULTIARRAY.scalar, _MULTIARRAY.__name__, "scalar"),
+        *((DTYPES[n].type, "ml_dtypes", n) for n in DTYPES
+          if DTYPES[n].type.__module__.startswith("ml_dtypes")),
+    ]:
+        assert f"{module}.{name}" in ALLOWED_GLOBALS, (module, name)
+        table[id(obj)] = (obj, module, name)
+    return table
+
+
+_WRITABLE_GLOBALS = _writable_globals()
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, tuple, list, dict,
+                collections.OrderedDict, collections.Counter, set, frozenset, bytearray, slice)
+
+
+class _CheckpointPickler(pickle._Pickler):  # the pure-Python pickler, so save() can be extended
+    """Pickles an object tree as protocol 2 using only opcodes and globals that
+    ``torch.load(weights_only=True)`` understands (plus numpy values, which need
+    ``weights_only=False`` or an allow-list in torch)."""
+
+    def __init__(self, file: Any, writer: "TorchWriter"):
+        super().__init__(file, protocol=2, fix_imports=False)
+        self._writer = writer
+        self._names: dict[tuple[str, str], Any] = {}
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if isinstance(obj, (_Global, TorchDType)):
+            # one instance per name, so the memo turns repeats into a back-reference
+            key = (obj.module, obj.name) if isinstance(obj, _Global) else ("torch", obj.name)
+            obj = self._names.setdefault(key, obj)
+        if isinstance(obj, _StorageId):
+            self.save_pers(obj.pid)
+            return
+        memo = self.memo.get(id(obj))
+        if memo is not None:
+            self.write(self.get(memo[0]))
+            return
+        if isinstance(obj, TensorPlaceholder):
+            self._save_tensor(obj)
+        elif isinstance(obj, _Global):
+            self._write_global(obj.module, obj.name)
+            self.memoize(obj)
+        elif isinstance(obj, TorchDType):
+            self._write_global("torch", obj.name)
+            self.memoize(obj)
+        elif isinstance(obj, TorchDevice):
+            self.save_reduce(_TORCH_DEVICE, (str(obj),), obj=obj)
+        elif isinstance(obj, Record):
+            self._save_instance(obj.pickle_global, obj.to_dict(), obj)
+        elif type(obj) is argparse.Namespace:
+            self._save_instance(Namespace.pickle_global, dict(vars(obj)), obj)
+        elif type(obj) is bytes:
+            # protocol 2 has no bytes opcode; torch's reader accepts this spelling (even for b"")
+            self.save_reduce(codecs.encode, (obj.decode("latin1"), "latin1"), obj=obj)
+        elif isinstance(obj, (TensorRef, StorageRef)):
+            raise MapcError(f"a {type(obj).__name__} cannot be written directly; pass it to "
+                            f"TorchWriter.add_tensor and put the returned placeholder in its place")
+        elif isinstance(obj, np.ndarray) and type(obj) is not np.ndarray:
+            super().save(np.asarray(obj), save_persistent_id)  # e.g. np.memmap: save as ndarray
+        elif (type(obj) in _PLAIN_TYPES or isinstance(obj, (np.ndarray, np.generic, np.dtype))
+              or id(obj) in _WRITABLE_GLOBALS):
+            super().save(obj, save_persistent_id)
+        else:
+            raise MapcError(f"cannot write a {type(obj).__module__}.{type(obj).__qualname__} "
+                            f"into a .pt file: mapc writes only tensors, containers, plain values, "
+                            f"numpy arrays, dtypes, devices and records")
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        entry = _WRITABLE_GLOBALS.get(id(obj))
+        if entry is None or entry[0] is not obj:
+            raise MapcError(f"cannot write a reference to {obj!r} into a .pt file")
+        self._write_global(entry[1], entry[2])
+        self.memoize(obj)
+
+    def _write_global(self, module: str, name: str) -> None:
+        self.write(pickle.GLOBAL + module.encode("utf-8") + b"\n" + name.encode("utf-8") + b"\n")
+
+    def _save_instance(self, cls: tuple[str, str], fields: dict[str, Any], obj: Any) -> None:
+        # cls.__new__(cls) via NEWOBJ, then BUILD with the field dict: what torch accepts.
+        self.save(_Global(*cls))
+        self.write(pickle.EMPTY_TUPLE + pickle.NEWOBJ)
+        self.memoize(obj)
+        self.save(fields)
+        self.write(pickle.BUILD)
+
+    def _save_tensor(self, ph: TensorPlaceholder) -> None:
+        if self._writer._placeholders.get(ph.key) is not ph:
+            raise MapcError(f"tensor placeholder {ph.key} was not created by this TorchWriter")
+        args: tuple = (_StorageId(ph), 0, ph.shape, _contiguous_strides(ph.shape), False,
+                       collections.OrderedDict())
+        if ph.dtype in _STORAGE_FOR_DTYPE:
+            self.save_reduce(_REBUILD_V2, args, obj=ph)
+        else:
+            self.save_reduce(_REBUILD_V3, args + (TorchDType(ph.dtype),), obj=ph)
+
+
+class _ZipEntry:
+    __slots__ = ("name", "crc", "size", "offset")
+
+    def __init__(self, name: bytes, crc: int, size: int, offset: int):
+        self.name, self.crc, self.size, self.offset = name, crc, size, offset
+
+
+def _array_chunks(array: np.ndarray) -> Iterator[memoryview]:
+    """The array's bytes in row-major order, a bounded chunk at a time (no full copy)."""
+    if array.size == 0:
+        return
+    if array.flags.c_contiguous:
+        flat = memoryview(array.reshape(-1).view(np.uint8))
+        for start in range(0, len(flat), _CHUNK):
+            yield flat[start:start + _CHUNK]
+        return
+    rows = max(1, _CHUNK // max(1, array[0].nbytes))
+    for start in range(0, array.shape[0], rows):
+        yield memoryview(np.ascontiguousarray(array[start:start + rows]).reshape(-1).view(np.uint8))
+
+
+class TorchWriter:
+    """Write a ``.pt`` checkpoint incrementally, loadable by ``torch.load``.
+
+    ::
+
+        w = TorchWriter(path)
+        ph = w.add_tensor(array)          # bytes go to the file now
+        w.finish({"weight": ph, ...})     # pickle, zip directory; closes the file
+
+    Each tensor is stored uncompressed with its bytes 64-byte aligned, so
+    ``torch.load(mmap=True)`` and :func:`load` map it without copying. Used as a context
+    manager, the partial file is deleted if the block exits without ``finish``.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "wb")
+        except OSError as e:
+            raise MapcError(f"cannot create checkpoint: {e.strerror or e}", where=str(self.path)) from None
+        self._entries: list[_ZipEntry] = []
+        self._placeholders: dict[str, TensorPlaceholder] = {}
+        self._closed = False
+
+    def __enter__(self) -> "TorchWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self._closed:
+            self.abort()
+
+    def add_tensor(self, array: np.ndarray | TensorRef) -> TensorPlaceholder:
+        """Write one tensor's bytes now; returns the placeholder to use in ``finish``'s object."""
+        self._check_open()
+        if isinstance(array, TensorRef):
+            array = array.numpy()
+        if not isinstance(array, np.ndarray):
+            raise MapcError(f"add_tensor takes a numpy array, not a {type(array).__name__}",
+                            where=str(self.path))
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        dtype = _canonical_dtype(array.dtype)
+        if dtype is None:
+            raise MapcError(f"cannot write a tensor of numpy dtype {array.dtype}; supported: "
+                            f"{', '.join(DTYPES)}", where=str(self.path))
+        key = str(len(self._placeholders))
+        self._write_member(f"{_ARCHIVE}/data/{key}", _array_chunks(array), array.nbytes)
+        placeholder = TensorPlaceholder(key, dtype, tuple(int(s) for s in array.shape), id(self))
+        self._placeholders[key] = placeholder
+        return placeholder
+
+    def finish(self, obj: Any) -> None:
+        """Pickle ``obj`` (tensors as placeholders), write the zip directory and close.
+
+        If ``obj`` holds something that cannot be written, raises MapcError and leaves the
+        writer open (call :meth:`abort` or fix the object and call ``finish`` again).
+        """
+        self._check_open()
+        buffer = io.BytesIO()
+        try:
+            _CheckpointPickler(buffer, self).dump(obj)
+        except MapcError as e:
+            raise MapcError(e.message, where=str(self.path), hint=e.hint) from None
+        except RecursionError:
+            raise MapcError("object is nested too deeply (or contains a cycle through a "
+                            "container mapc cannot reference)", where=str(self.path)) from None
+        try:
+            records = [
+                ("data.pkl", buffer.getvalue()),
+                (".format_version", b"1"),
+                (".storage_alignment", str(_ALIGNMENT).encode()),
+                ("byteorder", b"little"),
+                ("version", b"3\n"),
+            ]
+            for name, data in records:
+                self._write_member(f"{_ARCHIVE}/{name}", [memoryview(data)], len(data))
+            self._write_directory()
+            self._file.close()
+            self._closed = True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Close and delete the partial file (safe to call more than once)."""
+        if not self._closed:
+            self._closed = True
+            self._file.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- zip layout --
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MapcError("TorchWriter is already finished or aborted", where=str(self.path))
+
+    def _write_member(self, name: str, chunks: Any, size: int) -> None:
+        """Write one stored member: local header (CRC patched afterwards), aligned data."""
+        f = self._file
+        try:
+            offset = f.tell()
+            name_bytes = name.encode("utf-8")
+            zip64 = size >= _ZIP64_LIMIT
+            extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+            unpadded = offset + _LOCAL_HEADER.size + len(name_bytes) + len(extra) + 4
+            pad = -unpadded % _ALIGNMENT
+            extra += struct.pack("<HH", _PAD_FIELD_ID, pad) + b"\0" * pad
+            size32 = 0xFFFFFFFF if zip64 else size
+            f.write(_LOCAL_HEADER.pack(_LOCAL_SIG, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE, 0,
+                                       size32, size32, len(name_bytes), len(extra)))
+            f.write(name_bytes)
+            f.write(extra)
+            crc = 0
+            written = 0
+            for chunk in chunks:
+                f.write(chunk)
+                crc = zlib.crc32(chunk, crc)
+                written += len(chunk)
+            if written != size:
+                raise MapcError(f"internal error: wrote {written} bytes for {name}, expected {size}")
+            end = f.tell()
+            f.seek(offset + 14)
+            f.write(struct.pack("<I", crc))
+            f.seek(end)
+        except OSError as e:
+            self.abort()
+            raise MapcError(f"cannot write checkpoint: {e.strerror or e}", where=str(self.path)) from None
+        self._entries.append(_ZipEntry(name_bytes, crc, size, offset))
+
+    def _write_directory(self) -> None:
+        f = self._file
+        start = f.tell()
+        for e in self._entries:
+            big_size = e.size >= _ZIP64_LIMIT
+            big_offset = e.offset >= _ZIP64_LIMIT
+            z64 = ([e.size, e.size] if big_size else []) + ([e.offset] if big_offset else [])
+            extra = struct.pack(f"<HH{len(z64)}Q", 1, 8 * len(z64), *z64) if z64 else b""
+            version = 45 if z64 else 20
+            f.write(struct.pack(
+                "<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, 0, 0, 0, _DOS_DATE, e.crc,
+                0xFFFFFFFF if big_size else e.size, 0xFFFFFFFF if big_size else e.size,
+                len(e.name), len(extra), 0, 0, 0, 0, 0xFFFFFFFF if big_offset else e.offset))
+            f.write(e.name)
+            f.write(extra)
+        end = f.tell()
+        count, cd_size = len(self._entries), end - start
+        if count >= _ZIP64_COUNT_LIMIT or cd_size >= _ZIP64_LIMIT or start >= _ZIP64_LIMIT:
+            f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count,
+                                cd_size, start))
+            f.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
+            count16 = 0xFFFF
+            cd_size32 = 0xFFFFFFFF if cd_size >= _ZIP64_LIMIT else cd_size
+            start32 = 0xFFFFFFFF
+        else:
+            count16, cd_size32, start32 = count, cd_size, start
+        f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count16, count16, cd_size32, start32, 0))
