@@ -32,6 +32,7 @@ import math
 import os
 import pickle
 import struct
+import types
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -57,6 +58,61 @@ __all__ = [
     "load",
     "register_record_type",
 ]
+
+# --------------------------------------------------------------------------------------
+# immutability helpers
+# --------------------------------------------------------------------------------------
+# The unpickler hands out a few shared objects (dtype records, storage types, record classes)
+# and builds tensors from file data. A pickle's BUILD opcode can set attributes on whatever is
+# on its stack, so all of these refuse attribute assignment.
+
+
+class _SealedType(type):
+    """Metaclass of the classes the unpickler hands out: their attributes cannot be changed
+    after creation (a pickle's BUILD opcode would otherwise be able to set them)."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise AttributeError(f"{cls.__name__} is read-only")
+
+    def __delattr__(cls, name: str) -> None:
+        raise AttributeError(f"{cls.__name__} is read-only")
+
+
+class _Frozen:
+    """Base for objects that are immutable once built (``_init`` sets fields during
+    construction); a pickle cannot re-point a loaded tensor at other memory."""
+
+    __slots__ = ()
+
+    def _init(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    # Immutable, so copies may share; pickling (by users, e.g. multiprocessing) goes
+    # through _restore_frozen rather than slot-by-slot setattr.
+    def __copy__(self) -> "_Frozen":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "_Frozen":
+        return self
+
+    def __reduce__(self) -> tuple:
+        fields = {name: getattr(self, name) for cls in type(self).__mro__
+                  for name in cls.__dict__.get("__slots__", ())}
+        return (_restore_frozen, (type(self), fields))
+
+
+def _restore_frozen(cls: type, fields: dict[str, Any]) -> Any:
+    self = object.__new__(cls)
+    self._init(**fields)
+    return self
+
 
 # --------------------------------------------------------------------------------------
 # dtypes
@@ -122,11 +178,22 @@ def _canonical_dtype(dtype: np.dtype) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class TorchDType:
+class TorchDType(_Frozen):
     """A ``torch.<name>`` dtype object found in (or to be written into) a checkpoint."""
 
-    name: str
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self._init(name=name)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is TorchDType and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(("TorchDType", self.name))
+
+    def __repr__(self) -> str:
+        return f"TorchDType({self.name!r})"
 
     def __str__(self) -> str:
         return f"torch.{self.name}"
@@ -163,7 +230,7 @@ class TorchDevice(str):
 # --------------------------------------------------------------------------------------
 
 
-class Record:
+class Record(metaclass=_SealedType):
     """An inert stand-in for a pickled instance of a plain Python class.
 
     The fields (the object's ``__dict__`` in the file) are kept as they are; no code of the
@@ -289,6 +356,9 @@ class _MappedFile:
         self.size = size
         self._map: np.memmap | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "_map": None}  # never pickle the mapping
+
     def bytes_at(self, offset: int, nbytes: int) -> np.ndarray:
         if nbytes == 0:
             return np.empty(0, np.uint8)
@@ -301,7 +371,7 @@ class _MappedFile:
         return self._map[offset:offset + nbytes]
 
 
-class StorageRef:
+class StorageRef(_Frozen):
     """A storage record of a checkpoint: ``numel`` elements of ``dtype`` at a file offset.
 
     Views of one storage (tied weights, slices, transposes) share one StorageRef.
@@ -311,12 +381,15 @@ class StorageRef:
 
     def __init__(self, key: str, dtype: str, numel: int, file: _MappedFile | None,
                  offset: int | None = None, parent: tuple["StorageRef", int] | None = None):
-        self.key = key
-        self.dtype = dtype
-        self.numel = numel
-        self._file = file
-        self._offset = offset  # absolute byte offset; None until known (legacy format)
-        self._parent = parent  # (root storage, byte delta) for legacy storage views
+        # _offset: absolute byte offset, None until known (legacy format);
+        # _parent: (root storage, byte delta) for legacy storage views
+        self._init(key=key, dtype=dtype, numel=numel, _file=file, _offset=offset, _parent=parent)
+
+    def _place(self, offset: int) -> None:
+        """Set the data offset once it is known (legacy format)."""
+        if self._offset is not None:
+            raise MapcError(f"corrupt: storage {self.key} appears twice")
+        object.__setattr__(self, "_offset", offset)
 
     @property
     def itemsize(self) -> int:
@@ -353,7 +426,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-class TensorRef:
+class TensorRef(_Frozen):
     """A tensor in a loaded checkpoint; its data stays in the file until :meth:`numpy`.
 
     ``offset`` and ``stride`` count elements, like torch's ``storage_offset()`` and
@@ -364,13 +437,13 @@ class TensorRef:
 
     def __init__(self, storage: StorageRef, offset: int, shape: tuple[int, ...],
                  stride: tuple[int, ...], dtype: str, requires_grad: bool = False):
-        self.storage = storage
-        self.offset = offset
-        self.shape = shape
-        self.stride = stride
-        self.dtype = dtype
-        self.requires_grad = requires_grad
-        self.is_parameter = False
+        self._init(storage=storage, offset=offset, shape=shape, stride=stride, dtype=dtype,
+                   requires_grad=requires_grad, is_parameter=False)
+
+    def _mark_parameter(self, requires_grad: Any) -> "TensorRef":
+        object.__setattr__(self, "requires_grad", bool(requires_grad))
+        object.__setattr__(self, "is_parameter", True)
+        return self
 
     @property
     def ndim(self) -> int:
@@ -413,10 +486,16 @@ class TensorRef:
         start = self.offset * dtype.itemsize
         if self.is_contiguous:
             return raw[start:start + self.nbytes].view(dtype).reshape(self.shape)
-        flat = raw[start:start + self._extent() * dtype.itemsize].view(dtype)
-        return np.lib.stride_tricks.as_strided(
+        end = start + self._extent() * dtype.itemsize
+        if end > raw.size:  # guaranteed by construction; as_strided must never read past it
+            raise MapcError(f"tensor view runs past storage {self.storage.key}")
+        # as_strided goes through __array_interface__, which cannot describe ml_dtypes types:
+        # stride an opaque same-size view, then reinterpret.
+        flat = raw[start:end].view(np.dtype(("V", dtype.itemsize)))
+        strided = np.lib.stride_tricks.as_strided(
             flat, shape=self.shape, strides=tuple(s * dtype.itemsize for s in self.stride),
             writeable=False)
+        return strided.view(dtype)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         array = self.numpy()
@@ -457,23 +536,25 @@ def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str,
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_Frozen):
     """Stand-in for a storage class (``torch.FloatStorage``, ``torch.UntypedStorage``)."""
 
-    name: str
-    dtype: str
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str, dtype: str):
+        self._init(name=name, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"<storage type torch.{self.name}>"
 
 
-class _TensorClass:
+class _TensorClass(metaclass=_SealedType):
     """Stand-in for ``torch.Tensor`` / ``torch.nn.Parameter`` as class objects; only
     meaningful as the ``new_type`` argument of ``_rebuild_from_type_v2``."""
 
     def __new__(cls, data: Any = None, requires_grad: bool = True) -> Any:
         if isinstance(data, TensorRef):  # Parameter(data, requires_grad) via NEWOBJ
-            data.requires_grad = bool(requires_grad)
-            data.is_parameter = True
-            return data
+            return data._mark_parameter(requires_grad)
         raise MapcError("unsupported tensor construction in the checkpoint (not a plain "
                         "torch.save of tensors)")
 
@@ -498,9 +579,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
     if not isinstance(data, TensorRef):
         raise MapcError(f"corrupt parameter record: data is a {type(data).__name__}")
-    data.requires_grad = bool(requires_grad)
-    data.is_parameter = True
-    return data
+    return data._mark_parameter(requires_grad)
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
@@ -590,13 +669,29 @@ def register_record_type(module: str, name: str) -> type[Record]:
         return existing
     if existing is not None:
         raise ValueError(f"{key} is already allowed as {existing!r}")
-    cls = type(name, (Record,), {"__slots__": (), "pickle_global": (module, name),
+    cls = _SealedType(name, (Record,), {"__slots__": (), "pickle_global": (module, name),
                                  "__module__": __name__})
     ALLOWED_GLOBALS[key] = cls
     return cls
 
 
 ALLOWED_GLOBALS["argparse.Namespace"] = Namespace
+
+
+class _InertFunction(_Frozen):
+    """A read-only wrapper handed to the unpickler instead of one of our Python functions,
+    so a BUILD opcode cannot set attributes (``__defaults__``, ...) on the function itself."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[..., Any]):
+        self._init(_fn=fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<inert {self._fn.__name__}>"
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -614,13 +709,14 @@ class _SafeUnpickler(pickle.Unpickler):
             module = _compat_pickle.IMPORT_MAPPING[module]
         full = f"{module}.{name}"
         try:
-            return ALLOWED_GLOBALS[full]
+            found = ALLOWED_GLOBALS[full]
         except KeyError:
             raise MapcError(
                 f"the pickle references {full}; mapc never runs code from a checkpoint and "
                 f"{full} is not on its allow-list of inert objects",
                 hint="re-save the checkpoint with only tensors, containers and plain values "
                      "(e.g. a state_dict)") from None
+        return _InertFunction(found) if isinstance(found, types.FunctionType) else found
 
     def persistent_load(self, pid: Any) -> Any:
         if self._resolve_storage is None:
@@ -839,7 +935,7 @@ def _load_legacy(path: Path, size: int) -> Any:
             if offset + 8 + nbytes > size:
                 raise MapcError(f"truncated: storage {key} needs {nbytes} bytes at offset "
                                 f"{offset + 8} but the file ends at {size}", hint="re-copy the file")
-            storage._offset = offset + 8
+            storage._place(offset + 8)
             offset += 8 + nbytes
         missing = [k for k, s in roots.items() if s._offset is None]
         if missing:

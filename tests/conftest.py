@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny checkpoints built by real libraries, files only under tmp_path."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def llama_config(hidden=64, layers=4, heads=8, groups=2, head_dim=None, ffn=96, vocab=100,
+                 tied=False, model_type="llama"):
+    cfg = {"architectures": ["LlamaForCausalLM" if model_type == "llama"
+                             else "MistralForCausalLM"],
+           "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "num_key_value_heads": groups,
+           "intermediate_size": ffn, "vocab_size": vocab, "tie_word_embeddings": tied,
+           "rms_norm_eps": 1e-6, "max_position_embeddings": 128, "hidden_act": "silu"}
+    if head_dim is not None:
+        cfg["head_dim"] = head_dim
+    return cfg
+
+
+def hf_names_shapes(cfg):
+    """The HF Llama state dict's names and shapes, written out independently of the spec."""
+    h, L, nh, ng = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], \
+        cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // nh
+    f, v = cfg["intermediate_size"], cfg["vocab_size"]
+    out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (h,),
+                    p + "post_attention_layernorm.weight": (h,),
+                    p + "self_attn.q_proj.weight": (nh * hd, h),
+                    p + "self_attn.k_proj.weight": (ng * hd, h),
+                    p + "self_attn.v_proj.weight": (ng * hd, h),
+                    p + "self_attn.o_proj.weight": (h, nh * hd),
+                    p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                    p + "mlp.down_proj.weight": (h, f)})
+    if not cfg["tie_word_embeddings"]:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def write_random_hf(path: Path, cfg: dict, seed=0, dtype=np.float32) -> Path:
+    """A random HF checkpoint written with the real safetensors library."""
+    from safetensors.numpy import save_file
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors = {n: rng.standard_normal(s).astype(dtype) for n, s in hf_names_shapes(cfg).items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def tree_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(Path(path).rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def random_hf(tmp_path):
+    def make(name="hf", **kw):
+        return write_random_hf(tmp_path / name, llama_config(**kw), seed=kw.get("layers", 0))
+    return make
+
+
+def build_transformers_model(cfg: dict, path: Path, seed=0):
+    """A tiny transformers model from ``cfg``, saved with save_pretrained."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(**cfg)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # make norms non-trivial so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(str(path))
+    return model
+
+
+def logits_of(path_or_model, tokens):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = path_or_model
+    if isinstance(path_or_model, (str, Path)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path_or_model),
+                                                                  dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits
