@@ -44,10 +44,9 @@ class Progress:
             sys.stderr.flush()
 
     def done(self, summary: str):
-        if self.enabled:
-            if self.tty:
-                sys.stderr.write("\r\033[K")
-            sys.stderr.write(summary + "\n")
+        """Replace the bar by a summary line (terminals only; callers report the result)."""
+        if self.enabled and self.tty:
+            sys.stderr.write("\r\033[K" + summary + "\n")
 
 
 def target_dtypes(program: Program, reader, dtype: str | None) -> dict[tuple, str]:

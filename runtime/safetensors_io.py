@@ -126,7 +126,7 @@ class SafetensorsWriter:
         if tuple(arr.shape) != shape or dtype_name(arr.dtype) != dt:
             raise MapcError(f"internal: {name} is {arr.dtype}{list(arr.shape)}, planned "
                             f"{dt}{list(shape)}", where=self.path)
-        _write_all(self.fd, memoryview(np.ascontiguousarray(arr)).cast("B"),
+        _write_all(self.fd, np.ascontiguousarray(arr).reshape(-1).view(np.uint8),
                    self.base + offset, self.path)
         self.pending.discard(name)
 

@@ -963,7 +963,6 @@ class TensorPlaceholder:
     key: str
     dtype: str
     shape: tuple[int, ...]
-    writer_id: int
 
     @property
     def numel(self) -> int:
@@ -1177,7 +1176,7 @@ class TorchWriter:
                             f"{', '.join(DTYPES)}", where=str(self.path))
         key = str(len(self._placeholders))
         self._write_member(f"{_ARCHIVE}/data/{key}", _array_chunks(array), array.nbytes)
-        placeholder = TensorPlaceholder(key, dtype, tuple(int(s) for s in array.shape), id(self))
+        placeholder = TensorPlaceholder(key, dtype, tuple(int(s) for s in array.shape))
         self._placeholders[key] = placeholder
         return placeholder
 

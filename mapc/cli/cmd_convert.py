@@ -63,5 +63,5 @@ def run(args) -> int:
                     "warnings": report.warnings})
     elif not args.quiet:
         print(f"{args.src} -> {args.dst} ({args.to}): {report.tensors_written} tensors, "
-              f"{report.bytes_written / 2**20:.1f} MiB", file=sys.stderr)
+              f"{report.bytes_written / 2**20:.1f} MiB in {report.seconds:.1f}s", file=sys.stderr)
     return 0
