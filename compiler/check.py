@@ -27,7 +27,7 @@ def error_at(at: str, message: str, hint: str | None = None) -> SpecError:
         text = caret(SOURCES.get(file, ""), int(line), int(rest))
     except ValueError:
         text = ""
-    return SpecError(message + text, where=at, hint=hint)
+    return SpecError(message, where=at, hint=hint, context=text)
 
 
 # ---- monomials: products of symbols with rational exponents -----------------------------------

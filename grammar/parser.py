@@ -67,13 +67,13 @@ def _parse(text: str, file: str, start: str):
         tree = _parser().parse(text, start=start)
     except lark.exceptions.UnexpectedCharacters as e:
         raise SpecError(f"unexpected character {text[e.pos_in_stream]!r}"
-                        f"{_expected(e.allowed or ())}{caret(text, e.line, e.column)}",
-                        where=f"{file}:{e.line}:{e.column}") from None
+                        f"{_expected(e.allowed or ())}", where=f"{file}:{e.line}:{e.column}",
+                        context=caret(text, e.line, e.column)) from None
     except lark.exceptions.UnexpectedToken as e:
         got = "end of file" if e.token.type == "$END" else repr(str(e.token))
         line, col = (e.line, e.column) if e.line and e.line > 0 else _end(text)
-        raise SpecError(f"unexpected {got}{_expected(e.expected)}{caret(text, line, col)}",
-                        where=f"{file}:{line}:{col}") from None
+        raise SpecError(f"unexpected {got}{_expected(e.expected)}",
+                        where=f"{file}:{line}:{col}", context=caret(text, line, col)) from None
     except lark.exceptions.UnexpectedEOF as e:
         line, col = _end(text)
         raise SpecError(f"unexpected end of file{_expected(e.expected)}",
