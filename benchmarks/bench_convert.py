@@ -115,10 +115,12 @@ def _nbytes(shape, itemsize: int = BF16) -> int:
     return n
 
 
-def layers_for_size(size_bytes: float, shape: dict = LLAMA_1B, multiple: int = 2) -> int:
+def layers_for_size(size_bytes: float, shape: dict = LLAMA_1B, multiple: int = 2,
+                    dtype: str = "bfloat16") -> int:
     """The number of layers (a multiple of ``multiple``, for pp) closest to ``size_bytes``."""
-    fixed = sum(_nbytes(s) for n, s in all_tensors({**shape, "num_hidden_layers": 0}))
-    per_layer = sum(_nbytes(s) for n, s in layer_tensors(0, shape))
+    k = ST_DTYPE[dtype][1]
+    fixed = sum(_nbytes(s, k) for n, s in all_tensors({**shape, "num_hidden_layers": 0}))
+    per_layer = sum(_nbytes(s, k) for n, s in layer_tensors(0, shape))
     n = round((size_bytes - fixed) / per_layer / multiple) * multiple
     return max(multiple, n)
 
@@ -257,6 +259,20 @@ def measure(cmd: list[str], workdir: Path, use_gnu_time: bool) -> dict:
     return {"seconds": seconds, "peak_rss_bytes": maxrss_kb * 1024}
 
 
+def mapc_revision() -> str:
+    """The git commit of the mapc checkout being measured (``+dirty`` with local edits)."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
+                                ".", ":!benchmarks"], capture_output=True, text=True).stdout
+        return rev + ("+dirty" if any(l[:2].strip() and not l.startswith("??")
+                                      for l in dirty.splitlines()) else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def mapc_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "mapc"
     if exe.is_file():
@@ -375,7 +391,8 @@ def main(argv=None) -> int:
         print(f"checkpoint: {size / 1e9:.3f} GB bf16 ({layers} layers, hidden 2048, "
               f"{nshards} safetensors shards); megatron output {gb(mg_bytes)}, "
               f"hf output {gb(back_bytes)}")
-        print(f"machine: {os.cpu_count()} cpus, python {platform.python_version()}, "
+        print(f"mapc {mapc_revision()}; machine: {os.cpu_count()} cpus, "
+              f"python {platform.python_version()}, "
               f"peak RSS via {'/usr/bin/time -v' if use_gnu_time else 'getrusage wrapper'}")
         print(f"best time of {args.repeat} runs each (RSS: worst run), each after sync, in a "
               f"fresh process; page cache WARM for cp and mapc (source already cached, outputs "
@@ -411,6 +428,7 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps({
                 "size_bytes": size, "layers": layers, "source_shards": nshards,
                 "megatron_bytes": mg_bytes, "hf_back_bytes": back_bytes,
+                "mapc_revision": mapc_revision(),
                 "cpus": os.cpu_count(), "repeat": args.repeat, "page_cache": "warm",
                 "rss_method": "gnu-time" if use_gnu_time else "getrusage",
                 "targets": {"max_ratio_to_cp": MAX_RATIO_TO_CP, "max_rss_bytes": MAX_RSS_BYTES},

@@ -370,6 +370,24 @@ class _MappedFile:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._map[offset:offset + nbytes]
 
+    def read_at(self, offset: int, nbytes: int) -> np.ndarray:
+        """A fresh copy of the bytes (``pread``; the mapping is not touched, so the memory is
+        the caller's and is released when it drops the array)."""
+        if offset + nbytes > self.size:
+            raise MapcError(
+                f"truncated: needs {nbytes} bytes at offset {offset} but the file ends at "
+                f"{self.size}", where=str(self.path), hint="re-copy the file")
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        with open(self.path, "rb", buffering=0) as f:
+            got = 0
+            while got < nbytes:
+                k = os.preadv(f.fileno(), [view[got:]], offset + got)
+                if k <= 0:
+                    raise MapcError("truncated while reading", where=str(self.path))
+                got += k
+        return np.frombuffer(buf, np.uint8)
+
 
 class StorageRef(_Frozen):
     """A storage record of a checkpoint: ``numel`` elements of ``dtype`` at a file offset.
@@ -472,6 +490,18 @@ class TensorRef(_Frozen):
         if self.numel == 0:
             return 0
         return 1 + sum((size - 1) * st for size, st in zip(self.shape, self.stride))
+
+    def read(self) -> np.ndarray:
+        """The tensor as a fresh, writable, contiguous array, read with ``pread``: nothing of
+        the file stays mapped, so streaming readers keep memory bounded."""
+        dtype = DTYPES[self.dtype]
+        st = self.storage
+        root, delta = st._parent if st._parent is not None else (st, 0)
+        if not self.is_contiguous or self.numel == 0 or root._file is None or \
+                root._offset is None:
+            return np.array(self.numpy(), copy=True)
+        start = root._offset + delta + self.offset * dtype.itemsize
+        return root._file.read_at(start, self.nbytes).view(dtype).reshape(self.shape)
 
     def numpy(self) -> np.ndarray:
         """The tensor as a read-only numpy array mapped from the file.

@@ -652,3 +652,17 @@ def test_property_torch_save_to_load_is_bit_exact(torch, tmp_path, name, shape, 
     path = unique(tmp_path)
     torch.save({"x": t}, path)
     assert_same_tensor(load(path)["x"], t)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: t, lambda t: t.t(), lambda t: t[1:3], lambda t: t[:, 1], lambda t: t.reshape(-1)[5:],
+], ids=["contiguous", "transposed", "row-slice", "column", "offset"])
+def test_read_copies_exactly_what_numpy_maps(tmp_path, make):
+    torch = pytest.importorskip("torch")
+    base = torch.arange(24, dtype=torch.bfloat16).reshape(4, 6)
+    torch.save({"x": make(base), "base": base}, tmp_path / "f.pt")
+    from mapc.runtime.torchfile import load
+    ref = load(tmp_path / "f.pt")["x"]
+    got = ref.read()
+    assert got.flags.c_contiguous and got.flags.writeable
+    assert np.array_equal(got.view(np.uint16), np.ascontiguousarray(ref.numpy()).view(np.uint16))

@@ -82,8 +82,7 @@ class HFSource(Source):
         x = self._get(name)
         if isinstance(x, SafetensorsFile):
             return x.read(name)
-        import numpy as np
-        return np.array(x.numpy(), copy=True)
+        return x.read()
 
     def close(self):
         for f in self.files.values():
