@@ -499,7 +499,7 @@ class TensorRef(_Frozen):
         root, delta = st._parent if st._parent is not None else (st, 0)
         if not self.is_contiguous or self.numel == 0 or root._file is None or \
                 root._offset is None:
-            return np.array(self.numpy(), copy=True)
+            return np.array(self.numpy(), copy=True, order="C")
         start = root._offset + delta + self.offset * dtype.itemsize
         return root._file.read_at(start, self.nbytes).view(dtype).reshape(self.shape)
 
