@@ -126,8 +126,9 @@ def layers_for_size(size_bytes: float, shape: dict = LLAMA_1B, multiple: int = 2
 
 
 def _random_bf16_bits(rng: np.random.Generator, n: int) -> np.ndarray:
-    """``n`` random finite bf16 values as uint16 bits: random sign and mantissa, exponent in
-    2**-7 .. 2**-4 (|x| ~ 0.008 .. 0.06). No NaN/Inf, so bit-exact comparisons are meaningful."""
+    """``n`` random finite bf16 values as uint16 bits: random sign, mantissa and the two low
+    exponent bits over a fixed base, so |x| is in [2**-7, 2**-3). No NaN/Inf, so bit-exact
+    comparisons are meaningful."""
     bits = rng.integers(0, 1 << 16, size=n, dtype=np.uint16)
     bits &= 0x81FF
     bits |= 0x3C00
@@ -163,7 +164,7 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple]], rng: np.rand
                 bits = _ones_bf16_bits(k) if norm else _random_bf16_bits(rng, k)
                 if itemsize == 4:
                     bits = bits.astype("<u4") << 16
-                f.write(bits.tobytes())
+                f.write(memoryview(bits))
                 left -= k
     return 8 + len(raw) + offset
 
@@ -213,7 +214,7 @@ import json, resource, subprocess, sys
 rc = subprocess.call(sys.argv[2:])
 ru = resource.getrusage(resource.RUSAGE_CHILDREN)
 with open(sys.argv[1], "w") as f:
-    json.dump({"rc": rc, "maxrss_kb": ru.ru_maxrss}, f)
+    json.dump({"rc": rc, "maxrss_kb": ru.ru_maxrss, "user": ru.ru_utime, "sys": ru.ru_stime}, f)
 sys.exit(rc)
 """
 
@@ -253,10 +254,13 @@ def measure(cmd: list[str], workdir: Path, use_gnu_time: bool) -> dict:
     if use_gnu_time:
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
         maxrss_kb = int(m.group(1))
+        user = float(re.search(r"User time \(seconds\): ([\d.]+)", r.stderr).group(1))
+        sys_s = float(re.search(r"System time \(seconds\): ([\d.]+)", r.stderr).group(1))
     else:
-        maxrss_kb = json.loads(rfile.read_text())["maxrss_kb"]
+        ru = json.loads(rfile.read_text())
+        maxrss_kb, user, sys_s = ru["maxrss_kb"], ru["user"], ru["sys"]
         rfile.unlink()
-    return {"seconds": seconds, "peak_rss_bytes": maxrss_kb * 1024}
+    return {"seconds": seconds, "peak_rss_bytes": maxrss_kb * 1024, "user": user, "sys": sys_s}
 
 
 def mapc_revision() -> str:
@@ -292,6 +296,7 @@ def best_of(n: int, run, cleanup) -> dict:
     return {"seconds": min(r["seconds"] for r in runs),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
             "runs_seconds": [r["seconds"] for r in runs],
+            "runs_user_sys": [(r["user"], r["sys"]) for r in runs],
             "runs_peak_rss_bytes": [r["peak_rss_bytes"] for r in runs]}
 
 
@@ -377,6 +382,7 @@ def main(argv=None) -> int:
                 "operation": name,
                 "seconds": r["seconds"],
                 "runs_seconds": r["runs_seconds"],
+                "runs_user_sys_seconds": r["runs_user_sys"],
                 "ratio_to_cp": ratio,
                 "peak_rss_mib": r["peak_rss_bytes"] / 2**20,
                 "runs_peak_rss_mib": [b / 2**20 for b in r["runs_peak_rss_bytes"]],
@@ -414,6 +420,13 @@ def main(argv=None) -> int:
             print(f"{r['operation']:<24} {r['seconds']:>8.2f} {r['ratio_to_cp']:>6.2f} "
                   f"{r['peak_rss_mib']:>13.0f} {r['gb_per_s']:>6.2f}  "
                   f"{pm(r['time_target']):>13} {pm(r['rss_target']):>10}")
+        print()
+        print("all runs (wall s [user+sys s]):")
+        for r in rows:
+            if "error" not in r:
+                print(f"  {r['operation']:<24} " + ", ".join(
+                    f"{w:.2f} [{u:.2f}+{k:.2f}]"
+                    for w, (u, k) in zip(r["runs_seconds"], r["runs_user_sys_seconds"])))
         print()
         print("round trip verify (mapc verify SRC BACK): "
               + {True: "identical", False: "DIFFERENT", None: "NOT RUN"}[identical])

@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections import Counter
 from fractions import Fraction
 
-from mapc.compiler.expr import symbols
+from mapc.compiler.expr import ARITY, FUNCTIONS, symbols
 from mapc.errors import SpecError
 from mapc.grammar.parser import caret
 
 # Spec sources by file name, for carets in error messages (filled by mapc.compiler.spec).
 SOURCES: dict[str, str] = {}
+# Lets of the spec being checked: their expressions stand in for them in shape algebra.
+LETS: dict[str, list] = {}
 
 
 def error_at(at: str, message: str, hint: str | None = None) -> SpecError:
@@ -37,6 +39,8 @@ def monomial(e):
     if tag == "num" and not isinstance(e[1], bool):
         return Fraction(e[1]), {}
     if tag == "sym":
+        if e[1] in LETS:
+            return monomial(LETS[e[1]])
         return Fraction(1), {e[1]: 1}
     if tag == "op" and e[1] in ("*", "/"):
         a, b = monomial(e[2]), monomial(e[3])
@@ -74,15 +78,17 @@ def mono_str(m) -> str:
 
 # ---- the checker --------------------------------------------------------------------------------
 def check(ir: dict) -> None:
-    config_names = [c["name"] for c in ir["config"]]
+    LETS.clear()
     _no_duplicates(ir["config"], "config symbol")
     known = set()
     for c in ir["config"]:
-        _known(c["default"], known | set(config_names), c["at"], "default of " + c["name"])
+        # a default may use symbols declared above it (they are bound in order)
+        _known(c["default"], known, c["at"], "default of " + c["name"])
         known.add(c["name"])
     for x in ir["lets"]:
         _known(x["expr"], known, x["at"], "let " + x["name"])
         known.add(x["name"])
+        LETS[x["name"]] = x["expr"]
     spec_syms = set(known)
 
     tensors = {}
@@ -126,6 +132,23 @@ def _known(e, syms, at, what):
     if unknown:
         raise error_at(at, f"unknown symbol {', '.join(sorted(unknown))} in {what}",
                        hint=_known_hint(syms))
+    for name, nargs in _calls(e):
+        if name not in FUNCTIONS:
+            raise error_at(at, f"unknown function '{name}' in {what}",
+                           hint="known: " + ", ".join(sorted(FUNCTIONS)))
+        want = ARITY[name]
+        if nargs not in want:
+            raise error_at(at, f"{name}() takes {' or '.join(map(str, want))} arguments, "
+                           f"got {nargs} in {what}")
+
+
+def _calls(e):
+    if e is None or e[0] in ("num", "str", "bool", "sym"):
+        return
+    if e[0] == "call":
+        yield e[1], len(e) - 2
+    for a in e[2:] if e[0] in ("op", "call") else e[1:]:
+        yield from _calls(a)
 
 
 def _check_layout(lay, spec_syms, tensors, groups):
@@ -135,6 +158,7 @@ def _check_layout(lay, spec_syms, tensors, groups):
     for x in lay["lets"]:
         _known(x["expr"], syms, x["at"], "let " + x["name"])
         syms.add(x["name"])
+        LETS[x["name"]] = x["expr"]
     pipe = lay["pipeline"]
     if pipe:
         if pipe["group"] not in groups:
@@ -182,6 +206,9 @@ def _check_rule(lay, rule, syms, tensors, groups):
                            + ("is in group " + t["group"] + "; refer to it as "
                               f"{t['group']}[{t['index']}].{ref['member']}" if t["group"]
                               else "is not in a group; refer to it without an index"))
+        if t["group"] and ref["index"] != t["index"]:
+            raise error_at(ref["at"], f"{t['group']} is declared with index '{t['index']}'; "
+                           f"refer to it as {t['group']}[{t['index']}].{ref['member']}")
         if ref is refs[0]:
             group, index = t["group"], ref["index"]
         elif (t["group"], ref["index"]) != (group, index):
@@ -231,6 +258,8 @@ def _check_rule(lay, rule, syms, tensors, groups):
             raise error_at(at, f"a fusion needs exactly one [member ...] concatenation, "
                            f"found {len(concats)}")
         names = [m["member"] for m in concats[0]["concat"]]
+        if len(names) < 2:
+            raise error_at(concats[0]["at"], "a concatenation needs at least two members")
         if sorted(names) != sorted(members):
             raise error_at(concats[0]["at"], f"the concatenation lists {', '.join(names)} but "
                            f"the rule fuses {', '.join(r['member'] for r in refs)}")
@@ -248,12 +277,16 @@ def _check_rule(lay, rule, syms, tensors, groups):
     for s in rule["splits"]:
         if s["mesh"] not in lay["mesh"]:
             raise error_at(s["at"], f"split over '{s['mesh']}', which is not a mesh axis of "
-                           f"layout {lay['name']}", hint="mesh: " + " ".join(lay["mesh"]))
+                           f"layout {lay['name']}", hint="mesh: " + (" ".join(lay["mesh"]) or "none; declare one with 'mesh tp'"))
         if s["factor"] not in factor_names:
             raise error_at(s["at"], f"split of '{s['factor']}', which is not a factor of "
                            f"{rule['name']!r}", hint="factors: " + " ".join(factor_names))
     if len({s["factor"] for s in rule["splits"]}) != len(rule["splits"]):
         raise error_at(at, "a factor is split twice")
+    cuts = [s["mesh"] for s in rule["splits"]] + [n for n in factor_names if n in lay["mesh"]]
+    if len(set(cuts)) != len(cuts):
+        raise error_at(at, "a mesh axis cuts this tensor twice",
+                       hint="split each tensor at most once per mesh axis")
     for p in rule["pads"]:
         if p["factor"] not in factor_names:
             raise error_at(p["at"], f"pad of '{p['factor']}', which is not a factor of "

@@ -18,6 +18,15 @@ class EvalError(SpecError):
     pass
 
 
+def _fail(message: str, where: str) -> EvalError:
+    """An EvalError at ``where`` (file:line:col), with the spec line and a caret if known."""
+    if where:
+        from mapc.compiler.check import error_at
+        err = error_at(where, message)
+        return EvalError(err.message, where=err.where, context=err.context)
+    return EvalError(message)
+
+
 def _round_up(x, m):
     return -(-x // m) * m
 
@@ -28,6 +37,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "max": max,
     "ceil_div": lambda a, b: -(-a // b),
 }
+ARITY: dict[str, tuple[int, ...]] = {"round_up": (2,), "min": (2, 3, 4), "max": (2, 3, 4),
+                                     "ceil_div": (2,)}
 
 
 def symbols(e) -> set[str]:
@@ -81,14 +92,13 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
         try:
             return env[e[1]]
         except KeyError:
-            raise EvalError(f"unknown symbol '{e[1]}'", where=where or None) from None
+            raise _fail(f"unknown symbol '{e[1]}'", where) from None
     if tag == "list":
         return [evaluate(a, env, where) for a in e[1:]]
     if tag == "call":
         fn = FUNCTIONS.get(e[1])
         if fn is None:
-            raise EvalError(f"unknown function '{e[1]}' (known: {', '.join(sorted(FUNCTIONS))})",
-                            where=where or None)
+            raise _fail(f"unknown function '{e[1]}' (known: {', '.join(sorted(FUNCTIONS))})", where)
         return fn(*(evaluate(a, env, where) for a in e[2:]))
     op = e[1]
     if op == "and":
@@ -109,8 +119,7 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
     if op == "/":
         if isinstance(a, int) and isinstance(b, int) and not isinstance(a, bool):
             if b == 0 or a % b:
-                raise EvalError(f"{show(e)} = {a} / {b} does not divide evenly",
-                                where=where or None)
+                raise _fail(f"{show(e)} = {a} / {b} does not divide evenly", where)
             return a // b
         return a / b
     if op == "//":
@@ -129,7 +138,7 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
         return a > b
     if op == ">=":
         return a >= b
-    raise EvalError(f"unknown operator {op!r}", where=where or None)
+    raise _fail(f"unknown operator {op!r}", where)
 
 
 def is_int(x) -> bool:

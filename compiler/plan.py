@@ -240,7 +240,7 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
             stage, local = _stage(rule, decl, index, pipe, pp, config_env)
             names_env = dict(env)
             if index is not None:
-                names_env[decl["index"]] = index
+                names_env[rule["refs"][0]["index"]] = index
                 if pipe and pipe["local"] and pipe["group"] == decl["group"]:
                     names_env[pipe["local"]] = local
             shapes = tuple((m, logical[k].shape) for m, k in keys.items())
@@ -257,6 +257,7 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                     names[tuple((a, full[a]) for a in layout["mesh"])] = base
             plan.instances.append(Instance(rule, index, stage, recipe, keys, names, rep))
     _check_coverage(plan)
+    plan.meta()  # evaluate the metadata now, so its errors surface before anything is read
     return plan
 
 

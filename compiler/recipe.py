@@ -117,17 +117,21 @@ class Recipe:
         return out
 
     def _assemble(self, be, piece):
-        """Stack per-rank pieces back along their mesh factors (physical factor order)."""
+        """Stack per-rank pieces back along their mesh factors (physical factor order).
+
+        Iterative on purpose: a self-referencing closure would keep every source buffer of
+        the unit alive until the cycle collector ran."""
         mesh_pos = [k for k, f in enumerate(self.factors) if f.mesh]
         names = [self.factors[k].name for k in mesh_pos]
-
-        def build(level, fixed):
-            if level == len(mesh_pos):
-                return piece(tuple(zip(names, fixed)))
-            n = self.factors[mesh_pos[level]].size
-            parts = [build(level + 1, fixed + (i,)) for i in range(n)]
-            return be.stack(parts, mesh_pos[level])
-        return build(0, ())
+        sizes = [self.factors[k].size for k in mesh_pos]
+        parts = {idx: piece(tuple(zip(names, idx)))
+                 for idx in itertools.product(*(range(n) for n in sizes))}
+        for level in reversed(range(len(mesh_pos))):
+            # arrays at this level still lack the `level` mesh axes before this one
+            parts = {prefix: be.stack([parts[prefix + (i,)] for i in range(sizes[level])],
+                                      mesh_pos[level] - level)
+                     for prefix in itertools.product(*(range(n) for n in sizes[:level]))}
+        return parts[()]
 
     # -- printing --
     def describe(self) -> list[str]:

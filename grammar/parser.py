@@ -78,7 +78,12 @@ def _parse(text: str, file: str, start: str):
         line, col = _end(text)
         raise SpecError(f"unexpected end of file{_expected(e.expected)}",
                         where=f"{file}:{line}:{col}") from None
-    return _Build(file, text).transform(tree)
+    try:
+        return _Build(file, text).transform(tree)
+    except lark.exceptions.VisitError as e:  # our own SpecErrors raised while building
+        if isinstance(e.orig_exc, SpecError):
+            raise e.orig_exc from None
+        raise
 
 
 def _end(text: str) -> tuple[int, int]:

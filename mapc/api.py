@@ -54,11 +54,16 @@ def _candidate_specs(source, spec, config):
         return [load_spec(source.record["family"])]
     specs = [load_spec(p) for p in sorted(builtin_specs().values())]
     specs = [s for s in specs if source.layout in s.layout_names()]
-    if config:
-        matching = [s for s in specs if all(
+    if config and config.get("model_type") is not None:
+        matching = [s for s in specs if s.ir["match"] and all(
             config.get(m["key"]) in m["values"] for m in s.ir["match"])]
-        if matching:
-            return matching
+        if not matching:
+            known = sorted({v for s in specs for m in s.ir["match"] for v in m["values"]})
+            raise MapcError(f"no shipped spec describes model_type "
+                            f"{config.get('model_type')!r} (in {source.path})",
+                            hint="shipped model types: " + ", ".join(map(str, known))
+                                 + "; write a spec for it and pass --spec FILE.map")
+        return matching
     return specs
 
 
@@ -128,8 +133,11 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
                 _check_shapes(plan, source)
                 extra = _unplanned(plan, source)
                 if extra:
-                    warnings.append(f"ignored {len(extra)} tensors the spec does not know: "
-                                    f"{', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+                    raise MapcError(
+                        f"{source.path} holds {len(extra)} tensors that spec {sp.family} "
+                        f"({sp.ir['file']}) does not place, e.g. {', '.join(extra[:3])}; "
+                        f"converting would drop them",
+                        hint="use a spec that covers them (--spec FILE.map), or fix the spec")
                 return Resolved(source, sp, env, canonical, plan, warnings)
         if tried:
             plan = plan_layout(sp, source.layout, env, source.topology, tried[0])
@@ -137,9 +145,9 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
             errors.append(f"{sp.family}: the checkpoint lacks {len(missing)} expected tensors, "
                           f"e.g. {missing[0]}")
     detail = "; ".join(errors[-3:]) if errors else "no spec has a layout for this format"
-    raise MapcError(f"cannot match {source.path} ({source.format}) to a spec: {detail}",
-                    hint="pass --spec FILE.map, or --config CONFIG.json if the checkpoint "
-                         "lacks its model config")
+    raise MapcError(f"cannot match {source.path} ({source.format}) to a spec: {detail}; "
+                    f"pass --spec FILE.map, or --config CONFIG.json if the checkpoint lacks "
+                    f"its model config")
 
 
 def _constructed_config(spec: Spec, env: dict) -> dict:
@@ -325,7 +333,8 @@ class VerifyResult:
     warnings: list[str]
 
 
-def verify(a, b, *, backend: str = "numpy", config=None, quiet: bool = True) -> VerifyResult:
+def verify(a, b, *, backend: str = "numpy", config=None, spec=None,
+           quiet: bool = True) -> VerifyResult:
     """Do checkpoints ``a`` and ``b`` (any formats and topologies) hold the same model?"""
     sa = open_source(a)
     try:
@@ -334,7 +343,7 @@ def verify(a, b, *, backend: str = "numpy", config=None, quiet: bool = True) -> 
         sa.close()
         raise
     try:
-        ra = resolve(sa, config=config)
+        ra = resolve(sa, spec=spec, config=config)
         rb = resolve(sb, spec=ra.spec, config=config)
         if ra.plan.logical.keys() != rb.plan.logical.keys() or any(
                 ra.plan.logical[k].shape != rb.plan.logical[k].shape for k in ra.plan.logical):

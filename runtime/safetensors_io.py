@@ -76,18 +76,15 @@ class SafetensorsFile:
         return self.entries[name][1]
 
     def read(self, name) -> np.ndarray:
+        """The tensor as a read-only view of its own mapping of the file: no copy, and the
+        pages are released when the caller drops the array."""
         dt, shape, begin = self.entries[name]
         dtype = DTYPES[dt]
         n = prod(shape) * dtype.itemsize
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = os.preadv(self.fd, [view[got:]], self.base + begin + got)
-            if k <= 0:
-                raise MapcError(f"truncated while reading {name}", where=self.path)
-            got += k
-        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+        if n == 0:
+            return np.empty(shape, dtype)
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.base + begin,
+                         shape=(n,)).view(dtype).reshape(shape)
 
     def close(self):
         if self.fd is not None:

@@ -370,6 +370,17 @@ class _MappedFile:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._map[offset:offset + nbytes]
 
+    def map_range(self, offset: int, nbytes: int) -> np.ndarray:
+        """A read-only mapping of just these bytes, unmapped when the caller drops it (so a
+        streaming reader's resident memory is bounded by what it holds, not by the file)."""
+        if offset + nbytes > self.size:
+            raise MapcError(
+                f"truncated: needs {nbytes} bytes at offset {offset} but the file ends at "
+                f"{self.size}", where=str(self.path), hint="re-copy the file")
+        if nbytes == 0:
+            return np.empty(0, np.uint8)
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
+
     def read_at(self, offset: int, nbytes: int) -> np.ndarray:
         """A fresh copy of the bytes (``pread``; the mapping is not touched, so the memory is
         the caller's and is released when it drops the array)."""
@@ -377,7 +388,7 @@ class _MappedFile:
             raise MapcError(
                 f"truncated: needs {nbytes} bytes at offset {offset} but the file ends at "
                 f"{self.size}", where=str(self.path), hint="re-copy the file")
-        buf = bytearray(nbytes)
+        buf = np.empty(nbytes, np.uint8)   # not zero-filled: every byte is read into
         view = memoryview(buf)
         with open(self.path, "rb", buffering=0) as f:
             got = 0
@@ -386,7 +397,7 @@ class _MappedFile:
                 if k <= 0:
                     raise MapcError("truncated while reading", where=str(self.path))
                 got += k
-        return np.frombuffer(buf, np.uint8)
+        return buf
 
 
 class StorageRef(_Frozen):
@@ -502,6 +513,18 @@ class TensorRef(_Frozen):
             return np.array(self.numpy(), copy=True, order="C")
         start = root._offset + delta + self.offset * dtype.itemsize
         return root._file.read_at(start, self.nbytes).view(dtype).reshape(self.shape)
+
+    def map(self) -> np.ndarray:
+        """The tensor as a read-only view of its own mapping of the file (no copy; unmapped
+        when dropped). Strided tensors are copied (C order)."""
+        dtype = DTYPES[self.dtype]
+        st = self.storage
+        root, delta = st._parent if st._parent is not None else (st, 0)
+        if not self.is_contiguous or self.numel == 0 or root._file is None or \
+                root._offset is None:
+            return np.array(self.numpy(), copy=True, order="C")
+        start = root._offset + delta + self.offset * dtype.itemsize
+        return root._file.map_range(start, self.nbytes).view(dtype).reshape(self.shape)
 
     def numpy(self) -> np.ndarray:
         """The tensor as a read-only numpy array mapped from the file.
@@ -1145,14 +1168,31 @@ class _ZipEntry:
         self.name, self.crc, self.size, self.offset = name, crc, size, offset
 
 
+_CRC_POOL = None
+
+
+def _crc_pool():
+    global _CRC_POOL
+    if _CRC_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _CRC_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapc-crc")
+    return _CRC_POOL
+
+
+def _crc32_chunks(chunks) -> int:
+    crc = 0
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def _array_chunks(array: np.ndarray) -> Iterator[memoryview]:
     """The array's bytes in row-major order, a bounded chunk at a time (no full copy)."""
     if array.size == 0:
         return
     if array.flags.c_contiguous:
-        flat = memoryview(array.reshape(-1).view(np.uint8))
-        for start in range(0, len(flat), _CHUNK):
-            yield flat[start:start + _CHUNK]
+        # one write per tensor: the kernel takes large writes fastest
+        yield memoryview(array.reshape(-1).view(np.uint8))
         return
     rows = max(1, _CHUNK // max(1, array[0].nbytes))
     for start in range(0, array.shape[0], rows):
@@ -1274,12 +1314,16 @@ class TorchWriter:
                                        size32, size32, len(name_bytes), len(extra)))
             f.write(name_bytes)
             f.write(extra)
-            crc = 0
+            # The CRC runs on another core while the bytes are written (both release the GIL).
+            chunks = list(chunks)
+            crc_job = _crc_pool().submit(_crc32_chunks, chunks) if size > _CHUNK else None
+            crc = 0 if crc_job is not None else _crc32_chunks(chunks)
             written = 0
             for chunk in chunks:
                 f.write(chunk)
-                crc = zlib.crc32(chunk, crc)
                 written += len(chunk)
+            if crc_job is not None:
+                crc = crc_job.result()
             if written != size:
                 raise MapcError(f"internal error: wrote {written} bytes for {name}, expected {size}")
             end = f.tell()

@@ -145,3 +145,25 @@ def test_compile_prints_ir_and_program(tmp_path, capsys):
 
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
+
+
+def test_unknown_model_type_is_refused_not_guessed(tmp_path, capsys):
+    cfg = llama_config()
+    cfg["model_type"] = "qwen2"
+    src = write_random_hf(tmp_path / "hf", llama_config())
+    (src / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(capsys, "convert", src, tmp_path / "o", "--to", "megatron")
+    assert code == 1 and "no shipped spec describes model_type 'qwen2'" in err
+
+
+def test_tensors_the_spec_does_not_place_are_an_error_not_a_silent_drop(tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+    src = write_random_hf(tmp_path / "hf", llama_config())
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = tensors["model.norm.weight"][:64]
+    save_file(tensors, str(src / "model.safetensors"))
+    code, _, err = run(capsys, "convert", src, tmp_path / "o", "--to", "megatron")
+    assert code == 1 and "does not place" in err and "q_proj.bias" in err
+    assert "would drop them" in err
+    code, _, err = run(capsys, "verify", src, src)
+    assert code == 1 and "does not place" in err

@@ -123,3 +123,78 @@ def test_from_pattern_must_permute_the_same_factors():
     compile_text(text, "t.map")  # a transpose is fine
     bad = MINIMAL.replace('"emb" = embed', '"emb" = embed from vocab hidden as hidden hidden')
     assert "factor hidden appears twice" in compile_error(bad)
+
+
+ROTARY = """
+family rot
+config {
+    heads: heads
+    head_dim: head_dim
+    hidden: hidden
+}
+let two = 2
+let half = head_dim / 2
+tensors {
+    q: (heads head_dim) hidden
+}
+layout hf {
+    "q" = q
+}
+layout meta {
+    "q" = q from (heads two half) hidden as (heads half two) hidden
+}
+"""
+
+
+def test_rotary_permutation_with_lets_matches_the_layout_formula():
+    import numpy as np
+    from mapc.compiler.plan import bind_config, plan_layout
+    from mapc.runtime.backends import get_backend
+    spec = compile_text(ROTARY, "rot.map")
+    nh, hd, H = 3, 8, 5
+    plan = plan_layout(spec, "meta", bind_config(spec, {"heads": nh, "head_dim": hd,
+                                                        "hidden": H}))
+    hf = np.random.default_rng(0).standard_normal((nh * hd, H)).astype(np.float32)
+    (inst,) = plan.instances
+    meta = inst.recipe.shard(get_backend("numpy"), {"q": hf}, {})
+    for h in range(nh):  # HF[h*hd + s*hd/2 + p] = Meta[h*hd + 2p + s]
+        for s in range(2):
+            for p in range(hd // 2):
+                np.testing.assert_array_equal(hf[h * hd + s * hd // 2 + p],
+                                              meta[h * hd + 2 * p + s])
+    back = inst.recipe.gather(get_backend("numpy"), {(): meta})
+    np.testing.assert_array_equal(back["q"], hf)
+
+
+def test_errors_raised_while_building_the_tree_are_spec_errors():
+    msg = compile_error(MINIMAL + "\nfamily other\n")
+    assert "exactly one 'family NAME'" in msg and msg.startswith("t.map:")
+
+
+def test_reference_index_must_be_the_declared_one():
+    text = MINIMAL.replace("norm:  hidden", "for layer[i < vocab] {\n        w: hidden\n    }") \
+        .replace('"norm" = norm', '"w.{k}" = layer[k].w')
+    assert "declared with index 'i'; refer to it as layer[i].w" in compile_error(text)
+
+
+def test_config_default_may_only_use_symbols_declared_above():
+    text = MINIMAL.replace("hidden: hidden_size", "hidden: hidden_size default vocab")
+    assert "unknown symbol vocab in default of hidden" in compile_error(text)
+
+
+def test_unknown_function_and_wrong_arity_are_static_errors():
+    text = MINIMAL.replace('layout plain {', 'layout plain {\n    meta {\n        x = roundup(vocab, 2)\n    }')
+    assert "unknown function 'roundup'" in compile_error(text)
+    text = MINIMAL.replace('layout plain {', 'layout plain {\n    meta {\n        x = round_up(vocab)\n    }')
+    assert "round_up() takes 2 arguments, got 1" in compile_error(text)
+
+
+def test_one_member_concatenation_is_rejected():
+    text = MINIMAL.replace('"norm" = norm', '"norm" = norm as [norm: hidden]')
+    assert "a concatenation needs at least two members" in compile_error(text)
+
+
+def test_a_mesh_axis_cutting_twice_is_a_static_error():
+    text = MINIMAL.replace('layout plain {', 'layout plain {\n    mesh tp').replace(
+        '"emb" = embed', '"emb" = embed as (tp vocab) hidden split hidden over tp')
+    assert "a mesh axis cuts this tensor twice" in compile_error(text)

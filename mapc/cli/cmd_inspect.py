@@ -15,12 +15,13 @@ def add_arguments(p):
     p.add_argument("ckpt", help="checkpoint directory")
     p.add_argument("--config", help="model config JSON, when the checkpoint carries none")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.add_argument("--spec", help="spec file to use instead of detecting the family")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
 def run(args) -> int:
     from mapc.api import inspect
-    info = inspect(args.ckpt, config=args.config)
+    info = inspect(args.ckpt, config=args.config, spec=args.spec)
     if args.json:
         print_json(info)
         return 0

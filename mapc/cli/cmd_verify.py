@@ -20,13 +20,14 @@ def add_arguments(p):
     p.add_argument("a", help="first checkpoint")
     p.add_argument("b", help="second checkpoint")
     p.add_argument("--config", help="model config JSON, when neither checkpoint carries one")
+    p.add_argument("--spec", help="spec file to use instead of detecting the family")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     add_quiet(p)
 
 
 def run(args) -> int:
     from mapc.api import verify
-    r = verify(args.a, args.b, config=args.config, quiet=args.quiet)
+    r = verify(args.a, args.b, config=args.config, spec=args.spec, quiet=args.quiet)
     if args.json:
         print_json({"identical": r.identical, "compared": r.compared,
                     "differences": r.differences, "warnings": r.warnings})

@@ -46,6 +46,12 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"mapc: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `mapc compile llama --json | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print("mapc: interrupted; nothing was written", file=sys.stderr)
         return 130

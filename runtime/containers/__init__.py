@@ -33,7 +33,8 @@ def detect_format(path) -> str:
     found = [name for name, (_, mod, _) in FORMATS.items() if mod().detect(p)]
     if not found:
         raise MapcError(f"cannot tell the format of {path}",
-                        hint="known formats: " + ", ".join(FORMATS) + "; pass --from FORMAT")
+                        hint="known formats: " + ", ".join(FORMATS)
+                        + " (mapc convert takes --from FORMAT to say which)")
     return found[0]
 
 

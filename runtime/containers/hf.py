@@ -82,7 +82,7 @@ class HFSource(Source):
         x = self._get(name)
         if isinstance(x, SafetensorsFile):
             return x.read(name)
-        return x.read()
+        return x.map()
 
     def close(self):
         for f in self.files.values():

@@ -153,7 +153,7 @@ class MegatronSource(Source):
         return self._ref(name, coord).dtype
 
     def read(self, name, coord):
-        return self._ref(name, coord).read()
+        return self._ref(name, coord).map()
 
     def describe_coord(self, coord):
         return str(self.files[coord].relative_to(self.path))
