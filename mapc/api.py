@@ -21,7 +21,7 @@ from mapc.compiler.program import Program, compile_program
 from mapc.compiler.spec import Spec, builtin_specs, load_spec
 from mapc.errors import MapcError
 from mapc.runtime import execute
-from mapc.runtime.containers import FORMATS, layout_of, open_source
+from mapc.runtime.containers import FORMATS, layout_of, make_writer, open_source
 from mapc.runtime.containers.base import AtomicOutput
 
 DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -226,7 +226,7 @@ def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
     out = None
     try:
         out = AtomicOutput(dst, force=force, source=src)
-        writer = _writer(to, out.tmp, program, res, max_shard_bytes)
+        writer = make_writer(to, out.tmp, program, res, {"max_shard_bytes": max_shard_bytes})
         try:
             report = execute.run(program, source, writer, backend=backend,
                                  dtype=DTYPE_CHOICES[dtype], quiet=quiet)
@@ -243,16 +243,6 @@ def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
         raise
     finally:
         source.close()
-
-
-def _writer(to, tmp, program: Program, res: Resolved, max_shard_bytes):
-    if to == "hf":
-        from mapc.runtime.containers.hf import DEFAULT_SHARD_BYTES, HFWriter
-        return HFWriter(tmp, max_shard_bytes or DEFAULT_SHARD_BYTES)
-    if to == "megatron":
-        from mapc.runtime.containers.megatron import MegatronWriter
-        return MegatronWriter(tmp, program.target.mesh, program.target.meta())
-    raise MapcError(f"no writer for format {to}")
 
 
 def _record(res: Resolved, program: Program, to: str, src, report) -> dict:

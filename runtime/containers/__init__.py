@@ -1,52 +1,55 @@
-"""Checkpoint containers by format name. Each format names the spec layout it uses."""
+"""Checkpoint containers by format name.
+
+A container module provides:
+  LAYOUT                  the spec layout its tensors follow (e.g. "megatron")
+  detect(path) -> bool    whether a directory/file is in this format
+  Source(path)            an opened checkpoint (mapc.runtime.containers.base.Source)
+  make_writer(tmpdir, program, resolved, options) -> Writer
+A format is registered by adding its module here; modules are imported only when used.
+"""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from mapc.errors import MapcError
 
-
-def _hf():
-    from mapc.runtime.containers import hf
-    return hf
-
-
-def _megatron():
-    from mapc.runtime.containers import megatron
-    return megatron
-
-
-# format -> (layout name in specs, module loader, source class name)
-FORMATS = {
-    "hf": ("hf", _hf, "HFSource"),
-    "megatron": ("megatron", _megatron, "MegatronSource"),
+# format name -> module (under mapc.runtime.containers)
+MODULES = {
+    "hf": "hf",
+    "megatron": "megatron",
 }
+
+
+def module(fmt: str):
+    if fmt not in MODULES:
+        raise MapcError(f"unknown format '{fmt}'", hint="known formats: " + ", ".join(MODULES))
+    return importlib.import_module(f"mapc.runtime.containers.{MODULES[fmt]}")
+
+
+FORMATS = MODULES  # the names users may pass to --to / --from
 
 
 def detect_format(path) -> str:
     p = Path(path)
     if not p.exists():
         raise MapcError(f"{path} does not exist")
-    if not p.is_dir():
-        raise MapcError(f"{path} is a file; mapc reads checkpoint directories",
-                        hint="give the directory that holds it")
-    found = [name for name, (_, mod, _) in FORMATS.items() if mod().detect(p)]
+    found = [name for name in MODULES if module(name).detect(p)]
     if not found:
         raise MapcError(f"cannot tell the format of {path}",
-                        hint="known formats: " + ", ".join(FORMATS)
+                        hint="known formats: " + ", ".join(MODULES)
                         + " (mapc convert takes --from FORMAT to say which)")
     return found[0]
 
 
 def open_source(path, fmt: str | None = None):
     fmt = fmt or detect_format(path)
-    if fmt not in FORMATS:
-        raise MapcError(f"unknown format '{fmt}'", hint="known formats: " + ", ".join(FORMATS))
-    _, mod, cls = FORMATS[fmt]
-    return getattr(mod(), cls)(path)
+    return module(fmt).Source(path)
 
 
 def layout_of(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise MapcError(f"unknown format '{fmt}'", hint="known formats: " + ", ".join(FORMATS))
-    return FORMATS[fmt][0]
+    return module(fmt).LAYOUT
+
+
+def make_writer(fmt: str, tmpdir, program, resolved, options: dict):
+    return module(fmt).make_writer(tmpdir, program, resolved, options)

@@ -13,11 +13,16 @@ from mapc.runtime.safetensors_io import SafetensorsFile, SafetensorsWriter
 
 SINGLE = ()
 DEFAULT_SHARD_BYTES = 5 * 10**9
+LAYOUT = "hf"
 
 
 def detect(path: Path) -> bool:
-    return (path / "config.json").is_file() and (
+    return path.is_dir() and (path / "config.json").is_file() and (
         any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
+
+
+def make_writer(tmpdir, program, resolved, options):
+    return HFWriter(tmpdir, options.get("max_shard_bytes") or DEFAULT_SHARD_BYTES)
 
 
 class HFSource(Source):
@@ -141,3 +146,6 @@ def _prod(xs):
     for x in xs:
         n *= x
     return n
+
+
+Source = HFSource

@@ -19,6 +19,7 @@ from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
 
+LAYOUT = "megatron"
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -207,3 +208,10 @@ class MegatronWriter(Writer):
     def abort(self):
         for w, _ in self.writers.values():
             w.abort()
+
+
+Source = MegatronSource
+
+
+def make_writer(tmpdir, program, resolved, options):
+    return MegatronWriter(tmpdir, program.target.mesh, program.target.meta())
