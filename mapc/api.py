@@ -101,6 +101,7 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
     config = _read_config(config) or source.config
     warnings = []
     errors = []
+    partial = []   # specs that place only some of the checkpoint's tensors
     for sp in _candidate_specs(source, spec, config):
         layout = sp.layout(source.layout)
         inv_env, inv_params = _invert_meta(sp, layout, source.format_meta)
@@ -130,20 +131,22 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
                 continue
             tried.append(trial)
             if _plan_matches(plan, source):
-                _check_shapes(plan, source)
                 extra = _unplanned(plan, source)
-                if extra:
-                    raise MapcError(
-                        f"{source.path} holds {len(extra)} tensors that spec {sp.family} "
-                        f"({sp.ir['file']}) does not place, e.g. {', '.join(extra[:3])}; "
-                        f"converting would drop them",
-                        hint="use a spec that covers them (--spec FILE.map), or fix the spec")
-                return Resolved(source, sp, env, canonical, plan, warnings)
-        if tried:
+                if not extra:
+                    _check_shapes(plan, source)
+                    return Resolved(source, sp, env, canonical, plan, warnings)
+                partial.append((sp, extra))
+        if tried and not any(p is sp for p, _ in partial):
             plan = plan_layout(sp, source.layout, env, source.topology, tried[0])
             missing = _missing(plan, source)
             errors.append(f"{sp.family}: the checkpoint lacks {len(missing)} expected tensors, "
                           f"e.g. {missing[0]}")
+    if partial:
+        sp, extra = partial[0]
+        raise MapcError(f"{source.path} holds {len(extra)} tensors that spec {sp.family} "
+                        f"({sp.ir['file']}) does not place, e.g. {', '.join(extra[:3])}; "
+                        f"converting would drop them",
+                        hint="use a spec that covers them (--spec FILE.map), or fix the spec")
     detail = "; ".join(errors[-3:]) if errors else "no spec has a layout for this format"
     raise MapcError(f"cannot match {source.path} ({source.format}) to a spec: {detail}; "
                     f"pass --spec FILE.map, or --config CONFIG.json if the checkpoint lacks "

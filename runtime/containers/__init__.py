@@ -10,20 +10,36 @@ A format is registered by adding its module here; modules are imported only when
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 from mapc.errors import MapcError
 
-# format name -> module (under mapc.runtime.containers)
+# format name -> module (under mapc.runtime.containers). A listed module that does not exist
+# yet is reported as "not available" rather than breaking the others.
 MODULES = {
     "hf": "hf",
     "megatron": "megatron",
+    "nemo": "nemo",
+    "gguf": "gguf",
+    "dcp": "dcp",
+    "nxdt": "nxdt",
+    "deepspeed": "deepspeed",
+    "universal": "universal",
+    "neox": "neox",
 }
+
+
+def available(fmt: str) -> bool:
+    return importlib.util.find_spec(f"mapc.runtime.containers.{MODULES[fmt]}") is not None
 
 
 def module(fmt: str):
     if fmt not in MODULES:
         raise MapcError(f"unknown format '{fmt}'", hint="known formats: " + ", ".join(MODULES))
+    if not available(fmt):
+        raise MapcError(f"format '{fmt}' is not available in this version of mapc",
+                        hint="available: " + ", ".join(f for f in MODULES if available(f)))
     return importlib.import_module(f"mapc.runtime.containers.{MODULES[fmt]}")
 
 
@@ -34,7 +50,7 @@ def detect_format(path) -> str:
     p = Path(path)
     if not p.exists():
         raise MapcError(f"{path} does not exist")
-    found = [name for name in MODULES if module(name).detect(p)]
+    found = [name for name in MODULES if available(name) and module(name).detect(p)]
     if not found:
         raise MapcError(f"cannot tell the format of {path}",
                         hint="known formats: " + ", ".join(MODULES)
