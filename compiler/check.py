@@ -223,9 +223,15 @@ def _check_rule(lay, rule, syms, tensors, groups):
         name_syms.add(index)
         if pipe and pipe["group"] == group and pipe["local"]:
             name_syms.add(pipe["local"])
+    name_syms |= {e["var"] for e in rule["each"]}
     for part in rule["name_parts"]:
         if isinstance(part, dict):
             _known(part["expr"], name_syms, at, f"tensor name {rule['name']!r}")
+    for e in rule["each"]:
+        if not any(isinstance(p, dict) and e["var"] in symbols(p["expr"])
+                   for p in rule["name_parts"]):
+            raise error_at(e["at"], f"'each {e['factor']} as {e['var']}' makes one tensor per "
+                           f"index, but the name does not use {{{e['var']}}}")
     index_vars = {index} | ({pipe["local"]} if pipe and pipe["group"] == group
                              and pipe["local"] else set())
     if group and not any(isinstance(p, dict) and index_vars & symbols(p["expr"])
@@ -265,24 +271,42 @@ def _check_rule(lay, rule, syms, tensors, groups):
                            f"the rule fuses {', '.join(r['member'] for r in refs)}")
         for m in concats[0]["concat"]:
             _known(m["size"], syms, m["at"], f"size of member {m['member']}")
+    for r in rule["repeat"]:
+        if r not in factor_names:
+            raise error_at(at, f"repeat of '{r}', which is not a factor of {rule['name']!r}",
+                           hint="factors: " + " ".join(factor_names))
+    logical_names = [n for n in factor_names if n not in rule["repeat"]]
     if rule["from"] is not None:
         if len(refs) != 1:
             raise error_at(at, "'from' rearranges a single tensor; fusions use 'as' alone")
         from_names = [f.get("factor") for axis in rule["from"] for f in axis]
         if None in from_names:
             raise error_at(at, "a 'from' pattern cannot contain a concatenation")
-        if sorted(from_names) != sorted(factor_names):
+        if sorted(from_names) != sorted(logical_names):
             raise error_at(at, f"'from' factors ({' '.join(from_names)}) must be the 'as' "
-                           f"factors ({' '.join(factor_names)}) in another order")
+                           f"factors ({' '.join(logical_names)}) in another order"
+                           + (", without the repeated ones" if rule["repeat"] else ""))
+    split_factors = []
     for s in rule["splits"]:
         if s["mesh"] not in lay["mesh"]:
             raise error_at(s["at"], f"split over '{s['mesh']}', which is not a mesh axis of "
                            f"layout {lay['name']}", hint="mesh: " + (" ".join(lay["mesh"]) or "none; declare one with 'mesh tp'"))
-        if s["factor"] not in factor_names:
-            raise error_at(s["at"], f"split of '{s['factor']}', which is not a factor of "
-                           f"{rule['name']!r}", hint="factors: " + " ".join(factor_names))
-    if len({s["factor"] for s in rule["splits"]}) != len(rule["splits"]):
+        for f in s["factors"]:
+            if f not in factor_names:
+                raise error_at(s["at"], f"split of '{f}', which is not a factor of "
+                               f"{rule['name']!r}", hint="factors: " + " ".join(factor_names))
+        if len(s["factors"]) > 1:
+            k = factor_names.index(s["factors"][0])
+            if factor_names[k:k + len(s["factors"])] != s["factors"]:
+                raise error_at(s["at"], f"split ({' '.join(s['factors'])}) needs those factors "
+                               f"next to each other, in that order, in the pattern")
+        split_factors += s["factors"]
+    if len(set(split_factors)) != len(split_factors):
         raise error_at(at, "a factor is split twice")
+    for e in rule["each"]:
+        if e["factor"] not in factor_names:
+            raise error_at(e["at"], f"each of '{e['factor']}', which is not a factor of "
+                           f"{rule['name']!r}", hint="factors: " + " ".join(factor_names))
     cuts = [s["mesh"] for s in rule["splits"]] + [n for n in factor_names if n in lay["mesh"]]
     if len(set(cuts)) != len(cuts):
         raise error_at(at, "a mesh axis cuts this tensor twice",
@@ -297,7 +321,9 @@ def _check_rule(lay, rule, syms, tensors, groups):
     for ref in refs:
         t = tensors[ref["tensor"]]
         logical = t["axes"]
-        view = rule["from"] if rule["from"] is not None else phys
+        view = rule["from"] if rule["from"] is not None else \
+            [[f for f in axis if f.get("factor") not in rule["repeat"]] for axis in phys]
+        view = [axis for axis in view if axis]
         if len(view) != len(logical):
             raise error_at(ref["at"], f"{ref['tensor']} has {len(logical)} axes but the "
                            f"pattern has {len(view)}")

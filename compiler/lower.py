@@ -90,7 +90,10 @@ def rule_ir(r: A.Rule, source: str) -> dict:
                   "at": str(ref.pos)} for ref in r.refs],
         "as": pattern_ir(r.as_pattern),
         "from": pattern_ir(r.from_pattern),
-        "splits": [{"factor": s.factor, "mesh": s.mesh, "at": str(s.pos)} for s in r.splits],
+        "splits": [{"factors": list(s.factors), "mesh": s.mesh, "at": str(s.pos)}
+                   for s in r.splits],
+        "each": [{"factor": e.factor, "var": e.var, "at": str(e.pos)} for e in r.eaches],
+        "repeat": list(r.repeats),
         "pads": [{"factor": p.factor, "multiple": expr_ir(p.multiple), "at": str(p.pos)}
                  for p in r.pads],
         "stage": r.stage,

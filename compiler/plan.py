@@ -107,22 +107,28 @@ def logical_tensors(spec: Spec, env: dict) -> dict[str, Logical]:
 # ---- layout plans ------------------------------------------------------------------------------
 @dataclass
 class Instance:
-    """One rule applied at one group index: its shards over the mesh share one recipe."""
+    """One rule applied at one group index: its shards share one recipe."""
     rule: dict
     index: int | None
     stage: int
     recipe: Recipe
     members: dict[str, str]            # member name -> logical key
-    names: dict[tuple, str]            # mesh coord -> physical name
+    shards: list[tuple[tuple, tuple, str]]   # (recipe coord, mesh coord, physical name)
     replicated: tuple[tuple[str, int], ...]  # mesh axes the tensor is copied over
 
     @property
     def copy(self) -> bool:
         return self.rule["copy"]
 
-    def shards(self):
-        """(coord, name) for every physical tensor, coord a tuple of (axis, index)."""
-        return list(self.names.items())
+    def first_name(self) -> str:
+        return self.shards[0][2]
+
+    def by_recipe_coord(self) -> dict[tuple, list[tuple[tuple, str]]]:
+        """recipe coord -> the (mesh coord, name) copies of that shard (replicas share one)."""
+        out: dict[tuple, list] = {}
+        for rc, coord, name in self.shards:
+            out.setdefault(rc, []).append((coord, name))
+        return out
 
 
 @dataclass
@@ -142,7 +148,7 @@ class LayoutPlan:
     def placements(self):
         """(instance, coord, name) of every physical tensor."""
         for inst in self.instances:
-            for coord, name in inst.names.items():
+            for _, coord, name in inst.shards:
                 yield inst, coord, name
 
     def coords(self) -> list[tuple]:
@@ -245,17 +251,18 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                     names_env[pipe["local"]] = local
             shapes = tuple((m, logical[k].shape) for m, k in keys.items())
             recipe = build_recipe(spec, rule, env, shapes, tuple(mesh.items()))
-            base = _format_name(rule, names_env)
-            rep = tuple((a, n) for a, n in mesh.items()
-                        if a != "pp" and a not in dict(recipe.mesh))
-            names = {}
-            for coord in recipe.coords():
+            cut_axes = {f.axis for f in recipe.factors if f.mesh and f.axis}
+            rep = tuple((a, n) for a, n in mesh.items() if a != "pp" and a not in cut_axes)
+            shards = []
+            for rc in recipe.coords():
+                axes, name_vars = recipe.place(rc)
+                name = _format_name(rule, names_env | name_vars)
                 for rcoord in _product(rep):
-                    full = dict(coord) | dict(rcoord)
+                    full = axes | dict(rcoord)
                     if "pp" in mesh:
                         full["pp"] = stage
-                    names[tuple((a, full[a]) for a in layout["mesh"])] = base
-            plan.instances.append(Instance(rule, index, stage, recipe, keys, names, rep))
+                    shards.append((rc, tuple((a, full[a]) for a in layout["mesh"]), name))
+            plan.instances.append(Instance(rule, index, stage, recipe, keys, shards, rep))
     _check_coverage(plan)
     plan.meta()  # evaluate the metadata now, so its errors surface before anything is read
     return plan
@@ -316,8 +323,9 @@ def build_recipe(spec: Spec, rule: dict, env: dict, shapes: tuple, mesh: tuple) 
 def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
     at = rule["at"]
     members = [r["member"] for r in rule["refs"]]
-    splits = {s["factor"]: s for s in rule["splits"]}
     pads = {p["factor"]: p for p in rule["pads"]}
+    eaches = {e["factor"]: e for e in rule["each"]}
+    repeats = set(rule["repeat"])
 
     def value(e, where):
         try:
@@ -328,60 +336,107 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
             raise error_at(where, f"{show(e)} = {v!r} is not a positive integer size")
         return v
 
-    # Physical factors, with split factors expanded into (mesh, rest).
+    # Whole sizes of the named factors (padded where asked).
+    whole: dict[str, tuple[int, int]] = {}       # name -> (true, full)
+    for axis in phys:
+        for f in axis:
+            if "factor" in f and f["factor"] not in mesh:
+                true = value(["sym", f["factor"]], f["at"])
+                full = true
+                if f["factor"] in pads:
+                    mult = value(pads[f["factor"]]["multiple"], pads[f["factor"]]["at"])
+                    full = -(-true // mult) * mult
+                whole[f["factor"]] = (true, full)
+
+    # How each split's mesh axis is spread over its factors (outermost first).
+    cut: dict[str, list[tuple[str, int, int]]] = {}   # factor -> [(mesh factor, size, stride)]
+    local: dict[str, int] = {n: full for n, (_, full) in whole.items()}
+    for s in rule["splits"]:
+        m = s["mesh"]
+        n = mesh[m]
+        remaining = n
+        parts = []
+        for name in s["factors"]:
+            size = local[name]
+            if remaining == 1:
+                if not parts:  # a mesh axis of size 1 still names its (only) rank
+                    parts.append((name, 1))
+                break
+            take = size if remaining >= size else remaining
+            if (remaining >= size and remaining % size) or (remaining < size and size % remaining):
+                prod_desc = " * ".join(f"{x}={local[x]}" for x in s["factors"])
+                raise error_at(s["at"], f"{m}={n} does not divide {prod_desc} of "
+                               f"{rule['name']!r} into whole blocks",
+                               hint=f"choose a {m} that divides {prod(local[x] for x in s['factors'])}")
+            parts.append((name, take))
+            local[name] = size // take
+            remaining //= take
+        if remaining != 1:
+            total = prod(whole[x][1] for x in s["factors"])
+            raise error_at(s["at"], f"{m}={n} does not divide "
+                           f"{' * '.join(s['factors'])}={total} of {rule['name']!r}",
+                           hint=f"choose a {m} that divides {total}")
+        for k, (name, take) in enumerate(parts):
+            stride = prod(t for _, t in parts[k + 1:])
+            label = m if len(parts) == 1 else f"{m}#{k}"
+            cut[name] = [(label, take, stride)]
+
+    # Physical factors: [mesh cut] [each index] local part, per named factor.
     factors: list[Factor] = []
     axes = []
     widths: dict[str, int] = {}
+    expanded: dict[str, list[str]] = {}      # factor -> names of the factors it became
     for axis in phys:
         idx = []
         for f in axis:
             if "concat" in f:
-                widths = {m["member"]: value(m["size"], m["at"]) for m in f["concat"]}
-                idx.append(len(factors))
+                widths = {m_["member"]: value(m_["size"], m_["at"]) for m_ in f["concat"]}
                 total = sum(widths.values())
+                idx.append(len(factors))
                 factors.append(Factor(CONCAT, total, total, total))
                 continue
             name = f["factor"]
             if name in mesh:
                 idx.append(len(factors))
-                factors.append(Factor(name, mesh[name], mesh[name], mesh[name], mesh=True))
+                factors.append(Factor(name, mesh[name], mesh[name], mesh[name], mesh=True,
+                                      axis=name))
+                expanded[name] = [name]
                 continue
-            true = value(["sym", name], f["at"])
-            size = true
-            if name in pads:
-                mult = value(pads[name]["multiple"], pads[name]["at"])
-                size = -(-true // mult) * mult
-            if name in splits:
-                m = splits[name]["mesh"]
-                n = mesh[m]
-                if size % n:
-                    raise error_at(splits[name]["at"],
-                                   f"{m}={n} does not divide {name}={size} of "
-                                   f"{rule['name']!r}",
-                                   hint=f"choose a {m} that divides {size}")
+            true, full = whole[name]
+            rep = name in repeats
+            names = []
+            for label, size, stride in cut.get(name, []):
                 idx.append(len(factors))
-                factors.append(Factor(m, n, n, n, mesh=True))
+                names.append(label)
+                factors.append(Factor(label, size, size, size, mesh=True,
+                                      axis=label.split("#")[0], stride=stride, repeat=rep))
+            size = local[name]
+            if name in eaches:
+                var = eaches[name]["var"]
                 idx.append(len(factors))
-                factors.append(Factor(name, size // n, true, size))
-                continue
+                names.append("@" + var)
+                factors.append(Factor("@" + var, size, size, size, mesh=True, var=var,
+                                      repeat=rep))
+                size = 1
             idx.append(len(factors))
-            factors.append(Factor(name, size, true, size))
+            names.append(name)
+            factors.append(Factor(name, size, true, full, repeat=rep, gone=name in eaches))
+            expanded[name] = names
         axes.append(tuple(idx))
     mesh_factors = tuple((f.name, f.size) for f in factors if f.mesh)
-    if len({n for n, _ in mesh_factors}) != len(mesh_factors):
-        raise error_at(at, "a mesh axis cuts this tensor twice")
 
     phys_names = [f.name for f in factors]
+    byname = {f.name: f for f in factors}
     plans = []
     offset = 0
     for member in members:
         shape = shapes[member]
-        view = rule["from"]
-        if view is None:
-            view_names = [[f["factor"] if "factor" in f else CONCAT for f in axis]
-                          for axis in phys]
+        if rule["from"] is None:
+            view_names = [[f["factor"] if "factor" in f else CONCAT for f in axis
+                           if f.get("factor") not in repeats] for axis in phys]
+            view_names = [a for a in view_names if a]
         else:
-            view_names = [[f["factor"] for f in axis] for axis in view]
+            view_names = [[f["factor"] for f in axis] for axis in rule["from"]]
         if len(view_names) != len(shape):
             raise error_at(at, f"{member} has {len(shape)} axes, the pattern {len(view_names)}")
         pre, split_shape, order, pad_list = [], [], [], []
@@ -395,35 +450,29 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                     split_shape.append(width)
                     order.append(CONCAT)
                     continue
-                if name in mesh:
-                    sizes.append(mesh[name])
-                    pre.append(mesh[name])
-                    split_shape.append(mesh[name])
-                    order.append(name)
-                    continue
-                f = next(x for x in factors if x.name == name and not x.mesh)
-                sizes.append(f.true)
-                if f.full != f.true:
-                    pad_list.append((len(pre), f.full - f.true))
-                pre.append(f.true)
-                if name in splits:
-                    m = splits[name]["mesh"]
-                    split_shape += [mesh[m], f.size]
-                    order += [m, name]
-                else:
-                    split_shape.append(f.size)
-                    order.append(name)
+                true, full = whole[name] if name in whole else (mesh[name], mesh[name])
+                sizes.append(true)
+                if full != true:
+                    pad_list.append((len(pre), full - true))
+                pre.append(true)
+                for label in expanded[name]:
+                    split_shape.append(byname[label].size)
+                    order.append(label)
             if prod(sizes) != shape[k]:
                 raise error_at(rule["refs"][members.index(member)]["at"],
                                f"axis {k} of {member} has size {shape[k]} but the pattern "
                                f"{' '.join(axis)} makes it {prod(sizes)}",
                                hint="check the model config against the spec")
+        expand = []
+        for f in factors:   # repeat factors (and their cuts) are broadcast, after the view
+            if f.repeat:
+                expand.append(f.size)
+                order.append(f.name)
         perm = tuple(order.index(n) for n in phys_names)
         plans.append(MemberPlan(member, tuple(shape), tuple(pre), tuple(pad_list),
-                                tuple(split_shape), perm, offset, width))
+                                tuple(split_shape), perm, offset, width, tuple(expand)))
         offset += width
-    label = rule["name"]
-    return Recipe(label, tuple(factors), tuple(axes), tuple(plans), mesh_factors)
+    return Recipe(rule["name"], tuple(factors), tuple(axes), tuple(plans), mesh_factors)
 
 
 def _check_coverage(plan: LayoutPlan) -> None:

@@ -19,11 +19,17 @@ CONCAT = "[]"
 
 @dataclass(frozen=True)
 class Factor:
-    name: str                  # factor name; CONCAT for the concatenation; a mesh axis name
+    name: str                  # factor name; CONCAT for the concatenation; mesh factors are
+                               # named after their axis ("tp", "tp#1") or "@var" for `each`
     size: int                  # size in one shard (after padding and splitting)
     true: int                  # whole size before padding
     full: int                  # whole size after padding (== true when not padded)
-    mesh: bool = False         # a mesh axis: selected per rank
+    mesh: bool = False         # selected per shard: a mesh (sub-)axis or an `each` index
+    axis: str | None = None    # the mesh axis this factor cuts (None for `each`)
+    stride: int = 1            # mesh rank = sum(index * stride) over the axis's factors
+    var: str | None = None     # for `each`: the name variable bound to the index
+    repeat: bool = False       # a replication factor: absent from the logical tensor
+    gone: bool = False         # unstacked by `each`: an axis made only of these disappears
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,10 @@ class MemberPlan:
     pre: tuple[int, ...]               # logical view with padded factors at their true size
     pads: tuple[tuple[int, int], ...]  # (axis in pre, amount)
     split: tuple[int, ...]             # shape after splitting factors into (mesh, rest)
-    perm: tuple[int, ...]              # split view -> physical factor order
+    perm: tuple[int, ...]              # split view (+ repeats) -> physical factor order
     offset: int                        # start along the concatenation factor
     width: int                         # this member's size along the concatenation factor
+    expand: tuple[int, ...] = ()       # sizes of repeat factors broadcast after the split view
 
 
 @dataclass(frozen=True)
@@ -55,13 +62,27 @@ class Recipe:
     @property
     def shard_shape(self) -> tuple[int, ...]:
         return tuple(prod(self.factors[k].size for k in ax if not self.factors[k].mesh)
-                     for ax in self.axes)
+                     for ax in self.axes
+                     if not all(self.factors[k].mesh or self.factors[k].gone for k in ax))
 
     def coords(self):
-        """Every combination of mesh indices, as tuples of (mesh axis, index)."""
+        """Every combination of mesh/each indices, as tuples of (factor name, index)."""
         names = [m for m, _ in self.mesh]
         for idx in itertools.product(*(range(n) for _, n in self.mesh)):
             yield tuple(zip(names, idx))
+
+    def place(self, rc) -> tuple[dict, dict]:
+        """Where a recipe coordinate lands: ({mesh axis: rank}, {each var: index})."""
+        axes: dict = {}
+        names: dict = {}
+        byname = {f.name: f for f in self.factors if f.mesh}
+        for name, i in rc:
+            f = byname[name]
+            if f.var is not None:
+                names[f.var] = i
+            else:
+                axes[f.axis] = axes.get(f.axis, 0) + i * f.stride
+        return axes, names
 
     def _concat_axis(self) -> int | None:
         local = [f.name for f in self.local_factors]
@@ -76,6 +97,9 @@ class Recipe:
             for axis, n in m.pads:
                 x = be.pad(x, axis, n)
             x = be.reshape(x, m.split)
+            if m.expand:
+                x = be.broadcast(be.reshape(x, m.split + (1,) * len(m.expand)),
+                                 m.split + m.expand)
             if m.perm != tuple(range(len(m.perm))):
                 x = be.transpose(x, m.perm)
             # select mesh factors, innermost first so earlier axis numbers stay valid
@@ -88,10 +112,11 @@ class Recipe:
         return be.reshape(x, self.shard_shape)
 
     # -- shards -> logical --
-    def gather(self, be, shards: dict, check_padding=None):
+    def gather(self, be, shards: dict, check_padding=None, check_replicas=None):
         """Rebuild every member from ``shards`` ({coord tuple: array}).
 
-        Dropped padding is passed to ``check_padding(member, array)`` when given."""
+        Dropped padding is passed to ``check_padding(member, array)``; for repeat factors,
+        ``check_replicas(member, equal: bool)`` is told whether every copy equals the first."""
         local = self.local_factors
         local_shape = tuple(f.size for f in local)
         cat = self._concat_axis()
@@ -105,9 +130,15 @@ class Recipe:
             inv = tuple(sorted(range(len(m.perm)), key=lambda k: m.perm[k]))
             if m.perm != tuple(range(len(m.perm))):
                 x = be.transpose(x, inv)
-            padded = tuple(s + n if any(a == k for a, n in m.pads) else s
-                           for k, s in enumerate(m.pre)
-                           for n in [dict(m.pads).get(k, 0)])
+            for _ in m.expand:  # the last axis is a repeat: keep copy 0, check the others
+                last = len(m.split) + len(m.expand) - 1 - _
+                first = be.index(x, last, 0)
+                if check_replicas is not None:
+                    n = m.expand[len(m.expand) - 1 - _]
+                    check_replicas(m.name, all(be.equal(be.index(x, last, i), first)
+                                               for i in range(1, n)))
+                x = first
+            padded = tuple(s + dict(m.pads).get(k, 0) for k, s in enumerate(m.pre))
             x = be.reshape(x, padded)
             for axis, n in m.pads:
                 if check_padding is not None:
@@ -137,13 +168,14 @@ class Recipe:
     def describe(self) -> list[str]:
         def fac(f):
             if f.mesh:
-                return f"{f.name}={f.size}"
+                return f"{f.name}={f.size}" if f.var is None else f"each {f.var}<{f.size}"
             if f.name == CONCAT:
                 return "[" + " ".join(f"{m.name}:{m.width}" for m in self.members) + "]"
             text = f"{f.name}={f.size}"
             if f.full != f.size:
                 text += f"/{f.full}"
-            return text + (f"(padded from {f.true})" if f.full != f.true else "")
+            text += f"(padded from {f.true})" if f.full != f.true else ""
+            return text + (" (repeat)" if f.repeat else "")
         axes = " ".join("(" + " ".join(fac(self.factors[k]) for k in ax) + ")"
                         if len(ax) > 1 else fac(self.factors[ax[0]]) for ax in self.axes)
         lines = [f"recipe {self.label}: {axes} -> shard {list(self.shard_shape)}"]
@@ -152,6 +184,8 @@ class Recipe:
             ops += [f"pad(axis {a}, +{n})" for a, n in m.pads]
             if m.split != tuple(s + dict(m.pads).get(k, 0) for k, s in enumerate(m.pre)):
                 ops.append(f"reshape{list(m.split)}")
+            if m.expand:
+                ops.append(f"broadcast{list(m.split + m.expand)}")
             if m.perm != tuple(range(len(m.perm))):
                 ops.append(f"permute{list(m.perm)}")
             if self.mesh:

@@ -161,8 +161,16 @@ class Ref:
 
 @dataclass(frozen=True)
 class Split:
-    factor: str
+    factors: tuple[str, ...]       # one factor, or adjacent factors cut as their product
     mesh: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Each:
+    """One physical tensor per index of ``factor``, the index bound to ``var`` in the name."""
+    factor: str
+    var: str
     pos: Pos
 
 
@@ -182,6 +190,8 @@ class Rule:
     from_pattern: Pattern | None   # the logical tensor's axes, when they must be rearranged
     splits: tuple[Split, ...]
     pads: tuple[Pad, ...]
+    eaches: tuple[Each, ...]       # unstack factors into separately named tensors
+    repeats: tuple[str, ...]       # factors that replicate (broadcast) the logical tensor
     stage: str | None              # "first" | "last" | None
     when: Expr | None
     pos: Pos

@@ -236,6 +236,8 @@ class _Build(Transformer):
             as_pattern=one("as"), from_pattern=one("from"),
             splits=tuple(x[1] for x in clauses if x[0] == "split"),
             pads=tuple(x[1] for x in clauses if x[0] == "pad"),
+            eaches=tuple(x[1] for x in clauses if x[0] == "each"),
+            repeats=tuple(x[1] for x in clauses if x[0] == "repeat"),
             stage=one("on"), when=one("if"), pos=pos)
 
     @v_args(meta=True)
@@ -262,7 +264,20 @@ class _Build(Transformer):
     @v_args(meta=True)
     def split_clause(self, meta, c):
         pos = self._pos(meta)
-        return ("split", A.Split(str(c[0]), str(c[1]), pos), pos)
+        return ("split", A.Split(tuple(c[0]), str(c[1]), pos), pos)
+
+    def split_target(self, c):
+        return [str(t) for t in c]
+
+    @v_args(meta=True)
+    def each_clause(self, meta, c):
+        pos = self._pos(meta)
+        return ("each", A.Each(str(c[0]), str(c[1]), pos), pos)
+
+    @v_args(meta=True)
+    def repeat_clause(self, meta, c):
+        pos = self._pos(meta)
+        return ("repeat", str(c[0]), pos)
 
     @v_args(meta=True)
     def pad_clause(self, meta, c):

@@ -22,7 +22,7 @@ from mapc.compiler.spec import Spec, builtin_specs, load_spec
 from mapc.errors import MapcError
 from mapc.runtime import execute
 from mapc.runtime.containers import FORMATS, layout_of, make_writer, open_source
-from mapc.runtime.containers.base import AtomicOutput
+from mapc.runtime.containers.base import AtomicOutput, coord_key
 
 DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -88,11 +88,13 @@ def _invert_meta(spec: Spec, layout: dict, meta: dict):
 
 
 def _plan_matches(plan: LayoutPlan, source) -> bool:
-    for coord in source.coords():
-        want = {name for inst, c, name in plan.placements() if c == coord}
-        if not want or not want <= set(source.names(coord)):
-            return False
-    return True
+    planned: dict[tuple, set] = {}
+    for _, c, name in plan.placements():
+        planned.setdefault(coord_key(c), set()).add(name)
+    have = {coord_key(c): c for c in source.coords()}
+    if set(planned) != set(have):
+        return False
+    return all(names <= set(source.names(have[k])) for k, names in planned.items())
 
 
 def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
@@ -171,8 +173,9 @@ def _missing(plan, source):
 
 
 def _unplanned(plan, source):
-    planned = {(c, n) for _, c, n in plan.placements()}
-    return [n for c in source.coords() for n in source.names(c) if (c, n) not in planned]
+    planned = {(coord_key(c), n) for _, c, n in plan.placements()}
+    return [n for c in source.coords() for n in source.names(c)
+            if (coord_key(c), n) not in planned]
 
 
 def _check_shapes(plan, source):
@@ -199,14 +202,14 @@ def _parse_sets(sets) -> dict:
     return out
 
 
-def plan_conversion(src, to: str, *, tp=None, pp=None, config=None, set=None, spec=None,
-                    source_format=None):
+def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set=None,
+                    spec=None, source_format=None):
     """Open ``src`` and compile the program that converts it; nothing is written."""
     source = open_source(src, source_format)
     try:
         res = resolve(source, spec=spec, config=config)
         target_layout = layout_of(to)
-        topo = {"tp": tp, "pp": pp}
+        topo = {"tp": tp, "pp": pp, "ep": ep}
         target = plan_layout(res.spec, target_layout, res.env, topo, _parse_sets(set))
         return res, compile_program(res.plan, target)
     except BaseException:
@@ -215,7 +218,7 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, config=None, set=None, sp
 
 
 def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
-            dtype: str = "keep", config=None, set=None, force: bool = False,
+            ep: int | None = None, dtype: str = "keep", config=None, set=None, force: bool = False,
             backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
             max_shard_bytes: int | None = None) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report."""
@@ -223,8 +226,8 @@ def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     if to not in FORMATS:
         raise MapcError(f"unknown target format '{to}'", hint="known: " + ", ".join(FORMATS))
-    res, program = plan_conversion(src, to, tp=tp, pp=pp, config=config, set=set, spec=spec,
-                                   source_format=source_format)
+    res, program = plan_conversion(src, to, tp=tp, pp=pp, ep=ep, config=config, set=set,
+                                   spec=spec, source_format=source_format)
     source = res.source
     out = None
     try:
@@ -266,8 +269,8 @@ def _record(res: Resolved, program: Program, to: str, src, report) -> dict:
 
 
 # ---- compile ------------------------------------------------------------------------------------
-def compile_spec(spec, *, layout: str | None = None, config=None, tp=None, pp=None, set=None,
-                 source_layout: str | None = None):
+def compile_spec(spec, *, layout: str | None = None, config=None, tp=None, pp=None, ep=None,
+                 set=None, source_layout: str | None = None):
     """The checked Spec IR (a ``Spec``), or with a config the compiled ``Program`` from
     ``source_layout`` (default ``hf``, unsharded) to ``layout`` at the given topology."""
     sp = load_spec(spec)
@@ -279,7 +282,8 @@ def compile_spec(spec, *, layout: str | None = None, config=None, tp=None, pp=No
     target_name = layout or sp.layout_names()[0]
     src_name = source_layout or ("hf" if "hf" in sp.layout_names() else target_name)
     src_plan = plan_layout(sp, src_name, env)
-    target = plan_layout(sp, target_name, env, {"tp": tp, "pp": pp}, _parse_sets(set))
+    target = plan_layout(sp, target_name, env, {"tp": tp, "pp": pp, "ep": ep},
+                         _parse_sets(set))
     return compile_program(src_plan, target)
 
 

@@ -71,6 +71,9 @@ class NumpyBackend:
     def cast(self, x, dtype: str):
         return x.astype(DTYPES[dtype], copy=False)
 
+    def broadcast(self, x, shape):
+        return np.broadcast_to(x, tuple(shape))
+
     def all_zero(self, x) -> bool:
         return not np.any(x.view(np.uint8) if x.dtype.itemsize else x)
 
@@ -121,6 +124,9 @@ class TorchBackend(NumpyBackend):
     def cast(self, x, dtype):
         return x.to(getattr(self.torch, dtype))
 
+    def broadcast(self, x, shape):
+        return x.expand(*shape)
+
     def all_zero(self, x):
         return not bool(x.ne(0).any()) and not bool(x.isnan().any()) \
             if x.is_floating_point() else not bool(x.ne(0).any())
@@ -161,6 +167,9 @@ class JaxBackend(NumpyBackend):
 
     def cast(self, x, dtype):
         return x.astype(DTYPES[dtype])
+
+    def broadcast(self, x, shape):
+        return self.jnp.broadcast_to(x, tuple(shape))
 
     def all_zero(self, x):
         return NumpyBackend.all_zero(self, self.to_numpy(x))

@@ -53,7 +53,7 @@ def target_dtypes(program: Program, reader, dtype: str | None) -> dict[tuple, st
     """The dtype of every target tensor, from the source headers (no data read)."""
     logical_dtype = {}
     for inst in program.source.instances:
-        coord, name = next(iter(inst.names.items()))
+        _, coord, name = inst.shards[0]
         dt = reader.dtype(name, coord)
         for key in inst.members.values():
             logical_dtype.setdefault(key, dt)
@@ -69,19 +69,18 @@ def read_instances(instances, reader, be, report: Report, verify_replicas=True):
     for inst in instances:
         recipe = inst.recipe
         shards = {}
-        for rc in recipe.coords():
-            coords = [c for c in inst.names if all(dict(c)[a] == i for a, i in rc)]
-            first = coords[0]
-            arr = reader.read(inst.names[first], first)
+        for rc, copies in inst.by_recipe_coord().items():
+            (coord, name), others = copies[0], copies[1:]
+            arr = reader.read(name, coord)
             report.bytes_read += arr.nbytes
             if verify_replicas:
-                for other in coords[1:]:
-                    again = reader.read(inst.names[other], other)
+                for other, oname in others:
+                    again = reader.read(oname, other)
                     report.bytes_read += again.nbytes
                     if not get_backend("numpy").equal(arr, again):
                         report.warnings.append(
-                            f"replicas of {inst.names[first]} differ between shards "
-                            f"{_coord(first)} and {_coord(other)}; took {_coord(first)}")
+                            f"replicas of {name} differ between shards {_coord(coord)} and "
+                            f"{_coord(other)}; took {_coord(coord)}")
             shards[rc] = be.from_numpy(arr)
 
         def check_pad(member, pad, inst=inst):
@@ -89,13 +88,18 @@ def read_instances(instances, reader, be, report: Report, verify_replicas=True):
                 report.warnings.append(f"padding of {inst.members[member]} in "
                                        f"{inst.rule['name']} was not zero (trained pad rows?); "
                                        f"dropped")
-        members = recipe.gather(be, shards, check_pad)
+
+        def check_rep(member, equal, inst=inst):
+            if not equal:
+                report.warnings.append(f"the replicated copies of {inst.members[member]} in "
+                                       f"{inst.rule['name']} differ; took the first")
+        members = recipe.gather(be, shards, check_pad, check_rep)
         for m, key in inst.members.items():
             if key in logical:
                 if not be.equal(logical[key], members[m]):
                     report.warnings.append(
-                        f"the copy of {key} in {next(iter(inst.names.values()))} differs from "
-                        f"its primary; took the primary")
+                        f"the copy of {key} in {inst.first_name()} differs from its primary; "
+                        f"took the primary")
             else:
                 logical[key] = members[m]
     return logical
@@ -118,19 +122,17 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
         logical = read_instances(unit.sources, reader, be, report, verify_replicas)
         for inst in unit.targets:
             members = {m: logical[k] for m, k in inst.members.items()}
-            for rc in inst.recipe.coords():
+            for rc, copies in inst.by_recipe_coord().items():
                 shard = inst.recipe.shard(be, members, dict(rc))
-                for coord, name in inst.names.items():
-                    if all(dict(coord)[a] == i for a, i in rc):
-                        want = dtypes[(coord, name)]
-                        x = shard if want is None else be.cast(shard, want)
-                        arr = be.to_numpy(x)
-                        if dtype_name(arr.dtype) != want:
-                            raise MapcError(f"internal: {name} has dtype {arr.dtype}, "
-                                            f"planned {want}")
-                        writer.write(coord, name, arr)
-                        report.tensors_written += 1
-                        report.bytes_written += arr.nbytes
+                want = dtypes[copies[0]]
+                arr = be.to_numpy(shard if want is None else be.cast(shard, want))
+                if dtype_name(arr.dtype) != want:
+                    raise MapcError(f"internal: {copies[0][1]} has dtype {arr.dtype}, "
+                                    f"planned {want}")
+                for coord, name in copies:
+                    writer.write(coord, name, arr)
+                    report.tensors_written += 1
+                    report.bytes_written += arr.nbytes
         progress.step()
     report.seconds = time.monotonic() - start
     progress.done(f"wrote {report.tensors_written} tensors, "

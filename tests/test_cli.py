@@ -149,11 +149,11 @@ def test_no_command_prints_help(capsys):
 
 def test_unknown_model_type_is_refused_not_guessed(tmp_path, capsys):
     cfg = llama_config()
-    cfg["model_type"] = "qwen2"
+    cfg["model_type"] = "no-such-family"
     src = write_random_hf(tmp_path / "hf", llama_config())
     (src / "config.json").write_text(json.dumps(cfg))
     code, _, err = run(capsys, "convert", src, tmp_path / "o", "--to", "megatron")
-    assert code == 1 and "no shipped spec describes model_type 'qwen2'" in err
+    assert code == 1 and "no shipped spec describes model_type 'no-such-family'" in err
 
 
 def test_tensors_the_spec_does_not_place_are_an_error_not_a_silent_drop(tmp_path, capsys):

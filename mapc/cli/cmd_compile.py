@@ -33,7 +33,7 @@ def add_arguments(p):
 def run(args) -> int:
     from mapc.api import compile_spec
     out = compile_spec(args.spec, layout=args.layout, config=args.config, tp=args.tp,
-                       pp=args.pp, set=args.set, source_layout=args.source_layout)
+                       pp=args.pp, ep=args.ep, set=args.set, source_layout=args.source_layout)
     if args.config is None:
         if args.json:
             print_json(out.ir)

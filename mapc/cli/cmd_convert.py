@@ -46,13 +46,13 @@ def add_arguments(p):
 def run(args) -> int:
     from mapc.api import convert, plan_conversion
     if args.dry_run:
-        res, program = plan_conversion(args.src, args.to, tp=args.tp, pp=args.pp,
+        res, program = plan_conversion(args.src, args.to, tp=args.tp, pp=args.pp, ep=args.ep,
                                        config=args.config, set=args.set, spec=args.spec,
                                        source_format=args.source_format)
         res.source.close()
         print(program.pretty())
         return 0
-    report = convert(args.src, args.dst, args.to, tp=args.tp, pp=args.pp, dtype=args.dtype,
+    report = convert(args.src, args.dst, args.to, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                      config=args.config, set=args.set, force=args.force, backend=args.backend,
                      quiet=args.quiet, spec=args.spec, source_format=args.source_format)
     for w in report.warnings:

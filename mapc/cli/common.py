@@ -8,6 +8,7 @@ import sys
 def add_topology(p, what="target"):
     p.add_argument("--tp", type=int, default=None, help=f"tensor-parallel size of the {what}")
     p.add_argument("--pp", type=int, default=None, help=f"pipeline-parallel size of the {what}")
+    p.add_argument("--ep", type=int, default=None, help=f"expert-parallel size of the {what}")
 
 
 def add_quiet(p):

@@ -15,6 +15,12 @@ from pathlib import Path
 from mapc.errors import MapcError
 
 MAPC_JSON = "mapc.json"
+
+
+def coord_key(coord) -> tuple:
+    """A mesh coordinate independent of which axes a layout names: sorted, zero ranks
+    dropped, so (tp=1, pp=0) of one layout and (tp=1, pp=0, ep=0) of another are equal."""
+    return tuple(sorted((a, i) for a, i in coord if i))
 FORMAT_VERSION = 1
 
 

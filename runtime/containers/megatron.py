@@ -17,12 +17,12 @@ import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
+from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, coord_key, write_json
 
 LAYOUT = "megatron"
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
 def _iteration_dir(path: Path) -> Path:
@@ -96,46 +96,69 @@ class MegatronSource(Source):
     def __init__(self, path):
         super().__init__(path)
         self.iter_dir = _iteration_dir(self.path)
-        ranks = {}
+        found = {}
         for p in sorted(self.iter_dir.iterdir()):
             m = _RANK_DIR.match(p.name)
             if m and (p / FILE).is_file():
-                ranks[(int(m.group(1)), int(m.group(2) or 0))] = p / FILE
-        if not ranks:
+                found[tuple(int(g) if g else None for g in m.groups())] = p / FILE
+        if not found:
             raise MapcError(f"no mp_rank_*/{FILE} files", where=str(self.iter_dir))
-        tp = max(t for t, _ in ranks) + 1
-        pp = max(p for _, p in ranks) + 1
-        missing = [f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
-                   for t in range(tp) for p in range(pp) if (t, p) not in ranks]
+        first_file = next(iter(found.values()))
+        args = torchfile.load(first_file).get("args")
+        args = dict(args) if args is not None else {}
+        # One suffix is the pipeline rank when pp > 1, else the expert rank (Megatron's naming).
+        one_is_pp = (args.get("pipeline_model_parallel_size") or 1) > 1 or \
+            (args.get("expert_model_parallel_size") or 1) == 1
+        ranks = {}
+        for (t, a, b), f in found.items():
+            if b is not None:
+                ranks[(t, a, b)] = f
+            elif a is not None:
+                ranks[(t, a, 0) if one_is_pp else (t, 0, a)] = f
+            else:
+                ranks[(t, 0, 0)] = f
+        tp = max(t for t, _, _ in ranks) + 1
+        pp = max(p for _, p, _ in ranks) + 1
+        ep = max(e for _, _, e in ranks) + 1
+        missing = [rank_dir((("tp", t), ("pp", p), ("ep", e)), pp, ep)
+                   for t in range(tp) for p in range(pp) for e in range(ep)
+                   if (t, p, e) not in ranks]
         if missing:
             raise MapcError(f"missing shard files: {', '.join(missing)}",
                             where=str(self.iter_dir), hint="copy the complete checkpoint")
-        self.topology = {"tp": tp, "pp": pp}
-        self.files = {(("tp", t), ("pp", p)): f for (t, p), f in ranks.items()}
+        self.topology = {"tp": tp, "pp": pp} | ({"ep": ep} if ep > 1 else {})
+        self.files = {coord_key((("tp", t), ("pp", p), ("ep", e))): f
+                      for (t, p, e), f in ranks.items()}
+        self._coords = [(("tp", t), ("pp", p)) + ((("ep", e),) if ep > 1 else ())
+                        for (t, p, e) in sorted(ranks, key=lambda r: (r[1], r[2], r[0]))]
         self._loaded: dict = {}
-        first = self._load(next(iter(self.files)))
+        first = self._load(self._coords[0])
         args = first.get("args")
         self.format_meta = dict(args) if args is not None else {}
         self.iteration = first.get("iteration")
         self.checkpoint_version = first.get("checkpoint_version")
         self.config = self.record.get("config")
 
+    def _file(self, coord):
+        return self.files[coord_key(coord)]
+
     def _load(self, coord):
-        if coord not in self._loaded:
-            obj = torchfile.load(self.files[coord])
+        key = coord_key(coord)
+        if key not in self._loaded:
+            obj = torchfile.load(self.files[key])
             if not isinstance(obj, dict) or "model" not in obj:
                 raise MapcError("not a Megatron checkpoint file (no 'model' entry)",
-                                where=str(self.files[coord]))
+                                where=str(self.files[key]))
             model = obj["model"]
             flat = {k: v for k, v in flatten(model).items()
                     if not k.endswith("_extra_state") and isinstance(v, torchfile.TensorRef)}
             obj = dict(obj)
             obj["_tensors"] = flat
-            self._loaded[coord] = obj
-        return self._loaded[coord]
+            self._loaded[key] = obj
+        return self._loaded[key]
 
     def coords(self):
-        return list(self.files)
+        return list(self._coords)
 
     def names(self, coord):
         return list(self._load(coord)["_tensors"])
@@ -145,7 +168,7 @@ class MegatronSource(Source):
             return self._load(coord)["_tensors"][name]
         except KeyError:
             raise MapcError(f"tensor {name} is not in the checkpoint",
-                            where=str(self.files[coord])) from None
+                            where=str(self._file(coord))) from None
 
     def shape(self, name, coord):
         return tuple(self._ref(name, coord).shape)
@@ -157,18 +180,20 @@ class MegatronSource(Source):
         return self._ref(name, coord).map()
 
     def describe_coord(self, coord):
-        return str(self.files[coord].relative_to(self.path))
+        return str(self._file(coord).relative_to(self.path))
 
 
-def rank_dir(coord, pp: int) -> str:
+def rank_dir(coord, pp: int, ep: int = 1) -> str:
     c = dict(coord)
-    return f"mp_rank_{c['tp']:02d}" + (f"_{c['pp']:03d}" if pp > 1 else "")
+    return (f"mp_rank_{c.get('tp', 0):02d}" + (f"_{c.get('pp', 0):03d}" if pp > 1 else "")
+            + (f"_{c.get('ep', 0):03d}" if ep > 1 else ""))
 
 
 class MegatronWriter(Writer):
     def __init__(self, tmpdir, topology: dict, args: dict, iteration=None):
         super().__init__(tmpdir)
         self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1)
+        self.ep = topology.get("ep", 1)
         self.args = args
         self.iteration = iteration
         self.sub = "release" if iteration is None else f"iter_{int(iteration):07d}"
@@ -179,7 +204,7 @@ class MegatronWriter(Writer):
         for coord, name, shape, dt in tensors:
             self.order.setdefault(coord, []).append(name)
         for coord in self.order:
-            d = self.dir / self.sub / rank_dir(coord, self.pp)
+            d = self.dir / self.sub / rank_dir(coord, self.pp, self.ep)
             d.mkdir(parents=True, exist_ok=True)
             self.writers[coord] = (torchfile.TorchWriter(d / FILE), {})
 
@@ -192,14 +217,16 @@ class MegatronWriter(Writer):
             c = dict(coord)
             args = dict(self.args)
             args.update(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                        rank=0, world_size=self.tp * self.pp)
+                        expert_model_parallel_size=self.ep, rank=0,
+                        world_size=self.tp * self.pp * self.ep)
             model = nest((n, placeholders[n]) for n in self.order[coord])
             w.finish({
                 "args": torchfile.Namespace(**args),
                 "checkpoint_version": 3.0,
                 "iteration": 0 if self.iteration is None else int(self.iteration),
                 "model": model,
-                "mapc": {"tp_rank": c["tp"], "pp_rank": c.get("pp", 0)},
+                "mapc": {"tp_rank": c.get("tp", 0), "pp_rank": c.get("pp", 0),
+                         "ep_rank": c.get("ep", 0)},
             })
         (self.dir / TRACKER).write_text(
             "release" if self.iteration is None else str(int(self.iteration)))
