@@ -19,6 +19,8 @@ from mapc.grammar.parser import caret
 SOURCES: dict[str, str] = {}
 # Lets of the spec being checked: their expressions stand in for them in shape algebra.
 LETS: dict[str, list] = {}
+# Concatenation widths of the rule being checked (a fused view names its slot by the member).
+MEMBER_SIZES: dict[str, tuple] = {}
 
 
 def error_at(at: str, message: str, hint: str | None = None) -> SpecError:
@@ -276,16 +278,35 @@ def _check_rule(lay, rule, syms, tensors, groups):
             raise error_at(at, f"repeat of '{r}', which is not a factor of {rule['name']!r}",
                            hint="factors: " + " ".join(factor_names))
     logical_names = [n for n in factor_names if n not in rule["repeat"]]
+    views = member_views(rule)
+    if isinstance(rule["from"], dict):
+        if sorted(rule["from"]) != sorted(members):
+            raise error_at(at, f"'from' gives views of {', '.join(sorted(rule['from']))} but the "
+                           f"rule fuses {', '.join(r['member'] for r in refs)}")
+    elif rule["from"] is not None and len(refs) != 1:
+        raise error_at(at, "a fusion rearranges its members with 'from m1: ..., m2: ...'")
     if rule["from"] is not None:
-        if len(refs) != 1:
-            raise error_at(at, "'from' rearranges a single tensor; fusions use 'as' alone")
-        from_names = [f.get("factor") for axis in rule["from"] for f in axis]
-        if None in from_names:
-            raise error_at(at, "a 'from' pattern cannot contain a concatenation")
-        if sorted(from_names) != sorted(logical_names):
-            raise error_at(at, f"'from' factors ({' '.join(from_names)}) must be the 'as' "
-                           f"factors ({' '.join(logical_names)}) in another order"
-                           + (", without the repeated ones" if rule["repeat"] else ""))
+        for member, view in views.items():
+            from_names = [f.get("factor") for axis in view for f in axis]
+            if None in from_names:
+                raise error_at(at, "a 'from' pattern cannot contain a concatenation")
+            dup = [n for n, k in Counter(from_names).items() if k > 1]
+            if dup:
+                raise error_at(at, f"factor {dup[0]} appears twice in the view of {member}")
+            wanted = set(factor_names) - set(rule["repeat"])
+            extra = set(from_names) - set(factor_names)
+            lacking = wanted - set(from_names)
+            if len(refs) > 1:   # in a fused view the member's own name is its concat slot
+                lacking = set()
+                extra = set(from_names) - set(factor_names) - {member}
+            if extra or lacking:
+                raise error_at(at, f"'from' factors of {member} ({' '.join(from_names)}) must be "
+                               f"the 'as' factors ({' '.join(logical_names)}) in another order"
+                               + (", without the repeated ones" if rule["repeat"] else ""))
+            missing = set(factor_names) - set(from_names) - set(rule["repeat"])
+            if len(refs) > 1 and missing:
+                raise error_at(at, f"the view of {member} lacks {', '.join(sorted(missing))}; a "
+                               f"factor a member does not have must be declared 'repeat'")
     split_factors = []
     for s in rule["splits"]:
         if s["mesh"] not in lay["mesh"]:
@@ -318,12 +339,17 @@ def _check_rule(lay, rule, syms, tensors, groups):
         _known(p["multiple"], syms, p["at"], "pad multiple")
 
     # Symbolic shape agreement, member by member.
+    MEMBER_SIZES.clear()
+    for c in concats:
+        for m_ in c["concat"]:
+            MEMBER_SIZES[m_["member"]] = monomial(m_["size"])
     for ref in refs:
         t = tensors[ref["tensor"]]
         logical = t["axes"]
-        view = rule["from"] if rule["from"] is not None else \
-            [[f for f in axis if f.get("factor") not in rule["repeat"]] for axis in phys]
-        view = [axis for axis in view if axis]
+        view = views.get(ref["member"])
+        if view is None:
+            view = [[f for f in axis if f.get("factor") not in rule["repeat"]] for axis in phys]
+            view = [axis for axis in view if axis]
         if len(view) != len(logical):
             raise error_at(ref["at"], f"{ref['tensor']} has {len(logical)} axes but the "
                            f"pattern has {len(view)}")
@@ -335,8 +361,19 @@ def _check_rule(lay, rule, syms, tensors, groups):
                                f"but the pattern makes it {mono_str(vm)}")
 
 
+def member_views(rule) -> dict:
+    """member -> its 'from' pattern (a single-tensor rule's 'from' belongs to its one member)."""
+    if rule["from"] is None:
+        return {}
+    if isinstance(rule["from"], dict):
+        return rule["from"]
+    return {rule["refs"][0]["member"]: rule["from"]}
+
+
 def _factor_mono(f, member):
     if "factor" in f:
+        if f["factor"] == member and f["factor"] not in LETS:
+            return MEMBER_SIZES.get(member) or monomial(["sym", f["factor"]])
         return monomial(["sym", f["factor"]])
     for m in f["concat"]:
         if m["member"] == member:

@@ -431,12 +431,14 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
     offset = 0
     for member in members:
         shape = shapes[member]
-        if rule["from"] is None:
+        view = rule["from"].get(member) if isinstance(rule["from"], dict) else rule["from"]
+        if view is None:
             view_names = [[f["factor"] if "factor" in f else CONCAT for f in axis
                            if f.get("factor") not in repeats] for axis in phys]
             view_names = [a for a in view_names if a]
-        else:
-            view_names = [[f["factor"] for f in axis] for axis in rule["from"]]
+        else:   # in a fused view, the member's own name stands for its concat slot
+            view_names = [[CONCAT if f["factor"] == member and len(members) > 1 else f["factor"]
+                           for f in axis] for axis in view]
         if len(view_names) != len(shape):
             raise error_at(at, f"{member} has {len(shape)} axes, the pattern {len(view_names)}")
         pre, split_shape, order, pad_list = [], [], [], []
@@ -463,11 +465,21 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                                f"axis {k} of {member} has size {shape[k]} but the pattern "
                                f"{' '.join(axis)} makes it {prod(sizes)}",
                                hint="check the model config against the spec")
-        expand = []
-        for f in factors:   # repeat factors (and their cuts) are broadcast, after the view
-            if f.repeat:
-                expand.append(f.size)
-                order.append(f.name)
+        seen = {n for axis in view_names for n in axis}
+        if CONCAT in phys_names and CONCAT not in seen:
+            if width != 1:
+                raise error_at(at, f"the view of {member} must name its slot of the "
+                               f"concatenation ({member}: {width})")
+            split_shape.append(1)
+            order.append(CONCAT)
+        expand = []   # factors this member lacks (declared `repeat`) are broadcast
+        for name, labels in expanded.items():
+            if name not in seen and name not in mesh:
+                if name not in repeats:
+                    raise error_at(at, f"{member} has no factor {name}; declare 'repeat {name}'")
+                for label in labels:
+                    expand.append(byname[label].size)
+                    order.append(label)
         perm = tuple(order.index(n) for n in phys_names)
         plans.append(MemberPlan(member, tuple(shape), tuple(pre), tuple(pad_list),
                                 tuple(split_shape), perm, offset, width, tuple(expand)))

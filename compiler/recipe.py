@@ -130,13 +130,13 @@ class Recipe:
             inv = tuple(sorted(range(len(m.perm)), key=lambda k: m.perm[k]))
             if m.perm != tuple(range(len(m.perm))):
                 x = be.transpose(x, inv)
-            for _ in m.expand:  # the last axis is a repeat: keep copy 0, check the others
-                last = len(m.split) + len(m.expand) - 1 - _
-                first = be.index(x, last, 0)
-                if check_replicas is not None:
-                    n = m.expand[len(m.expand) - 1 - _]
-                    check_replicas(m.name, all(be.equal(be.index(x, last, i), first)
-                                               for i in range(1, n)))
+            # repeat axes come last: keep copy 0 of each, innermost first, checking the rest
+            for k in reversed(range(len(m.expand))):
+                axis = len(m.split) + k
+                first = be.index(x, axis, 0)
+                if check_replicas is not None and m.expand[k] > 1:
+                    check_replicas(m.name, all(be.equal(be.index(x, axis, i), first)
+                                               for i in range(1, m.expand[k])))
                 x = first
             padded = tuple(s + dict(m.pads).get(k, 0) for k, s in enumerate(m.pre))
             x = be.reshape(x, padded)

@@ -187,7 +187,8 @@ class Rule:
     copy: bool                     # an explicit replica of tensors another rule already places
     refs: tuple[Ref, ...]
     as_pattern: Pattern | None     # the physical tensor's axes
-    from_pattern: Pattern | None   # the logical tensor's axes, when they must be rearranged
+    from_pattern: "Pattern | dict[str, Pattern] | None"  # the logical tensors' axes, when
+                                   # they must be rearranged (per member in a fusion)
     splits: tuple[Split, ...]
     pads: tuple[Pad, ...]
     eaches: tuple[Each, ...]       # unstack factors into separately named tensors

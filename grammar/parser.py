@@ -262,6 +262,13 @@ class _Build(Transformer):
         return ("from", c[0], self._pos(meta))
 
     @v_args(meta=True)
+    def from_members(self, meta, c):
+        return ("from", dict(c), self._pos(meta))
+
+    def member_view(self, c):
+        return (str(c[0]), c[1])
+
+    @v_args(meta=True)
     def split_clause(self, meta, c):
         pos = self._pos(meta)
         return ("split", A.Split(tuple(c[0]), str(c[1]), pos), pos)

@@ -104,6 +104,7 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
     warnings = []
     errors = []
     partial = []   # specs that place only some of the checkpoint's tensors
+    shape_misses = []   # plans whose names match but whose shapes do not
     for sp in _candidate_specs(source, spec, config):
         layout = sp.layout(source.layout)
         inv_env, inv_params = _invert_meta(sp, layout, source.format_meta)
@@ -121,9 +122,9 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
         except MapcError as e:
             errors.append(f"{sp.family}: {e}")
             continue
-        free = [p for p in layout["params"] if p["name"] not in given and len(p["choices"]) > 1]
+        free = [p for p in layout["params"] if p["name"] not in given]
         tried = []
-        for combo in itertools.product(*(p["choices"] for p in free)):
+        for combo in itertools.product(*(_candidates(p) for p in free)):
             trial = dict(given)
             trial.update({p["name"]: v for p, v in zip(free, combo)})
             try:
@@ -135,7 +136,9 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
             if _plan_matches(plan, source):
                 extra = _unplanned(plan, source)
                 if not extra:
-                    _check_shapes(plan, source)
+                    if not _shapes_match(plan, source):
+                        shape_misses.append(plan)
+                        continue
                     return Resolved(source, sp, env, canonical, plan, warnings)
                 partial.append((sp, extra))
         if tried and not any(p is sp for p, _ in partial):
@@ -143,6 +146,8 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
             missing = _missing(plan, source)
             errors.append(f"{sp.family}: the checkpoint lacks {len(missing)} expected tensors, "
                           f"e.g. {missing[0]}")
+    if shape_misses:
+        _check_shapes(shape_misses[0], source)   # raises, naming the first mismatch
     if partial:
         sp, extra = partial[0]
         raise MapcError(f"{source.path} holds {len(extra)} tensors that spec {sp.family} "
@@ -153,6 +158,25 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
     raise MapcError(f"cannot match {source.path} ({source.format}) to a spec: {detail}; "
                     f"pass --spec FILE.map, or --config CONFIG.json if the checkpoint lacks "
                     f"its model config")
+
+
+def _candidates(param: dict) -> list:
+    """Values to try for a layout parameter the checkpoint does not state: its choices, both
+    booleans, or small powers of two for a number (e.g. a KV replication factor, which only
+    shows in shapes). The default comes first."""
+    default = param["default"]
+    if len(param["choices"]) > 1:
+        return list(param["choices"])
+    if isinstance(default, bool):
+        return [default, not default]
+    if isinstance(default, int):
+        return [default] + [2 ** k for k in range(7) if 2 ** k != default]
+    return [default]
+
+
+def _shapes_match(plan, source) -> bool:
+    return all(tuple(source.shape(name, coord)) == inst.recipe.shard_shape
+               for inst, coord, name in plan.placements())
 
 
 def _constructed_config(spec: Spec, env: dict) -> dict:
