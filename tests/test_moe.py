@@ -62,3 +62,15 @@ def test_ep_that_does_not_divide_the_experts_is_rejected(tmp_path):
     with pytest.raises(mapc.MapcError, match=r"ep=3 does not divide experts=4"):
         mapc.convert(tmp_path / "hf", tmp_path / "mg", to="megatron", ep=3)
     assert not (tmp_path / "mg").exists()
+
+
+def test_mixtral_gguf_round_trip_keeps_logits(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gguf")
+    from mapc.runtime.containers import available
+    if not available("gguf"):
+        pytest.skip("gguf container not available")
+    model = build_transformers_model(mixtral_config(), tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "gg", to="gguf")
+    mapc.convert(tmp_path / "gg", tmp_path / "back", to="hf")
+    assert torch.equal(logits_of(model, TOKENS), logits_of(tmp_path / "back", TOKENS))
