@@ -63,7 +63,13 @@ def mcore_state_dict_shapes(
 
     Optional cfg keys: ``layers_first_stage`` / ``layers_last_stage`` (passed as
     ``num_layers_in_first/last_pipeline_stage``, megatron-core's uneven-PP knobs) and
-    ``max_seq`` (default 128; does not affect names or shapes).
+    ``max_seq`` (default 128; the shape of learned position embeddings, if any).
+
+    Optional architecture keys (defaults give the Llama-style model above):
+    ``norm`` ("RMSNorm" or "LayerNorm"), ``gated`` (True: SwiGLU fc1 of 2*ffn rows),
+    ``activation`` ("silu", "gelu"; default "silu" if gated else "gelu"),
+    ``linear_bias`` (``add_bias_linear``, default False), ``qkv_bias`` (``add_qkv_bias``,
+    default False), ``position_embedding`` ("rope" or "learned_absolute").
 
     ``meta=True`` builds the model under ``torch.set_default_device("meta")`` so that
     full-size configs (e.g. 8B) cost no memory; names and shapes are identical.
@@ -184,6 +190,10 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
         extra["num_layers_in_first_pipeline_stage"] = int(cfg["layers_first_stage"])
     if cfg.get("layers_last_stage") is not None:
         extra["num_layers_in_last_pipeline_stage"] = int(cfg["layers_last_stage"])
+    norm = cfg.get("norm", "RMSNorm")
+    gated = bool(cfg.get("gated", True))
+    activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[
+        cfg.get("activation", "silu" if gated else "gelu")]
     config = TransformerConfig(
         num_layers=int(cfg["layers"]),
         hidden_size=int(cfg["hidden"]),
@@ -191,11 +201,11 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
         num_attention_heads=int(cfg["heads"]),
         num_query_groups=int(cfg["groups"]),
         kv_channels=int(cfg["head_dim"]),
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
+        normalization=norm,
+        gated_linear_unit=gated,
+        activation_func=activation,
+        add_bias_linear=bool(cfg.get("linear_bias", False)),
+        add_qkv_bias=bool(cfg.get("qkv_bias", False)),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         use_cpu_initialization=True,
@@ -208,13 +218,13 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
         torch.set_default_device("meta")
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization=norm),
         vocab_size=int(cfg["vocab"]),
         max_sequence_length=int(cfg.get("max_seq", 128)),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=bool(cfg["tied"]),
-        position_embedding_type="rope",
+        position_embedding_type=cfg.get("position_embedding", "rope"),
     )
     shapes = {
         k: list(v.shape)
