@@ -51,6 +51,9 @@ BF16 = 2  # bytes
 ST_DTYPE = {"bfloat16": ("BF16", 2), "float32": ("F32", 4)}
 
 
+MAX_RATIO_TO_MEGATRON = 2.0
+
+
 def llama_config(num_hidden_layers: int, *, hidden_size, num_attention_heads,
                  num_key_value_heads, intermediate_size, vocab_size) -> dict:
     return {
@@ -308,6 +311,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs per timed step (best kept)")
     ap.add_argument("--shard-mb", type=float, default=300, help="source shard size, MB")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--formats", default="nemo,gguf,dcp,nxdt",
+                    help="other formats to time there and back (comma-separated; '' for none)")
     args = ap.parse_args(argv)
 
     own_tmp = args.workdir is None
@@ -354,6 +359,22 @@ def main(argv=None) -> int:
              rm(mg))
         step(to_hf, lambda: measure(mapc + ["convert", str(mg), str(back), "--to", "hf", "-q"],
                                     work, use_gnu_time), rm(back), needs=to_mg)
+
+        # Every other format there and back, each against hf -> megatron per byte (<= 2x).
+        per_format_topology = {"nemo": ["--tp", "2", "--pp", "2"],
+                               "nxdt": ["--tp", "2", "--pp", "2"]}
+        format_rows = []
+        for fmt in [f for f in args.formats.split(",") if f]:
+            out, home = work / f"fmt-{fmt}", work / f"fmt-{fmt}-back"
+            there, again = f"hf -> {fmt}", f"{fmt} -> hf"
+            step(there, lambda: measure(mapc + ["convert", str(src), str(out), "--to", fmt, "-q"]
+                                        + per_format_topology.get(fmt, []), work, use_gnu_time),
+                 rm(out))
+            step(again, lambda: measure(mapc + ["convert", str(out), str(home), "--to", "hf",
+                                                "-q"], work, use_gnu_time), rm(home), needs=there)
+            shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            format_rows += [there, again]
 
         if "error" in ops[to_hf]:
             identical, verify_out = None, "not run: no round-trip output"
@@ -432,7 +453,24 @@ def main(argv=None) -> int:
               + {True: "identical", False: "DIFFERENT", None: "NOT RUN"}[identical])
         if identical is not True:
             print("    " + verify_out.replace("\n", "\n    "))
+        base = ops.get(to_mg, {}).get("seconds")
+        if format_rows and base:
+            print()
+            print("other formats, per byte against hf -> megatron (target <= "
+                  f"{MAX_RATIO_TO_MEGATRON}x):")
+            for name in format_rows:
+                r = ops[name]
+                if "error" in r:
+                    print(f"  {name:<24} FAILED")
+                    continue
+                ratio = r["seconds"] / base
+                print(f"  {name:<24} {r['seconds']:6.2f} s  {ratio:5.2f}x  "
+                      f"{'PASS' if ratio <= MAX_RATIO_TO_MEGATRON else 'MISS'}")
+                for row in rows:
+                    if row["operation"] == name:
+                        row["ratio_to_megatron"] = ratio
         all_pass = bool(identical) and all(r[k] for r in rows[1:]
+                                           if r["operation"] not in format_rows
                                            for k in ("time_target", "rss_target"))
         print(f"targets (<= {MAX_RATIO_TO_CP}x cp, <= {MAX_RSS_BYTES / 1e9} GB peak RSS, "
               f"round trip identical): {'PASS' if all_pass else 'MISS'}")

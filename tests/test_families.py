@@ -312,3 +312,26 @@ def test_inspect_detects_the_family_of_a_foreign_megatron_checkpoint(tmp_path, c
     assert (info["format"], info["family"], info["topology"]) == \
         ("megatron", family, {"tp": 2, "pp": 2})
     assert info["warnings"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen2_gguf_round_trip_keeps_logits_and_biases(tmp_path, tied):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gguf")
+    from mapc.runtime.containers import available
+    if not available("gguf"):
+        pytest.skip("gguf container not available")
+    model = build_transformers_model(qwen2_config(tied=tied), tmp_path / "hf")
+    with torch.no_grad():   # biases start at zero in transformers: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
+    model.save_pretrained(str(tmp_path / "hf"))
+    mapc.convert(tmp_path / "hf", tmp_path / "gg", to="gguf")
+    import gguf
+    reader = gguf.GGUFReader(str(tmp_path / "gg" / "model.gguf"))
+    names = {t.name for t in reader.tensors}
+    assert "blk.0.attn_q.bias" in names and "blk.3.attn_v.bias" in names
+    mapc.convert(tmp_path / "gg", tmp_path / "back", to="hf")
+    assert torch.equal(logits_of(model, TOKENS), logits_of(tmp_path / "back", TOKENS))
