@@ -139,7 +139,8 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
                     if not _shapes_match(plan, source):
                         shape_misses.append(plan)
                         continue
-                    return Resolved(source, sp, env, canonical, plan, warnings)
+                    return Resolved(source, sp, env, canonical, plan,
+                                    warnings + list(getattr(source, "warnings", [])))
                 partial.append((sp, extra))
         if tried and not any(p is sp for p, _ in partial):
             plan = plan_layout(sp, source.layout, env, source.topology, tried[0])
@@ -256,7 +257,8 @@ def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
     out = None
     try:
         out = AtomicOutput(dst, force=force, source=src)
-        writer = make_writer(to, out.tmp, program, res, {"max_shard_bytes": max_shard_bytes})
+        writer = make_writer(to, out.tmp, program, res,
+                             {"max_shard_bytes": max_shard_bytes, "dst": str(dst)})
         try:
             report = execute.run(program, source, writer, backend=backend,
                                  dtype=DTYPE_CHOICES[dtype], quiet=quiet)

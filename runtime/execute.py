@@ -49,12 +49,14 @@ class Progress:
             sys.stderr.write("\r\033[K" + summary + "\n")
 
 
-def target_dtypes(program: Program, reader, dtype: str | None) -> dict[tuple, str]:
+def target_dtypes(program: Program, reader, dtype: str | None,
+                  slot: str = "param") -> dict[tuple, str]:
     """The dtype of every target tensor, from the source headers (no data read)."""
     logical_dtype = {}
     for inst in program.source.instances:
         _, coord, name = inst.shards[0]
-        dt = reader.dtype(name, coord)
+        dt = reader.dtype(name, coord) if slot == "param" else \
+            reader.dtype(name, coord, slot=slot)
         for key in inst.members.values():
             logical_dtype.setdefault(key, dt)
     out = {}
@@ -63,19 +65,22 @@ def target_dtypes(program: Program, reader, dtype: str | None) -> dict[tuple, st
     return out
 
 
-def read_instances(instances, reader, be, report: Report, verify_replicas=True):
+def read_instances(instances, reader, be, report: Report, verify_replicas=True,
+                   slot: str = "param"):
     """Rebuild logical tensors from the shards of ``instances`` (primaries before copies)."""
+    read = reader.read if slot == "param" else \
+        (lambda name, coord: reader.read(name, coord, slot=slot))
     logical = {}
     for inst in instances:
         recipe = inst.recipe
         shards = {}
         for rc, copies in inst.by_recipe_coord().items():
             (coord, name), others = copies[0], copies[1:]
-            arr = reader.read(name, coord)
+            arr = read(name, coord)
             report.bytes_read += arr.nbytes
             if verify_replicas:
                 for other, oname in others:
-                    again = reader.read(oname, other)
+                    again = read(oname, other)
                     report.bytes_read += again.nbytes
                     if not get_backend("numpy").equal(arr, again):
                         report.warnings.append(
@@ -114,26 +119,38 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
     be = get_backend(backend)
     report = Report()
     start = time.monotonic()
-    dtypes = target_dtypes(program, reader, dtype)
+    have = reader.slots()
+    extra = [s for s in getattr(writer, "slots", ("param",)) if s != "param" and s in have]
+    param_from = "master" if "master" in have and "master" not in extra else "param"
+    dtypes = target_dtypes(program, reader, dtype, param_from)
     writer.begin([(coord, name, inst.recipe.shard_shape, dtypes[(coord, name)])
                   for inst, coord, name in program.target.placements()])
-    progress = Progress(len(program.units), "convert", quiet)
+    # Optimizer slots the source has and the writer stores (`extra`); a training checkpoint's
+    # weights are exported from its fp32 master copy when the writer keeps no master slot.
+    for slot in extra:   # optimizer state is kept in fp32
+        writer.begin_slot(slot, [(coord, name, inst.recipe.shard_shape, "float32")
+                                 for inst, coord, name in program.target.placements()])
+    progress = Progress(len(program.units) * (1 + len(extra)), "convert", quiet)
     for unit in program.units:
-        logical = read_instances(unit.sources, reader, be, report, verify_replicas)
-        for inst in unit.targets:
-            members = {m: logical[k] for m, k in inst.members.items()}
-            for rc, copies in inst.by_recipe_coord().items():
-                shard = inst.recipe.shard(be, members, dict(rc))
-                want = dtypes[copies[0]]
-                arr = be.to_numpy(shard if want is None else be.cast(shard, want))
-                if dtype_name(arr.dtype) != want:
-                    raise MapcError(f"internal: {copies[0][1]} has dtype {arr.dtype}, "
-                                    f"planned {want}")
-                for coord, name in copies:
-                    writer.write(coord, name, arr)
-                    report.tensors_written += 1
-                    report.bytes_written += arr.nbytes
-        progress.step()
+        for slot in [param_from] + extra:
+            logical = read_instances(unit.sources, reader, be, report, verify_replicas, slot)
+            for inst in unit.targets:
+                members = {m: logical[k] for m, k in inst.members.items()}
+                for rc, copies in inst.by_recipe_coord().items():
+                    shard = inst.recipe.shard(be, members, dict(rc))
+                    want = dtypes[copies[0]] if slot == param_from else "float32"
+                    arr = be.to_numpy(shard if want is None else be.cast(shard, want))
+                    if dtype_name(arr.dtype) != want:
+                        raise MapcError(f"internal: {copies[0][1]} has dtype {arr.dtype}, "
+                                        f"planned {want}")
+                    for coord, name in copies:
+                        if slot == param_from:
+                            writer.write(coord, name, arr)
+                        else:
+                            writer.write_slot(slot, coord, name, arr)
+                        report.tensors_written += 1
+                        report.bytes_written += arr.nbytes
+            progress.step()
     report.seconds = time.monotonic() - start
     progress.done(f"wrote {report.tensors_written} tensors, "
                   f"{report.bytes_written / 2**20:.1f} MiB in {report.seconds:.1f}s")

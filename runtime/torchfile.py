@@ -729,6 +729,9 @@ def register_record_type(module: str, name: str) -> type[Record]:
 
 
 ALLOWED_GLOBALS["argparse.Namespace"] = Namespace
+# Transformer Engine keeps layer metadata ("_extra_state") as io.BytesIO; read it as an inert
+# record (its bytes are never interpreted).
+register_record_type("_io", "BytesIO")
 
 
 class _InertFunction(_Frozen):

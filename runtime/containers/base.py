@@ -36,6 +36,20 @@ class Source:
         self.config: dict | None = None              # the model's config (HF keys), if stored
         self.format_meta: dict = {}                  # format metadata the spec's meta can read
         self.topology: dict = {}
+        self.warnings: list[str] = []                # things the user should know (e.g. guesses)
+
+    # Optimizer state travels in slots beside the weights ("param"): fp32 master weights
+    # ("master") and Adam moments ("exp_avg", "exp_avg_sq"), each with its parameter's shape,
+    # so the same compiled program moves them. Scalars live in training_state().
+    SLOTS = ("param", "master", "exp_avg", "exp_avg_sq")
+
+    def slots(self) -> list[str]:
+        return ["param"]
+
+    def training_state(self) -> dict:
+        """Scalars a resumed run needs: iteration, optimizer step, param groups (lr, betas, eps,
+        weight decay), scheduler, loss scale. Empty when the checkpoint carries none."""
+        return {}
 
     # -- tensors, by (mesh coord, physical name) --
     def coords(self) -> list[tuple]:
@@ -67,7 +81,13 @@ class Source:
 
 
 class Writer:
-    """Writes into a fresh temporary directory; ``commit`` renames it into place."""
+    """Writes into a fresh temporary directory; ``commit`` renames it into place.
+
+    A writer that stores optimizer state lists its slots in ``slots``; it then receives
+    ``begin_slot(slot, tensors)`` before and ``write_slot(slot, coord, name, arr)`` for every
+    tensor of each further slot, and the source's training state in ``record["training"]``."""
+
+    slots: tuple[str, ...] = ("param",)
 
     def __init__(self, tmpdir: Path):
         self.dir = tmpdir
@@ -122,13 +142,20 @@ class AtomicOutput:
     def commit(self):
         if self.dst.exists():
             old = self.dst.with_name(f".{self.dst.name}.mapc-old")
-            if old.exists():
-                shutil.rmtree(old)
+            _remove(old)
             os.rename(self.dst, old)
             os.rename(self.tmp, self.dst)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.rename(self.tmp, self.dst)
 
     def abort(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        _remove(self.tmp)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree, if it exists (outputs may be either, e.g. .nemo)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -1,0 +1,546 @@
+"""torch.distributed.checkpoint (DCP) directories of global, unsharded tensors.
+
+A DCP checkpoint is ``.metadata`` (a pickled ``Metadata``: every tensor's global shape, dtype
+and chunks, and where each chunk's bytes are) plus ``__{rank}_{i}.distcp`` files that hold
+each chunk as a ``torch.save`` archive at a byte offset. ``dcp.load`` reshards plain global
+tensors into any parallel layout, so it cannot express per-rank fused layouts: tensors are
+written under their HF names, unsharded (``LAYOUT = "hf"``). mapc writes ``config.json`` and
+``mapc.json`` beside ``.metadata``, so its output converts back with no flags.
+
+Reading needs no torch. ``.metadata`` is read by a restricted unpickler whose allow-list holds
+only inert stand-ins for torch's metadata dataclasses, dtypes and ``torch.Size``; no callable
+named in the file is ever looked up in a real module. Each chunk's ``torch.save`` archive is
+parsed in place (:func:`load_torch_at`) and its bytes are mapped lazily, one tensor at a time.
+A tensor stored as several chunks (e.g. saved from FSDP or from a sharded ``DTensor``) is
+assembled into its global shape when read.
+
+Writing uses torch's own ``dcp.save`` with a ``FileSystemWriter``, in one process with no
+process group. DCP needs every tensor of a rank at save time and its writer keeps each
+written tensor alive until its file is complete, so mapc streams tensors into a staging file
+in the output directory as they are built and, at the end, hands ``dcp.save`` tensors that
+are memory-mapped views of that file; a planner drops each tensor's pages from memory once
+the next one is requested. Memory stays bounded by about one tensor, but every byte is
+written twice and the output directory temporarily needs about twice the model's size on
+disk (the staging file is deleted at the end). Torch is imported only by the writer.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import mmap
+import os
+import pickle
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from mapc.errors import MapcError
+from mapc.runtime import torchfile
+from mapc.runtime.backends import dtype_name
+from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
+
+LAYOUT = "hf"
+METADATA = ".metadata"
+SUFFIX = ".distcp"
+STAGING = ".mapc-staging.bin"
+SINGLE = ()
+MAX_METADATA = 1 << 30
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / METADATA).is_file() and any(path.glob("*" + SUFFIX))
+
+
+def make_writer(tmpdir, program, resolved, options):
+    return DCPWriter(tmpdir)
+
+
+# --------------------------------------------------------------------------------------
+# a torch.save archive inside a larger file (a .distcp item, a member of a .nemo tar)
+# --------------------------------------------------------------------------------------
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file, as a seekable read-only file."""
+
+    def __init__(self, f, start: int, length: int):
+        super().__init__()
+        self._fd, self._start, self._length, self._pos = f.fileno(), start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf):
+        n = max(0, min(len(buf), self._length - self._pos))
+        data = os.pread(self._fd, n, self._start + self._pos) if n else b""
+        buf[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def load_torch_at(path, offset: int, length: int, what: str = "archive") -> Any:
+    """Load the ``torch.save`` zip archive stored at bytes ``[offset, offset + length)`` of
+    ``path``, like :func:`mapc.runtime.torchfile.load`: restricted unpickling, tensors as lazy
+    :class:`~mapc.runtime.torchfile.TensorRef` mapped from ``path`` itself (nothing is copied
+    or extracted)."""
+    path = Path(path)
+    where = f"{path} ({what} at byte {offset})"
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except OSError as e:
+        raise MapcError(f"cannot read: {e.strerror or e}", where=str(path)) from None
+    with f:
+        if offset < 0 or length < 0 or offset + length > size:
+            raise MapcError(f"truncated: needs bytes {offset}..{offset + length} but the file "
+                            f"ends at {size}", where=str(path), hint="re-copy the checkpoint")
+        win = _Window(f, offset, length)
+        if win.read(4) != b"PK\x03\x04":
+            raise MapcError("not a torch.save zip archive (mapc reads the zip format that "
+                            "torch >= 1.6 writes, uncompressed)", where=where)
+        win.seek(0)
+        try:
+            zf = zipfile.ZipFile(win)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise MapcError(f"corrupt torch.save archive: {e}", where=where,
+                            hint="re-copy the checkpoint") from None
+        with zf:
+            members = {info.filename: info for info in zf.infolist()}
+            pickles = sorted((n for n in members if n == "data.pkl" or
+                              (n.endswith("/data.pkl") and n.count("/") == 1)), key=len)
+            if not pickles:
+                raise MapcError("archive has no data.pkl, so it is not a torch.save archive",
+                                where=where)
+            prefix = pickles[0][:-len("data.pkl")]
+            try:
+                order = members.get(prefix + "byteorder")
+                if order is not None and zf.read(order).strip() not in (b"little", b""):
+                    raise MapcError("big-endian archive; mapc reads little-endian data only",
+                                    where=where)
+                pickle_bytes = zf.read(members[pickles[0]])
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+                raise MapcError(f"corrupt archive member: {e}", where=where,
+                                hint="re-copy the checkpoint") from None
+        mapped = torchfile._MappedFile(path, size)
+        storages: dict[str, torchfile.StorageRef] = {}
+
+        def resolve(pid):
+            key, stype, numel = torchfile._parse_storage_pid(pid)
+            if key in storages:
+                return storages[key]
+            info = members.get(f"{prefix}data/{key}")
+            if info is None:
+                raise MapcError(f"storage {key} is referenced by data.pkl but missing",
+                                where=where, hint="re-copy the checkpoint")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise MapcError(f"storage {key} is compressed; mapc maps storages in place",
+                                where=where)
+            needed = numel * torchfile.DTYPES[stype.dtype].itemsize
+            if info.file_size < needed:
+                raise MapcError(f"corrupt: storage {key} needs {needed} bytes, its member "
+                                f"holds {info.file_size}", where=where)
+            rel = torchfile._member_data_offset(win, info, length)
+            if rel + needed > length:
+                raise MapcError(f"truncated: storage {key} runs past the archive's end",
+                                where=where, hint="re-copy the checkpoint")
+            storages[key] = torchfile.StorageRef(key, stype.dtype, numel, mapped, offset + rel)
+            return storages[key]
+
+        try:
+            return torchfile._unpickle(io.BytesIO(pickle_bytes), resolve, pickles[0])
+        except MapcError as e:
+            if e.where is None:
+                raise MapcError(e.message, where=where, hint=e.hint) from None
+            raise
+
+
+# --------------------------------------------------------------------------------------
+# .metadata: a restricted unpickler with inert stand-ins for torch's dataclasses
+# --------------------------------------------------------------------------------------
+class _Sealed(type):
+    """Metaclass of the stand-in classes: a pickle cannot set attributes on them."""
+
+    def __setattr__(cls, name, value):
+        raise AttributeError(f"{cls.__name__} is read-only")
+
+
+class _Inert(metaclass=_Sealed):
+    """A pickled dataclass instance as plain data: its ``__dict__`` state (or, for
+    ``TensorProperties``, its state tuple) is kept as given; no class code runs."""
+
+    __slots__ = ("_fields", "_state")
+    kind = ""
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        object.__setattr__(self, "_fields", {})
+        object.__setattr__(self, "_state", None)
+        return self
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict) \
+                and (state[0] is None or isinstance(state[0], dict)):
+            state = {**(state[0] or {}), **state[1]}   # (dict state, slot state)
+        if isinstance(state, dict):
+            self._fields.update(state)
+        else:
+            object.__setattr__(self, "_state", state)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{self.kind} record is read-only")
+
+    def get(self, name, default=None):
+        return self._fields.get(name, default)
+
+    def __repr__(self):
+        return f"{self.kind}({self._fields or self._state!r})"
+
+
+def _inert_class(name: str) -> type:
+    return _Sealed(name, (_Inert,), {"__slots__": (), "kind": name})
+
+
+class _Call:
+    """A read-only callable handed to the unpickler for a whitelisted function-like global."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn):
+        object.__setattr__(self, "_fn", fn)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("read-only")
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+
+def _enum_value(value=None, *rest):
+    return value
+
+
+def _path_str(*parts):
+    return "/".join(str(p) for p in parts)
+
+
+def _layout_name(name=None, *rest):
+    return str(name)
+
+
+def _torch_size(dims=()):
+    return tuple(int(d) for d in dims)
+
+
+_MODS = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+         "torch.distributed.checkpoint.filesystem",
+         "torch.distributed._shard.sharded_tensor.metadata",
+         "torch.distributed._shard.metadata")
+_RECORDS = {name: _inert_class(name) for name in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+    "TensorProperties", "MetadataIndex", "StorageMeta", "_StorageInfo", "_StoragePrefix",
+    "ShardMetadata")}
+_FUNCS = {
+    "_MEM_FORMAT_ENCODING": _enum_value, "MEM_FORMAT_ENCODING": _enum_value,
+}
+METADATA_GLOBALS: dict[str, Any] = {}
+for _mod in _MODS:
+    METADATA_GLOBALS.update({f"{_mod}.{n}": c for n, c in _RECORDS.items()})
+    METADATA_GLOBALS.update({f"{_mod}.{n}": _Call(fn) for n, fn in _FUNCS.items()})
+METADATA_GLOBALS.update({
+    "torch.Size": _Call(_torch_size),
+    "torch.serialization._get_layout": _Call(_layout_name),
+    "torch.strided": "torch.strided",
+    "torch.contiguous_format": "torch.contiguous_format",
+    "pathlib.PosixPath": _Call(_path_str), "pathlib.PurePosixPath": _Call(_path_str),
+    "pathlib.WindowsPath": _Call(_path_str), "pathlib.PureWindowsPath": _Call(_path_str),
+    "pathlib.Path": _Call(_path_str),
+    "collections.OrderedDict": torchfile.ALLOWED_GLOBALS["collections.OrderedDict"],
+})
+METADATA_GLOBALS.update({k: v for k, v in torchfile.ALLOWED_GLOBALS.items()
+                         if isinstance(v, torchfile.TorchDType)})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        full = f"{module}.{name}"
+        try:
+            return METADATA_GLOBALS[full]
+        except KeyError:
+            raise MapcError(f"the metadata pickle references {full}; mapc never runs code "
+                            f"from a checkpoint and {full} is not on its allow-list of inert "
+                            f"objects") from None
+
+    def persistent_load(self, pid):
+        raise MapcError(f"unexpected persistent id {pid!r} in the metadata")
+
+
+def read_metadata(path: Path):
+    """The ``.metadata`` of a DCP directory as inert records."""
+    f = Path(path) / METADATA
+    try:
+        if f.stat().st_size > MAX_METADATA:
+            raise MapcError(f"{METADATA} is implausibly large", where=str(f))
+        data = f.read_bytes()
+    except OSError as e:
+        raise MapcError(f"cannot read: {e.strerror or e}", where=str(f)) from None
+    try:
+        md = _MetadataUnpickler(io.BytesIO(data)).load()
+    except MapcError as e:
+        raise MapcError(e.message, where=str(f), hint=e.hint) from None
+    except RecursionError:
+        raise MapcError("metadata is nested too deeply", where=str(f)) from None
+    except Exception as e:   # malformed pickle: UnpicklingError, EOFError, TypeError...
+        raise MapcError(f"corrupt metadata: {type(e).__name__}: {e}", where=str(f),
+                        hint="re-copy the checkpoint") from None
+    if type(md) is not _RECORDS["Metadata"] or not isinstance(
+            md.get("state_dict_metadata"), dict):
+        raise MapcError("not a torch.distributed.checkpoint Metadata", where=str(f))
+    return md
+
+
+# --------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------
+class _Chunk:
+    __slots__ = ("offsets", "sizes", "file", "offset", "length")
+
+    def __init__(self, offsets, sizes, file, offset, length):
+        self.offsets, self.sizes, self.file = offsets, sizes, file
+        self.offset, self.length = offset, length
+
+
+class DCPSource(Source):
+    format = "dcp"
+    layout = "hf"
+
+    def __init__(self, path):
+        super().__init__(path)
+        if not self.path.is_dir():
+            raise MapcError("a DCP checkpoint is a directory", where=str(self.path))
+        megatron = self.path / "metadata.json"
+        if megatron.is_file() and "sharded_backend" in megatron.read_text(errors="replace"):
+            raise MapcError("this is a Megatron distributed (torch_dist) checkpoint, whose "
+                            "tensors are Megatron's sharded layout, not global HF tensors",
+                            where=str(self.path),
+                            hint="convert it to the torch format with Megatron first")
+        cfg = self.path / "config.json"
+        if cfg.is_file():
+            try:
+                self.config = json.loads(cfg.read_text())
+            except (OSError, ValueError) as e:
+                raise MapcError(f"cannot read config.json: {e}", where=str(self.path)) \
+                    from None
+        else:
+            self.config = self.record.get("config")
+        self.format_meta = self.config or {}
+        md = read_metadata(self.path)
+        self.tensors = self._index(md)
+
+    def _index(self, md) -> dict:
+        where = str(self.path / METADATA)
+        storage = {}
+        for index, info in (md.get("storage_data") or {}).items():
+            fqn, off = index.get("fqn"), index.get("offset")
+            storage[(fqn, tuple(off) if off is not None else None)] = info
+        planner = md.get("planner_data") or {}
+        tensors = {}
+        for fqn, entry in md.get("state_dict_metadata").items():
+            if type(entry) is not _RECORDS["TensorStorageMetadata"]:
+                continue        # bytes entries (non-tensor objects) are not weights
+            props, size = entry.get("properties"), entry.get("size")
+            state = getattr(props, "_state", None)
+            dtype = state[0] if isinstance(state, tuple) and state else \
+                props.get("dtype") if props is not None else None
+            if not isinstance(dtype, torchfile.TorchDType) or dtype.name not in \
+                    torchfile.DTYPES:
+                raise MapcError(f"tensor {fqn} has an unsupported dtype {dtype!r}", where=where)
+            shape = tuple(int(s) for s in size)
+            chunks = []
+            for ch in entry.get("chunks") or []:
+                offs = tuple(int(x) for x in ch.get("offsets"))
+                sizes = tuple(int(x) for x in ch.get("sizes"))
+                info = storage.get((fqn, offs))
+                if info is None:
+                    raise MapcError(f"no storage entry for chunk {list(offs)} of {fqn}",
+                                    where=where, hint="re-copy the checkpoint")
+                if info.get("transform_descriptors"):
+                    raise MapcError(f"{fqn} is stored with transforms "
+                                    f"{list(info.get('transform_descriptors'))} (e.g. "
+                                    f"compression), which mapc does not read", where=where)
+                rel = PurePosixPath(str(info.get("relative_path")))
+                if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                    raise MapcError(f"storage path '{rel}' of {fqn} leaves the checkpoint",
+                                    where=where)
+                file = self.path / rel
+                if len(offs) != len(shape) or len(sizes) != len(shape) or any(
+                        o < 0 or o + s > d for o, s, d in zip(offs, sizes, shape)):
+                    raise MapcError(f"chunk {list(offs)}+{list(sizes)} of {fqn} does not fit "
+                                    f"its shape {list(shape)}", where=where)
+                chunks.append(_Chunk(offs, sizes, file, int(info.get("offset")),
+                                     int(info.get("length"))))
+            if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
+                raise MapcError(f"the chunks of {fqn} do not cover its shape {list(shape)}",
+                                where=where, hint="the checkpoint is incomplete")
+            tensors[fqn] = (shape, dtype.name, chunks)
+        return self._unnest(tensors, planner)
+
+    @staticmethod
+    def _unnest(tensors: dict, planner: dict) -> dict:
+        """``dcp.save({"model": state_dict})`` flattens keys to ``model.<name>``; when every
+        tensor sits under one such top-level key, name tensors by their key inside it."""
+        paths = [planner.get(fqn) for fqn in tensors]
+        if not tensors or not all(isinstance(p, (tuple, list)) and len(p) == 2
+                                  and all(isinstance(x, str) for x in p) for p in paths):
+            return tensors
+        if len({p[0] for p in paths}) != 1 or len({p[1] for p in paths}) != len(paths):
+            return tensors
+        return {p[1]: t for p, t in zip(paths, tensors.values())}
+
+    def coords(self):
+        return [SINGLE]
+
+    def names(self, coord=SINGLE):
+        return list(self.tensors)
+
+    def _get(self, name):
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MapcError(f"tensor {name} is not in the checkpoint", where=str(self.path)) \
+                from None
+
+    def shape(self, name, coord=SINGLE):
+        return self._get(name)[0]
+
+    def dtype(self, name, coord=SINGLE):
+        return self._get(name)[1]
+
+    def _chunk_ref(self, name, chunk: _Chunk, dtype: str):
+        ref = load_torch_at(chunk.file, chunk.offset, chunk.length, f"chunk of {name}")
+        if not isinstance(ref, torchfile.TensorRef):
+            raise MapcError(f"the stored chunk of {name} is a {type(ref).__name__}, not a "
+                            f"tensor", where=str(chunk.file))
+        if tuple(ref.shape) != chunk.sizes or ref.dtype != dtype:
+            raise MapcError(f"the stored chunk of {name} is {ref.dtype}{list(ref.shape)}, the "
+                            f"metadata says {dtype}{list(chunk.sizes)}", where=str(chunk.file))
+        return ref
+
+    def read(self, name, coord=SINGLE):
+        shape, dtype, chunks = self._get(name)
+        if len(chunks) == 1 and chunks[0].sizes == shape:
+            return self._chunk_ref(name, chunks[0], dtype).map()
+        out = np.empty(shape, torchfile.DTYPES[dtype])
+        for c in chunks:
+            region = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))
+            out[region] = self._chunk_ref(name, c, dtype).read()
+        return out
+
+    def describe_coord(self, coord):
+        return "global tensors"
+
+
+Source = DCPSource
+
+
+# --------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------
+def _torch():
+    try:
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
+        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    except ImportError:
+        raise MapcError("writing a torch.distributed.checkpoint needs torch",
+                        hint="pip install torch (reading one does not)") from None
+    return torch, dcp, FileSystemWriter, DefaultSavePlanner
+
+
+class DCPWriter(Writer):
+    """Stages tensors in one file as they arrive, then saves them with ``dcp.save``."""
+
+    def __init__(self, tmpdir):
+        super().__init__(tmpdir)
+        self.staging = Path(tmpdir) / STAGING
+        self.entries: dict[str, tuple] = {}     # name -> (offset, shape, dtype)
+        self.order: list[str] = []
+        self.file = None
+
+    def begin(self, tensors):
+        _torch()   # fail before any work if torch is missing
+        self.order = [name for _, name, _, _ in tensors]
+        self.dtypes = {dt for *_, dt in tensors}
+        self.file = open(self.staging, "wb")
+
+    def write(self, coord, name, arr):
+        arr = np.ascontiguousarray(arr)
+        offset = self.file.tell()
+        if arr.nbytes:
+            self.file.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        self.entries[name] = (offset, tuple(arr.shape), dtype_name(arr.dtype))
+
+    def _mapped(self, torch, fd, offset, shape, dtype):
+        """A tensor over the staged bytes (a copy-on-write mapping of just its pages: torch
+        wants writable memory; the file is never changed), and that mapping."""
+        tdt = getattr(torch, dtype)
+        nbytes = math.prod(shape) * torchfile.DTYPES[dtype].itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=tdt), None
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(fd, offset - start + nbytes, access=mmap.ACCESS_COPY, offset=start)
+        raw = np.frombuffer(mm, np.uint8, nbytes, offset - start)
+        return torch.from_numpy(raw).view(tdt).reshape(shape), mm
+
+    def finish(self, record: dict):
+        import warnings
+        torch, dcp, FileSystemWriter, DefaultSavePlanner = _torch()
+        self.file.close()
+        missing = [n for n in self.order if n not in self.entries]
+        if missing:
+            raise MapcError(f"internal: {len(missing)} tensors were never written, e.g. "
+                            f"{missing[0]}")
+        state, maps = {}, {}
+        with open(self.staging, "rb") as f:
+            for n in self.order:
+                state[n], maps[n] = self._mapped(torch, f.fileno(), *self.entries[n])
+
+        class Releasing(DefaultSavePlanner):
+            """DCP keeps every written tensor alive until its file is done; drop the pages of
+            the previous one from memory when the next is asked for (they stay in the file)."""
+            last = None
+
+            def resolve_data(self, item):
+                if self.last is not None and hasattr(mmap, "MADV_DONTNEED"):
+                    self.last.madvise(mmap.MADV_DONTNEED)
+                self.last = maps.get(item.index.fqn)
+                return super().resolve_data(item)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "assuming the intent is to save in a single process"
+            dcp.save(state, storage_writer=FileSystemWriter(str(self.dir)),
+                     planner=Releasing(), no_dist=True)
+        del state, maps
+        self.staging.unlink()
+        config = dict(record["config"])
+        if len(self.dtypes) == 1:
+            config["dtype"] = next(iter(self.dtypes))
+        write_json(self.dir / "config.json", config)
+        write_json(self.dir / MAPC_JSON, record)
+
+    def abort(self):
+        if self.file is not None and not self.file.closed:
+            self.file.close()

@@ -1,0 +1,424 @@
+"""NeMo 1 checkpoints: ``.nemo`` tar archives and their unpacked directories.
+
+Files: ``model_config.yaml`` and ``model_weights.ckpt`` (tp = pp = 1),
+``mp_rank_{tp:02d}/model_weights.ckpt`` (pp = 1) or
+``tp_rank_{tp:02d}_pp_rank_{pp:03d}/model_weights.ckpt`` (pp > 1). Each ckpt is a
+``torch.save``'d flat state dict whose keys are the Megatron layout's names prefixed
+``model.`` (``model.decoder.layers.0.self_attention.linear_qkv.weight``, or legacy
+``model.language_model...``), so the Megatron layout of the spec is reused unchanged: this
+container adds and strips the prefix.
+
+A ``.nemo`` is an uncompressed tar of those files (NeMo writes ``tar.add(dir, arcname=".")``).
+Reading one extracts nothing: tar members are stored contiguously, so each ckpt is parsed in
+place and its tensors are mapped from the tar file itself. A gzip-compressed ``.nemo`` (older
+NeMo) cannot be addressed by offset; its config and weights are extracted into a temporary
+directory under the system temp dir, removed when the source is closed.
+
+``model_config.yaml`` is generated from the Megatron layout's ``meta`` through a table that
+renames Megatron arguments to NeMo config keys (file-format knowledge; no model family is
+named here), plus ``tensor_model_parallel_size`` / ``pipeline_model_parallel_size`` and mapc's
+record under the key ``mapc``, so re-conversion needs no flags. Reading inverts the table:
+``format_meta`` is the Megatron-argument view the spec's ``meta`` reads back. NeMo's config
+does not hold the true vocabulary size (that comes from the tokenizer); without mapc's record
+the padded size (``override_vocab_size``, else the embedding's rows) stands in for it.
+
+Output to a path ending in ``.nemo`` is a tar file, otherwise a directory. Files are read and
+written with mapc's own torch-file code: no pickled code runs and torch is not required.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import yaml
+
+from mapc.errors import MapcError
+from mapc.runtime import torchfile
+from mapc.runtime.containers.base import Source, Writer
+from mapc.runtime.containers.dcp import load_torch_at
+from mapc.runtime.containers.megatron import flatten
+
+LAYOUT = "megatron"
+CONFIG = "model_config.yaml"
+WEIGHTS = "model_weights.ckpt"
+PREFIX = "model."
+RECORD_KEY = "mapc"
+SUFFIX = ".nemo"
+_RANK_DIR = re.compile(r"^(?:mp_rank_(\d{2})|tp_rank_(\d{2})_pp_rank_(\d{3}))$")
+_TMP_NAME = re.compile(r"^\.(.+)\.mapc-[^.]*$")   # AtomicOutput's temporary directory name
+
+
+def _same(v):
+    return v
+
+
+# Megatron argument -> (NeMo config key, Megatron value -> NeMo value, NeMo -> Megatron).
+# Megatron arguments without a NeMo key (vocab_size, group_query_attention, ...) are not
+# written: NeMo derives them (the vocabulary comes from the tokenizer).
+_NORMS = {"RMSNorm": "rmsnorm", "LayerNorm": "layernorm"}
+RENAME = {
+    "num_layers": ("num_layers", _same, _same),
+    "hidden_size": ("hidden_size", _same, _same),
+    "ffn_hidden_size": ("ffn_hidden_size", _same, _same),
+    "num_attention_heads": ("num_attention_heads", _same, _same),
+    "num_query_groups": ("num_query_groups", _same, _same),
+    "kv_channels": ("kv_channels", _same, _same),
+    "max_position_embeddings": ("max_position_embeddings", _same, _same),
+    "seq_length": ("encoder_seq_length", _same, _same),
+    "make_vocab_size_divisible_by": ("make_vocab_size_divisible_by", _same, _same),
+    "padded_vocab_size": ("override_vocab_size", _same, _same),
+    "norm_epsilon": ("layernorm_epsilon", _same, _same),
+    "rotary_base": ("rotary_base", _same, _same),
+    "rotary_percent": ("rotary_percentage", _same, _same),
+    "position_embedding_type": ("position_embedding_type", _same, _same),
+    "untie_embeddings_and_output_weights": ("share_embeddings_and_output_weights",
+                                            lambda v: not v, lambda v: not v),
+    "normalization": ("normalization", lambda v: _NORMS.get(v, str(v).lower()),
+                      lambda v: {n.lower(): m for m, n in _NORMS.items()}.get(str(v).lower(),
+                                                                             v)),
+    "swiglu": ("activation", lambda v: "fast-swiglu" if v else "gelu",
+               lambda v: str(v).endswith("swiglu")),
+    "add_bias_linear": ("bias", _same, _same),
+    "add_qkv_bias": ("qkv_bias", _same, _same),
+    "tensor_model_parallel_size": ("tensor_model_parallel_size", _same, _same),
+    "pipeline_model_parallel_size": ("pipeline_model_parallel_size", _same, _same),
+}
+PRECISION = {"bfloat16": "bf16", "float16": 16, "float32": 32}
+TARGET = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"
+
+
+def detect(path: Path) -> bool:
+    if path.is_file():
+        return path.name.endswith(SUFFIX)
+    return path.is_dir() and (path / CONFIG).is_file()
+
+
+def make_writer(tmpdir, program, resolved, options):
+    dst = options.get("dst")
+    if dst is None:     # not passed by this mapc version: recover it from the temp dir name
+        m = _TMP_NAME.match(Path(tmpdir).name)
+        dst = m.group(1) if m else ""
+    return NemoWriter(tmpdir, program.target.mesh, program.target.meta(),
+                      as_tar=str(dst).endswith(SUFFIX))
+
+
+def _rank_of(rel: str):
+    """(tp, pp) of a ``.../model_weights.ckpt`` path relative to the checkpoint root."""
+    parts = rel.split("/")
+    if parts == [WEIGHTS]:
+        return 0, 0
+    if len(parts) == 2 and parts[1] == WEIGHTS:
+        m = _RANK_DIR.match(parts[0])
+        if m:
+            if m.group(1) is not None:
+                return int(m.group(1)), 0
+            return int(m.group(2)), int(m.group(3))
+    return None
+
+
+def rank_dir(tp_rank: int, pp_rank: int, tp: int, pp: int) -> str:
+    if pp > 1:
+        return f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}"
+    return f"mp_rank_{tp_rank:02d}" if tp > 1 else ""
+
+
+def _nemo_config(yaml_text: str, where: str) -> dict:
+    try:
+        cfg = yaml.safe_load(yaml_text)
+    except yaml.YAMLError as e:
+        raise MapcError(f"cannot parse {CONFIG}: {e}", where=where) from None
+    if not isinstance(cfg, dict):
+        raise MapcError(f"{CONFIG} is not a mapping", where=where)
+    if "num_layers" not in cfg and isinstance(cfg.get("model"), dict):
+        cfg = cfg["model"]      # a training run's hparams.yaml nests the model config
+    return cfg
+
+
+def megatron_view(cfg: dict) -> dict:
+    """The Megatron arguments a NeMo config states (the inverse of :data:`RENAME`)."""
+    out = {}
+    for arg, (key, _, back) in RENAME.items():
+        if cfg.get(key) is not None:
+            out[arg] = back(cfg[key])
+    return out
+
+
+class NemoSource(Source):
+    format = "nemo"
+    layout = "megatron"
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._tmp = None
+        try:
+            if self.path.is_file():
+                yaml_text, files = self._open_tar()
+            else:
+                yaml_text, files = self._open_dir()
+            self._setup(yaml_text, files)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- locating the files --
+    def _open_dir(self):
+        if (self.path / "model_weights").is_dir():
+            raise MapcError("this is a distributed (torch_dist / zarr) NeMo checkpoint "
+                            "(model_weights/ directory), which mapc does not read",
+                            where=str(self.path))
+        files = {}
+        for p in [self.path / WEIGHTS, *sorted(self.path.glob("*/" + WEIGHTS))]:
+            if p.is_file():
+                rank = _rank_of(p.relative_to(self.path).as_posix())
+                if rank is not None:
+                    files[rank] = (p, 0, None)
+        try:
+            text = (self.path / CONFIG).read_text()
+        except OSError as e:
+            raise MapcError(f"cannot read {CONFIG}: {e.strerror or e}", where=str(self.path)) \
+                from None
+        return text, files
+
+    def _open_tar(self):
+        try:
+            tar = tarfile.open(self.path, "r:")
+        except tarfile.ReadError:
+            return self._extract_compressed()
+        except OSError as e:
+            raise MapcError(f"cannot read: {e.strerror or e}", where=str(self.path)) from None
+        with tar:
+            text, files = None, {}
+            for m in tar:
+                rel = os.path.normpath(m.name).lstrip("/")
+                if rel == CONFIG and m.isreg():
+                    text = tar.extractfile(m).read().decode("utf-8", "replace")
+                rank = _rank_of(rel) if m.isreg() else None
+                if rank is not None:
+                    if m.issparse():
+                        raise MapcError(f"{rel} is a sparse tar member", where=str(self.path))
+                    files[rank] = (self.path, m.offset_data, m.size)
+                elif rel.startswith("model_weights/"):
+                    raise MapcError("this is a distributed (torch_dist / zarr) NeMo "
+                                    "checkpoint, which mapc does not read", where=str(self.path))
+        if text is None:
+            raise MapcError(f"no {CONFIG} in the archive", where=str(self.path),
+                            hint="is this a NeMo 1 .nemo file?")
+        return text, files
+
+    def _extract_compressed(self):
+        """A compressed .nemo cannot be read in place: copy out the config and weights."""
+        try:
+            tar = tarfile.open(self.path, "r:*")
+        except (tarfile.TarError, OSError) as e:
+            raise MapcError(f"not a .nemo archive (a tar file): {e}", where=str(self.path)) \
+                from None
+        self._tmp = Path(tempfile.mkdtemp(prefix="mapc-nemo-"))
+        text, files = None, {}
+        with tar:
+            for m in tar:
+                if not m.isreg():
+                    continue
+                rel = os.path.normpath(m.name).lstrip("/")
+                if rel == CONFIG:
+                    text = tar.extractfile(m).read().decode("utf-8", "replace")
+                rank = _rank_of(rel)
+                if rank is not None:   # our own file name: nothing from the archive is a path
+                    dst = self._tmp / f"{rank[0]}_{rank[1]}.ckpt"
+                    with tar.extractfile(m) as src, open(dst, "wb") as out:
+                        shutil.copyfileobj(src, out, 16 << 20)
+                    files[rank] = (dst, 0, None)
+        if text is None:
+            raise MapcError(f"no {CONFIG} in the archive", where=str(self.path))
+        return text, files
+
+    def _setup(self, yaml_text, files):
+        where = str(self.path)
+        if not files:
+            raise MapcError(f"no {WEIGHTS} files", where=where)
+        tp = max(t for t, _ in files) + 1
+        pp = max(p for _, p in files) + 1
+        missing = [rank_dir(t, p, tp, pp) or WEIGHTS for t in range(tp) for p in range(pp)
+                   if (t, p) not in files]
+        if missing:
+            raise MapcError(f"missing shard files: {', '.join(missing)}", where=where,
+                            hint="copy the complete checkpoint")
+        self.topology = {"tp": tp, "pp": pp}
+        self.files = {(("tp", t), ("pp", p)): f for (t, p), f in files.items()}
+        self.nemo_config = _nemo_config(yaml_text, where)
+        record = self.nemo_config.get(RECORD_KEY)
+        if isinstance(record, dict):
+            self.record = record
+        self.config = self.record.get("config")
+        self._tensors: dict = {}
+        self.format_meta = megatron_view(self.nemo_config)
+        if "vocab_size" not in self.format_meta:
+            padded = self.format_meta.get("padded_vocab_size") or self._embedding_rows()
+            if padded:
+                self.format_meta["vocab_size"] = padded
+
+    def _embedding_rows(self):
+        """The padded vocabulary, from the first stage's word embedding (Megatron names)."""
+        coord = (("tp", 0), ("pp", 0))
+        rows = [ref.shape[0] for name, ref in self._load(coord).items()
+                if name.endswith("word_embeddings.weight") and ref.ndim == 2]
+        return rows[0] * self.topology["tp"] if rows else None
+
+    def _load(self, coord):
+        if coord not in self._tensors:
+            path, offset, size = self.files[coord]
+            if size is None:
+                obj = torchfile.load(path)
+            else:
+                obj = load_torch_at(path, offset, size, self.describe_coord(coord))
+            if not isinstance(obj, dict):
+                raise MapcError("not a NeMo weights file (not a state dict)",
+                                where=self._where(coord))
+            if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+                obj = obj["state_dict"]    # a training (.ckpt) file rather than weights
+            flat = OrderedDict()
+            for key, value in flatten(obj).items():
+                if key.endswith("_extra_state") or not isinstance(value, torchfile.TensorRef):
+                    continue
+                flat[key[len(PREFIX):] if key.startswith(PREFIX) else key] = value
+            self._tensors[coord] = flat
+        return self._tensors[coord]
+
+    def _where(self, coord):
+        return f"{self.path} {self.describe_coord(coord)}"
+
+    def coords(self):
+        return list(self.files)
+
+    def names(self, coord):
+        return list(self._load(coord))
+
+    def _ref(self, name, coord):
+        try:
+            return self._load(coord)[name]
+        except KeyError:
+            raise MapcError(f"tensor {PREFIX}{name} is not in the checkpoint",
+                            where=self._where(coord)) from None
+
+    def shape(self, name, coord):
+        return tuple(self._ref(name, coord).shape)
+
+    def dtype(self, name, coord):
+        return self._ref(name, coord).dtype
+
+    def read(self, name, coord):
+        return self._ref(name, coord).map()
+
+    def describe_coord(self, coord):
+        c = dict(coord)
+        d = rank_dir(c["tp"], c["pp"], self.topology["tp"], self.topology["pp"])
+        return f"{d}/{WEIGHTS}" if d else WEIGHTS
+
+    def close(self):
+        self._tensors = {}
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+Source = NemoSource
+
+
+class NemoWriter(Writer):
+    """Writes the directory form; with ``as_tar``, packs it into a ``.nemo`` tar at the end
+    and leaves that file at the temporary path, which AtomicOutput renames into place."""
+
+    def __init__(self, tmpdir, topology: dict, meta: dict, as_tar: bool = False):
+        super().__init__(Path(tmpdir))
+        self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1)
+        self.meta = meta
+        self.as_tar = as_tar
+        self.writers = {}
+        self.order = {}
+        self.tar_path = None
+
+    def _path(self, coord) -> Path:
+        c = dict(coord)
+        d = rank_dir(c["tp"], c.get("pp", 0), self.tp, self.pp)
+        return (self.dir / d / WEIGHTS) if d else self.dir / WEIGHTS
+
+    def begin(self, tensors):
+        for coord, name, shape, dt in tensors:
+            self.order.setdefault(coord, []).append(name)
+        self.dtypes = {dt for *_, dt in tensors}
+        self.names = {name for _, name, _, _ in tensors}
+        for coord in self.order:
+            path = self._path(coord)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writers[coord] = (torchfile.TorchWriter(path), {})
+
+    def write(self, coord, name, arr):
+        w, placeholders = self.writers[coord]
+        placeholders[name] = w.add_tensor(arr)
+
+    def config(self, record: dict) -> dict:
+        """``model_config.yaml``: the layout's meta renamed to NeMo keys, plus the record."""
+        cfg: dict = {"mcore_gpt": not any(n.startswith("language_model.") for n in self.names)}
+        if any(n.endswith(".layer_norm_weight") for n in self.names):
+            cfg["transformer_engine"] = True      # norms fused into TE linears
+        meta = dict(self.meta, tensor_model_parallel_size=self.tp,
+                    pipeline_model_parallel_size=self.pp)
+        for arg, value in meta.items():
+            if arg in RENAME and value is not None:
+                key, fwd, _ = RENAME[arg]
+                cfg[key] = fwd(value)
+        if len(self.dtypes) == 1 and next(iter(self.dtypes)) in PRECISION:
+            cfg["precision"] = PRECISION[next(iter(self.dtypes))]
+        cfg["target"] = TARGET
+        cfg[RECORD_KEY] = json.loads(json.dumps(record))   # plain YAML types only
+        return cfg
+
+    def finish(self, record: dict):
+        for coord, (w, placeholders) in self.writers.items():
+            w.finish(OrderedDict((PREFIX + n, placeholders[n]) for n in self.order[coord]))
+        (self.dir / CONFIG).write_text(yaml.safe_dump(self.config(record), sort_keys=False))
+        if self.as_tar:
+            self._pack()
+
+    def _pack(self):
+        """Tar the directory (as NeMo does: members ``./...``), then put the tar file where
+        the directory was. Each file is deleted once packed, bounding the extra disk use."""
+        tar_path = self.dir.with_name(self.dir.name + ".tar-partial")
+        self.tar_path = tar_path
+        files = sorted(p for p in self.dir.rglob("*") if p.is_file())
+        dirs = sorted({p.parent for p in files} - {self.dir})
+        with tarfile.open(tar_path, "w:", format=tarfile.PAX_FORMAT) as tar:
+            tar.addfile(self._info(".", tarfile.DIRTYPE, 0))
+            for d in dirs:
+                tar.addfile(self._info("./" + d.relative_to(self.dir).as_posix(),
+                                       tarfile.DIRTYPE, 0))
+            for p in [self.dir / CONFIG] + [f for f in files if f.name != CONFIG]:
+                info = self._info("./" + p.relative_to(self.dir).as_posix(), tarfile.REGTYPE,
+                                  p.stat().st_size)
+                with open(p, "rb") as f:
+                    tar.addfile(info, f)
+                p.unlink()
+        shutil.rmtree(self.dir)
+        os.rename(tar_path, self.dir)
+        self.tar_path = None
+
+    @staticmethod
+    def _info(name, kind, size):
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.mtime = kind, size, 0
+        info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+        return info
+
+    def abort(self):
+        for w, _ in self.writers.values():
+            w.abort()
+        if self.tar_path is not None:
+            try:
+                self.tar_path.unlink()
+            except FileNotFoundError:
+                pass
