@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MAPC_VENV:-.venv}
 TORCH_VERSION=2.13.0
+DEEPSPEED_VERSION=0.19.8
 stamp_src=$(cat pyproject.toml requirements/dev.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$VENV/.mapc-stamp" ] && [ "$(cat "$VENV/.mapc-stamp")" = "$stamp_src" ]; then
   exit 0
@@ -16,6 +17,11 @@ PY="$VENV/bin/python"
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels.
 "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
 "$PY" -m pip install --quiet -r requirements/dev.txt "torch==$TORCH_VERSION"
+# DeepSpeed (ground truth for ZeRO checkpoints, tests/groundtruth/) after torch: its setup.py
+# imports torch (hence no build isolation), --no-deps keeps pip from resolving torch again (a
+# CUDA build); its runtime requirements are pinned in requirements/dev.txt. DS_BUILD_OPS=0:
+# no C++ ops are prebuilt (none is needed on CPU with a torch optimizer).
+DS_BUILD_OPS=0 "$PY" -m pip install --quiet --no-deps --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
 "$PY" -m pip install --quiet -e . "torch==$TORCH_VERSION"
 "$PY" -m pip check >/dev/null || { "$PY" -m pip check >&2 || true; }
 echo "$stamp_src" > "$VENV/.mapc-stamp"
