@@ -36,9 +36,11 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "min": min,
     "max": max,
     "ceil_div": lambda a, b: -(-a // b),
+    "float": float,
+    "int": int,
 }
 ARITY: dict[str, tuple[int, ...]] = {"round_up": (2,), "min": (2, 3, 4), "max": (2, 3, 4),
-                                     "ceil_div": (2,)}
+                                     "ceil_div": (2,), "float": (1,), "int": (1,)}
 
 
 def symbols(e) -> set[str]:

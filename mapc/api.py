@@ -78,6 +78,8 @@ def _invert_meta(spec: Spec, layout: dict, meta: dict):
         value, e = meta[m["key"]], m["expr"]
         if e[0] == "op" and e[1] == "not" and e[2][0] == "sym":
             value, e = (not value), e[2]
+        if e[0] == "call" and e[1] in ("float", "int") and len(e) == 3 and e[2][0] == "sym":
+            e = e[2]     # a type conversion on write reads back as the plain value
         if e[0] != "sym":
             continue
         if e[1] in syms:
@@ -112,41 +114,22 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
             source.layout else {}
         given.update(inv_params)
         given.update(params or {})
+        envs = []
         try:
             if config is not None:
-                env = bind_config(sp, config)
-                canonical = dict(config)
+                envs.append((bind_config(sp, config), dict(config)))
             else:
-                env = bind_config(sp, config_from_env(sp, inv_env))
-                canonical = _constructed_config(sp, env)
+                for guess in _boolean_guesses(sp, inv_env):
+                    env = bind_config(sp, config_from_env(sp, inv_env | guess))
+                    envs.append((env, _constructed_config(sp, env)))
         except MapcError as e:
             errors.append(f"{sp.family}: {e}")
             continue
-        free = [p for p in layout["params"] if p["name"] not in given]
-        tried = []
-        for combo in itertools.product(*(_candidates(p) for p in free)):
-            trial = dict(given)
-            trial.update({p["name"]: v for p, v in zip(free, combo)})
-            try:
-                plan = plan_layout(sp, source.layout, env, source.topology, trial)
-            except MapcError as e:
-                errors.append(f"{sp.family} {trial}: {e}")
-                continue
-            tried.append(trial)
-            if _plan_matches(plan, source):
-                extra = _unplanned(plan, source)
-                if not extra:
-                    if not _shapes_match(plan, source):
-                        shape_misses.append(plan)
-                        continue
-                    return Resolved(source, sp, env, canonical, plan,
-                                    warnings + list(getattr(source, "warnings", [])))
-                partial.append((sp, extra))
-        if tried and not any(p is sp for p, _ in partial):
-            plan = plan_layout(sp, source.layout, env, source.topology, tried[0])
-            missing = _missing(plan, source)
-            errors.append(f"{sp.family}: the checkpoint lacks {len(missing)} expected tensors, "
-                          f"e.g. {missing[0]}")
+        for env, canonical in envs:
+            found = _resolve_params(sp, layout, source, env, canonical, given, warnings, errors,
+                                    partial, shape_misses)
+            if found is not None:
+                return found
     if shape_misses:
         _check_shapes(shape_misses[0], source)   # raises, naming the first mismatch
     if partial:
@@ -159,6 +142,54 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
     raise MapcError(f"cannot match {source.path} ({source.format}) to a spec: {detail}; "
                     f"pass --spec FILE.map, or --config CONFIG.json if the checkpoint lacks "
                     f"its model config")
+
+
+def _resolve_params(sp, layout, source, env, canonical, given, warnings, errors, partial,
+                    shape_misses):
+    """Try the layout parameters the checkpoint does not state; the plan whose names and
+    shapes match the checkpoint exactly wins."""
+    free = [p for p in layout["params"] if p["name"] not in given]
+    tried = []
+    for combo in itertools.product(*(_candidates(p) for p in free)):
+        trial = dict(given)
+        trial.update({p["name"]: v for p, v in zip(free, combo)})
+        try:
+            plan = plan_layout(sp, source.layout, env, source.topology, trial)
+        except MapcError as e:
+            errors.append(f"{sp.family} {trial}: {e}")
+            continue
+        tried.append(trial)
+        if _plan_matches(plan, source):
+            extra = _unplanned(plan, source)
+            if not extra:
+                if not _shapes_match(plan, source):
+                    shape_misses.append(plan)
+                    continue
+                return Resolved(source, sp, env, canonical, plan,
+                                warnings + list(getattr(source, "warnings", [])))
+            partial.append((sp, extra))
+    if tried and not any(p is sp for p, _ in partial):
+        plan = plan_layout(sp, source.layout, env, source.topology, tried[0])
+        missing = _missing(plan, source)
+        if missing:
+            errors.append(f"{sp.family}: the checkpoint lacks {len(missing)} expected tensors, "
+                          f"e.g. {missing[0]}")
+    return None
+
+
+def _boolean_guesses(sp, stated: dict) -> list[dict]:
+    """Boolean config symbols a format's metadata does not state (e.g. tied embeddings in
+    GGUF, which only shows as a missing output tensor): their default first, then the rest."""
+    flags = [c["name"] for c in sp.ir["config"] if c["name"] not in stated
+             and c["default"] is not None and c["default"][0] == "bool"]
+    guesses = [{}]
+    for name in flags[:3]:
+        guesses += [g | {name: not _default_bool(sp, name)} for g in guesses]
+    return guesses
+
+
+def _default_bool(sp, name):
+    return next(c["default"][1] for c in sp.ir["config"] if c["name"] == name)
 
 
 def _candidates(param: dict) -> list:
@@ -319,8 +350,11 @@ def inspect(path, *, source_format=None, spec=None, config=None) -> dict:
     from mapc.runtime.backends import DTYPES
     source = open_source(path, source_format)
     try:
-        info = {"path": str(path), "format": source.format, "topology": source.topology or
-                {}, "family": None, "params": None, "config": None}
+        topology = dict(source.topology or {})
+        if getattr(source, "dp", None):          # ZeRO data parallelism (container level)
+            topology["dp"] = source.dp
+        info = {"path": str(path), "format": source.format, "topology": topology,
+                "family": None, "params": None, "config": None}
         try:
             res = resolve(source, spec=spec, config=config)
             info.update(family=res.spec.family, params=res.plan.params,

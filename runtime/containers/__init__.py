@@ -46,11 +46,17 @@ def module(fmt: str):
 FORMATS = MODULES  # the names users may pass to --to / --from
 
 
+# Most specific first: a training checkpoint may also hold a config.json and safetensors files
+# (e.g. exported weights), so hf, the loosest test, comes last.
+DETECT_ORDER = ("deepspeed", "universal", "neox", "nemo", "nxdt", "megatron", "gguf", "dcp",
+                "hf")
+
+
 def detect_format(path) -> str:
     p = Path(path)
     if not p.exists():
         raise MapcError(f"{path} does not exist")
-    found = [name for name in MODULES if available(name) and module(name).detect(p)]
+    found = [name for name in DETECT_ORDER if available(name) and module(name).detect(p)]
     if not found:
         raise MapcError(f"cannot tell the format of {path}",
                         hint="known formats: " + ", ".join(MODULES)
