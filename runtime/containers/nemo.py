@@ -40,7 +40,7 @@ import yaml
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from mapc.runtime.containers.base import Source, Writer
+from mapc.runtime.containers.base import coord_key, Source, Writer
 from mapc.runtime.containers.dcp import load_torch_at
 from mapc.runtime.containers.megatron import flatten
 
@@ -269,7 +269,15 @@ class NemoSource(Source):
                 if name.endswith("word_embeddings.weight") and ref.ndim == 2]
         return rows[0] * self.topology["tp"] if rows else None
 
+    def _canon(self, coord):
+        """The files' own key for a coordinate of any layout (extra axes of rank 0 ignored)."""
+        keys = getattr(self, "_keys", None)
+        if keys is None:
+            keys = self._keys = {coord_key(c): c for c in self.files}
+        return keys.get(coord_key(coord), coord)
+
     def _load(self, coord):
+        coord = self._canon(coord)
         if coord not in self._tensors:
             path, offset, size = self.files[coord]
             if size is None:
@@ -315,7 +323,7 @@ class NemoSource(Source):
         return self._ref(name, coord).map()
 
     def describe_coord(self, coord):
-        c = dict(coord)
+        c = dict(self._canon(coord))
         d = rank_dir(c["tp"], c["pp"], self.topology["tp"], self.topology["pp"])
         return f"{d}/{WEIGHTS}" if d else WEIGHTS
 
