@@ -1216,12 +1216,19 @@ class TorchWriter:
     manager, the partial file is deleted if the block exits without ``finish``.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, fileobj: Any = None):
+        """Write to ``path``; or, given ``fileobj`` (a seekable binary file such as BytesIO),
+        into it (it is left open; ``path`` then only names it in messages)."""
         self.path = Path(path)
-        try:
-            self._file = open(self.path, "wb")
-        except OSError as e:
-            raise MapcError(f"cannot create checkpoint: {e.strerror or e}", where=str(self.path)) from None
+        self._owns_file = fileobj is None
+        if fileobj is not None:
+            self._file = fileobj
+        else:
+            try:
+                self._file = open(self.path, "wb")
+            except OSError as e:
+                raise MapcError(f"cannot create checkpoint: {e.strerror or e}",
+                                where=str(self.path)) from None
         self._entries: list[_ZipEntry] = []
         self._placeholders: dict[str, TensorPlaceholder] = {}
         self._closed = False
@@ -1279,7 +1286,8 @@ class TorchWriter:
             for name, data in records:
                 self._write_member(f"{_ARCHIVE}/{name}", [memoryview(data)], len(data))
             self._write_directory()
-            self._file.close()
+            if self._owns_file:
+                self._file.close()
             self._closed = True
         except BaseException:
             self.abort()
@@ -1289,7 +1297,10 @@ class TorchWriter:
         """Close and delete the partial file (safe to call more than once)."""
         if not self._closed:
             self._closed = True
-            self._file.close()
+            if self._owns_file:
+                self._file.close()
+        if not self._owns_file:
+            return
         try:
             self.path.unlink()
         except FileNotFoundError:

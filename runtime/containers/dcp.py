@@ -14,21 +14,17 @@ parsed in place (:func:`load_torch_at`) and its bytes are mapped lazily, one ten
 A tensor stored as several chunks (e.g. saved from FSDP or from a sharded ``DTensor``) is
 assembled into its global shape when read.
 
-Writing uses torch's own ``dcp.save`` with a ``FileSystemWriter``, in one process with no
-process group. DCP needs every tensor of a rank at save time and its writer keeps each
-written tensor alive until its file is complete, so mapc streams tensors into a staging file
-in the output directory as they are built and, at the end, hands ``dcp.save`` tensors that
-are memory-mapped views of that file; a planner drops each tensor's pages from memory once
-the next one is requested. Memory stays bounded by about one tensor, but every byte is
-written twice and the output directory temporarily needs about twice the model's size on
-disk (the staging file is deleted at the end). Torch is imported only by the writer.
+Writing needs no torch either: each tensor becomes its own torch-format archive (mapc's
+TorchWriter) appended to ``__0_0.distcp`` as soon as it is built, and ``.metadata`` is pickled
+at the end by a tiny writer that names torch's metadata classes as globals, exactly as pickling
+the real objects does. ``torch.distributed.checkpoint.load`` and ``dcp_to_torch_save`` read the
+result (tested). Memory is bounded by one tensor.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
-import mmap
 import os
 import pickle
 import zipfile
@@ -458,83 +454,164 @@ Source = DCPSource
 # --------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------
-def _torch():
-    try:
-        import torch
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemWriter
-        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-    except ImportError:
-        raise MapcError("writing a torch.distributed.checkpoint needs torch",
-                        hint="pip install torch (reading one does not)") from None
-    return torch, dcp, FileSystemWriter, DefaultSavePlanner
+class _MetadataPickler:
+    """Writes DCP's ``.metadata`` pickle without torch: the few classes it references
+    (Metadata, TensorStorageMetadata, TensorProperties, ChunkStorageMetadata, MetadataIndex,
+    _StorageInfo, StorageMeta, torch.Size, dtypes) are emitted as globals by name, each
+    dataclass as NEWOBJ + BUILD of its fields, exactly as pickling torch's own objects does."""
+
+    MD = "torch.distributed.checkpoint.metadata"
+
+    def __init__(self):
+        self.out = bytearray(b"\x80\x02")          # PROTO 2
+
+    def dumps(self, obj) -> bytes:
+        self.value(obj)
+        self.out += b"."
+        return bytes(self.out)
+
+    def global_(self, module, name):
+        self.out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+    def dataclass(self, module, name, fields: dict):
+        self.global_(module, name)
+        self.out += b")\x81"                        # EMPTY_TUPLE NEWOBJ
+        self.value(fields)
+        self.out += b"b"                             # BUILD
+
+    def reduce(self, module, name, *args):
+        self.global_(module, name)
+        self.value(tuple(args))
+        self.out += b"R"
+
+    def value(self, v):
+        if isinstance(v, _Emit):
+            v.emit(self)
+        elif v is None:
+            self.out += b"N"
+        elif v is True or v is False:
+            self.out += b"\x88" if v else b"\x89"
+        elif isinstance(v, int):
+            if -2**31 <= v < 2**31:
+                self.out += b"J" + v.to_bytes(4, "little", signed=True)
+            else:
+                raw = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+                self.out += b"\x8a" + bytes([len(raw)]) + raw
+        elif isinstance(v, str):
+            raw = v.encode()
+            self.out += b"X" + len(raw).to_bytes(4, "little") + raw
+        elif isinstance(v, tuple):
+            self.out += b"("
+            for x in v:
+                self.value(x)
+            self.out += b"t"
+        elif isinstance(v, list):
+            self.out += b"]("
+            for x in v:
+                self.value(x)
+            self.out += b"e"
+        elif isinstance(v, dict):
+            self.out += b"}("
+            for k, x in v.items():
+                self.value(k)
+                self.value(x)
+            self.out += b"u"
+        else:
+            raise MapcError(f"internal: cannot write {type(v).__name__} into DCP metadata")
+
+
+class _Emit:
+    def __init__(self, fn):
+        self.emit = fn
+
+
+def _size(dims):
+    return _Emit(lambda p: p.reduce("torch", "Size", tuple(dims)))
+
+
+def _tensor_metadata(shape, dtype):
+    md = _MetadataPickler.MD
+
+    def properties(p):
+        p.global_(md, "TensorProperties")
+        p.out += b")\x81"
+        p.out += b"("
+        p.global_("torch", dtype)                                 # dtype
+        p.reduce("torch.serialization", "_get_layout", "torch.strided")
+        p.value(False)                                            # requires_grad
+        p.reduce(md, "_MEM_FORMAT_ENCODING", 0)                   # torch.contiguous_format
+        p.value(False)                                            # pin_memory
+        p.out += b"tb"
+    zeros = _size([0] * len(shape))
+    return _Emit(lambda p: p.dataclass(md, "TensorStorageMetadata", {
+        "properties": _Emit(properties), "size": _size(shape),
+        "chunks": [_Emit(lambda q: q.dataclass(md, "ChunkStorageMetadata",
+                                               {"offsets": zeros, "sizes": _size(shape)}))]}))
+
+
+def write_metadata(path: Path, entries: dict, relative: str) -> None:
+    """``entries``: fqn -> (offset, length, shape, dtype) of each tensor's archive in
+    ``relative`` (a .distcp file beside ``path``)."""
+    import uuid
+    md = _MetadataPickler.MD
+    storage = {}
+    for fqn, (offset, length, shape, _) in entries.items():
+        key = _Emit(lambda p, fqn=fqn, shape=shape: p.dataclass(md, "MetadataIndex", {
+            "fqn": fqn, "index": 0, "offset": _size([0] * len(shape))}))
+        storage[key] = _Emit(lambda p, offset=offset, length=length: p.dataclass(
+            "torch.distributed.checkpoint.filesystem", "_StorageInfo",
+            {"relative_path": relative, "offset": offset, "length": length,
+             "transform_descriptors": None}))
+    meta = _Emit(lambda p: p.dataclass(md, "Metadata", {
+        "state_dict_metadata": {fqn: _tensor_metadata(shape, dt)
+                                for fqn, (_, _, shape, dt) in entries.items()},
+        "planner_data": {fqn: (fqn,) for fqn in entries},
+        "storage_data": storage,
+        "storage_meta": _Emit(lambda q: q.dataclass(
+            md, "StorageMeta",
+            {"checkpoint_id": None, "save_id": str(uuid.uuid4()), "load_id": None,
+             "modules": []})),
+        "version": "1.0.0"}))
+    Path(path).write_bytes(_MetadataPickler().dumps(meta))
 
 
 class DCPWriter(Writer):
-    """Stages tensors in one file as they arrive, then saves them with ``dcp.save``."""
+    """Writes a single-rank DCP checkpoint without torch, streaming: every tensor becomes its
+    own torch-format archive appended to ``__0_0.distcp`` as soon as it arrives; ``.metadata``
+    is written at the end."""
+
+    DATA = "__0_0" + SUFFIX
 
     def __init__(self, tmpdir):
         super().__init__(tmpdir)
-        self.staging = Path(tmpdir) / STAGING
-        self.entries: dict[str, tuple] = {}     # name -> (offset, shape, dtype)
+        self.entries: dict[str, tuple] = {}
         self.order: list[str] = []
         self.file = None
 
     def begin(self, tensors):
-        _torch()   # fail before any work if torch is missing
         self.order = [name for _, name, _, _ in tensors]
         self.dtypes = {dt for *_, dt in tensors}
-        self.file = open(self.staging, "wb")
+        self.file = open(self.dir / self.DATA, "wb")
 
     def write(self, coord, name, arr):
-        arr = np.ascontiguousarray(arr)
+        buf = io.BytesIO()
+        w = torchfile.TorchWriter(self.dir / self.DATA, fileobj=buf)
+        w.finish(w.add_tensor(np.ascontiguousarray(arr)))
         offset = self.file.tell()
-        if arr.nbytes:
-            self.file.write(memoryview(arr.reshape(-1).view(np.uint8)))
-        self.entries[name] = (offset, tuple(arr.shape), dtype_name(arr.dtype))
-
-    def _mapped(self, torch, fd, offset, shape, dtype):
-        """A tensor over the staged bytes (a copy-on-write mapping of just its pages: torch
-        wants writable memory; the file is never changed), and that mapping."""
-        tdt = getattr(torch, dtype)
-        nbytes = math.prod(shape) * torchfile.DTYPES[dtype].itemsize
-        if nbytes == 0:
-            return torch.empty(shape, dtype=tdt), None
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        mm = mmap.mmap(fd, offset - start + nbytes, access=mmap.ACCESS_COPY, offset=start)
-        raw = np.frombuffer(mm, np.uint8, nbytes, offset - start)
-        return torch.from_numpy(raw).view(tdt).reshape(shape), mm
+        try:
+            self.file.write(buf.getbuffer())
+        except OSError as e:
+            raise MapcError(f"cannot write: {e.strerror}", where=str(self.dir / self.DATA),
+                            hint="free disk space or choose another destination") from None
+        self.entries[name] = (offset, buf.tell(), tuple(arr.shape), dtype_name(arr.dtype))
 
     def finish(self, record: dict):
-        import warnings
-        torch, dcp, FileSystemWriter, DefaultSavePlanner = _torch()
         self.file.close()
         missing = [n for n in self.order if n not in self.entries]
         if missing:
             raise MapcError(f"internal: {len(missing)} tensors were never written, e.g. "
                             f"{missing[0]}")
-        state, maps = {}, {}
-        with open(self.staging, "rb") as f:
-            for n in self.order:
-                state[n], maps[n] = self._mapped(torch, f.fileno(), *self.entries[n])
-
-        class Releasing(DefaultSavePlanner):
-            """DCP keeps every written tensor alive until its file is done; drop the pages of
-            the previous one from memory when the next is asked for (they stay in the file)."""
-            last = None
-
-            def resolve_data(self, item):
-                if self.last is not None and hasattr(mmap, "MADV_DONTNEED"):
-                    self.last.madvise(mmap.MADV_DONTNEED)
-                self.last = maps.get(item.index.fqn)
-                return super().resolve_data(item)
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # "assuming the intent is to save in a single process"
-            dcp.save(state, storage_writer=FileSystemWriter(str(self.dir)),
-                     planner=Releasing(), no_dist=True)
-        del state, maps
-        self.staging.unlink()
+        write_metadata(self.dir / METADATA, {n: self.entries[n] for n in self.order}, self.DATA)
         config = dict(record["config"])
         if len(self.dtypes) == 1:
             config["dtype"] = next(iter(self.dtypes))
