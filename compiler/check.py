@@ -126,7 +126,7 @@ def _no_duplicates(items, what):
 
 
 def _known_hint(syms) -> str:
-    return "known: " + ", ".join(sorted(syms))
+    return "known: " + (", ".join(sorted(syms)) or "none yet")
 
 
 def _known(e, syms, at, what):

@@ -284,7 +284,7 @@ def _stage(rule, decl, index, pipe, pp, env):
         count = evaluate(decl["count"], env, decl["at"])
         if count % pp:
             raise error_at(pipe["at"], f"pp={pp} does not divide the {count} entries of "
-                           f"{decl['group']}", hint="choose a pp that divides it")
+                           f"{decl['group']}", hint=f"choose pp dividing {count}")
         per = count // pp
         return index // per, index % per
     if rule["stage"] == "last":
@@ -367,7 +367,7 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                 prod_desc = " * ".join(f"{x}={local[x]}" for x in s["factors"])
                 raise error_at(s["at"], f"{m}={n} does not divide {prod_desc} of "
                                f"{rule['name']!r} into whole blocks",
-                               hint=f"choose a {m} that divides {prod(local[x] for x in s['factors'])}")
+                               hint=f"choose {m} dividing {prod(local[x] for x in s['factors'])}")
             parts.append((name, take))
             local[name] = size // take
             remaining //= take
@@ -375,7 +375,7 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
             total = prod(whole[x][1] for x in s["factors"])
             raise error_at(s["at"], f"{m}={n} does not divide "
                            f"{' * '.join(s['factors'])}={total} of {rule['name']!r}",
-                           hint=f"choose a {m} that divides {total}")
+                           hint=f"choose {m} dividing {total}")
         for k, (name, take) in enumerate(parts):
             stride = prod(t for _, t in parts[k + 1:])
             label = m if len(parts) == 1 else f"{m}#{k}"

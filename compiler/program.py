@@ -33,6 +33,16 @@ class Program:
             out.setdefault(coord, []).append((name, inst))
         return dict(sorted(out.items(), key=lambda kv: tuple(i for _, i in kv[0])))
 
+    def _shard_label(self, inst: Instance, coord, name) -> str:
+        """Which slice of the recipe a physical tensor is: its mesh ranks and each-indices."""
+        for rc, c, n in inst.shards:
+            if c == coord and n == name:
+                axes, names = inst.recipe.place(rc)
+                parts = [f"{a}={i}" for a, i in axes.items()] + \
+                    [f"{v}={i}" for v, i in names.items()]
+                return f"[{','.join(parts)}]" if parts else ""
+        return ""
+
     def pretty(self, file_names=None) -> str:
         """The program as text: recipes once each, then every output shard's tensors."""
         lines = [f"program {self.source.spec.family}: {self.source.describe()} -> "
@@ -56,9 +66,8 @@ class Program:
             for name, inst in tensors:
                 label = recipes[id(inst.recipe)][0]
                 args = ", ".join(inst.members.values())
-                rank = ",".join(f"{a}={i}" for a, i in coord if a in dict(inst.recipe.mesh))
                 lines.append(f"  {name} {list(inst.recipe.shard_shape)} = {label}({args})"
-                             + (f"[{rank}]" if rank else "")
+                             + self._shard_label(inst, coord, name)
                              + ("  # copy" if inst.copy else ""))
         return "\n".join(lines)
 

@@ -165,8 +165,9 @@ def _resolve_params(sp, layout, source, env, canonical, given, warnings, errors,
                 if not _shapes_match(plan, source):
                     shape_misses.append(plan)
                     continue
+                notes = _ambiguity(sp, source, env, trial, free, plan)
                 return Resolved(source, sp, env, canonical, plan,
-                                warnings + list(getattr(source, "warnings", [])))
+                                warnings + notes + list(getattr(source, "warnings", [])))
             partial.append((sp, extra))
     if tried and not any(p is sp for p, _ in partial):
         plan = plan_layout(sp, source.layout, env, source.topology, tried[0])
@@ -175,6 +176,62 @@ def _resolve_params(sp, layout, source, env, canonical, given, warnings, errors,
             errors.append(f"{sp.family}: the checkpoint lacks {len(missing)} expected tensors, "
                           f"e.g. {missing[0]}")
     return None
+
+
+def _ambiguity(sp, source, env, chosen: dict, free: list, plan) -> list[str]:
+    """Other values of the guessed parameters that fit the checkpoint just as well but would
+    read it differently (e.g. NxD trn1 vs trn2 replication): say which one was taken."""
+    notes = []
+    for p in free:
+        for value in _candidates(p):
+            if value == chosen[p["name"]]:
+                continue
+            trial = dict(chosen, **{p["name"]: value})
+            try:
+                other = plan_layout(sp, source.layout, env, source.topology, trial)
+            except MapcError:
+                continue
+            if not (_plan_matches(other, source) and not _unplanned(other, source)
+                    and _shapes_match(other, source)):
+                continue
+            if _reads_the_same(plan, other):
+                continue
+            notes.append(f"this checkpoint also fits {p['name']}={value!r}, which would read it "
+                         f"differently; took {p['name']}={chosen[p['name']]!r} (pass "
+                         f"--source-set {p['name']}=VALUE to choose)")
+    return notes
+
+
+def _reads_the_same(a, b, limit: int = 1 << 21) -> bool:
+    """Do two plans map the same physical tensors to the same logical elements? Checked with
+    index probes through both recipes (only for tensors up to ``limit`` elements)."""
+    from mapc.runtime.backends import get_backend
+    be = get_backend("numpy")
+
+    def key(plan):
+        return {(c, n): (inst, rc) for inst in plan.instances for rc, c, n in inst.shards}
+    ka, kb = key(a), key(b)
+    if ka.keys() != kb.keys():
+        return False
+    for k, (ia, rca) in ka.items():
+        ib, rcb = kb[k]
+        if ia.recipe == ib.recipe and rca == rcb:
+            continue
+        shapes = {m: a.logical[key_].shape for m, key_ in ia.members.items()}
+        if sum(int(np.prod(s)) for s in shapes.values()) > limit:
+            return False
+        probe, start = {}, 0
+        for m, shape in shapes.items():
+            n = int(np.prod(shape))
+            probe[m] = np.arange(start, start + n, dtype=np.int64).reshape(shape)
+            start += n
+        pb = {m: probe[m] for m in ib.members}
+        if set(ia.members.values()) != set(ib.members.values()):
+            return False
+        if not np.array_equal(ia.recipe.shard(be, probe, dict(rca)),
+                              ib.recipe.shard(be, pb, dict(rcb))):
+            return False
+    return True
 
 
 def _boolean_guesses(sp, stated: dict) -> list[dict]:
@@ -246,6 +303,11 @@ def _check_shapes(plan, source):
 
 
 # ---- convert ----------------------------------------------------------------------------------
+def _source_params(sets) -> dict | None:
+    """--source-set values: strings are coerced to each parameter's type by plan_layout."""
+    return _parse_sets(sets) if sets else None
+
+
 def _parse_sets(sets) -> dict:
     if isinstance(sets, dict):
         return dict(sets)
@@ -259,11 +321,11 @@ def _parse_sets(sets) -> dict:
 
 
 def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set=None,
-                    spec=None, source_format=None):
+                    spec=None, source_format=None, source_set=None):
     """Open ``src`` and compile the program that converts it; nothing is written."""
     source = open_source(src, source_format)
     try:
-        res = resolve(source, spec=spec, config=config)
+        res = resolve(source, spec=spec, config=config, params=_source_params(source_set))
         target_layout = layout_of(to)
         topo = {"tp": tp, "pp": pp, "ep": ep}
         target = plan_layout(res.spec, target_layout, res.env, topo, _parse_sets(set))
@@ -275,6 +337,7 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
 
 def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
             ep: int | None = None, dtype: str = "keep", config=None, set=None, force: bool = False,
+            source_set=None,
             backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
             max_shard_bytes: int | None = None) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report."""
@@ -283,7 +346,8 @@ def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
     if to not in FORMATS:
         raise MapcError(f"unknown target format '{to}'", hint="known: " + ", ".join(FORMATS))
     res, program = plan_conversion(src, to, tp=tp, pp=pp, ep=ep, config=config, set=set,
-                                   spec=spec, source_format=source_format)
+                                   spec=spec, source_format=source_format,
+                                   source_set=source_set)
     source = res.source
     out = None
     try:

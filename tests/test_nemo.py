@@ -261,3 +261,17 @@ def test_force_replaces_an_existing_nemo_file_without_leftovers(tmp_path):
     mapc.convert(src, tmp_path / "m.nemo", to="nemo", force=True)
     assert mapc.inspect(tmp_path / "m.nemo")["topology"] == {"tp": 1, "pp": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.nemo"]
+
+
+def test_expert_parallel_nemo_is_refused_not_half_written(tmp_path):
+    import pytest as _pytest
+    _pytest.importorskip("torch")
+    from tests.conftest import build_transformers_model
+    cfg = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 32,
+           "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 64, "num_local_experts": 4,
+           "num_experts_per_tok": 2, "max_position_embeddings": 64}
+    build_transformers_model(cfg, tmp_path / "hf")
+    with _pytest.raises(mapc.MapcError, match="expert-parallel"):
+        mapc.convert(tmp_path / "hf", tmp_path / "x", to="nemo", ep=2)
+    assert not (tmp_path / "x").exists()

@@ -60,3 +60,38 @@ def test_foreign_nxdt_checkpoint_parameters_are_recovered(tmp_path):
     assert info["params"]["kv_size_multiplier"] == 2 and info["params"]["fuse_qkv"] is True
     mapc.convert(tmp_path / "nx", tmp_path / "back", to="hf", config=tmp_path / "cfg.json")
     assert mapc.verify(tmp_path / "hf", tmp_path / "back").identical
+
+
+def test_foreign_trn2_checkpoint_warns_and_source_set_reads_it_right(tmp_path):
+    """trn1 and trn2 replication have the same names and shapes: without mapc's record the
+    reading is ambiguous, mapc says so, and --source-set picks the right one."""
+    pytest.importorskip("torch")
+    build_transformers_model(CFG, tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="nxdt", tp=4,
+                 set={"kv_size_multiplier": 2, "hw_backend": "trn2"})
+    (tmp_path / "nx" / "mapc.json").unlink()
+    (tmp_path / "cfg.json").write_text(json.dumps(CFG))
+    report = mapc.convert(tmp_path / "nx", tmp_path / "guess", to="hf",
+                          config=tmp_path / "cfg.json")
+    assert any("hw_backend='trn2'" in w and "--source-set" in w for w in report.warnings)
+    mapc.convert(tmp_path / "nx", tmp_path / "right", to="hf", config=tmp_path / "cfg.json",
+                 source_set=["hw_backend=trn2"])
+    assert mapc.verify(tmp_path / "hf", tmp_path / "right").identical
+
+
+def test_pointing_at_the_model_folder_finds_the_record(tmp_path):
+    pytest.importorskip("torch")
+    build_transformers_model(CFG, tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="nxdt", tp=2)
+    assert mapc.inspect(tmp_path / "nx" / "model")["family"] == "llama"
+
+
+def test_plain_checkpoint_has_no_ambiguity_warning(tmp_path):
+    pytest.importorskip("torch")
+    build_transformers_model(CFG, tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="nxdt", tp=2)
+    (tmp_path / "nx" / "mapc.json").unlink()
+    (tmp_path / "cfg.json").write_text(json.dumps(CFG))
+    report = mapc.convert(tmp_path / "nx", tmp_path / "back", to="hf",
+                          config=tmp_path / "cfg.json")
+    assert not [w for w in report.warnings if "--source-set" in w]

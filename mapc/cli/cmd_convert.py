@@ -34,6 +34,9 @@ def add_arguments(p):
     p.add_argument("--spec", help="spec file to use instead of detecting the family")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a target layout parameter the spec declares (repeatable)")
+    p.add_argument("--source-set", action="append", default=[], metavar="NAME=VALUE",
+                   help="state a layout parameter of the SOURCE that mapc cannot tell from its "
+                        "files (e.g. hw_backend=trn2 for an NxD checkpoint)")
     p.add_argument("--backend", default="numpy", choices=["numpy", "torch", "jax"],
                    help="array backend (identical bytes on all)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -48,13 +51,15 @@ def run(args) -> int:
     if args.dry_run:
         res, program = plan_conversion(args.src, args.to, tp=args.tp, pp=args.pp, ep=args.ep,
                                        config=args.config, set=args.set, spec=args.spec,
-                                       source_format=args.source_format)
+                                       source_format=args.source_format,
+                                       source_set=args.source_set)
         res.source.close()
         print(program.pretty())
         return 0
     report = convert(args.src, args.dst, args.to, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                      config=args.config, set=args.set, force=args.force, backend=args.backend,
-                     quiet=args.quiet, spec=args.spec, source_format=args.source_format)
+                     quiet=args.quiet, spec=args.spec, source_format=args.source_format,
+                     source_set=args.source_set)
     for w in report.warnings:
         print(f"mapc: warning: {w}", file=sys.stderr)
     if args.json:

@@ -59,8 +59,8 @@ def detect_format(path) -> str:
     found = [name for name in DETECT_ORDER if available(name) and module(name).detect(p)]
     if not found:
         raise MapcError(f"cannot tell the format of {path}",
-                        hint="known formats: " + ", ".join(MODULES)
-                        + " (mapc convert takes --from FORMAT to say which)")
+                        hint="readable formats: " + ", ".join(f for f in MODULES if available(f))
+                        + "; mapc convert takes --from FORMAT to say which")
     return found[0]
 
 

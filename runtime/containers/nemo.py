@@ -100,6 +100,10 @@ def detect(path: Path) -> bool:
 
 
 def make_writer(tmpdir, program, resolved, options):
+    if program.target.mesh.get("ep", 1) > 1:
+        raise MapcError("NeMo checkpoints have no expert-parallel file layout in mapc yet "
+                        f"(ep={program.target.mesh['ep']})",
+                        hint="write NeMo with --ep 1, or use --to megatron for expert parallelism")
     dst = options.get("dst")
     if dst is None:     # not passed by this mapc version: recover it from the temp dir name
         m = _TMP_NAME.match(Path(tmpdir).name)

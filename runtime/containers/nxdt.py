@@ -52,8 +52,9 @@ class NxdtSource(Source):
         if self.model_dir is None:
             raise MapcError("no NxD rank files (model/dp_rank_*_tp_rank_*_pp_rank_*.pt)",
                             where=str(self.path))
-        if not self.record:
-            self.record = read_record(self.model_dir)
+        if not self.record:   # pointed at model/ itself: the record sits one level up
+            self.record = read_record(self.model_dir.parent) if self.model_dir == self.path \
+                else read_record(self.model_dir)
         ranks = {}
         for p in sorted(self.model_dir.iterdir()):
             m = _RANK_FILE.match(p.name)
