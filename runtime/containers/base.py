@@ -80,6 +80,45 @@ class Source:
         self.close()
 
 
+class RefSource(Source):
+    """A source whose tensors are lazy references (``.shape``, ``.dtype``, ``.map()``) found
+    by ``_ref(name, coord)``: the .pt-based formats."""
+
+    def _ref(self, name, coord):
+        raise NotImplementedError
+
+    def shape(self, name, coord):
+        return tuple(self._ref(name, coord).shape)
+
+    def dtype(self, name, coord):
+        return self._ref(name, coord).dtype
+
+    def read(self, name, coord):
+        return self._ref(name, coord).map()
+
+
+def rank_grid(ranks: dict, file_name, where: str):
+    """Check that per-rank files form a complete (tp, pp, ep) grid.
+
+    ``ranks`` maps (tp, pp, ep) to a path; ``file_name(coord, pp, ep)`` names a missing one.
+    Returns (topology, files keyed by coord_key, coords in pipeline-major order)."""
+    tp = max(t for t, _, _ in ranks) + 1
+    pp = max(p for _, p, _ in ranks) + 1
+    ep = max(e for _, _, e in ranks) + 1
+    missing = [file_name((("tp", t), ("pp", p), ("ep", e)), pp, ep)
+               for t in range(tp) for p in range(pp) for e in range(ep)
+               if (t, p, e) not in ranks]
+    if missing:
+        raise MapcError(f"missing shard files: {', '.join(missing[:4])}"
+                        + (" ..." if len(missing) > 4 else ""), where=where,
+                        hint="copy the complete checkpoint")
+    topology = {"tp": tp, "pp": pp} | ({"ep": ep} if ep > 1 else {})
+    files = {coord_key((("tp", t), ("pp", p), ("ep", e))): f for (t, p, e), f in ranks.items()}
+    coords = [(("tp", t), ("pp", p)) + ((("ep", e),) if ep > 1 else ())
+              for (t, p, e) in sorted(ranks, key=lambda r: (r[1], r[2], r[0]))]
+    return topology, files, coords
+
+
 class Writer:
     """Writes into a fresh temporary directory; ``commit`` renames it into place.
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, coord_key, write_json
+from mapc.runtime.containers.base import (MAPC_JSON, RefSource, Writer, coord_key, rank_grid,
+                                          write_json)
 
 LAYOUT = "megatron"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -89,7 +90,7 @@ def nest(names_values) -> OrderedDict:
     return out
 
 
-class MegatronSource(Source):
+class MegatronSource(RefSource):
     format = "megatron"
     layout = "megatron"
 
@@ -117,20 +118,7 @@ class MegatronSource(Source):
                 ranks[(t, a, 0) if one_is_pp else (t, 0, a)] = f
             else:
                 ranks[(t, 0, 0)] = f
-        tp = max(t for t, _, _ in ranks) + 1
-        pp = max(p for _, p, _ in ranks) + 1
-        ep = max(e for _, _, e in ranks) + 1
-        missing = [rank_dir((("tp", t), ("pp", p), ("ep", e)), pp, ep)
-                   for t in range(tp) for p in range(pp) for e in range(ep)
-                   if (t, p, e) not in ranks]
-        if missing:
-            raise MapcError(f"missing shard files: {', '.join(missing)}",
-                            where=str(self.iter_dir), hint="copy the complete checkpoint")
-        self.topology = {"tp": tp, "pp": pp} | ({"ep": ep} if ep > 1 else {})
-        self.files = {coord_key((("tp", t), ("pp", p), ("ep", e))): f
-                      for (t, p, e), f in ranks.items()}
-        self._coords = [(("tp", t), ("pp", p)) + ((("ep", e),) if ep > 1 else ())
-                        for (t, p, e) in sorted(ranks, key=lambda r: (r[1], r[2], r[0]))]
+        self.topology, self.files, self._coords = rank_grid(ranks, rank_dir, str(self.iter_dir))
         self._loaded: dict = {}
         first = self._load(self._coords[0])
         args = first.get("args")
@@ -169,15 +157,6 @@ class MegatronSource(Source):
         except KeyError:
             raise MapcError(f"tensor {name} is not in the checkpoint",
                             where=str(self._file(coord))) from None
-
-    def shape(self, name, coord):
-        return tuple(self._ref(name, coord).shape)
-
-    def dtype(self, name, coord):
-        return self._ref(name, coord).dtype
-
-    def read(self, name, coord):
-        return self._ref(name, coord).map()
 
     def describe_coord(self, coord):
         return str(self._file(coord).relative_to(self.path))

@@ -40,7 +40,7 @@ import yaml
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from mapc.runtime.containers.base import coord_key, Source, Writer
+from mapc.runtime.containers.base import RefSource, Writer, coord_key
 from mapc.runtime.containers.dcp import load_torch_at
 from mapc.runtime.containers.megatron import flatten
 
@@ -153,7 +153,7 @@ def megatron_view(cfg: dict) -> dict:
     return out
 
 
-class NemoSource(Source):
+class NemoSource(RefSource):
     format = "nemo"
     layout = "megatron"
 
@@ -316,15 +316,6 @@ class NemoSource(Source):
         except KeyError:
             raise MapcError(f"tensor {PREFIX}{name} is not in the checkpoint",
                             where=self._where(coord)) from None
-
-    def shape(self, name, coord):
-        return tuple(self._ref(name, coord).shape)
-
-    def dtype(self, name, coord):
-        return self._ref(name, coord).dtype
-
-    def read(self, name, coord):
-        return self._ref(name, coord).map()
 
     def describe_coord(self, coord):
         c = dict(self._canon(coord))

@@ -16,8 +16,8 @@ import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from mapc.runtime.containers.base import (MAPC_JSON, Source, Writer, coord_key, read_record,
-                                          write_json)
+from mapc.runtime.containers.base import (MAPC_JSON, RefSource, Writer, coord_key, rank_grid,
+                                          read_record, write_json)
 
 LAYOUT = "nxdt"
 _RANK_FILE = re.compile(r"^dp_rank_(\d+)_tp_rank_(\d+)_pp_rank_(\d+)(?:_ep_rank_(\d+))?\.pt$")
@@ -42,7 +42,7 @@ def rank_file(coord, ep: int = 1) -> str:
             + (f"_ep_rank_{c.get('ep', 0):02d}" if ep > 1 else "") + ".pt")
 
 
-class NxdtSource(Source):
+class NxdtSource(RefSource):
     format = "nxdt"
     layout = LAYOUT
 
@@ -60,20 +60,8 @@ class NxdtSource(Source):
             m = _RANK_FILE.match(p.name)
             if m and int(m.group(1)) == 0:   # data-parallel replicas hold the same weights
                 ranks[(int(m.group(2)), int(m.group(3)), int(m.group(4) or 0))] = p
-        tp = max(t for t, _, _ in ranks) + 1
-        pp = max(p for _, p, _ in ranks) + 1
-        ep = max(e for _, _, e in ranks) + 1
-        missing = [rank_file((("tp", t), ("pp", p), ("ep", e)), ep)
-                   for t in range(tp) for p in range(pp) for e in range(ep)
-                   if (t, p, e) not in ranks]
-        if missing:
-            raise MapcError(f"missing rank files: {', '.join(missing[:4])}",
-                            where=str(self.model_dir), hint="copy the complete checkpoint")
-        self.topology = {"tp": tp, "pp": pp} | ({"ep": ep} if ep > 1 else {})
-        self.files = {coord_key((("tp", t), ("pp", p), ("ep", e))): f
-                      for (t, p, e), f in ranks.items()}
-        self._coords = [(("tp", t), ("pp", p)) + ((("ep", e),) if ep > 1 else ())
-                        for (t, p, e) in sorted(ranks, key=lambda r: (r[1], r[2], r[0]))]
+        self.topology, self.files, self._coords = rank_grid(
+            ranks, lambda c, pp, ep: rank_file(c, ep), str(self.model_dir))
         self._loaded: dict = {}
         self.config = self.record.get("config")
         self.format_meta = dict(self.record.get("meta", {}))
@@ -116,15 +104,6 @@ class NxdtSource(Source):
 
     def names(self, coord):
         return list(self._state(coord))
-
-    def shape(self, name, coord):
-        return tuple(self._ref(name, coord).shape)
-
-    def dtype(self, name, coord):
-        return self._ref(name, coord).dtype
-
-    def read(self, name, coord):
-        return self._ref(name, coord).map()
 
     def describe_coord(self, coord):
         return str(self.files[coord_key(coord)].relative_to(self.path))
