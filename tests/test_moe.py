@@ -74,3 +74,28 @@ def test_mixtral_gguf_round_trip_keeps_logits(tmp_path):
     mapc.convert(tmp_path / "hf", tmp_path / "gg", to="gguf")
     mapc.convert(tmp_path / "gg", tmp_path / "back", to="hf")
     assert torch.equal(logits_of(model, TOKENS), logits_of(tmp_path / "back", TOKENS))
+
+
+def test_nxdt_expert_mlps_are_stacked_in_out_with_gate_up_per_rank(tmp_path):
+    """NxD: gate_up_proj (E, H, 2F/tp) holds [gate_r^T | up_r^T] per tp rank; down_proj
+    (E, F/tp, H) is down^T split on F; the router is [E, H]."""
+    pytest.importorskip("torch")
+    import numpy as np
+    from safetensors.numpy import load_file
+    build_transformers_model(mixtral_config(), tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="nxdt", tp=2)
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    E, F = 4, 48
+    w1 = np.stack([hf[f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight"] for e in range(E)])
+    w3 = np.stack([hf[f"model.layers.1.block_sparse_moe.experts.{e}.w3.weight"] for e in range(E)])
+    w2 = np.stack([hf[f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight"] for e in range(E)])
+    for r in range(2):
+        m = torchfile.load(tmp_path / "nx" / "model" / f"dp_rank_00_tp_rank_{r:02d}_pp_rank_00.pt")
+        p = "model.layers.1.block_sparse_moe."
+        half = slice(r * F // 2, (r + 1) * F // 2)
+        want = np.concatenate([w1[:, half].transpose(0, 2, 1), w3[:, half].transpose(0, 2, 1)], 2)
+        np.testing.assert_array_equal(m[p + "expert_mlps.mlp_op.gate_up_proj.weight"].numpy(), want)
+        np.testing.assert_array_equal(m[p + "expert_mlps.mlp_op.down_proj.weight"].numpy(),
+                                      w2[:, :, half].transpose(0, 2, 1))
+        np.testing.assert_array_equal(m[p + "router.linear_router.weight"].numpy(),
+                                      hf["model.layers.1.block_sparse_moe.gate.weight"])
