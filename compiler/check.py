@@ -161,6 +161,10 @@ def _check_layout(lay, spec_syms, tensors, groups):
         _known(x["expr"], syms, x["at"], "let " + x["name"])
         syms.add(x["name"])
         LETS[x["name"]] = x["expr"]
+    for axis in lay["single"]:
+        if axis not in lay["mesh"]:
+            raise error_at(lay["at"], f"'single {axis}': {axis} is not a mesh axis of layout "
+                           f"{name}", hint="mesh: " + (" ".join(lay["mesh"]) or "none"))
     pipe = lay["pipeline"]
     if pipe:
         if pipe["group"] not in groups:

@@ -107,6 +107,7 @@ def layout_ir(lay: A.Layout, source: str) -> dict:
     return {
         "name": lay.name,
         "mesh": list(lay.mesh),
+        "single": list(lay.single),
         "params": [{"name": p.name, "choices": [value_ir(c) for c in p.choices],
                     "default": value_ir(p.choices[0]), "at": str(p.pos)} for p in lay.params],
         "pipeline": None if lay.pipeline is None else {

@@ -252,13 +252,15 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
             shapes = tuple((m, logical[k].shape) for m, k in keys.items())
             recipe = build_recipe(spec, rule, env, shapes, tuple(mesh.items()))
             cut_axes = {f.axis for f in recipe.factors if f.mesh and f.axis}
-            rep = tuple((a, n) for a, n in mesh.items() if a != "pp" and a not in cut_axes)
+            uncut = [a for a in mesh if a != "pp" and a not in cut_axes]
+            rep = tuple((a, mesh[a]) for a in uncut if a not in layout["single"])
+            once = {a: 0 for a in uncut if a in layout["single"]}   # stored on rank 0 only
             shards = []
             for rc in recipe.coords():
                 axes, name_vars = recipe.place(rc)
                 name = _format_name(rule, names_env | name_vars)
                 for rcoord in _product(rep):
-                    full = axes | dict(rcoord)
+                    full = axes | dict(rcoord) | once
                     if "pp" in mesh:
                         full["pp"] = stage
                     shards.append((rc, tuple((a, full[a]) for a in layout["mesh"]), name))

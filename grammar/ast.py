@@ -224,6 +224,7 @@ class MetaEntry:
 class Layout:
     name: str
     mesh: tuple[str, ...]
+    single: tuple[str, ...]        # mesh axes whose uncut tensors live on rank 0 only
     params: tuple[Param, ...]
     pipeline: Pipeline | None
     meta: tuple[MetaEntry, ...]

@@ -188,8 +188,10 @@ class _Build(Transformer):
             p = pipelines[1].pos
             raise SpecError(f"layout {name} declares 'pipeline' twice" +
                             caret(self.text, p.line, p.column), where=str(p))
+        single = tuple(m for i in items if isinstance(i, tuple) and i and i[0] == "single"
+                       for m in i[1])
         return A.Layout(
-            name=str(name), mesh=mesh,
+            name=str(name), mesh=mesh, single=single,
             params=tuple(i for i in items if isinstance(i, A.Param)),
             pipeline=pipelines[0] if pipelines else None,
             meta=tuple(e for i in items if isinstance(i, list) for e in i),
@@ -199,6 +201,9 @@ class _Build(Transformer):
 
     def mesh_decl(self, c):
         return ("mesh", tuple(str(t) for t in c))
+
+    def single_decl(self, c):
+        return ("single", tuple(str(t) for t in c))
 
     @v_args(meta=True)
     def param_decl(self, meta, c):

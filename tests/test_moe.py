@@ -99,3 +99,21 @@ def test_nxdt_expert_mlps_are_stacked_in_out_with_gate_up_per_rank(tmp_path):
                                       w2[:, :, half].transpose(0, 2, 1))
         np.testing.assert_array_equal(m[p + "router.linear_router.weight"].numpy(),
                                       hf["model.layers.1.block_sparse_moe.gate.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topo", [{"tp": 2, "ep": 2}, {"pp": 2, "ep": 4}], ids=["tp2-ep2", "pp2-ep4"])
+def test_nxdt_expert_parallel_round_trip_and_rank0_placement(tmp_path, topo):
+    """NxD with expert parallelism: experts split over ep (files _ep_rank_EE), every other tensor
+    stored once, on expert rank 0; logits survive the round trip."""
+    torch = pytest.importorskip("torch")
+    model = build_transformers_model(mixtral_config(), tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="nxdt", **topo)
+    ep = topo["ep"]
+    files = sorted(p.name for p in (tmp_path / "nx" / "model").glob("*.pt"))
+    assert any(f"_ep_rank_{ep - 1:02d}.pt" in f for f in files)
+    rank1 = torchfile.load(next((tmp_path / "nx" / "model").glob("*tp_rank_00_pp_rank_00_ep_rank_01.pt")))
+    assert all("expert_mlps" in k for k in rank1), sorted(rank1)[:3]
+    assert rank1["model.layers.0.block_sparse_moe.expert_mlps.mlp_op.down_proj.weight"].shape[0] == 4 // ep
+    mapc.convert(tmp_path / "nx", tmp_path / "back", to="hf")
+    assert torch.equal(logits_of(model, TOKENS), logits_of(tmp_path / "back", TOKENS))
