@@ -386,7 +386,23 @@ def _record(res: Resolved, program: Program, to: str, src, report) -> dict:
                    "layout": res.plan.name, "params": res.plan.params,
                    "topology": res.plan.mesh},
         "warnings": report.warnings,
+        "training": _jsonable(res.source.training_state()),
     }
+
+
+def _jsonable(obj):
+    """Training scalars as JSON (inert records and tensors from pickles become plain values)."""
+    if isinstance(obj, dict) or hasattr(obj, "items"):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "numpy") and getattr(obj, "shape", None) == ():
+        return float(np.asarray(obj.numpy()))
+    return repr(obj)
 
 
 # ---- compile ------------------------------------------------------------------------------------

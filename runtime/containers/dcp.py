@@ -344,6 +344,12 @@ class DCPSource(Source):
         self.format_meta = self.config or {}
         md = read_metadata(self.path)
         self.tensors = self._index(md)
+        # Optimizer state saved as get_state_dict lays it out: optim.state.<fqn>.<slot>
+        self.optim = {k: v for k, v in self.tensors.items() if k.startswith("optim.state.")}
+        for k in self.optim:
+            del self.tensors[k]
+        self._slots = sorted({k.rsplit(".", 1)[1] for k in self.optim} & {"exp_avg",
+                                                                          "exp_avg_sq"})
 
     def _index(self, md) -> dict:
         where = str(self.path / METADATA)
@@ -418,10 +424,22 @@ class DCPSource(Source):
             raise MapcError(f"tensor {name} is not in the checkpoint", where=str(self.path)) \
                 from None
 
+    def slots(self):
+        return ["param"] + self._slots
+
+    def training_state(self):
+        steps = [k for k in self.optim if k.endswith(".step")]
+        if not steps:
+            return dict(self.record.get("training") or {})
+        step = float(np.asarray(self._read_entry(steps[0], self.optim[steps[0]])))
+        return dict(self.record.get("training") or {}, step=step)
+
     def shape(self, name, coord=SINGLE):
         return self._get(name)[0]
 
-    def dtype(self, name, coord=SINGLE):
+    def dtype(self, name, coord=SINGLE, slot="param"):
+        if slot != "param":
+            return self.optim[f"optim.state.{name}.{slot}"][1]
         return self._get(name)[1]
 
     def _chunk_ref(self, name, chunk: _Chunk, dtype: str):
@@ -434,8 +452,16 @@ class DCPSource(Source):
                             f"metadata says {dtype}{list(chunk.sizes)}", where=str(chunk.file))
         return ref
 
-    def read(self, name, coord=SINGLE):
-        shape, dtype, chunks = self._get(name)
+    def read(self, name, coord=SINGLE, slot="param"):
+        if slot != "param":
+            key = f"optim.state.{name}.{slot}"
+            if key not in self.optim:
+                raise MapcError(f"no {slot} for {name} in the checkpoint", where=str(self.path))
+            return self._read_entry(key, self.optim[key])
+        return self._read_entry(name, self._get(name))
+
+    def _read_entry(self, name, entry):
+        shape, dtype, chunks = entry
         if len(chunks) == 1 and chunks[0].sizes == shape:
             return self._chunk_ref(name, chunks[0], dtype).map()
         out = np.empty(shape, torchfile.DTYPES[dtype])
@@ -549,9 +575,11 @@ def _tensor_metadata(shape, dtype):
                                                {"offsets": zeros, "sizes": _size(shape)}))]}))
 
 
-def write_metadata(path: Path, entries: dict, relative: str) -> None:
+def write_metadata(path: Path, entries: dict, relative: str, paths: dict | None = None) -> None:
     """``entries``: fqn -> (offset, length, shape, dtype) of each tensor's archive in
-    ``relative`` (a .distcp file beside ``path``)."""
+    ``relative`` (a .distcp file beside ``path``); ``paths``: fqn -> its path in the nested
+    state dict, for entries that are not top-level (e.g. optimizer state)."""
+    paths = paths or {}
     import uuid
     md = _MetadataPickler.MD
     storage = {}
@@ -565,7 +593,7 @@ def write_metadata(path: Path, entries: dict, relative: str) -> None:
     meta = _Emit(lambda p: p.dataclass(md, "Metadata", {
         "state_dict_metadata": {fqn: _tensor_metadata(shape, dt)
                                 for fqn, (_, _, shape, dt) in entries.items()},
-        "planner_data": {fqn: (fqn,) for fqn in entries},
+        "planner_data": {fqn: paths.get(fqn, (fqn,)) for fqn in entries},
         "storage_data": storage,
         "storage_meta": _Emit(lambda q: q.dataclass(
             md, "StorageMeta",
@@ -578,15 +606,33 @@ def write_metadata(path: Path, entries: dict, relative: str) -> None:
 class DCPWriter(Writer):
     """Writes a single-rank DCP checkpoint without torch, streaming: every tensor becomes its
     own torch-format archive appended to ``__0_0.distcp`` as soon as it arrives; ``.metadata``
-    is written at the end."""
+    is written at the end.
+
+    Optimizer state, when the source has it, is stored as torch's ``get_state_dict`` lays it
+    out: ``optim.state.<fqn>.{exp_avg,exp_avg_sq,step}``, so ``dcp.load`` fills an optimizer
+    state dict directly. Param-group hyper-parameters are kept in mapc.json's ``training``."""
 
     DATA = "__0_0" + SUFFIX
+    slots = ("param", "exp_avg", "exp_avg_sq")
 
     def __init__(self, tmpdir):
         super().__init__(tmpdir)
         self.entries: dict[str, tuple] = {}
+        self.paths: dict[str, tuple] = {}
         self.order: list[str] = []
+        self.optim_names: list[str] = []
         self.file = None
+
+    def begin_slot(self, slot, tensors):
+        for _, name, _, _ in tensors:
+            self.order.append(f"optim.state.{name}.{slot}")
+            if name not in self.optim_names:
+                self.optim_names.append(name)
+
+    def write_slot(self, slot, coord, name, arr):
+        key = f"optim.state.{name}.{slot}"
+        self.paths[key] = ("optim", "state", name, slot)
+        self.write(coord, key, arr)
 
     def begin(self, tensors):
         self.order = [name for _, name, _, _ in tensors]
@@ -596,7 +642,7 @@ class DCPWriter(Writer):
     def write(self, coord, name, arr):
         buf = io.BytesIO()
         w = torchfile.TorchWriter(self.dir / self.DATA, fileobj=buf)
-        w.finish(w.add_tensor(np.ascontiguousarray(arr)))
+        w.finish(w.add_tensor(np.require(arr, requirements="C")))   # keeps 0-d shapes
         offset = self.file.tell()
         try:
             self.file.write(buf.getbuffer())
@@ -606,12 +652,20 @@ class DCPWriter(Writer):
         self.entries[name] = (offset, buf.tell(), tuple(arr.shape), dtype_name(arr.dtype))
 
     def finish(self, record: dict):
+        step = (record.get("training") or {}).get("step")
+        if self.optim_names and step is not None:   # Adam's per-parameter step counter
+            for name in self.optim_names:
+                key = f"optim.state.{name}.step"
+                self.paths[key] = ("optim", "state", name, "step")
+                self.write((), key, np.asarray(step, dtype=np.float32))
+                self.order.append(key)
         self.file.close()
         missing = [n for n in self.order if n not in self.entries]
         if missing:
             raise MapcError(f"internal: {len(missing)} tensors were never written, e.g. "
                             f"{missing[0]}")
-        write_metadata(self.dir / METADATA, {n: self.entries[n] for n in self.order}, self.DATA)
+        write_metadata(self.dir / METADATA, {n: self.entries[n] for n in self.order}, self.DATA,
+                       self.paths)
         config = dict(record["config"])
         if len(self.dtypes) == 1:
             config["dtype"] = next(iter(self.dtypes))
