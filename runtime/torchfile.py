@@ -502,29 +502,31 @@ class TensorRef(_Frozen):
             return 0
         return 1 + sum((size - 1) * st for size, st in zip(self.shape, self.stride))
 
-    def read(self) -> np.ndarray:
-        """The tensor as a fresh, writable, contiguous array, read with ``pread``: nothing of
-        the file stays mapped, so streaming readers keep memory bounded."""
-        dtype = DTYPES[self.dtype]
+    def _location(self):
+        """(file, byte offset) of a contiguous tensor's bytes, or None when it must go through
+        :meth:`numpy` (strided, empty, or a legacy storage without a known offset)."""
         st = self.storage
         root, delta = st._parent if st._parent is not None else (st, 0)
         if not self.is_contiguous or self.numel == 0 or root._file is None or \
                 root._offset is None:
+            return None
+        return root._file, root._offset + delta + self.offset * DTYPES[self.dtype].itemsize
+
+    def read(self) -> np.ndarray:
+        """The tensor as a fresh, writable, contiguous array, read with ``pread``: nothing of
+        the file stays mapped, so streaming readers keep memory bounded."""
+        loc = self._location()
+        if loc is None:
             return np.array(self.numpy(), copy=True, order="C")
-        start = root._offset + delta + self.offset * dtype.itemsize
-        return root._file.read_at(start, self.nbytes).view(dtype).reshape(self.shape)
+        return loc[0].read_at(loc[1], self.nbytes).view(DTYPES[self.dtype]).reshape(self.shape)
 
     def map(self) -> np.ndarray:
         """The tensor as a read-only view of its own mapping of the file (no copy; unmapped
         when dropped). Strided tensors are copied (C order)."""
-        dtype = DTYPES[self.dtype]
-        st = self.storage
-        root, delta = st._parent if st._parent is not None else (st, 0)
-        if not self.is_contiguous or self.numel == 0 or root._file is None or \
-                root._offset is None:
+        loc = self._location()
+        if loc is None:
             return np.array(self.numpy(), copy=True, order="C")
-        start = root._offset + delta + self.offset * dtype.itemsize
-        return root._file.map_range(start, self.nbytes).view(dtype).reshape(self.shape)
+        return loc[0].map_range(loc[1], self.nbytes).view(DTYPES[self.dtype]).reshape(self.shape)
 
     def numpy(self) -> np.ndarray:
         """The tensor as a read-only numpy array mapped from the file.

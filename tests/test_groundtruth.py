@@ -37,11 +37,8 @@ def test_transformers_model_survives_megatron_round_trip_with_identical_logits(t
 
 
 def _load_harness():
-    path = Path(__file__).parent / "groundtruth" / "mcore_names.py"
-    spec = importlib.util.spec_from_file_location("_groundtruth_mcore_names", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tests.groundtruth import mcore_names
+    return mcore_names
 
 
 @pytest.mark.slow

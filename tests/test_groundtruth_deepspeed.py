@@ -33,11 +33,8 @@ pytestmark = pytest.mark.slow
 
 
 def _load_harness():
-    path = Path(__file__).parent / "groundtruth" / "deepspeed_ckpt.py"
-    spec = importlib.util.spec_from_file_location("_groundtruth_deepspeed_ckpt", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tests.groundtruth import deepspeed_ckpt
+    return deepspeed_ckpt
 
 
 ds = _load_harness()

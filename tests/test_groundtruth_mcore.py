@@ -14,11 +14,8 @@ pytest.importorskip("megatron.core")
 
 
 def _load_harness():
-    path = Path(__file__).parent / "groundtruth" / "mcore_names.py"
-    spec = importlib.util.spec_from_file_location("_groundtruth_mcore_names", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tests.groundtruth import mcore_names
+    return mcore_names
 
 
 CFG = {"hidden": 64, "layers": 4, "heads": 4, "groups": 2, "head_dim": 16,
