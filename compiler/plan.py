@@ -7,14 +7,13 @@ builds it. Everything is checked here, before a byte is read: shapes, divisibili
 """
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass, field
 from math import prod
 
 from mapc.compiler.check import error_at
 from mapc.compiler.expr import EvalError, evaluate, is_int, show
-from mapc.compiler.recipe import CONCAT, Factor, MemberPlan, Recipe
+from mapc.compiler.recipe import CONCAT, Factor, MemberPlan, Recipe, index_product
 from mapc.compiler.spec import Spec
 from mapc.errors import MapcError
 
@@ -259,7 +258,7 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
             for rc in recipe.coords():
                 axes, name_vars = recipe.place(rc)
                 name = _format_name(rule, names_env | name_vars)
-                for rcoord in _product(rep):
+                for rcoord in index_product(rep):
                     full = axes | dict(rcoord) | once
                     if "pp" in mesh:
                         full["pp"] = stage
@@ -268,12 +267,6 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
     _check_coverage(plan)
     plan.meta()  # evaluate the metadata now, so its errors surface before anything is read
     return plan
-
-
-def _product(axes):
-    names = [a for a, _ in axes]
-    for idx in itertools.product(*(range(n) for _, n in axes)):
-        yield tuple(zip(names, idx))
 
 
 def _sizes_env(env):

@@ -17,6 +17,13 @@ from math import prod
 CONCAT = "[]"
 
 
+def index_product(axes):
+    """Every combination of indices of ``axes`` ((name, size), ...), as ((name, i), ...)."""
+    names = [a for a, _ in axes]
+    for idx in itertools.product(*(range(n) for _, n in axes)):
+        yield tuple(zip(names, idx))
+
+
 @dataclass(frozen=True)
 class Factor:
     name: str                  # factor name; CONCAT for the concatenation; mesh factors are
@@ -67,9 +74,7 @@ class Recipe:
 
     def coords(self):
         """Every combination of mesh/each indices, as tuples of (factor name, index)."""
-        names = [m for m, _ in self.mesh]
-        for idx in itertools.product(*(range(n) for _, n in self.mesh)):
-            yield tuple(zip(names, idx))
+        return index_product(self.mesh)
 
     def place(self, rc) -> tuple[dict, dict]:
         """Where a recipe coordinate lands: ({mesh axis: rank}, {each var: index})."""

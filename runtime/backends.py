@@ -36,6 +36,13 @@ def dtype_name(dt) -> str:
     raise MapcError(f"unsupported dtype {dt}")
 
 
+def bytes_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same shape, dtype and bytes (NaNs compare by their bits, as a checkpoint stores them)."""
+    return a.shape == b.shape and a.dtype == b.dtype and \
+        np.array_equal(np.ascontiguousarray(a).view(np.uint8),
+                       np.ascontiguousarray(b).view(np.uint8))
+
+
 class NumpyBackend:
     name = "numpy"
 
@@ -78,9 +85,7 @@ class NumpyBackend:
         return not np.any(x.view(np.uint8) if x.dtype.itemsize else x)
 
     def equal(self, a, b) -> bool:
-        return a.shape == b.shape and a.dtype == b.dtype and \
-            np.array_equal(np.ascontiguousarray(a).view(np.uint8),
-                           np.ascontiguousarray(b).view(np.uint8))
+        return bytes_equal(a, b)
 
 
 class TorchBackend(NumpyBackend):
@@ -132,11 +137,7 @@ class TorchBackend(NumpyBackend):
             if x.is_floating_point() else not bool(x.ne(0).any())
 
     def equal(self, a, b):
-        return self.equal_bytes(self.to_numpy(a), self.to_numpy(b))
-
-    @staticmethod
-    def equal_bytes(a, b):
-        return NumpyBackend.equal(None, a, b)
+        return bytes_equal(self.to_numpy(a), self.to_numpy(b))
 
 
 class JaxBackend(NumpyBackend):
@@ -175,7 +176,7 @@ class JaxBackend(NumpyBackend):
         return NumpyBackend.all_zero(self, self.to_numpy(x))
 
     def equal(self, a, b):
-        return NumpyBackend.equal(self, self.to_numpy(a), self.to_numpy(b))
+        return bytes_equal(self.to_numpy(a), self.to_numpy(b))
 
 
 BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}

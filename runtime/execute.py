@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from mapc.compiler.program import Program
 from mapc.errors import MapcError
-from mapc.runtime.backends import dtype_name, get_backend
+from mapc.runtime.backends import bytes_equal, dtype_name, get_backend
 
 
 @dataclass
@@ -82,7 +82,7 @@ def read_instances(instances, reader, be, report: Report, verify_replicas=True,
                 for other, oname in others:
                     again = read(oname, other)
                     report.bytes_read += again.nbytes
-                    if not get_backend("numpy").equal(arr, again):
+                    if not bytes_equal(arr, again):
                         report.warnings.append(
                             f"replicas of {name} differ between shards {_coord(coord)} and "
                             f"{_coord(other)}; took {_coord(coord)}")

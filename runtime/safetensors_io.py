@@ -30,20 +30,21 @@ class SafetensorsFile:
     def __init__(self, path):
         self.path = str(path)
         try:
-            self.fd = os.open(self.path, os.O_RDONLY)
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                raw = f.read(8)
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+                text = f.read(n) if 8 + n <= size and n <= MAX_HEADER else b""
         except OSError as e:
             raise MapcError(f"cannot open: {e.strerror}", where=self.path) from None
-        size = os.fstat(self.fd).st_size
-        raw = os.pread(self.fd, 8, 0)
         if len(raw) < 8:
             raise MapcError("truncated safetensors file (no header)", where=self.path,
                             hint="re-copy or re-save the file")
-        (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or 8 + n > size:
             raise MapcError(f"corrupt safetensors header (length {n}, file {size} bytes)",
                             where=self.path, hint="re-copy or re-save the file")
         try:
-            header = json.loads(os.pread(self.fd, n, 8))
+            header = json.loads(text)
         except ValueError as e:
             raise MapcError(f"corrupt safetensors header: {e}", where=self.path) from None
         self.metadata = header.pop("__metadata__", None) or {}
@@ -85,11 +86,6 @@ class SafetensorsFile:
             return np.empty(shape, dtype)
         return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.base + begin,
                          shape=(n,)).view(dtype).reshape(shape)
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 class SafetensorsWriter:

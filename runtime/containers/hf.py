@@ -5,6 +5,7 @@ transformers' ``save_pretrained`` writes, loadable by ``from_pretrained``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from mapc.errors import MapcError
@@ -36,7 +37,6 @@ class HFSource(Source):
         except (OSError, ValueError) as e:
             raise MapcError(f"cannot read config.json: {e}", where=str(self.path)) from None
         self.format_meta = self.config
-        self.files = {}
         self.where: dict[str, object] = {}
         st = sorted(self.path.glob("*.safetensors"))
         if st:
@@ -50,7 +50,6 @@ class HFSource(Source):
                 st = [self.path / f for f in wanted]
             for f in st:
                 sf = SafetensorsFile(f)
-                self.files[f.name] = sf
                 for name in sf.keys():
                     self.where[name] = sf
         else:
@@ -89,10 +88,6 @@ class HFSource(Source):
             return x.read(name)
         return x.map()
 
-    def close(self):
-        for f in self.files.values():
-            f.close()
-
 
 class HFWriter(Writer):
     def __init__(self, tmpdir, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
@@ -103,17 +98,15 @@ class HFWriter(Writer):
 
     def begin(self, tensors):
         from mapc.runtime.backends import DTYPES
-        groups, size = [[]], 0
+        groups, size, self.total = [[]], 0, 0
         for coord, name, shape, dt in tensors:
-            n = DTYPES[dt].itemsize
-            for s in shape:
-                n *= s
+            n = DTYPES[dt].itemsize * math.prod(shape)
             if groups[-1] and size + n > self.max_shard_bytes:
                 groups.append([])
                 size = 0
             groups[-1].append((name, shape, dt))
             size += n
-        self.total = sum(DTYPES[dt].itemsize * _prod(shape) for _, _, shape, dt in tensors)
+            self.total += n
         if len(groups) == 1:
             files = ["model.safetensors"]
         else:
@@ -139,13 +132,6 @@ class HFWriter(Writer):
             config["dtype"] = next(iter(self.dtypes))
         write_json(self.dir / "config.json", config)
         write_json(self.dir / MAPC_JSON, record)
-
-
-def _prod(xs):
-    n = 1
-    for x in xs:
-        n *= x
-    return n
 
 
 Source = HFSource
