@@ -339,8 +339,14 @@ def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
             ep: int | None = None, dtype: str = "keep", config=None, set=None, force: bool = False,
             source_set=None,
             backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
-            max_shard_bytes: int | None = None) -> execute.Report:
-    """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report."""
+            max_shard_bytes: int | None = None, dp: int | None = None,
+            with_optimizer: bool = False) -> execute.Report:
+    """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
+
+    ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox);
+    ``with_optimizer`` asks a weights-only format (hf) to carry the optimizer state too."""
+    if dp is not None and dp < 1:
+        raise MapcError(f"--dp {dp} must be a positive integer")
     if dtype not in DTYPE_CHOICES:
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     if to not in FORMATS:
@@ -353,7 +359,8 @@ def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
     try:
         out = AtomicOutput(dst, force=force, source=src)
         writer = make_writer(to, out.tmp, program, res,
-                             {"max_shard_bytes": max_shard_bytes, "dst": str(dst)})
+                             {"max_shard_bytes": max_shard_bytes, "dst": str(dst), "dp": dp,
+                              "with_optimizer": with_optimizer})
         try:
             report = execute.run(program, source, writer, backend=backend,
                                  dtype=DTYPE_CHOICES[dtype], quiet=quiet)

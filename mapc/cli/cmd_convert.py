@@ -28,6 +28,12 @@ def add_arguments(p):
     p.add_argument("--from", dest="source_format", choices=sorted(FORMATS),
                    help="source format (default: detected)")
     add_topology(p)
+    p.add_argument("--dp", type=int, default=None,
+                   help="data-parallel size of a training-checkpoint target (deepspeed, neox): "
+                        "the optimizer state is repartitioned for it (default: the source's)")
+    p.add_argument("--with-optimizer", action="store_true",
+                   help="with --to hf: also write optimizer.pt, scheduler.pt and "
+                        "trainer_state.json so transformers' Trainer can resume")
     p.add_argument("--dtype", default="keep", choices=list(DTYPE_CHOICES),
                    help="cast tensors on write (default: keep)")
     p.add_argument("--config", help="model config JSON, when the source carries none")
@@ -59,7 +65,8 @@ def run(args) -> int:
     report = convert(args.src, args.dst, args.to, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                      config=args.config, set=args.set, force=args.force, backend=args.backend,
                      quiet=args.quiet, spec=args.spec, source_format=args.source_format,
-                     source_set=args.source_set)
+                     source_set=args.source_set, dp=args.dp,
+                     with_optimizer=args.with_optimizer)
     for w in report.warnings:
         print(f"mapc: warning: {w}", file=sys.stderr)
     if args.json:
