@@ -99,3 +99,38 @@ def logits_of(path_or_model, tokens):
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits
+
+
+# ---- DeepSpeed ground truth, shared by every module that needs a real ZeRO checkpoint ----------
+# Trained once per session (tests/groundtruth/deepspeed_ckpt.py; MAPC_DS_CACHE=DIR keeps them).
+DS_ODD_MODEL = {"hidden_size": 63, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "head_dim": 16, "vocab_size": 101}
+DS_CASES = {
+    "z1": dict(stage=1, dtype="fp32", groups=2, model=DS_ODD_MODEL),
+    "z2bf16": dict(stage=2, dtype="bf16", groups=1, model=None),
+    "z3": dict(stage=3, dtype="fp32", groups=1, model=DS_ODD_MODEL),
+}
+_ds_made: dict = {}
+
+
+@pytest.fixture(scope="session")
+def ds_root(tmp_path_factory):
+    cache = os.environ.get("MAPC_DS_CACHE")
+    if cache:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        return Path(cache)
+    return tmp_path_factory.mktemp("deepspeed")
+
+
+@pytest.fixture(scope="session")
+def make(ds_root):
+    """make(case) -> the directory of a real DeepSpeed checkpoint (a DS_CASES key), trained at
+    DP=2 for 3 steps on first use."""
+    def _make(case: str) -> Path:
+        if case not in _ds_made:
+            from tests.groundtruth import deepspeed_ckpt
+            kw = DS_CASES[case]
+            _ds_made[case] = deepspeed_ckpt.make_zero_checkpoint(
+                ds_root, kw["stage"], kw["dtype"], kw["groups"], steps=3, model=kw["model"])
+        return _ds_made[case]
+    return _make

@@ -39,34 +39,7 @@ def _load_harness():
 
 ds = _load_harness()
 
-CASES = {
-    "z1": dict(stage=1, dtype="fp32", groups=2, model=ds.ODD_MODEL),
-    "z2bf16": dict(stage=2, dtype="bf16", groups=1, model=None),
-    "z3": dict(stage=3, dtype="fp32", groups=1, model=ds.ODD_MODEL),
-}
-
-
-@pytest.fixture(scope="session")
-def ds_root(tmp_path_factory):
-    cache = os.environ.get("MAPC_DS_CACHE")
-    if cache:
-        Path(cache).mkdir(parents=True, exist_ok=True)
-        return Path(cache)
-    return tmp_path_factory.mktemp("deepspeed")
-
-
-_made: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def make(ds_root):
-    def _make(case: str) -> Path:
-        if case not in _made:
-            kw = CASES[case]
-            _made[case] = ds.make_zero_checkpoint(ds_root, kw["stage"], kw["dtype"], kw["groups"],
-                                                  steps=3, model=kw["model"])
-        return _made[case]
-    return _make
+from tests.conftest import DS_CASES as CASES  # noqa: E402
 
 
 def _hf_config(ckpt: Path) -> dict:
