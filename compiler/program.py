@@ -33,6 +33,28 @@ class Program:
             out.setdefault(coord, []).append((name, inst))
         return dict(sorted(out.items(), key=lambda kv: tuple(i for _, i in kv[0])))
 
+    def target_groups(self, source_groups: list[list[str]]) -> dict[tuple, int]:
+        """Optimizer param-group index of every target physical tensor, by (coord, name).
+
+        ``source_groups[g]`` lists the source's physical tensor names in group ``g`` (e.g.
+        DeepSpeed's ``param_shapes`` order). A target tensor joins the group of the first
+        source tensor that shares one of its logical tensors; one that shares none (cannot
+        happen in a checked program) falls back to group 0. Names only: no tensor is read."""
+        group_of_source = {n: g for g, names in enumerate(source_groups) for n in names}
+        group_of_logical: dict[str, int] = {}
+        for inst in self.source.instances:
+            for _, _, name in inst.shards:
+                g = group_of_source.get(name)
+                if g is None:
+                    continue
+                for key in inst.members.values():
+                    group_of_logical.setdefault(key, g)
+        out: dict[tuple, int] = {}
+        for inst, coord, name in self.target.placements():
+            groups = [group_of_logical[k] for k in inst.members.values() if k in group_of_logical]
+            out[(coord, name)] = min(groups) if groups else 0
+        return out
+
     def _shard_label(self, inst: Instance, coord, name) -> str:
         """Which slice of the recipe a physical tensor is: its mesh ranks and each-indices."""
         for rc, c, n in inst.shards:
