@@ -335,20 +335,86 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
         raise
 
 
-def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
+@dataclass
+class Template:
+    """What ``--like TEMPLATE`` takes from an existing checkpoint."""
+    path: str
+    format: str
+    plan: LayoutPlan
+    topology: dict                 # tp/pp/ep of the template's layout
+    dp: int | None
+    training: dict                 # the template's training state (param groups, ...)
+
+
+def read_template(like, *, spec=None, config=None) -> Template:
+    """Open ``like`` (e.g. a checkpoint freshly initialized on the new hardware) and read its
+    format, topology, layout parameters and training state; nothing of it is copied."""
+    tmpl = open_source(like)
+    try:
+        res = resolve(tmpl, spec=spec, config=config)
+        dp = getattr(tmpl, "dp", None) or (tmpl.training_state() or {}).get("dp_world_size")
+        return Template(str(like), tmpl.format, res.plan,
+                        {a: n for a, n in res.plan.mesh.items() if a in ("tp", "pp", "ep")},
+                        dp, tmpl.training_state() or {})
+    finally:
+        tmpl.close()
+
+
+def _like_settings(template: Template, to, tp, pp, ep, dp, set) -> tuple:
+    """Target settings from a template; an explicit option that contradicts it is an error."""
+    given = {"--to": (to, template.format), "--tp": (tp, template.topology.get("tp")),
+             "--pp": (pp, template.topology.get("pp")), "--ep": (ep, template.topology.get("ep")),
+             "--dp": (dp, template.dp)}
+    clash = [f"{opt} {mine} (the template has {theirs})" for opt, (mine, theirs) in given.items()
+             if mine is not None and theirs is not None and mine != theirs]
+    if clash:
+        raise MapcError(f"--like {template.path} contradicts " + ", ".join(clash),
+                        hint="drop those options: --like takes them from the template")
+    params = dict(template.plan.params)
+    params.update(_parse_sets(set))
+    return (template.format, template.topology.get("tp"), template.topology.get("pp"),
+            template.topology.get("ep"), template.dp if dp is None else dp, params)
+
+
+def check_like(template: Template, program: Program) -> None:
+    """Refuse unless the planned target has exactly the template's tensors: same names on the
+    same shards with the same shapes (same model, same topology, same naming)."""
+    def tensors(plan):
+        return {(coord_key(c), n): inst.recipe.shard_shape for inst, c, n in plan.placements()}
+    want, got = tensors(template.plan), tensors(program.target)
+    problems = [f"{n} missing from the conversion" for (_, n) in sorted(want.keys() - got.keys())]
+    problems += [f"{n} not in the template" for (_, n) in sorted(got.keys() - want.keys())]
+    problems += [f"{k[1]}: template {list(want[k])}, conversion {list(got[k])}"
+                 for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
+    if problems:
+        raise MapcError(f"the source does not match the template {template.path}: "
+                        f"{len(problems)} difference(s): " + "; ".join(problems[:8])
+                        + (" ..." if len(problems) > 8 else ""),
+                        hint="the template must hold the same model (config) as the source")
+
+
+def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int | None = None,
             ep: int | None = None, dtype: str = "keep", config=None, set=None, force: bool = False,
             source_set=None,
             backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
             max_shard_bytes: int | None = None, dp: int | None = None,
-            with_optimizer: bool = False) -> execute.Report:
+            with_optimizer: bool = False, like=None) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox);
-    ``with_optimizer`` asks a weights-only format (hf) to carry the optimizer state too."""
+    ``with_optimizer`` asks a weights-only format (hf) to carry the optimizer state too;
+    ``like`` names a template checkpoint whose format, topology, layout parameters and
+    optimizer param groups the output takes (``to``/``tp``/... may then be omitted)."""
     if dp is not None and dp < 1:
         raise MapcError(f"--dp {dp} must be a positive integer")
     if dtype not in DTYPE_CHOICES:
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    template = None
+    if like is not None:
+        template = read_template(like, spec=spec, config=config)
+        to, tp, pp, ep, dp, set = _like_settings(template, to, tp, pp, ep, dp, set)
+    if to is None:
+        raise MapcError("no target format", hint="pass --to FORMAT (or --like TEMPLATE)")
     if to not in FORMATS:
         raise MapcError(f"unknown target format '{to}'", hint="known: " + ", ".join(FORMATS))
     res, program = plan_conversion(src, to, tp=tp, pp=pp, ep=ep, config=config, set=set,
@@ -357,10 +423,13 @@ def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
     source = res.source
     out = None
     try:
+        if template is not None:
+            check_like(template, program)
         out = AtomicOutput(dst, force=force, source=src)
         writer = make_writer(to, out.tmp, program, res,
                              {"max_shard_bytes": max_shard_bytes, "dst": str(dst), "dp": dp,
-                              "with_optimizer": with_optimizer})
+                              "with_optimizer": with_optimizer,
+                              "like_training": template.training if template else None})
         try:
             report = execute.run(program, source, writer, backend=backend,
                                  dtype=DTYPE_CHOICES[dtype], quiet=quiet)

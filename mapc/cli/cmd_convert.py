@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   mapc convert llama-mcore llama-tp4 --to megatron --tp 4          # reshard up
   mapc convert llama-mcore llama-back --to hf --dtype bf16
   mapc convert llama-hf out --to megatron --set naming=te --set vocab_multiple=64
+  mapc convert old-run new-run --like fresh-init-on-new-cluster   # format/topology from a template
 """
 
 
@@ -24,7 +25,13 @@ def add_arguments(p):
     from mapc.runtime.containers import FORMATS
     p.add_argument("src", help="source checkpoint directory")
     p.add_argument("dst", help="destination directory (must not exist unless --force)")
-    p.add_argument("--to", required=True, choices=sorted(FORMATS), help="target format")
+    p.add_argument("--to", choices=sorted(FORMATS),
+                   help="target format (required unless --like gives it)")
+    p.add_argument("--like", metavar="TEMPLATE",
+                   help="take the target format, topology (tp/pp/ep/dp), layout parameters and "
+                        "optimizer param groups from an existing checkpoint, e.g. one freshly "
+                        "initialized on the new hardware; a source that does not match it "
+                        "tensor for tensor is refused")
     p.add_argument("--from", dest="source_format", choices=sorted(FORMATS),
                    help="source format (default: detected)")
     add_topology(p)
@@ -54,19 +61,31 @@ def add_arguments(p):
 
 def run(args) -> int:
     from mapc.api import convert, plan_conversion
+    if args.to is None and args.like is None:
+        from mapc.errors import MapcError
+        raise MapcError("no target format", hint="pass --to FORMAT (or --like TEMPLATE)")
     if args.dry_run:
-        res, program = plan_conversion(args.src, args.to, tp=args.tp, pp=args.pp, ep=args.ep,
-                                       config=args.config, set=args.set, spec=args.spec,
+        to, tp, pp, ep, sets = args.to, args.tp, args.pp, args.ep, args.set
+        template = None
+        if args.like is not None:
+            from mapc.api import _like_settings, read_template
+            template = read_template(args.like, spec=args.spec, config=args.config)
+            to, tp, pp, ep, _, sets = _like_settings(template, to, tp, pp, ep, args.dp, sets)
+        res, program = plan_conversion(args.src, to, tp=tp, pp=pp, ep=ep,
+                                       config=args.config, set=sets, spec=args.spec,
                                        source_format=args.source_format,
                                        source_set=args.source_set)
         res.source.close()
+        if template is not None:
+            from mapc.api import check_like
+            check_like(template, program)
         print(program.pretty())
         return 0
     report = convert(args.src, args.dst, args.to, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                      config=args.config, set=args.set, force=args.force, backend=args.backend,
                      quiet=args.quiet, spec=args.spec, source_format=args.source_format,
                      source_set=args.source_set, dp=args.dp,
-                     with_optimizer=args.with_optimizer)
+                     with_optimizer=args.with_optimizer, like=args.like)
     for w in report.warnings:
         print(f"mapc: warning: {w}", file=sys.stderr)
     if args.json:
@@ -74,6 +93,6 @@ def run(args) -> int:
                     "bytes": report.bytes_written, "seconds": round(report.seconds, 3),
                     "warnings": report.warnings})
     elif not args.quiet:
-        print(f"{args.src} -> {args.dst} ({args.to}): {report.tensors_written} tensors, "
+        print(f"{args.src} -> {args.dst} ({args.to or 'like ' + args.like}): {report.tensors_written} tensors, "
               f"{report.bytes_written / 2**20:.1f} MiB in {report.seconds:.1f}s", file=sys.stderr)
     return 0

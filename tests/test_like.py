@@ -1,0 +1,67 @@
+"""--like TEMPLATE: the target format, topology and naming come from an existing checkpoint."""
+from __future__ import annotations
+
+import pytest
+
+import mapc
+from mapc.cli.main import main
+from tests.conftest import llama_config, tree_hash, write_random_hf
+
+
+@pytest.fixture
+def template(tmp_path):
+    """A checkpoint 'freshly initialized on the new hardware': Megatron TP=2 PP=2 with
+    Transformer-Engine names, built from other weights of the same model."""
+    init = write_random_hf(tmp_path / "init", llama_config(), seed=7)
+    tmpl = tmp_path / "template"
+    mapc.convert(init, tmpl, to="megatron", tp=2, pp=2, set={"naming": "te"})
+    return tmpl
+
+
+def test_like_takes_format_topology_and_naming(tmp_path, template, capsys):
+    src = write_random_hf(tmp_path / "trained", llama_config(), seed=1)
+    out = tmp_path / "out"
+    code = main(["convert", str(src), str(out), "--like", str(template), "-q"])
+    assert code == 0, capsys.readouterr().err
+    info = mapc.inspect(out)
+    assert (info["format"], info["topology"], info["params"]["naming"]) == \
+        ("megatron", {"tp": 2, "pp": 2}, "te")
+    tmpl_info = mapc.inspect(template)
+    assert [[(t["name"], t["shape"]) for t in s["tensors"]] for s in info["shards"]] == \
+        [[(t["name"], t["shape"]) for t in s["tensors"]] for s in tmpl_info["shards"]]
+    assert mapc.verify(src, out).identical            # filled from the source, not the template
+    assert not mapc.verify(template, out).identical
+
+
+def test_like_refuses_another_model_and_lists_differences(tmp_path, template, capsys):
+    src = write_random_hf(tmp_path / "bigger", llama_config(ffn=128), seed=1)
+    before = tree_hash(template)
+    code = main(["convert", str(src), str(tmp_path / "out"), "--like", str(template)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "does not match the template" in err and "linear_fc1" in err and "[96, 64]" in err
+    assert not (tmp_path / "out").exists() and tree_hash(template) == before
+
+
+def test_like_refuses_contradicting_options(tmp_path, template, capsys):
+    src = write_random_hf(tmp_path / "trained", llama_config(), seed=1)
+    code = main(["convert", str(src), str(tmp_path / "out"), "--like", str(template),
+                 "--tp", "4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--tp 4 (the template has 2)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_without_target_is_refused(tmp_path, capsys):
+    src = write_random_hf(tmp_path / "hf", llama_config())
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 1
+    assert "--to FORMAT" in capsys.readouterr().err
+
+
+def test_like_dry_run_prints_the_program(tmp_path, template, capsys):
+    src = write_random_hf(tmp_path / "trained", llama_config(), seed=1)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--like", str(template),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "layer_norm_weight" in out and "tp=2" in out
+    assert not (tmp_path / "out").exists()
