@@ -531,10 +531,25 @@ def inspect(path, *, source_format=None, spec=None, config=None) -> dict:
                 tensors.append({"name": name, "shape": list(shape), "dtype": dt, "bytes": n})
             shards.append({"shard": source.describe_coord(coord), "tensors": tensors})
         info.update(shards=shards, tensor_count=sum(len(s["tensors"]) for s in shards),
-                    bytes=total, dtypes=dtypes)
+                    bytes=total, dtypes=dtypes, training=_training_summary(source))
         return info
     finally:
         source.close()
+
+
+def _training_summary(source) -> dict | None:
+    """What a resumed run would get from this checkpoint: optimizer slots and scalars."""
+    slots = [s for s in source.slots() if s != "param"]
+    state = _jsonable(source.training_state() or {})
+    if not slots and not state:
+        return None
+    groups = state.get("param_groups") or []
+    return {"optimizer_slots": slots,
+            "iteration": state.get("iteration"), "step": state.get("step"),
+            "zero_stage": state.get("zero_stage"), "dp_world_size": state.get("dp_world_size"),
+            "loss_scale": state.get("loss_scale"),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                             | {"params": len(g.get("params") or [])} for g in groups]}
 
 
 # ---- verify -------------------------------------------------------------------------------------

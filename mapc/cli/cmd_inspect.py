@@ -37,6 +37,16 @@ def run(args) -> int:
     dtypes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in info["dtypes"].items())
     print(f"  {info['tensor_count']} tensors in {len(info['shards'])} shard(s), "
           f"{info['bytes'] / 2**20:.1f} MiB ({dtypes})")
+    tr = info.get("training")
+    if tr:
+        facts = [f"{k}={tr[k]}" for k in ("iteration", "step", "zero_stage", "dp_world_size",
+                                           "loss_scale") if tr.get(k) is not None]
+        print("  training state: " + (", ".join(facts) or "no scalars"))
+        print("  optimizer slots: " + (", ".join(tr["optimizer_slots"]) or "none (weights only)"))
+        for g, group in enumerate(tr["param_groups"]):
+            hyper = ", ".join(f"{k}={v}" for k, v in group.items()
+                              if k in ("lr", "weight_decay", "betas", "eps"))
+            print(f"    param group {g}: {group['params']} tensors, {hyper}")
     for w in info.get("warnings", []):
         print(f"  warning: {w}")
     if args.tensors:
