@@ -268,6 +268,7 @@ class TrainerExport:
             self.hyper.append(hyper)
         self.scheduler = training.get("lr_scheduler")
         self.trainer_state = training.get("trainer_state")
+        self.train_batch_size = trainer.micro_batch(training)
         self.moments: dict[str, dict] = {}
         self.writer = None
 
@@ -304,7 +305,7 @@ class TrainerExport:
         w = torchfile.TorchWriter(self.dir / trainer.SCHEDULER)
         w.finish(sched)
         state_json = self.trainer_state if isinstance(self.trainer_state, dict) else \
-            trainer.trainer_state(self.global_step)
+            trainer.trainer_state(self.global_step, self.train_batch_size)
         write_json(self.dir / trainer.TRAINER_STATE, state_json)
 
     def abort(self):

@@ -125,7 +125,20 @@ def constant_scheduler(lrs: list[float], step: int) -> dict:
             "_last_lr": list(lrs), "lr_lambdas": [{} for _ in lrs]}
 
 
-def trainer_state(global_step: int) -> dict:
+def micro_batch(training: dict) -> int:
+    """The per-process batch of a training state (TrainerState.train_batch_size, which Trainer
+    compares with its arguments on resume): DeepSpeed's micro batch, else samples per step and
+    rank, else 1."""
+    ds = training.get("ds_config") or {}
+    if isinstance(ds, dict) and ds.get("train_micro_batch_size_per_gpu"):
+        return int(ds["train_micro_batch_size_per_gpu"])
+    samples, it, dp = (training.get(k) for k in ("global_samples", "iteration", "dp_world_size"))
+    if samples and it and dp:
+        return max(1, int(samples) // int(it) // int(dp))
+    return 1
+
+
+def trainer_state(global_step: int, train_batch_size: int) -> dict:
     """A ``TrainerState`` (transformers 5.23 field defaults) at ``global_step``; Trainer
     re-derives epochs, max_steps and its callbacks from its own arguments on resume."""
     return {"best_global_step": None, "best_metric": None, "best_model_checkpoint": None,
@@ -134,4 +147,4 @@ def trainer_state(global_step: int) -> dict:
             "is_world_process_zero": True, "log_history": [], "logging_steps": 500,
             "max_steps": int(global_step), "num_input_tokens_seen": 0, "num_train_epochs": 0,
             "save_steps": 500, "stateful_callbacks": {}, "total_flos": 0.0,
-            "train_batch_size": None, "trial_name": None, "trial_params": None}
+            "train_batch_size": int(train_batch_size), "trial_name": None, "trial_params": None}
