@@ -260,3 +260,32 @@ def test_groups_are_trainers(family, tmp_path):
     theirs = [[name_of[id(p)] for p in g["params"]] for g in t.create_optimizer().param_groups]
     assert mine == theirs
     assert mine[0] and mine[1]
+
+
+def test_conflicting_source_groups_are_refused(trained, tmp_path):
+    """A source whose groups put a norm (Trainer: no decay) with the decayed weights: Trainer's
+    no-decay group would need two sets of hyper-parameters."""
+    convert(trained, tmp_path / "dcp", to="dcp")
+    rec_file = tmp_path / "dcp" / "mapc.json"
+    rec = json.loads(rec_file.read_text())
+    g0, g1 = rec["training"]["param_groups"]
+    g1["params"].remove("model.norm.weight")
+    g0["params"].append("model.norm.weight")
+    rec_file.write_text(json.dumps(rec))
+    with pytest.raises(MapcError, match="no-decay group takes parameters from source groups"):
+        convert(tmp_path / "dcp", tmp_path / "out", to="hf", with_optimizer=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_custom_trainer_grouping_is_refused(trained, tmp_path):
+    """optimizer.pt saved by an optimizer with one group (not Trainer.create_optimizer's)."""
+    import shutil
+    ckpt = tmp_path / "checkpoint-3"
+    shutil.copytree(trained, ckpt)
+    opt = _torch_opt(ckpt)
+    merged = dict(opt["param_groups"][0])
+    merged["params"] = [i for g in opt["param_groups"] for i in g["params"]]
+    opt["param_groups"] = [merged]
+    torch.save(opt, str(ckpt / "optimizer.pt"))
+    with pytest.raises(MapcError, match=r"param groups of \[21\] parameters.*\[16, 5\]"):
+        convert(ckpt, tmp_path / "out", to="dcp")
