@@ -289,3 +289,62 @@ def test_custom_trainer_grouping_is_refused(trained, tmp_path):
     torch.save(opt, str(ckpt / "optimizer.pt"))
     with pytest.raises(MapcError, match=r"param groups of \[21\] parameters.*\[16, 5\]"):
         convert(ckpt, tmp_path / "out", to="dcp")
+
+
+# ---- property: the order rule == torch's named_parameters on random module trees ----------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ident = st.sampled_from(["attn", "mlp", "norm", "proj", "gate", "up", "ln", "wte", "head", "q"])
+
+
+@st.composite
+def _trees(draw):
+    """(top children, block children, layers): children are (name, [param names]) leaves, a
+    block is a list of (name, leaves); 'layers' is a ModuleList of copies of the block."""
+    def leaves(n):
+        names = draw(st.lists(_ident, min_size=1, max_size=n, unique=True))
+        return [(x, draw(st.lists(st.sampled_from(["weight", "bias", "scale"]), min_size=1,
+                                  max_size=2, unique=True))) for x in names]
+    block = [(m, leaves(3)) for m in draw(st.lists(_ident, min_size=1, max_size=3, unique=True))]
+    top = leaves(3)
+    split = draw(st.integers(0, len(top)))
+    return top[:split], block, top[split:], draw(st.integers(1, 12))
+
+
+def _leaf(params):
+    m = torch.nn.Module()
+    for p in params:
+        m.register_parameter(p, torch.nn.Parameter(torch.zeros(1)))
+    return m
+
+
+@settings(max_examples=60, deadline=None)
+@given(_trees())
+def test_module_order_matches_torch(tree):
+    from mapc.runtime.containers.hf_trainer import module_order
+    before, block, after, layers = tree
+    root = torch.nn.Module()
+    for name, params in before:
+        root.add_module(name, _leaf(params))
+    blocks = torch.nn.ModuleList()
+    for _ in range(layers):
+        b = torch.nn.Module()
+        for sub, leaves in block:
+            s = torch.nn.Module()
+            for name, params in leaves:
+                s.add_module(name, _leaf(params))
+            b.add_module(sub, s)
+        blocks.append(b)
+    root.add_module("layers", blocks)
+    for name, params in after:
+        root.add_module(name + "_out", _leaf(params))
+    want = [n for n, _ in root.named_parameters()]
+    # a layout lists per-layer templates once; a plan expands them rule-major (all layers of
+    # the first template, then the next), which is the order module_order receives
+    templates = [f"{n}.{p}" for n, ps in before for p in ps] + \
+        [f"layers.{{i}}.{s}.{n}.{p}" for s, leaves in block for n, ps in leaves for p in ps] + \
+        [f"{n}_out.{p}" for n, ps in after for p in ps]
+    rule_major = [t.format(i=i) for t in templates for i in (range(layers) if "{i}" in t
+                                                             else [0])]
+    assert module_order(rule_major) == want

@@ -196,7 +196,8 @@ class _TrainerFiles:
         return self.optim["state"][index][slot]
 
     def training_state(self, names: dict[int, str]) -> dict:
-        steps = [st.get("step") for st in self.optim["state"].values() if st.get("step") is not None]
+        steps = [st.get("step") for st in self.optim["state"].values()
+                 if st.get("step") is not None]
         step = float(np.asarray(steps[0].map() if hasattr(steps[0], "map") else steps[0])) \
             if steps else None
         groups = []
