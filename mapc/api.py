@@ -129,6 +129,9 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
             found = _resolve_params(sp, layout, source, env, canonical, given, warnings, errors,
                                     partial, shape_misses)
             if found is not None:
+                bind = getattr(source, "bind_plan", None)   # a source whose optimizer state
+                if bind is not None:                         # is numbered by the model's order
+                    bind(found.plan)
                 return found
     if shape_misses:
         _check_shapes(shape_misses[0], source)   # raises, naming the first mismatch

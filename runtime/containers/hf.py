@@ -1,6 +1,11 @@
 """HuggingFace checkpoints: ``config.json`` + safetensors (one file, or shards with
 ``model.safetensors.index.json``); ``pytorch_model*.bin`` is read too. Output is what
 transformers' ``save_pretrained`` writes, loadable by ``from_pretrained``.
+
+A transformers ``Trainer`` checkpoint (``checkpoint-N/`` with ``optimizer.pt``,
+``scheduler.pt``, ``trainer_state.json``) is read with its optimizer state (slots ``master``,
+``exp_avg``, ``exp_avg_sq``) and training state; with ``with_optimizer`` the writer writes one.
+How Trainer numbers and groups parameters is in hf_trainer.py.
 """
 from __future__ import annotations
 
@@ -8,7 +13,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from mapc.errors import MapcError
+from mapc.runtime import torchfile
+from mapc.runtime.containers import hf_trainer as trainer
 from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
 from mapc.runtime.safetensors_io import SafetensorsFile, SafetensorsWriter
 
@@ -23,7 +32,17 @@ def detect(path: Path) -> bool:
 
 
 def make_writer(tmpdir, program, resolved, options):
-    return HFWriter(tmpdir, options.get("max_shard_bytes") or DEFAULT_SHARD_BYTES)
+    export = None
+    if options.get("with_optimizer"):
+        have = resolved.source.slots()
+        lacking = [s for s in ("exp_avg", "exp_avg_sq") if s not in have]
+        if lacking:
+            raise MapcError(f"--with-optimizer: {resolved.source.path} ({resolved.source.format})"
+                            f" holds no optimizer state (no {' or '.join(lacking)})",
+                            hint="convert a training checkpoint (deepspeed, dcp with optimizer, "
+                                 "an hf Trainer checkpoint), or drop --with-optimizer")
+        export = TrainerExport(tmpdir, program, resolved.source)
+    return HFWriter(tmpdir, options.get("max_shard_bytes") or DEFAULT_SHARD_BYTES, export)
 
 
 class HFSource(Source):
@@ -60,6 +79,18 @@ class HFSource(Source):
                     raise MapcError("expected a state dict", where=str(f))
                 for name, ref in state.items():
                     self.where[name] = ref
+        # a Trainer checkpoint: optimizer indices get their names in bind_plan (after resolve)
+        self.trainer = _TrainerFiles(self.path) if (self.path / trainer.OPTIMIZER).is_file() \
+            else None
+        self.opt_index: dict[str, int] | None = None
+
+    def bind_plan(self, plan):
+        """Name the optimizer's parameter indices with the resolved hf plan: Trainer numbers
+        them in its two groups' order (hf_trainer.trainer_groups); shapes are checked."""
+        if self.trainer is None:
+            return
+        groups = trainer.trainer_groups(plan)
+        self.opt_index = self.trainer.index(groups, self.shape)
 
     def coords(self):
         return [SINGLE]
@@ -78,23 +109,233 @@ class HFSource(Source):
         x = self._get(name)
         return x.shape(name) if isinstance(x, SafetensorsFile) else tuple(x.shape)
 
-    def dtype(self, name, coord=SINGLE):
+    def slots(self):
+        return ["param", "master", "exp_avg", "exp_avg_sq"] if self.trainer else ["param"]
+
+    def dtype(self, name, coord=SINGLE, slot="param"):
+        if slot == "master":
+            return "float32"
+        if slot != "param":
+            return self._moment(name, slot).dtype
         x = self._get(name)
         return x.dtype(name) if isinstance(x, SafetensorsFile) else x.dtype
 
-    def read(self, name, coord=SINGLE):
+    def read(self, name, coord=SINGLE, slot="param"):
+        if slot not in ("param", "master"):
+            return self._moment(name, slot).map()
         x = self._get(name)
-        if isinstance(x, SafetensorsFile):
-            return x.read(name)
-        return x.map()
+        arr = x.read(name) if isinstance(x, SafetensorsFile) else x.map()
+        # Trainer steps the model's own parameters: they are the master copy
+        return arr if slot == "param" or arr.dtype == np.float32 else arr.astype(np.float32)
+
+    def _moment(self, name, slot):
+        if self.trainer is None or self.opt_index is None:
+            raise MapcError(f"internal: no optimizer index for {name} (bind_plan not called)",
+                            where=str(self.path))
+        self._get(name)
+        return self.trainer.moment(self.opt_index[name], slot, name)
+
+    def training_state(self) -> dict:
+        if self.trainer is None:
+            return {}
+        names = {i: n for n, i in (self.opt_index or {}).items()}
+        return self.trainer.training_state(names)
+
+
+class _TrainerFiles:
+    """optimizer.pt, scheduler.pt and trainer_state.json of a Trainer checkpoint, read through
+    torchfile's allow-list (training_args.bin, a pickled TrainingArguments, is never opened)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        f = path / trainer.OPTIMIZER
+        self.optim = torchfile.load(f)
+        if not (isinstance(self.optim, dict) and isinstance(self.optim.get("state"), dict)
+                and isinstance(self.optim.get("param_groups"), list)):
+            raise MapcError("optimizer.pt is not a torch optimizer state dict (state, "
+                            "param_groups)", where=str(f))
+        s = path / trainer.SCHEDULER
+        self.scheduler = torchfile.load(s) if s.is_file() else None
+        ts = path / trainer.TRAINER_STATE
+        try:
+            self.state = json.loads(ts.read_text()) if ts.is_file() else None
+        except (OSError, ValueError) as e:
+            raise MapcError(f"cannot read {trainer.TRAINER_STATE}: {e}", where=str(ts)) from None
+
+    def index(self, groups: list[list[str]], shape_of) -> dict[str, int]:
+        """{parameter name: optimizer index}, checking optimizer.pt has Trainer's groups."""
+        where = str(self.path / trainer.OPTIMIZER)
+        have = [list(g.get("params") or []) for g in self.optim["param_groups"]]
+        want, start = [], 0
+        for g in groups:
+            want.append(list(range(start, start + len(g))))
+            start += len(g)
+        if have != want:
+            raise MapcError(f"optimizer.pt has param groups of {[len(g) for g in have]} "
+                            f"parameters; transformers' Trainer groups this model as "
+                            f"{[len(g) for g in groups]} (weight decay / no decay)", where=where,
+                            hint="mapc reads Trainer checkpoints made by Trainer.create_optimizer;"
+                                 " a custom optimizer grouping is not supported")
+        out = {n: i for i, n in enumerate(groups[0] + groups[1])}
+        for name, i in out.items():
+            st = self.optim["state"].get(i)
+            if st is None:
+                raise MapcError(f"optimizer.pt has no state for parameter {i} ({name})",
+                                where=where, hint="was the checkpoint saved before any step?")
+            for slot in ("exp_avg", "exp_avg_sq"):
+                ref = st.get(slot)
+                if ref is None or tuple(ref.shape) != tuple(shape_of(name)):
+                    raise MapcError(f"optimizer.pt state {i} {slot} has shape "
+                                    f"{None if ref is None else list(ref.shape)}, but parameter "
+                                    f"{i} ({name}) is {list(shape_of(name))}", where=where,
+                                    hint="the optimizer does not follow the model's parameter "
+                                         "order")
+        return out
+
+    def moment(self, index: int, slot: str, name: str):
+        return self.optim["state"][index][slot]
+
+    def training_state(self, names: dict[int, str]) -> dict:
+        steps = [st.get("step") for st in self.optim["state"].values()
+                 if st.get("step") is not None]
+        step = float(np.asarray(steps[0].map() if hasattr(steps[0], "map") else steps[0])) \
+            if steps else None
+        groups = []
+        for g in self.optim["param_groups"]:
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            hyper["params"] = [names.get(i, str(i)) for i in g.get("params") or []]
+            groups.append(hyper)
+        gs = (self.state or {}).get("global_step")
+        return {
+            "iteration": int(gs) if gs is not None else (int(step) if step is not None else None),
+            "global_samples": None,
+            "step": step,
+            "param_groups": groups,
+            "lr_scheduler": self.scheduler,
+            "loss_scale": None,
+            "clip_grad": None,
+            "zero_stage": None,
+            "dp_world_size": None,
+            "ds_config": None,
+            "trainer_state": self.state,
+        }
+
+
+class TrainerExport:
+    """Writes optimizer.pt, scheduler.pt and trainer_state.json as ``Trainer._save_checkpoint``
+    does, so ``Trainer.train(resume_from_checkpoint=DIR)`` continues the run. Moments stream
+    into optimizer.pt as they arrive; the state dict's structure is pickled at the end."""
+
+    def __init__(self, tmpdir, program, source):
+        self.dir = Path(tmpdir)
+        self.groups = trainer.trainer_groups(program.target)
+        self.order = self.groups[0] + self.groups[1]
+        training = source.training_state()
+        where = str(source.path)
+        src_groups = training.get("param_groups") or []
+        if not src_groups:
+            raise MapcError("--with-optimizer: the source states no optimizer param groups "
+                            "(lr, betas, eps, weight_decay)", where=where,
+                            hint="convert from the training checkpoint itself, or from mapc's "
+                                 "conversion of it (its mapc.json keeps them)")
+        for g in src_groups:
+            lacking = [k for k in trainer.REQUIRED_HYPER if k not in g]
+            if lacking:
+                raise MapcError(f"--with-optimizer: a source param group lacks "
+                                f"{', '.join(lacking)}", where=where)
+        if training.get("step") is None:
+            raise MapcError("--with-optimizer: the source does not state the optimizer step",
+                            where=where)
+        self.step = float(training["step"])
+        it = training.get("iteration")
+        self.global_step = int(it) if it is not None else int(self.step)
+        group_of = {name: g for (_, name), g in
+                    program.target_groups([list(g.get("params") or []) for g in
+                                           src_groups]).items()}
+        self.hyper = []
+        for k, names in enumerate(self.groups):
+            used = sorted({group_of[n] for n in names}) or [0]
+            hyper = trainer.hyper_of(src_groups[used[0]])
+            for other in used[1:]:
+                if not trainer.same_hyper(hyper, trainer.hyper_of(src_groups[other])):
+                    raise MapcError(
+                        f"--with-optimizer: Trainer's {'decay' if k == 0 else 'no-decay'} group "
+                        f"takes parameters from source groups {used} whose hyper-parameters "
+                        f"differ ({_diff(hyper, trainer.hyper_of(src_groups[other]))}); one "
+                        f"Trainer group cannot hold both", where=where,
+                        hint="Trainer groups parameters by weight decay (hf_trainer.py)")
+            if not names and k == 1:
+                hyper["weight_decay"] = 0.0
+            self.hyper.append(hyper)
+        self.scheduler = training.get("lr_scheduler")
+        self.trainer_state = training.get("trainer_state")
+        self.train_batch_size = trainer.micro_batch(training)
+        self.moments: dict[str, dict] = {}
+        self.writer = None
+
+    def begin_slot(self, slot, tensors):
+        if self.writer is None:
+            self.writer = torchfile.TorchWriter(self.dir / trainer.OPTIMIZER)
+
+    def write(self, slot, name, arr):
+        self.moments.setdefault(name, {})[slot] = self.writer.add_tensor(
+            np.require(arr, requirements="C"))
+
+    def finish(self, record: dict):
+        state = {}
+        for i, name in enumerate(self.order):
+            got = self.moments.get(name, {})
+            if set(got) != {"exp_avg", "exp_avg_sq"}:
+                raise MapcError(f"internal: the optimizer state of {name} was not written")
+            state[i] = {"step": self.writer.add_tensor(np.asarray(self.step, np.float32)),
+                        "exp_avg": got["exp_avg"], "exp_avg_sq": got["exp_avg_sq"]}
+        groups, start = [], 0
+        for hyper, names in zip(self.hyper, self.groups):
+            groups.append({**hyper, "params": list(range(start, start + len(names)))})
+            start += len(names)
+        self.writer.finish({"state": state, "param_groups": groups})
+        sched = self.scheduler
+        if not (trainer.is_torch_scheduler(sched) and len(sched["base_lrs"]) == len(groups)):
+            if sched is not None:
+                record.setdefault("warnings", []).append(
+                    "the source's LR scheduler state is not a torch scheduler of Trainer's two "
+                    "groups; scheduler.pt holds a constant schedule at the current learning "
+                    "rate (resume with lr_scheduler_type='constant' or set the schedule)")
+            sched = trainer.constant_scheduler([float(h["lr"]) for h in self.hyper],
+                                               self.global_step)
+        w = torchfile.TorchWriter(self.dir / trainer.SCHEDULER)
+        w.finish(sched)
+        state_json = self.trainer_state if isinstance(self.trainer_state, dict) else \
+            trainer.trainer_state(self.global_step, self.train_batch_size)
+        write_json(self.dir / trainer.TRAINER_STATE, state_json)
+
+    def abort(self):
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = [k for k in dict.fromkeys([*a, *b]) if not trainer.same_hyper({k: a.get(k)},
+                                                                          {k: b.get(k)})]
+    return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:3])
 
 
 class HFWriter(Writer):
-    def __init__(self, tmpdir, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, tmpdir, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 export: TrainerExport | None = None):
         super().__init__(tmpdir)
         self.max_shard_bytes = max_shard_bytes
         self.writers = {}
         self.file_of = {}
+        self.export = export
+        # with a Trainer export the moments come as slots; weights come from the fp32 master
+        self.slots = ("param", "exp_avg", "exp_avg_sq") if export else ("param",)
+
+    def begin_slot(self, slot, tensors):
+        self.export.begin_slot(slot, tensors)
+
+    def write_slot(self, slot, coord, name, arr):
+        self.export.write(slot, name, arr)
 
     def begin(self, tensors):
         from mapc.runtime.backends import DTYPES
@@ -131,7 +372,13 @@ class HFWriter(Writer):
         if len(self.dtypes) == 1:
             config["dtype"] = next(iter(self.dtypes))
         write_json(self.dir / "config.json", config)
+        if self.export is not None:
+            self.export.finish(record)
         write_json(self.dir / MAPC_JSON, record)
+
+    def abort(self):
+        if self.export is not None:
+            self.export.abort()
 
 
 Source = HFSource
