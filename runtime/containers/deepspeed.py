@@ -188,7 +188,9 @@ class DeepSpeedSource(Source):
         return [SINGLE]
 
     def names(self, coord=SINGLE):
-        return list(self.shapes)
+        # the module's own order (state_dict order) first: a writer keeps it
+        return [n for n in self.module if n in self.shapes] + \
+            [n for n in self.shapes if n not in self.module]
 
     def shape(self, name, coord=SINGLE):
         return self._known(name)
@@ -377,6 +379,7 @@ class DeepSpeedWriter(Writer):
         for coord in self.source.coords():
             src_names.extend(self.source.names(coord))
         known = set(src_names)
+        self.src_names = src_names
         self.src_order = {}
         if groups and not self.fresh:
             lists = []
@@ -439,7 +442,8 @@ class DeepSpeedWriter(Writer):
                 "resume")
         inf = len(self.src_order) + len(placement)
         order = sorted(placement, key=lambda n: (self.src_order.get(n, inf), placement[n]))
-        self.module_order = order
+        src_pos = {n: i for i, n in enumerate(self.src_names)}
+        self.module_order = sorted(placement, key=lambda n: (src_pos.get(n, inf), placement[n]))
         ngroups = len(self.hyper)
         group = {n: g for (_, n), g in self.group_of.items()}
         members = [[n for n in order if group[n] == g] for g in range(ngroups)]
@@ -654,9 +658,9 @@ class DeepSpeedWriter(Writer):
             "optimizer": None,
             "param_shapes": [OrderedDict((n, _size(self.shapes[n])) for n in f.names)
                              for f in self.flats],
-            "frozen_param_shapes": OrderedDict() if stage3 else None,
+            "frozen_param_shapes": OrderedDict() if self.stage >= 2 else None,
             "shared_params": {},
-            "frozen_param_fragments": OrderedDict() if stage3 else None,
+            "frozen_param_fragments": OrderedDict() if self.stage >= 2 else None,
             "lr_scheduler": scheduler,
             "data_sampler": None,
             "random_ltd": None,
