@@ -284,6 +284,7 @@ class _Flat:
 
     def __init__(self, group, names, numels, dp, stage3):
         self.group, self.names, self.numels = group, names, numels
+        self.numel_of = dict(zip(names, numels))
         self.total = sum(numels)
         self.at = {}
         off = 0
@@ -299,7 +300,7 @@ class _Flat:
 
     def pieces(self, name, dp, stage3):
         """(rank, element range in the flattened param, offset in the rank's flat tensor)."""
-        n = self.numels[self.names.index(name)] if stage3 else None
+        n = self.numel_of[name]
         off = self.at[name]
         if stage3:
             part = -(-n // dp)
@@ -308,7 +309,6 @@ class _Flat:
                 if lo < hi:
                     yield r, lo, hi, off
         else:
-            n = self.numels[self.names.index(name)]
             P = self.length
             for r in range(dp):
                 lo, hi = max(off, r * P), min(off + n, (r + 1) * P)
@@ -381,7 +381,7 @@ class DeepSpeedWriter(Writer):
         known = set(src_names)
         self.src_names = src_names
         self.src_order = {}
-        if groups and not self.fresh:
+        if groups:
             lists = []
             for g, pg in enumerate(groups):
                 params = list(pg.get("params") or [])
@@ -406,12 +406,11 @@ class DeepSpeedWriter(Writer):
             self.hyper = [_hyper(pg) for pg in groups]
         else:
             self.group_of = {(c, n): 0 for _, c, n in self.program.target.placements()}
-            self.hyper = [_hyper(groups[0]) if groups else dict(ADAMW_DEFAULTS)]
-            if not groups:
-                self.notes.append("the optimizer hyper-parameters in the DeepSpeed checkpoint are "
-                                  "torch AdamW's defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8, "
-                                  "weight_decay 0.01) in one param group; DeepSpeed's "
-                                  "load_checkpoint applies them to your optimizer")
+            self.hyper = [dict(ADAMW_DEFAULTS)]
+            self.notes.append("the optimizer hyper-parameters in the DeepSpeed checkpoint are "
+                              "torch AdamW's defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8, "
+                              "weight_decay 0.01) in one param group; DeepSpeed's "
+                              "load_checkpoint applies them to your optimizer")
 
     # -- Writer protocol ---------------------------------------------------------------------
     def begin(self, tensors):
