@@ -119,6 +119,7 @@ def _assert_same_tree(got, want, where, skip_mask=None):
     if isinstance(want, torch.Tensor):
         assert isinstance(got, torch.Tensor) and got.dtype == want.dtype, where
         assert got.shape == want.shape, (where, got.shape, want.shape)
+        assert got.requires_grad == want.requires_grad, where
         g, w = got.detach(), want.detach()
         if skip_mask is not None:   # DeepSpeed's stage-3 fp32 padding is uninitialised memory
             g, w = g[~torch.from_numpy(skip_mask)], w[~torch.from_numpy(skip_mask)]
