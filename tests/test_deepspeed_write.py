@@ -140,9 +140,21 @@ def _assert_same_tree(got, want, where, skip_mask=None):
         assert got == want and type(got) is type(want), (where, got, want)
 
 
-@pytest.mark.parametrize("case", ["z1", "z2bf16", "z3"])
-def test_round_trip_2_3_2_gives_deepspeeds_own_files(make, case, tmp_path):
-    ckpt = make(case)
+@pytest.fixture(scope="module")
+def source(make, ds_root):
+    """source(case): a DS_CASES checkpoint, or "bf16opt": stage 1 bf16 with fp32 gradient
+    accumulation (DeepSpeed's BF16_Optimizer, §5), two groups, ODD_MODEL (padding)."""
+    def _get(case):
+        if case == "bf16opt":
+            return ds.make_zero_checkpoint(ds_root, 1, "bf16", 2, steps=3, model=ds.ODD_MODEL,
+                                           grad_accum_fp32=True)
+        return make(case)
+    return _get
+
+
+@pytest.mark.parametrize("case", ["z1", "z2bf16", "z3", "bf16opt"])
+def test_round_trip_2_3_2_gives_deepspeeds_own_files(source, case, tmp_path):
+    ckpt = source(case)
     mapc.convert(ckpt, tmp_path / "dp3", to="deepspeed", dp=3)
     mapc.convert(tmp_path / "dp3", tmp_path / "dp2", to="deepspeed", dp=2)
     real, ours = ckpt / "global_step3", tmp_path / "dp2" / "global_step3"

@@ -324,11 +324,11 @@ class DeepSpeedWriter(Writer):
     """Writes a plain DeepSpeed engine checkpoint for a chosen data-parallel size.
 
     Every arriving optimizer tensor (fp32 master, Adam moments) is scattered at once into
-    per-rank scratch files (``np.memmap``, zero-filled, in the output's temporary directory)
-    at the offsets the ZeRO partitioning gives it; ``finish`` streams each rank's flat
-    partitions from there into its ``.pt`` file and deletes the scratch. The module weights go
-    straight into the model states file as they arrive. No tensor is held in memory beyond
-    the one being written.
+    per-rank scratch files (sparse, zero-filled, in the output's temporary directory; written
+    with ``pwrite``, never mapped) at the offsets the ZeRO partitioning gives it; ``finish``
+    copies each rank's flat partitions from there into its ``.pt`` file, one flat tensor mapped
+    at a time, and deletes the scratch. The module weights go straight into the model states
+    file as they arrive. Resident memory: the tensor being written, or one flat partition.
     """
 
     slots = ("param",) + OPTIM_SLOTS
@@ -479,7 +479,8 @@ class DeepSpeedWriter(Writer):
         self.rank_len = base
         self.scratch = self.dir / ".scratch"
         self.scratch.mkdir()
-        self.mm = {slot: [self._memmap(slot, r) for r in range(dp)] for slot in OPTIM_SLOTS}
+        self.fds = {slot: [self._scratch_file(slot, r) for r in range(dp)]
+                    for slot in OPTIM_SLOTS}
         self.tag = f"global_step{self.iteration}"
         self.tag_dir = self.dir / self.tag
         self.tag_dir.mkdir()
@@ -492,11 +493,10 @@ class DeepSpeedWriter(Writer):
             for n in order:
                 self.module[n] = self.model_writer.add_tensor(empty)
 
-    def _memmap(self, slot, r):
-        path = self.scratch / f"{slot}.{r}"
-        if self.rank_len == 0:
-            return np.zeros(0, np.float32)
-        return np.memmap(path, np.float32, mode="w+", shape=(self.rank_len,))
+    def _scratch_file(self, slot, r):
+        fd = os.open(self.scratch / f"{slot}.{r}", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(fd, self.rank_len * 4)         # sparse: reads as zeros (the padding)
+        return fd
 
     def begin_slot(self, slot, tensors):
         self.incoming.add(slot)
@@ -518,8 +518,7 @@ class DeepSpeedWriter(Writer):
         flat = arr.reshape(-1)
         f = self.flat_of[name]
         for r, lo, hi, at in f.pieces(name, self.dp, self.stage == 3):
-            start = f.base + at
-            self.mm[slot][r][start:start + hi - lo] = flat[lo:hi]
+            _pwrite_all(self.fds[slot][r], np.ascontiguousarray(flat[lo:hi]), (f.base + at) * 4)
 
     # -- files -------------------------------------------------------------------------------
     def _finalize_config(self):
@@ -574,17 +573,13 @@ class DeepSpeedWriter(Writer):
             clip = float(self.cfg.get("gradient_clipping", 1.0))
         scale = ts.get("loss_scale") if not self.fresh else None
         scale = 1.0 if scale is None else float(scale)
-        for mm in self.mm.values():
-            for m in mm:
-                if isinstance(m, np.memmap):
-                    m.flush()
+        self._close_scratch()
         for r in range(dp):
             path = self.tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
             with torchfile.TorchWriter(path) as w:
                 osd = self._optim_state(w, r, float(clip), scale)
                 w.finish({"optimizer_state_dict": osd, "ds_config": self.cfg,
                           "ds_version": DS_VERSION})
-        self.mm = {}
         shutil.rmtree(self.scratch)
         self._model_states()
         (self.dir / "latest").write_text(self.tag)
@@ -594,8 +589,19 @@ class DeepSpeedWriter(Writer):
         write_json(self.dir / MAPC_JSON, record)
 
     def _slice(self, slot, r, f, length=None):
-        m = self.mm[slot][r]
-        return m[f.base:f.base + (f.length if length is None else length)]
+        """Rank r's flat tensor of ``f`` in ``slot``, mapped from the scratch file (unmapped
+        when the caller drops it)."""
+        n = f.length if length is None else length
+        if n == 0:
+            return np.zeros(0, np.float32)
+        return np.memmap(self.scratch / f"{slot}.{r}", np.float32, mode="r",
+                         offset=f.base * 4, shape=(n,))
+
+    def _close_scratch(self):
+        for fds in getattr(self, "fds", {}).values():
+            for fd in fds:
+                os.close(fd)
+        self.fds = {}
 
     def _optim_state(self, w, r, clip, scale):
         dp, ngroups = self.dp, len(self.hyper)
@@ -682,7 +688,14 @@ class DeepSpeedWriter(Writer):
         w = getattr(self, "model_writer", None)
         if w is not None:
             w.abort()
-        self.mm = {}
+        self._close_scratch()
+
+
+def _pwrite_all(fd, arr: np.ndarray, offset: int) -> None:
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _plain(obj):
