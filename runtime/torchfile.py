@@ -55,6 +55,7 @@ __all__ = [
     "TorchDType",
     "TorchDevice",
     "TorchWriter",
+    "Call",
     "load",
     "register_record_type",
 ]
@@ -1021,10 +1022,29 @@ class TensorPlaceholder:
     key: str
     dtype: str
     shape: tuple[int, ...]
+    requires_grad: bool = False     # torch's flag in _rebuild_tensor_v2 (e.g. fp32 master copies)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Call:
+    """``module.name(*args)`` as a pickle REDUCE, for values whose class is not plain data and
+    that pickle by calling their type: ``Call("torch", "Size", ((3, 4),))`` is a ``torch.Size``,
+    ``Call("some.module", "SomeIntEnum", (1,))`` an enum member. The global must be one the
+    reader allows (``module.name`` in :data:`ALLOWED_GLOBALS`), so mapc reads back what it
+    writes."""
+
+    module: str
+    name: str
+    args: tuple = ()
+
+    def __post_init__(self):
+        if f"{self.module}.{self.name}" not in ALLOWED_GLOBALS:
+            raise MapcError(f"cannot write a call to {self.module}.{self.name}: it is not on the "
+                            f"read allow-list")
 
 
 @dataclass(frozen=True)
@@ -1117,6 +1137,8 @@ class _CheckpointPickler(pickle._Pickler):  # the pure-Python pickler, so save()
             self.memoize(obj)
         elif isinstance(obj, TorchDevice):
             self.save_reduce(_TORCH_DEVICE, (str(obj),), obj=obj)
+        elif isinstance(obj, Call):
+            self.save_reduce(_Global(obj.module, obj.name), tuple(obj.args), obj=obj)
         elif isinstance(obj, Record):
             self._save_instance(obj.pickle_global, obj.to_dict(), obj)
         elif type(obj) is argparse.Namespace:
@@ -1158,8 +1180,8 @@ class _CheckpointPickler(pickle._Pickler):  # the pure-Python pickler, so save()
     def _save_tensor(self, ph: TensorPlaceholder) -> None:
         if self._writer._placeholders.get(ph.key) is not ph:
             raise MapcError(f"tensor placeholder {ph.key} was not created by this TorchWriter")
-        args: tuple = (_StorageId(ph), 0, ph.shape, _contiguous_strides(ph.shape), False,
-                       collections.OrderedDict())
+        args: tuple = (_StorageId(ph), 0, ph.shape, _contiguous_strides(ph.shape),
+                       bool(ph.requires_grad), collections.OrderedDict())
         if ph.dtype in _STORAGE_FOR_DTYPE:
             self.save_reduce(_REBUILD_V2, args, obj=ph)
         else:
@@ -1242,8 +1264,10 @@ class TorchWriter:
         if not self._closed:
             self.abort()
 
-    def add_tensor(self, array: np.ndarray | TensorRef) -> TensorPlaceholder:
-        """Write one tensor's bytes now; returns the placeholder to use in ``finish``'s object."""
+    def add_tensor(self, array: np.ndarray | TensorRef,
+                   requires_grad: bool = False) -> TensorPlaceholder:
+        """Write one tensor's bytes now; returns the placeholder to use in ``finish``'s object
+        (``requires_grad`` sets torch's flag on the loaded tensor)."""
         self._check_open()
         if isinstance(array, TensorRef):
             array = array.numpy()
@@ -1258,7 +1282,8 @@ class TorchWriter:
                             f"{', '.join(DTYPES)}", where=str(self.path))
         key = str(len(self._placeholders))
         self._write_member(f"{_ARCHIVE}/data/{key}", _array_chunks(array), array.nbytes)
-        placeholder = TensorPlaceholder(key, dtype, tuple(int(s) for s in array.shape))
+        placeholder = TensorPlaceholder(key, dtype, tuple(int(s) for s in array.shape),
+                                        bool(requires_grad))
         self._placeholders[key] = placeholder
         return placeholder
 

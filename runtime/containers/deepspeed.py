@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO checkpoints (stages 1, 2 and 3; fp32 and bf16), read with optimizer state.
+"""DeepSpeed ZeRO checkpoints (stages 1, 2 and 3; fp32 and bf16), read and written with
+optimizer state, at any data-parallel size.
 
 ``latest`` names the tag directory ``global_stepN/`` holding the model states
 (``mp_rank_00_model_states.pt``, or per rank ``zero_pp_rank_R_mp_rank_00_model_states.pt`` at
@@ -7,12 +8,16 @@ optim_states.pt``). Parameters keep the wrapped module's names (for a transforme
 ``hf`` layout). Every parameter's fp32 master weights and Adam moments are rebuilt from the flat
 per-rank partitions, each read lazily as the slices that hold it (a parameter may straddle
 ranks). The partition formulas are in docs/formats/deepspeed.md. No DeepSpeed code is needed
-or run: its pickled objects are read as inert records.
+or run: its pickled objects are read as inert records, and written back as the same classes
+(torchfile records and calls), so DeepSpeed loads mapc's output natively.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+from collections import OrderedDict
 from math import prod
 from pathlib import Path
 
@@ -21,13 +26,14 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
-from mapc.runtime.containers.base import Source
+from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
 
 LAYOUT = "hf"
 SINGLE = ()
 
-torchfile.register_record_type("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
-torchfile.register_record_type("deepspeed.utils.tensor_fragment", "fragment_address")
+LossScaler = torchfile.register_record_type("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
+FragmentAddress = torchfile.register_record_type("deepspeed.utils.tensor_fragment",
+                                                 "fragment_address")
 
 
 def _zero_stage(value):
@@ -182,7 +188,9 @@ class DeepSpeedSource(Source):
         return [SINGLE]
 
     def names(self, coord=SINGLE):
-        return list(self.shapes)
+        # the module's own order (state_dict order) first: a writer keeps it
+        return [n for n in self.module if n in self.shapes] + \
+            [n for n in self.shapes if n not in self.module]
 
     def shape(self, name, coord=SINGLE):
         return self._known(name)
@@ -249,6 +257,472 @@ class DeepSpeedSource(Source):
 Source = DeepSpeedSource
 
 
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+DS_VERSION = "0.19.8"
+ZERO_STAGE_ENUM = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
+OPTIM_SLOTS = ("master", "exp_avg", "exp_avg_sq")
+TRAINING_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
+# torch.optim.AdamW's param_group keys and defaults (torch 2.x), for groups a source lacks
+ADAMW_DEFAULTS = {"weight_decay": 0.01, "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
+                  "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                  "differentiable": False, "fused": None, "decoupled_weight_decay": True}
+DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
+
+
+def _size(shape) -> torchfile.Call:
+    return torchfile.Call("torch", "Size", (tuple(int(d) for d in shape),))
+
+
+class _Flat:
+    """One flat optimizer tensor per rank: a ZeRO 1/2 param group, or a stage-3 sub-group.
+
+    ``length`` elements on every rank; ``base`` its offset in the rank's scratch file;
+    ``at[name] = offset``: the param's offset in the group's flattened order (stages 1/2) or
+    in every rank's partition (stage 3)."""
+
+    def __init__(self, group, names, numels, dp, stage3):
+        self.group, self.names, self.numels = group, names, numels
+        self.numel_of = dict(zip(names, numels))
+        self.total = sum(numels)
+        self.at = {}
+        off = 0
+        for name, n in zip(names, numels):
+            self.at[name] = off
+            off += -(-n // dp) if stage3 else n
+        if stage3:
+            self.length = off                                   # F_s
+        else:
+            align = 2 * dp                                      # nccl_start_alignment_factor 2
+            self.length = -(-self.total // align) * align // dp  # P_g
+        self.base = 0
+
+    def pieces(self, name, dp, stage3):
+        """(rank, element range in the flattened param, offset in the rank's flat tensor)."""
+        n = self.numel_of[name]
+        off = self.at[name]
+        if stage3:
+            part = -(-n // dp)
+            for r in range(dp):
+                lo, hi = r * part, min(n, (r + 1) * part)
+                if lo < hi:
+                    yield r, lo, hi, off
+        else:
+            P = self.length
+            for r in range(dp):
+                lo, hi = max(off, r * P), min(off + n, (r + 1) * P)
+                if lo < hi:
+                    yield r, lo - off, hi - off, lo - r * P
+
+    def padding(self, r):
+        """Padding elements inside rank r's partition (stages 1/2)."""
+        return max(0, min(self.length, (r + 1) * self.length - self.total))
+
+
+class DeepSpeedWriter(Writer):
+    """Writes a plain DeepSpeed engine checkpoint for a chosen data-parallel size.
+
+    Every arriving optimizer tensor (fp32 master, Adam moments) is scattered at once into
+    per-rank scratch files (sparse, zero-filled, in the output's temporary directory; written
+    with ``pwrite``, never mapped) at the offsets the ZeRO partitioning gives it; ``finish``
+    copies each rank's flat partitions from there into its ``.pt`` file, one flat tensor mapped
+    at a time, and deletes the scratch. The module weights go straight into the model states
+    file as they arrive. Resident memory: the tensor being written, or one flat partition.
+    """
+
+    slots = ("param",) + OPTIM_SLOTS
+
+    def __init__(self, tmpdir, program, resolved, options):
+        super().__init__(Path(tmpdir))
+        self.program = program
+        self.resolved = resolved
+        self.source = resolved.source
+        self.notes = resolved.warnings           # merged into the report before anything runs
+        ts = dict(self.source.training_state() or {})
+        self.ts = ts
+        self.src_dp = int(ts.get("dp_world_size") or 1)
+        dp = options.get("dp")
+        if dp is not None and (not isinstance(dp, int) or dp < 1):
+            raise MapcError(f"--dp {dp!r} must be a positive integer")
+        self.dp = dp or self.src_dp
+        cfg = ts.get("ds_config")
+        self.has_ds_settings = isinstance(cfg, dict) and bool(cfg)
+        self.cfg = json.loads(json.dumps(_plain(cfg))) if self.has_ds_settings else {}
+        stage = ts.get("zero_stage")
+        if stage is None:
+            stage = (self.cfg.get("zero_optimization") or {}).get("stage")
+        if stage is None:
+            stage = 1
+            self.notes.append(f"the source carries no DeepSpeed ZeRO stage: writing ZeRO stage 1 "
+                              f"at dp={self.dp}")
+        self.stage = int(stage)
+        if self.stage not in (1, 2, 3):
+            raise MapcError(f"ZeRO stage {self.stage} has no partitioned optimizer state to write",
+                            hint="DeepSpeed checkpoints are written at ZeRO stage 1, 2 or 3")
+        have = set(self.source.slots())
+        self.incoming: set[str] = set()
+        self.fresh = not {"exp_avg", "exp_avg_sq"} <= have
+        if self.fresh:
+            self.notes.append("the source has no optimizer state: the DeepSpeed checkpoint gets a "
+                              "fresh optimizer (fp32 master = the weights, zero Adam moments, "
+                              "step 0)")
+        self.step = float(ts["step"]) if ts.get("step") is not None and not self.fresh else 0.0
+        self.iteration = int(ts.get("iteration") or 0)
+        self._upcast_noted = False
+        self._plan_groups(ts)
+
+    # -- param groups ------------------------------------------------------------------------
+    def _plan_groups(self, ts):
+        groups = ts.get("param_groups") or []
+        src_names = []
+        for coord in self.source.coords():
+            src_names.extend(self.source.names(coord))
+        known = set(src_names)
+        self.src_names = src_names
+        self.src_order = {}
+        if groups:
+            lists = []
+            for g, pg in enumerate(groups):
+                params = list(pg.get("params") or [])
+                bad = [p for p in params if not isinstance(p, str) or p not in known]
+                if bad:
+                    raise MapcError(f"the source's optimizer param group {g} lists "
+                                    f"{bad[0]!r}, which is not a tensor of the source: its "
+                                    f"training state cannot be mapped to the target",
+                                    where=str(self.source.path),
+                                    hint="the optimizer state does not match the weights")
+                lists.append(params)
+            listed = {p for ps in lists for p in ps}
+            missing = [n for n in src_names if n not in listed]
+            if missing:
+                raise MapcError(f"{missing[0]} is in no optimizer param group of the source "
+                                f"({len(missing)} such tensors): its training state cannot be "
+                                f"mapped to the target", where=str(self.source.path))
+            for ps in lists:
+                for p in ps:
+                    self.src_order.setdefault(p, len(self.src_order))
+            self.group_of = self.program.target_groups(lists)
+            self.hyper = [_hyper(pg) for pg in groups]
+        else:
+            self.group_of = {(c, n): 0 for _, c, n in self.program.target.placements()}
+            self.hyper = [dict(ADAMW_DEFAULTS)]
+            self.notes.append("the optimizer hyper-parameters in the DeepSpeed checkpoint are "
+                              "torch AdamW's defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8, "
+                              "weight_decay 0.01) in one param group; DeepSpeed's "
+                              "load_checkpoint applies them to your optimizer")
+
+    # -- Writer protocol ---------------------------------------------------------------------
+    def begin(self, tensors):
+        dp, stage3 = self.dp, self.stage == 3
+        dtypes = {dt for *_, dt in tensors}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in TRAINING_DTYPES:
+            raise MapcError(f"a DeepSpeed module is trained in one dtype, fp32 or bf16; the "
+                            f"weights to write are {', '.join(sorted(dtypes))}",
+                            hint="pass --dtype fp32 or --dtype bf16")
+        self.dtype = next(iter(dtypes))
+        self._finalize_config()
+        placement = {}
+        self.shapes = {}
+        for i, (coord, name, shape, _) in enumerate(tensors):
+            if tuple(coord):
+                raise MapcError(f"internal: the deepspeed writer got a sharded tensor {name} "
+                                f"at {coord}")
+            placement[name] = i
+            self.shapes[name] = tuple(shape)
+        unordered = [n for n in placement if n not in self.src_order]
+        if unordered:
+            self.notes.append(
+                "the flat ZeRO partitions follow "
+                + ("the spec's tensor order" if len(unordered) == len(placement) else
+                   f"the source's order, and the spec's for {len(unordered)} tensors")
+                + " (recorded in param_shapes); DeepSpeed does not check it on load: it must be "
+                "the order of model.named_parameters() in each param group of the model you "
+                "resume")
+        inf = len(self.src_order) + len(placement)
+        order = sorted(placement, key=lambda n: (self.src_order.get(n, inf), placement[n]))
+        src_pos = {n: i for i, n in enumerate(self.src_names)}
+        self.module_order = sorted(placement, key=lambda n: (src_pos.get(n, inf), placement[n]))
+        ngroups = len(self.hyper)
+        group = {n: g for (_, n), g in self.group_of.items()}
+        members = [[n for n in order if group[n] == g] for g in range(ngroups)]
+        for g, names in enumerate(members):
+            if not names:
+                raise MapcError(f"optimizer param group {g} has no tensor in the target",
+                                where=str(self.source.path),
+                                hint="the source's param groups do not match its weights")
+        self.flats: list[_Flat] = []
+        self.subgroups: list[list[int]] = []
+        sub_size = int((self.cfg.get("zero_optimization") or {}).get(
+            "sub_group_size", DEFAULT_SUB_GROUP_SIZE))
+        for g, names in enumerate(members):
+            numels = [prod(self.shapes[n]) for n in names]
+            if not stage3:
+                self.subgroups.append([len(self.flats)])
+                self.flats.append(_Flat(g, names, numels, dp, False))
+                continue
+            mine, cur, run = [], [], 0          # stage 3: cut into sub-groups
+            for i, (n, k) in enumerate(zip(names, numels)):
+                cur.append(i)
+                run += -(-k // dp)
+                if run >= sub_size or i == len(names) - 1:
+                    mine.append(len(self.flats))
+                    self.flats.append(_Flat(g, [names[j] for j in cur],
+                                            [numels[j] for j in cur], dp, True))
+                    cur, run = [], 0
+            self.subgroups.append(mine)
+        self.flat_of = {n: f for f in self.flats for n in f.names}
+        base = 0
+        for f in self.flats:
+            f.base = base
+            base += f.length
+        self.rank_len = base
+        self.scratch = self.dir / ".scratch"
+        self.scratch.mkdir()
+        self.fds = {slot: [self._scratch_file(slot, r) for r in range(dp)]
+                    for slot in OPTIM_SLOTS}
+        self.tag = f"global_step{self.iteration}"
+        self.tag_dir = self.dir / self.tag
+        self.tag_dir.mkdir()
+        model_name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage3 \
+            else "mp_rank_00_model_states.pt"
+        self.model_writer = torchfile.TorchWriter(self.tag_dir / model_name)
+        self.module = {}
+        if stage3:   # the weights live in the optimizer files; the module keeps placeholders
+            empty = np.zeros((0,), DTYPES[self.dtype])
+            for n in order:
+                self.module[n] = self.model_writer.add_tensor(empty)
+
+    def _scratch_file(self, slot, r):
+        fd = os.open(self.scratch / f"{slot}.{r}", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(fd, self.rank_len * 4)         # sparse: reads as zeros (the padding)
+        return fd
+
+    def begin_slot(self, slot, tensors):
+        self.incoming.add(slot)
+
+    def write(self, coord, name, arr):
+        if self.stage != 3:
+            self.module[name] = self.model_writer.add_tensor(np.ascontiguousarray(arr))
+        if "master" not in self.incoming:
+            if arr.dtype != np.float32 and not self.fresh and not self._upcast_noted:
+                self._upcast_noted = True
+                self.notes.append(f"the source has no fp32 master weights: they are the "
+                                  f"{self.dtype} weights upcast to fp32")
+            self._scatter("master", name, np.asarray(arr).astype(np.float32))
+
+    def write_slot(self, slot, coord, name, arr):
+        self._scatter(slot, name, np.asarray(arr, dtype=np.float32))
+
+    def _scatter(self, slot, name, arr):
+        flat = arr.reshape(-1)
+        f = self.flat_of[name]
+        for r, lo, hi, at in f.pieces(name, self.dp, self.stage == 3):
+            _pwrite_all(self.fds[slot][r], np.ascontiguousarray(flat[lo:hi]), (f.base + at) * 4)
+
+    # -- files -------------------------------------------------------------------------------
+    def _finalize_config(self):
+        cfg, notes = self.cfg, self.notes
+        if not self.has_ds_settings:
+            cfg.update({"train_batch_size": self.dp, "train_micro_batch_size_per_gpu": 1,
+                        "gradient_accumulation_steps": 1,
+                        "zero_optimization": {"stage": self.stage},
+                        "zero_allow_untested_optimizer": True})
+            notes.append(f"the source carries no DeepSpeed config: ds_config.json is a minimal "
+                         f"one (ZeRO stage {self.stage}, {TRAINING_DTYPES[self.dtype]}, micro "
+                         f"batch 1 per GPU, no accumulation); edit it before resuming")
+        else:
+            cfg, batch_notes = _rebatch(cfg, self.src_dp, self.dp)
+            notes.extend(batch_notes)
+            cfg.setdefault("zero_optimization", {})["stage"] = self.stage
+        for key in ("fp16",):
+            if (cfg.get(key) or {}).get("enabled"):
+                raise MapcError("fp16 DeepSpeed training keeps a dynamic loss scaler that mapc "
+                                "does not write", hint="pass --dtype bf16 or --dtype fp32")
+        was_bf16 = bool((cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled"))
+        is_bf16 = self.dtype == "bfloat16"
+        if is_bf16:
+            cfg.pop("bfloat16", None)
+            cfg.setdefault("bf16", {})["enabled"] = True
+        else:
+            for key in ("bf16", "bfloat16"):
+                if key in cfg:
+                    cfg[key] = dict(cfg[key], enabled=False)
+        if self.has_ds_settings and was_bf16 != is_bf16:
+            notes.append(f"the training dtype changes from {'bf16' if was_bf16 else 'fp32'} to "
+                         f"{TRAINING_DTYPES[self.dtype]} (the weights written are "
+                         f"{self.dtype}); ds_config.json says so")
+        ckpt = cfg.get("checkpoint")
+        if isinstance(ckpt, dict) and ckpt.get("load_universal"):
+            cfg["checkpoint"] = {k: v for k, v in ckpt.items() if k != "load_universal"} or None
+            if cfg["checkpoint"] is None:
+                del cfg["checkpoint"]
+            notes.append("ds_config.json drops checkpoint.load_universal: the output is a "
+                         "native checkpoint")
+        accum = str((cfg.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+        self.kind = "stage3" if self.stage == 3 else (
+            "bf16" if is_bf16 and self.stage == 1 and accum in ("fp32", "float32") else "zero")
+        self.cfg = cfg
+
+    def finish(self, record: dict):
+        dp = self.dp
+        ts = self.ts
+        prefix = "bf16_" if self.dtype == "bfloat16" else ""
+        clip = ts.get("clip_grad") if not self.fresh else None
+        if clip is None:
+            clip = float(self.cfg.get("gradient_clipping", 1.0))
+        scale = ts.get("loss_scale") if not self.fresh else None
+        scale = 1.0 if scale is None else float(scale)
+        self._close_scratch()
+        for r in range(dp):
+            path = self.tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+            with torchfile.TorchWriter(path) as w:
+                osd = self._optim_state(w, r, float(clip), scale)
+                w.finish({"optimizer_state_dict": osd, "ds_config": self.cfg,
+                          "ds_version": DS_VERSION})
+        shutil.rmtree(self.scratch)
+        self._model_states()
+        (self.dir / "latest").write_text(self.tag)
+        write_json(self.dir / "ds_config.json", self.cfg)
+        if record.get("config"):
+            write_json(self.dir / "config.json", record["config"])
+        write_json(self.dir / MAPC_JSON, record)
+
+    def _slice(self, slot, r, f, length=None):
+        """Rank r's flat tensor of ``f`` in ``slot``, mapped from the scratch file (unmapped
+        when the caller drops it)."""
+        n = f.length if length is None else length
+        if n == 0:
+            return np.zeros(0, np.float32)
+        return np.memmap(self.scratch / f"{slot}.{r}", np.float32, mode="r",
+                         offset=f.base * 4, shape=(n,))
+
+    def _close_scratch(self):
+        for fds in getattr(self, "fds", {}).values():
+            for fd in fds:
+                os.close(fd)
+        self.fds = {}
+
+    def _optim_state(self, w, r, clip, scale):
+        dp, ngroups = self.dp, len(self.hyper)
+        state, fp32 = {}, []
+        for s, f in enumerate(self.flats):
+            st = {"step": w.add_tensor(np.array(self.step, np.float32))}
+            for slot in ("exp_avg", "exp_avg_sq"):
+                st[slot] = w.add_tensor(self._slice(slot, r, f))
+            state[s] = st
+            keep = f.length - f.padding(r) if self.kind == "zero" else f.length
+            fp32.append(w.add_tensor(self._slice("master", r, f, keep), requires_grad=True))
+        param_groups = [dict(self.hyper[g], params=list(self.subgroups[g]))
+                        for g in range(ngroups)]
+        torch_state = {"state": state, "param_groups": param_groups}
+        scaler = LossScaler(cur_scale=scale, dynamic=False)
+        if self.kind == "stage3":
+            return {"zero_stage": torchfile.Call(*ZERO_STAGE_ENUM, (3,)),
+                    "loss_scaler": scaler, "dynamic_loss_scale": False, "overflow": False,
+                    "partition_count": dp, "optimizer_state_dict": torch_state,
+                    "fp32_flat_groups": fp32}
+        mappings = []
+        for f in self.flats:
+            m = OrderedDict()
+            for name in f.names:
+                for rr, lo, hi, at in f.pieces(name, dp, False):
+                    if rr == r:
+                        m[name] = FragmentAddress(numel=hi - lo, start=at)
+            mappings.append(m)
+        if self.kind == "bf16":
+            return {"clip_grad": clip, "base_optimizer_state": torch_state,
+                    "single_partition_of_fp32_groups": fp32,
+                    "group_paddings": [(f.length * dp - f.total) if r == dp - 1 else 0
+                                       for f in self.flats],
+                    "partition_count": [dp] * ngroups, "ds_version": DS_VERSION,
+                    "param_slice_mappings": mappings}
+        return {"loss_scaler": scaler, "dynamic_loss_scale": False, "overflow": False,
+                "clip_grad": clip, "base_optimizer_state": torch_state,
+                "single_partition_of_fp32_groups": fp32,
+                "zero_stage": torchfile.Call(*ZERO_STAGE_ENUM, (self.stage,)),
+                "group_paddings": [f.padding(r) for f in self.flats],
+                "param_alignment_paddings": [[0] * len(f.names) for f in self.flats],
+                "partition_count": [dp] * ngroups, "ds_version": DS_VERSION,
+                "param_slice_mappings": mappings}
+
+    def _model_states(self):
+        stage3 = self.stage == 3
+        ts = self.ts
+        missing = [n for n in self.module_order if n not in self.module]
+        if missing:
+            raise MapcError(f"internal: no weights were written for {missing[0]}")
+        batch = int(self.cfg.get("train_batch_size") or 0)
+        samples = ts.get("global_samples")
+        if samples is None:
+            samples = self.iteration * batch
+        scheduler = ts.get("lr_scheduler") if self.source.format == "deepspeed" else None
+        states = {
+            "module": OrderedDict((n, self.module[n]) for n in self.module_order),
+            "buffer_names": [],
+            "optimizer": None,
+            "param_shapes": [OrderedDict((n, _size(self.shapes[n])) for n in f.names)
+                             for f in self.flats],
+            "frozen_param_shapes": OrderedDict() if self.stage >= 2 else None,
+            "shared_params": {},
+            "frozen_param_fragments": OrderedDict() if self.stage >= 2 else None,
+            "lr_scheduler": scheduler,
+            "data_sampler": None,
+            "random_ltd": None,
+            "skipped_steps": 0,
+            "global_steps": self.iteration,
+            "global_samples": int(samples),
+            "dp_world_size": self.dp,
+            "mp_world_size": 1,
+            "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1},
+            "ds_config": self.cfg,
+            "ds_version": DS_VERSION,
+        }
+        self.model_writer.finish(states)
+        if stage3:   # every rank writes the same model states
+            first = self.tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+            for r in range(1, self.dp):
+                shutil.copyfile(first, self.tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+
+    def abort(self):
+        w = getattr(self, "model_writer", None)
+        if w is not None:
+            w.abort()
+        self._close_scratch()
+
+
+def _pwrite_all(fd, arr: np.ndarray, offset: int) -> None:
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _plain(obj):
+    """A config from a pickle (records, tuples) as JSON-able plain values."""
+    if isinstance(obj, dict) or hasattr(obj, "items"):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _hyper(group) -> dict:
+    """A torch AdamW param group's hyper-parameters (no params), completed with its defaults."""
+    out = {k: v for k, v in dict(group).items() if k != "params"}
+    for k, v in ADAMW_DEFAULTS.items():
+        out.setdefault(k, v)
+    if isinstance(out.get("betas"), list):
+        out["betas"] = tuple(out["betas"])
+    return out
+
+
+def _rebatch(cfg, old_dp, new_dp):
+    from mapc.runtime.resume import rebatch
+    return rebatch(cfg, old_dp, new_dp)
+
+
 def make_writer(tmpdir, program, resolved, options):
-    raise MapcError("writing DeepSpeed ZeRO checkpoints is not available yet",
-                    hint="convert to hf, megatron, nemo, nxdt, gguf or dcp")
+    return DeepSpeedWriter(tmpdir, program, resolved, options)
