@@ -26,6 +26,7 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
+from mapc.runtime.containers.hf_trainer import module_order
 from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
 
 LAYOUT = "hf"
@@ -371,6 +372,7 @@ class DeepSpeedWriter(Writer):
         self.iteration = int(ts.get("iteration") or 0)
         self._upcast_noted = False
         self._plan_groups(ts)
+        self._take_template_groups(options.get("like_training") or {})
 
     # -- param groups ------------------------------------------------------------------------
     def _plan_groups(self, ts):
@@ -412,6 +414,31 @@ class DeepSpeedWriter(Writer):
                               "weight_decay 0.01) in one param group; DeepSpeed's "
                               "load_checkpoint applies them to your optimizer")
 
+    def _take_template_groups(self, tmpl: dict):
+        """--like: the template's param groups (target names, in its flat order) decide
+        membership and order; hyper-parameters stay the source's when it has as many groups."""
+        groups = tmpl.get("param_groups") or []
+        if not groups:
+            return
+        targets = {(c, n) for _, c, n in self.program.target.placements()}
+        group_of = {}
+        order = {}
+        for g, pg in enumerate(groups):
+            for name in pg.get("params") or []:
+                group_of[((), name)] = g
+                order.setdefault(name, len(order))
+        if set(group_of) != targets:
+            odd = sorted(n for _, n in set(group_of) ^ targets)
+            raise MapcError(f"the template's optimizer param groups do not list the model's "
+                            f"tensors exactly (e.g. {odd[0]})",
+                            hint="use a template holding the same model")
+        self.group_of, self.src_order = group_of, order
+        if len(self.hyper) != len(groups):
+            self.hyper = [_hyper(pg) for pg in groups]
+            self.notes.append(f"the template has {len(groups)} param groups, the source "
+                              f"{len(self.ts.get('param_groups') or []) or 'none'}: the "
+                              f"template's hyper-parameters (lr, weight decay, ...) are used")
+
     # -- Writer protocol ---------------------------------------------------------------------
     def begin(self, tensors):
         dp, stage3 = self.dp, self.stage == 3
@@ -430,19 +457,14 @@ class DeepSpeedWriter(Writer):
                                 f"at {coord}")
             placement[name] = i
             self.shapes[name] = tuple(shape)
-        unordered = [n for n in placement if n not in self.src_order]
-        if unordered:
-            self.notes.append(
-                "the flat ZeRO partitions follow "
-                + ("the spec's tensor order" if len(unordered) == len(placement) else
-                   f"the source's order, and the spec's for {len(unordered)} tensors")
-                + " (recorded in param_shapes); DeepSpeed does not check it on load: it must be "
-                "the order of model.named_parameters() in each param group of the model you "
-                "resume")
+        # Tensors the source's optimizer does not order (a source in another layout, or
+        # without optimizer state) take the module's named_parameters() order, derived from
+        # the spec's hf layout: DeepSpeed does not check the flat order on load.
+        module_pos = {n: i for i, n in enumerate(module_order(list(placement)))}
         inf = len(self.src_order) + len(placement)
-        order = sorted(placement, key=lambda n: (self.src_order.get(n, inf), placement[n]))
+        order = sorted(placement, key=lambda n: (self.src_order.get(n, inf), module_pos[n]))
         src_pos = {n: i for i, n in enumerate(self.src_names)}
-        self.module_order = sorted(placement, key=lambda n: (src_pos.get(n, inf), placement[n]))
+        self.module_order = sorted(placement, key=lambda n: (src_pos.get(n, inf), module_pos[n]))
         ngroups = len(self.hyper)
         group = {n: g for (_, n), g in self.group_of.items()}
         members = [[n for n in order if group[n] == g] for g in range(ngroups)]
