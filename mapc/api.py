@@ -360,7 +360,7 @@ def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
         out = AtomicOutput(dst, force=force, source=src)
         writer = make_writer(to, out.tmp, program, res,
                              {"max_shard_bytes": max_shard_bytes, "dst": str(dst), "dp": dp,
-                              "with_optimizer": with_optimizer})
+                              "with_optimizer": with_optimizer, "dtype": DTYPE_CHOICES[dtype]})
         try:
             report = execute.run(program, source, writer, backend=backend,
                                  dtype=DTYPE_CHOICES[dtype], quiet=quiet)
