@@ -186,12 +186,12 @@ def test_megatron_reshard_round_trip_keeps_optimizer_slots(mcore, tmp_path_facto
 
 
 def test_deepspeed_to_megatron_and_back_to_dcp_carries_master_and_moments(make, tmp_path):
-    """DeepSpeed ZeRO-1 (fp32, two param groups) -> megatron tp=2 pp=2 -> megatron tp=1 pp=1 ->
+    """DeepSpeed ZeRO-1 (fp32, two param groups) -> megatron tp=3 pp=2 -> megatron tp=1 pp=1 ->
     dcp: the fp32 master weights and Adam moments arrive bit-exact, equal to what DeepSpeed
     gathered live during training and to what mapc reads from the ZeRO partitions."""
     from tests.groundtruth import deepspeed_ckpt as ds
     ckpt = make("z1")
-    mapc.convert(ckpt, tmp_path / "m22", to="megatron", tp=2, pp=2)
+    mapc.convert(ckpt, tmp_path / "m22", to="megatron", tp=3, pp=2)   # 3 KV heads
     with open_source(tmp_path / "m22") as m:
         assert m.slots() == ["param", "master", "exp_avg", "exp_avg_sq"]
         groups = m.training_state()["param_groups"]
