@@ -414,8 +414,9 @@ class MegatronWriter(Writer):
         for coord, name, shape, dt in tensors:
             self.order.setdefault(coord, []).append(name)
             self.dtypes[(coord, name)] = dt
-        for coord in self.order:
-            self.order[coord] = module_order(self.order[coord])
+        if self.optimizer:   # optimizer indices follow megatron-core's parameter order
+            for coord in self.order:
+                self.order[coord] = module_order(self.order[coord])
         self.sub = "release" if self.iteration is None and not self.optimizer else \
             f"iter_{int(self.iteration or 0):07d}"
         for coord in self.order:
