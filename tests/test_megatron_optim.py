@@ -249,3 +249,25 @@ def test_mismatched_optimizer_state_is_a_clean_error(mcore, tmp_path, edit, word
     with pytest.raises(MapcError, match=words):
         mapc.convert(bad, tmp_path / "out", to="megatron", tp=1, pp=1)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["bf16"])
+def test_with_optimizer_from_weights_only_loads_into_megatron(tmp_path, dtype):
+    """hf (no optimizer) -> megatron --with-optimizer --dtype bf16: a fresh
+    Float16OptimizerWithFloat16Params state that megatron-core loads (its two default groups,
+    no Adam state yet, fp32 masters equal to the weights)."""
+    from tests.conftest import llama_config, write_random_hf
+    src = write_random_hf(tmp_path / "hf", llama_config(vocab=CFG["vocab"]))
+    mapc.convert(src, tmp_path / "mg", to="megatron", tp=1, pp=2, dtype=dtype,
+                 with_optimizer=True)
+    loaded = mcore_optim.load_checkpoint(tmp_path / "mg", CFG, 1, 2, dtype, tmp_path / "ld")
+    for p in range(2):
+        got = torch.load(loaded / f"rank0_{p}.pt", weights_only=False)
+        opt = got["optimizer"]
+        assert opt["optimizer"]["state"] == {}
+        assert [g["wd_mult"] for g in opt["optimizer"]["param_groups"]] == [1.0, 0.0]
+        bf16 = [v for k, v in got["model"].items()
+                if not k.endswith("_extra_state") and v.dtype == torch.bfloat16]
+        masters = opt["fp32_from_fp16_params"][0]
+        assert len(masters) == len(bf16) > 0
+        assert all(torch.equal(m, w.float()) for m, w in zip(masters, bf16))
