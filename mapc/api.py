@@ -431,7 +431,7 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
         out = AtomicOutput(dst, force=force, source=src)
         writer = make_writer(to, out.tmp, program, res,
                              {"max_shard_bytes": max_shard_bytes, "dst": str(dst), "dp": dp,
-                              "with_optimizer": with_optimizer,
+                              "with_optimizer": with_optimizer, "dtype": DTYPE_CHOICES[dtype],
                               "like_training": template.training if template else None})
         try:
             report = execute.run(program, source, writer, backend=backend,

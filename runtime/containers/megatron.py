@@ -6,6 +6,17 @@
 flat; legacy models nest ``language_model`` -> ``embedding``/``encoder``/``output_layer``),
 ``args`` (an argparse.Namespace), ``checkpoint_version``, ``iteration``. Files are read and
 written with mapc's own torch-file code: no pickled code runs and torch is not required.
+
+Optimizer state (the non-distributed optimizer, ``optimizer`` key, plus ``opt_param_scheduler``)
+holds each rank's shards, so it moves with the same program as the weights. Its layout is what
+megatron-core's ``optimizer.state_dict()`` gives: for fp32 training (``FP32Optimizer``) the torch
+Adam state dict itself, ``{"state": {index: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups":
+[...]}``; for bf16/fp16 (``Float16OptimizerWithFloat16Params``) ``{"optimizer": that dict,
+["grad_scaler": {...},] "fp32_from_fp16_params": [[fp32 master per 16-bit param] per group]}``.
+Parameter ``index`` counts the rank's parameters group by group, each group in the model's
+``named_parameters`` order (megatron-core's module registration order, ``MODULE_ORDER``), the
+groups in megatron-core's ``_get_param_groups`` order. Weight decay is skipped (``wd_mult`` 0)
+for 1-D parameters and biases, megatron-core's default rule.
 """
 from __future__ import annotations
 
@@ -126,6 +137,19 @@ class MegatronSource(RefSource):
         self.iteration = first.get("iteration")
         self.checkpoint_version = first.get("checkpoint_version")
         self.config = self.record.get("config")
+        self._optim: dict = {}
+        opt = first.get("optimizer")
+        if isinstance(opt, (list, tuple)):
+            raise MapcError("this checkpoint holds a chained optimizer (one per expert/dense "
+                            "parameter set); mapc reads the optimizer state of a single "
+                            "non-distributed optimizer only", where=str(self._file(self._coords[0])),
+                            hint="convert the weights only from a checkpoint saved without "
+                            "optimizer state, or open an issue with the file")
+        self.optimizer_kind = _optimizer_kind(opt)
+        if self.optimizer_kind == "distributed":
+            self.warnings.append("the optimizer state of Megatron's distributed optimizer lives "
+                                 "in distrib_optim.pt files, which mapc does not read: weights "
+                                 "only")
 
     def _file(self, coord):
         return self.files[coord_key(coord)]
@@ -161,6 +185,195 @@ class MegatronSource(RefSource):
     def describe_coord(self, coord):
         return str(self._file(coord).relative_to(self.path))
 
+    # -- optimizer state ----------------------------------------------------------------------
+    def slots(self):
+        if self.optimizer_kind in ("fp32", "mixed") and self._optim_of(self._coords[0])["state"]:
+            return ["param", "master", "exp_avg", "exp_avg_sq"]
+        return ["param"]
+
+    def _optim_of(self, coord):
+        """{"state": {name: {slot: TensorRef}}, "groups": [[names]], "hyper": [...]} of a rank."""
+        key = coord_key(coord)
+        if key not in self._optim:
+            self._optim[key] = _index_optimizer(self._load(coord), self.optimizer_kind,
+                                                self._file(coord))
+        return self._optim[key]
+
+    def dtype(self, name, coord, slot="param"):
+        if slot == "param":
+            return self._ref(name, coord).dtype
+        return self._slot_ref(name, coord, slot).dtype
+
+    def read(self, name, coord, slot="param"):
+        if slot == "param":
+            return self._ref(name, coord).map()
+        return self._slot_ref(name, coord, slot).map()
+
+    def _slot_ref(self, name, coord, slot):
+        if slot not in ("master", "exp_avg", "exp_avg_sq"):
+            raise MapcError(f"unknown optimizer slot {slot!r}")
+        state = self._optim_of(coord)["state"]
+        if name not in state:
+            raise MapcError(f"no optimizer state for {name}", where=str(self._file(coord)))
+        ref = state[name].get(slot)
+        if slot == "master" and ref is None:   # fp32 parameters are their own master copy
+            ref = self._ref(name, coord)
+        if ref is None:
+            raise MapcError(f"no {slot} for {name} in the optimizer state",
+                            where=str(self._file(coord)))
+        return ref
+
+    def training_state(self) -> dict:
+        if self.optimizer_kind not in ("fp32", "mixed"):
+            return {"iteration": self.iteration} if self.iteration is not None else {}
+        first = self._load(self._coords[0])
+        opt = first["optimizer"]
+        inner = opt["optimizer"] if self.optimizer_kind == "mixed" else opt
+        names: list[list[str]] = [[] for _ in inner["param_groups"]]
+        for coord in self._coords:
+            for g, group in enumerate(self._optim_of(coord)["groups"]):
+                names[g] += [n for n in group if n not in names[g]]
+        groups = []
+        for g, pg in enumerate(inner["param_groups"]):
+            hyper = {k: v for k, v in pg.items() if k != "params"}
+            hyper["params"] = names[g]
+            groups.append(hyper)
+        steps = [st["step"] for st in inner["state"].values() if "step" in st]
+        scaler = opt.get("grad_scaler") if self.optimizer_kind == "mixed" else None
+        scaler = {k: _scalar(v) for k, v in scaler.items()} if scaler else None
+        return {
+            "iteration": self.iteration,
+            "global_samples": self.format_meta.get("consumed_train_samples"),
+            "step": _scalar(steps[0]) if steps else None,
+            "param_groups": groups,
+            "lr_scheduler": first.get("opt_param_scheduler"),
+            "loss_scale": scaler.get("scale") if scaler else None,
+            "grad_scaler": scaler,
+            "clip_grad": self.format_meta.get("clip_grad"),
+            "zero_stage": None,
+            "dp_world_size": self.format_meta.get("data_parallel_size"),
+        }
+
+
+# megatron-core's module registration order (GPTModel, TransformerBlock, TransformerLayer,
+# SelfAttention, MLP/MoE, TE linears; legacy ParallelTransformer): siblings are registered, and
+# named_parameters() yields them, in this order. Unknown names keep their place after known ones.
+MODULE_ORDER = {n: i for i, n in enumerate((
+    "language_model", "embedding", "word_embeddings", "position_embeddings", "encoder",
+    "decoder", "layers", "input_layernorm", "input_norm", "self_attention", "linear_proj",
+    "linear_qkv", "query_key_value", "dense", "q_layernorm", "k_layernorm",
+    "pre_cross_attn_layernorm", "cross_attention", "pre_mlp_layernorm",
+    "post_attention_layernorm", "post_attention_norm", "mlp", "router", "linear_fc1",
+    "linear_fc2", "dense_h_to_4h", "dense_4h_to_h", "experts", "local_experts",
+    "shared_experts", "final_layernorm", "final_norm", "output_layer", "layer_norm_weight",
+    "layer_norm_bias", "weight", "bias"))}
+
+
+def module_order(names) -> list[str]:
+    """``names`` in megatron-core's ``named_parameters`` order (the order of optimizer indices)."""
+    first = {}
+    for n in names:
+        for part in n.split("."):
+            first.setdefault(part, len(first))
+
+    def key(name):
+        return [(0, int(p), 0) if p.isdigit() else
+                (1, MODULE_ORDER[p], 0) if p in MODULE_ORDER else (2, 0, first[p])
+                for p in name.split(".")]
+    return sorted(names, key=key)
+
+
+def _no_weight_decay(name: str, ndim: int) -> bool:
+    """megatron-core's default rule (get_standard_config_overrides): wd_mult 0 for 1-D
+    parameters and biases."""
+    return ndim == 1 or name.endswith(".bias")
+
+
+def _scalar(v):
+    if isinstance(v, torchfile.TensorRef):
+        return float(np.asarray(v.numpy()).reshape(-1)[0])
+    return v
+
+
+def _optimizer_kind(opt) -> str | None:
+    if opt is None:
+        return None
+    if not hasattr(opt, "get"):
+        raise MapcError(f"the 'optimizer' entry is a {type(opt).__name__}, not a state dict")
+    if "fp32_from_fp16_params" in opt or "fp32_from_fp16" in opt:
+        return "mixed"
+    if "state" in opt and "param_groups" in opt:
+        return "fp32"
+    return "distributed"
+
+
+def _index_optimizer(obj, kind, where) -> dict:
+    """Name every parameter index of one rank's optimizer and check it against the model."""
+    opt = obj["optimizer"]
+    inner = opt["optimizer"] if kind == "mixed" else opt
+    masters = (opt.get("fp32_from_fp16_params") or opt.get("fp32_from_fp16") or []) \
+        if kind == "mixed" else None
+    model = obj["_tensors"]
+    params = module_order(list(model))
+    pgroups = inner["param_groups"]
+    sizes = [len(g["params"]) for g in pgroups]
+    if sum(sizes) != len(params):
+        raise MapcError(f"the optimizer holds {sum(sizes)} parameters in {len(sizes)} groups "
+                        f"{sizes}, but the model on this rank has {len(params)}",
+                        where=str(where), hint="the optimizer state does not belong to this "
+                        "model (or the file is corrupt); convert the weights from a checkpoint "
+                        "saved without optimizer state")
+    if len(pgroups) == 1:
+        groups = [params]
+    else:
+        no_wd = [n for n in params if _no_weight_decay(n, len(model[n].shape))]
+        wd = [n for n in params if n not in set(no_wd)]
+        mult = [g.get("wd_mult", 1.0 if g.get("weight_decay", 0) else 0.0) for g in pgroups]
+        nonempty = [g for g, size in enumerate(sizes) if size]
+        groups = [[] for _ in pgroups]
+        for g in nonempty:
+            groups[g] = wd if mult[g] else no_wd
+        if len(nonempty) > 2 or [len(groups[g]) for g in range(len(pgroups))] != sizes or \
+                len({mult[g] == 0 for g in nonempty}) != len(nonempty):
+            raise MapcError(f"the optimizer's {len(pgroups)} parameter groups {sizes} (wd_mult "
+                            f"{mult}) do not follow megatron-core's default grouping (weight "
+                            f"decay on all but 1-D parameters and biases: {len(wd)} + "
+                            f"{len(no_wd)})", where=str(where),
+                            hint="mapc reads Megatron optimizers with megatron-core's default "
+                            "parameter groups only")
+    index = {}
+    i = 0
+    for g, names in enumerate(groups):
+        got = [int(x) for x in pgroups[g]["params"]]
+        for j, name in enumerate(names):
+            index[name] = (got[j] if j < len(got) else i, g, j)
+            i += 1
+    state = {}
+    for g, names in enumerate(groups):
+        fp16 = [n for n in names if model[n].dtype in ("float16", "bfloat16")]
+        if masters is not None and len(masters[g] if g < len(masters) else []) != len(fp16):
+            raise MapcError(f"fp32_from_fp16_params group {g} holds "
+                            f"{len(masters[g]) if g < len(masters) else 0} master copies for "
+                            f"{len(fp16)} 16-bit parameters", where=str(where))
+        for name in names:
+            st = dict(inner["state"].get(index[name][0]) or {})
+            slots = {k: st[k] for k in ("exp_avg", "exp_avg_sq") if k in st}
+            if masters is not None and name in fp16:
+                slots["master"] = masters[g][fp16.index(name)]
+            for slot, ref in slots.items():
+                if not isinstance(ref, torchfile.TensorRef) or \
+                        tuple(ref.shape) != tuple(model[name].shape):
+                    raise MapcError(f"the {slot} of {name} (optimizer index {index[name][0]}) "
+                                    f"has shape {getattr(ref, 'shape', None)}, the parameter "
+                                    f"{tuple(model[name].shape)}", where=str(where),
+                                    hint="the optimizer state does not match the model")
+            state[name] = slots
+    if inner["state"] and any(not state[n] for n in params):
+        missing = [n for n in params if not state[n]]
+        raise MapcError(f"no optimizer state for {len(missing)} parameters, e.g. {missing[0]}",
+                        where=str(where))
+    return {"state": state if inner["state"] else {}, "groups": groups}
+
 
 def rank_dir(coord, pp: int, ep: int = 1) -> str:
     c = dict(coord)
@@ -169,19 +382,43 @@ def rank_dir(coord, pp: int, ep: int = 1) -> str:
 
 
 class MegatronWriter(Writer):
-    def __init__(self, tmpdir, topology: dict, args: dict, iteration=None):
+    """Writes ``model_optim_rng.pt`` per rank, streaming each tensor into its file.
+
+    With ``optimizer`` set ("fp32" or "mixed") it also stores the optimizer state as
+    megatron-core's non-distributed optimizer saves it (see the module docstring): moments from
+    the ``exp_avg``/``exp_avg_sq`` slots (and fp32 masters from ``master`` when "mixed"), the
+    step, param groups and scheduler from ``record["training"]``, each tensor's group from
+    ``groups`` ({(coord, name): source group index}, Program.target_groups). Without moments
+    from the source (``fresh``), a fresh optimizer is written: no state, masters = weights."""
+
+    def __init__(self, tmpdir, topology: dict, args: dict, iteration=None, optimizer=None,
+                 groups=None, fresh=False, default_training=None):
         super().__init__(tmpdir)
         self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1)
         self.ep = topology.get("ep", 1)
         self.args = args
         self.iteration = iteration
-        self.sub = "release" if iteration is None else f"iter_{int(iteration):07d}"
+        self.optimizer = optimizer
+        self.groups = groups or {}
+        self.fresh = fresh
+        self.default_training = default_training or {}
+        if optimizer and not fresh:
+            self.slots = ("param", "exp_avg", "exp_avg_sq") + \
+                (("master",) if optimizer == "mixed" else ())
         self.writers = {}
         self.order = {}
+        self.dtypes = {}
+        self.slot_data: dict = {}     # (coord, name) -> {slot: placeholder}
 
     def begin(self, tensors):
         for coord, name, shape, dt in tensors:
             self.order.setdefault(coord, []).append(name)
+            self.dtypes[(coord, name)] = dt
+        if self.optimizer:   # optimizer indices follow megatron-core's parameter order
+            for coord in self.order:
+                self.order[coord] = module_order(self.order[coord])
+        self.sub = "release" if self.iteration is None and not self.optimizer else \
+            f"iter_{int(self.iteration or 0):07d}"
         for coord in self.order:
             d = self.dir / self.sub / rank_dir(coord, self.pp, self.ep)
             d.mkdir(parents=True, exist_ok=True)
@@ -190,8 +427,65 @@ class MegatronWriter(Writer):
     def write(self, coord, name, arr):
         w, placeholders = self.writers[coord]
         placeholders[name] = w.add_tensor(arr)
+        if self.fresh and self.optimizer == "mixed" and self._is16(coord, name):
+            self.slot_data.setdefault((coord, name), {})["master"] = \
+                w.add_tensor(np.asarray(arr, dtype=np.float32))
+
+    def begin_slot(self, slot, tensors):
+        pass
+
+    def write_slot(self, slot, coord, name, arr):
+        w, _ = self.writers[coord]
+        self.slot_data.setdefault((coord, name), {})[slot] = w.add_tensor(arr)
+
+    def _is16(self, coord, name):
+        return self.dtypes[(coord, name)] in ("float16", "bfloat16")
+
+    def _optimizer_dict(self, coord, training, w):
+        """megatron-core's optimizer.state_dict() for this rank."""
+        hyper = _megatron_groups(training.get("param_groups") or [{}])
+        order = sorted(range(len(hyper)), key=lambda g: _group_sort_key(hyper[g]))
+        members = {g: [] for g in range(len(hyper))}
+        for name in self.order[coord]:
+            g = self.groups.get((coord, name), 0)
+            members[g if g < len(hyper) else 0].append(name)
+        step = training.get("step")
+        state, groups, masters, i = {}, [], [], 0
+        for g in order:
+            idx = []
+            for name in members[g]:
+                slots = self.slot_data.get((coord, name), {})
+                if not self.fresh:
+                    st = {}
+                    if step is not None:
+                        st["step"] = w.add_tensor(np.asarray(step, dtype=np.float32))
+                    st["exp_avg"] = slots["exp_avg"]
+                    st["exp_avg_sq"] = slots["exp_avg_sq"]
+                    state[i] = st
+                idx.append(i)
+                i += 1
+            groups.append({**hyper[g], "params": idx})
+            masters.append([self.slot_data[(coord, n)]["master"] for n in members[g]
+                            if self._is16(coord, n)])
+        inner = {"state": state, "param_groups": groups}
+        if self.optimizer == "fp32":
+            return inner
+        out = {"optimizer": inner}
+        scaler = training.get("grad_scaler")
+        if scaler or (training.get("loss_scale") is not None and
+                      any(self.dtypes[(coord, n)] == "float16" for n in self.order[coord])):
+            scaler = dict(scaler or {"scale": training["loss_scale"]})
+            out["grad_scaler"] = {
+                "scale": w.add_tensor(np.asarray([scaler["scale"]], dtype=np.float32)),
+                "growth_tracker": int(scaler.get("growth_tracker", 0)),
+                "hysteresis_tracker": int(scaler.get("hysteresis_tracker", 2))}
+        out["fp32_from_fp16_params"] = masters
+        return out
 
     def finish(self, record: dict):
+        training = record.get("training") or {}
+        if not training.get("param_groups"):
+            training = self.default_training
         for coord, (w, placeholders) in self.writers.items():
             c = dict(coord)
             args = dict(self.args)
@@ -199,16 +493,22 @@ class MegatronWriter(Writer):
                         expert_model_parallel_size=self.ep, rank=0,
                         world_size=self.tp * self.pp * self.ep)
             model = nest((n, placeholders[n]) for n in self.order[coord])
-            w.finish({
+            obj = {
                 "args": torchfile.Namespace(**args),
                 "checkpoint_version": 3.0,
-                "iteration": 0 if self.iteration is None else int(self.iteration),
+                "iteration": int(self.iteration or 0),
                 "model": model,
-                "mapc": {"tp_rank": c.get("tp", 0), "pp_rank": c.get("pp", 0),
-                         "ep_rank": c.get("ep", 0)},
-            })
-        (self.dir / TRACKER).write_text(
-            "release" if self.iteration is None else str(int(self.iteration)))
+            }
+            if self.optimizer:
+                obj["optimizer"] = self._optimizer_dict(coord, training, w)
+                sched = training.get("lr_scheduler")
+                if isinstance(sched, dict) and "num_steps" in sched and "max_lr" in sched:
+                    obj["opt_param_scheduler"] = dict(sched)
+            obj["mapc"] = {"tp_rank": c.get("tp", 0), "pp_rank": c.get("pp", 0),
+                           "ep_rank": c.get("ep", 0)}
+            w.finish(obj)
+        (self.dir / TRACKER).write_text(self.sub.removeprefix("iter_").lstrip("0") or "0"
+                                        if self.sub != "release" else "release")
         write_json(self.dir / MAPC_JSON, record)
 
     def abort(self):
@@ -216,8 +516,72 @@ class MegatronWriter(Writer):
             w.abort()
 
 
+# torch.optim.AdamW's param-group defaults, as megatron-core's state_dict() shows them
+_ADAMW_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                   "differentiable": False, "fused": None, "decoupled_weight_decay": True}
+
+
+def _megatron_groups(source_groups) -> list[dict]:
+    """Megatron param-group hyper-parameters (key order as megatron-core builds them) from a
+    source's groups: Megatron groups keep theirs; others get wd_mult 0 where weight decay is 0."""
+    out = []
+    for sg in source_groups:
+        sg = {k: v for k, v in sg.items() if k != "params"}
+        lr = sg.get("lr", 0.0)
+        g = {"is_expert_parallel": sg.pop("is_expert_parallel", False),
+             "default_config": sg.pop("default_config", True),
+             "wd_mult": sg.pop("wd_mult", 0.0 if not sg.get("weight_decay", 0.0) else 1.0),
+             "lr_mult": sg.pop("lr_mult", 1.0),
+             "is_decoupled_lr": sg.pop("is_decoupled_lr", False),
+             "max_lr": sg.pop("max_lr", lr), "min_lr": sg.pop("min_lr", 0.0)}
+        for k in ("lr", "betas", "eps", "weight_decay"):
+            if k in sg:
+                g[k] = sg.pop(k)
+        for k, v in _ADAMW_DEFAULTS.items():
+            g[k] = sg.pop(k, v)
+        g.update((k, v) for k, v in sg.items() if k not in ("bias_correction", "initial_lr"))
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        out.append(g)
+    return out
+
+
+def _group_sort_key(g):
+    """megatron-core orders groups by their override tuple, the group without overrides first."""
+    overrides = tuple((k, g[k]) for k, default in (("wd_mult", 1.0), ("lr_mult", 1.0),
+                                                   ("is_decoupled_lr", False))
+                      if g.get(k, default) != default)
+    return (bool(overrides) or g.get("is_expert_parallel", False), overrides)
+
+
 Source = MegatronSource
 
 
 def make_writer(tmpdir, program, resolved, options):
-    return MegatronWriter(tmpdir, program.target.mesh, program.target.meta())
+    source = resolved.source
+    have = source.slots()
+    training = source.training_state() if "exp_avg" in have else {}
+    want = "exp_avg" in have or options.get("with_optimizer")
+    if not want:
+        return MegatronWriter(tmpdir, program.target.mesh, program.target.meta())
+    dtype = options.get("dtype")
+    if dtype is None:   # the weights' dtype as the program writes them (the source's)
+        _, coord, name = program.source.instances[0].shards[0]
+        dtype = source.dtype(name, coord)
+    kind = "mixed" if dtype in ("float16", "bfloat16") else "fp32"
+    fresh = "exp_avg" not in have
+    if fresh:   # megatron-core's default groups; hyper-parameters from the args, or AdamW's
+        a = program.target.meta()
+        hyper = {"lr": a.get("lr", 1e-3), "betas": (a.get("adam_beta1", 0.9),
+                                                     a.get("adam_beta2", 0.999)),
+                 "eps": a.get("adam_eps", 1e-8)}
+        training = {"param_groups": [dict(hyper, weight_decay=a.get("weight_decay", 0.01)),
+                                     dict(hyper, weight_decay=0.0)]}
+        groups = {(coord, name): int(_no_weight_decay(name, len(inst.recipe.shard_shape)))
+                  for inst, coord, name in program.target.placements()}
+    else:
+        groups = program.target_groups([g.get("params", []) for g in
+                                        training.get("param_groups", [])])
+    return MegatronWriter(tmpdir, program.target.mesh, program.target.meta(),
+                          iteration=training.get("iteration") or 0, optimizer=kind,
+                          groups=groups, fresh=fresh, default_training=training)

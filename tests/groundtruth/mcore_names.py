@@ -175,16 +175,38 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
     dist.init_process_group(backend="gloo", rank=rank, world_size=world)
 
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
     )
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    if os.environ.get("MCORE_NAMES_META") == "1":
+        torch.set_default_device("meta")
+    model = build_gpt(cfg, tp, pp)
+    shapes = {
+        k: list(v.shape)
+        for k, v in model.state_dict().items()
+        if not k.endswith("_extra_state")
+    }
+    tmp = Path(out_dir, f"rank{rank}.json.tmp")
+    tmp.write_text(json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank, "shapes": shapes}))
+    tmp.rename(Path(out_dir, f"rank{rank}.json"))
 
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
+    """The megatron-core GPTModel of ``cfg`` for this process's (tp, pp) rank; call after
+    ``parallel_state.initialize_model_parallel`` (see ``_worker``)."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    params_dtype = params_dtype or torch.float32
     extra = {}
     if cfg.get("layers_first_stage") is not None:
         extra["num_layers_in_first_pipeline_stage"] = int(cfg["layers_first_stage"])
@@ -210,13 +232,13 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
         pipeline_model_parallel_size=pp,
         use_cpu_initialization=True,
         perform_initialization=False,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
         **extra,
     )
-    if os.environ.get("MCORE_NAMES_META") == "1":
-        torch.set_default_device("meta")
-    model = GPTModel(
+    return GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization=norm),
         vocab_size=int(cfg["vocab"]),
@@ -226,17 +248,6 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
         share_embeddings_and_output_weights=bool(cfg["tied"]),
         position_embedding_type=cfg.get("position_embedding", "rope"),
     )
-    shapes = {
-        k: list(v.shape)
-        for k, v in model.state_dict().items()
-        if not k.endswith("_extra_state")
-    }
-    tmp = Path(out_dir, f"rank{rank}.json.tmp")
-    tmp.write_text(json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank, "shapes": shapes}))
-    tmp.rename(Path(out_dir, f"rank{rank}.json"))
-
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def _main(argv: list[str]) -> int:

@@ -1,0 +1,248 @@
+"""Ground truth from the real megatron-core optimizer: Megatron ``model_optim_rng.pt`` files
+with optimizer state, written and loaded by megatron-core itself on CPU.
+
+``save_checkpoint(root, cfg, tp, pp, dtype)`` builds the GPTModel of ``cfg`` on every
+(tp, pp) rank (``mcore_names.build_gpt``, gloo process group, one subprocess per rank), builds
+the real optimizer with ``megatron.core.optimizer.get_megatron_optimizer`` (Adam, the
+non-distributed optimizer: ``FP32Optimizer`` for fp32, ``Float16OptimizerWithFloat16Params``
+for bf16/fp16) and the real ``OptimizerParamScheduler``, takes ``STEPS`` steps on synthetic
+gradients and saves what Megatron-LM's ``generate_state_dict`` saves for ``ckpt_format=torch``
+(``args``, ``checkpoint_version``, ``iteration``, ``model``, ``optimizer``,
+``opt_param_scheduler``) with ``torch.save`` into ``iter_XXXXXXX/mp_rank_TT[_PPP]/``, and
+``names_T_P.json``: the parameter names of the live optimizer's groups, in index order.
+
+``load_checkpoint(ckpt, cfg, tp, pp, dtype, out)`` builds the same model and optimizer afresh,
+loads ``ckpt``'s files into them with ``model.load_state_dict`` and
+``optimizer.load_state_dict`` / ``scheduler.load_state_dict`` (what Megatron-LM's
+``load_checkpoint`` calls), and saves the *loaded* ``optimizer.state_dict()``, model and
+scheduler per rank into ``out/rank{T}_{P}.pt`` for the test to compare.
+
+Initial weights and gradients are seeded by (parameter name, pipeline rank, and tensor rank
+only for tensor-parallel parameters), so replicated parameters stay equal across tp ranks.
+
+CPU workarounds (test harness only, inside the workers): ``Tensor.cuda`` is the identity,
+``torch.tensor(..., device='cuda')`` makes CPU tensors, ``torch.cuda.current_device()`` is 0,
+and ``Tensor.type()`` reports CPU half/bfloat16/float tensors under their ``torch.cuda.*``
+names (``Float16OptimizerWithFloat16Params`` sorts parameters by those names). Without
+Transformer Engine or apex megatron-core itself falls back to ``torch.optim.AdamW``.
+Gradient clipping is off (``clip_grad=0``) and the grad norm the optimizer step logs is computed
+in plain torch (megatron-core's ``get_grad_norm_fp32`` needs a CUDA multi-tensor kernel).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+STEPS = 2
+ITERATION = 7      # the iteration the checkpoint claims (any non-release number)
+_TIMEOUT_S = 300
+HERE = Path(__file__).resolve()
+
+
+def _run(mode: str, cfg: dict, tp: int, pp: int, dtype: str, a: Path, b: Path | None):
+    from tests.groundtruth.mcore_names import _free_port
+    world = tp * pp
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               WORLD_SIZE=str(world), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONWARNINGS="ignore")
+    root = str(HERE.parents[2])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    logs, procs = [], []
+    a.mkdir(parents=True, exist_ok=True)
+    for rank in range(world):
+        log = open(a / f".rank{rank}.log", "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(HERE), mode, json.dumps(cfg), str(tp), str(pp), dtype, str(a),
+             str(b or "")], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=root))
+    failed = None
+    try:
+        for rank, p in enumerate(procs):
+            try:
+                p.wait(timeout=_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                p.wait()
+            if p.returncode != 0 and failed is None:
+                logs[rank].seek(0)
+                failed = (rank, p.returncode, logs[rank].read())
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+        for log in logs:
+            log.close()
+    if failed:
+        raise RuntimeError(f"megatron-core optimizer worker rank {failed[0]} failed "
+                           f"({failed[1]}):\n{failed[2][-5000:]}")
+
+
+def save_checkpoint(root: Path, cfg: dict, tp: int, pp: int, dtype: str) -> Path:
+    """A Megatron torch-format checkpoint with optimizer state, saved by megatron-core."""
+    root = Path(root)
+    _run("save", cfg, tp, pp, dtype, root, None)
+    (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
+    return root
+
+
+def load_checkpoint(ckpt: Path, cfg: dict, tp: int, pp: int, dtype: str, out: Path) -> Path:
+    """Load ``ckpt`` into a fresh megatron-core model + optimizer; save what was loaded."""
+    _run("load", cfg, tp, pp, dtype, Path(out), Path(ckpt))
+    return Path(out)
+
+
+def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+
+
+# --------------------------------------------------------------------------------- worker
+def _patch_cuda(torch):
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.cuda.current_device = lambda: 0
+    make = torch.tensor
+
+    def tensor(*a, **k):
+        if str(k.get("device", "")).startswith("cuda"):
+            k["device"] = "cpu"
+        return make(*a, **k)
+    torch.tensor = tensor
+    type_of = torch.Tensor.type
+
+    def type_name(self, *a, **k):
+        out = type_of(self, *a, **k)
+        if not a and not k and out in ("torch.HalfTensor", "torch.BFloat16Tensor",
+                                       "torch.FloatTensor"):
+            return out.replace("torch.", "torch.cuda.")
+        return out
+    torch.Tensor.type = type_name
+
+
+def _seed(name: str, tp_rank: int, pp_rank: int, sharded: bool, salt: int) -> int:
+    import zlib
+    return zlib.crc32(f"{name}|{pp_rank}|{tp_rank if sharded else -1}|{salt}".encode())
+
+
+def _args(cfg, tp, pp, dtype):
+    import argparse
+    vocab = int(cfg["vocab"])
+    return argparse.Namespace(
+        num_layers=cfg["layers"], hidden_size=cfg["hidden"],
+        num_attention_heads=cfg["heads"], num_query_groups=cfg["groups"],
+        group_query_attention=cfg["groups"] != cfg["heads"], kv_channels=cfg["head_dim"],
+        ffn_hidden_size=cfg["ffn"], vocab_size=vocab, padded_vocab_size=vocab,
+        make_vocab_size_divisible_by=cfg.get("vocab_multiple", 128),
+        untie_embeddings_and_output_weights=not cfg["tied"], norm_epsilon=1e-5,
+        rotary_base=10000, max_position_embeddings=cfg.get("max_seq", 128),
+        seq_length=cfg.get("max_seq", 128), normalization="RMSNorm", swiglu=True,
+        position_embedding_type="rope", add_bias_linear=False, add_qkv_bias=False,
+        add_position_embedding=False, tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp, bf16=dtype == "bf16", fp16=dtype == "fp16",
+        params_dtype=dtype, use_distributed_optimizer=False, ckpt_format="torch",
+        lr=1e-3, min_lr=1e-5, weight_decay=0.1)
+
+
+def _worker(mode, cfg, tp, pp, dtype, a, b):
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    _patch_cuda(torch)
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend="gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from tests.groundtruth.mcore_names import build_gpt
+
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    def grad_norm(grads, norm_type=2, grad_stats_parallel_group=None):
+        # megatron-core's get_grad_norm_fp32 uses a CUDA multi-tensor kernel; the same sum of
+        # squares over the model-parallel group, in plain torch
+        total = torch.zeros(1)
+        for g in grads:
+            total += g.float().pow(2).sum()
+        if grad_stats_parallel_group is not None:
+            dist.all_reduce(total, group=grad_stats_parallel_group)
+        return float(total.sqrt())
+    mcore_optimizer.get_grad_norm_fp32 = grad_norm
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp)
+    t = parallel_state.get_tensor_model_parallel_rank()
+    p = parallel_state.get_pipeline_model_parallel_rank()
+    pdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    model = build_gpt(cfg, tp, pp, params_dtype=pdt)
+    # get_megatron_optimizer reads the DDP config of the (normally DDP-wrapped) chunk.
+    model.ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            g = torch.Generator().manual_seed(_seed(name, t, p, getattr(
+                param, "tensor_model_parallel", False), 0))
+            param.copy_(torch.randn(param.shape, generator=g) * 0.1 + (1.0 if param.ndim == 1
+                                                                        else 0.0))
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=1e-5, weight_decay=0.1,
+                             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
+                             bf16=dtype == "bf16", fp16=dtype == "fp16", params_dtype=pdt,
+                             use_distributed_optimizer=False, clip_grad=0.0,
+                             initial_loss_scale=2.0 ** 12)
+    opt = get_megatron_optimizer(config, [model])
+    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-3, min_lr=1e-5,
+                                    lr_warmup_steps=2, lr_decay_steps=20,
+                                    lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
+                                    wd_incr_steps=20, wd_incr_style="constant")
+    if mode == "save":
+        for step in range(STEPS):
+            for name, param in model.named_parameters():
+                g = torch.Generator().manual_seed(_seed(name, t, p, getattr(
+                    param, "tensor_model_parallel", False), step + 1))
+                param.main_grad = torch.randn(param.shape, generator=g)
+                param.grad = None
+            ok, _, _ = opt.step()
+            assert ok, "the optimizer step was skipped"
+            sched.step(increment=1)
+            opt.zero_grad()
+        sd = {"args": _args(cfg, tp, pp, dtype), "checkpoint_version": 3.0,
+              "iteration": ITERATION, "model": model.state_dict_for_save_checkpoint(),
+              "optimizer": opt.state_dict(), "opt_param_scheduler": sched.state_dict()}
+        d = Path(a) / f"iter_{ITERATION:07d}" / rank_dir(t, p, pp)
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save(sd, d / "model_optim_rng.pt")
+        # which parameter each optimizer index is, from the live optimizer's own groups
+        name_of = {id(q): n for n, q in model.named_parameters()}
+        inner = opt.chained_optimizers[0]
+        for f16, main in zip(getattr(inner, "float16_groups", []),
+                             getattr(inner, "fp32_from_float16_groups", [])):
+            name_of.update({id(m): name_of[id(q)] for q, m in zip(f16, main)})
+        groups = [[name_of[id(q)] for q in g["params"]] for g in inner.optimizer.param_groups]
+        (Path(a) / f"names_{t}_{p}.json").write_text(json.dumps(groups))
+    else:
+        from megatron.core.optimizer import ChainedOptimizer   # noqa: F401 (the real class)
+        tracker = (Path(b) / "latest_checkpointed_iteration.txt").read_text().strip()
+        sub = "release" if tracker == "release" else f"iter_{int(tracker):07d}"
+        sd = torch.load(Path(b) / sub / rank_dir(t, p, pp) / "model_optim_rng.pt",
+                        map_location="cpu", weights_only=False)
+        missing, unexpected = model.load_state_dict(sd["model"], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        assert not missing and not unexpected, (missing, unexpected)
+        opt.load_state_dict(sd["optimizer"])
+        if "opt_param_scheduler" in sd:
+            sched.load_state_dict(sd["opt_param_scheduler"])
+        loaded = opt.state_dict()
+        torch.save({"optimizer": loaded, "model": model.state_dict_for_save_checkpoint(),
+                    "opt_param_scheduler": sched.state_dict(),
+                    "loss_scale": float(opt.get_loss_scale().item())},
+                   Path(a) / f"rank{t}_{p}.pt")
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mode, cfg_json, tp, pp, dtype, a, b = sys.argv[1:8]
+    _worker(mode, json.loads(cfg_json), int(tp), int(pp), dtype, a, b or None)
