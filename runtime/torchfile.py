@@ -48,6 +48,7 @@ __all__ = [
     "ALLOWED_GLOBALS",
     "DTYPES",
     "Namespace",
+    "PickleCall",
     "Record",
     "StorageRef",
     "TensorPlaceholder",
@@ -1021,6 +1022,7 @@ class TensorPlaceholder:
     key: str
     dtype: str
     shape: tuple[int, ...]
+    requires_grad: bool = False
 
     @property
     def numel(self) -> int:
@@ -1036,6 +1038,17 @@ class _Global:
 
     def __call__(self, *args: Any) -> Any:  # pickle's save_reduce insists on a callable
         raise TypeError(f"{self.module}.{self.name} is only a name to write into a pickle")
+
+
+@dataclass(frozen=True)
+class PickleCall:
+    """Written as the call ``module.name(*args)`` (pickle's REDUCE), e.g. an enum member such
+    as DeepSpeed's ``ZeroStageEnum(1)``. Only for files a trusting loader reads
+    (``torch.load(weights_only=False)``); the reader needs ``module.name`` allowed."""
+
+    module: str
+    name: str
+    args: tuple = ()
 
 
 _REBUILD_V2 = _Global("torch._utils", "_rebuild_tensor_v2")
@@ -1117,6 +1130,8 @@ class _CheckpointPickler(pickle._Pickler):  # the pure-Python pickler, so save()
             self.memoize(obj)
         elif isinstance(obj, TorchDevice):
             self.save_reduce(_TORCH_DEVICE, (str(obj),), obj=obj)
+        elif isinstance(obj, PickleCall):
+            self.save_reduce(_Global(obj.module, obj.name), tuple(obj.args), obj=obj)
         elif isinstance(obj, Record):
             self._save_instance(obj.pickle_global, obj.to_dict(), obj)
         elif type(obj) is argparse.Namespace:
@@ -1158,8 +1173,8 @@ class _CheckpointPickler(pickle._Pickler):  # the pure-Python pickler, so save()
     def _save_tensor(self, ph: TensorPlaceholder) -> None:
         if self._writer._placeholders.get(ph.key) is not ph:
             raise MapcError(f"tensor placeholder {ph.key} was not created by this TorchWriter")
-        args: tuple = (_StorageId(ph), 0, ph.shape, _contiguous_strides(ph.shape), False,
-                       collections.OrderedDict())
+        args: tuple = (_StorageId(ph), 0, ph.shape, _contiguous_strides(ph.shape),
+                       ph.requires_grad, collections.OrderedDict())
         if ph.dtype in _STORAGE_FOR_DTYPE:
             self.save_reduce(_REBUILD_V2, args, obj=ph)
         else:
@@ -1242,8 +1257,11 @@ class TorchWriter:
         if not self._closed:
             self.abort()
 
-    def add_tensor(self, array: np.ndarray | TensorRef) -> TensorPlaceholder:
-        """Write one tensor's bytes now; returns the placeholder to use in ``finish``'s object."""
+    def add_tensor(self, array: np.ndarray | TensorRef,
+                   requires_grad: bool = False) -> TensorPlaceholder:
+        """Write one tensor's bytes now; returns the placeholder to use in ``finish``'s object.
+        ``requires_grad`` is the flag torch restores on load (e.g. for optimizer master
+        weights)."""
         self._check_open()
         if isinstance(array, TensorRef):
             array = array.numpy()
@@ -1258,7 +1276,8 @@ class TorchWriter:
                             f"{', '.join(DTYPES)}", where=str(self.path))
         key = str(len(self._placeholders))
         self._write_member(f"{_ARCHIVE}/data/{key}", _array_chunks(array), array.nbytes)
-        placeholder = TensorPlaceholder(key, dtype, tuple(int(s) for s in array.shape))
+        placeholder = TensorPlaceholder(key, dtype, tuple(int(s) for s in array.shape),
+                                        bool(requires_grad))
         self._placeholders[key] = placeholder
         return placeholder
 
