@@ -48,7 +48,6 @@ __all__ = [
     "ALLOWED_GLOBALS",
     "DTYPES",
     "Namespace",
-    "PickleCall",
     "Record",
     "StorageRef",
     "TensorPlaceholder",
@@ -56,6 +55,7 @@ __all__ = [
     "TorchDType",
     "TorchDevice",
     "TorchWriter",
+    "Call",
     "load",
     "register_record_type",
 ]
@@ -1022,11 +1022,29 @@ class TensorPlaceholder:
     key: str
     dtype: str
     shape: tuple[int, ...]
-    requires_grad: bool = False
+    requires_grad: bool = False     # torch's flag in _rebuild_tensor_v2 (e.g. fp32 master copies)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Call:
+    """``module.name(*args)`` as a pickle REDUCE, for values whose class is not plain data and
+    that pickle by calling their type: ``Call("torch", "Size", ((3, 4),))`` is a ``torch.Size``,
+    ``Call("some.module", "SomeIntEnum", (1,))`` an enum member. The global must be one the
+    reader allows (``module.name`` in :data:`ALLOWED_GLOBALS`), so mapc reads back what it
+    writes."""
+
+    module: str
+    name: str
+    args: tuple = ()
+
+    def __post_init__(self):
+        if f"{self.module}.{self.name}" not in ALLOWED_GLOBALS:
+            raise MapcError(f"cannot write a call to {self.module}.{self.name}: it is not on the "
+                            f"read allow-list")
 
 
 @dataclass(frozen=True)
@@ -1038,17 +1056,6 @@ class _Global:
 
     def __call__(self, *args: Any) -> Any:  # pickle's save_reduce insists on a callable
         raise TypeError(f"{self.module}.{self.name} is only a name to write into a pickle")
-
-
-@dataclass(frozen=True)
-class PickleCall:
-    """Written as the call ``module.name(*args)`` (pickle's REDUCE), e.g. an enum member such
-    as DeepSpeed's ``ZeroStageEnum(1)``. Only for files a trusting loader reads
-    (``torch.load(weights_only=False)``); the reader needs ``module.name`` allowed."""
-
-    module: str
-    name: str
-    args: tuple = ()
 
 
 _REBUILD_V2 = _Global("torch._utils", "_rebuild_tensor_v2")
@@ -1130,7 +1137,7 @@ class _CheckpointPickler(pickle._Pickler):  # the pure-Python pickler, so save()
             self.memoize(obj)
         elif isinstance(obj, TorchDevice):
             self.save_reduce(_TORCH_DEVICE, (str(obj),), obj=obj)
-        elif isinstance(obj, PickleCall):
+        elif isinstance(obj, Call):
             self.save_reduce(_Global(obj.module, obj.name), tuple(obj.args), obj=obj)
         elif isinstance(obj, Record):
             self._save_instance(obj.pickle_global, obj.to_dict(), obj)
@@ -1174,7 +1181,7 @@ class _CheckpointPickler(pickle._Pickler):  # the pure-Python pickler, so save()
         if self._writer._placeholders.get(ph.key) is not ph:
             raise MapcError(f"tensor placeholder {ph.key} was not created by this TorchWriter")
         args: tuple = (_StorageId(ph), 0, ph.shape, _contiguous_strides(ph.shape),
-                       ph.requires_grad, collections.OrderedDict())
+                       bool(ph.requires_grad), collections.OrderedDict())
         if ph.dtype in _STORAGE_FOR_DTYPE:
             self.save_reduce(_REBUILD_V2, args, obj=ph)
         else:
@@ -1259,9 +1266,8 @@ class TorchWriter:
 
     def add_tensor(self, array: np.ndarray | TensorRef,
                    requires_grad: bool = False) -> TensorPlaceholder:
-        """Write one tensor's bytes now; returns the placeholder to use in ``finish``'s object.
-        ``requires_grad`` is the flag torch restores on load (e.g. for optimizer master
-        weights)."""
+        """Write one tensor's bytes now; returns the placeholder to use in ``finish``'s object
+        (``requires_grad`` sets torch's flag on the loaded tensor)."""
         self._check_open()
         if isinstance(array, TensorRef):
             array = array.numpy()

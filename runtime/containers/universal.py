@@ -230,7 +230,7 @@ def make_writer(tmpdir, program, resolved, options):
 
 
 def _zero_stage_value(stage: int):
-    return torchfile.PickleCall(*_ZERO_STAGE_ENUM, (int(stage),))
+    return torchfile.Call(*_ZERO_STAGE_ENUM, (int(stage),))
 
 
 class UniversalWriter(Writer):
@@ -487,7 +487,7 @@ class UniversalWriter(Writer):
 
 def _TorchSize(dims):
     """Written as ``torch.Size(dims)``, as DeepSpeed records ``param_shapes``."""
-    return torchfile.PickleCall("torch", "Size", (tuple(int(d) for d in dims),))
+    return torchfile.Call("torch", "Size", (tuple(int(d) for d in dims),))
 
 
 def _plain(obj):
