@@ -365,7 +365,6 @@ def convert(src, dst, to: str, *, tp: int | None = None, pp: int | None = None,
             report = execute.run(program, source, writer, backend=backend,
                                  dtype=DTYPE_CHOICES[dtype], quiet=quiet)
             report.warnings[:0] = res.warnings
-            report.warnings += getattr(writer, "warnings", [])
             writer.finish(_record(res, program, to, src, report))
         except BaseException:
             writer.abort()

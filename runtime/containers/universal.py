@@ -244,10 +244,11 @@ class UniversalWriter(Writer):
         self.source = resolved.source
         self.training = dict(self.source.training_state() or {})
         self.have = set(self.source.slots())
-        self.warnings: list[str] = []
+        self.warnings = resolved.warnings      # the report starts with these
         ds_files = _source_model_states(self.source)
         self.copy_models = ds_files
-        src_stage = self.training.get("zero_stage")
+        src_stage = self.training.get("zero_stage") or \
+            ((self.training.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
         self.stage = int(options.get("zero_stage") or src_stage or 1)
         if ds_files and src_stage and int(src_stage) != self.stage and \
                 (self.stage == 3) != (int(src_stage) == 3):
