@@ -269,7 +269,8 @@ class UniversalWriter(Writer):
         self.zero = self.udir / "zero"
         self.zero.mkdir(parents=True)
         step = self.training.get("step")
-        if "master" not in self.have:
+        self.fresh = not {"exp_avg", "exp_avg_sq"} <= self.have
+        if self.fresh:
             self.warnings.append("the source has no optimizer state: the universal checkpoint "
                                  "gets fp32 master weights = the weights, zero Adam moments "
                                  "and step 0 (training resumes with a fresh optimizer)")
@@ -339,14 +340,15 @@ class UniversalWriter(Writer):
             return
         if self.stage != 3:
             self._save(name, "step", np.array(self.step, dtype=np.float32))
-        if "master" not in self.have:
+        if "master" not in self.have:       # the weights are the master copy
             self._save(name, "fp32", np.asarray(arr).astype(np.float32))
-        for slot in ("exp_avg", "exp_avg_sq"):
-            if slot not in self.have:
+        if self.fresh:
+            for slot in ("exp_avg", "exp_avg_sq"):
                 self._save(name, slot, np.zeros(arr.shape, np.float32))
 
     def write_slot(self, slot, coord, name, arr):
-        if self.trained is not None and name not in self.trained:
+        if (self.trained is not None and name not in self.trained) or \
+                (self.fresh and slot != "master"):
             return
         self._save(name, _STATE_FILES[slot], arr)
 
@@ -368,12 +370,30 @@ class UniversalWriter(Writer):
             self.models.abort()
 
     def _group_names(self):
+        """Target names per param group, in the source's group order where the names are the
+        same (DeepSpeed's flat order), else in program order."""
         n = max(self.groups.values(), default=0) + 1 if self.groups else 1
         out = [[] for _ in range(n)]
-        for name in self.names:
+        for name in self._ordered_names():
             g = self.groups.get((SINGLE, name), 0) if self.groups else 0
             out[g].append(name)
         return out
+
+    def _ordered_names(self, src=None):
+        """The written names, in the order of ``src`` (names) where they appear there."""
+        if src is None:
+            src = [x for pg in self.training.get("param_groups") or [] for x in
+                   pg.get("params") or []]
+        pos = {x: i for i, x in enumerate(src)}
+        order = {x: i for i, x in enumerate(self.names)}
+        return sorted(self.names, key=lambda x: (pos.get(x, len(pos)), order[x]))
+
+    def _module_order(self):
+        """The source's own tensor order (a model's state_dict order, when names match)."""
+        names = []
+        for coord in self.source.coords():
+            names.extend(self.source.names(coord))
+        return self._ordered_names(names)
 
     def _finish_model_states(self, record):
         shapes = {name: shape for name, shape, _ in self.tensors}
@@ -388,7 +408,7 @@ class UniversalWriter(Writer):
             **({"fp16": {"enabled": True}} if dtypes == {"float16"} else {}),
         }
         ms = {
-            "module": OrderedDict(self.module),
+            "module": OrderedDict((n, self.module[n]) for n in self._module_order()),
             "buffer_names": [],
             "optimizer": None,
             "param_shapes": param_shapes,
@@ -455,7 +475,7 @@ class UniversalWriter(Writer):
         shapes = {name: shape for name, shape, _ in self.tensors}
         if self.stage == 3:
             step = w.add_tensor(np.array(self.step, dtype=np.float32))
-            return OrderedDict([
+            return dict([
                 ("zero_stage", _zero_stage_value(3)),
                 ("loss_scaler", scaler),
                 ("dynamic_loss_scale", False),
@@ -472,7 +492,7 @@ class UniversalWriter(Writer):
             a = 2 * self.dp
             part = -(-n // a) * a // self.dp
             paddings.append(min(max(part - n, 0), part))      # rank 0's padding
-        return OrderedDict([
+        return dict([
             ("loss_scaler", scaler),
             ("dynamic_loss_scale", False),
             ("overflow", False),
