@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                           str(mine_dir / f"{tag}_universal"), str(theirs_dir / f"{tag}_universal")],
                          capture_output=True, text=True, env=env)
     try:
-        res = json.loads(cmp.stdout.strip().splitlines()[-1])
+        res = json.loads(cmp.stdout.strip().splitlines()[-1])[0]
         identical = not (res["diffs"] or res["only_a"] or res["only_b"])
     except (ValueError, IndexError):
         res, identical = {"error": cmp.stderr[-2000:]}, False

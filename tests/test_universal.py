@@ -51,20 +51,35 @@ def ours(make, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def compared(make, ours, tmp_path_factory):
+    """torch's comparison (ds_universal_compare.py, one subprocess) of mapc's output with
+    ds_to_universal's, for every case and for the output built from a DCP export of z1."""
+    pairs = {}
+    for case in CASES:
+        theirs = ds.ds_to_universal(make(case))
+        pairs[case] = (ours(case) / theirs.name, theirs)
+    dcp = tmp_path_factory.mktemp("via_dcp")
+    api.convert(make("z1"), dcp / "dcp", "dcp")
+    report = api.convert(dcp / "dcp", dcp / "u", "universal")
+    pairs["z1-via-dcp"] = (dcp / "u" / pairs["z1"][1].name, pairs["z1"][1])
+    out = subprocess.run([sys.executable, str(COMPARE)] + [str(p) for ab in pairs.values()
+                                                          for p in ab],
+                         capture_output=True, text=True, env=ds._env(), check=True)
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    return {k: (r, pairs[k]) for k, r in zip(pairs, results)} | {"dcp": (dcp, report)}
+
+
 def _bits(a, b) -> bool:
     a, b = np.asarray(a), np.asarray(b)
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_equals_ds_to_universal(case, make, ours):
+def test_equals_ds_to_universal(case, make, ours, compared):
     ckpt = make(case)
-    theirs = ds.ds_to_universal(ckpt)
-    mine = ours(case)
-    assert (mine / "latest_universal").read_text() == theirs.name
-    out = subprocess.run([sys.executable, str(COMPARE), str(mine / theirs.name), str(theirs)],
-                         capture_output=True, text=True, env=ds._env(), check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res, (_, theirs) = compared[case]
+    assert (ours(case) / "latest_universal").read_text() == theirs.name
     assert res["only_a"] == [] and res["only_b"] == []
     assert res["diffs"] == []
     names = open_source(ckpt).names()
@@ -188,22 +203,16 @@ def test_missing_param_folder_is_named(ours, tmp_path):
         open_source(u)
 
 
-def test_built_from_another_format_equals_ds_to_universal(make, tmp_path):
+def test_built_from_another_format_equals_ds_to_universal(compared):
     """A source that is not DeepSpeed (DCP with Adam moments and training state, exported by
     mapc from the z1 run) gets model states and optimizer_state.pt built from scratch: they
     and every per-parameter file equal ds_to_universal's output of the original run. Only the
     module's key order may differ (DCP does not keep the model's order; DeepSpeed's loader
     matches by name)."""
-    ckpt = make("z1")
-    theirs = ds.ds_to_universal(ckpt)
-    api.convert(ckpt, tmp_path / "dcp", "dcp")
-    assert "master" not in open_source(tmp_path / "dcp").slots()
-    report = api.convert(tmp_path / "dcp", tmp_path / "u", "universal")
+    dcp, report = compared["dcp"]
+    res, (mine, theirs) = compared["z1-via-dcp"]
+    assert "master" not in open_source(dcp / "dcp").slots()
     assert not any("optimizer state" in w for w in report.warnings)
-    mine = tmp_path / "u" / theirs.name
-    out = subprocess.run([sys.executable, str(COMPARE), str(mine), str(theirs)],
-                         capture_output=True, text=True, env=ds._env(), check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["only_a"] == [] and res["only_b"] == []
     assert [d.split(":")[0] for d in res["diffs"]] in (
         [], ["mp_rank_00_model_states.pt['module']"])

@@ -2,9 +2,11 @@
 
 Run as a subprocess (it imports deepspeed's classes through ``torch.load(weights_only=False)``)::
 
-    python tests/groundtruth/ds_universal_compare.py A_universal_dir B_universal_dir
+    python tests/groundtruth/ds_universal_compare.py A_universal_dir B_universal_dir [A2 B2 ...]
 
-Prints JSON: ``{"compared": n, "only_a": [...], "only_b": [...], "diffs": [...]}``. Every
+Prints one JSON line, a list with one ``{"compared": n, "only_a": [...], "only_b": [...],
+"diffs": [...]}`` per pair (one process for all pairs: importing torch and DeepSpeed is the
+slow part). Every
 ``.pt`` file is loaded with ``torch.load`` and compared recursively: container types and key
 order, tensors by dtype, shape, ``requires_grad`` and exact values (``torch.equal``), objects
 (e.g. DeepSpeed's ``LossScaler``) by type and attributes, enums by type and value.
@@ -76,4 +78,5 @@ def compare(a: Path, b: Path) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    print(json.dumps(compare(Path(sys.argv[1]), Path(sys.argv[2]))))
+    args = sys.argv[1:]
+    print(json.dumps([compare(Path(a), Path(b)) for a, b in zip(args[::2], args[1::2])]))
