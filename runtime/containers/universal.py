@@ -65,7 +65,7 @@ def detect(path: Path) -> bool:
 
 def _load(path: Path, what: str):
     if not path.is_file():
-        raise MapcError(f"{what} {path.name} is missing", where=str(path.parent),
+        raise MapcError(f"{path.name} ({what}) is missing", where=str(path.parent),
                         hint="copy the complete universal checkpoint (or convert it again)")
     return torchfile.load(path)
 
@@ -110,7 +110,7 @@ class UniversalSource(Source):
                                 where=str(self.udir), hint="copy the complete checkpoint")
         self.config = self.record.get("config") or self._config_json()
         self.format_meta = self.config or {}
-        self.dp = self.model_states.get("dp_world_size")
+        self.saved_dp = self.model_states.get("dp_world_size")   # loads at any dp
 
     def _config_json(self):
         for d in (self.udir, self.udir.parent, self.udir.parent.parent):
@@ -149,7 +149,7 @@ class UniversalSource(Source):
 
     def _state(self, name, slot):
         f = self.zero / name / f"{_STATE_FILES[slot]}.pt"
-        obj = _load(f, f"the {slot} state of {name}:")
+        obj = _load(f, f"the {slot} state of {name}")
         ref = obj.get("param") if isinstance(obj, dict) else obj
         shape = self.shapes[name]
         if not isinstance(ref, torchfile.TensorRef) or ref.numel != math.prod(shape):
