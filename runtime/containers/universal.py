@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ DS_VERSION = "0.19.8"       # the DeepSpeed version whose files mapc writes (and
 
 _LOSS_SCALER = torchfile.register_record_type("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
 _ZERO_STAGE_ENUM = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
+_IN_FLIGHT = 4           # per-parameter files queued for the writer threads
 _STATE_FILES = {"master": "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 
 
@@ -289,6 +291,8 @@ class UniversalWriter(Writer):
         self.models = None
         self.module: dict[str, object] = OrderedDict()
         self.names: list[str] = []
+        self._pool = None
+        self._pending: deque = deque()
 
     # -- parameter groups of the target tensors ---------------------------------------------
     def _groups(self, program):
@@ -316,6 +320,20 @@ class UniversalWriter(Writer):
             else "mp_rank_00_model_states.pt"
 
     def _save(self, name, key, arr):
+        """Write zero/<name>/<key>.pt on a writer thread: one file's bytes go to the kernel
+        while the next file's zip CRC is computed (both release the GIL). At most
+        ``_IN_FLIGHT`` files are pending, so memory stays bounded by a few parameters."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mapc-universal")
+        while len(self._pending) >= _IN_FLIGHT:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._save_now, name, key, arr))
+
+    def _drain(self):
+        while self._pending:
+            self._pending.popleft().result()
+
+    def _save_now(self, name, key, arr):
         d = self.zero / name
         d.mkdir(exist_ok=True)
         with torchfile.TorchWriter(d / f"{key}.pt") as w:
@@ -354,6 +372,9 @@ class UniversalWriter(Writer):
 
     # -- the files that are not per parameter -------------------------------------------------
     def finish(self, record: dict):
+        self._drain()
+        if self._pool is not None:
+            self._pool.shutdown()
         if self.copy_models:
             for f in self.copy_models:
                 shutil.copy2(f, self.udir / f.name)
@@ -366,6 +387,11 @@ class UniversalWriter(Writer):
         write_json(self.dir / MAPC_JSON, record)
 
     def abort(self):
+        for f in self._pending:
+            f.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._pending.clear()
         if self.models is not None:
             self.models.abort()
 
