@@ -88,8 +88,11 @@ def test_equals_ds_to_universal(case, make, ours, compared):
     assert res["compared"] == len(names) * per_param + 1 + models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_deepspeed_resumes_from_ours(case, make, ours, tmp_path):
+    """The oracle resume (DeepSpeed's own universal output at DP=3) is shared with
+    test_groundtruth_deepspeed / the ZeRO writer's tests (same default output folder)."""
     ckpt = make(case)
     ds.ds_to_universal(ckpt)
     theirs = ds.resume_and_step(ckpt, RESUME_DP, universal=True)
