@@ -31,7 +31,7 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
-from mapc.runtime.containers import deepspeed as _ds   # registers DeepSpeed's pickled classes
+from mapc.runtime.containers import deepspeed as _ds  # noqa: F401  (its pickle globals)
 from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, read_record, write_json
 
 LAYOUT = "hf"
@@ -305,8 +305,7 @@ class UniversalWriter(Writer):
     def begin(self, tensors):
         self.tensors = [(name, tuple(shape), dt) for _, name, shape, dt in tensors]
         for name, _, _ in self.tensors:
-            parts = name.split("/")
-            if not name or any(p in ("", ".", "..") for p in parts) or "/" in name:
+            if not name or "/" in name or "\0" in name or name in (".", ".."):
                 raise MapcError(f"parameter name {name!r} cannot be a folder name in zero/")
         self.dtypes = {name: dt for name, _, dt in self.tensors}
         if not self.copy_models:
