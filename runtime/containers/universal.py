@@ -1,0 +1,582 @@
+"""DeepSpeed "universal" checkpoints: one folder per parameter with its full fp32 master
+weights and Adam moments, loadable by DeepSpeed at any data-parallel size and ZeRO stage 1/2
+(or 3, when written for stage 3) with ``"checkpoint": {"load_universal": true}``.
+
+A load directory holds ``latest_universal`` naming ``<tag>_universal/``, which holds the model
+states file(s) and ``zero/``::
+
+    zero/optimizer_state.pt                 loss scaler, clip_grad, zero_stage, param_groups, ...
+    zero/<param>/fp32.pt, exp_avg.pt, exp_avg_sq.pt   stage 1/2: {"cat_dim": 0, "param": T}
+    zero/<param>/step.pt                    stage 1/2 only: the 0-d step tensor
+                                            stage 3: each file is the bare flat tensor
+
+What mapc writes is what ``python -m deepspeed.checkpoint.ds_to_universal
+--inject_missing_state`` writes for the same source (docs/formats/deepspeed.md section 9),
+without needing ``universal_checkpoint_info`` in the source and one parameter at a time.
+Parameters keep the wrapped module's names (a transformers model: the ``hf`` layout).
+DeepSpeed's classes are pickled and read as inert records (runtime/torchfile.py); neither
+torch nor DeepSpeed is imported.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from mapc.errors import MapcError
+from mapc.runtime import torchfile
+from mapc.runtime.backends import DTYPES
+from mapc.runtime.containers import deepspeed as _ds  # noqa: F401  (its pickle globals)
+from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, read_record, write_json
+
+LAYOUT = "hf"
+SINGLE = ()
+LATEST = "latest_universal"
+DS_VERSION = "0.19.8"       # the DeepSpeed version whose files mapc writes (and was tested with)
+
+_LOSS_SCALER = torchfile.register_record_type("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
+_ZERO_STAGE_ENUM = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
+_IN_FLIGHT = 4           # per-parameter files queued for the writer threads
+_STATE_FILES = {"master": "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+
+
+# ---- finding the folder ------------------------------------------------------------------------
+def _universal_dir(path: Path) -> Path | None:
+    """The ``<tag>_universal`` folder: ``path`` itself, or the one ``path/latest_universal``
+    names."""
+    if not path.is_dir():
+        return None
+    if (path / "zero").is_dir() and any(path.glob("*model_states.pt")):
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        d = path / latest.read_text().strip()
+        if d.is_dir() and (d / "zero").is_dir():
+            return d
+    return None
+
+
+def detect(path: Path) -> bool:
+    return _universal_dir(Path(path)) is not None
+
+
+def _load(path: Path, what: str):
+    if not path.is_file():
+        raise MapcError(f"{path.name} ({what}) is missing", where=str(path.parent),
+                        hint="copy the complete universal checkpoint (or convert it again)")
+    return torchfile.load(path)
+
+
+# ---- reading -------------------------------------------------------------------------------------
+class UniversalSource(Source):
+    format = "universal"
+    layout = LAYOUT
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.udir = _universal_dir(self.path)
+        if self.udir is None:
+            raise MapcError("no DeepSpeed universal checkpoint here (no latest_universal, or "
+                            "no <tag>_universal/zero/ folder)", where=str(self.path))
+        if not self.record and self.udir != self.path:
+            self.record = read_record(self.udir.parent)
+        self.zero = self.udir / "zero"
+        models = sorted(self.udir.glob("*model_states.pt"))
+        main = self.udir / "mp_rank_00_model_states.pt"
+        self.stage3 = not main.is_file()
+        if self.stage3:
+            main = self.udir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+            if not main.is_file():
+                raise MapcError("no model states file (mp_rank_00_model_states.pt or "
+                                "zero_pp_rank_0_mp_rank_00_model_states.pt)", where=str(self.udir))
+        self.model_state_files = models
+        self.model_states = torchfile.load(main)
+        self.optim = _load(self.zero / "optimizer_state.pt", "the optimizer state")
+        self.module = dict(self.model_states.get("module") or {})
+        self.param_shapes = [dict(g) for g in self.model_states.get("param_shapes") or []]
+        self.shapes: dict[str, tuple] = {}
+        for g in self.param_shapes:
+            for name, shape in g.items():
+                self.shapes[name] = tuple(int(s) for s in shape)
+        for name, ref in self.module.items():      # frozen / never-trained: fp32.pt only
+            if name not in self.shapes and (self.zero / name / "fp32.pt").is_file():
+                self.shapes[name] = tuple(ref.shape)
+        for name in self.shapes:
+            if not (self.zero / name).is_dir():
+                raise MapcError(f"zero/{name}/ is missing (the model states list {name})",
+                                where=str(self.udir), hint="copy the complete checkpoint")
+        self.config = self.record.get("config") or self._config_json()
+        self.format_meta = self.config or {}
+        self.saved_dp = self.model_states.get("dp_world_size")   # loads at any dp
+
+    def _config_json(self):
+        for d in (self.udir, self.udir.parent, self.udir.parent.parent):
+            f = d / "config.json"
+            if f.is_file():
+                try:
+                    return json.loads(f.read_text())
+                except ValueError as e:
+                    raise MapcError(f"corrupt config.json: {e}", where=str(f)) from None
+        return None
+
+    def slots(self):
+        return ["param", "master", "exp_avg", "exp_avg_sq"]
+
+    def coords(self):
+        return [SINGLE]
+
+    def names(self, coord=SINGLE):
+        return list(self.shapes)
+
+    def _known(self, name):
+        try:
+            return self.shapes[name]
+        except KeyError:
+            raise MapcError(f"parameter {name} is not in the checkpoint",
+                            where=str(self.udir)) from None
+
+    def shape(self, name, coord=SINGLE):
+        return self._known(name)
+
+    def dtype(self, name, coord=SINGLE, slot="param"):
+        self._known(name)
+        if slot == "param" and name in self.module:
+            return self.module[name].dtype
+        return "float32"
+
+    def _state(self, name, slot):
+        f = self.zero / name / f"{_STATE_FILES[slot]}.pt"
+        obj = _load(f, f"the {slot} state of {name}")
+        ref = obj.get("param") if isinstance(obj, dict) else obj
+        shape = self.shapes[name]
+        if not isinstance(ref, torchfile.TensorRef) or ref.numel != math.prod(shape):
+            got = f"{ref.numel} elements" if isinstance(ref, torchfile.TensorRef) \
+                else type(ref).__name__
+            raise MapcError(f"holds {got}, expected a tensor of shape {list(shape)} for {name}",
+                            where=str(f), hint="the universal checkpoint is corrupt; convert "
+                                               "it again")
+        if ref.dtype != "float32":
+            raise MapcError(f"has dtype {ref.dtype}, expected float32", where=str(f))
+        try:
+            return ref.read().reshape(shape)
+        except (OSError, ValueError) as e:
+            raise MapcError(f"cannot read the tensor data ({e})", where=str(f)) from None
+
+    def read(self, name, coord=SINGLE, slot="param"):
+        shape = self._known(name)
+        if slot == "param":
+            ref = self.module.get(name)
+            if ref is not None and tuple(ref.shape) == shape:
+                return ref.map()
+            master = self._state(name, "master")   # stage 3 keeps empty placeholders
+            want = ref.dtype if ref is not None else "float32"
+            return master.astype(DTYPES[want])
+        return self._state(name, slot)
+
+    def training_state(self) -> dict:
+        ms, osd = self.model_states, self.optim
+        groups = []
+        for pg in osd.get("param_groups") or []:
+            hyper = {k: v for k, v in pg.items() if k != "params"}
+            hyper["params"] = [n for s in pg.get("params", []) if isinstance(s, int)
+                               and s < len(self.param_shapes) for n in self.param_shapes[s]]
+            groups.append(hyper)
+        step = None
+        if self.stage3:
+            inner = osd.get("optimizer_state_dict") or {}
+            state = (inner.get("state") or {}).get(0) or {}
+            if "step" in state:
+                step = _scalar(state["step"])
+        else:
+            for name in self.shapes:
+                f = self.zero / name / "step.pt"
+                if f.is_file():
+                    step = _scalar(torchfile.load(f))
+                    break
+        scaler = osd.get("loss_scaler")
+        zs = osd.get("zero_stage")
+        return {
+            "iteration": ms.get("global_steps"),
+            "global_samples": ms.get("global_samples"),
+            "step": step,
+            "param_groups": groups,
+            "lr_scheduler": ms.get("lr_scheduler"),
+            "loss_scale": getattr(scaler, "cur_scale", None) if scaler is not None else None,
+            "clip_grad": osd.get("clip_grad"),
+            "zero_stage": int(zs) if zs is not None else (3 if self.stage3 else 1),
+            "dp_world_size": ms.get("dp_world_size"),
+            "ds_config": ms.get("ds_config"),
+        }
+
+    def describe_coord(self, coord):
+        return self.udir.name
+
+
+def _scalar(x):
+    if isinstance(x, torchfile.TensorRef):
+        return float(np.asarray(x.read()).reshape(-1)[0])
+    return float(x)
+
+
+Source = UniversalSource
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def make_writer(tmpdir, program, resolved, options):
+    return UniversalWriter(tmpdir, program, resolved, options)
+
+
+def _zero_stage_value(stage: int):
+    return torchfile.Call(*_ZERO_STAGE_ENUM, (int(stage),))
+
+
+class UniversalWriter(Writer):
+    """Writes ``DST/latest_universal`` and ``DST/<tag>_universal/``; every parameter's files
+    are written as soon as its tensors arrive (nothing is held across parameters)."""
+
+    slots = ("param", "master", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, tmpdir, program, resolved, options):
+        super().__init__(Path(tmpdir))
+        self.source = resolved.source
+        self.training = dict(self.source.training_state() or {})
+        self.have = set(self.source.slots())
+        self.warnings = resolved.warnings      # the report starts with these
+        ds_files = _source_model_states(self.source)
+        self.copy_models = ds_files
+        src_stage = self.training.get("zero_stage") or \
+            ((self.training.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
+        self.stage = int(options.get("zero_stage") or src_stage or 1)
+        if ds_files and src_stage and int(src_stage) != self.stage and \
+                (self.stage == 3) != (int(src_stage) == 3):
+            raise MapcError(f"the source is a ZeRO stage {src_stage} checkpoint; a universal "
+                            f"checkpoint for stage {self.stage} needs other model states files",
+                            hint="convert it without a ZeRO stage option")
+        self.dp = int(options.get("dp") or self.training.get("dp_world_size") or 1)
+        it = self.training.get("iteration")
+        tag = getattr(self.source, "tag_dir", None)
+        if tag is not None and getattr(self.source, "format", "") == "deepspeed":
+            self.tag = Path(tag).name
+        else:
+            self.tag = f"global_step{int(it) if it is not None else 0}"
+        if getattr(self.source, "format", "") == "universal":
+            self.tag = self.source.udir.name[:-len("_universal")] \
+                if self.source.udir.name.endswith("_universal") else self.tag
+        self.udir = self.dir / f"{self.tag}_universal"
+        self.zero = self.udir / "zero"
+        self.zero.mkdir(parents=True)
+        step = self.training.get("step")
+        self.fresh = not {"exp_avg", "exp_avg_sq"} <= self.have
+        if self.fresh:
+            self.warnings.append("the source has no optimizer state: the universal checkpoint "
+                                 "gets fp32 master weights = the weights, zero Adam moments "
+                                 "and step 0 (training resumes with a fresh optimizer)")
+            step = 0.0
+        elif step is None:
+            self.warnings.append("the source does not record the optimizer step; wrote step 0 "
+                                 "(Adam's bias correction restarts)")
+            step = 0.0
+        self.step = float(step)
+        # the source's trained parameters (a DeepSpeed source lists them in param_shapes)
+        self.trained = None
+        shapes = getattr(self.source, "param_shapes", None)
+        if ds_files and shapes:
+            self.trained = {n for g in shapes for n in g}
+        self.groups = self._groups(program)
+        self.models = None
+        self.module: dict[str, object] = OrderedDict()
+        self.names: list[str] = []
+        self._pool = None
+        self._pending: deque = deque()
+
+    # -- parameter groups of the target tensors ---------------------------------------------
+    def _groups(self, program):
+        pgs = self.training.get("param_groups") or []
+        src = [list(pg.get("params") or []) for pg in pgs]
+        if not src:
+            return None
+        return program.target_groups(src)
+
+    def begin(self, tensors):
+        self.tensors = [(name, tuple(shape), dt) for _, name, shape, dt in tensors]
+        for name, _, _ in self.tensors:
+            if not name or "/" in name or "\0" in name or name in (".", ".."):
+                raise MapcError(f"parameter name {name!r} cannot be a folder name in zero/")
+        self.dtypes = {name: dt for name, _, dt in self.tensors}
+        if not self.copy_models:
+            self.models = torchfile.TorchWriter(self.udir / self._model_file(0))
+
+    def begin_slot(self, slot, tensors):
+        pass
+
+    def _model_file(self, rank):
+        return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if self.stage == 3 \
+            else "mp_rank_00_model_states.pt"
+
+    def _save(self, name, key, arr):
+        """Write zero/<name>/<key>.pt on a writer thread: one file's bytes go to the kernel
+        while the next file's zip CRC is computed (both release the GIL). At most
+        ``_IN_FLIGHT`` files are pending, so memory stays bounded by a few parameters."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mapc-universal")
+        while len(self._pending) >= _IN_FLIGHT:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._save_now, name, key, arr))
+
+    def _drain(self):
+        while self._pending:
+            self._pending.popleft().result()
+
+    def _save_now(self, name, key, arr):
+        d = self.zero / name
+        d.mkdir(exist_ok=True)
+        with torchfile.TorchWriter(d / f"{key}.pt") as w:
+            if key == "step" or self.stage == 3:
+                obj = w.add_tensor(arr.reshape(-1) if key != "step" else arr,
+                                   requires_grad=key == "fp32")
+            else:
+                obj = {"cat_dim": 0, "param": w.add_tensor(arr, requires_grad=key == "fp32")}
+            w.finish(obj)
+
+    def write(self, coord, name, arr):
+        self.names.append(name)
+        if self.models is not None:
+            keep = arr if self.stage != 3 else np.zeros((0,), arr.dtype)
+            self.module[name] = self.models.add_tensor(keep)
+        if self.trained is not None and name not in self.trained:
+            # a parameter the optimizer never held: DeepSpeed keeps its fp32 copy only
+            d = self.zero / name
+            d.mkdir(exist_ok=True)
+            with torchfile.TorchWriter(d / "fp32.pt") as w:
+                w.finish({"param": w.add_tensor(np.asarray(arr, np.float32))})
+            return
+        if self.stage != 3:
+            self._save(name, "step", np.array(self.step, dtype=np.float32))
+        if "master" not in self.have:       # the weights are the master copy
+            self._save(name, "fp32", np.asarray(arr).astype(np.float32))
+        if self.fresh:
+            for slot in ("exp_avg", "exp_avg_sq"):
+                self._save(name, slot, np.zeros(arr.shape, np.float32))
+
+    def write_slot(self, slot, coord, name, arr):
+        if (self.trained is not None and name not in self.trained) or \
+                (self.fresh and slot != "master"):
+            return
+        self._save(name, _STATE_FILES[slot], arr)
+
+    # -- the files that are not per parameter -------------------------------------------------
+    def finish(self, record: dict):
+        self._drain()
+        if self._pool is not None:
+            self._pool.shutdown()
+        if self.copy_models:
+            for f in self.copy_models:
+                shutil.copy2(f, self.udir / f.name)
+        else:
+            self._finish_model_states(record)
+        self._write_optimizer_state()
+        (self.dir / LATEST).write_text(self.udir.name)
+        if record.get("config"):
+            write_json(self.dir / "config.json", record["config"])
+        write_json(self.dir / MAPC_JSON, record)
+
+    def abort(self):
+        for f in self._pending:
+            f.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._pending.clear()
+        if self.models is not None:
+            self.models.abort()
+
+    def _group_names(self):
+        """Target names per param group, in the source's group order where the names are the
+        same (DeepSpeed's flat order), else in program order."""
+        n = max(self.groups.values(), default=0) + 1 if self.groups else 1
+        out = [[] for _ in range(n)]
+        for name in self._ordered_names():
+            g = self.groups.get((SINGLE, name), 0) if self.groups else 0
+            out[g].append(name)
+        return out
+
+    def _ordered_names(self, src=None):
+        """The written names, in the order of ``src`` (names) where they appear there."""
+        if src is None:
+            src = [x for pg in self.training.get("param_groups") or [] for x in
+                   pg.get("params") or []]
+        pos = {x: i for i, x in enumerate(src)}
+        order = {x: i for i, x in enumerate(self.names)}
+        return sorted(self.names, key=lambda x: (pos.get(x, len(pos)), order[x]))
+
+    def _module_order(self):
+        """The source's own tensor order (a model's state_dict order, when names match)."""
+        names = []
+        for coord in self.source.coords():
+            names.extend(self.source.names(coord))
+        return self._ordered_names(names)
+
+    def _finish_model_states(self, record):
+        shapes = {name: shape for name, shape, _ in self.tensors}
+        groups = self._group_names()
+        param_shapes = [OrderedDict((n, _TorchSize(shapes[n])) for n in g) for g in groups]
+        steps = int(self.training.get("iteration") or 0)
+        dtypes = set(self.dtypes.values())
+        ds_config = self.training.get("ds_config") or {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": self.stage},
+            **({"bf16": {"enabled": True}} if dtypes == {"bfloat16"} else {}),
+            **({"fp16": {"enabled": True}} if dtypes == {"float16"} else {}),
+        }
+        ms = {
+            "module": OrderedDict((n, self.module[n]) for n in self._module_order()),
+            "buffer_names": [],
+            "optimizer": None,
+            "param_shapes": param_shapes,
+            "frozen_param_shapes": OrderedDict() if self.stage == 3 else None,
+            "shared_params": {},
+            "frozen_param_fragments": OrderedDict() if self.stage == 3 else None,
+            "lr_scheduler": _plain(self.training.get("lr_scheduler")),
+            "data_sampler": None,
+            "random_ltd": None,
+            "skipped_steps": 0,
+            "global_steps": steps,
+            "global_samples": int(self.training.get("global_samples") or 0),
+            "dp_world_size": self.dp,
+            "mp_world_size": 1,
+            "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1},
+            "ds_config": _plain(ds_config),
+            "ds_version": DS_VERSION,
+        }
+        self.models.finish(ms)
+        if self.stage == 3:       # every rank writes its own (identical) copy
+            for r in range(1, self.dp):
+                shutil.copyfile(self.udir / self._model_file(0), self.udir / self._model_file(r))
+
+    def _write_optimizer_state(self):
+        path = self.zero / "optimizer_state.pt"
+        with torchfile.TorchWriter(path) as w:
+            osd = self._source_optimizer_state(w)
+            if osd is None:
+                osd = self._built_optimizer_state(w)
+            w.finish(osd)
+
+    def _source_optimizer_state(self, w):
+        """Rank 0's optimizer state of a DeepSpeed (or universal) source, as ds_to_universal
+        keeps it."""
+        src = self.source
+        if getattr(src, "format", "") == "universal":
+            return _writable(src.optim, w)
+        if getattr(src, "format", "") != "deepspeed" or not getattr(src, "optim", None):
+            return None
+        first = src.optim[0]
+        if src.kind == "stage3":
+            osd = _writable(first, w)
+            osd["param_groups"] = osd["optimizer_state_dict"]["param_groups"]
+            return osd
+        drop = ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups")
+        osd = _writable({k: v for k, v in first.items() if k not in drop}, w)
+        osd["param_groups"] = _writable(first["base_optimizer_state"]["param_groups"], w)
+        return osd
+
+    def _built_optimizer_state(self, w):
+        t = self.training
+        groups = self._group_names()
+        pgs = []
+        for g, names in enumerate(groups):
+            src = (t.get("param_groups") or [])
+            hyper = {k: _plain(v) for k, v in (src[g] if g < len(src) else {}).items()
+                     if k != "params"}
+            if isinstance(hyper.get("betas"), list):
+                hyper["betas"] = tuple(hyper["betas"])
+            hyper["params"] = [g]
+            pgs.append(hyper)
+        scaler = _LOSS_SCALER(cur_scale=float(t.get("loss_scale") or 1.0), dynamic=False)
+        clip = float(t["clip_grad"]) if t.get("clip_grad") is not None else 0.0
+        shapes = {name: shape for name, shape, _ in self.tensors}
+        if self.stage == 3:
+            step = w.add_tensor(np.array(self.step, dtype=np.float32))
+            return dict([
+                ("zero_stage", _zero_stage_value(3)),
+                ("loss_scaler", scaler),
+                ("dynamic_loss_scale", False),
+                ("overflow", False),
+                ("partition_count", self.dp),
+                ("optimizer_state_dict", {"state": {g: {"step": step}
+                                                    for g in range(len(groups))},
+                                          "param_groups": pgs}),
+                ("param_groups", pgs),
+            ])
+        paddings = []
+        for names in groups:
+            n = sum(math.prod(shapes[x]) for x in names)
+            a = 2 * self.dp
+            part = -(-n // a) * a // self.dp
+            paddings.append(min(max(part - n, 0), part))      # rank 0's padding
+        return dict([
+            ("loss_scaler", scaler),
+            ("dynamic_loss_scale", False),
+            ("overflow", False),
+            ("clip_grad", clip),
+            ("zero_stage", _zero_stage_value(self.stage)),
+            ("group_paddings", paddings),
+            ("param_alignment_paddings", [[0] * len(names) for names in groups]),
+            ("partition_count", [self.dp] * len(groups)),
+            ("ds_version", DS_VERSION),
+            ("param_groups", pgs),
+        ])
+
+
+def _TorchSize(dims):
+    """Written as ``torch.Size(dims)``, as DeepSpeed records ``param_shapes``."""
+    return torchfile.Call("torch", "Size", (tuple(int(d) for d in dims),))
+
+
+def _plain(obj):
+    """JSON-ish training values (mapc records, inert records) as plain Python values."""
+    if isinstance(obj, torchfile.Record):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _writable(obj, w):
+    """A pickle tree loaded by torchfile, ready for TorchWriter: tensors are copied into the
+    new file, ZeroStageEnum values (read as ints) become the enum again."""
+    if isinstance(obj, torchfile.TensorRef):
+        return w.add_tensor(obj.map(), requires_grad=obj.requires_grad)
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, _writable_item(k, v, w)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: _writable_item(k, v, w) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_writable(v, w) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_writable(v, w) for v in obj)
+    return obj
+
+
+def _writable_item(key, value, w):
+    if key == "zero_stage" and isinstance(value, int) and not isinstance(value, bool):
+        return _zero_stage_value(value)
+    return _writable(value, w)
+
+
+def _source_model_states(source) -> list[Path]:
+    """The model states files of a DeepSpeed or universal source, copied as they are (as
+    ds_to_universal does)."""
+    fmt = getattr(source, "format", "")
+    if fmt == "deepspeed":
+        d = Path(source.tag_dir)
+        return sorted(p for p in d.glob("*model_states.pt")
+                      if not (p.name.startswith("layer_") and "_expert_" in p.name))
+    if fmt == "universal":
+        return list(source.model_state_files)
+    return []
