@@ -382,7 +382,7 @@ def test_fresh_optimizer_from_plain_weights(tmp_path):
                                                         ffn=40, vocab=37))
     report = mapc.convert(src, tmp_path / "ds", to="deepspeed", dp=3)
     text = " ".join(report.warnings)
-    assert "fresh optimizer" in text and "stage 1" in text and "order" in text
+    assert "fresh optimizer" in text and "stage 1" in text
     import json
     assert json.loads((tmp_path / "ds" / "ds_config.json").read_text())["zero_optimization"] \
         == {"stage": 1}

@@ -131,7 +131,9 @@ class UniversalSource(Source):
         return [SINGLE]
 
     def names(self, coord=SINGLE):
-        return list(self.shapes)
+        # the module's own order (state_dict order) first, as DeepSpeedSource: a writer keeps it
+        return [n for n in self.module if n in self.shapes] + \
+            [n for n in self.shapes if n not in self.module]
 
     def _known(self, name):
         try:
