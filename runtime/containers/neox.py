@@ -8,7 +8,8 @@
 * ``mp_rank_{m:02d}_model_states.pt``: one per (pipeline stage, tp rank), ``m = stage * tp +
   t`` (DeepSpeed's model-parallel rank within a data-parallel replica), holding ``module:
   None``, ``global_steps``, ``dp_world_size``, ``mp_world_size`` (tp * pp), ``ds_config``,
-  ``checkpoint_parallel_dimensions`` and, from NeoX, its ``args``.
+  ``checkpoint_parallel_dimensions`` and, from NeoX's client state, ``iteration`` and
+  ``args`` (a dict of a few sizes: ARGS_KEYS).
 * ``zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt``: optimizer state (not read yet).
 
 A tensor's physical name is DeepSpeed's ``PipelineModule`` state-dict key,
@@ -34,7 +35,10 @@ LATEST = "latest"
 _LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 _MP = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
-torchfile.register_record_type("megatron.neox_arguments.arguments", "NeoXArgs")
+# The "args" dict NeoX's save_ds_checkpoint stores in every mp_rank file (client state).
+ARGS_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
+             "make_vocab_size_divisible_by", "padded_vocab_size", "tokenizer_type",
+             "model_parallel_size", "pipe_parallel_size")
 
 
 def layer_file(position: int, tp_rank: int) -> str:
@@ -252,7 +256,7 @@ class NeoxWriter(Writer):
                                                        "tp_degree": self.tp},
                     "ds_config": ds_config, "ds_version": "mapc",
                     "iteration": iteration,
-                    "args": torchfile.Namespace(**self._args()),
+                    "args": {k: v for k, v in self._args().items() if k in ARGS_KEYS},
                 }
                 w = torchfile.TorchWriter(d / mp_file(stage, t, self.tp))
                 w.finish(state)
@@ -266,7 +270,9 @@ class NeoxWriter(Writer):
 
     def _args(self) -> dict:
         args = dict(self.meta)
-        args.update(model_parallel_size=self.tp, pipe_parallel_size=self.pp)
+        args.update(model_parallel_size=self.tp, pipe_parallel_size=self.pp,
+                    # the checkpoint carries no optimizer state or RNG states (yet)
+                    no_load_optim=True, no_load_rng=True)
         if self.dst:
             args.update(load=str(Path(self.dst).absolute()), save=str(Path(self.dst).absolute()))
         return args
