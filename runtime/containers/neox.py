@@ -93,7 +93,7 @@ class NeoxSource(RefSource):
         self.tag_dir = _tag_dir(self.path)
         if self.tag_dir is None or not any(_LAYER.match(p.name) for p in
                                            self.tag_dir.iterdir()):
-            raise MapcError("no GPT-NeoX pipeline checkpoint here (no "
+            raise MapcError("no NeoX / DeepSpeed pipeline checkpoint here (no "
                             "layer_XX-model_TT-model_states.pt files)", where=str(self.path))
         if not self.record and self.tag_dir == self.path:   # pointed at global_stepN/
             self.record = read_record(self.path.parent)
