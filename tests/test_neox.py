@@ -168,10 +168,10 @@ def pipe_ckpt(ds_root):
     """A checkpoint DeepSpeed's PipelineModule wrote (tests/groundtruth/neox_pipe.py, pp=2,
     ZeRO 1), trained once per session (kept under MAPC_DS_CACHE when set)."""
     from tests.groundtruth import deepspeed_ckpt as dc
-    out = Path(ds_root) / "neox_pipe_pp2"
+    out = Path(ds_root) / "neox_pipe_pp2_z1"
     if (out / "expected.json").is_file():
         return out
-    tmp = Path(ds_root) / f".neox_pipe_pp2.{os.getpid()}"
+    tmp = Path(ds_root) / f".neox_pipe_pp2_z1.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     script = Path(__file__).parent / "groundtruth" / "neox_pipe.py"
     for attempt in range(3):
@@ -236,6 +236,31 @@ def test_mapc_writes_the_files_deepspeed_pipeline_writes(tmp_path, pipe_ckpt):
             assert set(a) <= set(b), (name, set(a) - set(b))
             assert b["mp_world_size"] == a["mp_world_size"]
             assert b["checkpoint_parallel_dimensions"] == a["checkpoint_parallel_dimensions"]
+
+
+def test_optimizer_state_is_read_from_the_pipeline_zero_partitions(pipe_ckpt):
+    """fp32 master weights and Adam moments of every parameter, read from DeepSpeed's
+    zero_pp_rank_0_mp_rank_0S files, equal what DeepSpeed's safe_get_full_fp32_param /
+    safe_get_full_optimizer_state gathered live on each stage."""
+    from safetensors.torch import load_file
+    from mapc.runtime.containers import open_source
+    expected = {k: {} for k in ("fp32", "exp_avg", "exp_avg_sq")}
+    for k in expected:
+        for f in sorted(pipe_ckpt.glob(f"{k}.rank*.safetensors")):
+            expected[k].update(load_file(f))
+    with open_source(pipe_ckpt) as src:
+        assert src.slots() == ["param", "master", "exp_avg", "exp_avg_sq"]
+        coord = src.coords()[0]
+        names = src.names(coord)
+        assert sorted(names) == sorted(expected["fp32"])
+        for name in names:
+            for slot, key in (("master", "fp32"), ("exp_avg", "exp_avg"),
+                              ("exp_avg_sq", "exp_avg_sq")):
+                got = torch.from_numpy(np.array(src.read(name, coord, slot=slot)))
+                assert torch.equal(got, expected[key][name]), (name, slot)
+        state = src.training_state()
+    assert state["step"] == 1.0 and state["zero_stage"] == 1 and state["pp_world_size"] == 2
+    assert sorted(state["param_groups"][0]["params"]) == sorted(names)
 
 
 # ---- round trips, growing and shrinking ---------------------------------------------------------

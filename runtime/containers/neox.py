@@ -10,7 +10,9 @@
   None``, ``global_steps``, ``dp_world_size``, ``mp_world_size`` (tp * pp), ``ds_config``,
   ``checkpoint_parallel_dimensions`` and, from NeoX's client state, ``iteration`` and
   ``args`` (a dict of a few sizes: ARGS_KEYS).
-* ``zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt``: optimizer state (not read yet).
+* ``zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt``: ZeRO 1/2 optimizer state per
+  (data-parallel rank, model-parallel rank), read as the optimizer slots (fp32 master weights,
+  Adam moments) with the ``deepspeed`` container's partition arithmetic; not written yet.
 
 A tensor's physical name is DeepSpeed's ``PipelineModule`` state-dict key,
 ``"{position}.{key}"``: the spec's ``neox`` layouts say which position holds what. The reader
@@ -34,6 +36,7 @@ LAYOUT = "neox"
 LATEST = "latest"
 _LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 _MP = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 # The "args" dict NeoX's save_ds_checkpoint stores in every mp_rank file (client state).
 ARGS_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
@@ -124,11 +127,69 @@ class NeoxSource(RefSource):
         dims = _plain(self.model_states.get("checkpoint_parallel_dimensions"))
         mp_world = self.model_states.get("mp_world_size") or len(mp) or self.tp
         self.pipeline_stages = int(dims.get("pp_degree") or max(1, mp_world // self.tp))
+        self._views = self._optimizer_views()
         self.topology = {"tp": self.tp, "pp": 1}
         self._coords = [(("tp", t), ("pp", 0)) for t in range(self.tp)]
         self._loaded: dict = {}
         self.config = self.record.get("config")
         self.format_meta = self._format_meta()
+
+    # -- optimizer state: DeepSpeed ZeRO 1/2 partitions, one set per (stage, tp rank) ----------
+    def _optimizer_views(self) -> dict:
+        """tp rank -> {name: partition view} from the ``zero_pp_rank_D_mp_rank_MM`` files.
+
+        Each model-parallel rank MM (= stage * tp + tp rank) has its own ZeRO partitions over
+        the parameters its stage holds, in the order of its ``param_shapes``, whose names are
+        the PipelineModule keys this reader presents. The partition arithmetic is the
+        ``deepspeed`` container's. Empty when any rank lacks optimizer files."""
+        from mapc.runtime.containers.deepspeed import DeepSpeedSource
+        files: dict[int, dict[int, Path]] = {}
+        for p in self.tag_dir.iterdir():
+            m = _OPTIM.match(p.name)
+            if m:
+                files.setdefault(int(m.group(3)), {})[int(m.group(2))] = p
+        if not files or sorted(files) != sorted(self.mp_files):
+            return {}
+        views: dict[int, dict] = {}
+        for mp, by_dp in sorted(files.items()):
+            dp = len(by_dp)
+            if sorted(by_dp) != list(range(dp)):
+                raise MapcError(f"optimizer files of mp_rank {mp:02d} for data-parallel ranks "
+                                f"{sorted(set(range(max(by_dp) + 1)) - set(by_dp))} are missing",
+                                where=str(self.tag_dir), hint="copy the complete checkpoint")
+            states = torchfile.load(self.mp_files[mp])
+            if not states.get("param_shapes"):
+                return {}
+            v = DeepSpeedSource.__new__(DeepSpeedSource)
+            v.tag_dir, v.dp, v.model_states, v.module = self.tag_dir, dp, states, {}
+            v.param_shapes = [dict(g) for g in states["param_shapes"]]
+            v.optim = [torchfile.load(by_dp[r])["optimizer_state_dict"] for r in range(dp)]
+            v.kind = "stage3" if "fp32_flat_groups" in v.optim[0] else \
+                "zero" if "zero_stage" in v.optim[0] else "bf16"
+            v._index()
+            for name in v.shapes:
+                views.setdefault(mp % self.tp, {})[name] = v
+        return views
+
+    def slots(self):
+        if not self._views:
+            return ["param"]
+        weights = {(t, n) for t in range(self.tp) for n in self.names((("tp", t), ("pp", 0)))}
+        have = {(t, n) for t, v in self._views.items() for n in v}
+        if weights - have:   # e.g. tied modules, named differently in param_shapes
+            self.warnings.append(f"the optimizer state does not cover "
+                                 f"{sorted(weights - have)[0][1]}; it is not read")
+            self._views = {}
+            return ["param"]
+        return ["param", "master", "exp_avg", "exp_avg_sq"]
+
+    def dtype(self, name, coord, slot="param"):
+        return super().dtype(name, coord) if slot == "param" else "float32"
+
+    def read(self, name, coord, slot="param"):
+        if slot == "param":
+            return super().read(name, coord)
+        return self._views[dict(coord).get("tp", 0)][name].read(name, slot=slot)
 
     def _format_meta(self) -> dict:
         if self.record.get("meta"):
@@ -185,9 +246,19 @@ class NeoxSource(RefSource):
         if not s:
             return {}
         it = s.get("iteration", s.get("global_steps"))
-        return {"iteration": it, "global_samples": s.get("global_samples"),
-                "dp_world_size": s.get("dp_world_size"), "ds_config": s.get("ds_config"),
-                "pp_world_size": self.pipeline_stages}
+        out = {"iteration": it, "global_samples": s.get("global_samples"),
+               "dp_world_size": s.get("dp_world_size"), "ds_config": s.get("ds_config"),
+               "pp_world_size": self.pipeline_stages}
+        views = list({id(v): v for v in self._views.get(0, {}).values()}.values())
+        if views:   # every stage's optimizer: its hyper-parameters and its parameters' names
+            first = views[0].training_state()
+            for g, group in enumerate(first["param_groups"]):
+                group["params"] = [n for v in views for n in
+                                   (v.param_shapes[g] if g < len(v.param_shapes) else [])]
+            out.update({k: first[k] for k in ("step", "param_groups", "lr_scheduler",
+                                              "loss_scale", "clip_grad", "zero_stage")})
+            out["iteration"] = it
+        return out
 
 
 Source = NeoxSource

@@ -11,8 +11,10 @@ embedding (``word_embeddings``), 1 a parameter-free function (NeoX's ``_pre_tran
 parameter-free function (``_post_transformer_block``), L+3 the final ``norm``, L+4 the head
 (``final_linear``). ``PipeModelDataParallelTopology(num_pp=2, num_mp=1, num_dp=1)`` as in
 NeoX, ZeRO stage 1 with a client ``torch.optim.AdamW``; one ``train_batch`` step, then
-``engine.save_checkpoint(DIR)``. Rank 0 writes ``DIR/expected.json`` (the model sizes and the
-tag). The forward is a simple stand-in (the files do not depend on it). DeepSpeed's CPU
+``engine.save_checkpoint(DIR)``. Every rank (stage) then writes its parameters' fp32 master
+weights and Adam moments, gathered with DeepSpeed's own API, to
+``DIR/{fp32,exp_avg,exp_avg_sq}.rank{R}.safetensors``, and rank 0 writes ``DIR/expected.json``
+(the model sizes and the tag). The forward is a simple stand-in (the files do not depend on it). DeepSpeed's CPU
 shared-memory op is stubbed out as in ds_train.py.
 """
 from __future__ import annotations
@@ -99,6 +101,27 @@ def build_layers():
             + [post_transformer_block, LayerSpec(FinalNorm), LayerSpec(Head)])
 
 
+def dump_optimizer_state(engine, out: Path, rank: int) -> None:
+    """Each stage's fp32 master weights and Adam moments by PipelineModule name, gathered with
+    DeepSpeed's own safe_get_full_fp32_param / safe_get_full_optimizer_state:
+    ``{fp32,exp_avg,exp_avg_sq}.rank{R}.safetensors``."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from safetensors.torch import save_file
+
+    opt = engine.optimizer   # re-link the state views (see ds_train.dump_full_state)
+    if hasattr(opt, "_hp_optimizer_states_linked"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    full = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    for name, p in engine.module.named_parameters():
+        full["fp32"][name] = safe_get_full_fp32_param(p)
+        for k in ("exp_avg", "exp_avg_sq"):
+            full[k][name] = safe_get_full_optimizer_state(p, k)
+    for k, d in full.items():
+        save_file({n: t.detach().float().cpu().contiguous() for n, t in d.items()},
+                  str(out / f"{k}.rank{rank}.safetensors"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -134,6 +157,7 @@ def main(argv=None):
     out = Path(args.out)
     engine.save_checkpoint(str(out))
     tdist.barrier()
+    dump_optimizer_state(engine, out, rank)
     if rank == 0:
         (out / "expected.json").write_text(json.dumps({
             "hidden_size": HIDDEN, "num_attention_heads": HEADS, "intermediate_size": FFN,
