@@ -401,3 +401,62 @@ def test_a_whole_missing_layer_is_refused(tmp_path):
         (tag_dir(tmp_path / "nx") / f"layer_03-model_{t:02d}-model_states.pt").unlink()
     with pytest.raises(MapcError, match="lacks"):
         mapc.convert(tmp_path / "nx", tmp_path / "back", to="hf")
+
+
+# ---- the `sum over` clause --------------------------------------------------------------------
+SUM_SPEC = """
+family tiny
+config {
+    hidden: hidden_size
+    ffn:    intermediate_size
+}
+tensors {
+    w: hidden ffn
+    b: hidden
+}
+layout par {
+    mesh tp pp
+    "w" = w  split ffn over tp  on first
+    "b" = b  RULE  on first
+}
+"""
+
+
+def test_gpt_neox_spec_validates_against_the_ir_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    from mapc.compiler.spec import load_spec, schema
+    ir = load_spec("gpt_neox").ir
+    jsonschema.validate(ir, schema())
+    sums = [r["sum"] for lay in ir["layouts"] for r in lay["rules"] if r["sum"]]
+    assert sums and all(s == ["tp"] for s in sums)
+
+
+@pytest.mark.parametrize("clause,message", [
+    ("sum over pp", "not a data mesh axis"),
+    ("sum over ep", "not a data mesh axis"),
+    ("split hidden over tp  sum over tp", "also cuts this tensor"),
+])
+def test_bad_sum_clauses_are_refused(clause, message):
+    from mapc.compiler.spec import compile_text
+    from mapc.errors import SpecError
+    with pytest.raises(SpecError, match=message):
+        compile_text(SUM_SPEC.replace("RULE", clause), "t.map")
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_sum_shares_write_zeros_and_read_back_exactly(tmp_path, tp):
+    """At any tp (3 included, where equal thirds would not add back up), rank 0 holds the bias,
+    the other ranks zeros, and reading adds them back bit for bit."""
+    cfg = neox_config(hidden=24, heads=6, ffn=24, layers=1)
+    build_neox_model(cfg, tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=tp)
+    d = tag_dir(tmp_path / "nx")
+    from safetensors.torch import load_file
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    bias = hf["gpt_neox.layers.0.attention.dense.bias"]
+    shares = [load_layer(d, 2, t)["attention.dense.bias"] for t in range(tp)]
+    assert torch.equal(shares[0], bias)
+    assert all(not s.any() for s in shares[1:])
+    mapc.convert(tmp_path / "nx", tmp_path / "back", to="hf")
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)
