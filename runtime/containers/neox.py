@@ -264,6 +264,22 @@ class NeoxSource(RefSource):
 Source = NeoxSource
 
 
+def _allow_open_files(n: int) -> None:
+    """Units arrive tensor by tensor across layers, so every layer file may be open at once
+    (positions x tp ranks): raise the soft limit on open files up to the hard one if needed."""
+    try:
+        import resource
+    except ImportError:   # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or n <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and n > hard:
+        raise MapcError(f"writing needs {n} open files (one per layer file) but the limit is "
+                        f"{hard}", hint="raise it (ulimit -Hn) or convert with a smaller --tp")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+
+
 class NeoxWriter(Writer):
     """Layer files by (position, tp rank), streamed: a file is finished as soon as its last
     tensor arrives, so only the files of the units in flight are open."""
@@ -286,6 +302,7 @@ class NeoxWriter(Writer):
                                 "('<position>.<key>')")
             file = (int(head), dict(coord).get("tp", 0))
             self.expected.setdefault(file, []).append(key)
+        _allow_open_files(len(self.expected) + 64)
 
     def _dir(self) -> Path:
         return self.dir / "global_step_pending"
