@@ -127,10 +127,17 @@ class NeoxSource(RefSource):
         dims = _plain(self.model_states.get("checkpoint_parallel_dimensions"))
         mp_world = self.model_states.get("mp_world_size") or len(mp) or self.tp
         self.pipeline_stages = int(dims.get("pp_degree") or max(1, mp_world // self.tp))
-        self._views = self._optimizer_views()
         self.topology = {"tp": self.tp, "pp": 1}
         self._coords = [(("tp", t), ("pp", 0)) for t in range(self.tp)]
         self._loaded: dict = {}
+        self._views = self._optimizer_views()
+        if self._views:
+            weights = {(t, n) for t in range(self.tp) for n in self.names(self._coords[t])}
+            uncovered = weights - {(t, n) for t, v in self._views.items() for n in v}
+            if uncovered:   # e.g. tied modules, which param_shapes names tied_modules.*
+                self.warnings.append(f"the optimizer state does not cover "
+                                     f"{sorted(uncovered)[0][1]}; only weights are read")
+                self._views = {}
         self.config = self.record.get("config")
         self.format_meta = self._format_meta()
 
@@ -172,16 +179,7 @@ class NeoxSource(RefSource):
         return views
 
     def slots(self):
-        if not self._views:
-            return ["param"]
-        weights = {(t, n) for t in range(self.tp) for n in self.names((("tp", t), ("pp", 0)))}
-        have = {(t, n) for t, v in self._views.items() for n in v}
-        if weights - have:   # e.g. tied modules, named differently in param_shapes
-            self.warnings.append(f"the optimizer state does not cover "
-                                 f"{sorted(weights - have)[0][1]}; it is not read")
-            self._views = {}
-            return ["param"]
-        return ["param", "master", "exp_avg", "exp_avg_sq"]
+        return ["param", "master", "exp_avg", "exp_avg_sq"] if self._views else ["param"]
 
     def dtype(self, name, coord, slot="param"):
         return super().dtype(name, coord) if slot == "param" else "float32"
