@@ -163,21 +163,21 @@ def test_llama_neox_shards_merge_the_way_neox_merges_them(tmp_path, groups):
 
 
 # ---- DeepSpeed's own PipelineModule -------------------------------------------------------------
-@pytest.fixture(scope="session")
-def pipe_ckpt(ds_root):
+def _pipe_run(ds_root, tp: int) -> Path:
     """A checkpoint DeepSpeed's PipelineModule wrote (tests/groundtruth/neox_pipe.py, pp=2,
-    ZeRO 1), trained once per session (kept under MAPC_DS_CACHE when set)."""
+    model-parallel size ``tp``, ZeRO 1), trained once (kept under MAPC_DS_CACHE when set)."""
     from tests.groundtruth import deepspeed_ckpt as dc
-    out = Path(ds_root) / "neox_pipe_pp2_z1"
+    name = "neox_pipe_pp2_z1" if tp == 1 else f"neox_pipe_tp{tp}pp2_z1"
+    out = Path(ds_root) / name
     if (out / "expected.json").is_file():
         return out
-    tmp = Path(ds_root) / f".neox_pipe_pp2_z1.{os.getpid()}"
+    tmp = Path(ds_root) / f".{name}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     script = Path(__file__).parent / "groundtruth" / "neox_pipe.py"
     for attempt in range(3):
-        cmd = [os.sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        cmd = [os.sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={2 * tp}",
                "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={dc._free_port()}",
-               str(script), "--out", str(tmp / "run")]
+               str(script), "--out", str(tmp / "run"), "--tp", str(tp)]
         try:
             dc._run(cmd, tmp / "log.txt", dc.TIMEOUT_S)
             break
@@ -187,6 +187,18 @@ def pipe_ckpt(ds_root):
     shutil.move(str(tmp / "run"), str(out))
     shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def pipe_ckpt(ds_root):
+    return _pipe_run(ds_root, 1)
+
+
+@pytest.fixture(scope="session")
+def pipe_ckpt_tp2(ds_root):
+    """tp=2, pp=2 (4 processes). DeepSpeed's layers are not tensor-parallel here, so only the
+    file names and keys are NeoX's, not the shapes."""
+    return _pipe_run(ds_root, 2)
 
 
 def _pipe_hf_config(expected: dict) -> dict:
@@ -261,6 +273,33 @@ def test_optimizer_state_is_read_from_the_pipeline_zero_partitions(pipe_ckpt):
         state = src.training_state()
     assert state["step"] == 1.0 and state["zero_stage"] == 1 and state["pp_world_size"] == 2
     assert sorted(state["param_groups"][0]["params"]) == sorted(names)
+
+
+def test_file_names_with_tp_and_pp_match_deepspeed(tmp_path, pipe_ckpt_tp2):
+    """tp=2, pp=2: the same layer files (model_00 and model_01 for every position) and
+    mp_rank files, and DeepSpeed's mp_rank_MM holds stage MM // tp: the numbering mapc's
+    writer uses (stage * tp + tp rank)."""
+    from mapc.runtime.containers.neox import mp_file
+    expected = json.loads((pipe_ckpt_tp2 / "expected.json").read_text())
+    build_neox_model(_pipe_hf_config(expected), tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=2, pp=2)
+    ds_dir, mp_dir = pipe_ckpt_tp2 / expected["tag"], tag_dir(tmp_path / "nx")
+    ds_files = sorted(p.name for p in ds_dir.iterdir() if "optim_states" not in p.name)
+    assert sorted(p.name for p in mp_dir.iterdir()) == ds_files
+    for name in ds_files:
+        a = torch.load(ds_dir / name, weights_only=False)
+        b = torch.load(mp_dir / name, weights_only=False)
+        if name.startswith("layer_"):
+            assert list(a) == list(b), name
+        else:
+            assert set(a) <= set(b) and a["module"] is None and b["module"] is None
+            assert b["checkpoint_parallel_dimensions"] == a["checkpoint_parallel_dimensions"]
+    L = expected["num_hidden_layers"]
+    for stage, positions in ((0, {0, 2}), (1, {L + 1, L + 3, L + 4})):
+        for t in (0, 1):
+            ms = torch.load(ds_dir / mp_file(stage, t, 2), weights_only=False)
+            held = {int(n.split(".")[0]) for g in ms["param_shapes"] for n in g}
+            assert positions <= held, (stage, t, held)
 
 
 # ---- round trips, growing and shrinking ---------------------------------------------------------

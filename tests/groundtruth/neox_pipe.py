@@ -3,14 +3,15 @@
 Run under torchrun, one process per pipeline stage::
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/groundtruth/neox_pipe.py --out DIR
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 4 tests/groundtruth/neox_pipe.py --out DIR --tp 2
 
 The layer list mirrors GPT-NeoX's ``GPT2ModelPipe`` positions for ``LAYERS`` blocks: 0 the
 embedding (``word_embeddings``), 1 a parameter-free function (NeoX's ``_pre_transformer_block``),
 2..L+1 the blocks (NeoX's parameter names: ``input_layernorm``, ``attention.query_key_value``,
 ``attention.dense``, ``post_attention_layernorm``, ``mlp.linear1``, ``mlp.linear2``), L+2 a
 parameter-free function (``_post_transformer_block``), L+3 the final ``norm``, L+4 the head
-(``final_linear``). ``PipeModelDataParallelTopology(num_pp=2, num_mp=1, num_dp=1)`` as in
-NeoX, ZeRO stage 1 with a client ``torch.optim.AdamW``; one ``train_batch`` step, then
+(``final_linear``). ``PipeModelDataParallelTopology(num_pp=2, num_mp=TP, num_dp=1)`` as in
+NeoX (with ``--tp 2`` every tp rank holds the whole layers: only the file names are NeoX's), ZeRO stage 1 with a client ``torch.optim.AdamW``; one ``train_batch`` step, then
 ``engine.save_checkpoint(DIR)``. Every rank (stage) then writes its parameters' fp32 master
 weights and Adam moments, gathered with DeepSpeed's own API, to
 ``DIR/{fp32,exp_avg,exp_avg_sq}.rank{R}.safetensors``, and rank 0 writes ``DIR/expected.json``
@@ -125,6 +126,9 @@ def dump_optimizer_state(engine, out: Path, rank: int) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, default=1,
+                   help="the topology's model-parallel size (world size = 2 * tp); the layers "
+                        "are not tensor-parallel, so tp > 1 only shows the file naming")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -142,7 +146,8 @@ def main(argv=None):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
 
     model = PipelineModule(layers=build_layers(), loss_fn=loss_fn,
-                           topology=PipeModelDataParallelTopology(num_pp=2, num_mp=1, num_dp=1),
+                           topology=PipeModelDataParallelTopology(num_pp=2, num_mp=args.tp,
+                                                                  num_dp=1),
                            partition_method="type:Block")
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-2)
     config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
@@ -161,7 +166,7 @@ def main(argv=None):
     if rank == 0:
         (out / "expected.json").write_text(json.dumps({
             "hidden_size": HIDDEN, "num_attention_heads": HEADS, "intermediate_size": FFN,
-            "vocab_size": VOCAB, "num_hidden_layers": LAYERS, "pp": 2, "tp": 1,
+            "vocab_size": VOCAB, "num_hidden_layers": LAYERS, "pp": 2, "tp": args.tp,
             "tag": f"global_step{engine.global_steps}"}) + "\n")
     tdist.barrier()
     tdist.destroy_process_group()
