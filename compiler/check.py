@@ -336,6 +336,18 @@ def _check_rule(lay, rule, syms, tensors, groups):
     if len(set(cuts)) != len(cuts):
         raise error_at(at, "a mesh axis cuts this tensor twice",
                        hint="split each tensor at most once per mesh axis")
+    for axis in rule.get("sum", []):
+        if axis not in lay["mesh"] or axis == "pp":
+            raise error_at(at, f"'sum over {axis}': {axis} is not a data mesh axis of layout "
+                           f"{lay['name']}", hint="mesh: " + (" ".join(lay["mesh"]) or "none"))
+        if axis in cuts:
+            raise error_at(at, f"'sum over {axis}': {axis} also cuts this tensor",
+                           hint="a tensor is either split over an axis or summed over it")
+        if axis in lay["single"]:
+            raise error_at(at, f"'sum over {axis}' in a layout that stores such tensors "
+                           f"'single {axis}'")
+        if rule["copy"]:
+            raise error_at(at, "a copy cannot be stored as a sum of shares")
     for p in rule["pads"]:
         if p["factor"] not in factor_names:
             raise error_at(p["at"], f"pad of '{p['factor']}', which is not a factor of "

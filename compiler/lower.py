@@ -95,6 +95,7 @@ def rule_ir(r: A.Rule, source: str) -> dict:
                    for s in r.splits],
         "each": [{"factor": e.factor, "var": e.var, "at": str(e.pos)} for e in r.eaches],
         "repeat": list(r.repeats),
+        "sum": list(r.sums),
         "pads": [{"factor": p.factor, "multiple": expr_ir(p.multiple), "at": str(p.pos)}
                  for p in r.pads],
         "stage": r.stage,

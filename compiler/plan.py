@@ -114,6 +114,12 @@ class Instance:
     members: dict[str, str]            # member name -> logical key
     shards: list[tuple[tuple, tuple, str]]   # (recipe coord, mesh coord, physical name)
     replicated: tuple[tuple[str, int], ...]  # mesh axes the tensor is copied over
+    summed: tuple[str, ...] = ()       # of those, the axes whose ranks hold shares of a sum
+
+    def is_share_holder(self, coord) -> bool:
+        """Whether this copy holds the value (the others of a summed axis hold zeros)."""
+        c = dict(coord)
+        return all(c.get(a, 0) == 0 for a in self.summed)
 
     @property
     def copy(self) -> bool:
@@ -263,7 +269,8 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                     if "pp" in mesh:
                         full["pp"] = stage
                     shards.append((rc, tuple((a, full[a]) for a in layout["mesh"]), name))
-            plan.instances.append(Instance(rule, index, stage, recipe, keys, shards, rep))
+            plan.instances.append(Instance(rule, index, stage, recipe, keys, shards, rep,
+                                           tuple(rule.get("sum", ()))))
     _check_coverage(plan)
     plan.meta()  # evaluate the metadata now, so its errors surface before anything is read
     return plan

@@ -65,6 +65,14 @@ class Program:
                 return f"[{','.join(parts)}]" if parts else ""
         return ""
 
+    @staticmethod
+    def _sum_note(inst: Instance, coord) -> str:
+        """``sum over`` tensors: rank 0 of the summed axes holds the value, the others zeros."""
+        if not inst.summed:
+            return ""
+        axes = " ".join(inst.summed)
+        return f"  # sum over {axes}: " + ("value" if inst.is_share_holder(coord) else "zeros")
+
     def pretty(self, file_names=None) -> str:
         """The program as text: recipes once each, then every output shard's tensors."""
         lines = [f"program {self.source.spec.family}: {self.source.describe()} -> "
@@ -90,7 +98,8 @@ class Program:
                 args = ", ".join(inst.members.values())
                 lines.append(f"  {name} {list(inst.recipe.shard_shape)} = {label}({args})"
                              + self._shard_label(inst, coord, name)
-                             + ("  # copy" if inst.copy else ""))
+                             + ("  # copy" if inst.copy else "")
+                             + self._sum_note(inst, coord))
         return "\n".join(lines)
 
 

@@ -196,6 +196,7 @@ class Rule:
     stage: str | None              # "first" | "last" | None
     when: Expr | None
     pos: Pos
+    sums: tuple[str, ...] = ()     # mesh axes whose ranks each store a share of the sum
 
 
 @dataclass(frozen=True)

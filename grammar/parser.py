@@ -243,7 +243,8 @@ class _Build(Transformer):
             pads=tuple(x[1] for x in clauses if x[0] == "pad"),
             eaches=tuple(x[1] for x in clauses if x[0] == "each"),
             repeats=tuple(x[1] for x in clauses if x[0] == "repeat"),
-            stage=one("on"), when=one("if"), pos=pos)
+            stage=one("on"), when=one("if"), pos=pos,
+            sums=tuple(x[1] for x in clauses if x[0] == "sum"))
 
     @v_args(meta=True)
     def ref(self, meta, c):
@@ -290,6 +291,11 @@ class _Build(Transformer):
     def repeat_clause(self, meta, c):
         pos = self._pos(meta)
         return ("repeat", str(c[0]), pos)
+
+    @v_args(meta=True)
+    def sum_clause(self, meta, c):
+        pos = self._pos(meta)
+        return ("sum", str(c[0]), pos)
 
     @v_args(meta=True)
     def pad_clause(self, meta, c):

@@ -9,9 +9,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from mapc.compiler.program import Program
 from mapc.errors import MapcError
 from mapc.runtime.backends import bytes_equal, dtype_name, get_backend
+
+
+# Slots that a `sum over` tensor stores as shares. Adam's moments are not: every share sees
+# the same gradient (that of the sum), so each rank's moments are those of the whole tensor.
+SUMMED_SLOTS = ("param", "master")
 
 
 @dataclass
@@ -78,6 +85,8 @@ def read_instances(instances, reader, be, report: Report, verify_replicas=True,
             (coord, name), others = copies[0], copies[1:]
             arr = read(name, coord)
             report.bytes_read += arr.nbytes
+            if inst.summed and slot in SUMMED_SLOTS:   # `sum over AXIS`: shares of the value
+                arr, others = _sum_shares(inst, coord, arr, others, read, report)
             if verify_replicas:
                 for other, oname in others:
                     again = read(oname, other)
@@ -108,6 +117,22 @@ def read_instances(instances, reader, be, report: Report, verify_replicas=True,
             else:
                 logical[key] = members[m]
     return logical
+
+
+def _sum_shares(inst, coord, arr, others, read, report):
+    """Add the shares of a ``sum over`` tensor held by the ranks of its summed axes (in
+    float64, rounded once to the stored dtype); the copies along other axes are replicas."""
+    first = dict(coord)
+    same = [(c, n) for c, n in others
+            if all(v == first.get(a) for a, v in c if a not in inst.summed)]
+    if not same:
+        return arr, others
+    total = arr.astype(np.float64)
+    for c, n in same:
+        share = read(n, c)
+        report.bytes_read += share.nbytes
+        total = total + share.astype(np.float64)
+    return total.astype(arr.dtype), [x for x in others if x not in same]
 
 
 def _coord(c) -> str:
@@ -143,11 +168,14 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                     if dtype_name(arr.dtype) != want:
                         raise MapcError(f"internal: {copies[0][1]} has dtype {arr.dtype}, "
                                         f"planned {want}")
+                    zeros = np.zeros_like(arr) if inst.summed and slot in SUMMED_SLOTS \
+                        else None
                     for coord, name in copies:
+                        value = arr if zeros is None or inst.is_share_holder(coord) else zeros
                         if slot == param_from:
-                            writer.write(coord, name, arr)
+                            writer.write(coord, name, value)
                         else:
-                            writer.write_slot(slot, coord, name, arr)
+                            writer.write_slot(slot, coord, name, value)
                         report.tensors_written += 1
                         report.bytes_written += arr.nbytes
             progress.step()

@@ -38,14 +38,21 @@ def family_config(family: str) -> dict:
                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
                 "num_local_experts": 4, "num_experts_per_tok": 2,
                 "max_position_embeddings": 64, "tie_word_embeddings": False}
+    if family == "gpt_neox":
+        return {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"],
+                "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "intermediate_size": 48, "vocab_size": 128, "rotary_pct": 0.25,
+                "use_parallel_residual": True, "max_position_embeddings": 64,
+                "tie_word_embeddings": False}
     raise KeyError(family)
 
 
 SPEC_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2",
-           "mixtral": "mixtral"}
+           "mixtral": "mixtral", "gpt_neox": "gpt_neox"}
 # format -> (layout it uses, a topology to try); nemo and dcp reuse megatron and hf
 FORMATS = {"megatron": ("megatron", {"tp": 2, "pp": 2}), "nemo": ("megatron", {"tp": 2}),
-           "gguf": ("gguf", {}), "dcp": ("hf", {}), "nxdt": ("nxdt", {"tp": 2, "pp": 2})}
+           "gguf": ("gguf", {}), "dcp": ("hf", {}), "nxdt": ("nxdt", {"tp": 2, "pp": 2}),
+           "neox": ("neox", {"tp": 2, "pp": 2})}
 CASES = [(fam, fmt) for fam in SPEC_OF for fmt, (layout, _) in FORMATS.items()
          if layout in load_spec(SPEC_OF[fam]).layout_names()]
 
@@ -73,9 +80,9 @@ def test_hf_to_format_and_back_keeps_logits(tmp_path, family, fmt):
 
 
 # ---- hypothesis: every (family, layout) pair, random topology and parameters ---------------------
-LAYOUT_CASES = [(fam, lay) for fam in ("llama", "qwen2", "gpt2", "mixtral")
+LAYOUT_CASES = [(fam, lay) for fam in ("llama", "qwen2", "gpt2", "mixtral", "gpt_neox")
                 for lay in load_spec(SPEC_OF[fam]).layout_names() if lay != "hf"]
-FORMAT_OF_LAYOUT = {"megatron": "megatron", "gguf": "gguf", "nxdt": "nxdt"}
+FORMAT_OF_LAYOUT = {"megatron": "megatron", "gguf": "gguf", "nxdt": "nxdt", "neox": "neox"}
 
 
 CONVERTED: list = []

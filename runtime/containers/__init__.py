@@ -47,8 +47,9 @@ FORMATS = MODULES  # the names users may pass to --to / --from
 
 
 # Most specific first: a training checkpoint may also hold a config.json and safetensors files
-# (e.g. exported weights), so hf, the loosest test, comes last.
-DETECT_ORDER = ("deepspeed", "universal", "neox", "nemo", "nxdt", "megatron", "gguf", "dcp",
+# (e.g. exported weights), so hf, the loosest test, comes last. A NeoX (pipeline) checkpoint
+# also has DeepSpeed's optimizer files, so neox comes before deepspeed.
+DETECT_ORDER = ("neox", "deepspeed", "universal", "nemo", "nxdt", "megatron", "gguf", "dcp",
                 "hf")
 
 
