@@ -176,6 +176,17 @@ def _check_layout(lay, spec_syms, tensors, groups):
                            hint="add 'mesh ... pp'")
     for m in lay["meta"]:
         _known(m["expr"], syms, m["at"], f"meta {m['key']}")
+    for a in lay["aliases"]:
+        if a["tensor"] not in tensors:
+            raise error_at(a["at"], f"alias {a['name']!r} names tensor {a['tensor']}, which the "
+                           f"spec does not declare")
+        if a["index"] is not None or tensors[a["tensor"]]["group"] is not None:
+            raise error_at(a["at"], f"alias {a['name']!r} must name one tensor, not a member "
+                           f"of group {tensors[a['tensor']]['group']}")
+        if "{" in a["name"]:
+            raise error_at(a["at"], f"alias {a['name']!r}: an alias name has no placeholders")
+        if a["when"] is not None:
+            _known(a["when"], syms, a["at"], f"alias {a['name']}")
 
     primary: dict[str, list] = {}
     for rule in lay["rules"]:

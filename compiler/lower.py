@@ -117,6 +117,8 @@ def layout_ir(lay: A.Layout, source: str) -> dict:
         "meta": [{"key": m.key, "expr": expr_ir(m.expr), "at": str(m.pos)} for m in lay.meta],
         "lets": [{"name": x.name, "expr": expr_ir(x.expr), "at": str(x.pos)} for x in lay.lets],
         "rules": [rule_ir(r, source) for r in lay.rules],
+        "aliases": [{"name": a.name, "tensor": a.ref.full_name, "index": a.ref.index,
+                     "when": expr_ir(a.when), "at": str(a.pos)} for a in lay.aliases],
         "at": str(lay.pos),
     }
 

@@ -145,6 +145,7 @@ class LayoutPlan:
     mesh: dict                         # mesh axis -> size (every axis of the layout)
     logical: dict[str, Logical]
     instances: list[Instance] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)   # module alias -> stored name
 
     @property
     def name(self) -> str:
@@ -273,7 +274,29 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                                            tuple(rule.get("sum", ()))))
     _check_coverage(plan)
     plan.meta()  # evaluate the metadata now, so its errors surface before anything is read
+    plan.aliases = _aliases(plan)
     return plan
+
+
+def _aliases(plan) -> dict[str, str]:
+    """alias name -> the physical name of the tensor it names (an unsharded, unfused one)."""
+    out = {}
+    for a in plan.layout.get("aliases", ()):
+        if a["when"] is not None and not evaluate(a["when"], plan.env, a["at"]):
+            continue
+        key = logical_key(a["tensor"], None)
+        if key not in plan.logical:
+            continue
+        found = [(c, n) for inst in plan.instances if not inst.copy
+                 and list(inst.members.values()) == [key] for _, c, n in inst.shards]
+        if len(found) != 1:
+            raise error_at(a["at"], f"alias {a['name']!r}: {a['tensor']} is stored as "
+                           f"{len(found)} shards in layout {plan.name}; an alias needs it whole")
+        if any(n == a["name"] for _, _, n in plan.placements()):
+            raise error_at(a["at"], f"alias {a['name']!r} is also a stored tensor of layout "
+                           f"{plan.name}", hint="give the alias an exclusive 'if' condition")
+        out[a["name"]] = found[0][1]
+    return out
 
 
 def _sizes_env(env):

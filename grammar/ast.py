@@ -222,6 +222,15 @@ class MetaEntry:
 
 
 @dataclass(frozen=True)
+class Alias:
+    """``alias "lm_head.weight" = embed if tied``: a second module name of a tensor."""
+    name: str
+    ref: "Ref"
+    when: Expr | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Layout:
     name: str
     mesh: tuple[str, ...]
@@ -232,6 +241,7 @@ class Layout:
     lets: tuple[Let, ...]
     rules: tuple[Rule, ...]
     pos: Pos
+    aliases: tuple[Alias, ...] = ()
 
 
 @dataclass(frozen=True)

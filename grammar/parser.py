@@ -197,10 +197,16 @@ class _Build(Transformer):
             meta=tuple(e for i in items if isinstance(i, list) for e in i),
             lets=tuple(i for i in items if isinstance(i, A.Let)),
             rules=tuple(i for i in items if isinstance(i, A.Rule)),
-            pos=self._pos(meta))
+            pos=self._pos(meta),
+            aliases=tuple(i for i in items if isinstance(i, A.Alias)))
 
     def mesh_decl(self, c):
         return ("mesh", tuple(str(t) for t in c))
+
+    @v_args(meta=True)
+    def alias_decl(self, meta, c):
+        name, ref, when = c
+        return A.Alias(str(name)[1:-1], ref, when, self._pos(meta))
 
     def single_decl(self, c):
         return ("single", tuple(str(t) for t in c))

@@ -109,6 +109,8 @@ DS_CASES = {
     "z1": dict(stage=1, dtype="fp32", groups=2, model=DS_ODD_MODEL),
     "z2bf16": dict(stage=2, dtype="bf16", groups=1, model=None),
     "z3": dict(stage=3, dtype="fp32", groups=1, model=DS_ODD_MODEL),
+    # tied embeddings: the module lists lm_head.weight as the embedding (shared_params)
+    "z1tied": dict(stage=1, dtype="fp32", groups=1, model={"tie_word_embeddings": True}),
 }
 _ds_made: dict = {}
 

@@ -273,15 +273,10 @@ def test_deepspeed_to_dcp_carries_optimizer_state(make, case, tmp_path):
     lays them out; torch's own dcp.load reads them back equal to DeepSpeed's live state; DCP ->
     DCP through mapc keeps them."""
     import mapc
-    import torch.distributed.checkpoint as dcp
     ckpt = make(case)
     mapc.convert(ckpt, tmp_path / "dcp", to="dcp")
     fp32, m1, m2 = (ds.load_state(ckpt, k) for k in ("fp32", "exp_avg", "exp_avg_sq"))
-    state = {n: torch.zeros(tuple(a.shape)) for n, a in fp32.items()}
-    state["optim"] = {"state": {n: {"exp_avg": torch.zeros(tuple(a.shape)),
-                                    "exp_avg_sq": torch.zeros(tuple(a.shape)),
-                                    "step": torch.tensor(0.0)} for n, a in fp32.items()}}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(tmp_path / "dcp")), no_dist=True)
+    state = ds.dcp_load_with_adam(tmp_path / "dcp", fp32)
     for n in fp32:
         np.testing.assert_array_equal(state[n].numpy(), fp32[n], err_msg=n)
         np.testing.assert_array_equal(state["optim"]["state"][n]["exp_avg"].numpy(), m1[n])

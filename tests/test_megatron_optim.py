@@ -201,13 +201,8 @@ def test_deepspeed_to_megatron_and_back_to_dcp_carries_master_and_moments(make, 
         assert set(sd["optimizer"]) == {"state", "param_groups"}          # FP32Optimizer
     mapc.convert(tmp_path / "m22", tmp_path / "m11", to="megatron", tp=1, pp=1)
     mapc.convert(tmp_path / "m11", tmp_path / "dcp", to="dcp")
-    import torch.distributed.checkpoint as dcp
     fp32, m1, m2 = (ds.load_state(ckpt, k) for k in ("fp32", "exp_avg", "exp_avg_sq"))
-    state = {n: torch.zeros(tuple(a.shape)) for n, a in fp32.items()}
-    state["optim"] = {"state": {n: {"exp_avg": torch.zeros(tuple(a.shape)),
-                                    "exp_avg_sq": torch.zeros(tuple(a.shape)),
-                                    "step": torch.tensor(0.0)} for n, a in fp32.items()}}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(tmp_path / "dcp")), no_dist=True)
+    state = ds.dcp_load_with_adam(tmp_path / "dcp", fp32)
     with open_source(ckpt) as src:
         for n in fp32:
             got = state["optim"]["state"][n]

@@ -679,14 +679,17 @@ class DeepSpeedWriter(Writer):
         if samples is None:
             samples = self.iteration * batch
         scheduler = ts.get("lr_scheduler") if self.source.format == "deepspeed" else None
+        module = OrderedDict((n, self.module[n]) for n in self.module_order)
+        aliases = self.program.target.aliases    # tied weights, listed twice by the module
+        module.update((a, self.module[t]) for a, t in aliases.items())
         states = {
-            "module": OrderedDict((n, self.module[n]) for n in self.module_order),
+            "module": module,
             "buffer_names": [],
             "optimizer": None,
             "param_shapes": [OrderedDict((n, _size(self.shapes[n])) for n in f.names)
                              for f in self.flats],
             "frozen_param_shapes": OrderedDict() if self.stage >= 2 else None,
-            "shared_params": {},
+            "shared_params": dict(aliases),
             "frozen_param_fragments": OrderedDict() if self.stage >= 2 else None,
             "lr_scheduler": scheduler,
             "data_sampler": None,

@@ -245,6 +245,7 @@ class UniversalWriter(Writer):
 
     def __init__(self, tmpdir, program, resolved, options):
         super().__init__(Path(tmpdir))
+        self.program = program
         self.source = resolved.source
         self.training = dict(self.source.training_state() or {})
         self.have = set(self.source.slots())
@@ -434,13 +435,16 @@ class UniversalWriter(Writer):
             **({"bf16": {"enabled": True}} if dtypes == {"bfloat16"} else {}),
             **({"fp16": {"enabled": True}} if dtypes == {"float16"} else {}),
         }
+        module = OrderedDict((n, self.module[n]) for n in self._module_order())
+        aliases = self.program.target.aliases    # tied weights, listed twice by the module
+        module.update((a, self.module[t]) for a, t in aliases.items())
         ms = {
-            "module": OrderedDict((n, self.module[n]) for n in self._module_order()),
+            "module": module,
             "buffer_names": [],
             "optimizer": None,
             "param_shapes": param_shapes,
             "frozen_param_shapes": OrderedDict() if self.stage == 3 else None,
-            "shared_params": {},
+            "shared_params": dict(aliases),
             "frozen_param_fragments": OrderedDict() if self.stage == 3 else None,
             "lr_scheduler": _plain(self.training.get("lr_scheduler")),
             "data_sampler": None,

@@ -249,6 +249,21 @@ def resume_and_step(ckpt: Path, world_size: int, universal: bool, steps: int = 1
             **{("weights" if k == "fp32" else k): out / f"{k}.safetensors" for k in STATE_KEYS}}
 
 
+def dcp_load_with_adam(dcp_dir: Path, like: dict) -> dict:
+    """torch's own ``dcp.load`` of a DCP checkpoint holding weights and AdamW state as
+    ``get_state_dict`` lays them out: ``{name: tensor, "optim": {"state": {name: {exp_avg,
+    exp_avg_sq, step}}}}`` for the names and shapes of ``like`` (``{name: array}``)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    state = {n: torch.zeros(tuple(a.shape)) for n, a in like.items()}
+    state["optim"] = {"state": {n: {"exp_avg": torch.zeros(tuple(a.shape)),
+                                    "exp_avg_sq": torch.zeros(tuple(a.shape)),
+                                    "step": torch.tensor(0.0)} for n, a in like.items()}}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True)
+    return state
+
+
 def _main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[0] == "zero_to_fp32":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -256,7 +271,7 @@ def _main(argv: list[str]) -> int:
         from safetensors.torch import save_file
 
         sd = get_fp32_state_dict_from_zero_checkpoint(argv[1], tag=argv[3] if len(argv) > 3 else None)
-        save_file({k: v.float().contiguous() for k, v in sd.items()}, argv[2])
+        save_file({k: v.float().contiguous().clone() for k, v in sd.items()}, argv[2])
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -189,7 +189,7 @@ def run_zero_to_fp32(out_dir: Path, tag: str):
         sd = get_fp32_state_dict_from_zero_checkpoint(str(out_dir), tag=tag)
     except ValueError as e:
         return str(e)
-    save_file({k: v.float().contiguous() for k, v in sd.items()},
+    save_file({k: v.float().contiguous().clone() for k, v in sd.items()},
               str(out_dir / f"zero_to_fp32.{tag}.safetensors"))
     return True
 

@@ -86,65 +86,9 @@ def mcore_state_dict_shapes(
         raise ValueError("tp and pp must be >= 1")
 
     with tempfile.TemporaryDirectory(prefix="mcore_names_") as out_dir:
-        env_base = dict(os.environ)
-        env_base.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
-            WORLD_SIZE=str(world),
-            # keep each worker single-threaded: tp*pp of them share few cores
-            OMP_NUM_THREADS="1",
-            CUDA_VISIBLE_DEVICES="",
-            PYTHONWARNINGS="ignore",
-            MCORE_NAMES_META="1" if meta else "0",
-        )
-        cfg_json = json.dumps(cfg)
-        procs = []
-        logs = []
-        for rank in range(world):
-            env = dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank))
-            # output goes to files, not pipes: a rank blocked on a full pipe
-            # would stall the collectives of all the others
-            log = open(Path(out_dir, f"rank{rank}.log"), "w+")
-            logs.append(log)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, os.path.abspath(__file__), "--worker", cfg_json, str(tp), str(pp), out_dir],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        failures = []  # (rank, reason, output)
-        try:
-            for rank, p in enumerate(procs):
-                try:
-                    p.wait(timeout=_WORKER_TIMEOUT_S)
-                    reason = None if p.returncode == 0 else f"exit {p.returncode}"
-                except subprocess.TimeoutExpired:
-                    reason = "timeout"
-                    for q in procs:  # one rank stuck => the collectives of the others hang too
-                        if q.poll() is None:
-                            q.kill()
-                    p.wait()
-                if reason:
-                    logs[rank].seek(0)
-                    failures.append((rank, reason, logs[rank].read()))
-        finally:
-            for q in procs:
-                if q.poll() is None:
-                    q.kill()
-                    q.wait()
-            for log in logs:
-                log.close()
-        if failures:
-            rank, reason, err = failures[0]
-            others = ", ".join(f"rank {r}: {why}" for r, why, _ in failures[1:])
-            raise RuntimeError(
-                f"megatron-core worker rank {rank} failed ({reason})"
-                + (f"; also {others}" if others else "")
-                + f"\n--- rank {rank} output (tail) ---\n{err[-4000:]}"
-            )
+        run_ranks(world, [os.path.abspath(__file__), "--worker", json.dumps(cfg), str(tp),
+                          str(pp), out_dir], Path(out_dir),
+                  {"MCORE_NAMES_META": "1" if meta else "0"}, "megatron-core worker")
 
         result: dict[tuple[int, int], dict[str, list[int]]] = {}
         for rank in range(world):
@@ -153,6 +97,53 @@ def mcore_state_dict_shapes(
     if len(result) != world:
         raise RuntimeError(f"expected {world} distinct (tp_rank, pp_rank), got {sorted(result)}")
     return dict(sorted(result.items()))
+
+
+def run_ranks(world: int, argv: list[str], log_dir: Path, extra_env: dict, what: str,
+              timeout: float | None = None, cwd: str | None = None) -> None:
+    """Start ``world`` ranks of ``python ARGV...`` on a gloo group (RANK, WORLD_SIZE, a free
+    MASTER_PORT; one thread each, no CUDA) and wait for all. Output goes to files, not pipes:
+    a rank blocked on a full pipe would stall the collectives of all the others. A rank that
+    fails or hangs kills the rest (their collectives would hang too); raises RuntimeError with
+    the first failing rank's output."""
+    env_base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                    WORLD_SIZE=str(world), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                    PYTHONWARNINGS="ignore", **extra_env)
+    procs, logs = [], []
+    for rank in range(world):
+        log = open(Path(log_dir, f".rank{rank}.log"), "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, *argv], env=dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank)),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd))
+    failures = []  # (rank, reason, output)
+    try:
+        for rank, p in enumerate(procs):
+            try:
+                p.wait(timeout=timeout or _WORKER_TIMEOUT_S)
+                reason = None if p.returncode == 0 else f"exit {p.returncode}"
+            except subprocess.TimeoutExpired:
+                reason = "timeout"
+                for q in procs:
+                    if q.poll() is None:
+                        q.kill()
+                p.wait()
+            if reason:
+                logs[rank].seek(0)
+                failures.append((rank, reason, logs[rank].read()))
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+        for log in logs:
+            log.close()
+    if failures:
+        rank, reason, err = failures[0]
+        others = ", ".join(f"rank {r}: {why}" for r, why, _ in failures[1:])
+        raise RuntimeError(f"{what} rank {rank} failed ({reason})"
+                           + (f"; also {others}" if others else "")
+                           + f"\n--- rank {rank} output (tail) ---\n{err[-5000:]}")
 
 
 # --------------------------------------------------------------------------- worker

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -43,44 +42,13 @@ HERE = Path(__file__).resolve()
 
 
 def _run(mode: str, cfg: dict, tp: int, pp: int, dtype: str, a: Path, b: Path | None):
-    from tests.groundtruth.mcore_names import _free_port
-    world = tp * pp
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(world), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONWARNINGS="ignore")
+    from tests.groundtruth.mcore_names import run_ranks
     root = str(HERE.parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    logs, procs = [], []
     a.mkdir(parents=True, exist_ok=True)
-    for rank in range(world):
-        log = open(a / f".rank{rank}.log", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(HERE), mode, json.dumps(cfg), str(tp), str(pp), dtype, str(a),
-             str(b or "")], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=root))
-    failed = None
-    try:
-        for rank, p in enumerate(procs):
-            try:
-                p.wait(timeout=_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                p.wait()
-            if p.returncode != 0 and failed is None:
-                logs[rank].seek(0)
-                failed = (rank, p.returncode, logs[rank].read())
-    finally:
-        for q in procs:
-            if q.poll() is None:
-                q.kill()
-                q.wait()
-        for log in logs:
-            log.close()
-    if failed:
-        raise RuntimeError(f"megatron-core optimizer worker rank {failed[0]} failed "
-                           f"({failed[1]}):\n{failed[2][-5000:]}")
+    run_ranks(tp * pp, [str(HERE), mode, json.dumps(cfg), str(tp), str(pp), dtype, str(a),
+                        str(b or "")], a,
+              {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
+              "megatron-core optimizer worker", timeout=_TIMEOUT_S, cwd=root)
 
 
 def save_checkpoint(root: Path, cfg: dict, tp: int, pp: int, dtype: str) -> Path:
