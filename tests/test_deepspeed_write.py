@@ -206,6 +206,8 @@ class _FakeSource(Source):
 
 
 class _FakeTarget:
+    aliases: dict = {}            # no tied weights
+
     def __init__(self, names):
         self.names = names
 
