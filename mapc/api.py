@@ -401,13 +401,19 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
             source_set=None,
             backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
             max_shard_bytes: int | None = None, dp: int | None = None,
-            with_optimizer: bool = False, like=None) -> execute.Report:
+            with_optimizer: bool = False, like=None,
+            zero_stage: int | None = None) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox);
     ``with_optimizer`` asks a weights-only format (hf) to carry the optimizer state too;
     ``like`` names a template checkpoint whose format, topology, layout parameters and
-    optimizer param groups the output takes (``to``/``tp``/... may then be omitted)."""
+    optimizer param groups the output takes (``to``/``tp``/... may then be omitted);
+    ``zero_stage`` picks the ZeRO stage of a deepspeed/universal target (default: the source's,
+    else 1)."""
+    if zero_stage is not None and zero_stage not in (1, 2, 3):
+        raise MapcError(f"--zero-stage {zero_stage} is not a ZeRO stage",
+                        hint="choose 1, 2 or 3")
     if dp is not None and dp < 1:
         raise MapcError(f"--dp {dp} must be a positive integer")
     if dtype not in DTYPE_CHOICES:
@@ -432,6 +438,7 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
         writer = make_writer(to, out.tmp, program, res,
                              {"max_shard_bytes": max_shard_bytes, "dst": str(dst), "dp": dp,
                               "with_optimizer": with_optimizer, "dtype": DTYPE_CHOICES[dtype],
+                              "zero_stage": zero_stage,
                               "like_training": template.training if template else None})
         try:
             report = execute.run(program, source, writer, backend=backend,

@@ -72,3 +72,27 @@ def test_tied_hf_weights_load_into_a_real_engine(make, tmp_path):
     master = ds.load_state(run["dir"], "fp32")
     assert master.keys() == weights.keys()
     assert all((master[n] == w).all() for n, w in weights.items())
+
+
+# ---- --zero-stage: the ZeRO stage of a target built from weights -------------------------------
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stage_option_writes_that_stage(stage, tmp_path):
+    from tests.conftest import llama_config, write_random_hf
+    hf = write_random_hf(tmp_path / "hf", llama_config(hidden=24, layers=2, heads=4, groups=2,
+                                                       ffn=40, vocab=37))
+    out = tmp_path / "ds"
+    mapc.convert(hf, out, to="deepspeed", dp=2, zero_stage=stage)
+    tag = out / "global_step0"
+    model_file = "zero_pp_rank_1_mp_rank_00_model_states.pt" if stage == 3 \
+        else "mp_rank_00_model_states.pt"
+    assert (tag / model_file).is_file()
+    assert mapc.inspect(out)["training"]["zero_stage"] == stage
+    assert mapc.verify(hf, out).identical
+
+
+def test_zero_stage_must_be_a_stage(tmp_path):
+    from tests.conftest import llama_config, write_random_hf
+    hf = write_random_hf(tmp_path / "hf", llama_config())
+    with pytest.raises(mapc.MapcError, match="not a ZeRO stage"):
+        mapc.convert(hf, tmp_path / "ds", to="deepspeed", zero_stage=4)
+    assert not (tmp_path / "ds").exists()

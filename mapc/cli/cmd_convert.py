@@ -38,6 +38,9 @@ def add_arguments(p):
     p.add_argument("--dp", type=int, default=None,
                    help="data-parallel size of a training-checkpoint target (deepspeed, neox): "
                         "the optimizer state is repartitioned for it (default: the source's)")
+    p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=None,
+                   help="ZeRO stage of a deepspeed/universal target (default: the source's, "
+                        "else 1)")
     p.add_argument("--with-optimizer", action="store_true",
                    help="with --to hf: also write optimizer.pt, scheduler.pt and "
                         "trainer_state.json so transformers' Trainer can resume")
@@ -85,7 +88,8 @@ def run(args) -> int:
                      config=args.config, set=args.set, force=args.force, backend=args.backend,
                      quiet=args.quiet, spec=args.spec, source_format=args.source_format,
                      source_set=args.source_set, dp=args.dp,
-                     with_optimizer=args.with_optimizer, like=args.like)
+                     with_optimizer=args.with_optimizer, like=args.like,
+                     zero_stage=args.zero_stage)
     for w in report.warnings:
         print(f"mapc: warning: {w}", file=sys.stderr)
     if args.json:

@@ -350,7 +350,7 @@ class DeepSpeedWriter(Writer):
         cfg = ts.get("ds_config")
         self.has_ds_settings = isinstance(cfg, dict) and bool(cfg)
         self.cfg = json.loads(json.dumps(_plain(cfg))) if self.has_ds_settings else {}
-        stage = ts.get("zero_stage")
+        stage = options.get("zero_stage") or ts.get("zero_stage")
         if stage is None:
             stage = (self.cfg.get("zero_optimization") or {}).get("stage")
         if stage is None:
