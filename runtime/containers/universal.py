@@ -32,15 +32,15 @@ from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers import deepspeed as _ds  # noqa: F401  (its pickle globals)
+from mapc.runtime.containers.zero import (DS_VERSION, LossScaler as _LOSS_SCALER,
+                                          partition_size, stage12_header, torch_size,
+                                          zero_stage as _zero_stage_value)
 from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, read_record, write_json
 
 LAYOUT = "hf"
 SINGLE = ()
 LATEST = "latest_universal"
-DS_VERSION = "0.19.8"       # the DeepSpeed version whose files mapc writes (and was tested with)
 
-_LOSS_SCALER = torchfile.register_record_type("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
-_ZERO_STAGE_ENUM = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
 _IN_FLIGHT = 4           # per-parameter files queued for the writer threads
 _STATE_FILES = {"master": "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 
@@ -233,10 +233,6 @@ def make_writer(tmpdir, program, resolved, options):
     return UniversalWriter(tmpdir, program, resolved, options)
 
 
-def _zero_stage_value(stage: int):
-    return torchfile.Call(*_ZERO_STAGE_ENUM, (int(stage),))
-
-
 class UniversalWriter(Writer):
     """Writes ``DST/latest_universal`` and ``DST/<tag>_universal/``; every parameter's files
     are written as soon as its tensors arrive (nothing is held across parameters)."""
@@ -425,7 +421,7 @@ class UniversalWriter(Writer):
     def _finish_model_states(self, record):
         shapes = {name: shape for name, shape, _ in self.tensors}
         groups = self._group_names()
-        param_shapes = [OrderedDict((n, _TorchSize(shapes[n])) for n in g) for g in groups]
+        param_shapes = [OrderedDict((n, torch_size(shapes[n])) for n in g) for g in groups]
         steps = int(self.training.get("iteration") or 0)
         dtypes = set(self.dtypes.values())
         ds_config = self.training.get("ds_config") or {
@@ -514,28 +510,14 @@ class UniversalWriter(Writer):
                 ("param_groups", pgs),
             ])
         paddings = []
-        for names in groups:
+        for names in groups:                                   # rank 0's padding
             n = sum(math.prod(shapes[x]) for x in names)
-            a = 2 * self.dp
-            part = -(-n // a) * a // self.dp
-            paddings.append(min(max(part - n, 0), part))      # rank 0's padding
-        return dict([
-            ("loss_scaler", scaler),
-            ("dynamic_loss_scale", False),
-            ("overflow", False),
-            ("clip_grad", clip),
-            ("zero_stage", _zero_stage_value(self.stage)),
-            ("group_paddings", paddings),
-            ("param_alignment_paddings", [[0] * len(names) for names in groups]),
-            ("partition_count", [self.dp] * len(groups)),
-            ("ds_version", DS_VERSION),
-            ("param_groups", pgs),
-        ])
-
-
-def _TorchSize(dims):
-    """Written as ``torch.Size(dims)``, as DeepSpeed records ``param_shapes``."""
-    return torchfile.Call("torch", "Size", (tuple(int(d) for d in dims),))
+            part = partition_size(n, self.dp)
+            paddings.append(min(max(part - n, 0), part))
+        out = stage12_header(paddings, [len(names) for names in groups], self.dp, self.stage,
+                             clip, scaler.cur_scale)
+        out["param_groups"] = pgs
+        return out
 
 
 def _plain(obj):
