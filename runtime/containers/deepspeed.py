@@ -29,7 +29,8 @@ from mapc.runtime.containers.hf_trainer import module_order
 from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
 from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEFAULT_SUB_GROUP_SIZE, DS_VERSION,
                                           OPTIM_SLOTS, TRAINING_DTYPES, ZeroOptimizer,
-                                          hyper as _hyper, training_config)
+                                          ResumeState, hyper as _hyper,
+                                          plain as _plain, training_config)
 
 LAYOUT = "hf"
 SINGLE = ()
@@ -279,19 +280,10 @@ class DeepSpeedWriter(Writer):
         self.resolved = resolved
         self.source = resolved.source
         self.notes = resolved.warnings           # merged into the report before anything runs
-        ts = dict(self.source.training_state() or {})
-        self.ts = ts
-        self.src_dp = int(ts.get("dp_world_size") or 1)
-        dp = options.get("dp")
-        if dp is not None and (not isinstance(dp, int) or dp < 1):
-            raise MapcError(f"--dp {dp!r} must be a positive integer")
-        self.dp = dp or self.src_dp
-        cfg = ts.get("ds_config")
-        self.has_ds_settings = isinstance(cfg, dict) and bool(cfg)
-        self.cfg = json.loads(json.dumps(_plain(cfg))) if self.has_ds_settings else {}
-        stage = ts.get("zero_stage")
-        if stage is None:
-            stage = (self.cfg.get("zero_optimization") or {}).get("stage")
+        rs = ResumeState(self.source, options, self.notes, "DeepSpeed")
+        ts, self.ts, self.src_dp, self.dp = rs.ts, rs.ts, rs.src_dp, rs.dp
+        self.has_ds_settings, self.cfg, stage = rs.has_settings, rs.cfg, rs.stage
+        self.resume = rs
         if stage is None:
             stage = 1
             self.notes.append(f"the source carries no DeepSpeed ZeRO stage: writing ZeRO stage 1 "
@@ -300,14 +292,8 @@ class DeepSpeedWriter(Writer):
         if self.stage not in (1, 2, 3):
             raise MapcError(f"ZeRO stage {self.stage} has no partitioned optimizer state to write",
                             hint="DeepSpeed checkpoints are written at ZeRO stage 1, 2 or 3")
-        have = set(self.source.slots())
         self.incoming: set[str] = set()
-        self.fresh = not {"exp_avg", "exp_avg_sq"} <= have
-        if self.fresh:
-            self.notes.append("the source has no optimizer state: the DeepSpeed checkpoint gets a "
-                              "fresh optimizer (fp32 master = the weights, zero Adam moments, "
-                              "step 0)")
-        self.step = float(ts["step"]) if ts.get("step") is not None and not self.fresh else 0.0
+        self.fresh, self.step = rs.fresh, rs.step
         self.iteration = int(ts.get("iteration") or 0)
         self._upcast_noted = False
         self._plan_groups(ts)
@@ -455,13 +441,8 @@ class DeepSpeedWriter(Writer):
 
     def finish(self, record: dict):
         dp = self.dp
-        ts = self.ts
         prefix = "bf16_" if self.dtype == "bfloat16" else ""
-        clip = ts.get("clip_grad") if not self.fresh else None
-        if clip is None:
-            clip = float(self.cfg.get("gradient_clipping", 1.0))
-        scale = ts.get("loss_scale") if not self.fresh else None
-        scale = 1.0 if scale is None else float(scale)
+        clip, scale = self.resume.clip_and_scale(self.cfg)
         for r in range(dp):
             path = self.tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
             self.zero.write_rank(path, r, hyper_params=self.hyper, step=self.step, clip=clip,
@@ -517,17 +498,6 @@ class DeepSpeedWriter(Writer):
             w.abort()
         if getattr(self, "zero", None) is not None:
             self.zero.remove()
-
-
-def _plain(obj):
-    """A config from a pickle (records, tuples) as JSON-able plain values."""
-    if isinstance(obj, dict) or hasattr(obj, "items"):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def make_writer(tmpdir, program, resolved, options):

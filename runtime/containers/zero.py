@@ -76,10 +76,11 @@ TRAINING_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def training_config(cfg: dict, has_settings: bool, src_dp: int, dp: int, stage: int, dtype: str,
-                    notes: list) -> tuple[dict, str]:
+                    notes: list, where: str = "ds_config.json") -> tuple[dict, str]:
     """The DeepSpeed config to resume with at ``dp`` ranks (batch settings kept, ZeRO stage,
     bf16 or fp32), and the ZeRO optimizer kind DeepSpeed builds from it ("zero", "bf16" or
-    "stage3"). ``cfg`` is modified; what changed is appended to ``notes``."""
+    "stage3"). ``cfg`` is modified; what changed is appended to ``notes``, which call the
+    written config ``where``."""
     from mapc.errors import MapcError
     from mapc.runtime.resume import rebatch
     if not has_settings:
@@ -87,7 +88,7 @@ def training_config(cfg: dict, has_settings: bool, src_dp: int, dp: int, stage: 
                     "gradient_accumulation_steps": 1,
                     "zero_optimization": {"stage": stage},
                     "zero_allow_untested_optimizer": True})
-        notes.append(f"the source carries no DeepSpeed config: ds_config.json is a minimal "
+        notes.append(f"the source carries no DeepSpeed config: {where} is a minimal "
                      f"one (ZeRO stage {stage}, {TRAINING_DTYPES[dtype]}, micro "
                      f"batch 1 per GPU, no accumulation); edit it before resuming")
     else:
@@ -110,18 +111,71 @@ def training_config(cfg: dict, has_settings: bool, src_dp: int, dp: int, stage: 
     if has_settings and was_bf16 != is_bf16:
         notes.append(f"the training dtype changes from {'bf16' if was_bf16 else 'fp32'} to "
                      f"{TRAINING_DTYPES[dtype]} (the weights written are "
-                     f"{dtype}); ds_config.json says so")
+                     f"{dtype}); {where} says so")
     ckpt = cfg.get("checkpoint")
     if isinstance(ckpt, dict) and ckpt.get("load_universal"):
         cfg["checkpoint"] = {k: v for k, v in ckpt.items() if k != "load_universal"} or None
         if cfg["checkpoint"] is None:
             del cfg["checkpoint"]
-        notes.append("ds_config.json drops checkpoint.load_universal: the output is a "
-                     "native checkpoint")
+        notes.append(f"{where} drops checkpoint.load_universal: the output is a native "
+                     f"checkpoint")
     accum = str((cfg.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
     kind = "stage3" if stage == 3 else (
         "bf16" if is_bf16 and stage == 1 and accum in ("fp32", "float32") else "zero")
     return cfg, kind
+
+
+def plain(obj):
+    """A config from a pickle (records, tuples) as JSON-able plain values."""
+    if isinstance(obj, dict) or hasattr(obj, "items"):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+class ResumeState:
+    """What a writer of DeepSpeed optimizer files takes from its source: the training state
+    (``ts``), the data-parallel sizes (``src_dp``, ``dp`` from --dp), a plain copy of the
+    DeepSpeed config (``cfg``, empty when the source has none: ``has_settings``), the source's
+    ZeRO stage (``stage``, None when unknown), whether the optimizer is ``fresh`` (the source
+    has no Adam moments; noted in ``notes``) and its ``step``."""
+
+    def __init__(self, source, options: dict, notes: list, what: str):
+        import json
+        from mapc.errors import MapcError
+        ts = dict(source.training_state() or {})
+        self.ts = ts
+        self.src_dp = int(ts.get("dp_world_size") or 1)
+        dp = options.get("dp")
+        if dp is not None and (not isinstance(dp, int) or dp < 1):
+            raise MapcError(f"--dp {dp!r} must be a positive integer")
+        self.dp = dp or self.src_dp
+        cfg = ts.get("ds_config")
+        self.has_settings = isinstance(cfg, dict) and bool(cfg)
+        self.cfg = json.loads(json.dumps(plain(cfg))) if self.has_settings else {}
+        stage = ts.get("zero_stage")
+        if stage is None:
+            stage = (self.cfg.get("zero_optimization") or {}).get("stage")
+        self.stage = None if stage is None else int(stage)
+        self.fresh = not {"exp_avg", "exp_avg_sq"} <= set(source.slots())
+        if self.fresh:
+            notes.append(f"the source has no optimizer state: the {what} checkpoint gets a "
+                         f"fresh optimizer (fp32 master = the weights, zero Adam moments, "
+                         f"step 0)")
+        self.step = float(ts["step"]) if ts.get("step") is not None and not self.fresh else 0.0
+
+    def clip_and_scale(self, cfg: dict) -> tuple[float, float]:
+        """The gradient clipping and (static) loss scale to write: the source's, else the
+        config's clipping and scale 1."""
+        ts = self.ts
+        clip = ts.get("clip_grad") if not self.fresh else None
+        if clip is None:
+            clip = float(cfg.get("gradient_clipping", 1.0))
+        scale = ts.get("loss_scale") if not self.fresh else None
+        return float(clip), 1.0 if scale is None else float(scale)
 
 
 class Flat:
