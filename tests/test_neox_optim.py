@@ -49,14 +49,14 @@ def _gathered(d: Path) -> dict:
     return out
 
 
-def _resume(ckpt: Path, out: Path, pp: int, dp: int) -> dict:
+def _resume(ckpt: Path, out: Path, pp: int, dp: int, groups: str = "one") -> dict:
     """DeepSpeed's PipelineEngine at (pp, dp) loads ``ckpt`` and takes one step."""
     from tests.groundtruth import deepspeed_ckpt as dc
     for attempt in range(3):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={pp * dp}",
                "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={dc._free_port()}",
                str(HERE / "groundtruth" / "neox_pipe_resume.py"), "--load", str(ckpt),
-               "--out", str(out), "--pp", str(pp), "--dp", str(dp)]
+               "--out", str(out), "--pp", str(pp), "--dp", str(dp), "--groups", groups]
         try:
             dc._run(cmd, out.parent / f"{out.name}.log", dc.TIMEOUT_S)
             break
@@ -176,6 +176,30 @@ def test_resharded_to_pp1_dp2_loads_exactly_and_continues(tmp_path, pipe, pipe_c
             torch.testing.assert_close(got["stepped"][k][name], ref, rtol=1e-5, atol=1e-6)
 
 
+def test_hf_weights_give_a_fresh_optimizer_deepspeed_loads_with_neoxs_groups(tmp_path, pipe):
+    """HF weights (no optimizer) -> neox pp=2 --with-optimizer: the fresh optimizer's two NeoX
+    param groups,
+    per stage, in the order DeepSpeed flattens them. DeepSpeed's PipelineEngine, given NeoX's
+    weight-decay / no-weight-decay groups, loads it natively: the master weights it gathers
+    are the HF weights bit for bit, the moments zero, and it trains on."""
+    from mapc.runtime.containers import open_source
+    expected = json.loads((pipe / "expected.json").read_text())
+    build_neox_model(_pipe_hf_config(expected), tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=1, pp=2, dp=1,
+                 with_optimizer=True)
+    with open_source(tmp_path / "nx") as src:   # the weights by pipeline name
+        coord = src.coords()[0]
+        weights = {n: torch.from_numpy(np.array(src.read(n, coord))) for n in src.names(coord)}
+    got = _resume(tmp_path / "nx", tmp_path / "run", 2, 1, groups="neox")
+    assert got["loaded"]["fp32"].keys() == weights.keys()
+    for name, w in weights.items():
+        assert torch.equal(got["loaded"]["fp32"][name], w), name
+        assert not got["loaded"]["exp_avg"][name].any() and \
+            not got["loaded"]["exp_avg_sq"][name].any()
+    assert np.isfinite(got["result"]["loss"]) and got["result"]["global_steps"] == 1
+    assert all(got["stepped"]["exp_avg"][n].any() for n in weights)
+
+
 # ---- round trips of every optimizer slot --------------------------------------------------------
 SETTINGS = settings(max_examples=6, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -236,16 +260,30 @@ def test_stages_hold_the_layers_deepspeed_gives_them(tmp_path, layers, pp, stage
     NeoX's 'type:transformer|mlp' partitioning gives stage 0 (the embedding, the first
     function and the first blocks); the DeepSpeed run of test_neox shows (2, 2)."""
     build_neox_model(neox_config(layers=layers), tmp_path / "hf")
-    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=1, pp=pp)
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=1, pp=pp, with_optimizer=True)
     ms = torch.load(tag_dir(tmp_path / "nx") / "mp_rank_00_model_states.pt", weights_only=False)
     held = {int(n.split(".")[0]) for g in ms["param_shapes"] for n in g}
     assert held == stage0
 
 
-# ---- weights-only sources, configs, bad input -----------------------------------------------------
-def test_weights_only_source_gets_a_fresh_optimizer_with_neoxs_groups(tmp_path):
+# ---- weights-only sources, configs, bad input ------------------------------------------------
+def test_weights_only_source_writes_weights_only_by_default(tmp_path):
+    """As for megatron: no optimizer files (NeoX builds its own with no_load_optim), no
+    warnings about one."""
     build_neox_model(neox_config(layers=2), tmp_path / "hf")
     r = mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=2, pp=2, dp=2)
+    assert not any("optimizer" in w for w in r.warnings)
+    assert not list(tag_dir(tmp_path / "nx").glob("*optim_states.pt"))
+    cfg = json.loads((tmp_path / "nx" / "configs" / "mapc_neox.yml").read_text())
+    assert cfg["no_load_optim"] is True
+    ms = torch.load(tag_dir(tmp_path / "nx") / "mp_rank_00_model_states.pt", weights_only=False)
+    assert ms["param_shapes"] is None and ms["dp_world_size"] == 2
+
+
+def test_with_optimizer_gives_weights_only_source_a_fresh_one_with_neoxs_groups(tmp_path):
+    build_neox_model(neox_config(layers=2), tmp_path / "hf")
+    r = mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=2, pp=2, dp=2,
+                     with_optimizer=True)
     assert any("fresh optimizer" in w for w in r.warnings)
     d = tag_dir(tmp_path / "nx")
     ms = torch.load(d / "mp_rank_00_model_states.pt", weights_only=False)

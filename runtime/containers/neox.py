@@ -365,10 +365,12 @@ def _ordinal(cfg: dict, key: str):
 
 class NeoxWriter(Writer):
     """Layer files by (position, tp rank), streamed: a file is finished as soon as its last
-    tensor arrives, so only the files of the units in flight are open. With the optimizer
-    slots, one ZeRO stage-1 optimizer per model-parallel rank (pipeline stage, tp rank) over
-    the parameters that stage holds, each partitioned over ``dp`` ranks (runtime/containers/
-    zero.py: scratch files, nothing held in memory)."""
+    tensor arrives, so only the files of the units in flight are open. When the source has
+    optimizer state (or --with-optimizer asks for a fresh one), one ZeRO stage-1 optimizer per
+    model-parallel rank (pipeline stage, tp rank) over the parameters that stage holds, each
+    partitioned over ``dp`` ranks (runtime/containers/zero.py: scratch files, nothing held in
+    memory). A weights-only source gives weights only (NeoX builds its own optimizer with
+    ``no_load_optim``), as the ``megatron`` writer does."""
 
     slots = ("param", "master", "exp_avg", "exp_avg_sq")
 
@@ -381,7 +383,11 @@ class NeoxWriter(Writer):
         self.source = resolved.source
         self.notes = resolved.warnings
         self.dst = options.get("dst")
-        rs = _zero().ResumeState(self.source, options, self.notes, "neox")
+        have = set(self.source.slots())
+        self.optim = {"exp_avg", "exp_avg_sq"} <= have or bool(options.get("with_optimizer"))
+        if not self.optim:
+            self.slots = ("param",)
+        rs = _zero().ResumeState(self.source, options, self.notes if self.optim else [], "neox")
         self.resume, ts, self.ts, self.src_dp, self.dp = rs, rs.ts, rs.ts, rs.src_dp, rs.dp
         self.has_ds_settings, self.cfg, stage = rs.has_settings, rs.cfg, rs.stage
         self.expected: dict[tuple, list[str]] = {}
@@ -390,7 +396,7 @@ class NeoxWriter(Writer):
         if stage is not None and int(stage) > 1:
             raise MapcError(f"the source trained with ZeRO stage {stage}; DeepSpeed pipelines "
                             f"train with ZeRO stage 0 or 1", where=str(self.source.path))
-        if (stage is None and not rs.fresh) or stage == 0:
+        if self.optim and ((stage is None and not rs.fresh) or stage == 0):
             self.notes.append(f"the source carries {'no' if stage is None else 'a stage 0'} "
                               f"ZeRO optimizer: the neox checkpoint gets ZeRO stage 1 "
                               f"optimizer files at dp={self.dp}")
@@ -399,7 +405,9 @@ class NeoxWriter(Writer):
         self.incoming: set[str] = set()
         self._upcast_noted = False
         groups = ts.get("param_groups") or []
-        if groups and not self.fresh:
+        if not self.optim:
+            self.group_of, self.hyper = None, []
+        elif groups and not self.fresh:
             self.group_of = {(dict(c).get("tp", 0), n): g for (c, n), g in
                              program.target_groups([list(pg.get("params") or [])
                                                     for pg in groups]).items()}
@@ -430,6 +438,15 @@ class NeoxWriter(Writer):
             shapes[(t, name)] = tuple(shape)
             dtypes.add(dt)
         _allow_open_files(len(self.expected) + 64)
+        self.shapes = shapes
+        self.zero, self.hyper_of = {}, {}
+        if self.optim:
+            self._plan_optimizers(dtypes)
+
+    def _plan_optimizers(self, dtypes):
+        """One ZeroOptimizer per (stage, tp rank) over the parameters its stage holds."""
+        z = _zero()
+        shapes = self.shapes
         if len(dtypes) != 1 or next(iter(dtypes)) not in z.TRAINING_DTYPES:
             raise MapcError(f"a DeepSpeed pipeline is trained in one dtype, fp32 or bf16; the "
                             f"weights to write are {', '.join(sorted(dtypes))}",
@@ -438,7 +455,6 @@ class NeoxWriter(Writer):
         self.cfg, self.kind = z.training_config(self.cfg, self.has_ds_settings, self.src_dp,
                                                 self.dp, self.stage, self.dtype, self.notes,
                                                 "the resume config (configs/mapc_neox.yml)")
-        self.shapes = shapes
         n_layers = max(p for p, _ in self.expected) + 1
         self.partition = self.meta.get("pipe_partition_method") or \
             (getattr(self.source, "format_meta", None) or {}).get("pipe_partition_method")
@@ -448,7 +464,6 @@ class NeoxWriter(Writer):
         if group_of is None:
             group_of = {k: 0 if len(s) > 1 or len(self.hyper) == 1 else 1
                         for k, s in shapes.items()}
-        self.zero = {}
         for s in range(self.pp):
             for t in range(self.tp):
                 held = [(p, key) for (p, tt), keys in sorted(self.expected.items())
@@ -461,8 +476,11 @@ class NeoxWriter(Writer):
                     raise MapcError(f"pipeline stage {s} holds no parameters at pp={self.pp}",
                                     hint="use a smaller --pp")
                 m = s * self.tp + t
-                self.zero[m] = z.ZeroOptimizer(self.dir / ".scratch" / f"mp{m}", members,
-                                               self.dp, self.stage, self.kind)
+                # DeepSpeed drops a stage's empty param groups before building its optimizer
+                self.hyper_of[m] = [h for h, g in zip(self.hyper, members) if g]
+                self.zero[m] = z.ZeroOptimizer(self.dir / ".scratch" / f"mp{m}",
+                                               [g for g in members if g], self.dp, self.stage,
+                                               self.kind)
 
     def begin_slot(self, slot, tensors):
         self.incoming.add(slot)
@@ -486,7 +504,7 @@ class NeoxWriter(Writer):
         if len(values) == len(self.expected[file]):
             w.finish(OrderedDict((k, values[k]) for k in self.expected[file]))
             self.open[file] = (None, values)
-        if "master" not in self.incoming:
+        if self.optim and "master" not in self.incoming:
             if arr.dtype != np.float32 and not self.fresh and not self._upcast_noted:
                 self._upcast_noted = True
                 self.notes.append(f"the source has no fp32 master weights: they are the "
@@ -507,7 +525,7 @@ class NeoxWriter(Writer):
             raise MapcError(f"internal: layer files left incomplete: {unfinished[:3]}")
         ts = self.ts
         clip, scale = self.resume.clip_and_scale(self.cfg)
-        prefix = "bf16_" if self.kind == "bf16" else ""
+        prefix = "bf16_" if getattr(self, "dtype", "") == "bfloat16" else ""   # bf16_mode
         samples = training.get("global_samples")
         if samples is None:
             samples = iteration * int(self.cfg.get("train_batch_size") or 0)
@@ -515,16 +533,20 @@ class NeoxWriter(Writer):
         for stage in range(self.pp):
             for t in range(self.tp):
                 m = stage * self.tp + t
-                zero = self.zero[m]
-                for r in range(self.dp):
-                    zero.write_rank(d / f"{prefix}zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt",
-                                    r, hyper_params=self.hyper, step=self.step, clip=clip,
-                                    scale=scale, ds_config=self.cfg)
-                shapes = {n: self.shapes[(t, n)] for f in zero.flats for n in f.names}
-                zero.remove()
+                zero = self.zero.get(m)
+                param_shapes = None
+                if zero is not None:
+                    for r in range(self.dp):
+                        name = f"{prefix}zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt"
+                        zero.write_rank(d / name, r, hyper_params=self.hyper_of[m],
+                                        step=self.step, clip=clip, scale=scale,
+                                        ds_config=self.cfg)
+                    param_shapes = zero.param_shapes(
+                        {n: self.shapes[(t, n)] for f in zero.flats for n in f.names})
+                    zero.remove()
                 state = {
                     "module": None, "buffer_names": [], "optimizer": None,
-                    "param_shapes": zero.param_shapes(shapes), "frozen_param_shapes": None,
+                    "param_shapes": param_shapes, "frozen_param_shapes": None,
                     "shared_params": {}, "frozen_param_fragments": None,
                     "lr_scheduler": scheduler,
                     "data_sampler": None, "random_ltd": None, "skipped_steps": 0,
@@ -552,9 +574,10 @@ class NeoxWriter(Writer):
         keeping the global batch at the new data-parallel size, loading this checkpoint."""
         args = dict(self.meta)
         args.update(model_parallel_size=self.tp, pipe_parallel_size=self.pp,
-                    zero_optimization=dict(args.get("zero_optimization") or {},
-                                           stage=self.stage),
-                    no_load_optim=False, no_load_rng=True)
+                    no_load_optim=not self.optim, no_load_rng=True)
+        if self.optim:
+            args["zero_optimization"] = dict(args.get("zero_optimization") or {},
+                                             stage=self.stage)
         if getattr(self, "partition", None):
             args["pipe_partition_method"] = self.partition
         for key in ("train_batch_size", "train_micro_batch_size_per_gpu",

@@ -6,7 +6,7 @@ Shared by every writer of DeepSpeed optimizer files: ``deepspeed`` (one model-pa
 header of its ``optimizer_state.pt``). The partition formulas are in
 docs/formats/deepspeed.md. Every arriving optimizer tensor (fp32 master, Adam moments) is
 scattered at once into per-rank scratch files (sparse, zero-filled, written with ``pwrite``,
-never mapped) at the offsets the partitioning gives it; :meth:`ZeroOptimizer.write_rank` copies
+never mapped, opened only while a piece is written) at the offsets the partitioning gives it; :meth:`ZeroOptimizer.write_rank` copies
 a rank's flat partitions from there into its ``.pt`` file, one flat tensor mapped at a time.
 Resident memory: the tensor being scattered, or one flat partition.
 """
@@ -225,7 +225,7 @@ class ZeroOptimizer:
     ``groups``: per param group, the ``(name, numel)`` of its params in DeepSpeed's flat
     order. ``kind``: "zero" (DeepSpeedZeroOptimizer, stages 1/2), "bf16" (BF16_Optimizer) or
     "stage3". Call :meth:`scatter` for every param and slot, then :meth:`write_rank` per
-    data-parallel rank, then :meth:`remove`."""
+    data-parallel rank, then :meth:`remove`. Between calls no file is open."""
 
     def __init__(self, scratch: Path, groups, dp: int, stage: int, kind: str,
                  sub_group_size: int = DEFAULT_SUB_GROUP_SIZE):
@@ -258,28 +258,24 @@ class ZeroOptimizer:
         self.rank_len = base
         self.scratch = Path(scratch)
         self.scratch.mkdir(parents=True)
-        self.fds = {slot: [self._scratch_file(slot, r) for r in range(dp)]
-                    for slot in OPTIM_SLOTS}
-
-    def _scratch_file(self, slot, r):
-        fd = os.open(self.scratch / f"{slot}.{r}", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, self.rank_len * 4)         # sparse: reads as zeros (the padding)
-        return fd
+        for slot in OPTIM_SLOTS:
+            for r in range(dp):
+                with open(self.scratch / f"{slot}.{r}", "wb") as fh:
+                    fh.truncate(self.rank_len * 4)   # sparse: reads as zeros (the padding)
 
     def scatter(self, slot, name, arr):
+        """Write every rank's piece of ``name`` in ``slot``. Files are opened per piece, so
+        a writer with many model-parallel and data-parallel ranks holds no descriptors."""
         flat = np.asarray(arr, dtype=np.float32).reshape(-1)
         f = self.flat_of[name]
         for r, lo, hi, at in f.pieces(name, self.dp, self.stage == 3):
-            _pwrite_all(self.fds[slot][r], np.ascontiguousarray(flat[lo:hi]), (f.base + at) * 4)
-
-    def close(self):
-        for fds in self.fds.values():
-            for fd in fds:
+            fd = os.open(self.scratch / f"{slot}.{r}", os.O_WRONLY)
+            try:
+                _pwrite_all(fd, np.ascontiguousarray(flat[lo:hi]), (f.base + at) * 4)
+            finally:
                 os.close(fd)
-        self.fds = {}
 
     def remove(self):
-        self.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def _slice(self, slot, r, f, length=None):
@@ -298,7 +294,6 @@ class ZeroOptimizer:
 
     def write_rank(self, path: Path, r: int, *, hyper_params, step, clip, scale, ds_config):
         """Data-parallel rank r's optimizer file at ``path``."""
-        self.close()
         with torchfile.TorchWriter(path) as w:
             osd = self._optim_state(w, r, hyper_params, float(step), float(clip), float(scale))
             w.finish({"optimizer_state_dict": osd, "ds_config": ds_config,

@@ -4,7 +4,7 @@ pipeline and data-parallel size, and take one more training step.
 Run under torchrun, one process per (stage, data-parallel rank)::
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/groundtruth/neox_pipe_resume.py \
-        --load CKPT --pp 1 --dp 2 --out DIR
+        --load CKPT --pp 1 --dp 2 --out DIR [--groups neox]
 
 The model is neox_pipe.py's (same layers, same ``type:Block`` partitioning), the DeepSpeed config
 is the one the checkpoint's ``mp_rank_00_model_states.pt`` records (what a resume would use:
@@ -36,6 +36,9 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--pp", type=int, required=True)
     p.add_argument("--dp", type=int, required=True)
+    p.add_argument("--groups", choices=("one", "neox"), default="one",
+                   help="one AdamW param group (neox_pipe.py's), or NeoX's two: weight decay "
+                        "for every parameter but the norms' and the biases")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -59,7 +62,16 @@ def main(argv=None):
     tag = (load / "latest").read_text().strip()
     saved = torch.load(load / tag / "mp_rank_00_model_states.pt", weights_only=False)
     config = dict(saved["ds_config"], steps_per_print=10 ** 9)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-2)
+    if args.groups == "one":
+        groups = [q for q in model.parameters() if q.requires_grad]
+    else:   # NeoX's rule (gpt-neox megatron/model/utils.py), in module traversal order
+        decay, free = [], []
+        for mod in model.modules():
+            for pname, q in mod.named_parameters(recurse=False):
+                norm = isinstance(mod, torch.nn.LayerNorm)
+                (free if norm or pname == "bias" else decay).append(q)
+        groups = [{"params": decay}, {"params": free, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1e-2)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     engine.load_checkpoint(str(load))
     out = Path(args.out)
