@@ -67,6 +67,53 @@ def detect(path: Path) -> bool:
     return d is not None and any(_OPTIM.match(p.name) for p in d.iterdir())
 
 
+def config_json(dirs):
+    """The HF config.json in the first of ``dirs`` holding one, or None."""
+    for d in dirs:
+        f = Path(d) / "config.json"
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except ValueError as e:
+                raise MapcError(f"corrupt config.json: {e}", where=str(f)) from None
+    return None
+
+
+class ModuleSource(Source):
+    """What the deepspeed and universal readers share: one unsharded coordinate (the wrapped
+    module's own names, ``hf`` layout), fp32 optimizer slots, ``self.module`` (name ->
+    weight), ``self.shapes`` (name -> shape) and ``self.home`` (the folder errors name)."""
+
+    layout = LAYOUT
+
+    def slots(self):
+        return ["param", "master", "exp_avg", "exp_avg_sq"]
+
+    def coords(self):
+        return [SINGLE]
+
+    def names(self, coord=SINGLE):
+        # the module's own order (state_dict order) first: a writer keeps it
+        return [n for n in self.module if n in self.shapes] + \
+            [n for n in self.shapes if n not in self.module]
+
+    def shape(self, name, coord=SINGLE):
+        return self._known(name)
+
+    def dtype(self, name, coord=SINGLE, slot="param"):
+        self._known(name)
+        if slot == "param" and name in self.module:
+            return self.module[name].dtype
+        return "float32"
+
+    def _known(self, name):
+        try:
+            return self.shapes[name]
+        except KeyError:
+            raise MapcError(f"parameter {name} is not in the checkpoint",
+                            where=str(self.home)) from None
+
+
 class _Piece:
     """Elements [start, stop) of one rank's flat tensor."""
     __slots__ = ("ref", "start", "stop")
@@ -75,9 +122,8 @@ class _Piece:
         self.ref, self.start, self.stop = ref, start, stop
 
 
-class DeepSpeedSource(Source):
+class DeepSpeedSource(ModuleSource):
     format = "deepspeed"
-    layout = LAYOUT
 
     def __init__(self, path):
         super().__init__(path)
@@ -121,8 +167,13 @@ class DeepSpeedSource(Source):
         self.param_shapes = [dict(g) for g in self.model_states["param_shapes"]]
         self._index()
         self.topology = {}      # the tensors are unsharded (hf layout); dp is ZeRO's own
-        self.config = self.record.get("config") or self._config_json()
+        self.config = self.record.get("config") or \
+            config_json((self.tag_dir, self.path, self.path.parent))
         self.format_meta = self.config or {}
+
+    @property
+    def home(self):
+        return self.tag_dir
 
     # -- where every parameter lives --------------------------------------------------------
     def _index(self):
@@ -170,44 +221,6 @@ class DeepSpeedSource(Source):
                                         f"({prod(p.ref.shape)} elements, needs {p.stop}); the "
                                         f"optimizer files do not match param_shapes",
                                         where=str(self.tag_dir))
-
-    def _config_json(self):
-        for d in (self.tag_dir, self.path, self.path.parent):
-            f = d / "config.json"
-            if f.is_file():
-                try:
-                    return json.loads(f.read_text())
-                except ValueError as e:
-                    raise MapcError(f"corrupt config.json: {e}", where=str(f)) from None
-        return None
-
-    # -- Source protocol -----------------------------------------------------------------------
-    def slots(self):
-        return ["param", "master", "exp_avg", "exp_avg_sq"]
-
-    def coords(self):
-        return [SINGLE]
-
-    def names(self, coord=SINGLE):
-        # the module's own order (state_dict order) first: a writer keeps it
-        return [n for n in self.module if n in self.shapes] + \
-            [n for n in self.shapes if n not in self.module]
-
-    def shape(self, name, coord=SINGLE):
-        return self._known(name)
-
-    def dtype(self, name, coord=SINGLE, slot="param"):
-        self._known(name)
-        if slot == "param" and name in self.module:
-            return self.module[name].dtype
-        return "float32"
-
-    def _known(self, name):
-        try:
-            return self.shapes[name]
-        except KeyError:
-            raise MapcError(f"parameter {name} is not in the checkpoint",
-                            where=str(self.tag_dir)) from None
 
     def read(self, name, coord=SINGLE, slot="param"):
         shape = self._known(name)

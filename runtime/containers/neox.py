@@ -12,13 +12,16 @@
   ``args`` (a dict of a few sizes: ARGS_KEYS).
 * ``zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt``: ZeRO 1/2 optimizer state per
   (data-parallel rank, model-parallel rank), read as the optimizer slots (fp32 master weights,
-  Adam moments) with the ``deepspeed`` container's partition arithmetic; not written yet.
+  Adam moments) with the ``deepspeed`` container's partition arithmetic, and written (ZeRO 1)
+  at any tp, pp and dp over the layers DeepSpeed's stage partitioning gives each stage, with
+  the shared ZeRO writer (runtime/containers/zero.py).
 
 A tensor's physical name is DeepSpeed's ``PipelineModule`` state-dict key,
 ``"{position}.{key}"``: the spec's ``neox`` layouts say which position holds what. The reader
 presents every layer file of tp rank ``t`` at mesh coordinate (tp=t, pp=0), that is it reads
-any checkpoint as pipeline size 1 (the files do not depend on it); the writer takes ``--pp``
-for the ``mp_rank`` files and the config it writes. Nothing is unpickled beyond inert records.
+any checkpoint as pipeline size 1 (the layer files do not depend on it); the writer takes
+``--pp`` for the ``mp_rank`` and optimizer files and the config it writes. Nothing is
+unpickled beyond inert records.
 """
 from __future__ import annotations
 
@@ -253,10 +256,17 @@ class NeoxSource(RefSource):
                "pp_world_size": self.pipeline_stages}
         views = list({id(v): v for v in self._views.get(0, {}).values()}.values())
         if views:   # every stage's optimizer: its hyper-parameters and its parameters' names
-            first = views[0].training_state()
-            for g, group in enumerate(first["param_groups"]):
-                group["params"] = [n for v in views for n in
-                                   (v.param_shapes[g] if g < len(v.param_shapes) else [])]
+            first = max(views, key=lambda v: len(v.param_shapes)).training_state()
+            hypers = [_hyper_key(g) for g in first["param_groups"]]
+            lists = [[] for _ in hypers]
+            for v in views:
+                # DeepSpeed drops a stage's empty groups: match the others by hyper-parameters
+                for gl, group in enumerate(v.training_state()["param_groups"]):
+                    h = _hyper_key(group)
+                    g = hypers.index(h) if hypers.count(h) == 1 else gl
+                    lists[g].extend(group["params"])
+            for group, names in zip(first["param_groups"], lists):
+                group["params"] = names
             out.update({k: first[k] for k in ("step", "param_groups", "lr_scheduler",
                                               "loss_scale", "clip_grad", "zero_stage")})
             out["iteration"] = it
@@ -264,6 +274,10 @@ class NeoxSource(RefSource):
 
 
 Source = NeoxSource
+
+
+def _hyper_key(group: dict) -> str:
+    return repr(sorted((k, repr(v)) for k, v in group.items() if k != "params"))
 
 
 def _allow_open_files(n: int) -> None:
@@ -356,11 +370,6 @@ def stage_bounds(n_layers: int, pp: int, method: str | None) -> list[int]:
             return partition_balanced(weights, pp)
     raise MapcError(f"pipe_partition_method {method!r} is not supported for writing optimizer "
                     f"state", hint="use 'type:transformer|mlp' (NeoX's default) or 'uniform'")
-
-
-def _ordinal(cfg: dict, key: str):
-    v = cfg.get(key)
-    return None if v in (None, "auto") else v
 
 
 class NeoxWriter(Writer):

@@ -19,7 +19,6 @@ torch nor DeepSpeed is imported.
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections import OrderedDict, deque
@@ -31,11 +30,11 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
-from mapc.runtime.containers import deepspeed as _ds  # noqa: F401  (its pickle globals)
+from mapc.runtime.containers import deepspeed as _ds   # its pickle globals and ModuleSource
 from mapc.runtime.containers.zero import (DS_VERSION, LossScaler as _LOSS_SCALER,
                                           partition_size, stage12_header, torch_size,
                                           zero_stage as _zero_stage_value)
-from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, read_record, write_json
+from mapc.runtime.containers.base import MAPC_JSON, Writer, read_record, write_json
 
 LAYOUT = "hf"
 SINGLE = ()
@@ -73,9 +72,8 @@ def _load(path: Path, what: str):
 
 
 # ---- reading -------------------------------------------------------------------------------------
-class UniversalSource(Source):
+class UniversalSource(_ds.ModuleSource):
     format = "universal"
-    layout = LAYOUT
 
     def __init__(self, path):
         super().__init__(path)
@@ -110,46 +108,14 @@ class UniversalSource(Source):
             if not (self.zero / name).is_dir():
                 raise MapcError(f"zero/{name}/ is missing (the model states list {name})",
                                 where=str(self.udir), hint="copy the complete checkpoint")
-        self.config = self.record.get("config") or self._config_json()
+        self.config = self.record.get("config") or \
+            _ds.config_json((self.udir, self.udir.parent, self.udir.parent.parent))
         self.format_meta = self.config or {}
         self.saved_dp = self.model_states.get("dp_world_size")   # loads at any dp
 
-    def _config_json(self):
-        for d in (self.udir, self.udir.parent, self.udir.parent.parent):
-            f = d / "config.json"
-            if f.is_file():
-                try:
-                    return json.loads(f.read_text())
-                except ValueError as e:
-                    raise MapcError(f"corrupt config.json: {e}", where=str(f)) from None
-        return None
-
-    def slots(self):
-        return ["param", "master", "exp_avg", "exp_avg_sq"]
-
-    def coords(self):
-        return [SINGLE]
-
-    def names(self, coord=SINGLE):
-        # the module's own order (state_dict order) first, as DeepSpeedSource: a writer keeps it
-        return [n for n in self.module if n in self.shapes] + \
-            [n for n in self.shapes if n not in self.module]
-
-    def _known(self, name):
-        try:
-            return self.shapes[name]
-        except KeyError:
-            raise MapcError(f"parameter {name} is not in the checkpoint",
-                            where=str(self.udir)) from None
-
-    def shape(self, name, coord=SINGLE):
-        return self._known(name)
-
-    def dtype(self, name, coord=SINGLE, slot="param"):
-        self._known(name)
-        if slot == "param" and name in self.module:
-            return self.module[name].dtype
-        return "float32"
+    @property
+    def home(self):
+        return self.udir
 
     def _state(self, name, slot):
         f = self.zero / name / f"{_STATE_FILES[slot]}.pt"
