@@ -226,16 +226,17 @@ def test_mapc_reads_deepspeed_pipeline_checkpoint(tmp_path, pipe_ckpt):
 
 
 def test_mapc_writes_the_files_deepspeed_pipeline_writes(tmp_path, pipe_ckpt):
-    """Same topology (tp=1, pp=2): the same layer and mp_rank files, the same keys and shapes in
-    every layer file, the same top-level entries in every mp_rank file (module None). mapc
-    writes no optimizer files yet."""
+    """Same topology (tp=1, pp=2), with a (fresh) optimizer: the same layer, mp_rank and ZeRO
+    optimizer files, the same keys and shapes in every layer file, the same top-level entries
+    in every mp_rank file (module None). The optimizer files' contents:
+    tests/test_neox_optim.py."""
     expected = json.loads((pipe_ckpt / "expected.json").read_text())
     cfg = _pipe_hf_config(expected)
     build_neox_model(cfg, tmp_path / "hf")
-    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=1, pp=2)
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=1, pp=2, with_optimizer=True)
     ds_dir, mp_dir = pipe_ckpt / expected["tag"], tag_dir(tmp_path / "nx")
+    assert sorted(p.name for p in mp_dir.iterdir()) == sorted(p.name for p in ds_dir.iterdir())
     ds_files = sorted(p.name for p in ds_dir.iterdir() if "optim_states" not in p.name)
-    assert sorted(p.name for p in mp_dir.iterdir()) == ds_files
     for name in ds_files:
         a = torch.load(ds_dir / name, weights_only=False)
         b = torch.load(mp_dir / name, weights_only=False)
@@ -276,16 +277,16 @@ def test_optimizer_state_is_read_from_the_pipeline_zero_partitions(pipe_ckpt):
 
 
 def test_file_names_with_tp_and_pp_match_deepspeed(tmp_path, pipe_ckpt_tp2):
-    """tp=2, pp=2: the same layer files (model_00 and model_01 for every position) and
-    mp_rank files, and DeepSpeed's mp_rank_MM holds stage MM // tp: the numbering mapc's
+    """tp=2, pp=2: the same layer files (model_00 and model_01 for every position), mp_rank
+    and optimizer files, and DeepSpeed's mp_rank_MM holds stage MM // tp: the numbering mapc's
     writer uses (stage * tp + tp rank)."""
     from mapc.runtime.containers.neox import mp_file
     expected = json.loads((pipe_ckpt_tp2 / "expected.json").read_text())
     build_neox_model(_pipe_hf_config(expected), tmp_path / "hf")
-    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=2, pp=2)
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=2, pp=2, with_optimizer=True)
     ds_dir, mp_dir = pipe_ckpt_tp2 / expected["tag"], tag_dir(tmp_path / "nx")
+    assert sorted(p.name for p in mp_dir.iterdir()) == sorted(p.name for p in ds_dir.iterdir())
     ds_files = sorted(p.name for p in ds_dir.iterdir() if "optim_states" not in p.name)
-    assert sorted(p.name for p in mp_dir.iterdir()) == ds_files
     for name in ds_files:
         a = torch.load(ds_dir / name, weights_only=False)
         b = torch.load(mp_dir / name, weights_only=False)

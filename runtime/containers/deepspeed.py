@@ -14,7 +14,6 @@ or run: its pickled objects are read as inert records, and written back as the s
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections import OrderedDict
@@ -28,13 +27,14 @@ from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers.hf_trainer import module_order
 from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
+from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEFAULT_SUB_GROUP_SIZE, DS_VERSION,
+                                          OPTIM_SLOTS, TRAINING_DTYPES, ZeroOptimizer,
+                                          ResumeState, hyper as _hyper,
+                                          plain as _plain, training_config)
 
 LAYOUT = "hf"
 SINGLE = ()
 
-LossScaler = torchfile.register_record_type("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
-FragmentAddress = torchfile.register_record_type("deepspeed.utils.tensor_fragment",
-                                                 "fragment_address")
 
 
 def _zero_stage(value):
@@ -67,6 +67,53 @@ def detect(path: Path) -> bool:
     return d is not None and any(_OPTIM.match(p.name) for p in d.iterdir())
 
 
+def config_json(dirs):
+    """The HF config.json in the first of ``dirs`` holding one, or None."""
+    for d in dirs:
+        f = Path(d) / "config.json"
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except ValueError as e:
+                raise MapcError(f"corrupt config.json: {e}", where=str(f)) from None
+    return None
+
+
+class ModuleSource(Source):
+    """What the deepspeed and universal readers share: one unsharded coordinate (the wrapped
+    module's own names, ``hf`` layout), fp32 optimizer slots, ``self.module`` (name ->
+    weight), ``self.shapes`` (name -> shape) and ``self.home`` (the folder errors name)."""
+
+    layout = LAYOUT
+
+    def slots(self):
+        return ["param", "master", "exp_avg", "exp_avg_sq"]
+
+    def coords(self):
+        return [SINGLE]
+
+    def names(self, coord=SINGLE):
+        # the module's own order (state_dict order) first: a writer keeps it
+        return [n for n in self.module if n in self.shapes] + \
+            [n for n in self.shapes if n not in self.module]
+
+    def shape(self, name, coord=SINGLE):
+        return self._known(name)
+
+    def dtype(self, name, coord=SINGLE, slot="param"):
+        self._known(name)
+        if slot == "param" and name in self.module:
+            return self.module[name].dtype
+        return "float32"
+
+    def _known(self, name):
+        try:
+            return self.shapes[name]
+        except KeyError:
+            raise MapcError(f"parameter {name} is not in the checkpoint",
+                            where=str(self.home)) from None
+
+
 class _Piece:
     """Elements [start, stop) of one rank's flat tensor."""
     __slots__ = ("ref", "start", "stop")
@@ -75,9 +122,8 @@ class _Piece:
         self.ref, self.start, self.stop = ref, start, stop
 
 
-class DeepSpeedSource(Source):
+class DeepSpeedSource(ModuleSource):
     format = "deepspeed"
-    layout = LAYOUT
 
     def __init__(self, path):
         super().__init__(path)
@@ -121,8 +167,13 @@ class DeepSpeedSource(Source):
         self.param_shapes = [dict(g) for g in self.model_states["param_shapes"]]
         self._index()
         self.topology = {}      # the tensors are unsharded (hf layout); dp is ZeRO's own
-        self.config = self.record.get("config") or self._config_json()
+        self.config = self.record.get("config") or \
+            config_json((self.tag_dir, self.path, self.path.parent))
         self.format_meta = self.config or {}
+
+    @property
+    def home(self):
+        return self.tag_dir
 
     # -- where every parameter lives --------------------------------------------------------
     def _index(self):
@@ -170,44 +221,6 @@ class DeepSpeedSource(Source):
                                         f"({prod(p.ref.shape)} elements, needs {p.stop}); the "
                                         f"optimizer files do not match param_shapes",
                                         where=str(self.tag_dir))
-
-    def _config_json(self):
-        for d in (self.tag_dir, self.path, self.path.parent):
-            f = d / "config.json"
-            if f.is_file():
-                try:
-                    return json.loads(f.read_text())
-                except ValueError as e:
-                    raise MapcError(f"corrupt config.json: {e}", where=str(f)) from None
-        return None
-
-    # -- Source protocol -----------------------------------------------------------------------
-    def slots(self):
-        return ["param", "master", "exp_avg", "exp_avg_sq"]
-
-    def coords(self):
-        return [SINGLE]
-
-    def names(self, coord=SINGLE):
-        # the module's own order (state_dict order) first: a writer keeps it
-        return [n for n in self.module if n in self.shapes] + \
-            [n for n in self.shapes if n not in self.module]
-
-    def shape(self, name, coord=SINGLE):
-        return self._known(name)
-
-    def dtype(self, name, coord=SINGLE, slot="param"):
-        self._known(name)
-        if slot == "param" and name in self.module:
-            return self.module[name].dtype
-        return "float32"
-
-    def _known(self, name):
-        try:
-            return self.shapes[name]
-        except KeyError:
-            raise MapcError(f"parameter {name} is not in the checkpoint",
-                            where=str(self.tag_dir)) from None
 
     def read(self, name, coord=SINGLE, slot="param"):
         shape = self._known(name)
@@ -261,66 +274,6 @@ Source = DeepSpeedSource
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
-DS_VERSION = "0.19.8"
-ZERO_STAGE_ENUM = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
-OPTIM_SLOTS = ("master", "exp_avg", "exp_avg_sq")
-TRAINING_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
-# torch.optim.AdamW's param_group keys and defaults (torch 2.x), for groups a source lacks
-ADAMW_DEFAULTS = {"weight_decay": 0.01, "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
-                  "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
-                  "differentiable": False, "fused": None, "decoupled_weight_decay": True}
-DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
-
-
-def _size(shape) -> torchfile.Call:
-    return torchfile.Call("torch", "Size", (tuple(int(d) for d in shape),))
-
-
-class _Flat:
-    """One flat optimizer tensor per rank: a ZeRO 1/2 param group, or a stage-3 sub-group.
-
-    ``length`` elements on every rank; ``base`` its offset in the rank's scratch file;
-    ``at[name] = offset``: the param's offset in the group's flattened order (stages 1/2) or
-    in every rank's partition (stage 3)."""
-
-    def __init__(self, group, names, numels, dp, stage3):
-        self.group, self.names, self.numels = group, names, numels
-        self.numel_of = dict(zip(names, numels))
-        self.total = sum(numels)
-        self.at = {}
-        off = 0
-        for name, n in zip(names, numels):
-            self.at[name] = off
-            off += -(-n // dp) if stage3 else n
-        if stage3:
-            self.length = off                                   # F_s
-        else:
-            align = 2 * dp                                      # nccl_start_alignment_factor 2
-            self.length = -(-self.total // align) * align // dp  # P_g
-        self.base = 0
-
-    def pieces(self, name, dp, stage3):
-        """(rank, element range in the flattened param, offset in the rank's flat tensor)."""
-        n = self.numel_of[name]
-        off = self.at[name]
-        if stage3:
-            part = -(-n // dp)
-            for r in range(dp):
-                lo, hi = r * part, min(n, (r + 1) * part)
-                if lo < hi:
-                    yield r, lo, hi, off
-        else:
-            P = self.length
-            for r in range(dp):
-                lo, hi = max(off, r * P), min(off + n, (r + 1) * P)
-                if lo < hi:
-                    yield r, lo - off, hi - off, lo - r * P
-
-    def padding(self, r):
-        """Padding elements inside rank r's partition (stages 1/2)."""
-        return max(0, min(self.length, (r + 1) * self.length - self.total))
-
-
 class DeepSpeedWriter(Writer):
     """Writes a plain DeepSpeed engine checkpoint for a chosen data-parallel size.
 
@@ -340,19 +293,10 @@ class DeepSpeedWriter(Writer):
         self.resolved = resolved
         self.source = resolved.source
         self.notes = resolved.warnings           # merged into the report before anything runs
-        ts = dict(self.source.training_state() or {})
-        self.ts = ts
-        self.src_dp = int(ts.get("dp_world_size") or 1)
-        dp = options.get("dp")
-        if dp is not None and (not isinstance(dp, int) or dp < 1):
-            raise MapcError(f"--dp {dp!r} must be a positive integer")
-        self.dp = dp or self.src_dp
-        cfg = ts.get("ds_config")
-        self.has_ds_settings = isinstance(cfg, dict) and bool(cfg)
-        self.cfg = json.loads(json.dumps(_plain(cfg))) if self.has_ds_settings else {}
-        stage = options.get("zero_stage") or ts.get("zero_stage")
-        if stage is None:
-            stage = (self.cfg.get("zero_optimization") or {}).get("stage")
+        rs = ResumeState(self.source, options, self.notes, "DeepSpeed")
+        ts, self.ts, self.src_dp, self.dp = rs.ts, rs.ts, rs.src_dp, rs.dp
+        self.has_ds_settings, self.cfg, stage = rs.has_settings, rs.cfg, rs.stage
+        self.resume = rs
         if stage is None:
             stage = 1
             self.notes.append(f"the source carries no DeepSpeed ZeRO stage: writing ZeRO stage 1 "
@@ -361,14 +305,8 @@ class DeepSpeedWriter(Writer):
         if self.stage not in (1, 2, 3):
             raise MapcError(f"ZeRO stage {self.stage} has no partitioned optimizer state to write",
                             hint="DeepSpeed checkpoints are written at ZeRO stage 1, 2 or 3")
-        have = set(self.source.slots())
         self.incoming: set[str] = set()
-        self.fresh = not {"exp_avg", "exp_avg_sq"} <= have
-        if self.fresh:
-            self.notes.append("the source has no optimizer state: the DeepSpeed checkpoint gets a "
-                              "fresh optimizer (fp32 master = the weights, zero Adam moments, "
-                              "step 0)")
-        self.step = float(ts["step"]) if ts.get("step") is not None and not self.fresh else 0.0
+        self.fresh, self.step = rs.fresh, rs.step
         self.iteration = int(ts.get("iteration") or 0)
         self._upcast_noted = False
         self._plan_groups(ts)
@@ -473,36 +411,11 @@ class DeepSpeedWriter(Writer):
                 raise MapcError(f"optimizer param group {g} has no tensor in the target",
                                 where=str(self.source.path),
                                 hint="the source's param groups do not match its weights")
-        self.flats: list[_Flat] = []
-        self.subgroups: list[list[int]] = []
         sub_size = int((self.cfg.get("zero_optimization") or {}).get(
             "sub_group_size", DEFAULT_SUB_GROUP_SIZE))
-        for g, names in enumerate(members):
-            numels = [prod(self.shapes[n]) for n in names]
-            if not stage3:
-                self.subgroups.append([len(self.flats)])
-                self.flats.append(_Flat(g, names, numels, dp, False))
-                continue
-            mine, cur, run = [], [], 0          # stage 3: cut into sub-groups
-            for i, (n, k) in enumerate(zip(names, numels)):
-                cur.append(i)
-                run += -(-k // dp)
-                if run >= sub_size or i == len(names) - 1:
-                    mine.append(len(self.flats))
-                    self.flats.append(_Flat(g, [names[j] for j in cur],
-                                            [numels[j] for j in cur], dp, True))
-                    cur, run = [], 0
-            self.subgroups.append(mine)
-        self.flat_of = {n: f for f in self.flats for n in f.names}
-        base = 0
-        for f in self.flats:
-            f.base = base
-            base += f.length
-        self.rank_len = base
-        self.scratch = self.dir / ".scratch"
-        self.scratch.mkdir()
-        self.fds = {slot: [self._scratch_file(slot, r) for r in range(dp)]
-                    for slot in OPTIM_SLOTS}
+        self.zero = ZeroOptimizer(self.dir / ".scratch",
+                                  [[(n, prod(self.shapes[n])) for n in names]
+                                   for names in members], dp, self.stage, self.kind, sub_size)
         self.tag = f"global_step{self.iteration}"
         self.tag_dir = self.dir / self.tag
         self.tag_dir.mkdir()
@@ -514,11 +427,6 @@ class DeepSpeedWriter(Writer):
             empty = np.zeros((0,), DTYPES[self.dtype])
             for n in order:
                 self.module[n] = self.model_writer.add_tensor(empty)
-
-    def _scratch_file(self, slot, r):
-        fd = os.open(self.scratch / f"{slot}.{r}", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, self.rank_len * 4)         # sparse: reads as zeros (the padding)
-        return fd
 
     def begin_slot(self, slot, tensors):
         self.incoming.add(slot)
@@ -537,136 +445,28 @@ class DeepSpeedWriter(Writer):
         self._scatter(slot, name, np.asarray(arr, dtype=np.float32))
 
     def _scatter(self, slot, name, arr):
-        flat = arr.reshape(-1)
-        f = self.flat_of[name]
-        for r, lo, hi, at in f.pieces(name, self.dp, self.stage == 3):
-            _pwrite_all(self.fds[slot][r], np.ascontiguousarray(flat[lo:hi]), (f.base + at) * 4)
+        self.zero.scatter(slot, name, arr)
 
     # -- files -------------------------------------------------------------------------------
     def _finalize_config(self):
-        cfg, notes = self.cfg, self.notes
-        if not self.has_ds_settings:
-            cfg.update({"train_batch_size": self.dp, "train_micro_batch_size_per_gpu": 1,
-                        "gradient_accumulation_steps": 1,
-                        "zero_optimization": {"stage": self.stage},
-                        "zero_allow_untested_optimizer": True})
-            notes.append(f"the source carries no DeepSpeed config: ds_config.json is a minimal "
-                         f"one (ZeRO stage {self.stage}, {TRAINING_DTYPES[self.dtype]}, micro "
-                         f"batch 1 per GPU, no accumulation); edit it before resuming")
-        else:
-            cfg, batch_notes = _rebatch(cfg, self.src_dp, self.dp)
-            notes.extend(batch_notes)
-            cfg.setdefault("zero_optimization", {})["stage"] = self.stage
-        for key in ("fp16",):
-            if (cfg.get(key) or {}).get("enabled"):
-                raise MapcError("fp16 DeepSpeed training keeps a dynamic loss scaler that mapc "
-                                "does not write", hint="pass --dtype bf16 or --dtype fp32")
-        was_bf16 = bool((cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled"))
-        is_bf16 = self.dtype == "bfloat16"
-        if is_bf16:
-            cfg.pop("bfloat16", None)
-            cfg.setdefault("bf16", {})["enabled"] = True
-        else:
-            for key in ("bf16", "bfloat16"):
-                if key in cfg:
-                    cfg[key] = dict(cfg[key], enabled=False)
-        if self.has_ds_settings and was_bf16 != is_bf16:
-            notes.append(f"the training dtype changes from {'bf16' if was_bf16 else 'fp32'} to "
-                         f"{TRAINING_DTYPES[self.dtype]} (the weights written are "
-                         f"{self.dtype}); ds_config.json says so")
-        ckpt = cfg.get("checkpoint")
-        if isinstance(ckpt, dict) and ckpt.get("load_universal"):
-            cfg["checkpoint"] = {k: v for k, v in ckpt.items() if k != "load_universal"} or None
-            if cfg["checkpoint"] is None:
-                del cfg["checkpoint"]
-            notes.append("ds_config.json drops checkpoint.load_universal: the output is a "
-                         "native checkpoint")
-        accum = str((cfg.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
-        self.kind = "stage3" if self.stage == 3 else (
-            "bf16" if is_bf16 and self.stage == 1 and accum in ("fp32", "float32") else "zero")
-        self.cfg = cfg
+        self.cfg, self.kind = training_config(self.cfg, self.has_ds_settings, self.src_dp,
+                                              self.dp, self.stage, self.dtype, self.notes)
 
     def finish(self, record: dict):
         dp = self.dp
-        ts = self.ts
         prefix = "bf16_" if self.dtype == "bfloat16" else ""
-        clip = ts.get("clip_grad") if not self.fresh else None
-        if clip is None:
-            clip = float(self.cfg.get("gradient_clipping", 1.0))
-        scale = ts.get("loss_scale") if not self.fresh else None
-        scale = 1.0 if scale is None else float(scale)
-        self._close_scratch()
+        clip, scale = self.resume.clip_and_scale(self.cfg)
         for r in range(dp):
             path = self.tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-            with torchfile.TorchWriter(path) as w:
-                osd = self._optim_state(w, r, float(clip), scale)
-                w.finish({"optimizer_state_dict": osd, "ds_config": self.cfg,
-                          "ds_version": DS_VERSION})
-        shutil.rmtree(self.scratch)
+            self.zero.write_rank(path, r, hyper_params=self.hyper, step=self.step, clip=clip,
+                                 scale=scale, ds_config=self.cfg)
+        self.zero.remove()
         self._model_states()
         (self.dir / "latest").write_text(self.tag)
         write_json(self.dir / "ds_config.json", self.cfg)
         if record.get("config"):
             write_json(self.dir / "config.json", record["config"])
         write_json(self.dir / MAPC_JSON, record)
-
-    def _slice(self, slot, r, f, length=None):
-        """Rank r's flat tensor of ``f`` in ``slot``, mapped from the scratch file (unmapped
-        when the caller drops it)."""
-        n = f.length if length is None else length
-        if n == 0:
-            return np.zeros(0, np.float32)
-        return np.memmap(self.scratch / f"{slot}.{r}", np.float32, mode="r",
-                         offset=f.base * 4, shape=(n,))
-
-    def _close_scratch(self):
-        for fds in getattr(self, "fds", {}).values():
-            for fd in fds:
-                os.close(fd)
-        self.fds = {}
-
-    def _optim_state(self, w, r, clip, scale):
-        dp, ngroups = self.dp, len(self.hyper)
-        state, fp32 = {}, []
-        for s, f in enumerate(self.flats):
-            st = {"step": w.add_tensor(np.array(self.step, np.float32))}
-            for slot in ("exp_avg", "exp_avg_sq"):
-                st[slot] = w.add_tensor(self._slice(slot, r, f))
-            state[s] = st
-            keep = f.length - f.padding(r) if self.kind == "zero" else f.length
-            fp32.append(w.add_tensor(self._slice("master", r, f, keep), requires_grad=True))
-        param_groups = [dict(self.hyper[g], params=list(self.subgroups[g]))
-                        for g in range(ngroups)]
-        torch_state = {"state": state, "param_groups": param_groups}
-        scaler = LossScaler(cur_scale=scale, dynamic=False)
-        if self.kind == "stage3":
-            return {"zero_stage": torchfile.Call(*ZERO_STAGE_ENUM, (3,)),
-                    "loss_scaler": scaler, "dynamic_loss_scale": False, "overflow": False,
-                    "partition_count": dp, "optimizer_state_dict": torch_state,
-                    "fp32_flat_groups": fp32}
-        mappings = []
-        for f in self.flats:
-            m = OrderedDict()
-            for name in f.names:
-                for rr, lo, hi, at in f.pieces(name, dp, False):
-                    if rr == r:
-                        m[name] = FragmentAddress(numel=hi - lo, start=at)
-            mappings.append(m)
-        if self.kind == "bf16":
-            return {"clip_grad": clip, "base_optimizer_state": torch_state,
-                    "single_partition_of_fp32_groups": fp32,
-                    "group_paddings": [(f.length * dp - f.total) if r == dp - 1 else 0
-                                       for f in self.flats],
-                    "partition_count": [dp] * ngroups, "ds_version": DS_VERSION,
-                    "param_slice_mappings": mappings}
-        return {"loss_scaler": scaler, "dynamic_loss_scale": False, "overflow": False,
-                "clip_grad": clip, "base_optimizer_state": torch_state,
-                "single_partition_of_fp32_groups": fp32,
-                "zero_stage": torchfile.Call(*ZERO_STAGE_ENUM, (self.stage,)),
-                "group_paddings": [f.padding(r) for f in self.flats],
-                "param_alignment_paddings": [[0] * len(f.names) for f in self.flats],
-                "partition_count": [dp] * ngroups, "ds_version": DS_VERSION,
-                "param_slice_mappings": mappings}
 
     def _model_states(self):
         stage3 = self.stage == 3
@@ -686,8 +486,7 @@ class DeepSpeedWriter(Writer):
             "module": module,
             "buffer_names": [],
             "optimizer": None,
-            "param_shapes": [OrderedDict((n, _size(self.shapes[n])) for n in f.names)
-                             for f in self.flats],
+            "param_shapes": self.zero.param_shapes(self.shapes),
             "frozen_param_shapes": OrderedDict() if self.stage >= 2 else None,
             "shared_params": dict(aliases),
             "frozen_param_fragments": OrderedDict() if self.stage >= 2 else None,
@@ -713,40 +512,8 @@ class DeepSpeedWriter(Writer):
         w = getattr(self, "model_writer", None)
         if w is not None:
             w.abort()
-        self._close_scratch()
-
-
-def _pwrite_all(fd, arr: np.ndarray, offset: int) -> None:
-    view = memoryview(arr.reshape(-1).view(np.uint8))
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _plain(obj):
-    """A config from a pickle (records, tuples) as JSON-able plain values."""
-    if isinstance(obj, dict) or hasattr(obj, "items"):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _hyper(group) -> dict:
-    """A torch AdamW param group's hyper-parameters (no params), completed with its defaults."""
-    out = {k: v for k, v in dict(group).items() if k != "params"}
-    for k, v in ADAMW_DEFAULTS.items():
-        out.setdefault(k, v)
-    if isinstance(out.get("betas"), list):
-        out["betas"] = tuple(out["betas"])
-    return out
-
-
-def _rebatch(cfg, old_dp, new_dp):
-    from mapc.runtime.resume import rebatch
-    return rebatch(cfg, old_dp, new_dp)
+        if getattr(self, "zero", None) is not None:
+            self.zero.remove()
 
 
 def make_writer(tmpdir, program, resolved, options):

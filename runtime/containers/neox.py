@@ -12,20 +12,27 @@
   ``args`` (a dict of a few sizes: ARGS_KEYS).
 * ``zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt``: ZeRO 1/2 optimizer state per
   (data-parallel rank, model-parallel rank), read as the optimizer slots (fp32 master weights,
-  Adam moments) with the ``deepspeed`` container's partition arithmetic; not written yet.
+  Adam moments) with the ``deepspeed`` container's partition arithmetic, and written (ZeRO 1)
+  at any tp, pp and dp over the layers DeepSpeed's stage partitioning gives each stage, with
+  the shared ZeRO writer (runtime/containers/zero.py).
 
 A tensor's physical name is DeepSpeed's ``PipelineModule`` state-dict key,
 ``"{position}.{key}"``: the spec's ``neox`` layouts say which position holds what. The reader
 presents every layer file of tp rank ``t`` at mesh coordinate (tp=t, pp=0), that is it reads
-any checkpoint as pipeline size 1 (the files do not depend on it); the writer takes ``--pp``
-for the ``mp_rank`` files and the config it writes. Nothing is unpickled beyond inert records.
+any checkpoint as pipeline size 1 (the layer files do not depend on it); the writer takes
+``--pp`` for the ``mp_rank`` and optimizer files and the config it writes. Nothing is
+unpickled beyond inert records.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import OrderedDict
+from math import prod
 from pathlib import Path
+
+import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
@@ -249,10 +256,17 @@ class NeoxSource(RefSource):
                "pp_world_size": self.pipeline_stages}
         views = list({id(v): v for v in self._views.get(0, {}).values()}.values())
         if views:   # every stage's optimizer: its hyper-parameters and its parameters' names
-            first = views[0].training_state()
-            for g, group in enumerate(first["param_groups"]):
-                group["params"] = [n for v in views for n in
-                                   (v.param_shapes[g] if g < len(v.param_shapes) else [])]
+            first = max(views, key=lambda v: len(v.param_shapes)).training_state()
+            hypers = [_hyper_key(g) for g in first["param_groups"]]
+            lists = [[] for _ in hypers]
+            for v in views:
+                # DeepSpeed drops a stage's empty groups: match the others by hyper-parameters
+                for gl, group in enumerate(v.training_state()["param_groups"]):
+                    h = _hyper_key(group)
+                    g = hypers.index(h) if hypers.count(h) == 1 else gl
+                    lists[g].extend(group["params"])
+            for group, names in zip(first["param_groups"], lists):
+                group["params"] = names
             out.update({k: first[k] for k in ("step", "param_groups", "lr_scheduler",
                                               "loss_scale", "clip_grad", "zero_stage")})
             out["iteration"] = it
@@ -260,6 +274,10 @@ class NeoxSource(RefSource):
 
 
 Source = NeoxSource
+
+
+def _hyper_key(group: dict) -> str:
+    return repr(sorted((k, repr(v)) for k, v in group.items() if k != "params"))
 
 
 def _allow_open_files(n: int) -> None:
@@ -278,32 +296,210 @@ def _allow_open_files(n: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
 
 
+# -- the pipeline stages: which layer positions each stage's PipelineModule holds --------------
+# NeoX's GPT2ModelPipe layer list (the positions the spec's ``neox`` layouts use): the
+# embedding, a parameter-free function, the L transformer layers, a function, the final norm,
+# the head. These are the class names DeepSpeed's "type:REGEX" partitioning matches.
+_PIPE_CLASSES = ("EmbeddingPipe", None, "ParallelTransformerLayerPipe", None, "NormPipe",
+                 "ParallelLinearPipe")
+DEFAULT_PARTITION = "type:transformer|mlp"      # NeoX's pipe_partition_method default
+
+
+def layer_classes(n_layers: int) -> list:
+    """The class name of every position of a NeoX pipeline of ``n_layers`` positions (None
+    for the parameter-free functions)."""
+    blocks = n_layers - 5
+    if blocks < 1:
+        raise MapcError(f"a NeoX pipeline has at least 6 layer positions, not {n_layers}")
+    e, f1, b, f2, norm, head = _PIPE_CLASSES
+    return [e, f1] + [b] * blocks + [f2, norm, head]
+
+
+def partition_uniform(n: int, parts: int) -> list[int]:
+    """Stage boundaries of ``n`` layers cut as evenly as possible, the first stages one
+    larger (DeepSpeed's partition_uniform)."""
+    if n <= parts:
+        return [min(p, n) for p in range(parts + 1)]
+    chunk, extra = divmod(n, parts)
+    return [p * chunk + min(p, extra) for p in range(parts + 1)]
+
+
+def partition_balanced(weights: list, parts: int) -> list[int]:
+    """Stage boundaries that make the stages' weight sums as even as possible: the
+    cut minimising (largest sum - smallest sum) over contiguous non-empty stages, found by
+    dynamic programming over (prefix, stages); among equal costs the last cut point wins.
+    This is the rule DeepSpeed's PipelineModule applies (runtime/utils.py partition_balanced),
+    so mapc's stages hold what DeepSpeed's would."""
+    n = len(weights)
+    if n <= parts:
+        return partition_uniform(n, parts)
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    # best[j][i] = (cost, largest, smallest, cut) for the first i layers in j stages
+    best = [[(inf, inf, inf, 0)] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = (0, 0, inf, 0)
+    for i in range(1, n + 1):
+        for j in range(1, min(i, parts) + 1):
+            cur = best[j][i]
+            for k in range(j - 1, i):
+                _, hi, lo, _ = best[j - 1][k]
+                if hi == inf:
+                    continue
+                s = prefix[i] - prefix[k]
+                top, bottom = max(hi, s), min(lo, s)
+                if top - bottom <= cur[0]:
+                    cur = (top - bottom, top, bottom, k)
+            best[j][i] = cur
+    cuts = [n]
+    for j in range(parts, 0, -1):
+        cuts.append(best[j][cuts[-1]][3])
+    return cuts[::-1]
+
+
+def stage_bounds(n_layers: int, pp: int, method: str | None) -> list[int]:
+    """The first position of every stage (and n_layers last) for pipe_partition_method."""
+    method = (method or DEFAULT_PARTITION).strip()
+    if method.lower() == "uniform":
+        return partition_uniform(n_layers, pp)
+    if method.lower().startswith("type:"):
+        rx = re.compile(method.split(":", 1)[1], re.IGNORECASE)
+        weights = [1 if c and rx.search(c) else 0 for c in layer_classes(n_layers)]
+        if any(weights):
+            return partition_balanced(weights, pp)
+    raise MapcError(f"pipe_partition_method {method!r} is not supported for writing optimizer "
+                    f"state", hint="use 'type:transformer|mlp' (NeoX's default) or 'uniform'")
+
+
 class NeoxWriter(Writer):
     """Layer files by (position, tp rank), streamed: a file is finished as soon as its last
-    tensor arrives, so only the files of the units in flight are open."""
+    tensor arrives, so only the files of the units in flight are open. When the source has
+    optimizer state (or --with-optimizer asks for a fresh one), one ZeRO stage-1 optimizer per
+    model-parallel rank (pipeline stage, tp rank) over the parameters that stage holds, each
+    partitioned over ``dp`` ranks (runtime/containers/zero.py: scratch files, nothing held in
+    memory). A weights-only source gives weights only (NeoX builds its own optimizer with
+    ``no_load_optim``), as the ``megatron`` writer does."""
 
-    def __init__(self, tmpdir, topology: dict, meta: dict, dp: int | None, dst: str | None):
+    slots = ("param", "master", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, tmpdir, program, resolved, options):
         super().__init__(tmpdir)
+        topology = program.target.mesh
         self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1)
-        self.meta = meta
-        self.dp = dp or 1
-        self.dst = dst
+        self.meta = program.target.meta()
+        self.program = program
+        self.source = resolved.source
+        self.notes = resolved.warnings
+        self.dst = options.get("dst")
+        have = set(self.source.slots())
+        self.optim = {"exp_avg", "exp_avg_sq"} <= have or bool(options.get("with_optimizer"))
+        if not self.optim:
+            self.slots = ("param",)
+        rs = _zero().ResumeState(self.source, options, self.notes if self.optim else [], "neox")
+        self.resume, ts, self.ts, self.src_dp, self.dp = rs, rs.ts, rs.ts, rs.src_dp, rs.dp
+        self.has_ds_settings, self.cfg, stage = rs.has_settings, rs.cfg, rs.stage
         self.expected: dict[tuple, list[str]] = {}
         self.open: dict[tuple, tuple] = {}
         self.tag = None
+        if stage is not None and int(stage) > 1:
+            raise MapcError(f"the source trained with ZeRO stage {stage}; DeepSpeed pipelines "
+                            f"train with ZeRO stage 0 or 1", where=str(self.source.path))
+        if self.optim and ((stage is None and not rs.fresh) or stage == 0):
+            self.notes.append(f"the source carries {'no' if stage is None else 'a stage 0'} "
+                              f"ZeRO optimizer: the neox checkpoint gets ZeRO stage 1 "
+                              f"optimizer files at dp={self.dp}")
+        self.stage = 1
+        self.fresh, self.step = rs.fresh, rs.step
+        self.incoming: set[str] = set()
+        self._upcast_noted = False
+        groups = ts.get("param_groups") or []
+        if not self.optim:
+            self.group_of, self.hyper = None, []
+        elif groups and not self.fresh:
+            self.group_of = {(dict(c).get("tp", 0), n): g for (c, n), g in
+                             program.target_groups([list(pg.get("params") or [])
+                                                    for pg in groups]).items()}
+            self.hyper = [_zero().hyper(pg) for pg in groups]
+        else:
+            self.group_of = None      # NeoX's groups, decided in begin() from the shapes
+            wd = self.meta.get("weight_decay")
+            wd = 0.01 if wd is None else float(wd)
+            base = dict(_zero().ADAMW_DEFAULTS, weight_decay=wd)
+            if self.meta.get("lr") is not None:
+                base["lr"] = float(self.meta["lr"])
+            self.hyper = [base] if wd == 0.0 else [base, dict(base, weight_decay=0.0)]
+            self.notes.append(f"the optimizer param groups are NeoX's (weight decay {wd} for "
+                              f"matrices, none for norms and biases) with torch AdamW's other "
+                              f"defaults; NeoX's load_checkpoint applies your config's values")
 
     def begin(self, tensors):
+        z = _zero()
+        shapes, dtypes = {}, set()
         for coord, name, shape, dt in tensors:
             head, _, key = name.partition(".")
             if not head.isdigit() or not key:
                 raise MapcError(f"internal: {name!r} is not a pipeline state-dict name "
                                 "('<position>.<key>')")
-            file = (int(head), dict(coord).get("tp", 0))
+            t = dict(coord).get("tp", 0)
+            file = (int(head), t)
             self.expected.setdefault(file, []).append(key)
+            shapes[(t, name)] = tuple(shape)
+            dtypes.add(dt)
         _allow_open_files(len(self.expected) + 64)
+        self.shapes = shapes
+        self.zero, self.hyper_of = {}, {}
+        if self.optim:
+            self._plan_optimizers(dtypes)
+
+    def _plan_optimizers(self, dtypes):
+        """One ZeroOptimizer per (stage, tp rank) over the parameters its stage holds."""
+        z = _zero()
+        shapes = self.shapes
+        if len(dtypes) != 1 or next(iter(dtypes)) not in z.TRAINING_DTYPES:
+            raise MapcError(f"a DeepSpeed pipeline is trained in one dtype, fp32 or bf16; the "
+                            f"weights to write are {', '.join(sorted(dtypes))}",
+                            hint="pass --dtype fp32 or --dtype bf16")
+        self.dtype = next(iter(dtypes))
+        self.cfg, self.kind = z.training_config(self.cfg, self.has_ds_settings, self.src_dp,
+                                                self.dp, self.stage, self.dtype, self.notes,
+                                                "the resume config (configs/mapc_neox.yml)")
+        n_layers = max(p for p, _ in self.expected) + 1
+        self.partition = self.meta.get("pipe_partition_method") or \
+            (getattr(self.source, "format_meta", None) or {}).get("pipe_partition_method")
+        bounds = stage_bounds(n_layers, self.pp, self.partition)
+        self.stage_of = {p: s for s in range(self.pp) for p in range(bounds[s], bounds[s + 1])}
+        group_of = self.group_of
+        if group_of is None:
+            group_of = {k: 0 if len(s) > 1 or len(self.hyper) == 1 else 1
+                        for k, s in shapes.items()}
+        for s in range(self.pp):
+            for t in range(self.tp):
+                held = [(p, key) for (p, tt), keys in sorted(self.expected.items())
+                        if tt == t and self.stage_of[p] == s for key in keys]
+                members = [[] for _ in self.hyper]
+                for p, key in held:
+                    name = f"{p}.{key}"
+                    members[group_of[(t, name)]].append((name, prod(shapes[(t, name)])))
+                if not any(members):
+                    raise MapcError(f"pipeline stage {s} holds no parameters at pp={self.pp}",
+                                    hint="use a smaller --pp")
+                m = s * self.tp + t
+                # DeepSpeed drops a stage's empty param groups before building its optimizer
+                self.hyper_of[m] = [h for h, g in zip(self.hyper, members) if g]
+                self.zero[m] = z.ZeroOptimizer(self.dir / ".scratch" / f"mp{m}",
+                                               [g for g in members if g], self.dp, self.stage,
+                                               self.kind)
+
+    def begin_slot(self, slot, tensors):
+        self.incoming.add(slot)
 
     def _dir(self) -> Path:
         return self.dir / "global_step_pending"
+
+    def _zero_of(self, coord, name):
+        t = dict(coord).get("tp", 0)
+        return self.zero[self.stage_of[int(name.partition(".")[0])] * self.tp + t]
 
     def write(self, coord, name, arr):
         head, _, key = name.partition(".")
@@ -317,6 +513,15 @@ class NeoxWriter(Writer):
         if len(values) == len(self.expected[file]):
             w.finish(OrderedDict((k, values[k]) for k in self.expected[file]))
             self.open[file] = (None, values)
+        if self.optim and "master" not in self.incoming:
+            if arr.dtype != np.float32 and not self.fresh and not self._upcast_noted:
+                self._upcast_noted = True
+                self.notes.append(f"the source has no fp32 master weights: they are the "
+                                  f"{self.dtype} weights upcast to fp32")
+            self._zero_of(coord, name).scatter("master", name, np.asarray(arr, np.float32))
+
+    def write_slot(self, slot, coord, name, arr):
+        self._zero_of(coord, name).scatter(slot, name, arr)
 
     def finish(self, record: dict):
         training = record.get("training") or {}
@@ -327,25 +532,44 @@ class NeoxWriter(Writer):
         unfinished = [layer_file(*f) for f, (w, _) in self.open.items() if w is not None]
         if unfinished or len(self.open) != len(self.expected):
             raise MapcError(f"internal: layer files left incomplete: {unfinished[:3]}")
-        ds_config = training.get("ds_config") or {}
+        ts = self.ts
+        clip, scale = self.resume.clip_and_scale(self.cfg)
+        prefix = "bf16_" if getattr(self, "dtype", "") == "bfloat16" else ""   # bf16_mode
+        samples = training.get("global_samples")
+        if samples is None:
+            samples = iteration * int(self.cfg.get("train_batch_size") or 0)
+        scheduler = ts.get("lr_scheduler") if self.source.format == "neox" else None
         for stage in range(self.pp):
             for t in range(self.tp):
+                m = stage * self.tp + t
+                zero = self.zero.get(m)
+                param_shapes = None
+                if zero is not None:
+                    for r in range(self.dp):
+                        name = f"{prefix}zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt"
+                        zero.write_rank(d / name, r, hyper_params=self.hyper_of[m],
+                                        step=self.step, clip=clip, scale=scale,
+                                        ds_config=self.cfg)
+                    param_shapes = zero.param_shapes(
+                        {n: self.shapes[(t, n)] for f in zero.flats for n in f.names})
+                    zero.remove()
                 state = {
                     "module": None, "buffer_names": [], "optimizer": None,
-                    "param_shapes": None, "frozen_param_shapes": None, "shared_params": None,
-                    "frozen_param_fragments": None, "lr_scheduler": None,
+                    "param_shapes": param_shapes, "frozen_param_shapes": None,
+                    "shared_params": {}, "frozen_param_fragments": None,
+                    "lr_scheduler": scheduler,
                     "data_sampler": None, "random_ltd": None, "skipped_steps": 0,
-                    "global_steps": iteration,
-                    "global_samples": int(training.get("global_samples") or 0),
+                    "global_steps": iteration, "global_samples": int(samples),
                     "dp_world_size": self.dp, "mp_world_size": self.tp * self.pp,
                     "checkpoint_parallel_dimensions": {"pp_degree": self.pp,
                                                        "tp_degree": self.tp},
-                    "ds_config": ds_config, "ds_version": "mapc",
+                    "ds_config": self.cfg, "ds_version": _zero().DS_VERSION,
                     "iteration": iteration,
                     "args": {k: v for k, v in self._args().items() if k in ARGS_KEYS},
                 }
                 w = torchfile.TorchWriter(d / mp_file(stage, t, self.tp))
                 w.finish(state)
+        shutil.rmtree(self.dir / ".scratch", ignore_errors=True)
         d.rename(self.dir / self.tag)
         (self.dir / LATEST).write_text(self.tag)
         configs = self.dir / "configs"
@@ -355,10 +579,20 @@ class NeoxWriter(Writer):
         write_json(self.dir / MAPC_JSON, dict(record, meta=self.meta))
 
     def _args(self) -> dict:
+        """The NeoX config to resume with: the source's, at the new sizes, batch settings
+        keeping the global batch at the new data-parallel size, loading this checkpoint."""
         args = dict(self.meta)
         args.update(model_parallel_size=self.tp, pipe_parallel_size=self.pp,
-                    # the checkpoint carries no optimizer state or RNG states (yet)
-                    no_load_optim=True, no_load_rng=True)
+                    no_load_optim=not self.optim, no_load_rng=True)
+        if self.optim:
+            args["zero_optimization"] = dict(args.get("zero_optimization") or {},
+                                             stage=self.stage)
+        if getattr(self, "partition", None):
+            args["pipe_partition_method"] = self.partition
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                    "gradient_accumulation_steps"):
+            if self.cfg.get(key) is not None:
+                args[key] = self.cfg[key]
         if self.dst:
             args.update(load=str(Path(self.dst).absolute()), save=str(Path(self.dst).absolute()))
         return args
@@ -367,8 +601,14 @@ class NeoxWriter(Writer):
         for w, _ in self.open.values():
             if w is not None:
                 w.abort()
+        for z in getattr(self, "zero", {}).values():
+            z.remove()
+
+
+def _zero():
+    from mapc.runtime.containers import zero
+    return zero
 
 
 def make_writer(tmpdir, program, resolved, options):
-    return NeoxWriter(tmpdir, program.target.mesh, program.target.meta(), options.get("dp"),
-                      options.get("dst"))
+    return NeoxWriter(tmpdir, program, resolved, options)

@@ -19,7 +19,6 @@ torch nor DeepSpeed is imported.
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections import OrderedDict, deque
@@ -31,16 +30,16 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
-from mapc.runtime.containers import deepspeed as _ds  # noqa: F401  (its pickle globals)
-from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, read_record, write_json
+from mapc.runtime.containers import deepspeed as _ds   # its pickle globals and ModuleSource
+from mapc.runtime.containers.zero import (DS_VERSION, LossScaler as _LOSS_SCALER,
+                                          partition_size, stage12_header, torch_size,
+                                          zero_stage as _zero_stage_value)
+from mapc.runtime.containers.base import MAPC_JSON, Writer, read_record, write_json
 
 LAYOUT = "hf"
 SINGLE = ()
 LATEST = "latest_universal"
-DS_VERSION = "0.19.8"       # the DeepSpeed version whose files mapc writes (and was tested with)
 
-_LOSS_SCALER = torchfile.register_record_type("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
-_ZERO_STAGE_ENUM = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
 _IN_FLIGHT = 4           # per-parameter files queued for the writer threads
 _STATE_FILES = {"master": "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 
@@ -73,9 +72,8 @@ def _load(path: Path, what: str):
 
 
 # ---- reading -------------------------------------------------------------------------------------
-class UniversalSource(Source):
+class UniversalSource(_ds.ModuleSource):
     format = "universal"
-    layout = LAYOUT
 
     def __init__(self, path):
         super().__init__(path)
@@ -110,46 +108,14 @@ class UniversalSource(Source):
             if not (self.zero / name).is_dir():
                 raise MapcError(f"zero/{name}/ is missing (the model states list {name})",
                                 where=str(self.udir), hint="copy the complete checkpoint")
-        self.config = self.record.get("config") or self._config_json()
+        self.config = self.record.get("config") or \
+            _ds.config_json((self.udir, self.udir.parent, self.udir.parent.parent))
         self.format_meta = self.config or {}
         self.saved_dp = self.model_states.get("dp_world_size")   # loads at any dp
 
-    def _config_json(self):
-        for d in (self.udir, self.udir.parent, self.udir.parent.parent):
-            f = d / "config.json"
-            if f.is_file():
-                try:
-                    return json.loads(f.read_text())
-                except ValueError as e:
-                    raise MapcError(f"corrupt config.json: {e}", where=str(f)) from None
-        return None
-
-    def slots(self):
-        return ["param", "master", "exp_avg", "exp_avg_sq"]
-
-    def coords(self):
-        return [SINGLE]
-
-    def names(self, coord=SINGLE):
-        # the module's own order (state_dict order) first, as DeepSpeedSource: a writer keeps it
-        return [n for n in self.module if n in self.shapes] + \
-            [n for n in self.shapes if n not in self.module]
-
-    def _known(self, name):
-        try:
-            return self.shapes[name]
-        except KeyError:
-            raise MapcError(f"parameter {name} is not in the checkpoint",
-                            where=str(self.udir)) from None
-
-    def shape(self, name, coord=SINGLE):
-        return self._known(name)
-
-    def dtype(self, name, coord=SINGLE, slot="param"):
-        self._known(name)
-        if slot == "param" and name in self.module:
-            return self.module[name].dtype
-        return "float32"
+    @property
+    def home(self):
+        return self.udir
 
     def _state(self, name, slot):
         f = self.zero / name / f"{_STATE_FILES[slot]}.pt"
@@ -231,10 +197,6 @@ Source = UniversalSource
 # ---- writing -------------------------------------------------------------------------------------
 def make_writer(tmpdir, program, resolved, options):
     return UniversalWriter(tmpdir, program, resolved, options)
-
-
-def _zero_stage_value(stage: int):
-    return torchfile.Call(*_ZERO_STAGE_ENUM, (int(stage),))
 
 
 class UniversalWriter(Writer):
@@ -426,7 +388,7 @@ class UniversalWriter(Writer):
     def _finish_model_states(self, record):
         shapes = {name: shape for name, shape, _ in self.tensors}
         groups = self._group_names()
-        param_shapes = [OrderedDict((n, _TorchSize(shapes[n])) for n in g) for g in groups]
+        param_shapes = [OrderedDict((n, torch_size(shapes[n])) for n in g) for g in groups]
         steps = int(self.training.get("iteration") or 0)
         dtypes = set(self.dtypes.values())
         ds_config = self.training.get("ds_config") or {
@@ -518,28 +480,14 @@ class UniversalWriter(Writer):
                 ("param_groups", pgs),
             ])
         paddings = []
-        for names in groups:
+        for names in groups:                                   # rank 0's padding
             n = sum(math.prod(shapes[x]) for x in names)
-            a = 2 * self.dp
-            part = -(-n // a) * a // self.dp
-            paddings.append(min(max(part - n, 0), part))      # rank 0's padding
-        return dict([
-            ("loss_scaler", scaler),
-            ("dynamic_loss_scale", False),
-            ("overflow", False),
-            ("clip_grad", clip),
-            ("zero_stage", _zero_stage_value(self.stage)),
-            ("group_paddings", paddings),
-            ("param_alignment_paddings", [[0] * len(names) for names in groups]),
-            ("partition_count", [self.dp] * len(groups)),
-            ("ds_version", DS_VERSION),
-            ("param_groups", pgs),
-        ])
-
-
-def _TorchSize(dims):
-    """Written as ``torch.Size(dims)``, as DeepSpeed records ``param_shapes``."""
-    return torchfile.Call("torch", "Size", (tuple(int(d) for d in dims),))
+            part = partition_size(n, self.dp)
+            paddings.append(min(max(part - n, 0), part))
+        out = stage12_header(paddings, [len(names) for names in groups], self.dp, self.stage,
+                             clip, scaler.cur_scale)
+        out["param_groups"] = pgs
+        return out
 
 
 def _plain(obj):

@@ -1,0 +1,352 @@
+"""One DeepSpeed ZeRO optimizer, written: the flat param groups of one model-parallel rank's
+parameters, partitioned over the data-parallel ranks.
+
+Shared by every writer of DeepSpeed optimizer files: ``deepspeed`` (one model-parallel rank),
+``neox`` (one per pipeline stage and tensor-parallel rank) and ``universal`` (the stage 1/2
+header of its ``optimizer_state.pt``). The partition formulas are in
+docs/formats/deepspeed.md. Every arriving optimizer tensor (fp32 master, Adam moments) is
+scattered at once into per-rank scratch files (sparse, zero-filled, written with ``pwrite``,
+never mapped, opened only while a piece is written) at the offsets the partitioning gives it; :meth:`ZeroOptimizer.write_rank` copies
+a rank's flat partitions from there into its ``.pt`` file, one flat tensor mapped at a time.
+Resident memory: the tensor being scattered, or one flat partition.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from mapc.runtime import torchfile
+
+DS_VERSION = "0.19.8"       # the DeepSpeed version whose files mapc writes (and was tested with)
+ZERO_STAGE_ENUM = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
+OPTIM_SLOTS = ("master", "exp_avg", "exp_avg_sq")
+DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
+# torch.optim.AdamW's param_group keys and defaults (torch 2.x), for groups a source lacks
+ADAMW_DEFAULTS = {"weight_decay": 0.01, "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
+                  "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                  "differentiable": False, "fused": None, "decoupled_weight_decay": True}
+
+LossScaler = torchfile.register_record_type("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
+FragmentAddress = torchfile.register_record_type("deepspeed.utils.tensor_fragment",
+                                                 "fragment_address")
+
+
+def zero_stage(stage: int) -> torchfile.Call:
+    """Pickled as DeepSpeed's ``ZeroStageEnum(stage)``."""
+    return torchfile.Call(*ZERO_STAGE_ENUM, (int(stage),))
+
+
+def torch_size(shape) -> torchfile.Call:
+    """Pickled as ``torch.Size(shape)``, as DeepSpeed records ``param_shapes``."""
+    return torchfile.Call("torch", "Size", (tuple(int(d) for d in shape),))
+
+
+def hyper(group) -> dict:
+    """A torch AdamW param group's hyper-parameters (no params), completed with its defaults."""
+    out = {k: v for k, v in dict(group).items() if k != "params"}
+    for k, v in ADAMW_DEFAULTS.items():
+        out.setdefault(k, v)
+    if isinstance(out.get("betas"), list):
+        out["betas"] = tuple(out["betas"])
+    return out
+
+
+def partition_size(total: int, dp: int) -> int:
+    """P_g: each rank's share of a stage 1/2 group of ``total`` elements (DeepSpeed aligns the
+    flattened group to 2 * dp elements: nccl_start_alignment_factor 2)."""
+    align = 2 * dp
+    return -(-total // align) * align // dp
+
+
+def stage12_header(paddings, counts, dp: int, stage: int, clip: float, scale: float) -> dict:
+    """The entries of a stage 1/2 ``optimizer_state_dict`` (DeepSpeedZeroOptimizer) before its
+    per-rank tensors; ``counts`` the number of params per group."""
+    return {"loss_scaler": LossScaler(cur_scale=float(scale), dynamic=False),
+            "dynamic_loss_scale": False, "overflow": False, "clip_grad": float(clip),
+            "zero_stage": zero_stage(stage), "group_paddings": list(paddings),
+            "param_alignment_paddings": [[0] * n for n in counts],
+            "partition_count": [dp] * len(counts), "ds_version": DS_VERSION}
+
+
+TRAINING_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def training_config(cfg: dict, has_settings: bool, src_dp: int, dp: int, stage: int, dtype: str,
+                    notes: list, where: str = "ds_config.json") -> tuple[dict, str]:
+    """The DeepSpeed config to resume with at ``dp`` ranks (batch settings kept, ZeRO stage,
+    bf16 or fp32), and the ZeRO optimizer kind DeepSpeed builds from it ("zero", "bf16" or
+    "stage3"). ``cfg`` is modified; what changed is appended to ``notes``, which call the
+    written config ``where``."""
+    from mapc.errors import MapcError
+    from mapc.runtime.resume import rebatch
+    if not has_settings:
+        cfg.update({"train_batch_size": dp, "train_micro_batch_size_per_gpu": 1,
+                    "gradient_accumulation_steps": 1,
+                    "zero_optimization": {"stage": stage},
+                    "zero_allow_untested_optimizer": True})
+        notes.append(f"the source carries no DeepSpeed config: {where} is a minimal "
+                     f"one (ZeRO stage {stage}, {TRAINING_DTYPES[dtype]}, micro "
+                     f"batch 1 per GPU, no accumulation); edit it before resuming")
+    else:
+        cfg, batch_notes = rebatch(cfg, src_dp, dp)
+        notes.extend(batch_notes)
+        cfg.setdefault("zero_optimization", {})["stage"] = stage
+    for key in ("fp16",):
+        if (cfg.get(key) or {}).get("enabled"):
+            raise MapcError("fp16 DeepSpeed training keeps a dynamic loss scaler that mapc "
+                            "does not write", hint="pass --dtype bf16 or --dtype fp32")
+    was_bf16 = bool((cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled"))
+    is_bf16 = dtype == "bfloat16"
+    if is_bf16:
+        cfg.pop("bfloat16", None)
+        cfg.setdefault("bf16", {})["enabled"] = True
+    else:
+        for key in ("bf16", "bfloat16"):
+            if key in cfg:
+                cfg[key] = dict(cfg[key], enabled=False)
+    if has_settings and was_bf16 != is_bf16:
+        notes.append(f"the training dtype changes from {'bf16' if was_bf16 else 'fp32'} to "
+                     f"{TRAINING_DTYPES[dtype]} (the weights written are "
+                     f"{dtype}); {where} says so")
+    ckpt = cfg.get("checkpoint")
+    if isinstance(ckpt, dict) and ckpt.get("load_universal"):
+        cfg["checkpoint"] = {k: v for k, v in ckpt.items() if k != "load_universal"} or None
+        if cfg["checkpoint"] is None:
+            del cfg["checkpoint"]
+        notes.append(f"{where} drops checkpoint.load_universal: the output is a native "
+                     f"checkpoint")
+    accum = str((cfg.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+    kind = "stage3" if stage == 3 else (
+        "bf16" if is_bf16 and stage == 1 and accum in ("fp32", "float32") else "zero")
+    return cfg, kind
+
+
+def plain(obj):
+    """A config from a pickle (records, tuples) as JSON-able plain values."""
+    if isinstance(obj, dict) or hasattr(obj, "items"):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+class ResumeState:
+    """What a writer of DeepSpeed optimizer files takes from its source: the training state
+    (``ts``), the data-parallel sizes (``src_dp``, ``dp`` from --dp), a plain copy of the
+    DeepSpeed config (``cfg``, empty when the source has none: ``has_settings``), the source's
+    ZeRO stage (``stage``, None when unknown), whether the optimizer is ``fresh`` (the source
+    has no Adam moments; noted in ``notes``) and its ``step``."""
+
+    def __init__(self, source, options: dict, notes: list, what: str):
+        import json
+        from mapc.errors import MapcError
+        ts = dict(source.training_state() or {})
+        self.ts = ts
+        self.src_dp = int(ts.get("dp_world_size") or 1)
+        dp = options.get("dp")
+        if dp is not None and (not isinstance(dp, int) or dp < 1):
+            raise MapcError(f"--dp {dp!r} must be a positive integer")
+        self.dp = dp or self.src_dp
+        cfg = ts.get("ds_config")
+        self.has_settings = isinstance(cfg, dict) and bool(cfg)
+        self.cfg = json.loads(json.dumps(plain(cfg))) if self.has_settings else {}
+        stage = options.get("zero_stage") or ts.get("zero_stage")     # --zero-stage first
+        if stage is None:
+            stage = (self.cfg.get("zero_optimization") or {}).get("stage")
+        self.stage = None if stage is None else int(stage)
+        self.fresh = not {"exp_avg", "exp_avg_sq"} <= set(source.slots())
+        if self.fresh:
+            notes.append(f"the source has no optimizer state: the {what} checkpoint gets a "
+                         f"fresh optimizer (fp32 master = the weights, zero Adam moments, "
+                         f"step 0)")
+        self.step = float(ts["step"]) if ts.get("step") is not None and not self.fresh else 0.0
+
+    def clip_and_scale(self, cfg: dict) -> tuple[float, float]:
+        """The gradient clipping and (static) loss scale to write: the source's, else the
+        config's clipping and scale 1."""
+        ts = self.ts
+        clip = ts.get("clip_grad") if not self.fresh else None
+        if clip is None:
+            clip = float(cfg.get("gradient_clipping", 1.0))
+        scale = ts.get("loss_scale") if not self.fresh else None
+        return float(clip), 1.0 if scale is None else float(scale)
+
+
+class Flat:
+    """One flat optimizer tensor per rank: a ZeRO 1/2 param group, or a stage-3 sub-group.
+
+    ``length`` elements on every rank; ``base`` its offset in the rank's scratch file;
+    ``at[name] = offset``: the param's offset in the group's flattened order (stages 1/2) or
+    in every rank's partition (stage 3)."""
+
+    def __init__(self, group, names, numels, dp, stage3):
+        self.group, self.names, self.numels = group, names, numels
+        self.numel_of = dict(zip(names, numels))
+        self.total = sum(numels)
+        self.at = {}
+        off = 0
+        for name, n in zip(names, numels):
+            self.at[name] = off
+            off += -(-n // dp) if stage3 else n
+        self.length = off if stage3 else partition_size(self.total, dp)   # F_s or P_g
+        self.base = 0
+
+    def pieces(self, name, dp, stage3):
+        """(rank, element range in the flattened param, offset in the rank's flat tensor)."""
+        n = self.numel_of[name]
+        off = self.at[name]
+        if stage3:
+            part = -(-n // dp)
+            for r in range(dp):
+                lo, hi = r * part, min(n, (r + 1) * part)
+                if lo < hi:
+                    yield r, lo, hi, off
+        else:
+            P = self.length
+            for r in range(dp):
+                lo, hi = max(off, r * P), min(off + n, (r + 1) * P)
+                if lo < hi:
+                    yield r, lo - off, hi - off, lo - r * P
+
+    def padding(self, r):
+        """Padding elements inside rank r's partition (stages 1/2)."""
+        return max(0, min(self.length, (r + 1) * self.length - self.total))
+
+
+class ZeroOptimizer:
+    """The ZeRO optimizer of one model-parallel rank.
+
+    ``groups``: per param group, the ``(name, numel)`` of its params in DeepSpeed's flat
+    order. ``kind``: "zero" (DeepSpeedZeroOptimizer, stages 1/2), "bf16" (BF16_Optimizer) or
+    "stage3". Call :meth:`scatter` for every param and slot, then :meth:`write_rank` per
+    data-parallel rank, then :meth:`remove`. Between calls no file is open."""
+
+    def __init__(self, scratch: Path, groups, dp: int, stage: int, kind: str,
+                 sub_group_size: int = DEFAULT_SUB_GROUP_SIZE):
+        self.dp, self.stage, self.kind = dp, stage, kind
+        stage3 = stage == 3
+        self.flats: list[Flat] = []
+        self.subgroups: list[list[int]] = []
+        for g, members in enumerate(groups):
+            names = [n for n, _ in members]
+            numels = [k for _, k in members]
+            if not stage3:
+                self.subgroups.append([len(self.flats)])
+                self.flats.append(Flat(g, names, numels, dp, False))
+                continue
+            mine, cur, run = [], [], 0          # stage 3: cut into sub-groups
+            for i, k in enumerate(numels):
+                cur.append(i)
+                run += -(-k // dp)
+                if run >= sub_group_size or i == len(names) - 1:
+                    mine.append(len(self.flats))
+                    self.flats.append(Flat(g, [names[j] for j in cur],
+                                           [numels[j] for j in cur], dp, True))
+                    cur, run = [], 0
+            self.subgroups.append(mine)
+        self.flat_of = {n: f for f in self.flats for n in f.names}
+        base = 0
+        for f in self.flats:
+            f.base = base
+            base += f.length
+        self.rank_len = base
+        self.scratch = Path(scratch)
+        self.scratch.mkdir(parents=True)
+        for slot in OPTIM_SLOTS:
+            for r in range(dp):
+                with open(self.scratch / f"{slot}.{r}", "wb") as fh:
+                    fh.truncate(self.rank_len * 4)   # sparse: reads as zeros (the padding)
+
+    def scatter(self, slot, name, arr):
+        """Write every rank's piece of ``name`` in ``slot``. Files are opened per piece, so
+        a writer with many model-parallel and data-parallel ranks holds no descriptors."""
+        flat = np.asarray(arr, dtype=np.float32).reshape(-1)
+        f = self.flat_of[name]
+        for r, lo, hi, at in f.pieces(name, self.dp, self.stage == 3):
+            fd = os.open(self.scratch / f"{slot}.{r}", os.O_WRONLY)
+            try:
+                _pwrite_all(fd, np.ascontiguousarray(flat[lo:hi]), (f.base + at) * 4)
+            finally:
+                os.close(fd)
+
+    def remove(self):
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _slice(self, slot, r, f, length=None):
+        """Rank r's flat tensor of ``f`` in ``slot``, mapped from the scratch file (unmapped
+        when the caller drops it)."""
+        n = f.length if length is None else length
+        if n == 0:
+            return np.zeros(0, np.float32)
+        return np.memmap(self.scratch / f"{slot}.{r}", np.float32, mode="r",
+                         offset=f.base * 4, shape=(n,))
+
+    def param_shapes(self, shapes: dict) -> list:
+        """The model states' ``param_shapes``: per flat group (a stage 3 sub-group), name ->
+        torch.Size."""
+        return [OrderedDict((n, torch_size(shapes[n])) for n in f.names) for f in self.flats]
+
+    def write_rank(self, path: Path, r: int, *, hyper_params, step, clip, scale, ds_config):
+        """Data-parallel rank r's optimizer file at ``path``."""
+        with torchfile.TorchWriter(path) as w:
+            osd = self._optim_state(w, r, hyper_params, float(step), float(clip), float(scale))
+            w.finish({"optimizer_state_dict": osd, "ds_config": ds_config,
+                      "ds_version": DS_VERSION})
+
+    def _optim_state(self, w, r, hyper_params, step, clip, scale):
+        dp, ngroups = self.dp, len(self.subgroups)
+        state, fp32 = {}, []
+        for s, f in enumerate(self.flats):
+            st = {"step": w.add_tensor(np.array(step, np.float32))}
+            for slot in ("exp_avg", "exp_avg_sq"):
+                st[slot] = w.add_tensor(self._slice(slot, r, f))
+            state[s] = st
+            keep = f.length - f.padding(r) if self.kind == "zero" else f.length
+            fp32.append(w.add_tensor(self._slice("master", r, f, keep), requires_grad=True))
+        param_groups = [dict(hyper_params[g], params=list(self.subgroups[g]))
+                        for g in range(ngroups)]
+        torch_state = {"state": state, "param_groups": param_groups}
+        if self.kind == "stage3":
+            return {"zero_stage": zero_stage(3),
+                    "loss_scaler": LossScaler(cur_scale=scale, dynamic=False),
+                    "dynamic_loss_scale": False, "overflow": False,
+                    "partition_count": dp, "optimizer_state_dict": torch_state,
+                    "fp32_flat_groups": fp32}
+        mappings = []
+        for f in self.flats:
+            m = OrderedDict()
+            for name in f.names:
+                for rr, lo, hi, at in f.pieces(name, dp, False):
+                    if rr == r:
+                        m[name] = FragmentAddress(numel=hi - lo, start=at)
+            mappings.append(m)
+        if self.kind == "bf16":
+            return {"clip_grad": clip, "base_optimizer_state": torch_state,
+                    "single_partition_of_fp32_groups": fp32,
+                    "group_paddings": [(f.length * dp - f.total) if r == dp - 1 else 0
+                                       for f in self.flats],
+                    "partition_count": [dp] * ngroups, "ds_version": DS_VERSION,
+                    "param_slice_mappings": mappings}
+        out = stage12_header([f.padding(r) for f in self.flats],
+                             [len(f.names) for f in self.flats], dp, self.stage, clip, scale)
+        out.update(base_optimizer_state=torch_state, single_partition_of_fp32_groups=fp32,
+                   param_slice_mappings=mappings)
+        # DeepSpeed's own key order
+        order = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad",
+                 "base_optimizer_state", "single_partition_of_fp32_groups", "zero_stage",
+                 "group_paddings", "param_alignment_paddings", "partition_count",
+                 "ds_version", "param_slice_mappings")
+        return {k: out[k] for k in order}
+
+
+def _pwrite_all(fd, arr: np.ndarray, offset: int) -> None:
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
