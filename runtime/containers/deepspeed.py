@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections import OrderedDict
 from math import prod
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers.hf_trainer import module_order
 from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
-from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEFAULT_SUB_GROUP_SIZE, DS_VERSION,
-                                          OPTIM_SLOTS, TRAINING_DTYPES, ZeroOptimizer,
+from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEFAULT_SUB_GROUP_SIZE,
+                                          OPTIM_SLOTS, model_states, TRAINING_DTYPES, ZeroOptimizer,
                                           ResumeState, hyper as _hyper,
                                           plain as _plain, training_config)
 
@@ -479,29 +478,10 @@ class DeepSpeedWriter(Writer):
         if samples is None:
             samples = self.iteration * batch
         scheduler = ts.get("lr_scheduler") if self.source.format == "deepspeed" else None
-        module = OrderedDict((n, self.module[n]) for n in self.module_order)
-        aliases = self.program.target.aliases    # tied weights, listed twice by the module
-        module.update((a, self.module[t]) for a, t in aliases.items())
-        states = {
-            "module": module,
-            "buffer_names": [],
-            "optimizer": None,
-            "param_shapes": self.zero.param_shapes(self.shapes),
-            "frozen_param_shapes": OrderedDict() if self.stage >= 2 else None,
-            "shared_params": dict(aliases),
-            "frozen_param_fragments": OrderedDict() if self.stage >= 2 else None,
-            "lr_scheduler": scheduler,
-            "data_sampler": None,
-            "random_ltd": None,
-            "skipped_steps": 0,
-            "global_steps": self.iteration,
-            "global_samples": int(samples),
-            "dp_world_size": self.dp,
-            "mp_world_size": 1,
-            "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1},
-            "ds_config": self.cfg,
-            "ds_version": DS_VERSION,
-        }
+        states = model_states(self.module, self.module_order, self.program.target.aliases,
+                              self.zero.param_shapes(self.shapes), self.stage,
+                              scheduler=scheduler, steps=self.iteration, samples=samples,
+                              dp=self.dp, ds_config=self.cfg)
         self.model_writer.finish(states)
         if stage3:   # every rank writes the same model states
             first = self.tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"

@@ -31,7 +31,7 @@ from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers import deepspeed as _ds   # its pickle globals and ModuleSource
-from mapc.runtime.containers.zero import (DS_VERSION, LossScaler as _LOSS_SCALER,
+from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, model_states,
                                           partition_size, stage12_header, torch_size,
                                           zero_stage as _zero_stage_value)
 from mapc.runtime.containers.base import MAPC_JSON, Writer, read_record, write_json
@@ -397,29 +397,11 @@ class UniversalWriter(Writer):
             **({"bf16": {"enabled": True}} if dtypes == {"bfloat16"} else {}),
             **({"fp16": {"enabled": True}} if dtypes == {"float16"} else {}),
         }
-        module = OrderedDict((n, self.module[n]) for n in self._module_order())
-        aliases = self.program.target.aliases    # tied weights, listed twice by the module
-        module.update((a, self.module[t]) for a, t in aliases.items())
-        ms = {
-            "module": module,
-            "buffer_names": [],
-            "optimizer": None,
-            "param_shapes": param_shapes,
-            "frozen_param_shapes": OrderedDict() if self.stage == 3 else None,
-            "shared_params": dict(aliases),
-            "frozen_param_fragments": OrderedDict() if self.stage == 3 else None,
-            "lr_scheduler": _plain(self.training.get("lr_scheduler")),
-            "data_sampler": None,
-            "random_ltd": None,
-            "skipped_steps": 0,
-            "global_steps": steps,
-            "global_samples": int(self.training.get("global_samples") or 0),
-            "dp_world_size": self.dp,
-            "mp_world_size": 1,
-            "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1},
-            "ds_config": _plain(ds_config),
-            "ds_version": DS_VERSION,
-        }
+        ms = model_states(self.module, self._module_order(), self.program.target.aliases,
+                          param_shapes, self.stage,
+                          scheduler=_plain(self.training.get("lr_scheduler")), steps=steps,
+                          samples=int(self.training.get("global_samples") or 0), dp=self.dp,
+                          ds_config=_plain(ds_config))
         self.models.finish(ms)
         if self.stage == 3:       # every rank writes its own (identical) copy
             for r in range(1, self.dp):

@@ -125,6 +125,36 @@ def training_config(cfg: dict, has_settings: bool, src_dp: int, dp: int, stage: 
     return cfg, kind
 
 
+def model_states(module: dict, order, aliases: dict, param_shapes: list, stage: int, *,
+                 scheduler, steps: int, samples: int, dp: int, ds_config: dict) -> dict:
+    """A DeepSpeed engine's model states file (``mp_rank_00_model_states.pt``, or every rank's
+    at stage 3), keys in DeepSpeed's order. ``module`` maps names to tensors (placeholders);
+    ``aliases`` (the spec's tied-weight names) are listed again, as the module's state_dict
+    does, and recorded in ``shared_params``."""
+    mod = OrderedDict((n, module[n]) for n in order)
+    mod.update((a, module[t]) for a, t in aliases.items())
+    return {
+        "module": mod,
+        "buffer_names": [],
+        "optimizer": None,
+        "param_shapes": param_shapes,
+        "frozen_param_shapes": OrderedDict() if stage >= 2 else None,
+        "shared_params": dict(aliases),
+        "frozen_param_fragments": OrderedDict() if stage >= 2 else None,
+        "lr_scheduler": scheduler,
+        "data_sampler": None,
+        "random_ltd": None,
+        "skipped_steps": 0,
+        "global_steps": steps,
+        "global_samples": int(samples),
+        "dp_world_size": dp,
+        "mp_world_size": 1,
+        "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1},
+        "ds_config": ds_config,
+        "ds_version": DS_VERSION,
+    }
+
+
 def plain(obj):
     """A config from a pickle (records, tuples) as JSON-able plain values."""
     if isinstance(obj, dict) or hasattr(obj, "items"):
