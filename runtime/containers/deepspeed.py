@@ -400,7 +400,9 @@ class DeepSpeedWriter(Writer):
         module_pos = {n: i for i, n in enumerate(module_order(list(placement)))}
         inf = len(self.src_order) + len(placement)
         order = sorted(placement, key=lambda n: (self.src_order.get(n, inf), module_pos[n]))
-        src_pos = {n: i for i, n in enumerate(self.src_names)}
+        # the module's state_dict order: a DeepSpeed-style source's own, else named_parameters()
+        src_pos = {n: i for i, n in enumerate(self.src_names)} \
+            if isinstance(self.source, ModuleSource) else {}
         self.module_order = sorted(placement, key=lambda n: (src_pos.get(n, inf), module_pos[n]))
         ngroups = len(self.hyper)
         group = {n: g for (_, n), g in self.group_of.items()}
