@@ -65,3 +65,16 @@ def test_like_dry_run_prints_the_program(tmp_path, template, capsys):
     out = capsys.readouterr().out
     assert "layer_norm_weight" in out and "tp=2" in out
     assert not (tmp_path / "out").exists()
+
+
+# ---- spec selection: match lines are read before a spec is compiled -----------------------------
+@pytest.mark.parametrize("text,config,expected", [
+    ('match model_type: "llama", "mistral"\n', {"model_type": "mistral"}, True),
+    ('match model_type: "llama", "mistral"  # comment\n', {"model_type": "qwen2"}, False),
+    ('match model_type: "gpt2"\n', {"architectures": ["X"]}, True),     # key absent: compile
+    ('family x\n', {"model_type": "anything"}, True),                    # no match line
+    ('match num_experts: 8\n', {"num_experts": 4}, True),               # not strings: compile
+])
+def test_match_lines_prefilter(text, config, expected):
+    from mapc.api import _may_match
+    assert _may_match(text, config) is expected
