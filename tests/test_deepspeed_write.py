@@ -412,3 +412,14 @@ def test_fp16_weights_are_refused_and_nothing_is_left(tmp_path):
     with pytest.raises(MapcError, match="--dtype"):
         mapc.convert(src, tmp_path / "ds", to="deepspeed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_missing_rank_file_is_named_and_nothing_is_written(make, tmp_path):
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(make("z1"), src)
+    (src / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(MapcError, match=r"rank\(s\) \[1\] are missing"):
+        mapc.convert(src, tmp_path / "out", to="deepspeed", dp=3)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -150,10 +150,15 @@ class DeepSpeedSource(ModuleSource):
             raise MapcError("no model states file (mp_rank_00_model_states.pt)",
                             where=str(self.tag_dir))
         self.model_states = torchfile.load(model_file)
-        if self.model_states.get("dp_world_size", self.dp) != self.dp:
-            raise MapcError(f"the checkpoint says dp_world_size="
-                            f"{self.model_states['dp_world_size']} but has {self.dp} optimizer "
-                            f"files", where=str(self.tag_dir))
+        want = self.model_states.get("dp_world_size", self.dp)
+        if want != self.dp:
+            missing = [r for r in range(want) if r not in optim]
+            raise MapcError(f"the checkpoint says dp_world_size={want} but has {self.dp} "
+                            f"optimizer files"
+                            + (f": data-parallel rank(s) {missing} are missing" if missing
+                               else ""), where=str(self.tag_dir),
+                            hint="copy the complete checkpoint (one "
+                                 "zero_pp_rank_R_mp_rank_00_optim_states.pt per rank)")
         self.optim = [torchfile.load(optim[r])["optimizer_state_dict"] for r in range(self.dp)]
         first = self.optim[0]
         if "fp32_flat_groups" in first:
