@@ -96,3 +96,16 @@ def test_zero_stage_must_be_a_stage(tmp_path):
     with pytest.raises(mapc.MapcError, match="not a ZeRO stage"):
         mapc.convert(hf, tmp_path / "ds", to="deepspeed", zero_stage=4)
     assert not (tmp_path / "ds").exists()
+
+
+def test_zero_stage_option_reaches_the_universal_writer(tmp_path):
+    from tests.conftest import llama_config, write_random_hf
+    hf = write_random_hf(tmp_path / "hf", llama_config(hidden=24, layers=2, heads=4, groups=2,
+                                                       ffn=40, vocab=37))
+    out = tmp_path / "univ"
+    mapc.convert(hf, out, to="universal", dp=2, zero_stage=3)
+    udir = out / (out / "latest_universal").read_text().strip()
+    assert sorted(p.name for p in udir.glob("*model_states.pt")) == \
+        ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    assert mapc.inspect(out)["training"]["zero_stage"] == 3
+    assert mapc.verify(hf, out).identical
