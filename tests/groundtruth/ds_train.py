@@ -194,23 +194,28 @@ def run_zero_to_fp32(out_dir: Path, tag: str):
     return True
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def start_deepspeed_on_cpu():
+    """Import DeepSpeed for the CPU accelerator and join the gloo group; returns the module."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import importlib
 
     import deepspeed
-    import torch
-    import torch.distributed as tdist
 
     # (`import deepspeed.comm.torch as m` would bind the real torch: deepspeed.comm imports it.)
-    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
-
     # The CPU accelerator's TorchBackend JIT-builds the `deepspeed_shm_comm` C++ op (g++,
     # ~40 s, cached in ~/.cache/torch_extensions) in its constructor.  It is used only by
     # `inference_all_reduce`, never in training: skip the build.
-    ds_comm_torch.build_shm_op = lambda: None
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
+    return deepspeed
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    import torch.distributed as tdist
+
+    deepspeed = start_deepspeed_on_cpu()
     rank, world = tdist.get_rank(), tdist.get_world_size()
     torch.manual_seed(SEED)
 

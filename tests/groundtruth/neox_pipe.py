@@ -21,11 +21,13 @@ shared-memory op is stubbed out as in ds_train.py.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ds_train import start_deepspeed_on_cpu  # noqa: E402
 
 HIDDEN, HEADS, FFN, VOCAB, LAYERS = 32, 4, 48, 128, 2
 SEED = 1234
@@ -123,6 +125,22 @@ def dump_optimizer_state(engine, out: Path, rank: int) -> None:
                   str(out / f"{k}.rank{rank}.safetensors"))
 
 
+def pipeline_module(pp: int, mp: int, dp: int):
+    """DeepSpeed's PipelineModule of build_layers() on a (pp, mp, dp) topology, with the
+    harness's loss, partitioned by transformer block as NeoX does."""
+    import torch
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    def loss_fn(logits, labels):
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
+
+    return PipelineModule(layers=build_layers(), loss_fn=loss_fn,
+                          topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=mp,
+                                                                 num_dp=dp),
+                          partition_method="type:Block")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -130,25 +148,13 @@ def main(argv=None):
                    help="the topology's model-parallel size (world size = 2 * tp); the layers "
                         "are not tensor-parallel, so tp > 1 only shows the file naming")
     args = p.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     import torch
     import torch.distributed as tdist
-    from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed = start_deepspeed_on_cpu()
     rank = tdist.get_rank()
     torch.manual_seed(SEED)
-
-    def loss_fn(logits, labels):
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
-
-    model = PipelineModule(layers=build_layers(), loss_fn=loss_fn,
-                           topology=PipeModelDataParallelTopology(num_pp=2, num_mp=args.tp,
-                                                                  num_dp=1),
-                           partition_method="type:Block")
+    model = pipeline_module(pp=2, mp=args.tp, dp=1)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-2)
     config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
               "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 1},

@@ -19,15 +19,14 @@ data-parallel ranks), and the same dump to ``DIR/stepped/``; rank 0 writes
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from neox_pipe import SEED, VOCAB, build_layers, dump_optimizer_state  # noqa: E402
+from ds_train import start_deepspeed_on_cpu  # noqa: E402
+from neox_pipe import SEED, VOCAB, dump_optimizer_state, pipeline_module  # noqa: E402
 
 
 def main(argv=None):
@@ -40,24 +39,13 @@ def main(argv=None):
                    help="one AdamW param group (neox_pipe.py's), or NeoX's two: weight decay "
                         "for every parameter but the norms' and the biases")
     args = p.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     import torch
     import torch.distributed as tdist
-    from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed = start_deepspeed_on_cpu()
     rank = tdist.get_rank()
     torch.manual_seed(SEED + 1)      # the loaded checkpoint, not the seed, decides the weights
-
-    def loss_fn(logits, labels):
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
-
-    topo = PipeModelDataParallelTopology(num_pp=args.pp, num_mp=1, num_dp=args.dp)
-    model = PipelineModule(layers=build_layers(), loss_fn=loss_fn, topology=topo,
-                           partition_method="type:Block")
+    model = pipeline_module(pp=args.pp, mp=1, dp=args.dp)
     load = Path(args.load)
     tag = (load / "latest").read_text().strip()
     saved = torch.load(load / tag / "mp_rank_00_model_states.pt", weights_only=False)
