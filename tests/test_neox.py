@@ -225,30 +225,38 @@ def test_mapc_reads_deepspeed_pipeline_checkpoint(tmp_path, pipe_ckpt):
     assert torch.equal(hf["embed_out.weight"], load_layer(d, L + 4, 0)["final_linear.weight"])
 
 
-def test_mapc_writes_the_files_deepspeed_pipeline_writes(tmp_path, pipe_ckpt):
-    """Same topology (tp=1, pp=2), with a (fresh) optimizer: the same layer, mp_rank and ZeRO
-    optimizer files, the same keys and shapes in every layer file, the same top-level entries
-    in every mp_rank file (module None). The optimizer files' contents:
-    tests/test_neox_optim.py."""
-    expected = json.loads((pipe_ckpt / "expected.json").read_text())
-    cfg = _pipe_hf_config(expected)
-    build_neox_model(cfg, tmp_path / "hf")
-    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=1, pp=2, with_optimizer=True)
-    ds_dir, mp_dir = pipe_ckpt / expected["tag"], tag_dir(tmp_path / "nx")
+def _same_files_as_deepspeed(tmp_path, ckpt, tp: int, *, shapes: bool):
+    """Convert an HF model of ``ckpt``'s config to neox (tp, pp=2, fresh optimizer) and check it
+    holds DeepSpeed's file set, the same keys in every layer file (and shapes, where the
+    harness's layers are not tensor-parallel: tp=1) and the same top-level entries in every
+    mp_rank file. Returns (expected.json, DeepSpeed's tag dir)."""
+    expected = json.loads((ckpt / "expected.json").read_text())
+    build_neox_model(_pipe_hf_config(expected), tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=tp, pp=2, with_optimizer=True)
+    ds_dir, mp_dir = ckpt / expected["tag"], tag_dir(tmp_path / "nx")
     assert sorted(p.name for p in mp_dir.iterdir()) == sorted(p.name for p in ds_dir.iterdir())
-    ds_files = sorted(p.name for p in ds_dir.iterdir() if "optim_states" not in p.name)
-    for name in ds_files:
+    for name in sorted(p.name for p in ds_dir.iterdir() if "optim_states" not in p.name):
         a = torch.load(ds_dir / name, weights_only=False)
         b = torch.load(mp_dir / name, weights_only=False)
         if name.startswith("layer_"):
-            assert {k: tuple(v.shape) for k, v in a.items()} == \
-                {k: tuple(v.shape) for k, v in b.items()}, name
             assert list(a) == list(b), name
+            if shapes:
+                assert {k: tuple(v.shape) for k, v in a.items()} == \
+                    {k: tuple(v.shape) for k, v in b.items()}, name
         else:
             assert a["module"] is None and b["module"] is None
             assert set(a) <= set(b), (name, set(a) - set(b))
             assert b["mp_world_size"] == a["mp_world_size"]
             assert b["checkpoint_parallel_dimensions"] == a["checkpoint_parallel_dimensions"]
+    return expected, ds_dir
+
+
+def test_mapc_writes_the_files_deepspeed_pipeline_writes(tmp_path, pipe_ckpt):
+    """Same topology (tp=1, pp=2), with a (fresh) optimizer: the same layer, mp_rank and ZeRO
+    optimizer files, the same keys and shapes in every layer file, the same top-level entries
+    in every mp_rank file (module None). The optimizer files' contents:
+    tests/test_neox_optim.py."""
+    _same_files_as_deepspeed(tmp_path, pipe_ckpt, 1, shapes=True)
 
 
 def test_optimizer_state_is_read_from_the_pipeline_zero_partitions(pipe_ckpt):
@@ -281,20 +289,7 @@ def test_file_names_with_tp_and_pp_match_deepspeed(tmp_path, pipe_ckpt_tp2):
     and optimizer files, and DeepSpeed's mp_rank_MM holds stage MM // tp: the numbering mapc's
     writer uses (stage * tp + tp rank)."""
     from mapc.runtime.containers.neox import mp_file
-    expected = json.loads((pipe_ckpt_tp2 / "expected.json").read_text())
-    build_neox_model(_pipe_hf_config(expected), tmp_path / "hf")
-    mapc.convert(tmp_path / "hf", tmp_path / "nx", to="neox", tp=2, pp=2, with_optimizer=True)
-    ds_dir, mp_dir = pipe_ckpt_tp2 / expected["tag"], tag_dir(tmp_path / "nx")
-    assert sorted(p.name for p in mp_dir.iterdir()) == sorted(p.name for p in ds_dir.iterdir())
-    ds_files = sorted(p.name for p in ds_dir.iterdir() if "optim_states" not in p.name)
-    for name in ds_files:
-        a = torch.load(ds_dir / name, weights_only=False)
-        b = torch.load(mp_dir / name, weights_only=False)
-        if name.startswith("layer_"):
-            assert list(a) == list(b), name
-        else:
-            assert set(a) <= set(b) and a["module"] is None and b["module"] is None
-            assert b["checkpoint_parallel_dimensions"] == a["checkpoint_parallel_dimensions"]
+    expected, ds_dir = _same_files_as_deepspeed(tmp_path, pipe_ckpt_tp2, 2, shapes=False)
     L = expected["num_hidden_layers"]
     for stage, positions in ((0, {0, 2}), (1, {L + 1, L + 3, L + 4})):
         for t in (0, 1):
