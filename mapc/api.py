@@ -375,10 +375,11 @@ def read_template(like, *, spec=None, config=None) -> Template:
     tmpl = open_source(like)
     try:
         res = resolve(tmpl, spec=spec, config=config)
-        dp = getattr(tmpl, "dp", None) or (tmpl.training_state() or {}).get("dp_world_size")
+        training = tmpl.training_state() or {}
+        dp = getattr(tmpl, "dp", None) or training.get("dp_world_size")
         return Template(str(like), tmpl.format, res.plan,
                         {a: n for a, n in res.plan.mesh.items() if a in ("tp", "pp", "ep")},
-                        dp, tmpl.training_state() or {})
+                        dp, training)
     finally:
         tmpl.close()
 

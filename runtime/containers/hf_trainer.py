@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-
 from mapc.errors import MapcError
+from mapc.runtime.containers.zero import plain
 
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
@@ -101,15 +100,7 @@ def hyper_of(group: dict) -> dict:
 
 def same_hyper(a: dict, b: dict) -> bool:
     keys = set(a) | set(b)
-    return all(_plain(a.get(k)) == _plain(b.get(k)) for k in keys)
-
-
-def _plain(v):
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
+    return all(plain(a.get(k)) == plain(b.get(k)) for k in keys)
 
 
 def is_torch_scheduler(state) -> bool:
