@@ -10,11 +10,12 @@ from mapc.errors import MapcError, SpecError  # noqa: E402
 
 def __getattr__(name):
     # The API imports the runtime lazily so that `import mapc` stays cheap.
-    if name in ("convert", "compile_spec", "inspect", "verify", "plan_conversion"):
+    if name in ("convert", "compile_spec", "inspect", "verify", "plan_conversion",
+                "plan_convert"):
         from mapc import api
         return getattr(api, name)
     raise AttributeError(name)
 
 
 __all__ = ["MapcError", "SpecError", "convert", "compile_spec", "inspect", "verify",
-           "plan_conversion", "__version__"]
+           "plan_conversion", "plan_convert", "__version__"]

@@ -19,8 +19,9 @@ from mapc.compiler.resolve import Resolved, read_config, resolve
 from mapc.compiler.spec import load_spec
 from mapc.errors import MapcError
 from mapc.runtime import execute
-from mapc.runtime.containers import FORMATS, layout_of, make_writer, open_source
+from mapc.runtime.containers import FORMATS, layout_of, make_writer, open_source, plan_write
 from mapc.runtime.containers.base import AtomicOutput, coord_key
+from mapc.runtime.plan_write import SourceFacts, WritePlan, WriteRequest
 
 DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -117,21 +118,33 @@ def check_like(template: Template, program: Program) -> None:
                         hint="the template must hold the same model (config) as the source")
 
 
-def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int | None = None,
-            ep: int | None = None, dtype: str = "keep", config=None, set=None, force: bool = False,
-            source_set=None,
-            backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
-            max_shard_bytes: int | None = None, dp: int | None = None,
-            with_optimizer: bool = False, like=None,
-            zero_stage: int | None = None) -> execute.Report:
-    """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
+@dataclass
+class ConversionPlan:
+    """Everything a conversion will do, decided before a byte is written: the resolved
+    source, the compiled program, the source facts and the target format's WritePlan.
+    ``mapc convert --dry-run`` prints ``program.pretty()`` and ``write.pretty()``; the real
+    run executes exactly these. Call ``close()`` (or ``resolved.source.close()``) when done."""
+    resolved: Resolved
+    program: Program
+    facts: SourceFacts
+    request: WriteRequest
+    write: WritePlan
 
-    ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox);
-    ``with_optimizer`` asks a weights-only format (hf) to carry the optimizer state too;
-    ``like`` names a template checkpoint whose format, topology, layout parameters and
-    optimizer param groups the output takes (``to``/``tp``/... may then be omitted);
-    ``zero_stage`` picks the ZeRO stage of a deepspeed/universal target (default: the source's,
-    else 1)."""
+    def pretty(self) -> str:
+        return self.program.pretty() + "\n\n" + self.write.pretty()
+
+    def close(self):
+        self.resolved.source.close()
+
+
+def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
+                 pp: int | None = None, ep: int | None = None, dtype: str = "keep", config=None,
+                 set=None, source_set=None, spec=None, source_format=None,
+                 max_shard_bytes: int | None = None, dp: int | None = None,
+                 with_optimizer: bool = False, like=None,
+                 zero_stage: int | None = None) -> ConversionPlan:
+    """Plan ``convert`` (same arguments) completely, writing nothing: every check a real run
+    makes before writing is made here, so a plan that succeeds is what the run will do."""
     if zero_stage is not None and zero_stage not in (1, 2, 3):
         raise MapcError(f"--zero-stage {zero_stage} is not a ZeRO stage",
                         hint="choose 1, 2 or 3")
@@ -139,6 +152,9 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
         raise MapcError(f"--dp {dp} must be a positive integer")
     if dtype not in DTYPE_CHOICES:
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    explicit = frozenset(k for k, v in (("dp", dp), ("zero_stage", zero_stage),
+                                        ("with_optimizer", with_optimizer or None),
+                                        ("max_shard_bytes", max_shard_bytes)) if v is not None)
     template = None
     if like is not None:
         template = read_template(like, spec=spec, config=config)
@@ -150,22 +166,58 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     res, program = plan_conversion(src, to, tp=tp, pp=pp, ep=ep, config=config, set=set,
                                    spec=spec, source_format=source_format,
                                    source_set=source_set)
-    source = res.source
-    out = None
     try:
         if template is not None:
             check_like(template, program)
+        facts = SourceFacts.of(res.source, program)
+        request = WriteRequest(to, dst=str(dst), dtype=DTYPE_CHOICES[dtype], dp=dp,
+                               zero_stage=zero_stage, with_optimizer=with_optimizer,
+                               max_shard_bytes=max_shard_bytes,
+                               like_training=template.training if template else None,
+                               explicit=explicit)
+        write = plan_write(program, facts, request)
+        return ConversionPlan(res, program, facts, request, write)
+    except BaseException:
+        res.source.close()
+        raise
+
+
+def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int | None = None,
+            ep: int | None = None, dtype: str = "keep", config=None, set=None, force: bool = False,
+            source_set=None,
+            backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
+            max_shard_bytes: int | None = None, dp: int | None = None,
+            with_optimizer: bool = False, like=None,
+            zero_stage: int | None = None) -> execute.Report:
+    """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
+
+    ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox,
+    universal); ``with_optimizer`` asks a weights-only format (hf) to carry the optimizer state
+    too; ``like`` names a template checkpoint whose format, topology, layout parameters and
+    optimizer param groups the output takes (``to``/``tp``/... may then be omitted);
+    ``zero_stage`` picks the ZeRO stage of a deepspeed/universal target (default: the source's,
+    else 1). An option the target format does not honour is refused (MapcError)."""
+    cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,
+                      source_set=source_set, spec=spec, source_format=source_format,
+                      max_shard_bytes=max_shard_bytes, dp=dp, with_optimizer=with_optimizer,
+                      like=like, zero_stage=zero_stage)
+    return write_conversion(cp, src, dst, force=force, backend=backend, quiet=quiet)
+
+
+def write_conversion(cp: ConversionPlan, src, dst, *, force: bool = False,
+                     backend: str = "numpy", quiet: bool = True) -> execute.Report:
+    """Execute a ConversionPlan into ``dst`` (atomically) and close its source."""
+    res, program, plan = cp.resolved, cp.program, cp.write
+    source = res.source
+    out = None
+    try:
         out = AtomicOutput(dst, force=force, source=src)
-        writer = make_writer(to, out.tmp, program, res,
-                             {"max_shard_bytes": max_shard_bytes, "dst": str(dst), "dp": dp,
-                              "with_optimizer": with_optimizer, "dtype": DTYPE_CHOICES[dtype],
-                              "zero_stage": zero_stage,
-                              "like_training": template.training if template else None})
+        writer = make_writer(cp.request.format, out.tmp, program, plan)
         try:
-            report = execute.run(program, source, writer, backend=backend,
-                                 dtype=DTYPE_CHOICES[dtype], quiet=quiet)
-            report.warnings[:0] = res.warnings
-            writer.finish(_record(res, program, to, src, report))
+            report = execute.run(program, source, writer, backend=backend, plan=plan,
+                                 quiet=quiet)
+            report.warnings[:0] = res.warnings + list(plan.notes)
+            writer.finish(_record(res, program, cp.request.format, src, report))
         except BaseException:
             writer.abort()
             raise

@@ -14,6 +14,7 @@ import numpy as np
 from mapc.compiler.program import Program
 from mapc.errors import MapcError
 from mapc.runtime.backends import bytes_equal, dtype_name, get_backend
+from mapc.runtime.plan_write import weights_slot
 
 
 # Slots that a `sum over` tensor stores as shares. Adam's moments are not: every share sees
@@ -140,16 +141,23 @@ def _coord(c) -> str:
 
 
 def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str | None = None,
-        quiet: bool = False, verify_replicas: bool = True) -> Report:
+        quiet: bool = False, verify_replicas: bool = True, plan=None) -> Report:
+    """Stream ``program`` from ``reader`` into ``writer``. With ``plan`` (a WritePlan, see
+    mapc.runtime.plan_write) the planned tensors, dtypes and slots are used as they are."""
     be = get_backend(backend)
     report = Report()
     start = time.monotonic()
     have = reader.slots()
-    extra = [s for s in getattr(writer, "slots", ("param",)) if s != "param" and s in have]
-    param_from = "master" if "master" in have and "master" not in extra else "param"
-    dtypes = target_dtypes(program, reader, dtype, param_from)
-    writer.begin([(coord, name, inst.recipe.shard_shape, dtypes[(coord, name)])
-                  for inst, coord, name in program.target.placements()])
+    slots = plan.slots if plan is not None else getattr(writer, "slots", ("param",))
+    extra = [s for s in slots if s != "param" and s in have]
+    param_from = weights_slot(slots, have)
+    if plan is not None:
+        dtypes = {(coord, name): dt for coord, name, _, dt in plan.tensors}
+        writer.begin(list(plan.tensors))
+    else:
+        dtypes = target_dtypes(program, reader, dtype, param_from)
+        writer.begin([(coord, name, inst.recipe.shard_shape, dtypes[(coord, name)])
+                      for inst, coord, name in program.target.placements()])
     # Optimizer slots the source has and the writer stores (`extra`); a training checkpoint's
     # weights are exported from its fp32 master copy when the writer keeps no master slot.
     for slot in extra:   # optimizer state is kept in fp32

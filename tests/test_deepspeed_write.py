@@ -34,8 +34,9 @@ import mapc  # noqa: E402
 from mapc.errors import MapcError  # noqa: E402
 from mapc.runtime.backends import DTYPES  # noqa: E402
 from mapc.runtime.containers import open_source  # noqa: E402
-from mapc.runtime.containers.base import Source  # noqa: E402
 from mapc.runtime.containers.deepspeed import DeepSpeedWriter  # noqa: E402
+from mapc.runtime.containers.deepspeed import plan_write as ds_plan_write  # noqa: E402
+from mapc.runtime.plan_write import SourceFacts, WriteRequest  # noqa: E402
 from mapc.runtime.resume import rebatch  # noqa: E402
 from tests.conftest import llama_config, write_random_hf  # noqa: E402
 from tests.groundtruth import deepspeed_ckpt as ds  # noqa: E402
@@ -186,58 +187,46 @@ def test_round_trip_2_3_2_gives_deepspeeds_own_files(source, case, tmp_path):
 
 
 # ---- properties, without DeepSpeed: the writer against the documented layout ---------------------
-class _FakeSource(Source):
-    format = "fake"
+class _FakeInst:
+    """A target instance as planned_tensors reads it: its one member and its shard shape."""
 
-    def __init__(self, tensors, ts, slots):
-        super().__init__(Path("/nonexistent-fake-source"))
-        self.tensors, self.ts, self._slots = tensors, ts, slots
-
-    def slots(self):
-        return list(self._slots)
-
-    def coords(self):
-        return [()]
-
-    def names(self, coord=()):
-        return list(self.tensors)
-
-    def training_state(self):
-        return self.ts
+    def __init__(self, name, shape):
+        self.members = {"x": name}
+        self.recipe = type("R", (), {"shard_shape": tuple(shape)})()
 
 
 class _FakeTarget:
     aliases: dict = {}            # no tied weights
 
-    def __init__(self, names):
-        self.names = names
+    def __init__(self, shapes):
+        self.shapes = shapes
 
     def placements(self):
-        return [(None, (), n) for n in self.names]
+        return [(_FakeInst(n, s), (), n) for n, s in self.shapes.items()]
 
 
 class _FakeProgram:
     """The identity program (names unchanged), as mapc compiles deepspeed -> deepspeed."""
 
-    def __init__(self, names):
-        self.target = _FakeTarget(names)
+    def __init__(self, shapes):
+        self.target = _FakeTarget(shapes)
 
     def target_groups(self, lists):
         return {((), n): g for g, names in enumerate(lists) for n in names}
 
 
-class _FakeResolved:
-    def __init__(self, source):
-        self.source, self.warnings = source, []
-
-
 def _drive(out: Path, tensors, ts, dp, dtype, slots=("param",) + SLOTS):
-    """Run the writer protocol as runtime/execute.py does; tensors[name][slot] = array."""
-    src = _FakeSource({n: t["param"].shape for n, t in tensors.items()}, ts, slots)
+    """Plan with deepspeed.plan_write from SourceFacts, then run the writer protocol as
+    runtime/execute.py does; tensors[name][slot] = array."""
     names = list(tensors)
+    program = _FakeProgram({n: tensors[n]["param"].shape for n in names})
+    facts = SourceFacts(path="/nonexistent-fake-source", format="fake", slots=tuple(slots),
+                        training=ts, names=tuple(names), dtypes={"param": dict.fromkeys(names,
+                                                                                         dtype)})
+    plan = ds_plan_write(program, facts, WriteRequest("deepspeed", dp=dp))
     out.mkdir()
-    w = DeepSpeedWriter(out, _FakeProgram(names), _FakeResolved(src), {"dp": dp})
-    w.begin([((), n, tensors[n]["param"].shape, dtype) for n in names])
+    w = DeepSpeedWriter(out, program, plan)
+    w.begin(list(plan.tensors))
     extra = [s for s in SLOTS if s in slots]
     for s in extra:
         w.begin_slot(s, [((), n, tensors[n]["param"].shape, "float32") for n in names])
@@ -246,7 +235,7 @@ def _drive(out: Path, tensors, ts, dp, dtype, slots=("param",) + SLOTS):
         for s in extra:
             w.write_slot(s, (), n, tensors[n][s])
     w.finish({"config": None, "warnings": []})
-    return w
+    return plan
 
 
 def _documented_layout(tag_dir: Path, dp: int) -> tuple[dict, list]:
@@ -312,7 +301,7 @@ def test_property_writer_matches_documented_layout(tmp_path, case):
     for slot in SLOTS:
         for n in names:
             np.testing.assert_array_equal(got[slot][n], tensors[n][slot], err_msg=f"{n}/{slot}")
-    assert w.kind == ("stage3" if stage == 3 else
+    assert w.detail.resume.kind == ("stage3" if stage == 3 else
                       "bf16" if dtype == "bfloat16" and stage == 1 and accum_fp32 else "zero")
     # mapc reads back what it wrote
     with open_source(out) as src:

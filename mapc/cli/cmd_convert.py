@@ -63,33 +63,23 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from mapc.api import convert, plan_conversion
+    from mapc.api import plan_convert, write_conversion
     if args.to is None and args.like is None:
         from mapc.errors import MapcError
         raise MapcError("no target format", hint="pass --to FORMAT (or --like TEMPLATE)")
+    # --dry-run and the real run take the same path: plan everything, then write (or print)
+    cp = plan_convert(args.src, args.dst, args.to, tp=args.tp, pp=args.pp, ep=args.ep,
+                      dtype=args.dtype, config=args.config, set=args.set,
+                      source_set=args.source_set, spec=args.spec,
+                      source_format=args.source_format, dp=args.dp,
+                      with_optimizer=args.with_optimizer, like=args.like,
+                      zero_stage=args.zero_stage)
     if args.dry_run:
-        to, tp, pp, ep, sets = args.to, args.tp, args.pp, args.ep, args.set
-        template = None
-        if args.like is not None:
-            from mapc.api import _like_settings, read_template
-            template = read_template(args.like, spec=args.spec, config=args.config)
-            to, tp, pp, ep, _, sets = _like_settings(template, to, tp, pp, ep, args.dp, sets)
-        res, program = plan_conversion(args.src, to, tp=tp, pp=pp, ep=ep,
-                                       config=args.config, set=sets, spec=args.spec,
-                                       source_format=args.source_format,
-                                       source_set=args.source_set)
-        res.source.close()
-        if template is not None:
-            from mapc.api import check_like
-            check_like(template, program)
-        print(program.pretty())
+        cp.close()
+        print(cp.pretty())
         return 0
-    report = convert(args.src, args.dst, args.to, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
-                     config=args.config, set=args.set, force=args.force, backend=args.backend,
-                     quiet=args.quiet, spec=args.spec, source_format=args.source_format,
-                     source_set=args.source_set, dp=args.dp,
-                     with_optimizer=args.with_optimizer, like=args.like,
-                     zero_stage=args.zero_stage)
+    report = write_conversion(cp, args.src, args.dst, force=args.force, backend=args.backend,
+                              quiet=args.quiet)
     for w in report.warnings:
         print(f"mapc: warning: {w}", file=sys.stderr)
     if args.json:

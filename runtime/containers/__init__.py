@@ -4,8 +4,16 @@ A container module provides:
   LAYOUT                  the spec layout its tensors follow (e.g. "megatron")
   detect(path) -> bool    whether a directory/file is in this format
   Source(path)            an opened checkpoint (mapc.runtime.containers.base.Source)
-  make_writer(tmpdir, program, resolved, options) -> Writer
-A format is registered by adding its module here; modules are imported only when used.
+  plan_write(program, facts, request) -> WritePlan
+                          pure: every decision, every file the output will hold, every note;
+                          raises MapcError for what it cannot write; reads and writes nothing
+  Writer(tmpdir, program, plan)
+                          I/O only: executes a WritePlan (mapc.runtime.plan_write.PlannedWriter)
+The protocol and its types (SourceFacts, WriteRequest, WritePlan) are documented in
+mapc.runtime.plan_write and docs/formats.md. Which request options a format honours is the
+``HONOURS`` table below: an option the user sets that the target does not honour is refused
+before planning. A format is registered by adding its module to ``MODULES`` and ``HONOURS``;
+modules are imported only when used.
 """
 from __future__ import annotations
 
@@ -27,6 +35,21 @@ MODULES = {
     "deepspeed": "deepspeed",
     "universal": "universal",
     "neox": "neox",
+}
+
+
+# Request options (mapc.runtime.plan_write.OPTIONS) each format's output honours; --dtype is
+# honoured by every format.
+HONOURS = {
+    "hf": frozenset({"with_optimizer", "max_shard_bytes"}),
+    "megatron": frozenset({"with_optimizer"}),
+    "nemo": frozenset(),
+    "gguf": frozenset(),
+    "dcp": frozenset(),
+    "nxdt": frozenset(),
+    "deepspeed": frozenset({"dp", "zero_stage"}),
+    "universal": frozenset({"dp", "zero_stage"}),
+    "neox": frozenset({"dp", "zero_stage", "with_optimizer"}),
 }
 
 
@@ -74,5 +97,20 @@ def layout_of(fmt: str) -> str:
     return module(fmt).LAYOUT
 
 
-def make_writer(fmt: str, tmpdir, program, resolved, options: dict):
-    return module(fmt).make_writer(tmpdir, program, resolved, options)
+def check_request(request) -> None:
+    """Refuse (MapcError) an option the user set that ``request.format`` does not honour."""
+    takers = {opt: [f for f, h in HONOURS.items() if opt in h] for opt in
+              ("dp", "zero_stage", "with_optimizer", "max_shard_bytes")}
+    request.refuse_unhonoured(HONOURS.get(request.format, frozenset()), takers)
+
+
+def plan_write(program, facts, request):
+    """The WritePlan of ``request.format`` (pure; see mapc.runtime.plan_write)."""
+    mod = module(request.format)
+    check_request(request)
+    return mod.plan_write(program, facts, request)
+
+
+def make_writer(fmt: str, tmpdir, program, plan):
+    """The I/O-only writer that executes ``plan`` in ``tmpdir``."""
+    return module(fmt).Writer(tmpdir, program, plan)

@@ -1,5 +1,5 @@
-"""What every container shares: the reader/writer protocol, format detection, atomic output
-and the ``mapc.json`` record every output carries.
+"""What every container shares: the reader protocol, atomic output and the ``mapc.json``
+record every output carries (the write protocol is mapc.runtime.plan_write).
 
 A container knows files (names, nesting, metadata files, shard naming) and never a model
 family; the spec's layouts know tensors and never a file.
@@ -119,29 +119,8 @@ def rank_grid(ranks: dict, file_name, where: str):
     return topology, files, coords
 
 
-class Writer:
-    """Writes into a fresh temporary directory; ``commit`` renames it into place.
-
-    A writer that stores optimizer state lists its slots in ``slots``; it then receives
-    ``begin_slot(slot, tensors)`` before and ``write_slot(slot, coord, name, arr)`` for every
-    tensor of each further slot, and the source's training state in ``record["training"]``."""
-
-    slots: tuple[str, ...] = ("param",)
-
-    def __init__(self, tmpdir: Path):
-        self.dir = tmpdir
-
-    def begin(self, tensors):
-        raise NotImplementedError
-
-    def write(self, coord, name, arr):
-        raise NotImplementedError
-
-    def finish(self, record: dict):
-        raise NotImplementedError
-
-    def abort(self):
-        pass
+# Writers: see mapc.runtime.plan_write (a pure plan_write per format, then an I/O-only
+# PlannedWriter that executes the WritePlan).
 
 
 def read_record(path: Path) -> dict:

@@ -37,7 +37,9 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import dtype_name
-from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
+from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
+from mapc.runtime.plan_write import (MOMENTS, PlannedWriter, SourceFacts, WritePlan,
+                                     WriteRequest, make_plan, planned_tensors)
 
 LAYOUT = "hf"
 METADATA = ".metadata"
@@ -51,8 +53,21 @@ def detect(path: Path) -> bool:
     return path.is_dir() and (path / METADATA).is_file() and any(path.glob("*" + SUFFIX))
 
 
-def make_writer(tmpdir, program, resolved, options):
-    return DCPWriter(tmpdir)
+def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
+    """One data file, ``.metadata``, config.json and mapc.json; the optimizer moments (and
+    Adam's step) when the source has them."""
+    slots = ("param",) + MOMENTS
+    tensors = planned_tensors(program, facts, request.dtype, slots)
+    moments = [s for s in MOMENTS if s in facts.slots]
+    dtypes = {dt for *_, dt in tensors}
+    step = facts.training.get("step") if moments else None
+    decisions = {"data file": DCPWriter.DATA, "optimizer slots": moments or "none",
+                 "config dtype": next(iter(dtypes)) if len(dtypes) == 1 else None}
+    if moments:
+        decisions["optimizer step"] = step
+    return make_plan("dcp", [DCPWriter.DATA, METADATA, "config.json", MAPC_JSON],
+                     decisions=decisions, slots=slots, tensors=tensors,
+                     detail=decisions["config dtype"])
 
 
 # --------------------------------------------------------------------------------------
@@ -603,7 +618,7 @@ def write_metadata(path: Path, entries: dict, relative: str, paths: dict | None 
     Path(path).write_bytes(_MetadataPickler().dumps(meta))
 
 
-class DCPWriter(Writer):
+class DCPWriter(PlannedWriter):
     """Writes a single-rank DCP checkpoint without torch, streaming: every tensor becomes its
     own torch-format archive appended to ``__0_0.distcp`` as soon as it arrives; ``.metadata``
     is written at the end.
@@ -613,10 +628,9 @@ class DCPWriter(Writer):
     state dict directly. Param-group hyper-parameters are kept in mapc.json's ``training``."""
 
     DATA = "__0_0" + SUFFIX
-    slots = ("param", "exp_avg", "exp_avg_sq")
 
-    def __init__(self, tmpdir):
-        super().__init__(tmpdir)
+    def __init__(self, tmpdir, program, plan):
+        super().__init__(tmpdir, program, plan)
         self.entries: dict[str, tuple] = {}
         self.paths: dict[str, tuple] = {}
         self.order: list[str] = []
@@ -636,7 +650,6 @@ class DCPWriter(Writer):
 
     def begin(self, tensors):
         self.order = [name for _, name, _, _ in tensors]
-        self.dtypes = {dt for *_, dt in tensors}
         self.file = open(self.dir / self.DATA, "wb")
 
     def write(self, coord, name, arr):
@@ -667,11 +680,14 @@ class DCPWriter(Writer):
         write_metadata(self.dir / METADATA, {n: self.entries[n] for n in self.order}, self.DATA,
                        self.paths)
         config = dict(record["config"])
-        if len(self.dtypes) == 1:
-            config["dtype"] = next(iter(self.dtypes))
+        if self.plan.detail is not None:      # the one dtype of every tensor
+            config["dtype"] = self.plan.detail
         write_json(self.dir / "config.json", config)
         write_json(self.dir / MAPC_JSON, record)
 
     def abort(self):
         if self.file is not None and not self.file.closed:
             self.file.close()
+
+
+Writer = DCPWriter

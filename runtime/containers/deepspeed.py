@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
@@ -25,11 +26,12 @@ from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers.hf_trainer import module_order
-from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
+from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
 from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEFAULT_SUB_GROUP_SIZE,
-                                          OPTIM_SLOTS, model_states, TRAINING_DTYPES, ZeroOptimizer,
-                                          ResumeState, hyper as _hyper,
-                                          plain as _plain, training_config)
+                                          OPTIM_SLOTS, ResumePlan, ZeroOptimizer, model_states,
+                                          hyper as _hyper, plain as _plain, plan_resume)
+from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
+                                     ZeroFacts, make_plan, planned_tensors)
 
 LAYOUT = "hf"
 SINGLE = ()
@@ -84,6 +86,7 @@ class ModuleSource(Source):
     weight), ``self.shapes`` (name -> shape) and ``self.home`` (the folder errors name)."""
 
     layout = LAYOUT
+    module_source = True      # SourceFacts.module_source: names() is the module's order
 
     def slots(self):
         return ["param", "master", "exp_avg", "exp_avg_sq"]
@@ -271,6 +274,14 @@ class DeepSpeedSource(ModuleSource):
         return str(self.tag_dir.relative_to(self.path)) if self.tag_dir != self.path \
             else "global"
 
+    def zero_facts(self) -> ZeroFacts:
+        """SourceFacts.zero: the tag, optimizer class, rank 0's optimizer state, the trained
+        parameters' shapes and the model states files a universal output carries over."""
+        models = sorted(p for p in self.tag_dir.glob("*model_states.pt")
+                        if not (p.name.startswith("layer_") and "_expert_" in p.name))
+        return ZeroFacts(tag=self.tag_dir.name, kind=self.kind, optimizer_header=self.optim[0],
+                         param_shapes=tuple(self.param_shapes), carry_files=tuple(models))
+
 
 Source = DeepSpeedSource
 
@@ -278,8 +289,147 @@ Source = DeepSpeedSource
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
-class DeepSpeedWriter(Writer):
-    """Writes a plain DeepSpeed engine checkpoint for a chosen data-parallel size.
+@dataclass(frozen=True)
+class _DeepSpeedPlan:
+    """A deepspeed output's decisions: ZeRO (``resume``), the tag folder, the param groups'
+    hyper-parameters and members (target names in DeepSpeed's flat order), the module's
+    state_dict order, every tensor's shape, ZeRO-3 sub-group size, the scheduler and sample
+    count of the model states."""
+    resume: ResumePlan
+    tag: str
+    hyper: tuple
+    members: tuple
+    module_order: tuple
+    shapes: dict
+    sub_group_size: int
+    scheduler: object
+    samples: int
+
+
+def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
+    """A plain DeepSpeed engine checkpoint at ``dp`` ranks and a ZeRO stage (the request's,
+    the source's, else 1): ``latest``, ``global_stepN/`` with the model states and one
+    optimizer file per rank, ``ds_config.json``, config.json and mapc.json."""
+    slots = ("param",) + OPTIM_SLOTS
+    tensors = planned_tensors(program, facts, request.dtype, slots)
+    notes: list[str] = []
+    ts = facts.training
+    rs = plan_resume(facts, request, "deepspeed", {dt for *_, dt in tensors}, notes)
+    group_of, src_order, hyper = _plan_groups(program, facts, notes)
+    group_of, src_order, hyper = _template_groups(program, facts, request.like_training or {},
+                                                  group_of, src_order, hyper, notes)
+    shapes = {}
+    for coord, name, shape, _ in tensors:
+        if tuple(coord):
+            raise MapcError(f"internal: the deepspeed writer got a sharded tensor {name} "
+                            f"at {coord}")
+        shapes[name] = tuple(shape)
+    placement = list(shapes)
+    # Tensors the source's optimizer does not order (a source in another layout, or
+    # without optimizer state) take the module's named_parameters() order, derived from
+    # the spec's hf layout: DeepSpeed does not check the flat order on load.
+    module_pos = {n: i for i, n in enumerate(module_order(placement))}
+    inf = len(src_order) + len(placement)
+    order = sorted(placement, key=lambda n: (src_order.get(n, inf), module_pos[n]))
+    # the module's state_dict order: a DeepSpeed-style source's own, else named_parameters()
+    src_pos = {n: i for i, n in enumerate(facts.names)} if facts.module_source else {}
+    mod_order = sorted(placement, key=lambda n: (src_pos.get(n, inf), module_pos[n]))
+    group = {n: g for (_, n), g in group_of.items()}
+    members = [[n for n in order if group[n] == g] for g in range(len(hyper))]
+    for g, names in enumerate(members):
+        if not names:
+            raise MapcError(f"optimizer param group {g} has no tensor in the target",
+                            where=facts.path,
+                            hint="the source's param groups do not match its weights")
+    sub_size = int((rs.cfg.get("zero_optimization") or {}).get("sub_group_size",
+                                                               DEFAULT_SUB_GROUP_SIZE))
+    samples = ts.get("global_samples")
+    if samples is None:
+        samples = rs.iteration * int(rs.cfg.get("train_batch_size") or 0)
+    detail = _DeepSpeedPlan(rs, f"global_step{rs.iteration}", tuple(hyper),
+                            tuple(tuple(m) for m in members), tuple(mod_order), shapes, sub_size,
+                            ts.get("lr_scheduler") if facts.format == "deepspeed" else None,
+                            int(samples))
+    return make_plan("deepspeed", _files(detail), decisions={
+        **rs.decisions(), "tag": detail.tag, "param groups": [len(m) for m in members]},
+        notes=notes, slots=slots, tensors=tensors, detail=detail)
+
+
+def _files(d: _DeepSpeedPlan) -> list[str]:
+    rs = d.resume
+    prefix = "bf16_" if rs.dtype == "bfloat16" else ""
+    files = [f"{d.tag}/{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+             for r in range(rs.dp)]
+    if rs.stage == 3:      # every rank writes the same model states
+        files += [f"{d.tag}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(rs.dp)]
+    else:
+        files.append(f"{d.tag}/mp_rank_00_model_states.pt")
+    return files + ["latest", "ds_config.json", "config.json", MAPC_JSON]
+
+
+def _plan_groups(program, facts: SourceFacts, notes: list):
+    """Each target tensor's param group (the source's groups, by name), the source's flat
+    order of its names, and the groups' hyper-parameters."""
+    groups = facts.training.get("param_groups") or []
+    known = set(facts.names)
+    src_order: dict[str, int] = {}
+    if not groups:
+        notes.append("the optimizer hyper-parameters in the DeepSpeed checkpoint are "
+                     "torch AdamW's defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8, "
+                     "weight_decay 0.01) in one param group; DeepSpeed's "
+                     "load_checkpoint applies them to your optimizer")
+        return ({(c, n): 0 for _, c, n in program.target.placements()}, src_order,
+                [dict(ADAMW_DEFAULTS)])
+    lists = []
+    for g, pg in enumerate(groups):
+        params = list(pg.get("params") or [])
+        bad = [p for p in params if not isinstance(p, str) or p not in known]
+        if bad:
+            raise MapcError(f"the source's optimizer param group {g} lists "
+                            f"{bad[0]!r}, which is not a tensor of the source: its "
+                            f"training state cannot be mapped to the target",
+                            where=facts.path,
+                            hint="the optimizer state does not match the weights")
+        lists.append(params)
+    listed = {p for ps in lists for p in ps}
+    missing = [n for n in facts.names if n not in listed]
+    if missing:
+        raise MapcError(f"{missing[0]} is in no optimizer param group of the source "
+                        f"({len(missing)} such tensors): its training state cannot be "
+                        f"mapped to the target", where=facts.path)
+    for ps in lists:
+        for p in ps:
+            src_order.setdefault(p, len(src_order))
+    return program.target_groups(lists), src_order, [_hyper(pg) for pg in groups]
+
+
+def _template_groups(program, facts, tmpl: dict, group_of, src_order, hyper, notes):
+    """--like: the template's param groups (target names, in its flat order) decide
+    membership and order; hyper-parameters stay the source's when it has as many groups."""
+    groups = tmpl.get("param_groups") or []
+    if not groups:
+        return group_of, src_order, hyper
+    targets = {(c, n) for _, c, n in program.target.placements()}
+    group_of, order = {}, {}
+    for g, pg in enumerate(groups):
+        for name in pg.get("params") or []:
+            group_of[((), name)] = g
+            order.setdefault(name, len(order))
+    if set(group_of) != targets:
+        odd = sorted(n for _, n in set(group_of) ^ targets)
+        raise MapcError(f"the template's optimizer param groups do not list the model's "
+                        f"tensors exactly (e.g. {odd[0]})",
+                        hint="use a template holding the same model")
+    if len(hyper) != len(groups):
+        hyper = [_hyper(pg) for pg in groups]
+        notes.append(f"the template has {len(groups)} param groups, the source "
+                     f"{len(facts.training.get('param_groups') or []) or 'none'}: the "
+                     f"template's hyper-parameters (lr, weight decay, ...) are used")
+    return group_of, order, hyper
+
+
+class DeepSpeedWriter(PlannedWriter):
+    """Writes a plain DeepSpeed engine checkpoint as planned (``_DeepSpeedPlan``).
 
     Every arriving optimizer tensor (fp32 master, Adam moments) is scattered at once into
     per-rank scratch files (sparse, zero-filled, in the output's temporary directory; written
@@ -289,219 +439,78 @@ class DeepSpeedWriter(Writer):
     file as they arrive. Resident memory: the tensor being written, or one flat partition.
     """
 
-    slots = ("param",) + OPTIM_SLOTS
-
-    def __init__(self, tmpdir, program, resolved, options):
-        super().__init__(Path(tmpdir))
-        self.program = program
-        self.resolved = resolved
-        self.source = resolved.source
-        self.notes = resolved.warnings           # merged into the report before anything runs
-        rs = ResumeState(self.source, options, self.notes, "DeepSpeed")
-        ts, self.ts, self.src_dp, self.dp = rs.ts, rs.ts, rs.src_dp, rs.dp
-        self.has_ds_settings, self.cfg, stage = rs.has_settings, rs.cfg, rs.stage
-        self.resume = rs
-        if stage is None:
-            stage = 1
-            self.notes.append(f"the source carries no DeepSpeed ZeRO stage: writing ZeRO stage 1 "
-                              f"at dp={self.dp}")
-        self.stage = int(stage)
-        if self.stage not in (1, 2, 3):
-            raise MapcError(f"ZeRO stage {self.stage} has no partitioned optimizer state to write",
-                            hint="DeepSpeed checkpoints are written at ZeRO stage 1, 2 or 3")
+    def __init__(self, tmpdir, program, plan):
+        super().__init__(tmpdir, program, plan)
         self.incoming: set[str] = set()
-        self.fresh, self.step = rs.fresh, rs.step
-        self.iteration = int(ts.get("iteration") or 0)
-        self._upcast_noted = False
-        self._plan_groups(ts)
-        self._take_template_groups(options.get("like_training") or {})
+        self.model_writer = self.zero = None
 
-    # -- param groups ------------------------------------------------------------------------
-    def _plan_groups(self, ts):
-        groups = ts.get("param_groups") or []
-        src_names = []
-        for coord in self.source.coords():
-            src_names.extend(self.source.names(coord))
-        known = set(src_names)
-        self.src_names = src_names
-        self.src_order = {}
-        if groups:
-            lists = []
-            for g, pg in enumerate(groups):
-                params = list(pg.get("params") or [])
-                bad = [p for p in params if not isinstance(p, str) or p not in known]
-                if bad:
-                    raise MapcError(f"the source's optimizer param group {g} lists "
-                                    f"{bad[0]!r}, which is not a tensor of the source: its "
-                                    f"training state cannot be mapped to the target",
-                                    where=str(self.source.path),
-                                    hint="the optimizer state does not match the weights")
-                lists.append(params)
-            listed = {p for ps in lists for p in ps}
-            missing = [n for n in src_names if n not in listed]
-            if missing:
-                raise MapcError(f"{missing[0]} is in no optimizer param group of the source "
-                                f"({len(missing)} such tensors): its training state cannot be "
-                                f"mapped to the target", where=str(self.source.path))
-            for ps in lists:
-                for p in ps:
-                    self.src_order.setdefault(p, len(self.src_order))
-            self.group_of = self.program.target_groups(lists)
-            self.hyper = [_hyper(pg) for pg in groups]
-        else:
-            self.group_of = {(c, n): 0 for _, c, n in self.program.target.placements()}
-            self.hyper = [dict(ADAMW_DEFAULTS)]
-            self.notes.append("the optimizer hyper-parameters in the DeepSpeed checkpoint are "
-                              "torch AdamW's defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8, "
-                              "weight_decay 0.01) in one param group; DeepSpeed's "
-                              "load_checkpoint applies them to your optimizer")
-
-    def _take_template_groups(self, tmpl: dict):
-        """--like: the template's param groups (target names, in its flat order) decide
-        membership and order; hyper-parameters stay the source's when it has as many groups."""
-        groups = tmpl.get("param_groups") or []
-        if not groups:
-            return
-        targets = {(c, n) for _, c, n in self.program.target.placements()}
-        group_of = {}
-        order = {}
-        for g, pg in enumerate(groups):
-            for name in pg.get("params") or []:
-                group_of[((), name)] = g
-                order.setdefault(name, len(order))
-        if set(group_of) != targets:
-            odd = sorted(n for _, n in set(group_of) ^ targets)
-            raise MapcError(f"the template's optimizer param groups do not list the model's "
-                            f"tensors exactly (e.g. {odd[0]})",
-                            hint="use a template holding the same model")
-        self.group_of, self.src_order = group_of, order
-        if len(self.hyper) != len(groups):
-            self.hyper = [_hyper(pg) for pg in groups]
-            self.notes.append(f"the template has {len(groups)} param groups, the source "
-                              f"{len(self.ts.get('param_groups') or []) or 'none'}: the "
-                              f"template's hyper-parameters (lr, weight decay, ...) are used")
-
-    # -- Writer protocol ---------------------------------------------------------------------
     def begin(self, tensors):
-        dp, stage3 = self.dp, self.stage == 3
-        dtypes = {dt for *_, dt in tensors}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in TRAINING_DTYPES:
-            raise MapcError(f"a DeepSpeed module is trained in one dtype, fp32 or bf16; the "
-                            f"weights to write are {', '.join(sorted(dtypes))}",
-                            hint="pass --dtype fp32 or --dtype bf16")
-        self.dtype = next(iter(dtypes))
-        self._finalize_config()
-        placement = {}
-        self.shapes = {}
-        for i, (coord, name, shape, _) in enumerate(tensors):
-            if tuple(coord):
-                raise MapcError(f"internal: the deepspeed writer got a sharded tensor {name} "
-                                f"at {coord}")
-            placement[name] = i
-            self.shapes[name] = tuple(shape)
-        # Tensors the source's optimizer does not order (a source in another layout, or
-        # without optimizer state) take the module's named_parameters() order, derived from
-        # the spec's hf layout: DeepSpeed does not check the flat order on load.
-        module_pos = {n: i for i, n in enumerate(module_order(list(placement)))}
-        inf = len(self.src_order) + len(placement)
-        order = sorted(placement, key=lambda n: (self.src_order.get(n, inf), module_pos[n]))
-        # the module's state_dict order: a DeepSpeed-style source's own, else named_parameters()
-        src_pos = {n: i for i, n in enumerate(self.src_names)} \
-            if isinstance(self.source, ModuleSource) else {}
-        self.module_order = sorted(placement, key=lambda n: (src_pos.get(n, inf), module_pos[n]))
-        ngroups = len(self.hyper)
-        group = {n: g for (_, n), g in self.group_of.items()}
-        members = [[n for n in order if group[n] == g] for g in range(ngroups)]
-        for g, names in enumerate(members):
-            if not names:
-                raise MapcError(f"optimizer param group {g} has no tensor in the target",
-                                where=str(self.source.path),
-                                hint="the source's param groups do not match its weights")
-        sub_size = int((self.cfg.get("zero_optimization") or {}).get(
-            "sub_group_size", DEFAULT_SUB_GROUP_SIZE))
+        d: _DeepSpeedPlan = self.plan.detail
+        rs = d.resume
         self.zero = ZeroOptimizer(self.dir / ".scratch",
-                                  [[(n, prod(self.shapes[n])) for n in names]
-                                   for names in members], dp, self.stage, self.kind, sub_size)
-        self.tag = f"global_step{self.iteration}"
-        self.tag_dir = self.dir / self.tag
+                                  [[(n, prod(d.shapes[n])) for n in names]
+                                   for names in d.members], rs.dp, rs.stage, rs.kind,
+                                  d.sub_group_size)
+        self.tag_dir = self.dir / d.tag
         self.tag_dir.mkdir()
-        model_name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage3 \
+        model_name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if rs.stage == 3 \
             else "mp_rank_00_model_states.pt"
         self.model_writer = torchfile.TorchWriter(self.tag_dir / model_name)
         self.module = {}
-        if stage3:   # the weights live in the optimizer files; the module keeps placeholders
-            empty = np.zeros((0,), DTYPES[self.dtype])
-            for n in order:
-                self.module[n] = self.model_writer.add_tensor(empty)
+        if rs.stage == 3:   # the weights live in the optimizer files; the module: placeholders
+            empty = np.zeros((0,), DTYPES[rs.dtype])
+            for names in d.members:
+                for n in names:
+                    self.module[n] = self.model_writer.add_tensor(empty)
 
     def begin_slot(self, slot, tensors):
         self.incoming.add(slot)
 
     def write(self, coord, name, arr):
-        if self.stage != 3:
+        if self.plan.detail.resume.stage != 3:
             self.module[name] = self.model_writer.add_tensor(np.ascontiguousarray(arr))
         if "master" not in self.incoming:
-            if arr.dtype != np.float32 and not self.fresh and not self._upcast_noted:
-                self._upcast_noted = True
-                self.notes.append(f"the source has no fp32 master weights: they are the "
-                                  f"{self.dtype} weights upcast to fp32")
-            self._scatter("master", name, np.asarray(arr).astype(np.float32))
+            self.zero.scatter("master", name, np.asarray(arr).astype(np.float32))
 
     def write_slot(self, slot, coord, name, arr):
-        self._scatter(slot, name, np.asarray(arr, dtype=np.float32))
-
-    def _scatter(self, slot, name, arr):
-        self.zero.scatter(slot, name, arr)
-
-    # -- files -------------------------------------------------------------------------------
-    def _finalize_config(self):
-        self.cfg, self.kind = training_config(self.cfg, self.has_ds_settings, self.src_dp,
-                                              self.dp, self.stage, self.dtype, self.notes)
+        self.zero.scatter(slot, name, np.asarray(arr, dtype=np.float32))
 
     def finish(self, record: dict):
-        dp = self.dp
-        prefix = "bf16_" if self.dtype == "bfloat16" else ""
-        clip, scale = self.resume.clip_and_scale(self.cfg)
-        for r in range(dp):
+        d: _DeepSpeedPlan = self.plan.detail
+        rs = d.resume
+        prefix = "bf16_" if rs.dtype == "bfloat16" else ""
+        for r in range(rs.dp):
             path = self.tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-            self.zero.write_rank(path, r, hyper_params=self.hyper, step=self.step, clip=clip,
-                                 scale=scale, ds_config=self.cfg)
+            self.zero.write_rank(path, r, hyper_params=list(d.hyper), step=rs.step,
+                                 clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
         self.zero.remove()
         self._model_states()
-        (self.dir / "latest").write_text(self.tag)
-        write_json(self.dir / "ds_config.json", self.cfg)
-        if record.get("config"):
-            write_json(self.dir / "config.json", record["config"])
+        (self.dir / "latest").write_text(d.tag)
+        write_json(self.dir / "ds_config.json", rs.cfg)
+        write_json(self.dir / "config.json", record.get("config") or {})
         write_json(self.dir / MAPC_JSON, record)
 
     def _model_states(self):
-        stage3 = self.stage == 3
-        ts = self.ts
-        missing = [n for n in self.module_order if n not in self.module]
+        d: _DeepSpeedPlan = self.plan.detail
+        rs = d.resume
+        missing = [n for n in d.module_order if n not in self.module]
         if missing:
             raise MapcError(f"internal: no weights were written for {missing[0]}")
-        batch = int(self.cfg.get("train_batch_size") or 0)
-        samples = ts.get("global_samples")
-        if samples is None:
-            samples = self.iteration * batch
-        scheduler = ts.get("lr_scheduler") if self.source.format == "deepspeed" else None
-        states = model_states(self.module, self.module_order, self.program.target.aliases,
-                              self.zero.param_shapes(self.shapes), self.stage,
-                              scheduler=scheduler, steps=self.iteration, samples=samples,
-                              dp=self.dp, ds_config=self.cfg)
+        states = model_states(self.module, list(d.module_order), self.program.target.aliases,
+                              self.zero.param_shapes(d.shapes), rs.stage,
+                              scheduler=d.scheduler, steps=rs.iteration, samples=d.samples,
+                              dp=rs.dp, ds_config=rs.cfg)
         self.model_writer.finish(states)
-        if stage3:   # every rank writes the same model states
+        if rs.stage == 3:   # every rank writes the same model states
             first = self.tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-            for r in range(1, self.dp):
+            for r in range(1, rs.dp):
                 shutil.copyfile(first, self.tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
 
     def abort(self):
-        w = getattr(self, "model_writer", None)
-        if w is not None:
-            w.abort()
-        if getattr(self, "zero", None) is not None:
+        if self.model_writer is not None:
+            self.model_writer.abort()
+        if self.zero is not None:
             self.zero.remove()
 
 
-def make_writer(tmpdir, program, resolved, options):
-    return DeepSpeedWriter(tmpdir, program, resolved, options)
+Writer = DeepSpeedWriter

@@ -32,7 +32,8 @@ import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime.backends import DTYPES
-from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
+from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
+from mapc.runtime.plan_write import PlannedWriter, make_plan, planned_tensors
 from mapc.runtime.safetensors_io import _write_all
 
 LAYOUT = "gguf"
@@ -73,8 +74,17 @@ def detect(path: Path) -> bool:
     return gguf_file(path) is not None
 
 
-def make_writer(tmpdir, program, resolved, options):
-    return GGUFFileWriter(tmpdir, program.target.meta())
+def plan_write(program, facts, request):
+    """One ``model.gguf`` (F32, F16 or BF16 tensors, the layout's metadata, mapc's record)
+    and mapc.json."""
+    tensors = planned_tensors(program, facts, request.dtype, ("param",))
+    for coord, name, shape, dt in tensors:
+        if dt not in GGML_NAME:
+            raise MapcError(f"GGUF output takes float32, float16 or bfloat16 tensors, and "
+                            f"{name} would be {dt}", hint="pass --dtype fp32, fp16 or bf16")
+    types = sorted({GGML_NAME[dt] for *_, dt in tensors})
+    return make_plan("gguf", [FILE, MAPC_JSON], decisions={"tensor types": types},
+                     tensors=tensors)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -222,11 +232,11 @@ def _value_type(vtypes, key, v):
                     hint="fix the spec layout's meta")
 
 
-class GGUFFileWriter(Writer):
-    def __init__(self, tmpdir, meta: dict):
-        super().__init__(tmpdir)
+class GGUFFileWriter(PlannedWriter):
+    def __init__(self, tmpdir, program, plan):
+        super().__init__(tmpdir, program, plan)
         self.gguf = _gguf()
-        self.meta = dict(meta)
+        self.meta = dict(program.target.meta())
         self.path = self.dir / FILE
         self.align = int(self.meta.get(ALIGN_KEY, self.gguf.GGUF_DEFAULT_ALIGNMENT))
         self.fd = None
@@ -330,3 +340,6 @@ def _copy_range(src_fd, dst_fd, src, dst, n, path, chunk=64 * 2**20):
         if k == 0:
             raise MapcError("internal: the file ended early while moving its data", where=path)
         src, dst, n = src + k, dst + k, n - k
+
+
+Writer = GGUFFileWriter

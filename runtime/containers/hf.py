@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,10 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.containers import hf_trainer as trainer
-from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
+from mapc.runtime.backends import DTYPES
+from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
+from mapc.runtime.plan_write import (MOMENTS, PlannedWriter, SourceFacts, WritePlan,
+                                     WriteRequest, make_plan, planned_tensors)
 from mapc.runtime.safetensors_io import SafetensorsFile, SafetensorsWriter
 
 SINGLE = ()
@@ -31,18 +35,48 @@ def detect(path: Path) -> bool:
         any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
 
 
-def make_writer(tmpdir, program, resolved, options):
-    export = None
-    if options.get("with_optimizer"):
-        have = resolved.source.slots()
-        lacking = [s for s in ("exp_avg", "exp_avg_sq") if s not in have]
-        if lacking:
-            raise MapcError(f"--with-optimizer: {resolved.source.path} ({resolved.source.format})"
-                            f" holds no optimizer state (no {' or '.join(lacking)})",
-                            hint="convert a training checkpoint (deepspeed, dcp with optimizer, "
-                                 "an hf Trainer checkpoint), or drop --with-optimizer")
-        export = TrainerExport(tmpdir, program, resolved.source)
-    return HFWriter(tmpdir, options.get("max_shard_bytes") or DEFAULT_SHARD_BYTES, export)
+def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
+    """safetensors shards of at most ``max_shard_bytes`` (5 GB), their index when there are
+    several, config.json and mapc.json; with ``--with-optimizer`` also Trainer's files."""
+    export, notes = None, []
+    if request.with_optimizer:
+        export, notes = plan_trainer_export(program, facts)
+    slots = ("param",) + MOMENTS if export else ("param",)
+    tensors = planned_tensors(program, facts, request.dtype, slots)
+    limit = request.max_shard_bytes or DEFAULT_SHARD_BYTES
+    groups, size, total = [[]], 0, 0
+    for coord, name, shape, dt in tensors:
+        n = DTYPES[dt].itemsize * math.prod(shape)
+        if groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape, dt))
+        size += n
+        total += n
+    names = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    shards = tuple(zip(names, (tuple(g) for g in groups)))
+    dtypes = {dt for *_, dt in tensors}
+    detail = _HFPlan(shards, total, next(iter(dtypes)) if len(dtypes) == 1 else None, export)
+    files = [*names, "config.json", MAPC_JSON] + \
+        (["model.safetensors.index.json"] if len(shards) > 1 else [])
+    decisions = {"shards": len(shards), "max_shard_bytes": limit,
+                 "config dtype": detail.config_dtype}
+    if export is not None:
+        files += [trainer.OPTIMIZER, trainer.SCHEDULER, trainer.TRAINER_STATE]
+        decisions.update({"optimizer": "Trainer AdamW export", "step": export.step,
+                          "global_step": export.global_step,
+                          "param groups": [len(g) for g in export.groups]})
+    return make_plan("hf", files, decisions=decisions, notes=notes, slots=slots,
+                     tensors=tensors, detail=detail)
+
+
+@dataclass(frozen=True)
+class _HFPlan:
+    shards: tuple                    # (file name, ((name, shape, dtype), ...)), in order
+    total: int                       # bytes of all tensors (the index's total_size)
+    config_dtype: str | None         # config.json "dtype" when every tensor has one dtype
+    export: object = None            # _TrainerPlan with --with-optimizer
 
 
 class HFSource(Source):
@@ -221,55 +255,93 @@ class _TrainerFiles:
         }
 
 
-class TrainerExport:
-    """Writes optimizer.pt, scheduler.pt and trainer_state.json as ``Trainer._save_checkpoint``
-    does, so ``Trainer.train(resume_from_checkpoint=DIR)`` continues the run. Moments stream
-    into optimizer.pt as they arrive; the state dict's structure is pickled at the end."""
+@dataclass(frozen=True)
+class _TrainerPlan:
+    """What ``--with-optimizer`` writes: Trainer's two groups (parameter names, decay first)
+    with their hyper-parameters, the optimizer step, the scheduler (None: a constant one at
+    the groups' learning rates), trainer_state.json (None: a minimal one)."""
+    groups: tuple
+    hyper: tuple
+    step: float
+    global_step: int
+    scheduler: object
+    trainer_state: object
+    train_batch_size: int
 
-    def __init__(self, tmpdir, program, source):
+    @property
+    def order(self) -> list[str]:
+        return list(self.groups[0]) + list(self.groups[1])
+
+
+def plan_trainer_export(program, facts: SourceFacts):
+    """The decisions of a Trainer export (optimizer.pt, scheduler.pt, trainer_state.json as
+    ``Trainer._save_checkpoint`` writes them, so ``Trainer.train(resume_from_checkpoint=DIR)``
+    continues the run) and their notes."""
+    where = facts.path
+    lacking = [s for s in MOMENTS if s not in facts.slots]
+    if lacking:
+        raise MapcError(f"--with-optimizer: {facts.path} ({facts.format}) holds no optimizer "
+                        f"state (no {' or '.join(lacking)})",
+                        hint="convert a training checkpoint (deepspeed, dcp with optimizer, "
+                             "an hf Trainer checkpoint), or drop --with-optimizer")
+    groups = trainer.trainer_groups(program.target)
+    training = facts.training
+    src_groups = training.get("param_groups") or []
+    if not src_groups:
+        raise MapcError("--with-optimizer: the source states no optimizer param groups "
+                        "(lr, betas, eps, weight_decay)", where=where,
+                        hint="convert from the training checkpoint itself, or from mapc's "
+                             "conversion of it (its mapc.json keeps them)")
+    for g in src_groups:
+        lacking = [k for k in trainer.REQUIRED_HYPER if k not in g]
+        if lacking:
+            raise MapcError(f"--with-optimizer: a source param group lacks "
+                            f"{', '.join(lacking)}", where=where)
+    if training.get("step") is None:
+        raise MapcError("--with-optimizer: the source does not state the optimizer step",
+                        where=where)
+    step = float(training["step"])
+    it = training.get("iteration")
+    global_step = int(it) if it is not None else int(step)
+    group_of = {name: g for (_, name), g in
+                program.target_groups([list(g.get("params") or []) for g in
+                                       src_groups]).items()}
+    hypers = []
+    for k, names in enumerate(groups):
+        used = sorted({group_of[n] for n in names}) or [0]
+        hyper = trainer.hyper_of(src_groups[used[0]])
+        for other in used[1:]:
+            if not trainer.same_hyper(hyper, trainer.hyper_of(src_groups[other])):
+                raise MapcError(
+                    f"--with-optimizer: Trainer's {'decay' if k == 0 else 'no-decay'} group "
+                    f"takes parameters from source groups {used} whose hyper-parameters "
+                    f"differ ({_diff(hyper, trainer.hyper_of(src_groups[other]))}); one "
+                    f"Trainer group cannot hold both", where=where,
+                    hint="Trainer groups parameters by weight decay (hf_trainer.py)")
+        if not names and k == 1:
+            hyper["weight_decay"] = 0.0
+        hypers.append(hyper)
+    sched = training.get("lr_scheduler")
+    notes = []
+    if not (trainer.is_torch_scheduler(sched) and len(sched["base_lrs"]) == len(groups)):
+        if sched is not None:
+            notes.append("the source's LR scheduler state is not a torch scheduler of "
+                         "Trainer's two groups; scheduler.pt holds a constant schedule at the "
+                         "current learning rate (resume with lr_scheduler_type='constant' or "
+                         "set the schedule)")
+        sched = None
+    plan = _TrainerPlan(tuple(tuple(g) for g in groups), tuple(hypers), step, global_step,
+                        sched, training.get("trainer_state"), trainer.micro_batch(training))
+    return plan, notes
+
+
+class TrainerExport:
+    """Writes a _TrainerPlan: moments stream into optimizer.pt as they arrive; the state
+    dict's structure is pickled at the end."""
+
+    def __init__(self, tmpdir, plan: _TrainerPlan):
         self.dir = Path(tmpdir)
-        self.groups = trainer.trainer_groups(program.target)
-        self.order = self.groups[0] + self.groups[1]
-        training = source.training_state()
-        where = str(source.path)
-        src_groups = training.get("param_groups") or []
-        if not src_groups:
-            raise MapcError("--with-optimizer: the source states no optimizer param groups "
-                            "(lr, betas, eps, weight_decay)", where=where,
-                            hint="convert from the training checkpoint itself, or from mapc's "
-                                 "conversion of it (its mapc.json keeps them)")
-        for g in src_groups:
-            lacking = [k for k in trainer.REQUIRED_HYPER if k not in g]
-            if lacking:
-                raise MapcError(f"--with-optimizer: a source param group lacks "
-                                f"{', '.join(lacking)}", where=where)
-        if training.get("step") is None:
-            raise MapcError("--with-optimizer: the source does not state the optimizer step",
-                            where=where)
-        self.step = float(training["step"])
-        it = training.get("iteration")
-        self.global_step = int(it) if it is not None else int(self.step)
-        group_of = {name: g for (_, name), g in
-                    program.target_groups([list(g.get("params") or []) for g in
-                                           src_groups]).items()}
-        self.hyper = []
-        for k, names in enumerate(self.groups):
-            used = sorted({group_of[n] for n in names}) or [0]
-            hyper = trainer.hyper_of(src_groups[used[0]])
-            for other in used[1:]:
-                if not trainer.same_hyper(hyper, trainer.hyper_of(src_groups[other])):
-                    raise MapcError(
-                        f"--with-optimizer: Trainer's {'decay' if k == 0 else 'no-decay'} group "
-                        f"takes parameters from source groups {used} whose hyper-parameters "
-                        f"differ ({_diff(hyper, trainer.hyper_of(src_groups[other]))}); one "
-                        f"Trainer group cannot hold both", where=where,
-                        hint="Trainer groups parameters by weight decay (hf_trainer.py)")
-            if not names and k == 1:
-                hyper["weight_decay"] = 0.0
-            self.hyper.append(hyper)
-        self.scheduler = training.get("lr_scheduler")
-        self.trainer_state = training.get("trainer_state")
-        self.train_batch_size = trainer.micro_batch(training)
+        self.plan = plan
         self.moments: dict[str, dict] = {}
         self.writer = None
 
@@ -282,31 +354,27 @@ class TrainerExport:
             np.require(arr, requirements="C"))
 
     def finish(self, record: dict):
+        plan = self.plan
         state = {}
-        for i, name in enumerate(self.order):
+        for i, name in enumerate(plan.order):
             got = self.moments.get(name, {})
             if set(got) != {"exp_avg", "exp_avg_sq"}:
                 raise MapcError(f"internal: the optimizer state of {name} was not written")
-            state[i] = {"step": self.writer.add_tensor(np.asarray(self.step, np.float32)),
+            state[i] = {"step": self.writer.add_tensor(np.asarray(plan.step, np.float32)),
                         "exp_avg": got["exp_avg"], "exp_avg_sq": got["exp_avg_sq"]}
         groups, start = [], 0
-        for hyper, names in zip(self.hyper, self.groups):
+        for hyper, names in zip(plan.hyper, plan.groups):
             groups.append({**hyper, "params": list(range(start, start + len(names)))})
             start += len(names)
         self.writer.finish({"state": state, "param_groups": groups})
-        sched = self.scheduler
-        if not (trainer.is_torch_scheduler(sched) and len(sched["base_lrs"]) == len(groups)):
-            if sched is not None:
-                record.setdefault("warnings", []).append(
-                    "the source's LR scheduler state is not a torch scheduler of Trainer's two "
-                    "groups; scheduler.pt holds a constant schedule at the current learning "
-                    "rate (resume with lr_scheduler_type='constant' or set the schedule)")
-            sched = trainer.constant_scheduler([float(h["lr"]) for h in self.hyper],
-                                               self.global_step)
+        sched = plan.scheduler
+        if sched is None:
+            sched = trainer.constant_scheduler([float(h["lr"]) for h in plan.hyper],
+                                               plan.global_step)
         w = torchfile.TorchWriter(self.dir / trainer.SCHEDULER)
         w.finish(sched)
-        state_json = self.trainer_state if isinstance(self.trainer_state, dict) else \
-            trainer.trainer_state(self.global_step, self.train_batch_size)
+        state_json = plan.trainer_state if isinstance(plan.trainer_state, dict) else \
+            trainer.trainer_state(plan.global_step, plan.train_batch_size)
         write_json(self.dir / trainer.TRAINER_STATE, state_json)
 
     def abort(self):
@@ -320,16 +388,18 @@ def _diff(a: dict, b: dict) -> str:
     return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:3])
 
 
-class HFWriter(Writer):
-    def __init__(self, tmpdir, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 export: TrainerExport | None = None):
-        super().__init__(tmpdir)
-        self.max_shard_bytes = max_shard_bytes
-        self.writers = {}
-        self.file_of = {}
-        self.export = export
-        # with a Trainer export the moments come as slots; weights come from the fp32 master
-        self.slots = ("param", "exp_avg", "exp_avg_sq") if export else ("param",)
+class HFWriter(PlannedWriter):
+    """Executes an hf WritePlan: one SafetensorsWriter per planned shard, opened in begin."""
+
+    def begin(self, tensors):
+        d: _HFPlan = self.plan.detail
+        self.writers, self.file_of = {}, {}
+        self.export = TrainerExport(self.dir, d.export) if d.export is not None else None
+        for fname, group in d.shards:
+            self.writers[fname] = SafetensorsWriter(self.dir / fname, list(group),
+                                                    {"format": "pt"})
+            for name, _, _ in group:
+                self.file_of[name] = fname
 
     def begin_slot(self, slot, tensors):
         self.export.begin_slot(slot, tensors)
@@ -337,48 +407,28 @@ class HFWriter(Writer):
     def write_slot(self, slot, coord, name, arr):
         self.export.write(slot, name, arr)
 
-    def begin(self, tensors):
-        from mapc.runtime.backends import DTYPES
-        groups, size, self.total = [[]], 0, 0
-        for coord, name, shape, dt in tensors:
-            n = DTYPES[dt].itemsize * math.prod(shape)
-            if groups[-1] and size + n > self.max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append((name, shape, dt))
-            size += n
-            self.total += n
-        if len(groups) == 1:
-            files = ["model.safetensors"]
-        else:
-            files = [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-                     for k in range(len(groups))]
-        for fname, group in zip(files, groups):
-            self.writers[fname] = SafetensorsWriter(self.dir / fname, group, {"format": "pt"})
-            for name, _, _ in group:
-                self.file_of[name] = fname
-        self.dtypes = {dt for *_, dt in tensors}
-
     def write(self, coord, name, arr):
         self.writers[self.file_of[name]].write(name, arr)
 
     def finish(self, record: dict):
+        d: _HFPlan = self.plan.detail
         for w in self.writers.values():
             w.close()
         if len(self.writers) > 1:
             write_json(self.dir / "model.safetensors.index.json",
-                       {"metadata": {"total_size": self.total}, "weight_map": self.file_of})
+                       {"metadata": {"total_size": d.total}, "weight_map": self.file_of})
         config = dict(record["config"])
-        if len(self.dtypes) == 1:
-            config["dtype"] = next(iter(self.dtypes))
+        if d.config_dtype is not None:
+            config["dtype"] = d.config_dtype
         write_json(self.dir / "config.json", config)
         if self.export is not None:
             self.export.finish(record)
         write_json(self.dir / MAPC_JSON, record)
 
     def abort(self):
-        if self.export is not None:
+        if getattr(self, "export", None) is not None:
             self.export.abort()
 
 
+Writer = HFWriter
 Source = HFSource

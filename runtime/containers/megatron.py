@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from mapc.runtime.containers.base import (MAPC_JSON, RefSource, Writer, coord_key, rank_grid,
+from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
+                                     make_plan, planned_tensors)
+from mapc.runtime.containers.base import (MAPC_JSON, RefSource, coord_key, rank_grid,
                                           write_json)
 
 LAYOUT = "megatron"
@@ -381,30 +384,28 @@ def rank_dir(coord, pp: int, ep: int = 1) -> str:
             + (f"_{c.get('ep', 0):03d}" if ep > 1 else ""))
 
 
-class MegatronWriter(Writer):
+class MegatronWriter(PlannedWriter):
     """Writes ``model_optim_rng.pt`` per rank, streaming each tensor into its file.
 
-    With ``optimizer`` set ("fp32" or "mixed") it also stores the optimizer state as
-    megatron-core's non-distributed optimizer saves it (see the module docstring): moments from
-    the ``exp_avg``/``exp_avg_sq`` slots (and fp32 masters from ``master`` when "mixed"), the
-    step, param groups and scheduler from ``record["training"]``, each tensor's group from
-    ``groups`` ({(coord, name): source group index}, Program.target_groups). Without moments
-    from the source (``fresh``), a fresh optimizer is written: no state, masters = weights."""
+    With an optimizer (plan detail ``kind`` "fp32" or "mixed") it also stores the optimizer
+    state as megatron-core's non-distributed optimizer saves it (see the module docstring):
+    moments from the ``exp_avg``/``exp_avg_sq`` slots (and fp32 masters from ``master`` when
+    "mixed"), the step, param groups and scheduler from ``record["training"]``, each tensor's
+    group from ``groups`` ({(coord, name): source group index}, Program.target_groups).
+    Without moments from the source (``fresh``), a fresh optimizer is written: no state,
+    masters = weights."""
 
-    def __init__(self, tmpdir, topology: dict, args: dict, iteration=None, optimizer=None,
-                 groups=None, fresh=False, default_training=None):
-        super().__init__(tmpdir)
+    def __init__(self, tmpdir, program, plan):
+        super().__init__(tmpdir, program, plan)
+        topology, opt = program.target.mesh, plan.detail
         self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1)
         self.ep = topology.get("ep", 1)
-        self.args = args
-        self.iteration = iteration
-        self.optimizer = optimizer
-        self.groups = groups or {}
-        self.fresh = fresh
-        self.default_training = default_training or {}
-        if optimizer and not fresh:
-            self.slots = ("param", "exp_avg", "exp_avg_sq") + \
-                (("master",) if optimizer == "mixed" else ())
+        self.args = program.target.meta()
+        self.iteration = opt.iteration
+        self.optimizer = opt.kind
+        self.groups = opt.groups or {}
+        self.fresh = opt.fresh
+        self.default_training = opt.training or {}
         self.writers = {}
         self.order = {}
         self.dtypes = {}
@@ -417,8 +418,7 @@ class MegatronWriter(Writer):
         if self.optimizer:   # optimizer indices follow megatron-core's parameter order
             for coord in self.order:
                 self.order[coord] = module_order(self.order[coord])
-        self.sub = "release" if self.iteration is None and not self.optimizer else \
-            f"iter_{int(self.iteration or 0):07d}"
+        self.sub = _subdir(self.iteration, self.optimizer)
         for coord in self.order:
             d = self.dir / self.sub / rank_dir(coord, self.pp, self.ep)
             d.mkdir(parents=True, exist_ok=True)
@@ -430,9 +430,6 @@ class MegatronWriter(Writer):
         if self.fresh and self.optimizer == "mixed" and self._is16(coord, name):
             self.slot_data.setdefault((coord, name), {})["master"] = \
                 w.add_tensor(np.asarray(arr, dtype=np.float32))
-
-    def begin_slot(self, slot, tensors):
-        pass
 
     def write_slot(self, slot, coord, name, arr):
         w, _ = self.writers[coord]
@@ -557,31 +554,66 @@ def _group_sort_key(g):
 Source = MegatronSource
 
 
-def make_writer(tmpdir, program, resolved, options):
-    source = resolved.source
-    have = source.slots()
-    training = source.training_state() if "exp_avg" in have else {}
-    want = "exp_avg" in have or options.get("with_optimizer")
+def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
+    """``model_optim_rng.pt`` per rank under ``release/`` (weights only) or ``iter_N/`` (with
+    optimizer state: the source's, or fresh with --with-optimizer), the tracker file and
+    mapc.json."""
+    have = facts.slots
+    training = facts.training if "exp_avg" in have else {}
+    want = "exp_avg" in have or request.with_optimizer
+    mesh, meta = program.target.mesh, program.target.meta()
     if not want:
-        return MegatronWriter(tmpdir, program.target.mesh, program.target.meta())
-    dtype = options.get("dtype")
-    if dtype is None:   # the weights' dtype as the program writes them (the source's)
-        _, coord, name = program.source.instances[0].shards[0]
-        dtype = source.dtype(name, coord)
-    kind = "mixed" if dtype in ("float16", "bfloat16") else "fp32"
-    fresh = "exp_avg" not in have
-    if fresh:   # megatron-core's default groups; hyper-parameters from the args, or AdamW's
-        a = program.target.meta()
-        hyper = {"lr": a.get("lr", 1e-3), "betas": (a.get("adam_beta1", 0.9),
-                                                     a.get("adam_beta2", 0.999)),
-                 "eps": a.get("adam_eps", 1e-8)}
-        training = {"param_groups": [dict(hyper, weight_decay=a.get("weight_decay", 0.01)),
-                                     dict(hyper, weight_decay=0.0)]}
-        groups = {(coord, name): int(_no_weight_decay(name, len(inst.recipe.shard_shape)))
-                  for inst, coord, name in program.target.placements()}
+        opt = _MegatronOptimizer(None, None, {}, False, {})
+        slots = ("param",)
     else:
-        groups = program.target_groups([g.get("params", []) for g in
-                                        training.get("param_groups", [])])
-    return MegatronWriter(tmpdir, program.target.mesh, program.target.meta(),
-                          iteration=training.get("iteration") or 0, optimizer=kind,
-                          groups=groups, fresh=fresh, default_training=training)
+        dtype = request.dtype
+        if dtype is None:   # the weights' dtype as the program writes them (the source's)
+            first = next(iter(program.source.instances[0].members.values()))
+            dtype = facts.dtypes["param"][first]
+        kind = "mixed" if dtype in ("float16", "bfloat16") else "fp32"
+        fresh = "exp_avg" not in have
+        if fresh:   # megatron-core's default groups; hyper-parameters from the args, or AdamW's
+            hyper = {"lr": meta.get("lr", 1e-3), "betas": (meta.get("adam_beta1", 0.9),
+                                                           meta.get("adam_beta2", 0.999)),
+                     "eps": meta.get("adam_eps", 1e-8)}
+            training = {"param_groups": [dict(hyper, weight_decay=meta.get("weight_decay", 0.01)),
+                                         dict(hyper, weight_decay=0.0)]}
+            groups = {(coord, name): int(_no_weight_decay(name, len(inst.recipe.shard_shape)))
+                      for inst, coord, name in program.target.placements()}
+        else:
+            groups = program.target_groups([g.get("params", []) for g in
+                                            training.get("param_groups", [])])
+        opt = _MegatronOptimizer(training.get("iteration") or 0, kind, groups, fresh, training)
+        slots = ("param", "exp_avg", "exp_avg_sq") + (("master",) if kind == "mixed" else ()) \
+            if not fresh else ("param",)
+    tensors = planned_tensors(program, facts, request.dtype, slots)
+    tp, pp, ep = mesh.get("tp", 1), mesh.get("pp", 1), mesh.get("ep", 1)
+    sub = _subdir(opt.iteration, opt.kind)
+    coords = sorted({coord for coord, *_ in tensors}, key=lambda c: tuple(i for _, i in c))
+    files = [f"{sub}/{rank_dir(c, pp, ep)}/{FILE}" for c in coords] + [TRACKER, MAPC_JSON]
+    origin = "fresh" if opt.fresh else "the source's"
+    decisions = {"folder": sub, "tp": tp, "pp": pp, "ep": ep,
+                 "optimizer": f"{origin} ({opt.kind})" if opt.kind else "none"}
+    return make_plan("megatron", files, decisions=decisions, slots=slots, tensors=tensors,
+                     detail=opt)
+
+
+@dataclass(frozen=True)
+class _MegatronOptimizer:
+    """The optimizer a megatron output carries: ``kind`` None (weights only), "fp32" or
+    "mixed"; ``groups`` {(coord, name): source group}; ``fresh``: no moments from the source
+    (masters = weights); ``training``: the param groups (and step, scheduler) to write when
+    the record's training state has none."""
+    iteration: int | None
+    kind: str | None
+    groups: dict
+    fresh: bool
+    training: dict
+
+
+def _subdir(iteration, optimizer) -> str:
+    return "release" if iteration is None and not optimizer else \
+        f"iter_{int(iteration or 0):07d}"
+
+
+Writer = MegatronWriter

@@ -40,7 +40,8 @@ import yaml
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from mapc.runtime.containers.base import RefSource, Writer, coord_key
+from mapc.runtime.containers.base import RefSource, coord_key
+from mapc.runtime.plan_write import PlannedWriter, make_plan, planned_tensors
 from mapc.runtime.containers.dcp import load_torch_at
 from mapc.runtime.containers.megatron import flatten
 
@@ -51,7 +52,6 @@ PREFIX = "model."
 RECORD_KEY = "mapc"
 SUFFIX = ".nemo"
 _RANK_DIR = re.compile(r"^(?:mp_rank_(\d{2})|tp_rank_(\d{2})_pp_rank_(\d{3}))$")
-_TMP_NAME = re.compile(r"^\.(.+)\.mapc-[^.]*$")   # AtomicOutput's temporary directory name
 
 
 def _same(v):
@@ -99,17 +99,28 @@ def detect(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG).is_file()
 
 
-def make_writer(tmpdir, program, resolved, options):
-    if program.target.mesh.get("ep", 1) > 1:
+def plan_write(program, facts, request):
+    """The directory form (``model_config.yaml`` and ``model_weights.ckpt`` per rank folder),
+    or, for a DST ending in ``.nemo``, that directory packed into one tar file."""
+    mesh = program.target.mesh
+    if mesh.get("ep", 1) > 1:
         raise MapcError("NeMo checkpoints have no expert-parallel file layout in mapc yet "
-                        f"(ep={program.target.mesh['ep']})",
+                        f"(ep={mesh['ep']})",
                         hint="write NeMo with --ep 1, or use --to megatron for expert parallelism")
-    dst = options.get("dst")
-    if dst is None:     # not passed by this mapc version: recover it from the temp dir name
-        m = _TMP_NAME.match(Path(tmpdir).name)
-        dst = m.group(1) if m else ""
-    return NemoWriter(tmpdir, program.target.mesh, program.target.meta(),
-                      as_tar=str(dst).endswith(SUFFIX))
+    tensors = planned_tensors(program, facts, request.dtype, ("param",))
+    tp, pp = mesh.get("tp", 1), mesh.get("pp", 1)
+    as_tar = str(request.dst).endswith(SUFFIX)
+    files = ["."] if as_tar else [CONFIG] + [_weights_path(c, tp, pp) for c in
+                                             {c for c, *_ in tensors}]
+    return make_plan("nemo", files, decisions={"tp": tp, "pp": pp,
+                                               "form": "tar" if as_tar else "directory"},
+                     tensors=tensors, detail=as_tar)
+
+
+def _weights_path(coord, tp: int, pp: int) -> str:
+    c = dict(coord)
+    d = rank_dir(c["tp"], c.get("pp", 0), tp, pp)
+    return f"{d}/{WEIGHTS}" if d else WEIGHTS
 
 
 def _rank_of(rel: str):
@@ -332,23 +343,22 @@ class NemoSource(RefSource):
 Source = NemoSource
 
 
-class NemoWriter(Writer):
-    """Writes the directory form; with ``as_tar``, packs it into a ``.nemo`` tar at the end
+class NemoWriter(PlannedWriter):
+    """Writes the directory form; with a tar plan, packs it into a ``.nemo`` tar at the end
     and leaves that file at the temporary path, which AtomicOutput renames into place."""
 
-    def __init__(self, tmpdir, topology: dict, meta: dict, as_tar: bool = False):
-        super().__init__(Path(tmpdir))
+    def __init__(self, tmpdir, program, plan):
+        super().__init__(tmpdir, program, plan)
+        topology = program.target.mesh
         self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1)
-        self.meta = meta
-        self.as_tar = as_tar
+        self.meta = program.target.meta()
+        self.as_tar = bool(plan.detail)
         self.writers = {}
         self.order = {}
         self.tar_path = None
 
     def _path(self, coord) -> Path:
-        c = dict(coord)
-        d = rank_dir(c["tp"], c.get("pp", 0), self.tp, self.pp)
-        return (self.dir / d / WEIGHTS) if d else self.dir / WEIGHTS
+        return self.dir / _weights_path(coord, self.tp, self.pp)
 
     def begin(self, tensors):
         for coord, name, shape, dt in tensors:
@@ -425,3 +435,6 @@ class NemoWriter(Writer):
                 self.tar_path.unlink()
             except FileNotFoundError:
                 pass
+
+
+Writer = NemoWriter

@@ -29,6 +29,7 @@ import json
 import re
 import shutil
 from collections import OrderedDict
+from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
@@ -36,8 +37,9 @@ import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from mapc.runtime.containers.base import (MAPC_JSON, RefSource, Writer, read_record,
-                                          write_json)
+from mapc.runtime.containers.base import MAPC_JSON, RefSource, read_record, write_json
+from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
+                                     make_plan, planned_tensors)
 
 LAYOUT = "neox"
 LATEST = "latest"
@@ -372,236 +374,242 @@ def stage_bounds(n_layers: int, pp: int, method: str | None) -> list[int]:
                     f"state", hint="use 'type:transformer|mlp' (NeoX's default) or 'uniform'")
 
 
-class NeoxWriter(Writer):
-    """Layer files by (position, tp rank), streamed: a file is finished as soon as its last
-    tensor arrives, so only the files of the units in flight are open. When the source has
-    optimizer state (or --with-optimizer asks for a fresh one), one ZeRO stage-1 optimizer per
-    model-parallel rank (pipeline stage, tp rank) over the parameters that stage holds, each
-    partitioned over ``dp`` ranks (runtime/containers/zero.py: scratch files, nothing held in
-    memory). A weights-only source gives weights only (NeoX builds its own optimizer with
-    ``no_load_optim``), as the ``megatron`` writer does."""
+@dataclass(frozen=True)
+class _NeoxPlan:
+    """A neox output's decisions: the tag, the layer files' keys (``expected[(position, tp
+    rank)]``), every tensor's shape by (tp rank, name), whether optimizer state is written
+    (``optim``) with its ZeRO decisions (``resume``), the stage of every position, the param
+    groups per model-parallel rank (``groups[m]``: lists of (name, numel); ``hyper[m]``),
+    the resume config (``args``), the model states' scheduler and sample count."""
+    tag: str
+    tp: int
+    pp: int
+    expected: dict
+    shapes: dict
+    optim: bool
+    resume: object                 # zero.ResumePlan
+    stage_of: dict
+    groups: dict
+    hyper: dict
+    args: dict
+    scheduler: object
+    samples: int
+    meta: dict
 
-    slots = ("param", "master", "exp_avg", "exp_avg_sq")
 
-    def __init__(self, tmpdir, program, resolved, options):
-        super().__init__(tmpdir)
-        topology = program.target.mesh
-        self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1)
-        self.meta = program.target.meta()
-        self.program = program
-        self.source = resolved.source
-        self.notes = resolved.warnings
-        self.dst = options.get("dst")
-        have = set(self.source.slots())
-        self.optim = {"exp_avg", "exp_avg_sq"} <= have or bool(options.get("with_optimizer"))
-        if not self.optim:
-            self.slots = ("param",)
-        rs = _zero().ResumeState(self.source, options, self.notes if self.optim else [], "neox")
-        self.resume, ts, self.ts, self.src_dp, self.dp = rs, rs.ts, rs.ts, rs.src_dp, rs.dp
-        self.has_ds_settings, self.cfg, stage = rs.has_settings, rs.cfg, rs.stage
-        self.expected: dict[tuple, list[str]] = {}
-        self.open: dict[tuple, tuple] = {}
-        self.tag = None
-        if stage is not None and int(stage) > 1:
-            raise MapcError(f"the source trained with ZeRO stage {stage}; DeepSpeed pipelines "
-                            f"train with ZeRO stage 0 or 1", where=str(self.source.path))
-        if self.optim and ((stage is None and not rs.fresh) or stage == 0):
-            self.notes.append(f"the source carries {'no' if stage is None else 'a stage 0'} "
-                              f"ZeRO optimizer: the neox checkpoint gets ZeRO stage 1 "
-                              f"optimizer files at dp={self.dp}")
-        self.stage = 1
-        self.fresh, self.step = rs.fresh, rs.step
-        self.incoming: set[str] = set()
-        self._upcast_noted = False
-        groups = ts.get("param_groups") or []
-        if not self.optim:
-            self.group_of, self.hyper = None, []
-        elif groups and not self.fresh:
-            self.group_of = {(dict(c).get("tp", 0), n): g for (c, n), g in
-                             program.target_groups([list(pg.get("params") or [])
-                                                    for pg in groups]).items()}
-            self.hyper = [_zero().hyper(pg) for pg in groups]
-        else:
-            self.group_of = None      # NeoX's groups, decided in begin() from the shapes
-            wd = self.meta.get("weight_decay")
-            wd = 0.01 if wd is None else float(wd)
-            base = dict(_zero().ADAMW_DEFAULTS, weight_decay=wd)
-            if self.meta.get("lr") is not None:
-                base["lr"] = float(self.meta["lr"])
-            self.hyper = [base] if wd == 0.0 else [base, dict(base, weight_decay=0.0)]
-            self.notes.append(f"the optimizer param groups are NeoX's (weight decay {wd} for "
-                              f"matrices, none for norms and biases) with torch AdamW's other "
-                              f"defaults; NeoX's load_checkpoint applies your config's values")
-
-    def begin(self, tensors):
-        z = _zero()
-        shapes, dtypes = {}, set()
-        for coord, name, shape, dt in tensors:
-            head, _, key = name.partition(".")
-            if not head.isdigit() or not key:
-                raise MapcError(f"internal: {name!r} is not a pipeline state-dict name "
-                                "('<position>.<key>')")
-            t = dict(coord).get("tp", 0)
-            file = (int(head), t)
-            self.expected.setdefault(file, []).append(key)
-            shapes[(t, name)] = tuple(shape)
-            dtypes.add(dt)
-        _allow_open_files(len(self.expected) + 64)
-        self.shapes = shapes
-        self.zero, self.hyper_of = {}, {}
-        if self.optim:
-            self._plan_optimizers(dtypes)
-
-    def _plan_optimizers(self, dtypes):
-        """One ZeroOptimizer per (stage, tp rank) over the parameters its stage holds."""
-        z = _zero()
-        shapes = self.shapes
-        if len(dtypes) != 1 or next(iter(dtypes)) not in z.TRAINING_DTYPES:
-            raise MapcError(f"a DeepSpeed pipeline is trained in one dtype, fp32 or bf16; the "
-                            f"weights to write are {', '.join(sorted(dtypes))}",
-                            hint="pass --dtype fp32 or --dtype bf16")
-        self.dtype = next(iter(dtypes))
-        self.cfg, self.kind = z.training_config(self.cfg, self.has_ds_settings, self.src_dp,
-                                                self.dp, self.stage, self.dtype, self.notes,
-                                                "the resume config (configs/mapc_neox.yml)")
-        n_layers = max(p for p, _ in self.expected) + 1
-        self.partition = self.meta.get("pipe_partition_method") or \
-            (getattr(self.source, "format_meta", None) or {}).get("pipe_partition_method")
-        bounds = stage_bounds(n_layers, self.pp, self.partition)
-        self.stage_of = {p: s for s in range(self.pp) for p in range(bounds[s], bounds[s + 1])}
-        group_of = self.group_of
-        if group_of is None:
-            group_of = {k: 0 if len(s) > 1 or len(self.hyper) == 1 else 1
-                        for k, s in shapes.items()}
-        for s in range(self.pp):
-            for t in range(self.tp):
-                held = [(p, key) for (p, tt), keys in sorted(self.expected.items())
-                        if tt == t and self.stage_of[p] == s for key in keys]
-                members = [[] for _ in self.hyper]
+def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
+    """Layer files by (position, tp rank), one ``mp_rank`` file per (stage, tp rank), with
+    optimizer state (the source's, or fresh with --with-optimizer) one ZeRO stage-1 optimizer
+    file per (data-parallel rank, model-parallel rank); ``latest``, the resume config
+    ``configs/mapc_neox.yml`` and mapc.json."""
+    z = _zero()
+    topology = program.target.mesh
+    tp, pp = topology.get("tp", 1), topology.get("pp", 1)
+    meta = program.target.meta()
+    optim = facts.has_moments or bool(request.with_optimizer)
+    slots = ("param", "master", "exp_avg", "exp_avg_sq") if optim else ("param",)
+    tensors = planned_tensors(program, facts, request.dtype, slots)
+    expected: dict[tuple, list[str]] = {}
+    shapes, dtypes = {}, set()
+    for coord, name, shape, dt in tensors:
+        head, _, key = name.partition(".")
+        if not head.isdigit() or not key:
+            raise MapcError(f"internal: {name!r} is not a pipeline state-dict name "
+                            "('<position>.<key>')")
+        t = dict(coord).get("tp", 0)
+        expected.setdefault((int(head), t), []).append(key)
+        shapes[(t, name)] = tuple(shape)
+        dtypes.add(dt)
+    notes: list[str] = []
+    rs = z.plan_resume(facts, request, "neox", dtypes, notes, optim=optim,
+                       config_name="the resume config (configs/mapc_neox.yml)")
+    ts = facts.training
+    groups = ts.get("param_groups") or []
+    group_of, hyper = None, []
+    if optim and groups and not rs.fresh:
+        group_of = {(dict(c).get("tp", 0), n): g for (c, n), g in
+                    program.target_groups([list(pg.get("params") or [])
+                                           for pg in groups]).items()}
+        hyper = [z.hyper(pg) for pg in groups]
+    elif optim:                  # NeoX's groups, by the tensors' shapes
+        wd = meta.get("weight_decay")
+        wd = 0.01 if wd is None else float(wd)
+        base = dict(z.ADAMW_DEFAULTS, weight_decay=wd)
+        if meta.get("lr") is not None:
+            base["lr"] = float(meta["lr"])
+        hyper = [base] if wd == 0.0 else [base, dict(base, weight_decay=0.0)]
+        notes.append(f"the optimizer param groups are NeoX's (weight decay {wd} for "
+                     f"matrices, none for norms and biases) with torch AdamW's other "
+                     f"defaults; NeoX's load_checkpoint applies your config's values")
+        group_of = {k: 0 if len(sh) > 1 or len(hyper) == 1 else 1 for k, sh in shapes.items()}
+    partition = meta.get("pipe_partition_method") or facts.format_meta.get(
+        "pipe_partition_method")
+    stage_of, zgroups, zhyper = {}, {}, {}
+    if optim:
+        n_layers = max(p for p, _ in expected) + 1
+        bounds = stage_bounds(n_layers, pp, partition)
+        stage_of = {p: s for s in range(pp) for p in range(bounds[s], bounds[s + 1])}
+        for s in range(pp):
+            for t in range(tp):
+                held = [(p, key) for (p, tt), keys in sorted(expected.items())
+                        if tt == t and stage_of[p] == s for key in keys]
+                members = [[] for _ in hyper]
                 for p, key in held:
                     name = f"{p}.{key}"
                     members[group_of[(t, name)]].append((name, prod(shapes[(t, name)])))
                 if not any(members):
-                    raise MapcError(f"pipeline stage {s} holds no parameters at pp={self.pp}",
+                    raise MapcError(f"pipeline stage {s} holds no parameters at pp={pp}",
                                     hint="use a smaller --pp")
-                m = s * self.tp + t
+                m = s * tp + t
                 # DeepSpeed drops a stage's empty param groups before building its optimizer
-                self.hyper_of[m] = [h for h, g in zip(self.hyper, members) if g]
-                self.zero[m] = z.ZeroOptimizer(self.dir / ".scratch" / f"mp{m}",
-                                               [g for g in members if g], self.dp, self.stage,
-                                               self.kind)
+                zhyper[m] = tuple(h for h, g in zip(hyper, members) if g)
+                zgroups[m] = tuple(tuple(g) for g in members if g)
+    iteration = rs.iteration
+    samples = ts.get("global_samples")
+    if samples is None:
+        samples = iteration * int(rs.cfg.get("train_batch_size") or 0)
+    args = _resume_args(meta, tp, pp, optim, rs, partition if optim else None, request.dst)
+    tag = f"global_step{iteration}"
+    detail = _NeoxPlan(tag, tp, pp, {k: tuple(v) for k, v in expected.items()}, shapes, optim,
+                       rs, stage_of, zgroups, zhyper, args,
+                       ts.get("lr_scheduler") if facts.format == "neox" else None,
+                       int(samples), meta)
+    prefix = "bf16_" if optim and rs.dtype == "bfloat16" else ""   # bf16_mode
+    files = [f"{tag}/{layer_file(*f)}" for f in expected]
+    files += [f"{tag}/{mp_file(s, t, tp)}" for s in range(pp) for t in range(tp)]
+    files += [f"{tag}/{prefix}zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt"
+              for m in zgroups for r in range(rs.dp)]
+    files += [LATEST, "configs/mapc_neox.yml", MAPC_JSON]
+    decisions = {"tag": tag, "tp": tp, "pp": pp, "dp": rs.dp,
+                 "optimizer": ("fresh" if rs.fresh else "the source's") if optim else "none"}
+    if optim:
+        decisions.update({"zero stage": rs.stage, "step": rs.step,
+                          "optimizer class": rs.kind, "training dtype": rs.dtype,
+                          "pipe partition": partition or DEFAULT_PARTITION,
+                          "param groups": {m: [len(g) for g in gs] for m, gs in zgroups.items()}})
+    return make_plan("neox", files, decisions=decisions, notes=notes, slots=slots,
+                     tensors=tensors, detail=detail)
+
+
+def _resume_args(meta, tp, pp, optim, rs, partition, dst) -> dict:
+    """The NeoX config to resume with: the source's, at the new sizes, batch settings
+    keeping the global batch at the new data-parallel size, loading this checkpoint."""
+    args = dict(meta)
+    args.update(model_parallel_size=tp, pipe_parallel_size=pp,
+                no_load_optim=not optim, no_load_rng=True)
+    if optim:
+        args["zero_optimization"] = dict(args.get("zero_optimization") or {}, stage=rs.stage)
+    if partition:
+        args["pipe_partition_method"] = partition
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps"):
+        if rs.cfg.get(key) is not None:
+            args[key] = rs.cfg[key]
+    if dst:
+        args.update(load=str(Path(dst).absolute()), save=str(Path(dst).absolute()))
+    return args
+
+
+class NeoxWriter(PlannedWriter):
+    """Layer files by (position, tp rank), streamed: a file is finished as soon as its last
+    tensor arrives, so only the files of the units in flight are open. With optimizer state,
+    one ZeRO stage-1 optimizer per model-parallel rank (pipeline stage, tp rank) over the
+    parameters that stage holds, each partitioned over ``dp`` ranks (runtime/containers/
+    zero.py: scratch files, nothing held in memory). A weights-only source gives weights only
+    (NeoX builds its own optimizer with ``no_load_optim``) unless --with-optimizer asks for a
+    fresh one, as the ``megatron`` writer does."""
+
+    def __init__(self, tmpdir, program, plan):
+        super().__init__(tmpdir, program, plan)
+        self.open: dict[tuple, tuple] = {}
+        self.zero: dict = {}
+        self.incoming: set[str] = set()
+
+    def begin(self, tensors):
+        d: _NeoxPlan = self.plan.detail
+        _allow_open_files(len(d.expected) + 64)
+        z = _zero()
+        for m, groups in d.groups.items():
+            self.zero[m] = z.ZeroOptimizer(self.dir / ".scratch" / f"mp{m}", list(groups),
+                                           d.resume.dp, d.resume.stage, d.resume.kind)
+        (self.dir / d.tag).mkdir()
 
     def begin_slot(self, slot, tensors):
         self.incoming.add(slot)
 
-    def _dir(self) -> Path:
-        return self.dir / "global_step_pending"
-
     def _zero_of(self, coord, name):
+        d: _NeoxPlan = self.plan.detail
         t = dict(coord).get("tp", 0)
-        return self.zero[self.stage_of[int(name.partition(".")[0])] * self.tp + t]
+        return self.zero[d.stage_of[int(name.partition(".")[0])] * d.tp + t]
 
     def write(self, coord, name, arr):
+        d: _NeoxPlan = self.plan.detail
         head, _, key = name.partition(".")
         file = (int(head), dict(coord).get("tp", 0))
         if file not in self.open:
-            d = self._dir()
-            d.mkdir(exist_ok=True)
-            self.open[file] = (torchfile.TorchWriter(d / layer_file(*file)), {})
+            self.open[file] = (torchfile.TorchWriter(self.dir / d.tag / layer_file(*file)), {})
         w, values = self.open[file]
         values[key] = w.add_tensor(arr)
-        if len(values) == len(self.expected[file]):
-            w.finish(OrderedDict((k, values[k]) for k in self.expected[file]))
+        if len(values) == len(d.expected[file]):
+            w.finish(OrderedDict((k, values[k]) for k in d.expected[file]))
             self.open[file] = (None, values)
-        if self.optim and "master" not in self.incoming:
-            if arr.dtype != np.float32 and not self.fresh and not self._upcast_noted:
-                self._upcast_noted = True
-                self.notes.append(f"the source has no fp32 master weights: they are the "
-                                  f"{self.dtype} weights upcast to fp32")
+        if d.optim and "master" not in self.incoming:
             self._zero_of(coord, name).scatter("master", name, np.asarray(arr, np.float32))
 
     def write_slot(self, slot, coord, name, arr):
         self._zero_of(coord, name).scatter(slot, name, arr)
 
     def finish(self, record: dict):
-        training = record.get("training") or {}
-        iteration = int(training.get("iteration") or 0)
-        self.tag = f"global_step{iteration}"
-        d = self._dir()
-        d.mkdir(exist_ok=True)
+        d: _NeoxPlan = self.plan.detail
+        rs = d.resume
+        tag_dir = self.dir / d.tag
         unfinished = [layer_file(*f) for f, (w, _) in self.open.items() if w is not None]
-        if unfinished or len(self.open) != len(self.expected):
+        if unfinished or len(self.open) != len(d.expected):
             raise MapcError(f"internal: layer files left incomplete: {unfinished[:3]}")
-        ts = self.ts
-        clip, scale = self.resume.clip_and_scale(self.cfg)
-        prefix = "bf16_" if getattr(self, "dtype", "") == "bfloat16" else ""   # bf16_mode
-        samples = training.get("global_samples")
-        if samples is None:
-            samples = iteration * int(self.cfg.get("train_batch_size") or 0)
-        scheduler = ts.get("lr_scheduler") if self.source.format == "neox" else None
-        for stage in range(self.pp):
-            for t in range(self.tp):
-                m = stage * self.tp + t
+        prefix = "bf16_" if d.optim and rs.dtype == "bfloat16" else ""   # bf16_mode
+        for stage in range(d.pp):
+            for t in range(d.tp):
+                m = stage * d.tp + t
                 zero = self.zero.get(m)
                 param_shapes = None
                 if zero is not None:
-                    for r in range(self.dp):
+                    for r in range(rs.dp):
                         name = f"{prefix}zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt"
-                        zero.write_rank(d / name, r, hyper_params=self.hyper_of[m],
-                                        step=self.step, clip=clip, scale=scale,
-                                        ds_config=self.cfg)
+                        zero.write_rank(tag_dir / name, r, hyper_params=list(d.hyper[m]),
+                                        step=rs.step, clip=rs.clip, scale=rs.scale,
+                                        ds_config=rs.cfg)
                     param_shapes = zero.param_shapes(
-                        {n: self.shapes[(t, n)] for f in zero.flats for n in f.names})
+                        {n: d.shapes[(t, n)] for f in zero.flats for n in f.names})
                     zero.remove()
                 state = {
                     "module": None, "buffer_names": [], "optimizer": None,
                     "param_shapes": param_shapes, "frozen_param_shapes": None,
                     "shared_params": {}, "frozen_param_fragments": None,
-                    "lr_scheduler": scheduler,
+                    "lr_scheduler": d.scheduler,
                     "data_sampler": None, "random_ltd": None, "skipped_steps": 0,
-                    "global_steps": iteration, "global_samples": int(samples),
-                    "dp_world_size": self.dp, "mp_world_size": self.tp * self.pp,
-                    "checkpoint_parallel_dimensions": {"pp_degree": self.pp,
-                                                       "tp_degree": self.tp},
-                    "ds_config": self.cfg, "ds_version": _zero().DS_VERSION,
-                    "iteration": iteration,
-                    "args": {k: v for k, v in self._args().items() if k in ARGS_KEYS},
+                    "global_steps": rs.iteration, "global_samples": d.samples,
+                    "dp_world_size": rs.dp, "mp_world_size": d.tp * d.pp,
+                    "checkpoint_parallel_dimensions": {"pp_degree": d.pp,
+                                                       "tp_degree": d.tp},
+                    "ds_config": rs.cfg, "ds_version": _zero().DS_VERSION,
+                    "iteration": rs.iteration,
+                    "args": {k: v for k, v in d.args.items() if k in ARGS_KEYS},
                 }
-                w = torchfile.TorchWriter(d / mp_file(stage, t, self.tp))
+                w = torchfile.TorchWriter(tag_dir / mp_file(stage, t, d.tp))
                 w.finish(state)
         shutil.rmtree(self.dir / ".scratch", ignore_errors=True)
-        d.rename(self.dir / self.tag)
-        (self.dir / LATEST).write_text(self.tag)
+        (self.dir / LATEST).write_text(d.tag)
         configs = self.dir / "configs"
         configs.mkdir()
         # JSON is valid YAML: NeoX reads this with its YAML loader.
-        (configs / "mapc_neox.yml").write_text(json.dumps(self._args(), indent=2) + "\n")
-        write_json(self.dir / MAPC_JSON, dict(record, meta=self.meta))
-
-    def _args(self) -> dict:
-        """The NeoX config to resume with: the source's, at the new sizes, batch settings
-        keeping the global batch at the new data-parallel size, loading this checkpoint."""
-        args = dict(self.meta)
-        args.update(model_parallel_size=self.tp, pipe_parallel_size=self.pp,
-                    no_load_optim=not self.optim, no_load_rng=True)
-        if self.optim:
-            args["zero_optimization"] = dict(args.get("zero_optimization") or {},
-                                             stage=self.stage)
-        if getattr(self, "partition", None):
-            args["pipe_partition_method"] = self.partition
-        for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
-                    "gradient_accumulation_steps"):
-            if self.cfg.get(key) is not None:
-                args[key] = self.cfg[key]
-        if self.dst:
-            args.update(load=str(Path(self.dst).absolute()), save=str(Path(self.dst).absolute()))
-        return args
+        (configs / "mapc_neox.yml").write_text(json.dumps(d.args, indent=2) + "\n")
+        write_json(self.dir / MAPC_JSON, dict(record, meta=d.meta))
 
     def abort(self):
         for w, _ in self.open.values():
             if w is not None:
                 w.abort()
-        for z in getattr(self, "zero", {}).values():
+        for z in self.zero.values():
             z.remove()
 
 
@@ -610,5 +618,4 @@ def _zero():
     return zero
 
 
-def make_writer(tmpdir, program, resolved, options):
-    return NeoxWriter(tmpdir, program, resolved, options)
+Writer = NeoxWriter

@@ -16,8 +16,9 @@ import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from mapc.runtime.containers.base import (MAPC_JSON, RefSource, Writer, coord_key, rank_grid,
+from mapc.runtime.containers.base import (MAPC_JSON, RefSource, coord_key, rank_grid,
                                           read_record, write_json)
+from mapc.runtime.plan_write import PlannedWriter, make_plan, planned_tensors
 
 LAYOUT = "nxdt"
 _RANK_FILE = re.compile(r"^dp_rank_(\d+)_tp_rank_(\d+)_pp_rank_(\d+)(?:_ep_rank_(\d+))?\.pt$")
@@ -112,17 +113,36 @@ class NxdtSource(RefSource):
 Source = NxdtSource
 
 
-class NxdtWriter(Writer):
-    def __init__(self, tmpdir, topology: dict, xser: bool, meta: dict):
-        super().__init__(tmpdir)
-        self.ep = topology.get("ep", 1)
-        self.xser = xser
-        self.meta = meta
+def plan_write(program, facts, request):
+    """``model/dp_rank_00_tp_rank_TT_pp_rank_PP[_ep_rank_EE].pt`` per rank (with ``xser``,
+    each tensor in its own file under ``<rank file>.tensors/``) and mapc.json."""
+    tensors = planned_tensors(program, facts, request.dtype, ("param",))
+    ep = program.target.mesh.get("ep", 1)
+    xser = bool(program.target.params.get("xser"))
+    per_coord: dict = {}
+    for coord, *_ in tensors:
+        per_coord[coord] = per_coord.get(coord, 0) + 1
+    files = [MAPC_JSON]
+    for coord, n in per_coord.items():
+        rank = f"model/{rank_file(coord, ep)}"
+        files.append(rank)
+        if xser:
+            files += [f"{rank}.tensors/tensor_{i}.pt" for i in range(n)]
+    return make_plan("nxdt", files, decisions={"xser": xser, "ranks": len(per_coord)},
+                     tensors=tensors)
+
+
+class NxdtWriter(PlannedWriter):
+    def __init__(self, tmpdir, program, plan):
+        super().__init__(tmpdir, program, plan)
+        self.ep = program.target.mesh.get("ep", 1)
+        self.xser = bool(program.target.params.get("xser"))
+        self.meta = program.target.meta()
         self.model_dir = self.dir / "model"
-        self.model_dir.mkdir()
         self.files: dict = {}
 
     def begin(self, tensors):
+        self.model_dir.mkdir()
         for coord, name, shape, dt in tensors:
             if coord not in self.files:
                 path = self.model_dir / rank_file(coord, self.ep)
@@ -161,6 +181,4 @@ class NxdtWriter(Writer):
                 f["writer"].abort()
 
 
-def make_writer(tmpdir, program, resolved, options):
-    return NxdtWriter(tmpdir, program.target.mesh, bool(program.target.params.get("xser")),
-                      program.target.meta())
+Writer = NxdtWriter

@@ -23,6 +23,7 @@ import math
 import shutil
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,13 @@ from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers import deepspeed as _ds   # its pickle globals and ModuleSource
-from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, model_states,
-                                          partition_size, stage12_header, torch_size,
+from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, ResumePlan,
+                                          model_states, partition_size, plan_resume,
+                                          stage12_header, torch_size,
                                           zero_stage as _zero_stage_value)
-from mapc.runtime.containers.base import MAPC_JSON, Writer, read_record, write_json
+from mapc.runtime.containers.base import MAPC_JSON, read_record, write_json
+from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
+                                     ZeroFacts, make_plan, planned_tensors)
 
 LAYOUT = "hf"
 SINGLE = ()
@@ -184,6 +188,15 @@ class UniversalSource(_ds.ModuleSource):
     def describe_coord(self, coord):
         return self.udir.name
 
+    def zero_facts(self) -> ZeroFacts:
+        """SourceFacts.zero: the tag (the folder name without ``_universal``), the optimizer
+        state, the trained parameters' shapes and the model states files carried over."""
+        name = self.udir.name
+        tag = name[:-len("_universal")] if name.endswith("_universal") else None
+        return ZeroFacts(tag=tag, kind="stage3" if self.stage3 else None,
+                         optimizer_header=self.optim, param_shapes=tuple(self.param_shapes),
+                         carry_files=tuple(self.model_state_files))
+
 
 def _scalar(x):
     if isinstance(x, torchfile.TensorRef):
@@ -195,93 +208,107 @@ Source = UniversalSource
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def make_writer(tmpdir, program, resolved, options):
-    return UniversalWriter(tmpdir, program, resolved, options)
+@dataclass(frozen=True)
+class _UniversalPlan:
+    """A universal output's decisions: ZeRO (``resume``), the tag, the source's model states
+    files carried over (empty: built), the parameters the source's optimizer trained (None:
+    all), each target tensor's param group, every tensor's shape and dtype."""
+    resume: ResumePlan
+    tag: str
+    carry: tuple
+    trained: frozenset | None
+    groups: dict | None
+    shapes: dict
+    dtypes: dict
 
 
-class UniversalWriter(Writer):
-    """Writes ``DST/latest_universal`` and ``DST/<tag>_universal/``; every parameter's files
-    are written as soon as its tensors arrive (nothing is held across parameters)."""
-
+def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
+    """``latest_universal`` and ``<tag>_universal/``: the model states (carried over from a
+    DeepSpeed-family source, else built), ``zero/optimizer_state.pt`` and per parameter
+    ``zero/<name>/{fp32,exp_avg,exp_avg_sq[,step]}.pt``; config.json and mapc.json."""
     slots = ("param", "master", "exp_avg", "exp_avg_sq")
+    tensors = planned_tensors(program, facts, request.dtype, slots)
+    for _, name, _, _ in tensors:
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise MapcError(f"parameter name {name!r} cannot be a folder name in zero/")
+    notes: list[str] = []
+    zf = facts.zero
+    carry = tuple(zf.carry_files) if zf is not None else ()
+    rs = plan_resume(facts, request, "universal", {dt for *_, dt in tensors}, notes)
+    it = facts.training.get("iteration")
+    tag = f"global_step{int(it) if it is not None else 0}"
+    if zf is not None and zf.tag and facts.format in ("deepspeed", "universal"):
+        tag = zf.tag
+    trained = None
+    if carry and zf.param_shapes:      # a DeepSpeed source lists them in param_shapes
+        trained = frozenset(n for g in zf.param_shapes for n in g)
+    pgs = facts.training.get("param_groups") or []
+    src = [list(pg.get("params") or []) for pg in pgs]
+    groups = program.target_groups(src) if src else None
+    detail = _UniversalPlan(rs, tag, carry, trained, groups,
+                            {n: tuple(s) for _, n, s, _ in tensors},
+                            {n: dt for _, n, _, dt in tensors})
+    udir = f"{tag}_universal"
+    files = [LATEST, "config.json", MAPC_JSON, f"{udir}/zero/optimizer_state.pt"]
+    if carry:
+        files += [f"{udir}/{f.name}" for f in carry]
+    else:
+        files += [f"{udir}/{_model_file(rs.stage, r)}"
+                  for r in range(rs.dp if rs.stage == 3 else 1)]
+    for _, name, _, _ in tensors:
+        if trained is not None and name not in trained:
+            files.append(f"{udir}/zero/{name}/fp32.pt")      # never trained: fp32 only
+            continue
+        files += [f"{udir}/zero/{name}/{k}.pt" for k in ("fp32", "exp_avg", "exp_avg_sq")]
+        if rs.stage != 3:
+            files.append(f"{udir}/zero/{name}/step.pt")
+    decisions = {**rs.decisions(), "tag": tag,
+                 "model states": "carried over from the source" if carry else "built"}
+    for key in ("source dp", "optimizer class", "training dtype"):
+        decisions.pop(key)
+    return make_plan("universal", files, decisions=decisions, notes=notes, slots=slots,
+                     tensors=tensors, detail=detail, facts=facts)
 
-    def __init__(self, tmpdir, program, resolved, options):
-        super().__init__(Path(tmpdir))
-        self.program = program
-        self.source = resolved.source
-        self.training = dict(self.source.training_state() or {})
-        self.have = set(self.source.slots())
-        self.warnings = resolved.warnings      # the report starts with these
-        ds_files = _source_model_states(self.source)
-        self.copy_models = ds_files
-        src_stage = self.training.get("zero_stage") or \
-            ((self.training.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
-        self.stage = int(options.get("zero_stage") or src_stage or 1)
-        if ds_files and src_stage and int(src_stage) != self.stage and \
-                (self.stage == 3) != (int(src_stage) == 3):
-            raise MapcError(f"the source is a ZeRO stage {src_stage} checkpoint; a universal "
-                            f"checkpoint for stage {self.stage} needs other model states files",
-                            hint="convert it without a ZeRO stage option")
-        self.dp = int(options.get("dp") or self.training.get("dp_world_size") or 1)
-        it = self.training.get("iteration")
-        tag = getattr(self.source, "tag_dir", None)
-        if tag is not None and getattr(self.source, "format", "") == "deepspeed":
-            self.tag = Path(tag).name
-        else:
-            self.tag = f"global_step{int(it) if it is not None else 0}"
-        if getattr(self.source, "format", "") == "universal":
-            self.tag = self.source.udir.name[:-len("_universal")] \
-                if self.source.udir.name.endswith("_universal") else self.tag
-        self.udir = self.dir / f"{self.tag}_universal"
+
+def _model_file(stage, rank):
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if stage == 3 \
+        else "mp_rank_00_model_states.pt"
+
+
+class UniversalWriter(PlannedWriter):
+    """Writes ``DST/latest_universal`` and ``DST/<tag>_universal/`` as planned; every
+    parameter's files are written as soon as its tensors arrive (nothing is held across
+    parameters)."""
+
+    def __init__(self, tmpdir, program, plan):
+        super().__init__(tmpdir, program, plan)
+        d: _UniversalPlan = plan.detail
+        self.stage, self.dp, self.fresh = d.resume.stage, d.resume.dp, d.resume.fresh
+        self.step = d.resume.step
+        self.facts: SourceFacts = plan.facts
+        self.training = plan.facts.training
+        self.have = set(plan.facts.slots)
+        self.udir = self.dir / f"{d.tag}_universal"
         self.zero = self.udir / "zero"
-        self.zero.mkdir(parents=True)
-        step = self.training.get("step")
-        self.fresh = not {"exp_avg", "exp_avg_sq"} <= self.have
-        if self.fresh:
-            self.warnings.append("the source has no optimizer state: the universal checkpoint "
-                                 "gets fp32 master weights = the weights, zero Adam moments "
-                                 "and step 0 (training resumes with a fresh optimizer)")
-            step = 0.0
-        elif step is None:
-            self.warnings.append("the source does not record the optimizer step; wrote step 0 "
-                                 "(Adam's bias correction restarts)")
-            step = 0.0
-        self.step = float(step)
-        # the source's trained parameters (a DeepSpeed source lists them in param_shapes)
-        self.trained = None
-        shapes = getattr(self.source, "param_shapes", None)
-        if ds_files and shapes:
-            self.trained = {n for g in shapes for n in g}
-        self.groups = self._groups(program)
+        self.trained, self.groups = d.trained, d.groups
         self.models = None
         self.module: dict[str, object] = OrderedDict()
         self.names: list[str] = []
         self._pool = None
         self._pending: deque = deque()
 
-    # -- parameter groups of the target tensors ---------------------------------------------
-    def _groups(self, program):
-        pgs = self.training.get("param_groups") or []
-        src = [list(pg.get("params") or []) for pg in pgs]
-        if not src:
-            return None
-        return program.target_groups(src)
-
     def begin(self, tensors):
         self.tensors = [(name, tuple(shape), dt) for _, name, shape, dt in tensors]
-        for name, _, _ in self.tensors:
-            if not name or "/" in name or "\0" in name or name in (".", ".."):
-                raise MapcError(f"parameter name {name!r} cannot be a folder name in zero/")
         self.dtypes = {name: dt for name, _, dt in self.tensors}
-        if not self.copy_models:
+        self.zero.mkdir(parents=True)
+        if not self.plan.detail.carry:
             self.models = torchfile.TorchWriter(self.udir / self._model_file(0))
 
     def begin_slot(self, slot, tensors):
         pass
 
     def _model_file(self, rank):
-        return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if self.stage == 3 \
-            else "mp_rank_00_model_states.pt"
+        return _model_file(self.stage, rank)
 
     def _save(self, name, key, arr):
         """Write zero/<name>/<key>.pt on a writer thread: one file's bytes go to the kernel
@@ -339,15 +366,14 @@ class UniversalWriter(Writer):
         self._drain()
         if self._pool is not None:
             self._pool.shutdown()
-        if self.copy_models:
-            for f in self.copy_models:
+        if self.plan.detail.carry:
+            for f in self.plan.detail.carry:
                 shutil.copy2(f, self.udir / f.name)
         else:
             self._finish_model_states(record)
         self._write_optimizer_state()
         (self.dir / LATEST).write_text(self.udir.name)
-        if record.get("config"):
-            write_json(self.dir / "config.json", record["config"])
+        write_json(self.dir / "config.json", record.get("config") or {})
         write_json(self.dir / MAPC_JSON, record)
 
     def abort(self):
@@ -380,10 +406,7 @@ class UniversalWriter(Writer):
 
     def _module_order(self):
         """The source's own tensor order (a model's state_dict order, when names match)."""
-        names = []
-        for coord in self.source.coords():
-            names.extend(self.source.names(coord))
-        return self._ordered_names(names)
+        return self._ordered_names(list(self.facts.names))
 
     def _finish_model_states(self, record):
         shapes = {name: shape for name, shape, _ in self.tensors}
@@ -418,13 +441,13 @@ class UniversalWriter(Writer):
     def _source_optimizer_state(self, w):
         """Rank 0's optimizer state of a DeepSpeed (or universal) source, as ds_to_universal
         keeps it."""
-        src = self.source
-        if getattr(src, "format", "") == "universal":
-            return _writable(src.optim, w)
-        if getattr(src, "format", "") != "deepspeed" or not getattr(src, "optim", None):
+        zf, fmt = self.facts.zero, self.facts.format
+        if zf is None or not zf.optimizer_header or fmt not in ("deepspeed", "universal"):
             return None
-        first = src.optim[0]
-        if src.kind == "stage3":
+        first = zf.optimizer_header
+        if fmt == "universal":
+            return _writable(first, w)
+        if zf.kind == "stage3":
             osd = _writable(first, w)
             osd["param_groups"] = osd["optimizer_state_dict"]["param_groups"]
             return osd
@@ -505,14 +528,4 @@ def _writable_item(key, value, w):
     return _writable(value, w)
 
 
-def _source_model_states(source) -> list[Path]:
-    """The model states files of a DeepSpeed or universal source, copied as they are (as
-    ds_to_universal does)."""
-    fmt = getattr(source, "format", "")
-    if fmt == "deepspeed":
-        d = Path(source.tag_dir)
-        return sorted(p for p in d.glob("*model_states.pt")
-                      if not (p.name.startswith("layer_") and "_expert_" in p.name))
-    if fmt == "universal":
-        return list(source.model_state_files)
-    return []
+Writer = UniversalWriter

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -166,46 +167,132 @@ def plain(obj):
     return obj
 
 
-class ResumeState:
-    """What a writer of DeepSpeed optimizer files takes from its source: the training state
-    (``ts``), the data-parallel sizes (``src_dp``, ``dp`` from --dp), a plain copy of the
-    DeepSpeed config (``cfg``, empty when the source has none: ``has_settings``), the source's
-    ZeRO stage (``stage``, None when unknown), whether the optimizer is ``fresh`` (the source
-    has no Adam moments; noted in ``notes``) and its ``step``."""
+@dataclass(frozen=True)
+class ResumePlan:
+    """The ZeRO decisions of one output of the DeepSpeed family (deepspeed, universal, neox),
+    all made by :func:`plan_resume`: ZeRO ``stage``, data-parallel sizes (``src_dp``, ``dp``),
+    whether the optimizer is ``fresh`` (the source has no Adam moments), the optimizer
+    ``step``, the ``iteration``, the DeepSpeed config written (``cfg``, rebatched for ``dp``;
+    ``has_settings``: the source had one), the optimizer class DeepSpeed builds from it
+    (``kind``), gradient clipping and loss scale (``clip``, ``scale``), and the one training
+    ``dtype`` of the weights."""
+    target: str
+    stage: int
+    dp: int
+    src_dp: int
+    fresh: bool
+    step: float
+    iteration: int
+    cfg: dict
+    has_settings: bool
+    kind: str | None
+    clip: float
+    scale: float
+    dtype: str | None
 
-    def __init__(self, source, options: dict, notes: list, what: str):
-        import json
-        from mapc.errors import MapcError
-        ts = dict(source.training_state() or {})
-        self.ts = ts
-        self.src_dp = int(ts.get("dp_world_size") or 1)
-        dp = options.get("dp")
-        if dp is not None and (not isinstance(dp, int) or dp < 1):
-            raise MapcError(f"--dp {dp!r} must be a positive integer")
-        self.dp = dp or self.src_dp
-        cfg = ts.get("ds_config")
-        self.has_settings = isinstance(cfg, dict) and bool(cfg)
-        self.cfg = json.loads(json.dumps(plain(cfg))) if self.has_settings else {}
-        stage = options.get("zero_stage") or ts.get("zero_stage")     # --zero-stage first
-        if stage is None:
-            stage = (self.cfg.get("zero_optimization") or {}).get("stage")
-        self.stage = None if stage is None else int(stage)
-        self.fresh = not {"exp_avg", "exp_avg_sq"} <= set(source.slots())
-        if self.fresh:
-            notes.append(f"the source has no optimizer state: the {what} checkpoint gets a "
-                         f"fresh optimizer (fp32 master = the weights, zero Adam moments, "
-                         f"step 0)")
-        self.step = float(ts["step"]) if ts.get("step") is not None and not self.fresh else 0.0
+    def decisions(self) -> dict:
+        return {"zero stage": self.stage, "dp": self.dp, "source dp": self.src_dp,
+                "optimizer": "fresh" if self.fresh else "the source's",
+                "step": self.step, "iteration": self.iteration,
+                "optimizer class": self.kind, "training dtype": self.dtype}
 
-    def clip_and_scale(self, cfg: dict) -> tuple[float, float]:
-        """The gradient clipping and (static) loss scale to write: the source's, else the
-        config's clipping and scale 1."""
-        ts = self.ts
-        clip = ts.get("clip_grad") if not self.fresh else None
-        if clip is None:
-            clip = float(cfg.get("gradient_clipping", 1.0))
-        scale = ts.get("loss_scale") if not self.fresh else None
-        return float(clip), 1.0 if scale is None else float(scale)
+
+_WHAT = {"deepspeed": "DeepSpeed", "neox": "neox", "universal": "universal"}
+
+
+def plan_resume(facts, request, target: str, dtypes, notes: list, *, optim: bool = True,
+                config_name: str = "ds_config.json") -> ResumePlan:
+    """Every ZeRO decision of a ``target`` output ("deepspeed", "universal" or "neox") from
+    the source facts and the request; what the user should know is appended to ``notes``
+    (the plan's own list). ``dtypes``: the set of dtypes of the weights to write; ``optim``:
+    whether the output carries optimizer state at all (a weights-only neox output does not).
+    Raises MapcError for what DeepSpeed cannot train."""
+    import json
+    from mapc.errors import MapcError
+    ts = facts.training
+    mine = notes if optim else []
+    src_dp = int(ts.get("dp_world_size") or 1)
+    dp = request.dp or src_dp
+    cfg = ts.get("ds_config")
+    has_settings = isinstance(cfg, dict) and bool(cfg)
+    cfg = json.loads(json.dumps(plain(cfg))) if has_settings else {}
+    src_stage = ts.get("zero_stage")
+    if src_stage is None:
+        src_stage = (cfg.get("zero_optimization") or {}).get("stage")
+    src_stage = None if src_stage is None else int(src_stage)
+    fresh = not facts.has_moments
+    step = ts.get("step")
+    if target == "universal":
+        if fresh:
+            mine.append("the source has no optimizer state: the universal checkpoint gets fp32 "
+                        "master weights = the weights, zero Adam moments and step 0 (training "
+                        "resumes with a fresh optimizer)")
+        elif step is None:
+            mine.append("the source does not record the optimizer step; wrote step 0 "
+                        "(Adam's bias correction restarts)")
+    elif fresh:
+        mine.append(f"the source has no optimizer state: the {_WHAT[target]} checkpoint gets a "
+                    f"fresh optimizer (fp32 master = the weights, zero Adam moments, step 0)")
+    step = float(step) if step is not None and not fresh else 0.0
+    stage = _stage(target, facts, request, src_stage, fresh, dp, mine)
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+    kind = None
+    if target != "universal" and optim:
+        if dtype not in TRAINING_DTYPES:
+            what = "module" if target == "deepspeed" else "pipeline"
+            raise MapcError(f"a DeepSpeed {what} is trained in one dtype, fp32 or bf16; the "
+                            f"weights to write are {', '.join(sorted(dtypes))}",
+                            hint="pass --dtype fp32 or --dtype bf16")
+        cfg, kind = training_config(cfg, has_settings, src_dp, dp, stage, dtype, mine,
+                                    config_name)
+    clip = ts.get("clip_grad") if not fresh else None
+    if clip is None:
+        clip = float(cfg.get("gradient_clipping", 1.0))
+    scale = ts.get("loss_scale") if not fresh else None
+    if optim and not fresh and "master" not in facts.slots and dtype != "float32" and \
+            target != "universal":
+        mine.append(f"the source has no fp32 master weights: they are the {dtype} weights "
+                    f"upcast to fp32")
+    return ResumePlan(target, stage, dp, src_dp, fresh, step, int(ts.get("iteration") or 0),
+                      cfg, has_settings, kind, float(clip),
+                      1.0 if scale is None else float(scale), dtype)
+
+
+def _stage(target, facts, request, src_stage, fresh, dp, notes) -> int:
+    """The ZeRO stage of the output: --zero-stage, else the source's, else 1 (noted)."""
+    from mapc.errors import MapcError
+    asked = request.zero_stage
+    if target == "neox":
+        if asked is not None and asked != 1:
+            raise MapcError(f"--to neox does not take --zero-stage {asked}: DeepSpeed pipelines "
+                            f"train with ZeRO stage 0 or 1, and neox output is written at "
+                            f"stage 1", hint="drop --zero-stage (or pass --zero-stage 1)")
+        stage = asked if asked is not None else src_stage
+        if stage is not None and stage > 1:
+            raise MapcError(f"the source trained with ZeRO stage {stage}; DeepSpeed pipelines "
+                            f"train with ZeRO stage 0 or 1", where=facts.path)
+        if (stage is None and not fresh) or stage == 0:
+            notes.append(f"the source carries {'no' if stage is None else 'a stage 0'} "
+                         f"ZeRO optimizer: the neox checkpoint gets ZeRO stage 1 "
+                         f"optimizer files at dp={dp}")
+        return 1
+    stage = asked if asked is not None else src_stage
+    if target == "universal":
+        stage = stage or 1
+        carried = facts.zero is not None and facts.zero.carry_files
+        if carried and src_stage and src_stage != stage and (stage == 3) != (src_stage == 3):
+            raise MapcError(f"the source is a ZeRO stage {src_stage} checkpoint; a universal "
+                            f"checkpoint for stage {stage} needs other model states files",
+                            hint="convert it without a ZeRO stage option")
+        return int(stage)
+    if stage is None:
+        notes.append(f"the source carries no DeepSpeed ZeRO stage: writing ZeRO stage 1 "
+                     f"at dp={dp}")
+        stage = 1
+    if stage not in (1, 2, 3):
+        raise MapcError(f"ZeRO stage {stage} has no partitioned optimizer state to write",
+                        hint="DeepSpeed checkpoints are written at ZeRO stage 1, 2 or 3")
+    return int(stage)
 
 
 class Flat:

@@ -1,0 +1,231 @@
+"""The write protocol: every format plans its output purely, then an I/O-only writer executes
+the plan (as torch.distributed.checkpoint's SavePlanner / StorageWriter split the work).
+
+    facts   = SourceFacts.of(source, program)                  # read once from the source
+    request = WriteRequest("deepspeed", dp=4, zero_stage=3)    # what the user asked for
+    plan    = containers.plan_write(program, facts, request)   # pure: decisions, files, notes
+    writer  = containers.make_writer(tmpdir, program, plan)    # I/O only
+    execute.run(program, source, writer, plan=plan)
+
+``plan_write(program, facts, request) -> WritePlan`` of a container module takes every
+decision the output needs (ZeRO stage, data-parallel size, param groups, fresh optimizer or
+not, optimizer step, shard files, tag names, which optimizer slots are stored), lists every
+file the output will hold and every note the user should read, and raises
+:class:`~mapc.errors.MapcError` for anything it cannot write. It reads no file and writes none,
+so ``mapc convert --dry-run`` prints exactly what the real run then does, and golden tests
+compare plans as text. The writer (``Writer(tmpdir, program, plan)``) decides nothing: it
+creates the planned files, in the order the tensors arrive, and nothing else.
+
+A writer needs from the source only its :class:`SourceFacts`: a documented object built once
+before planning (slots, training state, tensor names and dtypes, and for the DeepSpeed family
+its ZeRO facts and the files a conversion carries over). No writer reaches into a source
+container's private fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mapc.errors import MapcError
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+# Request options a format may honour, with the CLI spelling used in errors. The dtype cast
+# (--dtype) is honoured by every format (a format that cannot store a dtype says so).
+OPTIONS = {
+    "dp": "--dp",
+    "zero_stage": "--zero-stage",
+    "with_optimizer": "--with-optimizer",
+    "max_shard_bytes": "max_shard_bytes",
+}
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """What the user asked of the output, beyond the program (format, layout, topology).
+
+    ``explicit`` names the options the user set (``OPTIONS`` keys): those a format does not
+    honour are refused. Options that ``--like`` derived from a template are not in it."""
+    format: str
+    dst: str = ""
+    dtype: str | None = None                 # numpy dtype name of a cast, None: keep
+    dp: int | None = None
+    zero_stage: int | None = None
+    with_optimizer: bool = False
+    max_shard_bytes: int | None = None
+    like_training: dict | None = None        # --like: the template's training state
+    explicit: frozenset = frozenset()
+
+    def refuse_unhonoured(self, honours, takers: dict[str, list[str]]) -> None:
+        """One-line MapcError for the first explicit option the format does not honour."""
+        for opt in OPTIONS:
+            if opt in self.explicit and opt not in honours:
+                value = getattr(self, opt)
+                shown = OPTIONS[opt] + ("" if isinstance(value, bool) else f" {value}")
+                others = ", ".join(takers.get(opt, [])) or "none"
+                raise MapcError(f"--to {self.format} does not take {shown}: {self.format} "
+                                f"output has no such setting",
+                                hint=f"drop {OPTIONS[opt]}; it is taken by: {others}")
+
+
+@dataclass(frozen=True)
+class ZeroFacts:
+    """What a DeepSpeed-family source (deepspeed, universal, neox) tells a writer about its
+    ZeRO optimizer, beyond the training state.
+
+    ``tag``: the checkpoint's tag folder name (``global_step10``); ``kind``: the optimizer
+    class ("zero" for stages 1/2, "bf16", "stage3"); ``optimizer_header``: rank 0's optimizer
+    state as loaded (inert records and lazy tensor references; a universal writer keeps its
+    scalars and groups); ``param_shapes``: the model states' per-group parameter shapes (the
+    trained parameters); ``carry_files``: model states files a universal output takes over as
+    they are (as ds_to_universal does)."""
+    tag: str | None = None
+    kind: str | None = None
+    optimizer_header: object = None
+    param_shapes: tuple = ()
+    carry_files: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """Everything a format's planner and writer may know of the source, read once.
+
+    ``slots``: the optimizer slots the source holds (``param`` always); ``training``: its
+    training state (``Source.training_state()``: iteration, step, param groups, ZeRO stage,
+    dp_world_size, ds_config, scheduler, loss scale, ...); ``names``: its physical tensor
+    names in its own order (a model's state-dict order); ``module_source``: the source is a
+    DeepSpeed-style module checkpoint whose tensor order is the module's; ``dtypes[slot]``: the
+    stored dtype of every logical tensor in slots ``param`` and ``master``; ``format_meta``:
+    the source format's metadata; ``zero``: ZeroFacts of a DeepSpeed-family source."""
+    path: str
+    format: str
+    slots: tuple[str, ...]
+    training: dict
+    names: tuple[str, ...]
+    dtypes: dict
+    format_meta: dict = field(default_factory=dict)
+    module_source: bool = False
+    zero: ZeroFacts | None = None
+
+    @classmethod
+    def of(cls, source, program) -> SourceFacts:
+        slots = tuple(source.slots())
+        dtypes = {}
+        for slot in ("param", "master"):
+            if slot not in slots:
+                continue
+            by_key = {}
+            for inst in program.source.instances:
+                _, coord, name = inst.shards[0]
+                dt = source.dtype(name, coord) if slot == "param" else \
+                    source.dtype(name, coord, slot=slot)
+                for key in inst.members.values():
+                    by_key.setdefault(key, dt)
+            dtypes[slot] = by_key
+        names = tuple(n for c in source.coords() for n in source.names(c))
+        return cls(path=str(source.path), format=source.format, slots=slots,
+                   training=dict(source.training_state() or {}), names=names, dtypes=dtypes,
+                   format_meta=dict(getattr(source, "format_meta", None) or {}),
+                   module_source=bool(getattr(source, "module_source", False)),
+                   zero=source.zero_facts() if hasattr(source, "zero_facts") else None)
+
+    @property
+    def has_moments(self) -> bool:
+        return set(MOMENTS) <= set(self.slots)
+
+
+def weights_slot(writer_slots, source_slots) -> str:
+    """The source slot the output's weights come from: the fp32 master copy when the source
+    has one and the output keeps no master slot of its own, else the weights."""
+    extra = [s for s in writer_slots if s != "param" and s in source_slots]
+    return "master" if "master" in source_slots and "master" not in extra else "param"
+
+
+def planned_tensors(program, facts: SourceFacts, dtype: str | None, writer_slots) -> tuple:
+    """(coord, name, shard shape, dtype) of every target tensor, in placement order: the
+    cast dtype, else the dtype of the source slot the weights come from."""
+    src = facts.dtypes[weights_slot(writer_slots, facts.slots)]
+    return tuple((coord, name, tuple(inst.recipe.shard_shape),
+                  dtype or src[next(iter(inst.members.values()))])
+                 for inst, coord, name in program.target.placements())
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """A format's complete plan of one output; see the module docstring.
+
+    ``files``: every file of the output, relative POSIX paths, sorted (a single-file output,
+    e.g. a ``.nemo`` tar, lists its one name as ``.``); ``decisions``: the choices made, by name
+    (printed, golden-tested); ``notes``: what the user should know (reported as warnings);
+    ``slots``: the optimizer slots the writer stores besides ``param``; ``tensors``: the
+    planned (coord, name, shape, dtype) of every target tensor; ``detail``: the format's own
+    data for its writer (not printed)."""
+    format: str
+    files: tuple[str, ...]
+    decisions: dict
+    notes: tuple[str, ...]
+    slots: tuple[str, ...]
+    tensors: tuple
+    detail: object = None
+    facts: SourceFacts | None = None
+
+    def pretty(self) -> str:
+        lines = [f"write plan {self.format}:"]
+        if self.decisions:
+            lines.append("  decisions:")
+            lines += [f"    {k}: {_show(v)}" for k, v in self.decisions.items()]
+        lines.append(f"  slots: {', '.join(self.slots)}")
+        lines.append(f"  files ({len(self.files)}):")
+        lines += [f"    {f}" for f in self.files]
+        if self.notes:
+            lines.append("  notes:")
+            lines += [f"    {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _show(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return repr(v)
+    return repr(v) if not isinstance(v, str) else v
+
+
+def make_plan(fmt: str, files, *, decisions=None, notes=(), slots=("param",), tensors=(),
+              detail=None, facts: SourceFacts | None = None) -> WritePlan:
+    """A WritePlan with its files sorted and de-duplicated."""
+    return WritePlan(fmt, tuple(sorted(set(files))), dict(decisions or {}), tuple(notes),
+                     tuple(slots), tuple(tensors), detail, facts)
+
+
+class PlannedWriter:
+    """Base of the I/O-only writers: executes ``plan`` (its ``detail`` holds the format's
+    decisions) in the fresh temporary directory ``tmpdir``; creates nothing before ``begin``.
+
+    ``begin(tensors)`` receives the planned tensors, ``write(coord, name, arr)`` every weight,
+    ``begin_slot(slot, tensors)`` / ``write_slot(slot, coord, name, arr)`` the optimizer slots
+    in ``plan.slots``, ``finish(record)`` the ``mapc.json`` record (with the source's training
+    state in ``record["training"]``); ``abort()`` releases what is open (AtomicOutput removes
+    the directory)."""
+
+    def __init__(self, tmpdir, program, plan: WritePlan):
+        self.dir = Path(tmpdir)
+        self.program = program
+        self.plan = plan
+        self.slots = plan.slots
+
+    def begin(self, tensors):
+        raise NotImplementedError
+
+    def write(self, coord, name, arr):
+        raise NotImplementedError
+
+    def begin_slot(self, slot, tensors):
+        pass
+
+    def write_slot(self, slot, coord, name, arr):
+        raise NotImplementedError
+
+    def finish(self, record: dict):
+        raise NotImplementedError
+
+    def abort(self):
+        pass
