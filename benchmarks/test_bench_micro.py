@@ -89,3 +89,32 @@ def test_megatron_tp2_pp2_to_hf(benchmark, checkpoints):
     assert report.bytes_written > 0.9 * checkpoints["bytes"]
     last = sorted(root.iterdir())[-1]
     assert mapc.verify(checkpoints["hf"], last).identical
+
+
+# ---- spec selection: reading a spec's match lines (its header) against compiling it ---------------
+def _spec_text():
+    from mapc.compiler.spec import builtin_specs
+    path = sorted(builtin_specs().values())[0]
+    return path, path.read_text()
+
+
+def test_match_header_parse(benchmark):
+    """What compiler/resolve.py pays per shipped spec to skip one that cannot match."""
+    from mapc.compiler import spec as spec_module
+    _, text = _spec_text()
+
+    def run():
+        spec_module._match_rules_cached.cache_clear()
+        return spec_module.match_rules(text)
+    assert benchmark(run)
+
+
+def test_spec_compile(benchmark):
+    """What it saves: compiling the same spec (parse, lower, check), uncached."""
+    from mapc.compiler import spec as spec_module
+    path, _ = _spec_text()
+
+    def run():
+        spec_module._compile_cached.cache_clear()
+        return spec_module.load_spec(path)
+    assert benchmark(run).family
