@@ -23,7 +23,7 @@ from mapc.compiler.spec import Spec, builtin_specs, load_spec
 from mapc.errors import MapcError
 from mapc.runtime import execute
 from mapc.runtime.containers import FORMATS, layout_of, make_writer, open_source
-from mapc.runtime.containers.base import AtomicOutput, coord_key
+from mapc.runtime.containers.base import AtomicOutput, coord_key, stale_warning
 
 DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -464,16 +464,18 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
         try:
             report = execute.run(program, source, writer, backend=backend,
                                  dtype=DTYPE_CHOICES[dtype], quiet=quiet)
-            report.warnings[:0] = res.warnings
+            report.warnings[:0] = res.warnings + stale_warning(out.stale)
             writer.finish(_record(res, program, to, src, report))
         except BaseException:
             writer.abort()
             raise
         out.commit()
         return report
-    except BaseException:
+    except BaseException as e:
         if out is not None:
             out.abort()
+            if out.committed and isinstance(e, KeyboardInterrupt):
+                e.mapc_written = str(dst)        # the CLI must not say "nothing was written"
         raise
     finally:
         source.close()
