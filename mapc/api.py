@@ -17,7 +17,8 @@ import numpy as np
 
 from mapc import __version__
 from mapc.compiler.expr import evaluate
-from mapc.compiler.plan import LayoutPlan, bind_config, config_from_env, plan_layout
+from mapc.compiler.plan import (MAX_MESH, LayoutPlan, bind_config, check_dp, config_from_env,
+                                plan_layout)
 from mapc.compiler.program import Program, compile_program
 from mapc.compiler.spec import Spec, builtin_specs, load_spec
 from mapc.errors import MapcError
@@ -435,8 +436,8 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     if zero_stage is not None and zero_stage not in (1, 2, 3):
         raise MapcError(f"--zero-stage {zero_stage} is not a ZeRO stage",
                         hint="choose 1, 2 or 3")
-    if dp is not None and dp < 1:
-        raise MapcError(f"--dp {dp} must be a positive integer")
+    if dp is not None and (not isinstance(dp, int) or not 1 <= dp <= MAX_MESH):
+        raise MapcError(f"--dp {dp!r} must be a positive integer of at most {MAX_MESH}")
     if dtype not in DTYPE_CHOICES:
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     template = None
@@ -453,6 +454,8 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     source = res.source
     out = None
     try:
+        if dp is not None:
+            check_dp(program.target, dp)
         if template is not None:
             check_like(template, program)
         out = AtomicOutput(dst, force=force, source=src)

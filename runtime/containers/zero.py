@@ -178,7 +178,11 @@ class ResumeState:
         from mapc.errors import MapcError
         ts = dict(source.training_state() or {})
         self.ts = ts
-        self.src_dp = int(ts.get("dp_world_size") or 1)
+        src_dp = ts.get("dp_world_size") or 1
+        if not isinstance(src_dp, (int, np.integer)) or not 1 <= src_dp <= 2**16:
+            raise MapcError(f"the source's dp_world_size {src_dp!r} is not a data-parallel "
+                            "size", where=str(source.path), hint="is the checkpoint corrupt?")
+        self.src_dp = int(src_dp)
         dp = options.get("dp")
         if dp is not None and (not isinstance(dp, int) or dp < 1):
             raise MapcError(f"--dp {dp!r} must be a positive integer")
