@@ -101,7 +101,14 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
         fn = FUNCTIONS.get(e[1])
         if fn is None:
             raise _fail(f"unknown function '{e[1]}' (known: {', '.join(sorted(FUNCTIONS))})", where)
-        return fn(*(evaluate(a, env, where) for a in e[2:]))
+        args = [evaluate(a, env, where) for a in e[2:]]
+        if not all(_number(a) for a in args):
+            raise _fail(f"{show(e)}: {e[1]}() of {', '.join(map(repr, args))} (a config value "
+                        "of the wrong type?)", where)
+        try:
+            return fn(*args)
+        except (ZeroDivisionError, OverflowError, ValueError, TypeError) as err:
+            raise _fail(f"{show(e)}: {err}", where) from None
     op = e[1]
     if op == "and":
         return bool(evaluate(e[2], env, where)) and bool(evaluate(e[3], env, where))
@@ -110,8 +117,29 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
     if op == "not":
         return not evaluate(e[2], env, where)
     if op == "neg":
-        return -evaluate(e[2], env, where)
+        x = evaluate(e[2], env, where)
+        if not _number(x):
+            raise _fail(f"{show(e)}: cannot negate {x!r}", where)
+        return -x
     a, b = evaluate(e[2], env, where), evaluate(e[3], env, where)
+    if op in ARITHMETIC and not (_number(a) and _number(b)) and not (
+            op == "+" and isinstance(a, str) and isinstance(b, str)):
+        raise _fail(f"{show(e)}: cannot compute {a!r} {op} {b!r} (a config value of the "
+                    "wrong type?)", where)
+    try:
+        return _binary(op, a, b, e, where)
+    except (ZeroDivisionError, OverflowError, ValueError, TypeError) as err:
+        raise _fail(f"{show(e)} = {a!r} {op} {b!r}: {err}", where) from None
+
+
+ARITHMETIC = ("+", "-", "*", "/", "//", "%")
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float))
+
+
+def _binary(op, a, b, e, where):
     if op == "+":
         return a + b
     if op == "-":

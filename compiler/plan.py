@@ -30,8 +30,21 @@ def lookup(config: dict, key: str):
     return cur
 
 
+# Bounds on untrusted sizes (a model config, --tp/--pp/--ep, --set), far beyond any real model
+# (a 1T-parameter MoE has ~2**40 parameters, ~50 000 tensors), so that a hostile or mistyped
+# value is refused at once instead of looping or allocating for minutes.
+MAX_MESH = 2**16              # ranks along one mesh axis
+MAX_TENSORS = 2**20           # logical tensors of a model (layers x experts x tensors)
+MAX_SHARDS = 2**21            # physical tensors of one layout plan, over every rank
+MAX_ELEMENTS = 2**46          # elements of the whole model (70 trillion parameters)
+MAX_PAD = 2**16               # padding beyond the padded size itself (e.g. vocab_multiple)
+
+
 def bind_config(spec: Spec, config: dict) -> dict:
     """Evaluate the spec's config symbols and lets against a model config."""
+    if not isinstance(config, dict):
+        raise MapcError(f"the model config is a {type(config).__name__}, not a JSON object",
+                        hint="pass --config CONFIG.json with the model's config")
     env: dict = {}
     for c in spec.ir["config"]:
         value = MISSING
@@ -39,6 +52,10 @@ def bind_config(spec: Spec, config: dict) -> dict:
             value = lookup(config, key)
             if value is not MISSING:
                 break
+        if value is not MISSING and not isinstance(value, (bool, int, float, str)):
+            raise MapcError(f"the model config's '{key}' is {_short(value)}, not a number, "
+                            f"string or boolean (needed for {c['name']}, {c['at']})",
+                            hint="fix the config, or pass --config CONFIG.json")
         if value is MISSING:
             if c["default"] is None:
                 raise MapcError(f"the model config has no '{' or '.join(c['keys'])}' "
@@ -49,6 +66,11 @@ def bind_config(spec: Spec, config: dict) -> dict:
     for x in spec.ir["lets"]:
         env[x["name"]] = evaluate(x["expr"], env, x["at"])
     return env
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return f"a {type(value).__name__} " + (text if len(text) <= 40 else text[:37] + "...")
 
 
 def config_from_env(spec: Spec, env: dict) -> dict:
@@ -87,14 +109,31 @@ def _size(name, env, at):
     return v
 
 
+def group_count(decl: dict, env: dict) -> int:
+    """How many entries a tensor group has (layers, experts), bounded."""
+    n = evaluate(decl["count"], env, decl["at"])
+    if not is_int(n) or n < 0 or n > MAX_TENSORS:
+        raise error_at(decl["at"], f"{decl['group']} = {n!r}: not a count of at most "
+                       f"{MAX_TENSORS} entries", hint="check the model config")
+    return n
+
+
 def logical_tensors(spec: Spec, env: dict) -> dict[str, Logical]:
     out = {}
+    elements = 0
     for t in spec.ir["tensors"]:
         if t["when"] is not None and not evaluate(t["when"], env, t["at"]):
             continue
         shape = tuple(prod(_size(f["factor"], env, f["at"]) for f in axis) for axis in t["axes"])
+        n = group_count(t, env) if t["group"] else 1
+        elements += n * prod(shape)
+        if len(out) + n > MAX_TENSORS or elements > MAX_ELEMENTS:
+            raise error_at(t["at"], f"the config describes more than "
+                           + (f"{MAX_TENSORS} tensors" if len(out) + n > MAX_TENSORS else
+                              f"{MAX_ELEMENTS:.2e} parameters")
+                           + f" (at {t['name']}, shape {list(shape)} x {n})",
+                           hint="check the model config's sizes")
         if t["group"]:
-            n = evaluate(t["count"], env, t["at"])
             for i in range(n):
                 out[logical_key(t["name"], i)] = Logical(logical_key(t["name"], i), t["name"],
                                                          i, shape)
@@ -173,6 +212,26 @@ class LayoutPlan:
         return f"{self.name}({', '.join(x for x in (mesh, params) if x)})"
 
 
+MIN_DP_SHARE = 256            # elements each data-parallel rank must get, at the least
+
+
+def check_dp(plan: "LayoutPlan", dp: int, what: str = "--dp") -> None:
+    """Refuse a data-parallel size that would partition each model-parallel rank's parameters
+    into shares of fewer than MIN_DP_SHARE elements: such ranks hold padding, not model, and
+    their files cost time and disk for nothing (a hostile --dp 100000 on a tiny model)."""
+    if not is_int(dp) or dp < 1 or dp > MAX_MESH:
+        raise MapcError(f"{what} {dp!r} must be a positive integer of at most {MAX_MESH}")
+    per_rank: dict[tuple, int] = {}
+    for inst, coord, _ in plan.placements():
+        per_rank[coord] = per_rank.get(coord, 0) + prod(inst.recipe.shard_shape)
+    smallest = min(per_rank.values(), default=0)
+    if dp > 1 and dp * MIN_DP_SHARE > smallest:
+        raise MapcError(f"{what} {dp} would give each data-parallel rank fewer than "
+                        f"{MIN_DP_SHARE} of the {smallest} parameters of a model-parallel rank "
+                        f"of {plan.describe()}",
+                        hint=f"choose {what} at most {max(1, smallest // MIN_DP_SHARE)}")
+
+
 def resolve_params(layout: dict, given: dict | None) -> dict:
     given = dict(given or {})
     out = {}
@@ -214,8 +273,8 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
     mesh = {}
     for axis in layout["mesh"]:
         n = topology.pop(axis, 1)
-        if not is_int(n) or n < 1:
-            raise MapcError(f"{axis}={n!r} must be a positive integer")
+        if not is_int(n) or n < 1 or n > MAX_MESH:
+            raise MapcError(f"{axis}={n!r} must be a positive integer of at most {MAX_MESH}")
         mesh[axis] = n
     extra = {k: v for k, v in topology.items() if v != 1}
     if extra:
@@ -234,12 +293,12 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
     tensors = {t["name"]: t for t in spec.ir["tensors"]}
     pipe = layout["pipeline"]
     pp = mesh.get("pp", 1)
+    shard_count = 0
     for rule in layout["rules"]:
         if rule["when"] is not None and not evaluate(rule["when"], env, rule["at"]):
             continue
         decl = tensors[rule["refs"][0]["tensor"]]
-        indices = [None] if decl["group"] is None else \
-            range(evaluate(decl["count"], config_env, decl["at"]))
+        indices = [None] if decl["group"] is None else range(group_count(decl, config_env))
         for index in indices:
             keys = {r["member"]: logical_key(r["tensor"], index) for r in rule["refs"]}
             present = [k for k in keys.values() if k in logical]
@@ -261,6 +320,12 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
             uncut = [a for a in mesh if a != "pp" and a not in cut_axes]
             rep = tuple((a, mesh[a]) for a in uncut if a not in layout["single"])
             once = {a: 0 for a in uncut if a in layout["single"]}   # stored on rank 0 only
+            shard_count += prod(n for _, n in recipe.mesh) * prod(n for _, n in rep)
+            if shard_count > MAX_SHARDS:
+                raise error_at(rule["at"], f"layout {layout_name} at "
+                               f"{', '.join(f'{a}={n}' for a, n in mesh.items())} would have "
+                               f"more than {MAX_SHARDS} tensor shards", hint="choose a smaller "
+                               "topology (or check the model config's sizes)")
             shards = []
             for rc in recipe.coords():
                 axes, name_vars = recipe.place(rc)
@@ -371,6 +436,11 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                 if f["factor"] in pads:
                     mult = value(pads[f["factor"]]["multiple"], pads[f["factor"]]["at"])
                     full = -(-true // mult) * mult
+                    if full - true > max(true, MAX_PAD):
+                        raise error_at(pads[f["factor"]]["at"], f"padding {f['factor']} = "
+                                       f"{true} to a multiple of {mult} would add {full - true}"
+                                       f" (more than {max(true, MAX_PAD)})",
+                                       hint="choose a smaller padding multiple")
                 whole[f["factor"]] = (true, full)
 
     # How each split's mesh axis is spread over its factors (outermost first).

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from mapc import __version__
-from mapc.compiler.plan import LayoutPlan, bind_config, plan_layout
+from mapc.compiler.plan import MAX_MESH, LayoutPlan, bind_config, check_dp, plan_layout
 from mapc.compiler.program import Program, compile_program
 from mapc.compiler.resolve import Resolved, read_config, resolve
 from mapc.compiler.spec import load_spec
 from mapc.errors import MapcError
 from mapc.runtime import execute
 from mapc.runtime.containers import FORMATS, layout_of, make_writer, open_source, plan_write
-from mapc.runtime.containers.base import AtomicOutput, coord_key
+from mapc.runtime.containers.base import AtomicOutput, coord_key, stale_warning
 from mapc.runtime.plan_write import SourceFacts, WritePlan, WriteRequest
 
 DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -148,8 +148,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
     if zero_stage is not None and zero_stage not in (1, 2, 3):
         raise MapcError(f"--zero-stage {zero_stage} is not a ZeRO stage",
                         hint="choose 1, 2 or 3")
-    if dp is not None and dp < 1:
-        raise MapcError(f"--dp {dp} must be a positive integer")
+    if dp is not None and (not isinstance(dp, int) or not 1 <= dp <= MAX_MESH):
+        raise MapcError(f"--dp {dp!r} must be a positive integer of at most {MAX_MESH}")
     if dtype not in DTYPE_CHOICES:
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     explicit = frozenset(k for k, v in (("dp", dp), ("zero_stage", zero_stage),
@@ -167,6 +167,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                                    spec=spec, source_format=source_format,
                                    source_set=source_set)
     try:
+        if dp is not None:
+            check_dp(program.target, dp)
         if template is not None:
             check_like(template, program)
         facts = SourceFacts.of(res.source, program)
@@ -216,16 +218,18 @@ def write_conversion(cp: ConversionPlan, src, dst, *, force: bool = False,
         try:
             report = execute.run(program, source, writer, backend=backend, plan=plan,
                                  quiet=quiet)
-            report.warnings[:0] = res.warnings + list(plan.notes)
+            report.warnings[:0] = res.warnings + list(plan.notes) + stale_warning(out.stale)
             writer.finish(_record(res, program, cp.request.format, src, report))
         except BaseException:
             writer.abort()
             raise
         out.commit()
         return report
-    except BaseException:
+    except BaseException as e:
         if out is not None:
             out.abort()
+            if out.committed and isinstance(e, KeyboardInterrupt):
+                e.mapc_written = str(dst)        # the CLI must not say "nothing was written"
         raise
     finally:
         source.close()

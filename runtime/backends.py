@@ -192,5 +192,7 @@ def get_backend(name: str = "numpy"):
     try:
         return cls()
     except ImportError as e:
+        install = "pip install 'mapc[jax]'" if name == "jax" else \
+            "pip install torch (pinned, e.g. torch==2.13.0)"
         raise MapcError(f"backend '{name}' needs {e.name}, which is not installed",
-                        hint=f"install it, or use --backend numpy") from None
+                        hint=f"{install}, or use --backend numpy") from None

@@ -45,27 +45,11 @@ class SafetensorsFile:
                             where=self.path, hint="re-copy or re-save the file")
         try:
             header = json.loads(text)
-        except ValueError as e:
-            raise MapcError(f"corrupt safetensors header: {e}", where=self.path) from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        except (ValueError, RecursionError) as e:
+            raise MapcError(f"corrupt safetensors header: {e}", where=self.path,
+                            hint="re-copy or re-save the file") from None
         self.base = 8 + n
-        self.entries = {}
-        for name, info in header.items():
-            st = info.get("dtype")
-            if st not in ST_TO_NAME:
-                raise MapcError(f"tensor {name} has dtype {st}, which mapc does not handle",
-                                where=self.path)
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            want = prod(shape) * DTYPES[ST_TO_NAME[st]].itemsize
-            if end - begin != want:
-                raise MapcError(f"tensor {name}: {end - begin} bytes for shape {list(shape)}",
-                                where=self.path)
-            if self.base + end > size:
-                raise MapcError(f"truncated: tensor {name} needs bytes up to "
-                                f"{self.base + end}, the file has {size}", where=self.path,
-                                hint="re-copy or re-save the file")
-            self.entries[name] = (ST_TO_NAME[st], shape, begin)
+        self.metadata, self.entries = _parse_header(header, size - self.base, self.path)
 
     def keys(self):
         return list(self.entries)
@@ -86,6 +70,67 @@ class SafetensorsFile:
             return np.empty(shape, dtype)
         return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.base + begin,
                          shape=(n,)).view(dtype).reshape(shape)
+
+
+def _bad(what: str, where: str) -> MapcError:
+    return MapcError(f"corrupt safetensors header: {what}", where=where,
+                     hint="re-copy or re-save the file")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_header(header, data_size: int, where: str):
+    """(metadata, {name: (dtype, shape, begin)}), checked as the safetensors library checks:
+    a JSON object of entries with a known dtype, a shape of non-negative integers and
+    ``data_offsets`` [begin, end] matching it, the entries tiling the data exactly (sorted by
+    offset, each beginning where the previous ends: no overlap, no gap, nothing after)."""
+    if not isinstance(header, dict):
+        raise _bad(f"a JSON {type(header).__name__}, not an object", where)
+    metadata = header.get("__metadata__")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad("__metadata__ is not an object of strings", where)
+    entries, spans = {}, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise _bad(f"tensor {name!r} is a {type(info).__name__}, not an object", where)
+        st = info.get("dtype")
+        if not isinstance(st, str) or st not in ST_TO_NAME:
+            raise MapcError(f"tensor {name} has dtype {st!r}, which mapc does not handle",
+                            where=where)
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise _bad(f"tensor {name!r} has shape {shape!r} (not a list of non-negative "
+                       "integers)", where)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
+                and 0 <= offsets[0] <= offsets[1]):
+            raise _bad(f"tensor {name!r} has data_offsets {offsets!r} (not [begin, end])", where)
+        begin, end = offsets
+        want = prod(shape) * DTYPES[ST_TO_NAME[st]].itemsize
+        if end - begin != want:
+            raise MapcError(f"tensor {name}: {end - begin} bytes for shape {shape}", where=where)
+        if end > data_size:
+            raise MapcError(f"truncated: tensor {name} needs bytes up to {end} after the "
+                            f"header, the file has {data_size}", where=where,
+                            hint="re-copy or re-save the file")
+        entries[name] = (ST_TO_NAME[st], tuple(shape), begin)
+        spans.append((begin, end, name))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise _bad(f"tensor {name!r} at bytes {begin}..{end} "
+                       + ("overlaps another tensor" if begin < at else f"leaves a gap after {at}")
+                       + " (the safetensors library refuses such files)", where)
+        at = end
+    if at != data_size:
+        raise _bad(f"{data_size - at} bytes after the last tensor (the safetensors library "
+                   "refuses such files)", where)
+    return metadata, entries
 
 
 class SafetensorsWriter:

@@ -16,6 +16,9 @@ PY="$VENV/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels.
 "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
+# py-cpuinfo2 (an older pytest-benchmark's dependency) ships the same `cpuinfo` module as the
+# pinned py-cpuinfo: remove it first, or its uninstall would later delete py-cpuinfo's files.
+"$PY" -m pip uninstall --quiet --yes py-cpuinfo2 2>/dev/null || true
 "$PY" -m pip install --quiet -r requirements/dev.txt "torch==$TORCH_VERSION"
 # DeepSpeed (ground truth for ZeRO checkpoints, tests/groundtruth/) after torch: its setup.py
 # imports torch (hence no build isolation), --no-deps keeps pip from resolving torch again (a
@@ -23,5 +26,5 @@ PY="$VENV/bin/python"
 # no C++ ops are prebuilt (none is needed on CPU with a torch optimizer).
 DS_BUILD_OPS=0 "$PY" -m pip install --quiet --no-deps --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
 "$PY" -m pip install --quiet -e . "torch==$TORCH_VERSION"
-"$PY" -m pip check >/dev/null || { "$PY" -m pip check >&2 || true; }
+"$PY" -m pip check >&2
 echo "$stamp_src" > "$VENV/.mapc-stamp"

@@ -186,7 +186,8 @@ def _break_delete(f: Path):
 
 @pytest.mark.parametrize("what,breaker", [
     ("exp_avg.pt", _break_truncate), ("fp32.pt", _break_delete),
-    ("exp_avg_sq.pt", _break_delete), ("optimizer_state.pt", _break_truncate)])
+    ("exp_avg_sq.pt", _break_delete), ("optimizer_state.pt", _break_truncate),
+    ("step.pt", _break_truncate)])   # a later parameter's step.pt: every one is read
 def test_broken_files_are_named(what, breaker, ours, tmp_path):
     u = tmp_path / "u"
     shutil.copytree(ours("z1"), u)
@@ -198,6 +199,17 @@ def test_broken_files_are_named(what, breaker, ours, tmp_path):
     assert what in str(e.value) and ("model.norm.weight" in str(e.value)
                                      or what == "optimizer_state.pt")
     assert not (tmp_path / "out").exists()
+
+
+def test_disagreeing_step_is_refused(ours, tmp_path):
+    torch = pytest.importorskip("torch")
+    u = tmp_path / "u"
+    shutil.copytree(ours("z1"), u)
+    f = u / "global_step3_universal" / "zero" / "model.norm.weight" / "step.pt"
+    torch.save(torch.tensor(7.0), f)
+    with pytest.raises(MapcError, match="step 7 differs from 3") as e:
+        api.convert(u, tmp_path / "out", "hf", with_optimizer=True)
+    assert "model.norm.weight" in str(e.value)
 
 
 def test_missing_param_folder_is_named(ours, tmp_path):

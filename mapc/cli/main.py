@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 
 from mapc import __version__
 from mapc.errors import MapcError
 
-COMMANDS = ("compile", "convert", "inspect", "verify")
+COMMANDS = ("compile", "convert", "inspect", "verify", "clean")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2
+    previous = _terminate_like_interrupt()
     try:
         return int(args.run(args) or 0)
     except MapcError as e:
@@ -52,9 +54,27 @@ def main(argv=None) -> int:
         except OSError:
             pass
         return 0
-    except KeyboardInterrupt:
-        print("mapc: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        done = getattr(e, "mapc_written", None)
+        print(f"mapc: interrupted after {done} was complete; it holds the finished output"
+              if done else "mapc: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _terminate_like_interrupt():
+    """SIGTERM (kill, a batch scheduler's time limit) cleans up like Ctrl-C: the temporary
+    output is removed. Returns the previous handler (None when not in the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:       # not the main thread: leave signals alone
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,10 +6,16 @@ family; the spec's layouts know tensors and never a file.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from mapc.errors import MapcError
@@ -138,37 +144,225 @@ def write_json(path: Path, obj) -> None:
 
 
 class AtomicOutput:
-    """A temporary directory beside ``dst``, renamed to ``dst`` only when complete."""
+    """A temporary directory beside ``dst``, renamed to ``dst`` only when complete.
+
+    Commit replaces nothing it did not plan to: without ``force`` the rename refuses to land on
+    anything (``renameat2(RENAME_NOREPLACE)`` on Linux), so a DST someone created meanwhile
+    (even an empty directory, which a plain ``rename`` would silently replace) is an error;
+    with ``force`` only the very file or directory that was at DST when the conversion started
+    is replaced. When commit refuses, the finished output stays in its temporary directory,
+    named in the error, for the user to move. The critical renames run with SIGINT/SIGTERM
+    held, so an interrupt never leaves DST missing between them."""
 
     def __init__(self, dst, force: bool = False, source=None):
-        self.dst = Path(dst).absolute()
+        self.dst = check_destination(dst)
         if source is not None:
             src = Path(source).resolve()
             d = self.dst.resolve()
             if d == src or src in d.parents or d in src.parents:
                 raise MapcError(f"the destination {dst} overlaps the source {source}",
                                 hint="write somewhere else; mapc never modifies its source")
-        if self.dst.exists() and not force:
-            raise MapcError(f"{dst} already exists", hint="choose a new path, or pass --force "
-                            "to replace it")
+        self.replaces = _identity(self.dst)         # what --force may replace, or None
+        if self.replaces is not None and not force:
+            raise MapcError(f"{dst} already exists" + (" (a symlink)" if self.dst.is_symlink()
+                                                         else ""),
+                            hint="choose a new path, or pass --force to replace it")
         parent = self.dst.parent
         if not parent.is_dir():
             raise MapcError(f"the parent directory of {dst} does not exist",
                             hint=f"create {parent} first")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.mapc-", dir=parent))
+        self.stale = stale_outputs(parent)
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}{TMP_MARK}{os.getpid()}-",
+                                             dir=parent))
+        except OSError as e:
+            raise MapcError(f"cannot create the output beside {dst}: {e.strerror or e}",
+                            where=str(parent),
+                            hint="choose a destination in a directory you can write") from None
+        os.chmod(self.tmp, 0o777 & ~_umask())       # mkdtemp makes 0700; outputs follow umask
+        self.committed = False
+        self.kept = False
 
     def commit(self):
-        if self.dst.exists():
-            old = self.dst.with_name(f".{self.dst.name}.mapc-old")
+        with _signals_blocked():
+            self._commit()
+            self.committed = True
+
+    def _commit(self):
+        old = None
+        if self.replaces is not None:
+            if _identity(self.dst) != self.replaces:
+                self._keep(f"{self.dst} changed while converting (it is not what --force was "
+                           f"to replace)")
+            old = self.dst.with_name(f".{self.dst.name}{TMP_MARK}{os.getpid()}-old-"
+                                     f"{self.tmp.name[-8:]}")
+            _rename_noreplace(self.dst, old)
+        try:
+            _rename_noreplace(self.tmp, self.dst)
+        except FileExistsError:
+            if old is not None:
+                self._keep(f"{self.dst} was created while converting; the old {self.dst.name} "
+                           f"is kept as {old}")
+            self._keep(f"{self.dst} was created by someone else while converting")
+        if old is not None:
             _remove(old)
-            os.rename(self.dst, old)
-            os.rename(self.tmp, self.dst)
-            _remove(old)
-        else:
-            os.rename(self.tmp, self.dst)
+
+    def _keep(self, why: str):
+        self.kept = True
+        raise MapcError(f"{why}: nothing was replaced", where=str(self.dst),
+                        hint=f"the finished output is in {self.tmp}; move it where you want it")
 
     def abort(self):
-        _remove(self.tmp)
+        if not self.committed and not self.kept:
+            _remove(self.tmp)
+
+
+TMP_MARK = ".mapc-"      # AtomicOutput's temporary names: .DST.mapc-PID-XXXX
+
+
+def _identity(path: Path):
+    """(device, inode) of what is at ``path`` (a symlink itself, not its target), or None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MapcError(f"cannot look at the destination: {e.strerror or e}", where=str(path)) \
+            from None
+    return st.st_dev, st.st_ino
+
+
+def check_destination(dst) -> Path:
+    """The absolute DST, refusing paths whose replacement would destroy the user's work: an
+    empty string (an unset shell variable), '.', '..', '/', the home directory, the current
+    directory or one of its parents."""
+    text = os.fspath(dst) if isinstance(dst, os.PathLike) else dst
+    if not isinstance(text, str) or not text.strip():
+        raise MapcError(f"the destination {text!r} is empty",
+                        hint="pass the output directory (is a shell variable unset?)")
+    p = Path(text)
+    if p.name in ("", ".", ".."):
+        raise MapcError(f"the destination {text!r} names a directory by '.' or '..' or '/'",
+                        hint="name the new output directory itself, e.g. ./out")
+    absolute = p.absolute()
+    resolved = absolute.resolve()
+    cwd = Path.cwd().resolve()
+    try:
+        home = Path.home().resolve()
+    except (KeyError, RuntimeError):
+        home = None
+    if resolved == cwd or resolved in cwd.parents:
+        raise MapcError(f"the destination {text} is the current directory or one of its "
+                        "parents", hint="choose a new directory for the output")
+    if resolved == home or resolved == Path(resolved.anchor):
+        raise MapcError(f"the destination {text} is the home or root directory",
+                        hint="choose a new directory for the output")
+    return absolute
+
+
+def stale_outputs(parent: Path) -> list[Path]:
+    """Temporary outputs (``.NAME.mapc-PID-...``) in ``parent`` left by runs that were killed
+    (their process no longer exists on this machine)."""
+    out = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return out
+    for e in entries:
+        m = _TMP_RE.match(e.name)
+        if m is None:
+            continue
+        pid = int(m.group(1)) if m.group(1) else None
+        if pid is not None and _alive(pid):
+            continue
+        out.append(Path(parent) / e.name)
+    return sorted(out)
+
+
+def stale_warning(stale: list[Path]) -> list[str]:
+    if not stale:
+        return []
+    names = ", ".join(p.name for p in stale[:4]) + (" ..." if len(stale) > 4 else "")
+    return [f"{len(stale)} temporary output(s) of interrupted mapc runs in {stale[0].parent}: "
+            f"{names} (remove them with: mapc clean {stale[0].parent})"]
+
+
+_TMP_RE = re.compile(r"^\..+\.mapc-(?:(\d+)-)?[^/]*$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _signals_blocked:
+    """SIGINT and SIGTERM held (not lost) for the duration, then delivered. Python handlers
+    run in the main thread whichever thread the kernel picks, so the handlers are swapped for
+    a recorder rather than masking the signal in one thread (a no-op outside the main thread,
+    where handlers cannot be set)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.old, self.got = {}, []
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self.old[s] = signal.signal(s, lambda signum, frame: self.got.append(signum))
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(self.got):
+            signal.raise_signal(s)
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _libc_renameat2():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _libc_renameat2() if sys.platform.startswith("linux") else None
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; FileExistsError if anything is at ``dst``. Atomic with
+    renameat2(RENAME_NOREPLACE); where the kernel or file system lacks it, a check right
+    before the rename (a window of microseconds instead of the whole conversion)."""
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                      _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
 
 
 def _remove(path: Path) -> None:

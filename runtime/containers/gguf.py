@@ -54,8 +54,8 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise MapcError("the GGUF format needs the 'gguf' package",
-                        hint="pip install gguf") from None
+        raise MapcError("the GGUF format needs the 'gguf' package, which is not installed",
+                        hint="pip install 'mapc[gguf]'") from None
     return gguf
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -79,6 +79,31 @@ class _HFPlan:
     export: object = None            # _TrainerPlan with --with-optimizer
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard files ``model.safetensors.index.json`` names, each a plain file name inside
+    the checkpoint (an absolute path or ``..`` would read another model's tensors)."""
+    where = str(index)
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise MapcError(f"cannot read the shard index: {e}", where=where,
+                        hint="re-copy it, or delete it to read every *.safetensors file") \
+            from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise MapcError("the shard index has no weight_map object of file names", where=where,
+                        hint="re-copy it, or delete it to read every *.safetensors file")
+    for f in sorted(set(weight_map.values())):
+        p = PurePosixPath(f)
+        if not f or p.is_absolute() or "\\" in f or any(part in ("..", "") for part in
+                                                         f.split("/")):
+            raise MapcError(f"the shard index names {f!r}, which is not a file of this "
+                            "checkpoint", where=where,
+                            hint="an index may only name shard files beside it")
+    return sorted(set(weight_map.values()))
+
+
 class HFSource(Source):
     format = "hf"
     layout = "hf"
@@ -89,13 +114,16 @@ class HFSource(Source):
             self.config = json.loads((self.path / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise MapcError(f"cannot read config.json: {e}", where=str(self.path)) from None
+        if not isinstance(self.config, dict):
+            raise MapcError(f"config.json is a JSON {type(self.config).__name__}, not an object",
+                            where=str(self.path), hint="pass the model's config with --config")
         self.format_meta = self.config
         self.where: dict[str, object] = {}
         st = sorted(self.path.glob("*.safetensors"))
         if st:
             index = self.path / "model.safetensors.index.json"
             if index.is_file():
-                wanted = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                wanted = _index_shards(index)
                 missing = [f for f in wanted if not (self.path / f).is_file()]
                 if missing:
                     raise MapcError(f"shard {missing[0]} listed in the index is missing",

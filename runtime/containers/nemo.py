@@ -33,6 +33,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -44,6 +45,11 @@ from mapc.runtime.containers.base import RefSource, coord_key
 from mapc.runtime.plan_write import PlannedWriter, make_plan, planned_tensors
 from mapc.runtime.containers.dcp import load_torch_at
 from mapc.runtime.containers.megatron import flatten
+
+try:
+    from lzma import LZMAError
+except ImportError:                 # Python built without lzma: tarfile cannot open .xz then
+    LZMAError = tarfile.TarError
 
 LAYOUT = "megatron"
 CONFIG = "model_config.yaml"
@@ -143,6 +149,46 @@ def rank_dir(tp_rank: int, pp_rank: int, tp: int, pp: int) -> str:
     return f"mp_rank_{tp_rank:02d}" if tp > 1 else ""
 
 
+MAX_CONFIG = 16 << 20          # bytes of model_config.yaml
+MAX_RATIO = 32                 # extracted bytes per compressed byte (weights barely compress)
+MIN_BUDGET = 64 << 20          # ... but a small archive may always extract this much
+_BUDGET_RULE = (f"at most {MAX_RATIO}x the archive's size (or {MIN_BUDGET >> 20} MiB), and "
+                "the free space of the temp dir")
+
+
+def _extraction_budget(archive: Path, tmp: Path) -> int:
+    """How many bytes extracting a compressed .nemo may write: a compression bomb (1 MB of
+    gzip that inflates to 1 GiB) is refused before it fills the temp dir."""
+    free = shutil.disk_usage(tmp).free
+    return min(max(MAX_RATIO * archive.stat().st_size, MIN_BUDGET), free - (64 << 20))
+
+
+def _read_config_member(tar, m, path: Path) -> str:
+    if m.size > MAX_CONFIG:
+        raise MapcError(f"{m.name} is {m.size} bytes (a model config is at most "
+                        f"{MAX_CONFIG >> 20} MiB)", where=str(path))
+    return tar.extractfile(m).read().decode("utf-8", "replace")
+
+
+class _tar_errors:
+    """A truncated or corrupt archive (also a gzip one) as a one-line MapcError."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is not None and issubclass(kind, (tarfile.TarError, EOFError, zlib.error,
+                                                  OSError, LZMAError)) \
+                and not issubclass(kind, MapcError):
+            why = getattr(e, "strerror", None) or e
+            raise MapcError(f"corrupt or truncated archive: {why}", where=str(self.path),
+                            hint="re-copy the .nemo file") from None
+        return False
+
+
 def _nemo_config(yaml_text: str, where: str) -> dict:
     try:
         cfg = yaml.safe_load(yaml_text)
@@ -207,12 +253,17 @@ class NemoSource(RefSource):
             return self._extract_compressed()
         except OSError as e:
             raise MapcError(f"cannot read: {e.strerror or e}", where=str(self.path)) from None
-        with tar:
+        size = self.path.stat().st_size
+        with tar, _tar_errors(self.path):
             text, files = None, {}
             for m in tar:
                 rel = os.path.normpath(m.name).lstrip("/")
+                if m.isreg() and m.offset_data + m.size > size:
+                    raise MapcError(f"truncated: member {m.name} declares {m.size} bytes at "
+                                    f"byte {m.offset_data}, the file has {size}",
+                                    where=str(self.path), hint="re-copy the .nemo file")
                 if rel == CONFIG and m.isreg():
-                    text = tar.extractfile(m).read().decode("utf-8", "replace")
+                    text = _read_config_member(tar, m, self.path)
                 rank = _rank_of(rel) if m.isreg() else None
                 if rank is not None:
                     if m.issparse():
@@ -234,16 +285,24 @@ class NemoSource(RefSource):
             raise MapcError(f"not a .nemo archive (a tar file): {e}", where=str(self.path)) \
                 from None
         self._tmp = Path(tempfile.mkdtemp(prefix="mapc-nemo-"))
+        budget = _extraction_budget(self.path, self._tmp)
         text, files = None, {}
-        with tar:
+        with tar, _tar_errors(self.path):
             for m in tar:
                 if not m.isreg():
                     continue
                 rel = os.path.normpath(m.name).lstrip("/")
                 if rel == CONFIG:
-                    text = tar.extractfile(m).read().decode("utf-8", "replace")
+                    text = _read_config_member(tar, m, self.path)
                 rank = _rank_of(rel)
                 if rank is not None:   # our own file name: nothing from the archive is a path
+                    if m.size > budget:
+                        raise MapcError(f"member {m.name} declares {m.size} bytes; extracting "
+                                        f"the compressed archive may write at most {budget} "
+                                        f"more ({_BUDGET_RULE})", where=str(self.path),
+                                        hint="decompress it yourself (gunzip) if it is genuine: "
+                                             "an uncompressed .nemo is read in place")
+                    budget -= m.size
                     dst = self._tmp / f"{rank[0]}_{rank[1]}.ckpt"
                     with tar.extractfile(m) as src, open(dst, "wb") as out:
                         shutil.copyfileobj(src, out, 16 << 20)

@@ -165,11 +165,7 @@ class UniversalSource(_ds.ModuleSource):
             if "step" in state:
                 step = _scalar(state["step"])
         else:
-            for name in self.shapes:
-                f = self.zero / name / "step.pt"
-                if f.is_file():
-                    step = _scalar(torchfile.load(f))
-                    break
+            step = self._step()
         scaler = osd.get("loss_scaler")
         zs = osd.get("zero_stage")
         return {
@@ -184,6 +180,29 @@ class UniversalSource(_ds.ModuleSource):
             "dp_world_size": ms.get("dp_world_size"),
             "ds_config": ms.get("ds_config"),
         }
+
+    def _step(self):
+        """The optimizer step of stage 1/2: every parameter's ``step.pt`` is read (each is the
+        same 0-d tensor), so a truncated or disagreeing one is refused, not skipped."""
+        step, first = None, None
+        for name in self.shapes:
+            f = self.zero / name / "step.pt"
+            if not f.is_file():
+                continue
+            obj = torchfile.load(f)
+            try:
+                value = _scalar(obj)
+            except (OSError, ValueError, TypeError, IndexError) as e:
+                raise MapcError(f"not a step tensor ({e})", where=str(f),
+                                hint="the universal checkpoint is corrupt; convert it again") \
+                    from None
+            if step is None:
+                step, first = value, f
+            elif value != step:
+                raise MapcError(f"step {value:g} differs from {step:g} in {first}",
+                                where=str(f), hint="the universal checkpoint is corrupt "
+                                                   "(mixed from two runs?); convert it again")
+        return step
 
     def describe_coord(self, coord):
         return self.udir.name

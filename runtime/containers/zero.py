@@ -211,7 +211,11 @@ def plan_resume(facts, request, target: str, dtypes, notes: list, *, optim: bool
     from mapc.errors import MapcError
     ts = facts.training
     mine = notes if optim else []
-    src_dp = int(ts.get("dp_world_size") or 1)
+    src_dp = ts.get("dp_world_size") or 1
+    if not isinstance(src_dp, (int, np.integer)) or not 1 <= src_dp <= 2**16:
+        raise MapcError(f"the source's dp_world_size {src_dp!r} is not a data-parallel size",
+                        where=str(facts.path), hint="is the checkpoint corrupt?")
+    src_dp = int(src_dp)
     dp = request.dp or src_dp
     cfg = ts.get("ds_config")
     has_settings = isinstance(cfg, dict) and bool(cfg)
