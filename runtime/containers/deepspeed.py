@@ -26,7 +26,8 @@ from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers.hf_trainer import module_order
 from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
-from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEFAULT_SUB_GROUP_SIZE,
+from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEEPSPEED_PICKLES,
+                                          DEFAULT_SUB_GROUP_SIZE,
                                           OPTIM_SLOTS, model_states, TRAINING_DTYPES, ZeroOptimizer,
                                           ResumeState, hyper as _hyper,
                                           plain as _plain, training_config)
@@ -34,14 +35,6 @@ from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEFAULT_SUB_GROUP_SIZE
 LAYOUT = "hf"
 SINGLE = ()
 
-
-
-def _zero_stage(value):
-    """ZeroStageEnum is an int enum: its plain value is all a reader needs."""
-    return int(value)
-
-
-torchfile.ALLOWED_GLOBALS.setdefault("deepspeed.runtime.zero.config.ZeroStageEnum", _zero_stage)
 
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
@@ -149,7 +142,7 @@ class DeepSpeedSource(ModuleSource):
         if not model_file.is_file():
             raise MapcError("no model states file (mp_rank_00_model_states.pt)",
                             where=str(self.tag_dir))
-        self.model_states = torchfile.load(model_file)
+        self.model_states = torchfile.load(model_file, DEEPSPEED_PICKLES)
         want = self.model_states.get("dp_world_size", self.dp)
         if want != self.dp:
             missing = [r for r in range(want) if r not in optim]
@@ -159,7 +152,8 @@ class DeepSpeedSource(ModuleSource):
                                else ""), where=str(self.tag_dir),
                             hint="copy the complete checkpoint (one "
                                  "zero_pp_rank_R_mp_rank_00_optim_states.pt per rank)")
-        self.optim = [torchfile.load(optim[r])["optimizer_state_dict"] for r in range(self.dp)]
+        self.optim = [torchfile.load(optim[r], DEEPSPEED_PICKLES)["optimizer_state_dict"]
+                      for r in range(self.dp)]
         first = self.optim[0]
         if "fp32_flat_groups" in first:
             self.kind = "stage3"

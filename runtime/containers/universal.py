@@ -33,7 +33,8 @@ from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers import deepspeed as _ds   # its pickle globals and ModuleSource
 from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, model_states,
                                           partition_size, stage12_header, torch_size,
-                                          zero_stage as _zero_stage_value)
+                                          zero_stage as _zero_stage_value,
+                                          DEEPSPEED_PICKLES)
 from mapc.runtime.containers.base import MAPC_JSON, Writer, read_record, write_json
 
 LAYOUT = "hf"
@@ -68,7 +69,7 @@ def _load(path: Path, what: str):
     if not path.is_file():
         raise MapcError(f"{path.name} ({what}) is missing", where=str(path.parent),
                         hint="copy the complete universal checkpoint (or convert it again)")
-    return torchfile.load(path)
+    return torchfile.load(path, DEEPSPEED_PICKLES)
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class UniversalSource(_ds.ModuleSource):
                 raise MapcError("no model states file (mp_rank_00_model_states.pt or "
                                 "zero_pp_rank_0_mp_rank_00_model_states.pt)", where=str(self.udir))
         self.model_state_files = models
-        self.model_states = torchfile.load(main)
+        self.model_states = torchfile.load(main, DEEPSPEED_PICKLES)
         self.optim = _load(self.zero / "optimizer_state.pt", "the optimizer state")
         self.module = dict(self.model_states.get("module") or {})
         self.param_shapes = [dict(g) for g in self.model_states.get("param_shapes") or []]
@@ -164,7 +165,7 @@ class UniversalSource(_ds.ModuleSource):
             for name in self.shapes:
                 f = self.zero / name / "step.pt"
                 if f.is_file():
-                    step = _scalar(torchfile.load(f))
+                    step = _scalar(torchfile.load(f, DEEPSPEED_PICKLES))
                     break
         scaler = osd.get("loss_scaler")
         zs = osd.get("zero_stage")
@@ -340,8 +341,8 @@ class UniversalWriter(Writer):
         if self._pool is not None:
             self._pool.shutdown()
         if self.copy_models:
-            for f in self.copy_models:
-                shutil.copy2(f, self.udir / f.name)
+            for f in self.copy_models:     # re-pickled from what was read, never copied
+                torchfile.copy_checked(f, self.udir / f.name, DEEPSPEED_PICKLES)
         else:
             self._finish_model_states(record)
         self._write_optimizer_state()
