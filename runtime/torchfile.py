@@ -866,13 +866,15 @@ _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_SIG = 0x04034B50
 
 
-def load(path: str | os.PathLike, allow: AllowList | None = None) -> Any:
+def load(path: str | os.PathLike, allow: AllowList | None = None, *,
+         expect: type | None = None) -> Any:
     """Load a ``torch.save`` file into plain Python objects, with tensors as :class:`TensorRef`.
 
     ``allow`` is the format's :func:`allow_list` (default :data:`CORE_GLOBALS`): the only
     globals the pickle may name. Never imports torch and never runs code from the file.
     Raises :class:`MapcError` naming the file for anything unreadable, truncated, too large or
-    deep to unpickle within bounds, or not on the allow-list.
+    deep to unpickle within bounds, or not on the allow-list, and (``expect``) when the file
+    holds something other than an instance of ``expect`` (e.g. ``dict``).
     """
     path = Path(path)
     where = str(path)
@@ -884,9 +886,9 @@ def load(path: str | os.PathLike, allow: AllowList | None = None) -> Any:
         raise MapcError(f"cannot read checkpoint: {e.strerror or e}", where=where) from None
     try:
         if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-            return _load_zip(path, size, allow)
+            return _expected(_load_zip(path, size, allow), expect)
         if head[:1] == b"\x80":
-            return _load_legacy(path, size, allow)
+            return _expected(_load_legacy(path, size, allow), expect)
         if not head:
             raise MapcError("empty file; re-copy the checkpoint")
         if _looks_like_tar(path):
@@ -897,6 +899,13 @@ def load(path: str | os.PathLike, allow: AllowList | None = None) -> Any:
         if e.where is None:
             raise MapcError(e.message, where=where, hint=e.hint) from e
         raise
+
+
+def _expected(obj: Any, expect: type | None) -> Any:
+    if expect is not None and not isinstance(obj, expect):
+        raise MapcError(f"the file holds a {type(obj).__name__}, not the {expect.__name__} a "
+                        f"checkpoint file of this kind holds", hint="is it the right file?")
+    return obj
 
 
 def _looks_like_tar(path: Path) -> bool:

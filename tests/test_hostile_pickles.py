@@ -313,3 +313,29 @@ def test_model_states_are_repickled_not_copied(deepspeed_source, tmp_path):
         assert torch.equal(t, u)
     a = torch.load(out / main_file.name, weights_only=False)
     assert type(a["param_shapes"][0][next(iter(a["param_shapes"][0]))]) is torch.Size
+
+
+# ------------------------------------------------------------------------------ wrong types
+WRONG_TYPE = {
+    "megatron": ("megatron", "release/mp_rank_00/model_optim_rng.pt", [1, 2]),
+    "deepspeed-model_states": ("deepspeed", "global_step0/mp_rank_00_model_states.pt", [1]),
+    "deepspeed-param_shapes": ("deepspeed", "global_step0/mp_rank_00_model_states.pt",
+                               {"module": {}, "param_shapes": 3}),
+    "deepspeed-optim_states": ("deepspeed",
+                               "global_step0/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                               {"optimizer_state_dict": [1]}),
+    "neox-model_states": ("neox", "global_step0/mp_rank_00_model_states.pt", "text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_TYPE))
+def test_pt_holding_the_wrong_type_is_one_line(written, tmp_path, capsys, case):
+    """A .pt whose content is well-formed but of the wrong type is named, not a traceback."""
+    fmt, rel, value = WRONG_TYPE[case]
+    src = tmp_path / fmt
+    shutil.copytree(written / fmt, src)
+    (src / rel).unlink()
+    torchfile.repickle(value, src / rel)
+    assert main(["inspect", str(src)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(src / rel) in err[0], err

@@ -54,6 +54,15 @@ def _tag_dir(path: Path) -> Path | None:
         else None
 
 
+def _optimizer_state(path: Path) -> dict:
+    obj = torchfile.load(path, DEEPSPEED_PICKLES, expect=dict)
+    osd = obj.get("optimizer_state_dict")
+    if not isinstance(osd, dict):
+        raise MapcError("not a DeepSpeed optimizer states file (no optimizer_state_dict)",
+                        where=str(path))
+    return osd
+
+
 def detect(path: Path) -> bool:
     d = _tag_dir(path)
     return d is not None and any(_OPTIM.match(p.name) for p in d.iterdir())
@@ -142,7 +151,7 @@ class DeepSpeedSource(ModuleSource):
         if not model_file.is_file():
             raise MapcError("no model states file (mp_rank_00_model_states.pt)",
                             where=str(self.tag_dir))
-        self.model_states = torchfile.load(model_file, DEEPSPEED_PICKLES)
+        self.model_states = torchfile.load(model_file, DEEPSPEED_PICKLES, expect=dict)
         want = self.model_states.get("dp_world_size", self.dp)
         if want != self.dp:
             missing = [r for r in range(want) if r not in optim]
@@ -152,8 +161,7 @@ class DeepSpeedSource(ModuleSource):
                                else ""), where=str(self.tag_dir),
                             hint="copy the complete checkpoint (one "
                                  "zero_pp_rank_R_mp_rank_00_optim_states.pt per rank)")
-        self.optim = [torchfile.load(optim[r], DEEPSPEED_PICKLES)["optimizer_state_dict"]
-                      for r in range(self.dp)]
+        self.optim = [_optimizer_state(optim[r]) for r in range(self.dp)]
         first = self.optim[0]
         if "fp32_flat_groups" in first:
             self.kind = "stage3"
@@ -161,8 +169,14 @@ class DeepSpeedSource(ModuleSource):
             self.kind = "zero"          # DeepSpeedZeroOptimizer, stages 1/2
         else:
             self.kind = "bf16"          # BF16_Optimizer: fp32 partitions keep their padding
-        self.module = dict(self.model_states.get("module") or {})
-        self.param_shapes = [dict(g) for g in self.model_states["param_shapes"]]
+        module, shapes = self.model_states.get("module") or {}, \
+            self.model_states.get("param_shapes")
+        if not isinstance(module, dict) or not isinstance(shapes, list) or \
+                not all(isinstance(g, dict) for g in shapes):
+            raise MapcError("not a DeepSpeed model-states file (module must be a state dict "
+                            "and param_shapes a list of dicts)", where=str(model_file))
+        self.module = dict(module)
+        self.param_shapes = [dict(g) for g in shapes]
         self._index()
         self.topology = {}      # the tensors are unsharded (hf layout); dp is ZeRO's own
         self.config = self.record.get("config") or \

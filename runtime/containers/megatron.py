@@ -117,7 +117,7 @@ class MegatronSource(RefSource):
         if not found:
             raise MapcError(f"no mp_rank_*/{FILE} files", where=str(self.iter_dir))
         first_file = next(iter(found.values()))
-        args = torchfile.load(first_file, PICKLES).get("args")
+        args = torchfile.load(first_file, PICKLES, expect=dict).get("args")
         args = dict(args) if args is not None else {}
         # One suffix is the pipeline rank when pp > 1, else the expert rank (Megatron's naming).
         one_is_pp = (args.get("pipeline_model_parallel_size") or 1) > 1 or \

@@ -158,6 +158,7 @@ class NeoxSource(RefSource):
         the PipelineModule keys this reader presents. The partition arithmetic is the
         ``deepspeed`` container's. Empty when any rank lacks optimizer files."""
         from mapc.runtime.containers.deepspeed import DeepSpeedSource
+        from mapc.runtime.containers.deepspeed import _optimizer_state as _ds_optimizer_state
         files: dict[int, dict[int, Path]] = {}
         for p in self.tag_dir.iterdir():
             m = _OPTIM.match(p.name)
@@ -172,14 +173,13 @@ class NeoxSource(RefSource):
                 raise MapcError(f"optimizer files of mp_rank {mp:02d} for data-parallel ranks "
                                 f"{sorted(set(range(max(by_dp) + 1)) - set(by_dp))} are missing",
                                 where=str(self.tag_dir), hint="copy the complete checkpoint")
-            states = torchfile.load(self.mp_files[mp], DEEPSPEED_PICKLES)
+            states = torchfile.load(self.mp_files[mp], DEEPSPEED_PICKLES, expect=dict)
             if not states.get("param_shapes"):
                 return {}
             v = DeepSpeedSource.__new__(DeepSpeedSource)
             v.tag_dir, v.dp, v.model_states, v.module = self.tag_dir, dp, states, {}
             v.param_shapes = [dict(g) for g in states["param_shapes"]]
-            v.optim = [torchfile.load(by_dp[r], DEEPSPEED_PICKLES)["optimizer_state_dict"]
-                       for r in range(dp)]
+            v.optim = [_ds_optimizer_state(by_dp[r]) for r in range(dp)]
             v.kind = "stage3" if "fp32_flat_groups" in v.optim[0] else \
                 "zero" if "zero_stage" in v.optim[0] else "bf16"
             v._index()

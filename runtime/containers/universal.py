@@ -94,7 +94,7 @@ class UniversalSource(_ds.ModuleSource):
                 raise MapcError("no model states file (mp_rank_00_model_states.pt or "
                                 "zero_pp_rank_0_mp_rank_00_model_states.pt)", where=str(self.udir))
         self.model_state_files = models
-        self.model_states = torchfile.load(main, DEEPSPEED_PICKLES)
+        self.model_states = torchfile.load(main, DEEPSPEED_PICKLES, expect=dict)
         self.optim = _load(self.zero / "optimizer_state.pt", "the optimizer state")
         self.module = dict(self.model_states.get("module") or {})
         self.param_shapes = [dict(g) for g in self.model_states.get("param_shapes") or []]
