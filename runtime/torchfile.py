@@ -6,11 +6,13 @@ A ``torch.save`` file (torch >= 1.6) is an uncompressed zip archive::
     <archive>/data/<key>        raw little-endian bytes of one storage
     <archive>/version, byteorder, .format_version, .storage_alignment, ...
 
-Reading (:func:`load`) unpickles ``data.pkl`` with an unpickler whose ``find_class`` only
-hands out entries of :data:`ALLOWED_GLOBALS`: inert stand-ins for the handful of globals a
-checkpoint legitimately names (tensor rebuild functions, storage types, dtypes, ``argparse
-.Namespace``, numpy arrays, ...). Any other global is refused with a :class:`MapcError`; no
-callable from the file is ever looked up in a real module. Tensors come back as lazy
+Reading (:func:`load`) unpickles ``data.pkl`` with mapc's restricted unpickler
+(:mod:`mapc.runtime.unpickler`), which resolves globals only through the allow-list the
+caller passes for its format (:func:`allow_list`; :data:`CORE_GLOBALS` by default): inert
+stand-ins for the handful of globals a checkpoint legitimately names (tensor rebuild
+functions, storage types, dtypes, ``argparse.Namespace``, numpy arrays, ...). Any other global
+is refused with a :class:`MapcError`; no callable from the file is ever looked up in a real
+module, and what unpickling builds is bounded in depth, size and work. Tensors come back as lazy
 :class:`TensorRef` objects whose :meth:`TensorRef.numpy` maps the bytes straight from the
 file with ``np.memmap``.
 
@@ -23,12 +25,12 @@ The legacy (torch < 1.6, non-zip) format is read as well; it is never written.
 """
 from __future__ import annotations
 
-import _compat_pickle
 import argparse
 import codecs
 import collections
 import io
 import math
+import mmap
 import os
 import pickle
 import struct
@@ -37,12 +39,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, Iterator
 
 import ml_dtypes
 import numpy as np
 
 from mapc.errors import MapcError
+from mapc.runtime import unpickler as _unpickler
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -54,10 +58,16 @@ __all__ = [
     "TensorRef",
     "TorchDType",
     "TorchDevice",
+    "TorchSize",
     "TorchWriter",
     "Call",
     "load",
-    "register_record_type",
+    "AllowList",
+    "CORE_GLOBALS",
+    "allow_list",
+    "copy_checked",
+    "repickle",
+    "record_type",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -244,6 +254,8 @@ class Record(metaclass=_SealedType):
     __slots__ = ("_fields",)
     #: (module, qualified name) of the class this record stands for.
     pickle_global: ClassVar[tuple[str, str]] = ("builtins", "object")
+    #: the restricted unpickler may create it (NEWOBJ) and BUILD it (once, with a dict)
+    _mapc_inert: ClassVar[bool] = True
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Record":
         self = object.__new__(cls)
@@ -608,6 +620,8 @@ class _TensorClass(metaclass=_SealedType):
     """Stand-in for ``torch.Tensor`` / ``torch.nn.Parameter`` as class objects; only
     meaningful as the ``new_type`` argument of ``_rebuild_from_type_v2``."""
 
+    _mapc_inert = True      # NEWOBJ(Parameter, (tensor, requires_grad)) is allowed
+
     def __new__(cls, data: Any = None, requires_grad: bool = True) -> Any:
         if isinstance(data, TensorRef):  # Parameter(data, requires_grad) via NEWOBJ
             return data._mark_parameter(requires_grad)
@@ -645,8 +659,20 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args)
 
 
+class TorchSize(tuple):
+    """A ``torch.Size`` read from a checkpoint: a tuple of ints, written back as a
+    ``torch.Size`` (DeepSpeed calls ``.numel()`` on the ``param_shapes`` it loads)."""
+
+    __slots__ = ()
+
+    def numel(self) -> int:
+        return math.prod(self)
+
+
 def _torch_size(dims=()):
-    return tuple(int(d) for d in dims)
+    if not isinstance(dims, (list, tuple)):
+        raise MapcError(f"corrupt torch.Size record: built from a {type(dims).__name__}")
+    return TorchSize(int(d) for d in dims)
 
 
 def _torch_device(spec, index=None):
@@ -670,24 +696,95 @@ def _numpy_multiarray():
 _MULTIARRAY = _numpy_multiarray()
 
 
-def _np_reconstruct(subtype, shape, typecode):
-    if subtype is not np.ndarray:
-        raise MapcError(f"numpy array subclass {subtype!r} is not supported")
-    return _MULTIARRAY._reconstruct(np.ndarray, shape, typecode)
+def _ordered_dict(items=()):
+    if not isinstance(items, (list, tuple, dict)):
+        raise MapcError(f"corrupt OrderedDict record: built from a {type(items).__name__}")
+    return collections.OrderedDict(items)
 
 
-#: ``"module.name"`` -> the inert object the unpickler uses for that global. Nothing outside
-#: this table is ever resolved; extend it (e.g. with :func:`register_record_type`) only with
-#: objects that run no code from the checkpoint.
-ALLOWED_GLOBALS: dict[str, Any] = {
-    "collections.OrderedDict": collections.OrderedDict,
-    "collections.Counter": collections.Counter,
-    "builtins.set": set,
-    "builtins.frozenset": frozenset,
-    "builtins.slice": slice,
-    "builtins.complex": complex,
-    "builtins.bytes": bytes,
-    "builtins.bytearray": bytearray,
+def _counter(items=()):
+    if not isinstance(items, (list, tuple, dict)):
+        raise MapcError(f"corrupt Counter record: built from a {type(items).__name__}")
+    return collections.Counter(items)
+
+
+def _set(items=()):
+    if not isinstance(items, (list, tuple)):
+        raise MapcError(f"corrupt set record: built from a {type(items).__name__}")
+    return set(items)
+
+
+def _frozenset(items=()):
+    if not isinstance(items, (list, tuple)):
+        raise MapcError(f"corrupt frozenset record: built from a {type(items).__name__}")
+    return frozenset(items)
+
+
+def _complex(real=0.0, imag=0.0):
+    if not all(type(x) in (int, float) for x in (real, imag)):
+        raise MapcError("corrupt complex record: parts are not numbers")
+    return complex(real, imag)
+
+
+def _slice(*args):
+    if not all(x is None or type(x) is int for x in args):
+        raise MapcError("corrupt slice record: bounds are not integers")
+    return slice(*args)
+
+
+def _bytes(data=b"", *rest):
+    # protocol-2 pickles spell b"" as bytes(); a count would allocate that many zero bytes
+    if not isinstance(data, (bytes, list, tuple)) or rest:
+        raise MapcError(f"corrupt bytes record: built from a {type(data).__name__}")
+    return bytes(data)
+
+
+def _bytearray(data=b"", encoding=None):
+    # bytearray(b"...") or bytearray("...", "latin-1"); never a count (bytearray(2**31))
+    if isinstance(data, str) and encoding is not None:
+        return bytearray(_encode_text(data, encoding))
+    if not isinstance(data, (bytes, bytearray)) or encoding is not None:
+        raise MapcError(f"corrupt bytearray record: built from a {type(data).__name__}")
+    return bytearray(data)
+
+
+class AllowList(Mapping):
+    """The globals a pickle of one format may name, each mapped to its inert stand-in.
+
+    Built per format with :func:`allow_list` and passed to :func:`load` on every call, so
+    what a megatron file may name does not depend on which other containers were imported.
+    """
+
+    def __init__(self, name: str, entries: Mapping[str, Any]):
+        self.name = name
+        self._entries = dict(entries)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"<allow-list {self.name}: {len(self)} globals>"
+
+
+def _inert(value: Any) -> Any:
+    return _unpickler.Inert(value) if isinstance(value, types.FunctionType) else value
+
+
+_core: dict[str, Any] = {
+    "collections.OrderedDict": _ordered_dict,
+    "collections.Counter": _counter,
+    "builtins.set": _set,
+    "builtins.frozenset": _frozenset,
+    "builtins.slice": _slice,
+    "builtins.complex": _unpickler.Inert(_complex, newobj=True),
+    "builtins.bytes": _bytes,
+    "builtins.bytearray": _bytearray,
     "_codecs.encode": _encode_text,
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
@@ -701,86 +798,62 @@ ALLOWED_GLOBALS: dict[str, Any] = {
     "torch.device": _torch_device,
     "torch.storage.UntypedStorage": _StorageType("UntypedStorage", "uint8"),
     "torch.UntypedStorage": _StorageType("UntypedStorage", "uint8"),
-    "numpy.ndarray": np.ndarray,
-    "numpy.dtype": np.dtype,
-    "numpy.core.multiarray._reconstruct": _np_reconstruct,
-    "numpy._core.multiarray._reconstruct": _np_reconstruct,
-    "numpy.core.multiarray.scalar": _MULTIARRAY.scalar,
-    "numpy._core.multiarray.scalar": _MULTIARRAY.scalar,
+    "numpy.ndarray": _unpickler.NDARRAY,
+    "numpy.dtype": _unpickler.np_dtype,
+    "numpy.core.multiarray._reconstruct": _unpickler.np_reconstruct,
+    "numpy._core.multiarray._reconstruct": _unpickler.np_reconstruct,
+    "numpy.core.multiarray.scalar": _unpickler.np_scalar,
+    "numpy._core.multiarray.scalar": _unpickler.np_scalar,
+    "argparse.Namespace": Namespace,
 }
-ALLOWED_GLOBALS.update({f"torch.{cls}": _StorageType(cls, dtype) for cls, dtype in _TYPED_STORAGES.items()})
-ALLOWED_GLOBALS.update({f"torch.{name}": TorchDType(name) for name in _TORCH_DTYPE_NAMES})
-ALLOWED_GLOBALS.update({f"ml_dtypes.{name}": DTYPES[name].type for name in DTYPES
-                        if DTYPES[name].type.__module__.startswith("ml_dtypes")})
+_core.update({f"torch.{cls}": _StorageType(cls, dtype) for cls, dtype in _TYPED_STORAGES.items()})
+_core.update({f"torch.{name}": TorchDType(name) for name in _TORCH_DTYPE_NAMES})
+_core.update({f"ml_dtypes.{name}": DTYPES[name].type for name in DTYPES
+              if DTYPES[name].type.__module__.startswith("ml_dtypes")})
+
+_RECORD_TYPES: dict[tuple[str, str], type] = {}
+#: Every global some format's allow-list names: what :class:`Call` may write.
+_KNOWN_GLOBALS: set[str] = set()
 
 
-def register_record_type(module: str, name: str) -> type[Record]:
-    """Allow the global ``module.name`` and load its instances as inert :class:`Record`\\ s.
-
-    Returns the record class (also usable to write such objects with :class:`TorchWriter`).
-    """
-    key = f"{module}.{name}"
-    existing = ALLOWED_GLOBALS.get(key)
-    if isinstance(existing, type) and issubclass(existing, Record):
-        return existing
-    if existing is not None:
-        raise ValueError(f"{key} is already allowed as {existing!r}")
-    cls = _SealedType(name, (Record,), {"__slots__": (), "pickle_global": (module, name),
-                                 "__module__": __name__})
-    ALLOWED_GLOBALS[key] = cls
+def record_type(module: str, name: str) -> type[Record]:
+    """The inert :class:`Record` class standing for instances of ``module.name``: put it in a
+    format's :func:`allow_list` to read them, and use it to write them with
+    :class:`TorchWriter`. (Creating it allows nothing by itself.)"""
+    key = (module, name)
+    cls = _RECORD_TYPES.get(key)
+    if cls is None:
+        cls = _RECORD_TYPES[key] = _SealedType(
+            name, (Record,), {"__slots__": (), "pickle_global": key, "__module__": __name__})
     return cls
 
 
-ALLOWED_GLOBALS["argparse.Namespace"] = Namespace
+def allow_list(name: str, *extras: Any) -> AllowList:
+    """The core globals (tensors, storages, dtypes, containers, numpy values, ``argparse
+    .Namespace``) plus ``extras`` for one format: record classes (from :func:`record_type`)
+    and ``{"module.name": function}`` maps (each function gets the call's arguments and must
+    check them; it runs no code from the file)."""
+    entries = dict(_core)
+    for extra in extras:
+        if isinstance(extra, type) and issubclass(extra, Record):
+            entries[".".join(extra.pickle_global)] = extra
+        elif isinstance(extra, Mapping):
+            entries.update(extra)
+        else:
+            raise TypeError(f"allow_list takes record classes and maps, not {extra!r}")
+    entries = {k: _inert(v) for k, v in entries.items()}
+    _KNOWN_GLOBALS.update(entries)
+    return AllowList(name, entries)
+
+
 # Transformer Engine keeps layer metadata ("_extra_state") as io.BytesIO; read it as an inert
 # record (its bytes are never interpreted).
-register_record_type("_io", "BytesIO")
+BytesIORecord = record_type("_io", "BytesIO")
+_core["_io.BytesIO"] = BytesIORecord
 
-
-class _InertFunction(_Frozen):
-    """A read-only wrapper handed to the unpickler instead of one of our Python functions,
-    so a BUILD opcode cannot set attributes (``__defaults__``, ...) on the function itself."""
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: Callable[..., Any]):
-        self._init(_fn=fn)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<inert {self._fn.__name__}>"
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler that resolves globals only through :data:`ALLOWED_GLOBALS`."""
-
-    def __init__(self, file: Any, resolve_storage: Callable[[Any], StorageRef] | None):
-        super().__init__(file, encoding="utf-8")
-        self._resolve_storage = resolve_storage
-
-    def find_class(self, module: str, name: str) -> Any:
-        # Python-2 era names (``__builtin__.set``), as pickle's own fix_imports would map them.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-        full = f"{module}.{name}"
-        try:
-            found = ALLOWED_GLOBALS[full]
-        except KeyError:
-            raise MapcError(
-                f"the pickle references {full}; mapc never runs code from a checkpoint and "
-                f"{full} is not on its allow-list of inert objects",
-                hint="re-save the checkpoint with only tensors, containers and plain values "
-                     "(e.g. a state_dict)") from None
-        return _InertFunction(found) if isinstance(found, types.FunctionType) else found
-
-    def persistent_load(self, pid: Any) -> Any:
-        if self._resolve_storage is None:
-            raise MapcError(f"unexpected persistent id {pid!r}")
-        return self._resolve_storage(pid)
+#: What every format's pickles may name (and what :func:`load` allows by default).
+CORE_GLOBALS = allow_list("PyTorch")
+ALLOWED_GLOBALS = CORE_GLOBALS     # the former name
 
 
 # --------------------------------------------------------------------------------------
@@ -793,11 +866,15 @@ _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_SIG = 0x04034B50
 
 
-def load(path: str | os.PathLike) -> Any:
+def load(path: str | os.PathLike, allow: AllowList | None = None, *,
+         expect: type | None = None) -> Any:
     """Load a ``torch.save`` file into plain Python objects, with tensors as :class:`TensorRef`.
 
-    Never imports torch and never runs code from the file. Raises :class:`MapcError` naming
-    the file for anything unreadable, truncated or not on the allow-list.
+    ``allow`` is the format's :func:`allow_list` (default :data:`CORE_GLOBALS`): the only
+    globals the pickle may name. Never imports torch and never runs code from the file.
+    Raises :class:`MapcError` naming the file for anything unreadable, truncated, too large or
+    deep to unpickle within bounds, or not on the allow-list, and (``expect``) when the file
+    holds something other than an instance of ``expect`` (e.g. ``dict``).
     """
     path = Path(path)
     where = str(path)
@@ -809,9 +886,9 @@ def load(path: str | os.PathLike) -> Any:
         raise MapcError(f"cannot read checkpoint: {e.strerror or e}", where=where) from None
     try:
         if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-            return _load_zip(path, size)
+            return _expected(_load_zip(path, size, allow), expect)
         if head[:1] == b"\x80":
-            return _load_legacy(path, size)
+            return _expected(_load_legacy(path, size, allow), expect)
         if not head:
             raise MapcError("empty file; re-copy the checkpoint")
         if _looks_like_tar(path):
@@ -824,6 +901,13 @@ def load(path: str | os.PathLike) -> Any:
         raise
 
 
+def _expected(obj: Any, expect: type | None) -> Any:
+    if expect is not None and not isinstance(obj, expect):
+        raise MapcError(f"the file holds a {type(obj).__name__}, not the {expect.__name__} a "
+                        f"checkpoint file of this kind holds", hint="is it the right file?")
+    return obj
+
+
 def _looks_like_tar(path: Path) -> bool:
     import tarfile
 
@@ -833,22 +917,52 @@ def _looks_like_tar(path: Path) -> bool:
         return False
 
 
-def _unpickle(data: Any, resolve_storage: Callable[[Any], StorageRef] | None, what: str) -> Any:
-    try:
-        return _SafeUnpickler(data, resolve_storage).load()
-    except MapcError:
-        raise
-    except RecursionError:
-        raise MapcError(f"{what} is nested too deeply to unpickle") from None
-    except Exception as e:  # malformed pickle stream: UnpicklingError, EOFError, ValueError...
-        raise MapcError(f"corrupt {what}: {type(e).__name__}: {e}",
-                        hint="re-copy the file") from None
+def _refusal(allow: AllowList) -> Callable[[str], MapcError]:
+    def refuse(full: str) -> MapcError:
+        return MapcError(
+            f"the pickle references {full}; mapc never runs code from a checkpoint and {full} "
+            f"is not on its allow-list of inert objects for {allow.name} files",
+            hint="re-save the checkpoint with only tensors, containers and plain values "
+                 "(e.g. a state_dict)")
+    return refuse
 
 
-def _load_zip(path: Path, size: int) -> Any:
+def _unpickle_at(buf: Any, pos: int, resolve_storage: Callable[[Any], StorageRef] | None,
+                 what: str, allow: AllowList | None = None) -> tuple[Any, int]:
+    """Unpickle the pickle at ``buf[pos]`` with the restricted unpickler; (object, end)."""
+    allow = CORE_GLOBALS if allow is None else allow
+    return _unpickler.unpickle(buf, allow, pos=pos, persistent_load=resolve_storage,
+                               refuse=_refusal(allow))
+
+
+def _unpickle(data: Any, resolve_storage: Callable[[Any], StorageRef] | None, what: str,
+              allow: AllowList | None = None) -> Any:
+    """Unpickle ``data`` (bytes or a BytesIO) with the restricted unpickler."""
+    if isinstance(data, io.BytesIO):
+        data = data.getvalue()
+    return _unpickle_at(data, 0, resolve_storage, what, allow)[0]
+
+
+#: Deflate expands at most ~1032:1; a member claiming more than that is corrupt.
+_MAX_INFLATE = 1032
+
+
+def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int) -> bytes:
+    """A zip member's bytes, after checking its declared sizes against the archive's (so a
+    corrupt directory entry cannot make ``zipfile`` allocate what the file does not hold)."""
+    if info.compress_size > archive_size or info.file_size > (
+            info.compress_size if info.compress_type == zipfile.ZIP_STORED
+            else _MAX_INFLATE * info.compress_size + 1024):
+        raise MapcError(f"corrupt archive member {info.filename}: it declares {info.file_size} "
+                        f"bytes ({info.compress_size} stored) in a {archive_size}-byte archive",
+                        hint="re-copy the file")
+    return zf.read(info)
+
+
+def _load_zip(path: Path, size: int, allow: AllowList | None = None) -> Any:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
         raise MapcError(
             f"truncated or corrupt: the file starts like a torch zip checkpoint but its zip "
             f"directory cannot be read ({e}; the file is {size} bytes)",
@@ -866,10 +980,11 @@ def _load_zip(path: Path, size: int) -> Any:
         prefix = pkl_name[: -len("data.pkl")]
         order = members.get(prefix + "byteorder")
         try:
-            if order is not None and zf.read(order).strip() not in (b"little", b""):
+            if order is not None and read_member(zf, order, size).strip() not in (b"little", b""):
                 raise MapcError("big-endian checkpoint; mapc reads little-endian files only")
-            pickle_bytes = zf.read(members[pkl_name])
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            pickle_bytes = read_member(zf, members[pkl_name], size)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError,
+                NotImplementedError) as e:
             raise MapcError(f"corrupt or truncated archive member: {e}", hint="re-copy the file") from None
 
     mapped = _MappedFile(path, size)
@@ -899,20 +1014,20 @@ def _load_zip(path: Path, size: int) -> Any:
             storages[key] = StorageRef(key, stype.dtype, numel, mapped, offset)
             return storages[key]
 
-        return _unpickle(io.BytesIO(pickle_bytes), resolve, pkl_name)
+        return _unpickle(pickle_bytes, resolve, pkl_name, allow)
 
 
 def _parse_storage_pid(pid: Any) -> tuple[str, _StorageType, int]:
     """Validate a zip-format persistent id ``('storage', type, key, location, numel)``."""
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
-        raise MapcError(f"unexpected persistent id {pid!r} in data.pkl")
+        raise MapcError(f"unexpected persistent id {_unpickler._short(pid)} in data.pkl")
     _, stype, key, _location, numel = pid
     if not isinstance(stype, _StorageType):
-        raise MapcError(f"unexpected storage type {stype!r} in data.pkl")
+        raise MapcError(f"unexpected storage type {_unpickler._short(stype)} in data.pkl")
     if isinstance(key, bytes):
         key = key.decode("ascii")
     if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
-        raise MapcError(f"corrupt storage record {pid!r} in data.pkl")
+        raise MapcError(f"corrupt storage record {_unpickler._short(pid)} in data.pkl")
     return key, stype, numel
 
 
@@ -936,7 +1051,7 @@ def _member_data_offset(f: Any, info: zipfile.ZipInfo, size: int) -> int:
     return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
 
-def _load_legacy(path: Path, size: int) -> Any:
+def _load_legacy(path: Path, size: int, allow: AllowList | None = None) -> Any:
     """The torch < 1.6 format: magic, protocol and sys-info pickles, the object pickle, a pickle
     of storage keys, then each storage as an int64 element count followed by its bytes."""
     mapped = _MappedFile(path, size)
@@ -944,10 +1059,12 @@ def _load_legacy(path: Path, size: int) -> Any:
 
     def resolve(pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ("storage", b"storage")):
-            raise MapcError(f"unexpected persistent id {pid!r} in legacy checkpoint")
+            raise MapcError(f"unexpected persistent id {_unpickler._short(pid)} in legacy checkpoint")
         _, stype, key, _location, numel, view = pid
-        if not isinstance(stype, _StorageType) or not isinstance(numel, int):
-            raise MapcError(f"corrupt storage record {pid!r}")
+        if not isinstance(stype, _StorageType) or type(numel) is not int or numel < 0 or \
+                not (view is None or isinstance(view, tuple) and len(view) == 3 and
+                     all(type(x) is int and x >= 0 for x in view[1:])):
+            raise MapcError(f"corrupt storage record {_unpickler._short(pid)}")
         key = str(key)
         root = roots.get(key)
         if root is None:
@@ -961,22 +1078,24 @@ def _load_legacy(path: Path, size: int) -> Any:
         return StorageRef(str(view_key), stype.dtype, view_numel, mapped,
                           parent=(root, view_offset * itemsize))
 
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         header = []
+        pos = 0
         for what in ("magic number", "protocol version", "system info"):
-            header.append(_unpickle(f, None, f"legacy checkpoint header ({what})"))
+            value, pos = _unpickle_at(buf, pos, None, f"legacy checkpoint header ({what})", allow)
+            header.append(value)
         magic, protocol, sys_info = header
         if magic != _LEGACY_MAGIC:
             raise MapcError("not a PyTorch checkpoint (a pickle without torch's magic number)")
         if protocol != _LEGACY_PROTOCOL:
-            raise MapcError(f"unsupported legacy checkpoint protocol {protocol!r}")
+            raise MapcError(f"unsupported legacy checkpoint protocol {_unpickler._short(protocol)}")
         if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
             raise MapcError("big-endian checkpoint; mapc reads little-endian files only")
-        result = _unpickle(f, resolve, "legacy checkpoint object pickle")
-        keys = _unpickle(f, None, "legacy checkpoint storage list")
+        result, pos = _unpickle_at(buf, pos, resolve, "legacy checkpoint object pickle", allow)
+        keys, pos = _unpickle_at(buf, pos, None, "legacy checkpoint storage list", allow)
         if not isinstance(keys, list):
             raise MapcError("corrupt legacy checkpoint storage list")
-        offset = f.tell()
+        offset = pos
         for key in keys:
             key = str(key)
             if offset + 8 > size:
@@ -1034,15 +1153,15 @@ class Call:
     """``module.name(*args)`` as a pickle REDUCE, for values whose class is not plain data and
     that pickle by calling their type: ``Call("torch", "Size", ((3, 4),))`` is a ``torch.Size``,
     ``Call("some.module", "SomeIntEnum", (1,))`` an enum member. The global must be one the
-    reader allows (``module.name`` in :data:`ALLOWED_GLOBALS`), so mapc reads back what it
-    writes."""
+    reader allows (``module.name`` on some format's :func:`allow_list`), so mapc reads back
+    what it writes."""
 
     module: str
     name: str
     args: tuple = ()
 
     def __post_init__(self):
-        if f"{self.module}.{self.name}" not in ALLOWED_GLOBALS:
+        if f"{self.module}.{self.name}" not in _KNOWN_GLOBALS:
             raise MapcError(f"cannot write a call to {self.module}.{self.name}: it is not on the "
                             f"read allow-list")
 
@@ -1095,7 +1214,7 @@ def _writable_globals() -> dict[int, tuple[Any, str, str]]:
         *((DTYPES[n].type, "ml_dtypes", n) for n in DTYPES
           if DTYPES[n].type.__module__.startswith("ml_dtypes")),
     ]:
-        assert f"{module}.{name}" in ALLOWED_GLOBALS, (module, name)
+        assert f"{module}.{name}" in CORE_GLOBALS, (module, name)
         table[id(obj)] = (obj, module, name)
     return table
 
@@ -1137,6 +1256,8 @@ class _CheckpointPickler(pickle._Pickler):  # the pure-Python pickler, so save()
             self.memoize(obj)
         elif isinstance(obj, TorchDevice):
             self.save_reduce(_TORCH_DEVICE, (str(obj),), obj=obj)
+        elif type(obj) is TorchSize:
+            self.save_reduce(_Global("torch", "Size"), (tuple(obj),), obj=obj)
         elif isinstance(obj, Call):
             self.save_reduce(_Global(obj.module, obj.name), tuple(obj.args), obj=obj)
         elif isinstance(obj, Record):
@@ -1224,6 +1345,44 @@ def _array_chunks(array: np.ndarray) -> Iterator[memoryview]:
     rows = max(1, _CHUNK // max(1, array[0].nbytes))
     for start in range(0, array.shape[0], rows):
         yield memoryview(np.ascontiguousarray(array[start:start + rows]).reshape(-1).view(np.uint8))
+
+
+def repickle(obj: Any, path: str | os.PathLike) -> None:
+    """Write an object tree as :func:`load` returns it (tensors as :class:`TensorRef`, records)
+    into a new ``.pt`` file with mapc's pickler: only inert values, never a byte of the file
+    it came from except tensor data. Tensors shared in ``obj`` stay shared."""
+    with TorchWriter(path) as w:
+        placeholders: dict[int, TensorPlaceholder] = {}
+
+        def convert(x: Any) -> Any:
+            if isinstance(x, TensorRef):
+                ph = placeholders.get(id(x))
+                if ph is None:
+                    ph = placeholders[id(x)] = w.add_tensor(x.read(), x.requires_grad)
+                return ph
+            if type(x) in (dict, collections.OrderedDict):
+                new = type(x)((k, convert(v)) for k, v in x.items())
+                if getattr(x, "__dict__", None):       # a state_dict's _metadata
+                    new.__dict__.update((k, convert(v)) for k, v in x.__dict__.items())
+                return new
+            if type(x) in (list, tuple, TorchSize):
+                return type(x)(convert(v) for v in x)
+            if isinstance(x, Record):
+                rec = type(x)()
+                rec._fields.update((k, convert(v)) for k, v in x.items())
+                return rec
+            return x
+
+        w.finish(convert(obj))
+
+
+def copy_checked(src: str | os.PathLike, dst: str | os.PathLike,
+                 allow: AllowList | None = None) -> None:
+    """"Copy" a ``.pt`` file mapc does not otherwise use: read it with the restricted unpickler
+    (``allow``: its format's allow-list) and :func:`repickle` what was read. The copy holds
+    only what mapc checked, so a pickle that would run code under ``torch.load`` (or anything
+    unreadable) is refused instead of being passed on byte for byte."""
+    repickle(load(src, allow), dst)
 
 
 class TorchWriter:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import mapc
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
+from mapc.runtime.containers.zero import DEEPSPEED_PICKLES
 from tests.test_neox import (_fresh, _pipe_hf_config, _pipe_run, build_neox_model, neox_config,
                              tag_dir)
 
@@ -109,7 +110,7 @@ def test_unchanged_topology_writes_deepspeeds_own_files(tmp_path, pipe, pipe_cfg
     ds, mp = tag_dir(pipe), tag_dir(tmp_path / "nx")
     assert sorted(p.name for p in mp.iterdir()) == sorted(p.name for p in ds.iterdir())
     for f in sorted(ds.iterdir()):
-        a, b = torchfile.load(f), torchfile.load(mp / f.name)
+        a, b = torchfile.load(f, DEEPSPEED_PICKLES), torchfile.load(mp / f.name, DEEPSPEED_PICKLES)
         if f.name.startswith("mp_rank"):
             assert set(b) - set(a) == {"iteration", "args"}
             b = {k: b[k] for k in a}
@@ -250,7 +251,7 @@ def test_reshard_round_trip_of_every_optimizer_file_is_bit_exact(tmp_path, pipe,
     dx, dz = tag_dir(x), tag_dir(z)
     assert sorted(p.name for p in dx.iterdir()) == sorted(p.name for p in dz.iterdir())
     for f in sorted(dx.iterdir()):
-        p, q = torchfile.load(f), torchfile.load(dz / f.name)
+        p, q = torchfile.load(f, DEEPSPEED_PICKLES), torchfile.load(dz / f.name, DEEPSPEED_PICKLES)
         if "optim_states" in f.name:
             _tree_equal(p["optimizer_state_dict"], q["optimizer_state_dict"], f.name)
         elif f.name.startswith("mp_rank"):
@@ -321,7 +322,7 @@ def test_with_optimizer_gives_weights_only_source_a_fresh_one_with_neoxs_groups(
     assert decay and no_decay
     assert all(len(ms["param_shapes"][0][n]) == 2 for n in decay)
     assert all(len(ms["param_shapes"][1][n]) == 1 for n in no_decay)
-    osd = torchfile.load(d / "zero_pp_rank_1_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+    osd = torchfile.load(d / "zero_pp_rank_1_mp_rank_00_optim_states.pt", DEEPSPEED_PICKLES)["optimizer_state_dict"]
     groups = osd["base_optimizer_state"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
     assert not np.asarray(osd["base_optimizer_state"]["state"][0]["exp_avg"].map()).any()

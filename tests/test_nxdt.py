@@ -8,6 +8,7 @@ import pytest
 
 import mapc
 from mapc.runtime import torchfile
+from mapc.runtime.containers import nxdt
 from tests.conftest import build_transformers_model, llama_config, logits_of
 
 TOKENS = [1, 5, 9, 3, 7, 2, 8, 4]
@@ -41,11 +42,11 @@ def test_rank_files_names_and_xser_layout(tmp_path):
     assert files == [f"dp_rank_00_tp_rank_{t:02d}_pp_rank_{p:02d}.pt"
                      for t in range(4) for p in range(2)]
     f = tmp_path / "nx" / "model" / "dp_rank_00_tp_rank_03_pp_rank_01.pt"
-    state = torchfile.load(f)
+    state = torchfile.load(f, nxdt.PICKLES)
     assert "model.layers.3.self_attn.qkv_proj.weight_k" in state     # global layer index
     ref = state["model.layers.3.self_attn.qkv_proj.weight_k"]
     assert type(ref).__name__ == "TensorReference"
-    tensor = torchfile.load(f.with_name(f.name + ".tensors") / f"tensor_{ref['tid']}.pt")
+    tensor = torchfile.load(f.with_name(f.name + ".tensors") / f"tensor_{ref['tid']}.pt", nxdt.PICKLES)
     assert tensor.shape == (8, 64)   # kvm*groups*hd/tp = 2*2*8/4 heads of 8 rows
 
 

@@ -25,6 +25,7 @@ import pytest
 from mapc import api
 from mapc.errors import MapcError
 from mapc.runtime.containers import detect_format, open_source
+from mapc.runtime.containers.zero import DEEPSPEED_PICKLES
 from tests.conftest import write_random_hf, llama_config
 
 pytest.importorskip("torch")
@@ -241,13 +242,13 @@ def test_built_from_another_format_equals_ds_to_universal(case, compared):
         allowed.add("zero/optimizer_state.pt")
     assert {d.split(":")[0] for d in res["diffs"]} <= allowed
     for m in models:
-        a = torchfile.load(mine / m)["module"]
-        b = torchfile.load(theirs / m)["module"]
+        a = torchfile.load(mine / m, DEEPSPEED_PICKLES)["module"]
+        b = torchfile.load(theirs / m, DEEPSPEED_PICKLES)["module"]
         assert sorted(a) == sorted(b)
         assert all(_bits(a[n].read(), b[n].read()) and a[n].dtype == b[n].dtype for n in b)
     if case == "z3":
-        a = torchfile.load(mine / "zero" / "optimizer_state.pt")
-        b = torchfile.load(theirs / "zero" / "optimizer_state.pt")
+        a = torchfile.load(mine / "zero" / "optimizer_state.pt", DEEPSPEED_PICKLES)
+        b = torchfile.load(theirs / "zero" / "optimizer_state.pt", DEEPSPEED_PICKLES)
         assert list(a) == [k for k in b if k != "fp32_flat_groups"]
         for k in ("zero_stage", "dynamic_loss_scale", "overflow", "partition_count",
                   "param_groups"):

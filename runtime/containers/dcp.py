@@ -36,6 +36,7 @@ import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
+from mapc.runtime.unpickler import Inert, unpickle
 from mapc.runtime.backends import dtype_name
 from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
 from mapc.runtime.plan_write import (MOMENTS, PlannedWriter, SourceFacts, WritePlan,
@@ -102,7 +103,8 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-def load_torch_at(path, offset: int, length: int, what: str = "archive") -> Any:
+def load_torch_at(path, offset: int, length: int, what: str = "archive",
+                  allow: torchfile.AllowList | None = None) -> Any:
     """Load the ``torch.save`` zip archive stored at bytes ``[offset, offset + length)`` of
     ``path``, like :func:`mapc.runtime.torchfile.load`: restricted unpickling, tensors as lazy
     :class:`~mapc.runtime.torchfile.TensorRef` mapped from ``path`` itself (nothing is copied
@@ -125,7 +127,7 @@ def load_torch_at(path, offset: int, length: int, what: str = "archive") -> Any:
         win.seek(0)
         try:
             zf = zipfile.ZipFile(win)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
             raise MapcError(f"corrupt torch.save archive: {e}", where=where,
                             hint="re-copy the checkpoint") from None
         with zf:
@@ -138,11 +140,13 @@ def load_torch_at(path, offset: int, length: int, what: str = "archive") -> Any:
             prefix = pickles[0][:-len("data.pkl")]
             try:
                 order = members.get(prefix + "byteorder")
-                if order is not None and zf.read(order).strip() not in (b"little", b""):
+                if order is not None and torchfile.read_member(zf, order, length).strip() \
+                        not in (b"little", b""):
                     raise MapcError("big-endian archive; mapc reads little-endian data only",
                                     where=where)
-                pickle_bytes = zf.read(members[pickles[0]])
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+                pickle_bytes = torchfile.read_member(zf, members[pickles[0]], length)
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError,
+                    NotImplementedError) as e:
                 raise MapcError(f"corrupt archive member: {e}", where=where,
                                 hint="re-copy the checkpoint") from None
         mapped = torchfile._MappedFile(path, size)
@@ -171,7 +175,7 @@ def load_torch_at(path, offset: int, length: int, what: str = "archive") -> Any:
             return storages[key]
 
         try:
-            return torchfile._unpickle(io.BytesIO(pickle_bytes), resolve, pickles[0])
+            return torchfile._unpickle(pickle_bytes, resolve, pickles[0], allow)
         except MapcError as e:
             if e.where is None:
                 raise MapcError(e.message, where=where, hint=e.hint) from None
@@ -194,6 +198,7 @@ class _Inert(metaclass=_Sealed):
 
     __slots__ = ("_fields", "_state")
     kind = ""
+    _mapc_inert = True      # the restricted unpickler may create and BUILD it (once)
 
     def __new__(cls, *args, **kwargs):
         self = object.__new__(cls)
@@ -222,21 +227,6 @@ class _Inert(metaclass=_Sealed):
 
 def _inert_class(name: str) -> type:
     return _Sealed(name, (_Inert,), {"__slots__": (), "kind": name})
-
-
-class _Call:
-    """A read-only callable handed to the unpickler for a whitelisted function-like global."""
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn):
-        object.__setattr__(self, "_fn", fn)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("read-only")
-
-    def __call__(self, *args):
-        return self._fn(*args)
 
 
 def _enum_value(value=None, *rest):
@@ -269,33 +259,28 @@ _FUNCS = {
 METADATA_GLOBALS: dict[str, Any] = {}
 for _mod in _MODS:
     METADATA_GLOBALS.update({f"{_mod}.{n}": c for n, c in _RECORDS.items()})
-    METADATA_GLOBALS.update({f"{_mod}.{n}": _Call(fn) for n, fn in _FUNCS.items()})
+    METADATA_GLOBALS.update({f"{_mod}.{n}": Inert(fn) for n, fn in _FUNCS.items()})
 METADATA_GLOBALS.update({
-    "torch.Size": _Call(_torch_size),
-    "torch.serialization._get_layout": _Call(_layout_name),
+    "torch.Size": Inert(_torch_size),
+    "torch.serialization._get_layout": Inert(_layout_name),
     "torch.strided": "torch.strided",
     "torch.contiguous_format": "torch.contiguous_format",
-    "pathlib.PosixPath": _Call(_path_str), "pathlib.PurePosixPath": _Call(_path_str),
-    "pathlib.WindowsPath": _Call(_path_str), "pathlib.PureWindowsPath": _Call(_path_str),
-    "pathlib.Path": _Call(_path_str),
-    "collections.OrderedDict": torchfile.ALLOWED_GLOBALS["collections.OrderedDict"],
+    "pathlib.PosixPath": Inert(_path_str), "pathlib.PurePosixPath": Inert(_path_str),
+    "pathlib.WindowsPath": Inert(_path_str), "pathlib.PureWindowsPath": Inert(_path_str),
+    "pathlib.Path": Inert(_path_str),
+    "collections.OrderedDict": torchfile.CORE_GLOBALS["collections.OrderedDict"],
 })
-METADATA_GLOBALS.update({k: v for k, v in torchfile.ALLOWED_GLOBALS.items()
+METADATA_GLOBALS.update({k: v for k, v in torchfile.CORE_GLOBALS.items()
                          if isinstance(v, torchfile.TorchDType)})
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        full = f"{module}.{name}"
-        try:
-            return METADATA_GLOBALS[full]
-        except KeyError:
-            raise MapcError(f"the metadata pickle references {full}; mapc never runs code "
-                            f"from a checkpoint and {full} is not on its allow-list of inert "
-                            f"objects") from None
+METADATA_GLOBALS = torchfile.AllowList("torch.distributed.checkpoint .metadata",
+                                       METADATA_GLOBALS)
 
-    def persistent_load(self, pid):
-        raise MapcError(f"unexpected persistent id {pid!r} in the metadata")
+
+def _refuse_metadata_global(full):
+    return MapcError(f"the metadata pickle references {full}; mapc never runs code from a "
+                     f"checkpoint and {full} is not on its allow-list of inert objects")
 
 
 def read_metadata(path: Path):
@@ -308,14 +293,10 @@ def read_metadata(path: Path):
     except OSError as e:
         raise MapcError(f"cannot read: {e.strerror or e}", where=str(f)) from None
     try:
-        md = _MetadataUnpickler(io.BytesIO(data)).load()
+        md, _ = unpickle(data, METADATA_GLOBALS, refuse=_refuse_metadata_global)
     except MapcError as e:
-        raise MapcError(e.message, where=str(f), hint=e.hint) from None
-    except RecursionError:
-        raise MapcError("metadata is nested too deeply", where=str(f)) from None
-    except Exception as e:   # malformed pickle: UnpicklingError, EOFError, TypeError...
-        raise MapcError(f"corrupt metadata: {type(e).__name__}: {e}", where=str(f),
-                        hint="re-copy the checkpoint") from None
+        raise MapcError(e.message, where=str(f), hint=e.hint or "re-copy the checkpoint") \
+            from None
     if type(md) is not _RECORDS["Metadata"] or not isinstance(
             md.get("state_dict_metadata"), dict):
         raise MapcError("not a torch.distributed.checkpoint Metadata", where=str(f))
@@ -358,7 +339,13 @@ class DCPSource(Source):
             self.config = self.record.get("config")
         self.format_meta = self.config or {}
         md = read_metadata(self.path)
-        self.tensors = self._index(md)
+        try:
+            self.tensors = self._index(md)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError,
+                OverflowError) as e:   # a field of the wrong type in the (untrusted) metadata
+            raise MapcError(f"corrupt {METADATA}: {type(e).__name__}: {e}",
+                            where=str(self.path / METADATA),
+                            hint="re-copy the checkpoint") from None
         # Optimizer state saved as get_state_dict lays it out: optim.state.<fqn>.<slot>
         self.optim = {k: v for k, v in self.tensors.items() if k.startswith("optim.state.")}
         for k in self.optim:
@@ -374,6 +361,7 @@ class DCPSource(Source):
             storage[(fqn, tuple(off) if off is not None else None)] = info
         planner = md.get("planner_data") or {}
         tensors = {}
+        sizes_on_disk: dict = {}
         for fqn, entry in md.get("state_dict_metadata").items():
             if type(entry) is not _RECORDS["TensorStorageMetadata"]:
                 continue        # bytes entries (non-tensor objects) are not weights
@@ -406,8 +394,20 @@ class DCPSource(Source):
                         o < 0 or o + s > d for o, s, d in zip(offs, sizes, shape)):
                     raise MapcError(f"chunk {list(offs)}+{list(sizes)} of {fqn} does not fit "
                                     f"its shape {list(shape)}", where=where)
-                chunks.append(_Chunk(offs, sizes, file, int(info.get("offset")),
-                                     int(info.get("length"))))
+                offset, length = int(info.get("offset")), int(info.get("length"))
+                if file not in sizes_on_disk:
+                    try:
+                        sizes_on_disk[file] = file.stat().st_size
+                    except OSError as e:
+                        raise MapcError(f"cannot read the storage of {fqn}: "
+                                        f"{e.strerror or e}", where=str(file)) from None
+                if offset < 0 or length < 0 or offset + length > sizes_on_disk[file] or \
+                        math.prod(sizes) * torchfile.DTYPES[dtype.name].itemsize > length:
+                    raise MapcError(f"chunk {list(offs)} of {fqn} ({list(sizes)} of "
+                                    f"{dtype.name}) does not fit bytes {offset}+{length} of "
+                                    f"{rel} ({sizes_on_disk[file]} bytes)", where=where,
+                                    hint="re-copy the checkpoint")
+                chunks.append(_Chunk(offs, sizes, file, offset, length))
             if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
                 raise MapcError(f"the chunks of {fqn} do not cover its shape {list(shape)}",
                                 where=where, hint="the checkpoint is incomplete")

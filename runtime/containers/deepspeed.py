@@ -27,7 +27,7 @@ from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers.hf_trainer import module_order
 from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
-from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEFAULT_SUB_GROUP_SIZE,
+from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEEPSPEED_PICKLES, DEFAULT_SUB_GROUP_SIZE,
                                           OPTIM_SLOTS, ResumePlan, ZeroOptimizer, model_states,
                                           hyper as _hyper, plain as _plain, plan_resume)
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
@@ -36,14 +36,6 @@ from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, Writ
 LAYOUT = "hf"
 SINGLE = ()
 
-
-
-def _zero_stage(value):
-    """ZeroStageEnum is an int enum: its plain value is all a reader needs."""
-    return int(value)
-
-
-torchfile.ALLOWED_GLOBALS.setdefault("deepspeed.runtime.zero.config.ZeroStageEnum", _zero_stage)
 
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
@@ -61,6 +53,15 @@ def _tag_dir(path: Path) -> Path | None:
                    key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
     return steps[-1] if steps and any(_OPTIM.match(p.name) for p in steps[-1].iterdir()) \
         else None
+
+
+def _optimizer_state(path: Path) -> dict:
+    obj = torchfile.load(path, DEEPSPEED_PICKLES, expect=dict)
+    osd = obj.get("optimizer_state_dict")
+    if not isinstance(osd, dict):
+        raise MapcError("not a DeepSpeed optimizer states file (no optimizer_state_dict)",
+                        where=str(path))
+    return osd
 
 
 def detect(path: Path) -> bool:
@@ -152,7 +153,7 @@ class DeepSpeedSource(ModuleSource):
         if not model_file.is_file():
             raise MapcError("no model states file (mp_rank_00_model_states.pt)",
                             where=str(self.tag_dir))
-        self.model_states = torchfile.load(model_file)
+        self.model_states = torchfile.load(model_file, DEEPSPEED_PICKLES, expect=dict)
         want = self.model_states.get("dp_world_size", self.dp)
         if want != self.dp:
             missing = [r for r in range(want) if r not in optim]
@@ -162,7 +163,7 @@ class DeepSpeedSource(ModuleSource):
                                else ""), where=str(self.tag_dir),
                             hint="copy the complete checkpoint (one "
                                  "zero_pp_rank_R_mp_rank_00_optim_states.pt per rank)")
-        self.optim = [torchfile.load(optim[r])["optimizer_state_dict"] for r in range(self.dp)]
+        self.optim = [_optimizer_state(optim[r]) for r in range(self.dp)]
         first = self.optim[0]
         if "fp32_flat_groups" in first:
             self.kind = "stage3"
@@ -170,8 +171,14 @@ class DeepSpeedSource(ModuleSource):
             self.kind = "zero"          # DeepSpeedZeroOptimizer, stages 1/2
         else:
             self.kind = "bf16"          # BF16_Optimizer: fp32 partitions keep their padding
-        self.module = dict(self.model_states.get("module") or {})
-        self.param_shapes = [dict(g) for g in self.model_states["param_shapes"]]
+        module, shapes = self.model_states.get("module") or {}, \
+            self.model_states.get("param_shapes")
+        if not isinstance(module, dict) or not isinstance(shapes, list) or \
+                not all(isinstance(g, dict) for g in shapes):
+            raise MapcError("not a DeepSpeed model-states file (module must be a state dict "
+                            "and param_shapes a list of dicts)", where=str(model_file))
+        self.module = dict(module)
+        self.param_shapes = [dict(g) for g in shapes]
         self._index()
         self.topology = {}      # the tensors are unsharded (hf layout); dp is ZeRO's own
         self.config = self.record.get("config") or \

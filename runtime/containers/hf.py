@@ -28,6 +28,7 @@ from mapc.runtime.safetensors_io import SafetensorsFile, SafetensorsWriter
 SINGLE = ()
 DEFAULT_SHARD_BYTES = 5 * 10**9
 LAYOUT = "hf"
+PICKLES = torchfile.allow_list("HF / Trainer")
 
 
 def detect(path: Path) -> bool:
@@ -136,7 +137,7 @@ class HFSource(Source):
         else:
             from mapc.runtime import torchfile
             for f in sorted(self.path.glob("pytorch_model*.bin")):
-                state = torchfile.load(f)
+                state = torchfile.load(f, PICKLES)
                 if not isinstance(state, dict):
                     raise MapcError("expected a state dict", where=str(f))
                 for name, ref in state.items():
@@ -211,13 +212,13 @@ class _TrainerFiles:
     def __init__(self, path: Path):
         self.path = path
         f = path / trainer.OPTIMIZER
-        self.optim = torchfile.load(f)
+        self.optim = torchfile.load(f, PICKLES)
         if not (isinstance(self.optim, dict) and isinstance(self.optim.get("state"), dict)
                 and isinstance(self.optim.get("param_groups"), list)):
             raise MapcError("optimizer.pt is not a torch optimizer state dict (state, "
                             "param_groups)", where=str(f))
         s = path / trainer.SCHEDULER
-        self.scheduler = torchfile.load(s) if s.is_file() else None
+        self.scheduler = torchfile.load(s, PICKLES) if s.is_file() else None
         ts = path / trainer.TRAINER_STATE
         try:
             self.state = json.loads(ts.read_text()) if ts.is_file() else None

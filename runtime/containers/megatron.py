@@ -35,6 +35,7 @@ from mapc.runtime.containers.base import (MAPC_JSON, RefSource, coord_key, rank_
                                           write_json)
 
 LAYOUT = "megatron"
+PICKLES = torchfile.allow_list("Megatron-LM")
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
@@ -119,7 +120,7 @@ class MegatronSource(RefSource):
         if not found:
             raise MapcError(f"no mp_rank_*/{FILE} files", where=str(self.iter_dir))
         first_file = next(iter(found.values()))
-        args = torchfile.load(first_file).get("args")
+        args = torchfile.load(first_file, PICKLES, expect=dict).get("args")
         args = dict(args) if args is not None else {}
         # One suffix is the pipeline rank when pp > 1, else the expert rank (Megatron's naming).
         one_is_pp = (args.get("pipeline_model_parallel_size") or 1) > 1 or \
@@ -160,7 +161,7 @@ class MegatronSource(RefSource):
     def _load(self, coord):
         key = coord_key(coord)
         if key not in self._loaded:
-            obj = torchfile.load(self.files[key])
+            obj = torchfile.load(self.files[key], PICKLES)
             if not isinstance(obj, dict) or "model" not in obj:
                 raise MapcError("not a Megatron checkpoint file (no 'model' entry)",
                                 where=str(self.files[key]))

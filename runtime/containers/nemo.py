@@ -52,6 +52,7 @@ except ImportError:                 # Python built without lzma: tarfile cannot 
     LZMAError = tarfile.TarError
 
 LAYOUT = "megatron"
+PICKLES = torchfile.allow_list("NeMo")
 CONFIG = "model_config.yaml"
 WEIGHTS = "model_weights.ckpt"
 PREFIX = "model."
@@ -355,7 +356,7 @@ class NemoSource(RefSource):
         if coord not in self._tensors:
             path, offset, size = self.files[coord]
             if size is None:
-                obj = torchfile.load(path)
+                obj = torchfile.load(path, PICKLES)
             else:
                 obj = load_torch_at(path, offset, size, self.describe_coord(coord))
             if not isinstance(obj, dict):

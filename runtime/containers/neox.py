@@ -37,6 +37,7 @@ import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
+from mapc.runtime.containers.zero import DEEPSPEED_PICKLES
 from mapc.runtime.containers.base import MAPC_JSON, RefSource, read_record, write_json
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
                                      make_plan, planned_tensors)
@@ -130,7 +131,7 @@ class NeoxSource(RefSource):
         self.layer_files = layers
         self.positions = positions
         self.mp_files = mp
-        self.model_states = torchfile.load(mp[0]) if 0 in mp else {}
+        self.model_states = torchfile.load(mp[0], DEEPSPEED_PICKLES) if 0 in mp else {}
         if not isinstance(self.model_states, dict):
             raise MapcError("not a DeepSpeed model-states file", where=str(mp[0]))
         dims = _plain(self.model_states.get("checkpoint_parallel_dimensions"))
@@ -159,6 +160,7 @@ class NeoxSource(RefSource):
         the PipelineModule keys this reader presents. The partition arithmetic is the
         ``deepspeed`` container's. Empty when any rank lacks optimizer files."""
         from mapc.runtime.containers.deepspeed import DeepSpeedSource
+        from mapc.runtime.containers.deepspeed import _optimizer_state as _ds_optimizer_state
         files: dict[int, dict[int, Path]] = {}
         for p in self.tag_dir.iterdir():
             m = _OPTIM.match(p.name)
@@ -173,13 +175,13 @@ class NeoxSource(RefSource):
                 raise MapcError(f"optimizer files of mp_rank {mp:02d} for data-parallel ranks "
                                 f"{sorted(set(range(max(by_dp) + 1)) - set(by_dp))} are missing",
                                 where=str(self.tag_dir), hint="copy the complete checkpoint")
-            states = torchfile.load(self.mp_files[mp])
+            states = torchfile.load(self.mp_files[mp], DEEPSPEED_PICKLES, expect=dict)
             if not states.get("param_shapes"):
                 return {}
             v = DeepSpeedSource.__new__(DeepSpeedSource)
             v.tag_dir, v.dp, v.model_states, v.module = self.tag_dir, dp, states, {}
             v.param_shapes = [dict(g) for g in states["param_shapes"]]
-            v.optim = [torchfile.load(by_dp[r])["optimizer_state_dict"] for r in range(dp)]
+            v.optim = [_ds_optimizer_state(by_dp[r]) for r in range(dp)]
             v.kind = "stage3" if "fp32_flat_groups" in v.optim[0] else \
                 "zero" if "zero_stage" in v.optim[0] else "bf16"
             v._index()
@@ -221,7 +223,7 @@ class NeoxSource(RefSource):
     def _state(self, key) -> dict:
         if key not in self._loaded:
             f = self.layer_files[key[0]][key[1]]
-            obj = torchfile.load(f)
+            obj = torchfile.load(f, DEEPSPEED_PICKLES)
             if not isinstance(obj, dict):
                 raise MapcError("a layer file does not hold a state dict", where=str(f))
             self._loaded[key] = {k: v for k, v in obj.items()

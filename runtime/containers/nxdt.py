@@ -22,8 +22,8 @@ from mapc.runtime.plan_write import PlannedWriter, make_plan, planned_tensors
 
 LAYOUT = "nxdt"
 _RANK_FILE = re.compile(r"^dp_rank_(\d+)_tp_rank_(\d+)_pp_rank_(\d+)(?:_ep_rank_(\d+))?\.pt$")
-TensorReference = torchfile.register_record_type("torch_xla.utils.serialization",
-                                                 "TensorReference")
+TensorReference = torchfile.record_type("torch_xla.utils.serialization", "TensorReference")
+PICKLES = torchfile.allow_list("NxD Training", TensorReference)
 
 
 def _model_dir(path: Path) -> Path | None:
@@ -73,7 +73,7 @@ class NxdtSource(RefSource):
         key = coord_key(coord)
         if key not in self._loaded:
             f = self.files[key]
-            obj = torchfile.load(f)
+            obj = torchfile.load(f, PICKLES)
             if isinstance(obj, dict) and set(obj) == {"model"} and isinstance(obj["model"], dict):
                 obj = obj["model"]
             if not isinstance(obj, dict):
@@ -94,7 +94,7 @@ class NxdtSource(RefSource):
             if not tensor_file.is_file():
                 raise MapcError(f"xser tensor file {tensor_file.name} of {name} is missing",
                                 where=str(tensor_file.parent))
-            ref = torchfile.load(tensor_file)
+            ref = torchfile.load(tensor_file, PICKLES)
             if not isinstance(ref, torchfile.TensorRef):
                 raise MapcError("an xser tensor file does not hold one tensor",
                                 where=str(tensor_file))

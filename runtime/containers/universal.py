@@ -35,7 +35,7 @@ from mapc.runtime.containers import deepspeed as _ds   # its pickle globals and 
 from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, ResumePlan,
                                           model_states, partition_size, plan_resume,
                                           stage12_header, torch_size,
-                                          zero_stage as _zero_stage_value)
+                                          zero_stage as _zero_stage_value, DEEPSPEED_PICKLES)
 from mapc.runtime.containers.base import MAPC_JSON, read_record, write_json
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
                                      ZeroFacts, make_plan, planned_tensors)
@@ -72,7 +72,7 @@ def _load(path: Path, what: str):
     if not path.is_file():
         raise MapcError(f"{path.name} ({what}) is missing", where=str(path.parent),
                         hint="copy the complete universal checkpoint (or convert it again)")
-    return torchfile.load(path)
+    return torchfile.load(path, DEEPSPEED_PICKLES)
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ class UniversalSource(_ds.ModuleSource):
                 raise MapcError("no model states file (mp_rank_00_model_states.pt or "
                                 "zero_pp_rank_0_mp_rank_00_model_states.pt)", where=str(self.udir))
         self.model_state_files = models
-        self.model_states = torchfile.load(main)
+        self.model_states = torchfile.load(main, DEEPSPEED_PICKLES, expect=dict)
         self.optim = _load(self.zero / "optimizer_state.pt", "the optimizer state")
         self.module = dict(self.model_states.get("module") or {})
         self.param_shapes = [dict(g) for g in self.model_states.get("param_shapes") or []]
@@ -189,7 +189,7 @@ class UniversalSource(_ds.ModuleSource):
             f = self.zero / name / "step.pt"
             if not f.is_file():
                 continue
-            obj = torchfile.load(f)
+            obj = torchfile.load(f, DEEPSPEED_PICKLES)
             try:
                 value = _scalar(obj)
             except (OSError, ValueError, TypeError, IndexError) as e:
@@ -386,8 +386,8 @@ class UniversalWriter(PlannedWriter):
         if self._pool is not None:
             self._pool.shutdown()
         if self.plan.detail.carry:
-            for f in self.plan.detail.carry:
-                shutil.copy2(f, self.udir / f.name)
+            for f in self.plan.detail.carry:     # re-pickled from what was read, never copied
+                torchfile.copy_checked(f, self.udir / f.name, DEEPSPEED_PICKLES)
         else:
             self._finish_model_states(record)
         self._write_optimizer_state()

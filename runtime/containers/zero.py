@@ -31,9 +31,22 @@ ADAMW_DEFAULTS = {"weight_decay": 0.01, "lr": 1e-3, "betas": (0.9, 0.999), "eps"
                   "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
                   "differentiable": False, "fused": None, "decoupled_weight_decay": True}
 
-LossScaler = torchfile.register_record_type("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
-FragmentAddress = torchfile.register_record_type("deepspeed.utils.tensor_fragment",
-                                                 "fragment_address")
+LossScaler = torchfile.record_type("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
+FragmentAddress = torchfile.record_type("deepspeed.utils.tensor_fragment", "fragment_address")
+
+
+def _zero_stage_value(value=0, *rest):
+    """ZeroStageEnum is an int enum: its plain value is all a reader needs."""
+    if type(value) is not int:
+        raise TypeError(f"ZeroStageEnum of a {type(value).__name__}")
+    return value
+
+
+#: What DeepSpeed's pickles (and those of the frameworks built on it: NeoX, universal
+#: checkpoints) may name, besides the core torch/numpy globals.
+DEEPSPEED_PICKLES = torchfile.allow_list(
+    "DeepSpeed", LossScaler, FragmentAddress,
+    {".".join(ZERO_STAGE_ENUM): _zero_stage_value})
 
 
 def zero_stage(stage: int) -> torchfile.Call:
