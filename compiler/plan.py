@@ -454,7 +454,9 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
     byname = {f.name: f for f in factors}
     plans = []
     offset = 0
-    for member in members:
+    # Members are laid out in the order the concatenation lists them (`[up gate]` puts up
+    # first), whatever order the rule names them after '='.
+    for member in (list(widths) if widths else members):
         shape = shapes[member]
         view = rule["from"].get(member) if isinstance(rule["from"], dict) else rule["from"]
         if view is None:
