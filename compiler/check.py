@@ -92,6 +92,8 @@ def check(ir: dict) -> None:
         known.add(x["name"])
         LETS[x["name"]] = x["expr"]
     spec_syms = set(known)
+    for r in ir.get("requires", ()):
+        _known(r["expr"], spec_syms, r["at"], "require")
 
     tensors = {}
     groups = {}
@@ -145,7 +147,7 @@ def _known(e, syms, at, what):
 
 
 def _calls(e):
-    if e is None or e[0] in ("num", "str", "bool", "sym"):
+    if e is None or e[0] in ("num", "str", "bool", "sym", "null"):
         return
     if e[0] == "call":
         yield e[1], len(e) - 2
@@ -174,8 +176,12 @@ def _check_layout(lay, spec_syms, tensors, groups):
         if "pp" not in lay["mesh"]:
             raise error_at(pipe["at"], f"layout {name} has a pipeline but no 'pp' mesh axis",
                            hint="add 'mesh ... pp'")
+    for r in lay.get("requires", ()):
+        _known(r["expr"], syms, r["at"], "require")
     for m in lay["meta"]:
         _known(m["expr"], syms, m["at"], f"meta {m['key']}")
+        if m.get("when") is not None:
+            _known(m["when"], syms, m["at"], f"condition of meta {m['key']}")
     for a in lay["aliases"]:
         if a["tensor"] not in tensors:
             raise error_at(a["at"], f"alias {a['name']!r} names tensor {a['tensor']}, which the "

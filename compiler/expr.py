@@ -1,7 +1,8 @@
 """Expressions of the Spec IR: s-expressions as JSON lists, and their evaluator.
 
 ``["num", 3]``, ``["str", "te"]``, ``["bool", true]``, ``["sym", "heads"]``,
-``["op", "/", a, b]``, ``["call", "round_up", a, b]``, ``["list", a, ...]``.
+``["op", "/", a, b]``, ``["call", "round_up", a, b]``, ``["list", a, ...]``, ``["null"]``,
+``["cond", test, then, else]``.
 
 Integer ``/`` is exact: ``hidden / heads`` with 10 and 4 is an error, not 2.5, because every
 size in a spec must divide evenly. ``//`` floors.
@@ -52,7 +53,7 @@ def symbols(e) -> set[str]:
         return {e[1]}
     if tag in ("op", "call"):
         return set().union(*(symbols(a) for a in e[2:]))
-    if tag == "list":
+    if tag in ("list", "cond"):
         return set().union(*(symbols(a) for a in e[1:]))
     return set()
 
@@ -70,19 +71,30 @@ def show(e) -> str:
         return e[1]
     if tag == "list":
         return "[" + ", ".join(show(a) for a in e[1:]) + "]"
+    if tag == "null":
+        return "null"
+    if tag == "cond":
+        return f"{_paren(e[2], 1)} if {_paren(e[1], 1)} else {show(e[3])}"
     if tag == "call":
         return f"{e[1]}(" + ", ".join(show(a) for a in e[2:]) + ")"
     op = e[1]
     if op == "neg":
-        return f"-{_paren(e[2])}"
+        return f"-{_paren(e[2], _PREC['neg'])}"
     if op == "not":
-        return f"not {_paren(e[2])}"
-    return f"{_paren(e[2])} {op} {_paren(e[3])}"
+        return f"not {_paren(e[2], _PREC['not'])}"
+    p = _PREC[op]
+    return f"{_paren(e[2], p)} {op} {_paren(e[3], p + 1)}"
 
 
-def _paren(e) -> str:
+# binding strength of operators, for printing with only the parentheses that are needed
+_PREC = {"or": 1, "and": 2, "not": 3, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4,
+         "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "neg": 7}
+
+
+def _paren(e, prec: int = 8) -> str:
     s = show(e)
-    return f"({s})" if e[0] == "op" else s
+    inner = 0 if e[0] == "cond" else _PREC[e[1]] if e[0] == "op" else 9
+    return f"({s})" if inner < prec else s
 
 
 def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
@@ -97,11 +109,17 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
             raise _fail(f"unknown symbol '{e[1]}'", where) from None
     if tag == "list":
         return [evaluate(a, env, where) for a in e[1:]]
+    if tag == "null":
+        return None
+    if tag == "cond":
+        return evaluate(e[2] if evaluate(e[1], env, where) else e[3], env, where)
     if tag == "call":
         fn = FUNCTIONS.get(e[1])
         if fn is None:
             raise _fail(f"unknown function '{e[1]}' (known: {', '.join(sorted(FUNCTIONS))})", where)
-        return fn(*(evaluate(a, env, where) for a in e[2:]))
+        args = [evaluate(a, env, where) for a in e[2:]]
+        _no_null(e, e[2:], args, where)
+        return fn(*args)
     op = e[1]
     if op == "and":
         return bool(evaluate(e[2], env, where)) and bool(evaluate(e[3], env, where))
@@ -110,8 +128,22 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
     if op == "not":
         return not evaluate(e[2], env, where)
     if op == "neg":
-        return -evaluate(e[2], env, where)
+        a = evaluate(e[2], env, where)
+        _no_null(e, e[2:], [a], where)
+        return -a
     a, b = evaluate(e[2], env, where), evaluate(e[3], env, where)
+    if op == "==":
+        return a == b
+    if op == "!=":
+        return a != b
+    _no_null(e, e[2:], [a, b], where)
+    try:
+        return _binary(e, op, a, b, where)
+    except (TypeError, ZeroDivisionError) as err:
+        raise _fail(f"cannot evaluate {show(e)} with {a!r} and {b!r} ({err})", where) from None
+
+
+def _binary(e, op, a, b, where):
     if op == "+":
         return a + b
     if op == "-":
@@ -128,10 +160,6 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
         return a // b
     if op == "%":
         return a % b
-    if op == "==":
-        return a == b
-    if op == "!=":
-        return a != b
     if op == "<":
         return a < b
     if op == "<=":
@@ -141,6 +169,13 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
     if op == ">=":
         return a >= b
     raise _fail(f"unknown operator {op!r}", where)
+
+
+def _no_null(e, operands, values, where):
+    """Only == and != may see a null: anything else on it is the spec's mistake, named."""
+    for x, v in zip(operands, values):
+        if v is None:
+            raise _fail(f"{show(x)} is null in {show(e)}", where)
 
 
 def is_int(x) -> bool:

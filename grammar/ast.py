@@ -63,12 +63,27 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Null:
+    """``null``: a config value that is present but null (see ``nullable``)."""
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Cond:
+    """``then if test else other``."""
+    test: "Expr"
+    then: "Expr"
+    other: "Expr"
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
 class ListExpr:
     items: tuple["Expr", ...]
     pos: Pos = field(default=NOWHERE, compare=False)
 
 
-Expr = Union[Num, Str, Bool, Sym, Op, Call, ListExpr]
+Expr = Union[Num, Str, Bool, Sym, Op, Call, ListExpr, Null, Cond]
 
 
 # ---- axis patterns -------------------------------------------------------------------------
@@ -114,6 +129,15 @@ class Let:
 
 
 @dataclass(frozen=True)
+class Require:
+    """``require COND "message"``: a config (or topology) for which COND is false is refused
+    with the spec's own message."""
+    expr: Expr
+    message: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Match:
     key: str
     values: tuple[Expr, ...]
@@ -126,6 +150,7 @@ class ConfigEntry:
     keys: tuple[str, ...]          # dotted config key paths, tried in order
     default: Expr | None
     pos: Pos
+    nullable: bool = False         # a present null binds null instead of falling through
 
 
 @dataclass(frozen=True)
@@ -219,6 +244,7 @@ class MetaEntry:
     key: str
     expr: Expr
     pos: Pos
+    when: Expr | None = None       # written only when this holds
 
 
 @dataclass(frozen=True)
@@ -242,6 +268,7 @@ class Layout:
     rules: tuple[Rule, ...]
     pos: Pos
     aliases: tuple[Alias, ...] = ()
+    requires: tuple[Require, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -255,3 +282,4 @@ class Spec:
     file: str
     source: str                    # the spec text, for error carets
     pos: Pos
+    requires: tuple[Require, ...] = ()

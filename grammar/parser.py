@@ -22,7 +22,7 @@ _TERMINAL_WORDS = {
     "LSQB": "'['", "RSQB": "']'", "COLON": "':'", "COMMA": "','", "EQUAL": "'='",
     "DOT": "'.'", "LESSTHAN": "'<'", "VBAR": "'|'", "COMP": "a comparison",
     "ADDOP": "'+' or '-'", "MULOP": "'*', '/', '//' or '%'", "STAGE": "'first' or 'last'",
-    "COPY": "'copy'", "MINUS": "'-'", "$END": "end of file",
+    "COPY": "'copy'", "NULLABLE": "'nullable'", "MINUS": "'-'", "$END": "end of file",
 }
 
 
@@ -136,7 +136,8 @@ class _Build(Transformer):
             config=tuple(config),
             tensors=tuple(tensors),
             layouts=tuple(i for i in items if isinstance(i, A.Layout)),
-            file=self.file, source=self.text, pos=A.Pos(self.file, 1, 1))
+            file=self.file, source=self.text, pos=A.Pos(self.file, 1, 1),
+            requires=tuple(i for i in items if isinstance(i, A.Require)))
 
     @v_args(meta=True)
     def family(self, meta, c):
@@ -150,13 +151,18 @@ class _Build(Transformer):
     def let_decl(self, meta, c):
         return A.Let(str(c[0]), c[1], self._pos(meta))
 
+    @v_args(meta=True)
+    def require_decl(self, meta, c):
+        return A.Require(c[0], str(c[1])[1:-1], self._pos(meta))
+
     def config_block(self, c):
         return ["config", *c]
 
     @v_args(meta=True)
     def config_entry(self, meta, c):
-        *keys, default = c[1:]
-        return A.ConfigEntry(str(c[0]), tuple(keys), default, self._pos(meta))
+        *keys, nullable, default = c[1:]
+        return A.ConfigEntry(str(c[0]), tuple(keys), default, self._pos(meta),
+                             nullable=nullable is not None)
 
     def key_path(self, c):
         return ".".join(str(t) for t in c)
@@ -198,7 +204,8 @@ class _Build(Transformer):
             lets=tuple(i for i in items if isinstance(i, A.Let)),
             rules=tuple(i for i in items if isinstance(i, A.Rule)),
             pos=self._pos(meta),
-            aliases=tuple(i for i in items if isinstance(i, A.Alias)))
+            aliases=tuple(i for i in items if isinstance(i, A.Alias)),
+            requires=tuple(i for i in items if isinstance(i, A.Require)))
 
     def mesh_decl(self, c):
         return ("mesh", tuple(str(t) for t in c))
@@ -225,7 +232,11 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def meta_entry(self, meta, c):
-        return A.MetaEntry(c[0], c[1], self._pos(meta))
+        key, value, test, other = c
+        pos = self._pos(meta)
+        if other is not None:       # KEY = A if COND else B: a conditional value
+            return A.MetaEntry(key, A.Cond(test, value, other, pos), pos)
+        return A.MetaEntry(key, value, pos, when=test)
 
     @v_args(meta=True)
     def rule(self, meta, c):
@@ -372,6 +383,15 @@ class _Build(Transformer):
     @v_args(meta=True)
     def call(self, meta, c):
         return A.Call(str(c[0]), tuple(c[1:]), self._pos(meta))
+
+    @v_args(meta=True)
+    def null(self, meta, c):
+        return A.Null(self._pos(meta))
+
+    @v_args(meta=True)
+    def cond(self, meta, c):
+        then, test, other = c
+        return A.Cond(test, then, other, self._pos(meta))
 
     @v_args(meta=True)
     def list_(self, meta, c):

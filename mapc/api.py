@@ -17,7 +17,7 @@ import numpy as np
 
 from mapc import __version__
 from mapc.compiler.expr import evaluate
-from mapc.compiler.plan import LayoutPlan, bind_config, config_from_env, plan_layout
+from mapc.compiler.plan import LayoutPlan, bind_config, config_from_env, meta_values, plan_layout
 from mapc.compiler.program import Program, compile_program
 from mapc.compiler.spec import Spec, builtin_specs, load_spec
 from mapc.errors import MapcError
@@ -295,7 +295,7 @@ def _constructed_config(spec: Spec, env: dict) -> dict:
     out = {}
     if "hf" in spec.layout_names():
         lay = spec.layout("hf")
-        out.update({m["key"]: evaluate(m["expr"], env, m["at"]) for m in lay["meta"]})
+        out.update(meta_values(lay, env))
     out.update(config_from_env(spec, env))
     return out
 
