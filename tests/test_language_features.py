@@ -152,3 +152,24 @@ def test_a_name_index_below_zero_is_refused_at_compile_time(placeholder):
     msg = error(lambda: plan_layout(s, "piped", bind_config(s, BASE), {"pp": 2}))
     assert re.match(r"f\.map:33:5: tensor name 'l\.\{.*\}\.w': \{.*\} = -\d+ at .*; an index "
                     r"in a name must be a non-negative integer", msg), msg
+
+
+GOLDEN = __import__("pathlib").Path(__file__).parent / "golden" / "features.txt"
+
+
+def test_features_program_and_meta_match_golden():
+    """The printed program and evaluated meta of the feature spec, for review of any change."""
+    import json
+    import os
+
+    from mapc.compiler.program import compile_program
+    s = spec(SPEC.replace('"l.{i}.w" = layer[i].w\n}\nlayout piped',
+                          '"l.{i if i < 1 else i + 10}.w" = layer[i].w\n}\nlayout piped'))
+    env = bind_config(s, dict(BASE, q_lora_rank=None, sliding_window=16))
+    src = plan_layout(s, "plain", env)
+    text = compile_program(src, plan_layout(s, "piped", env, {"pp": 2})).pretty() + "\n" + \
+        compile_program(plan_layout(s, "piped", env, {"pp": 2}), src).pretty() + "\n" + \
+        json.dumps(src.meta(), indent=1, sort_keys=True) + "\n"
+    if os.environ.get("MAPC_UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
