@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from fractions import Fraction
 
+import re
+
 from mapc.compiler.expr import ARITY, FUNCTIONS, symbols
+from mapc.compiler.metakeys import keys_of
 from mapc.errors import SpecError
 from mapc.grammar.parser import caret
 
@@ -178,6 +181,7 @@ def _check_layout(lay, spec_syms, tensors, groups):
                            hint="add 'mesh ... pp'")
     for r in lay.get("requires", ()):
         _known(r["expr"], syms, r["at"], "require")
+    _check_meta_keys(lay)
     for m in lay["meta"]:
         _known(m["expr"], syms, m["at"], f"meta {m['key']}")
         if m.get("when") is not None:
@@ -212,6 +216,23 @@ def _check_layout(lay, spec_syms, tensors, groups):
                            f"{unconditional[0]['at']})",
                            hint="give the rules exclusive 'if' conditions, or mark a deliberate "
                                 "replica with 'copy'")
+
+
+def _check_meta_keys(lay):
+    """A format's consumer ignores a key it does not know: refuse such a key in the spec."""
+    known = keys_of(lay["name"])
+    if known is None:
+        return
+    for m in lay["meta"]:
+        key = m["key"]
+        if key in known:
+            continue
+        general = re.sub(r"^[^.]+\.", "{arch}.", key)
+        close = known.close(key) or known.close(general)
+        raise error_at(m["at"], f"meta key '{key}' is not a {lay['name']} metadata key (not in "
+                       f"{known.source}): its consumer would ignore it",
+                       hint=("did you mean " + ", ".join(close)) if close else
+                       f"known keys are listed in {known.source}")
 
 
 def _check_rule(lay, rule, syms, tensors, groups):
