@@ -4,11 +4,13 @@
 """
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
+import zlib
 from pathlib import Path
 
 from mapc.compiler import check as _check
@@ -146,6 +148,38 @@ def _display_name(path: Path) -> str:
         if shipped is not None and shipped.resolve() == path.resolve():
             return f"specs/{path.name}"
         return str(path)
+
+
+# ---- the spec carried in an output's record -------------------------------------------------------
+def spec_record(spec: Spec) -> dict:
+    """What an output's record keeps of the spec that wrote it: enough to read it back with
+    exactly that spec (the text, compressed: GGUF keeps the record in a 16 KiB header slot)."""
+    return {"family": spec.family, "file": spec.ir["file"], "sha256": spec.sha256,
+            "text_zlib_base64": base64.b64encode(zlib.compress(spec.text.encode(), 9)).decode()}
+
+
+def recorded_sha256(record: dict) -> str | None:
+    """The sha256 of the spec that wrote a checkpoint, if its record says."""
+    s = record.get("spec")
+    return s.get("sha256") if isinstance(s, dict) else record.get("spec_sha256")
+
+
+def spec_from_record(record: dict, where: str) -> Spec | None:
+    """The spec a record carries (None for records written before mapc kept it)."""
+    s = record.get("spec")
+    if not isinstance(s, dict) or "text_zlib_base64" not in s:
+        return None
+    try:
+        text = zlib.decompress(base64.b64decode(s["text_zlib_base64"])).decode()
+    except (ValueError, zlib.error, UnicodeDecodeError):
+        raise MapcError("the spec recorded in mapc's record cannot be decoded", where=where,
+                        hint="pass --spec FILE.map with the spec that wrote it") from None
+    if hashlib.sha256(text.encode()).hexdigest() != s.get("sha256"):
+        raise MapcError("the spec recorded in mapc's record does not match its sha256 (the "
+                        "record was edited or damaged)", where=where,
+                        hint="pass --spec FILE.map with the spec that wrote it, and "
+                             "--allow-spec-change")
+    return compile_text(text, str(s.get("file") or f"{s.get('family', 'recorded')}.map"))
 
 
 def compile_text(text: str, file: str = "<spec>") -> Spec:

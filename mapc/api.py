@@ -16,7 +16,7 @@ from mapc import __version__
 from mapc.compiler.plan import LayoutPlan, bind_config, plan_layout
 from mapc.compiler.program import Program, compile_program
 from mapc.compiler.resolve import Resolved, read_config, resolve
-from mapc.compiler.spec import load_spec
+from mapc.compiler.spec import load_spec, spec_record
 from mapc.errors import MapcError
 from mapc.runtime import execute
 from mapc.runtime.containers import FORMATS, layout_of, make_writer, open_source
@@ -44,11 +44,13 @@ def _parse_sets(sets) -> dict:
 
 
 def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set=None,
-                    spec=None, source_format=None, source_set=None):
+                    spec=None, source_format=None, source_set=None,
+                    allow_spec_change: bool = False):
     """Open ``src`` and compile the program that converts it; nothing is written."""
     source = open_source(src, source_format)
     try:
-        res = resolve(source, spec=spec, config=config, params=_source_params(source_set))
+        res = resolve(source, spec=spec, config=config, params=_source_params(source_set),
+                      allow_spec_change=allow_spec_change)
         target_layout = layout_of(to)
         topo = {"tp": tp, "pp": pp, "ep": ep}
         target = plan_layout(res.spec, target_layout, res.env, topo, _parse_sets(set))
@@ -123,7 +125,7 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
             backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
             max_shard_bytes: int | None = None, dp: int | None = None,
             with_optimizer: bool = False, like=None,
-            zero_stage: int | None = None) -> execute.Report:
+            zero_stage: int | None = None, allow_spec_change: bool = False) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox);
@@ -131,7 +133,8 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     ``like`` names a template checkpoint whose format, topology, layout parameters and
     optimizer param groups the output takes (``to``/``tp``/... may then be omitted);
     ``zero_stage`` picks the ZeRO stage of a deepspeed/universal target (default: the source's,
-    else 1)."""
+    else 1); ``allow_spec_change`` reads a checkpoint mapc wrote with a spec other than the one
+    its record carries (otherwise refused)."""
     if zero_stage is not None and zero_stage not in (1, 2, 3):
         raise MapcError(f"--zero-stage {zero_stage} is not a ZeRO stage",
                         hint="choose 1, 2 or 3")
@@ -149,7 +152,7 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
         raise MapcError(f"unknown target format '{to}'", hint="known: " + ", ".join(FORMATS))
     res, program = plan_conversion(src, to, tp=tp, pp=pp, ep=ep, config=config, set=set,
                                    spec=spec, source_format=source_format,
-                                   source_set=source_set)
+                                   source_set=source_set, allow_spec_change=allow_spec_change)
     source = res.source
     out = None
     try:
@@ -185,6 +188,7 @@ def _record(res: Resolved, program: Program, to: str, src, report) -> dict:
         "format": to,
         "family": res.spec.family,
         "spec_sha256": res.spec.sha256,
+        "spec": spec_record(res.spec),
         "layout": program.target.name,
         "params": program.target.params,
         "topology": program.target.mesh,
@@ -293,7 +297,7 @@ class VerifyResult:
 
 
 def verify(a, b, *, backend: str = "numpy", config=None, spec=None,
-           quiet: bool = True) -> VerifyResult:
+           quiet: bool = True, allow_spec_change: bool = False) -> VerifyResult:
     """Do checkpoints ``a`` and ``b`` (any formats and topologies) hold the same model?"""
     sa = open_source(a)
     try:
@@ -302,8 +306,8 @@ def verify(a, b, *, backend: str = "numpy", config=None, spec=None,
         sa.close()
         raise
     try:
-        ra = resolve(sa, spec=spec, config=config)
-        rb = resolve(sb, spec=ra.spec, config=config)
+        ra = resolve(sa, spec=spec, config=config, allow_spec_change=allow_spec_change)
+        rb = resolve(sb, spec=ra.spec, config=config, allow_spec_change=allow_spec_change)
         if ra.plan.logical.keys() != rb.plan.logical.keys() or any(
                 ra.plan.logical[k].shape != rb.plan.logical[k].shape for k in ra.plan.logical):
             diff = sorted(set(ra.plan.logical) ^ set(rb.plan.logical)) or [

@@ -48,6 +48,9 @@ def add_arguments(p):
                    help="cast tensors on write (default: keep)")
     p.add_argument("--config", help="model config JSON, when the source carries none")
     p.add_argument("--spec", help="spec file to use instead of detecting the family")
+    p.add_argument("--allow-spec-change", action="store_true",
+                   help="read a checkpoint mapc wrote with a --spec other than the one its "
+                        "record carries (refused otherwise)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a target layout parameter the spec declares (repeatable)")
     p.add_argument("--source-set", action="append", default=[], metavar="NAME=VALUE",
@@ -77,7 +80,8 @@ def run(args) -> int:
         res, program = plan_conversion(args.src, to, tp=tp, pp=pp, ep=ep,
                                        config=args.config, set=sets, spec=args.spec,
                                        source_format=args.source_format,
-                                       source_set=args.source_set)
+                                       source_set=args.source_set,
+                                       allow_spec_change=args.allow_spec_change)
         res.source.close()
         if template is not None:
             from mapc.api import check_like
@@ -89,7 +93,7 @@ def run(args) -> int:
                      quiet=args.quiet, spec=args.spec, source_format=args.source_format,
                      source_set=args.source_set, dp=args.dp,
                      with_optimizer=args.with_optimizer, like=args.like,
-                     zero_stage=args.zero_stage)
+                     zero_stage=args.zero_stage, allow_spec_change=args.allow_spec_change)
     for w in report.warnings:
         print(f"mapc: warning: {w}", file=sys.stderr)
     if args.json:
