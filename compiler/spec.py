@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 from mapc.compiler import check as _check
+from mapc.compiler import sources
 from mapc.compiler.lower import lower, value_ir
 from mapc.errors import MapcError
 from mapc.grammar.parser import parse, parse_header
@@ -188,7 +189,7 @@ def compile_text(text: str, file: str = "<spec>") -> Spec:
 
 @functools.lru_cache(maxsize=64)
 def _compile_cached(text: str, file: str) -> Spec:
-    _check.SOURCES[file] = text
+    sources.register(file, text)
     sha = hashlib.sha256(text.encode()).hexdigest()
     ir = lower(parse(text, file), sha)
     _check.check(ir)
