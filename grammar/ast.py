@@ -138,6 +138,13 @@ class Require:
 
 
 @dataclass(frozen=True)
+class Drop:
+    """``drop layout NAME`` (top level) or ``drop "RULE NAME"`` (in a layout) of a derived spec."""
+    name: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Match:
     key: str
     values: tuple[Expr, ...]
@@ -269,6 +276,7 @@ class Layout:
     pos: Pos
     aliases: tuple[Alias, ...] = ()
     requires: tuple[Require, ...] = ()
+    drops: tuple[Drop, ...] = ()       # base rules a derived spec removes
 
 
 @dataclass(frozen=True)
@@ -283,3 +291,5 @@ class Spec:
     source: str                    # the spec text, for error carets
     pos: Pos
     requires: tuple[Require, ...] = ()
+    extends: "Drop | None" = None      # the base spec's name (or path) and where it is named
+    drop_layouts: tuple[Drop, ...] = ()

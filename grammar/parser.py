@@ -159,7 +159,29 @@ class _Build(Transformer):
             tensors=tuple(tensors),
             layouts=tuple(i for i in items if isinstance(i, A.Layout)),
             file=self.file, source=self.text, pos=A.Pos(self.file, 1, 1),
-            requires=tuple(i for i in items if isinstance(i, A.Require)))
+            requires=tuple(i for i in items if isinstance(i, A.Require)),
+            extends=self._one_extends(items),
+            drop_layouts=tuple(i[1] for i in items if isinstance(i, tuple) and i[0] == "drop"))
+
+    def _one_extends(self, items):
+        found = [i[1] for i in items if isinstance(i, tuple) and i[0] == "extends"]
+        if len(found) > 1:
+            p = found[1].pos
+            raise SpecError("a spec extends at most one base" + caret(self.text, p.line, p.column),
+                            where=str(p))
+        return found[0] if found else None
+
+    @v_args(meta=True)
+    def extends_decl(self, meta, c):
+        return ("extends", A.Drop(str(c[0])[1:-1], self._pos(meta)))
+
+    @v_args(meta=True)
+    def drop_layout(self, meta, c):
+        return ("drop", A.Drop(str(c[0]), self._pos(meta)))
+
+    @v_args(meta=True)
+    def drop_rule(self, meta, c):
+        return A.Drop(str(c[0])[1:-1], self._pos(meta))
 
     @v_args(meta=True)
     def family(self, meta, c):
@@ -227,7 +249,8 @@ class _Build(Transformer):
             rules=tuple(i for i in items if isinstance(i, A.Rule)),
             pos=self._pos(meta),
             aliases=tuple(i for i in items if isinstance(i, A.Alias)),
-            requires=tuple(i for i in items if isinstance(i, A.Require)))
+            requires=tuple(i for i in items if isinstance(i, A.Require)),
+            drops=tuple(i for i in items if isinstance(i, A.Drop)))
 
     def mesh_decl(self, c):
         return ("mesh", tuple(str(t) for t in c))
