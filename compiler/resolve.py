@@ -68,7 +68,11 @@ def resolve(source, *, spec=None, config=None, params=None,
                 envs.append((bind_config(sp, config), dict(config)))
             else:
                 for guess in boolean_guesses(sp, inv_env):
-                    env = bind_config(sp, config_from_env(sp, inv_env | guess))
+                    try:
+                        env = bind_config(sp, config_from_env(sp, inv_env | guess))
+                    except MapcError as e:     # e.g. a `require` refusing this guess only
+                        search.errors.append(f"{sp.family}: {e}")
+                        continue
                     envs.append((env, _constructed_config(sp, env)))
         except MapcError as e:
             search.errors.append(f"{sp.family}: {e}")
