@@ -76,21 +76,27 @@ def _layout(derived_spec: A.Spec, base: A.Layout, lay: A.Layout) -> A.Layout:
 
 def merge(base: A.Spec, derived: A.Spec) -> A.Spec:
     """The spec ``derived`` (which ``extends`` ``base``) as one spec."""
-    layouts = list(base.layouts)
+    layouts: list = list(base.layouts)
     for d in derived.drop_layouts:
-        if not any(x.name == d.name for x in layouts):
+        if not any(x is not None and x.name == d.name for x in layouts):
             raise _at(derived, d.pos, f"drop layout {d.name}: the base spec {base.family} has "
                       f"no layout {d.name}")
-        layouts = [x for x in layouts if x.name != d.name]
+        layouts = [None if x is not None and x.name == d.name else x for x in layouts]
+    slots = {b.name: k for k, b in enumerate(base.layouts) if layouts[k] is None}
     for lay in derived.layouts:
-        k = next((k for k, x in enumerate(layouts) if x.name == lay.name), None)
+        k = next((k for k, x in enumerate(layouts) if x is not None and x.name == lay.name),
+                 None)
         if k is None:
             if lay.drops:
                 raise _at(derived, lay.drops[0].pos, f"drop {lay.drops[0].name!r}: layout "
                           f"{lay.name} is new here, there is nothing to drop")
-            layouts.append(lay)
+            if lay.name in slots:           # a dropped layout written afresh keeps its place
+                layouts[slots.pop(lay.name)] = lay
+            else:
+                layouts.append(lay)
         else:
             layouts[k] = _layout(derived, layouts[k], lay)
+    layouts = [x for x in layouts if x is not None]
     return dataclasses.replace(
         derived,
         matches=derived.matches or base.matches,

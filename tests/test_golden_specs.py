@@ -24,6 +24,8 @@ CONFIGS = {
                   model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
     "qwen3": dict(llama_config(hidden=32, layers=2, heads=4, groups=2, head_dim=16, ffn=48,
                                vocab=50), model_type="qwen3", architectures=["Qwen3ForCausalLM"]),
+    "phi3": dict(llama_config(hidden=32, layers=2, heads=4, groups=2, ffn=48, vocab=50),
+                 model_type="phi3", architectures=["Phi3ForCausalLM"]),
     "mixtral": {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
                 "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50,

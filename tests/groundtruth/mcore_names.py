@@ -242,6 +242,7 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         share_embeddings_and_output_weights=bool(cfg["tied"]),
         position_embedding_type=cfg.get("position_embedding", "rope"),
         rotary_base=int(cfg.get("rotary_base", 10000)),
+        rotary_percent=float(cfg.get("rotary_percent", 1.0)),
     )
 
 
