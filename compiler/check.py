@@ -11,16 +11,15 @@ from __future__ import annotations
 from collections import Counter
 from fractions import Fraction
 
+import re
+
+from dataclasses import dataclass, field
+
+from mapc.compiler import sources
 from mapc.compiler.expr import ARITY, FUNCTIONS, symbols
+from mapc.compiler.metakeys import keys_of
 from mapc.errors import SpecError
 from mapc.grammar.parser import caret
-
-# Spec sources by file name, for carets in error messages (filled by mapc.compiler.spec).
-SOURCES: dict[str, str] = {}
-# Lets of the spec being checked: their expressions stand in for them in shape algebra.
-LETS: dict[str, list] = {}
-# Concatenation widths of the rule being checked (a fused view names its slot by the member).
-MEMBER_SIZES: dict[str, tuple] = {}
 
 
 def error_at(at: str, message: str, hint: str | None = None) -> SpecError:
@@ -28,24 +27,26 @@ def error_at(at: str, message: str, hint: str | None = None) -> SpecError:
     file, _, rest = at.rpartition(":")
     file, _, line = file.rpartition(":")
     try:
-        text = caret(SOURCES.get(file, ""), int(line), int(rest))
+        text = caret(sources.text_of(file), int(line), int(rest))
     except ValueError:
         text = ""
     return SpecError(message, where=at, hint=hint, context=text)
 
 
 # ---- monomials: products of symbols with rational exponents -----------------------------------
-def monomial(e):
-    """``e`` as (coefficient, {symbol: exponent}) if it is a product/quotient, else None."""
+def monomial(e, lets: dict | None = None):
+    """``e`` as (coefficient, {symbol: exponent}) if it is a product/quotient, else None.
+    A symbol defined by one of ``lets`` (name -> expression) stands for its expression."""
+    lets = lets or {}
     tag = e[0]
     if tag == "num" and not isinstance(e[1], bool):
         return Fraction(e[1]), {}
     if tag == "sym":
-        if e[1] in LETS:
-            return monomial(LETS[e[1]])
+        if e[1] in lets:
+            return monomial(lets[e[1]], lets)
         return Fraction(1), {e[1]: 1}
     if tag == "op" and e[1] in ("*", "/"):
-        a, b = monomial(e[2]), monomial(e[3])
+        a, b = monomial(e[2], lets), monomial(e[3], lets)
         if a is None or b is None:
             return None
         sign = 1 if e[1] == "*" else -1
@@ -80,7 +81,7 @@ def mono_str(m) -> str:
 
 # ---- the checker --------------------------------------------------------------------------------
 def check(ir: dict) -> None:
-    LETS.clear()
+    lets: dict[str, list] = {}     # their expressions stand in for them in shape algebra
     _no_duplicates(ir["config"], "config symbol")
     known = set()
     for c in ir["config"]:
@@ -90,8 +91,10 @@ def check(ir: dict) -> None:
     for x in ir["lets"]:
         _known(x["expr"], known, x["at"], "let " + x["name"])
         known.add(x["name"])
-        LETS[x["name"]] = x["expr"]
+        lets[x["name"]] = x["expr"]
     spec_syms = set(known)
+    for r in ir.get("requires", ()):
+        _known(r["expr"], spec_syms, r["at"], "require")
 
     tensors = {}
     groups = {}
@@ -114,7 +117,7 @@ def check(ir: dict) -> None:
 
     _no_duplicates(ir["layouts"], "layout")
     for lay in ir["layouts"]:
-        _check_layout(lay, spec_syms, tensors, groups)
+        _check_layout(lay, spec_syms, tensors, groups, dict(lets))
 
 
 def _no_duplicates(items, what):
@@ -145,7 +148,7 @@ def _known(e, syms, at, what):
 
 
 def _calls(e):
-    if e is None or e[0] in ("num", "str", "bool", "sym"):
+    if e is None or e[0] in ("num", "str", "bool", "sym", "null"):
         return
     if e[0] == "call":
         yield e[1], len(e) - 2
@@ -153,14 +156,14 @@ def _calls(e):
         yield from _calls(a)
 
 
-def _check_layout(lay, spec_syms, tensors, groups):
+def _check_layout(lay, spec_syms, tensors, groups, lets):
     name = lay["name"]
     syms = set(spec_syms) | set(lay["mesh"]) | {p["name"] for p in lay["params"]}
     _no_duplicates(lay["params"], f"layout {name} parameter")
     for x in lay["lets"]:
         _known(x["expr"], syms, x["at"], "let " + x["name"])
         syms.add(x["name"])
-        LETS[x["name"]] = x["expr"]
+        lets[x["name"]] = x["expr"]
     for axis in lay["single"]:
         if axis not in lay["mesh"]:
             raise error_at(lay["at"], f"'single {axis}': {axis} is not a mesh axis of layout "
@@ -174,8 +177,13 @@ def _check_layout(lay, spec_syms, tensors, groups):
         if "pp" not in lay["mesh"]:
             raise error_at(pipe["at"], f"layout {name} has a pipeline but no 'pp' mesh axis",
                            hint="add 'mesh ... pp'")
+    for r in lay.get("requires", ()):
+        _known(r["expr"], syms, r["at"], "require")
+    _check_meta_keys(lay)
     for m in lay["meta"]:
         _known(m["expr"], syms, m["at"], f"meta {m['key']}")
+        if m.get("when") is not None:
+            _known(m["when"], syms, m["at"], f"condition of meta {m['key']}")
     for a in lay["aliases"]:
         if a["tensor"] not in tensors:
             raise error_at(a["at"], f"alias {a['name']!r} names tensor {a['tensor']}, which the "
@@ -190,7 +198,7 @@ def _check_layout(lay, spec_syms, tensors, groups):
 
     primary: dict[str, list] = {}
     for rule in lay["rules"]:
-        _check_rule(lay, rule, syms, tensors, groups)
+        _check_rule(_RuleCheck(lay, rule, syms, tensors, groups, lets))
         if not rule["copy"]:
             for ref in rule["refs"]:
                 primary.setdefault(ref["tensor"], []).append(rule)
@@ -208,16 +216,57 @@ def _check_layout(lay, spec_syms, tensors, groups):
                                 "replica with 'copy'")
 
 
-def _check_rule(lay, rule, syms, tensors, groups):
-    at = rule["at"]
-    refs = rule["refs"]
-    group = None
-    index = None
-    for ref in refs:
-        t = tensors.get(ref["tensor"])
+def _check_meta_keys(lay):
+    """A format's consumer ignores a key it does not know: refuse such a key in the spec."""
+    known = keys_of(lay["name"])
+    if known is None:
+        return
+    for m in lay["meta"]:
+        key = m["key"]
+        if key in known:
+            continue
+        general = re.sub(r"^[^.]+\.", "{arch}.", key)
+        close = known.close(key) or known.close(general)
+        raise error_at(m["at"], f"meta key '{key}' is not a {lay['name']} metadata key (not in "
+                       f"{known.source}): its consumer would ignore it",
+                       hint=("did you mean " + ", ".join(close)) if close else
+                       f"known keys are listed in {known.source}")
+
+
+# ---- rule checks: one flat table, run in order ---------------------------------------------------
+@dataclass
+class _RuleCheck:
+    """One rule under check, and what the checks before have learnt about it."""
+    lay: dict
+    rule: dict
+    syms: set
+    tensors: dict
+    groups: dict
+    lets: dict
+    group: str | None = None          # the group and index variable of the fused tensors
+    index: str | None = None
+    phys: list = field(default_factory=list)          # the physical pattern
+    concats: list = field(default_factory=list)
+    factor_names: list = field(default_factory=list)
+    members: set = field(default_factory=set)
+    views: dict = field(default_factory=dict)         # member -> its 'from' view
+
+    @property
+    def at(self) -> str:
+        return self.rule["at"]
+
+    @property
+    def refs(self) -> list:
+        return self.rule["refs"]
+
+
+def _rule_refs(c: _RuleCheck):
+    """Each ref names a declared tensor with its group's index; a fusion shares one group."""
+    for ref in c.refs:
+        t = c.tensors.get(ref["tensor"])
         if t is None:
             raise error_at(ref["at"], f"unknown tensor {ref['tensor']}",
-                           hint="declared: " + ", ".join(sorted(tensors)))
+                           hint="declared: " + ", ".join(sorted(c.tensors)))
         if (t["group"] is None) != (ref["index"] is None):
             raise error_at(ref["at"], f"tensor {t['name']} "
                            + ("is in group " + t["group"] + "; refer to it as "
@@ -226,167 +275,240 @@ def _check_rule(lay, rule, syms, tensors, groups):
         if t["group"] and ref["index"] != t["index"]:
             raise error_at(ref["at"], f"{t['group']} is declared with index '{t['index']}'; "
                            f"refer to it as {t['group']}[{t['index']}].{ref['member']}")
-        if ref is refs[0]:
-            group, index = t["group"], ref["index"]
-        elif (t["group"], ref["index"]) != (group, index):
+        if ref is c.refs[0]:
+            c.group, c.index = t["group"], ref["index"]
+        elif (t["group"], ref["index"]) != (c.group, c.index):
             raise error_at(ref["at"], "all tensors fused in one rule must come from the same "
                            "group and index")
-    if len({r["member"] for r in refs}) != len(refs):
-        raise error_at(at, "a rule fuses two tensors with the same name")
+    if len({r["member"] for r in c.refs}) != len(c.refs):
+        raise error_at(c.at, "a rule fuses two tensors with the same name")
 
-    pipe = lay["pipeline"]
-    name_syms = set(syms)
-    if group:
-        name_syms.add(index)
-        if pipe and pipe["group"] == group and pipe["local"]:
+
+def _rule_name(c: _RuleCheck):
+    """The name's placeholders use known symbols, each `each` variable, and the group index."""
+    rule, pipe = c.rule, c.lay["pipeline"]
+    name_syms = set(c.syms)
+    if c.group:
+        name_syms.add(c.index)
+        if pipe and pipe["group"] == c.group and pipe["local"]:
             name_syms.add(pipe["local"])
     name_syms |= {e["var"] for e in rule["each"]}
     for part in rule["name_parts"]:
         if isinstance(part, dict):
-            _known(part["expr"], name_syms, at, f"tensor name {rule['name']!r}")
+            _known(part["expr"], name_syms, c.at, f"tensor name {rule['name']!r}")
     for e in rule["each"]:
         if not any(isinstance(p, dict) and e["var"] in symbols(p["expr"])
                    for p in rule["name_parts"]):
             raise error_at(e["at"], f"'each {e['factor']} as {e['var']}' makes one tensor per "
                            f"index, but the name does not use {{{e['var']}}}")
-    index_vars = {index} | ({pipe["local"]} if pipe and pipe["group"] == group
-                             and pipe["local"] else set())
-    if group and not any(isinstance(p, dict) and index_vars & symbols(p["expr"])
-                         for p in rule["name_parts"]):
-        raise error_at(at, f"name {rule['name']!r} places every {group}[{index}] under one "
-                       f"name", hint=f"put {{{index}}} in the name")
-    _known(rule["when"], syms, at, "condition")
-    if "pp" in lay["mesh"] and not (pipe and group == pipe["group"]) and rule["stage"] is None:
-        raise error_at(at, f"layout {lay['name']} is pipelined: say which stage holds "
-                       f"{rule['name']!r}", hint="add 'on first' or 'on last'")
+    index_vars = {c.index} | ({pipe["local"]} if pipe and pipe["group"] == c.group
+                               and pipe["local"] else set())
+    if c.group and not any(isinstance(p, dict) and index_vars & symbols(p["expr"])
+                           for p in rule["name_parts"]):
+        raise error_at(c.at, f"name {rule['name']!r} places every {c.group}[{c.index}] under "
+                       f"one name", hint=f"put {{{c.index}}} in the name")
 
-    # Patterns.
-    if len(refs) > 1 and rule["as"] is None:
-        raise error_at(at, "fusing several tensors needs an 'as' pattern with a "
+
+def _rule_condition_and_stage(c: _RuleCheck):
+    """The `if` uses known symbols; a pipelined layout's non-group rule names its stage."""
+    _known(c.rule["when"], c.syms, c.at, "condition")
+    pipe = c.lay["pipeline"]
+    if "pp" in c.lay["mesh"] and not (pipe and c.group == pipe["group"]) \
+            and c.rule["stage"] is None:
+        raise error_at(c.at, f"layout {c.lay['name']} is pipelined: say which stage holds "
+                       f"{c.rule['name']!r}", hint="add 'on first' or 'on last'")
+
+
+def _rule_pattern(c: _RuleCheck):
+    """The physical pattern: known factors, each named once."""
+    rule = c.rule
+    if len(c.refs) > 1 and rule["as"] is None:
+        raise error_at(c.at, "fusing several tensors needs an 'as' pattern with a "
                        "[member ...] concatenation")
-    phys = rule["as"] if rule["as"] is not None else tensors[refs[0]["tensor"]]["axes"]
-    concats = [f for axis in phys for f in axis if "concat" in f]
-    factor_names = [f["factor"] for axis in phys for f in axis if "factor" in f]
-    for f in (f for axis in phys for f in axis):
-        if "factor" in f and f["factor"] not in syms and f["factor"] not in lay["mesh"]:
+    c.phys = rule["as"] if rule["as"] is not None else c.tensors[c.refs[0]["tensor"]]["axes"]
+    c.concats = [f for axis in c.phys for f in axis if "concat" in f]
+    c.factor_names = [f["factor"] for axis in c.phys for f in axis if "factor" in f]
+    for f in (f for axis in c.phys for f in axis):
+        if "factor" in f and f["factor"] not in c.syms and f["factor"] not in c.lay["mesh"]:
             raise error_at(f["at"], f"unknown size symbol '{f['factor']}'",
-                           hint=_known_hint(syms))
-    dup = [n for n, k in Counter(factor_names).items() if k > 1]
+                           hint=_known_hint(c.syms))
+    dup = [n for n, k in Counter(c.factor_names).items() if k > 1]
     if dup:
-        raise error_at(at, f"factor {dup[0]} appears twice in one pattern",
+        raise error_at(c.at, f"factor {dup[0]} appears twice in one pattern",
                        hint="name each factor once; use 'let' for a second factor of the same size")
-    members = {r["member"] for r in refs}
-    if len(refs) > 1 or concats:
-        if len(concats) != 1:
-            raise error_at(at, f"a fusion needs exactly one [member ...] concatenation, "
-                           f"found {len(concats)}")
-        names = [m["member"] for m in concats[0]["concat"]]
+
+
+def _rule_fusion(c: _RuleCheck):
+    """A fusion has exactly one concatenation, listing exactly the fused tensors."""
+    c.members = {r["member"] for r in c.refs}
+    if len(c.refs) > 1 or c.concats:
+        if len(c.concats) != 1:
+            raise error_at(c.at, f"a fusion needs exactly one [member ...] concatenation, "
+                           f"found {len(c.concats)}")
+        names = [m["member"] for m in c.concats[0]["concat"]]
         if len(names) < 2:
-            raise error_at(concats[0]["at"], "a concatenation needs at least two members")
-        if sorted(names) != sorted(members):
-            raise error_at(concats[0]["at"], f"the concatenation lists {', '.join(names)} but "
-                           f"the rule fuses {', '.join(r['member'] for r in refs)}")
-        for m in concats[0]["concat"]:
-            _known(m["size"], syms, m["at"], f"size of member {m['member']}")
-    for r in rule["repeat"]:
-        if r not in factor_names:
-            raise error_at(at, f"repeat of '{r}', which is not a factor of {rule['name']!r}",
-                           hint="factors: " + " ".join(factor_names))
-    logical_names = [n for n in factor_names if n not in rule["repeat"]]
-    views = member_views(rule)
+            raise error_at(c.concats[0]["at"], "a concatenation needs at least two members")
+        if sorted(names) != sorted(c.members):
+            raise error_at(c.concats[0]["at"], f"the concatenation lists {', '.join(names)} but "
+                           f"the rule fuses {', '.join(r['member'] for r in c.refs)}")
+        for m in c.concats[0]["concat"]:
+            _known(m["size"], c.syms, m["at"], f"size of member {m['member']}")
+
+
+def _rule_repeats(c: _RuleCheck):
+    for r in c.rule["repeat"]:
+        if r not in c.factor_names:
+            raise error_at(c.at, f"repeat of '{r}', which is not a factor of {c.rule['name']!r}",
+                           hint="factors: " + " ".join(c.factor_names))
+
+
+def _rule_views(c: _RuleCheck):
+    """`from` views: one per fused member, each the `as` factors in another order."""
+    rule, refs = c.rule, c.refs
+    logical_names = [n for n in c.factor_names if n not in rule["repeat"]]
+    c.views = member_views(rule)
     if isinstance(rule["from"], dict):
-        if sorted(rule["from"]) != sorted(members):
-            raise error_at(at, f"'from' gives views of {', '.join(sorted(rule['from']))} but the "
-                           f"rule fuses {', '.join(r['member'] for r in refs)}")
+        if sorted(rule["from"]) != sorted(c.members):
+            raise error_at(c.at, f"'from' gives views of {', '.join(sorted(rule['from']))} but "
+                           f"the rule fuses {', '.join(r['member'] for r in refs)}")
     elif rule["from"] is not None and len(refs) != 1:
-        raise error_at(at, "a fusion rearranges its members with 'from m1: ..., m2: ...'")
-    if rule["from"] is not None:
-        for member, view in views.items():
-            from_names = [f.get("factor") for axis in view for f in axis]
-            if None in from_names:
-                raise error_at(at, "a 'from' pattern cannot contain a concatenation")
-            dup = [n for n, k in Counter(from_names).items() if k > 1]
-            if dup:
-                raise error_at(at, f"factor {dup[0]} appears twice in the view of {member}")
-            wanted = set(factor_names) - set(rule["repeat"])
-            extra = set(from_names) - set(factor_names)
-            lacking = wanted - set(from_names)
-            if len(refs) > 1:   # in a fused view the member's own name is its concat slot
-                lacking = set()
-                extra = set(from_names) - set(factor_names) - {member}
-            if extra or lacking:
-                raise error_at(at, f"'from' factors of {member} ({' '.join(from_names)}) must be "
-                               f"the 'as' factors ({' '.join(logical_names)}) in another order"
-                               + (", without the repeated ones" if rule["repeat"] else ""))
-            missing = set(factor_names) - set(from_names) - set(rule["repeat"])
-            if len(refs) > 1 and missing:
-                raise error_at(at, f"the view of {member} lacks {', '.join(sorted(missing))}; a "
-                               f"factor a member does not have must be declared 'repeat'")
+        raise error_at(c.at, "a fusion rearranges its members with 'from m1: ..., m2: ...'")
+    if rule["from"] is None:
+        return
+    for member, view in c.views.items():
+        from_names = [f.get("factor") for axis in view for f in axis]
+        if None in from_names:
+            raise error_at(c.at, "a 'from' pattern cannot contain a concatenation")
+        dup = [n for n, k in Counter(from_names).items() if k > 1]
+        if dup:
+            raise error_at(c.at, f"factor {dup[0]} appears twice in the view of {member}")
+        wanted = set(c.factor_names) - set(rule["repeat"])
+        extra = set(from_names) - set(c.factor_names)
+        lacking = wanted - set(from_names)
+        if len(refs) > 1:   # in a fused view the member's own name is its concat slot
+            lacking = set()
+            extra = set(from_names) - set(c.factor_names) - {member}
+        if extra or lacking:
+            raise error_at(c.at, f"'from' factors of {member} ({' '.join(from_names)}) must be "
+                           f"the 'as' factors ({' '.join(logical_names)}) in another order"
+                           + (", without the repeated ones" if rule["repeat"] else ""))
+        missing = set(c.factor_names) - set(from_names) - set(rule["repeat"])
+        if len(refs) > 1 and missing:
+            raise error_at(c.at, f"the view of {member} lacks {', '.join(sorted(missing))}; a "
+                           f"factor a member does not have must be declared 'repeat'")
+
+
+def _rule_splits(c: _RuleCheck):
+    """Splits cut existing factors over mesh axes of the layout, adjacent ones in order."""
+    lay, rule = c.lay, c.rule
     split_factors = []
     for s in rule["splits"]:
         if s["mesh"] not in lay["mesh"]:
             raise error_at(s["at"], f"split over '{s['mesh']}', which is not a mesh axis of "
                            f"layout {lay['name']}", hint="mesh: " + (" ".join(lay["mesh"]) or "none; declare one with 'mesh tp'"))
         for f in s["factors"]:
-            if f not in factor_names:
+            if f not in c.factor_names:
                 raise error_at(s["at"], f"split of '{f}', which is not a factor of "
-                               f"{rule['name']!r}", hint="factors: " + " ".join(factor_names))
+                               f"{rule['name']!r}", hint="factors: " + " ".join(c.factor_names))
         if len(s["factors"]) > 1:
-            k = factor_names.index(s["factors"][0])
-            if factor_names[k:k + len(s["factors"])] != s["factors"]:
+            k = c.factor_names.index(s["factors"][0])
+            if c.factor_names[k:k + len(s["factors"])] != s["factors"]:
                 raise error_at(s["at"], f"split ({' '.join(s['factors'])}) needs those factors "
                                f"next to each other, in that order, in the pattern")
         split_factors += s["factors"]
     if len(set(split_factors)) != len(split_factors):
-        raise error_at(at, "a factor is split twice")
-    for e in rule["each"]:
-        if e["factor"] not in factor_names:
+        raise error_at(c.at, "a factor is split twice")
+
+
+def _rule_eaches(c: _RuleCheck):
+    for e in c.rule["each"]:
+        if e["factor"] not in c.factor_names:
             raise error_at(e["at"], f"each of '{e['factor']}', which is not a factor of "
-                           f"{rule['name']!r}", hint="factors: " + " ".join(factor_names))
-    cuts = [s["mesh"] for s in rule["splits"]] + [n for n in factor_names if n in lay["mesh"]]
+                           f"{c.rule['name']!r}", hint="factors: " + " ".join(c.factor_names))
+
+
+def _rule_mesh_cuts_and_sums(c: _RuleCheck):
+    """A mesh axis cuts a tensor at most once; `sum over` an axis that does not cut it."""
+    lay, rule = c.lay, c.rule
+    cuts = [s["mesh"] for s in rule["splits"]] + [n for n in c.factor_names if n in lay["mesh"]]
     if len(set(cuts)) != len(cuts):
-        raise error_at(at, "a mesh axis cuts this tensor twice",
+        raise error_at(c.at, "a mesh axis cuts this tensor twice",
                        hint="split each tensor at most once per mesh axis")
     for axis in rule.get("sum", []):
         if axis not in lay["mesh"] or axis == "pp":
-            raise error_at(at, f"'sum over {axis}': {axis} is not a data mesh axis of layout "
+            raise error_at(c.at, f"'sum over {axis}': {axis} is not a data mesh axis of layout "
                            f"{lay['name']}", hint="mesh: " + (" ".join(lay["mesh"]) or "none"))
         if axis in cuts:
-            raise error_at(at, f"'sum over {axis}': {axis} also cuts this tensor",
+            raise error_at(c.at, f"'sum over {axis}': {axis} also cuts this tensor",
                            hint="a tensor is either split over an axis or summed over it")
         if axis in lay["single"]:
-            raise error_at(at, f"'sum over {axis}' in a layout that stores such tensors "
+            raise error_at(c.at, f"'sum over {axis}' in a layout that stores such tensors "
                            f"'single {axis}'")
         if rule["copy"]:
-            raise error_at(at, "a copy cannot be stored as a sum of shares")
-    for p in rule["pads"]:
-        if p["factor"] not in factor_names:
-            raise error_at(p["at"], f"pad of '{p['factor']}', which is not a factor of "
-                           f"{rule['name']!r}", hint="factors: " + " ".join(factor_names))
-        _known(p["multiple"], syms, p["at"], "pad multiple")
+            raise error_at(c.at, "a copy cannot be stored as a sum of shares")
 
-    # Symbolic shape agreement, member by member.
-    MEMBER_SIZES.clear()
-    for c in concats:
-        for m_ in c["concat"]:
-            MEMBER_SIZES[m_["member"]] = monomial(m_["size"])
-    for ref in refs:
-        t = tensors[ref["tensor"]]
-        logical = t["axes"]
-        view = views.get(ref["member"])
+
+def _rule_pads(c: _RuleCheck):
+    for p in c.rule["pads"]:
+        if p["factor"] not in c.factor_names:
+            raise error_at(p["at"], f"pad of '{p['factor']}', which is not a factor of "
+                           f"{c.rule['name']!r}", hint="factors: " + " ".join(c.factor_names))
+        _known(p["multiple"], c.syms, p["at"], "pad multiple")
+
+
+def _rule_shapes(c: _RuleCheck):
+    """Symbolic shape agreement, member by member and axis by axis."""
+    # concatenation widths: a fused view names its slot by the member's own name
+    sizes = {m["member"]: monomial(m["size"], c.lets) for cat in c.concats for m in cat["concat"]}
+
+    def factor_mono(f, member):
+        if "factor" in f:
+            if f["factor"] == member and f["factor"] not in c.lets:
+                return sizes.get(member) or monomial(["sym", f["factor"]], c.lets)
+            return monomial(["sym", f["factor"]], c.lets)
+        for m in f["concat"]:
+            if m["member"] == member:
+                return monomial(m["size"], c.lets)
+        return None
+
+    for ref in c.refs:
+        logical = c.tensors[ref["tensor"]]["axes"]
+        view = c.views.get(ref["member"])
         if view is None:
-            view = [[f for f in axis if f.get("factor") not in rule["repeat"]] for axis in phys]
+            view = [[f for f in axis if f.get("factor") not in c.rule["repeat"]]
+                    for axis in c.phys]
             view = [axis for axis in view if axis]
         if len(view) != len(logical):
             raise error_at(ref["at"], f"{ref['tensor']} has {len(logical)} axes but the "
                            f"pattern has {len(view)}")
         for k, (laxis, vaxis) in enumerate(zip(logical, view)):
-            lm = mono_mul(monomial(["sym", f["factor"]]) for f in laxis)
-            vm = mono_mul(_factor_mono(f, ref["member"]) for f in vaxis)
+            lm = mono_mul(monomial(["sym", f["factor"]], c.lets) for f in laxis)
+            vm = mono_mul(factor_mono(f, ref["member"]) for f in vaxis)
             if lm is not None and vm is not None and lm != vm:
                 raise error_at(ref["at"], f"axis {k} of {ref['tensor']} is {mono_str(lm)} "
                                f"but the pattern makes it {mono_str(vm)}")
 
+
+# Run in this order: later checks use what earlier ones established (the group, the pattern).
+RULE_CHECKS = (
+    ("refs", _rule_refs),
+    ("name", _rule_name),
+    ("condition and stage", _rule_condition_and_stage),
+    ("pattern", _rule_pattern),
+    ("fusion", _rule_fusion),
+    ("repeats", _rule_repeats),
+    ("views", _rule_views),
+    ("splits", _rule_splits),
+    ("eaches", _rule_eaches),
+    ("mesh cuts and sums", _rule_mesh_cuts_and_sums),
+    ("pads", _rule_pads),
+    ("shapes", _rule_shapes),
+)
+
+
+def _check_rule(c: _RuleCheck) -> None:
+    for _, step in RULE_CHECKS:
+        step(c)
 
 def member_views(rule) -> dict:
     """member -> its 'from' pattern (a single-tensor rule's 'from' belongs to its one member)."""
@@ -395,14 +517,3 @@ def member_views(rule) -> dict:
     if isinstance(rule["from"], dict):
         return rule["from"]
     return {rule["refs"][0]["member"]: rule["from"]}
-
-
-def _factor_mono(f, member):
-    if "factor" in f:
-        if f["factor"] == member and f["factor"] not in LETS:
-            return MEMBER_SIZES.get(member) or monomial(["sym", f["factor"]])
-        return monomial(["sym", f["factor"]])
-    for m in f["concat"]:
-        if m["member"] == member:
-            return monomial(m["size"])
-    return None

@@ -1,7 +1,8 @@
 """Expressions of the Spec IR: s-expressions as JSON lists, and their evaluator.
 
 ``["num", 3]``, ``["str", "te"]``, ``["bool", true]``, ``["sym", "heads"]``,
-``["op", "/", a, b]``, ``["call", "round_up", a, b]``, ``["list", a, ...]``.
+``["op", "/", a, b]``, ``["call", "round_up", a, b]``, ``["list", a, ...]``, ``["null"]``,
+``["cond", test, then, else]``.
 
 Integer ``/`` is exact: ``hidden / heads`` with 10 and 4 is an error, not 2.5, because every
 size in a spec must divide evenly. ``//`` floors.
@@ -52,7 +53,7 @@ def symbols(e) -> set[str]:
         return {e[1]}
     if tag in ("op", "call"):
         return set().union(*(symbols(a) for a in e[2:]))
-    if tag == "list":
+    if tag in ("list", "cond"):
         return set().union(*(symbols(a) for a in e[1:]))
     return set()
 
@@ -70,19 +71,30 @@ def show(e) -> str:
         return e[1]
     if tag == "list":
         return "[" + ", ".join(show(a) for a in e[1:]) + "]"
+    if tag == "null":
+        return "null"
+    if tag == "cond":
+        return f"{_paren(e[2], 1)} if {_paren(e[1], 1)} else {show(e[3])}"
     if tag == "call":
         return f"{e[1]}(" + ", ".join(show(a) for a in e[2:]) + ")"
     op = e[1]
     if op == "neg":
-        return f"-{_paren(e[2])}"
+        return f"-{_paren(e[2], _PREC['neg'])}"
     if op == "not":
-        return f"not {_paren(e[2])}"
-    return f"{_paren(e[2])} {op} {_paren(e[3])}"
+        return f"not {_paren(e[2], _PREC['not'])}"
+    p = _PREC[op]
+    return f"{_paren(e[2], p)} {op} {_paren(e[3], p + 1)}"
 
 
-def _paren(e) -> str:
+# binding strength of operators, for printing with only the parentheses that are needed
+_PREC = {"or": 1, "and": 2, "not": 3, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4,
+         "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "neg": 7}
+
+
+def _paren(e, prec: int = 8) -> str:
     s = show(e)
-    return f"({s})" if e[0] == "op" else s
+    inner = 0 if e[0] == "cond" else _PREC[e[1]] if e[0] == "op" else 9
+    return f"({s})" if inner < prec else s
 
 
 def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
@@ -97,11 +109,16 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
             raise _fail(f"unknown symbol '{e[1]}'", where) from None
     if tag == "list":
         return [evaluate(a, env, where) for a in e[1:]]
+    if tag == "null":
+        return None
+    if tag == "cond":
+        return evaluate(e[2] if evaluate(e[1], env, where) else e[3], env, where)
     if tag == "call":
         fn = FUNCTIONS.get(e[1])
         if fn is None:
             raise _fail(f"unknown function '{e[1]}' (known: {', '.join(sorted(FUNCTIONS))})", where)
         args = [evaluate(a, env, where) for a in e[2:]]
+        _no_null(e, e[2:], args, where)
         if not all(_number(a) for a in args):
             raise _fail(f"{show(e)}: {e[1]}() of {', '.join(map(repr, args))} (a config value "
                         "of the wrong type?)", where)
@@ -118,16 +135,21 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
         return not evaluate(e[2], env, where)
     if op == "neg":
         x = evaluate(e[2], env, where)
+        _no_null(e, e[2:], [x], where)
         if not _number(x):
             raise _fail(f"{show(e)}: cannot negate {x!r}", where)
         return -x
     a, b = evaluate(e[2], env, where), evaluate(e[3], env, where)
-    if op in ARITHMETIC and not (_number(a) and _number(b)) and not (
-            op == "+" and isinstance(a, str) and isinstance(b, str)):
+    if op == "==":
+        return a == b
+    if op == "!=":
+        return a != b
+    _no_null(e, e[2:], [a, b], where)
+    if op in ARITHMETIC and not (_number(a) and _number(b)) and not _sequence_op(op, a, b):
         raise _fail(f"{show(e)}: cannot compute {a!r} {op} {b!r} (a config value of the "
                     "wrong type?)", where)
     try:
-        return _binary(op, a, b, e, where)
+        return _binary(e, op, a, b, where)
     except (ZeroDivisionError, OverflowError, ValueError, TypeError) as err:
         raise _fail(f"{show(e)} = {a!r} {op} {b!r}: {err}", where) from None
 
@@ -139,7 +161,18 @@ def _number(x) -> bool:
     return isinstance(x, (int, float))
 
 
-def _binary(op, a, b, e, where):
+def _sequence_op(op, a, b) -> bool:
+    """Strings and lists concatenate with ``+``; a list repeats with ``*`` by an integer."""
+    if op == "+":
+        return isinstance(a, str) and isinstance(b, str) or \
+            isinstance(a, list) and isinstance(b, list)
+    if op == "*":
+        return isinstance(a, list) and is_int(b) and 0 <= b <= 2**16 or \
+            isinstance(b, list) and is_int(a) and 0 <= a <= 2**16
+    return False
+
+
+def _binary(e, op, a, b, where):
     if op == "+":
         return a + b
     if op == "-":
@@ -156,10 +189,6 @@ def _binary(op, a, b, e, where):
         return a // b
     if op == "%":
         return a % b
-    if op == "==":
-        return a == b
-    if op == "!=":
-        return a != b
     if op == "<":
         return a < b
     if op == "<=":
@@ -169,6 +198,13 @@ def _binary(op, a, b, e, where):
     if op == ">=":
         return a >= b
     raise _fail(f"unknown operator {op!r}", where)
+
+
+def _no_null(e, operands, values, where):
+    """Only == and != may see a null: anything else on it is the spec's mistake, named."""
+    for x, v in zip(operands, values):
+        if v is None:
+            raise _fail(f"{show(x)} is null in {show(e)}", where)
 
 
 def is_int(x) -> bool:

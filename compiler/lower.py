@@ -30,6 +30,10 @@ def expr_ir(e: A.Expr | None):
         return ["call", e.func, *(expr_ir(a) for a in e.args)]
     if isinstance(e, A.ListExpr):
         return ["list", *(expr_ir(a) for a in e.items)]
+    if isinstance(e, A.Null):
+        return ["null"]
+    if isinstance(e, A.Cond):
+        return ["cond", expr_ir(e.test), expr_ir(e.then), expr_ir(e.other)]
     raise TypeError(e)
 
 
@@ -114,13 +118,19 @@ def layout_ir(lay: A.Layout, source: str) -> dict:
         "pipeline": None if lay.pipeline is None else {
             "group": lay.pipeline.group, "index": lay.pipeline.index,
             "local": lay.pipeline.local, "at": str(lay.pipeline.pos)},
-        "meta": [{"key": m.key, "expr": expr_ir(m.expr), "at": str(m.pos)} for m in lay.meta],
+        "meta": [{"key": m.key, "expr": expr_ir(m.expr), "when": expr_ir(m.when),
+                  "at": str(m.pos)} for m in lay.meta],
+        "requires": requires_ir(lay.requires),
         "lets": [{"name": x.name, "expr": expr_ir(x.expr), "at": str(x.pos)} for x in lay.lets],
         "rules": [rule_ir(r, source) for r in lay.rules],
         "aliases": [{"name": a.name, "tensor": a.ref.full_name, "index": a.ref.index,
                      "when": expr_ir(a.when), "at": str(a.pos)} for a in lay.aliases],
         "at": str(lay.pos),
     }
+
+
+def requires_ir(requires) -> list:
+    return [{"expr": expr_ir(r.expr), "message": r.message, "at": str(r.pos)} for r in requires]
 
 
 def lower(spec: A.Spec, sha256: str) -> dict:
@@ -133,7 +143,8 @@ def lower(spec: A.Spec, sha256: str) -> dict:
                   for m in spec.matches],
         "lets": [{"name": x.name, "expr": expr_ir(x.expr), "at": str(x.pos)} for x in spec.lets],
         "config": [{"name": c.name, "keys": list(c.keys), "default": expr_ir(c.default),
-                    "at": str(c.pos)} for c in spec.config],
+                    "nullable": c.nullable, "at": str(c.pos)} for c in spec.config],
+        "requires": requires_ir(spec.requires),
         "tensors": [{"name": t.full_name, "group": t.group, "index": t.index,
                      "count": expr_ir(t.count), "axes": pattern_ir(t.pattern),
                      "when": expr_ir(t.when), "at": str(t.pos)} for t in spec.tensors],

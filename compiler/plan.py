@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from math import prod
 
 from mapc.compiler.check import error_at
-from mapc.compiler.expr import EvalError, evaluate, is_int, show
+from mapc.compiler.expr import EvalError, evaluate, is_int, show, symbols
 from mapc.compiler.recipe import CONCAT, Factor, MemberPlan, Recipe, index_product
 from mapc.compiler.spec import Spec
 from mapc.errors import MapcError
@@ -21,11 +21,14 @@ MISSING = object()
 
 
 # ---- config ------------------------------------------------------------------------------------
-def lookup(config: dict, key: str):
+def lookup(config: dict, key: str, keep_null: bool = False):
+    """The value at a dotted key; MISSING if absent (or null, unless ``keep_null``)."""
     cur = config
     for part in key.split("."):
-        if not isinstance(cur, dict) or part not in cur or cur[part] is None:
+        if not isinstance(cur, dict) or part not in cur:
             return MISSING
+        if cur[part] is None:
+            return None if keep_null and part == key.split(".")[-1] else MISSING
         cur = cur[part]
     return cur
 
@@ -40,6 +43,19 @@ MAX_ELEMENTS = 2**46          # elements of the whole model (70 trillion paramet
 MAX_PAD = 2**16               # padding beyond the padded size itself (e.g. vocab_multiple)
 
 
+def check_requires(requires, env) -> None:
+    """``require COND "message"``: refuse with the spec's own message where COND is false."""
+    for r in requires:
+        if not evaluate(r["expr"], env, r["at"]):
+            raise error_at(r["at"], r["message"], hint=f"require {show(r['expr'])}")
+
+
+def meta_values(layout: dict, env: dict) -> dict:
+    """A layout's metadata entries evaluated in ``env`` (entries whose 'if' fails are left out)."""
+    return {m["key"]: evaluate(m["expr"], env, m["at"]) for m in layout["meta"]
+            if m.get("when") is None or evaluate(m["when"], env, m["at"])}
+
+
 def bind_config(spec: Spec, config: dict) -> dict:
     """Evaluate the spec's config symbols and lets against a model config."""
     if not isinstance(config, dict):
@@ -49,7 +65,7 @@ def bind_config(spec: Spec, config: dict) -> dict:
     for c in spec.ir["config"]:
         value = MISSING
         for key in c["keys"]:
-            value = lookup(config, key)
+            value = lookup(config, key, keep_null=c.get("nullable", False))
             if value is not MISSING:
                 break
         if value is not MISSING and not isinstance(value, (bool, int, float, str)):
@@ -65,6 +81,7 @@ def bind_config(spec: Spec, config: dict) -> dict:
         env[c["name"]] = value
     for x in spec.ir["lets"]:
         env[x["name"]] = evaluate(x["expr"], env, x["at"])
+    check_requires(spec.ir.get("requires", ()), env)
     return env
 
 
@@ -204,7 +221,7 @@ class LayoutPlan:
 
     def meta(self) -> dict:
         """The layout's metadata entries evaluated for this plan."""
-        return {m["key"]: evaluate(m["expr"], self.env, m["at"]) for m in self.layout["meta"]}
+        return meta_values(self.layout, self.env)
 
     def describe(self) -> str:
         mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items())
@@ -287,6 +304,7 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
     env.update(params)
     for x in layout["lets"]:
         env[x["name"]] = evaluate(x["expr"], env, x["at"])
+    check_requires(layout.get("requires", ()), env)
     logical = logical_tensors(spec, config_env)
     plan = LayoutPlan(spec, layout, env, params, mesh, logical)
 
@@ -389,6 +407,14 @@ def _format_name(rule, env) -> str:
             out.append(part)
         else:
             v = evaluate(part["expr"], env, rule["at"])
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) or \
+                    (isinstance(v, (int, float)) and v < 0):
+                where = ", ".join(f"{k}={env[k]}" for k in sorted(symbols(part["expr"]))
+                                  if k in env)
+                raise error_at(rule["at"], f"tensor name {rule['name']!r}: {{{show(part['expr'])}}}"
+                               f" = {v!r} at {where}; an index in a name must be a "
+                               f"non-negative integer",
+                               hint="check the placeholder's arithmetic against the group's range")
             out.append(str(v))
     return "".join(out)
 
@@ -524,7 +550,9 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
     byname = {f.name: f for f in factors}
     plans = []
     offset = 0
-    for member in members:
+    # Members are laid out in the order the concatenation lists them (`[up gate]` puts up
+    # first), whatever order the rule names them after '='.
+    for member in (list(widths) if widths else members):
         shape = shapes[member]
         view = rule["from"].get(member) if isinstance(rule["from"], dict) else rule["from"]
         if view is None:

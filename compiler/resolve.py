@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mapc.compiler.expr import evaluate
-from mapc.compiler.plan import LayoutPlan, bind_config, config_from_env, plan_layout
-from mapc.compiler.spec import LayoutParam, Spec, builtin_specs, load_spec, match_rules
+from mapc.compiler.plan import LayoutPlan, bind_config, config_from_env, meta_values, plan_layout
+from mapc.compiler.spec import (LayoutParam, Spec, builtin_specs, load_spec, match_rules,
+                                recorded_sha256, spec_from_record)
 from mapc.errors import MapcError
 from mapc.runtime.containers.base import coord_key
 
@@ -46,12 +46,17 @@ def read_config(config) -> dict | None:
         raise MapcError(f"cannot read config: {e}", where=str(config)) from None
 
 
-def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
+def resolve(source, *, spec=None, config=None, params=None,
+            allow_spec_change: bool = False) -> Resolved:
     """Find the family, config and layout parameters of an opened checkpoint, and check that
-    every tensor the spec expects is there with the right shape."""
+    every tensor the spec expects is there with the right shape.
+
+    A checkpoint mapc wrote is read with the spec its record carries. A spec given that differs
+    from the recorded one is refused unless ``allow_spec_change`` (the layouts may differ, and
+    a conversion with the wrong one misplaces tensors silently)."""
     config = read_config(config) or source.config
     search = _Search()
-    for sp in candidate_specs(source, spec, config):
+    for sp in candidate_specs(source, spec, config, allow_spec_change):
         inv_env, inv_params = invert_meta(sp, source.layout, source.format_meta)
         given = dict(source.record.get("params", {})) if source.record.get("layout") == \
             source.layout else {}
@@ -63,7 +68,11 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
                 envs.append((bind_config(sp, config), dict(config)))
             else:
                 for guess in boolean_guesses(sp, inv_env):
-                    env = bind_config(sp, config_from_env(sp, inv_env | guess))
+                    try:
+                        env = bind_config(sp, config_from_env(sp, inv_env | guess))
+                    except MapcError as e:     # e.g. a `require` refusing this guess only
+                        search.errors.append(f"{sp.family}: {e}")
+                        continue
                     envs.append((env, _constructed_config(sp, env)))
         except MapcError as e:
             search.errors.append(f"{sp.family}: {e}")
@@ -103,13 +112,24 @@ class _Search:
 
 
 # ---- which specs to try -------------------------------------------------------------------------
-def candidate_specs(source, spec, config) -> list[Spec]:
+def candidate_specs(source, spec, config, allow_spec_change: bool = False) -> list[Spec]:
     """The spec given, else the one mapc recorded, else the shipped specs that have the
     source's layout and whose match lines admit the config."""
     if spec is not None:
-        return [load_spec(spec)]
+        sp = load_spec(spec)
+        _same_as_recorded(sp, source, allow_spec_change, given=True)
+        return [sp]
     if source.record.get("family"):
-        return [load_spec(source.record["family"])]
+        sp = spec_from_record(source.record, str(source.path))
+        if sp is None:          # a record from before mapc kept the spec: find it by family
+            family = source.record["family"]
+            if family not in builtin_specs():
+                raise MapcError(f"{source.path} was written with spec {family!r}, which is not "
+                                f"shipped, and its record holds no copy of it",
+                                hint="pass --spec FILE.map with the spec that wrote it")
+            sp = load_spec(family)
+            _same_as_recorded(sp, source, allow_spec_change, given=False)
+        return [sp]
     paths = sorted(builtin_specs().values())
     if config and config.get("model_type") is not None:
         # compiling a spec costs ~0.1 s: skip those whose match lines rule the config out
@@ -127,6 +147,22 @@ def candidate_specs(source, spec, config) -> list[Spec]:
                                  + "; write a spec for it and pass --spec FILE.map")
         return matching
     return specs
+
+
+def _same_as_recorded(sp: Spec, source, allow: bool, given: bool) -> None:
+    """Refuse a spec other than the one that wrote ``source`` (by sha256), unless allowed."""
+    recorded = recorded_sha256(source.record)
+    if recorded is None or recorded == sp.sha256:
+        return
+    what = (f"spec {sp.family} ({sp.ir['file']}, sha256 {sp.sha256[:12]}) is not the spec that "
+            f"wrote {source.path} (sha256 {recorded[:12]}, in its record)")
+    if allow:
+        source.warnings.append(what + "; used anyway (--allow-spec-change)")
+        return
+    fix = ("leave out --spec to read it with the spec its record carries, or " if given and
+           spec_from_record(source.record, str(source.path)) is not None else "")
+    raise MapcError(what + "; reading it with another spec can misplace tensors silently",
+                    hint=fix + "pass --allow-spec-change if the change is intended")
 
 
 def may_match(text: str, config: dict) -> bool:
@@ -188,7 +224,7 @@ def param_candidates(param: LayoutParam) -> list:
 def _constructed_config(spec: Spec, env: dict) -> dict:
     out = {}
     if "hf" in spec.layout_names():
-        out.update({m.key: evaluate(m.expr, env, m.at) for m in spec.layout_meta("hf")})
+        out.update(meta_values(spec.layout("hf"), env))
     out.update(config_from_env(spec, env))
     return out
 

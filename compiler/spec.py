@@ -4,17 +4,22 @@
 """
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
+import zlib
 from pathlib import Path
 
 from mapc.compiler import check as _check
+from mapc.compiler import sources
+from mapc.compiler.extend import merge
 from mapc.compiler.lower import lower, value_ir
-from mapc.errors import MapcError
-from mapc.grammar.parser import parse, parse_header
+from mapc.errors import MapcError, SpecError
+from mapc.grammar.parser import caret, parse, parse_header
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class MetaEntry:
     key: str
     expr: object
     at: str
+    when: object = None            # ``KEY = expr if COND``: written only when COND holds
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class Spec:
     """A checked spec. ``ir`` is plain JSON data (see schema/spec-ir.schema.json)."""
     ir: dict
     text: str
+    bases: tuple = ()                  # (name, file, text) of the specs it extends, nearest first
 
     @property
     def family(self) -> str:
@@ -105,7 +112,8 @@ class Spec:
                      for p in self.layout(layout)["params"])
 
     def layout_meta(self, layout: str) -> tuple[MetaEntry, ...]:
-        return tuple(MetaEntry(m["key"], m["expr"], m["at"]) for m in self.layout(layout)["meta"])
+        return tuple(MetaEntry(m["key"], m["expr"], m["at"], m.get("when"))
+                     for m in self.layout(layout)["meta"])
 
     def to_json(self) -> str:
         return json.dumps(self.ir, indent=2)
@@ -146,17 +154,129 @@ def _display_name(path: Path) -> str:
         return str(path)
 
 
-def compile_text(text: str, file: str = "<spec>") -> Spec:
-    return _compile_cached(text, file)
+# ---- the spec carried in an output's record -------------------------------------------------------
+def spec_record(spec: Spec) -> dict:
+    """What an output's record keeps of the spec that wrote it: enough to read it back with
+    exactly that spec (the text, compressed: GGUF keeps the record in a 16 KiB header slot)."""
+    return {"family": spec.family, "file": spec.ir["file"], "sha256": spec.sha256,
+            "text_zlib_base64": _pack(spec.text),
+            "bases": [{"name": n, "file": f, "text_zlib_base64": _pack(t)}
+                      for n, f, t in spec.bases]}
+
+
+def _pack(text: str) -> str:
+    return base64.b64encode(zlib.compress(text.encode(), 9)).decode()
+
+
+def _unpack(data: str) -> str:
+    return zlib.decompress(base64.b64decode(data)).decode()
+
+
+def spec_sha256(text: str, bases=()) -> str:
+    """A spec's identity: its text's sha256, or with bases that of all their texts."""
+    if not bases:
+        return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256("\0".join([text] + [t for _, _, t in bases]).encode()).hexdigest()
+
+
+def recorded_sha256(record: dict) -> str | None:
+    """The sha256 of the spec that wrote a checkpoint, if its record says."""
+    s = record.get("spec")
+    return s.get("sha256") if isinstance(s, dict) else record.get("spec_sha256")
+
+
+def spec_from_record(record: dict, where: str) -> Spec | None:
+    """The spec a record carries (None for records written before mapc kept it)."""
+    s = record.get("spec")
+    if not isinstance(s, dict) or "text_zlib_base64" not in s:
+        return None
+    try:
+        text = _unpack(s["text_zlib_base64"])
+        bases = tuple((b["name"], b["file"], _unpack(b["text_zlib_base64"]))
+                      for b in s.get("bases", ()))
+    except (ValueError, KeyError, TypeError, zlib.error, UnicodeDecodeError):
+        raise MapcError("the spec recorded in mapc's record cannot be decoded", where=where,
+                        hint="pass --spec FILE.map with the spec that wrote it") from None
+    if spec_sha256(text, bases) != s.get("sha256"):
+        raise MapcError("the spec recorded in mapc's record does not match its sha256 (the "
+                        "record was edited or damaged)", where=where,
+                        hint="pass --spec FILE.map with the spec that wrote it, and "
+                             "--allow-spec-change")
+    return compile_text(text, str(s.get("file") or f"{s.get('family', 'recorded')}.map"), bases)
+
+
+def compile_text(text: str, file: str = "<spec>", bases: tuple = ()) -> Spec:
+    """Compile spec text. ``bases`` ((name, file, text), ...) supply the specs it extends (as a
+    record keeps them); without them an ``extends`` is looked up as a shipped spec or a file."""
+    if not bases:       # read the bases now, so that the cache below sees their texts too
+        bases = _base_chain(text, file, (file,))
+    return _compile_cached(text, file, tuple(tuple(b) for b in bases))
+
+
+_EXTENDS = re.compile(r'^[ \t]*extends[ \t]+"([^"\n]*)"', re.M)
+
+
+def _base_chain(text: str, file: str, seen: tuple) -> tuple:
+    """(name, file, text) of the specs ``text`` extends, nearest first, as found on disk (the
+    parser reports what this quick look misses, and cycles)."""
+    m = _EXTENDS.search(text)
+    if m is None:
+        return ()
+    try:
+        base_file, base_text = _find_base(m.group(1), file, None, text)
+    except SpecError:
+        return ()          # reported, with its position, when the spec is compiled
+    if base_file in seen:
+        return ()
+    return ((m.group(1), base_file, base_text),) + _base_chain(base_text, base_file,
+                                                               seen + (base_file,))
 
 
 @functools.lru_cache(maxsize=64)
-def _compile_cached(text: str, file: str) -> Spec:
-    _check.SOURCES[file] = text
-    sha = hashlib.sha256(text.encode()).hexdigest()
-    ir = lower(parse(text, file), sha)
+def _compile_cached(text: str, file: str, bases: tuple) -> Spec:
+    sources.register(file, text)
+    chain: list[tuple[str, str, str]] = []
+    tree = _with_bases(parse(text, file), file, {b[0]: b for b in bases}, chain, (file,))
+    ir = lower(tree, spec_sha256(text, chain))
     _check.check(ir)
-    return Spec(ir=ir, text=text)
+    return Spec(ir=ir, text=text, bases=tuple(chain))
+
+
+def _with_bases(tree, file: str, given: dict, chain: list, seen: tuple):
+    """``tree`` merged with the chain of specs it extends (compiler/extend.py)."""
+    if tree.extends is None:
+        return tree
+    name, pos = tree.extends.name, tree.extends.pos
+    if name in given:
+        _, base_file, base_text = given[name]
+    else:
+        base_file, base_text = _find_base(name, file, pos, tree.source)
+    if base_file in seen:
+        raise SpecError(f"extends {name!r}: a cycle ({' -> '.join(seen + (base_file,))})",
+                        where=str(pos), context=caret(tree.source, pos.line, pos.column))
+    sources.register(base_file, base_text)
+    chain.append((name, base_file, base_text))
+    base = _with_bases(parse(base_text, base_file), base_file, given, chain, seen + (base_file,))
+    return merge(base, tree)
+
+
+def _find_base(name: str, file: str, pos, source: str) -> tuple[str, str]:
+    """A base named in ``extends``: a shipped spec (``"llama"``) or a .map file, relative to
+    the extending spec's directory."""
+    path = Path(name)
+    if not path.suffix and "/" not in name:
+        found = builtin_specs().get(name)
+        if found is not None:
+            return f"specs/{found.name}", found.read_text()
+    else:
+        where = Path(file).parent / path if not path.is_absolute() else path
+        try:
+            return str(where), where.read_text()
+        except OSError:
+            pass
+    raise SpecError(f"extends {name!r}: no shipped spec or spec file of that name",
+                    where=str(pos), context=caret(source, pos.line, pos.column) if pos else "",
+                    hint="shipped specs: " + ", ".join(sorted(builtin_specs())))
 
 
 def match_rules(text: str, file: str = "<spec>") -> tuple[MatchRule, ...] | None:

@@ -63,12 +63,27 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Null:
+    """``null``: a config value that is present but null (see ``nullable``)."""
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Cond:
+    """``then if test else other``."""
+    test: "Expr"
+    then: "Expr"
+    other: "Expr"
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
 class ListExpr:
     items: tuple["Expr", ...]
     pos: Pos = field(default=NOWHERE, compare=False)
 
 
-Expr = Union[Num, Str, Bool, Sym, Op, Call, ListExpr]
+Expr = Union[Num, Str, Bool, Sym, Op, Call, ListExpr, Null, Cond]
 
 
 # ---- axis patterns -------------------------------------------------------------------------
@@ -114,6 +129,22 @@ class Let:
 
 
 @dataclass(frozen=True)
+class Require:
+    """``require COND "message"``: a config (or topology) for which COND is false is refused
+    with the spec's own message."""
+    expr: Expr
+    message: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Drop:
+    """``drop layout NAME`` (top level) or ``drop "RULE NAME"`` (in a layout) of a derived spec."""
+    name: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Match:
     key: str
     values: tuple[Expr, ...]
@@ -126,6 +157,7 @@ class ConfigEntry:
     keys: tuple[str, ...]          # dotted config key paths, tried in order
     default: Expr | None
     pos: Pos
+    nullable: bool = False         # a present null binds null instead of falling through
 
 
 @dataclass(frozen=True)
@@ -219,6 +251,7 @@ class MetaEntry:
     key: str
     expr: Expr
     pos: Pos
+    when: Expr | None = None       # written only when this holds
 
 
 @dataclass(frozen=True)
@@ -242,6 +275,8 @@ class Layout:
     rules: tuple[Rule, ...]
     pos: Pos
     aliases: tuple[Alias, ...] = ()
+    requires: tuple[Require, ...] = ()
+    drops: tuple[Drop, ...] = ()       # base rules a derived spec removes
 
 
 @dataclass(frozen=True)
@@ -255,3 +290,6 @@ class Spec:
     file: str
     source: str                    # the spec text, for error carets
     pos: Pos
+    requires: tuple[Require, ...] = ()
+    extends: "Drop | None" = None      # the base spec's name (or path) and where it is named
+    drop_layouts: tuple[Drop, ...] = ()

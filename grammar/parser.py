@@ -22,7 +22,7 @@ _TERMINAL_WORDS = {
     "LSQB": "'['", "RSQB": "']'", "COLON": "':'", "COMMA": "','", "EQUAL": "'='",
     "DOT": "'.'", "LESSTHAN": "'<'", "VBAR": "'|'", "COMP": "a comparison",
     "ADDOP": "'+' or '-'", "MULOP": "'*', '/', '//' or '%'", "STAGE": "'first' or 'last'",
-    "COPY": "'copy'", "MINUS": "'-'", "$END": "end of file",
+    "COPY": "'copy'", "NULLABLE": "'nullable'", "MINUS": "'-'", "$END": "end of file",
 }
 
 
@@ -158,7 +158,30 @@ class _Build(Transformer):
             config=tuple(config),
             tensors=tuple(tensors),
             layouts=tuple(i for i in items if isinstance(i, A.Layout)),
-            file=self.file, source=self.text, pos=A.Pos(self.file, 1, 1))
+            file=self.file, source=self.text, pos=A.Pos(self.file, 1, 1),
+            requires=tuple(i for i in items if isinstance(i, A.Require)),
+            extends=self._one_extends(items),
+            drop_layouts=tuple(i[1] for i in items if isinstance(i, tuple) and i[0] == "drop"))
+
+    def _one_extends(self, items):
+        found = [i[1] for i in items if isinstance(i, tuple) and i[0] == "extends"]
+        if len(found) > 1:
+            p = found[1].pos
+            raise SpecError("a spec extends at most one base" + caret(self.text, p.line, p.column),
+                            where=str(p))
+        return found[0] if found else None
+
+    @v_args(meta=True)
+    def extends_decl(self, meta, c):
+        return ("extends", A.Drop(str(c[0])[1:-1], self._pos(meta)))
+
+    @v_args(meta=True)
+    def drop_layout(self, meta, c):
+        return ("drop", A.Drop(str(c[0]), self._pos(meta)))
+
+    @v_args(meta=True)
+    def drop_rule(self, meta, c):
+        return A.Drop(str(c[0])[1:-1], self._pos(meta))
 
     @v_args(meta=True)
     def family(self, meta, c):
@@ -172,13 +195,18 @@ class _Build(Transformer):
     def let_decl(self, meta, c):
         return A.Let(str(c[0]), c[1], self._pos(meta))
 
+    @v_args(meta=True)
+    def require_decl(self, meta, c):
+        return A.Require(c[0], str(c[1])[1:-1], self._pos(meta))
+
     def config_block(self, c):
         return ["config", *c]
 
     @v_args(meta=True)
     def config_entry(self, meta, c):
-        *keys, default = c[1:]
-        return A.ConfigEntry(str(c[0]), tuple(keys), default, self._pos(meta))
+        *keys, nullable, default = c[1:]
+        return A.ConfigEntry(str(c[0]), tuple(keys), default, self._pos(meta),
+                             nullable=nullable is not None)
 
     def key_path(self, c):
         return ".".join(str(t) for t in c)
@@ -220,7 +248,9 @@ class _Build(Transformer):
             lets=tuple(i for i in items if isinstance(i, A.Let)),
             rules=tuple(i for i in items if isinstance(i, A.Rule)),
             pos=self._pos(meta),
-            aliases=tuple(i for i in items if isinstance(i, A.Alias)))
+            aliases=tuple(i for i in items if isinstance(i, A.Alias)),
+            requires=tuple(i for i in items if isinstance(i, A.Require)),
+            drops=tuple(i for i in items if isinstance(i, A.Drop)))
 
     def mesh_decl(self, c):
         return ("mesh", tuple(str(t) for t in c))
@@ -247,7 +277,11 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def meta_entry(self, meta, c):
-        return A.MetaEntry(c[0], c[1], self._pos(meta))
+        key, value, test, other = c
+        pos = self._pos(meta)
+        if other is not None:       # KEY = A if COND else B: a conditional value
+            return A.MetaEntry(key, A.Cond(test, value, other, pos), pos)
+        return A.MetaEntry(key, value, pos, when=test)
 
     @v_args(meta=True)
     def rule(self, meta, c):
@@ -394,6 +428,15 @@ class _Build(Transformer):
     @v_args(meta=True)
     def call(self, meta, c):
         return A.Call(str(c[0]), tuple(c[1:]), self._pos(meta))
+
+    @v_args(meta=True)
+    def null(self, meta, c):
+        return A.Null(self._pos(meta))
+
+    @v_args(meta=True)
+    def cond(self, meta, c):
+        then, test, other = c
+        return A.Cond(test, then, other, self._pos(meta))
 
     @v_args(meta=True)
     def list_(self, meta, c):

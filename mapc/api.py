@@ -16,7 +16,7 @@ from mapc import __version__
 from mapc.compiler.plan import MAX_MESH, LayoutPlan, bind_config, check_dp, plan_layout
 from mapc.compiler.program import Program, compile_program
 from mapc.compiler.resolve import Resolved, read_config, resolve
-from mapc.compiler.spec import load_spec
+from mapc.compiler.spec import load_spec, spec_record
 from mapc.errors import MapcError
 from mapc.runtime import execute
 from mapc.runtime.containers import FORMATS, layout_of, make_writer, open_source, plan_write
@@ -45,11 +45,13 @@ def _parse_sets(sets) -> dict:
 
 
 def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set=None,
-                    spec=None, source_format=None, source_set=None):
+                    spec=None, source_format=None, source_set=None,
+                    allow_spec_change: bool = False):
     """Open ``src`` and compile the program that converts it; nothing is written."""
     source = open_source(src, source_format)
     try:
-        res = resolve(source, spec=spec, config=config, params=_source_params(source_set))
+        res = resolve(source, spec=spec, config=config, params=_source_params(source_set),
+                      allow_spec_change=allow_spec_change)
         target_layout = layout_of(to)
         topo = {"tp": tp, "pp": pp, "ep": ep}
         target = plan_layout(res.spec, target_layout, res.env, topo, _parse_sets(set))
@@ -142,7 +144,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                  set=None, source_set=None, spec=None, source_format=None,
                  max_shard_bytes: int | None = None, dp: int | None = None,
                  with_optimizer: bool = False, like=None,
-                 zero_stage: int | None = None) -> ConversionPlan:
+                 zero_stage: int | None = None,
+                 allow_spec_change: bool = False) -> ConversionPlan:
     """Plan ``convert`` (same arguments) completely, writing nothing: every check a real run
     makes before writing is made here, so a plan that succeeds is what the run will do."""
     if zero_stage is not None and zero_stage not in (1, 2, 3):
@@ -165,7 +168,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         raise MapcError(f"unknown target format '{to}'", hint="known: " + ", ".join(FORMATS))
     res, program = plan_conversion(src, to, tp=tp, pp=pp, ep=ep, config=config, set=set,
                                    spec=spec, source_format=source_format,
-                                   source_set=source_set)
+                                   source_set=source_set, allow_spec_change=allow_spec_change)
     try:
         if dp is not None:
             check_dp(program.target, dp)
@@ -190,7 +193,7 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
             backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
             max_shard_bytes: int | None = None, dp: int | None = None,
             with_optimizer: bool = False, like=None,
-            zero_stage: int | None = None) -> execute.Report:
+            zero_stage: int | None = None, allow_spec_change: bool = False) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox,
@@ -198,11 +201,13 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     too; ``like`` names a template checkpoint whose format, topology, layout parameters and
     optimizer param groups the output takes (``to``/``tp``/... may then be omitted);
     ``zero_stage`` picks the ZeRO stage of a deepspeed/universal target (default: the source's,
-    else 1). An option the target format does not honour is refused (MapcError)."""
+    else 1); ``allow_spec_change`` reads a checkpoint mapc wrote with a spec other than the one
+    its record carries (otherwise refused). An option the target format does not honour is
+    refused (MapcError)."""
     cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,
                       source_set=source_set, spec=spec, source_format=source_format,
                       max_shard_bytes=max_shard_bytes, dp=dp, with_optimizer=with_optimizer,
-                      like=like, zero_stage=zero_stage)
+                      like=like, zero_stage=zero_stage, allow_spec_change=allow_spec_change)
     return write_conversion(cp, src, dst, force=force, backend=backend, quiet=quiet)
 
 
@@ -241,6 +246,7 @@ def _record(res: Resolved, program: Program, to: str, src, report) -> dict:
         "format": to,
         "family": res.spec.family,
         "spec_sha256": res.spec.sha256,
+        "spec": spec_record(res.spec),
         "layout": program.target.name,
         "params": program.target.params,
         "topology": program.target.mesh,
@@ -349,7 +355,7 @@ class VerifyResult:
 
 
 def verify(a, b, *, backend: str = "numpy", config=None, spec=None,
-           quiet: bool = True) -> VerifyResult:
+           quiet: bool = True, allow_spec_change: bool = False) -> VerifyResult:
     """Do checkpoints ``a`` and ``b`` (any formats and topologies) hold the same model?"""
     sa = open_source(a)
     try:
@@ -358,8 +364,8 @@ def verify(a, b, *, backend: str = "numpy", config=None, spec=None,
         sa.close()
         raise
     try:
-        ra = resolve(sa, spec=spec, config=config)
-        rb = resolve(sb, spec=ra.spec, config=config)
+        ra = resolve(sa, spec=spec, config=config, allow_spec_change=allow_spec_change)
+        rb = resolve(sb, spec=ra.spec, config=config, allow_spec_change=allow_spec_change)
         if ra.plan.logical.keys() != rb.plan.logical.keys() or any(
                 ra.plan.logical[k].shape != rb.plan.logical[k].shape for k in ra.plan.logical):
             diff = sorted(set(ra.plan.logical) ^ set(rb.plan.logical)) or [

@@ -48,6 +48,9 @@ def add_arguments(p):
                    help="cast tensors on write (default: keep)")
     p.add_argument("--config", help="model config JSON, when the source carries none")
     p.add_argument("--spec", help="spec file to use instead of detecting the family")
+    p.add_argument("--allow-spec-change", action="store_true",
+                   help="read a checkpoint mapc wrote with a --spec other than the one its "
+                        "record carries (refused otherwise)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a target layout parameter the spec declares (repeatable)")
     p.add_argument("--source-set", action="append", default=[], metavar="NAME=VALUE",
@@ -73,7 +76,7 @@ def run(args) -> int:
                       source_set=args.source_set, spec=args.spec,
                       source_format=args.source_format, dp=args.dp,
                       with_optimizer=args.with_optimizer, like=args.like,
-                      zero_stage=args.zero_stage)
+                      zero_stage=args.zero_stage, allow_spec_change=args.allow_spec_change)
     if args.dry_run:
         cp.close()
         print(cp.pretty())

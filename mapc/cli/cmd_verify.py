@@ -21,13 +21,17 @@ def add_arguments(p):
     p.add_argument("b", help="second checkpoint")
     p.add_argument("--config", help="model config JSON, when neither checkpoint carries one")
     p.add_argument("--spec", help="spec file to use instead of detecting the family")
+    p.add_argument("--allow-spec-change", action="store_true",
+                   help="read a checkpoint mapc wrote with a --spec other than the one its "
+                        "record carries (refused otherwise)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     add_quiet(p)
 
 
 def run(args) -> int:
     from mapc.api import verify
-    r = verify(args.a, args.b, config=args.config, spec=args.spec, quiet=args.quiet)
+    r = verify(args.a, args.b, config=args.config, spec=args.spec, quiet=args.quiet,
+               allow_spec_change=args.allow_spec_change)
     if args.json:
         print_json({"identical": r.identical, "compared": r.compared,
                     "differences": r.differences, "warnings": r.warnings})

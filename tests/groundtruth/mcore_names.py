@@ -219,6 +219,8 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         activation_func=activation,
         add_bias_linear=bool(cfg.get("linear_bias", False)),
         add_qkv_bias=bool(cfg.get("qkv_bias", False)),
+        qk_layernorm=bool(cfg.get("qk_layernorm", False)),
+        layernorm_epsilon=float(cfg.get("norm_eps", 1e-5)),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         use_cpu_initialization=True,
@@ -231,13 +233,16 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
     )
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=norm),
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            normalization=norm, qk_layernorm=bool(cfg.get("qk_layernorm", False))),
         vocab_size=int(cfg["vocab"]),
         max_sequence_length=int(cfg.get("max_seq", 128)),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=bool(cfg["tied"]),
         position_embedding_type=cfg.get("position_embedding", "rope"),
+        rotary_base=int(cfg.get("rotary_base", 10000)),
+        rotary_percent=float(cfg.get("rotary_percent", 1.0)),
     )
 
 

@@ -1,0 +1,96 @@
+"""Ground truth from the real megatron-core: logits of a GPTModel loaded from a mapc Megatron
+checkpoint (tp=1, pp=1), computed on CPU.
+
+``mcore_logits(cfg, model_file, tokens, variants)`` runs one subprocess (a gloo world of size 1)
+that builds the model with :func:`mcore_names.build_gpt` (local spec), loads the rank file's
+``model`` state dict strictly (every name and shape must be megatron-core's), and returns the
+logits for ``tokens``, once per variant. A variant ``{"swap": [a, b]}`` exchanges two tensors
+before loading: a negative control showing the comparison can fail.
+
+CPU workarounds (test harness only, applied only inside the worker), beyond mcore_names':
+
+* ``torch.cuda.current_device`` returns ``"cpu"``: the rotary embedding moves its
+  frequencies to the current CUDA device on first use.
+* ``tensor_parallel.get_cuda_rng_tracker`` returns a tracker whose ``fork()`` does nothing:
+  core attention forks the CUDA RNG for dropout (none in eval mode).
+* An explicit causal ``attention_mask`` (True above the diagonal) is passed: the default one is
+  made on CUDA.
+
+Usage as a script::
+
+    python tests/groundtruth/mcore_forward.py CFG_JSON MODEL_FILE TOKENS_JSON VARIANTS_JSON
+
+prints ``[logits of variant 0, ...]`` (nested lists, [1, len(tokens), padded vocab]) as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).parent
+
+
+def mcore_logits(cfg: dict, model_file, tokens: list[int], variants=({},)) -> list:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, str(Path(__file__)), json.dumps(cfg), str(model_file),
+                          json.dumps(tokens), json.dumps(list(variants))],
+                         capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"megatron-core forward failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _worker(cfg: dict, model_file: str, tokens: list[int], variants: list) -> list:
+    import argparse
+    import contextlib
+    import types
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    torch.cuda.current_device = lambda: "cpu"          # see the module docstring
+    import torch.distributed as dist
+    dist.init_process_group(backend="gloo", rank=0, world_size=1)
+    from megatron.core import parallel_state, tensor_parallel
+    null = types.SimpleNamespace(fork=lambda *a, **k: contextlib.nullcontext())
+    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: null
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1,
+                                             pipeline_model_parallel_size=1)
+    sys.path.insert(0, str(_HERE))
+    from mcore_names import build_gpt
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = torch.load(model_file, weights_only=True)["model"]
+    ids = torch.tensor([tokens])
+    pos = torch.arange(len(tokens)).unsqueeze(0)
+    mask = torch.triu(torch.ones(1, 1, len(tokens), len(tokens)), diagonal=1).bool()
+    results = []
+    for v in variants:
+        sd = dict(state)
+        if v.get("swap"):
+            a, b = v["swap"]
+            sd[a], sd[b] = state[b], state[a]
+        model = build_gpt(cfg, 1, 1)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")]
+        if missing or unexpected:
+            raise SystemExit(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+        model.eval()
+        with torch.no_grad():
+            results.append(model(input_ids=ids, position_ids=pos, attention_mask=mask).tolist())
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    cfg, model_file, tokens, variants = sys.argv[1:5]
+    print(json.dumps(_worker(json.loads(cfg), model_file, json.loads(tokens),
+                             json.loads(variants))))

@@ -1,0 +1,89 @@
+"""Golden recipes of every shipped spec: each layout (and each choice of its enumerated
+parameters) compiled from hf for one small config, its recipes printed. Any change to what a
+shipped spec compiles to (member order in a fusion, an axis order, a split) shows up here in
+review. Regenerate with MAPC_UPDATE_GOLDEN=1 after checking the difference is intended."""
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+import mapc
+from mapc.compiler.spec import builtin_specs, load_spec
+from mapc.errors import MapcError
+from tests.conftest import llama_config
+
+GOLDEN = Path(__file__).parent / "golden" / "specs"
+
+# One small config per shipped spec, divisible by tp=2, pp=2, ep=2.
+CONFIGS = {
+    "llama": llama_config(hidden=32, layers=2, heads=4, groups=2, ffn=48, vocab=50),
+    "qwen2": dict(llama_config(hidden=32, layers=2, heads=4, groups=2, ffn=48, vocab=50),
+                  model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+    "qwen3": dict(llama_config(hidden=32, layers=2, heads=4, groups=2, head_dim=16, ffn=48,
+                               vocab=50), model_type="qwen3", architectures=["Qwen3ForCausalLM"]),
+    "phi3": dict(llama_config(hidden=32, layers=2, heads=4, groups=2, ffn=48, vocab=50),
+                 model_type="phi3", architectures=["Phi3ForCausalLM"]),
+    "mixtral": {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50,
+                "num_local_experts": 4, "num_experts_per_tok": 2,
+                "max_position_embeddings": 64},
+    "gpt2": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 32,
+             "n_layer": 2, "n_head": 4, "n_inner": None, "vocab_size": 50, "n_positions": 64,
+             "tie_word_embeddings": True},
+    "gpt_neox": {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"],
+                 "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "intermediate_size": 48, "vocab_size": 50, "rotary_pct": 0.5,
+                 "use_parallel_residual": True, "tie_word_embeddings": False,
+                 "max_position_embeddings": 64},
+}
+# Boolean parameters whose non-default value selects other rules.
+EXTRA_SETS = {"fuse_qkv": ["fuse_qkv=true"]}
+
+
+def variants(layout: dict) -> list[list[str]]:
+    """Every combination of the layout's enumerated parameter choices, plus the extra sets."""
+    axes = [[f"{p['name']}={c}" for c in p["choices"]] for p in layout["params"]
+            if len(p["choices"]) > 1]
+    out = [list(combo) for combo in itertools.product(*axes)]
+    for p in layout["params"]:
+        for extra in EXTRA_SETS.get(p["name"], []):
+            out += [list(combo) + [extra] for combo in itertools.product(*axes)]
+    return out
+
+
+def recipes_text(family: str) -> str:
+    spec = load_spec(family)
+    lines = []
+    for lay in spec.ir["layouts"]:
+        topo = {a: 2 for a in lay["mesh"]}
+        for sets in variants(lay):
+            head = f"== {lay['name']} {' '.join(f'{a}={n}' for a, n in topo.items())} " \
+                   f"{' '.join(sets)}".rstrip()
+            lines.append(head)
+            try:
+                text = mapc.compile_spec(family, layout=lay["name"], config=CONFIGS[family],
+                                         set=sets, **topo).pretty()
+            except MapcError as e:
+                lines.append(f"  refused: {str(e).splitlines()[0]}")
+                continue
+            body = text.split("\nshard ")[0].splitlines()[3:]
+            lines += [x for x in body if x]
+    return "\n".join(lines) + "\n"
+
+
+def test_every_shipped_spec_has_a_golden_config():
+    assert sorted(CONFIGS) == sorted(builtin_specs())
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_shipped_spec_recipes_match_golden(family):
+    text = recipes_text(family)
+    path = GOLDEN / f"{family}.txt"
+    if os.environ.get("MAPC_UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text()
