@@ -68,7 +68,8 @@ def bind_config(spec: Spec, config: dict) -> dict:
             value = lookup(config, key, keep_null=c.get("nullable", False))
             if value is not MISSING:
                 break
-        if value is not MISSING and not isinstance(value, (bool, int, float, str)):
+        if value is not MISSING and value is not None and \
+                not isinstance(value, (bool, int, float, str)):
             raise MapcError(f"the model config's '{key}' is {_short(value)}, not a number, "
                             f"string or boolean (needed for {c['name']}, {c['at']})",
                             hint="fix the config, or pass --config CONFIG.json")
