@@ -542,6 +542,8 @@ def inspect(path, *, source_format=None, spec=None, config=None) -> dict:
             topology["dp"] = source.dp
         info = {"path": str(path), "format": source.format, "topology": topology,
                 "family": None, "params": None, "config": None}
+        if getattr(source, "saved_topology", None):   # global tensors saved by a parallel run
+            info["saved_topology"] = dict(source.saved_topology)
         try:
             res = resolve(source, spec=spec, config=config)
             info.update(family=res.spec.family, params=res.plan.params,
