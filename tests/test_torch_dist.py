@@ -26,6 +26,7 @@ from tests.conftest import logits_of  # noqa: E402
 from tests.groundtruth import mcore_dist  # noqa: E402
 
 CFG = dict(hidden=64, layers=4, heads=8, groups=2, head_dim=8, ffn=96, vocab=250, tied=False)
+TIED = dict(CFG, tied=True)
 TP, PP = 2, 2
 PADDED = 256                       # round_up(250, 128 * tp)
 TOKENS = [1, 5, 9, 200, 3, 7, 249, 0]
@@ -36,6 +37,14 @@ def saved(tmp_path_factory):
     """(checkpoint root, directory of the live per-rank state dicts) saved by megatron-core."""
     base = tmp_path_factory.mktemp("torch_dist")
     root = mcore_dist.save_checkpoint(base / "ckpt", CFG, TP, PP, "bf16", base / "truth")
+    return root, base / "truth"
+
+
+@pytest.fixture(scope="module")
+def saved_tied(tmp_path_factory):
+    """Tied embeddings at TP1 PP2, saved by megatron-core."""
+    base = tmp_path_factory.mktemp("torch_dist_tied")
+    root = mcore_dist.save_checkpoint(base / "ckpt", TIED, 1, 2, "bf16", base / "truth")
     return root, base / "truth"
 
 
@@ -58,16 +67,16 @@ def _hf_tensors(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def _expected_local(hf, tp, pp, t, p):
+def _expected_local(hf, tp, pp, t, p, cfg=CFG):
     """megatron-core's local state dict of rank (t, p) (local spec names, local layer numbers)
     from HF tensors, written out independently of mapc's specs: Q/K/V rows grouped per KV
     group, fc1 = [gate_t; up_t], column/row slices, vocabulary rows of this rank (the padding
     rows, which HF does not keep, are left out)."""
-    nh, ng, hd, f = CFG["heads"], CFG["groups"], CFG["head_dim"], CFG["ffn"]
-    hpg, per = nh // ng, CFG["layers"] // pp
+    nh, ng, hd, f = cfg["heads"], cfg["groups"], cfg["head_dim"], cfg["ffn"]
+    hpg, per = nh // ng, cfg["layers"] // pp
     out = {}
     vp = PADDED // tp
-    rows = slice(t * vp, min((t + 1) * vp, CFG["vocab"]))
+    rows = slice(t * vp, min((t + 1) * vp, cfg["vocab"]))
     if p == 0:
         out["embedding.word_embeddings.weight"] = hf["model.embed_tokens.weight"][rows]
     for j in range(per):
@@ -89,7 +98,10 @@ def _expected_local(hf, tp, pp, t, p):
         out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"][:, fs]
     if p == pp - 1:
         out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
-        out["output_layer.weight"] = hf["lm_head.weight"][rows]
+        if not cfg["tied"]:
+            out["output_layer.weight"] = hf["lm_head.weight"][rows]
+        elif pp > 1:     # the last stage's copy of the embedding
+            out["output_layer.weight"] = hf["model.embed_tokens.weight"][rows]
     return out
 
 
@@ -178,6 +190,35 @@ def test_logits_equal_megatron_core_forward(loaded_tp1, hf_out):
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_args_with_megatron_enums_are_read_as_inert_values(saved):
+    """Megatron-LM's args hold megatron enums and torch dtypes; mapc reads them without
+    importing megatron (each an inert Call of its class on its value)."""
+    from mapc.runtime import torchfile
+    with open_source(saved[0]) as src:
+        assert src.args["attention_backend"] == torchfile.Call(
+            "megatron.core.transformer.enums", "AttnBackend", (5,))
+        assert src.args["model_type"] == torchfile.Call("megatron.core.enums", "ModelType", (1,))
+        assert src.args["cuda_graph_scope"] == [torchfile.Call(
+            "megatron.core.transformer.enums", "CudaGraphScope", (2,))]
+
+
+def test_tied_embeddings_at_pp2_have_no_output_layer_key(saved_tied, tmp_path):
+    """megatron-core stores the tied last-stage copy under the embedding's key (a replica), so
+    the checkpoint has no output_layer.weight; mapc reads it as tied, and every rank's live
+    shards (the last stage's copy of the embedding too) equal the HF output."""
+    root, truth = saved_tied
+    md = pickle.loads((mcore_dist.iter_dir(root) / ".metadata").read_bytes())
+    assert "output_layer.weight" not in md.state_dict_metadata
+    assert "embedding.word_embeddings.weight" in md.state_dict_metadata
+    mapc.convert(root, tmp_path / "hf", to="hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"]
+    hf = _hf_tensors(tmp_path / "hf")
+    assert "lm_head.weight" not in hf
+    for p in range(2):
+        live = torch.load(truth / f"live_0_{p}.pt")
+        _assert_rank_equal(live, _expected_local(hf, 1, 2, 0, p, TIED), p)
 
 
 def test_reading_never_materializes_a_stacked_tensor(saved):

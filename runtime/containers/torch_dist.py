@@ -42,6 +42,25 @@ TRACKER = "latest_checkpointed_iteration.txt"
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 SINGLE = ()
+# Enums Megatron-LM pickles inside ``args`` (attention_backend, model_type, fp8_recipe,
+# cuda_graph_scope, ...). Each is read as an inert ``Call`` of its class on its value, so it is
+# written back exactly as it came; megatron is never imported.
+MEGATRON_ENUMS = [("megatron.core.enums", n) for n in ("ModelType", "Fp8Recipe", "Fp4Recipe")] \
+    + [("megatron.core.transformer.enums", n) for n in (
+        "ModelType", "LayerType", "AttnType", "AttnMaskType", "AttnBackend", "CudaGraphScope")]
+
+
+def _enum(module: str, name: str):
+    def member(value=None, *rest):
+        if rest or not isinstance(value, (int, str)):
+            raise MapcError(f"unexpected {module}.{name}({value!r}) in the pickle")
+        return torchfile.Call(module, name, (value,))
+    member.__name__ = name
+    return member
+
+
+for _mod, _name in MEGATRON_ENUMS:
+    torchfile.ALLOWED_GLOBALS.setdefault(f"{_mod}.{_name}", _enum(_mod, _name))
 # a key of megatron-core's stacked layers: "<block>.layers.<not a layer number>..."
 _STACKED = re.compile(r"(?:^|\.)layers\.(?!\d+(?:\.|$))")
 _SLAB = re.compile(r"^(.*)\[(\d+)\]$")

@@ -99,8 +99,13 @@ def _patch_cuda(torch):
 
 
 def _args(cfg, tp, pp, dtype):
-    """What Megatron-LM's common.pt carries under 'args' (the fields --load reads back)."""
+    """What Megatron-LM's common.pt carries under 'args' (the fields --load reads back), with
+    megatron enums and a torch dtype among them, as Megatron-LM's own args have."""
     import argparse
+
+    import torch
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.enums import AttnBackend, CudaGraphScope
     vocab = int(cfg["vocab"])
     multiple = int(cfg.get("vocab_multiple", 128))
     padded = -(-vocab // (multiple * tp)) * multiple * tp
@@ -116,8 +121,11 @@ def _args(cfg, tp, pp, dtype):
         position_embedding_type="rope", add_bias_linear=False, add_qkv_bias=False,
         add_position_embedding=False, tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp, bf16=dtype == "bf16", fp16=dtype == "fp16",
-        params_dtype=dtype, use_distributed_optimizer=False, ckpt_format="torch_dist",
-        iteration=ITERATION)
+        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                      "fp16": torch.float16}[dtype],
+        use_distributed_optimizer=False, ckpt_format="torch_dist", iteration=ITERATION,
+        attention_backend=AttnBackend.auto, model_type=ModelType.encoder_or_decoder,
+        cuda_graph_scope=[CudaGraphScope.attn])
 
 
 def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
@@ -154,6 +162,9 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
                     f"{name}|{p}|{t if sharded else -1}|{extra.get('seed', 0)}".encode()))
                 param.copy_(torch.randn(param.shape, generator=g) * 0.1
                             + (1.0 if param.ndim == 1 else 0.0))
+        if cfg["tied"] and pp > 1:
+            # as at construction: the last stage's copy of the embedding becomes the first's
+            model.setup_embeddings_and_output_layer()
         state = {"args": _args(cfg, tp, pp, dtype), "checkpoint_version": 3.0,
                  "iteration": ITERATION, "model": model.sharded_state_dict(metadata=metadata),
                  "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": ITERATION}}
