@@ -22,7 +22,7 @@ from mapc.compiler.program import Program, compile_program
 from mapc.compiler.spec import Spec, builtin_specs, load_spec
 from mapc.errors import MapcError
 from mapc.runtime import execute
-from mapc.runtime.containers import FORMATS, layout_of, make_writer, open_source
+from mapc.runtime.containers import FORMATS, layout_of, make_writer, module, open_source
 from mapc.runtime.containers.base import AtomicOutput, coord_key
 
 DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -351,7 +351,13 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
         res = resolve(source, spec=spec, config=config, params=_source_params(source_set))
         target_layout = layout_of(to)
         topo = {"tp": tp, "pp": pp, "ep": ep}
-        target = plan_layout(res.spec, target_layout, res.env, topo, _parse_sets(set))
+        sets = _parse_sets(set)
+        # a format of global tensors whose metadata records the training run's sizes takes
+        # --tp/--pp as layout parameters (torch_dist: tp_size, pp_size)
+        for axis, param in getattr(module(to), "TOPOLOGY_PARAMS", {}).items():
+            if topo.get(axis) is not None:
+                sets.setdefault(param, topo.pop(axis))
+        target = plan_layout(res.spec, target_layout, res.env, topo, sets)
         return res, compile_program(res.plan, target)
     except BaseException:
         source.close()

@@ -583,7 +583,9 @@ def _size(dims):
     return _Emit(lambda p: p.reduce("torch", "Size", tuple(dims)))
 
 
-def _tensor_metadata(shape, dtype):
+def _tensor_metadata(shape, dtype, chunks=None):
+    """TensorStorageMetadata of a tensor of global ``shape``; ``chunks``: its
+    ``(offsets, sizes)`` (default: one chunk, the whole tensor)."""
     md = _MetadataPickler.MD
 
     def properties(p):
@@ -596,11 +598,48 @@ def _tensor_metadata(shape, dtype):
         p.reduce(md, "_MEM_FORMAT_ENCODING", 0)                   # torch.contiguous_format
         p.value(False)                                            # pin_memory
         p.out += b"tb"
-    zeros = _size([0] * len(shape))
+    chunks = chunks or [((0,) * len(shape), tuple(shape))]
     return _Emit(lambda p: p.dataclass(md, "TensorStorageMetadata", {
         "properties": _Emit(properties), "size": _size(shape),
-        "chunks": [_Emit(lambda q: q.dataclass(md, "ChunkStorageMetadata",
-                                               {"offsets": zeros, "sizes": _size(shape)}))]}))
+        "chunks": [_Emit(lambda q, o=o, z=z: q.dataclass(md, "ChunkStorageMetadata",
+                                                         {"offsets": _size(o), "sizes": _size(z)}))
+                   for o, z in chunks]}))
+
+
+def write_chunked_metadata(path: Path, tensors: dict, objects: dict, relative: str,
+                           planner_data=None) -> None:
+    """A ``.metadata`` of tensors stored as several chunks and of pickled objects, all in the
+    data file ``relative`` beside ``path``. ``tensors``: fqn -> (global shape, dtype,
+    [(offsets, sizes, byte offset, length)]); ``objects``: fqn -> (byte offset, length) of a
+    ``torch.save`` archive (a bytes entry, as DCP stores non-tensor objects)."""
+    import uuid
+    md = _MetadataPickler.MD
+    fs = "torch.distributed.checkpoint.filesystem"
+
+    def info(offset, length):
+        return _Emit(lambda p: p.dataclass(fs, "_StorageInfo", {
+            "relative_path": relative, "offset": offset, "length": length,
+            "transform_descriptors": None}))
+    storage, entries = {}, {}
+    for fqn, (shape, dtype, chunks) in tensors.items():
+        entries[fqn] = _tensor_metadata(shape, dtype, [(o, z) for o, z, _, _ in chunks])
+        for k, (offs, _, offset, length) in enumerate(chunks):
+            key = _Emit(lambda p, fqn=fqn, offs=offs, k=k: p.dataclass(md, "MetadataIndex", {
+                "fqn": fqn, "index": k, "offset": _size(offs)}))
+            storage[key] = info(offset, length)
+    for fqn, (offset, length) in objects.items():
+        entries[fqn] = _Emit(lambda p: p.dataclass(md, "BytesStorageMetadata", {}))
+        key = _Emit(lambda p, fqn=fqn: p.dataclass(md, "MetadataIndex", {
+            "fqn": fqn, "index": None, "offset": None}))
+        storage[key] = info(offset, length)
+    meta = _Emit(lambda p: p.dataclass(md, "Metadata", {
+        "state_dict_metadata": entries, "planner_data": planner_data, "storage_data": storage,
+        "storage_meta": _Emit(lambda q: q.dataclass(
+            md, "StorageMeta",
+            {"checkpoint_id": None, "save_id": str(uuid.uuid4()), "load_id": None,
+             "modules": []})),
+        "version": "1.0.0"}))
+    Path(path).write_bytes(_MetadataPickler().dumps(meta))
 
 
 def write_metadata(path: Path, entries: dict, relative: str, paths: dict | None = None) -> None:

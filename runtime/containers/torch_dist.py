@@ -28,14 +28,18 @@ restricted readers, ``common.pt`` through mapc's restricted unpickler.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.containers import dcp
-from mapc.runtime.containers.base import Source
+from mapc.runtime.backends import dtype_name
+from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
 
 LAYOUT = "torch_dist"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -115,11 +119,20 @@ def detect(path: Path) -> bool:
         return False
 
 
+# --tp/--pp of a torch_dist target are the training run's sizes, which only the layout's
+# parameters see (the tensors are global): mapc.api passes them as these parameters.
+TOPOLOGY_PARAMS = {"tp": "tp_size", "pp": "pp_size"}
+DATA = "__0_0.distcp"
+BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+           "common_backend": "torch", "common_backend_version": 1}
+# what Megatron-LM records as content_metadata for a model saved with its default flags
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                    "distrib_optim_sharding_type": "dp_reshardable"}
+
+
 def make_writer(tmpdir, program, resolved, options):
-    raise MapcError("writing torch_dist checkpoints is not available yet in this version of "
-                    "mapc (it reads them)",
-                    hint="write --to megatron (Megatron-LM --ckpt-format torch) and let "
-                         "Megatron-LM convert it, or --to dcp for global tensors")
+    training = resolved.source.training_state() or {}
+    return TorchDistWriter(tmpdir, program.target.meta(), training.get("iteration"))
 
 
 class TorchDistSource(Source):
@@ -224,3 +237,106 @@ class TorchDistSource(Source):
 
 
 Source = TorchDistSource
+
+
+# --------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------
+def _archive(obj=None, array=None) -> bytes:
+    """A ``torch.save`` archive of one tensor or of a plain object, as DCP stores each item."""
+    buf = io.BytesIO()
+    w = torchfile.TorchWriter(DATA, fileobj=buf)
+    w.finish(w.add_tensor(np.require(array, requirements="C")) if array is not None else obj)
+    return buf.getvalue()
+
+
+class TorchDistWriter(Writer):
+    """Writes what Megatron-LM's ``--load`` reads for ``--ckpt-format torch_dist``, streaming and
+    without torch: the tracker, ``iter_NNNNNNN/`` (``release/`` without an iteration) with
+    ``metadata.json``, ``common.pt`` (args, iteration, checkpoint_version, content_metadata) and
+    one DCP data file. Every tensor and every slab ``NAME[i]`` of a stacked tensor is appended
+    to it as its own chunk the moment it arrives (a slab as the chunk ``[i:i+1, ...]`` of
+    ``NAME``), so memory stays at one tensor. Each stacked ``<module>.weight`` gets the
+    ``<module>._extra_state/shard_{i}_{L}`` objects megatron-core's loader asks for (megatron-core
+    saves ``[None]`` there for its local-spec layers). ``.metadata`` is written at the end."""
+
+    def __init__(self, tmpdir, args: dict, iteration):
+        super().__init__(tmpdir)
+        self.args = dict(args)
+        self.iteration = iteration if isinstance(iteration, int) else None
+        self.sub = f"iter_{self.iteration:07d}" if self.iteration is not None else "release"
+        self.tensors: dict[str, list] = {}       # fqn -> [global shape, dtype, chunks]
+        self.objects: dict[str, tuple] = {}
+        self.expected: dict[str, tuple] = {}     # physical name -> (fqn, slab index or None)
+        self.file = None
+
+    def begin(self, tensors):
+        stacked: dict[str, dict] = {}
+        for _, name, shape, dtype in tensors:
+            m = _SLAB.match(name)
+            if m:
+                stacked.setdefault(m.group(1), {})[int(m.group(2))] = (tuple(shape), dtype)
+                self.expected[name] = (m.group(1), int(m.group(2)))
+            else:
+                self.tensors[name] = [tuple(shape), dtype, []]
+                self.expected[name] = (name, None)
+        for fqn, slabs in stacked.items():
+            n = len(slabs)
+            if sorted(slabs) != list(range(n)) or len(set(slabs.values())) != 1:
+                raise MapcError(f"internal: the slabs of {fqn} are not layers 0..{n - 1} of "
+                                f"one shape and dtype")
+            shape, dtype = slabs[0]
+            self.tensors[fqn] = [(n,) + shape, dtype, []]
+        (self.dir / self.sub).mkdir(parents=True)
+        self.file = open(self.dir / self.sub / DATA, "wb")
+
+    def _append(self, data: bytes) -> tuple[int, int]:
+        offset = self.file.tell()
+        try:
+            self.file.write(data)
+        except OSError as e:
+            raise MapcError(f"cannot write: {e.strerror}", where=str(self.dir / DATA),
+                            hint="free disk space or choose another destination") from None
+        return offset, len(data)
+
+    def write(self, coord, name, arr):
+        fqn, index = self.expected[name]
+        entry = self.tensors[fqn]
+        if dtype_name(arr.dtype) != entry[1]:
+            raise MapcError(f"internal: {name} arrived as {dtype_name(arr.dtype)}, planned "
+                            f"{entry[1]}")
+        arr = np.asarray(arr)
+        if index is None:
+            offsets, chunk = (0,) * arr.ndim, arr
+        else:
+            offsets, chunk = (index,) + (0,) * arr.ndim, arr[None]
+        entry[2].append((offsets, tuple(chunk.shape)) + self._append(_archive(array=chunk)))
+
+    def finish(self, record: dict):
+        for fqn, (shape, _, chunks) in self.tensors.items():
+            if sum(int(np.prod(z)) for _, z, _, _ in chunks) != int(np.prod(shape)):
+                raise MapcError(f"internal: {fqn} was not written completely")
+            if fqn.endswith(".weight") and _STACKED.search(fqn):
+                module = fqn[:-len(".weight")]
+                for i in range(shape[0]):
+                    key = f"{module}._extra_state/shard_{i}_{shape[0]}"
+                    self.objects.setdefault(key, self._append(_archive(obj=[None])))
+        self.file.close()
+        d = self.dir / self.sub
+        dcp.write_chunked_metadata(d / dcp.METADATA, {k: tuple(v) for k, v in
+                                                      self.tensors.items()},
+                                   self.objects, DATA)
+        write_json(d / METADATA_JSON, BACKEND)
+        args = dict(self.args, ckpt_format="torch_dist",
+                    iteration=self.iteration or 0)
+        common = {"args": torchfile.Namespace(**args), "checkpoint_version": 3.0,
+                  "iteration": self.iteration or 0, "content_metadata": dict(CONTENT_METADATA)}
+        w = torchfile.TorchWriter(d / COMMON)
+        w.finish(common)
+        (self.dir / TRACKER).write_text(str(self.iteration) if self.iteration is not None
+                                        else "release")
+        write_json(self.dir / MAPC_JSON, record)
+
+    def abort(self):
+        if self.file is not None and not self.file.closed:
+            self.file.close()

@@ -43,22 +43,25 @@ def iter_dir(root: Path) -> Path:
 
 
 def _run(mode: str, cfg: dict, tp: int, pp: int, dtype: str, a: Path, b: Path | None,
-         extra: dict | None = None):
+         extra: dict | None = None, dp: int = 1):
     from tests.groundtruth.mcore_names import run_ranks
     root = str(HERE.parents[2])
     a.mkdir(parents=True, exist_ok=True)
-    run_ranks(tp * pp, [str(HERE), mode, json.dumps(cfg), str(tp), str(pp), dtype, str(a),
+    run_ranks(tp * pp * dp, [str(HERE), mode, json.dumps(cfg), str(tp), str(pp), dtype, str(a),
                         str(b or ""), json.dumps(extra or {})], a,
               {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
               "megatron-core dist-checkpoint worker", timeout=_TIMEOUT_S, cwd=root)
 
 
 def save_checkpoint(root: Path, cfg: dict, tp: int, pp: int, dtype: str, truth: Path,
-                    seed: int = 0) -> Path:
-    """A torch_dist checkpoint saved by megatron-core at (tp, pp); live shards into truth."""
+                    seed: int = 0, dp: int = 1, optimizer: bool = False) -> Path:
+    """A torch_dist checkpoint saved by megatron-core at (tp, pp, dp); live shards into truth.
+    With ``optimizer``, the model is wrapped in megatron-core's DDP and a DistributedOptimizer
+    (Adam) takes one step on seeded gradients; its dp_reshardable state is saved too."""
     root, truth = Path(root), Path(truth)
     truth.mkdir(parents=True, exist_ok=True)
-    _run("save", cfg, tp, pp, dtype, truth, root, {"seed": seed})
+    _run("save", cfg, tp, pp, dtype, truth, root, {"seed": seed, "optimizer": optimizer},
+         dp=dp)
     (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
     return root
 
@@ -96,6 +99,16 @@ def _patch_cuda(torch):
             k["device"] = "cpu"
         return to(self, *a, **k)
     torch.Tensor.to = to_cpu
+    type_of = torch.Tensor.type
+
+    def type_name(self, *a, **k):
+        # the optimizers dispatch on the CUDA tensor type names
+        out = type_of(self, *a, **k)
+        if not a and not k and out in ("torch.HalfTensor", "torch.BFloat16Tensor",
+                                       "torch.FloatTensor"):
+            return out.replace("torch.", "torch.cuda.")
+        return out
+    torch.Tensor.type = type_name
 
 
 def _args(cfg, tp, pp, dtype):
@@ -140,6 +153,7 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
     from tests.groundtruth.mcore_names import build_gpt
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                              pipeline_model_parallel_size=pp)
+    d = parallel_state.get_data_parallel_rank()
     t = parallel_state.get_tensor_model_parallel_rank()
     p = parallel_state.get_pipeline_model_parallel_rank()
     pdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -168,12 +182,16 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
         state = {"args": _args(cfg, tp, pp, dtype), "checkpoint_version": 3.0,
                  "iteration": ITERATION, "model": model.sharded_state_dict(metadata=metadata),
                  "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": ITERATION}}
+        if extra.get("optimizer"):
+            state["optimizer"] = _step_distributed_optimizer(torch, dist, model, dtype, pdt,
+                                                             t, p, state["model"], metadata)
         out = iter_dir(b)
         out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         dist_checkpointing.save(state, str(out), content_metadata=metadata)
         live = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-        torch.save(live, Path(a) / f"live_{t}_{p}.pt")
+        if d == 0:
+            torch.save(live, Path(a) / f"live_{t}_{p}.pt")
     else:
         tracker = (Path(b) / "latest_checkpointed_iteration.txt").read_text().strip()
         sub = "release" if tracker == "release" else f"iter_{int(tracker):07d}"
@@ -202,6 +220,43 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
             torch.save(logits.float(), Path(a) / "logits.pt")
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def _step_distributed_optimizer(torch, dist, model, dtype, pdt, t, p, model_sd, metadata):
+    """Wrap ``model`` in megatron-core's DDP (distributed optimizer buffers), build the
+    DistributedOptimizer (Adam), take one step on seeded gradients and return its sharded state
+    dict. The grad norm is computed in plain torch (megatron-core's needs a CUDA kernel)."""
+    import zlib
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    def grad_norm(grads, norm_type=2, grad_stats_parallel_group=None):
+        total = torch.zeros(1)
+        for g in grads:
+            total += g.float().pow(2).sum()
+        if grad_stats_parallel_group is not None:
+            dist.all_reduce(total, group=grad_stats_parallel_group)
+        return float(total.sqrt())
+    mcore_optimizer.get_grad_norm_fp32 = grad_norm
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        model)
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1, adam_beta1=0.9,
+                             adam_beta2=0.95, adam_eps=1e-8, bf16=dtype == "bf16",
+                             params_dtype=pdt, use_distributed_optimizer=True, clip_grad=0.0)
+    opt = get_megatron_optimizer(config, [ddp])
+    for name, param in ddp.module.named_parameters():
+        sharded = getattr(param, "tensor_model_parallel", False)
+        g = torch.Generator().manual_seed(zlib.crc32(f"{name}|{p}|{t if sharded else -1}|g"
+                                                     .encode()))
+        param.main_grad.copy_(torch.randn(param.shape, generator=g))
+    ddp.start_grad_sync()
+    ddp.finish_grad_sync()
+    ok, _, _ = opt.step()
+    assert ok, "the optimizer step was skipped"
+    return opt.sharded_state_dict(model_sd, is_loading=False, metadata=metadata)
 
 
 if __name__ == "__main__":
