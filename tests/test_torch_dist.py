@@ -284,6 +284,72 @@ def test_written_checkpoint_reads_back_bit_for_bit(hf_out, tmp_path):
     assert "decoder.layers.mlp.linear_fc1._extra_state/shard_3_4" in md.state_dict_metadata
 
 
+# ---- the distributed optimizer (dp_reshardable): what megatron-core writes; weights read ---------
+@pytest.fixture(scope="module")
+def saved_optim(tmp_path_factory):
+    """TP2 DP2: megatron-core's DDP + DistributedOptimizer (Adam, bf16 params, fp32 grads and
+    masters) after one step, saved with its dp_reshardable state."""
+    base = tmp_path_factory.mktemp("torch_dist_optim")
+    root = mcore_dist.save_checkpoint(base / "ckpt", CFG, 2, 1, "bf16", base / "truth", dp=2,
+                                      optimizer=True)
+    return root, base / "truth"
+
+
+BUCKET = "optimizer.distributed.dp_group_idx_{t}.gbuf_idx_0.dtype_(torch.bfloat16, " \
+    "torch.float32).bucket_idx_0.{slot}"
+
+
+@pytest.mark.parametrize("t", [0, 1])
+def test_dp_reshardable_buckets_are_ddp_layout(saved_optim, t):
+    """Per tensor-parallel rank one flat fp32 tensor per (param dtype, grad dtype) bucket and
+    slot; its parameters in reverse named_parameters order, each starting on a 64-element
+    boundary (one chunk each), the bucket-end padding dropped (per_bucket_numel_unpadded), and
+    the fp32 master at each parameter's range rounds to the live bf16 parameter."""
+    root, truth = saved_optim
+    d = mcore_dist.iter_dir(root)
+    md = pickle.loads((d / ".metadata").read_bytes())
+    live = torch.load(truth / f"live_{t}_0.pt")
+    starts, pos = [], 0
+    for name, v in reversed(list(live.items())):
+        pos = -(-pos // 64) * 64
+        starts.append((name, pos, v.numel()))
+        pos += v.numel()
+    entry = md.state_dict_metadata[BUCKET.format(t=t, slot="param")]
+    assert tuple(entry.size) == (pos,) and entry.properties.dtype == torch.float32
+    assert sorted((c.offsets[0], c.sizes[0]) for c in entry.chunks) == \
+        [(s, n) for _, s, n in starts]
+    for slot in ("exp_avg", "exp_avg_sq"):
+        assert tuple(md.state_dict_metadata[BUCKET.format(t=t, slot=slot)].size) == (pos,)
+    assert f"optimizer.distributed.dp_group_idx_{t}.per_bucket_numel_unpadded/shard_0_1" in \
+        md.state_dict_metadata
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    key = BUCKET.format(t=t, slot="param")
+    loaded = {key: torch.empty(pos)}
+    dcp.load(loaded, storage_reader=dcp.FileSystemReader(str(d)),
+             planner=DefaultLoadPlanner(allow_partial_load=True))
+    flat = loaded[key]
+    for name, start, n in starts:
+        master = flat[start:start + n].view(live[name].shape)
+        assert torch.equal(master.to(torch.bfloat16), live[name]), name
+    common = torch.load(d / "common.pt", weights_only=False)
+    assert common["optimizer"] == {"param_state_sharding_type": "dp_reshardable"}
+
+
+def test_weights_of_a_distributed_optimizer_checkpoint_are_read_with_a_warning(saved_optim,
+                                                                              tmp_path):
+    root, truth = saved_optim
+    info = mapc.inspect(root)
+    assert any("distributed optimizer" in w and "dp_reshardable" in w
+               for w in info["warnings"])
+    report = mapc.convert(root, tmp_path / "hf", to="hf")
+    assert any("not read yet" in w for w in report.warnings)
+    tensors = _hf_tensors(tmp_path / "hf")
+    for t in range(2):
+        live = torch.load(truth / f"live_{t}_0.pt")
+        _assert_rank_equal(live, _expected_local(tensors, 2, 1, t, 0), t)
+
+
 # ---- refusals ------------------------------------------------------------------------------------
 def _copy(saved, tmp_path):
     dst = tmp_path / "ckpt"
