@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs per timed step (best kept)")
     ap.add_argument("--shard-mb", type=float, default=300, help="source shard size, MB")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    ap.add_argument("--formats", default="nemo,gguf,dcp,nxdt,neox",
+    ap.add_argument("--formats", default="nemo,gguf,dcp,nxdt,neox,torch_dist",
                     help="other formats to time there and back (comma-separated; '' for none)")
     args = ap.parse_args(argv)
 
@@ -363,7 +363,8 @@ def main(argv=None) -> int:
         # Every other format there and back, each against hf -> megatron per byte (<= 2x).
         per_format_topology = {"nemo": ["--tp", "2", "--pp", "2"],
                                "nxdt": ["--tp", "2", "--pp", "2"],
-                               "neox": ["--tp", "2", "--pp", "2"]}
+                               "neox": ["--tp", "2", "--pp", "2"],
+                               "torch_dist": ["--tp", "2", "--pp", "2"]}
         format_rows = []
         for fmt in [f for f in args.formats.split(",") if f]:
             out, home = work / f"fmt-{fmt}", work / f"fmt-{fmt}-back"

@@ -44,6 +44,7 @@ def _listed(name: str) -> frozenset:
 @functools.lru_cache(maxsize=None)
 def keys_of(layout: str) -> KeySet | None:
     """The keys a layout named ``layout`` may write, or None when they are not checked."""
+    layout = READS_AS.get(layout, layout)
     if layout not in CHECKED:
         return None
     listed = _listed(layout)
@@ -55,3 +56,5 @@ def keys_of(layout: str) -> KeySet | None:
 
 
 CHECKED = ("megatron", "neox", "gguf")
+# layouts whose metadata the same consumer reads: torch_dist's args are Megatron-LM's
+READS_AS = {"torch_dist": "megatron"}

@@ -19,7 +19,8 @@ from mapc.compiler.resolve import Resolved, read_config, resolve
 from mapc.compiler.spec import load_spec, spec_record
 from mapc.errors import MapcError
 from mapc.runtime import execute
-from mapc.runtime.containers import FORMATS, layout_of, make_writer, open_source, plan_write
+from mapc.runtime.containers import (FORMATS, layout_of, make_writer, module, open_source,
+                                     plan_write)
 from mapc.runtime.containers.base import AtomicOutput, coord_key, stale_warning
 from mapc.runtime.plan_write import SourceFacts, WritePlan, WriteRequest
 
@@ -54,7 +55,13 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
                       allow_spec_change=allow_spec_change)
         target_layout = layout_of(to)
         topo = {"tp": tp, "pp": pp, "ep": ep}
-        target = plan_layout(res.spec, target_layout, res.env, topo, _parse_sets(set))
+        sets = _parse_sets(set)
+        # a format of global tensors whose metadata records the training run's sizes takes
+        # --tp/--pp as layout parameters (torch_dist: tp_size, pp_size)
+        for axis, param in getattr(module(to), "TOPOLOGY_PARAMS", {}).items():
+            if topo.get(axis) is not None:
+                sets.setdefault(param, topo.pop(axis))
+        target = plan_layout(res.spec, target_layout, res.env, topo, sets)
         return res, compile_program(res.plan, target)
     except BaseException:
         source.close()
@@ -304,6 +311,8 @@ def inspect(path, *, source_format=None, spec=None, config=None) -> dict:
             topology["dp"] = source.dp
         info = {"path": str(path), "format": source.format, "topology": topology,
                 "family": None, "params": None, "config": None}
+        if getattr(source, "saved_topology", None):   # global tensors saved by a parallel run
+            info["saved_topology"] = dict(source.saved_topology)
         try:
             res = resolve(source, spec=spec, config=config)
             info.update(family=res.spec.family, params=res.plan.params,

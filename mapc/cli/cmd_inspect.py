@@ -26,6 +26,9 @@ def run(args) -> int:
         print_json(info)
         return 0
     topo = ", ".join(f"{k}={v}" for k, v in info["topology"].items()) or "unsharded"
+    if info.get("saved_topology"):
+        topo = "global tensors saved at " + ", ".join(
+            f"{k}={v}" for k, v in info["saved_topology"].items())
     print(f"{info['path']}: {info['format']} checkpoint, family {info['family'] or '?'}, "
           f"{topo}")
     if info.get("config"):

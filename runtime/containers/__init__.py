@@ -35,6 +35,7 @@ MODULES = {
     "deepspeed": "deepspeed",
     "universal": "universal",
     "neox": "neox",
+    "torch_dist": "torch_dist",
 }
 
 
@@ -50,6 +51,7 @@ HONOURS = {
     "deepspeed": frozenset({"dp", "zero_stage"}),
     "universal": frozenset({"dp", "zero_stage"}),
     "neox": frozenset({"dp", "zero_stage", "with_optimizer"}),
+    "torch_dist": frozenset(),
 }
 
 
@@ -71,9 +73,11 @@ FORMATS = MODULES  # the names users may pass to --to / --from
 
 # Most specific first: a training checkpoint may also hold a config.json and safetensors files
 # (e.g. exported weights), so hf, the loosest test, comes last. A NeoX (pipeline) checkpoint
-# also has DeepSpeed's optimizer files, so neox comes before deepspeed.
-DETECT_ORDER = ("neox", "deepspeed", "universal", "nemo", "nxdt", "megatron", "gguf", "dcp",
-                "hf")
+# also has DeepSpeed's optimizer files, so neox comes before deepspeed. A torch_dist root has
+# Megatron's tracker file and its iteration directory is a DCP directory, so torch_dist comes
+# before megatron and dcp.
+DETECT_ORDER = ("neox", "deepspeed", "universal", "nemo", "nxdt", "torch_dist", "megatron",
+                "gguf", "dcp", "hf")
 
 
 def detect_format(path) -> str:

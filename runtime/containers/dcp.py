@@ -252,9 +252,12 @@ _MODS = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.
 _RECORDS = {name: _inert_class(name) for name in (
     "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
     "TensorProperties", "MetadataIndex", "StorageMeta", "_StorageInfo", "_StoragePrefix",
-    "ShardMetadata")}
+    "ShardMetadata",
+    # megatron-core keeps every rank's save plan in the metadata (all_local_plans)
+    "SavePlan", "WriteItem", "TensorWriteData")}
 _FUNCS = {
     "_MEM_FORMAT_ENCODING": _enum_value, "MEM_FORMAT_ENCODING": _enum_value,
+    "WriteItemType": _enum_value,
 }
 METADATA_GLOBALS: dict[str, Any] = {}
 for _mod in _MODS:
@@ -314,6 +317,107 @@ class _Chunk:
         self.offset, self.length = offset, length
 
 
+def index_tensors(path: Path, md) -> dict:
+    """``{fqn: (global shape, dtype name, [chunk])}`` of every tensor in a DCP ``.metadata``
+    (bytes entries, i.e. pickled objects, are left out); every chunk is checked to lie inside
+    the checkpoint directory and inside its tensor, and the chunks to cover the tensor."""
+    where = str(Path(path) / METADATA)
+    storage = {}
+    for index, info in (md.get("storage_data") or {}).items():
+        fqn, off = index.get("fqn"), index.get("offset")
+        storage[(fqn, tuple(off) if off is not None else None)] = info
+    tensors = {}
+    sizes_on_disk: dict = {}
+    for fqn, entry in md.get("state_dict_metadata").items():
+        if type(entry) is not _RECORDS["TensorStorageMetadata"]:
+            continue        # bytes entries (non-tensor objects) are not weights
+        props, size = entry.get("properties"), entry.get("size")
+        state = getattr(props, "_state", None)
+        dtype = state[0] if isinstance(state, tuple) and state else \
+            props.get("dtype") if props is not None else None
+        if not isinstance(dtype, torchfile.TorchDType) or dtype.name not in \
+                torchfile.DTYPES:
+            raise MapcError(f"tensor {fqn} has an unsupported dtype {dtype!r}", where=where)
+        shape = tuple(int(s) for s in size)
+        chunks = []
+        for ch in entry.get("chunks") or []:
+            offs = tuple(int(x) for x in ch.get("offsets"))
+            sizes = tuple(int(x) for x in ch.get("sizes"))
+            info = storage.get((fqn, offs))
+            if info is None:
+                raise MapcError(f"no storage entry for chunk {list(offs)} of {fqn}",
+                                where=where, hint="re-copy the checkpoint")
+            if info.get("transform_descriptors"):
+                raise MapcError(f"{fqn} is stored with transforms "
+                                f"{list(info.get('transform_descriptors'))} (e.g. "
+                                f"compression), which mapc does not read", where=where)
+            rel = PurePosixPath(str(info.get("relative_path")))
+            if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                raise MapcError(f"storage path '{rel}' of {fqn} leaves the checkpoint",
+                                where=where)
+            file = Path(path) / rel
+            if len(offs) != len(shape) or len(sizes) != len(shape) or any(
+                    o < 0 or o + s > d for o, s, d in zip(offs, sizes, shape)):
+                raise MapcError(f"chunk {list(offs)}+{list(sizes)} of {fqn} does not fit "
+                                f"its shape {list(shape)}", where=where)
+            offset, length = int(info.get("offset")), int(info.get("length"))
+            if file not in sizes_on_disk:
+                try:
+                    sizes_on_disk[file] = file.stat().st_size
+                except OSError as e:
+                    raise MapcError(f"cannot read the storage of {fqn}: "
+                                    f"{e.strerror or e}", where=str(file)) from None
+            if offset < 0 or length < 0 or offset + length > sizes_on_disk[file] or \
+                    math.prod(sizes) * torchfile.DTYPES[dtype.name].itemsize > length:
+                raise MapcError(f"chunk {list(offs)} of {fqn} ({list(sizes)} of "
+                                f"{dtype.name}) does not fit bytes {offset}+{length} of "
+                                f"{rel} ({sizes_on_disk[file]} bytes)", where=where,
+                                hint="re-copy the checkpoint")
+            chunks.append(_Chunk(offs, sizes, file, offset, length))
+        if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
+            raise MapcError(f"the chunks of {fqn} do not cover its shape {list(shape)}",
+                            where=where, hint="the checkpoint is incomplete")
+        tensors[fqn] = (shape, dtype.name, chunks)
+    return tensors
+
+
+def chunk_ref(name, chunk: _Chunk, dtype: str):
+    """The stored chunk of tensor ``name`` as a lazy TensorRef, checked against the metadata."""
+    ref = load_torch_at(chunk.file, chunk.offset, chunk.length, f"chunk of {name}")
+    if not isinstance(ref, torchfile.TensorRef):
+        raise MapcError(f"the stored chunk of {name} is a {type(ref).__name__}, not a "
+                        f"tensor", where=str(chunk.file))
+    if tuple(ref.shape) != chunk.sizes or ref.dtype != dtype:
+        raise MapcError(f"the stored chunk of {name} is {ref.dtype}{list(ref.shape)}, the "
+                        f"metadata says {dtype}{list(chunk.sizes)}", where=str(chunk.file))
+    return ref
+
+
+def read_entry(name, entry, index: int | None = None):
+    """Tensor ``name`` (an ``index_tensors`` entry) assembled from its chunks; with ``index``,
+    only its slab ``[index]`` on the leading axis (reading just the chunks that hold it)."""
+    shape, dtype, chunks = entry
+    lo, hi = (0, shape[0] if shape else 1) if index is None else (index, index + 1)
+    if index is not None:
+        chunks = [c for c in chunks if c.offsets[0] < hi and c.offsets[0] + c.sizes[0] > lo]
+    if len(chunks) == 1 and chunks[0].sizes == shape and index is None:
+        return chunk_ref(name, chunks[0], dtype).map()
+    if index is not None and len(chunks) == 1 and chunks[0].sizes[0] == 1 and \
+            chunks[0].sizes[1:] == shape[1:]:
+        return chunk_ref(name, chunks[0], dtype).map()[0]
+    out = np.empty((hi - lo,) + tuple(shape[1:]) if shape else (), torchfile.DTYPES[dtype])
+    for c in chunks:
+        data = chunk_ref(name, c, dtype).read()
+        if not shape:
+            out[...] = data
+            continue
+        a, b = max(lo, c.offsets[0]), min(hi, c.offsets[0] + c.sizes[0])
+        region = (slice(a - lo, b - lo),) + tuple(
+            slice(o, o + s) for o, s in zip(c.offsets[1:], c.sizes[1:]))
+        out[region] = data[a - c.offsets[0]:b - c.offsets[0]]
+    return out if index is None else out[0]
+
+
 class DCPSource(Source):
     format = "dcp"
     layout = "hf"
@@ -325,9 +429,8 @@ class DCPSource(Source):
         megatron = self.path / "metadata.json"
         if megatron.is_file() and "sharded_backend" in megatron.read_text(errors="replace"):
             raise MapcError("this is a Megatron distributed (torch_dist) checkpoint, whose "
-                            "tensors are Megatron's sharded layout, not global HF tensors",
-                            where=str(self.path),
-                            hint="convert it to the torch format with Megatron first")
+                            "tensors are megatron-core's, not HF tensors",
+                            where=str(self.path), hint="read it with --from torch_dist")
         cfg = self.path / "config.json"
         if cfg.is_file():
             try:
@@ -354,65 +457,7 @@ class DCPSource(Source):
                                                                           "exp_avg_sq"})
 
     def _index(self, md) -> dict:
-        where = str(self.path / METADATA)
-        storage = {}
-        for index, info in (md.get("storage_data") or {}).items():
-            fqn, off = index.get("fqn"), index.get("offset")
-            storage[(fqn, tuple(off) if off is not None else None)] = info
-        planner = md.get("planner_data") or {}
-        tensors = {}
-        sizes_on_disk: dict = {}
-        for fqn, entry in md.get("state_dict_metadata").items():
-            if type(entry) is not _RECORDS["TensorStorageMetadata"]:
-                continue        # bytes entries (non-tensor objects) are not weights
-            props, size = entry.get("properties"), entry.get("size")
-            state = getattr(props, "_state", None)
-            dtype = state[0] if isinstance(state, tuple) and state else \
-                props.get("dtype") if props is not None else None
-            if not isinstance(dtype, torchfile.TorchDType) or dtype.name not in \
-                    torchfile.DTYPES:
-                raise MapcError(f"tensor {fqn} has an unsupported dtype {dtype!r}", where=where)
-            shape = tuple(int(s) for s in size)
-            chunks = []
-            for ch in entry.get("chunks") or []:
-                offs = tuple(int(x) for x in ch.get("offsets"))
-                sizes = tuple(int(x) for x in ch.get("sizes"))
-                info = storage.get((fqn, offs))
-                if info is None:
-                    raise MapcError(f"no storage entry for chunk {list(offs)} of {fqn}",
-                                    where=where, hint="re-copy the checkpoint")
-                if info.get("transform_descriptors"):
-                    raise MapcError(f"{fqn} is stored with transforms "
-                                    f"{list(info.get('transform_descriptors'))} (e.g. "
-                                    f"compression), which mapc does not read", where=where)
-                rel = PurePosixPath(str(info.get("relative_path")))
-                if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-                    raise MapcError(f"storage path '{rel}' of {fqn} leaves the checkpoint",
-                                    where=where)
-                file = self.path / rel
-                if len(offs) != len(shape) or len(sizes) != len(shape) or any(
-                        o < 0 or o + s > d for o, s, d in zip(offs, sizes, shape)):
-                    raise MapcError(f"chunk {list(offs)}+{list(sizes)} of {fqn} does not fit "
-                                    f"its shape {list(shape)}", where=where)
-                offset, length = int(info.get("offset")), int(info.get("length"))
-                if file not in sizes_on_disk:
-                    try:
-                        sizes_on_disk[file] = file.stat().st_size
-                    except OSError as e:
-                        raise MapcError(f"cannot read the storage of {fqn}: "
-                                        f"{e.strerror or e}", where=str(file)) from None
-                if offset < 0 or length < 0 or offset + length > sizes_on_disk[file] or \
-                        math.prod(sizes) * torchfile.DTYPES[dtype.name].itemsize > length:
-                    raise MapcError(f"chunk {list(offs)} of {fqn} ({list(sizes)} of "
-                                    f"{dtype.name}) does not fit bytes {offset}+{length} of "
-                                    f"{rel} ({sizes_on_disk[file]} bytes)", where=where,
-                                    hint="re-copy the checkpoint")
-                chunks.append(_Chunk(offs, sizes, file, offset, length))
-            if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
-                raise MapcError(f"the chunks of {fqn} do not cover its shape {list(shape)}",
-                                where=where, hint="the checkpoint is incomplete")
-            tensors[fqn] = (shape, dtype.name, chunks)
-        return self._unnest(tensors, planner)
+        return self._unnest(index_tensors(self.path, md), md.get("planner_data") or {})
 
     @staticmethod
     def _unnest(tensors: dict, planner: dict) -> dict:
@@ -457,16 +502,6 @@ class DCPSource(Source):
             return self.optim[f"optim.state.{name}.{slot}"][1]
         return self._get(name)[1]
 
-    def _chunk_ref(self, name, chunk: _Chunk, dtype: str):
-        ref = load_torch_at(chunk.file, chunk.offset, chunk.length, f"chunk of {name}")
-        if not isinstance(ref, torchfile.TensorRef):
-            raise MapcError(f"the stored chunk of {name} is a {type(ref).__name__}, not a "
-                            f"tensor", where=str(chunk.file))
-        if tuple(ref.shape) != chunk.sizes or ref.dtype != dtype:
-            raise MapcError(f"the stored chunk of {name} is {ref.dtype}{list(ref.shape)}, the "
-                            f"metadata says {dtype}{list(chunk.sizes)}", where=str(chunk.file))
-        return ref
-
     def read(self, name, coord=SINGLE, slot="param"):
         if slot != "param":
             key = f"optim.state.{name}.{slot}"
@@ -476,14 +511,7 @@ class DCPSource(Source):
         return self._read_entry(name, self._get(name))
 
     def _read_entry(self, name, entry):
-        shape, dtype, chunks = entry
-        if len(chunks) == 1 and chunks[0].sizes == shape:
-            return self._chunk_ref(name, chunks[0], dtype).map()
-        out = np.empty(shape, torchfile.DTYPES[dtype])
-        for c in chunks:
-            region = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))
-            out[region] = self._chunk_ref(name, c, dtype).read()
-        return out
+        return read_entry(name, entry)
 
     def describe_coord(self, coord):
         return "global tensors"
@@ -570,7 +598,9 @@ def _size(dims):
     return _Emit(lambda p: p.reduce("torch", "Size", tuple(dims)))
 
 
-def _tensor_metadata(shape, dtype):
+def _tensor_metadata(shape, dtype, chunks=None):
+    """TensorStorageMetadata of a tensor of global ``shape``; ``chunks``: its
+    ``(offsets, sizes)`` (default: one chunk, the whole tensor)."""
     md = _MetadataPickler.MD
 
     def properties(p):
@@ -583,11 +613,48 @@ def _tensor_metadata(shape, dtype):
         p.reduce(md, "_MEM_FORMAT_ENCODING", 0)                   # torch.contiguous_format
         p.value(False)                                            # pin_memory
         p.out += b"tb"
-    zeros = _size([0] * len(shape))
+    chunks = chunks or [((0,) * len(shape), tuple(shape))]
     return _Emit(lambda p: p.dataclass(md, "TensorStorageMetadata", {
         "properties": _Emit(properties), "size": _size(shape),
-        "chunks": [_Emit(lambda q: q.dataclass(md, "ChunkStorageMetadata",
-                                               {"offsets": zeros, "sizes": _size(shape)}))]}))
+        "chunks": [_Emit(lambda q, o=o, z=z: q.dataclass(md, "ChunkStorageMetadata",
+                                                         {"offsets": _size(o), "sizes": _size(z)}))
+                   for o, z in chunks]}))
+
+
+def write_chunked_metadata(path: Path, tensors: dict, objects: dict, relative: str,
+                           planner_data=None) -> None:
+    """A ``.metadata`` of tensors stored as several chunks and of pickled objects, all in the
+    data file ``relative`` beside ``path``. ``tensors``: fqn -> (global shape, dtype,
+    [(offsets, sizes, byte offset, length)]); ``objects``: fqn -> (byte offset, length) of a
+    ``torch.save`` archive (a bytes entry, as DCP stores non-tensor objects)."""
+    import uuid
+    md = _MetadataPickler.MD
+    fs = "torch.distributed.checkpoint.filesystem"
+
+    def info(offset, length):
+        return _Emit(lambda p: p.dataclass(fs, "_StorageInfo", {
+            "relative_path": relative, "offset": offset, "length": length,
+            "transform_descriptors": None}))
+    storage, entries = {}, {}
+    for fqn, (shape, dtype, chunks) in tensors.items():
+        entries[fqn] = _tensor_metadata(shape, dtype, [(o, z) for o, z, _, _ in chunks])
+        for k, (offs, _, offset, length) in enumerate(chunks):
+            key = _Emit(lambda p, fqn=fqn, offs=offs, k=k: p.dataclass(md, "MetadataIndex", {
+                "fqn": fqn, "index": k, "offset": _size(offs)}))
+            storage[key] = info(offset, length)
+    for fqn, (offset, length) in objects.items():
+        entries[fqn] = _Emit(lambda p: p.dataclass(md, "BytesStorageMetadata", {}))
+        key = _Emit(lambda p, fqn=fqn: p.dataclass(md, "MetadataIndex", {
+            "fqn": fqn, "index": None, "offset": None}))
+        storage[key] = info(offset, length)
+    meta = _Emit(lambda p: p.dataclass(md, "Metadata", {
+        "state_dict_metadata": entries, "planner_data": planner_data, "storage_data": storage,
+        "storage_meta": _Emit(lambda q: q.dataclass(
+            md, "StorageMeta",
+            {"checkpoint_id": None, "save_id": str(uuid.uuid4()), "load_id": None,
+             "modules": []})),
+        "version": "1.0.0"}))
+    Path(path).write_bytes(_MetadataPickler().dumps(meta))
 
 
 def write_metadata(path: Path, entries: dict, relative: str, paths: dict | None = None) -> None:

@@ -1,0 +1,382 @@
+"""megatron-core distributed checkpoints (torch_dist), against megatron-core 0.16.1 itself.
+
+Ground truth: tests/groundtruth/mcore_dist.py builds megatron-core's GPTModel (local spec,
+bf16 through Float16Module as Megatron-LM does, GQA, SwiGLU, padded vocabulary) at TP2 PP2 on
+CPU with gloo, saves ``dist_checkpointing.save`` of its sharded state dict the way Megatron-LM
+lays out the root, and keeps every rank's live local state dict. megatron-core then loads the
+checkpoint at TP1 PP1 with its own ``dist_checkpointing.load`` and runs its forward.
+One save and one load are shared by the whole module.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("megatron.core")
+
+import mapc  # noqa: E402
+from mapc.errors import MapcError  # noqa: E402
+from mapc.runtime.containers import detect_format, open_source  # noqa: E402
+from tests.conftest import logits_of  # noqa: E402
+from tests.groundtruth import mcore_dist  # noqa: E402
+
+CFG = dict(hidden=64, layers=4, heads=8, groups=2, head_dim=8, ffn=96, vocab=250, tied=False)
+TIED = dict(CFG, tied=True)
+TP, PP = 2, 2
+PADDED = 256                       # round_up(250, 128 * tp)
+TOKENS = [1, 5, 9, 200, 3, 7, 249, 0]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(checkpoint root, directory of the live per-rank state dicts) saved by megatron-core."""
+    base = tmp_path_factory.mktemp("torch_dist")
+    root = mcore_dist.save_checkpoint(base / "ckpt", CFG, TP, PP, "bf16", base / "truth")
+    return root, base / "truth"
+
+
+@pytest.fixture(scope="module")
+def saved_tied(tmp_path_factory):
+    """Tied embeddings at TP1 PP2, saved by megatron-core."""
+    base = tmp_path_factory.mktemp("torch_dist_tied")
+    root = mcore_dist.save_checkpoint(base / "ckpt", TIED, 1, 2, "bf16", base / "truth")
+    return root, base / "truth"
+
+
+@pytest.fixture(scope="module")
+def loaded_tp1(saved, tmp_path_factory):
+    """megatron-core's own TP1 PP1 fp32 load of the checkpoint, with its forward's logits."""
+    out = tmp_path_factory.mktemp("torch_dist_tp1")
+    return mcore_dist.load_checkpoint(saved[0], CFG, 1, 1, "fp32", out, tokens=TOKENS)
+
+
+@pytest.fixture(scope="module")
+def hf_out(saved, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torch_dist_hf") / "hf"
+    mapc.convert(saved[0], out, to="hf")
+    return out
+
+
+def _hf_tensors(path):
+    from safetensors.torch import load_file
+    return load_file(str(path / "model.safetensors"))
+
+
+def _expected_local(hf, tp, pp, t, p, cfg=CFG):
+    """megatron-core's local state dict of rank (t, p) (local spec names, local layer numbers)
+    from HF tensors, written out independently of mapc's specs: Q/K/V rows grouped per KV
+    group, fc1 = [gate_t; up_t], column/row slices, vocabulary rows of this rank (the padding
+    rows, which HF does not keep, are left out)."""
+    nh, ng, hd, f = cfg["heads"], cfg["groups"], cfg["head_dim"], cfg["ffn"]
+    hpg, per = nh // ng, cfg["layers"] // pp
+    out = {}
+    vp = PADDED // tp
+    rows = slice(t * vp, min((t + 1) * vp, cfg["vocab"]))
+    if p == 0:
+        out["embedding.word_embeddings.weight"] = hf["model.embed_tokens.weight"][rows]
+    for j in range(per):
+        i = p * per + j
+        h = f"model.layers.{i}."
+        q, k, v = (hf[h + f"self_attn.{n}_proj.weight"] for n in "qkv")
+        groups = [torch.cat([q[g * hpg * hd:(g + 1) * hpg * hd], k[g * hd:(g + 1) * hd],
+                             v[g * hd:(g + 1) * hd]]) for g in range(ng)]
+        mine = groups[t * ng // tp:(t + 1) * ng // tp]
+        fs = slice(t * f // tp, (t + 1) * f // tp)
+        cs = slice(t * nh * hd // tp, (t + 1) * nh * hd // tp)
+        m = f"decoder.layers.{j}."
+        out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
+        out[m + "self_attention.linear_qkv.weight"] = torch.cat(mine)
+        out[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"][:, cs]
+        out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"][fs],
+                                                      hf[h + "mlp.up_proj.weight"][fs]])
+        out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"][:, fs]
+    if p == pp - 1:
+        out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+        if not cfg["tied"]:
+            out["output_layer.weight"] = hf["lm_head.weight"][rows]
+        elif pp > 1:     # the last stage's copy of the embedding
+            out["output_layer.weight"] = hf["model.embed_tokens.weight"][rows]
+    return out
+
+
+def _assert_rank_equal(live, expected, where):
+    assert sorted(live) == sorted(expected), where
+    for name, want in expected.items():
+        got = live[name][:want.shape[0]] if name.endswith(("word_embeddings.weight",
+                                                           "output_layer.weight")) else live[name]
+        assert got.dtype == want.dtype, (where, name, got.dtype, want.dtype)
+        assert torch.equal(got, want), (where, name)
+
+
+# ---- what megatron-core writes (the facts the container relies on) ------------------------------
+def test_megatron_core_writes_the_documented_layout(saved):
+    root, _ = saved
+    d = mcore_dist.iter_dir(root)
+    assert (root / "latest_checkpointed_iteration.txt").read_text() == str(mcore_dist.ITERATION)
+    assert json.loads((d / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    assert sorted(p.name for p in d.glob("*.distcp")) == \
+        [f"__{r}_{k}.distcp" for r in range(TP * PP) for k in range(2)]
+    common = torch.load(d / "common.pt", weights_only=False)
+    assert {"args", "checkpoint_version", "iteration", "opt_param_scheduler",
+            "content_metadata"} <= set(common)
+    assert common["content_metadata"]["singleton_local_shards"] is False
+    md = pickle.loads((d / ".metadata").read_bytes())    # torch's own classes, test side only
+    sd = md.state_dict_metadata
+    L, H, F = CFG["layers"], CFG["hidden"], CFG["ffn"]
+    qkv = (CFG["heads"] + 2 * CFG["groups"]) * CFG["head_dim"]
+    assert tuple(sd["decoder.layers.self_attention.linear_qkv.weight"].size) == (L, qkv, H)
+    assert tuple(sd["decoder.layers.self_attention.linear_qkv.layer_norm_weight"].size) == (L, H)
+    assert tuple(sd["decoder.layers.mlp.linear_fc1.layer_norm_weight"].size) == (L, H)
+    assert tuple(sd["embedding.word_embeddings.weight"].size) == (PADDED, H)
+    # one chunk per layer and tp rank; fc1 rank t writes rows t*F/tp and F + t*F/tp
+    fc1 = sd["decoder.layers.mlp.linear_fc1.weight"]
+    assert sorted(tuple(c.offsets) for c in fc1.chunks) == sorted(
+        (i, r, 0) for i in range(L) for t in range(TP) for r in (t * F // TP, F + t * F // TP))
+    assert all(tuple(c.sizes) == (1, F // TP, H) for c in fc1.chunks)
+    extra = [k for k in sd if "_extra_state" in k]
+    assert extra and all(type(sd[k]).__name__ == "BytesStorageMetadata" for k in extra)
+    assert "decoder.layers.mlp.linear_fc1._extra_state/shard_0_4" in sd
+
+
+def test_detected_at_the_root_and_the_iteration_directory(saved):
+    root, _ = saved
+    assert detect_format(root) == "torch_dist"
+    assert detect_format(mcore_dist.iter_dir(root)) == "torch_dist"
+
+
+def test_inspect_reports_the_saved_topology_and_the_stacked_slabs(saved):
+    root, _ = saved
+    info = mapc.inspect(root)
+    assert info["format"] == "torch_dist" and info["family"] == "llama"
+    assert info["saved_topology"] == {"tp": TP, "pp": PP}
+    assert info["params"] == {"vocab_multiple": 128, "tp_size": TP, "pp_size": PP}
+    assert info["config"]["vocab"] == CFG["vocab"] and info["config"]["groups"] == 2
+    names = {t["name"]: t for s in info["shards"] for t in s["tensors"]}
+    slab = names["decoder.layers.self_attention.linear_qkv.weight[3]"]
+    assert slab["shape"] == [96, 64] and slab["dtype"] == "bfloat16"
+    assert info["training"]["iteration"] == mcore_dist.ITERATION
+
+
+# ---- reading -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("t,p", [(t, p) for t in range(TP) for p in range(PP)])
+def test_hf_output_equals_the_live_shards_megatron_core_saved(saved, hf_out, t, p):
+    """Every live parameter shard of every rank that saved the checkpoint equals the slice of
+    mapc's HF output that megatron-core's layout puts there, bit for bit (bf16 kept)."""
+    live = torch.load(saved[1] / f"live_{t}_{p}.pt")
+    _assert_rank_equal(live, _expected_local(_hf_tensors(hf_out), TP, PP, t, p), (t, p))
+
+
+def test_hf_output_equals_what_megatron_core_loads_at_tp1(loaded_tp1, hf_out):
+    """megatron-core's own dist_checkpointing.load at TP1 PP1 (fp32 model) holds exactly the
+    HF output's tensors in megatron-core's layout."""
+    live = torch.load(loaded_tp1 / "loaded_0_0.pt")
+    hf = {k: v.float() for k, v in _hf_tensors(hf_out).items()}
+    _assert_rank_equal(live, _expected_local(hf, 1, 1, 0, 0), "tp1")
+
+
+def test_logits_equal_megatron_core_forward(loaded_tp1, hf_out):
+    """transformers' forward on mapc's HF output (fp32) against megatron-core's own forward on
+    its TP1 load of the same checkpoint (fp32): two implementations of the same math, so equal
+    to float rounding (1.8e-6 at most on logits up to 2.7 when measured; 2e-5 allowed)."""
+    want = torch.load(loaded_tp1 / "logits.pt")[0, :, :CFG["vocab"]]
+    got = logits_of(hf_out, TOKENS)
+    got = torch.as_tensor(np.asarray(got, dtype=np.float32)).reshape(want.shape)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_args_with_megatron_enums_are_read_as_inert_values(saved):
+    """Megatron-LM's args hold megatron enums and torch dtypes; mapc reads them without
+    importing megatron (each an inert Call of its class on its value)."""
+    from mapc.runtime import torchfile
+    with open_source(saved[0]) as src:
+        assert src.args["attention_backend"] == torchfile.Call(
+            "megatron.core.transformer.enums", "AttnBackend", (5,))
+        assert src.args["model_type"] == torchfile.Call("megatron.core.enums", "ModelType", (1,))
+        assert src.args["cuda_graph_scope"] == [torchfile.Call(
+            "megatron.core.transformer.enums", "CudaGraphScope", (2,))]
+
+
+def test_tied_embeddings_at_pp2_have_no_output_layer_key(saved_tied, tmp_path):
+    """megatron-core stores the tied last-stage copy under the embedding's key (a replica), so
+    the checkpoint has no output_layer.weight; mapc reads it as tied, and every rank's live
+    shards (the last stage's copy of the embedding too) equal the HF output."""
+    root, truth = saved_tied
+    md = pickle.loads((mcore_dist.iter_dir(root) / ".metadata").read_bytes())
+    assert "output_layer.weight" not in md.state_dict_metadata
+    assert "embedding.word_embeddings.weight" in md.state_dict_metadata
+    mapc.convert(root, tmp_path / "hf", to="hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"]
+    hf = _hf_tensors(tmp_path / "hf")
+    assert "lm_head.weight" not in hf
+    for p in range(2):
+        live = torch.load(truth / f"live_0_{p}.pt")
+        _assert_rank_equal(live, _expected_local(hf, 1, 2, 0, p, TIED), p)
+
+
+def test_reading_never_materializes_a_stacked_tensor(saved):
+    """Each slab is read from only the chunks that hold it: [L, ...] is never assembled."""
+    root, _ = saved
+    with open_source(root) as src:
+        assert "decoder.layers.mlp.linear_fc1.weight" not in src.names()
+        a = src.read("decoder.layers.mlp.linear_fc1.weight[2]")
+        assert a.shape == (2 * CFG["ffn"], CFG["hidden"])
+        key, index, (shape, _, chunks) = src._get("decoder.layers.mlp.linear_fc1.weight[2]")
+        assert index == 2 and shape[0] == CFG["layers"]
+
+
+# ---- writing -------------------------------------------------------------------------------------
+# (tied, the (tp, pp) mapc writes for, the (tp, pp) megatron-core loads it at): every written
+# topology is loaded at another one, tied embeddings with PP>1 on both sides
+WRITES = [(False, (2, 2), (2, 1)), (False, (2, 1), (1, 2)), (True, (1, 2), (2, 2))]
+
+
+@pytest.fixture(scope="module")
+def hf_tied(saved_tied, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torch_dist_hf_tied") / "hf"
+    mapc.convert(saved_tied[0], out, to="hf")
+    return out
+
+
+@pytest.mark.parametrize("tied,written,load_at", WRITES)
+def test_megatron_core_loads_what_mapc_wrote(request, tied, written, load_at, tmp_path):
+    """mapc writes torch_dist from HF for (tp, pp) = written; megatron-core's
+    dist_checkpointing.load (strict: every key its model asks for, _extra_state included)
+    loads it into a model at load_at, and every rank's loaded tensors equal independent slices
+    of the HF weights, bit for bit."""
+    hf = request.getfixturevalue("hf_tied" if tied else "hf_out")
+    cfg = TIED if tied else CFG
+    out = tmp_path / "dist"
+    mapc.convert(hf, out, to="torch_dist", tp=written[0], pp=written[1])
+    common = torch.load(out / "release" / "common.pt", weights_only=False)
+    assert common["args"].tensor_model_parallel_size == written[0]
+    assert common["args"].pipeline_model_parallel_size == written[1]
+    assert common["args"].padded_vocab_size == PADDED and common["iteration"] == 0
+    assert common["checkpoint_version"] == 3.0
+    md = pickle.loads((out / "release" / ".metadata").read_bytes())
+    assert ("output_layer.weight" in md.state_dict_metadata) == (not tied)
+    tp, pp = load_at
+    loaded = mcore_dist.load_checkpoint(out, cfg, tp, pp, "bf16", tmp_path / "loaded")
+    tensors = _hf_tensors(hf)
+    for t in range(tp):
+        for p in range(pp):
+            live = torch.load(loaded / f"loaded_{t}_{p}.pt")
+            _assert_rank_equal(live, _expected_local(tensors, tp, pp, t, p, cfg), (t, p))
+
+
+def test_written_checkpoint_reads_back_bit_for_bit(hf_out, tmp_path):
+    """HF -> torch_dist -> HF is the identity, and the output is laid out as megatron-core's:
+    stacked [L, ...] tensors stored one chunk per layer."""
+    mapc.convert(hf_out, tmp_path / "dist", to="torch_dist", tp=2, pp=2)
+    mapc.convert(tmp_path / "dist", tmp_path / "back", to="hf")
+    assert mapc.verify(hf_out, tmp_path / "back").identical
+    md = pickle.loads((tmp_path / "dist" / "release" / ".metadata").read_bytes())
+    fc1 = md.state_dict_metadata["decoder.layers.mlp.linear_fc1.weight"]
+    assert tuple(fc1.size) == (CFG["layers"], 2 * CFG["ffn"], CFG["hidden"])
+    assert sorted(tuple(c.offsets) for c in fc1.chunks) == [(i, 0, 0) for i in range(4)]
+    assert "decoder.layers.mlp.linear_fc1._extra_state/shard_3_4" in md.state_dict_metadata
+
+
+# ---- the distributed optimizer (dp_reshardable): what megatron-core writes; weights read ---------
+@pytest.fixture(scope="module")
+def saved_optim(tmp_path_factory):
+    """TP2 DP2: megatron-core's DDP + DistributedOptimizer (Adam, bf16 params, fp32 grads and
+    masters) after one step, saved with its dp_reshardable state."""
+    base = tmp_path_factory.mktemp("torch_dist_optim")
+    root = mcore_dist.save_checkpoint(base / "ckpt", CFG, 2, 1, "bf16", base / "truth", dp=2,
+                                      optimizer=True)
+    return root, base / "truth"
+
+
+BUCKET = "optimizer.distributed.dp_group_idx_{t}.gbuf_idx_0.dtype_(torch.bfloat16, " \
+    "torch.float32).bucket_idx_0.{slot}"
+
+
+@pytest.mark.parametrize("t", [0, 1])
+def test_dp_reshardable_buckets_are_ddp_layout(saved_optim, t):
+    """Per tensor-parallel rank one flat fp32 tensor per (param dtype, grad dtype) bucket and
+    slot; its parameters in reverse named_parameters order, each starting on a 64-element
+    boundary (one chunk each), the bucket-end padding dropped (per_bucket_numel_unpadded), and
+    the fp32 master at each parameter's range rounds to the live bf16 parameter."""
+    root, truth = saved_optim
+    d = mcore_dist.iter_dir(root)
+    md = pickle.loads((d / ".metadata").read_bytes())
+    live = torch.load(truth / f"live_{t}_0.pt")
+    starts, pos = [], 0
+    for name, v in reversed(list(live.items())):
+        pos = -(-pos // 64) * 64
+        starts.append((name, pos, v.numel()))
+        pos += v.numel()
+    entry = md.state_dict_metadata[BUCKET.format(t=t, slot="param")]
+    assert tuple(entry.size) == (pos,) and entry.properties.dtype == torch.float32
+    assert sorted((c.offsets[0], c.sizes[0]) for c in entry.chunks) == \
+        [(s, n) for _, s, n in starts]
+    for slot in ("exp_avg", "exp_avg_sq"):
+        assert tuple(md.state_dict_metadata[BUCKET.format(t=t, slot=slot)].size) == (pos,)
+    assert f"optimizer.distributed.dp_group_idx_{t}.per_bucket_numel_unpadded/shard_0_1" in \
+        md.state_dict_metadata
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    key = BUCKET.format(t=t, slot="param")
+    loaded = {key: torch.empty(pos)}
+    dcp.load(loaded, storage_reader=dcp.FileSystemReader(str(d)),
+             planner=DefaultLoadPlanner(allow_partial_load=True))
+    flat = loaded[key]
+    for name, start, n in starts:
+        master = flat[start:start + n].view(live[name].shape)
+        assert torch.equal(master.to(torch.bfloat16), live[name]), name
+    common = torch.load(d / "common.pt", weights_only=False)
+    assert common["optimizer"] == {"param_state_sharding_type": "dp_reshardable"}
+
+
+def test_weights_of_a_distributed_optimizer_checkpoint_are_read_with_a_warning(saved_optim,
+                                                                              tmp_path):
+    root, truth = saved_optim
+    info = mapc.inspect(root)
+    assert any("distributed optimizer" in w and "dp_reshardable" in w
+               for w in info["warnings"])
+    report = mapc.convert(root, tmp_path / "hf", to="hf")
+    assert any("not read yet" in w for w in report.warnings)
+    tensors = _hf_tensors(tmp_path / "hf")
+    for t in range(2):
+        live = torch.load(truth / f"live_{t}_0.pt")
+        _assert_rank_equal(live, _expected_local(tensors, 2, 1, t, 0), t)
+
+
+# ---- refusals ------------------------------------------------------------------------------------
+def _copy(saved, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(saved[0], dst)
+    return dst, mcore_dist.iter_dir(dst)
+
+
+def test_another_sharded_backend_is_refused(saved, tmp_path):
+    root, d = _copy(saved, tmp_path)
+    (d / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    with pytest.raises(MapcError, match="'zarr' backend; mapc reads torch_dist only"):
+        mapc.convert(root, tmp_path / "out", to="hf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_singleton_local_shards_is_refused_with_the_reason(saved, tmp_path):
+    root, d = _copy(saved, tmp_path)
+    common = torch.load(d / "common.pt", weights_only=False)
+    common["content_metadata"]["singleton_local_shards"] = True
+    torch.save(common, d / "common.pt")
+    with pytest.raises(MapcError, match="singleton_local_shards"):
+        mapc.inspect(root)
+
+
+def test_missing_common_pt_is_named(saved, tmp_path):
+    root, d = _copy(saved, tmp_path)
+    (d / "common.pt").unlink()
+    with pytest.raises(MapcError, match="no common.pt"):
+        mapc.convert(root, tmp_path / "out", to="hf")
+    assert not (tmp_path / "out").exists()
