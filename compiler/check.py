@@ -13,7 +13,6 @@ from fractions import Fraction
 
 from mapc.compiler.expr import ARITY, FUNCTIONS, symbols
 from mapc.errors import SpecError
-from mapc.grammar.parser import caret
 
 # Spec sources by file name, for carets in error messages (filled by mapc.compiler.spec).
 SOURCES: dict[str, str] = {}
@@ -25,6 +24,7 @@ MEMBER_SIZES: dict[str, tuple] = {}
 
 def error_at(at: str, message: str, hint: str | None = None) -> SpecError:
     """A SpecError at ``file:line:col`` with the spec line and a caret."""
+    from mapc.grammar.parser import caret    # the parser (lark) only when there is an error
     file, _, rest = at.rpartition(":")
     file, _, line = file.rpartition(":")
     try:

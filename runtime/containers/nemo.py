@@ -36,7 +36,6 @@ import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
-import yaml
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
@@ -133,6 +132,7 @@ def rank_dir(tp_rank: int, pp_rank: int, tp: int, pp: int) -> str:
 
 
 def _nemo_config(yaml_text: str, where: str) -> dict:
+    import yaml     # imported when a NeMo checkpoint is read, not to detect one
     try:
         cfg = yaml.safe_load(yaml_text)
     except yaml.YAMLError as e:
@@ -384,6 +384,7 @@ class NemoWriter(Writer):
     def finish(self, record: dict):
         for coord, (w, placeholders) in self.writers.items():
             w.finish(OrderedDict((PREFIX + n, placeholders[n]) for n in self.order[coord]))
+        import yaml
         (self.dir / CONFIG).write_text(yaml.safe_dump(self.config(record), sort_keys=False))
         if self.as_tar:
             self._pack()
