@@ -31,29 +31,94 @@ class Report:
 
 
 class Progress:
-    """A one-line progress bar on stderr (silent when quiet or not a terminal, unless forced)."""
+    """Progress on stderr: done / total, throughput and time left.
 
-    def __init__(self, total: int, label: str, quiet: bool = False):
-        self.total, self.label, self.n = max(total, 1), label, 0
+    On a terminal one line is redrawn (at most 10 times a second); otherwise (a log file,
+    Slurm, torchrun) a plain line is printed every ``every`` seconds, so a long conversion
+    shows it is alive. ``quiet`` silences both. ``unit="B"`` counts bytes (shown in decimal
+    GB/MB, as disks are sold), anything else counts items."""
+
+    def __init__(self, total: int, label: str, quiet: bool = False, *, unit: str = "",
+                 every: float = 10.0, stream=None):
+        self.total, self.label, self.unit, self.n = max(total, 1), label, unit, 0
         self.enabled = not quiet
-        self.tty = sys.stderr.isatty()
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every = 0.1 if self.tty else every
         self.start = self.last = time.monotonic()
 
-    def step(self, nbytes: int = 0):
-        self.n += 1
+    def step(self, n: int = 1):
+        self.n += n
         now = time.monotonic()
-        if self.enabled and self.tty and (now - self.last > 0.1 or self.n == self.total):
+        if self.enabled and (now - self.last >= self.every or
+                             (self.tty and self.n >= self.total)):
             self.last = now
-            frac = self.n / self.total
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.n}/{self.total} "
-                             f"{now - self.start:5.1f}s")
-            sys.stderr.flush()
+            self._show(now)
 
-    def done(self, summary: str):
-        """Replace the bar by a summary line (terminals only; callers report the result)."""
+    def line(self, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        elapsed = max(now - self.start, 1e-9)
+        frac = min(self.n / self.total, 1.0)
+        rate = self.n / elapsed
+        left = (self.total - self.n) / rate if rate > 0 and self.n < self.total else 0.0
+        if self.unit == "B":
+            done = f"{fmt_bytes(self.n)} / {fmt_bytes(self.total)}"
+            speed = f"{fmt_bytes(rate)}/s"
+        else:
+            done = f"{self.n}/{self.total}"
+            speed = f"{rate:.1f}/s"
+        return (f"{self.label} {done} {100 * frac:3.0f}% {speed} "
+                f"elapsed {fmt_seconds(elapsed)} left {fmt_seconds(left)}")
+
+    def _show(self, now):
+        text = self.line(now)
+        if self.tty:
+            frac = min(self.n / self.total, 1.0)
+            self.stream.write(f"\r\033[K[{'#' * int(20 * frac):<20}] {text}")
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def done(self, summary: str | None = None):
+        """Clear the bar; print ``summary`` (terminals only; callers report the result)."""
         if self.enabled and self.tty:
-            sys.stderr.write("\r\033[K" + summary + "\n")
+            self.stream.write("\r\033[K" + (summary + "\n" if summary else ""))
+            self.stream.flush()
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units: 1 GB = 1e9 bytes."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_seconds(t: float) -> str:
+    t = int(round(t))
+    return f"{t // 3600}:{t // 60 % 60:02d}:{t % 60:02d}" if t >= 3600 else \
+        f"{t // 60}:{t % 60:02d}"
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process and of its finished children (Linux counts
+    ru_maxrss in KiB), the larger of the two."""
+    import resource
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) * 1024
+
+
+def planned_bytes(program: Program, dtypes: dict, extra_slots: int) -> int:
+    """Bytes the writer will receive: every placement in its dtype, plus each optimizer slot
+    in float32."""
+    from math import prod
+    from mapc.runtime.backends import DTYPES
+    total = 0
+    for inst, coord, name in program.target.placements():
+        n = prod(inst.recipe.shard_shape)
+        total += n * DTYPES[dtypes[(coord, name)]].itemsize + n * 4 * extra_slots
+    return total
 
 
 def target_dtypes(program: Program, reader, dtype: str | None,
@@ -155,7 +220,7 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
     for slot in extra:   # optimizer state is kept in fp32
         writer.begin_slot(slot, [(coord, name, inst.recipe.shard_shape, "float32")
                                  for inst, coord, name in program.target.placements()])
-    progress = Progress(len(program.units) * (1 + len(extra)), "convert", quiet)
+    progress = Progress(planned_bytes(program, dtypes, len(extra)), "convert", quiet, unit="B")
     for unit in program.units:
         for slot in [param_from] + extra:
             logical = read_instances(unit.sources, reader, be, report, verify_replicas, slot)
@@ -178,8 +243,7 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                             writer.write_slot(slot, coord, name, value)
                         report.tensors_written += 1
                         report.bytes_written += arr.nbytes
-            progress.step()
+                        progress.step(arr.nbytes)
     report.seconds = time.monotonic() - start
-    progress.done(f"wrote {report.tensors_written} tensors, "
-                  f"{report.bytes_written / 2**20:.1f} MiB in {report.seconds:.1f}s")
+    progress.done()
     return report
