@@ -13,7 +13,7 @@ import numpy as np
 
 from mapc.compiler.program import Program
 from mapc.errors import MapcError
-from mapc.runtime.backends import bytes_equal, dtype_name, get_backend
+from mapc.runtime.backends import DTYPES, bytes_equal, dtype_name, get_backend
 
 
 # Slots that a `sum over` tensor stores as shares. Adam's moments are not: every share sees
@@ -121,6 +121,42 @@ def planned_bytes(program: Program, dtypes: dict, extra_slots: int) -> int:
     return total
 
 
+class _ShardBackend:
+    """The numpy backend with the concatenation left to a ShardBuilder (it is the last op of
+    a shard's recipe, so the builder decides where the bytes go)."""
+
+    def __init__(self, builder):
+        self.builder = builder
+        self.be = get_backend("numpy")
+
+    def __getattr__(self, name):
+        return getattr(self.be, name)
+
+    def concat(self, xs, axis):
+        return self.builder.concat(xs, axis)
+
+    def reshape(self, x, shape):
+        return x.reshape(shape)
+
+
+class _GatherBackend:
+    """The numpy backend with stacks (rebuilding a logical tensor from split shards) made
+    in an Arena instead of fresh memory."""
+
+    def __init__(self, arena):
+        self.arena = arena
+        self.be = get_backend("numpy")
+
+    def __getattr__(self, name):
+        return getattr(self.be, name)
+
+    def stack(self, xs, axis):
+        shape = list(xs[0].shape)
+        shape.insert(axis if axis >= 0 else len(shape) + 1 + axis, len(xs))
+        out = self.arena.take(tuple(shape), np.result_type(*xs))
+        return np.stack(xs, axis=axis, out=out)
+
+
 def target_dtypes(program: Program, reader, dtype: str | None,
                   slot: str = "param") -> dict[tuple, str]:
     """The dtype of every target tensor, from the source headers (no data read)."""
@@ -221,19 +257,37 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
         writer.begin_slot(slot, [(coord, name, inst.recipe.shard_shape, "float32")
                                  for inst, coord, name in program.target.placements()])
     progress = Progress(planned_bytes(program, dtypes, len(extra)), "convert", quiet, unit="B")
+    # Shards that must be rebuilt go through reused buffers when the writer consumes each
+    # array before write() returns; views of the source (unsplit tensors, row blocks) are
+    # passed through untouched, and the writer may copy them in-kernel (runtime/fastcopy.py).
+    builder = shard_be = arena = None
+    read_be = be
+    if be.name == "numpy" and not getattr(writer, "keeps_arrays", True):
+        from mapc.runtime.fastcopy import Arena, ShardBuilder
+        builder = ShardBuilder(getattr(writer, "takes_ranges", False))
+        shard_be = _ShardBackend(builder)
+        arena = Arena()
+        read_be = _GatherBackend(arena)
     for unit in program.units:
         for slot in [param_from] + extra:
-            logical = read_instances(unit.sources, reader, be, report, verify_replicas, slot)
+            if arena is not None:
+                arena.reset()        # the previous unit's tensors are written and dropped
+            logical = read_instances(unit.sources, reader, read_be, report, verify_replicas,
+                                     slot)
             for inst in unit.targets:
                 members = {m: logical[k] for m, k in inst.members.items()}
                 for rc, copies in inst.by_recipe_coord().items():
-                    shard = inst.recipe.shard(be, members, dict(rc))
                     want = dtypes[copies[0]] if slot == param_from else "float32"
-                    arr = be.to_numpy(shard if want is None else be.cast(shard, want))
+                    if builder is not None:
+                        shard = inst.recipe.shard(shard_be, members, dict(rc))
+                        arr = builder.build(shard, DTYPES[want])
+                    else:
+                        shard = inst.recipe.shard(be, members, dict(rc))
+                        arr = be.to_numpy(shard if want is None else be.cast(shard, want))
                     if dtype_name(arr.dtype) != want:
                         raise MapcError(f"internal: {copies[0][1]} has dtype {arr.dtype}, "
                                         f"planned {want}")
-                    zeros = np.zeros_like(arr) if inst.summed and slot in SUMMED_SLOTS \
+                    zeros = np.zeros(arr.shape, arr.dtype) if inst.summed and slot in SUMMED_SLOTS \
                         else None
                     for coord, name in copies:
                         value = arr if zeros is None or inst.is_share_holder(coord) else zeros

@@ -127,6 +127,12 @@ class Writer:
     tensor of each further slot, and the source's training state in ``record["training"]``."""
 
     slots: tuple[str, ...] = ("param",)
+    # False when write()/write_slot() are done with the array when they return (its bytes
+    # written or copied): the executor then builds every shard in one reused buffer.
+    keeps_arrays: bool = True
+    # True when write()/write_slot() also take runtime.fastcopy.FileBytes (a tensor that is
+    # ranges of source files), copying them in-kernel.
+    takes_ranges: bool = False
 
     def __init__(self, tmpdir: Path):
         self.dir = tmpdir

@@ -33,6 +33,7 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers.base import MAPC_JSON, Source, Writer, write_json
+from mapc.runtime.fastcopy import write_array
 from mapc.runtime.safetensors_io import _write_all
 
 LAYOUT = "gguf"
@@ -223,6 +224,7 @@ def _value_type(vtypes, key, v):
 
 
 class GGUFFileWriter(Writer):
+    keeps_arrays = False    # every array is written before write() returns
     def __init__(self, tmpdir, meta: dict):
         super().__init__(tmpdir)
         self.gguf = _gguf()
@@ -277,11 +279,10 @@ class GGUFFileWriter(Writer):
 
     def write(self, coord, name, arr):
         offset, n = self.slots[name]
-        data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-        if data.nbytes != n:
-            raise MapcError(f"internal: {name} has {data.nbytes} bytes, planned {n}",
+        if arr.nbytes != n:
+            raise MapcError(f"internal: {name} has {arr.nbytes} bytes, planned {n}",
                             where=str(self.path))
-        _write_all(self.fd, data, self.base + offset, str(self.path))
+        write_array(self.fd, arr, self.base + offset, str(self.path))   # in-kernel when it can
         self.pending.discard(name)
 
     def finish(self, record: dict):

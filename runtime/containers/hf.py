@@ -321,6 +321,8 @@ def _diff(a: dict, b: dict) -> str:
 
 
 class HFWriter(Writer):
+    keeps_arrays = False    # every array is written before write() returns
+    takes_ranges = True     # FileBytes: its bytes are copied from the source files
     def __init__(self, tmpdir, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  export: TrainerExport | None = None):
         super().__init__(tmpdir)

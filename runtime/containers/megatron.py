@@ -390,6 +390,8 @@ class MegatronWriter(Writer):
     step, param groups and scheduler from ``record["training"]``, each tensor's group from
     ``groups`` ({(coord, name): source group index}, Program.target_groups). Without moments
     from the source (``fresh``), a fresh optimizer is written: no state, masters = weights."""
+    keeps_arrays = False    # every array is written before write() returns
+    takes_ranges = True     # FileBytes: its bytes are copied from the source files
 
     def __init__(self, tmpdir, topology: dict, args: dict, iteration=None, optimizer=None,
                  groups=None, fresh=False, default_training=None):

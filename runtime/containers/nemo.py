@@ -335,6 +335,7 @@ Source = NemoSource
 class NemoWriter(Writer):
     """Writes the directory form; with ``as_tar``, packs it into a ``.nemo`` tar at the end
     and leaves that file at the temporary path, which AtomicOutput renames into place."""
+    keeps_arrays = False    # every array is written before write() returns
 
     def __init__(self, tmpdir, topology: dict, meta: dict, as_tar: bool = False):
         super().__init__(Path(tmpdir))

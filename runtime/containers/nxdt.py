@@ -113,6 +113,7 @@ Source = NxdtSource
 
 
 class NxdtWriter(Writer):
+    keeps_arrays = False    # every array is written before write() returns
     def __init__(self, tmpdir, topology: dict, xser: bool, meta: dict):
         super().__init__(tmpdir)
         self.ep = topology.get("ep", 1)
