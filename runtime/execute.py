@@ -125,9 +125,13 @@ class _ShardBackend:
     """The numpy backend with the concatenation left to a ShardBuilder (it is the last op of
     a shard's recipe, so the builder decides where the bytes go)."""
 
-    def __init__(self, builder):
-        self.builder = builder
+    def __init__(self):
+        self.builder = None
         self.be = get_backend("numpy")
+
+    def bind(self, builder):
+        self.builder = builder
+        return self
 
     def __getattr__(self, name):
         return getattr(self.be, name)
@@ -155,6 +159,77 @@ class _GatherBackend:
         shape.insert(axis if axis >= 0 else len(shape) + 1 + axis, len(xs))
         out = self.arena.take(tuple(shape), np.result_type(*xs))
         return np.stack(xs, axis=axis, out=out)
+
+
+class _WriteBehind:
+    """Writes on one thread behind the building of the next shards.
+
+    With a writer that is done with each array when write() returns (``keeps_arrays``
+    False) and the numpy backend, shard k is written while shard k+1 is built and the next unit
+    is read (numpy copies, zlib, pwrite and copy_file_range all release the GIL). Two shard
+    builders and two arenas alternate, and a buffer is reused only once the writes that read
+    it are done, so at most two shards and two units are in flight. Writes keep their order.
+    Otherwise everything runs inline, as before."""
+
+    def __init__(self, writer, progress, pipelined: bool):
+        self.writer, self.progress, self.pipelined = writer, progress, pipelined
+        self.pending: list = []          # (round, shard number, future), oldest first
+        self.round = self.shard = -1
+        self.pool = None
+        if pipelined:
+            from concurrent.futures import ThreadPoolExecutor
+            from mapc.runtime.fastcopy import Arena, ShardBuilder
+            takes = getattr(writer, "takes_ranges", False)
+            self.builders = [ShardBuilder(takes), ShardBuilder(takes)]
+            self.arenas = [Arena(), Arena()]
+            self.gathers = [_GatherBackend(a) for a in self.arenas]
+            self.shard_be = _ShardBackend()
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapc-write")
+
+    def _wait(self, done):
+        while self.pending and done(self.pending[0]):
+            self.pending.pop(0)[2].result()
+
+    def next_round(self):
+        """A new unit (or optimizer slot of it): (gather backend, shard backend) to use."""
+        self.round += 1
+        if not self.pipelined:
+            return None, None
+        r = self.round
+        self._wait(lambda p: p[0] <= r - 2)      # that arena's tensors are all written
+        self.arenas[r % 2].reset()
+        return self.gathers[r % 2], self.shard_be
+
+    def next_builder(self):
+        self.shard += 1
+        k = self.shard
+        self._wait(lambda p: p[1] <= k - 2)      # that builder's buffers are written
+        return self.builders[k % 2]
+
+    def submit(self, writes):
+        if self.pool is None:
+            self._write(writes)
+        else:
+            self.pending.append((self.round, self.shard, self.pool.submit(self._write, writes)))
+
+    def _write(self, writes):
+        for slot, coord, name, arr in writes:
+            if slot is None:
+                self.writer.write(coord, name, arr)
+            else:
+                self.writer.write_slot(slot, coord, name, arr)
+            self.progress.step(arr.nbytes)
+
+    def drain(self):
+        self._wait(lambda p: True)
+
+    def close(self):
+        """Wait for writes in flight (errors of a run already failing are not raised again)."""
+        if self.pool is not None:
+            for *_, f in self.pending:
+                f.exception()
+            self.pending = []
+            self.pool.shutdown(wait=True)
 
 
 def target_dtypes(program: Program, reader, dtype: str | None,
@@ -260,44 +335,39 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
     # Shards that must be rebuilt go through reused buffers when the writer consumes each
     # array before write() returns; views of the source (unsplit tensors, row blocks) are
     # passed through untouched, and the writer may copy them in-kernel (runtime/fastcopy.py).
-    builder = shard_be = arena = None
-    read_be = be
-    if be.name == "numpy" and not getattr(writer, "keeps_arrays", True):
-        from mapc.runtime.fastcopy import Arena, ShardBuilder
-        builder = ShardBuilder(getattr(writer, "takes_ranges", False))
-        shard_be = _ShardBackend(builder)
-        arena = Arena()
-        read_be = _GatherBackend(arena)
-    for unit in program.units:
-        for slot in [param_from] + extra:
-            if arena is not None:
-                arena.reset()        # the previous unit's tensors are written and dropped
-            logical = read_instances(unit.sources, reader, read_be, report, verify_replicas,
-                                     slot)
-            for inst in unit.targets:
-                members = {m: logical[k] for m, k in inst.members.items()}
-                for rc, copies in inst.by_recipe_coord().items():
-                    want = dtypes[copies[0]] if slot == param_from else "float32"
-                    if builder is not None:
-                        shard = inst.recipe.shard(shard_be, members, dict(rc))
-                        arr = builder.build(shard, DTYPES[want])
-                    else:
-                        shard = inst.recipe.shard(be, members, dict(rc))
-                        arr = be.to_numpy(shard if want is None else be.cast(shard, want))
-                    if dtype_name(arr.dtype) != want:
-                        raise MapcError(f"internal: {copies[0][1]} has dtype {arr.dtype}, "
-                                        f"planned {want}")
-                    zeros = np.zeros(arr.shape, arr.dtype) if inst.summed and slot in SUMMED_SLOTS \
-                        else None
-                    for coord, name in copies:
-                        value = arr if zeros is None or inst.is_share_holder(coord) else zeros
-                        if slot == param_from:
-                            writer.write(coord, name, value)
+    pipelined = be.name == "numpy" and not getattr(writer, "keeps_arrays", True)
+    behind = _WriteBehind(writer, progress, pipelined)
+    try:
+        for unit in program.units:
+            for slot in [param_from] + extra:
+                read_be, shard_be = behind.next_round()
+                logical = read_instances(unit.sources, reader, read_be or be, report,
+                                         verify_replicas, slot)
+                for inst in unit.targets:
+                    members = {m: logical[k] for m, k in inst.members.items()}
+                    for rc, copies in inst.by_recipe_coord().items():
+                        want = dtypes[copies[0]] if slot == param_from else "float32"
+                        if shard_be is not None:
+                            builder = behind.next_builder()
+                            shard = inst.recipe.shard(shard_be.bind(builder), members, dict(rc))
+                            arr = builder.build(shard, DTYPES[want])
                         else:
-                            writer.write_slot(slot, coord, name, value)
-                        report.tensors_written += 1
-                        report.bytes_written += arr.nbytes
-                        progress.step(arr.nbytes)
+                            shard = inst.recipe.shard(be, members, dict(rc))
+                            arr = be.to_numpy(shard if want is None else be.cast(shard, want))
+                        if dtype_name(arr.dtype) != want:
+                            raise MapcError(f"internal: {copies[0][1]} has dtype {arr.dtype}, "
+                                            f"planned {want}")
+                        zeros = np.zeros(arr.shape, arr.dtype) \
+                            if inst.summed and slot in SUMMED_SLOTS else None
+                        writes = [(slot if slot != param_from else None, coord, name,
+                                   arr if zeros is None or inst.is_share_holder(coord) else zeros)
+                                  for coord, name in copies]
+                        behind.submit(writes)
+                        report.tensors_written += len(writes)
+                        report.bytes_written += arr.nbytes * len(writes)
+        behind.drain()
+    finally:
+        behind.close()
     report.seconds = time.monotonic() - start
     progress.done()
     return report

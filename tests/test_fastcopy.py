@@ -181,3 +181,41 @@ def test_arena_reuses_buffers_unit_after_unit():
     a.reset()
     z = a.take((5000,), np.float32)          # too big for all: replaces the largest free one
     assert len(a.free) + len(a.used) == 2 and not np.shares_memory(z, x)
+
+
+# ---- writes behind the building of the next shards ----------------------------------------
+def test_write_behind_keeps_the_order_of_writes(tmp_path, sources, monkeypatch):
+    from mapc.cli.main import main
+    from mapc.runtime.containers.megatron import MegatronWriter
+    real = MegatronWriter.write
+    orders = []
+
+    def record(self, coord, name, arr):
+        orders[-1].append((coord, name))
+        return real(self, coord, name, arr)
+    monkeypatch.setattr(MegatronWriter, "write", record)
+    for keeps in (False, True):          # pipelined, then inline
+        monkeypatch.setattr(MegatronWriter, "keeps_arrays", keeps)
+        orders.append([])
+        assert main(["convert", str(sources["hf"]), str(tmp_path / f"o{keeps}"), "--to",
+                     "megatron", "--tp", "2", "--pp", "2", "-q"]) == 0
+    assert orders[0] == orders[1] and len(orders[0]) > 20
+    assert tree_hash(tmp_path / "oFalse") == tree_hash(tmp_path / "oTrue")
+
+
+def test_a_failing_write_behind_fails_the_conversion_cleanly(tmp_path, sources, monkeypatch,
+                                                             capsys):
+    from mapc.cli.main import main
+    from mapc.runtime.containers.megatron import MegatronWriter
+    real, calls = MegatronWriter.write, []
+
+    def fail_third(self, coord, name, arr):
+        calls.append(name)
+        if len(calls) == 3:
+            raise MapcError("cannot write: No space left on device", where=name)
+        return real(self, coord, name, arr)
+    monkeypatch.setattr(MegatronWriter, "write", fail_third)
+    assert main(["convert", str(sources["hf"]), str(tmp_path / "out"), "--to", "megatron",
+                 "--tp", "2", "-q"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []             # no DST, no temporary directory
