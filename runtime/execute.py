@@ -121,12 +121,14 @@ def planned_bytes(program: Program, dtypes: dict, extra_slots: int) -> int:
     return total
 
 
-class _ShardBackend:
-    """The numpy backend with the concatenation left to a ShardBuilder (it is the last op of
-    a shard's recipe, so the builder decides where the bytes go)."""
+class _LazyBackend:
+    """The numpy backend for the pipelined path. A gather's stacks are lazy (``Stack``: the
+    pieces stay views of the source files) and made in an Arena only when an op needs the
+    bytes; a shard's final concatenation is left to the ShardBuilder, which decides where the
+    bytes go (file ranges, or one of its reused buffers)."""
 
-    def __init__(self):
-        self.builder = None
+    def __init__(self, arena):
+        self.arena, self.builder = arena, None
         self.be = get_backend("numpy")
 
     def bind(self, builder):
@@ -136,29 +138,72 @@ class _ShardBackend:
     def __getattr__(self, name):
         return getattr(self.be, name)
 
-    def concat(self, xs, axis):
-        return self.builder.concat(xs, axis)
-
-    def reshape(self, x, shape):
-        return x.reshape(shape)
-
-
-class _GatherBackend:
-    """The numpy backend with stacks (rebuilding a logical tensor from split shards) made
-    in an Arena instead of fresh memory."""
-
-    def __init__(self, arena):
-        self.arena = arena
-        self.be = get_backend("numpy")
-
-    def __getattr__(self, name):
-        return getattr(self.be, name)
+    def _real(self, x):
+        from mapc.runtime.fastcopy import Concat, Stack
+        if isinstance(x, (Stack, Concat)):
+            return x.fill(self.arena.take(x.shape, x.dtype))
+        return x
 
     def stack(self, xs, axis):
+        from mapc.runtime.fastcopy import Stack
+        lazy = Stack.of(xs, axis)
+        if lazy is not None:
+            return lazy
+        xs = [self._real(x) for x in xs]
         shape = list(xs[0].shape)
-        shape.insert(axis if axis >= 0 else len(shape) + 1 + axis, len(xs))
-        out = self.arena.take(tuple(shape), np.result_type(*xs))
+        shape.insert(axis, len(xs))
+        out = self.arena.take(tuple(shape), np.result_type(*[x.dtype for x in xs]))
         return np.stack(xs, axis=axis, out=out)
+
+    def concat(self, xs, axis):
+        if self.builder is not None:
+            return self.builder.concat(xs, axis)
+        return self.be.concat([self._real(x) for x in xs], axis)
+
+    def reshape(self, x, shape):
+        return _lazy_or(x, lambda v: v.reshape(tuple(shape)), self._real)
+
+    def transpose(self, x, perm):
+        return _lazy_or(x, lambda v: v.transpose(tuple(perm)), self._real)
+
+    def index(self, x, axis, i):
+        return _lazy_or(x, lambda v: v.take(axis, i) if _is_stack(v) else
+                        v[(slice(None),) * axis + (i,)], self._real)
+
+    def slice(self, x, axis, start, stop):
+        return _lazy_or(x, lambda v: v.take(axis, slice(start, stop)) if _is_stack(v) else
+                        v[(slice(None),) * axis + (slice(start, stop),)], self._real)
+
+    def pad(self, x, axis, n):
+        return self.be.pad(self._real(x), axis, n)
+
+    def broadcast(self, x, shape):
+        return self.be.broadcast(self._real(x), shape)
+
+    def cast(self, x, dtype):
+        return self.be.cast(self._real(x), dtype)
+
+    def to_numpy(self, x):
+        return self.be.to_numpy(self._real(x))
+
+    def all_zero(self, x):
+        return self.be.all_zero(self._real(x))
+
+    def equal(self, a, b):
+        return self.be.equal(np.asarray(a), np.asarray(b))
+
+
+def _is_stack(x) -> bool:
+    from mapc.runtime.fastcopy import Stack
+    return isinstance(x, Stack)
+
+
+def _lazy_or(x, op, real):
+    """``op(x)``; on a Stack that cannot stay lazy for it, ``op`` of its bytes."""
+    if _is_stack(x):
+        out = op(x)
+        return op(real(x)) if out is None else out
+    return op(x)
 
 
 class _WriteBehind:
@@ -182,8 +227,7 @@ class _WriteBehind:
             takes = getattr(writer, "takes_ranges", False)
             self.builders = [ShardBuilder(takes), ShardBuilder(takes)]
             self.arenas = [Arena(), Arena()]
-            self.gathers = [_GatherBackend(a) for a in self.arenas]
-            self.shard_be = _ShardBackend()
+            self.lazy = [_LazyBackend(a) for a in self.arenas]
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapc-write")
 
     def _wait(self, done):
@@ -198,7 +242,7 @@ class _WriteBehind:
         r = self.round
         self._wait(lambda p: p[0] <= r - 2)      # that arena's tensors are all written
         self.arenas[r % 2].reset()
-        return self.gathers[r % 2], self.shard_be
+        return self.lazy[r % 2].bind(None), self.lazy[r % 2]
 
     def next_builder(self):
         self.shard += 1

@@ -104,7 +104,7 @@ class Concat:
         cat[axis] = sum(p.shape[axis] for p in self.pieces)
         self.cat_shape = tuple(cat)
         self.shape = tuple(shape) if shape is not None else self.cat_shape
-        self.dtype = np.result_type(*self.pieces)
+        self.dtype = np.result_type(*[p.dtype for p in self.pieces])
         self.nbytes = prod(self.shape) * self.dtype.itemsize
 
     def reshape(self, shape):
@@ -120,16 +120,121 @@ class Concat:
         out = []
         for idx in np.ndindex(*outer):
             for p in self.pieces:
-                r = array_ranges(p[idx])
+                r = byte_ranges(p[idx]) if idx else byte_ranges(p)
                 if r is None:
                     return None
                 out += r
         return out
 
+    def fill(self, out: np.ndarray) -> np.ndarray:
+        pieces = [np.asarray(p) if isinstance(p, Stack) else p for p in self.pieces]
+        np.concatenate(pieces, axis=self.axis, out=out.reshape(self.cat_shape))
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.fill(np.empty(self.shape, self.dtype))
+        return out if dtype is None else out.astype(dtype)
+
+
+class Stack:
+    """Same-shaped arrays stacked along leading axes, not yet copied: a logical tensor that a
+    gather rebuilt from many source tensors (e.g. a MoE layer's experts, one file tensor each).
+    ``lead`` is an object array of the pieces; the ops a recipe applies that only move the
+    leading axes or only touch the pieces stay lazy, so a target shard that takes one expert
+    (or the experts as ranges of the source files) never needs the whole stack in memory."""
+
+    def __init__(self, lead: np.ndarray):
+        self.lead = lead
+        first = lead.reshape(-1)[0]
+        self.piece_shape, self.dtype = tuple(first.shape), first.dtype
+        self.shape = tuple(lead.shape) + self.piece_shape
+        self.ndim, self.size = len(self.shape), prod(self.shape)
+        self.nbytes = self.size * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, xs, axis):
+        """The lazy ``np.stack(xs, axis)``, or None when it cannot be one (axis not leading
+        over the pieces, or pieces of different shapes/dtypes)."""
+        lead_of = [x.lead if isinstance(x, Stack) else None for x in xs]
+        k = lead_of[0].ndim if lead_of[0] is not None else 0
+        if any((l.ndim if l is not None else 0) != k for l in lead_of) or axis > k:
+            return None
+        pieces = np.empty((len(xs),) + (lead_of[0].shape if k else ()), dtype=object)
+        for i, x in enumerate(xs):
+            if k:
+                pieces[i] = x.lead
+            else:
+                pieces[i] = x
+        if axis:
+            pieces = np.moveaxis(pieces, 0, axis)
+        flat = pieces.reshape(-1)
+        if any(p.shape != flat[0].shape or p.dtype != flat[0].dtype for p in flat):
+            return None
+        return cls(pieces)
+
+    def _map(self, lead, fn=None):
+        if lead.ndim == 0:
+            piece = lead.item()
+            return piece if fn is None else fn(piece)
+        if fn is not None:
+            out = np.empty(lead.shape, dtype=object)
+            for idx in np.ndindex(*lead.shape):
+                out[idx] = fn(lead[idx])
+            lead = out
+        return Stack(lead)
+
+    def reshape(self, shape):
+        shape, n = tuple(shape), self.lead.size
+        for j in range(len(shape) + 1):
+            if prod(shape[:j]) == n and prod(shape[j:]) == prod(self.piece_shape):
+                rest = shape[j:]
+                return self._map(self.lead.reshape(shape[:j]), lambda p: p.reshape(rest))
+        return None
+
+    def transpose(self, perm):
+        k = self.lead.ndim
+        if sorted(perm[:k]) != list(range(k)) or any(p < k for p in perm[k:]):
+            return None
+        inner = [p - k for p in perm[k:]]
+        return self._map(self.lead.transpose(perm[:k]), lambda p: p.transpose(inner))
+
+    def take(self, axis, key):
+        """``x[(slice(None),) * axis + (key,)]`` (an int or a slice)."""
+        k = self.lead.ndim
+        if axis < k:
+            return self._map(self.lead[(slice(None),) * axis + (key,)])
+        sel = (slice(None),) * (axis - k) + (key,)
+        return self._map(self.lead, lambda p: p[sel])
+
+    def __getitem__(self, idx):
+        x = self
+        for i in (idx if isinstance(idx, tuple) else (idx,)):
+            x = x.take(0, i) if isinstance(x, Stack) else x[i]
+        return x
+
+    def ranges(self):
+        out = []
+        for idx in np.ndindex(*self.lead.shape):
+            r = byte_ranges(self.lead[idx])
+            if r is None:
+                return None
+            out += r
+        return out
+
+    def fill(self, out: np.ndarray) -> np.ndarray:
+        for idx in np.ndindex(*self.lead.shape):
+            piece = self.lead[idx]
+            out[idx] = np.asarray(piece) if isinstance(piece, (Stack, Concat)) else piece
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.fill(np.empty(self.shape, self.dtype))
+        return out if dtype is None else out.astype(dtype)
+
 
 def byte_ranges(x):
     """``array_ranges`` of an array or a pending ``Concat``, adjacent ranges merged."""
-    r = x.ranges() if isinstance(x, Concat) else array_ranges(x)
+    r = x.ranges() if isinstance(x, (Concat, Stack)) else array_ranges(x)
     return None if r is None else merge_ranges(r)
 
 
@@ -351,9 +456,8 @@ class ShardBuilder:
             ranges = byte_ranges(x)
             if ranges and x.nbytes // len(ranges) >= MIN_KERNEL_COPY:
                 return FileBytes(x.shape, dtype, ranges)
-        if isinstance(x, Concat):
-            out = self.cat.take(x.cat_shape, x.dtype)
-            x = np.concatenate(x.pieces, axis=x.axis, out=out).reshape(x.shape)
+        if isinstance(x, (Concat, Stack)):
+            x = x.fill(self.cat.take(x.shape, x.dtype))
         return self.out.materialize(x, dtype)
 
 

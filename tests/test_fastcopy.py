@@ -219,3 +219,43 @@ def test_a_failing_write_behind_fails_the_conversion_cleanly(tmp_path, sources, 
                  "--tp", "2", "-q"]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []             # no DST, no temporary directory
+
+
+# ---- MoE: a layer's stacked experts are never materialized whole ------------------------------
+MOE_TARGETS = {"megatron tp2 ep2": ("megatron", ["--tp", "2", "--ep", "2"]),
+               "gguf (stacked)": ("gguf", []),
+               "nxdt tp2": ("nxdt", ["--tp", "2"])}
+
+
+@pytest.fixture(scope="module")
+def mixtral_hf(tmp_path_factory):
+    from tests.conftest import build_transformers_model
+    from tests.test_moe import mixtral_config
+    path = tmp_path_factory.mktemp("moe") / "hf"
+    cfg = mixtral_config(experts=8)
+    cfg.update(hidden_size=64, intermediate_size=128)
+    build_transformers_model(cfg, path)
+    return path
+
+
+@pytest.mark.parametrize("target", list(MOE_TARGETS))
+def test_moe_experts_stay_lazy(tmp_path, mixtral_hf, monkeypatch, target):
+    from mapc.cli.main import main
+    from mapc.runtime.containers.base import Writer
+    to, extra = MOE_TARGETS[target]
+    stack_bytes = 8 * 128 * 64 * 4                     # one layer's gate, all experts, fp32
+    taken = []
+    real_take = F.Arena.take
+    monkeypatch.setattr(F.Arena, "take",
+                        lambda self, shape, dtype: (taken.append(np.dtype(dtype).itemsize *
+                                                                 int(np.prod(shape))),
+                                                    real_take(self, shape, dtype))[1])
+    monkeypatch.setattr(F, "MIN_KERNEL_COPY", 1)
+    argv = ["convert", str(mixtral_hf), None, "--to", to, *extra, "-q"]
+    assert main(argv[:2] + [str(tmp_path / "lazy")] + argv[3:]) == 0
+    assert max(taken, default=0) < stack_bytes       # the gather never built a whole stack
+    for cls in Writer.__subclasses__():
+        monkeypatch.setattr(cls, "keeps_arrays", True)
+    monkeypatch.setattr(F, "file_range", lambda arr: None)
+    assert main(argv[:2] + [str(tmp_path / "plain")] + argv[3:]) == 0
+    assert tree_hash(tmp_path / "lazy") == tree_hash(tmp_path / "plain")
