@@ -19,11 +19,11 @@ from mapc.compiler import sources
 from mapc.compiler.expr import ARITY, FUNCTIONS, symbols
 from mapc.compiler.metakeys import keys_of
 from mapc.errors import SpecError
-from mapc.grammar.parser import caret
 
 
 def error_at(at: str, message: str, hint: str | None = None) -> SpecError:
     """A SpecError at ``file:line:col`` with the spec line and a caret."""
+    from mapc.grammar.parser import caret    # the parser (lark) only when there is an error
     file, _, rest = at.rpartition(":")
     file, _, line = file.rpartition(":")
     try:

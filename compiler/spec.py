@@ -1,6 +1,11 @@
 """Load a spec: text -> AST -> Spec IR, checked and cached by content hash.
 
 ``load_spec("llama")`` finds a spec shipped with mapc; a path loads the user's own file.
+
+Compiled IR is cached in memory and on disk (``$MAPC_CACHE_DIR``, default
+``$XDG_CACHE_HOME/mapc`` or ``~/.cache/mapc``; an empty value turns the disk cache off), keyed
+by the spec's text, its file name and the compiler's own sources, so a process that finds its
+specs there never imports the parser (lark) or the checker.
 """
 from __future__ import annotations
 
@@ -8,18 +13,16 @@ import base64
 import functools
 import hashlib
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 import zlib
 from pathlib import Path
 
-from mapc.compiler import check as _check
 from mapc.compiler import sources
-from mapc.compiler.extend import merge
-from mapc.compiler.lower import lower, value_ir
 from mapc.errors import MapcError, SpecError
-from mapc.grammar.parser import caret, parse, parse_header
 
 
 @dataclass(frozen=True)
@@ -234,16 +237,29 @@ def _base_chain(text: str, file: str, seen: tuple) -> tuple:
 
 @functools.lru_cache(maxsize=64)
 def _compile_cached(text: str, file: str, bases: tuple) -> Spec:
-    sources.register(file, text)
+    sources.register(file, text)     # for carets in later errors, cached or not
+    # A spec that extends another is compiled from its bases' texts too, which its own text
+    # does not pin down: only a spec that names no base is kept in the on-disk cache.
+    cacheable = not bases and "extends" not in text
+    ir = _disk_get("ir", text, file) if cacheable else None
+    if ir is not None:
+        return Spec(ir=ir, text=text, bases=())
+    from mapc.compiler import check as _check      # the parser and checker load only here
+    from mapc.compiler.lower import lower
+    from mapc.grammar.parser import parse
     chain: list[tuple[str, str, str]] = []
     tree = _with_bases(parse(text, file), file, {b[0]: b for b in bases}, chain, (file,))
     ir = lower(tree, spec_sha256(text, chain))
     _check.check(ir)
+    if cacheable and not chain:
+        _disk_put("ir", text, file, ir)
     return Spec(ir=ir, text=text, bases=tuple(chain))
 
 
 def _with_bases(tree, file: str, given: dict, chain: list, seen: tuple):
     """``tree`` merged with the chain of specs it extends (compiler/extend.py)."""
+    from mapc.compiler.extend import merge
+    from mapc.grammar.parser import caret, parse
     if tree.extends is None:
         return tree
     name, pos = tree.extends.name, tree.extends.pos
@@ -274,6 +290,7 @@ def _find_base(name: str, file: str, pos, source: str) -> tuple[str, str]:
             return str(where), where.read_text()
         except OSError:
             pass
+    from mapc.grammar.parser import caret
     raise SpecError(f"extends {name!r}: no shipped spec or spec file of that name",
                     where=str(pos), context=caret(source, pos.line, pos.column) if pos else "",
                     hint="shipped specs: " + ", ".join(sorted(builtin_specs())))
@@ -288,11 +305,80 @@ def match_rules(text: str, file: str = "<spec>") -> tuple[MatchRule, ...] | None
 
 @functools.lru_cache(maxsize=64)
 def _match_rules_cached(sha: str, text: str, file: str):
-    matches = parse_header(text, file)
-    if matches is None:
+    found = _disk_get("match", text, file)
+    if found is None:
+        from mapc.compiler.lower import value_ir
+        from mapc.grammar.parser import parse_header
+        matches = parse_header(text, file)
+        found = {"rules": None if matches is None else
+                 [[m.key, [value_ir(v) for v in m.values], str(m.pos)] for m in matches]}
+        _disk_put("match", text, file, found)
+    if found["rules"] is None:
         return None
-    return tuple(MatchRule(m.key, tuple(value_ir(v) for v in m.values), str(m.pos))
-                 for m in matches)
+    return tuple(MatchRule(k, tuple(v), at) for k, v, at in found["rules"])
+
+
+# ---- the on-disk cache of compiled specs ----------------------------------------------------------
+# The compiler's own sources are part of every key, so editing the grammar or a pass invalidates
+# what an older compiler stored; a corrupt or unreadable entry is recompiled, and a cache that
+# cannot be written (read-only home) is skipped silently.
+_COMPILER_FILES = (("mapc.grammar", ("mapc.lark", "parser.py", "ast.py")),
+                   ("mapc.compiler", ("lower.py", "check.py", "expr.py", "spec.py", "extend.py",
+                                      "sources.py", "metakeys.py")))
+
+
+def _cache_dir() -> Path | None:
+    d = os.environ.get("MAPC_CACHE_DIR")
+    if d is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        d = os.path.join(base, "mapc")
+    return Path(d) / "specs" if d else None
+
+
+@functools.lru_cache(maxsize=1)
+def _compiler_fingerprint() -> str:
+    h = hashlib.sha256()
+    for package, names in _COMPILER_FILES:
+        root = resources.files(package)
+        for name in names:
+            h.update(name.encode() + b"\0" + root.joinpath(name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _cache_path(kind: str, text: str, file: str) -> Path | None:
+    d = _cache_dir()
+    if d is None:
+        return None
+    key = hashlib.sha256("\0".join((kind, _compiler_fingerprint(), file, text)).encode())
+    return d / f"{kind}-{key.hexdigest()}.json"
+
+
+def _disk_get(kind: str, text: str, file: str):
+    path = _cache_path(kind, text, file)
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _disk_put(kind: str, text: str, file: str, value) -> None:
+    path = _cache_path(kind, text, file)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(value, f, separators=(",", ":"))
+            os.replace(tmp, path)      # readers see the whole entry or none
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
 
 
 def schema() -> dict:

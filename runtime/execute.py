@@ -13,7 +13,7 @@ import numpy as np
 
 from mapc.compiler.program import Program
 from mapc.errors import MapcError
-from mapc.runtime.backends import bytes_equal, dtype_name, get_backend
+from mapc.runtime.backends import DTYPES, bytes_equal, dtype_name, get_backend
 from mapc.runtime.plan_write import weights_slot
 
 
@@ -32,29 +32,249 @@ class Report:
 
 
 class Progress:
-    """A one-line progress bar on stderr (silent when quiet or not a terminal, unless forced)."""
+    """Progress on stderr: done / total, throughput and time left.
 
-    def __init__(self, total: int, label: str, quiet: bool = False):
-        self.total, self.label, self.n = max(total, 1), label, 0
+    On a terminal one line is redrawn (at most 10 times a second); otherwise (a log file,
+    Slurm, torchrun) a plain line is printed every ``every`` seconds, so a long conversion
+    shows it is alive. ``quiet`` silences both. ``unit="B"`` counts bytes (shown in decimal
+    GB/MB, as disks are sold), anything else counts items."""
+
+    def __init__(self, total: int, label: str, quiet: bool = False, *, unit: str = "",
+                 every: float = 10.0, stream=None):
+        self.total, self.label, self.unit, self.n = max(total, 1), label, unit, 0
         self.enabled = not quiet
-        self.tty = sys.stderr.isatty()
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every = 0.1 if self.tty else every
         self.start = self.last = time.monotonic()
 
-    def step(self, nbytes: int = 0):
-        self.n += 1
+    def step(self, n: int = 1):
+        self.n += n
         now = time.monotonic()
-        if self.enabled and self.tty and (now - self.last > 0.1 or self.n == self.total):
+        if self.enabled and (now - self.last >= self.every or
+                             (self.tty and self.n >= self.total)):
             self.last = now
-            frac = self.n / self.total
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.n}/{self.total} "
-                             f"{now - self.start:5.1f}s")
-            sys.stderr.flush()
+            self._show(now)
 
-    def done(self, summary: str):
-        """Replace the bar by a summary line (terminals only; callers report the result)."""
+    def line(self, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        elapsed = max(now - self.start, 1e-9)
+        frac = min(self.n / self.total, 1.0)
+        rate = self.n / elapsed
+        left = (self.total - self.n) / rate if rate > 0 and self.n < self.total else 0.0
+        if self.unit == "B":
+            done = f"{fmt_bytes(self.n)} / {fmt_bytes(self.total)}"
+            speed = f"{fmt_bytes(rate)}/s"
+        else:
+            done = f"{self.n}/{self.total}"
+            speed = f"{rate:.1f}/s"
+        return (f"{self.label} {done} {100 * frac:3.0f}% {speed} "
+                f"elapsed {fmt_seconds(elapsed)} left {fmt_seconds(left)}")
+
+    def _show(self, now):
+        text = self.line(now)
+        if self.tty:
+            frac = min(self.n / self.total, 1.0)
+            self.stream.write(f"\r\033[K[{'#' * int(20 * frac):<20}] {text}")
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def done(self, summary: str | None = None):
+        """Clear the bar; print ``summary`` (terminals only; callers report the result)."""
         if self.enabled and self.tty:
-            sys.stderr.write("\r\033[K" + summary + "\n")
+            self.stream.write("\r\033[K" + (summary + "\n" if summary else ""))
+            self.stream.flush()
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units: 1 GB = 1e9 bytes."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_seconds(t: float) -> str:
+    t = int(round(t))
+    return f"{t // 3600}:{t // 60 % 60:02d}:{t % 60:02d}" if t >= 3600 else \
+        f"{t // 60}:{t % 60:02d}"
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process and of its finished children (Linux counts
+    ru_maxrss in KiB), the larger of the two."""
+    import resource
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) * 1024
+
+
+def planned_bytes(program: Program, dtypes: dict, extra_slots: int) -> int:
+    """Bytes the writer will receive: every placement in its dtype, plus each optimizer slot
+    in float32."""
+    from math import prod
+    from mapc.runtime.backends import DTYPES
+    total = 0
+    for inst, coord, name in program.target.placements():
+        n = prod(inst.recipe.shard_shape)
+        total += n * DTYPES[dtypes[(coord, name)]].itemsize + n * 4 * extra_slots
+    return total
+
+
+class _LazyBackend:
+    """The numpy backend for the pipelined path. A gather's stacks are lazy (``Stack``: the
+    pieces stay views of the source files) and made in an Arena only when an op needs the
+    bytes; a shard's final concatenation is left to the ShardBuilder, which decides where the
+    bytes go (file ranges, or one of its reused buffers)."""
+
+    def __init__(self, arena):
+        self.arena, self.builder = arena, None
+        self.be = get_backend("numpy")
+
+    def bind(self, builder):
+        self.builder = builder
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self.be, name)
+
+    def _real(self, x):
+        from mapc.runtime.fastcopy import Concat, Stack
+        if isinstance(x, (Stack, Concat)):
+            return x.fill(self.arena.take(x.shape, x.dtype))
+        return x
+
+    def stack(self, xs, axis):
+        from mapc.runtime.fastcopy import Stack
+        lazy = Stack.of(xs, axis)
+        if lazy is not None:
+            return lazy
+        xs = [self._real(x) for x in xs]
+        shape = list(xs[0].shape)
+        shape.insert(axis, len(xs))
+        out = self.arena.take(tuple(shape), np.result_type(*[x.dtype for x in xs]))
+        return np.stack(xs, axis=axis, out=out)
+
+    def concat(self, xs, axis):
+        if self.builder is not None:
+            return self.builder.concat(xs, axis)
+        return self.be.concat([self._real(x) for x in xs], axis)
+
+    def reshape(self, x, shape):
+        return _lazy_or(x, lambda v: v.reshape(tuple(shape)), self._real)
+
+    def transpose(self, x, perm):
+        return _lazy_or(x, lambda v: v.transpose(tuple(perm)), self._real)
+
+    def index(self, x, axis, i):
+        return _lazy_or(x, lambda v: v.take(axis, i) if _is_stack(v) else
+                        v[(slice(None),) * axis + (i,)], self._real)
+
+    def slice(self, x, axis, start, stop):
+        return _lazy_or(x, lambda v: v.take(axis, slice(start, stop)) if _is_stack(v) else
+                        v[(slice(None),) * axis + (slice(start, stop),)], self._real)
+
+    def pad(self, x, axis, n):
+        return self.be.pad(self._real(x), axis, n)
+
+    def broadcast(self, x, shape):
+        return self.be.broadcast(self._real(x), shape)
+
+    def cast(self, x, dtype):
+        return self.be.cast(self._real(x), dtype)
+
+    def to_numpy(self, x):
+        return self.be.to_numpy(self._real(x))
+
+    def all_zero(self, x):
+        return self.be.all_zero(self._real(x))
+
+    def equal(self, a, b):
+        return self.be.equal(np.asarray(a), np.asarray(b))
+
+
+def _is_stack(x) -> bool:
+    from mapc.runtime.fastcopy import Stack
+    return isinstance(x, Stack)
+
+
+def _lazy_or(x, op, real):
+    """``op(x)``; on a Stack that cannot stay lazy for it, ``op`` of its bytes."""
+    if _is_stack(x):
+        out = op(x)
+        return op(real(x)) if out is None else out
+    return op(x)
+
+
+class _WriteBehind:
+    """Writes on one thread behind the building of the next shards.
+
+    With a writer that is done with each array when write() returns (``keeps_arrays``
+    False) and the numpy backend, shard k is written while shard k+1 is built and the next unit
+    is read (numpy copies, zlib, pwrite and copy_file_range all release the GIL). Two shard
+    builders and two arenas alternate, and a buffer is reused only once the writes that read
+    it are done, so at most two shards and two units are in flight. Writes keep their order.
+    Otherwise everything runs inline, as before."""
+
+    def __init__(self, writer, progress, pipelined: bool):
+        self.writer, self.progress, self.pipelined = writer, progress, pipelined
+        self.pending: list = []          # (round, shard number, future), oldest first
+        self.round = self.shard = -1
+        self.pool = None
+        if pipelined:
+            from concurrent.futures import ThreadPoolExecutor
+            from mapc.runtime.fastcopy import Arena, ShardBuilder
+            takes = getattr(writer, "takes_ranges", False)
+            self.builders = [ShardBuilder(takes), ShardBuilder(takes)]
+            self.arenas = [Arena(), Arena()]
+            self.lazy = [_LazyBackend(a) for a in self.arenas]
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapc-write")
+
+    def _wait(self, done):
+        while self.pending and done(self.pending[0]):
+            self.pending.pop(0)[2].result()
+
+    def next_round(self):
+        """A new unit (or optimizer slot of it): (gather backend, shard backend) to use."""
+        self.round += 1
+        if not self.pipelined:
+            return None, None
+        r = self.round
+        self._wait(lambda p: p[0] <= r - 2)      # that arena's tensors are all written
+        self.arenas[r % 2].reset()
+        return self.lazy[r % 2].bind(None), self.lazy[r % 2]
+
+    def next_builder(self):
+        self.shard += 1
+        k = self.shard
+        self._wait(lambda p: p[1] <= k - 2)      # that builder's buffers are written
+        return self.builders[k % 2]
+
+    def submit(self, writes):
+        if self.pool is None:
+            self._write(writes)
+        else:
+            self.pending.append((self.round, self.shard, self.pool.submit(self._write, writes)))
+
+    def _write(self, writes):
+        for slot, coord, name, arr in writes:
+            if slot is None:
+                self.writer.write(coord, name, arr)
+            else:
+                self.writer.write_slot(slot, coord, name, arr)
+            self.progress.step(arr.nbytes)
+
+    def drain(self):
+        self._wait(lambda p: True)
+
+    def close(self):
+        """Wait for writes in flight (errors of a run already failing are not raised again)."""
+        if self.pool is not None:
+            for *_, f in self.pending:
+                f.exception()
+            self.pending = []
+            self.pool.shutdown(wait=True)
 
 
 def target_dtypes(program: Program, reader, dtype: str | None,
@@ -163,31 +383,43 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
     for slot in extra:   # optimizer state is kept in fp32
         writer.begin_slot(slot, [(coord, name, inst.recipe.shard_shape, "float32")
                                  for inst, coord, name in program.target.placements()])
-    progress = Progress(len(program.units) * (1 + len(extra)), "convert", quiet)
-    for unit in program.units:
-        for slot in [param_from] + extra:
-            logical = read_instances(unit.sources, reader, be, report, verify_replicas, slot)
-            for inst in unit.targets:
-                members = {m: logical[k] for m, k in inst.members.items()}
-                for rc, copies in inst.by_recipe_coord().items():
-                    shard = inst.recipe.shard(be, members, dict(rc))
-                    want = dtypes[copies[0]] if slot == param_from else "float32"
-                    arr = be.to_numpy(shard if want is None else be.cast(shard, want))
-                    if dtype_name(arr.dtype) != want:
-                        raise MapcError(f"internal: {copies[0][1]} has dtype {arr.dtype}, "
-                                        f"planned {want}")
-                    zeros = np.zeros_like(arr) if inst.summed and slot in SUMMED_SLOTS \
-                        else None
-                    for coord, name in copies:
-                        value = arr if zeros is None or inst.is_share_holder(coord) else zeros
-                        if slot == param_from:
-                            writer.write(coord, name, value)
+    progress = Progress(planned_bytes(program, dtypes, len(extra)), "convert", quiet, unit="B")
+    # Shards that must be rebuilt go through reused buffers when the writer consumes each
+    # array before write() returns; views of the source (unsplit tensors, row blocks) are
+    # passed through untouched, and the writer may copy them in-kernel (runtime/fastcopy.py).
+    pipelined = be.name == "numpy" and not getattr(writer, "keeps_arrays", True)
+    behind = _WriteBehind(writer, progress, pipelined)
+    try:
+        for unit in program.units:
+            for slot in [param_from] + extra:
+                read_be, shard_be = behind.next_round()
+                logical = read_instances(unit.sources, reader, read_be or be, report,
+                                         verify_replicas, slot)
+                for inst in unit.targets:
+                    members = {m: logical[k] for m, k in inst.members.items()}
+                    for rc, copies in inst.by_recipe_coord().items():
+                        want = dtypes[copies[0]] if slot == param_from else "float32"
+                        if shard_be is not None:
+                            builder = behind.next_builder()
+                            shard = inst.recipe.shard(shard_be.bind(builder), members, dict(rc))
+                            arr = builder.build(shard, DTYPES[want])
                         else:
-                            writer.write_slot(slot, coord, name, value)
-                        report.tensors_written += 1
-                        report.bytes_written += arr.nbytes
-            progress.step()
+                            shard = inst.recipe.shard(be, members, dict(rc))
+                            arr = be.to_numpy(shard if want is None else be.cast(shard, want))
+                        if dtype_name(arr.dtype) != want:
+                            raise MapcError(f"internal: {copies[0][1]} has dtype {arr.dtype}, "
+                                            f"planned {want}")
+                        zeros = np.zeros(arr.shape, arr.dtype) \
+                            if inst.summed and slot in SUMMED_SLOTS else None
+                        writes = [(slot if slot != param_from else None, coord, name,
+                                   arr if zeros is None or inst.is_share_holder(coord) else zeros)
+                                  for coord, name in copies]
+                        behind.submit(writes)
+                        report.tensors_written += len(writes)
+                        report.bytes_written += arr.nbytes * len(writes)
+        behind.drain()
+    finally:
+        behind.close()
     report.seconds = time.monotonic() - start
-    progress.done(f"wrote {report.tensors_written} tensors, "
-                  f"{report.bytes_written / 2**20:.1f} MiB in {report.seconds:.1f}s")
+    progress.done()
     return report

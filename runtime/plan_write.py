@@ -206,6 +206,13 @@ class PlannedWriter:
     state in ``record["training"]``); ``abort()`` releases what is open (AtomicOutput removes
     the directory)."""
 
+    # False when write()/write_slot() are done with the array when they return (its bytes
+    # written or copied): the executor then builds every shard in one reused buffer.
+    keeps_arrays: bool = True
+    # True when write()/write_slot() also take runtime.fastcopy.FileBytes (a tensor that is
+    # ranges of source files), copying them in-kernel.
+    takes_ranges: bool = False
+
     def __init__(self, tmpdir, program, plan: WritePlan):
         self.dir = Path(tmpdir)
         self.program = program

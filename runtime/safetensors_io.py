@@ -18,6 +18,7 @@ import numpy as np
 
 from mapc.errors import MapcError
 from mapc.runtime.backends import DTYPES, dtype_name
+from mapc.runtime.fastcopy import write_array
 
 ST_TO_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
               "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
@@ -164,8 +165,7 @@ class SafetensorsWriter:
         if tuple(arr.shape) != shape or dtype_name(arr.dtype) != dt:
             raise MapcError(f"internal: {name} is {arr.dtype}{list(arr.shape)}, planned "
                             f"{dt}{list(shape)}", where=self.path)
-        _write_all(self.fd, np.ascontiguousarray(arr).reshape(-1).view(np.uint8),
-                   self.base + offset, self.path)
+        write_array(self.fd, arr, self.base + offset, self.path)   # in-kernel when it can
         self.pending.discard(name)
 
     def close(self):

@@ -12,6 +12,15 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _spec_cache_under_tmp(tmp_path_factory):
+    """The on-disk spec cache (mapc.compiler.spec) of the whole run lives under tmp_path,
+    for in-process calls and subprocesses alike."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MAPC_CACHE_DIR", str(tmp_path_factory.mktemp("mapc-cache")))
+        yield
+
+
 def llama_config(hidden=64, layers=4, heads=8, groups=2, head_dim=None, ffn=96, vocab=100,
                  tied=False, model_type="llama"):
     cfg = {"architectures": ["LlamaForCausalLM" if model_type == "llama"

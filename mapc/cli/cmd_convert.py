@@ -85,11 +85,15 @@ def run(args) -> int:
                               quiet=args.quiet)
     for w in report.warnings:
         print(f"mapc: warning: {w}", file=sys.stderr)
+    from mapc.runtime.execute import fmt_bytes, peak_rss_bytes
+    rate = report.bytes_written / report.seconds if report.seconds > 0 else 0.0
     if args.json:
         print_json({"dst": args.dst, "tensors": report.tensors_written,
                     "bytes": report.bytes_written, "seconds": round(report.seconds, 3),
+                    "gb_per_s": round(rate / 1e9, 3), "peak_rss_bytes": peak_rss_bytes(),
                     "warnings": report.warnings})
     elif not args.quiet:
-        print(f"{args.src} -> {args.dst} ({args.to or 'like ' + args.like}): {report.tensors_written} tensors, "
-              f"{report.bytes_written / 2**20:.1f} MiB in {report.seconds:.1f}s", file=sys.stderr)
+        print(f"{args.src} -> {args.dst} ({args.to or 'like ' + args.like}): "
+              f"{report.tensors_written} tensors, {report.bytes_written / 2**20:.1f} MiB in "
+              f"{report.seconds:.1f}s ({fmt_bytes(rate)}/s)", file=sys.stderr)
     return 0

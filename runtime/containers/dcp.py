@@ -693,6 +693,7 @@ class DCPWriter(PlannedWriter):
     Optimizer state, when the source has it, is stored as torch's ``get_state_dict`` lays it
     out: ``optim.state.<fqn>.{exp_avg,exp_avg_sq,step}``, so ``dcp.load`` fills an optimizer
     state dict directly. Param-group hyper-parameters are kept in mapc.json's ``training``."""
+    keeps_arrays = False    # every array is written before write() returns
 
     DATA = "__0_0" + SUFFIX
 

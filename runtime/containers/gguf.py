@@ -34,6 +34,7 @@ from mapc.errors import MapcError
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
 from mapc.runtime.plan_write import PlannedWriter, make_plan, planned_tensors
+from mapc.runtime.fastcopy import write_array
 from mapc.runtime.safetensors_io import _write_all
 
 LAYOUT = "gguf"
@@ -233,6 +234,8 @@ def _value_type(vtypes, key, v):
 
 
 class GGUFFileWriter(PlannedWriter):
+    keeps_arrays = False    # every array is written before write() returns
+
     def __init__(self, tmpdir, program, plan):
         super().__init__(tmpdir, program, plan)
         self.gguf = _gguf()
@@ -287,11 +290,10 @@ class GGUFFileWriter(PlannedWriter):
 
     def write(self, coord, name, arr):
         offset, n = self.slots[name]
-        data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-        if data.nbytes != n:
-            raise MapcError(f"internal: {name} has {data.nbytes} bytes, planned {n}",
+        if arr.nbytes != n:
+            raise MapcError(f"internal: {name} has {arr.nbytes} bytes, planned {n}",
                             where=str(self.path))
-        _write_all(self.fd, data, self.base + offset, str(self.path))
+        write_array(self.fd, arr, self.base + offset, str(self.path))   # in-kernel when it can
         self.pending.discard(name)
 
     def finish(self, record: dict):

@@ -419,6 +419,8 @@ def _diff(a: dict, b: dict) -> str:
 
 class HFWriter(PlannedWriter):
     """Executes an hf WritePlan: one SafetensorsWriter per planned shard, opened in begin."""
+    keeps_arrays = False    # every array is written before write() returns
+    takes_ranges = True     # FileBytes: its bytes are copied from the source files
 
     def begin(self, tensors):
         d: _HFPlan = self.plan.detail

@@ -395,6 +395,8 @@ class MegatronWriter(PlannedWriter):
     group from ``groups`` ({(coord, name): source group index}, Program.target_groups).
     Without moments from the source (``fresh``), a fresh optimizer is written: no state,
     masters = weights."""
+    keeps_arrays = False    # every array is written before write() returns
+    takes_ranges = True     # FileBytes: its bytes are copied from the source files
 
     def __init__(self, tmpdir, program, plan):
         super().__init__(tmpdir, program, plan)

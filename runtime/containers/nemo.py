@@ -37,7 +37,6 @@ import zlib
 from collections import OrderedDict
 from pathlib import Path
 
-import yaml
 
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
@@ -191,6 +190,7 @@ class _tar_errors:
 
 
 def _nemo_config(yaml_text: str, where: str) -> dict:
+    import yaml     # imported when a NeMo checkpoint is read, not to detect one
     try:
         cfg = yaml.safe_load(yaml_text)
     except yaml.YAMLError as e:
@@ -406,6 +406,7 @@ Source = NemoSource
 class NemoWriter(PlannedWriter):
     """Writes the directory form; with a tar plan, packs it into a ``.nemo`` tar at the end
     and leaves that file at the temporary path, which AtomicOutput renames into place."""
+    keeps_arrays = False    # every array is written before write() returns
 
     def __init__(self, tmpdir, program, plan):
         super().__init__(tmpdir, program, plan)
@@ -454,6 +455,7 @@ class NemoWriter(PlannedWriter):
     def finish(self, record: dict):
         for coord, (w, placeholders) in self.writers.items():
             w.finish(OrderedDict((PREFIX + n, placeholders[n]) for n in self.order[coord]))
+        import yaml
         (self.dir / CONFIG).write_text(yaml.safe_dump(self.config(record), sort_keys=False))
         if self.as_tar:
             self._pack()

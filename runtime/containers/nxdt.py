@@ -133,6 +133,8 @@ def plan_write(program, facts, request):
 
 
 class NxdtWriter(PlannedWriter):
+    keeps_arrays = False    # every array is written before write() returns
+
     def __init__(self, tmpdir, program, plan):
         super().__init__(tmpdir, program, plan)
         self.ep = program.target.mesh.get("ep", 1)

@@ -1,0 +1,84 @@
+"""Start-up: compiled specs come from the on-disk cache, and a conversion imports only what
+it needs (no parser, no frameworks)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mapc.compiler import spec as S
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("MAPC_CACHE_DIR", str(d))
+    S._compile_cached.cache_clear()
+    S._match_rules_cached.cache_clear()
+    yield d
+    S._compile_cached.cache_clear()
+    S._match_rules_cached.cache_clear()
+
+
+def _fresh(name="llama"):
+    S._compile_cached.cache_clear()
+    return S.load_spec(name)
+
+
+def test_cached_ir_equals_compiled_ir(cache_dir):
+    compiled = _fresh()
+    assert len(list((cache_dir / "specs").glob("ir-*.json"))) == 1
+    cached = _fresh()                       # now from the disk
+    assert cached.ir == compiled.ir and cached is not compiled
+
+
+def test_corrupt_entry_is_recompiled(cache_dir):
+    compiled = _fresh()
+    (entry,) = (cache_dir / "specs").glob("ir-*.json")
+    entry.write_text('{"truncated": ')
+    assert _fresh().ir == compiled.ir
+    assert json.loads(entry.read_text()) == compiled.ir    # and rewritten whole
+
+
+def test_other_text_other_entry(cache_dir):
+    text = S.builtin_specs()["llama"].read_text()
+    a = S.compile_text(text, "a.map")
+    b = S.compile_text(text + "\n# a comment\n", "a.map")
+    assert len(list((cache_dir / "specs").glob("ir-*.json"))) == 2
+    assert a.ir["sha256"] != b.ir["sha256"]
+
+
+def test_empty_cache_dir_disables_the_disk_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAPC_CACHE_DIR", "")
+    monkeypatch.chdir(tmp_path)
+    assert S._cache_path("ir", "x", "y") is None
+    S._compile_cached.cache_clear()
+    S.load_spec("llama")
+    assert not any(tmp_path.iterdir())
+
+
+def test_spec_error_is_not_cached_and_keeps_its_caret(cache_dir):
+    from mapc.errors import MapcError
+    with pytest.raises(MapcError, match=r"bad\.map:1"):
+        S.compile_text("family\n", "bad.map")
+    assert not list(cache_dir.glob("specs/ir-*.json"))
+
+
+def test_conversion_imports_no_parser_or_framework(tmp_path, random_hf):
+    """A second conversion of the same model (spec cache warm) imports neither the spec
+    parser nor yaml, torch, jax or gguf."""
+    code = ("import sys; from mapc.cli.main import main; "
+            "rc = main(sys.argv[1:]); "
+            "print(sorted(m for m in ('lark', 'yaml', 'torch', 'jax', 'gguf') "
+            "if m in sys.modules)); sys.exit(rc)")
+    src = random_hf()
+    outs = []
+    for i in range(2):
+        r = subprocess.run([sys.executable, "-c", code, "convert", str(src),
+                            str(tmp_path / f"out{i}"), "--to", "megatron", "--tp", "2", "-q"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout.strip())
+    assert outs[1] == "[]", outs
