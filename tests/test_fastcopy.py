@@ -165,7 +165,7 @@ def test_kernel_paths_match_the_plain_path(tmp_path, sources, monkeypatch, case)
         assert sum(copied) > 0
     monkeypatch.setattr(F, "copy_range", real)
     monkeypatch.setattr(F, "file_range", lambda arr: None)
-    from mapc.runtime.containers.base import Writer
+    from mapc.runtime.plan_write import PlannedWriter as Writer
     for cls in Writer.__subclasses__():              # the plain path: fresh arrays, write()
         monkeypatch.setattr(cls, "keeps_arrays", True)
     assert main(argv[:2] + [str(tmp_path / "plain")] + argv[3:]) == 0
@@ -241,7 +241,7 @@ def mixtral_hf(tmp_path_factory):
 @pytest.mark.parametrize("target", list(MOE_TARGETS))
 def test_moe_experts_stay_lazy(tmp_path, mixtral_hf, monkeypatch, target):
     from mapc.cli.main import main
-    from mapc.runtime.containers.base import Writer
+    from mapc.runtime.plan_write import PlannedWriter as Writer
     to, extra = MOE_TARGETS[target]
     stack_bytes = 8 * 128 * 64 * 4                     # one layer's gate, all experts, fp32
     taken = []

@@ -44,11 +44,23 @@ def family_config(family: str) -> dict:
                 "intermediate_size": 48, "vocab_size": 128, "rotary_pct": 0.25,
                 "use_parallel_residual": True, "max_position_embeddings": 64,
                 "tie_word_embeddings": False}
+    if family == "phi3":
+        return {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_size": 32,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "intermediate_size": 48, "vocab_size": 128, "max_position_embeddings": 64,
+                "original_max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False, "pad_token_id": 0}
+    if family == "qwen3":
+        return {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 32,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 16, "intermediate_size": 48, "vocab_size": 128,
+                "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+                "tie_word_embeddings": False}
     raise KeyError(family)
 
 
 SPEC_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2",
-           "mixtral": "mixtral", "gpt_neox": "gpt_neox"}
+           "mixtral": "mixtral", "gpt_neox": "gpt_neox", "phi3": "phi3", "qwen3": "qwen3"}
 # format -> (layout it uses, a topology to try); nemo and dcp reuse megatron and hf
 FORMATS = {"megatron": ("megatron", {"tp": 2, "pp": 2}), "nemo": ("megatron", {"tp": 2}),
            "gguf": ("gguf", {}), "dcp": ("hf", {}), "nxdt": ("nxdt", {"tp": 2, "pp": 2}),
@@ -82,7 +94,8 @@ def test_hf_to_format_and_back_keeps_logits(tmp_path, family, fmt):
 # ---- hypothesis: every (family, layout) pair, random topology and parameters ---------------------
 LAYOUT_CASES = [(fam, lay) for fam in ("llama", "qwen2", "gpt2", "mixtral", "gpt_neox")
                 for lay in load_spec(SPEC_OF[fam]).layout_names() if lay != "hf"]
-FORMAT_OF_LAYOUT = {"megatron": "megatron", "gguf": "gguf", "nxdt": "nxdt", "neox": "neox"}
+FORMAT_OF_LAYOUT = {"megatron": "megatron", "gguf": "gguf", "nxdt": "nxdt", "neox": "neox",
+                    "torch_dist": "torch_dist"}
 
 
 CONVERTED: list = []

@@ -151,10 +151,6 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
                      detail=(dict(program.target.meta()), iteration))
 
 
-def make_writer(tmpdir, program, plan):
-    return TorchDistWriter(tmpdir, program, plan)
-
-
 class TorchDistSource(Source):
     format = "torch_dist"
     layout = "torch_dist"
@@ -361,3 +357,6 @@ class TorchDistWriter(PlannedWriter):
     def abort(self):
         if self.file is not None and not self.file.closed:
             self.file.close()
+
+
+Writer = TorchDistWriter
