@@ -467,12 +467,13 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
         try:
             report = execute.run(program, source, writer, backend=backend,
                                  dtype=DTYPE_CHOICES[dtype], quiet=quiet)
-            report.warnings[:0] = res.warnings + stale_warning(out.stale)
+            report.warnings[:0] = res.warnings
             writer.finish(_record(res, program, to, src, report))
         except BaseException:
             writer.abort()
             raise
         out.commit()
+        report.warnings += stale_warning(out.stale)     # about DST's directory, not the record
         return report
     except BaseException as e:
         if out is not None:
