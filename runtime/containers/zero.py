@@ -179,6 +179,8 @@ class ResumeState:
         ts = dict(source.training_state() or {})
         self.ts = ts
         src_dp = ts.get("dp_world_size") or 1
+        if isinstance(src_dp, float) and src_dp.is_integer():
+            src_dp = int(src_dp)
         if not isinstance(src_dp, (int, np.integer)) or not 1 <= src_dp <= 2**16:
             raise MapcError(f"the source's dp_world_size {src_dp!r} is not a data-parallel "
                             "size", where=str(source.path), hint="is the checkpoint corrupt?")
