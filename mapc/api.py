@@ -230,12 +230,13 @@ def write_conversion(cp: ConversionPlan, src, dst, *, force: bool = False,
         try:
             report = execute.run(program, source, writer, backend=backend, plan=plan,
                                  quiet=quiet)
-            report.warnings[:0] = res.warnings + list(plan.notes) + stale_warning(out.stale)
+            report.warnings[:0] = res.warnings + list(plan.notes)
             writer.finish(_record(res, program, cp.request.format, src, report))
         except BaseException:
             writer.abort()
             raise
         out.commit()
+        report.warnings += stale_warning(out.stale)     # about DST's directory, not the record
         return report
     except BaseException as e:
         if out is not None:

@@ -20,7 +20,7 @@ import mapc
 from mapc.api import plan_convert, write_conversion
 from mapc.cli.main import main
 from mapc.errors import MapcError
-from mapc.runtime.containers import plan_write
+from mapc.runtime.containers import make_writer, plan_write
 from mapc.runtime.plan_write import SourceFacts, WriteRequest
 from tests.conftest import llama_config, write_random_hf
 
@@ -74,6 +74,10 @@ CASES = {
 
 
 def _plan(name):
+    return _program_and_plan(name)[1]
+
+
+def _program_and_plan(name):
     compile_args, facts_args, request_args = CASES[name]
     program = mapc.compile_spec("llama", config=CFG, **compile_args)
     if facts_args == "ds":       # a DeepSpeed training run of the same model, in facts
@@ -82,7 +86,8 @@ def _plan(name):
             DS_TRAINING, param_groups=[dict(DS_GROUPS[0], params=names)]))
     request_args = dict(request_args)
     request_args.setdefault("dst", "DST")
-    return plan_write(program, _facts(program, **facts_args), WriteRequest(**request_args))
+    return program, plan_write(program, _facts(program, **facts_args),
+                               WriteRequest(**request_args))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -99,6 +104,14 @@ def test_planning_is_pure(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in CASES:
         _plan(name)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_writer_creates_nothing_before_begin(tmp_path, name):
+    program, plan = _program_and_plan(name)
+    writer = make_writer(plan.format, tmp_path, program, plan)
+    assert writer.slots == plan.slots
     assert list(tmp_path.iterdir()) == []
 
 

@@ -244,9 +244,13 @@ def check_destination(dst) -> Path:
     if p.name in ("", ".", ".."):
         raise MapcError(f"the destination {text!r} names a directory by '.' or '..' or '/'",
                         hint="name the new output directory itself, e.g. ./out")
-    absolute = p.absolute()
-    resolved = absolute.resolve()
-    cwd = Path.cwd().resolve()
+    try:
+        absolute = p.absolute()
+        resolved = absolute.resolve()
+        cwd = Path.cwd().resolve()
+    except OSError as e:                 # e.g. the current directory was deleted
+        raise MapcError(f"cannot resolve the destination {text}: {e.strerror or e}",
+                        hint="pass an absolute path from an existing directory") from None
     try:
         home = Path.home().resolve()
     except (KeyError, RuntimeError):

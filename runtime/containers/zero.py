@@ -225,6 +225,8 @@ def plan_resume(facts, request, target: str, dtypes, notes: list, *, optim: bool
     ts = facts.training
     mine = notes if optim else []
     src_dp = ts.get("dp_world_size") or 1
+    if isinstance(src_dp, float) and src_dp.is_integer():
+        src_dp = int(src_dp)
     if not isinstance(src_dp, (int, np.integer)) or not 1 <= src_dp <= 2**16:
         raise MapcError(f"the source's dp_world_size {src_dp!r} is not a data-parallel size",
                         where=str(facts.path), hint="is the checkpoint corrupt?")
