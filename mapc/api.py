@@ -17,7 +17,8 @@ import numpy as np
 
 from mapc import __version__
 from mapc.compiler.expr import evaluate
-from mapc.compiler.plan import LayoutPlan, bind_config, config_from_env, plan_layout
+from mapc.compiler.plan import (LayoutPlan, bind_config, config_from_env, plan_layout,
+                                stored_inventory, stored_tensor)
 from mapc.compiler.program import Program, compile_program
 from mapc.compiler.spec import Spec, builtin_specs, load_spec
 from mapc.errors import MapcError
@@ -37,6 +38,7 @@ class Resolved:
     config: dict                   # canonical model config (HF keys)
     plan: LayoutPlan
     warnings: list[str] = field(default_factory=list)
+    generic: str | None = None     # why generic mode was used (no family known), if it was
 
 
 def _read_config(config) -> dict | None:
@@ -48,12 +50,16 @@ def _read_config(config) -> dict | None:
         raise MapcError(f"cannot read config: {e}", where=str(config)) from None
 
 
+# The shipped spec of generic mode: any model, each stored tensor its own logical tensor.
+GENERIC = "generic"
+
+
 def _candidate_specs(source, spec, config):
     if spec is not None:
         return [load_spec(spec)]
     if source.record.get("family"):
         return [load_spec(source.record["family"])]
-    paths = sorted(builtin_specs().values())
+    paths = sorted(p for name, p in builtin_specs().items() if name != GENERIC)
     if config and config.get("model_type") is not None:
         # compiling a spec costs ~0.1 s: skip those whose match lines rule the config out
         paths = [p for p in paths if _may_match(p.read_text(), config)] or paths
@@ -121,8 +127,61 @@ def _plan_matches(plan: LayoutPlan, source) -> bool:
 
 def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
     """Find the family, config and layout parameters of an opened checkpoint, and check that
-    every tensor the spec expects is there with the right shape."""
+    every tensor the spec expects is there with the right shape.
+
+    When no family is known (no spec given or recorded, and no model config, or one whose
+    model_type no shipped spec describes), a checkpoint that no family spec describes is read
+    in generic mode: the shipped ``generic`` spec, each stored tensor its own logical
+    tensor, said in one warning."""
     config = _read_config(config) or source.config
+    try:
+        return _resolve(source, spec, config, params)
+    except MapcError as e:
+        if spec is not None or source.record.get("family") or _family_known(config):
+            raise
+        failure = e
+    try:
+        res = _resolve(source, GENERIC, config, params)
+    except MapcError:
+        raise failure from None
+    why = (f"no shipped spec describes model_type {config.get('model_type')!r}" if config
+           else "the checkpoint has no model config")
+    res.generic = why
+    res.warnings.insert(0, f"generic mode: {why}, so every tensor keeps its stored name and "
+                           f"shape (spec generic); formats that need the family (megatron, "
+                           f"neox, nemo, nxdt, gguf, tp/pp) need --config CONFIG.json")
+    return res
+
+
+def _family_known(config) -> bool:
+    """Whether a model config names a family some shipped spec describes."""
+    if not config or config.get("model_type") is None:
+        return False
+    for name, path in builtin_specs().items():
+        if name != GENERIC and _may_match(path.read_text(), config):
+            sp = load_spec(path)
+            if sp.ir["match"] and all(config.get(m["key"]) in m["values"]
+                                      for m in sp.ir["match"]):
+                return True
+    return False
+
+
+def _stored_env(sp, source):
+    """The config env of a stored-tensor spec (generic mode): the checkpoint's own tensors
+    and shapes, which must be unsharded (one mesh coordinate)."""
+    coords = source.coords()
+    if len(coords) != 1:
+        raise MapcError(f"spec {sp.family} keeps every stored tensor as it is, but "
+                        f"{source.path} is sharded over {len(coords)} files "
+                        f"({source.describe_coord(coords[1])}, ...)",
+                        hint="the family's spec is needed to merge shards: pass --config "
+                             "CONFIG.json or --spec FILE.map")
+    c = coords[0]
+    return stored_inventory(sp, source.layout, [(n, source.shape(n, c)) for n in source.names(c)],
+                            source.aliases())
+
+
+def _resolve(source, spec, config, params) -> Resolved:
     warnings = []
     errors = []
     partial = []   # specs that place only some of the checkpoint's tensors
@@ -136,7 +195,9 @@ def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
         given.update(params or {})
         envs = []
         try:
-            if config is not None:
+            if stored_tensor(sp) is not None:
+                envs.append((_stored_env(sp, source), dict(config or {})))
+            elif config is not None:
                 envs.append((bind_config(sp, config), dict(config)))
             else:
                 for guess in _boolean_guesses(sp, inv_env):
@@ -351,11 +412,30 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
         res = resolve(source, spec=spec, config=config, params=_source_params(source_set))
         target_layout = layout_of(to)
         topo = {"tp": tp, "pp": pp, "ep": ep}
+        if stored_tensor(res.spec) is not None:
+            _check_stored_target(res, to, target_layout, topo)
         target = plan_layout(res.spec, target_layout, res.env, topo, _parse_sets(set))
         return res, compile_program(res.plan, target)
     except BaseException:
         source.close()
         raise
+
+
+def _check_stored_target(res, to, target_layout, topo) -> None:
+    """Generic mode keeps names and shapes: refuse a target that needs the model's family
+    (another layout, or sharding over tp/pp/ep) before anything is written."""
+    sharded = {a: n for a, n in topo.items() if n not in (None, 1)}
+    if target_layout in res.spec.layout_names() and not sharded:
+        return
+    what = f"{to} (layout {target_layout})" if target_layout not in res.spec.layout_names() \
+        else ", ".join(f"{a}={n}" for a, n in sharded.items())
+    why = res.generic or f"spec {res.spec.family}"
+    raise MapcError(f"{res.source.path} is read in generic mode ({why}), which keeps every "
+                    f"tensor's name and shape; {what} needs the model's family to rearrange "
+                    f"them",
+                    hint="pass --config CONFIG.json (the model's HF config of a shipped "
+                         "family) or --spec FILE.map; without a family, convert to hf, dcp, "
+                         "deepspeed or universal")
 
 
 @dataclass
@@ -494,6 +574,10 @@ def _record(res: Resolved, program: Program, to: str, src, report) -> dict:
                    "topology": res.plan.mesh},
         "warnings": report.warnings,
         "training": _jsonable(res.source.training_state()),
+        # tensors without optimizer state (frozen parameters, buffers) and tied aliases, for
+        # formats that cannot say so themselves (dcp, safetensors)
+        "tensor_kinds": {n: k for (_, n), k in program.stateless_targets(res.source).items()},
+        "aliases": dict(program.target.aliases),
     }
 
 

@@ -51,6 +51,17 @@ class Source:
         weight decay), scheduler, loss scale. Empty when the checkpoint carries none."""
         return {}
 
+    def stateless(self, coord) -> dict[str, str]:
+        """Tensors of ``coord`` that have no optimizer state, by name: ``"frozen"`` (a
+        parameter no optimizer holds) or ``"buffer"`` (a module buffer). Only their
+        ``param`` slot is read."""
+        return {}
+
+    def aliases(self) -> dict[str, str]:
+        """Tied parameters the checkpoint records (DeepSpeed's ``shared_params``): alias name
+        -> the stored name it shares. A family's spec declares its own (``alias``)."""
+        return {}
+
     # -- tensors, by (mesh coord, physical name) --
     def coords(self) -> list[tuple]:
         raise NotImplementedError
@@ -172,11 +183,27 @@ class AtomicOutput:
         if self.dst.exists() and not force:
             raise MapcError(f"{dst} already exists", hint="choose a new path, or pass --force "
                             "to replace it")
+        # Missing parent directories are created, as DeepSpeed's save_checkpoint and
+        # ds_to_universal create theirs; an aborted conversion removes the ones it made.
         parent = self.dst.parent
+        self.made: list[Path] = []
         if not parent.is_dir():
-            raise MapcError(f"the parent directory of {dst} does not exist",
-                            hint=f"create {parent} first")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.mapc-", dir=parent))
+            if parent.exists() or any(p.exists() and not p.is_dir() for p in parent.parents):
+                raise MapcError(f"the parent of {dst} is not a directory",
+                                hint="choose a destination inside a directory")
+            missing = [parent] + [p for p in parent.parents if not p.exists()]
+            try:
+                parent.mkdir(parents=True)
+            except OSError as e:
+                raise MapcError(f"cannot create the parent directory {parent}: {e.strerror}",
+                                hint="choose a destination you may write to") from None
+            self.made = missing       # innermost first
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.mapc-", dir=parent))
+        except OSError as e:
+            self._remove_made()
+            raise MapcError(f"cannot write in {parent}: {e.strerror}",
+                            hint="choose a destination you may write to") from None
 
     def commit(self):
         if self.dst.exists():
@@ -190,6 +217,14 @@ class AtomicOutput:
 
     def abort(self):
         _remove(self.tmp)
+        self._remove_made()
+
+    def _remove_made(self):
+        for d in self.made:          # only the directories this conversion created, if empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def _remove(path: Path) -> None:

@@ -427,6 +427,18 @@ class DCPSource(Source):
     def slots(self):
         return ["param"] + self._slots
 
+    def stateless(self, coord=SINGLE):
+        """With optimizer state: the tensors that have none (kinds as mapc recorded them, else
+        non-float tensors are buffers and float ones frozen parameters)."""
+        if not self._slots:
+            return {}
+        kinds = self.record.get("tensor_kinds") or {}
+        return {n: kinds.get(n) or ("frozen" if self.tensors[n][1] in _FLOATS else "buffer")
+                for n in self.tensors if f"optim.state.{n}.{self._slots[0]}" not in self.optim}
+
+    def aliases(self):
+        return dict(self.record.get("aliases") or {})
+
     def training_state(self):
         steps = [k for k in self.optim if k.endswith(".step")]
         if not steps:
@@ -475,6 +487,7 @@ class DCPSource(Source):
 
 
 Source = DCPSource
+_FLOATS = ("float32", "bfloat16", "float16", "float64")
 
 
 # --------------------------------------------------------------------------------------
@@ -666,10 +679,11 @@ class DCPWriter(Writer):
                             f"{missing[0]}")
         write_metadata(self.dir / METADATA, {n: self.entries[n] for n in self.order}, self.DATA,
                        self.paths)
-        config = dict(record["config"])
-        if len(self.dtypes) == 1:
-            config["dtype"] = next(iter(self.dtypes))
-        write_json(self.dir / "config.json", config)
+        if record["config"]:        # generic mode has no model config to write
+            config = dict(record["config"])
+            if len(self.dtypes) == 1:
+                config["dtype"] = next(iter(self.dtypes))
+            write_json(self.dir / "config.json", config)
         write_json(self.dir / MAPC_JSON, record)
 
     def abort(self):

@@ -101,9 +101,61 @@ class ModuleSource(Source):
 
     def dtype(self, name, coord=SINGLE, slot="param"):
         self._known(name)
+        if name in self.kinds:
+            return self.extra_dtype.get(name) or self.module[name].dtype
         if slot == "param" and name in self.module:
             return self.module[name].dtype
         return "float32"
+
+    # -- module tensors the optimizer does not hold ----------------------------------------------
+    kinds: dict = {}
+    shared: dict = {}
+    extra_dtype: dict = {}
+
+    def stateless(self, coord=SINGLE):
+        return self.kinds
+
+    def aliases(self):
+        return self.shared
+
+    def _find_stateless(self, rank_states):
+        """Buffers (``buffer_names``) and frozen parameters (``frozen_param_shapes``, or any
+        other module entry ``param_shapes`` lacks) of the module, with their real shapes;
+        tied aliases (``shared_params``) are recorded, not listed. ``rank_states(r)`` loads
+        data-parallel rank r's model states (stage 3 keeps a frozen parameter's partitions
+        there, in ``frozen_param_fragments``)."""
+        ms = self.model_states
+        shared = {str(a): str(t) for a, t in dict(ms.get("shared_params") or {}).items()}
+        buffers = set(ms.get("buffer_names") or ())
+        frozen = {n: tuple(int(d) for d in s)
+                  for n, s in dict(ms.get("frozen_param_shapes") or {}).items()}
+        self.kinds, self.extra_dtype, self._rank_states = {}, {}, rank_states
+        self.shared = {a: t for a, t in shared.items() if t in self.shapes}
+        for name, ref in self.module.items():
+            if name in self.shapes or name in self.shared:
+                continue
+            self.kinds[name] = "buffer" if name in buffers else "frozen"
+            self.shapes[name] = frozen.get(name, tuple(ref.shape))
+
+    def _read_stateless(self, name):
+        shape = self.shapes[name]
+        ref = self.module[name]
+        if tuple(ref.shape) == shape:
+            return ref.map()
+        # stage 3: each data-parallel rank's model states hold its partition of the flat param
+        parts, n = [], prod(shape)
+        for r in range(self.saved_ranks):
+            frags = self._rank_states(r).get("frozen_param_fragments") or {}
+            if name not in frags:
+                raise MapcError(f"frozen parameter {name} has no frozen_param_fragments entry "
+                                f"on data-parallel rank {r}", where=str(self.home),
+                                hint="copy the complete checkpoint")
+            parts.append(np.asarray(frags[name].map()).reshape(-1))
+        flat = np.concatenate(parts)
+        if flat.size < n:
+            raise MapcError(f"the frozen_param_fragments of {name} hold {flat.size} elements, "
+                            f"its shape {list(shape)} needs {n}", where=str(self.home))
+        return np.ascontiguousarray(flat[:n]).reshape(shape)
 
     def _known(self, name):
         try:
@@ -111,6 +163,20 @@ class ModuleSource(Source):
         except KeyError:
             raise MapcError(f"parameter {name} is not in the checkpoint",
                             where=str(self.home)) from None
+
+
+def rank_model_states(source, folder: Path, r: int):
+    """Data-parallel rank r's stage 3 model states in ``folder`` (loaded once)."""
+    if r == 0:
+        return source.model_states
+    cache = source.__dict__.setdefault("_rank_states_cache", {})
+    if r not in cache:
+        f = Path(folder) / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+        if not f.is_file():
+            raise MapcError(f"{f.name} is missing", where=str(folder),
+                            hint="copy the complete checkpoint")
+        cache[r] = torchfile.load(f)
+    return cache[r]
 
 
 class _Piece:
@@ -170,6 +236,8 @@ class DeepSpeedSource(ModuleSource):
         self.module = dict(self.model_states.get("module") or {})
         self.param_shapes = [dict(g) for g in self.model_states["param_shapes"]]
         self._index()
+        self.saved_ranks = self.dp
+        self._find_stateless(self._rank_model_states)
         self.topology = {}      # the tensors are unsharded (hf layout); dp is ZeRO's own
         self.config = self.record.get("config") or \
             config_json((self.tag_dir, self.path, self.path.parent))
@@ -178,6 +246,9 @@ class DeepSpeedSource(ModuleSource):
     @property
     def home(self):
         return self.tag_dir
+
+    def _rank_model_states(self, r):
+        return rank_model_states(self, self.tag_dir, r)
 
     # -- where every parameter lives --------------------------------------------------------
     def _index(self):
@@ -228,6 +299,10 @@ class DeepSpeedSource(ModuleSource):
 
     def read(self, name, coord=SINGLE, slot="param"):
         shape = self._known(name)
+        if name in self.kinds:
+            if slot != "param":
+                raise MapcError(f"internal: {self.kinds[name]} {name} has no {slot} state")
+            return self._read_stateless(name)
         if slot == "param":
             ref = self.module.get(name)
             if ref is not None and tuple(ref.shape) == shape:
@@ -323,6 +398,7 @@ class DeepSpeedWriter(Writer):
         for coord in self.source.coords():
             src_names.extend(self.source.names(coord))
         known = set(src_names)
+        stateless = {n for c in self.source.coords() for n in self.source.stateless(c)}
         self.src_names = src_names
         self.src_order = {}
         if groups:
@@ -338,7 +414,7 @@ class DeepSpeedWriter(Writer):
                                     hint="the optimizer state does not match the weights")
                 lists.append(params)
             listed = {p for ps in lists for p in ps}
-            missing = [n for n in src_names if n not in listed]
+            missing = [n for n in src_names if n not in listed and n not in stateless]
             if missing:
                 raise MapcError(f"{missing[0]} is in no optimizer param group of the source "
                                 f"({len(missing)} such tensors): its training state cannot be "
@@ -384,19 +460,29 @@ class DeepSpeedWriter(Writer):
     # -- Writer protocol ---------------------------------------------------------------------
     def begin(self, tensors):
         dp, stage3 = self.dp, self.stage == 3
-        dtypes = {dt for *_, dt in tensors}
+        # frozen parameters and buffers stay in the module, outside the optimizer; a source
+        # that does not say which tensors they are (plain weights) has integer buffers only
+        self.kinds = {n: k for (_, n), k in
+                      self.program.stateless_targets(self.source).items()}
+        self.kinds.update({name: "buffer" for _, name, _, dt in tensors
+                           if dt not in ("float32", "bfloat16", "float16", "float64")})
+        dtypes = {dt for _, name, _, dt in tensors if name not in self.kinds}
         if len(dtypes) != 1 or next(iter(dtypes)) not in TRAINING_DTYPES:
             raise MapcError(f"a DeepSpeed module is trained in one dtype, fp32 or bf16; the "
-                            f"weights to write are {', '.join(sorted(dtypes))}",
+                            f"weights to write are {', '.join(sorted(dtypes)) or 'none'}",
                             hint="pass --dtype fp32 or --dtype bf16")
         self.dtype = next(iter(dtypes))
         self._finalize_config()
         placement = {}
         self.shapes = {}
+        self.all_shapes = {}
         for i, (coord, name, shape, _) in enumerate(tensors):
             if tuple(coord):
                 raise MapcError(f"internal: the deepspeed writer got a sharded tensor {name} "
                                 f"at {coord}")
+            self.all_shapes[name] = tuple(shape)
+            if name in self.kinds:
+                continue
             placement[name] = i
             self.shapes[name] = tuple(shape)
         # Tensors the source's optimizer does not order (a source in another layout, or
@@ -408,7 +494,9 @@ class DeepSpeedWriter(Writer):
         # the module's state_dict order: a DeepSpeed-style source's own, else named_parameters()
         src_pos = {n: i for i, n in enumerate(self.src_names)} \
             if isinstance(self.source, ModuleSource) else {}
-        self.module_order = sorted(placement, key=lambda n: (src_pos.get(n, inf), module_pos[n]))
+        every = [name for _, name, _, _ in tensors]
+        module_pos = {n: i for i, n in enumerate(module_order(every))}
+        self.module_order = sorted(every, key=lambda n: (src_pos.get(n, inf), module_pos[n]))
         ngroups = len(self.hyper)
         group = {n: g for (_, n), g in self.group_of.items()}
         members = [[n for n in order if group[n] == g] for g in range(ngroups)]
@@ -429,6 +517,7 @@ class DeepSpeedWriter(Writer):
             else "mp_rank_00_model_states.pt"
         self.model_writer = torchfile.TorchWriter(self.tag_dir / model_name)
         self.module = {}
+        self.held = {}     # stage 3: frozen params and buffers, for every rank's model states
         if stage3:   # the weights live in the optimizer files; the module keeps placeholders
             empty = np.zeros((0,), DTYPES[self.dtype])
             for n in order:
@@ -438,8 +527,16 @@ class DeepSpeedWriter(Writer):
         self.incoming.add(slot)
 
     def write(self, coord, name, arr):
+        if name in self.kinds:
+            arr = np.require(arr, requirements="C")
+            if self.stage == 3:
+                self.held[name] = arr
+                if self.kinds[name] == "frozen":    # partitioned like every stage 3 param
+                    arr = np.zeros((0,), arr.dtype)
+            self.module[name] = self.model_writer.add_tensor(arr)
+            return
         if self.stage != 3:
-            self.module[name] = self.model_writer.add_tensor(np.ascontiguousarray(arr))
+            self.module[name] = self.model_writer.add_tensor(np.require(arr, requirements="C"))
         if "master" not in self.incoming:
             if arr.dtype != np.float32 and not self.fresh and not self._upcast_noted:
                 self._upcast_noted = True
@@ -485,15 +582,41 @@ class DeepSpeedWriter(Writer):
         if samples is None:
             samples = self.iteration * batch
         scheduler = ts.get("lr_scheduler") if self.source.format == "deepspeed" else None
-        states = model_states(self.module, self.module_order, self.program.target.aliases,
-                              self.zero.param_shapes(self.shapes), self.stage,
-                              scheduler=scheduler, steps=self.iteration, samples=samples,
-                              dp=self.dp, ds_config=self.cfg)
-        self.model_writer.finish(states)
-        if stage3:   # every rank writes the same model states
+        buffers = [n for n, k in self.kinds.items() if k == "buffer"]
+        frozen = {n: self.all_shapes[n] for n in self.module_order
+                  if self.kinds.get(n) == "frozen"}
+
+        def states(writer, module, r):
+            fragments = {}
+            for n in frozen:
+                if not stage3:
+                    fragments[n] = module[n]
+                    continue
+                flat = self.held[n].reshape(-1)      # rank r's partition, zero-padded
+                part = -(-flat.size // self.dp)
+                piece = np.zeros(part, flat.dtype)
+                mine = flat[r * part:(r + 1) * part]
+                piece[:mine.size] = mine
+                fragments[n] = writer.add_tensor(piece)
+            return model_states(module, self.module_order, self.program.target.aliases,
+                                self.zero.param_shapes(self.shapes), self.stage,
+                                scheduler=scheduler, steps=self.iteration, samples=samples,
+                                dp=self.dp, ds_config=self.cfg, buffers=buffers, frozen=frozen,
+                                fragments=fragments)
+        self.model_writer.finish(states(self.model_writer, self.module, 0))
+        if stage3:   # every rank writes the same model states, but for its frozen partitions
             first = self.tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
             for r in range(1, self.dp):
-                shutil.copyfile(first, self.tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+                path = self.tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+                if not frozen:
+                    shutil.copyfile(first, path)
+                    continue
+                with torchfile.TorchWriter(path) as w:
+                    module = {n: w.add_tensor(self.held[n] if self.kinds.get(n) == "buffer"
+                                              else np.zeros((0,), DTYPES[self.dtype] if n not in
+                                                            self.held else self.held[n].dtype))
+                              for n in self.module_order}
+                    w.finish(states(w, module, r))
 
     def abort(self):
         w = getattr(self, "model_writer", None)

@@ -27,8 +27,10 @@ LAYOUT = "hf"
 
 
 def detect(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and (
-        any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
+    # safetensors files alone (a module's state dict saved without a model config) are read
+    # too, in generic mode; a .bin needs its config.json beside it
+    return path.is_dir() and (any(path.glob("*.safetensors")) or (
+        (path / "config.json").is_file() and any(path.glob("pytorch_model*.bin"))))
 
 
 def make_writer(tmpdir, program, resolved, options):
@@ -51,11 +53,12 @@ class HFSource(Source):
 
     def __init__(self, path):
         super().__init__(path)
+        cfg = self.path / "config.json"
         try:
-            self.config = json.loads((self.path / "config.json").read_text())
+            self.config = json.loads(cfg.read_text()) if cfg.exists() else None
         except (OSError, ValueError) as e:
             raise MapcError(f"cannot read config.json: {e}", where=str(self.path)) from None
-        self.format_meta = self.config
+        self.format_meta = self.config or {}
         self.where: dict[str, object] = {}
         st = sorted(self.path.glob("*.safetensors"))
         if st:
@@ -368,10 +371,11 @@ class HFWriter(Writer):
         if len(self.writers) > 1:
             write_json(self.dir / "model.safetensors.index.json",
                        {"metadata": {"total_size": self.total}, "weight_map": self.file_of})
-        config = dict(record["config"])
-        if len(self.dtypes) == 1:
-            config["dtype"] = next(iter(self.dtypes))
-        write_json(self.dir / "config.json", config)
+        if record["config"]:        # generic mode has no model config to write
+            config = dict(record["config"])
+            if len(self.dtypes) == 1:
+                config["dtype"] = next(iter(self.dtypes))
+            write_json(self.dir / "config.json", config)
         if self.export is not None:
             self.export.finish(record)
         write_json(self.dir / MAPC_JSON, record)

@@ -101,10 +101,11 @@ class UniversalSource(_ds.ModuleSource):
         for g in self.param_shapes:
             for name, shape in g.items():
                 self.shapes[name] = tuple(int(s) for s in shape)
-        for name, ref in self.module.items():      # frozen / never-trained: fp32.pt only
-            if name not in self.shapes and (self.zero / name / "fp32.pt").is_file():
-                self.shapes[name] = tuple(ref.shape)
+        self.saved_ranks = int(self.model_states.get("dp_world_size") or 1)
+        self._find_stateless(lambda r: _ds.rank_model_states(self, self.udir, r))
         for name in self.shapes:
+            if name in self.kinds:          # buffers and frozen params live in the module
+                continue
             if not (self.zero / name).is_dir():
                 raise MapcError(f"zero/{name}/ is missing (the model states list {name})",
                                 where=str(self.udir), hint="copy the complete checkpoint")
@@ -137,6 +138,10 @@ class UniversalSource(_ds.ModuleSource):
 
     def read(self, name, coord=SINGLE, slot="param"):
         shape = self._known(name)
+        if name in self.kinds:
+            if slot != "param":
+                raise MapcError(f"internal: {self.kinds[name]} {name} has no {slot} state")
+            return self._read_stateless(name)
         if slot == "param":
             ref = self.module.get(name)
             if ref is not None and tuple(ref.shape) == shape:
@@ -248,10 +253,6 @@ class UniversalWriter(Writer):
             step = 0.0
         self.step = float(step)
         # the source's trained parameters (a DeepSpeed source lists them in param_shapes)
-        self.trained = None
-        shapes = getattr(self.source, "param_shapes", None)
-        if ds_files and shapes:
-            self.trained = {n for g in shapes for n in g}
         self.groups = self._groups(program)
         self.models = None
         self.module: dict[str, object] = OrderedDict()
@@ -268,6 +269,12 @@ class UniversalWriter(Writer):
         return program.target_groups(src)
 
     def begin(self, tensors):
+        # frozen parameters and buffers: in the module only (ds_to_universal writes no zero/
+        # folder for them); a source that does not say has integer buffers only
+        self.kinds = {n: k for (_, n), k in
+                      self.program.stateless_targets(self.source).items()}
+        self.kinds.update({name: "buffer" for _, name, _, dt in tensors
+                           if dt not in ("float32", "bfloat16", "float16", "float64")})
         self.tensors = [(name, tuple(shape), dt) for _, name, shape, dt in tensors]
         for name, _, _ in self.tensors:
             if not name or "/" in name or "\0" in name or name in (".", ".."):
@@ -311,14 +318,10 @@ class UniversalWriter(Writer):
     def write(self, coord, name, arr):
         self.names.append(name)
         if self.models is not None:
-            keep = arr if self.stage != 3 else np.zeros((0,), arr.dtype)
-            self.module[name] = self.models.add_tensor(keep)
-        if self.trained is not None and name not in self.trained:
-            # a parameter the optimizer never held: DeepSpeed keeps its fp32 copy only
-            d = self.zero / name
-            d.mkdir(exist_ok=True)
-            with torchfile.TorchWriter(d / "fp32.pt") as w:
-                w.finish({"param": w.add_tensor(np.asarray(arr, np.float32))})
+            keep = arr if self.stage != 3 or self.kinds.get(name) == "buffer" \
+                else np.zeros((0,), arr.dtype)
+            self.module[name] = self.models.add_tensor(np.require(keep, requirements="C"))
+        if name in self.kinds:
             return
         if self.stage != 3:
             self._save(name, "step", np.array(self.step, dtype=np.float32))
@@ -329,8 +332,7 @@ class UniversalWriter(Writer):
                 self._save(name, slot, np.zeros(arr.shape, np.float32))
 
     def write_slot(self, slot, coord, name, arr):
-        if (self.trained is not None and name not in self.trained) or \
-                (self.fresh and slot != "master"):
+        if name in self.kinds or (self.fresh and slot != "master"):
             return
         self._save(name, _STATE_FILES[slot], arr)
 
@@ -365,6 +367,8 @@ class UniversalWriter(Writer):
         n = max(self.groups.values(), default=0) + 1 if self.groups else 1
         out = [[] for _ in range(n)]
         for name in self._ordered_names():
+            if name in self.kinds:
+                continue
             g = self.groups.get((SINGLE, name), 0) if self.groups else 0
             out[g].append(name)
         return out
@@ -390,18 +394,22 @@ class UniversalWriter(Writer):
         groups = self._group_names()
         param_shapes = [OrderedDict((n, torch_size(shapes[n])) for n in g) for g in groups]
         steps = int(self.training.get("iteration") or 0)
-        dtypes = set(self.dtypes.values())
+        dtypes = {dt for n, dt in self.dtypes.items() if n not in self.kinds}
         ds_config = self.training.get("ds_config") or {
             "train_micro_batch_size_per_gpu": 1,
             "zero_optimization": {"stage": self.stage},
             **({"bf16": {"enabled": True}} if dtypes == {"bfloat16"} else {}),
             **({"fp16": {"enabled": True}} if dtypes == {"float16"} else {}),
         }
+        frozen = {n: shapes[n] for n in self._module_order() if self.kinds.get(n) == "frozen"}
         ms = model_states(self.module, self._module_order(), self.program.target.aliases,
                           param_shapes, self.stage,
                           scheduler=_plain(self.training.get("lr_scheduler")), steps=steps,
                           samples=int(self.training.get("global_samples") or 0), dp=self.dp,
-                          ds_config=_plain(ds_config))
+                          ds_config=_plain(ds_config),
+                          buffers=[n for n, k in self.kinds.items() if k == "buffer"],
+                          frozen=frozen if self.stage != 3 else None,
+                          fragments={n: self.module[n] for n in frozen})
         self.models.finish(ms)
         if self.stage == 3:       # every rank writes its own (identical) copy
             for r in range(1, self.dp):
