@@ -12,9 +12,60 @@ from importlib import resources
 from pathlib import Path
 
 from mapc.compiler import check as _check
-from mapc.compiler.lower import lower
+from mapc.compiler.lower import lower, value_ir
 from mapc.errors import MapcError
-from mapc.grammar.parser import parse
+from mapc.grammar.parser import parse, parse_header
+
+
+@dataclass(frozen=True)
+class MatchRule:
+    """``match KEY: v1, v2``: the spec describes a model whose config has KEY in the values."""
+    key: str
+    values: tuple
+    at: str
+
+    def admits(self, config: dict) -> bool:
+        return config.get(self.key) in self.values
+
+    def excludes(self, config: dict) -> bool:
+        """True only when the config states KEY with another value (absent: undecided)."""
+        return self.key in config and config[self.key] not in self.values
+
+
+@dataclass(frozen=True)
+class ConfigSymbol:
+    """A config symbol: its name, the config keys it is read from, its default (expr IR)."""
+    name: str
+    keys: tuple[str, ...]
+    default: object
+    at: str
+
+    @property
+    def boolean_default(self) -> bool | None:
+        """The default of a boolean symbol (``default true``), else None."""
+        d = self.default
+        return d[1] if d is not None and d[0] == "bool" else None
+
+
+@dataclass(frozen=True)
+class LayoutParam:
+    """``param NAME = default | other | ...`` of a layout (default first)."""
+    name: str
+    choices: tuple
+    default: object
+    at: str
+
+    def as_ir(self) -> dict:
+        return {"name": self.name, "choices": list(self.choices), "default": self.default,
+                "at": self.at}
+
+
+@dataclass(frozen=True)
+class MetaEntry:
+    """``meta { KEY = expr }`` of a layout: a format metadata key and its expression (IR)."""
+    key: str
+    expr: object
+    at: str
 
 
 @dataclass(frozen=True)
@@ -40,6 +91,21 @@ class Spec:
 
     def layout_names(self) -> list[str]:
         return [lay["name"] for lay in self.ir["layouts"]]
+
+    # -- typed views of the IR (the IR itself stays plain JSON data) --
+    def matches(self) -> tuple[MatchRule, ...]:
+        return tuple(MatchRule(m["key"], tuple(m["values"]), m["at"]) for m in self.ir["match"])
+
+    def config_symbols(self) -> tuple[ConfigSymbol, ...]:
+        return tuple(ConfigSymbol(c["name"], tuple(c["keys"]), c["default"], c["at"])
+                     for c in self.ir["config"])
+
+    def layout_params(self, layout: str) -> tuple[LayoutParam, ...]:
+        return tuple(LayoutParam(p["name"], tuple(p["choices"]), p["default"], p["at"])
+                     for p in self.layout(layout)["params"])
+
+    def layout_meta(self, layout: str) -> tuple[MetaEntry, ...]:
+        return tuple(MetaEntry(m["key"], m["expr"], m["at"]) for m in self.layout(layout)["meta"])
 
     def to_json(self) -> str:
         return json.dumps(self.ir, indent=2)
@@ -91,6 +157,22 @@ def _compile_cached(text: str, file: str) -> Spec:
     ir = lower(parse(text, file), sha)
     _check.check(ir)
     return Spec(ir=ir, text=text)
+
+
+def match_rules(text: str, file: str = "<spec>") -> tuple[MatchRule, ...] | None:
+    """A spec's ``match`` lines read by the real parser from the spec's header only (what
+    precedes its first config/tensors/layout block), without compiling it: None when the header
+    does not parse (the compiler then reports the error). Cached by content hash."""
+    return _match_rules_cached(hashlib.sha256(text.encode()).hexdigest(), text, file)
+
+
+@functools.lru_cache(maxsize=64)
+def _match_rules_cached(sha: str, text: str, file: str):
+    matches = parse_header(text, file)
+    if matches is None:
+        return None
+    return tuple(MatchRule(m.key, tuple(value_ir(v) for v in m.values), str(m.pos))
+                 for m in matches)
 
 
 def schema() -> dict:

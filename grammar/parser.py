@@ -86,6 +86,28 @@ def _parse(text: str, file: str, start: str):
         raise
 
 
+# Keywords that open a block: a spec's header (family, match, let lines) ends at the first.
+_BLOCK_KEYWORDS = frozenset({"CONFIG", "TENSORS", "LAYOUT"})
+
+
+def parse_header(text: str, file: str = "<spec>") -> tuple[A.Match, ...] | None:
+    """The ``match`` lines of a spec's header, parsed by the spec grammar itself but only up
+    to the first config/tensors/layout block (a few milliseconds, against ~0.1 s to compile
+    the spec). None when the header is not valid: compiling the spec reports why."""
+    try:
+        ip = _parser().parse_interactive(text, start="start")
+        for tok in ip.lexer_thread.lex(ip.parser_state):
+            if tok.type in _BLOCK_KEYWORDS:
+                break
+            ip.feed_token(tok)
+        tree = ip.feed_eof()
+        build = _Build(file, text)
+        return tuple(build.transform(c) for c in tree.children
+                     if isinstance(c, lark.Tree) and c.data == "match")
+    except (lark.exceptions.LarkError, SpecError):
+        return None
+
+
 def _end(text: str) -> tuple[int, int]:
     lines = text.splitlines() or [""]
     return len(lines), len(lines[-1]) + 1

@@ -73,8 +73,28 @@ def test_like_dry_run_prints_the_program(tmp_path, template, capsys):
     ('match model_type: "llama", "mistral"  # comment\n', {"model_type": "qwen2"}, False),
     ('match model_type: "gpt2"\n', {"architectures": ["X"]}, True),     # key absent: compile
     ('family x\n', {"model_type": "anything"}, True),                    # no match line
-    ('match num_experts: 8\n', {"num_experts": 4}, True),               # not strings: compile
+    ('match num_experts: 8\n', {"num_experts": 4}, False),              # numbers too
+    ('match num_experts: 8\n', {"num_experts": 8}, True),
+    ('family x\nmatch model_type: "a"\nlayout hf { }\nmatch model_type: "b"\n',
+     {"model_type": "b"}, False),                                       # header only
+    ('family x\nmatch model_type: "a"\nconfig {\nmatch model_type: "b"\n',
+     {"model_type": "a"}, True),                                        # broken body: compile
+    ('family x\nmatch model_type "a"\n', {"model_type": "b"}, True),   # broken header: compile
 ])
 def test_match_lines_prefilter(text, config, expected):
-    from mapc.api import _may_match
-    assert _may_match(text, config) is expected
+    from mapc.compiler.resolve import may_match
+    assert may_match(text, config) is expected
+
+
+def test_resolving_compiles_only_the_matching_spec(tmp_path):
+    """The match lines are read from each spec's header; only the spec that admits the
+    config is compiled."""
+    from mapc.compiler import spec as spec_module
+    from mapc.compiler.resolve import resolve
+    from mapc.runtime.containers import open_source
+    src = write_random_hf(tmp_path / "hf", llama_config())
+    spec_module._compile_cached.cache_clear()
+    with open_source(src) as source:
+        res = resolve(source)
+    assert spec_module._compile_cached.cache_info().misses == 1
+    assert res.spec.ir["file"].endswith(".map")

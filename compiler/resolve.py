@@ -1,0 +1,385 @@
+"""Resolve an opened checkpoint: which spec (family) describes it, with which model config and
+which layout parameters.
+
+``resolve(source)`` tries the candidate specs (the one given, the one mapc recorded, or the
+shipped specs whose ``match`` lines admit the config), binds the config (or rebuilds it from the
+format's metadata), tries the layout parameters the checkpoint does not state, and returns the
+plan whose names and shapes match the checkpoint exactly. Nothing here reads a tensor: only
+names, shapes and metadata. ``source`` is any opened container (mapc.runtime.containers.base
+.Source): ``path``, ``format``, ``layout``, ``record``, ``config``, ``format_meta``,
+``topology``, ``warnings``, ``coords()``, ``names(coord)``, ``shape(name, coord)``,
+``describe_coord(coord)``, ``aliases()`` (tied names it records; generic mode) and
+optionally ``bind_plan(plan)``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mapc.compiler.expr import evaluate
+from mapc.compiler.plan import (LayoutPlan, bind_config, config_from_env, plan_layout,
+                                stored_inventory, stored_tensor)
+from mapc.compiler.spec import LayoutParam, Spec, builtin_specs, load_spec, match_rules
+from mapc.errors import MapcError
+from mapc.runtime.containers.base import coord_key
+
+
+@dataclass
+class Resolved:
+    source: object
+    spec: Spec
+    env: dict                      # config symbols
+    config: dict                   # canonical model config (HF keys)
+    plan: LayoutPlan
+    warnings: list[str] = field(default_factory=list)
+    generic: str | None = None     # why generic mode was used (no family known), if it was
+
+
+# The shipped spec of generic mode: any model, each stored tensor its own logical tensor.
+GENERIC = "generic"
+
+
+def read_config(config) -> dict | None:
+    """A model config given as a dict, or as the path of a JSON file."""
+    if config is None or isinstance(config, dict):
+        return config
+    try:
+        return json.loads(Path(config).read_text())
+    except (OSError, ValueError) as e:
+        raise MapcError(f"cannot read config: {e}", where=str(config)) from None
+
+
+def resolve(source, *, spec=None, config=None, params=None) -> Resolved:
+    """Find the family, config and layout parameters of an opened checkpoint, and check that
+    every tensor the spec expects is there with the right shape.
+
+    When no family is known (no spec given or recorded, and no model config, or one whose
+    model_type no shipped spec describes), a checkpoint that no family spec describes is read
+    in generic mode: the shipped ``generic`` spec, each stored tensor its own logical
+    tensor, said in one warning."""
+    config = read_config(config) or source.config
+    try:
+        return _resolve(source, spec, config, params)
+    except MapcError as e:
+        if spec is not None or source.record.get("family") or family_known(config):
+            raise
+        failure = e
+    try:
+        res = _resolve(source, GENERIC, config, params)
+    except MapcError:
+        raise failure from None
+    why = (f"no shipped spec describes model_type {config.get('model_type')!r}"
+           if config and config.get("model_type") is not None else
+           "the checkpoint has no model config")
+    res.generic = why
+    res.warnings.insert(0, f"generic mode: {why}, so every tensor keeps its stored name and "
+                           f"shape (spec generic); formats that need the family (megatron, "
+                           f"neox, nemo, nxdt, gguf, tp/pp) need --config CONFIG.json")
+    return res
+
+
+def family_known(config) -> bool:
+    """Whether a model config names a family some shipped spec describes."""
+    if not config or config.get("model_type") is None:
+        return False
+    for name, path in builtin_specs().items():
+        if name != GENERIC and may_match(path.read_text(), config):
+            sp = load_spec(path)
+            if sp.matches() and all(m.admits(config) for m in sp.matches()):
+                return True
+    return False
+
+
+def _stored_env(sp, source):
+    """The config env of a stored-tensor spec (generic mode): the checkpoint's own tensors
+    and shapes, which must be unsharded (one mesh coordinate)."""
+    coords = source.coords()
+    if len(coords) != 1:
+        raise MapcError(f"spec {sp.family} keeps every stored tensor as it is, but "
+                        f"{source.path} is sharded over {len(coords)} files "
+                        f"({source.describe_coord(coords[1])}, ...)",
+                        hint="the family's spec is needed to merge shards: pass --config "
+                             "CONFIG.json or --spec FILE.map")
+    c = coords[0]
+    return stored_inventory(sp, source.layout, [(n, source.shape(n, c)) for n in source.names(c)],
+                            source.aliases())
+
+
+def _resolve(source, spec, config, params) -> Resolved:
+    search = _Search()
+    for sp in candidate_specs(source, spec, config):
+        inv_env, inv_params = invert_meta(sp, source.layout, source.format_meta)
+        given = dict(source.record.get("params", {})) if source.record.get("layout") == \
+            source.layout else {}
+        given.update(inv_params)
+        given.update(params or {})
+        envs = []
+        try:
+            if stored_tensor(sp) is not None:
+                envs.append((_stored_env(sp, source), dict(config or {})))
+            elif config is not None:
+                envs.append((bind_config(sp, config), dict(config)))
+            else:
+                for guess in boolean_guesses(sp, inv_env):
+                    env = bind_config(sp, config_from_env(sp, inv_env | guess))
+                    envs.append((env, _constructed_config(sp, env)))
+        except MapcError as e:
+            search.errors.append(f"{sp.family}: {e}")
+            continue
+        for env, canonical in envs:
+            found = _resolve_params(sp, source, env, canonical, given, search)
+            if found is not None:
+                bind = getattr(source, "bind_plan", None)   # a source whose optimizer state
+                if bind is not None:                         # is numbered by the model's order
+                    bind(found.plan)
+                return found
+    search.fail(source)
+
+
+@dataclass
+class _Search:
+    """What the tried candidates taught, for the error when none fits."""
+    errors: list[str] = field(default_factory=list)
+    partial: list = field(default_factory=list)        # (spec, unplanned tensor names)
+    shape_misses: list = field(default_factory=list)   # plans whose names match, shapes not
+
+    def fail(self, source):
+        if self.shape_misses:
+            _check_shapes(self.shape_misses[0], source)   # raises, naming the first mismatch
+        if self.partial:
+            sp, extra = self.partial[0]
+            raise MapcError(f"{source.path} holds {len(extra)} tensors that spec {sp.family} "
+                            f"({sp.ir['file']}) does not place, e.g. {', '.join(extra[:3])}; "
+                            f"converting would drop them",
+                            hint="use a spec that covers them (--spec FILE.map), or fix the "
+                                 "spec")
+        detail = "; ".join(self.errors[-3:]) if self.errors else \
+            "no spec has a layout for this format"
+        raise MapcError(f"cannot match {source.path} ({source.format}) to a spec: {detail}; "
+                        f"pass --spec FILE.map, or --config CONFIG.json if the checkpoint lacks "
+                        f"its model config")
+
+
+# ---- which specs to try -------------------------------------------------------------------------
+def candidate_specs(source, spec, config) -> list[Spec]:
+    """The spec given, else the one mapc recorded, else the shipped specs that have the
+    source's layout and whose match lines admit the config."""
+    if spec is not None:
+        return [load_spec(spec)]
+    if source.record.get("family"):
+        return [load_spec(source.record["family"])]
+    paths = sorted(p for name, p in builtin_specs().items() if name != GENERIC)
+    if config and config.get("model_type") is not None:
+        # compiling a spec costs ~0.1 s: skip those whose match lines rule the config out
+        paths = [p for p in paths if may_match(p.read_text(), config)] or paths
+    specs = [load_spec(p) for p in paths]
+    specs = [s for s in specs if source.layout in s.layout_names()]
+    if config and config.get("model_type") is not None:
+        matching = [s for s in specs if s.matches() and all(m.admits(config)
+                                                            for m in s.matches())]
+        if not matching:
+            known = sorted({v for s in specs for m in s.matches() for v in m.values})
+            raise MapcError(f"no shipped spec describes model_type "
+                            f"{config.get('model_type')!r} (in {source.path})",
+                            hint="shipped model types: " + ", ".join(map(str, known))
+                                 + "; write a spec for it and pass --spec FILE.map")
+        return matching
+    return specs
+
+
+def may_match(text: str, config: dict) -> bool:
+    """A cheap look at a spec's ``match`` lines (its header, parsed without compiling the
+    spec): False only when one plainly excludes the config; the compiled spec decides the
+    rest (and reports a header that does not parse)."""
+    rules = match_rules(text)
+    return rules is None or not any(m.excludes(config) for m in rules)
+
+
+# ---- config symbols and layout parameters a format's metadata states -----------------------------
+def invert_meta(spec: Spec, layout: str, meta: dict) -> tuple[dict, dict]:
+    """Config symbols and layout params that a format's metadata states directly."""
+    syms = {c.name for c in spec.config_symbols()}
+    params = {p.name for p in spec.layout_params(layout)}
+    env, found_params = {}, {}
+    for m in spec.layout_meta(layout):
+        if m.key not in meta or meta[m.key] is None:
+            continue
+        value, e = meta[m.key], m.expr
+        if e[0] == "op" and e[1] == "not" and e[2][0] == "sym":
+            value, e = (not value), e[2]
+        if e[0] == "call" and e[1] in ("float", "int") and len(e) == 3 and e[2][0] == "sym":
+            e = e[2]     # a type conversion on write reads back as the plain value
+        if e[0] != "sym":
+            continue
+        if e[1] in syms:
+            env[e[1]] = value
+        elif e[1] in params:
+            found_params[e[1]] = value
+    return env, found_params
+
+
+def boolean_guesses(sp: Spec, stated: dict) -> list[dict]:
+    """Boolean config symbols a format's metadata does not state (e.g. tied embeddings in
+    GGUF, which only shows as a missing output tensor): their default first, then the rest."""
+    flags = [(c.name, c.boolean_default) for c in sp.config_symbols()
+             if c.name not in stated and c.boolean_default is not None]
+    guesses = [{}]
+    for name, default in flags[:3]:
+        guesses += [g | {name: not default} for g in guesses]
+    return guesses
+
+
+def param_candidates(param: LayoutParam) -> list:
+    """Values to try for a layout parameter the checkpoint does not state: its choices, both
+    booleans, or small powers of two for a number (e.g. a KV replication factor, which only
+    shows in shapes). The default comes first."""
+    default = param.default
+    if len(param.choices) > 1:
+        return list(param.choices)
+    if isinstance(default, bool):
+        return [default, not default]
+    if isinstance(default, int):
+        return [default] + [2 ** k for k in range(7) if 2 ** k != default]
+    return [default]
+
+
+def _constructed_config(spec: Spec, env: dict) -> dict:
+    out = {}
+    if "hf" in spec.layout_names():
+        out.update({m.key: evaluate(m.expr, env, m.at) for m in spec.layout_meta("hf")})
+    out.update(config_from_env(spec, env))
+    return out
+
+
+def _resolve_params(sp: Spec, source, env, canonical, given, search: _Search):
+    """Try the layout parameters the checkpoint does not state; the plan whose names and
+    shapes match the checkpoint exactly wins."""
+    free = [p for p in sp.layout_params(source.layout) if p.name not in given]
+    tried = []
+    for combo in itertools.product(*(param_candidates(p) for p in free)):
+        trial = dict(given)
+        trial.update({p.name: v for p, v in zip(free, combo)})
+        try:
+            plan = plan_layout(sp, source.layout, env, source.topology, trial)
+        except MapcError as e:
+            search.errors.append(f"{sp.family} {trial}: {e}")
+            continue
+        tried.append(trial)
+        if _plan_matches(plan, source):
+            extra = _unplanned(plan, source)
+            if not extra:
+                if not _shapes_match(plan, source):
+                    search.shape_misses.append(plan)
+                    continue
+                notes = _ambiguity(sp, source, env, trial, free, plan)
+                return Resolved(source, sp, env, canonical, plan,
+                                notes + list(getattr(source, "warnings", [])))
+            search.partial.append((sp, extra))
+    if tried and not any(p is sp for p, _ in search.partial):
+        plan = plan_layout(sp, source.layout, env, source.topology, tried[0])
+        missing = _missing(plan, source)
+        if missing:
+            search.errors.append(f"{sp.family}: the checkpoint lacks {len(missing)} expected "
+                                 f"tensors, e.g. {missing[0]}")
+    return None
+
+
+def _ambiguity(sp, source, env, chosen: dict, free: list[LayoutParam], plan) -> list[str]:
+    """Other values of the guessed parameters that fit the checkpoint just as well but would
+    read it differently (e.g. NxD trn1 vs trn2 replication): say which one was taken."""
+    notes = []
+    for p in free:
+        for value in param_candidates(p):
+            if value == chosen[p.name]:
+                continue
+            trial = dict(chosen, **{p.name: value})
+            try:
+                other = plan_layout(sp, source.layout, env, source.topology, trial)
+            except MapcError:
+                continue
+            if not (_plan_matches(other, source) and not _unplanned(other, source)
+                    and _shapes_match(other, source)):
+                continue
+            if _reads_the_same(plan, other):
+                continue
+            notes.append(f"this checkpoint also fits {p.name}={value!r}, which would read it "
+                         f"differently; took {p.name}={chosen[p.name]!r} (pass "
+                         f"--source-set {p.name}=VALUE to choose)")
+    return notes
+
+
+def _reads_the_same(a, b, limit: int = 1 << 21) -> bool:
+    """Do two plans map the same physical tensors to the same logical elements? Checked with
+    index probes through both recipes (only for tensors up to ``limit`` elements)."""
+    from mapc.runtime.backends import get_backend
+    be = get_backend("numpy")
+
+    def key(plan):
+        return {(c, n): (inst, rc) for inst in plan.instances for rc, c, n in inst.shards}
+    ka, kb = key(a), key(b)
+    if ka.keys() != kb.keys():
+        return False
+    for k, (ia, rca) in ka.items():
+        ib, rcb = kb[k]
+        if ia.recipe == ib.recipe and rca == rcb:
+            continue
+        shapes = {m: a.logical[key_].shape for m, key_ in ia.members.items()}
+        if sum(int(np.prod(s)) for s in shapes.values()) > limit:
+            return False
+        probe, start = {}, 0
+        for m, shape in shapes.items():
+            n = int(np.prod(shape))
+            probe[m] = np.arange(start, start + n, dtype=np.int64).reshape(shape)
+            start += n
+        pb = {m: probe[m] for m in ib.members}
+        if set(ia.members.values()) != set(ib.members.values()):
+            return False
+        if not np.array_equal(ia.recipe.shard(be, probe, dict(rca)),
+                              ib.recipe.shard(be, pb, dict(rcb))):
+            return False
+    return True
+
+
+# ---- plan against checkpoint (names and shapes only) --------------------------------------------
+def _plan_matches(plan: LayoutPlan, source) -> bool:
+    planned: dict[tuple, set] = {}
+    for _, c, name in plan.placements():
+        planned.setdefault(coord_key(c), set()).add(name)
+    have = {coord_key(c): c for c in source.coords()}
+    if set(planned) != set(have):
+        return False
+    return all(names <= set(source.names(have[k])) for k, names in planned.items())
+
+
+def _shapes_match(plan, source) -> bool:
+    return all(tuple(source.shape(name, coord)) == inst.recipe.shard_shape
+               for inst, coord, name in plan.placements())
+
+
+def _missing(plan, source):
+    out = []
+    for inst, coord, name in plan.placements():
+        if name not in set(source.names(coord)):
+            out.append(f"{name} in {source.describe_coord(coord)}")
+    return out
+
+
+def _unplanned(plan, source):
+    planned = {(coord_key(c), n) for _, c, n in plan.placements()}
+    return [n for c in source.coords() for n in source.names(c)
+            if (coord_key(c), n) not in planned]
+
+
+def _check_shapes(plan, source):
+    for inst, coord, name in plan.placements():
+        got = tuple(source.shape(name, coord))
+        if got != inst.recipe.shard_shape:
+            raise MapcError(f"{name} has shape {list(got)} but the config and spec give "
+                            f"{list(inst.recipe.shard_shape)} ({inst.rule['at']})",
+                            where=f"{source.path} {source.describe_coord(coord)}",
+                            hint="the config does not describe this checkpoint; pass the right "
+                                 "--config")
