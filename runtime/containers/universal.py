@@ -276,6 +276,11 @@ class UniversalWriter(Writer):
         self.kinds.update({name: "buffer" for _, name, _, dt in tensors
                            if dt not in ("float32", "bfloat16", "float16", "float64")})
         self.tensors = [(name, tuple(shape), dt) for _, name, shape, dt in tensors]
+        self.tied: dict[str, list] = {}
+        for alias, target in self.program.target.aliases.items():
+            self.tied.setdefault(target, []).append(alias)
+            if not alias or "/" in alias or alias in (".", ".."):
+                raise MapcError(f"parameter name {alias!r} cannot be a folder name in zero/")
         for name, _, _ in self.tensors:
             if not name or "/" in name or "\0" in name or name in (".", ".."):
                 raise MapcError(f"parameter name {name!r} cannot be a folder name in zero/")
@@ -307,8 +312,10 @@ class UniversalWriter(Writer):
     def _save_now(self, name, key, arr):
         d = self.zero / name
         d.mkdir(exist_ok=True)
-        with torchfile.TorchWriter(d / f"{key}.pt") as w:
-            if key == "step" or self.stage == 3:
+        with torchfile.TorchWriter(d / f"{'fp32' if key == 'module' else key}.pt") as w:
+            if key == "module":
+                obj = {"param": w.add_tensor(arr)}
+            elif key == "step" or self.stage == 3:
                 obj = w.add_tensor(arr.reshape(-1) if key != "step" else arr,
                                    requires_grad=key == "fp32")
             else:
@@ -321,6 +328,12 @@ class UniversalWriter(Writer):
             keep = arr if self.stage != 3 or self.kinds.get(name) == "buffer" \
                 else np.zeros((0,), arr.dtype)
             self.module[name] = self.models.add_tensor(np.require(keep, requirements="C"))
+        if self.stage != 3:
+            # ds_to_universal (stages 1/2) saves every module entry the optimizer does not
+            # hold, buffers, frozen and tied names too, as zero/<name>/fp32.pt = {"param":
+            # the module tensor as float32}
+            for alias in ([name] if name in self.kinds else []) + self.tied.get(name, []):
+                self._save(alias, "module", np.asarray(arr).astype(np.float32))
         if name in self.kinds:
             return
         if self.stage != 3:
