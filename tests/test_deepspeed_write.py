@@ -225,6 +225,9 @@ class _FakeProgram:
     def target_groups(self, lists):
         return {((), n): g for g, names in enumerate(lists) for n in names}
 
+    def stateless_targets(self, reader):
+        return {}           # every tensor is a trained parameter
+
 
 class _FakeResolved:
     def __init__(self, source):
