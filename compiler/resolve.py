@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,6 +177,11 @@ def candidate_specs(source, spec, config) -> list[Spec]:
     if config and config.get("model_type") is not None:
         # compiling a spec costs ~0.1 s: skip those whose match lines rule the config out
         paths = [p for p in paths if may_match(p.read_text(), config)] or paths
+    elif not config:
+        # no config to match (e.g. a DeepSpeed checkpoint, which saves none): skip the specs
+        # none of whose fixed tensor names the checkpoint holds
+        names = {n for c in source.coords() for n in source.names(c)}
+        paths = [p for p in paths if may_describe(p.read_text(), names)] or paths
     specs = [load_spec(p) for p in paths]
     specs = [s for s in specs if source.layout in s.layout_names()]
     if config and config.get("model_type") is not None:
@@ -189,6 +195,17 @@ def candidate_specs(source, spec, config) -> list[Spec]:
                                  + "; write a spec for it and pass --spec FILE.map")
         return matching
     return specs
+
+
+_FIXED_NAME = re.compile(r'"([A-Za-z_][\w.]*\.[\w.]+)"')
+
+
+def may_describe(text: str, names: set) -> bool:
+    """A cheap look at a spec's text before compiling it: False only when the spec names
+    tensors without placeholders (``"model.norm.weight"``) and the checkpoint holds none of
+    them (then no layout of the spec can place its tensors)."""
+    fixed = set(_FIXED_NAME.findall(text))
+    return not fixed or bool(fixed & names)
 
 
 def may_match(text: str, config: dict) -> bool:
