@@ -63,14 +63,19 @@ def target_dtypes(program: Program, reader, dtype: str | None,
     logical_dtype = {}
     for inst in program.source.instances:
         _, coord, name = inst.shards[0]
-        dt = reader.dtype(name, coord) if slot == "param" else \
-            reader.dtype(name, coord, slot=slot)
+        dt = reader.dtype(name, coord) if slot == "param" or name in reader.stateless(coord) \
+            else reader.dtype(name, coord, slot=slot)
         for key in inst.members.values():
             logical_dtype.setdefault(key, dt)
     out = {}
     for inst, coord, name in program.target.placements():
-        out[(coord, name)] = dtype or logical_dtype[next(iter(inst.members.values()))]
+        have = logical_dtype[next(iter(inst.members.values()))]
+        # --dtype casts floating tensors; integer buffers (step counters, ...) keep theirs
+        out[(coord, name)] = dtype if dtype and have in FLOAT_DTYPES else have
     return out
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def read_instances(instances, reader, be, report: Report, verify_replicas=True,
@@ -160,18 +165,23 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                       for inst, coord, name in program.target.placements()])
     # Optimizer slots the source has and the writer stores (`extra`); a training checkpoint's
     # weights are exported from its fp32 master copy when the writer keeps no master slot.
+    # Frozen parameters and buffers (stateless) have only their weights.
+    stateless = program.stateless_keys(reader)
     for slot in extra:   # optimizer state is kept in fp32
         writer.begin_slot(slot, [(coord, name, inst.recipe.shard_shape, "float32")
-                                 for inst, coord, name in program.target.placements()])
+                                 for inst, coord, name in program.target.placements()
+                                 if not all(k in stateless for k in inst.members.values())])
     progress = Progress(len(program.units) * (1 + len(extra)), "convert", quiet)
     for unit in program.units:
-        for slot in [param_from] + extra:
+        weights_only = all(k in stateless for k in unit.keys)
+        for slot in ["param"] if weights_only else [param_from] + extra:
             logical = read_instances(unit.sources, reader, be, report, verify_replicas, slot)
             for inst in unit.targets:
                 members = {m: logical[k] for m, k in inst.members.items()}
                 for rc, copies in inst.by_recipe_coord().items():
                     shard = inst.recipe.shard(be, members, dict(rc))
-                    want = dtypes[copies[0]] if slot == param_from else "float32"
+                    is_weight = slot in ("param", param_from)
+                    want = dtypes[copies[0]] if is_weight else "float32"
                     arr = be.to_numpy(shard if want is None else be.cast(shard, want))
                     if dtype_name(arr.dtype) != want:
                         raise MapcError(f"internal: {copies[0][1]} has dtype {arr.dtype}, "
@@ -180,7 +190,7 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                         else None
                     for coord, name in copies:
                         value = arr if zeros is None or inst.is_share_holder(coord) else zeros
-                        if slot == param_from:
+                        if is_weight:
                             writer.write(coord, name, value)
                         else:
                             writer.write_slot(slot, coord, name, value)
