@@ -258,7 +258,7 @@ def _identity(path: Path):
     """(device, inode) of what is at ``path`` (a symlink itself, not its target), or None."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a file in the way is refused later)
         return None
     except OSError as e:
         raise MapcError(f"cannot look at the destination: {e.strerror or e}", where=str(path)) \
