@@ -294,23 +294,28 @@ class LayoutPlan:
 
 
 MIN_DP_SHARE = 256            # elements each data-parallel rank must get, at the least
+FREE_DP = 64                  # a data-parallel size never refused for the model's size
 
 
 def check_dp(plan: "LayoutPlan", dp: int, what: str = "--dp") -> None:
-    """Refuse a data-parallel size that would partition each model-parallel rank's parameters
-    into shares of fewer than MIN_DP_SHARE elements: such ranks hold padding, not model, and
-    their files cost time and disk for nothing (a hostile --dp 100000 on a tiny model)."""
+    """Refuse a data-parallel size above FREE_DP that would partition each model-parallel
+    rank's parameters into shares of fewer than MIN_DP_SHARE elements: such ranks hold
+    padding, not model, and their files cost time and disk for nothing (a hostile --dp 100000
+    on a tiny model). Up to FREE_DP ranks are always taken: DeepSpeed trains a small model
+    (a few hundred parameters, generic mode's conv net) at any such size, and FREE_DP files
+    cost nothing."""
     if not is_int(dp) or dp < 1 or dp > MAX_MESH:
         raise MapcError(f"{what} {dp!r} must be a positive integer of at most {MAX_MESH}")
     per_rank: dict[tuple, int] = {}
     for inst, coord, _ in plan.placements():
         per_rank[coord] = per_rank.get(coord, 0) + prod(inst.recipe.shard_shape)
     smallest = min(per_rank.values(), default=0)
-    if dp > 1 and dp * MIN_DP_SHARE > smallest:
+    if dp > FREE_DP and dp * MIN_DP_SHARE > smallest:
         raise MapcError(f"{what} {dp} would give each data-parallel rank fewer than "
                         f"{MIN_DP_SHARE} of the {smallest} parameters of a model-parallel rank "
                         f"of {plan.describe()}",
-                        hint=f"choose {what} at most {max(1, smallest // MIN_DP_SHARE)}")
+                        hint=f"choose {what} at most "
+                             f"{max(FREE_DP, smallest // MIN_DP_SHARE)}")
 
 
 def resolve_params(layout: dict, given: dict | None) -> dict:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from mapc import __version__
-from mapc.compiler.plan import MAX_MESH, LayoutPlan, bind_config, check_dp, plan_layout, stored_tensor
+from mapc.compiler.plan import (MAX_MESH, LayoutPlan, bind_config, check_dp, plan_layout,
+                                stored_tensor)
 from mapc.compiler.program import Program, compile_program
 from mapc.compiler.resolve import Resolved, read_config, resolve
 from mapc.compiler.spec import load_spec, spec_record
