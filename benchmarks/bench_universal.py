@@ -13,6 +13,9 @@
        --output_folder OUT/global_step1_universal --inject_missing_state`` (its default
        workers: 4 extract, 2 merge processes);
      - ``mapc convert CKPT OUT --to universal -q``.
+   Both read the checkpoint as ``engine.save_checkpoint`` leaves it: ``latest`` and the tag
+   folder, without the ``config.json`` the test harness adds (mapc then runs in generic mode:
+   no model config, no spec chosen by family). ``--with-config`` keeps the config.json.
    Peak RSS is that of the whole process tree (ds_to_universal forks workers): the tree's
    summed RSS sampled every 10 ms with psutil. The page cache is warm for both (the source
    was just read), so this is CPU + memory cost, not the disk.
@@ -51,8 +54,12 @@ def n_params(m: dict, layers: int) -> int:
     return 2 * v * h + layers * per_layer + h
 
 
-def run_measured(cmd: list[str], env: dict) -> tuple[float, int, str]:
-    """(wall seconds, peak summed RSS of the process tree in bytes, stderr tail)."""
+def run_measured(cmd: list[str], env: dict) -> tuple[float, int, str, float]:
+    """(wall seconds, peak summed RSS of the process tree in bytes, stderr tail, CPU seconds
+    (user + system) of the whole tree: less sensitive than wall time to other jobs on the
+    cores)."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
@@ -85,7 +92,9 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, int, str]:
     t.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
-    return wall, peak[0], err
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, peak[0], err, cpu
 
 
 def main(argv=None) -> int:
@@ -94,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--with-config", action="store_true",
+                    help="give mapc the harness's config.json too (family mode)")
     args = ap.parse_args(argv)
     cache = Path(args.cache).absolute()
     cache.mkdir(parents=True, exist_ok=True)
@@ -109,6 +120,13 @@ def main(argv=None) -> int:
           f"{optim_bytes / 1e9:.2f} GB; {'trained' if trained > 5 else 'cached'})",
           file=sys.stderr)
 
+    if not args.with_config:     # what a DeepSpeed user has: latest + the tag folder only
+        saved = cache / f"{ckpt.name}_as_saved"
+        shutil.rmtree(saved, ignore_errors=True)
+        saved.mkdir()
+        shutil.copy(ckpt / "latest", saved / "latest")
+        (saved / tag).symlink_to(ckpt / tag, target_is_directory=True)
+        ckpt = saved
     env = ds._env()
     work = cache / "bench_universal_out"
     theirs_dir, mine_dir = work / "ds", work / "mapc"
@@ -130,10 +148,11 @@ def main(argv=None) -> int:
             out.mkdir(parents=True) if label == "ds_to_universal" else out.parent.mkdir(
                 parents=True, exist_ok=True)
             subprocess.run(["sync"], check=False)
-            wall, rss, _ = run_measured(make_cmd(out), env)
-            runs.append((wall, rss))
-        rows[label] = {"seconds": min(w for w, _ in runs), "peak_rss": max(r for _, r in runs),
-                       "runs": runs}
+            wall, rss, _, cpu = run_measured(make_cmd(out), env)
+            runs.append((wall, rss, cpu))
+        rows[label] = {"seconds": min(w for w, _, _ in runs),
+                       "peak_rss": max(r for _, r, _ in runs),
+                       "cpu_seconds": min(c for _, _, c in runs), "runs": runs}
 
     cmp = subprocess.run([sys.executable, str(ROOT / "tests/groundtruth/ds_universal_compare.py"),
                           str(mine_dir / f"{tag}_universal"), str(theirs_dir / f"{tag}_universal")],
@@ -147,20 +166,26 @@ def main(argv=None) -> int:
     a, b = rows["ds_to_universal"], rows["mapc --to universal"]
     speedup = a["seconds"] / b["seconds"]
     ok_speed, ok_mem = speedup >= MIN_SPEEDUP, b["peak_rss"] < a["peak_rss"]
-    print(f"\n{'operation':<22}{'seconds':>9}{'peak RSS MiB':>14}{'GB/s':>7}")
+    print(f"\n{'operation':<22}{'seconds':>9}{'CPU s':>8}{'peak RSS MiB':>14}{'GB/s':>7}")
     for label, r in rows.items():
-        print(f"{label:<22}{r['seconds']:>9.2f}{r['peak_rss'] / 2**20:>14.0f}"
+        print(f"{label:<22}{r['seconds']:>9.2f}{r['cpu_seconds']:>8.2f}"
+              f"{r['peak_rss'] / 2**20:>14.0f}"
               f"{optim_bytes / 1e9 / r['seconds']:>7.2f}   runs: "
-              + ", ".join(f"{w:.2f}s/{m / 2**20:.0f}MiB" for w, m in r["runs"]))
+              + ", ".join(f"{w:.2f}s/{c:.2f}cpu/{m / 2**20:.0f}MiB" for w, m, c in r["runs"]))
+    print(f"load average {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())}; "
+          f"CPU-time ratio {a['cpu_seconds'] / b['cpu_seconds']:.1f}x")
     print(f"\nspeedup {speedup:.1f}x (target >= {MIN_SPEEDUP}x): {'PASS' if ok_speed else 'MISS'}; "
           f"memory {b['peak_rss'] / a['peak_rss']:.2f}x of ds_to_universal (target < 1): "
           f"{'PASS' if ok_mem else 'MISS'}")
+    print(f"mapc read the checkpoint {'with' if args.with_config else 'without'} a "
+          f"config.json ({'family' if args.with_config else 'generic'} mode)")
     print(f"outputs identical (torch, {res.get('compared')} files): "
           f"{'yes' if identical else 'NO ' + json.dumps(res)[:2000]}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "params": params, "optimizer_file_bytes": optim_bytes, "rows": rows,
-            "speedup": speedup, "identical": identical}, indent=2))
+            "speedup": speedup, "identical": identical,
+            "with_config": args.with_config}, indent=2))
     return 0 if identical else 1
 
 

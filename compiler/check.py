@@ -106,7 +106,11 @@ def check(ir: dict) -> None:
             groups.setdefault(t["group"], (t["index"], t["count"]))
             _known(t["count"], spec_syms, t["at"], "group size")
         _known(t["when"], spec_syms, t["at"], "condition")
-        for axis in t["axes"]:
+        if t.get("stored") and t["group"]:
+            raise error_at(t["at"], f"stored tensor {t['name']} ('{t['name'].split('.')[-1]}: "
+                           f"*') cannot be in a group: it already stands for every stored "
+                           f"tensor", hint="declare it outside 'for ...'")
+        for axis in t["axes"] or ():
             for f in axis:
                 if "concat" in f:
                     raise error_at(f["at"], "a logical tensor cannot be a concatenation; "
@@ -507,8 +511,35 @@ RULE_CHECKS = (
 
 
 def _check_rule(c: _RuleCheck) -> None:
+    if any(c.tensors.get(r["tensor"], {}).get("stored") for r in c.refs):
+        _rule_refs(c)                   # a stored tensor's rule says nothing else
+        _check_stored_rule(c.lay, c.rule, c.syms)
+        return
     for _, step in RULE_CHECKS:
         step(c)
+
+
+def _check_stored_rule(lay, rule, syms):
+    """``"prefix*suffix" = NAME`` for a stored tensor ``NAME: *``: every stored tensor whose
+    name fits the pattern is placed whole, under that name; nothing else may be said of it."""
+    at = rule["at"]
+    if len(rule["refs"]) != 1:
+        raise error_at(at, "a stored tensor ('NAME: *') cannot be fused with others")
+    if rule["name"].count("*") != 1 or any(isinstance(p, dict) for p in rule["name_parts"]):
+        raise error_at(at, f"the rule of stored tensor {rule['refs'][0]['tensor']} names its "
+                       f"tensors with one '*' and no placeholders, e.g. \"*\" or "
+                       f"\"module.*\"; got {rule['name']!r}")
+    said = [k for k in ("as", "from") if rule[k] is not None] + \
+        [k for k in ("splits", "each", "repeat", "sum", "pads") if rule[k]] + \
+        (["on"] if rule["stage"] is not None else [])
+    if said:
+        raise error_at(at, f"a stored tensor keeps the shape the file states: "
+                       f"'{said[0]}' cannot apply to {rule['name']!r}")
+    if "pp" in lay["mesh"]:
+        raise error_at(at, f"layout {lay['name']} is pipelined; stored tensors have no "
+                       f"pipeline stage")
+    _known(rule["when"], syms, at, "condition")
+
 
 def member_views(rule) -> dict:
     """member -> its 'from' pattern (a single-tensor rule's 'from' belongs to its one member)."""

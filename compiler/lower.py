@@ -147,6 +147,7 @@ def lower(spec: A.Spec, sha256: str) -> dict:
         "requires": requires_ir(spec.requires),
         "tensors": [{"name": t.full_name, "group": t.group, "index": t.index,
                      "count": expr_ir(t.count), "axes": pattern_ir(t.pattern),
-                     "when": expr_ir(t.when), "at": str(t.pos)} for t in spec.tensors],
+                     "when": expr_ir(t.when), "stored": t.stored, "at": str(t.pos)}
+                    for t in spec.tensors],
         "layouts": [layout_ir(lay, source=spec.source) for lay in spec.layouts],
     }

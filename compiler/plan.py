@@ -136,11 +136,74 @@ def group_count(decl: dict, env: dict) -> int:
     return n
 
 
+# A spec with a stored tensor (``NAME: *``) is planned for one checkpoint's tensors: the
+# config env carries them under this key, {stored name: shape} (see ``stored_inventory``).
+STORED = "$stored"
+
+
+def stored_tensor(spec: Spec) -> dict | None:
+    """The spec's stored tensor declaration (``NAME: *``), if it has one."""
+    return next((t for t in spec.ir["tensors"] if t.get("stored")), None)
+
+
+def stored_rules(layout: dict) -> list[tuple[str, str, dict]]:
+    """(prefix, suffix, rule) of a layout's ``"prefix*suffix" = NAME`` rules."""
+    out = []
+    for rule in layout["rules"]:
+        if "*" in rule["name"] and all(isinstance(p, str) for p in rule["name_parts"]):
+            prefix, _, suffix = rule["name"].partition("*")
+            out.append((prefix, suffix, rule))
+    return out
+
+
+def stored_name(layout: dict, physical: str) -> str | None:
+    """The stored tensor's name (what ``*`` matched) for a physical name, or None."""
+    for prefix, suffix, _ in stored_rules(layout):
+        if len(physical) > len(prefix) + len(suffix) and physical.startswith(prefix) \
+                and physical.endswith(suffix):
+            return physical[len(prefix):len(physical) - len(suffix)]
+    return None
+
+
+STORED_ALIASES = "$stored_aliases"
+
+
+def stored_inventory(spec: Spec, layout_name: str, tensors, aliases=None) -> dict:
+    """The config env of a stored-tensor spec for a checkpoint whose layout ``layout_name``
+    holds ``tensors`` [(physical name, shape)] and records tied ``aliases`` {alias: physical
+    name}: names the layout's ``*`` rules do not match are left out (the coverage check then
+    names them)."""
+    layout = spec.layout(layout_name)
+    inv = {}
+    for name, shape in tensors:
+        key = stored_name(layout, name)
+        if key is not None:
+            inv[key] = tuple(int(d) for d in shape)
+    tied = {}
+    for alias, target in (aliases or {}).items():
+        a, t = stored_name(layout, alias), stored_name(layout, target)
+        if a is not None and t in inv and a not in inv:
+            tied[a] = t
+    return {STORED: inv, STORED_ALIASES: tied}
+
+
 def logical_tensors(spec: Spec, env: dict) -> dict[str, Logical]:
     out = {}
     elements = 0
     for t in spec.ir["tensors"]:
         if t["when"] is not None and not evaluate(t["when"], env, t["at"]):
+            continue
+        if t.get("stored"):
+            for name, shape in env.get(STORED, {}).items():
+                key = logical_key(t["name"], name)
+                out[key] = Logical(key, t["name"], name, tuple(shape))
+                elements += prod(shape)
+            if len(out) > MAX_TENSORS or elements > MAX_ELEMENTS:
+                raise error_at(t["at"], f"the checkpoint stores more than "
+                               + (f"{MAX_TENSORS} tensors" if len(out) > MAX_TENSORS else
+                                  f"{MAX_ELEMENTS:.2e} parameters")
+                               + f" (stored tensor {t['name']})",
+                               hint="check the checkpoint")
             continue
         shape = tuple(prod(_size(f["factor"], env, f["at"]) for f in axis) for axis in t["axes"])
         n = group_count(t, env) if t["group"] else 1
@@ -231,23 +294,28 @@ class LayoutPlan:
 
 
 MIN_DP_SHARE = 256            # elements each data-parallel rank must get, at the least
+FREE_DP = 64                  # a data-parallel size never refused for the model's size
 
 
 def check_dp(plan: "LayoutPlan", dp: int, what: str = "--dp") -> None:
-    """Refuse a data-parallel size that would partition each model-parallel rank's parameters
-    into shares of fewer than MIN_DP_SHARE elements: such ranks hold padding, not model, and
-    their files cost time and disk for nothing (a hostile --dp 100000 on a tiny model)."""
+    """Refuse a data-parallel size above FREE_DP that would partition each model-parallel
+    rank's parameters into shares of fewer than MIN_DP_SHARE elements: such ranks hold
+    padding, not model, and their files cost time and disk for nothing (a hostile --dp 100000
+    on a tiny model). Up to FREE_DP ranks are always taken: DeepSpeed trains a small model
+    (a few hundred parameters, generic mode's conv net) at any such size, and FREE_DP files
+    cost nothing."""
     if not is_int(dp) or dp < 1 or dp > MAX_MESH:
         raise MapcError(f"{what} {dp!r} must be a positive integer of at most {MAX_MESH}")
     per_rank: dict[tuple, int] = {}
     for inst, coord, _ in plan.placements():
         per_rank[coord] = per_rank.get(coord, 0) + prod(inst.recipe.shard_shape)
     smallest = min(per_rank.values(), default=0)
-    if dp > 1 and dp * MIN_DP_SHARE > smallest:
+    if dp > FREE_DP and dp * MIN_DP_SHARE > smallest:
         raise MapcError(f"{what} {dp} would give each data-parallel rank fewer than "
                         f"{MIN_DP_SHARE} of the {smallest} parameters of a model-parallel rank "
                         f"of {plan.describe()}",
-                        hint=f"choose {what} at most {max(1, smallest // MIN_DP_SHARE)}")
+                        hint=f"choose {what} at most "
+                             f"{max(FREE_DP, smallest // MIN_DP_SHARE)}")
 
 
 def resolve_params(layout: dict, given: dict | None) -> dict:
@@ -317,6 +385,9 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
         if rule["when"] is not None and not evaluate(rule["when"], env, rule["at"]):
             continue
         decl = tensors[rule["refs"][0]["tensor"]]
+        if decl.get("stored"):
+            shard_count += _place_stored(plan, rule, decl, mesh, layout)
+            continue
         indices = [None] if decl["group"] is None else range(group_count(decl, config_env))
         for index in indices:
             keys = {r["member"]: logical_key(r["tensor"], index) for r in rule["refs"]}
@@ -362,9 +433,55 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
     return plan
 
 
+def _place_stored(plan, rule, decl, mesh, layout) -> int:
+    """A ``"prefix*suffix" = NAME`` rule: every stored tensor whole, under its own name
+    (copied over the layout's data mesh axes like any uncut tensor). Returns the number of
+    shards placed."""
+    prefix, _, suffix = rule["name"].partition("*")
+    rep = tuple((a, n) for a, n in mesh.items() if a not in layout["single"])
+    once = {a: 0 for a in mesh if a in layout["single"]}
+    copies = prod(n for _, n in rep)
+    placed = 0
+    for key, lg in plan.logical.items():
+        if lg.tensor != decl["name"]:
+            continue
+        recipe = identity_recipe(rule, lg.shape)
+        name = prefix + lg.index + suffix
+        shards = [((), tuple((a, (dict(rc) | once)[a]) for a in layout["mesh"]), name)
+                  for rc in index_product(rep)]
+        plan.instances.append(Instance(rule, None, 0, recipe, {rule["refs"][0]["member"]: key},
+                                       shards, rep))
+        placed += copies
+        if placed > MAX_SHARDS:
+            raise error_at(rule["at"], f"layout {layout['name']} would have more than "
+                           f"{MAX_SHARDS} tensor shards", hint="choose a smaller topology")
+    return placed
+
+
+def identity_recipe(rule, shape: tuple) -> Recipe:
+    """The recipe of a tensor stored as it is: its own shape, unsharded (one per shape)."""
+    key = ("stored", rule["at"], tuple(shape))
+    recipe = _RECIPES.get(key)
+    if recipe is None:
+        axes = [[{"factor": f"d{k}", "at": rule["at"]}] for k in range(len(shape))]
+        env = {f"d{k}": int(n) for k, n in enumerate(shape)}
+        recipe = _RECIPES[key] = _build_recipe(rule, axes, env,
+                                               {rule["refs"][0]["member"]: tuple(shape)}, {})
+    return recipe
+
+
 def _aliases(plan) -> dict[str, str]:
     """alias name -> the physical name of the tensor it names (an unsharded, unfused one)."""
     out = {}
+    decl = stored_tensor(plan.spec)
+    if decl is not None and plan.env.get(STORED_ALIASES):
+        rules = [(p, x) for p, x, r in stored_rules(plan.layout)
+                 if r["refs"][0]["tensor"] == decl["name"] and (
+                     r["when"] is None or evaluate(r["when"], plan.env, r["at"]))]
+        if rules:
+            prefix, suffix = rules[0]
+            out.update({prefix + a + suffix: prefix + t + suffix
+                        for a, t in plan.env[STORED_ALIASES].items()})
     for a in plan.layout.get("aliases", ()):
         if a["when"] is not None and not evaluate(a["when"], plan.env, a["at"]):
             continue

@@ -55,6 +55,24 @@ class Program:
             out[(coord, name)] = min(groups) if groups else 0
         return out
 
+    def stateless_keys(self, reader) -> dict[str, str]:
+        """Logical tensors without optimizer state (every source shard of them is stateless
+        in ``reader``: a frozen parameter or a buffer), with their kind."""
+        out = {}
+        for inst in self.source.instances:
+            kinds = [reader.stateless(c).get(n) for _, c, n in inst.shards]
+            if kinds and all(kinds):
+                for key in inst.members.values():
+                    out[key] = kinds[0]
+        return out
+
+    def stateless_targets(self, reader) -> dict[tuple, str]:
+        """Target tensors (coord, name) without optimizer state, with their kind."""
+        keys = self.stateless_keys(reader)
+        return {(c, n): keys[next(iter(inst.members.values()))]
+                for inst, c, n in self.target.placements()
+                if all(k in keys for k in inst.members.values())}
+
     def _shard_label(self, inst: Instance, coord, name) -> str:
         """Which slice of the recipe a physical tensor is: its mesh ranks and each-indices."""
         for rc, c, n in inst.shards:

@@ -8,18 +8,21 @@ plan whose names and shapes match the checkpoint exactly. Nothing here reads a t
 names, shapes and metadata. ``source`` is any opened container (mapc.runtime.containers.base
 .Source): ``path``, ``format``, ``layout``, ``record``, ``config``, ``format_meta``,
 ``topology``, ``warnings``, ``coords()``, ``names(coord)``, ``shape(name, coord)``,
-``describe_coord(coord)`` and optionally ``bind_plan(plan)``.
+``describe_coord(coord)``, ``aliases()`` (tied names it records; generic mode) and
+optionally ``bind_plan(plan)``.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mapc.compiler.plan import LayoutPlan, bind_config, config_from_env, meta_values, plan_layout
+from mapc.compiler.plan import (LayoutPlan, bind_config, config_from_env, meta_values,
+                                plan_layout, stored_inventory, stored_tensor)
 from mapc.compiler.spec import (LayoutParam, Spec, builtin_specs, load_spec, match_rules,
                                 recorded_sha256, spec_from_record)
 from mapc.errors import MapcError
@@ -34,6 +37,11 @@ class Resolved:
     config: dict                   # canonical model config (HF keys)
     plan: LayoutPlan
     warnings: list[str] = field(default_factory=list)
+    generic: str | None = None     # why generic mode was used (no family known), if it was
+
+
+# The shipped spec of generic mode: any model, each stored tensor its own logical tensor.
+GENERIC = "generic"
 
 
 def read_config(config) -> dict | None:
@@ -53,8 +61,61 @@ def resolve(source, *, spec=None, config=None, params=None,
 
     A checkpoint mapc wrote is read with the spec its record carries. A spec given that differs
     from the recorded one is refused unless ``allow_spec_change`` (the layouts may differ, and
-    a conversion with the wrong one misplaces tensors silently)."""
+    a conversion with the wrong one misplaces tensors silently).
+
+    When no family is known (no spec given or recorded, and no model config, or one whose
+    model_type no shipped spec describes), a checkpoint that no family spec describes is read
+    in generic mode: the shipped ``generic`` spec, each stored tensor its own logical
+    tensor, said in one warning."""
     config = read_config(config) or source.config
+    try:
+        return _resolve(source, spec, config, params, allow_spec_change)
+    except MapcError as e:
+        if spec is not None or source.record.get("family") or family_known(config):
+            raise
+        failure = e
+    try:
+        res = _resolve(source, GENERIC, config, params, allow_spec_change)
+    except MapcError:
+        raise failure from None
+    why = (f"no shipped spec describes model_type {config.get('model_type')!r}"
+           if config and config.get("model_type") is not None else
+           "the checkpoint has no model config")
+    res.generic = why
+    res.warnings.insert(0, f"generic mode: {why}, so every tensor keeps its stored name and "
+                           f"shape (spec generic); formats that need the family (megatron, "
+                           f"neox, nemo, nxdt, gguf, tp/pp) need --config CONFIG.json")
+    return res
+
+
+def family_known(config) -> bool:
+    """Whether a model config names a family some shipped spec describes."""
+    if not config or config.get("model_type") is None:
+        return False
+    for name, path in builtin_specs().items():
+        if name != GENERIC and may_match(path.read_text(), config):
+            sp = load_spec(path)
+            if sp.matches() and all(m.admits(config) for m in sp.matches()):
+                return True
+    return False
+
+
+def _stored_env(sp, source):
+    """The config env of a stored-tensor spec (generic mode): the checkpoint's own tensors
+    and shapes, which must be unsharded (one mesh coordinate)."""
+    coords = source.coords()
+    if len(coords) != 1:
+        raise MapcError(f"spec {sp.family} keeps every stored tensor as it is, but "
+                        f"{source.path} is sharded over {len(coords)} files "
+                        f"({source.describe_coord(coords[1])}, ...)",
+                        hint="the family's spec is needed to merge shards: pass --config "
+                             "CONFIG.json or --spec FILE.map")
+    c = coords[0]
+    return stored_inventory(sp, source.layout, [(n, source.shape(n, c)) for n in source.names(c)],
+                            source.aliases())
+
+
+def _resolve(source, spec, config, params, allow_spec_change) -> Resolved:
     search = _Search()
     for sp in candidate_specs(source, spec, config, allow_spec_change):
         inv_env, inv_params = invert_meta(sp, source.layout, source.format_meta)
@@ -64,7 +125,9 @@ def resolve(source, *, spec=None, config=None, params=None,
         given.update(params or {})
         envs = []
         try:
-            if config is not None:
+            if stored_tensor(sp) is not None:
+                envs.append((_stored_env(sp, source), dict(config or {})))
+            elif config is not None:
                 envs.append((bind_config(sp, config), dict(config)))
             else:
                 for guess in boolean_guesses(sp, inv_env):
@@ -130,10 +193,15 @@ def candidate_specs(source, spec, config, allow_spec_change: bool = False) -> li
             sp = load_spec(family)
             _same_as_recorded(sp, source, allow_spec_change, given=False)
         return [sp]
-    paths = sorted(builtin_specs().values())
+    paths = sorted(p for name, p in builtin_specs().items() if name != GENERIC)
     if config and config.get("model_type") is not None:
         # compiling a spec costs ~0.1 s: skip those whose match lines rule the config out
         paths = [p for p in paths if may_match(p.read_text(), config)] or paths
+    elif not config:
+        # no config to match (e.g. a DeepSpeed checkpoint, which saves none): skip the specs
+        # none of whose fixed tensor names the checkpoint holds
+        names = {n for c in source.coords() for n in source.names(c)}
+        paths = [p for p in paths if may_describe(p.read_text(), names)] or paths
     specs = [load_spec(p) for p in paths]
     specs = [s for s in specs if source.layout in s.layout_names()]
     if config and config.get("model_type") is not None:
@@ -163,6 +231,17 @@ def _same_as_recorded(sp: Spec, source, allow: bool, given: bool) -> None:
            spec_from_record(source.record, str(source.path)) is not None else "")
     raise MapcError(what + "; reading it with another spec can misplace tensors silently",
                     hint=fix + "pass --allow-spec-change if the change is intended")
+
+
+_FIXED_NAME = re.compile(r'"([A-Za-z_][\w.]*\.[\w.]+)"')
+
+
+def may_describe(text: str, names: set) -> bool:
+    """A cheap look at a spec's text before compiling it: False only when the spec names
+    tensors without placeholders (``"model.norm.weight"``) and the checkpoint holds none of
+    them (then no layout of the spec can place its tensors)."""
+    fixed = set(_FIXED_NAME.findall(text))
+    return not fixed or bool(fixed & names)
 
 
 def may_match(text: str, config: dict) -> bool:

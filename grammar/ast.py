@@ -166,9 +166,10 @@ class TensorDecl:
     group: str | None              # e.g. "layer"
     index: str | None              # the group's index variable, e.g. "i"
     count: Expr | None             # the group's size, e.g. Sym("layers")
-    pattern: Pattern
+    pattern: Pattern | None        # None for a stored tensor
     when: Expr | None
     pos: Pos
+    stored: bool = False           # `NAME: *`: one tensor per stored tensor, shaped as stored
 
     @property
     def full_name(self) -> str:

@@ -220,12 +220,17 @@ class _Build(Transformer):
     @v_args(meta=True)
     def tensor_group(self, meta, c):
         group, index, count, *decls = c
-        return [A.TensorDecl(d.name, str(group), str(index), count, d.pattern, d.when, d.pos)
-                for d in decls]
+        return [A.TensorDecl(d.name, str(group), str(index), count, d.pattern, d.when, d.pos,
+                             stored=d.stored) for d in decls]
 
     @v_args(meta=True)
     def tensor_decl(self, meta, c):
         return A.TensorDecl(str(c[0]), None, None, None, c[1], c[2], self._pos(meta))
+
+    @v_args(meta=True)
+    def tensor_stored(self, meta, c):
+        return A.TensorDecl(str(c[0]), None, None, None, None, None, self._pos(meta),
+                            stored=True)
 
     # -- layouts --
     @v_args(meta=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from mapc import __version__
-from mapc.compiler.plan import MAX_MESH, LayoutPlan, bind_config, check_dp, plan_layout
+from mapc.compiler.plan import (MAX_MESH, LayoutPlan, bind_config, check_dp, plan_layout,
+                                stored_tensor)
 from mapc.compiler.program import Program, compile_program
 from mapc.compiler.resolve import Resolved, read_config, resolve
 from mapc.compiler.spec import load_spec, spec_record
@@ -55,6 +56,8 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
                       allow_spec_change=allow_spec_change)
         target_layout = layout_of(to)
         topo = {"tp": tp, "pp": pp, "ep": ep}
+        if stored_tensor(res.spec) is not None:
+            _check_stored_target(res, to, target_layout, topo)
         sets = _parse_sets(set)
         # a format of global tensors whose metadata records the training run's sizes takes
         # --tp/--pp as layout parameters (torch_dist: tp_size, pp_size)
@@ -66,6 +69,23 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
     except BaseException:
         source.close()
         raise
+
+
+def _check_stored_target(res, to, target_layout, topo) -> None:
+    """Generic mode keeps names and shapes: refuse a target that needs the model's family
+    (another layout, or sharding over tp/pp/ep) before anything is written."""
+    sharded = {a: n for a, n in topo.items() if n not in (None, 1)}
+    if target_layout in res.spec.layout_names() and not sharded:
+        return
+    what = f"{to} (layout {target_layout})" if target_layout not in res.spec.layout_names() \
+        else ", ".join(f"{a}={n}" for a, n in sharded.items())
+    why = res.generic or f"spec {res.spec.family}"
+    raise MapcError(f"{res.source.path} is read in generic mode ({why}), which keeps every "
+                    f"tensor's name and shape; {what} needs the model's family to rearrange "
+                    f"them",
+                    hint="pass --config CONFIG.json (the model's HF config of a shipped "
+                         "family) or --spec FILE.map; without a family, convert to hf, dcp, "
+                         "deepspeed or universal")
 
 
 @dataclass
@@ -181,7 +201,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
             check_dp(program.target, dp)
         if template is not None:
             check_like(template, program)
-        facts = SourceFacts.of(res.source, program)
+        facts = SourceFacts.of(res.source, program, has_config=bool(res.config))
         request = WriteRequest(to, dst=str(dst), dtype=DTYPE_CHOICES[dtype], dp=dp,
                                zero_stage=zero_stage, with_optimizer=with_optimizer,
                                max_shard_bytes=max_shard_bytes,
@@ -264,6 +284,10 @@ def _record(res: Resolved, program: Program, to: str, src, report) -> dict:
                    "topology": res.plan.mesh},
         "warnings": report.warnings,
         "training": _jsonable(res.source.training_state()),
+        # tensors without optimizer state (frozen parameters, buffers) and tied aliases, for
+        # formats that cannot say so themselves (dcp, safetensors)
+        "tensor_kinds": {n: k for (_, n), k in program.stateless_targets(res.source).items()},
+        "aliases": dict(program.target.aliases),
     }
 
 

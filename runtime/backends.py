@@ -50,7 +50,7 @@ class NumpyBackend:
         return a
 
     def to_numpy(self, x) -> np.ndarray:
-        return np.ascontiguousarray(x)
+        return np.require(x, requirements="C")    # keeps 0-d (ascontiguousarray makes them 1-d)
 
     def reshape(self, x, shape):
         return x.reshape(shape)
@@ -97,7 +97,7 @@ class TorchBackend(NumpyBackend):
 
     def from_numpy(self, a):
         t = self.torch
-        a = np.ascontiguousarray(a)
+        a = np.require(a, requirements="C")
         if a.dtype == BF16:
             return t.from_numpy(a.view(np.uint16)).view(t.bfloat16)
         return t.from_numpy(a)
@@ -150,10 +150,10 @@ class JaxBackend(NumpyBackend):
         self.jnp = jnp
 
     def from_numpy(self, a):
-        return self.jnp.asarray(np.ascontiguousarray(a))
+        return self.jnp.asarray(np.require(a, requirements="C"))
 
     def to_numpy(self, x):
-        return np.ascontiguousarray(np.asarray(x))
+        return np.require(np.asarray(x), requirements="C")
 
     def concat(self, xs, axis):
         return xs[0] if len(xs) == 1 else self.jnp.concatenate(list(xs), axis=axis)

@@ -110,15 +110,17 @@ def peak_rss_bytes() -> int:
     return max(own, kids) * 1024
 
 
-def planned_bytes(program: Program, dtypes: dict, extra_slots: int) -> int:
+def planned_bytes(program: Program, dtypes: dict, extra_slots: int,
+                  stateless: frozenset = frozenset()) -> int:
     """Bytes the writer will receive: every placement in its dtype, plus each optimizer slot
-    in float32."""
+    in float32 (none for frozen parameters and buffers, the ``stateless`` logical tensors)."""
     from math import prod
     from mapc.runtime.backends import DTYPES
     total = 0
     for inst, coord, name in program.target.placements():
         n = prod(inst.recipe.shard_shape)
-        total += n * DTYPES[dtypes[(coord, name)]].itemsize + n * 4 * extra_slots
+        slots = 0 if all(k in stateless for k in inst.members.values()) else extra_slots
+        total += n * DTYPES[dtypes[(coord, name)]].itemsize + n * 4 * slots
     return total
 
 
@@ -283,14 +285,19 @@ def target_dtypes(program: Program, reader, dtype: str | None,
     logical_dtype = {}
     for inst in program.source.instances:
         _, coord, name = inst.shards[0]
-        dt = reader.dtype(name, coord) if slot == "param" else \
-            reader.dtype(name, coord, slot=slot)
+        dt = reader.dtype(name, coord) if slot == "param" or name in reader.stateless(coord) \
+            else reader.dtype(name, coord, slot=slot)
         for key in inst.members.values():
             logical_dtype.setdefault(key, dt)
     out = {}
     for inst, coord, name in program.target.placements():
-        out[(coord, name)] = dtype or logical_dtype[next(iter(inst.members.values()))]
+        have = logical_dtype[next(iter(inst.members.values()))]
+        # --dtype casts floating tensors; integer buffers (step counters, ...) keep theirs
+        out[(coord, name)] = dtype if dtype and have in FLOAT_DTYPES else have
     return out
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def read_instances(instances, reader, be, report: Report, verify_replicas=True,
@@ -380,10 +387,14 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                       for inst, coord, name in program.target.placements()])
     # Optimizer slots the source has and the writer stores (`extra`); a training checkpoint's
     # weights are exported from its fp32 master copy when the writer keeps no master slot.
+    # Frozen parameters and buffers (stateless) have only their weights.
+    stateless = program.stateless_keys(reader)
     for slot in extra:   # optimizer state is kept in fp32
         writer.begin_slot(slot, [(coord, name, inst.recipe.shard_shape, "float32")
-                                 for inst, coord, name in program.target.placements()])
-    progress = Progress(planned_bytes(program, dtypes, len(extra)), "convert", quiet, unit="B")
+                                 for inst, coord, name in program.target.placements()
+                                 if not all(k in stateless for k in inst.members.values())])
+    progress = Progress(planned_bytes(program, dtypes, len(extra), frozenset(stateless)),
+                        "convert", quiet, unit="B")
     # Shards that must be rebuilt go through reused buffers when the writer consumes each
     # array before write() returns; views of the source (unsplit tensors, row blocks) are
     # passed through untouched, and the writer may copy them in-kernel (runtime/fastcopy.py).
@@ -391,14 +402,16 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
     behind = _WriteBehind(writer, progress, pipelined)
     try:
         for unit in program.units:
-            for slot in [param_from] + extra:
+            weights_only = all(k in stateless for k in unit.keys)
+            for slot in ["param"] if weights_only else [param_from] + extra:
+                is_weight = slot in ("param", param_from)
                 read_be, shard_be = behind.next_round()
                 logical = read_instances(unit.sources, reader, read_be or be, report,
                                          verify_replicas, slot)
                 for inst in unit.targets:
                     members = {m: logical[k] for m, k in inst.members.items()}
                     for rc, copies in inst.by_recipe_coord().items():
-                        want = dtypes[copies[0]] if slot == param_from else "float32"
+                        want = dtypes[copies[0]] if is_weight else "float32"
                         if shard_be is not None:
                             builder = behind.next_builder()
                             shard = inst.recipe.shard(shard_be.bind(builder), members, dict(rc))
@@ -411,7 +424,7 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                                             f"planned {want}")
                         zeros = np.zeros(arr.shape, arr.dtype) \
                             if inst.summed and slot in SUMMED_SLOTS else None
-                        writes = [(slot if slot != param_from else None, coord, name,
+                        writes = [(None if is_weight else slot, coord, name,
                                    arr if zeros is None or inst.is_share_holder(coord) else zeros)
                                   for coord, name in copies]
                         behind.submit(writes)

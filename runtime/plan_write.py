@@ -96,7 +96,12 @@ class SourceFacts:
     names in its own order (a model's state-dict order); ``module_source``: the source is a
     DeepSpeed-style module checkpoint whose tensor order is the module's; ``dtypes[slot]``: the
     stored dtype of every logical tensor in slots ``param`` and ``master``; ``format_meta``:
-    the source format's metadata; ``zero``: ZeroFacts of a DeepSpeed-family source."""
+    the source format's metadata; ``zero``: ZeroFacts of a DeepSpeed-family source.
+
+    ``stateless_keys``: the logical tensors without optimizer state (frozen parameters and
+    buffers, ``Source.stateless``), with their kind (``"frozen"`` or ``"buffer"``);
+    ``stateless_names``: the source's physical names of those; ``has_config``: the conversion
+    has a model config to write as config.json (generic mode may have none)."""
     path: str
     format: str
     slots: tuple[str, ...]
@@ -106,10 +111,14 @@ class SourceFacts:
     format_meta: dict = field(default_factory=dict)
     module_source: bool = False
     zero: ZeroFacts | None = None
+    stateless_keys: dict = field(default_factory=dict)
+    stateless_names: frozenset = frozenset()
+    has_config: bool = True
 
     @classmethod
-    def of(cls, source, program) -> SourceFacts:
+    def of(cls, source, program, *, has_config: bool = True) -> SourceFacts:
         slots = tuple(source.slots())
+        stateless = {c: dict(source.stateless(c)) for c in source.coords()}
         dtypes = {}
         for slot in ("param", "master"):
             if slot not in slots:
@@ -117,8 +126,9 @@ class SourceFacts:
             by_key = {}
             for inst in program.source.instances:
                 _, coord, name = inst.shards[0]
-                dt = source.dtype(name, coord) if slot == "param" else \
-                    source.dtype(name, coord, slot=slot)
+                # frozen parameters and buffers have no master copy: their stored dtype
+                dt = source.dtype(name, coord) if slot == "param" or \
+                    name in stateless.get(coord, ()) else source.dtype(name, coord, slot=slot)
                 for key in inst.members.values():
                     by_key.setdefault(key, dt)
             dtypes[slot] = by_key
@@ -127,7 +137,10 @@ class SourceFacts:
                    training=dict(source.training_state() or {}), names=names, dtypes=dtypes,
                    format_meta=dict(getattr(source, "format_meta", None) or {}),
                    module_source=bool(getattr(source, "module_source", False)),
-                   zero=source.zero_facts() if hasattr(source, "zero_facts") else None)
+                   zero=source.zero_facts() if hasattr(source, "zero_facts") else None,
+                   stateless_keys=program.stateless_keys(source),
+                   stateless_names=frozenset(n for kinds in stateless.values() for n in kinds),
+                   has_config=has_config)
 
     @property
     def has_moments(self) -> bool:
@@ -141,13 +154,33 @@ def weights_slot(writer_slots, source_slots) -> str:
     return "master" if "master" in source_slots and "master" not in extra else "param"
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def planned_tensors(program, facts: SourceFacts, dtype: str | None, writer_slots) -> tuple:
     """(coord, name, shard shape, dtype) of every target tensor, in placement order: the
-    cast dtype, else the dtype of the source slot the weights come from."""
+    cast dtype, else the dtype of the source slot the weights come from. The cast applies to
+    floating tensors; integer ones (buffers such as step counters) keep their dtype."""
     src = facts.dtypes[weights_slot(writer_slots, facts.slots)]
-    return tuple((coord, name, tuple(inst.recipe.shard_shape),
-                  dtype or src[next(iter(inst.members.values()))])
-                 for inst, coord, name in program.target.placements())
+    out = []
+    for inst, coord, name in program.target.placements():
+        have = src[next(iter(inst.members.values()))]
+        out.append((coord, name, tuple(inst.recipe.shard_shape),
+                    dtype if dtype and have in FLOAT_DTYPES else have))
+    return tuple(out)
+
+
+def stateless_targets(program, facts: SourceFacts, tensors=()) -> dict[str, str]:
+    """Target tensors that have no optimizer state, by name, with their kind: those whose
+    logical tensors the source says are frozen parameters or buffers, and every non-floating
+    tensor of ``tensors`` (planned_tensors; a source that does not say which tensors are
+    buffers, e.g. plain weights, has integer ones only)."""
+    keys = facts.stateless_keys
+    out = {name: keys[next(iter(inst.members.values()))]
+           for inst, _, name in program.target.placements()
+           if all(k in keys for k in inst.members.values())}
+    out.update({name: "buffer" for _, name, _, dt in tensors if dt not in FLOAT_DTYPES})
+    return out
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,10 @@ DS_CASES = {
 DS_MORE_CASES = {
     # tied embeddings: the module lists lm_head.weight as the embedding (shared_params)
     "z1tied": dict(stage=1, dtype="fp32", groups=1, model={"tie_word_embeddings": True}),
+    # no LLM, no config anywhere (ds_train.conv_net: tied embedding, frozen param, buffers)
+    "cz1": dict(stage=1, dtype="fp32", groups=2, model=None, arch="convnet"),
+    "cz2bf16": dict(stage=2, dtype="bf16", groups=2, model=None, arch="convnet"),
+    "cz3": dict(stage=3, dtype="fp32", groups=2, model=None, arch="convnet"),
 }
 _ds_made: dict = {}
 
@@ -145,6 +149,7 @@ def make(ds_root):
             from tests.groundtruth import deepspeed_ckpt
             kw = DS_CASES.get(case) or DS_MORE_CASES[case]
             _ds_made[case] = deepspeed_ckpt.make_zero_checkpoint(
-                ds_root, kw["stage"], kw["dtype"], kw["groups"], steps=3, model=kw["model"])
+                ds_root, kw["stage"], kw["dtype"], kw["groups"], steps=3, model=kw["model"],
+                arch=kw.get("arch", "llama"))
         return _ds_made[case]
     return _make

@@ -214,6 +214,9 @@ class _FakeProgram:
     def target_groups(self, lists):
         return {((), n): g for g, names in enumerate(lists) for n in names}
 
+    def stateless_targets(self, reader):
+        return {}           # every tensor is a trained parameter
+
 
 def _drive(out: Path, tensors, ts, dp, dtype, slots=("param",) + SLOTS):
     """Plan with deepspeed.plan_write from SourceFacts, then run the writer protocol as

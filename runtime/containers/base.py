@@ -57,6 +57,17 @@ class Source:
         weight decay), scheduler, loss scale. Empty when the checkpoint carries none."""
         return {}
 
+    def stateless(self, coord) -> dict[str, str]:
+        """Tensors of ``coord`` that have no optimizer state, by name: ``"frozen"`` (a
+        parameter no optimizer holds) or ``"buffer"`` (a module buffer). Only their
+        ``param`` slot is read."""
+        return {}
+
+    def aliases(self) -> dict[str, str]:
+        """Tied parameters the checkpoint records (DeepSpeed's ``shared_params``): alias name
+        -> the stored name it shares. A family's spec declares its own (``alias``)."""
+        return {}
+
     # -- tensors, by (mesh coord, physical name) --
     def coords(self) -> list[tuple]:
         raise NotImplementedError
@@ -167,15 +178,30 @@ class AtomicOutput:
             raise MapcError(f"{dst} already exists" + (" (a symlink)" if self.dst.is_symlink()
                                                          else ""),
                             hint="choose a new path, or pass --force to replace it")
+        # Missing parent directories are created, as DeepSpeed's save_checkpoint and
+        # ds_to_universal create theirs; an aborted conversion removes the ones it made.
         parent = self.dst.parent
+        self.made: list[Path] = []
         if not parent.is_dir():
-            raise MapcError(f"the parent directory of {dst} does not exist",
-                            hint=f"create {parent} first")
+            if parent.exists() or parent.is_symlink() or \
+                    any(p.exists() and not p.is_dir() for p in parent.parents):
+                raise MapcError(f"the parent of {dst} is not a directory",
+                                hint="choose a destination inside a directory")
+            missing = [parent] + [p for p in parent.parents if not p.exists()]
+            try:
+                parent.mkdir(parents=True)
+            except OSError as e:
+                raise MapcError(f"cannot create the parent directory {parent}: "
+                                f"{e.strerror or e}", where=str(parent),
+                                hint="choose a destination in a directory you can write") \
+                    from None
+            self.made = missing       # innermost first
         self.stale = stale_outputs(parent)
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}{TMP_MARK}{os.getpid()}-",
                                              dir=parent))
         except OSError as e:
+            self._remove_made()
             raise MapcError(f"cannot create the output beside {dst}: {e.strerror or e}",
                             where=str(parent),
                             hint="choose a destination in a directory you can write") from None
@@ -215,6 +241,14 @@ class AtomicOutput:
     def abort(self):
         if not self.committed and not self.kept:
             _remove(self.tmp)
+            self._remove_made()
+
+    def _remove_made(self):
+        for d in self.made:          # only the directories this conversion created, if empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 TMP_MARK = ".mapc-"      # AtomicOutput's temporary names: .DST.mapc-PID-XXXX
@@ -224,7 +258,7 @@ def _identity(path: Path):
     """(device, inode) of what is at ``path`` (a symlink itself, not its target), or None."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a file in the way is refused later)
         return None
     except OSError as e:
         raise MapcError(f"cannot look at the destination: {e.strerror or e}", where=str(path)) \

@@ -66,7 +66,8 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
                  "config dtype": next(iter(dtypes)) if len(dtypes) == 1 else None}
     if moments:
         decisions["optimizer step"] = step
-    return make_plan("dcp", [DCPWriter.DATA, METADATA, "config.json", MAPC_JSON],
+    return make_plan("dcp", [DCPWriter.DATA, METADATA, MAPC_JSON] +
+                     (["config.json"] if facts.has_config else []),
                      decisions=decisions, slots=slots, tensors=tensors,
                      detail=decisions["config dtype"])
 
@@ -487,6 +488,18 @@ class DCPSource(Source):
     def slots(self):
         return ["param"] + self._slots
 
+    def stateless(self, coord=SINGLE):
+        """With optimizer state: the tensors that have none (kinds as mapc recorded them, else
+        non-float tensors are buffers and float ones frozen parameters)."""
+        if not self._slots:
+            return {}
+        kinds = self.record.get("tensor_kinds") or {}
+        return {n: kinds.get(n) or ("frozen" if self.tensors[n][1] in _FLOATS else "buffer")
+                for n in self.tensors if f"optim.state.{n}.{self._slots[0]}" not in self.optim}
+
+    def aliases(self):
+        return dict(self.record.get("aliases") or {})
+
     def training_state(self):
         steps = [k for k in self.optim if k.endswith(".step")]
         if not steps:
@@ -518,6 +531,7 @@ class DCPSource(Source):
 
 
 Source = DCPSource
+_FLOATS = ("float32", "bfloat16", "float16", "float64")
 
 
 # --------------------------------------------------------------------------------------
@@ -747,10 +761,11 @@ class DCPWriter(PlannedWriter):
                             f"{missing[0]}")
         write_metadata(self.dir / METADATA, {n: self.entries[n] for n in self.order}, self.DATA,
                        self.paths)
-        config = dict(record["config"])
-        if self.plan.detail is not None:      # the one dtype of every tensor
-            config["dtype"] = self.plan.detail
-        write_json(self.dir / "config.json", config)
+        if "config.json" in self.plan.files:    # generic mode may have no model config
+            config = dict(record["config"])
+            if self.plan.detail is not None:      # the one dtype of every tensor
+                config["dtype"] = self.plan.detail
+            write_json(self.dir / "config.json", config)
         write_json(self.dir / MAPC_JSON, record)
 
     def abort(self):

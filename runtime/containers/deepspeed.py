@@ -31,10 +31,11 @@ from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEEPSPEED_PICKLES, DEF
                                           OPTIM_SLOTS, ResumePlan, ZeroOptimizer, model_states,
                                           hyper as _hyper, plain as _plain, plan_resume)
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
-                                     ZeroFacts, make_plan, planned_tensors)
+                                     ZeroFacts, make_plan, planned_tensors, stateless_targets)
 
 LAYOUT = "hf"
 SINGLE = ()
+_MAX_ELEMENTS = 2**46        # as mapc.compiler.plan.MAX_ELEMENTS: a model's elements, bounded
 
 
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -105,9 +106,75 @@ class ModuleSource(Source):
 
     def dtype(self, name, coord=SINGLE, slot="param"):
         self._known(name)
+        if name in self.kinds:
+            return self.extra_dtype.get(name) or self.module[name].dtype
         if slot == "param" and name in self.module:
             return self.module[name].dtype
         return "float32"
+
+    # -- module tensors the optimizer does not hold ----------------------------------------------
+    kinds: dict = {}
+    shared: dict = {}
+    extra_dtype: dict = {}
+
+    def stateless(self, coord=SINGLE):
+        return self.kinds
+
+    def aliases(self):
+        return self.shared
+
+    def _find_stateless(self, rank_states):
+        """Buffers (``buffer_names``) and frozen parameters (``frozen_param_shapes``, or any
+        other module entry ``param_shapes`` lacks) of the module, with their real shapes;
+        tied aliases (``shared_params``) are recorded, not listed. ``rank_states(r)`` loads
+        data-parallel rank r's model states (stage 3 keeps a frozen parameter's partitions
+        there, in ``frozen_param_fragments``)."""
+        ms = self.model_states
+        where = str(self.home)
+        shared = _str_dict(ms.get("shared_params"), "shared_params", where)
+        buffers = ms.get("buffer_names") or ()
+        if not isinstance(buffers, (list, tuple)) or not all(isinstance(b, str) for b in buffers):
+            raise MapcError("buffer_names is not a list of names", where=where,
+                            hint="is the checkpoint corrupt?")
+        frozen = {}
+        for n, s in _str_dict(ms.get("frozen_param_shapes"), "frozen_param_shapes",
+                              where, values=False).items():
+            try:
+                frozen[n] = tuple(int(d) for d in s)
+            except (TypeError, ValueError):
+                frozen[n] = None
+            if frozen[n] is None or any(d < 0 for d in frozen[n]) or \
+                    prod(frozen[n]) > _MAX_ELEMENTS:
+                raise MapcError(f"frozen_param_shapes gives {n} the shape {s!r}", where=where,
+                                hint="is the checkpoint corrupt?")
+        self.kinds, self.extra_dtype, self._rank_states = {}, {}, rank_states
+        self.shared = {a: t for a, t in shared.items() if t in self.shapes}
+        buffers = set(buffers)
+        for name, ref in self.module.items():
+            if name in self.shapes or name in self.shared:
+                continue
+            self.kinds[name] = "buffer" if name in buffers else "frozen"
+            self.shapes[name] = frozen.get(name, tuple(ref.shape))
+
+    def _read_stateless(self, name):
+        shape = self.shapes[name]
+        ref = self.module[name]
+        if tuple(ref.shape) == shape:
+            return ref.map()
+        # stage 3: each data-parallel rank's model states hold its partition of the flat param
+        parts, n = [], prod(shape)
+        for r in range(self.saved_ranks):
+            frags = self._rank_states(r).get("frozen_param_fragments") or {}
+            if name not in frags or not isinstance(frags[name], torchfile.TensorRef):
+                raise MapcError(f"frozen parameter {name} has no frozen_param_fragments entry "
+                                f"on data-parallel rank {r}", where=str(self.home),
+                                hint="copy the complete checkpoint")
+            parts.append(np.asarray(frags[name].map()).reshape(-1))
+        flat = np.concatenate(parts)
+        if flat.size < n:
+            raise MapcError(f"the frozen_param_fragments of {name} hold {flat.size} elements, "
+                            f"its shape {list(shape)} needs {n}", where=str(self.home))
+        return np.ascontiguousarray(flat[:n]).reshape(shape)
 
     def _known(self, name):
         try:
@@ -115,6 +182,32 @@ class ModuleSource(Source):
         except KeyError:
             raise MapcError(f"parameter {name} is not in the checkpoint",
                             where=str(self.home)) from None
+
+
+def _str_dict(obj, what: str, where: str, values: bool = True) -> dict:
+    """A model-states mapping of names (to names, when ``values``), checked."""
+    obj = obj or {}
+    if not hasattr(obj, "items"):
+        raise MapcError(f"{what} is not a mapping", where=where, hint="is the checkpoint corrupt?")
+    out = dict(obj.items())
+    if not all(isinstance(k, str) and (not values or isinstance(v, str)) for k, v in out.items()):
+        raise MapcError(f"{what} does not map names" + (" to names" if values else ""),
+                        where=where, hint="is the checkpoint corrupt?")
+    return out
+
+
+def rank_model_states(source, folder: Path, r: int):
+    """Data-parallel rank r's stage 3 model states in ``folder`` (loaded once)."""
+    if r == 0:
+        return source.model_states
+    cache = source.__dict__.setdefault("_rank_states_cache", {})
+    if r not in cache:
+        f = Path(folder) / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+        if not f.is_file():
+            raise MapcError(f"{f.name} is missing", where=str(folder),
+                            hint="copy the complete checkpoint")
+        cache[r] = torchfile.load(f, DEEPSPEED_PICKLES, expect=dict)
+    return cache[r]
 
 
 class _Piece:
@@ -180,6 +273,8 @@ class DeepSpeedSource(ModuleSource):
         self.module = dict(module)
         self.param_shapes = [dict(g) for g in shapes]
         self._index()
+        self.saved_ranks = self.dp
+        self._find_stateless(self._rank_model_states)
         self.topology = {}      # the tensors are unsharded (hf layout); dp is ZeRO's own
         self.config = self.record.get("config") or \
             config_json((self.tag_dir, self.path, self.path.parent))
@@ -188,6 +283,9 @@ class DeepSpeedSource(ModuleSource):
     @property
     def home(self):
         return self.tag_dir
+
+    def _rank_model_states(self, r):
+        return rank_model_states(self, self.tag_dir, r)
 
     # -- where every parameter lives --------------------------------------------------------
     def _index(self):
@@ -238,6 +336,10 @@ class DeepSpeedSource(ModuleSource):
 
     def read(self, name, coord=SINGLE, slot="param"):
         shape = self._known(name)
+        if name in self.kinds:
+            if slot != "param":
+                raise MapcError(f"internal: {self.kinds[name]} {name} has no {slot} state")
+            return self._read_stateless(name)
         if slot == "param":
             ref = self.module.get(name)
             if ref is not None and tuple(ref.shape) == shape:
@@ -300,8 +402,9 @@ Source = DeepSpeedSource
 class _DeepSpeedPlan:
     """A deepspeed output's decisions: ZeRO (``resume``), the tag folder, the param groups'
     hyper-parameters and members (target names in DeepSpeed's flat order), the module's
-    state_dict order, every tensor's shape, ZeRO-3 sub-group size, the scheduler and sample
-    count of the model states."""
+    state_dict order, the shape of every tensor the optimizer holds, ZeRO-3 sub-group size,
+    the scheduler and sample count of the model states; the tensors that stay in the module,
+    outside the optimizer (``kinds``: frozen parameters and buffers), with their shapes."""
     resume: ResumePlan
     tag: str
     hyper: tuple
@@ -311,6 +414,8 @@ class _DeepSpeedPlan:
     sub_group_size: int
     scheduler: object
     samples: int
+    kinds: dict
+    all_shapes: dict
 
 
 def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
@@ -321,26 +426,35 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     tensors = planned_tensors(program, facts, request.dtype, slots)
     notes: list[str] = []
     ts = facts.training
-    rs = plan_resume(facts, request, "deepspeed", {dt for *_, dt in tensors}, notes)
+    # frozen parameters and buffers stay in the module, outside the optimizer; a source that
+    # does not say which tensors they are (plain weights) has integer buffers only
+    kinds = stateless_targets(program, facts, tensors)
+    rs = plan_resume(facts, request, "deepspeed",
+                     {dt for _, n, _, dt in tensors if n not in kinds}, notes)
     group_of, src_order, hyper = _plan_groups(program, facts, notes)
     group_of, src_order, hyper = _template_groups(program, facts, request.like_training or {},
                                                   group_of, src_order, hyper, notes)
-    shapes = {}
+    shapes, all_shapes = {}, {}
     for coord, name, shape, _ in tensors:
         if tuple(coord):
             raise MapcError(f"internal: the deepspeed writer got a sharded tensor {name} "
                             f"at {coord}")
-        shapes[name] = tuple(shape)
+        all_shapes[name] = tuple(shape)
+        if name not in kinds:
+            shapes[name] = tuple(shape)
     placement = list(shapes)
     # Tensors the source's optimizer does not order (a source in another layout, or
     # without optimizer state) take the module's named_parameters() order, derived from
     # the spec's hf layout: DeepSpeed does not check the flat order on load.
     module_pos = {n: i for i, n in enumerate(module_order(placement))}
-    inf = len(src_order) + len(placement)
+    inf = len(src_order) + len(all_shapes)
     order = sorted(placement, key=lambda n: (src_order.get(n, inf), module_pos[n]))
-    # the module's state_dict order: a DeepSpeed-style source's own, else named_parameters()
+    # the module's state_dict order (every tensor, frozen ones and buffers too): a
+    # DeepSpeed-style source's own, else named_parameters()
     src_pos = {n: i for i, n in enumerate(facts.names)} if facts.module_source else {}
-    mod_order = sorted(placement, key=lambda n: (src_pos.get(n, inf), module_pos[n]))
+    every = list(all_shapes)
+    module_pos = {n: i for i, n in enumerate(module_order(every))}
+    mod_order = sorted(every, key=lambda n: (src_pos.get(n, inf), module_pos[n]))
     group = {n: g for (_, n), g in group_of.items()}
     members = [[n for n in order if group[n] == g] for g in range(len(hyper))]
     for g, names in enumerate(members):
@@ -356,13 +470,16 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     detail = _DeepSpeedPlan(rs, f"global_step{rs.iteration}", tuple(hyper),
                             tuple(tuple(m) for m in members), tuple(mod_order), shapes, sub_size,
                             ts.get("lr_scheduler") if facts.format == "deepspeed" else None,
-                            int(samples))
-    return make_plan("deepspeed", _files(detail), decisions={
-        **rs.decisions(), "tag": detail.tag, "param groups": [len(m) for m in members]},
-        notes=notes, slots=slots, tensors=tensors, detail=detail)
+                            int(samples), kinds, all_shapes)
+    decisions = {**rs.decisions(), "tag": detail.tag, "param groups": [len(m) for m in members]}
+    if kinds:
+        decisions["outside the optimizer"] = {k: sum(1 for v in kinds.values() if v == k)
+                                              for k in ("frozen", "buffer")}
+    return make_plan("deepspeed", _files(detail, facts.has_config), decisions=decisions,
+                     notes=notes, slots=slots, tensors=tensors, detail=detail)
 
 
-def _files(d: _DeepSpeedPlan) -> list[str]:
+def _files(d: _DeepSpeedPlan, config: bool = True) -> list[str]:
     rs = d.resume
     prefix = "bf16_" if rs.dtype == "bfloat16" else ""
     files = [f"{d.tag}/{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
@@ -371,7 +488,7 @@ def _files(d: _DeepSpeedPlan) -> list[str]:
         files += [f"{d.tag}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(rs.dp)]
     else:
         files.append(f"{d.tag}/mp_rank_00_model_states.pt")
-    return files + ["latest", "ds_config.json", "config.json", MAPC_JSON]
+    return files + ["latest", "ds_config.json", MAPC_JSON] + (["config.json"] if config else [])
 
 
 def _plan_groups(program, facts: SourceFacts, notes: list):
@@ -399,7 +516,7 @@ def _plan_groups(program, facts: SourceFacts, notes: list):
                             hint="the optimizer state does not match the weights")
         lists.append(params)
     listed = {p for ps in lists for p in ps}
-    missing = [n for n in facts.names if n not in listed]
+    missing = [n for n in facts.names if n not in listed and n not in facts.stateless_names]
     if missing:
         raise MapcError(f"{missing[0]} is in no optimizer param group of the source "
                         f"({len(missing)} such tensors): its training state cannot be "
@@ -464,6 +581,7 @@ class DeepSpeedWriter(PlannedWriter):
             else "mp_rank_00_model_states.pt"
         self.model_writer = torchfile.TorchWriter(self.tag_dir / model_name)
         self.module = {}
+        self.held = {}     # stage 3: frozen params and buffers, for every rank's model states
         if rs.stage == 3:   # the weights live in the optimizer files; the module: placeholders
             empty = np.zeros((0,), DTYPES[rs.dtype])
             for names in d.members:
@@ -474,8 +592,18 @@ class DeepSpeedWriter(PlannedWriter):
         self.incoming.add(slot)
 
     def write(self, coord, name, arr):
-        if self.plan.detail.resume.stage != 3:
-            self.module[name] = self.model_writer.add_tensor(np.ascontiguousarray(arr))
+        kinds = self.plan.detail.kinds
+        stage3 = self.plan.detail.resume.stage == 3
+        if name in kinds:
+            arr = np.require(arr, requirements="C")      # keeps 0-d shapes
+            if stage3:
+                self.held[name] = arr
+                if kinds[name] == "frozen":    # partitioned like every stage 3 param
+                    arr = np.zeros((0,), arr.dtype)
+            self.module[name] = self.model_writer.add_tensor(arr)
+            return
+        if not stage3:
+            self.module[name] = self.model_writer.add_tensor(np.require(arr, requirements="C"))
         if "master" not in self.incoming:
             self.zero.scatter("master", name, np.asarray(arr).astype(np.float32))
 
@@ -494,7 +622,8 @@ class DeepSpeedWriter(PlannedWriter):
         self._model_states()
         (self.dir / "latest").write_text(d.tag)
         write_json(self.dir / "ds_config.json", rs.cfg)
-        write_json(self.dir / "config.json", record.get("config") or {})
+        if "config.json" in self.plan.files:        # generic mode may have no model config
+            write_json(self.dir / "config.json", record.get("config") or {})
         write_json(self.dir / MAPC_JSON, record)
 
     def _model_states(self):
@@ -503,15 +632,41 @@ class DeepSpeedWriter(PlannedWriter):
         missing = [n for n in d.module_order if n not in self.module]
         if missing:
             raise MapcError(f"internal: no weights were written for {missing[0]}")
-        states = model_states(self.module, list(d.module_order), self.program.target.aliases,
-                              self.zero.param_shapes(d.shapes), rs.stage,
-                              scheduler=d.scheduler, steps=rs.iteration, samples=d.samples,
-                              dp=rs.dp, ds_config=rs.cfg)
-        self.model_writer.finish(states)
-        if rs.stage == 3:   # every rank writes the same model states
+        stage3 = rs.stage == 3
+        buffers = [n for n, k in d.kinds.items() if k == "buffer"]
+        frozen = {n: d.all_shapes[n] for n in d.module_order if d.kinds.get(n) == "frozen"}
+
+        def states(writer, module, r):
+            fragments = {}
+            for n in frozen:
+                if not stage3:
+                    fragments[n] = module[n]
+                    continue
+                flat = self.held[n].reshape(-1)      # rank r's partition, zero-padded
+                part = -(-flat.size // rs.dp)
+                piece = np.zeros(part, flat.dtype)
+                mine = flat[r * part:(r + 1) * part]
+                piece[:mine.size] = mine
+                fragments[n] = writer.add_tensor(piece)
+            return model_states(module, list(d.module_order), self.program.target.aliases,
+                                self.zero.param_shapes(d.shapes), rs.stage,
+                                scheduler=d.scheduler, steps=rs.iteration, samples=d.samples,
+                                dp=rs.dp, ds_config=rs.cfg, buffers=buffers, frozen=frozen,
+                                fragments=fragments)
+        self.model_writer.finish(states(self.model_writer, self.module, 0))
+        if stage3:   # every rank writes the same model states, but for its frozen partitions
             first = self.tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
             for r in range(1, rs.dp):
-                shutil.copyfile(first, self.tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+                path = self.tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+                if not frozen:
+                    shutil.copyfile(first, path)
+                    continue
+                with torchfile.TorchWriter(path) as w:
+                    module = {n: w.add_tensor(self.held[n] if d.kinds.get(n) == "buffer"
+                                              else np.zeros((0,), DTYPES[rs.dtype] if n not in
+                                                            self.held else self.held[n].dtype))
+                              for n in d.module_order}
+                    w.finish(states(w, module, r))
 
     def abort(self):
         if self.model_writer is not None:

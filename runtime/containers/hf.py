@@ -32,8 +32,10 @@ PICKLES = torchfile.allow_list("HF / Trainer")
 
 
 def detect(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and (
-        any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
+    # safetensors files alone (a module's state dict saved without a model config) are read
+    # too, in generic mode; a .bin needs its config.json beside it
+    return path.is_dir() and (any(path.glob("*.safetensors")) or (
+        (path / "config.json").is_file() and any(path.glob("pytorch_model*.bin"))))
 
 
 def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
@@ -59,7 +61,7 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     shards = tuple(zip(names, (tuple(g) for g in groups)))
     dtypes = {dt for *_, dt in tensors}
     detail = _HFPlan(shards, total, next(iter(dtypes)) if len(dtypes) == 1 else None, export)
-    files = [*names, "config.json", MAPC_JSON] + \
+    files = [*names, MAPC_JSON] + (["config.json"] if facts.has_config else []) + \
         (["model.safetensors.index.json"] if len(shards) > 1 else [])
     decisions = {"shards": len(shards), "max_shard_bytes": limit,
                  "config dtype": detail.config_dtype}
@@ -111,14 +113,15 @@ class HFSource(Source):
 
     def __init__(self, path):
         super().__init__(path)
+        cfg = self.path / "config.json"
         try:
-            self.config = json.loads((self.path / "config.json").read_text())
+            self.config = json.loads(cfg.read_text()) if cfg.exists() else None
         except (OSError, ValueError) as e:
             raise MapcError(f"cannot read config.json: {e}", where=str(self.path)) from None
-        if not isinstance(self.config, dict):
+        if self.config is not None and not isinstance(self.config, dict):
             raise MapcError(f"config.json is a JSON {type(self.config).__name__}, not an object",
                             where=str(self.path), hint="pass the model's config with --config")
-        self.format_meta = self.config
+        self.format_meta = self.config or {}
         self.where: dict[str, object] = {}
         st = sorted(self.path.glob("*.safetensors"))
         if st:
@@ -448,10 +451,11 @@ class HFWriter(PlannedWriter):
         if len(self.writers) > 1:
             write_json(self.dir / "model.safetensors.index.json",
                        {"metadata": {"total_size": d.total}, "weight_map": self.file_of})
-        config = dict(record["config"])
-        if d.config_dtype is not None:
-            config["dtype"] = d.config_dtype
-        write_json(self.dir / "config.json", config)
+        if "config.json" in self.plan.files:    # generic mode may have no model config
+            config = dict(record["config"])
+            if d.config_dtype is not None:
+                config["dtype"] = d.config_dtype
+            write_json(self.dir / "config.json", config)
         if self.export is not None:
             self.export.finish(record)
         write_json(self.dir / MAPC_JSON, record)

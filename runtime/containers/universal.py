@@ -38,7 +38,7 @@ from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, ResumePlan
                                           zero_stage as _zero_stage_value, DEEPSPEED_PICKLES)
 from mapc.runtime.containers.base import MAPC_JSON, read_record, write_json
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
-                                     ZeroFacts, make_plan, planned_tensors)
+                                     ZeroFacts, make_plan, planned_tensors, stateless_targets)
 
 LAYOUT = "hf"
 SINGLE = ()
@@ -105,10 +105,14 @@ class UniversalSource(_ds.ModuleSource):
         for g in self.param_shapes:
             for name, shape in g.items():
                 self.shapes[name] = tuple(int(s) for s in shape)
-        for name, ref in self.module.items():      # frozen / never-trained: fp32.pt only
-            if name not in self.shapes and (self.zero / name / "fp32.pt").is_file():
-                self.shapes[name] = tuple(ref.shape)
+        self.saved_ranks = int(self.model_states.get("dp_world_size") or 1)
+        if not 1 <= self.saved_ranks <= 2**16:
+            raise MapcError(f"dp_world_size {self.saved_ranks} is not a data-parallel size",
+                            where=str(self.udir), hint="is the checkpoint corrupt?")
+        self._find_stateless(lambda r: _ds.rank_model_states(self, self.udir, r))
         for name in self.shapes:
+            if name in self.kinds:          # buffers and frozen params live in the module
+                continue
             if not (self.zero / name).is_dir():
                 raise MapcError(f"zero/{name}/ is missing (the model states list {name})",
                                 where=str(self.udir), hint="copy the complete checkpoint")
@@ -141,6 +145,10 @@ class UniversalSource(_ds.ModuleSource):
 
     def read(self, name, coord=SINGLE, slot="param"):
         shape = self._known(name)
+        if name in self.kinds:
+            if slot != "param":
+                raise MapcError(f"internal: {self.kinds[name]} {name} has no {slot} state")
+            return self._read_stateless(name)
         if slot == "param":
             ref = self.module.get(name)
             if ref is not None and tuple(ref.shape) == shape:
@@ -230,12 +238,14 @@ Source = UniversalSource
 @dataclass(frozen=True)
 class _UniversalPlan:
     """A universal output's decisions: ZeRO (``resume``), the tag, the source's model states
-    files carried over (empty: built), the parameters the source's optimizer trained (None:
-    all), each target tensor's param group, every tensor's shape and dtype."""
+    files carried over (empty: built), the tensors the optimizer does not hold (``kinds``:
+    frozen parameters and buffers, in the module only), the tied aliases of every target
+    name (``tied``), each target tensor's param group, every tensor's shape and dtype."""
     resume: ResumePlan
     tag: str
     carry: tuple
-    trained: frozenset | None
+    kinds: dict
+    tied: dict
     groups: dict | None
     shapes: dict
     dtypes: dict
@@ -250,39 +260,53 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     for _, name, _, _ in tensors:
         if not name or "/" in name or "\0" in name or name in (".", ".."):
             raise MapcError(f"parameter name {name!r} cannot be a folder name in zero/")
+    # frozen parameters and buffers: in the module only (ds_to_universal writes no optimizer
+    # state for them); a source that does not say has integer buffers only
+    kinds = stateless_targets(program, facts, tensors)
+    tied: dict[str, tuple] = {}
+    for alias, target in program.target.aliases.items():
+        if not alias or "/" in alias or "\0" in alias or alias in (".", ".."):
+            raise MapcError(f"parameter name {alias!r} cannot be a folder name in zero/")
+        tied[target] = tied.get(target, ()) + (alias,)
     notes: list[str] = []
     zf = facts.zero
     carry = tuple(zf.carry_files) if zf is not None else ()
-    rs = plan_resume(facts, request, "universal", {dt for *_, dt in tensors}, notes)
+    rs = plan_resume(facts, request, "universal",
+                     {dt for _, n, _, dt in tensors if n not in kinds}, notes)
     it = facts.training.get("iteration")
     tag = f"global_step{int(it) if it is not None else 0}"
     if zf is not None and zf.tag and facts.format in ("deepspeed", "universal"):
         tag = zf.tag
-    trained = None
-    if carry and zf.param_shapes:      # a DeepSpeed source lists them in param_shapes
-        trained = frozenset(n for g in zf.param_shapes for n in g)
     pgs = facts.training.get("param_groups") or []
     src = [list(pg.get("params") or []) for pg in pgs]
     groups = program.target_groups(src) if src else None
-    detail = _UniversalPlan(rs, tag, carry, trained, groups,
+    detail = _UniversalPlan(rs, tag, carry, kinds, tied, groups,
                             {n: tuple(s) for _, n, s, _ in tensors},
                             {n: dt for _, n, _, dt in tensors})
     udir = f"{tag}_universal"
-    files = [LATEST, "config.json", MAPC_JSON, f"{udir}/zero/optimizer_state.pt"]
+    files = [LATEST, MAPC_JSON, f"{udir}/zero/optimizer_state.pt"] + \
+        (["config.json"] if facts.has_config else [])
     if carry:
         files += [f"{udir}/{f.name}" for f in carry]
     else:
         files += [f"{udir}/{_model_file(rs.stage, r)}"
                   for r in range(rs.dp if rs.stage == 3 else 1)]
     for _, name, _, _ in tensors:
-        if trained is not None and name not in trained:
-            files.append(f"{udir}/zero/{name}/fp32.pt")      # never trained: fp32 only
+        if rs.stage != 3:
+            # ds_to_universal (stages 1/2) saves every module entry the optimizer does not
+            # hold, buffers, frozen and tied names too, as zero/<name>/fp32.pt
+            files += [f"{udir}/zero/{a}/fp32.pt"
+                      for a in ([name] if name in kinds else []) + list(tied.get(name, ()))]
+        if name in kinds:
             continue
         files += [f"{udir}/zero/{name}/{k}.pt" for k in ("fp32", "exp_avg", "exp_avg_sq")]
         if rs.stage != 3:
             files.append(f"{udir}/zero/{name}/step.pt")
     decisions = {**rs.decisions(), "tag": tag,
                  "model states": "carried over from the source" if carry else "built"}
+    if kinds:
+        decisions["outside the optimizer"] = {k: sum(1 for v in kinds.values() if v == k)
+                                              for k in ("frozen", "buffer")}
     for key in ("source dp", "optimizer class", "training dtype"):
         decisions.pop(key)
     return make_plan("universal", files, decisions=decisions, notes=notes, slots=slots,
@@ -309,7 +333,7 @@ class UniversalWriter(PlannedWriter):
         self.have = set(plan.facts.slots)
         self.udir = self.dir / f"{d.tag}_universal"
         self.zero = self.udir / "zero"
-        self.trained, self.groups = d.trained, d.groups
+        self.kinds, self.tied, self.groups = d.kinds, d.tied, d.groups
         self.models = None
         self.module: dict[str, object] = OrderedDict()
         self.names: list[str] = []
@@ -346,8 +370,10 @@ class UniversalWriter(PlannedWriter):
     def _save_now(self, name, key, arr):
         d = self.zero / name
         d.mkdir(exist_ok=True)
-        with torchfile.TorchWriter(d / f"{key}.pt") as w:
-            if key == "step" or self.stage == 3:
+        with torchfile.TorchWriter(d / f"{'fp32' if key == 'module' else key}.pt") as w:
+            if key == "module":
+                obj = {"param": w.add_tensor(arr)}
+            elif key == "step" or self.stage == 3:
                 obj = w.add_tensor(arr.reshape(-1) if key != "step" else arr,
                                    requires_grad=key == "fp32")
             else:
@@ -357,14 +383,16 @@ class UniversalWriter(PlannedWriter):
     def write(self, coord, name, arr):
         self.names.append(name)
         if self.models is not None:
-            keep = arr if self.stage != 3 else np.zeros((0,), arr.dtype)
-            self.module[name] = self.models.add_tensor(keep)
-        if self.trained is not None and name not in self.trained:
-            # a parameter the optimizer never held: DeepSpeed keeps its fp32 copy only
-            d = self.zero / name
-            d.mkdir(exist_ok=True)
-            with torchfile.TorchWriter(d / "fp32.pt") as w:
-                w.finish({"param": w.add_tensor(np.asarray(arr, np.float32))})
+            keep = arr if self.stage != 3 or self.kinds.get(name) == "buffer" \
+                else np.zeros((0,), arr.dtype)
+            self.module[name] = self.models.add_tensor(np.require(keep, requirements="C"))
+        if self.stage != 3:
+            # ds_to_universal (stages 1/2) saves every module entry the optimizer does not
+            # hold, buffers, frozen and tied names too, as zero/<name>/fp32.pt = {"param":
+            # the module tensor as float32}
+            for alias in ([name] if name in self.kinds else []) + list(self.tied.get(name, ())):
+                self._save(alias, "module", np.asarray(arr).astype(np.float32))
+        if name in self.kinds:
             return
         if self.stage != 3:
             self._save(name, "step", np.array(self.step, dtype=np.float32))
@@ -375,8 +403,7 @@ class UniversalWriter(PlannedWriter):
                 self._save(name, slot, np.zeros(arr.shape, np.float32))
 
     def write_slot(self, slot, coord, name, arr):
-        if (self.trained is not None and name not in self.trained) or \
-                (self.fresh and slot != "master"):
+        if name in self.kinds or (self.fresh and slot != "master"):
             return
         self._save(name, _STATE_FILES[slot], arr)
 
@@ -392,7 +419,8 @@ class UniversalWriter(PlannedWriter):
             self._finish_model_states(record)
         self._write_optimizer_state()
         (self.dir / LATEST).write_text(self.udir.name)
-        write_json(self.dir / "config.json", record.get("config") or {})
+        if "config.json" in self.plan.files:        # generic mode may have no model config
+            write_json(self.dir / "config.json", record.get("config") or {})
         write_json(self.dir / MAPC_JSON, record)
 
     def abort(self):
@@ -410,6 +438,8 @@ class UniversalWriter(PlannedWriter):
         n = max(self.groups.values(), default=0) + 1 if self.groups else 1
         out = [[] for _ in range(n)]
         for name in self._ordered_names():
+            if name in self.kinds:
+                continue
             g = self.groups.get((SINGLE, name), 0) if self.groups else 0
             out[g].append(name)
         return out
@@ -432,18 +462,22 @@ class UniversalWriter(PlannedWriter):
         groups = self._group_names()
         param_shapes = [OrderedDict((n, torch_size(shapes[n])) for n in g) for g in groups]
         steps = int(self.training.get("iteration") or 0)
-        dtypes = set(self.dtypes.values())
+        dtypes = {dt for n, dt in self.dtypes.items() if n not in self.kinds}
         ds_config = self.training.get("ds_config") or {
             "train_micro_batch_size_per_gpu": 1,
             "zero_optimization": {"stage": self.stage},
             **({"bf16": {"enabled": True}} if dtypes == {"bfloat16"} else {}),
             **({"fp16": {"enabled": True}} if dtypes == {"float16"} else {}),
         }
+        frozen = {n: shapes[n] for n in self._module_order() if self.kinds.get(n) == "frozen"}
         ms = model_states(self.module, self._module_order(), self.program.target.aliases,
                           param_shapes, self.stage,
                           scheduler=_plain(self.training.get("lr_scheduler")), steps=steps,
                           samples=int(self.training.get("global_samples") or 0), dp=self.dp,
-                          ds_config=_plain(ds_config))
+                          ds_config=_plain(ds_config),
+                          buffers=[n for n, k in self.kinds.items() if k == "buffer"],
+                          frozen=frozen if self.stage != 3 else None,
+                          fragments={n: self.module[n] for n in frozen})
         self.models.finish(ms)
         if self.stage == 3:       # every rank writes its own (identical) copy
             for r in range(1, self.dp):

@@ -140,21 +140,27 @@ def training_config(cfg: dict, has_settings: bool, src_dp: int, dp: int, stage: 
 
 
 def model_states(module: dict, order, aliases: dict, param_shapes: list, stage: int, *,
-                 scheduler, steps: int, samples: int, dp: int, ds_config: dict) -> dict:
+                 scheduler, steps: int, samples: int, dp: int, ds_config: dict,
+                 buffers=(), frozen=None, fragments=None) -> dict:
     """A DeepSpeed engine's model states file (``mp_rank_00_model_states.pt``, or every rank's
     at stage 3), keys in DeepSpeed's order. ``module`` maps names to tensors (placeholders);
     ``aliases`` (the spec's tied-weight names) are listed again, as the module's state_dict
-    does, and recorded in ``shared_params``."""
+    does, and recorded in ``shared_params``. ``buffers`` names the module's buffers;
+    ``frozen`` maps the parameters no optimizer holds to their shapes and ``fragments`` to
+    their values (this rank's partition at stage 3), which DeepSpeed saves at stages 2 and 3."""
     mod = OrderedDict((n, module[n]) for n in order)
     mod.update((a, module[t]) for a, t in aliases.items())
+    frozen = frozen or {}
     return {
         "module": mod,
-        "buffer_names": [],
+        "buffer_names": [n for n in order if n in set(buffers)],
         "optimizer": None,
         "param_shapes": param_shapes,
-        "frozen_param_shapes": OrderedDict() if stage >= 2 else None,
+        "frozen_param_shapes": OrderedDict((n, torch_size(s)) for n, s in frozen.items())
+        if stage >= 2 else None,
         "shared_params": dict(aliases),
-        "frozen_param_fragments": OrderedDict() if stage >= 2 else None,
+        "frozen_param_fragments": OrderedDict((n, (fragments or {})[n]) for n in frozen)
+        if stage >= 2 else None,
         "lr_scheduler": scheduler,
         "data_sampler": None,
         "random_ltd": None,
@@ -260,7 +266,7 @@ def plan_resume(facts, request, target: str, dtypes, notes: list, *, optim: bool
         if dtype not in TRAINING_DTYPES:
             what = "module" if target == "deepspeed" else "pipeline"
             raise MapcError(f"a DeepSpeed {what} is trained in one dtype, fp32 or bf16; the "
-                            f"weights to write are {', '.join(sorted(dtypes))}",
+                            f"weights to write are {', '.join(sorted(dtypes)) or 'none'}",
                             hint="pass --dtype fp32 or --dtype bf16")
         cfg, kind = training_config(cfg, has_settings, src_dp, dp, stage, dtype, mine,
                                     config_name)

@@ -97,10 +97,13 @@ def _torchrun(nproc: int, args: list[str], log: Path, timeout: float) -> None:
             raise
 
 
-def _train_args(stage, dtype, groups, steps, model, grad_accum_fp32, clip, batch, seq):
+def _train_args(stage, dtype, groups, steps, model, grad_accum_fp32, clip, batch, seq,
+                arch="llama"):
     a = ["--stage", str(stage), "--dtype", dtype, "--groups", str(groups), "--steps", str(steps),
          "--model", json.dumps(model or {}, sort_keys=True), "--clip", repr(float(clip)),
          "--batch", str(batch), "--seq", str(seq)]
+    if arch != "llama":
+        a += ["--arch", arch]
     if grad_accum_fp32:
         a.append("--grad-accum-fp32")
     return a
@@ -121,7 +124,7 @@ def load_state(run_dir: Path, key: str = "fp32") -> dict:
 def make_zero_checkpoint(root: Path, stage: int, dtype: str, groups: int = 1, steps: int = 3, *,
                          world_size: int = 2, model: dict | None = None,
                          grad_accum_fp32: bool = False, clip: float = 1.0, batch: int = 6,
-                         seq: int = 16, name: str | None = None,
+                         seq: int = 16, name: str | None = None, arch: str = "llama",
                          timeout: float = TIMEOUT_S) -> Path:
     """Train ds_train.py's tiny Llama with DeepSpeed ZeRO ``stage`` (1, 2, 3) in ``dtype``
     ("fp32" or "bf16") for ``steps`` steps at data-parallel ``world_size`` and save.
@@ -129,7 +132,8 @@ def make_zero_checkpoint(root: Path, stage: int, dtype: str, groups: int = 1, st
     Returns the checkpoint directory ``root / name`` (holding ``latest``, ``global_step{steps}/``,
     ``expected.json``, ``config.json`` and the gathered ``{fp32,exp_avg,exp_avg_sq}.safetensors``).
     ``model`` overrides fields of the LlamaConfig (e.g. :data:`ODD_MODEL`);
-    ``grad_accum_fp32`` with bf16 at stage 1 selects DeepSpeed's ``BF16_Optimizer``.
+    ``grad_accum_fp32`` with bf16 at stage 1 selects DeepSpeed's ``BF16_Optimizer``;
+    ``arch="convnet"`` trains ds_train.conv_net() instead (no config.json is written).
     A directory already holding a finished run with the same settings is reused.
     """
     if dtype not in ("fp32", "bf16"):
@@ -142,8 +146,11 @@ def make_zero_checkpoint(root: Path, stage: int, dtype: str, groups: int = 1, st
                 json.dumps(model, sort_keys=True).encode()).hexdigest()[:8]
         if grad_accum_fp32:
             name += "_accfp32"
+        if arch != "llama":
+            name = f"{arch}_{name}"
     ckpt = root / name
-    args = _train_args(stage, dtype, groups, steps, model, grad_accum_fp32, clip, batch, seq)
+    args = _train_args(stage, dtype, groups, steps, model, grad_accum_fp32, clip, batch, seq,
+                       arch)
     settings = {"args": args, "world_size": world_size}
     stamp = ckpt / "run.json"
     if (ckpt / "expected.json").is_file() and stamp.is_file() \
@@ -237,7 +244,7 @@ def resume_and_step(ckpt: Path, world_size: int, universal: bool, steps: int = 1
         out.mkdir(parents=True)
         args = _train_args(st, meta["dtype"], meta["groups"], steps, meta.get("model"),
                            meta.get("grad_accum_fp32", False), meta.get("gradient_clipping", 1.0),
-                           meta["train_batch_size"], meta["seq_len"])
+                           meta["train_batch_size"], meta["seq_len"], meta.get("arch", "llama"))
         args += ["--load", str(ckpt), "--out", str(out)]
         if tag:
             args += ["--tag", tag]

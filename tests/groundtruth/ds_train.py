@@ -93,11 +93,59 @@ def parse_args(argv=None):
     p.add_argument("--load", default=None, help="resume from this checkpoint dir")
     p.add_argument("--tag", default=None, help="tag to load (default: latest / latest_universal)")
     p.add_argument("--universal", action="store_true", help='"checkpoint": {"load_universal": true}')
+    p.add_argument("--arch", choices=("llama", "convnet"), default="llama",
+                   help="convnet: conv_net(), no HF config (none is written)")
     return p.parse_args(argv)
 
 
-def build_model(overrides: dict | None = None):
+# --arch convnet: a model that is no LLM and has no config anywhere (mapc's generic mode).
+CONV_VOCAB = 37
+
+
+def conv_net():
+    """A small conv net over token ids: an embedding (tied to the output head, so DeepSpeed
+    records ``shared_params``), a Conv1d, a LayerNorm, a frozen projection (requires_grad
+    False: ``frozen_param_shapes``), a float and an integer buffer, odd sizes everywhere (every
+    ZeRO flat group and stage-3 partition needs padding at DP 2 and 3)."""
     import torch
+    from torch import nn
+
+    class Out:
+        def __init__(self, loss):
+            self.loss = loss
+
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(CONV_VOCAB, 7)
+            self.conv = nn.Conv1d(7, 7, 3, padding=1)
+            self.norm = nn.LayerNorm(7)
+            self.mix = nn.Linear(7, 7, bias=False)    # a submodule, so ZeRO-3 gathers it
+            self.mix.weight.requires_grad_(False)
+            self.head = nn.Linear(7, CONV_VOCAB)
+            self.head.weight = self.embed.weight
+            self.register_buffer("channel_scale", torch.linspace(0.5, 1.5, 7))
+            self.register_buffer("version", torch.tensor(3, dtype=torch.int64))
+
+        def forward(self, input_ids, labels):
+            x = self.embed(input_ids)                                   # [B, T, 7]
+            x = self.conv(x.transpose(1, 2)).transpose(1, 2)
+            x = self.norm(x) * self.channel_scale.to(x.dtype)
+            x = self.mix(x)
+            logits = self.head(x)
+            loss = nn.functional.cross_entropy(logits.float().reshape(-1, CONV_VOCAB),
+                                               labels.reshape(-1))
+            return Out(loss)
+
+    return ConvNet()
+
+
+def build_model(overrides: dict | None = None, arch: str = "llama"):
+    import torch
+
+    if arch == "convnet":
+        torch.manual_seed(SEED)
+        return conv_net().float()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{**MODEL, **(overrides or {})})
@@ -220,7 +268,8 @@ def main(argv=None):
     torch.manual_seed(SEED)
 
     overrides = json.loads(args.model)
-    model = build_model(overrides)
+    model = build_model(overrides, args.arch)
+    vocab = CONV_VOCAB if args.arch == "convnet" else model.config.vocab_size
     opt = torch.optim.AdamW(param_groups(model, args.groups), lr=LR, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=WEIGHT_DECAY)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(args, world))
@@ -235,7 +284,7 @@ def main(argv=None):
     micro = args.batch // world
     losses = []
     for k in range(start, start + args.steps):
-        ids = batch_for_step(k, args.batch, args.seq, model.config.vocab_size)
+        ids = batch_for_step(k, args.batch, args.seq, vocab)
         ids = ids[rank * micro:(rank + 1) * micro]
         out = engine(input_ids=ids, labels=ids)
         engine.backward(out.loss)
@@ -251,12 +300,14 @@ def main(argv=None):
     z2f = None
     if rank == 0:
         z2f = run_zero_to_fp32(out_dir, f"global_step{engine.global_steps}")
-        engine.module.config.to_json_file(str(out_dir / "config.json"))
+        if args.arch == "llama":
+            engine.module.config.to_json_file(str(out_dir / "config.json"))
         meta = {"loss": losses, "stage": args.stage, "dtype": args.dtype, "groups": args.groups,
                 "world_size": world, "steps": args.steps, "start_step": start,
                 "global_step": engine.global_steps, "tag": f"global_step{engine.global_steps}",
                 "train_batch_size": args.batch, "seq_len": args.seq, "lr": LR,
-                "weight_decay": WEIGHT_DECAY, "model": {**MODEL, **overrides},
+                "weight_decay": WEIGHT_DECAY, "arch": args.arch,
+                "model": {**MODEL, **overrides} if args.arch == "llama" else {},
                 "gradient_clipping": args.clip, "grad_accum_fp32": args.grad_accum_fp32,
                 "optimizer_class": type(engine.optimizer).__name__,
                 "zero_to_fp32": z2f,
