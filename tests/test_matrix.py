@@ -58,7 +58,9 @@ CASES = [(fam, fmt) for fam in SPEC_OF for fmt, (layout, _) in FORMATS.items()
 
 
 def test_every_shipped_spec_is_covered():
-    assert {SPEC_OF[f] for f in SPEC_OF} == set(builtin_specs())
+    # the generic spec describes no family (no logits to compare): tests/test_generic*.py
+    from mapc.compiler.resolve import GENERIC
+    assert {SPEC_OF[f] for f in SPEC_OF} == set(builtin_specs()) - {GENERIC}
 
 
 @pytest.mark.slow
