@@ -177,8 +177,8 @@ def stateless_targets(program, facts: SourceFacts, tensors=()) -> dict[str, str]
     buffers, e.g. plain weights, has integer ones only)."""
     keys = facts.stateless_keys
     out = {name: keys[next(iter(inst.members.values()))]
-           for inst, _, name in program.target.placements()
-           if all(k in keys for k in inst.members.values())}
+           for inst, _, name in (program.target.placements() if keys else ())
+           if inst.members and all(k in keys for k in inst.members.values())}
     out.update({name: "buffer" for _, name, _, dt in tensors if dt not in FLOAT_DTYPES})
     return out
 
