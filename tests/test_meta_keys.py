@@ -25,8 +25,8 @@ LLAMA = (SPECS / "llama.map").read_text()
      "did you mean no_weight_tying"),
 ], ids=["megatron", "gguf", "neox"])
 def test_an_invented_meta_key_is_refused_with_position_and_nearest_keys(good, bad, hint):
-    assert LLAMA.count(good) == 1
-    text = LLAMA.replace(good, bad)
+    assert LLAMA.count(good) >= 1     # megatron's entry comes first (torch_dist repeats it)
+    text = LLAMA.replace(good, bad, 1)
     line = text[:text.index(bad)].count("\n") + 1
     with pytest.raises(SpecError) as e:
         compile_text(text, "specs/llama.map")
