@@ -120,8 +120,10 @@ def _write_zip(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
-def _bounded_refusal(path: Path, run, budget_s: float = 5.0, budget_mib: int = 64):
-    """``run()`` raises a one-line MapcError naming ``path``, fast and without allocating."""
+def _bounded_refusal(path: Path, run, budget_s: float = 30.0, budget_mib: int = 64):
+    """``run()`` raises a one-line MapcError naming ``path``, fast and without allocating.
+    The time bound separates "refused" from the minutes (or the hang) of the unbounded reader;
+    it is generous because the refusal is traced by tracemalloc on a machine that may be busy."""
     tracemalloc.start()
     t0 = time.perf_counter()
     try:
