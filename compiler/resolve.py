@@ -239,7 +239,10 @@ _FIXED_NAME = re.compile(r'"([A-Za-z_][\w.]*\.[\w.]+)"')
 def may_describe(text: str, names: set) -> bool:
     """A cheap look at a spec's text before compiling it: False only when the spec names
     tensors without placeholders (``"model.norm.weight"``) and the checkpoint holds none of
-    them (then no layout of the spec can place its tensors)."""
+    them (then no layout of the spec can place its tensors). A spec that extends another also
+    has its base's names, which its own text does not show: it is always kept."""
+    if "extends" in text:
+        return True
     fixed = set(_FIXED_NAME.findall(text))
     return not fixed or bool(fixed & names)
 
