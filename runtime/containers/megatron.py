@@ -41,21 +41,32 @@ FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
+def tracked_iteration(path: Path, hint: str | None = None) -> Path | None:
+    """The iteration directory Megatron-LM's ``latest_checkpointed_iteration.txt`` in ``path``
+    names (``iter_NNNNNNN`` or ``release``), or None without a tracker (also read by the
+    torch_dist container)."""
+    tracker = path / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    sub = "release" if text == "release" else f"iter_{int(text):07d}" \
+        if text.isdigit() else None
+    if sub is None:
+        raise MapcError(f"{TRACKER} holds {text!r}, not an iteration or 'release'",
+                        where=str(path))
+    if not (path / sub).is_dir():
+        raise MapcError(f"{TRACKER} names {sub}, which does not exist", where=str(path),
+                        hint=hint)
+    return path / sub
+
+
 def _iteration_dir(path: Path) -> Path:
     """The directory holding mp_rank_* folders: PATH itself, or the one the tracker names."""
     if any(_RANK_DIR.match(p.name) for p in path.iterdir() if p.is_dir()):
         return path
-    tracker = path / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        sub = "release" if text == "release" else f"iter_{int(text):07d}" \
-            if text.isdigit() else None
-        if sub is None:
-            raise MapcError(f"{TRACKER} holds {text!r}, not an iteration or 'release'",
-                            where=str(path))
-        if not (path / sub).is_dir():
-            raise MapcError(f"{TRACKER} names {sub}, which does not exist", where=str(path))
-        return path / sub
+    tracked = tracked_iteration(path)
+    if tracked is not None:
+        return tracked
     iters = sorted(p for p in path.iterdir() if p.is_dir() and
                    (p.name == "release" or p.name.startswith("iter_")))
     if iters:

@@ -38,13 +38,13 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.containers import dcp
+from mapc.runtime.containers.megatron import TRACKER, tracked_iteration
 from mapc.runtime.backends import dtype_name
 from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
                                      make_plan, planned_tensors)
 
 LAYOUT = "torch_dist"
-TRACKER = "latest_checkpointed_iteration.txt"
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 SINGLE = ()
@@ -92,18 +92,9 @@ def iteration_dir(path: Path) -> Path:
     path = Path(path)
     if (path / METADATA_JSON).is_file():
         return path
-    tracker = path / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        sub = "release" if text == "release" else f"iter_{int(text):07d}" \
-            if text.isdigit() else None
-        if sub is None:
-            raise MapcError(f"{TRACKER} holds {text!r}, not an iteration or 'release'",
-                            where=str(path))
-        if not (path / sub).is_dir():
-            raise MapcError(f"{TRACKER} names {sub}, which does not exist", where=str(path),
-                            hint="copy the complete checkpoint")
-        return path / sub
+    tracked = tracked_iteration(path, hint="copy the complete checkpoint")
+    if tracked is not None:
+        return tracked
     iters = sorted(p for p in path.iterdir() if p.is_dir() and (p / METADATA_JSON).is_file()
                    and (p.name == "release" or p.name.startswith("iter_")))
     if iters:
