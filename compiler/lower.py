@@ -86,7 +86,7 @@ def name_ir(rule: A.Rule, source: str):
 
 
 def rule_ir(r: A.Rule, source: str) -> dict:
-    return {
+    out = {
         "name": r.name,
         "name_parts": name_ir(r, source),
         "copy": r.copy,
@@ -106,6 +106,18 @@ def rule_ir(r: A.Rule, source: str) -> dict:
         "when": expr_ir(r.when),
         "at": str(r.pos),
     }
+    if r.value is not None:      # only rules with a value map carry the key
+        out["value"] = value_map_ir(r, source)
+    return out
+
+
+def value_map_ir(r: A.Rule, source: str):
+    """A rule's ``value`` clause split into scale and offset (compiler/values.py)."""
+    if r.value is None:
+        return None
+    from mapc.compiler.values import affine
+    pos = r.value.pos
+    return affine(expr_ir(r.value.expr), str(pos), caret(source, pos.line, pos.column))
 
 
 def layout_ir(lay: A.Layout, source: str) -> dict:

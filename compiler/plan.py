@@ -15,6 +15,7 @@ from mapc.compiler.check import error_at
 from mapc.compiler.expr import EvalError, evaluate, is_int, show, symbols
 from mapc.compiler.recipe import CONCAT, Factor, MemberPlan, Recipe, index_product
 from mapc.compiler.spec import Spec
+from mapc.compiler.values import plan_value
 from mapc.errors import MapcError
 
 MISSING = object()
@@ -235,6 +236,7 @@ class Instance:
     shards: list[tuple[tuple, tuple, str]]   # (recipe coord, mesh coord, physical name)
     replicated: tuple[tuple[str, int], ...]  # mesh axes the tensor is copied over
     summed: tuple[str, ...] = ()       # of those, the axes whose ranks hold shares of a sum
+    value: object = None               # compiler.values.ValueMap: the file stores f(x)
 
     def is_share_holder(self, coord) -> bool:
         """Whether this copy holds the value (the others of a summed axis hold zeros)."""
@@ -426,7 +428,8 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                         full["pp"] = stage
                     shards.append((rc, tuple((a, full[a]) for a in layout["mesh"]), name))
             plan.instances.append(Instance(rule, index, stage, recipe, keys, shards, rep,
-                                           tuple(rule.get("sum", ()))))
+                                           tuple(rule.get("sum", ())),
+                                           plan_value(rule, env)))
     _check_coverage(plan)
     plan.meta()  # evaluate the metadata now, so its errors surface before anything is read
     plan.aliases = _aliases(plan)

@@ -117,8 +117,15 @@ class Program:
                 lines.append(f"  {name} {list(inst.recipe.shard_shape)} = {label}({args})"
                              + self._shard_label(inst, coord, name)
                              + ("  # copy" if inst.copy else "")
+                             + _value_note(inst)
                              + self._sum_note(inst, coord))
         return "\n".join(lines)
+
+
+def _value_note(inst: Instance) -> str:
+    """``value 1 + x`` tensors: the file stores the map of the logical value."""
+    vmap = getattr(inst, "value", None)
+    return f"  # {vmap.describe()}" if vmap is not None else ""
 
 
 def compile_program(source: LayoutPlan, target: LayoutPlan) -> Program:

@@ -215,6 +215,13 @@ class Pad:
 
 
 @dataclass(frozen=True)
+class ValueMap:
+    """``value EXPR``: the physical tensor stores EXPR of the logical value ``x``, elementwise."""
+    expr: Expr
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str                      # physical name pattern, e.g. "model.layers.{i}.q_proj.weight"
     copy: bool                     # an explicit replica of tensors another rule already places
@@ -230,6 +237,7 @@ class Rule:
     when: Expr | None
     pos: Pos
     sums: tuple[str, ...] = ()     # mesh axes whose ranks each store a share of the sum
+    value: "ValueMap | None" = None  # the file stores f(x) of the logical value x
 
 
 @dataclass(frozen=True)

@@ -311,7 +311,8 @@ class _Build(Transformer):
             eaches=tuple(x[1] for x in clauses if x[0] == "each"),
             repeats=tuple(x[1] for x in clauses if x[0] == "repeat"),
             stage=one("on"), when=one("if"), pos=pos,
-            sums=tuple(x[1] for x in clauses if x[0] == "sum"))
+            sums=tuple(x[1] for x in clauses if x[0] == "sum"),
+            value=one("value"))
 
     @v_args(meta=True)
     def ref(self, meta, c):
@@ -368,6 +369,11 @@ class _Build(Transformer):
     def pad_clause(self, meta, c):
         pos = self._pos(meta)
         return ("pad", A.Pad(str(c[0]), c[1], pos), pos)
+
+    @v_args(meta=True)
+    def value_map(self, meta, c):
+        pos = self._pos(meta)
+        return ("value", A.ValueMap(c[0], pos), pos)
 
     @v_args(meta=True)
     def on_clause(self, meta, c):

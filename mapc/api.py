@@ -172,7 +172,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                  max_shard_bytes: int | None = None, dp: int | None = None,
                  with_optimizer: bool = False, like=None,
                  zero_stage: int | None = None,
-                 allow_spec_change: bool = False) -> ConversionPlan:
+                 allow_spec_change: bool = False, allow_lossy: bool = False) -> ConversionPlan:
     """Plan ``convert`` (same arguments) completely, writing nothing: every check a real run
     makes before writing is made here, so a plan that succeeds is what the run will do."""
     if zero_stage is not None and zero_stage not in (1, 2, 3):
@@ -206,7 +206,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                                zero_stage=zero_stage, with_optimizer=with_optimizer,
                                max_shard_bytes=max_shard_bytes,
                                like_training=template.training if template else None,
-                               explicit=explicit)
+                               explicit=explicit, allow_lossy=allow_lossy)
         write = plan_write(program, facts, request)
         return ConversionPlan(res, program, facts, request, write)
     except BaseException:
@@ -220,7 +220,8 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
             backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
             max_shard_bytes: int | None = None, dp: int | None = None,
             with_optimizer: bool = False, like=None,
-            zero_stage: int | None = None, allow_spec_change: bool = False) -> execute.Report:
+            zero_stage: int | None = None, allow_spec_change: bool = False,
+            allow_lossy: bool = False) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox,
@@ -229,12 +230,14 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     optimizer param groups the output takes (``to``/``tp``/... may then be omitted);
     ``zero_stage`` picks the ZeRO stage of a deepspeed/universal target (default: the source's,
     else 1); ``allow_spec_change`` reads a checkpoint mapc wrote with a spec other than the one
-    its record carries (otherwise refused). An option the target format does not honour is
-    refused (MapcError)."""
+    its record carries (otherwise refused); ``allow_lossy`` writes tensors whose spec value map
+    rounds (otherwise refused: mapc.runtime.values). An option the target format does not
+    honour is refused (MapcError)."""
     cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,
                       source_set=source_set, spec=spec, source_format=source_format,
                       max_shard_bytes=max_shard_bytes, dp=dp, with_optimizer=with_optimizer,
-                      like=like, zero_stage=zero_stage, allow_spec_change=allow_spec_change)
+                      like=like, zero_stage=zero_stage, allow_spec_change=allow_spec_change,
+                      allow_lossy=allow_lossy)
     return write_conversion(cp, src, dst, force=force, backend=backend, quiet=quiet)
 
 
@@ -249,7 +252,7 @@ def write_conversion(cp: ConversionPlan, src, dst, *, force: bool = False,
         writer = make_writer(cp.request.format, out.tmp, program, plan)
         try:
             report = execute.run(program, source, writer, backend=backend, plan=plan,
-                                 quiet=quiet)
+                                 quiet=quiet, allow_lossy=cp.request.allow_lossy)
             report.warnings[:0] = res.warnings + list(plan.notes)
             writer.finish(_record(res, program, cp.request.format, src, report))
         except BaseException:

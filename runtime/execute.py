@@ -301,7 +301,7 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def read_instances(instances, reader, be, report: Report, verify_replicas=True,
-                   slot: str = "param"):
+                   slot: str = "param", allow_lossy: bool = False):
     """Rebuild logical tensors from the shards of ``instances`` (primaries before copies)."""
     read = reader.read if slot == "param" else \
         (lambda name, coord: reader.read(name, coord, slot=slot))
@@ -323,6 +323,8 @@ def read_instances(instances, reader, be, report: Report, verify_replicas=True,
                         report.warnings.append(
                             f"replicas of {name} differ between shards {_coord(coord)} and "
                             f"{_coord(other)}; took {_coord(coord)}")
+            if getattr(inst, "value", None) is not None:   # the file stores f(x) (values.py)
+                arr = _load_value(inst, arr, name, slot, report, allow_lossy)
             shards[rc] = be.from_numpy(arr)
 
         def check_pad(member, pad, inst=inst):
@@ -363,14 +365,35 @@ def _sum_shares(inst, coord, arr, others, read, report):
     return total.astype(arr.dtype), [x for x in others if x not in same]
 
 
+def _load_value(inst, arr, name, slot, report, allow_lossy):
+    from mapc.runtime import values
+    if slot not in values.VALUE_SLOTS:
+        values.moments_pass(inst.value, name, slot)
+        return arr
+    return values.load(inst.value, arr, name, report, allow_lossy)
+
+
+def _store_value(be, shard_be, inst, shard, want, name, slot, report, allow_lossy):
+    """The physical shard of a value-mapped target tensor, as numpy in ``want``."""
+    from mapc.runtime import values
+    if shard_be is not None:       # pipelined: the shard's bytes, out of the lazy backend
+        shard = shard_be.to_numpy(shard)
+    if slot not in values.VALUE_SLOTS:
+        values.moments_pass(inst.value, name, slot)
+        return be.to_numpy(be.cast(shard, want))
+    return be.to_numpy(values.store(be, inst.value, shard, want, name, report, allow_lossy))
+
+
 def _coord(c) -> str:
     return ",".join(f"{a}={i}" for a, i in c) or "single"
 
 
 def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str | None = None,
-        quiet: bool = False, verify_replicas: bool = True, plan=None) -> Report:
+        quiet: bool = False, verify_replicas: bool = True, plan=None,
+        allow_lossy: bool = False) -> Report:
     """Stream ``program`` from ``reader`` into ``writer``. With ``plan`` (a WritePlan, see
-    mapc.runtime.plan_write) the planned tensors, dtypes and slots are used as they are."""
+    mapc.runtime.plan_write) the planned tensors, dtypes and slots are used as they are.
+    ``allow_lossy`` writes value-mapped tensors whose map rounds (mapc.runtime.values)."""
     be = get_backend(backend)
     report = Report()
     start = time.monotonic()
@@ -407,12 +430,17 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                 is_weight = slot in ("param", param_from)
                 read_be, shard_be = behind.next_round()
                 logical = read_instances(unit.sources, reader, read_be or be, report,
-                                         verify_replicas, slot)
+                                         verify_replicas, slot, allow_lossy)
                 for inst in unit.targets:
                     members = {m: logical[k] for m, k in inst.members.items()}
                     for rc, copies in inst.by_recipe_coord().items():
                         want = dtypes[copies[0]] if is_weight else "float32"
-                        if shard_be is not None:
+                        if getattr(inst, "value", None) is not None:
+                            bind = shard_be.bind(None) if shard_be is not None else be
+                            arr = _store_value(be, shard_be, inst,
+                                               inst.recipe.shard(bind, members, dict(rc)),
+                                               want, copies[0][1], slot, report, allow_lossy)
+                        elif shard_be is not None:
                             builder = behind.next_builder()
                             shard = inst.recipe.shard(shard_be.bind(builder), members, dict(rc))
                             arr = builder.build(shard, DTYPES[want])

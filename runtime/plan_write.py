@@ -55,6 +55,7 @@ class WriteRequest:
     max_shard_bytes: int | None = None
     like_training: dict | None = None        # --like: the template's training state
     explicit: frozenset = frozenset()
+    allow_lossy: bool = False                # --allow-lossy: value maps may round (every format)
 
     def refuse_unhonoured(self, honours, takers: dict[str, list[str]]) -> None:
         """One-line MapcError for the first explicit option the format does not honour."""
@@ -166,8 +167,15 @@ def planned_tensors(program, facts: SourceFacts, dtype: str | None, writer_slots
     for inst, coord, name in program.target.placements():
         have = src[next(iter(inst.members.values()))]
         out.append((coord, name, tuple(inst.recipe.shard_shape),
-                    dtype if dtype and have in FLOAT_DTYPES else have))
+                    dtype if dtype and have in FLOAT_DTYPES else value_dtype(inst, have)))
     return tuple(out)
+
+
+def value_dtype(inst, have: str) -> str:
+    """A value-mapped tensor (``value 1 + x``) of 16-bit floats is stored as float32: the map
+    of a bfloat16 or float16 value needs more bits to be exact (mapc.runtime.values)."""
+    mapped = getattr(inst, "value", None) is not None
+    return "float32" if mapped and have in ("bfloat16", "float16") else have
 
 
 def stateless_targets(program, facts: SourceFacts, tensors=()) -> dict[str, str]:

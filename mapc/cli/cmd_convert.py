@@ -51,6 +51,9 @@ def add_arguments(p):
     p.add_argument("--allow-spec-change", action="store_true",
                    help="read a checkpoint mapc wrote with a --spec other than the one its "
                         "record carries (refused otherwise)")
+    p.add_argument("--allow-lossy", action="store_true",
+                   help="write tensors whose spec value map (e.g. 'value 1 + x') rounds in "
+                        "the stored dtype, with a warning (refused otherwise)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a target layout parameter the spec declares (repeatable)")
     p.add_argument("--source-set", action="append", default=[], metavar="NAME=VALUE",
@@ -76,7 +79,8 @@ def run(args) -> int:
                       source_set=args.source_set, spec=args.spec,
                       source_format=args.source_format, dp=args.dp,
                       with_optimizer=args.with_optimizer, like=args.like,
-                      zero_stage=args.zero_stage, allow_spec_change=args.allow_spec_change)
+                      zero_stage=args.zero_stage, allow_spec_change=args.allow_spec_change,
+                      allow_lossy=args.allow_lossy)
     if args.dry_run:
         cp.close()
         print(cp.pretty())
