@@ -39,6 +39,12 @@ CONFIGS = {
                  "intermediate_size": 48, "vocab_size": 50, "rotary_pct": 0.5,
                  "use_parallel_residual": True, "tie_word_embeddings": False,
                  "max_position_embeddings": 64},
+    "gemma2": {"model_type": "gemma2", "hidden_size": 32, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+               "intermediate_size": 48, "vocab_size": 50, "max_position_embeddings": 64},
+    "gemma3": {"model_type": "gemma3_text", "hidden_size": 32, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+               "intermediate_size": 48, "vocab_size": 50, "max_position_embeddings": 64},
 }
 # Specs of stored tensors (``NAME: *``, generic mode) are planned for a checkpoint's own
 # tensors, not a config: (name, shape) of a small module's state dict, odd and 0-d shapes.
@@ -94,6 +100,9 @@ def recipes_text(family: str) -> str:
                 continue
             body = text.split("\nshard ")[0].splitlines()[3:]
             lines += [x for x in body if x]
+            # value maps are the rule's, not the recipe's: the first shard's mapped tensors
+            first = text.split("\nshard ")[1].splitlines()[1:] if "\nshard " in text else []
+            lines += [f"  value-mapped: {x.strip()}" for x in first if "  # value " in x]
     return "\n".join(lines) + "\n"
 
 

@@ -58,11 +58,22 @@ def family_config(family: str) -> dict:
                     head_dim=16, intermediate_size=48, vocab_size=128,
                     max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family in ("gemma2", "gemma3"):   # tests/test_gemma.py's config (1 + w norms in gguf)
+        return dict(model_type="gemma2" if family == "gemma2" else "gemma3_text",
+                    hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, intermediate_size=48, vocab_size=128,
+                    max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=16)
     raise KeyError(family)
 
 
+# Families whose gguf layout stores norms as 1 + w (a value map): their weights are rounded to
+# bfloat16 values, as released checkpoints hold, for which 1 + w is exact in float32 (for an
+# arbitrary float32 w it rounds, and mapc refuses: tests/test_value_maps.py)
+BF16_VALUES = {"gemma2", "gemma3"}
+
 SPEC_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2",
-           "mixtral": "mixtral", "gpt_neox": "gpt_neox", "phi3": "phi3", "qwen3": "qwen3"}
+           "mixtral": "mixtral", "gpt_neox": "gpt_neox", "phi3": "phi3", "qwen3": "qwen3",
+           "gemma2": "gemma2", "gemma3": "gemma3"}
 # Specs of no model family: generic mode (any module, every tensor as stored; its own
 # conversions are tests/test_generic.py and tests/test_generic_deepspeed.py)
 NO_FAMILY = {"generic"}
@@ -93,6 +104,8 @@ def test_hf_to_format_and_back_keeps_logits(tmp_path, family, fmt):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.uniform_(-0.5, 0.5)
+            if family in BF16_VALUES:
+                p.copy_(p.bfloat16().float())
     model.save_pretrained(str(tmp_path / "hf"))
     mapc.convert(tmp_path / "hf", tmp_path / "x", to=fmt, **FORMATS[fmt][1])
     assert mapc.verify(tmp_path / "hf", tmp_path / "x").identical
