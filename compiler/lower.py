@@ -108,7 +108,26 @@ def rule_ir(r: A.Rule, source: str) -> dict:
     }
     if r.value is not None:      # only rules with a value map carry the key
         out["value"] = value_map_ir(r, source)
+    if r.quantized is not None:  # likewise for quantized storage
+        out["quantized"] = quantized_ir(r, source)
     return out
+
+
+def quantized_ir(r: A.Rule, source: str) -> str:
+    """A rule's ``quantized KIND`` clause: a known kind, on a tensor no mesh axis cuts."""
+    from mapc.runtime.quantized import KINDS
+    pos = r.quantized.pos
+    if r.quantized.kind not in KINDS:
+        raise SpecError(f"unknown quantized storage '{r.quantized.kind}' (known: "
+                        f"{', '.join(KINDS)})", where=str(pos),
+                        context=caret(source, pos.line, pos.column),
+                        hint="write quantized fp8_block or quantized mxfp4")
+    if r.splits or r.sums:
+        raise SpecError(f"a quantized tensor is read whole: rule {r.name} cannot also split "
+                        f"or sum over a mesh axis", where=str(pos),
+                        context=caret(source, pos.line, pos.column),
+                        hint="quantized storage is for unsharded (hf) layouts")
+    return r.quantized.kind
 
 
 def value_map_ir(r: A.Rule, source: str):

@@ -117,7 +117,9 @@ def _stored_env(sp, source):
 
 def _resolve(source, spec, config, params, allow_spec_change) -> Resolved:
     search = _Search()
-    for sp in candidate_specs(source, spec, config, allow_spec_change):
+    plain = source
+    for sp in candidate_specs(plain, spec, config, allow_spec_change):
+        source = _quantized_view(plain, sp)
         inv_env, inv_params = invert_meta(sp, source.layout, source.format_meta)
         given = dict(source.record.get("params", {})) if source.record.get("layout") == \
             source.layout else {}
@@ -143,11 +145,31 @@ def _resolve(source, spec, config, params, allow_spec_change) -> Resolved:
         for env, canonical in envs:
             found = _resolve_params(sp, source, env, canonical, given, search)
             if found is not None:
+                if source is not plain:
+                    _dequantized(found, source)
                 bind = getattr(source, "bind_plan", None)   # a source whose optimizer state
                 if bind is not None:                         # is numbered by the model's order
                     bind(found.plan)
                 return found
-    search.fail(source)
+    search.fail(plain)
+
+
+def _quantized_view(source, sp):
+    """The source as the spec's ``quantized`` rules read it (mapc.runtime.quantized)."""
+    from mapc.runtime.quantized import quantized_view
+    return quantized_view(source, sp, source.layout)
+
+
+def _dequantized(found: Resolved, view) -> None:
+    """A source read dequantized: its rules said so, and the output is not quantized."""
+    from mapc.runtime.quantized import check_declared
+    check_declared(found.plan, view)
+    kinds = view.quantized()
+    if kinds:
+        found.config = {k: v for k, v in found.config.items() if k != "quantization_config"}
+        counts = {k: sum(1 for x in kinds.values() if x == k) for k in sorted(set(kinds.values()))}
+        found.warnings.append("read dequantized: " + ", ".join(
+            f"{n} {k} tensors" for k, n in counts.items()) + " (the output is not quantized)")
 
 
 @dataclass

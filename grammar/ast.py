@@ -222,6 +222,13 @@ class ValueMap:
 
 
 @dataclass(frozen=True)
+class Quantized:
+    """``quantized KIND``: the physical tensor may be stored quantized (fp8_block, mxfp4)."""
+    kind: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str                      # physical name pattern, e.g. "model.layers.{i}.q_proj.weight"
     copy: bool                     # an explicit replica of tensors another rule already places
@@ -238,6 +245,7 @@ class Rule:
     pos: Pos
     sums: tuple[str, ...] = ()     # mesh axes whose ranks each store a share of the sum
     value: "ValueMap | None" = None  # the file stores f(x) of the logical value x
+    quantized: "Quantized | None" = None  # the file may store it quantized (read dequantized)
 
 
 @dataclass(frozen=True)

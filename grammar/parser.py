@@ -312,7 +312,7 @@ class _Build(Transformer):
             repeats=tuple(x[1] for x in clauses if x[0] == "repeat"),
             stage=one("on"), when=one("if"), pos=pos,
             sums=tuple(x[1] for x in clauses if x[0] == "sum"),
-            value=one("value"))
+            value=one("value"), quantized=one("quantized"))
 
     @v_args(meta=True)
     def ref(self, meta, c):
@@ -374,6 +374,11 @@ class _Build(Transformer):
     def value_map(self, meta, c):
         pos = self._pos(meta)
         return ("value", A.ValueMap(c[0], pos), pos)
+
+    @v_args(meta=True)
+    def quantized(self, meta, c):
+        pos = self._pos(meta)
+        return ("quantized", A.Quantized(str(c[0]), pos), pos)
 
     @v_args(meta=True)
     def on_clause(self, meta, c):

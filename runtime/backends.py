@@ -26,6 +26,8 @@ DTYPES = {
     "int64": np.dtype(np.int64), "int32": np.dtype(np.int32), "int16": np.dtype(np.int16),
     "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8), "bool": np.dtype(np.bool_),
 }
+if BF16 is not None:     # stored fp8 weights (read dequantized: mapc.runtime.quantized)
+    DTYPES["float8_e4m3fn"] = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 def dtype_name(dt) -> str:

@@ -22,7 +22,7 @@ from mapc.runtime.fastcopy import write_array
 
 ST_TO_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
               "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool"}
+              "BOOL": "bool", "F8_E4M3": "float8_e4m3fn"}
 NAME_TO_ST = {v: k for k, v in ST_TO_NAME.items()}
 MAX_HEADER = 100 * 2**20
 
