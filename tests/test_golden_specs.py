@@ -45,6 +45,10 @@ CONFIGS = {
     "gemma3": {"model_type": "gemma3_text", "hidden_size": 32, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
                "intermediate_size": 48, "vocab_size": 50, "max_position_embeddings": 64},
+    "gpt_oss": {"model_type": "gpt_oss", "hidden_size": 32, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                "intermediate_size": 48, "vocab_size": 50, "num_local_experts": 4,
+                "max_position_embeddings": 64},
 }
 # Specs of stored tensors (``NAME: *``, generic mode) are planned for a checkpoint's own
 # tensors, not a config: (name, shape) of a small module's state dict, odd and 0-d shapes.

@@ -63,6 +63,11 @@ def family_config(family: str) -> dict:
                     hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, intermediate_size=48, vocab_size=128,
                     max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=16)
+    if family == "gpt_oss":     # tests/test_gpt_oss.py's config (fused, biased experts)
+        return dict(model_type="gpt_oss", hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=48, vocab_size=128, num_local_experts=4,
+                    num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4)
     raise KeyError(family)
 
 
@@ -73,7 +78,7 @@ BF16_VALUES = {"gemma2", "gemma3"}
 
 SPEC_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2",
            "mixtral": "mixtral", "gpt_neox": "gpt_neox", "phi3": "phi3", "qwen3": "qwen3",
-           "gemma2": "gemma2", "gemma3": "gemma3"}
+           "gemma2": "gemma2", "gemma3": "gemma3", "gpt_oss": "gpt_oss"}
 # Specs of no model family: generic mode (any module, every tensor as stored; its own
 # conversions are tests/test_generic.py and tests/test_generic_deepspeed.py)
 NO_FAMILY = {"generic"}

@@ -1,0 +1,127 @@
+"""GPT-OSS: attention sinks and biases, biased router and experts, HF's fused expert tensors
+(gate and up interleaved along gate_up_proj's last axis), bf16 and MXFP4 releases.
+
+One tiny transformers GptOss model (module fixture, bfloat16). Checked against transformers,
+not only by round trips: the logical gate/up/down mapc reads are the ones the module computes
+with (``gate_up[..., ::2]``, ``gate_up[..., 1::2]``, transposed to [out, in]); hf -> dcp -> hf
+gives the same safetensors and logits; an MXFP4 checkpoint (``_blocks``/``_scales``, as the
+released models) converts to the bf16 tensors transformers' ``convert_moe_packed_tensors``
+gives, and the result loads with transformers' plain GptOss model to the same logits as that
+model with those expert weights."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import mapc
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+TOKENS = [[1, 5, 9, 3, 7, 2, 8, 4, 6, 10]]
+CONFIG = dict(model_type="gpt_oss", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, intermediate_size=64, vocab_size=128,
+              num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+              sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+MX = ("gate_up_proj", "down_proj")
+
+
+def logits(path_or_model):
+    m = path_or_model if not isinstance(path_or_model, str) else \
+        transformers.AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float32)
+    with torch.no_grad():
+        return m.eval()(torch.tensor(TOKENS)).logits
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt_oss")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**CONFIG))
+    with torch.no_grad():       # biases, sinks and norms start at 0/1: make them count
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "sinks")) or "norm" in name:
+                p.uniform_(-0.5, 0.5) if "norm" not in name else p.uniform_(0.5, 1.5)
+    model.to(torch.bfloat16).save_pretrained(str(root / "hf"))
+    return root
+
+
+def test_logical_gate_up_down_are_what_the_module_computes_with(hf):
+    from mapc.compiler.resolve import resolve
+    from mapc.runtime.backends import get_backend
+    from mapc.runtime.containers import open_source
+    from mapc.runtime.execute import Report, read_instances
+    sd = safetensors_torch.load_file(str(hf / "hf" / "model.safetensors"))
+    source = open_source(hf / "hf")
+    try:
+        res = resolve(source)
+        assert res.spec.family == "gpt_oss"
+        insts = [i for i in res.plan.instances if i.index == 1 and "experts" in i.rule["name"]]
+        got = read_instances(insts, res.source, get_backend("numpy"), Report())
+    finally:
+        source.close()
+    gate_up = sd["model.layers.1.mlp.experts.gate_up_proj"]          # [E, hidden, 2 ffn]
+    want = {"layer.gate[1]": gate_up[..., ::2].transpose(1, 2),       # x @ W -> [out, in]
+            "layer.up[1]": gate_up[..., 1::2].transpose(1, 2),
+            "layer.down[1]": sd["model.layers.1.mlp.experts.down_proj"].transpose(1, 2),
+            "layer.gate_bias[1]": sd["model.layers.1.mlp.experts.gate_up_proj_bias"][..., ::2],
+            "layer.up_bias[1]": sd["model.layers.1.mlp.experts.gate_up_proj_bias"][..., 1::2]}
+    for key, w in want.items():
+        x = np.ascontiguousarray(got[key])
+        assert x.shape == tuple(w.shape), key
+        assert x.view(np.uint16).tobytes() == w.contiguous().view(torch.uint16).numpy().tobytes()
+
+
+def test_hf_to_dcp_and_back_is_bit_exact_with_identical_logits(hf, tmp_path):
+    mapc.convert(hf / "hf", tmp_path / "dcp", to="dcp")
+    assert mapc.verify(hf / "hf", tmp_path / "dcp").identical
+    mapc.convert(tmp_path / "dcp", tmp_path / "back", to="hf")
+    a = safetensors_torch.load_file(str(hf / "hf" / "model.safetensors"))
+    b = safetensors_torch.load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["layer_types"] == CONFIG["layer_types"] and cfg["sliding_window"] == 4
+    assert torch.equal(logits(str(hf / "hf")), logits(str(tmp_path / "back")))
+
+
+def test_an_mxfp4_checkpoint_reads_as_transformers_dequantizes_it(hf, tmp_path):
+    mx = pytest.importorskip("transformers.integrations.mxfp4")
+    sd = safetensors_torch.load_file(str(hf / "hf" / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    quant, want = {}, {}
+    for name in list(sd):
+        if not name.endswith(MX):
+            quant[name] = sd[name]
+            continue
+        e, a, b = sd[name].shape                     # the parameter is [E, a, b]; MXFP4 of
+        blocks = torch.randint(0, 256, (e, b, a // 32, 16), dtype=torch.uint8, generator=g)
+        scales = torch.randint(118, 128, (e, b, a // 32), dtype=torch.uint8, generator=g)
+        quant[name + "_blocks"], quant[name + "_scales"] = blocks, scales   # its transpose
+        want[name] = mx.convert_moe_packed_tensors(blocks, scales)
+        assert want[name].shape == sd[name].shape
+    (tmp_path / "mx").mkdir()
+    safetensors_torch.save_file(quant, str(tmp_path / "mx" / "model.safetensors"))
+    cfg = json.loads((hf / "hf" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4",
+                                  "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (tmp_path / "mx" / "config.json").write_text(json.dumps(cfg))
+
+    report = mapc.convert(tmp_path / "mx", tmp_path / "out", to="hf")
+    assert any("read dequantized: 4 mxfp4 tensors" in w for w in report.warnings)
+    out = safetensors_torch.load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out.keys() == sd.keys()
+    for name in sd:
+        expect = want.get(name, sd[name])
+        assert out[name].dtype == expect.dtype and torch.equal(out[name], expect), name
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    # the reference model: the bf16 one with the dequantized experts put in by hand
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(hf / "hf"), dtype=torch.float32)
+    with torch.no_grad():
+        params = dict(ref.named_parameters())
+        for name, value in want.items():
+            params[name].copy_(value.float())
+    assert torch.equal(logits(ref), logits(str(tmp_path / "out")))
