@@ -1,8 +1,9 @@
 """Value maps at run time: the file stores ``scale * x + offset`` of the logical value ``x``.
 
 A map is applied to one physical shard at a time (it is elementwise, so it commutes with every
-layout op), in the executing backend (numpy, torch or jax): writing, ``store`` maps the built
-shard; reading, ``load`` maps the shard read back, before the recipe's gather. Both compute in
+layout op): writing, ``store`` maps the built shard in the executing backend (numpy, torch or
+jax); reading, ``load`` maps each shard as it is read (numpy, as readers return it), before
+it enters the backend for the recipe's gather. Both compute in
 float64 and round once to the dtype the result is kept in, and both check that the map is
 exact for this tensor: the result, mapped back the other way and rounded to the input's dtype,
 must give the input bit for bit (a zero may come back as the zero of the other sign). ``1 + w`` of a bfloat16 ``w`` is exact in float32 (the planner
