@@ -4,7 +4,8 @@ One tiny transformers model per family (module fixture, bfloat16 weights as rele
 are) is converted once to GGUF and back. Checked against the real consumers, not only the round
 trip: the GGUF read with the ``gguf`` package holds float32 ``1 + w`` for every norm (as
 llama.cpp's converter writes them) and the other tensors unchanged; transformers' own GGUF
-loader (which subtracts 1 from Gemma norms) builds a model with the original tensors; the way
+loader (which subtracts 1 from Gemma norms) builds a model with the original tensors; a GGUF
+written here as llama.cpp writes Gemma reads back to the HF weights; the way
 back to hf gives the original safetensors bit for bit and identical logits."""
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ CONFIGS = {
     "gemma3": dict(BASE, model_type="gemma3_text", query_pre_attn_scalar=16),
 }
 ARCH = {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
-# HF name -> GGUF name of the norms (the other tensors: tests/test_gemma.py's NAMES below)
+# HF module name -> GGUF name: the norms (stored as 1 + w) and the linear layers
 NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
          "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
@@ -139,3 +140,44 @@ def test_back_to_hf_is_bit_exact_with_identical_logits(converted):
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(root / "hf"), dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(ref(torch.tensor(TOKENS)).logits, back(torch.tensor(TOKENS)).logits)
+
+
+def test_a_gguf_written_as_llama_cpp_does_reads_back_to_the_hf_weights(converted, tmp_path):
+    """A GGUF written here with the gguf package the way llama.cpp's converter writes Gemma
+    (norms + 1 in float32, other tensors float16, no mapc record): mapc finds the family and
+    config from its metadata and gives back HF's w, bit for bit."""
+    family, root, model = converted
+    cfg = CONFIGS[family]
+    (tmp_path / "x").mkdir()
+    w = gguf.GGUFWriter(str(tmp_path / "x" / "model.gguf"), family)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_sliding_window(cfg["sliding_window"])
+    if family == "gemma2":
+        w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    sd = model.state_dict()
+    for k, v in sd.items():
+        if k == "lm_head.weight":
+            continue
+        name, norm = gguf_name(k)
+        w.add_tensor(name, (v.float() + 1).numpy() if norm else v.to(torch.float16).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    mapc.convert(tmp_path / "x", tmp_path / "hf", to="hf", dtype="bf16")
+    from safetensors.torch import load_file
+    got = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    want = {k: v if gguf_name(k)[1] else v.to(torch.float16).to(torch.bfloat16)
+            for k, v in sd.items() if k != "lm_head.weight"}
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
