@@ -181,3 +181,14 @@ def test_a_gguf_written_as_llama_cpp_does_reads_back_to_the_hf_weights(converted
             for k, v in sd.items() if k != "lm_head.weight"}
     assert got.keys() == want.keys()
     assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
+@pytest.mark.parametrize("fmt", ["deepspeed", "universal"])
+def test_deepspeed_and_universal_keep_the_hf_tensors(converted, tmp_path, fmt):
+    family, root, _ = converted
+    mapc.convert(root / "hf", tmp_path / fmt, to=fmt)
+    mapc.convert(tmp_path / fmt, tmp_path / "back", to="hf", dtype="bf16")
+    from safetensors.torch import load_file
+    a = load_file(str(root / "hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -125,3 +125,12 @@ def test_an_mxfp4_checkpoint_reads_as_transformers_dequantizes_it(hf, tmp_path):
         for name, value in want.items():
             params[name].copy_(value.float())
     assert torch.equal(logits(ref), logits(str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("fmt", ["deepspeed", "universal"])
+def test_deepspeed_and_universal_keep_the_hf_tensors(hf, tmp_path, fmt):
+    mapc.convert(hf / "hf", tmp_path / fmt, to=fmt)
+    mapc.convert(tmp_path / fmt, tmp_path / "back", to="hf", dtype="bf16")
+    a = safetensors_torch.load_file(str(hf / "hf" / "model.safetensors"))
+    b = safetensors_torch.load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
