@@ -105,7 +105,11 @@ def check(ir: dict) -> None:
         if t["group"]:
             groups.setdefault(t["group"], (t["index"], t["count"]))
             _known(t["count"], spec_syms, t["at"], "group size")
-        _known(t["when"], spec_syms, t["at"], "condition")
+        # in a group, a condition may name the group's index: a tensor of some layers only
+        here = spec_syms | ({t["index"]} if t["group"] else set())
+        _known(t["when"], here, t["at"], "condition")
+        if t.get("kind"):
+            _known(t["kind"]["when"], here, t["kind"]["at"], "layer-kind condition")
         if t.get("stored") and t["group"]:
             raise error_at(t["at"], f"stored tensor {t['name']} ('{t['name'].split('.')[-1]}: "
                            f"*') cannot be in a group: it already stands for every stored "
@@ -156,7 +160,7 @@ def _calls(e):
         return
     if e[0] == "call":
         yield e[1], len(e) - 2
-    for a in e[2:] if e[0] in ("op", "call") else e[1:]:
+    for a in e[2:] if e[0] in ("op", "call", "for") else e[1:]:
         yield from _calls(a)
 
 

@@ -34,6 +34,8 @@ def expr_ir(e: A.Expr | None):
         return ["null"]
     if isinstance(e, A.Cond):
         return ["cond", expr_ir(e.test), expr_ir(e.then), expr_ir(e.other)]
+    if isinstance(e, A.ListFor):
+        return ["for", e.var, expr_ir(e.count), expr_ir(e.body)]
     raise TypeError(e)
 
 
@@ -129,6 +131,16 @@ def layout_ir(lay: A.Layout, source: str) -> dict:
     }
 
 
+def kind_ir(kind) -> dict:
+    """A tensor of a layer kind (``where COND(i) { ... }``): ``{"kind": {"when", "at"}}`` with the
+    condition as it holds for the tensor (an ``else`` block's negated), else nothing."""
+    if kind is None:
+        return {}
+    when = expr_ir(kind.when)
+    return {"kind": {"when": ["op", "not", when] if kind.negated else when,
+                     "at": str(kind.pos)}}
+
+
 def requires_ir(requires) -> list:
     return [{"expr": expr_ir(r.expr), "message": r.message, "at": str(r.pos)} for r in requires]
 
@@ -147,7 +159,8 @@ def lower(spec: A.Spec, sha256: str) -> dict:
         "requires": requires_ir(spec.requires),
         "tensors": [{"name": t.full_name, "group": t.group, "index": t.index,
                      "count": expr_ir(t.count), "axes": pattern_ir(t.pattern),
-                     "when": expr_ir(t.when), "stored": t.stored, "at": str(t.pos)}
+                     "when": expr_ir(t.when), "stored": t.stored, "at": str(t.pos),
+                     **kind_ir(t.kind)}
                     for t in spec.tensors],
         "layouts": [layout_ir(lay, source=spec.source) for lay in spec.layouts],
     }

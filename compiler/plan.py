@@ -69,9 +69,10 @@ def bind_config(spec: Spec, config: dict) -> dict:
             if value is not MISSING:
                 break
         if value is not MISSING and value is not None and \
-                not isinstance(value, (bool, int, float, str)):
+                not isinstance(value, (bool, int, float, str)) and not _scalar_list(value):
             raise MapcError(f"the model config's '{key}' is {_short(value)}, not a number, "
-                            f"string or boolean (needed for {c['name']}, {c['at']})",
+                            f"string, boolean or list of at most {MAX_CONFIG_LIST} of them "
+                            f"(needed for {c['name']}, {c['at']})",
                             hint="fix the config, or pass --config CONFIG.json")
         if value is MISSING:
             if c["default"] is None:
@@ -84,6 +85,15 @@ def bind_config(spec: Spec, config: dict) -> dict:
         env[x["name"]] = evaluate(x["expr"], env, x["at"])
     check_requires(spec.ir.get("requires", ()), env)
     return env
+
+
+MAX_CONFIG_LIST = 2**16      # entries of a list in a model config (e.g. layer indices)
+
+
+def _scalar_list(value) -> bool:
+    """A config list a spec can use (``i in mlp_only_layers``): bounded, of plain values."""
+    return isinstance(value, list) and len(value) <= MAX_CONFIG_LIST and \
+        all(isinstance(x, (bool, int, float, str)) for x in value)
 
 
 def _short(value) -> str:
@@ -187,11 +197,40 @@ def stored_inventory(spec: Spec, layout_name: str, tensors, aliases=None) -> dic
     return {STORED: inv, STORED_ALIASES: tied}
 
 
+def _per_index(t: dict) -> bool:
+    """Whether a group tensor's conditions name the group's index (a layer kind)."""
+    return bool(t["group"]) and (t.get("kind") is not None or t["index"] in symbols(t["when"]))
+
+
+def group_indices(t: dict, env: dict, n: int) -> list[int]:
+    """The indices < n of group tensor ``t`` at which it exists: every one, or those where its
+    layer kind (``where COND(i) { ... }``) and its own ``if`` hold."""
+    if not _per_index(t):
+        return list(range(n))
+    conds = [(t["kind"]["when"], t["kind"]["at"])] if t.get("kind") else []
+    if t["when"] is not None:
+        conds.append((t["when"], t["at"]))
+    out, inner = [], dict(env)
+    for i in range(n):
+        inner[t["index"]] = i
+        held = True
+        for c, at in conds:
+            v = evaluate(c, inner, at)
+            if not isinstance(v, bool):
+                raise error_at(at, f"the condition {show(c)} is {v!r} at {t['index']}={i}, "
+                               f"not true or false", hint="compare it with something")
+            held = held and v
+        if held:
+            out.append(i)
+    return out
+
+
 def logical_tensors(spec: Spec, env: dict) -> dict[str, Logical]:
     out = {}
     elements = 0
     for t in spec.ir["tensors"]:
-        if t["when"] is not None and not evaluate(t["when"], env, t["at"]):
+        if not _per_index(t) and t["when"] is not None and \
+                not evaluate(t["when"], env, t["at"]):
             continue
         if t.get("stored"):
             for name, shape in env.get(STORED, {}).items():
@@ -205,8 +244,11 @@ def logical_tensors(spec: Spec, env: dict) -> dict[str, Logical]:
                                + f" (stored tensor {t['name']})",
                                hint="check the checkpoint")
             continue
-        shape = tuple(prod(_size(f["factor"], env, f["at"]) for f in axis) for axis in t["axes"])
         n = group_count(t, env) if t["group"] else 1
+        where = group_indices(t, env, n) if t["group"] else None
+        if where == []:
+            continue        # a layer kind no layer of this config has
+        shape = tuple(prod(_size(f["factor"], env, f["at"]) for f in axis) for axis in t["axes"])
         elements += n * prod(shape)
         if len(out) + n > MAX_TENSORS or elements > MAX_ELEMENTS:
             raise error_at(t["at"], f"the config describes more than "
@@ -215,7 +257,7 @@ def logical_tensors(spec: Spec, env: dict) -> dict[str, Logical]:
                            + f" (at {t['name']}, shape {list(shape)} x {n})",
                            hint="check the model config's sizes")
         if t["group"]:
-            for i in range(n):
+            for i in where:
                 out[logical_key(t["name"], i)] = Logical(logical_key(t["name"], i), t["name"],
                                                          i, shape)
         else:

@@ -83,7 +83,16 @@ class ListExpr:
     pos: Pos = field(default=NOWHERE, compare=False)
 
 
-Expr = Union[Num, Str, Bool, Sym, Op, Call, ListExpr, Null, Cond]
+@dataclass(frozen=True)
+class ListFor:
+    """``[body for var < count]``: the list of ``body`` at var = 0 .. count - 1."""
+    body: "Expr"
+    var: str
+    count: "Expr"
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+Expr = Union[Num, Str, Bool, Sym, Op, Call, ListExpr, Null, Cond, ListFor]
 
 
 # ---- axis patterns -------------------------------------------------------------------------
@@ -170,10 +179,20 @@ class TensorDecl:
     when: Expr | None
     pos: Pos
     stored: bool = False           # `NAME: *`: one tensor per stored tensor, shaped as stored
+    kind: "Kind | None" = None     # in `where COND(i) { ... }`: the layers of the kind it belongs to
 
     @property
     def full_name(self) -> str:
         return f"{self.group}.{self.name}" if self.group else self.name
+
+
+@dataclass(frozen=True)
+class Kind:
+    """``where COND { ... }`` (``negated``: its ``else { ... }``) inside a tensor group: the
+    declarations hold only at the group indices where COND is true (false)."""
+    when: Expr
+    negated: bool
+    pos: Pos
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ and what was expected.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from importlib import resources
 
@@ -219,9 +220,24 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def tensor_group(self, meta, c):
-        group, index, count, *decls = c
+        group, index, count, *items = c
+        decls = [d for x in items for d in (x if isinstance(x, list) else [x])]
         return [A.TensorDecl(d.name, str(group), str(index), count, d.pattern, d.when, d.pos,
-                             stored=d.stored) for d in decls]
+                             stored=d.stored, kind=d.kind) for d in decls]
+
+    @v_args(meta=True)
+    def tensor_kind(self, meta, c):
+        when, *decls, other = c
+        kind = A.Kind(when, False, self._pos(meta))
+        out = [dataclasses.replace(d, kind=kind) for d in decls]
+        if other is not None:
+            out += [dataclasses.replace(d, kind=A.Kind(when, True, other[0]))
+                    for d in other[1]]
+        return out
+
+    @v_args(meta=True)
+    def tensor_kind_else(self, meta, c):
+        return (self._pos(meta), list(c))
 
     @v_args(meta=True)
     def tensor_decl(self, meta, c):
@@ -446,6 +462,19 @@ class _Build(Transformer):
     @v_args(meta=True)
     def list_(self, meta, c):
         return A.ListExpr(tuple(x for x in c if x is not None), self._pos(meta))
+
+    @v_args(meta=True)
+    def list_for(self, meta, c):
+        body, var, count = c
+        return A.ListFor(body, str(var), count, self._pos(meta))
+
+    @v_args(meta=True)
+    def member_of(self, meta, c):
+        return A.Op("in", (c[0], c[1]), self._pos(meta))
+
+    @v_args(meta=True)
+    def not_member_of(self, meta, c):
+        return A.Op("not", (A.Op("in", (c[0], c[1]), self._pos(meta)),), self._pos(meta))
 
     @v_args(meta=True)
     def neg(self, meta, c):
