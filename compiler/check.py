@@ -185,6 +185,9 @@ def _check_layout(lay, spec_syms, tensors, groups, lets):
         if "pp" not in lay["mesh"]:
             raise error_at(pipe["at"], f"layout {name} has a pipeline but no 'pp' mesh axis",
                            hint="add 'mesh ... pp'")
+        for stage in ("first", "last"):
+            if pipe.get(stage) is not None:
+                _known(pipe[stage], syms, pipe["at"], f"the pipeline's {stage} stage size")
     for r in lay.get("requires", ()):
         _known(r["expr"], syms, r["at"], "require")
     _check_meta_keys(lay)

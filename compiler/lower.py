@@ -119,7 +119,8 @@ def layout_ir(lay: A.Layout, source: str) -> dict:
                     "default": value_ir(p.choices[0]), "at": str(p.pos)} for p in lay.params],
         "pipeline": None if lay.pipeline is None else {
             "group": lay.pipeline.group, "index": lay.pipeline.index,
-            "local": lay.pipeline.local, "at": str(lay.pipeline.pos)},
+            "local": lay.pipeline.local, "at": str(lay.pipeline.pos),
+            **pipeline_sizes_ir(lay.pipeline, source)},
         "meta": [{"key": m.key, "expr": expr_ir(m.expr), "when": expr_ir(m.when),
                   "at": str(m.pos)} for m in lay.meta],
         "requires": requires_ir(lay.requires),
@@ -129,6 +130,18 @@ def layout_ir(lay: A.Layout, source: str) -> dict:
                      "when": expr_ir(a.when), "at": str(a.pos)} for a in lay.aliases],
         "at": str(lay.pos),
     }
+
+
+def pipeline_sizes_ir(pipe, source: str = "") -> dict:
+    """``pipeline ... first N last M`` (uneven stages): ``{"first": N, "last": M}`` as stated."""
+    out = {}
+    for stage, e, pos in pipe.sizes:
+        if stage in out:
+            raise SpecError(f"pipeline states '{stage}' twice" + caret(source, pos.line,
+                                                                       pos.column),
+                            where=str(pos))
+        out[stage] = expr_ir(e)
+    return out
 
 
 def kind_ir(kind) -> dict:

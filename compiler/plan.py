@@ -422,6 +422,7 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
     tensors = {t["name"]: t for t in spec.ir["tensors"]}
     pipe = layout["pipeline"]
     pp = mesh.get("pp", 1)
+    stages = None          # (stage, local index) per entry of the pipelined group
     shard_count = 0
     for rule in layout["rules"]:
         if rule["when"] is not None and not evaluate(rule["when"], env, rule["at"]):
@@ -440,7 +441,9 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                 missing = [k for k in keys.values() if k not in logical]
                 raise error_at(rule["at"], f"rule fuses {', '.join(missing)}, which this config "
                                f"does not have")
-            stage, local = _stage(rule, decl, index, pipe, pp, config_env)
+            if stages is None and pipe and decl["group"] == pipe["group"]:
+                stages = pipeline_stages(pipe, group_count(decl, config_env), pp, env)
+            stage, local = _stage(rule, decl, index, pipe, pp, config_env, stages)
             names_env = dict(env)
             if index is not None:
                 names_env[rule["refs"][0]["index"]] = index
@@ -547,17 +550,60 @@ def _sizes_env(env):
                         if is_int(v) or isinstance(v, (str, bool, float))))
 
 
-def _stage(rule, decl, index, pipe, pp, env):
+def _stage(rule, decl, index, pipe, pp, env, stages):
     if pipe and decl["group"] == pipe["group"]:
-        count = evaluate(decl["count"], env, decl["at"])
-        if count % pp:
-            raise error_at(pipe["at"], f"pp={pp} does not divide the {count} entries of "
-                           f"{decl['group']}", hint=f"choose pp dividing {count}")
-        per = count // pp
-        return index // per, index % per
+        return stages[index]
     if rule["stage"] == "last":
         return pp - 1, None
     return 0, None
+
+
+def _stage_size(pipe, which, env):
+    """``first N`` / ``last M`` of a pipeline: N, or None when unstated, 0 or null (even)."""
+    e = pipe.get(which)
+    if e is None:
+        return None
+    n = evaluate(e, env, pipe["at"])
+    if n is None or n == 0:
+        return None
+    if not is_int(n) or n < 0:
+        raise error_at(pipe["at"], f"the pipeline's {which} stage size {show(e)} = {n!r} is not "
+                       f"a count of layers")
+    return n
+
+
+def pipeline_stages(pipe, count: int, pp: int, env: dict) -> list[tuple[int, int]]:
+    """(stage, local index) of each of a pipelined group's ``count`` entries, as megatron-core
+    places layers (``get_transformer_layer_offset``): ``first N`` entries on stage 0 and
+    ``last M`` on stage pp-1 when stated (uneven stages), the rest split evenly over the
+    stages between; without them, ``count / pp`` on every stage."""
+    first, last = _stage_size(pipe, "first", env), _stage_size(pipe, "last", env)
+    if first is None and last is None:
+        if count % pp:
+            raise error_at(pipe["at"], f"pp={pp} does not divide the {count} entries of "
+                           f"{pipe['group']}", hint=f"choose pp dividing {count}, or uneven "
+                           f"first/last stages")
+        sizes = [count // pp] * pp
+    else:
+        stated = ", ".join(f"{w} stage {n}" for w, n in (("first", first), ("last", last))
+                           if n is not None)
+        middle = pp - (first is not None) - (last is not None)
+        rest = count - (first or 0) - (last or 0)
+        if pp < 2 or middle < 0 or rest < 0 or (middle == 0 and rest) or \
+                (middle and (rest % middle or rest == 0)):
+            raise error_at(pipe["at"], f"uneven pipeline ({stated}) cannot place the {count} "
+                           f"entries of {pipe['group']} on pp={pp} stages: the "
+                           f"{max(rest, 0)} left must split evenly over the {max(middle, 0)} "
+                           f"other stage(s)",
+                           hint="choose first/last stage sizes that leave a multiple of the "
+                                "middle stages (megatron-core's rule), or pp > 1")
+        sizes = [first] if first is not None else []
+        sizes += [rest // middle] * middle if middle else []
+        sizes += [last] if last is not None else []
+    out = []
+    for stage, n in enumerate(sizes):
+        out += [(stage, j) for j in range(n)]
+    return out
 
 
 def _format_name(rule, env) -> str:

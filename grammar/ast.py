@@ -264,6 +264,9 @@ class Pipeline:
     index: str                     # the global index variable, e.g. "i"
     local: str | None              # the stage-local index variable, e.g. "j"
     pos: Pos
+    # `first N  last M`: entries on the first / last stage (uneven pipeline), as
+    # ((stage, expr, pos), ...) in the order written
+    sizes: tuple = ()
 
 
 @dataclass(frozen=True)

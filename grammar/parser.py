@@ -291,7 +291,11 @@ class _Build(Transformer):
     @v_args(meta=True)
     def pipeline_decl(self, meta, c):
         return A.Pipeline(str(c[0]), str(c[1]), str(c[2]) if c[2] is not None else None,
-                          self._pos(meta))
+                          self._pos(meta), sizes=tuple(c[3:]))
+
+    @v_args(meta=True)
+    def pipeline_stage_size(self, meta, c):
+        return str(c[0]), c[1], self._pos(meta)
 
     def meta_block(self, c):
         return list(c)

@@ -37,6 +37,8 @@ OPTIONS = {
     "zero_stage": "--zero-stage",
     "with_optimizer": "--with-optimizer",
     "max_shard_bytes": "max_shard_bytes",
+    "pp_first_stage": "--pp-first-stage",
+    "pp_last_stage": "--pp-last-stage",
 }
 
 
@@ -54,6 +56,8 @@ class WriteRequest:
     with_optimizer: bool = False
     max_shard_bytes: int | None = None
     like_training: dict | None = None        # --like: the template's training state
+    pp_first_stage: int | None = None        # uneven pipeline: layers on the first stage
+    pp_last_stage: int | None = None         # ... and on the last (megatron-core's rule)
     explicit: frozenset = frozenset()
 
     def refuse_unhonoured(self, honours, takers: dict[str, list[str]]) -> None:

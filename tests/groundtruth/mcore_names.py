@@ -41,7 +41,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["mcore_state_dict_shapes", "CFG_KEYS"]
+__all__ = ["mcore_state_dict_shapes", "mcore_ranks", "CFG_KEYS"]
 
 CFG_KEYS = ("hidden", "layers", "heads", "groups", "head_dim", "ffn", "vocab", "tied")
 
@@ -57,7 +57,19 @@ def _free_port() -> int:
 def mcore_state_dict_shapes(
     cfg: dict, tp: int, pp: int, *, meta: bool = False
 ) -> dict[tuple[int, int], dict[str, list[int]]]:
-    """Build megatron-core GPTModel (local spec, get_gpt_layer_local_spec) for a Llama-style config
+    """{(tp_rank, pp_rank): {state_dict key: shape}} of megatron-core's GPTModel (see _ranks)."""
+    return {k: v["shapes"] for k, v in mcore_ranks(cfg, tp, pp, meta=meta).items()}
+
+
+def mcore_ranks(cfg: dict, tp: int, pp: int, *, meta: bool = False) -> dict:
+    """Like ``mcore_state_dict_shapes``, with each rank's ``{"shapes": {...}, "layers": [...]}``:
+    ``layers`` are the global (0-based) numbers megatron-core gives the stage's layers, local
+    index first (``TransformerLayer.layer_number - 1``)."""
+    return _ranks(cfg, tp, pp, meta)
+
+
+def _ranks(cfg: dict, tp: int, pp: int, meta: bool = False) -> dict:
+    """(Behind ``mcore_state_dict_shapes`` and ``mcore_ranks``.) Build megatron-core GPTModel (local spec, get_gpt_layer_local_spec) for a Llama-style config
     on CPU with use_cpu_initialization=True, for every (tp_rank, pp_rank), and return
     {(tp_rank, pp_rank): {state_dict key: shape}} with `_extra_state` keys dropped.
 
@@ -90,10 +102,11 @@ def mcore_state_dict_shapes(
                           str(pp), out_dir], Path(out_dir),
                   {"MCORE_NAMES_META": "1" if meta else "0"}, "megatron-core worker")
 
-        result: dict[tuple[int, int], dict[str, list[int]]] = {}
+        result: dict = {}
         for rank in range(world):
             data = json.loads(Path(out_dir, f"rank{rank}.json").read_text())
-            result[(data["tp_rank"], data["pp_rank"])] = data["shapes"]
+            result[(data["tp_rank"], data["pp_rank"])] = {"shapes": data["shapes"],
+                                                          "layers": data["layers"]}
     if len(result) != world:
         raise RuntimeError(f"expected {world} distinct (tp_rank, pp_rank), got {sorted(result)}")
     return dict(sorted(result.items()))
@@ -181,7 +194,11 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
         if not k.endswith("_extra_state")
     }
     tmp = Path(out_dir, f"rank{rank}.json.tmp")
-    tmp.write_text(json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank, "shapes": shapes}))
+    # megatron-core's own global numbering of this stage's layers (get_transformer_layer_offset
+    # + local index; layer_number is 1-based)
+    layers = [int(layer.layer_number) - 1 for layer in model.decoder.layers]
+    tmp.write_text(json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank, "shapes": shapes,
+                               "layers": layers}))
     tmp.rename(Path(out_dir, f"rank{rank}.json"))
 
     parallel_state.destroy_model_parallel()
