@@ -93,7 +93,8 @@ def _ranks(cfg: dict, tp: int, pp: int, meta: bool = False) -> dict:
     if missing:
         raise ValueError(f"cfg is missing keys {missing}")
     tp, pp = int(tp), int(pp)
-    world = tp * pp
+    ep = int(cfg.get("ep", 1))      # expert parallel: carved out of data parallel
+    world = tp * pp * ep
     if world < 1:
         raise ValueError("tp and pp must be >= 1")
 
@@ -105,10 +106,10 @@ def _ranks(cfg: dict, tp: int, pp: int, meta: bool = False) -> dict:
         result: dict = {}
         for rank in range(world):
             data = json.loads(Path(out_dir, f"rank{rank}.json").read_text())
-            result[(data["tp_rank"], data["pp_rank"])] = {"shapes": data["shapes"],
-                                                          "layers": data["layers"]}
+            key = (data["tp_rank"], data["pp_rank"]) + ((data["ep_rank"],) if ep > 1 else ())
+            result[key] = {"shapes": data["shapes"], "layers": data["layers"]}
     if len(result) != world:
-        raise RuntimeError(f"expected {world} distinct (tp_rank, pp_rank), got {sorted(result)}")
+        raise RuntimeError(f"expected {world} distinct ranks, got {sorted(result)}")
     return dict(sorted(result.items()))
 
 
@@ -181,7 +182,8 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=int(cfg.get("ep", 1)),
     )
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -197,8 +199,9 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
     # megatron-core's own global numbering of this stage's layers (get_transformer_layer_offset
     # + local index; layer_number is 1-based)
     layers = [int(layer.layer_number) - 1 for layer in model.decoder.layers]
-    tmp.write_text(json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank, "shapes": shapes,
-                               "layers": layers}))
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    tmp.write_text(json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank,
+                               "shapes": shapes, "layers": layers}))
     tmp.rename(Path(out_dir, f"rank{rank}.json"))
 
     parallel_state.destroy_model_parallel()
@@ -220,6 +223,8 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         extra["num_layers_in_first_pipeline_stage"] = int(cfg["layers_first_stage"])
     if cfg.get("layers_last_stage") is not None:
         extra["num_layers_in_last_pipeline_stage"] = int(cfg["layers_last_stage"])
+    if cfg.get("experts"):
+        extra.update(_moe_config(cfg))
     norm = cfg.get("norm", "RMSNorm")
     gated = bool(cfg.get("gated", True))
     activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[
@@ -248,10 +253,17 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         fp16=params_dtype == torch.float16,
         **extra,
     )
+    if cfg.get("experts"):
+        # dense and MoE layers (moe_layer_freq): megatron-core's per-layer block spec
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+        layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                                normalization=norm)
+    else:
+        layer_spec = get_gpt_layer_local_spec(
+            normalization=norm, qk_layernorm=bool(cfg.get("qk_layernorm", False)))
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(
-            normalization=norm, qk_layernorm=bool(cfg.get("qk_layernorm", False))),
+        transformer_layer_spec=layer_spec,
         vocab_size=int(cfg["vocab"]),
         max_sequence_length=int(cfg.get("max_seq", 128)),
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -261,6 +273,27 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         rotary_base=int(cfg.get("rotary_base", 10000)),
         rotary_percent=float(cfg.get("rotary_percent", 1.0)),
     )
+
+
+def _moe_config(cfg: dict) -> dict:
+    """TransformerConfig fields of an MoE model: cfg keys ``experts``, ``moe_ffn``, ``topk``,
+    ``moe_layer_freq`` (int or per-layer 0/1 list), ``pre_softmax`` (softmax over all experts
+    before the top-k, i.e. unnormalized top-k weights), ``ep`` (expert-parallel size),
+    ``score`` ("softmax" or "sigmoid"), ``expert_bias``, ``shared_ffn``, ``topk_scale``."""
+    out = dict(num_moe_experts=int(cfg["experts"]), moe_ffn_hidden_size=int(cfg["moe_ffn"]),
+               moe_router_topk=int(cfg["topk"]), moe_layer_freq=cfg.get("moe_layer_freq", 1),
+               moe_router_pre_softmax=bool(cfg.get("pre_softmax", False)),
+               moe_router_score_function=cfg.get("score", "softmax"),
+               moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+               moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none",
+               expert_model_parallel_size=int(cfg.get("ep", 1)))
+    if cfg.get("expert_bias"):
+        out["moe_router_enable_expert_bias"] = True
+    if cfg.get("shared_ffn"):
+        out["moe_shared_expert_intermediate_size"] = int(cfg["shared_ffn"])
+    if cfg.get("topk_scale") is not None:
+        out["moe_router_topk_scaling_factor"] = float(cfg["topk_scale"])
+    return out
 
 
 def _main(argv: list[str]) -> int:
