@@ -21,6 +21,9 @@ from mapc.compiler.metakeys import keys_of
 from mapc.errors import SpecError
 
 
+RULE_DTYPES = ("float32", "bfloat16", "float16", "float64")   # a rule's `dtype NAME`
+
+
 def error_at(at: str, message: str, hint: str | None = None) -> SpecError:
     """A SpecError at ``file:line:col`` with the spec line and a caret."""
     from mapc.grammar.parser import caret    # the parser (lark) only when there is an error
@@ -546,6 +549,9 @@ def _check_stored_rule(lay, rule, syms):
         raise error_at(at, f"layout {lay['name']} is pipelined; stored tensors have no "
                        f"pipeline stage")
     _known(rule["when"], syms, at, "condition")
+    if rule.get("dtype") is not None and rule["dtype"] not in RULE_DTYPES:
+        raise error_at(at, f"dtype {rule['dtype']}: not a floating dtype mapc stores",
+                       hint="one of " + ", ".join(RULE_DTYPES))
 
 
 def member_views(rule) -> dict:

@@ -107,6 +107,7 @@ def rule_ir(r: A.Rule, source: str) -> dict:
         "stage": r.stage,
         "when": expr_ir(r.when),
         "at": str(r.pos),
+        **({"dtype": r.dtype} if r.dtype is not None else {}),
     }
 
 

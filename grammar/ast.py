@@ -249,6 +249,7 @@ class Rule:
     when: Expr | None
     pos: Pos
     sums: tuple[str, ...] = ()     # mesh axes whose ranks each store a share of the sum
+    dtype: str | None = None       # `dtype float32`: stored in this dtype whatever --dtype asks
 
 
 @dataclass(frozen=True)

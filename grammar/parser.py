@@ -331,7 +331,11 @@ class _Build(Transformer):
             eaches=tuple(x[1] for x in clauses if x[0] == "each"),
             repeats=tuple(x[1] for x in clauses if x[0] == "repeat"),
             stage=one("on"), when=one("if"), pos=pos,
-            sums=tuple(x[1] for x in clauses if x[0] == "sum"))
+            sums=tuple(x[1] for x in clauses if x[0] == "sum"), dtype=one("dtype"))
+
+    @v_args(meta=True)
+    def dtype_clause(self, meta, c):
+        return ("dtype", str(c[0]), self._pos(meta))
 
     @v_args(meta=True)
     def ref(self, meta, c):

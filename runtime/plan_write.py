@@ -169,9 +169,17 @@ def planned_tensors(program, facts: SourceFacts, dtype: str | None, writer_slots
     out = []
     for inst, coord, name in program.target.placements():
         have = src[next(iter(inst.members.values()))]
-        out.append((coord, name, tuple(inst.recipe.shard_shape),
-                    dtype if dtype and have in FLOAT_DTYPES else have))
+        out.append((coord, name, tuple(inst.recipe.shard_shape), cast_dtype(inst, have, dtype)))
     return tuple(out)
+
+
+def cast_dtype(inst, have: str, dtype: str | None) -> str:
+    """The stored dtype of a target tensor the source holds as ``have``: a rule's own
+    ``dtype NAME`` (megatron-core's fp32 expert_bias), else the cast dtype, else ``have``. Only
+    floating tensors are cast; integer ones (step counters, ...) keep their dtype."""
+    if have not in FLOAT_DTYPES:
+        return have
+    return inst.rule.get("dtype") or dtype or have
 
 
 def stateless_targets(program, facts: SourceFacts, tensors=()) -> dict[str, str]:

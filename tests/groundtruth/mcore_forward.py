@@ -15,6 +15,12 @@ CPU workarounds (test harness only, applied only inside the worker), beyond mcor
   core attention forks the CUDA RNG for dropout (none in eval mode).
 * An explicit causal ``attention_mask`` (True above the diagonal) is passed: the default one is
   made on CUDA.
+* MLA models: megatron-core's local ``DotProductAttention`` (the only core attention without
+  Transformer Engine) does not take the ``k_channels``/``v_channels`` that MLA passes (TE's
+  does): its ``__init__`` is wrapped to accept them and size its output by ``v_channels``
+  (q/k of nope+rope dims, v of v_head_dim). Its math (softmax(QK^T * scale) V, with the scale
+  MLA passes) is megatron-core's own, unchanged. ``multi_latent_attention.TELinear`` (None
+  without TE, used in an ``isinstance``) becomes a class nothing is an instance of.
 * MoE models: ``moe_utils.te_general_gemm`` is set to None when megatron-core did not define it
   (Transformer Engine absent): its router gating reads the name unconditionally (megatron-core
   0.16.1 defines it only when TE imports), and None selects its plain-torch path.
@@ -62,9 +68,6 @@ def _worker(cfg: dict, model_file: str, tokens: list[int], variants: list) -> li
     import torch.distributed as dist
     dist.init_process_group(backend="gloo", rank=0, world_size=1)
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.transformer.moe import moe_utils
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None                 # see the module docstring
     null = types.SimpleNamespace(fork=lambda *a, **k: contextlib.nullcontext())
     tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: null
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1,

@@ -208,6 +208,31 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def cpu_shims(cfg: dict) -> None:
+    """Harness-only workarounds for building MoE / MLA models without CUDA or Transformer
+    Engine (documented in tests/groundtruth/mcore_forward.py); idempotent."""
+    import torch
+    if cfg.get("expert_bias"):      # the router's expert_bias buffers are made on cuda
+        torch.cuda.current_device = lambda: "cpu"
+    from megatron.core.transformer.moe import moe_utils
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if cfg.get("mla") and not getattr(cpu_shims, "mla_done", False):
+        cpu_shims.mla_done = True
+        from megatron.core.transformer import dot_product_attention as dpa
+        init = dpa.DotProductAttention.__init__
+
+        def mla_init(self, *a, k_channels=None, v_channels=None, **k):
+            init(self, *a, **k)
+            if v_channels is not None:
+                self.hidden_size_per_partition = v_channels * \
+                    self.num_attention_heads_per_partition
+        dpa.DotProductAttention.__init__ = mla_init
+        from megatron.core.transformer import multi_latent_attention as mla
+        if not isinstance(mla.TELinear, type):     # isinstance(x, TELinear): plain False
+            mla.TELinear = type("NoTransformerEngineLinear", (), {})
+
+
 def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
     """The megatron-core GPTModel of ``cfg`` for this process's (tp, pp) rank; call after
     ``parallel_state.initialize_model_parallel`` (see ``_worker``)."""
@@ -218,6 +243,7 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     params_dtype = params_dtype or torch.float32
+    cpu_shims(cfg)
     extra = {}
     if cfg.get("layers_first_stage") is not None:
         extra["num_layers_in_first_pipeline_stage"] = int(cfg["layers_first_stage"])
@@ -229,7 +255,16 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
     gated = bool(cfg.get("gated", True))
     activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[
         cfg.get("activation", "silu" if gated else "gelu")]
-    config = TransformerConfig(
+    config_class = TransformerConfig
+    if cfg.get("mla"):      # Multi-head Latent Attention: megatron-core's MLA config
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+        config_class = MLATransformerConfig
+        extra.update(q_lora_rank=cfg["q_lora"], kv_lora_rank=int(cfg["kv_lora"]),
+                     qk_head_dim=int(cfg["nope"]), qk_pos_emb_head_dim=int(cfg["rope"]),
+                     v_head_dim=int(cfg["v_dim"]), rope_type="rope",
+                     rotary_base=float(cfg.get("rotary_base", 10000)),
+                     rotary_interleaved=bool(cfg.get("rotary_interleaved", False)))
+    config = config_class(
         num_layers=int(cfg["layers"]),
         hidden_size=int(cfg["hidden"]),
         ffn_hidden_size=int(cfg["ffn"]),
@@ -291,6 +326,9 @@ def _moe_config(cfg: dict) -> dict:
         out["moe_router_enable_expert_bias"] = True
     if cfg.get("shared_ffn"):
         out["moe_shared_expert_intermediate_size"] = int(cfg["shared_ffn"])
+    if cfg.get("groups_n"):
+        out.update(moe_router_num_groups=int(cfg["groups_n"]),
+                   moe_router_group_topk=int(cfg["group_topk"]))
     if cfg.get("topk_scale") is not None:
         out["moe_router_topk_scaling_factor"] = float(cfg["topk_scale"])
     return out
