@@ -57,11 +57,19 @@ def _build(cfg, path):
     return model
 
 
-@pytest.fixture(scope="module", params=[16, None], ids=["q-lora", "no-q-lora"])
-def hf(tmp_path_factory, request):
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
     path = tmp_path_factory.mktemp("deepseek_v3") / "hf"
-    model = _build(dict(CFG, q_lora_rank=request.param), path)
-    return path, logits_of(model, TOKENS), request.param
+    model = _build(CFG, path)
+    return path, logits_of(model, TOKENS), CFG["q_lora_rank"]
+
+
+@pytest.fixture(scope="module")
+def hf_no_q_lora(tmp_path_factory):
+    """V2-Lite style: q_lora_rank null, one q_proj."""
+    path = tmp_path_factory.mktemp("deepseek_v3_noq") / "hf"
+    model = _build(dict(CFG, q_lora_rank=None), path)
+    return path, logits_of(model, TOKENS), None
 
 
 def mcore_cfg(q_lora, tp=1):
@@ -78,9 +86,11 @@ def _rank_file(root, name):
     return root / "release" / name / "model_optim_rng.pt"
 
 
-@pytest.mark.parametrize("topo", [dict(tp=2, ep=2), dict(pp=3, ep=4)], ids=["tp2-ep2", "pp3-ep4"])
-def test_megatron_round_trip_keeps_logits(tmp_path, hf, topo):
-    src, ref, _ = hf
+@pytest.mark.parametrize("which, topo", [("q_lora", dict(tp=2, ep=2)), ("q_lora", dict(pp=3, ep=4)),
+                                         ("no_q_lora", dict(tp=2, pp=3, ep=2))],
+                         ids=["tp2-ep2", "pp3-ep4", "no-q-lora-tp2-pp3-ep2"])
+def test_megatron_round_trip_keeps_logits(tmp_path, request, which, topo):
+    src, ref, _ = request.getfixturevalue("hf" if which == "q_lora" else "hf_no_q_lora")
     mapc.convert(src, tmp_path / "mg", to="megatron", **topo)
     mapc.convert(tmp_path / "mg", tmp_path / "back", to="hf")
     assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
@@ -89,27 +99,28 @@ def test_megatron_round_trip_keeps_logits(tmp_path, hf, topo):
     assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
 
 
-def test_megatron_core_computes_transformers_logits(tmp_path, hf):
+def test_megatron_core_computes_transformers_logits(tmp_path, hf, hf_no_q_lora):
+    """One megatron-core process: the q_lora model, a negative control, the q_proj model."""
     pytest.importorskip("megatron.core")
-    src, ref, q_lora = hf
-    mapc.convert(src, tmp_path / "mg", to="megatron")
+    for name, (src, _, _) in (("a", hf), ("b", hf_no_q_lora)):
+        mapc.convert(src, tmp_path / name, to="megatron")
     a, b = ("decoder.layers.0.self_attention.kv_layernorm.weight",
             "decoder.layers.1.self_attention.kv_layernorm.weight")
-    ours, swapped = _groundtruth("mcore_forward").mcore_logits(
-        mcore_cfg(q_lora), _rank_file(tmp_path / "mg", "mp_rank_00"), TOKENS,
-        [{}, {"swap": [a, b]}])
-    ours, swapped = np.array(ours)[..., :50], np.array(swapped)[..., :50]
-    assert np.abs(ours - ref.numpy()).max() <= MCORE_TOLERANCE
+    ours, swapped, noq = _groundtruth("mcore_forward").mcore_logits(
+        mcore_cfg(16), _rank_file(tmp_path / "a", "mp_rank_00"), TOKENS,
+        [{}, {"swap": [a, b]},
+         {"cfg": mcore_cfg(None), "file": str(_rank_file(tmp_path / "b", "mp_rank_00"))}])
+    ours, swapped, noq = (np.array(x)[..., :50] for x in (ours, swapped, noq))
+    assert np.abs(ours - hf[1].numpy()).max() <= MCORE_TOLERANCE
+    assert np.abs(noq - hf_no_q_lora[1].numpy()).max() <= MCORE_TOLERANCE
     # negative control: two layers' kv layernorms exchanged change the logits
-    assert np.abs(swapped - ref.numpy()).max() > 1e-4
+    assert np.abs(swapped - hf[1].numpy()).max() > 1e-4
 
 
 @pytest.mark.slow
 def test_megatron_names_and_shapes_per_rank_are_megatron_cores(tmp_path, hf):
     pytest.importorskip("megatron.core")
     src, _, q_lora = hf
-    if q_lora is None:
-        pytest.skip("one tp=2 world suffices: the q projection names are checked at tp=1 above")
     mapc.convert(src, tmp_path / "mg", to="megatron", tp=2)
     truth = _groundtruth("mcore_names").mcore_state_dict_shapes(mcore_cfg(q_lora, tp=2), 2, 1)
     assert sorted(truth) == [(0, 0), (1, 0)]
@@ -159,4 +170,21 @@ def test_rotate_half_rope_is_refused_for_megatron(tmp_path):
         mapc.convert(tmp_path / "hf", tmp_path / "mg", to="megatron")
     assert "rope_interleave = false has no megatron layout" in str(e.value)
     assert "specs/deepseek_v3.map:" in str(e.value)
+    assert not (tmp_path / "mg").exists()
+
+
+def test_a_checkpoint_with_the_mtp_layer_is_refused_not_truncated(tmp_path, hf):
+    """Hub checkpoints carry the multi-token-prediction layer as model.layers.{L}.*; the spec
+    does not declare it yet, so converting is refused (nothing written) instead of dropping it."""
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    src, _, _ = hf
+    shutil.copytree(src, tmp_path / "hf")
+    w = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    w["model.layers.3.enorm.weight"] = np.ones(32, np.float32)
+    w["model.layers.3.eh_proj.weight"] = np.ones((32, 64), np.float32)
+    save_file(w, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MapcError, match=r"2 tensors that spec deepseek_v3 .* does not place, "
+                                        r"e\.g\. model\.layers\.3\.eh_proj\.weight"):
+        mapc.convert(tmp_path / "hf", tmp_path / "mg", to="megatron")
     assert not (tmp_path / "mg").exists()

@@ -70,7 +70,7 @@ def family_config(family: str) -> dict:
     if family == "deepseek_v3":  # tests/test_deepseek_v3.py's (MLA, dense then MoE)
         return dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
                     hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                     vocab_size=128, n_routed_experts=4, num_experts_per_tok=2,
                     n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
                     kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,

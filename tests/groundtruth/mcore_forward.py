@@ -5,7 +5,9 @@ checkpoint (tp=1, pp=1), computed on CPU.
 that builds the model with :func:`mcore_names.build_gpt` (local spec), loads the rank file's
 ``model`` state dict strictly (every name and shape must be megatron-core's), and returns the
 logits for ``tokens``, once per variant. A variant ``{"swap": [a, b]}`` exchanges two tensors
-before loading: a negative control showing the comparison can fail.
+before loading: a negative control showing the comparison can fail. A variant
+``{"cfg": CFG, "file": MODEL_FILE}`` runs another model in the same process (one startup for
+several models).
 
 CPU workarounds (test harness only, applied only inside the worker), beyond mcore_names':
 
@@ -82,11 +84,16 @@ def _worker(cfg: dict, model_file: str, tokens: list[int], variants: list) -> li
     mask = torch.triu(torch.ones(1, 1, len(tokens), len(tokens)), diagonal=1).bool()
     results = []
     for v in variants:
-        sd = dict(state)
+        vcfg, vstate = cfg, state
+        if v.get("file"):       # another model in the same process: its own config and file
+            vcfg = v["cfg"]
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                vstate = torch.load(v["file"], weights_only=True)["model"]
+        sd = dict(vstate)
         if v.get("swap"):
             a, b = v["swap"]
-            sd[a], sd[b] = state[b], state[a]
-        model = build_gpt(cfg, 1, 1)
+            sd[a], sd[b] = vstate[b], vstate[a]
+        model = build_gpt(vcfg, 1, 1)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [m for m in missing if not m.endswith("_extra_state")]
         if missing or unexpected:
