@@ -21,6 +21,9 @@ from mapc.compiler.metakeys import keys_of
 from mapc.errors import SpecError
 
 
+RULE_DTYPES = ("float32", "bfloat16", "float16", "float64")   # a rule's `dtype NAME`
+
+
 def error_at(at: str, message: str, hint: str | None = None) -> SpecError:
     """A SpecError at ``file:line:col`` with the spec line and a caret."""
     from mapc.grammar.parser import caret    # the parser (lark) only when there is an error
@@ -105,7 +108,11 @@ def check(ir: dict) -> None:
         if t["group"]:
             groups.setdefault(t["group"], (t["index"], t["count"]))
             _known(t["count"], spec_syms, t["at"], "group size")
-        _known(t["when"], spec_syms, t["at"], "condition")
+        # in a group, a condition may name the group's index: a tensor of some layers only
+        here = spec_syms | ({t["index"]} if t["group"] else set())
+        _known(t["when"], here, t["at"], "condition")
+        if t.get("kind"):
+            _known(t["kind"]["when"], here, t["kind"]["at"], "layer-kind condition")
         if t.get("stored") and t["group"]:
             raise error_at(t["at"], f"stored tensor {t['name']} ('{t['name'].split('.')[-1]}: "
                            f"*') cannot be in a group: it already stands for every stored "
@@ -156,7 +163,7 @@ def _calls(e):
         return
     if e[0] == "call":
         yield e[1], len(e) - 2
-    for a in e[2:] if e[0] in ("op", "call") else e[1:]:
+    for a in e[2:] if e[0] in ("op", "call", "for") else e[1:]:
         yield from _calls(a)
 
 
@@ -181,6 +188,9 @@ def _check_layout(lay, spec_syms, tensors, groups, lets):
         if "pp" not in lay["mesh"]:
             raise error_at(pipe["at"], f"layout {name} has a pipeline but no 'pp' mesh axis",
                            hint="add 'mesh ... pp'")
+        for stage in ("first", "last"):
+            if pipe.get(stage) is not None:
+                _known(pipe[stage], syms, pipe["at"], f"the pipeline's {stage} stage size")
     for r in lay.get("requires", ()):
         _known(r["expr"], syms, r["at"], "require")
     _check_meta_keys(lay)
@@ -539,6 +549,9 @@ def _check_stored_rule(lay, rule, syms):
         raise error_at(at, f"layout {lay['name']} is pipelined; stored tensors have no "
                        f"pipeline stage")
     _known(rule["when"], syms, at, "condition")
+    if rule.get("dtype") is not None and rule["dtype"] not in RULE_DTYPES:
+        raise error_at(at, f"dtype {rule['dtype']}: not a floating dtype mapc stores",
+                       hint="one of " + ", ".join(RULE_DTYPES))
 
 
 def member_views(rule) -> dict:

@@ -2,7 +2,8 @@
 
 ``["num", 3]``, ``["str", "te"]``, ``["bool", true]``, ``["sym", "heads"]``,
 ``["op", "/", a, b]``, ``["call", "round_up", a, b]``, ``["list", a, ...]``, ``["null"]``,
-``["cond", test, then, else]``.
+``["cond", test, then, else]``, ``["for", var, count, body]`` (``[body for var < count]``),
+``["op", "in", x, list]``.
 
 Integer ``/`` is exact: ``hidden / heads`` with 10 and 4 is an error, not 2.5, because every
 size in a spec must divide evenly. ``//`` floors.
@@ -55,6 +56,8 @@ def symbols(e) -> set[str]:
         return set().union(*(symbols(a) for a in e[2:]))
     if tag in ("list", "cond"):
         return set().union(*(symbols(a) for a in e[1:]))
+    if tag == "for":
+        return symbols(e[2]) | (symbols(e[3]) - {e[1]})
     return set()
 
 
@@ -77,6 +80,8 @@ def show(e) -> str:
         return f"{_paren(e[2], 1)} if {_paren(e[1], 1)} else {show(e[3])}"
     if tag == "call":
         return f"{e[1]}(" + ", ".join(show(a) for a in e[2:]) + ")"
+    if tag == "for":
+        return f"[{show(e[3])} for {e[1]} < {show(e[2])}]"
     op = e[1]
     if op == "neg":
         return f"-{_paren(e[2], _PREC['neg'])}"
@@ -87,7 +92,7 @@ def show(e) -> str:
 
 
 # binding strength of operators, for printing with only the parentheses that are needed
-_PREC = {"or": 1, "and": 2, "not": 3, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4,
+_PREC = {"or": 1, "and": 2, "not": 3, "in": 4, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4,
          "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "neg": 7}
 
 
@@ -113,6 +118,17 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
         return None
     if tag == "cond":
         return evaluate(e[2] if evaluate(e[1], env, where) else e[3], env, where)
+    if tag == "for":
+        n = evaluate(e[2], env, where)
+        if not is_int(n) or not 0 <= n <= MAX_LIST:
+            raise _fail(f"{show(e)}: {show(e[2])} = {n!r} is not a count of at most "
+                        f"{MAX_LIST}", where)
+        inner = dict(env)
+        out = []
+        for k in range(n):
+            inner[e[1]] = k
+            out.append(evaluate(e[3], inner, where))
+        return out
     if tag == "call":
         fn = FUNCTIONS.get(e[1])
         if fn is None:
@@ -140,6 +156,11 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
             raise _fail(f"{show(e)}: cannot negate {x!r}", where)
         return -x
     a, b = evaluate(e[2], env, where), evaluate(e[3], env, where)
+    if op == "in":
+        if not isinstance(b, list):
+            raise _fail(f"{show(e)}: {show(e[3])} = {b!r} is not a list (a config value of "
+                        "the wrong type?)", where)
+        return a in b
     if op == "==":
         return a == b
     if op == "!=":
@@ -153,6 +174,8 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
     except (ZeroDivisionError, OverflowError, ValueError, TypeError) as err:
         raise _fail(f"{show(e)} = {a!r} {op} {b!r}: {err}", where) from None
 
+
+MAX_LIST = 2**20             # entries of a `[... for i < n]` list (one per layer, expert)
 
 ARITHMETIC = ("+", "-", "*", "/", "//", "%")
 

@@ -34,6 +34,8 @@ def expr_ir(e: A.Expr | None):
         return ["null"]
     if isinstance(e, A.Cond):
         return ["cond", expr_ir(e.test), expr_ir(e.then), expr_ir(e.other)]
+    if isinstance(e, A.ListFor):
+        return ["for", e.var, expr_ir(e.count), expr_ir(e.body)]
     raise TypeError(e)
 
 
@@ -105,6 +107,7 @@ def rule_ir(r: A.Rule, source: str) -> dict:
         "stage": r.stage,
         "when": expr_ir(r.when),
         "at": str(r.pos),
+        **({"dtype": r.dtype} if r.dtype is not None else {}),
     }
     if r.value is not None:      # only rules with a value map carry the key
         out["value"] = value_map_ir(r, source)
@@ -148,7 +151,8 @@ def layout_ir(lay: A.Layout, source: str) -> dict:
                     "default": value_ir(p.choices[0]), "at": str(p.pos)} for p in lay.params],
         "pipeline": None if lay.pipeline is None else {
             "group": lay.pipeline.group, "index": lay.pipeline.index,
-            "local": lay.pipeline.local, "at": str(lay.pipeline.pos)},
+            "local": lay.pipeline.local, "at": str(lay.pipeline.pos),
+            **pipeline_sizes_ir(lay.pipeline, source)},
         "meta": [{"key": m.key, "expr": expr_ir(m.expr), "when": expr_ir(m.when),
                   "at": str(m.pos)} for m in lay.meta],
         "requires": requires_ir(lay.requires),
@@ -158,6 +162,28 @@ def layout_ir(lay: A.Layout, source: str) -> dict:
                      "when": expr_ir(a.when), "at": str(a.pos)} for a in lay.aliases],
         "at": str(lay.pos),
     }
+
+
+def pipeline_sizes_ir(pipe, source: str = "") -> dict:
+    """``pipeline ... first N last M`` (uneven stages): ``{"first": N, "last": M}`` as stated."""
+    out = {}
+    for stage, e, pos in pipe.sizes:
+        if stage in out:
+            raise SpecError(f"pipeline states '{stage}' twice" + caret(source, pos.line,
+                                                                       pos.column),
+                            where=str(pos))
+        out[stage] = expr_ir(e)
+    return out
+
+
+def kind_ir(kind) -> dict:
+    """A tensor of a layer kind (``where COND(i) { ... }``): ``{"kind": {"when", "at"}}`` with the
+    condition as it holds for the tensor (an ``else`` block's negated), else nothing."""
+    if kind is None:
+        return {}
+    when = expr_ir(kind.when)
+    return {"kind": {"when": ["op", "not", when] if kind.negated else when,
+                     "at": str(kind.pos)}}
 
 
 def requires_ir(requires) -> list:
@@ -178,7 +204,8 @@ def lower(spec: A.Spec, sha256: str) -> dict:
         "requires": requires_ir(spec.requires),
         "tensors": [{"name": t.full_name, "group": t.group, "index": t.index,
                      "count": expr_ir(t.count), "axes": pattern_ir(t.pattern),
-                     "when": expr_ir(t.when), "stored": t.stored, "at": str(t.pos)}
+                     "when": expr_ir(t.when), "stored": t.stored, "at": str(t.pos),
+                     **kind_ir(t.kind)}
                     for t in spec.tensors],
         "layouts": [layout_ir(lay, source=spec.source) for lay in spec.layouts],
     }

@@ -70,9 +70,10 @@ def bind_config(spec: Spec, config: dict) -> dict:
             if value is not MISSING:
                 break
         if value is not MISSING and value is not None and \
-                not isinstance(value, (bool, int, float, str)):
+                not isinstance(value, (bool, int, float, str)) and not _scalar_list(value):
             raise MapcError(f"the model config's '{key}' is {_short(value)}, not a number, "
-                            f"string or boolean (needed for {c['name']}, {c['at']})",
+                            f"string, boolean or list of at most {MAX_CONFIG_LIST} of them "
+                            f"(needed for {c['name']}, {c['at']})",
                             hint="fix the config, or pass --config CONFIG.json")
         if value is MISSING:
             if c["default"] is None:
@@ -85,6 +86,15 @@ def bind_config(spec: Spec, config: dict) -> dict:
         env[x["name"]] = evaluate(x["expr"], env, x["at"])
     check_requires(spec.ir.get("requires", ()), env)
     return env
+
+
+MAX_CONFIG_LIST = 2**16      # entries of a list in a model config (e.g. layer indices)
+
+
+def _scalar_list(value) -> bool:
+    """A config list a spec can use (``i in mlp_only_layers``): bounded, of plain values."""
+    return isinstance(value, list) and len(value) <= MAX_CONFIG_LIST and \
+        all(isinstance(x, (bool, int, float, str)) for x in value)
 
 
 def _short(value) -> str:
@@ -188,11 +198,40 @@ def stored_inventory(spec: Spec, layout_name: str, tensors, aliases=None) -> dic
     return {STORED: inv, STORED_ALIASES: tied}
 
 
+def _per_index(t: dict) -> bool:
+    """Whether a group tensor's conditions name the group's index (a layer kind)."""
+    return bool(t["group"]) and (t.get("kind") is not None or t["index"] in symbols(t["when"]))
+
+
+def group_indices(t: dict, env: dict, n: int) -> list[int]:
+    """The indices < n of group tensor ``t`` at which it exists: every one, or those where its
+    layer kind (``where COND(i) { ... }``) and its own ``if`` hold."""
+    if not _per_index(t):
+        return list(range(n))
+    conds = [(t["kind"]["when"], t["kind"]["at"])] if t.get("kind") else []
+    if t["when"] is not None:
+        conds.append((t["when"], t["at"]))
+    out, inner = [], dict(env)
+    for i in range(n):
+        inner[t["index"]] = i
+        held = True
+        for c, at in conds:
+            v = evaluate(c, inner, at)
+            if not isinstance(v, bool):
+                raise error_at(at, f"the condition {show(c)} is {v!r} at {t['index']}={i}, "
+                               f"not true or false", hint="compare it with something")
+            held = held and v
+        if held:
+            out.append(i)
+    return out
+
+
 def logical_tensors(spec: Spec, env: dict) -> dict[str, Logical]:
     out = {}
     elements = 0
     for t in spec.ir["tensors"]:
-        if t["when"] is not None and not evaluate(t["when"], env, t["at"]):
+        if not _per_index(t) and t["when"] is not None and \
+                not evaluate(t["when"], env, t["at"]):
             continue
         if t.get("stored"):
             for name, shape in env.get(STORED, {}).items():
@@ -206,8 +245,11 @@ def logical_tensors(spec: Spec, env: dict) -> dict[str, Logical]:
                                + f" (stored tensor {t['name']})",
                                hint="check the checkpoint")
             continue
-        shape = tuple(prod(_size(f["factor"], env, f["at"]) for f in axis) for axis in t["axes"])
         n = group_count(t, env) if t["group"] else 1
+        where = group_indices(t, env, n) if t["group"] else None
+        if where == []:
+            continue        # a layer kind no layer of this config has
+        shape = tuple(prod(_size(f["factor"], env, f["at"]) for f in axis) for axis in t["axes"])
         elements += n * prod(shape)
         if len(out) + n > MAX_TENSORS or elements > MAX_ELEMENTS:
             raise error_at(t["at"], f"the config describes more than "
@@ -216,7 +258,7 @@ def logical_tensors(spec: Spec, env: dict) -> dict[str, Logical]:
                            + f" (at {t['name']}, shape {list(shape)} x {n})",
                            hint="check the model config's sizes")
         if t["group"]:
-            for i in range(n):
+            for i in where:
                 out[logical_key(t["name"], i)] = Logical(logical_key(t["name"], i), t["name"],
                                                          i, shape)
         else:
@@ -382,6 +424,7 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
     tensors = {t["name"]: t for t in spec.ir["tensors"]}
     pipe = layout["pipeline"]
     pp = mesh.get("pp", 1)
+    stages = None          # (stage, local index) per entry of the pipelined group
     shard_count = 0
     for rule in layout["rules"]:
         if rule["when"] is not None and not evaluate(rule["when"], env, rule["at"]):
@@ -400,7 +443,9 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                 missing = [k for k in keys.values() if k not in logical]
                 raise error_at(rule["at"], f"rule fuses {', '.join(missing)}, which this config "
                                f"does not have")
-            stage, local = _stage(rule, decl, index, pipe, pp, config_env)
+            if stages is None and pipe and decl["group"] == pipe["group"]:
+                stages = pipeline_stages(pipe, group_count(decl, config_env), pp, env)
+            stage, local = _stage(rule, decl, index, pipe, pp, config_env, stages)
             names_env = dict(env)
             if index is not None:
                 names_env[rule["refs"][0]["index"]] = index
@@ -508,17 +553,60 @@ def _sizes_env(env):
                         if is_int(v) or isinstance(v, (str, bool, float))))
 
 
-def _stage(rule, decl, index, pipe, pp, env):
+def _stage(rule, decl, index, pipe, pp, env, stages):
     if pipe and decl["group"] == pipe["group"]:
-        count = evaluate(decl["count"], env, decl["at"])
-        if count % pp:
-            raise error_at(pipe["at"], f"pp={pp} does not divide the {count} entries of "
-                           f"{decl['group']}", hint=f"choose pp dividing {count}")
-        per = count // pp
-        return index // per, index % per
+        return stages[index]
     if rule["stage"] == "last":
         return pp - 1, None
     return 0, None
+
+
+def _stage_size(pipe, which, env):
+    """``first N`` / ``last M`` of a pipeline: N, or None when unstated, 0 or null (even)."""
+    e = pipe.get(which)
+    if e is None:
+        return None
+    n = evaluate(e, env, pipe["at"])
+    if n is None or n == 0:
+        return None
+    if not is_int(n) or n < 0:
+        raise error_at(pipe["at"], f"the pipeline's {which} stage size {show(e)} = {n!r} is not "
+                       f"a count of layers")
+    return n
+
+
+def pipeline_stages(pipe, count: int, pp: int, env: dict) -> list[tuple[int, int]]:
+    """(stage, local index) of each of a pipelined group's ``count`` entries, as megatron-core
+    places layers (``get_transformer_layer_offset``): ``first N`` entries on stage 0 and
+    ``last M`` on stage pp-1 when stated (uneven stages), the rest split evenly over the
+    stages between; without them, ``count / pp`` on every stage."""
+    first, last = _stage_size(pipe, "first", env), _stage_size(pipe, "last", env)
+    if first is None and last is None:
+        if count % pp:
+            raise error_at(pipe["at"], f"pp={pp} does not divide the {count} entries of "
+                           f"{pipe['group']}", hint=f"choose pp dividing {count}, or uneven "
+                           f"first/last stages")
+        sizes = [count // pp] * pp
+    else:
+        stated = ", ".join(f"{w} stage {n}" for w, n in (("first", first), ("last", last))
+                           if n is not None)
+        middle = pp - (first is not None) - (last is not None)
+        rest = count - (first or 0) - (last or 0)
+        if pp < 2 or middle < 0 or rest < 0 or (middle == 0 and rest) or \
+                (middle and (rest % middle or rest == 0)):
+            raise error_at(pipe["at"], f"uneven pipeline ({stated}) cannot place the {count} "
+                           f"entries of {pipe['group']} on pp={pp} stages: the "
+                           f"{max(rest, 0)} left must split evenly over the {max(middle, 0)} "
+                           f"other stage(s)",
+                           hint="choose first/last stage sizes that leave a multiple of the "
+                                "middle stages (megatron-core's rule), or pp > 1")
+        sizes = [first] if first is not None else []
+        sizes += [rest // middle] * middle if middle else []
+        sizes += [last] if last is not None else []
+    out = []
+    for stage, n in enumerate(sizes):
+        out += [(stage, j) for j in range(n)]
+    return out
 
 
 def _format_name(rule, env) -> str:

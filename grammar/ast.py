@@ -83,7 +83,16 @@ class ListExpr:
     pos: Pos = field(default=NOWHERE, compare=False)
 
 
-Expr = Union[Num, Str, Bool, Sym, Op, Call, ListExpr, Null, Cond]
+@dataclass(frozen=True)
+class ListFor:
+    """``[body for var < count]``: the list of ``body`` at var = 0 .. count - 1."""
+    body: "Expr"
+    var: str
+    count: "Expr"
+    pos: Pos = field(default=NOWHERE, compare=False)
+
+
+Expr = Union[Num, Str, Bool, Sym, Op, Call, ListExpr, Null, Cond, ListFor]
 
 
 # ---- axis patterns -------------------------------------------------------------------------
@@ -170,10 +179,20 @@ class TensorDecl:
     when: Expr | None
     pos: Pos
     stored: bool = False           # `NAME: *`: one tensor per stored tensor, shaped as stored
+    kind: "Kind | None" = None     # in `where COND(i) { ... }`: the layers of the kind it belongs to
 
     @property
     def full_name(self) -> str:
         return f"{self.group}.{self.name}" if self.group else self.name
+
+
+@dataclass(frozen=True)
+class Kind:
+    """``where COND { ... }`` (``negated``: its ``else { ... }``) inside a tensor group: the
+    declarations hold only at the group indices where COND is true (false)."""
+    when: Expr
+    negated: bool
+    pos: Pos
 
 
 @dataclass(frozen=True)
@@ -246,6 +265,7 @@ class Rule:
     sums: tuple[str, ...] = ()     # mesh axes whose ranks each store a share of the sum
     value: "ValueMap | None" = None  # the file stores f(x) of the logical value x
     quantized: "Quantized | None" = None  # the file may store it quantized (read dequantized)
+    dtype: str | None = None       # `dtype float32`: stored in this dtype whatever --dtype asks
 
 
 @dataclass(frozen=True)
@@ -261,6 +281,9 @@ class Pipeline:
     index: str                     # the global index variable, e.g. "i"
     local: str | None              # the stage-local index variable, e.g. "j"
     pos: Pos
+    # `first N  last M`: entries on the first / last stage (uneven pipeline), as
+    # ((stage, expr, pos), ...) in the order written
+    sizes: tuple = ()
 
 
 @dataclass(frozen=True)

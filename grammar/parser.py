@@ -6,6 +6,7 @@ and what was expected.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from importlib import resources
 
@@ -219,9 +220,24 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def tensor_group(self, meta, c):
-        group, index, count, *decls = c
+        group, index, count, *items = c
+        decls = [d for x in items for d in (x if isinstance(x, list) else [x])]
         return [A.TensorDecl(d.name, str(group), str(index), count, d.pattern, d.when, d.pos,
-                             stored=d.stored) for d in decls]
+                             stored=d.stored, kind=d.kind) for d in decls]
+
+    @v_args(meta=True)
+    def tensor_kind(self, meta, c):
+        when, *decls, other = c
+        kind = A.Kind(when, False, self._pos(meta))
+        out = [dataclasses.replace(d, kind=kind) for d in decls]
+        if other is not None:
+            out += [dataclasses.replace(d, kind=A.Kind(when, True, other[0]))
+                    for d in other[1]]
+        return out
+
+    @v_args(meta=True)
+    def tensor_kind_else(self, meta, c):
+        return (self._pos(meta), list(c))
 
     @v_args(meta=True)
     def tensor_decl(self, meta, c):
@@ -275,7 +291,11 @@ class _Build(Transformer):
     @v_args(meta=True)
     def pipeline_decl(self, meta, c):
         return A.Pipeline(str(c[0]), str(c[1]), str(c[2]) if c[2] is not None else None,
-                          self._pos(meta))
+                          self._pos(meta), sizes=tuple(c[3:]))
+
+    @v_args(meta=True)
+    def pipeline_stage_size(self, meta, c):
+        return str(c[0]), c[1], self._pos(meta)
 
     def meta_block(self, c):
         return list(c)
@@ -312,7 +332,11 @@ class _Build(Transformer):
             repeats=tuple(x[1] for x in clauses if x[0] == "repeat"),
             stage=one("on"), when=one("if"), pos=pos,
             sums=tuple(x[1] for x in clauses if x[0] == "sum"),
-            value=one("value"), quantized=one("quantized"))
+            value=one("value"), quantized=one("quantized"), dtype=one("dtype"))
+
+    @v_args(meta=True)
+    def dtype_clause(self, meta, c):
+        return ("dtype", str(c[0]), self._pos(meta))
 
     @v_args(meta=True)
     def ref(self, meta, c):
@@ -457,6 +481,19 @@ class _Build(Transformer):
     @v_args(meta=True)
     def list_(self, meta, c):
         return A.ListExpr(tuple(x for x in c if x is not None), self._pos(meta))
+
+    @v_args(meta=True)
+    def list_for(self, meta, c):
+        body, var, count = c
+        return A.ListFor(body, str(var), count, self._pos(meta))
+
+    @v_args(meta=True)
+    def member_of(self, meta, c):
+        return A.Op("in", (c[0], c[1]), self._pos(meta))
+
+    @v_args(meta=True)
+    def not_member_of(self, meta, c):
+        return A.Op("not", (A.Op("in", (c[0], c[1]), self._pos(meta)),), self._pos(meta))
 
     @v_args(meta=True)
     def neg(self, meta, c):

@@ -20,10 +20,10 @@ from mapc.compiler.resolve import Resolved, read_config, resolve
 from mapc.compiler.spec import load_spec, spec_record
 from mapc.errors import MapcError
 from mapc.runtime import execute
-from mapc.runtime.containers import (FORMATS, layout_of, make_writer, module, open_source,
-                                     plan_write)
+from mapc.runtime.containers import (FORMATS, check_request, layout_of, make_writer, module,
+                                     open_source, plan_write)
 from mapc.runtime.containers.base import AtomicOutput, coord_key, stale_warning
-from mapc.runtime.plan_write import SourceFacts, WritePlan, WriteRequest
+from mapc.runtime.plan_write import OPTIONS, SourceFacts, WritePlan, WriteRequest
 
 DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -172,7 +172,9 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                  max_shard_bytes: int | None = None, dp: int | None = None,
                  with_optimizer: bool = False, like=None,
                  zero_stage: int | None = None,
-                 allow_spec_change: bool = False, allow_lossy: bool = False) -> ConversionPlan:
+                 allow_spec_change: bool = False, allow_lossy: bool = False,
+                 pp_first_stage: int | None = None,
+                 pp_last_stage: int | None = None) -> ConversionPlan:
     """Plan ``convert`` (same arguments) completely, writing nothing: every check a real run
     makes before writing is made here, so a plan that succeeds is what the run will do."""
     if zero_stage is not None and zero_stage not in (1, 2, 3):
@@ -184,7 +186,9 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     explicit = frozenset(k for k, v in (("dp", dp), ("zero_stage", zero_stage),
                                         ("with_optimizer", with_optimizer or None),
-                                        ("max_shard_bytes", max_shard_bytes)) if v is not None)
+                                        ("max_shard_bytes", max_shard_bytes),
+                                        ("pp_first_stage", pp_first_stage),
+                                        ("pp_last_stage", pp_last_stage)) if v is not None)
     template = None
     if like is not None:
         template = read_template(like, spec=spec, config=config)
@@ -193,6 +197,16 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         raise MapcError("no target format", hint="pass --to FORMAT (or --like TEMPLATE)")
     if to not in FORMATS:
         raise MapcError(f"unknown target format '{to}'", hint="known: " + ", ".join(FORMATS))
+    stages = {"pp_first_stage": pp_first_stage, "pp_last_stage": pp_last_stage}
+    if any(v is not None for v in stages.values()):
+        # uneven pipeline stages place the layers, so they are settled before the program:
+        # refused now by a format that does not take them, else set as its layout parameters
+        check_request(WriteRequest(to, explicit=explicit, **stages))
+        for opt, n in stages.items():
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                raise MapcError(f"{OPTIONS[opt]} {n!r} must be a positive number of layers")
+        names = getattr(module(to), "STAGE_PARAMS", {})
+        set = list(set or []) + [f"{names[o]}={n}" for o, n in stages.items() if n is not None]
     res, program = plan_conversion(src, to, tp=tp, pp=pp, ep=ep, config=config, set=set,
                                    spec=spec, source_format=source_format,
                                    source_set=source_set, allow_spec_change=allow_spec_change)
@@ -206,7 +220,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                                zero_stage=zero_stage, with_optimizer=with_optimizer,
                                max_shard_bytes=max_shard_bytes,
                                like_training=template.training if template else None,
-                               explicit=explicit, allow_lossy=allow_lossy)
+                               explicit=explicit, allow_lossy=allow_lossy, **stages)
         write = plan_write(program, facts, request)
         return ConversionPlan(res, program, facts, request, write)
     except BaseException:
@@ -221,7 +235,8 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
             max_shard_bytes: int | None = None, dp: int | None = None,
             with_optimizer: bool = False, like=None,
             zero_stage: int | None = None, allow_spec_change: bool = False,
-            allow_lossy: bool = False) -> execute.Report:
+            allow_lossy: bool = False, pp_first_stage: int | None = None,
+            pp_last_stage: int | None = None) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox,
@@ -232,12 +247,15 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     else 1); ``allow_spec_change`` reads a checkpoint mapc wrote with a spec other than the one
     its record carries (otherwise refused); ``allow_lossy`` writes tensors whose spec value map
     rounds (otherwise refused: mapc.runtime.values). An option the target format does not
-    honour is refused (MapcError)."""
+    honour is refused (MapcError). ``pp_first_stage`` / ``pp_last_stage`` ask a megatron target
+    for uneven pipeline stages (that many layers on the first / last stage, the rest split
+    evenly between, as megatron-core's num_layers_in_first/last_pipeline_stage)."""
     cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,
                       source_set=source_set, spec=spec, source_format=source_format,
                       max_shard_bytes=max_shard_bytes, dp=dp, with_optimizer=with_optimizer,
                       like=like, zero_stage=zero_stage, allow_spec_change=allow_spec_change,
-                      allow_lossy=allow_lossy)
+                      allow_lossy=allow_lossy,
+                      pp_first_stage=pp_first_stage, pp_last_stage=pp_last_stage)
     return write_conversion(cp, src, dst, force=force, backend=backend, quiet=quiet)
 
 

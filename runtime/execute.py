@@ -14,7 +14,7 @@ import numpy as np
 from mapc.compiler.program import Program
 from mapc.errors import MapcError
 from mapc.runtime.backends import DTYPES, bytes_equal, dtype_name, get_backend
-from mapc.runtime.plan_write import value_dtype, weights_slot
+from mapc.runtime.plan_write import cast_dtype, weights_slot
 
 
 # Slots that a `sum over` tensor stores as shares. Adam's moments are not: every share sees
@@ -293,9 +293,8 @@ def target_dtypes(program: Program, reader, dtype: str | None,
     for inst, coord, name in program.target.placements():
         have = logical_dtype[next(iter(inst.members.values()))]
         # --dtype casts floating tensors; integer buffers (step counters, ...) keep theirs;
-        # value-mapped 16-bit tensors are kept in float32 (plan_write.value_dtype)
-        out[(coord, name)] = dtype if dtype and have in FLOAT_DTYPES else \
-            value_dtype(inst, have) if slot == "param" else have
+        # value-mapped 16-bit weights are kept in float32 (plan_write.cast_dtype)
+        out[(coord, name)] = cast_dtype(inst, have, dtype, widen=slot == "param")
     return out
 
 

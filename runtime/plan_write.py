@@ -37,6 +37,8 @@ OPTIONS = {
     "zero_stage": "--zero-stage",
     "with_optimizer": "--with-optimizer",
     "max_shard_bytes": "max_shard_bytes",
+    "pp_first_stage": "--pp-first-stage",
+    "pp_last_stage": "--pp-last-stage",
 }
 
 
@@ -54,6 +56,8 @@ class WriteRequest:
     with_optimizer: bool = False
     max_shard_bytes: int | None = None
     like_training: dict | None = None        # --like: the template's training state
+    pp_first_stage: int | None = None        # uneven pipeline: layers on the first stage
+    pp_last_stage: int | None = None         # ... and on the last (megatron-core's rule)
     explicit: frozenset = frozenset()
     allow_lossy: bool = False                # --allow-lossy: value maps may round (every format)
 
@@ -166,15 +170,21 @@ def planned_tensors(program, facts: SourceFacts, dtype: str | None, writer_slots
     out = []
     for inst, coord, name in program.target.placements():
         have = src[next(iter(inst.members.values()))]
-        out.append((coord, name, tuple(inst.recipe.shard_shape),
-                    dtype if dtype and have in FLOAT_DTYPES else value_dtype(inst, have)))
+        out.append((coord, name, tuple(inst.recipe.shard_shape), cast_dtype(inst, have, dtype)))
     return tuple(out)
 
 
-def value_dtype(inst, have: str) -> str:
-    """A value-mapped tensor (``value 1 + x``) of 16-bit floats is stored as float32: the map
-    of a bfloat16 or float16 value needs more bits to be exact (mapc.runtime.values)."""
-    mapped = getattr(inst, "value", None) is not None
+def cast_dtype(inst, have: str, dtype: str | None, widen: bool = True) -> str:
+    """The stored dtype of a target tensor the source holds as ``have``: a rule's own
+    ``dtype NAME`` (megatron-core's fp32 expert_bias), else the cast dtype, else ``have`` -- but
+    with ``widen``, a value-mapped tensor (``value 1 + x``) of 16-bit floats as float32, since
+    the map of a bfloat16 or float16 value needs more bits to be exact (mapc.runtime.values).
+    Only floating tensors are cast; integer ones (step counters, ...) keep their dtype."""
+    if have not in FLOAT_DTYPES:
+        return have
+    if inst.rule.get("dtype") or dtype:
+        return inst.rule.get("dtype") or dtype
+    mapped = widen and getattr(inst, "value", None) is not None
     return "float32" if mapped and have in ("bfloat16", "float16") else have
 
 

@@ -17,7 +17,8 @@ def test_megatron_without_mapc_record_is_understood_from_its_args_and_names(tmp_
     (tmp_path / "mg" / "mapc.json").unlink()   # as if Megatron itself had written it
     info = mapc.inspect(tmp_path / "mg")
     assert info["family"] == "llama"
-    assert info["params"] == {"vocab_multiple": 64, "naming": naming}
+    assert info["params"] == {"vocab_multiple": 64, "naming": naming, "first_stage_layers": 0,
+                              "last_stage_layers": 0}
     assert info["config"]["vocab"] == 100 and info["config"]["tied"] is True
     mapc.convert(tmp_path / "mg", tmp_path / "back", to="hf")
     assert mapc.verify(src, tmp_path / "back").identical

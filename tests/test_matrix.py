@@ -68,6 +68,24 @@ def family_config(family: str) -> dict:
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                     intermediate_size=48, vocab_size=128, num_local_experts=4,
                     num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4)
+    if family == "qwen3_moe":   # every layer MoE (llama.cpp's qwen3moe has no dense layers);
+        # dense layers mixed in: tests/test_qwen3_moe.py
+        return dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                    hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, intermediate_size=48,
+                    moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                    mlp_only_layers=[], norm_topk_prob=True, vocab_size=128,
+                    max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "deepseek_v3":  # tests/test_deepseek_v3.py's (MLA, dense then MoE)
+        return dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+                    hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                    vocab_size=128, n_routed_experts=4, num_experts_per_tok=2,
+                    n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
+                    kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                    n_group=2, topk_group=1, max_position_embeddings=64,
+                    tie_word_embeddings=False, rope_interleave=True)
     raise KeyError(family)
 
 
@@ -78,7 +96,8 @@ BF16_VALUES = {"gemma2", "gemma3"}
 
 SPEC_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2",
            "mixtral": "mixtral", "gpt_neox": "gpt_neox", "phi3": "phi3", "qwen3": "qwen3",
-           "gemma2": "gemma2", "gemma3": "gemma3", "gpt_oss": "gpt_oss"}
+           "gemma2": "gemma2", "gemma3": "gemma3", "gpt_oss": "gpt_oss",
+           "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3"}
 # Specs of no model family: generic mode (any module, every tensor as stored; its own
 # conversions are tests/test_generic.py and tests/test_generic_deepspeed.py)
 NO_FAMILY = {"generic"}

@@ -136,7 +136,8 @@ def test_nemo_without_mapc_record_converts_from_its_yaml(tmp_path):
     _strip_record(tmp_path / "nemo")
     info = mapc.inspect(tmp_path / "nemo")
     assert info["family"] == "llama"
-    assert info["params"] == {"vocab_multiple": 64, "naming": "te"}
+    assert info["params"] == {"vocab_multiple": 64, "naming": "te", "first_stage_layers": 0,
+                              "last_stage_layers": 0}
     assert info["config"]["tied"] is True and info["config"]["groups"] == 2
     mapc.convert(tmp_path / "nemo", tmp_path / "back", to="hf")
     _assert_same_hf(src, tmp_path / "back")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-FAMILIES = re.compile(r"llama|mistral|qwen|mixtral|gpt.?2|gpt.?neox|pythia|falcon|gemma|phi",
+FAMILIES = re.compile(r"llama|mistral|qwen|mixtral|deepseek|gpt.?2|gpt.?neox|pythia|falcon|gemma|phi",
                       re.IGNORECASE)
 HELP_KWARGS = {"help", "description", "epilog"}
 HELP_NAMES = {"EXAMPLES", "HELP"}

@@ -44,6 +44,12 @@ def add_arguments(p):
     p.add_argument("--with-optimizer", action="store_true",
                    help="with --to hf: also write optimizer.pt, scheduler.pt and "
                         "trainer_state.json so transformers' Trainer can resume")
+    p.add_argument("--pp-first-stage", type=int, default=None, metavar="N",
+                   help="megatron target: N layers on the first pipeline stage (uneven stages; "
+                        "the rest split evenly, as megatron-core's "
+                        "num_layers_in_first_pipeline_stage)")
+    p.add_argument("--pp-last-stage", type=int, default=None, metavar="N",
+                   help="megatron target: N layers on the last pipeline stage")
     p.add_argument("--dtype", default="keep", choices=list(DTYPE_CHOICES),
                    help="cast tensors on write (default: keep)")
     p.add_argument("--config", help="model config JSON, when the source carries none")
@@ -80,7 +86,8 @@ def run(args) -> int:
                       source_format=args.source_format, dp=args.dp,
                       with_optimizer=args.with_optimizer, like=args.like,
                       zero_stage=args.zero_stage, allow_spec_change=args.allow_spec_change,
-                      allow_lossy=args.allow_lossy)
+                      allow_lossy=args.allow_lossy,
+                      pp_first_stage=args.pp_first_stage, pp_last_stage=args.pp_last_stage)
     if args.dry_run:
         cp.close()
         print(cp.pretty())

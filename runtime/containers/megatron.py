@@ -35,6 +35,9 @@ from mapc.runtime.containers.base import (MAPC_JSON, RefSource, coord_key, rank_
                                           write_json)
 
 LAYOUT = "megatron"
+# --pp-first-stage / --pp-last-stage (uneven pipeline stages, megatron-core's
+# num_layers_in_first/last_pipeline_stage) set these parameters of the megatron layout
+STAGE_PARAMS = {"pp_first_stage": "first_stage_layers", "pp_last_stage": "last_stage_layers"}
 PICKLES = torchfile.allow_list("Megatron-LM")
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"

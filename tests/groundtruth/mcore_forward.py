@@ -5,7 +5,9 @@ checkpoint (tp=1, pp=1), computed on CPU.
 that builds the model with :func:`mcore_names.build_gpt` (local spec), loads the rank file's
 ``model`` state dict strictly (every name and shape must be megatron-core's), and returns the
 logits for ``tokens``, once per variant. A variant ``{"swap": [a, b]}`` exchanges two tensors
-before loading: a negative control showing the comparison can fail.
+before loading: a negative control showing the comparison can fail. A variant
+``{"cfg": CFG, "file": MODEL_FILE}`` runs another model in the same process (one startup for
+several models).
 
 CPU workarounds (test harness only, applied only inside the worker), beyond mcore_names':
 
@@ -15,6 +17,15 @@ CPU workarounds (test harness only, applied only inside the worker), beyond mcor
   core attention forks the CUDA RNG for dropout (none in eval mode).
 * An explicit causal ``attention_mask`` (True above the diagonal) is passed: the default one is
   made on CUDA.
+* MLA models: megatron-core's local ``DotProductAttention`` (the only core attention without
+  Transformer Engine) does not take the ``k_channels``/``v_channels`` that MLA passes (TE's
+  does): its ``__init__`` is wrapped to accept them and size its output by ``v_channels``
+  (q/k of nope+rope dims, v of v_head_dim). Its math (softmax(QK^T * scale) V, with the scale
+  MLA passes) is megatron-core's own, unchanged. ``multi_latent_attention.TELinear`` (None
+  without TE, used in an ``isinstance``) becomes a class nothing is an instance of.
+* MoE models: ``moe_utils.te_general_gemm`` is set to None when megatron-core did not define it
+  (Transformer Engine absent): its router gating reads the name unconditionally (megatron-core
+  0.16.1 defines it only when TE imports), and None selects its plain-torch path.
 
 Usage as a script::
 
@@ -73,11 +84,16 @@ def _worker(cfg: dict, model_file: str, tokens: list[int], variants: list) -> li
     mask = torch.triu(torch.ones(1, 1, len(tokens), len(tokens)), diagonal=1).bool()
     results = []
     for v in variants:
-        sd = dict(state)
+        vcfg, vstate = cfg, state
+        if v.get("file"):       # another model in the same process: its own config and file
+            vcfg = v["cfg"]
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                vstate = torch.load(v["file"], weights_only=True)["model"]
+        sd = dict(vstate)
         if v.get("swap"):
             a, b = v["swap"]
-            sd[a], sd[b] = state[b], state[a]
-        model = build_gpt(cfg, 1, 1)
+            sd[a], sd[b] = vstate[b], vstate[a]
+        model = build_gpt(vcfg, 1, 1)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [m for m in missing if not m.endswith("_extra_state")]
         if missing or unexpected:

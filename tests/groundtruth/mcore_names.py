@@ -41,7 +41,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["mcore_state_dict_shapes", "CFG_KEYS"]
+__all__ = ["mcore_state_dict_shapes", "mcore_ranks", "CFG_KEYS"]
 
 CFG_KEYS = ("hidden", "layers", "heads", "groups", "head_dim", "ffn", "vocab", "tied")
 
@@ -57,7 +57,19 @@ def _free_port() -> int:
 def mcore_state_dict_shapes(
     cfg: dict, tp: int, pp: int, *, meta: bool = False
 ) -> dict[tuple[int, int], dict[str, list[int]]]:
-    """Build megatron-core GPTModel (local spec, get_gpt_layer_local_spec) for a Llama-style config
+    """{(tp_rank, pp_rank): {state_dict key: shape}} of megatron-core's GPTModel (see _ranks)."""
+    return {k: v["shapes"] for k, v in mcore_ranks(cfg, tp, pp, meta=meta).items()}
+
+
+def mcore_ranks(cfg: dict, tp: int, pp: int, *, meta: bool = False) -> dict:
+    """Like ``mcore_state_dict_shapes``, with each rank's ``{"shapes": {...}, "layers": [...]}``:
+    ``layers`` are the global (0-based) numbers megatron-core gives the stage's layers, local
+    index first (``TransformerLayer.layer_number - 1``)."""
+    return _ranks(cfg, tp, pp, meta)
+
+
+def _ranks(cfg: dict, tp: int, pp: int, meta: bool = False) -> dict:
+    """(Behind ``mcore_state_dict_shapes`` and ``mcore_ranks``.) Build megatron-core GPTModel (local spec, get_gpt_layer_local_spec) for a Llama-style config
     on CPU with use_cpu_initialization=True, for every (tp_rank, pp_rank), and return
     {(tp_rank, pp_rank): {state_dict key: shape}} with `_extra_state` keys dropped.
 
@@ -81,7 +93,8 @@ def mcore_state_dict_shapes(
     if missing:
         raise ValueError(f"cfg is missing keys {missing}")
     tp, pp = int(tp), int(pp)
-    world = tp * pp
+    ep = int(cfg.get("ep", 1))      # expert parallel: carved out of data parallel
+    world = tp * pp * ep
     if world < 1:
         raise ValueError("tp and pp must be >= 1")
 
@@ -90,12 +103,13 @@ def mcore_state_dict_shapes(
                           str(pp), out_dir], Path(out_dir),
                   {"MCORE_NAMES_META": "1" if meta else "0"}, "megatron-core worker")
 
-        result: dict[tuple[int, int], dict[str, list[int]]] = {}
+        result: dict = {}
         for rank in range(world):
             data = json.loads(Path(out_dir, f"rank{rank}.json").read_text())
-            result[(data["tp_rank"], data["pp_rank"])] = data["shapes"]
+            key = (data["tp_rank"], data["pp_rank"]) + ((data["ep_rank"],) if ep > 1 else ())
+            result[key] = {"shapes": data["shapes"], "layers": data["layers"]}
     if len(result) != world:
-        raise RuntimeError(f"expected {world} distinct (tp_rank, pp_rank), got {sorted(result)}")
+        raise RuntimeError(f"expected {world} distinct ranks, got {sorted(result)}")
     return dict(sorted(result.items()))
 
 
@@ -168,7 +182,8 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=int(cfg.get("ep", 1)),
     )
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -181,11 +196,41 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
         if not k.endswith("_extra_state")
     }
     tmp = Path(out_dir, f"rank{rank}.json.tmp")
-    tmp.write_text(json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank, "shapes": shapes}))
+    # megatron-core's own global numbering of this stage's layers (get_transformer_layer_offset
+    # + local index; layer_number is 1-based)
+    layers = [int(layer.layer_number) - 1 for layer in model.decoder.layers]
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    tmp.write_text(json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank,
+                               "shapes": shapes, "layers": layers}))
     tmp.rename(Path(out_dir, f"rank{rank}.json"))
 
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def cpu_shims(cfg: dict) -> None:
+    """Harness-only workarounds for building MoE / MLA models without CUDA or Transformer
+    Engine (documented in tests/groundtruth/mcore_forward.py); idempotent."""
+    import torch
+    if cfg.get("expert_bias"):      # the router's expert_bias buffers are made on cuda
+        torch.cuda.current_device = lambda: "cpu"
+    from megatron.core.transformer.moe import moe_utils
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if cfg.get("mla") and not getattr(cpu_shims, "mla_done", False):
+        cpu_shims.mla_done = True
+        from megatron.core.transformer import dot_product_attention as dpa
+        init = dpa.DotProductAttention.__init__
+
+        def mla_init(self, *a, k_channels=None, v_channels=None, **k):
+            init(self, *a, **k)
+            if v_channels is not None:
+                self.hidden_size_per_partition = v_channels * \
+                    self.num_attention_heads_per_partition
+        dpa.DotProductAttention.__init__ = mla_init
+        from megatron.core.transformer import multi_latent_attention as mla
+        if not isinstance(mla.TELinear, type):     # isinstance(x, TELinear): plain False
+            mla.TELinear = type("NoTransformerEngineLinear", (), {})
 
 
 def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
@@ -198,16 +243,28 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     params_dtype = params_dtype or torch.float32
+    cpu_shims(cfg)
     extra = {}
     if cfg.get("layers_first_stage") is not None:
         extra["num_layers_in_first_pipeline_stage"] = int(cfg["layers_first_stage"])
     if cfg.get("layers_last_stage") is not None:
         extra["num_layers_in_last_pipeline_stage"] = int(cfg["layers_last_stage"])
+    if cfg.get("experts"):
+        extra.update(_moe_config(cfg))
     norm = cfg.get("norm", "RMSNorm")
     gated = bool(cfg.get("gated", True))
     activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[
         cfg.get("activation", "silu" if gated else "gelu")]
-    config = TransformerConfig(
+    config_class = TransformerConfig
+    if cfg.get("mla"):      # Multi-head Latent Attention: megatron-core's MLA config
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+        config_class = MLATransformerConfig
+        extra.update(q_lora_rank=cfg["q_lora"], kv_lora_rank=int(cfg["kv_lora"]),
+                     qk_head_dim=int(cfg["nope"]), qk_pos_emb_head_dim=int(cfg["rope"]),
+                     v_head_dim=int(cfg["v_dim"]), rope_type="rope",
+                     rotary_base=float(cfg.get("rotary_base", 10000)),
+                     rotary_interleaved=bool(cfg.get("rotary_interleaved", False)))
+    config = config_class(
         num_layers=int(cfg["layers"]),
         hidden_size=int(cfg["hidden"]),
         ffn_hidden_size=int(cfg["ffn"]),
@@ -231,10 +288,17 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         fp16=params_dtype == torch.float16,
         **extra,
     )
+    if cfg.get("experts"):
+        # dense and MoE layers (moe_layer_freq): megatron-core's per-layer block spec
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+        layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                                normalization=norm)
+    else:
+        layer_spec = get_gpt_layer_local_spec(
+            normalization=norm, qk_layernorm=bool(cfg.get("qk_layernorm", False)))
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(
-            normalization=norm, qk_layernorm=bool(cfg.get("qk_layernorm", False))),
+        transformer_layer_spec=layer_spec,
         vocab_size=int(cfg["vocab"]),
         max_sequence_length=int(cfg.get("max_seq", 128)),
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -244,6 +308,30 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         rotary_base=int(cfg.get("rotary_base", 10000)),
         rotary_percent=float(cfg.get("rotary_percent", 1.0)),
     )
+
+
+def _moe_config(cfg: dict) -> dict:
+    """TransformerConfig fields of an MoE model: cfg keys ``experts``, ``moe_ffn``, ``topk``,
+    ``moe_layer_freq`` (int or per-layer 0/1 list), ``pre_softmax`` (softmax over all experts
+    before the top-k, i.e. unnormalized top-k weights), ``ep`` (expert-parallel size),
+    ``score`` ("softmax" or "sigmoid"), ``expert_bias``, ``shared_ffn``, ``topk_scale``."""
+    out = dict(num_moe_experts=int(cfg["experts"]), moe_ffn_hidden_size=int(cfg["moe_ffn"]),
+               moe_router_topk=int(cfg["topk"]), moe_layer_freq=cfg.get("moe_layer_freq", 1),
+               moe_router_pre_softmax=bool(cfg.get("pre_softmax", False)),
+               moe_router_score_function=cfg.get("score", "softmax"),
+               moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+               moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none",
+               expert_model_parallel_size=int(cfg.get("ep", 1)))
+    if cfg.get("expert_bias"):
+        out["moe_router_enable_expert_bias"] = True
+    if cfg.get("shared_ffn"):
+        out["moe_shared_expert_intermediate_size"] = int(cfg["shared_ffn"])
+    if cfg.get("groups_n"):
+        out.update(moe_router_num_groups=int(cfg["groups_n"]),
+                   moe_router_group_topk=int(cfg["group_topk"]))
+    if cfg.get("topk_scale") is not None:
+        out["moe_router_topk_scaling_factor"] = float(cfg["topk_scale"])
+    return out
 
 
 def _main(argv: list[str]) -> int:

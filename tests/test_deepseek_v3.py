@@ -1,0 +1,190 @@
+"""specs/deepseek_v3.map (MLA, dense-then-MoE, shared experts, sigmoid router with a score
+correction bias) against the real libraries. A transformers DeepseekV3ForCausalLM (q_lora_rank
+set, and null as in V2-Lite) goes hf -> megatron (tp, pp, ep) -> hf with identical logits;
+mapc's Megatron file loaded into a real megatron-core GPTModel (MLATransformerConfig, local
+spec, MoE via moe_layer_freq with expert bias, group-limited routing and shared experts, on CPU)
+computes transformers' logits; one tp=2 world of GPTModels has exactly the per-rank state-dict
+names and shapes of mapc's files; the router's expert_bias stays float32 under --dtype bf16.
+
+megatron-core's only core attention without Transformer Engine does not take MLA's k/v head
+sizes: the harness wraps its constructor (tests/groundtruth/mcore_forward.py says exactly how);
+the attention math, MLA's projections, norms, rotary and the MoE are megatron-core's own."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mapc
+from mapc.errors import MapcError
+from mapc.runtime import torchfile
+from tests.conftest import build_transformers_model, logits_of
+
+torch = pytest.importorskip("torch")
+TOKENS = [1, 5, 9, 3, 7, 2, 8, 4, 11, 0]
+# 3 layers: 0 dense (first_k_dense_replace), 1 and 2 MoE with 4 routed experts in 2 groups
+# (top-1 group), top-2, one shared expert; MLA with q_lora 16, kv_lora 8, nope 8, rope 4, v 8
+CFG = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_size=32,
+           intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+           num_attention_heads=4, num_key_value_heads=4, vocab_size=50, n_routed_experts=4,
+           num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
+           kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_group=2,
+           topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+           max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+           rope_interleave=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+# megatron-core's forward in fp32 on CPU against transformers' (observed: 3e-8)
+MCORE_TOLERANCE = 1e-5
+
+
+def _groundtruth(name):
+    path = Path(__file__).parent / "groundtruth" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_groundtruth_{name}_deepseek_v3", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _build(cfg, path):
+    model = build_transformers_model(cfg, path)
+    with torch.no_grad():     # the score correction bias starts at 0: make it count
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.1, 0.1)
+    model.save_pretrained(str(path))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("deepseek_v3") / "hf"
+    model = _build(CFG, path)
+    return path, logits_of(model, TOKENS), CFG["q_lora_rank"]
+
+
+@pytest.fixture(scope="module")
+def hf_no_q_lora(tmp_path_factory):
+    """V2-Lite style: q_lora_rank null, one q_proj."""
+    path = tmp_path_factory.mktemp("deepseek_v3_noq") / "hf"
+    model = _build(dict(CFG, q_lora_rank=None), path)
+    return path, logits_of(model, TOKENS), None
+
+
+def mcore_cfg(q_lora, tp=1):
+    return {"hidden": 32, "layers": 3, "heads": 4, "groups": 4, "head_dim": 12, "ffn": 48,
+            "vocab": 128 * tp, "tied": False, "qk_layernorm": True, "norm_eps": 1e-6,
+            "rotary_base": 10000, "experts": 4, "moe_ffn": 16, "topk": 2,
+            "moe_layer_freq": [0, 1, 1], "pre_softmax": False, "score": "sigmoid",
+            "expert_bias": True, "shared_ffn": 16, "topk_scale": 2.5, "groups_n": 2,
+            "group_topk": 1, "mla": True, "q_lora": q_lora, "kv_lora": 8, "nope": 8, "rope": 4,
+            "v_dim": 8}
+
+
+def _rank_file(root, name):
+    return root / "release" / name / "model_optim_rng.pt"
+
+
+@pytest.mark.parametrize("which, topo", [("q_lora", dict(tp=2, ep=2)), ("q_lora", dict(pp=3, ep=4)),
+                                         ("no_q_lora", dict(tp=2, pp=3, ep=2))],
+                         ids=["tp2-ep2", "pp3-ep4", "no-q-lora-tp2-pp3-ep2"])
+def test_megatron_round_trip_keeps_logits(tmp_path, request, which, topo):
+    src, ref, _ = request.getfixturevalue("hf" if which == "q_lora" else "hf_no_q_lora")
+    mapc.convert(src, tmp_path / "mg", to="megatron", **topo)
+    mapc.convert(tmp_path / "mg", tmp_path / "back", to="hf")
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
+    from safetensors.numpy import load_file
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_megatron_core_computes_transformers_logits(tmp_path, hf, hf_no_q_lora):
+    """One megatron-core process: the q_lora model, a negative control, the q_proj model."""
+    pytest.importorskip("megatron.core")
+    for name, (src, _, _) in (("a", hf), ("b", hf_no_q_lora)):
+        mapc.convert(src, tmp_path / name, to="megatron")
+    a, b = ("decoder.layers.0.self_attention.kv_layernorm.weight",
+            "decoder.layers.1.self_attention.kv_layernorm.weight")
+    ours, swapped, noq = _groundtruth("mcore_forward").mcore_logits(
+        mcore_cfg(16), _rank_file(tmp_path / "a", "mp_rank_00"), TOKENS,
+        [{}, {"swap": [a, b]},
+         {"cfg": mcore_cfg(None), "file": str(_rank_file(tmp_path / "b", "mp_rank_00"))}])
+    ours, swapped, noq = (np.array(x)[..., :50] for x in (ours, swapped, noq))
+    assert np.abs(ours - hf[1].numpy()).max() <= MCORE_TOLERANCE
+    assert np.abs(noq - hf_no_q_lora[1].numpy()).max() <= MCORE_TOLERANCE
+    # negative control: two layers' kv layernorms exchanged change the logits
+    assert np.abs(swapped - hf[1].numpy()).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_megatron_names_and_shapes_per_rank_are_megatron_cores(tmp_path, hf):
+    pytest.importorskip("megatron.core")
+    src, _, q_lora = hf
+    mapc.convert(src, tmp_path / "mg", to="megatron", tp=2)
+    truth = _groundtruth("mcore_names").mcore_state_dict_shapes(mcore_cfg(q_lora, tp=2), 2, 1)
+    assert sorted(truth) == [(0, 0), (1, 0)]
+    for (t, _), names in truth.items():
+        model = torchfile.load(_rank_file(tmp_path / "mg", f"mp_rank_{t:02d}"))["model"]
+        assert {n: list(v.shape) for n, v in model.items()} == names, t
+
+
+def test_expert_bias_keeps_float32_under_bf16(tmp_path, hf):
+    src, _, _ = hf
+    mapc.convert(src, tmp_path / "mg", to="megatron", dtype="bf16")
+    model = torchfile.load(_rank_file(tmp_path / "mg", "mp_rank_00"))["model"]
+    def dtype(name):
+        return str(model[name].dtype).replace("torch.", "")
+    assert dtype("decoder.layers.1.mlp.router.expert_bias") == "float32"
+    assert dtype("decoder.layers.1.mlp.router.weight") == "bfloat16"
+    from safetensors.numpy import load_file
+    w = load_file(src / "model.safetensors")
+    np.testing.assert_array_equal(np.asarray(model["decoder.layers.1.mlp.router.expert_bias"]),
+                                  w["model.layers.1.mlp.gate.e_score_correction_bias"])
+
+
+def test_args_describe_the_moe_and_mla(tmp_path, hf):
+    src, _, q_lora = hf
+    mapc.convert(src, tmp_path / "mg", to="megatron")
+    args = torchfile.load(_rank_file(tmp_path / "mg", "mp_rank_00"))["args"]
+    assert (args.multi_latent_attention, args.q_lora_rank, args.kv_lora_rank, args.qk_head_dim,
+            args.qk_pos_emb_head_dim, args.v_head_dim) == (True, q_lora, 8, 8, 4, 8)
+    assert (args.moe_layer_freq, args.moe_router_score_function,
+            args.moe_router_enable_expert_bias, args.moe_shared_expert_intermediate_size,
+            args.moe_router_topk_scaling_factor) == ([0, 1, 1], "sigmoid", True, 16, 2.5)
+
+
+@pytest.mark.parametrize("fmt", ["dcp", "deepspeed"])
+def test_weights_formats_round_trip(tmp_path, hf, fmt):
+    src, ref, _ = hf
+    mapc.convert(src, tmp_path / "x", to=fmt)
+    mapc.convert(tmp_path / "x", tmp_path / "back", to="hf")
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["first_k_dense_replace"] == 1 and back["n_routed_experts"] == 4
+
+
+def test_rotate_half_rope_is_refused_for_megatron(tmp_path):
+    _build(dict(CFG, rope_interleave=False, num_hidden_layers=2), tmp_path / "hf")
+    with pytest.raises(MapcError) as e:
+        mapc.convert(tmp_path / "hf", tmp_path / "mg", to="megatron")
+    assert "rope_interleave = false has no megatron layout" in str(e.value)
+    assert "specs/deepseek_v3.map:" in str(e.value)
+    assert not (tmp_path / "mg").exists()
+
+
+def test_a_checkpoint_with_the_mtp_layer_is_refused_not_truncated(tmp_path, hf):
+    """Hub checkpoints carry the multi-token-prediction layer as model.layers.{L}.*; the spec
+    does not declare it yet, so converting is refused (nothing written) instead of dropping it."""
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    src, _, _ = hf
+    shutil.copytree(src, tmp_path / "hf")
+    w = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    w["model.layers.3.enorm.weight"] = np.ones(32, np.float32)
+    w["model.layers.3.eh_proj.weight"] = np.ones((32, 64), np.float32)
+    save_file(w, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MapcError, match=r"2 tensors that spec deepseek_v3 .* does not place, "
+                                        r"e\.g\. model\.layers\.3\.eh_proj\.weight"):
+        mapc.convert(tmp_path / "hf", tmp_path / "mg", to="megatron")
+    assert not (tmp_path / "mg").exists()

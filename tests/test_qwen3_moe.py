@@ -1,0 +1,173 @@
+"""specs/qwen3_moe.map (Qwen3 attention, MoE in some layers, `extends "qwen3"`) against the real
+libraries. A transformers Qwen3MoeForCausalLM with dense and MoE layers (mlp_only_layers) goes
+hf -> megatron (tp, pp, ep, uneven stages) -> hf with identical logits; mapc's Megatron file
+loaded into a real megatron-core GPTModel (MoE via moe_layer_freq, qk_layernorm, local spec, on
+CPU) computes transformers' logits; one world of real GPTModels at pp=2 with an uneven first
+stage has exactly the per-rank state-dict names and shapes of mapc's files, and megatron-core's
+global layer numbering matches the values mapc put there; expert parallel files hold the HF
+experts e = ep_rank * E/ep + k; deepspeed/universal round trips; GGUF (llama.cpp's qwen3moe)
+for an all-MoE model and a refusal, with the spec's message, for one with dense layers."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mapc
+from mapc.errors import MapcError
+from mapc.runtime import torchfile
+from tests.conftest import build_transformers_model, logits_of
+
+torch = pytest.importorskip("torch")
+TOKENS = [1, 5, 9, 3, 7, 2, 8, 4, 11, 0]
+# 3 layers: 0 dense (mlp_only_layers), 1 and 2 MoE; head_dim 8 is not hidden / heads (8 too,
+# but Qwen3 states its own); top-2 of 4 experts, renormalized (norm_topk_prob)
+CFG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=32,
+           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+           intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+           mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=True, vocab_size=50,
+           max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+# megatron-core's MoE forward in fp32 on CPU against transformers' (observed: 7e-8)
+MCORE_TOLERANCE = 1e-5
+
+
+def _groundtruth(name):
+    path = Path(__file__).parent / "groundtruth" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_groundtruth_{name}_qwen3_moe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_moe") / "hf"
+    model = build_transformers_model(CFG, path)
+    return path, logits_of(model, TOKENS)
+
+
+def mcore_cfg(**extra):
+    return {"hidden": 32, "layers": 3, "heads": 4, "groups": 2, "head_dim": 8, "ffn": 48,
+            "vocab": 128, "tied": False, "qk_layernorm": True, "norm_eps": 1e-6,
+            "rotary_base": 10000, "experts": 4, "moe_ffn": 16, "topk": 2,
+            "moe_layer_freq": [0, 1, 1], "pre_softmax": False, **extra}
+
+
+def _rank_file(root, name):
+    return root / "release" / name / "model_optim_rng.pt"
+
+
+@pytest.mark.parametrize("topo", [dict(tp=2, ep=2), dict(pp=3, ep=4), dict(tp=2, pp=2, ep=2,
+                                                                         pp_first_stage=1)],
+                         ids=["tp2-ep2", "pp3-ep4", "tp2-uneven-pp2-ep2"])
+def test_megatron_round_trip_keeps_logits(tmp_path, hf, topo):
+    src, ref = hf
+    mapc.convert(src, tmp_path / "mg", to="megatron", **topo)
+    mapc.convert(tmp_path / "mg", tmp_path / "back", to="hf")
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["mlp_only_layers"] == [0] and back["moe_intermediate_size"] == 16
+
+
+def test_megatron_core_computes_transformers_logits(tmp_path, hf):
+    pytest.importorskip("megatron.core")
+    src, ref = hf
+    mapc.convert(src, tmp_path / "mg", to="megatron")
+    a, b = ("decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight",
+            "decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight")
+    ours, swapped = _groundtruth("mcore_forward").mcore_logits(
+        mcore_cfg(), _rank_file(tmp_path / "mg", "mp_rank_00"), TOKENS, [{}, {"swap": [a, b]}])
+    ours, swapped = np.array(ours)[..., :50], np.array(swapped)[..., :50]
+    assert np.abs(ours - ref.numpy()).max() <= MCORE_TOLERANCE
+    # negative control: two experts' fc1 exchanged in one layer change the logits
+    assert np.abs(swapped - ref.numpy()).max() > 1e-4
+
+
+def test_megatron_core_ranks_are_mapcs_files_with_uneven_stages(tmp_path, hf):
+    """One pp=2 world of real GPTModels (num_layers_in_first_pipeline_stage=1): per rank the
+    state-dict names and shapes are those of mapc's file (stage 0: the dense layer, stage 1: two
+    MoE layers), and each local layer holds the HF layer megatron-core numbers it."""
+    pytest.importorskip("megatron.core")
+    from safetensors.numpy import load_file
+    src, _ = hf
+    w = load_file(str(src / "model.safetensors"))
+    mapc.convert(src, tmp_path / "mg", to="megatron", pp=2, pp_first_stage=1)
+    truth = _groundtruth("mcore_names").mcore_ranks(mcore_cfg(layers_first_stage=1), 1, 2)
+    assert [truth[(0, p)]["layers"] for p in (0, 1)] == [[0], [1, 2]]
+    for p in (0, 1):
+        model = torchfile.load(_rank_file(tmp_path / "mg", f"mp_rank_00_{p:03d}"))["model"]
+        assert {n: list(v.shape) for n, v in model.items()} == truth[(0, p)]["shapes"], p
+        for j, g in enumerate(truth[(0, p)]["layers"]):
+            np.testing.assert_array_equal(
+                np.asarray(model[f"decoder.layers.{j}.self_attention.linear_proj.weight"]),
+                w[f"model.layers.{g}.self_attn.o_proj.weight"])
+
+
+def test_dense_and_moe_layers_and_args(tmp_path, hf):
+    src, _ = hf
+    mapc.convert(src, tmp_path / "mg", to="megatron", set=["naming=te"])
+    f = torchfile.load(_rank_file(tmp_path / "mg", "mp_rank_00"))
+    model, args = f["model"], f["args"]
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in model      # dense, TE
+    assert "decoder.layers.0.mlp.router.weight" not in model
+    for i in (1, 2):        # MoE: its own pre-MLP norm even under TE names
+        assert f"decoder.layers.{i}.pre_mlp_layernorm.weight" in model
+        assert f"decoder.layers.{i}.mlp.linear_fc1.weight" not in model
+        assert f"decoder.layers.{i}.mlp.experts.local_experts.3.linear_fc2.weight" in model
+    assert (args.num_experts, args.moe_ffn_hidden_size, args.moe_router_topk,
+            args.moe_layer_freq, args.moe_router_pre_softmax, args.qk_layernorm) == \
+        (4, 16, 2, [0, 1, 1], False, True)
+
+
+def test_expert_parallel_ranks_hold_their_experts(tmp_path, hf):
+    from safetensors.numpy import load_file
+    src, _ = hf
+    w = load_file(str(src / "model.safetensors"))
+    mapc.convert(src, tmp_path / "mg", to="megatron", tp=2, ep=2)
+    for ep in range(2):
+        m = torchfile.load(_rank_file(tmp_path / "mg", f"mp_rank_01_{ep:03d}"))["model"]
+        for k in range(2):
+            e = ep * 2 + k
+            fc1 = np.asarray(m[f"decoder.layers.2.mlp.experts.local_experts.{k}.linear_fc1.weight"])
+            g = w[f"model.layers.2.mlp.experts.{e}.gate_proj.weight"]
+            u = w[f"model.layers.2.mlp.experts.{e}.up_proj.weight"]
+            np.testing.assert_array_equal(fc1, np.concatenate([g[8:], u[8:]]))   # tp rank 1
+        np.testing.assert_array_equal(np.asarray(m["decoder.layers.2.mlp.router.weight"]),
+                                      w["model.layers.2.mlp.gate.weight"])
+
+
+@pytest.mark.parametrize("fmt", ["deepspeed", "universal"])
+def test_training_formats_round_trip(tmp_path, hf, fmt):
+    src, ref = hf
+    mapc.convert(src, tmp_path / "x", to=fmt)
+    mapc.convert(tmp_path / "x", tmp_path / "back", to="hf")
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
+
+
+def test_gguf_refuses_dense_layers_with_the_specs_message(tmp_path, hf):
+    pytest.importorskip("gguf")
+    with pytest.raises(MapcError) as e:
+        mapc.convert(hf[0], tmp_path / "g", to="gguf")
+    assert "llama.cpp's qwen3moe architecture has MoE in every layer" in str(e.value)
+    assert "specs/qwen3_moe.map:" in str(e.value)
+    assert not (tmp_path / "g").exists()
+
+
+def test_all_moe_model_through_gguf_with_llama_cpp_names(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    cfg = dict(CFG, num_hidden_layers=2, mlp_only_layers=[])
+    model = build_transformers_model(cfg, tmp_path / "hf")
+    mapc.convert(tmp_path / "hf", tmp_path / "g", to="gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "qwen3moe"
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3MOE]}
+    names = {t.name[:-len(".weight")] for t in reader.tensors}
+    assert names == {n.replace("{bid}", str(b)) for n in allowed for b in (0, 1)
+                     if "{bid}" in n} | {n for n in allowed if "{bid}" not in n}
+    mapc.convert(tmp_path / "g", tmp_path / "back", to="hf")
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), logits_of(model, TOKENS))
