@@ -309,6 +309,9 @@ def run_distributed(cp, src, dst, *, force: bool, backend: str, quiet: bool, rec
     rank, world = group.rank, group.world
     start = time.monotonic()
     out, err, mine = None, None, None
+    # every rank has planned the conversion (a rank whose planning failed never gets here:
+    # it exits, torchrun stops the others, and nothing has been created yet)
+    group.gather(rank)
     if rank == 0:
         try:
             out = AtomicOutput(dst, force=force, source=src)
@@ -321,6 +324,9 @@ def run_distributed(cp, src, dst, *, force: bool, backend: str, quiet: bool, rec
     serial = not parts                       # rank 0 writes everything, the others wait
     shares = partition(parts, world) if parts else []
     try:
+        if not os.path.isdir(tmp):
+            raise MapcError(f"rank {rank} does not see the output directory {tmp} that rank 0 "
+                            f"created", hint="DST must be on a file system every node mounts")
         if serial and rank == 0:
             mine = ("ok", _write_all(cp, tmp, backend, quiet, record_of))
         elif not serial and rank < len(shares):
