@@ -23,9 +23,7 @@ from mapc.runtime import execute
 from mapc.runtime.containers import (FORMATS, layout_of, make_writer, module, open_source,
                                      plan_write)
 from mapc.runtime.containers.base import AtomicOutput, coord_key, stale_warning
-from mapc.runtime.plan_write import SourceFacts, WritePlan, WriteRequest
-
-DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from mapc.runtime.plan_write import DTYPE_CHOICES, SourceFacts, WritePlan, WriteRequest
 
 
 # ---- convert ----------------------------------------------------------------------------------

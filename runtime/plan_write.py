@@ -30,6 +30,10 @@ from mapc.errors import MapcError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
+# --dtype choices -> the numpy dtype name of the cast (None: keep). Here, not in mapc.api, so
+# that `mapc convert --help` imports no numpy.
+DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 # Request options a format may honour, with the CLI spelling used in errors. The dtype cast
 # (--dtype) is honoured by every format (a format that cannot store a dtype says so).
 OPTIONS = {

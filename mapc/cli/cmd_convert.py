@@ -23,7 +23,7 @@ EXAMPLES = """examples:
 
 
 def add_arguments(p):
-    from mapc.api import DTYPE_CHOICES
+    from mapc.runtime.plan_write import DTYPE_CHOICES
     from mapc.runtime.containers import FORMATS
     p.add_argument("src", help="source checkpoint directory")
     p.add_argument("dst", help="destination directory (must not exist unless --force)")
