@@ -268,7 +268,8 @@ def write_conversion(cp: ConversionPlan, src, dst, *, force: bool = False,
                                            rank_world=world)
         finally:
             source.close()
-    n, _ = workers.choose(plan, cp.workers)
+    # torch's and jax's thread pools do not survive fork(): other backends write in one process
+    n = workers.choose(plan, cp.workers)[0] if backend == "numpy" else 1
     out = None
     try:
         out = AtomicOutput(dst, force=force, source=src)
