@@ -23,9 +23,8 @@ from mapc.runtime import execute
 from mapc.runtime.containers import (FORMATS, check_request, layout_of, make_writer, module,
                                      open_source, plan_write)
 from mapc.runtime.containers.base import AtomicOutput, coord_key, stale_warning
-from mapc.runtime.plan_write import OPTIONS, SourceFacts, WritePlan, WriteRequest
-
-DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from mapc.runtime.plan_write import (DTYPE_CHOICES, OPTIONS, SourceFacts, WritePlan,
+                                     WriteRequest)
 
 
 # ---- convert ----------------------------------------------------------------------------------
@@ -158,9 +157,13 @@ class ConversionPlan:
     facts: SourceFacts
     request: WriteRequest
     write: WritePlan
+    workers: int | None = 1          # processes to write with (None: the machine's default)
 
     def pretty(self) -> str:
-        return self.program.pretty() + "\n\n" + self.write.pretty()
+        from mapc.runtime import workers
+        world = workers.distributed_env()
+        return self.program.pretty() + "\n\n" + self.write.pretty() + "\n\n" + \
+            workers.describe(self.write, self.workers, world[1] if world else None)
 
     def close(self):
         self.resolved.source.close()
@@ -173,10 +176,13 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                  with_optimizer: bool = False, like=None,
                  zero_stage: int | None = None,
                  allow_spec_change: bool = False, allow_lossy: bool = False,
-                 pp_first_stage: int | None = None,
-                 pp_last_stage: int | None = None) -> ConversionPlan:
+                 pp_first_stage: int | None = None, pp_last_stage: int | None = None,
+                 workers: int | None = 1) -> ConversionPlan:
     """Plan ``convert`` (same arguments) completely, writing nothing: every check a real run
     makes before writing is made here, so a plan that succeeds is what the run will do."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise MapcError(f"--workers {workers!r} must be a positive integer")
     if zero_stage is not None and zero_stage not in (1, 2, 3):
         raise MapcError(f"--zero-stage {zero_stage} is not a ZeRO stage",
                         hint="choose 1, 2 or 3")
@@ -222,7 +228,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                                like_training=template.training if template else None,
                                explicit=explicit, allow_lossy=allow_lossy, **stages)
         write = plan_write(program, facts, request)
-        return ConversionPlan(res, program, facts, request, write)
+        return ConversionPlan(res, program, facts, request, write, workers)
     except BaseException:
         res.source.close()
         raise
@@ -236,7 +242,7 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
             with_optimizer: bool = False, like=None,
             zero_stage: int | None = None, allow_spec_change: bool = False,
             allow_lossy: bool = False, pp_first_stage: int | None = None,
-            pp_last_stage: int | None = None) -> execute.Report:
+            pp_last_stage: int | None = None, workers: int | None = 1) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox,
@@ -246,36 +252,63 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     ``zero_stage`` picks the ZeRO stage of a deepspeed/universal target (default: the source's,
     else 1); ``allow_spec_change`` reads a checkpoint mapc wrote with a spec other than the one
     its record carries (otherwise refused); ``allow_lossy`` writes tensors whose spec value map
-    rounds (otherwise refused: mapc.runtime.values). An option the target format does not
-    honour is refused (MapcError). ``pp_first_stage`` / ``pp_last_stage`` ask a megatron target
-    for uneven pipeline stages (that many layers on the first / last stage, the rest split
-    evenly between, as megatron-core's num_layers_in_first/last_pipeline_stage)."""
+    rounds (otherwise refused: mapc.runtime.values). ``pp_first_stage`` / ``pp_last_stage`` ask
+    a megatron target for uneven pipeline stages (that many layers on the first / last stage,
+    the rest split evenly between, as megatron-core's num_layers_in_first/last_pipeline_stage).
+    ``workers`` is the number of processes that write the output's independent files (None:
+    what the machine has; see mapc.runtime.workers). Under torchrun or srun every rank writes
+    its share of the files. An option the target format does not honour is refused
+    (MapcError)."""
     cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,
                       source_set=source_set, spec=spec, source_format=source_format,
                       max_shard_bytes=max_shard_bytes, dp=dp, with_optimizer=with_optimizer,
                       like=like, zero_stage=zero_stage, allow_spec_change=allow_spec_change,
                       allow_lossy=allow_lossy,
-                      pp_first_stage=pp_first_stage, pp_last_stage=pp_last_stage)
+                      pp_first_stage=pp_first_stage, pp_last_stage=pp_last_stage,
+                      workers=workers)
     return write_conversion(cp, src, dst, force=force, backend=backend, quiet=quiet)
 
 
 def write_conversion(cp: ConversionPlan, src, dst, *, force: bool = False,
                      backend: str = "numpy", quiet: bool = True) -> execute.Report:
-    """Execute a ConversionPlan into ``dst`` (atomically) and close its source."""
+    """Execute a ConversionPlan into ``dst`` (atomically) and close its source: in one
+    process, with ``cp.workers`` forked workers, or as one rank of torchrun/srun."""
+    from mapc.runtime import workers
     res, program, plan = cp.resolved, cp.program, cp.write
     source = res.source
+    pre = res.warnings + list(plan.notes)
+
+    def record_of(report):
+        report.warnings[:0] = [w for w in pre if w not in report.warnings]
+        return _record(res, program, cp.request.format, src, report)
+
+    world = workers.distributed_env()
+    if world is not None:
+        try:
+            return workers.run_distributed(cp, src, dst, force=force, backend=backend,
+                                           quiet=quiet or world[0] != 0, record_of=record_of,
+                                           rank_world=world)
+        finally:
+            source.close()
+    # torch's and jax's thread pools do not survive fork(): other backends write in one process
+    n = workers.choose(plan, cp.workers)[0] if backend == "numpy" else 1
     out = None
     try:
         out = AtomicOutput(dst, force=force, source=src)
-        writer = make_writer(cp.request.format, out.tmp, program, plan)
-        try:
-            report = execute.run(program, source, writer, backend=backend, plan=plan,
-                                 quiet=quiet, allow_lossy=cp.request.allow_lossy)
-            report.warnings[:0] = res.warnings + list(plan.notes)
-            writer.finish(_record(res, program, cp.request.format, src, report))
-        except BaseException:
-            writer.abort()
-            raise
+        if n > 1:
+            report = workers.run_forked(cp, out.tmp, n, backend=backend, quiet=quiet,
+                                        record_of=record_of)
+            workers.write_metadata(cp, out.tmp, record_of(report))
+        else:
+            writer = make_writer(cp.request.format, out.tmp, program, plan)
+            try:
+                report = execute.run(program, source, writer, backend=backend, plan=plan,
+                                     quiet=quiet, allow_lossy=cp.request.allow_lossy)
+                writer.finish(record_of(report))
+            except BaseException:
+                writer.abort()
+                raise
+        report.workers = n
         out.commit()
         report.warnings += stale_warning(out.stale)     # about DST's directory, not the record
         return report

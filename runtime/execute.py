@@ -29,6 +29,7 @@ class Report:
     bytes_read: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    workers: int = 1                 # processes that wrote the output (ranks under torchrun)
 
 
 class Progress:
@@ -40,8 +41,9 @@ class Progress:
     GB/MB, as disks are sold), anything else counts items."""
 
     def __init__(self, total: int, label: str, quiet: bool = False, *, unit: str = "",
-                 every: float = 10.0, stream=None):
+                 every: float = 10.0, stream=None, detail=None):
         self.total, self.label, self.unit, self.n = max(total, 1), label, unit, 0
+        self.detail = detail        # () -> str appended to each line (e.g. per worker)
         self.enabled = not quiet
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
@@ -69,7 +71,8 @@ class Progress:
             done = f"{self.n}/{self.total}"
             speed = f"{rate:.1f}/s"
         return (f"{self.label} {done} {100 * frac:3.0f}% {speed} "
-                f"elapsed {fmt_seconds(elapsed)} left {fmt_seconds(left)}")
+                f"elapsed {fmt_seconds(elapsed)} left {fmt_seconds(left)}"
+                + (f" [{self.detail()}]" if self.detail is not None else ""))
 
     def _show(self, now):
         text = self.line(now)
@@ -111,13 +114,16 @@ def peak_rss_bytes() -> int:
 
 
 def planned_bytes(program: Program, dtypes: dict, extra_slots: int,
-                  stateless: frozenset = frozenset()) -> int:
+                  stateless: frozenset = frozenset(), only=None) -> int:
     """Bytes the writer will receive: every placement in its dtype, plus each optimizer slot
-    in float32 (none for frozen parameters and buffers, the ``stateless`` logical tensors)."""
+    in float32 (none for frozen parameters and buffers, the ``stateless`` logical tensors);
+    with ``only``, just those target (coord, name)."""
     from math import prod
     from mapc.runtime.backends import DTYPES
     total = 0
     for inst, coord, name in program.target.placements():
+        if only is not None and (coord, name) not in only:
+            continue
         n = prod(inst.recipe.shard_shape)
         slots = 0 if all(k in stateless for k in inst.members.values()) else extra_slots
         total += n * DTYPES[dtypes[(coord, name)]].itemsize + n * 4 * slots
@@ -390,11 +396,16 @@ def _coord(c) -> str:
 
 
 def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str | None = None,
-        quiet: bool = False, verify_replicas: bool = True, plan=None,
-        allow_lossy: bool = False) -> Report:
+        quiet: bool = False, verify_replicas: bool = True, plan=None, only=None,
+        progress=None, allow_lossy: bool = False) -> Report:
     """Stream ``program`` from ``reader`` into ``writer``. With ``plan`` (a WritePlan, see
     mapc.runtime.plan_write) the planned tensors, dtypes and slots are used as they are.
-    ``allow_lossy`` writes value-mapped tensors whose map rounds (mapc.runtime.values)."""
+    ``allow_lossy`` writes value-mapped tensors whose map rounds (mapc.runtime.values).
+
+    ``only`` (a set of target (coord, name)): write just those tensors, reading only the
+    units that feed them (a worker's share of a parallel run; ``begin`` still receives every
+    planned tensor). ``progress``: an object with ``step(nbytes)`` and ``done()`` to report
+    to instead of the stderr bar."""
     be = get_backend(backend)
     report = Report()
     start = time.monotonic()
@@ -417,8 +428,9 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
         writer.begin_slot(slot, [(coord, name, inst.recipe.shard_shape, "float32")
                                  for inst, coord, name in program.target.placements()
                                  if not all(k in stateless for k in inst.members.values())])
-    progress = Progress(planned_bytes(program, dtypes, len(extra), frozenset(stateless)),
-                        "convert", quiet, unit="B")
+    if progress is None:
+        progress = Progress(planned_bytes(program, dtypes, len(extra), frozenset(stateless),
+                                          only), "convert", quiet, unit="B")
     # Shards that must be rebuilt go through reused buffers when the writer consumes each
     # array before write() returns; views of the source (unsplit tensors, row blocks) are
     # passed through untouched, and the writer may copy them in-kernel (runtime/fastcopy.py).
@@ -426,6 +438,9 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
     behind = _WriteBehind(writer, progress, pipelined)
     try:
         for unit in program.units:
+            if only is not None and not any((c, n) in only for inst in unit.targets
+                                            for _, c, n in inst.shards):
+                continue                         # another worker's tensors only
             weights_only = all(k in stateless for k in unit.keys)
             for slot in ["param"] if weights_only else [param_from] + extra:
                 is_weight = slot in ("param", param_from)
@@ -435,6 +450,10 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                 for inst in unit.targets:
                     members = {m: logical[k] for m, k in inst.members.items()}
                     for rc, copies in inst.by_recipe_coord().items():
+                        if only is not None:
+                            copies = [c for c in copies if c in only]
+                            if not copies:
+                                continue
                         want = dtypes[copies[0]] if is_weight else "float32"
                         if getattr(inst, "value", None) is not None:
                             bind = shard_be.bind(None) if shard_be is not None else be

@@ -30,6 +30,10 @@ from mapc.errors import MapcError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
+# --dtype choices -> the numpy dtype name of the cast (None: keep). Here, not in mapc.api, so
+# that `mapc convert --help` imports no numpy.
+DTYPE_CHOICES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 # Request options a format may honour, with the CLI spelling used in errors. The dtype cast
 # (--dtype) is honoured by every format (a format that cannot store a dtype says so).
 OPTIONS = {
@@ -219,6 +223,8 @@ class WritePlan:
     tensors: tuple
     detail: object = None
     facts: SourceFacts | None = None
+    parts: tuple = ()
+    serial: str | None = None
 
     def pretty(self) -> str:
         lines = [f"write plan {self.format}:"]
@@ -241,10 +247,39 @@ def _show(v) -> str:
 
 
 def make_plan(fmt: str, files, *, decisions=None, notes=(), slots=("param",), tensors=(),
-              detail=None, facts: SourceFacts | None = None) -> WritePlan:
+              detail=None, facts: SourceFacts | None = None, parts=(),
+              serial: str | None = None) -> WritePlan:
     """A WritePlan with its files sorted and de-duplicated."""
     return WritePlan(fmt, tuple(sorted(set(files))), dict(decisions or {}), tuple(notes),
-                     tuple(slots), tuple(tensors), detail, facts)
+                     tuple(slots), tuple(tensors), detail, facts, tuple(parts), serial)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Files of an output that one worker writes alone: ``tensors`` are the (coord, name) of
+    the planned tensors they hold (with their optimizer slots), ``bytes`` what they weigh."""
+    files: tuple[str, ...]
+    tensors: frozenset
+    bytes: int
+
+
+def parts_by_file(tensors, file_of, slots=("param",), extra_files=None) -> tuple[Part, ...]:
+    """One Part per data file: ``file_of(coord, name)`` names the file a planned tensor (and
+    its optimizer slots in ``slots``) goes to; ``extra_files(file)`` lists more files that
+    belong with it (e.g. per-tensor files of the same rank). In the order the files first
+    appear in ``tensors``."""
+    from math import prod
+    from mapc.runtime.backends import DTYPES
+    n_slots = len([s for s in slots if s != "param"])
+    groups: dict = {}
+    for coord, name, shape, dt in tensors:
+        f = file_of(coord, name)
+        names, size = groups.get(f, (set(), 0))
+        n = prod(shape)
+        names.add((coord, name))
+        groups[f] = (names, size + n * DTYPES[dt].itemsize + n * 4 * n_slots)
+    return tuple(Part((f, *(extra_files(f) if extra_files else ())), frozenset(names), size)
+                 for f, (names, size) in groups.items())
 
 
 class PlannedWriter:
@@ -264,11 +299,24 @@ class PlannedWriter:
     # ranges of source files), copying them in-kernel.
     takes_ranges: bool = False
 
+    # The files this writer creates (None: all of the plan's), and whether it writes the
+    # metadata files (those in no Part). A worker of a parallel run owns the files of its
+    # Parts and writes no metadata; the process that commits then writes the metadata with a
+    # writer that owns no data file. ``begin`` always receives every planned tensor; write()
+    # and write_slot() only those of owned files. Only formats whose plans have ``parts``
+    # are run so.
+    owned: frozenset | None = None
+    metadata: bool = True
+
     def __init__(self, tmpdir, program, plan: WritePlan):
         self.dir = Path(tmpdir)
         self.program = program
         self.plan = plan
         self.slots = plan.slots
+
+    def owns(self, file: str) -> bool:
+        """Whether this writer creates ``file`` (a path of ``plan.files``)."""
+        return self.owned is None or file in self.owned
 
     def begin(self, tensors):
         raise NotImplementedError

@@ -82,3 +82,19 @@ def test_conversion_imports_no_parser_or_framework(tmp_path, random_hf):
         assert r.returncode == 0, r.stderr
         outs.append(r.stdout.strip())
     assert outs[1] == "[]", outs
+
+
+@pytest.mark.parametrize("argv", [["convert", "--help"], ["compile", "llama"]])
+def test_help_and_cached_compile_import_no_numpy(argv, tmp_path):
+    """`mapc convert --help` and `mapc compile SPEC` from the disk cache import neither numpy
+    nor the spec parser (numpy alone is about 0.1 s of CPU here)."""
+    code = ("import sys; from mapc.cli.main import main\n"
+            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print(sorted(m for m in ('numpy', 'lark') if m in sys.modules), file=sys.stderr)\n"
+            "sys.exit(rc)")
+    env = dict(__import__("os").environ, MAPC_CACHE_DIR=str(tmp_path / "cache"))
+    for _ in range(2):                    # the first compile fills the cache
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr

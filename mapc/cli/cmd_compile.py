@@ -31,9 +31,16 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from mapc.api import compile_spec
-    out = compile_spec(args.spec, layout=args.layout, config=args.config, tp=args.tp,
-                       pp=args.pp, ep=args.ep, set=args.set, source_layout=args.source_layout)
+    if args.config is None:      # the checked IR alone (from the disk cache): no numpy
+        from mapc.compiler.spec import load_spec
+        out = load_spec(args.spec)
+        if args.layout is not None:
+            out.layout(args.layout)
+    else:
+        from mapc.api import compile_spec
+        out = compile_spec(args.spec, layout=args.layout, config=args.config, tp=args.tp,
+                           pp=args.pp, ep=args.ep, set=args.set,
+                           source_layout=args.source_layout)
     if args.config is None:
         if args.json:
             print_json(out.ir)

@@ -17,11 +17,13 @@ EXAMPLES = """examples:
   mapc convert llama-mcore llama-back --to hf --dtype bf16
   mapc convert llama-hf out --to megatron --set naming=te --set vocab_multiple=64
   mapc convert old-run new-run --like fresh-init-on-new-cluster   # format/topology from a template
+  mapc convert llama-hf llama-mcore --to megatron --tp 8 --workers 4   # 4 processes
+  torchrun --nnodes 2 --nproc-per-node 4 -m mapc convert SRC DST --to megatron --tp 8
 """
 
 
 def add_arguments(p):
-    from mapc.api import DTYPE_CHOICES
+    from mapc.runtime.plan_write import DTYPE_CHOICES
     from mapc.runtime.containers import FORMATS
     p.add_argument("src", help="source checkpoint directory")
     p.add_argument("dst", help="destination directory (must not exist unless --force)")
@@ -68,6 +70,11 @@ def add_arguments(p):
     p.add_argument("--backend", default="numpy", choices=["numpy", "torch", "jax"],
                    help="array backend (identical bytes on all)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes that write the output's independent files (megatron, nemo "
+                        "and nxdt ranks, hf shards), balanced by bytes; 1: one process "
+                        "(default: the machine's CPUs, at most 8, at least 256 MiB each). "
+                        "Under torchrun/srun every rank writes its share instead")
     p.add_argument("--dry-run", action="store_true",
                    help="plan and check everything, print the plan, write nothing")
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
@@ -87,13 +94,18 @@ def run(args) -> int:
                       with_optimizer=args.with_optimizer, like=args.like,
                       zero_stage=args.zero_stage, allow_spec_change=args.allow_spec_change,
                       allow_lossy=args.allow_lossy,
-                      pp_first_stage=args.pp_first_stage, pp_last_stage=args.pp_last_stage)
+                      pp_first_stage=args.pp_first_stage, pp_last_stage=args.pp_last_stage,
+                      workers=args.workers)
     if args.dry_run:
         cp.close()
         print(cp.pretty())
         return 0
     report = write_conversion(cp, args.src, args.dst, force=args.force, backend=args.backend,
                               quiet=args.quiet)
+    from mapc.runtime.workers import distributed_env
+    world = distributed_env()
+    if world is not None and world[0] != 0:
+        return 0                          # rank 0 reports for all ranks
     for w in report.warnings:
         print(f"mapc: warning: {w}", file=sys.stderr)
     from mapc.runtime.execute import fmt_bytes, peak_rss_bytes
@@ -102,9 +114,11 @@ def run(args) -> int:
         print_json({"dst": args.dst, "tensors": report.tensors_written,
                     "bytes": report.bytes_written, "seconds": round(report.seconds, 3),
                     "gb_per_s": round(rate / 1e9, 3), "peak_rss_bytes": peak_rss_bytes(),
-                    "warnings": report.warnings})
+                    "workers": report.workers, "warnings": report.warnings})
     elif not args.quiet:
         print(f"{args.src} -> {args.dst} ({args.to or 'like ' + args.like}): "
               f"{report.tensors_written} tensors, {report.bytes_written / 2**20:.1f} MiB in "
-              f"{report.seconds:.1f}s ({fmt_bytes(rate)}/s)", file=sys.stderr)
+              f"{report.seconds:.1f}s ({fmt_bytes(rate)}/s"
+              + (f", {report.workers} workers" if report.workers > 1 else "") + ")",
+              file=sys.stderr)
     return 0

@@ -69,7 +69,8 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     return make_plan("dcp", [DCPWriter.DATA, METADATA, MAPC_JSON] +
                      (["config.json"] if facts.has_config else []),
                      decisions=decisions, slots=slots, tensors=tensors,
-                     detail=decisions["config dtype"])
+                     detail=decisions["config dtype"],
+                     serial=f"one data file ({DCPWriter.DATA}) holds every tensor")
 
 
 # --------------------------------------------------------------------------------------

@@ -476,7 +476,8 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         decisions["outside the optimizer"] = {k: sum(1 for v in kinds.values() if v == k)
                                               for k in ("frozen", "buffer")}
     return make_plan("deepspeed", _files(detail, facts.has_config), decisions=decisions,
-                     notes=notes, slots=slots, tensors=tensors, detail=detail)
+                     notes=notes, slots=slots, tensors=tensors, detail=detail,
+                     serial="each ZeRO flat partition file is fed by every tensor")
 
 
 def _files(d: _DeepSpeedPlan, config: bool = True) -> list[str]:

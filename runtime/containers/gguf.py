@@ -85,7 +85,7 @@ def plan_write(program, facts, request):
                             f"{name} would be {dt}", hint="pass --dtype fp32, fp16 or bf16")
     types = sorted({GGML_NAME[dt] for *_, dt in tensors})
     return make_plan("gguf", [FILE, MAPC_JSON], decisions={"tensor types": types},
-                     tensors=tensors)
+                     tensors=tensors, serial="one .gguf file holds every tensor")
 
 
 # ---- reading ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from mapc.runtime.containers import hf_trainer as trainer
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
 from mapc.runtime.plan_write import (MOMENTS, PlannedWriter, SourceFacts, WritePlan,
-                                     WriteRequest, make_plan, planned_tensors)
+                                     WriteRequest, make_plan, parts_by_file, planned_tensors)
 from mapc.runtime.safetensors_io import SafetensorsFile, SafetensorsWriter
 
 SINGLE = ()
@@ -70,8 +70,13 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         decisions.update({"optimizer": "Trainer AdamW export", "step": export.step,
                           "global_step": export.global_step,
                           "param groups": [len(g) for g in export.groups]})
+    # each shard file holds its own tensors; Trainer's optimizer.pt is fed by all of them
+    file_of = {name: fname for fname, group in shards for name, _, _ in group}
+    parts = () if export is not None else parts_by_file(tensors, lambda _, n: file_of[n])
     return make_plan("hf", files, decisions=decisions, notes=notes, slots=slots,
-                     tensors=tensors, detail=detail)
+                     tensors=tensors, detail=detail, parts=parts,
+                     serial="optimizer.pt (--with-optimizer) holds every tensor's state"
+                     if export is not None else None)
 
 
 @dataclass(frozen=True)
@@ -430,8 +435,9 @@ class HFWriter(PlannedWriter):
         self.writers, self.file_of = {}, {}
         self.export = TrainerExport(self.dir, d.export) if d.export is not None else None
         for fname, group in d.shards:
-            self.writers[fname] = SafetensorsWriter(self.dir / fname, list(group),
-                                                    {"format": "pt"})
+            if self.owns(fname):
+                self.writers[fname] = SafetensorsWriter(self.dir / fname, list(group),
+                                                        {"format": "pt"})
             for name, _, _ in group:
                 self.file_of[name] = fname
 
@@ -448,7 +454,9 @@ class HFWriter(PlannedWriter):
         d: _HFPlan = self.plan.detail
         for w in self.writers.values():
             w.close()
-        if len(self.writers) > 1:
+        if not self.metadata:
+            return
+        if len(d.shards) > 1:
             write_json(self.dir / "model.safetensors.index.json",
                        {"metadata": {"total_size": d.total}, "weight_map": self.file_of})
         if "config.json" in self.plan.files:    # generic mode may have no model config

@@ -30,7 +30,7 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
-                                     make_plan, planned_tensors)
+                                     make_plan, parts_by_file, planned_tensors)
 from mapc.runtime.containers.base import (MAPC_JSON, RefSource, coord_key, rank_grid,
                                           write_json)
 
@@ -437,7 +437,10 @@ class MegatronWriter(PlannedWriter):
                 self.order[coord] = module_order(self.order[coord])
         self.sub = _subdir(self.iteration, self.optimizer)
         for coord in self.order:
-            d = self.dir / self.sub / rank_dir(coord, self.pp, self.ep)
+            rel = f"{self.sub}/{rank_dir(coord, self.pp, self.ep)}"
+            if not self.owns(f"{rel}/{FILE}"):
+                continue                          # another worker's rank
+            d = self.dir / rel
             d.mkdir(parents=True, exist_ok=True)
             self.writers[coord] = (torchfile.TorchWriter(d / FILE), {})
 
@@ -521,6 +524,8 @@ class MegatronWriter(PlannedWriter):
             obj["mapc"] = {"tp_rank": c.get("tp", 0), "pp_rank": c.get("pp", 0),
                            "ep_rank": c.get("ep", 0)}
             w.finish(obj)
+        if not self.metadata:
+            return
         (self.dir / TRACKER).write_text(self.sub.removeprefix("iter_").lstrip("0") or "0"
                                         if self.sub != "release" else "release")
         write_json(self.dir / MAPC_JSON, record)
@@ -611,8 +616,10 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     origin = "fresh" if opt.fresh else "the source's"
     decisions = {"folder": sub, "tp": tp, "pp": pp, "ep": ep,
                  "optimizer": f"{origin} ({opt.kind})" if opt.kind else "none"}
+    # every rank's file is written from its own tensors: ranks are independent parts
+    parts = parts_by_file(tensors, lambda c, _: f"{sub}/{rank_dir(c, pp, ep)}/{FILE}", slots)
     return make_plan("megatron", files, decisions=decisions, slots=slots, tensors=tensors,
-                     detail=opt)
+                     detail=opt, parts=parts)
 
 
 @dataclass(frozen=True)

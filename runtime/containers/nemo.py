@@ -41,7 +41,7 @@ from pathlib import Path
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.containers.base import RefSource, coord_key
-from mapc.runtime.plan_write import PlannedWriter, make_plan, planned_tensors
+from mapc.runtime.plan_write import PlannedWriter, make_plan, parts_by_file, planned_tensors
 from mapc.runtime.containers.dcp import load_torch_at
 from mapc.runtime.containers.megatron import flatten
 
@@ -118,9 +118,12 @@ def plan_write(program, facts, request):
     as_tar = str(request.dst).endswith(SUFFIX)
     files = ["."] if as_tar else [CONFIG] + [_weights_path(c, tp, pp) for c in
                                              {c for c, *_ in tensors}]
+    # the directory form's rank files are independent; a tar is one file packed at the end
+    parts = () if as_tar else parts_by_file(tensors, lambda c, _: _weights_path(c, tp, pp))
     return make_plan("nemo", files, decisions={"tp": tp, "pp": pp,
                                                "form": "tar" if as_tar else "directory"},
-                     tensors=tensors, detail=as_tar)
+                     tensors=tensors, detail=as_tar, parts=parts,
+                     serial="a .nemo tar is one file" if as_tar else None)
 
 
 def _weights_path(coord, tp: int, pp: int) -> str:
@@ -427,6 +430,8 @@ class NemoWriter(PlannedWriter):
         self.dtypes = {dt for *_, dt in tensors}
         self.names = {name for _, name, _, _ in tensors}
         for coord in self.order:
+            if not self.owns(_weights_path(coord, self.tp, self.pp)):
+                continue                          # another worker's rank
             path = self._path(coord)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.writers[coord] = (torchfile.TorchWriter(path), {})
@@ -455,6 +460,8 @@ class NemoWriter(PlannedWriter):
     def finish(self, record: dict):
         for coord, (w, placeholders) in self.writers.items():
             w.finish(OrderedDict((PREFIX + n, placeholders[n]) for n in self.order[coord]))
+        if not self.metadata:
+            return
         import yaml
         (self.dir / CONFIG).write_text(yaml.safe_dump(self.config(record), sort_keys=False))
         if self.as_tar:

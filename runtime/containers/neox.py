@@ -490,7 +490,8 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
                           "pipe partition": partition or DEFAULT_PARTITION,
                           "param groups": {m: [len(g) for g in gs] for m, gs in zgroups.items()}})
     return make_plan("neox", files, decisions=decisions, notes=notes, slots=slots,
-                     tensors=tensors, detail=detail)
+                     tensors=tensors, detail=detail,
+                     serial="each ZeRO flat partition file is fed by every tensor of its stage")
 
 
 def _resume_args(meta, tp, pp, optim, rs, partition, dst) -> dict:

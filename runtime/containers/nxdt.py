@@ -18,7 +18,7 @@ from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.containers.base import (MAPC_JSON, RefSource, coord_key, rank_grid,
                                           read_record, write_json)
-from mapc.runtime.plan_write import PlannedWriter, make_plan, planned_tensors
+from mapc.runtime.plan_write import PlannedWriter, make_plan, parts_by_file, planned_tensors
 
 LAYOUT = "nxdt"
 _RANK_FILE = re.compile(r"^dp_rank_(\d+)_tp_rank_(\d+)_pp_rank_(\d+)(?:_ep_rank_(\d+))?\.pt$")
@@ -128,8 +128,13 @@ def plan_write(program, facts, request):
         files.append(rank)
         if xser:
             files += [f"{rank}.tensors/tensor_{i}.pt" for i in range(n)]
+    # each rank's file (and with xser its tensor files) holds that rank's tensors only
+    counts = {f"model/{rank_file(c, ep)}": n for c, n in per_coord.items()}
+    parts = parts_by_file(tensors, lambda c, _: f"model/{rank_file(c, ep)}",
+                          extra_files=lambda f: [f"{f}.tensors/tensor_{i}.pt"
+                                                 for i in range(counts[f])] if xser else [])
     return make_plan("nxdt", files, decisions={"xser": xser, "ranks": len(per_coord)},
-                     tensors=tensors)
+                     tensors=tensors, parts=parts)
 
 
 class NxdtWriter(PlannedWriter):
@@ -144,8 +149,10 @@ class NxdtWriter(PlannedWriter):
         self.files: dict = {}
 
     def begin(self, tensors):
-        self.model_dir.mkdir()
+        self.model_dir.mkdir(exist_ok=True)       # workers of a parallel run share it
         for coord, name, shape, dt in tensors:
+            if not self.owns(f"model/{rank_file(coord, self.ep)}"):
+                continue                          # another worker's rank
             if coord not in self.files:
                 path = self.model_dir / rank_file(coord, self.ep)
                 if self.xser:
@@ -174,6 +181,8 @@ class NxdtWriter(PlannedWriter):
                 w.finish(state)
             else:
                 f["writer"].finish(state)
+        if not self.metadata:
+            return
         record = dict(record, meta=self.meta)
         write_json(self.dir / MAPC_JSON, record)
 

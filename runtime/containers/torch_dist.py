@@ -139,7 +139,8 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     decisions = {"iteration directory": sub, "data file": DATA,
                  "optimizer": "none (weights only)"}
     return make_plan("torch_dist", files, decisions=decisions, tensors=tensors,
-                     detail=(dict(program.target.meta()), iteration))
+                     detail=(dict(program.target.meta()), iteration),
+                     serial="one .distcp data file holds every tensor")
 
 
 class TorchDistSource(Source):

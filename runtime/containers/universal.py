@@ -310,7 +310,8 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     for key in ("source dp", "optimizer class", "training dtype"):
         decisions.pop(key)
     return make_plan("universal", files, decisions=decisions, notes=notes, slots=slots,
-                     tensors=tensors, detail=detail, facts=facts)
+                     tensors=tensors, detail=detail, facts=facts,
+                     serial="the model states and optimizer_state.pt hold every tensor")
 
 
 def _model_file(stage, rank):

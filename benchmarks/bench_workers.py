@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Many processes: ``--workers 1`` against ``--workers 2`` and torchrun, side by side with
+``cp -r`` of the same bytes, in one run.
+
+    python benchmarks/bench_workers.py --size-gb 1 --workdir-parent /work [--repeat 2]
+                                       [--no-deepspeed] [--no-torchrun] [--json OUT]
+
+Generates a Llama-shaped bf16 HF checkpoint (benchmarks/bench_convert.py's generator, 300 MB
+shards) in a fresh directory under ``--workdir-parent`` (removed afterwards), then times, in
+interleaved rounds (every operation of a group once, then again: they see the same load),
+each in a fresh process after ``sync`` (``/usr/bin/time -v``: wall, user+sys CPU seconds of the
+whole process tree, peak RSS of its largest process), with the 1-minute load average of the
+machine just before each run:
+
+  - ``cp -r SRC COPY``                                       the floor
+  - hf -> megatron TP=2 PP=2, ``--workers 1`` and ``--workers 2``
+  - megatron TP=2 PP=2 -> hf, ``--workers 1`` and ``--workers 2`` (hf shards of 5 GB: a 1 GB
+    checkpoint is one shard, so one process whatever ``--workers`` says)
+  - hf -> torch_dist (one data file: one process)
+  - deepspeed dp2 -> dp3 (ZeRO partitions: one process; the dp2 source, 12 bytes per
+    parameter of optimizer state, is made first and not timed)
+  - torchrun --standalone --nproc-per-node 2 -m mapc convert hf -> megatron TP=2 PP=2
+
+Outputs are checked equal to the ``--workers 1`` output (megatron, hf: ``cmp`` of every file)
+and the round trip with ``mapc verify``. Numbers go to stdout (and ``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_convert as bc  # noqa: E402  (the generator and the measuring of bench_convert)
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    fb = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return fa == fb and all(filecmp.cmp(a / f, b / f, shallow=False) for f in fa)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gb", type=float, default=1.0)
+    ap.add_argument("--workdir-parent", default="/work")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--no-torchrun", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="mapc-bench-workers-", dir=args.workdir_parent))
+    mapc = [sys.executable, "-m", "mapc"]
+    gnu = bc._have_gnu_time()
+    rows = []
+    try:
+        src = work / "src-hf"
+        layers = bc.layers_for_size(args.size_gb * 1e9)
+        t0 = time.perf_counter()
+        bc.write_llama_checkpoint(src, layers)
+        size = bc.dir_bytes(src)
+        print(f"generated {size / 1e9:.3f} GB ({layers} layers) in "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
+
+        def rounds(ops):
+            """Time ``ops`` [(name, cmd, out)] in ``--repeat`` interleaved rounds (op 1, op 2,
+            ..., op 1, op 2, ...), so that every op sees the same load; the best run of each
+            is kept, with the load average just before it. An op with a check (``after``)
+            has it run on its output, which is then removed; other outputs stay (an op's
+            output is removed before it runs again)."""
+            runs = {op[0]: [] for op in ops}
+            for k in range(args.repeat):
+                for name, cmd, out, *after in ops:
+                    shutil.rmtree(out, ignore_errors=True)
+                    load = os.getloadavg()[0]
+                    try:
+                        r = bc.measure(cmd, work, gnu)
+                    except bc.StepFailed as e:
+                        print(f"    {name}: FAILED\n      " + e.stderr[-1500:].replace(
+                            "\n", "\n      "), flush=True)
+                        raise
+                    r["load"] = load
+                    runs[name].append(r)
+                    print(f"    {name}: {r['seconds']:.2f} s, cpu {r['user'] + r['sys']:.2f} s,"
+                          f" load {load:.1f}", flush=True)
+                    if after:                      # check the output, then free the disk
+                        after[0](out)
+                        shutil.rmtree(out, ignore_errors=True)
+            out_rows = []
+            for name, *_ in ops:
+                best = min(runs[name], key=lambda r: r["seconds"])
+                row = {"operation": name, "seconds": best["seconds"],
+                       "cpu_seconds": best["user"] + best["sys"],
+                       "peak_rss_mib": max(r["peak_rss_bytes"] for r in runs[name]) / 2**20,
+                       "load": best["load"],
+                       "runs": [(round(r["seconds"], 2), round(r["user"] + r["sys"], 2),
+                                 round(r["load"], 1)) for r in runs[name]]}
+                rows.append(row)
+                out_rows.append(row)
+            return out_rows
+
+        copy, mg1, mg2, tr = work / "copy", work / "mg1", work / "mg2", work / "mg-torchrun"
+        conv = mapc + ["convert", str(src)]
+        mg = ["--to", "megatron", "--tp", "2", "--pp", "2", "-q"]
+        checks = {}
+
+        def same_as_mg1(what):
+            def check(out):
+                checks[what] = checks.get(what, True) and same_tree(mg1, out)
+            return check
+        ops = [("hf -> megatron tp2 pp2 --workers 1", conv + [str(mg1), *mg, "--workers", "1"],
+                mg1),
+               ("cp -r", ["cp", "-r", str(src), str(copy)], copy, lambda out: None),
+               ("hf -> megatron tp2 pp2 --workers 2", conv + [str(mg2), *mg, "--workers", "2"],
+                mg2, same_as_mg1("megatron --workers 2 == --workers 1"))]
+        if not args.no_torchrun:
+            ops.append(("torchrun 2 procs: hf -> megatron tp2 pp2",
+                        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         "--nproc-per-node", "2", "-m", "mapc", "convert", str(src), str(tr),
+                         *mg], tr, same_as_mg1("megatron torchrun == --workers 1")))
+        cp = rounds(ops)[1]
+        td = work / "td"
+        rounds([("hf -> torch_dist", conv + [str(td), "--to", "torch_dist", "-q"], td,
+                 lambda out: None)])
+        if not args.no_deepspeed:
+            ds2, ds3 = work / "ds2", work / "ds3"
+            subprocess.run(conv + [str(ds2), "--to", "deepspeed", "--dp", "2", "-q"],
+                           check=True)
+            dsb = bc.dir_bytes(ds2)
+            cpd, row = rounds([(f"cp -r deepspeed dp2 ({dsb / 1e9:.2f} GB)",
+                                ["cp", "-r", str(ds2), str(copy)], copy, lambda out: None),
+                               ("deepspeed dp2 -> dp3",
+                                mapc + ["convert", str(ds2), str(ds3), "--to", "deepspeed",
+                                        "--dp", "3", "-q"], ds3, lambda out: None)])
+            row["x_cp_own"] = row["seconds"] / cpd["seconds"]
+            shutil.rmtree(ds2)
+        shutil.rmtree(src)          # the disk: at most three checkpoints at a time
+        back1, back2 = work / "back1", work / "back2"
+        rounds([("megatron tp2 pp2 -> hf --workers 1",
+                 mapc + ["convert", str(mg1), str(back1), "--to", "hf", "--workers", "1", "-q"],
+                 back1),
+                ("megatron tp2 pp2 -> hf --workers 2",
+                 mapc + ["convert", str(mg1), str(back2), "--to", "hf", "--workers", "2", "-q"],
+                 back2, lambda out: checks.__setitem__(
+                     "hf --workers 2 == --workers 1", same_tree(back1, out)))])
+        v = subprocess.run(mapc + ["verify", str(mg1), str(back1), "-q"])
+        checks["round trip verifies (mapc verify megatron hf)"] = v.returncode == 0
+        shutil.rmtree(back1)
+        shutil.rmtree(mg1)
+        for r in rows:
+            r.setdefault("x_cp", r["seconds"] / cp["seconds"])
+            r["gb_per_s"] = size / 1e9 / r["seconds"]
+        print()
+        print(f"{size / 1e9:.2f} GB bf16, {os.cpu_count()} CPUs, mapc {bc.mapc_revision()}, "
+              f"best of {args.repeat}")
+        print(f"| operation | s | x cp | CPU s | peak RSS MiB | load |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            ratio = f"{r['x_cp']:.2f}" + (f" ({r['x_cp_own']:.2f} own cp)" if "x_cp_own" in r
+                                           else "")
+            print(f"| {r['operation']} | {r['seconds']:.2f} | {ratio} | {r['cpu_seconds']:.2f} "
+                  f"| {r['peak_rss_mib']:.0f} | {r['load']:.1f} |")
+        for k, ok in checks.items():
+            print(f"{k}: {'yes' if ok else 'NO'}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"size_bytes": size, "rows": rows,
+                                                   "checks": checks}, indent=2) + "\n")
+        return 0 if all(checks.values()) else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
