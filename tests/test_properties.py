@@ -12,7 +12,6 @@ import mapc
 from mapc.errors import MapcError
 from tests.conftest import llama_config, tree_hash, write_random_hf
 
-BACKENDS = ["numpy", "torch", "jax"]
 SETTINGS = settings(max_examples=12, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -51,11 +50,23 @@ def fresh(tmp_path, name):
     return tmp_path / f"{name}{n}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @SETTINGS
 @given(data=st.data(), cfg=configs())
 def test_hf_megatron_hf_is_bit_exact(tmp_path, backend, data, cfg):
-    pytest.importorskip({"numpy": "numpy", "torch": "torch", "jax": "jax"}[backend])
+    pytest.importorskip(backend)
+    _hf_megatron_hf_is_bit_exact(tmp_path, backend, data, cfg)
+
+
+# jax compiles every new shape: 3 random models cost what 12 cost on the other backends.
+@settings(SETTINGS, max_examples=3)
+@given(data=st.data(), cfg=configs())
+def test_hf_megatron_hf_is_bit_exact_on_jax(tmp_path, data, cfg):
+    pytest.importorskip("jax")
+    _hf_megatron_hf_is_bit_exact(tmp_path, "jax", data, cfg)
+
+
+def _hf_megatron_hf_is_bit_exact(tmp_path, backend, data, cfg):
     topo = data.draw(topology(cfg))
     naming = data.draw(st.sampled_from(["local", "te", "legacy"]))
     src = write_random_hf(fresh(tmp_path, "hf"), cfg)

@@ -81,7 +81,75 @@ def _run(cmd: list[str], log: Path, timeout: float) -> None:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({rc}); log {log}:\n{tail}")
 
 
+class _Resident:
+    """A resident ``ds_train.py --serve`` group of ``nproc`` ranks (see ds_train.serve): each
+    run is a job file, so DeepSpeed is imported and gloo started once per world size and test
+    session instead of once per run.  ``MAPC_DS_FRESH=1`` runs every job in its own torchrun."""
+
+    def __init__(self, nproc: int):
+        import tempfile
+
+        self.nproc = nproc
+        self.dir = Path(tempfile.mkdtemp(prefix=f"mapc-ds-serve{nproc}-"))
+        self.count = 0
+        self.fh = open(self.dir / "server.log", "ab")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               str(TRAIN_SCRIPT), "--serve", str(self.dir), str(os.getpid())]
+        self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT, env=_env(),
+                                     cwd=str(HERE.parent.parent), start_new_session=True)
+
+    def run(self, args: list[str], log: Path, timeout: float) -> None:
+        k, self.count = self.count, self.count + 1
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("")
+        tmp = self.dir / f"job-{k}.tmp"
+        tmp.write_text(json.dumps({"argv": [str(a) for a in args], "log": str(log)}))
+        tmp.rename(self.dir / f"job-{k}.json")
+        deadline = time.monotonic() + timeout
+        while not (self.dir / f"job-{k}.ok").is_file():
+            failed = sorted(self.dir.glob(f"job-{k}.err.*"))
+            if failed or self.proc.poll() is not None or time.monotonic() > deadline:
+                why = ("timeout" if not failed and self.proc.poll() is None
+                       else f"rank error {failed[0].name}" if failed
+                       else f"group exited ({self.proc.returncode})")
+                self.stop()
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+                server = (self.dir / "server.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"ds_train.py {' '.join(map(str, args))} failed ({why}); "
+                                   f"log {log}:\n{tail}\n-- group log:\n{server}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        _RESIDENT.pop(self.nproc, None)
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except OSError:
+                pass
+            self.proc.wait()
+        self.fh.close()
+
+
+_RESIDENT: dict[int, _Resident] = {}
+
+
+def _stop_resident() -> None:
+    for r in list(_RESIDENT.values()):
+        r.stop()
+
+
+import atexit  # noqa: E402
+
+atexit.register(_stop_resident)
+
+
 def _torchrun(nproc: int, args: list[str], log: Path, timeout: float) -> None:
+    if os.environ.get("MAPC_DS_FRESH") != "1":
+        if nproc not in _RESIDENT:
+            _RESIDENT[nproc] = _Resident(nproc)
+        _RESIDENT[nproc].run(args, log, timeout)
+        return
     for attempt in range(3):
         port = _free_port()
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
