@@ -73,15 +73,14 @@ class Program:
                 for inst, c, n in self.target.placements()
                 if all(k in keys for k in inst.members.values())}
 
-    def _shard_label(self, inst: Instance, coord, name) -> str:
+    @staticmethod
+    def _shard_label(inst: Instance, rc) -> str:
         """Which slice of the recipe a physical tensor is: its mesh ranks and each-indices."""
-        for rc, c, n in inst.shards:
-            if c == coord and n == name:
-                axes, names = inst.recipe.place(rc)
-                parts = [f"{a}={i}" for a, i in axes.items()] + \
-                    [f"{v}={i}" for v, i in names.items()]
-                return f"[{','.join(parts)}]" if parts else ""
-        return ""
+        if rc is None:
+            return ""
+        axes, names = inst.recipe.place(rc)
+        parts = [f"{a}={i}" for a, i in axes.items()] + [f"{v}={i}" for v, i in names.items()]
+        return f"[{','.join(parts)}]" if parts else ""
 
     @staticmethod
     def _sum_note(inst: Instance, coord) -> str:
@@ -106,6 +105,7 @@ class Program:
             body = recipe.describe()
             lines.append(f"{label} = {body[0]}")
             lines += ["  " + x for x in body[1:]]
+        where_of: dict[int, dict] = {}      # id(inst) -> {(coord, name): recipe coordinate}
         for coord, tensors in self.target_files().items():
             where = file_names(coord) if file_names else \
                 " ".join(f"{a}={i}" for a, i in coord) or "single shard"
@@ -113,9 +113,13 @@ class Program:
             lines.append(f"shard {where}:")
             for name, inst in tensors:
                 label = recipes[id(inst.recipe)][0]
+                if id(inst) not in where_of:
+                    where = where_of[id(inst)] = {}
+                    for rc, c, n in inst.shards:
+                        where.setdefault((c, n), rc)
                 args = ", ".join(inst.members.values())
                 lines.append(f"  {name} {list(inst.recipe.shard_shape)} = {label}({args})"
-                             + self._shard_label(inst, coord, name)
+                             + self._shard_label(inst, where_of[id(inst)].get((coord, name)))
                              + ("  # copy" if inst.copy else "")
                              + _value_note(inst)
                              + self._sum_note(inst, coord))
