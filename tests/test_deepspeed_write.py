@@ -188,10 +188,13 @@ def test_round_trip_2_3_2_gives_deepspeeds_own_files(source, case, tmp_path):
 
 # ---- properties, without DeepSpeed: the writer against the documented layout ---------------------
 class _FakeInst:
-    """A target instance as planned_tensors reads it: its one member and its shard shape."""
+    """A target instance as planned_tensors reads it: its one member, its shard shape, and a
+    rule with no dtype or value map of its own."""
 
     def __init__(self, name, shape):
         self.members = {"x": name}
+        self.rule = {}
+        self.value = None
         self.recipe = type("R", (), {"shard_shape": tuple(shape)})()
 
 
