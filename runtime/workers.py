@@ -102,9 +102,15 @@ def write_share(cp, tmp, share, *, backend: str, record_of, progress=None):
     writer.owned = frozenset(f for p in share for f in p.files)
     writer.metadata = False
     only = frozenset(t for p in share for t in p.tensors)
+    return _run_writer(cp, writer, backend, True, record_of, only=only, progress=progress)
+
+
+def _run_writer(cp, writer, backend, quiet, record_of, only=None, progress=None):
+    """Stream ``cp``'s program into ``writer`` (just the tensors ``only``, if given) and
+    finish it; abort it on any failure."""
     try:
         report = execute.run(cp.program, cp.resolved.source, writer, backend=backend,
-                             plan=plan, only=only, quiet=True, progress=progress,
+                             plan=cp.write, only=only, quiet=quiet, progress=progress,
                              allow_lossy=cp.request.allow_lossy)
         writer.finish(record_of(report))
     except BaseException:
@@ -370,12 +376,4 @@ def _write_all(cp, tmp, backend, quiet, record_of) -> execute.Report:
     """A serial format on rank 0: data and metadata, as one process writes them."""
     from mapc.runtime.containers import make_writer
     writer = make_writer(cp.request.format, tmp, cp.program, cp.write)
-    try:
-        report = execute.run(cp.program, cp.resolved.source, writer, backend=backend,
-                             plan=cp.write, quiet=quiet,
-                             allow_lossy=cp.request.allow_lossy)
-        writer.finish(record_of(report))
-    except BaseException:
-        writer.abort()
-        raise
-    return report
+    return _run_writer(cp, writer, backend, quiet, record_of)
