@@ -37,6 +37,7 @@ OPTIONS = {
     "zero_stage": "--zero-stage",
     "with_optimizer": "--with-optimizer",
     "max_shard_bytes": "max_shard_bytes",
+    "vpp": "--vpp",
 }
 
 
@@ -53,6 +54,9 @@ class WriteRequest:
     zero_stage: int | None = None
     with_optimizer: bool = False
     max_shard_bytes: int | None = None
+    # virtual pipeline stages per pipeline rank (Megatron's interleaved schedule): the program
+    # is compiled at pp * vpp stages, virtual stage s = chunk * pp + pipeline rank
+    vpp: int | None = None
     like_training: dict | None = None        # --like: the template's training state
     explicit: frozenset = frozenset()
 

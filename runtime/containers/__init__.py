@@ -43,7 +43,7 @@ MODULES = {
 # honoured by every format.
 HONOURS = {
     "hf": frozenset({"with_optimizer", "max_shard_bytes"}),
-    "megatron": frozenset({"with_optimizer"}),
+    "megatron": frozenset({"with_optimizer", "vpp"}),
     "nemo": frozenset(),
     "gguf": frozenset(),
     "dcp": frozenset(),
@@ -104,7 +104,7 @@ def layout_of(fmt: str) -> str:
 def check_request(request) -> None:
     """Refuse (MapcError) an option the user set that ``request.format`` does not honour."""
     takers = {opt: [f for f, h in HONOURS.items() if opt in h] for opt in
-              ("dp", "zero_stage", "with_optimizer", "max_shard_bytes")}
+              ("dp", "zero_stage", "with_optimizer", "max_shard_bytes", "vpp")}
     request.refuse_unhonoured(HONOURS.get(request.format, frozenset()), takers)
 
 

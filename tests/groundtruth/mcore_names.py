@@ -188,9 +188,10 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
+def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None, vp_stage=None):
     """The megatron-core GPTModel of ``cfg`` for this process's (tp, pp) rank; call after
-    ``parallel_state.initialize_model_parallel`` (see ``_worker``)."""
+    ``parallel_state.initialize_model_parallel`` (see ``_worker``). With ``cfg["vpp"]`` it is
+    the chunk of virtual stage ``vp_stage`` (as Megatron-LM's ``get_model`` builds it)."""
     import torch
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -229,20 +230,30 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
+        virtual_pipeline_model_parallel_size=cfg.get("vpp"),
         **extra,
     )
+    if cfg.get("vpp"):
+        extra_model = {"vp_stage": vp_stage}
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    else:
+        extra_model = {}
+        first = parallel_state.is_pipeline_first_stage()
+        last = parallel_state.is_pipeline_last_stage()
     return GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(
             normalization=norm, qk_layernorm=bool(cfg.get("qk_layernorm", False))),
         vocab_size=int(cfg["vocab"]),
         max_sequence_length=int(cfg.get("max_seq", 128)),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=first,
+        post_process=last,
         share_embeddings_and_output_weights=bool(cfg["tied"]),
         position_embedding_type=cfg.get("position_embedding", "rope"),
         rotary_base=int(cfg.get("rotary_base", 10000)),
         rotary_percent=float(cfg.get("rotary_percent", 1.0)),
+        **extra_model,
     )
 
 
