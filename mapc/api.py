@@ -71,8 +71,10 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
         sets = _parse_sets(set)
         # a format of global tensors whose metadata records the training run's sizes takes
         # --tp/--pp as layout parameters (torch_dist: tp_size, pp_size)
+        declared = {p["name"] for p in res.spec.layout(target_layout)["params"]} \
+            if target_layout in res.spec.layout_names() else set()
         for axis, param in getattr(module(to), "TOPOLOGY_PARAMS", {}).items():
-            if topo.get(axis) is not None:
+            if topo.get(axis) is not None and param in declared:
                 sets.setdefault(param, topo.pop(axis))
         try:
             target = plan_layout(res.spec, target_layout, res.env, topo, sets)

@@ -114,7 +114,7 @@ def detect(path: Path) -> bool:
 
 # --tp/--pp of a torch_dist target are the training run's sizes, which only the layout's
 # parameters see (the tensors are global): mapc.api passes them as these parameters.
-TOPOLOGY_PARAMS = {"tp": "tp_size", "pp": "pp_size"}
+TOPOLOGY_PARAMS = {"tp": "tp_size", "pp": "pp_size", "ep": "ep_size"}
 DATA = "__0_0.distcp"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
            "common_backend": "torch", "common_backend_version": 1}
@@ -257,6 +257,25 @@ def _archive(obj=None, array=None) -> bytes:
     return buf.getvalue()
 
 
+# megatron-core's SequentialMLP shards its local experts under "<prefix>experts.experts." on a
+# second global axis (after the layers'); its TopKRouter has no _extra_state
+_EXPERTS = re.compile(r"(?:^|\.)experts\.experts\.")
+_NO_EXTRA_STATE = re.compile(r"(?:^|\.)router\.weight$")
+
+
+def _extra_state_keys(fqn: str, shape: tuple) -> list[str]:
+    """The ``_extra_state`` ShardedObject keys megatron-core's loader asks for beside a stacked
+    ``<module>.weight``: ``<module>._extra_state/shard_{offset}_{global shape}``, one per layer
+    (``shard_i_L``) or, for SequentialMLP experts, per layer and expert (``shard_i.e_L.E``)."""
+    if not fqn.endswith(".weight") or not _STACKED.search(fqn) or _NO_EXTRA_STATE.search(fqn):
+        return []
+    module = fqn[:-len(".weight")]
+    if _EXPERTS.search(fqn) and len(shape) >= 2:
+        return [f"{module}._extra_state/shard_{i}.{e}_{shape[0]}.{shape[1]}"
+                for i in range(shape[0]) for e in range(shape[1])]
+    return [f"{module}._extra_state/shard_{i}_{shape[0]}" for i in range(shape[0])]
+
+
 class TorchDistWriter(PlannedWriter):
     """Writes what Megatron-LM's ``--load`` reads for ``--ckpt-format torch_dist``, streaming and
     without torch: the tracker, ``iter_NNNNNNN/`` (``release/`` without an iteration) with
@@ -324,11 +343,8 @@ class TorchDistWriter(PlannedWriter):
         for fqn, (shape, _, chunks) in self.tensors.items():
             if sum(int(np.prod(z)) for _, z, _, _ in chunks) != int(np.prod(shape)):
                 raise MapcError(f"internal: {fqn} was not written completely")
-            if fqn.endswith(".weight") and _STACKED.search(fqn):
-                module = fqn[:-len(".weight")]
-                for i in range(shape[0]):
-                    key = f"{module}._extra_state/shard_{i}_{shape[0]}"
-                    self.objects.setdefault(key, self._append(_archive(obj=[None])))
+            for key in _extra_state_keys(fqn, shape):
+                self.objects.setdefault(key, self._append(_archive(obj=[None])))
         self.file.close()
         d = self.dir / self.sub
         dcp.write_chunked_metadata(d / dcp.METADATA, {k: tuple(v) for k, v in

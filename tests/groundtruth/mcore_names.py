@@ -71,6 +71,9 @@ def mcore_state_dict_shapes(
     ``linear_bias`` (``add_bias_linear``, default False), ``qkv_bias`` (``add_qkv_bias``,
     default False), ``position_embedding`` ("rope" or "learned_absolute").
 
+    MoE: ``experts`` (``num_moe_experts``, SequentialMLP experts, local spec) and ``topk``;
+    the expert-parallel sizes come from ``parallel_state``.
+
     ``meta=True`` builds the model under ``torch.set_default_device("meta")`` so that
     full-size configs (e.g. 8B) cost no memory; names and shapes are identical.
 
@@ -200,6 +203,15 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None, vp_stage=None):
 
     params_dtype = params_dtype or torch.float32
     extra = {}
+    experts = cfg.get("experts")
+    if experts:   # MoE (SequentialMLP, allgather dispatcher: no CUDA streams)
+        extra.update(num_moe_experts=int(experts), moe_router_topk=int(cfg.get("topk", 2)),
+                     moe_ffn_hidden_size=int(cfg["ffn"]), moe_grouped_gemm=False,
+                     moe_token_dispatcher_type="allgather",
+                     expert_model_parallel_size=parallel_state
+                     .get_expert_model_parallel_world_size(),
+                     expert_tensor_parallel_size=parallel_state
+                     .get_expert_tensor_parallel_world_size())
     if cfg.get("layers_first_stage") is not None:
         extra["num_layers_in_first_pipeline_stage"] = int(cfg["layers_first_stage"])
     if cfg.get("layers_last_stage") is not None:
@@ -244,7 +256,8 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None, vp_stage=None):
     return GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(
-            normalization=norm, qk_layernorm=bool(cfg.get("qk_layernorm", False))),
+            normalization=norm, qk_layernorm=bool(cfg.get("qk_layernorm", False)),
+            num_experts=int(experts) if experts else None, moe_grouped_gemm=False),
         vocab_size=int(cfg["vocab"]),
         max_sequence_length=int(cfg.get("max_seq", 128)),
         pre_process=first,

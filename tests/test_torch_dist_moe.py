@@ -1,0 +1,107 @@
+"""Mixtral (MoE) in torch_dist, against megatron-core 0.16.1's own distributed checkpoints.
+
+One megatron-core run (tests/groundtruth/mcore_moe_dist.py, 2 gloo ranks) loads what mapc wrote
+from HF weights at tp=2, ep=2 (expert tensor parallel 1) with ``dist_checkpointing.load``
+(strict) and then saves its own seeded MoE model at tp=2, ep=1 (experts tp-split); every test
+here shares it. Expected tensors are computed from the HF weights (or megatron-core's live
+shards) with numpy slicing, independently of mapc's spec.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("megatron.core")
+
+import mapc  # noqa: E402
+from mapc.runtime.containers import open_source  # noqa: E402
+from tests.conftest import build_transformers_model  # noqa: E402
+from tests.groundtruth import mcore_moe_dist  # noqa: E402
+from tests.test_moe import mixtral_config  # noqa: E402
+
+HF = mixtral_config()          # hidden 32, ffn 48, 2 layers, 4 heads, 2 KV heads, 4 experts
+CFG = dict(hidden=32, layers=2, heads=4, groups=2, head_dim=8, ffn=48, vocab=50, tied=False,
+           experts=4, topk=2)
+F, E = CFG["ffn"], CFG["experts"]
+LOAD, SAVE = (2, 2, 1), (2, 1, 2)      # (tp, ep, expert tp) of the two phases
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("moe_dist")
+    build_transformers_model(HF, d / "hf")
+    mapc.convert(d / "hf", d / "mapc", to="torch_dist", tp=LOAD[0], ep=LOAD[1])
+    out = mcore_moe_dist.run(CFG, d / "mapc" / "release", LOAD, d / "mcore", SAVE, d / "out")
+    from safetensors.numpy import load_file
+    return d, load_file(str(d / "hf" / "model.safetensors")), out
+
+
+def _ranks(out, kind):
+    return [torch.load(out / f"{kind}_{r}.pt", weights_only=False)
+            for r in range(mcore_moe_dist.WORLD)]
+
+
+def _hf(hf, layer, e, w):
+    return hf[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"]
+
+
+def test_megatron_core_loads_mapc_moe_at_other_ep(run):
+    """mapc's torch_dist (global experts) loads strictly into megatron-core at tp=2, ep=2:
+    local expert k of ep rank r is HF expert r * 2 + k (fc1 = [w1; w3], fc2 = w2), the router
+    is HF's gate, the embedding rank t's padded rows."""
+    _, hf, out = run
+    per = E // LOAD[1]
+    for got in _ranks(out, "loaded"):
+        sd, t, r = got["sd"], got["tp"], got["ep"]
+        for layer in range(CFG["layers"]):
+            pre = f"decoder.layers.{layer}.mlp."
+            np.testing.assert_array_equal(sd[pre + "router.weight"].numpy(),
+                                          hf[f"model.layers.{layer}.block_sparse_moe.gate.weight"])
+            locs = sorted({k.split(".")[6] for k in sd if k.startswith(pre + "experts.")})
+            assert locs == [str(k) for k in range(per)]
+            for k in range(per):
+                g = r * per + k
+                x = f"{pre}experts.local_experts.{k}."
+                np.testing.assert_array_equal(
+                    sd[x + "linear_fc1.weight"].numpy(),
+                    np.concatenate([_hf(hf, layer, g, "w1"), _hf(hf, layer, g, "w3")]))
+                np.testing.assert_array_equal(sd[x + "linear_fc2.weight"].numpy(),
+                                              _hf(hf, layer, g, "w2"))
+            np.testing.assert_array_equal(sd[f"decoder.layers.{layer}.pre_mlp_layernorm.weight"]
+                                          .numpy(), hf[f"model.layers.{layer}."
+                                                       "post_attention_layernorm.weight"])
+        emb = sd["embedding.word_embeddings.weight"].numpy()
+        padded = np.zeros((emb.shape[0] * LOAD[0], CFG["hidden"]), np.float32)
+        padded[:CFG["vocab"]] = hf["model.embed_tokens.weight"]
+        np.testing.assert_array_equal(emb, padded[t * emb.shape[0]:(t + 1) * emb.shape[0]])
+
+
+def test_mapc_reads_megatron_core_moe(run, tmp_path):
+    """megatron-core's own MoE torch_dist checkpoint (tp=2, experts tp-split, no mapc.json) is
+    detected as mixtral and converts to HF experts equal to its live tp shards: w1/w3 are the
+    two halves of every rank's fc1 rows, w2 the columns of its fc2."""
+    d, _, out = run
+    with open_source(d / "mcore") as src:
+        assert src.format == "torch_dist"
+    mapc.convert(d / "mcore", tmp_path / "hf", to="hf")
+    from safetensors.numpy import load_file
+    import glob
+    hf = {}
+    for f in glob.glob(str(tmp_path / "hf" / "*.safetensors")):
+        hf.update(load_file(f))
+    live = sorted(_ranks(out, "live"), key=lambda x: x["tp"])
+    half = F // SAVE[0]
+    for layer in range(CFG["layers"]):
+        for g in range(E):
+            x = f"decoder.layers.{layer}.mlp.experts.local_experts.{g}."
+            fc1 = [s["sd"][x + "linear_fc1.weight"].numpy() for s in live]
+            fc2 = [s["sd"][x + "linear_fc2.weight"].numpy() for s in live]
+            np.testing.assert_array_equal(_hf(hf, layer, g, "w1"),
+                                          np.concatenate([f[:half] for f in fc1]))
+            np.testing.assert_array_equal(_hf(hf, layer, g, "w3"),
+                                          np.concatenate([f[half:] for f in fc1]))
+            np.testing.assert_array_equal(_hf(hf, layer, g, "w2"), np.concatenate(fc2, axis=1))
+        np.testing.assert_array_equal(hf[f"model.layers.{layer}.block_sparse_moe.gate.weight"],
+                                      live[0]["sd"][f"decoder.layers.{layer}.mlp.router.weight"]
+                                      .numpy())
