@@ -3,7 +3,8 @@
 One megatron-core run (tests/groundtruth/mcore_moe_dist.py, 2 gloo ranks) loads what mapc wrote
 from HF weights at tp=2, ep=2 (expert tensor parallel 1) with ``dist_checkpointing.load``
 (strict) and then saves its own seeded MoE model at tp=2, ep=1 (experts tp-split); every test
-here shares it. Expected tensors are computed from the HF weights (or megatron-core's live
+here shares it. The same run loads and saves with the Transformer Engine spec's key names too
+(naming ``te``: the MoE layer's norm under ``pre_mlp_layernorm.weight``). Expected tensors are computed from the HF weights (or megatron-core's live
 shards) with numpy slicing, independently of mapc's spec.
 """
 from __future__ import annotations
@@ -32,7 +33,13 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("moe_dist")
     build_transformers_model(HF, d / "hf")
     mapc.convert(d / "hf", d / "mapc", to="torch_dist", tp=LOAD[0], ep=LOAD[1])
-    out = mcore_moe_dist.run(CFG, d / "mapc" / "release", LOAD, d / "mcore", SAVE, d / "out")
+    mapc.convert(d / "hf", d / "mapc_te", to="torch_dist", tp=LOAD[0], ep=LOAD[1],
+                 set=["naming=te"])
+    extra = [{"load": d / "mapc_te" / "release", "prefix": "", "te": True, "tag": "te"},
+             {"save": d / "mcore_te" / "release", "prefix": "", "te": True, "args": True}]
+    out = mcore_moe_dist.run(CFG, d / "mapc" / "release", LOAD, d / "mcore", SAVE, d / "out",
+                             extra)
+    (d / "mcore_te" / "latest_checkpointed_iteration.txt").write_text("release")
     from safetensors.numpy import load_file
     return d, load_file(str(d / "hf" / "model.safetensors")), out
 
@@ -105,3 +112,43 @@ def test_mapc_reads_megatron_core_moe(run, tmp_path):
         np.testing.assert_array_equal(hf[f"model.layers.{layer}.block_sparse_moe.gate.weight"],
                                       live[0]["sd"][f"decoder.layers.{layer}.mlp.router.weight"]
                                       .numpy())
+
+
+# ---- the Transformer Engine spec's names (naming "te") ---------------------------------------
+# megatron-core's strictness words: "unexpected" keys are asked for but absent from the
+# checkpoint, "missing" keys are in the checkpoint but not asked for.
+# mapc writes the pre-MLP norm's _extra_state (Transformer Engine's ops-based RMSNorm has one and
+# asks for it); megatron-core's torch norm has none, so it leaves exactly that key unread.
+TE_NORM_EXTRA = ["decoder.layers.pre_mlp_layernorm._extra_state"]
+
+
+def test_megatron_core_loads_mapc_moe_with_te_names(run):
+    """mapc's torch_dist with naming te loads into the model under the Transformer Engine
+    spec's keys (pre_mlp_layernorm.weight): every key it asks for is there, the norm's extra
+    state is the only key left unread, and the tensors equal those of the local-names load
+    (checked against the HF weights above)."""
+    _, _, out = run
+    for r in range(mcore_moe_dist.WORLD):
+        a = torch.load(out / f"loaded_{r}.pt", weights_only=False)["sd"]
+        b = torch.load(out / f"loaded_te_{r}.pt", weights_only=False)
+        assert b["unexpected"] == [] and b["missing"] == TE_NORM_EXTRA, b
+        assert list(a) == list(b["sd"])
+        for k in a:
+            assert torch.equal(a[k], b["sd"][k]), k
+
+
+def test_mapc_reads_megatron_core_moe_with_te_names(run, tmp_path):
+    """megatron-core's save under the Transformer Engine spec's keys reads (naming te, told
+    apart by the names) into the same HF weights as its save under the local spec's."""
+    d, _, _ = run
+    from mapc.runtime.containers import dcp
+    keys = dcp.read_metadata(d / "mcore_te" / "release").get("state_dict_metadata")
+    assert "decoder.layers.pre_mlp_layernorm.weight" in keys
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" not in keys
+    with open_source(d / "mcore_te") as src:
+        assert src.format == "torch_dist"
+    mapc.convert(d / "mcore_te", tmp_path / "a", to="hf")
+    mapc.convert(d / "mcore", tmp_path / "b", to="hf")
+    from safetensors.numpy import load_file
+    a, b = (load_file(str(tmp_path / x / "model.safetensors")) for x in "ab")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -13,6 +13,18 @@ One run of ``WORLD`` = 2 gloo ranks does two things, so its start-up is paid onc
    ``root/iter_0000007/`` (+ the tracker), as Megatron-LM's ``--ckpt-format torch_dist`` does;
    each rank saves its live local ``state_dict()`` into ``out/live_R.pt``.
 
+``extra`` lists further loads and saves done in the same run, each a dict with ``path``,
+``prefix`` (prepended to every model key: ``model.sharded_state_dict(prefix=...)``, as NeMo
+2's ``MegatronParallel`` wrapper gives ``module.``), ``te`` (the Transformer Engine spec's key
+names: the local spec's ``pre_mlp_layernorm.`` -> ``mlp.linear_fc1.layer_norm_`` mapping is
+dropped, so the MoE layer's norm is ``pre_mlp_layernorm.weight``, as
+``get_gpt_layer_with_transformer_engine_spec`` names it; the modules stay the local spec's,
+Transformer Engine not being installed) and ``tag``. ``{"load": ...}`` entries are loaded in
+phase 1 after a zeroing of the parameters with ``strict="return_all"``: ``out/loaded_<tag>_R.pt``
+holds the loaded state dict and the missing and unexpected keys. ``{"save": ...}`` entries save
+phase 2's model into ``path`` (``{"model": ...}``, with ``"args": true`` also the args,
+checkpoint_version and iteration of Megatron-LM's save).
+
 The vocabulary is padded for each phase's tp (``mcore_dist._args``). CPU workarounds are
 ``mcore_dist``'s; the allgather token dispatcher needs no CUDA streams.
 """
@@ -27,23 +39,39 @@ WORLD = 2
 HERE = Path(__file__).resolve()
 
 
-def run(cfg: dict, ckpt: Path, load: tuple, root: Path, save: tuple, out: Path) -> Path:
+def run(cfg: dict, ckpt: Path, load: tuple, root: Path, save: tuple, out: Path,
+        extra: list | None = None) -> Path:
     """Load ``ckpt`` at ``load`` = (tp, ep, etp), then save a checkpoint at ``save`` into
-    ``root``; the loaded and live state dicts go into ``out``."""
+    ``root``; the loaded and live state dicts go into ``out``. ``extra``: see above."""
     from tests.groundtruth import mcore_dist
     from tests.groundtruth.mcore_names import run_ranks
     repo = str(HERE.parents[2])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_ranks(WORLD, [str(HERE), json.dumps(cfg), str(ckpt), json.dumps(load), str(root),
-                      json.dumps(save), str(out)], out,
+                      json.dumps(save), str(out),
+                      json.dumps([{k: str(v) if isinstance(v, Path) else v for k, v in e.items()}
+                                  for e in extra or ()])], out,
               {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")},
               "megatron-core MoE dist-checkpoint worker", timeout=300, cwd=repo)
     (Path(root) / "latest_checkpointed_iteration.txt").write_text(str(mcore_dist.ITERATION))
     return out
 
 
-def _worker(cfg, ckpt, load, root, save, out):
+def _naming(model, te: bool):
+    """Give every transformer layer the local spec's sharded-key mapping (``te`` False) or
+    that mapping without ``pre_mlp_layernorm.`` (the Transformer Engine spec's MoE names)."""
+    import dataclasses
+    for layer in model.decoder.layers:
+        if not hasattr(layer, "_local_keys_map"):
+            layer._local_keys_map = dict(layer.submodules_config.sharded_state_dict_keys_map)
+        keys = {k: v for k, v in layer._local_keys_map.items()
+                if not (te and k == "pre_mlp_layernorm.")}
+        layer.submodules_config = dataclasses.replace(layer.submodules_config,
+                                                      sharded_state_dict_keys_map=keys)
+
+
+def _worker(cfg, ckpt, load, root, save, out, extra):
     import warnings
     warnings.filterwarnings("ignore")
     import zlib
@@ -81,6 +109,19 @@ def _worker(cfg, ckpt, load, root, save, out):
     loaded = dist_checkpointing.load(sharded, str(ckpt), strict="raise_all")
     model.load_state_dict(loaded["model"], strict=True)
     torch.save({**ranks, "sd": live(model)}, Path(out) / f"loaded_{rank}.pt")
+    for e in (e for e in extra if "load" in e):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        _naming(model, e["te"])
+        sharded = {"model": model.sharded_state_dict(prefix=e["prefix"], metadata=metadata)}
+        loaded, missing, unexpected = dist_checkpointing.load(sharded, e["load"],
+                                                              strict="return_all")
+        model.load_state_dict({k.removeprefix(e["prefix"]): v
+                               for k, v in loaded["model"].items()}, strict=True)
+        torch.save({**ranks, "sd": live(model), "missing": sorted(map(str, missing)),
+                    "unexpected": sorted(map(str, unexpected))},
+                   Path(out) / f"loaded_{e['tag']}_{rank}.pt")
     parallel_state.destroy_model_parallel()
     dist.barrier()
 
@@ -98,11 +139,19 @@ def _worker(cfg, ckpt, load, root, save, out):
     dist.barrier()
     dist_checkpointing.save(state, str(d), content_metadata=metadata)
     torch.save({**ranks, "sd": live(model)}, Path(out) / f"live_{rank}.pt")
+    for e in (e for e in extra if "save" in e):
+        _naming(model, e["te"])
+        Path(e["save"]).mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        sd = {"model": model.sharded_state_dict(prefix=e["prefix"], metadata=metadata)}
+        if e.get("args"):
+            sd.update({k: v for k, v in state.items() if k != "model"})
+        dist_checkpointing.save(sd, e["save"], content_metadata=metadata)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    cfg_json, ckpt, load, root, save, out = sys.argv[1:7]
+    cfg_json, ckpt, load, root, save, out, extra = sys.argv[1:8]
     _worker(json.loads(cfg_json), ckpt, tuple(json.loads(load)), Path(root),
-            tuple(json.loads(save)), out)
+            tuple(json.loads(save)), out, json.loads(extra))
