@@ -76,6 +76,11 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
         for axis, param in getattr(module(to), "TOPOLOGY_PARAMS", {}).items():
             if topo.get(axis) is not None and param in declared:
                 sets.setdefault(param, topo.pop(axis))
+        # a format whose own training stack names tensors one way (NeMo 2: the Transformer
+        # Engine spec) prefers that value of a layout parameter; --set overrides it
+        for param, value in getattr(module(to), "LAYOUT_DEFAULTS", {}).items():
+            if param in declared:
+                sets.setdefault(param, value)
         try:
             target = plan_layout(res.spec, target_layout, res.env, topo, sets)
         except MapcError as e:

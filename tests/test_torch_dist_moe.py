@@ -4,7 +4,8 @@ One megatron-core run (tests/groundtruth/mcore_moe_dist.py, 2 gloo ranks) loads 
 from HF weights at tp=2, ep=2 (expert tensor parallel 1) with ``dist_checkpointing.load``
 (strict) and then saves its own seeded MoE model at tp=2, ep=1 (experts tp-split); every test
 here shares it. The same run loads and saves with the Transformer Engine spec's key names too
-(naming ``te``: the MoE layer's norm under ``pre_mlp_layernorm.weight``). Expected tensors are computed from the HF weights (or megatron-core's live
+(naming ``te``: the MoE layer's norm under ``pre_mlp_layernorm.weight``), and the NeMo 2 way
+(those names, every key prefixed ``module.``, in ``weights/``). Expected tensors are computed from the HF weights (or megatron-core's live
 shards) with numpy slicing, independently of mapc's spec.
 """
 from __future__ import annotations
@@ -35,8 +36,12 @@ def run(tmp_path_factory):
     mapc.convert(d / "hf", d / "mapc", to="torch_dist", tp=LOAD[0], ep=LOAD[1])
     mapc.convert(d / "hf", d / "mapc_te", to="torch_dist", tp=LOAD[0], ep=LOAD[1],
                  set=["naming=te"])
+    mapc.convert(d / "hf", d / "mapc_nemo2", to="nemo2", tp=LOAD[0], ep=LOAD[1])
     extra = [{"load": d / "mapc_te" / "release", "prefix": "", "te": True, "tag": "te"},
-             {"save": d / "mcore_te" / "release", "prefix": "", "te": True, "args": True}]
+             {"save": d / "mcore_te" / "release", "prefix": "", "te": True, "args": True},
+             {"load": d / "mapc_nemo2" / "weights", "prefix": "module.", "te": True,
+              "tag": "nemo2"},
+             {"save": d / "mcore_nemo2" / "weights", "prefix": "module.", "te": True}]
     out = mcore_moe_dist.run(CFG, d / "mapc" / "release", LOAD, d / "mcore", SAVE, d / "out",
                              extra)
     (d / "mcore_te" / "latest_checkpointed_iteration.txt").write_text("release")
@@ -148,6 +153,89 @@ def test_mapc_reads_megatron_core_moe_with_te_names(run, tmp_path):
     with open_source(d / "mcore_te") as src:
         assert src.format == "torch_dist"
     mapc.convert(d / "mcore_te", tmp_path / "a", to="hf")
+    mapc.convert(d / "mcore", tmp_path / "b", to="hf")
+    from safetensors.numpy import load_file
+    a, b = (load_file(str(tmp_path / x / "model.safetensors")) for x in "ab")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# ---- NeMo 2 (weights/ with the "module." prefix, context/model.yaml) -------------------------
+# context/model.yaml as NeMo 2 writes it (TrainerContext.io_dump: the fiddle config in Hydra
+# syntax with every default, so the real file has many more fields; callables and dtypes as
+# {_target_, _call_: false}; _target_ after the arguments)
+MODEL_YAML = """\
+_target_: nemo.collections.llm.gpt.model.mixtral.MixtralModel
+config:
+  num_layers: 2
+  hidden_size: 32
+  ffn_hidden_size: 48
+  num_attention_heads: 4
+  num_query_groups: 2
+  kv_channels: 8
+  num_moe_experts: 4
+  moe_router_topk: 2
+  moe_ffn_hidden_size: 48
+  layernorm_epsilon: 1.0e-05
+  normalization: RMSNorm
+  gated_linear_unit: true
+  activation_func:
+    _call_: false
+    _target_: torch.nn.functional.silu
+  params_dtype:
+    _call_: false
+    _target_: torch.float32
+  position_embedding_type: rope
+  rotary_base: 1000000.0
+  seq_length: 64
+  share_embeddings_and_output_weights: false
+  add_bias_linear: false
+  make_vocab_size_divisible_by: 128
+  vocab_size: 50
+  tensor_model_parallel_size: 2
+  expert_model_parallel_size: 1
+  _target_: nemo.collections.llm.gpt.model.mixtral.MixtralConfig
+tokenizer:
+  _target_: nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer
+  pretrained_model_name: mixtral-tiny
+"""
+
+
+def test_megatron_core_loads_mapc_nemo2_with_the_module_prefix(run):
+    """mapc's nemo2 output (weights/ keys prefixed module., the Transformer Engine spec's names,
+    NeMo 2's default) loads into megatron-core's model.sharded_state_dict(prefix="module.") at
+    tp=2 ep=2, as NeMo's MegatronParallel and Megatron-LM's loader of NeMo weights/ ask for it:
+    no key absent, only the norm's extra state unread, and exactly the tensors of the
+    torch_dist load (checked against the HF weights above)."""
+    import yaml
+    d, _, out = run
+    assert sorted(p.name for p in (d / "mapc_nemo2").iterdir()) == ["context", "mapc.json",
+                                                                    "weights"]
+    cfg = yaml.safe_load((d / "mapc_nemo2" / "context" / "model.yaml").read_text())
+    assert cfg["_target_"] == "nemo.collections.llm.gpt.model.base.GPTModel"
+    assert {k: cfg["config"][k] for k in ("num_layers", "num_moe_experts", "num_query_groups",
+                                          "gated_linear_unit", "expert_model_parallel_size")} \
+        == {"num_layers": 2, "num_moe_experts": 4, "num_query_groups": 2,
+            "gated_linear_unit": True, "expert_model_parallel_size": LOAD[1]}
+    for r in range(mcore_moe_dist.WORLD):
+        a = torch.load(out / f"loaded_{r}.pt", weights_only=False)["sd"]
+        b = torch.load(out / f"loaded_nemo2_{r}.pt", weights_only=False)
+        assert b["unexpected"] == [] and b["missing"] == ["module." + k for k in TE_NORM_EXTRA]
+        assert list(a) == list(b["sd"])
+        for k in a:
+            assert torch.equal(a[k], b["sd"][k]), k
+
+
+def test_mapc_reads_megatron_core_nemo2(run, tmp_path):
+    """megatron-core's save of the same live model with the module. prefix into weights/, with
+    a NeMo 2 context/model.yaml (no mapc.json): detected as nemo2, config from model.yaml, and
+    its HF conversion equals that of the plain torch_dist save."""
+    d, _, _ = run
+    (d / "mcore_nemo2" / "context").mkdir(exist_ok=True)
+    (d / "mcore_nemo2" / "context" / "model.yaml").write_text(MODEL_YAML)
+    with open_source(d / "mcore_nemo2") as src:
+        assert src.format == "nemo2"
+        assert src.format_meta["num_experts"] == 4 and src.format_meta["norm_epsilon"] == 1e-5
+    mapc.convert(d / "mcore_nemo2", tmp_path / "a", to="hf")
     mapc.convert(d / "mcore", tmp_path / "b", to="hf")
     from safetensors.numpy import load_file
     a, b = (load_file(str(tmp_path / x / "model.safetensors")) for x in "ab")

@@ -145,12 +145,17 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
 class TorchDistSource(Source):
     format = "torch_dist"
     layout = "torch_dist"
+    # a prefix every model key carries (NeMo 2's "module."), stripped on reading
+    key_prefix = ""
+
+    def _find_iter_dir(self) -> Path:
+        return iteration_dir(self.path)
 
     def __init__(self, path):
         super().__init__(path)
         if not self.path.is_dir():
             raise MapcError("a torch_dist checkpoint is a directory", where=str(self.path))
-        self.iter_dir = iteration_dir(self.path)
+        self.iter_dir = self._find_iter_dir()
         backend = _backend(self.iter_dir)
         if backend != "torch_dist":
             raise MapcError(f"this distributed checkpoint uses the {backend!r} backend; mapc "
@@ -178,12 +183,15 @@ class TorchDistSource(Source):
         for key, entry in self.entries.items():
             if key.startswith("optimizer.") or key.startswith("rng_state"):
                 continue                         # optimizer state: not read yet
+            if not key.startswith(self.key_prefix):
+                continue
+            name = key[len(self.key_prefix):]
             shape = entry[0]
-            if _STACKED.search(key) and shape:
+            if _STACKED.search(name) and shape:
                 for k in range(shape[0]):
-                    self.tensors[f"{key}[{k}]"] = (key, k)
+                    self.tensors[f"{name}[{k}]"] = (key, k)
             else:
-                self.tensors[key] = (key, None)
+                self.tensors[name] = (key, None)
         if any(k.startswith("optimizer.") for k in self.entries):
             kind = self.content_metadata.get("distrib_optim_sharding_type") or "unknown"
             self.warnings.append(f"the distributed optimizer's state ({kind}) is not read yet: "
@@ -286,27 +294,33 @@ class TorchDistWriter(PlannedWriter):
     ``<module>._extra_state/shard_{i}_{L}`` objects megatron-core's loader asks for (megatron-core
     saves ``[None]`` there for its local-spec layers). ``.metadata`` is written at the end."""
 
+    key_prefix = ""     # prepended to every model key (NeMo 2: "module.")
+
     def __init__(self, tmpdir, program, plan):
         super().__init__(tmpdir, program, plan)
         args, iteration = plan.detail
         self.args = dict(args)
         self.iteration = iteration
-        self.sub = _iteration_name(iteration)
+        self.sub = self._subdir()
         self.tensors: dict[str, list] = {}       # fqn -> [global shape, dtype, chunks]
         self.objects: dict[str, tuple] = {}
         self.expected: dict[str, tuple] = {}     # physical name -> (fqn, slab index or None)
         self.file = None
 
+    def _subdir(self) -> str:
+        return _iteration_name(self.iteration)
+
     def begin(self, tensors):
         stacked: dict[str, dict] = {}
+        pre = self.key_prefix
         for _, name, shape, dtype in tensors:
             m = _SLAB.match(name)
             if m:
-                stacked.setdefault(m.group(1), {})[int(m.group(2))] = (tuple(shape), dtype)
-                self.expected[name] = (m.group(1), int(m.group(2)))
+                stacked.setdefault(pre + m.group(1), {})[int(m.group(2))] = (tuple(shape), dtype)
+                self.expected[name] = (pre + m.group(1), int(m.group(2)))
             else:
-                self.tensors[name] = [tuple(shape), dtype, []]
-                self.expected[name] = (name, None)
+                self.tensors[pre + name] = [tuple(shape), dtype, []]
+                self.expected[name] = (pre + name, None)
         for fqn, slabs in stacked.items():
             n = len(slabs)
             if sorted(slabs) != list(range(n)) or len(set(slabs.values())) != 1:
@@ -351,12 +365,17 @@ class TorchDistWriter(PlannedWriter):
                                                       self.tensors.items()},
                                    self.objects, DATA)
         write_json(d / METADATA_JSON, BACKEND)
+        w = torchfile.TorchWriter(d / COMMON)
+        w.finish(self._common())
+        self._finish_root(record)
+
+    def _common(self) -> dict:
         args = dict(self.args, ckpt_format="torch_dist",
                     iteration=self.iteration or 0)
-        common = {"args": torchfile.Namespace(**args), "checkpoint_version": 3.0,
-                  "iteration": self.iteration or 0, "content_metadata": dict(CONTENT_METADATA)}
-        w = torchfile.TorchWriter(d / COMMON)
-        w.finish(common)
+        return {"args": torchfile.Namespace(**args), "checkpoint_version": 3.0,
+                "iteration": self.iteration or 0, "content_metadata": dict(CONTENT_METADATA)}
+
+    def _finish_root(self, record: dict):
         (self.dir / TRACKER).write_text(str(self.iteration) if self.iteration is not None
                                         else "release")
         write_json(self.dir / MAPC_JSON, record)
