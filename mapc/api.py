@@ -267,8 +267,8 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     ``zero_stage`` picks the ZeRO stage of a deepspeed/universal target (default: the source's,
     else 1); ``vpp`` writes a megatron target with that many virtual pipeline stages
     (interleaved schedule) per pipeline rank; ``allow_spec_change`` reads a checkpoint mapc
-    wrote with a spec other than the one its record carries (otherwise refused). An option the target format does not honour is
-    refused (MapcError)."""
+    wrote with a spec other than the one its record carries (otherwise refused). An option the
+    target format does not honour is refused (MapcError)."""
     cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,
                       source_set=source_set, spec=spec, source_format=source_format,
                       max_shard_bytes=max_shard_bytes, dp=dp, with_optimizer=with_optimizer,

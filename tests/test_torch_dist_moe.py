@@ -5,8 +5,9 @@ from HF weights at tp=2, ep=2 (expert tensor parallel 1) with ``dist_checkpointi
 (strict) and then saves its own seeded MoE model at tp=2, ep=1 (experts tp-split); every test
 here shares it. The same run loads and saves with the Transformer Engine spec's key names too
 (naming ``te``: the MoE layer's norm under ``pre_mlp_layernorm.weight``), and the NeMo 2 way
-(those names, every key prefixed ``module.``, in ``weights/``). Expected tensors are computed from the HF weights (or megatron-core's live
-shards) with numpy slicing, independently of mapc's spec.
+(those names, every key prefixed ``module.``, in ``weights/``). Expected tensors are computed
+from the HF weights (or megatron-core's live shards) with numpy slicing, independently of
+mapc's spec.
 """
 from __future__ import annotations
 
