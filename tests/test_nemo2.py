@@ -31,6 +31,9 @@ def test_files_keys_and_round_trip(nemo2, tmp_path):
     keys = list(dcp.read_metadata(n2 / "weights").get("state_dict_metadata"))
     assert keys and all(k.startswith("module.") for k in keys)
     assert "module.decoder.layers.self_attention.linear_qkv._extra_state/shard_0_4" in keys
+    # Transformer Engine's attention core and final norm, as NeMo 2 checkpoints list them
+    assert "module.decoder.layers.self_attention.core_attention._extra_state/shard_3_4" in keys
+    assert "module.decoder.final_layernorm._extra_state/shard_0_1" in keys
     assert set(torchfile.load(n2 / "weights" / "common.pt")) == {"content_metadata"}
     shutil.copytree(n2, tmp_path / "bare")
     (tmp_path / "bare" / "mapc.json").unlink()

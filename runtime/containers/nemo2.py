@@ -20,6 +20,7 @@ NeMo's ``io.load_context`` reads), plus tokenizer files. Reading takes the confi
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mapc.errors import MapcError
@@ -178,8 +179,29 @@ def model_yaml(args: dict) -> dict:
     return {"_target_": MODEL_TARGET, "config": config}
 
 
+# Transformer Engine modules (NeMo 2's spec) with an _extra_state but no tensor mapc writes
+# under their own name: the attention core beside each fused QKV (NeMo 2 checkpoints list
+# module.decoder.layers.self_attention.core_attention._extra_state) and the final norm
+_TE_ATTENTION = re.compile(r"^(.*\.self_attention\.)linear_qkv\.weight$")
+_TE_FINAL_NORM = re.compile(r"^(.*\.final_layernorm)\.weight$")
+
+
 class Nemo2Writer(torch_dist.TorchDistWriter):
+    """The torch_dist writer with every key prefixed ``module.``, into ``weights/``, and the
+    ``_extra_state`` objects of Transformer Engine's modules that have no tensor of their own
+    (``None``, as a module without fp8 state; a loader without them leaves them unread)."""
     key_prefix = PREFIX
+
+    def _extra_state_keys(self, fqn: str, shape: tuple) -> list[str]:
+        keys = super()._extra_state_keys(fqn, shape)
+        m = _TE_ATTENTION.match(fqn)
+        if m and shape:
+            keys += [f"{m.group(1)}core_attention._extra_state/shard_{i}_{shape[0]}"
+                     for i in range(shape[0])]
+        m = _TE_FINAL_NORM.match(fqn)
+        if m:
+            keys.append(f"{m.group(1)}._extra_state/shard_0_1")
+        return keys
 
     def _subdir(self) -> str:
         return WEIGHTS

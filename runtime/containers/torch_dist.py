@@ -357,7 +357,7 @@ class TorchDistWriter(PlannedWriter):
         for fqn, (shape, _, chunks) in self.tensors.items():
             if sum(int(np.prod(z)) for _, z, _, _ in chunks) != int(np.prod(shape)):
                 raise MapcError(f"internal: {fqn} was not written completely")
-            for key in _extra_state_keys(fqn, shape):
+            for key in self._extra_state_keys(fqn, shape):
                 self.objects.setdefault(key, self._append(_archive(obj=[None])))
         self.file.close()
         d = self.dir / self.sub
@@ -368,6 +368,9 @@ class TorchDistWriter(PlannedWriter):
         w = torchfile.TorchWriter(d / COMMON)
         w.finish(self._common())
         self._finish_root(record)
+
+    def _extra_state_keys(self, fqn: str, shape: tuple) -> list[str]:
+        return _extra_state_keys(fqn, shape)
 
     def _common(self) -> dict:
         args = dict(self.args, ckpt_format="torch_dist",
