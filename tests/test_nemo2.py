@@ -77,7 +77,14 @@ def bare(nemo2, tmp_path):
     return tmp_path / "n2"
 
 
+def _bad_tp(d):
+    f = d / "context" / "model.yaml"
+    f.write_text(f.read_text().replace("tensor_model_parallel_size: 2",
+                                       "tensor_model_parallel_size: 1.0e+30"))
+
+
 @pytest.mark.parametrize("edit,words", [(_bad_yaml, "cannot parse model.yaml"),
+                                        (_bad_tp, "tensor_model_parallel_size is 1e"),
                                         (_no_config, "has no 'config' mapping"),
                                         (_no_prefix, "no model tensors under the prefix")])
 def test_broken_nemo2_is_a_clean_error(bare, edit, words):

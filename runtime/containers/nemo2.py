@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mapc.compiler.plan import MAX_MESH
 from mapc.errors import MapcError
 from mapc.runtime.containers import torch_dist
 from mapc.runtime.containers.base import MAPC_JSON, write_json
@@ -128,6 +129,7 @@ class Nemo2Source(torch_dist.TorchDistSource):
                                      f"io.json is not read): pass --config")
             return
         self.format_meta = megatron_view(self.model_yaml["config"])
+        self.saved_topology     # its sizes are bounded now, before anything uses them
         if self.format_meta.get("vocab_size") is None and not self.config:
             emb = self.tensors.get("embedding.word_embeddings.weight")
             if emb is not None:
@@ -139,9 +141,17 @@ class Nemo2Source(torch_dist.TorchDistSource):
 
     @property
     def saved_topology(self) -> dict:
-        m = self.format_meta
-        return {"tp": int(m.get("tensor_model_parallel_size") or 1),
-                "pp": int(m.get("pipeline_model_parallel_size") or 1)}
+        out = {}
+        for axis, key in (("tp", "tensor_model_parallel_size"),
+                          ("pp", "pipeline_model_parallel_size")):
+            n = self.format_meta.get(key)
+            if n is None:
+                n = 1
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MESH:
+                raise MapcError(f"{MODEL_YAML}: {key} is {n!r}, not a size from 1 to {MAX_MESH}",
+                                where=str(self.path / CONTEXT / MODEL_YAML))
+            out[axis] = n
+        return out
 
     def describe_coord(self, coord):
         t = self.saved_topology
