@@ -174,3 +174,25 @@ def test_reads_a_nemo_style_model_yaml(bare, tmp_path):
             "intermediate_size", "vocab_size", "rms_norm_eps", "max_position_embeddings",
             "tie_word_embeddings")
     assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+
+
+class LightningLike:
+    """Stands for the Lightning objects NeMo 2 keeps in weights/common.pt (a global mapc's
+    unpickler does not resolve)."""
+    def __init__(self):
+        self.state = {"best_model_path": "x"}
+
+
+def test_a_common_pt_with_foreign_objects_is_skipped(bare, tmp_path):
+    """NeMo's common.pt holds Lightning's state: objects mapc does not unpickle. The weights
+    (and model.yaml) are still read, with a warning naming the file."""
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+    torch.save({"content_metadata": {}, "epoch": 0, "callbacks": {"cb": LightningLike()}},
+               str(bare / "weights" / "common.pt"))
+    with open_source(bare) as src:
+        assert any("common.pt is not read" in w for w in src.warnings), src.warnings
+    mapc.convert(bare, tmp_path / "hf", to="hf")
+    a = load_file(str(bare.parent / "src_hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -116,6 +116,19 @@ class Nemo2Source(torch_dist.TorchDistSource):
                             f"weights)", where=str(self.path), hint="copy the complete checkpoint")
         return d
 
+    def _common(self) -> dict:
+        """``common.pt``, or ``{}`` when it names objects mapc does not unpickle: NeMo keeps
+        Lightning's training state there (loops, callbacks, schedulers), which the weights and
+        ``model.yaml`` do not need."""
+        try:
+            return super()._common()
+        except MapcError as e:
+            if not (self.iter_dir / torch_dist.COMMON).is_file():
+                raise
+            self.warnings.append(f"{WEIGHTS}/{torch_dist.COMMON} is not read ({e.message}); "
+                                 f"the weights and {MODEL_YAML} do not need it")
+            return {}
+
     def __init__(self, path):
         super().__init__(path)
         if not self.tensors:
