@@ -47,8 +47,18 @@ def _parse_sets(sets) -> dict:
 
 def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set=None,
                     spec=None, source_format=None, source_set=None,
-                    allow_spec_change: bool = False):
-    """Open ``src`` and compile the program that converts it; nothing is written."""
+                    allow_spec_change: bool = False, vpp: int | None = None):
+    """Open ``src`` and compile the program that converts it; nothing is written.
+
+    ``vpp`` (Megatron's interleaved schedule) compiles the target at ``pp * vpp`` pipeline
+    stages: virtual stage ``chunk * pp + rank`` is chunk ``chunk`` of pipeline rank ``rank``,
+    which is megatron-core's layer offset (``get_transformer_layer_offset``) for even stages."""
+    if vpp is not None and vpp > 1:
+        if (pp or 1) < 2:
+            raise MapcError(f"--vpp {vpp} needs --pp of at least 2: Megatron's interleaved "
+                            "schedule splits each pipeline rank's layers into chunks",
+                            hint="pass --pp N, or drop --vpp")
+        pp = pp * vpp
     source = open_source(src, source_format)
     try:
         res = resolve(source, spec=spec, config=config, params=_source_params(source_set),
@@ -60,10 +70,23 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
         sets = _parse_sets(set)
         # a format of global tensors whose metadata records the training run's sizes takes
         # --tp/--pp as layout parameters (torch_dist: tp_size, pp_size)
+        declared = {p["name"] for p in res.spec.layout(target_layout)["params"]} \
+            if target_layout in res.spec.layout_names() else set()
         for axis, param in getattr(module(to), "TOPOLOGY_PARAMS", {}).items():
-            if topo.get(axis) is not None:
+            if topo.get(axis) is not None and param in declared:
                 sets.setdefault(param, topo.pop(axis))
-        target = plan_layout(res.spec, target_layout, res.env, topo, sets)
+        # a format whose own training stack names tensors one way (NeMo 2: the Transformer
+        # Engine spec) prefers that value of a layout parameter; --set overrides it
+        for param, value in getattr(module(to), "LAYOUT_DEFAULTS", {}).items():
+            if param in declared:
+                sets.setdefault(param, value)
+        try:
+            target = plan_layout(res.spec, target_layout, res.env, topo, sets)
+        except MapcError as e:
+            if vpp is None or vpp < 2:
+                raise
+            raise MapcError(f"--pp {pp // vpp} --vpp {vpp} is {pp} virtual pipeline stages: "
+                            + e.message, where=e.where, hint=e.hint, context=e.context) from None
         return res, compile_program(res.plan, target)
     except BaseException:
         source.close()
@@ -96,6 +119,7 @@ class Template:
     topology: dict                 # tp/pp/ep of the template's layout
     dp: int | None
     training: dict                 # the template's training state (param groups, ...)
+    vpp: int | None = None         # virtual pipeline stages per rank (megatron)
 
 
 def read_template(like, *, spec=None, config=None) -> Template:
@@ -106,18 +130,21 @@ def read_template(like, *, spec=None, config=None) -> Template:
         res = resolve(tmpl, spec=spec, config=config)
         training = tmpl.training_state() or {}
         dp = getattr(tmpl, "dp", None) or training.get("dp_world_size")
-        return Template(str(like), tmpl.format, res.plan,
-                        {a: n for a, n in res.plan.mesh.items() if a in ("tp", "pp", "ep")},
-                        dp, training)
+        topology = {a: n for a, n in res.plan.mesh.items() if a in ("tp", "pp", "ep")}
+        vpp = getattr(tmpl, "vpp", 1)
+        if vpp > 1:     # its pp axis counts virtual stages (pp * vpp)
+            topology["pp"] //= vpp
+        return Template(str(like), tmpl.format, res.plan, topology, dp, training,
+                        vpp if vpp > 1 else None)
     finally:
         tmpl.close()
 
 
-def _like_settings(template: Template, to, tp, pp, ep, dp, set) -> tuple:
+def _like_settings(template: Template, to, tp, pp, ep, dp, set, vpp=None) -> tuple:
     """Target settings from a template; an explicit option that contradicts it is an error."""
     given = {"--to": (to, template.format), "--tp": (tp, template.topology.get("tp")),
              "--pp": (pp, template.topology.get("pp")), "--ep": (ep, template.topology.get("ep")),
-             "--dp": (dp, template.dp)}
+             "--dp": (dp, template.dp), "--vpp": (vpp, template.vpp or 1)}
     clash = [f"{opt} {mine} (the template has {theirs})" for opt, (mine, theirs) in given.items()
              if mine is not None and theirs is not None and mine != theirs]
     if clash:
@@ -126,7 +153,8 @@ def _like_settings(template: Template, to, tp, pp, ep, dp, set) -> tuple:
     params = dict(template.plan.params)
     params.update(_parse_sets(set))
     return (template.format, template.topology.get("tp"), template.topology.get("pp"),
-            template.topology.get("ep"), template.dp if dp is None else dp, params)
+            template.topology.get("ep"), template.dp if dp is None else dp, params,
+            template.vpp)
 
 
 def check_like(template: Template, program: Program) -> None:
@@ -177,7 +205,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                  zero_stage: int | None = None,
                  allow_spec_change: bool = False, allow_lossy: bool = False,
                  pp_first_stage: int | None = None, pp_last_stage: int | None = None,
-                 workers: int | None = 1) -> ConversionPlan:
+                 workers: int | None = 1, vpp: int | None = None) -> ConversionPlan:
     """Plan ``convert`` (same arguments) completely, writing nothing: every check a real run
     makes before writing is made here, so a plan that succeeds is what the run will do."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
@@ -188,17 +216,22 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                         hint="choose 1, 2 or 3")
     if dp is not None and (not isinstance(dp, int) or not 1 <= dp <= MAX_MESH):
         raise MapcError(f"--dp {dp!r} must be a positive integer of at most {MAX_MESH}")
+    if vpp is not None and (not isinstance(vpp, int) or not 1 <= vpp <= MAX_MESH):
+        raise MapcError(f"--vpp {vpp!r} must be a positive integer of at most {MAX_MESH}")
     if dtype not in DTYPE_CHOICES:
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     explicit = frozenset(k for k, v in (("dp", dp), ("zero_stage", zero_stage),
                                         ("with_optimizer", with_optimizer or None),
                                         ("max_shard_bytes", max_shard_bytes),
                                         ("pp_first_stage", pp_first_stage),
-                                        ("pp_last_stage", pp_last_stage)) if v is not None)
+                                        ("pp_last_stage", pp_last_stage), ("vpp", vpp))
+                         if v is not None)
     template = None
     if like is not None:
         template = read_template(like, spec=spec, config=config)
-        to, tp, pp, ep, dp, set = _like_settings(template, to, tp, pp, ep, dp, set)
+        to, tp, pp, ep, dp, set, like_vpp = _like_settings(template, to, tp, pp, ep, dp, set,
+                                                           vpp)
+        vpp = vpp if vpp is not None else like_vpp
     if to is None:
         raise MapcError("no target format", hint="pass --to FORMAT (or --like TEMPLATE)")
     if to not in FORMATS:
@@ -213,9 +246,12 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                 raise MapcError(f"{OPTIONS[opt]} {n!r} must be a positive number of layers")
         names = getattr(module(to), "STAGE_PARAMS", {})
         set = list(set or []) + [f"{names[o]}={n}" for o, n in stages.items() if n is not None]
+    if "vpp" in explicit:   # before compiling at pp * vpp stages
+        check_request(WriteRequest(to, vpp=vpp, explicit=frozenset({"vpp"})))
     res, program = plan_conversion(src, to, tp=tp, pp=pp, ep=ep, config=config, set=set,
                                    spec=spec, source_format=source_format,
-                                   source_set=source_set, allow_spec_change=allow_spec_change)
+                                   source_set=source_set, allow_spec_change=allow_spec_change,
+                                   vpp=vpp)
     try:
         if dp is not None:
             check_dp(program.target, dp)
@@ -226,7 +262,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                                zero_stage=zero_stage, with_optimizer=with_optimizer,
                                max_shard_bytes=max_shard_bytes,
                                like_training=template.training if template else None,
-                               explicit=explicit, allow_lossy=allow_lossy, **stages)
+                               explicit=explicit, allow_lossy=allow_lossy, vpp=vpp,
+                               **stages)
         write = plan_write(program, facts, request)
         return ConversionPlan(res, program, facts, request, write, workers)
     except BaseException:
@@ -242,7 +279,8 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
             with_optimizer: bool = False, like=None,
             zero_stage: int | None = None, allow_spec_change: bool = False,
             allow_lossy: bool = False, pp_first_stage: int | None = None,
-            pp_last_stage: int | None = None, workers: int | None = 1) -> execute.Report:
+            pp_last_stage: int | None = None, workers: int | None = 1,
+            vpp: int | None = None) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox,
@@ -250,22 +288,23 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     too; ``like`` names a template checkpoint whose format, topology, layout parameters and
     optimizer param groups the output takes (``to``/``tp``/... may then be omitted);
     ``zero_stage`` picks the ZeRO stage of a deepspeed/universal target (default: the source's,
-    else 1); ``allow_spec_change`` reads a checkpoint mapc wrote with a spec other than the one
-    its record carries (otherwise refused); ``allow_lossy`` writes tensors whose spec value map
-    rounds (otherwise refused: mapc.runtime.values). ``pp_first_stage`` / ``pp_last_stage`` ask
-    a megatron target for uneven pipeline stages (that many layers on the first / last stage,
-    the rest split evenly between, as megatron-core's num_layers_in_first/last_pipeline_stage).
-    ``workers`` is the number of processes that write the output's independent files (None:
-    what the machine has; see mapc.runtime.workers). Under torchrun or srun every rank writes
-    its share of the files. An option the target format does not honour is refused
-    (MapcError)."""
+    else 1); ``vpp`` writes a megatron target with that many virtual pipeline stages
+    (interleaved schedule) per pipeline rank; ``allow_spec_change`` reads a checkpoint mapc
+    wrote with a spec other than the one its record carries (otherwise refused);
+    ``allow_lossy`` writes tensors whose spec value map rounds (otherwise refused:
+    mapc.runtime.values). ``pp_first_stage`` / ``pp_last_stage`` ask a megatron target for
+    uneven pipeline stages (that many layers on the first / last stage, the rest split evenly
+    between, as megatron-core's num_layers_in_first/last_pipeline_stage). ``workers`` is the
+    number of processes that write the output's independent files (None: what the machine
+    has; see mapc.runtime.workers). Under torchrun or srun every rank writes its share of the
+    files. An option the target format does not honour is refused (MapcError)."""
     cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,
                       source_set=source_set, spec=spec, source_format=source_format,
                       max_shard_bytes=max_shard_bytes, dp=dp, with_optimizer=with_optimizer,
                       like=like, zero_stage=zero_stage, allow_spec_change=allow_spec_change,
                       allow_lossy=allow_lossy,
                       pp_first_stage=pp_first_stage, pp_last_stage=pp_last_stage,
-                      workers=workers)
+                      workers=workers, vpp=vpp)
     return write_conversion(cp, src, dst, force=force, backend=backend, quiet=quiet)
 
 
@@ -388,6 +427,9 @@ def inspect(path, *, source_format=None, spec=None, config=None) -> dict:
         topology = dict(source.topology or {})
         if getattr(source, "dp", None):          # ZeRO data parallelism (container level)
             topology["dp"] = source.dp
+        if getattr(source, "vpp", 1) > 1:        # pp counts virtual stages: show the ranks
+            topology["pp"] //= source.vpp
+            topology["vpp"] = source.vpp
         info = {"path": str(path), "format": source.format, "topology": topology,
                 "family": None, "params": None, "config": None}
         if getattr(source, "saved_topology", None):   # global tensors saved by a parallel run

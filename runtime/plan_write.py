@@ -43,6 +43,7 @@ OPTIONS = {
     "max_shard_bytes": "max_shard_bytes",
     "pp_first_stage": "--pp-first-stage",
     "pp_last_stage": "--pp-last-stage",
+    "vpp": "--vpp",
 }
 
 
@@ -59,6 +60,9 @@ class WriteRequest:
     zero_stage: int | None = None
     with_optimizer: bool = False
     max_shard_bytes: int | None = None
+    # virtual pipeline stages per pipeline rank (Megatron's interleaved schedule): the program
+    # is compiled at pp * vpp stages, virtual stage s = chunk * pp + pipeline rank
+    vpp: int | None = None
     like_training: dict | None = None        # --like: the template's training state
     pp_first_stage: int | None = None        # uneven pipeline: layers on the first stage
     pp_last_stage: int | None = None         # ... and on the last (megatron-core's rule)

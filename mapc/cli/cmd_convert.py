@@ -14,6 +14,7 @@ HELP = "convert / reshard a checkpoint"
 EXAMPLES = """examples:
   mapc convert llama-hf llama-mcore --to megatron --tp 2 --pp 2
   mapc convert llama-mcore llama-tp4 --to megatron --tp 4          # reshard up
+  mapc convert llama-hf llama-vpp --to megatron --pp 2 --vpp 2      # interleaved schedule
   mapc convert llama-mcore llama-back --to hf --dtype bf16
   mapc convert llama-hf out --to megatron --set naming=te --set vocab_multiple=64
   mapc convert old-run new-run --like fresh-init-on-new-cluster   # format/topology from a template
@@ -37,6 +38,10 @@ def add_arguments(p):
     p.add_argument("--from", dest="source_format", choices=sorted(FORMATS),
                    help="source format (default: detected)")
     add_topology(p)
+    p.add_argument("--vpp", type=int, default=None,
+                   help="virtual pipeline stages per pipeline rank of a megatron target "
+                        "(Megatron's interleaved schedule: model0, model1, ... in every rank "
+                        "file); the source's are read automatically")
     p.add_argument("--dp", type=int, default=None,
                    help="data-parallel size of a training-checkpoint target (deepspeed, neox): "
                         "the optimizer state is repartitioned for it (default: the source's)")
@@ -95,7 +100,7 @@ def run(args) -> int:
                       zero_stage=args.zero_stage, allow_spec_change=args.allow_spec_change,
                       allow_lossy=args.allow_lossy,
                       pp_first_stage=args.pp_first_stage, pp_last_stage=args.pp_last_stage,
-                      workers=args.workers)
+                      workers=args.workers, vpp=args.vpp)
     if args.dry_run:
         cp.close()
         print(cp.pretty())

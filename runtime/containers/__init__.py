@@ -36,6 +36,7 @@ MODULES = {
     "universal": "universal",
     "neox": "neox",
     "torch_dist": "torch_dist",
+    "nemo2": "nemo2",
 }
 
 
@@ -43,7 +44,7 @@ MODULES = {
 # honoured by every format.
 HONOURS = {
     "hf": frozenset({"with_optimizer", "max_shard_bytes"}),
-    "megatron": frozenset({"with_optimizer", "pp_first_stage", "pp_last_stage"}),
+    "megatron": frozenset({"with_optimizer", "pp_first_stage", "pp_last_stage", "vpp"}),
     "nemo": frozenset(),
     "gguf": frozenset(),
     "dcp": frozenset(),
@@ -52,6 +53,7 @@ HONOURS = {
     "universal": frozenset({"dp", "zero_stage"}),
     "neox": frozenset({"dp", "zero_stage", "with_optimizer"}),
     "torch_dist": frozenset(),
+    "nemo2": frozenset(),
 }
 
 
@@ -75,9 +77,9 @@ FORMATS = MODULES  # the names users may pass to --to / --from
 # (e.g. exported weights), so hf, the loosest test, comes last. A NeoX (pipeline) checkpoint
 # also has DeepSpeed's optimizer files, so neox comes before deepspeed. A torch_dist root has
 # Megatron's tracker file and its iteration directory is a DCP directory, so torch_dist comes
-# before megatron and dcp.
-DETECT_ORDER = ("neox", "deepspeed", "universal", "nemo", "nxdt", "torch_dist", "megatron",
-                "gguf", "dcp", "hf")
+# before megatron and dcp. A NeMo 2 directory (weights/ + context/) has no file of the others.
+DETECT_ORDER = ("neox", "deepspeed", "universal", "nemo", "nemo2", "nxdt", "torch_dist",
+                "megatron", "gguf", "dcp", "hf")
 
 
 def detect_format(path) -> str:

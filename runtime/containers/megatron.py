@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +149,10 @@ class MegatronSource(RefSource):
                 ranks[(t, 0, 0)] = f
         self.topology, self.files, self._coords = rank_grid(ranks, rank_dir, str(self.iter_dir))
         self._loaded: dict = {}
+        self._files_loaded: dict = {}
+        self._chunk: dict = {}
+        self.vpp = 1
+        self._virtual_stages(args)
         first = self._load(self._coords[0])
         args = first.get("args")
         self.format_meta = dict(args) if args is not None else {}
@@ -169,22 +173,67 @@ class MegatronSource(RefSource):
                                  "in distrib_optim.pt files, which mapc does not read: weights "
                                  "only")
 
+    def _virtual_stages(self, args):
+        """Megatron-LM's interleaved schedule saves ``model0``, ``model1``, ... (one model chunk
+        per virtual stage) in every rank file. Chunk v of pipeline rank p is virtual stage
+        ``v * pp + p``, which is how the compiler sees it: the pp axis counts virtual stages
+        (megatron-core's layer offset of chunk v on rank p is (v * pp + p) * layers / (pp * vpp)
+        when the stages are even)."""
+        f = self.files[coord_key(self._coords[0])]
+        chunks = _chunk_keys(self._load_file(f), f)
+        vpp = len(chunks) if chunks != ["model"] else 1
+        said = args.get("virtual_pipeline_model_parallel_size")
+        if said not in (None, vpp) and not (said == 1 and vpp == 1):
+            raise MapcError(f"args.virtual_pipeline_model_parallel_size is {said}, but the file "
+                            f"holds {len(chunks)} model chunk(s) ({', '.join(chunks)})",
+                            where=str(f), hint="the checkpoint is inconsistent; re-save it")
+        if vpp == 1:
+            return
+        pp = self.topology["pp"]
+        files, coords = {}, []
+        for coord in self._coords:
+            c = dict(coord)
+            for v in range(vpp):
+                vc = tuple((a, v * pp + i if a == "pp" else i) for a, i in coord)
+                files[coord_key(vc)] = self.files[coord_key(coord)]
+                self._chunk[coord_key(vc)] = v
+                coords.append(((v * pp + c["pp"], c.get("ep", 0), c["tp"]), vc))
+        self.files = files
+        self._coords = [vc for _, vc in sorted(coords)]
+        self.vpp = vpp
+        self.topology = dict(self.topology, pp=pp * vpp)
+
     def _file(self, coord):
         return self.files[coord_key(coord)]
 
+    def _load_file(self, f):
+        """A rank file with ``_tensors``: every model chunk's tensors (names prefixed
+        ``model{v}.`` when the file holds several chunks) and ``_chunks``: each chunk's."""
+        if f not in self._files_loaded:
+            obj = torchfile.load(f, PICKLES)
+            keys = _chunk_keys(obj, f)
+            chunks = []
+            for key in keys:
+                model = obj[key]
+                if not hasattr(model, "items"):
+                    raise MapcError(f"the '{key}' entry is a {type(model).__name__}, not a "
+                                    "state dict", where=str(f))
+                chunks.append({k: v for k, v in flatten(model).items()
+                               if not k.endswith("_extra_state")
+                               and isinstance(v, torchfile.TensorRef)})
+            obj = dict(obj)
+            obj["_chunks"] = chunks
+            obj["_tensors"] = chunks[0] if len(chunks) == 1 else \
+                {f"{key}.{n}": ref for key, c in zip(keys, chunks) for n, ref in c.items()}
+            self._files_loaded[f] = obj
+        return self._files_loaded[f]
+
     def _load(self, coord):
+        """The rank file of ``coord`` with ``_tensors`` of its model chunk."""
         key = coord_key(coord)
         if key not in self._loaded:
-            obj = torchfile.load(self.files[key], PICKLES)
-            if not isinstance(obj, dict) or "model" not in obj:
-                raise MapcError("not a Megatron checkpoint file (no 'model' entry)",
-                                where=str(self.files[key]))
-            model = obj["model"]
-            flat = {k: v for k, v in flatten(model).items()
-                    if not k.endswith("_extra_state") and isinstance(v, torchfile.TensorRef)}
-            obj = dict(obj)
-            obj["_tensors"] = flat
-            self._loaded[key] = obj
+            obj = self._load_file(self.files[key])
+            self._loaded[key] = dict(obj, _tensors=obj["_chunks"][self._chunk.get(key, 0)])
         return self._loaded[key]
 
     def coords(self):
@@ -201,7 +250,8 @@ class MegatronSource(RefSource):
                             where=str(self._file(coord))) from None
 
     def describe_coord(self, coord):
-        return str(self._file(coord).relative_to(self.path))
+        where = str(self._file(coord).relative_to(self.path))
+        return where + (f" model{self._chunk[coord_key(coord)]}" if self.vpp > 1 else "")
 
     # -- optimizer state ----------------------------------------------------------------------
     def slots(self):
@@ -213,8 +263,18 @@ class MegatronSource(RefSource):
         """{"state": {name: {slot: TensorRef}}, "groups": [[names]], "hyper": [...]} of a rank."""
         key = coord_key(coord)
         if key not in self._optim:
-            self._optim[key] = _index_optimizer(self._load(coord), self.optimizer_kind,
-                                                self._file(coord))
+            f = self._file(coord)
+            if self.vpp == 1:
+                self._optim[key] = _index_optimizer(self._load(coord), self.optimizer_kind, f)
+            else:   # one optimizer per rank file, over all its chunks (model{v}.NAME)
+                if f not in self._optim:
+                    self._optim[f] = _index_optimizer(self._load_file(f), self.optimizer_kind, f)
+                whole, prefix = self._optim[f], f"model{self._chunk[key]}."
+                self._optim[key] = {
+                    "state": {n.removeprefix(prefix): st for n, st in whole["state"].items()
+                              if n.startswith(prefix)},
+                    "groups": [[n.removeprefix(prefix) for n in g if n.startswith(prefix)]
+                               for g in whole["groups"]]}
         return self._optim[key]
 
     def dtype(self, name, coord, slot="param"):
@@ -288,17 +348,39 @@ MODULE_ORDER = {n: i for i, n in enumerate((
 
 
 def module_order(names) -> list[str]:
-    """``names`` in megatron-core's ``named_parameters`` order (the order of optimizer indices)."""
+    """``names`` in megatron-core's ``named_parameters`` order (the order of optimizer indices).
+    A leading ``model{v}.`` (a virtual-pipeline chunk) sorts by chunk first: megatron-core's
+    ``_get_param_groups`` walks the model chunks in order."""
     first = {}
     for n in names:
         for part in n.split("."):
             first.setdefault(part, len(first))
 
     def key(name):
-        return [(0, int(p), 0) if p.isdigit() else
-                (1, MODULE_ORDER[p], 0) if p in MODULE_ORDER else (2, 0, first[p])
-                for p in name.split(".")]
+        parts = name.split(".")
+        head = [(-1, int(parts[0][5:]), 0)] if _CHUNK.match(parts[0]) else []
+        return head + [(0, int(p), 0) if p.isdigit() else
+                       (1, MODULE_ORDER[p], 0) if p in MODULE_ORDER else (2, 0, first[p])
+                       for p in parts[len(head):]]
     return sorted(names, key=key)
+
+
+_CHUNK = re.compile(r"^model\d+$")
+
+
+def _chunk_keys(obj, where) -> list[str]:
+    """``["model"]``, or ``["model0", "model1", ...]`` of a virtual-pipeline rank file."""
+    if not isinstance(obj, dict):
+        raise MapcError("not a Megatron checkpoint file (not a dict)", where=str(where))
+    if "model" in obj:
+        return ["model"]
+    n = sum(1 for k in obj if isinstance(k, str) and _CHUNK.match(k))
+    keys = [f"model{v}" for v in range(n)]
+    if not n or any(k not in obj for k in keys):
+        raise MapcError("not a Megatron checkpoint file (no 'model' entry" +
+                        (f"; model chunks {sorted(k for k in obj if _CHUNK.match(str(k)))} are "
+                         f"not model0..model{n - 1}" if n else "") + ")", where=str(where))
+    return keys
 
 
 def _no_weight_decay(name: str, ndim: int) -> bool:
@@ -415,7 +497,8 @@ class MegatronWriter(PlannedWriter):
     def __init__(self, tmpdir, program, plan):
         super().__init__(tmpdir, program, plan)
         topology, opt = program.target.mesh, plan.detail
-        self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1)
+        self.vpp = opt.vpp
+        self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1) // opt.vpp
         self.ep = topology.get("ep", 1)
         self.args = program.target.meta()
         self.iteration = opt.iteration
@@ -423,7 +506,7 @@ class MegatronWriter(PlannedWriter):
         self.groups = opt.groups or {}
         self.fresh = opt.fresh
         self.default_training = opt.training or {}
-        self.writers = {}
+        self.writers = {}             # rank file coord -> (TorchWriter, {(coord, name): ref})
         self.order = {}
         self.dtypes = {}
         self.slot_data: dict = {}     # (coord, name) -> {slot: placeholder}
@@ -437,40 +520,52 @@ class MegatronWriter(PlannedWriter):
                 self.order[coord] = module_order(self.order[coord])
         self.sub = _subdir(self.iteration, self.optimizer)
         for coord in self.order:
-            rel = f"{self.sub}/{rank_dir(coord, self.pp, self.ep)}"
+            rank = self._rank_file(coord)[0]
+            if rank in self.writers:
+                continue
+            rel = f"{self.sub}/{rank_dir(rank, self.pp, self.ep)}"
             if not self.owns(f"{rel}/{FILE}"):
                 continue                          # another worker's rank
             d = self.dir / rel
             d.mkdir(parents=True, exist_ok=True)
-            self.writers[coord] = (torchfile.TorchWriter(d / FILE), {})
+            self.writers[rank] = (torchfile.TorchWriter(d / FILE), {})
+
+    def _rank_file(self, coord):
+        """(rank file coord, model chunk) of a program coord: with virtual pipeline stages the
+        program's pp axis counts them, stage s = chunk * pp + pipeline rank."""
+        if self.vpp == 1:
+            return coord, None
+        s = dict(coord).get("pp", 0)
+        return tuple((a, s % self.pp if a == "pp" else i) for a, i in coord), s // self.pp
 
     def write(self, coord, name, arr):
-        w, placeholders = self.writers[coord]
-        placeholders[name] = w.add_tensor(arr)
+        w, placeholders = self.writers[self._rank_file(coord)[0]]
+        placeholders[(coord, name)] = w.add_tensor(arr)
         if self.fresh and self.optimizer == "mixed" and self._is16(coord, name):
             self.slot_data.setdefault((coord, name), {})["master"] = \
                 w.add_tensor(np.asarray(arr, dtype=np.float32))
 
     def write_slot(self, slot, coord, name, arr):
-        w, _ = self.writers[coord]
+        w, _ = self.writers[self._rank_file(coord)[0]]
         self.slot_data.setdefault((coord, name), {})[slot] = w.add_tensor(arr)
 
     def _is16(self, coord, name):
         return self.dtypes[(coord, name)] in ("float16", "bfloat16")
 
-    def _optimizer_dict(self, coord, training, w):
-        """megatron-core's optimizer.state_dict() for this rank."""
+    def _optimizer_dict(self, entries, training, w):
+        """megatron-core's optimizer.state_dict() for one rank file: ``entries`` are its
+        (coord, name) in parameter order (model chunk by model chunk)."""
         hyper = _megatron_groups(training.get("param_groups") or [{}])
         order = sorted(range(len(hyper)), key=lambda g: _group_sort_key(hyper[g]))
         members = {g: [] for g in range(len(hyper))}
-        for name in self.order[coord]:
-            g = self.groups.get((coord, name), 0)
-            members[g if g < len(hyper) else 0].append(name)
+        for entry in entries:
+            g = self.groups.get(entry, 0)
+            members[g if g < len(hyper) else 0].append(entry)
         step = training.get("step")
         state, groups, masters, i = {}, [], [], 0
         for g in order:
             idx = []
-            for name in members[g]:
+            for coord, name in members[g]:
                 slots = self.slot_data.get((coord, name), {})
                 if not self.fresh:
                     st = {}
@@ -482,15 +577,14 @@ class MegatronWriter(PlannedWriter):
                 idx.append(i)
                 i += 1
             groups.append({**hyper[g], "params": idx})
-            masters.append([self.slot_data[(coord, n)]["master"] for n in members[g]
-                            if self._is16(coord, n)])
+            masters.append([self.slot_data[e]["master"] for e in members[g] if self._is16(*e)])
         inner = {"state": state, "param_groups": groups}
         if self.optimizer == "fp32":
             return inner
         out = {"optimizer": inner}
         scaler = training.get("grad_scaler")
         if scaler or (training.get("loss_scale") is not None and
-                      any(self.dtypes[(coord, n)] == "float16" for n in self.order[coord])):
+                      any(self.dtypes[e] == "float16" for e in entries)):
             scaler = dict(scaler or {"scale": training["loss_scale"]})
             out["grad_scaler"] = {
                 "scale": w.add_tensor(np.asarray([scaler["scale"]], dtype=np.float32)),
@@ -503,21 +597,33 @@ class MegatronWriter(PlannedWriter):
         training = record.get("training") or {}
         if not training.get("param_groups"):
             training = self.default_training
+        chunks: dict = {}    # rank file coord -> {chunk: program coord}
+        for coord in self.order:
+            rank, v = self._rank_file(coord)
+            chunks.setdefault(rank, {})[v] = coord
         for coord, (w, placeholders) in self.writers.items():
             c = dict(coord)
             args = dict(self.args)
             args.update(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
                         expert_model_parallel_size=self.ep, rank=0,
                         world_size=self.tp * self.pp * self.ep)
-            model = nest((n, placeholders[n]) for n in self.order[coord])
+            if self.vpp > 1:
+                args.update(virtual_pipeline_model_parallel_size=self.vpp,
+                            num_layers_per_virtual_pipeline_stage=(
+                                args["num_layers"] // (self.pp * self.vpp)
+                                if isinstance(args.get("num_layers"), int) else None))
             obj = {
                 "args": torchfile.Namespace(**args),
                 "checkpoint_version": 3.0,
                 "iteration": int(self.iteration or 0),
-                "model": model,
             }
+            entries = []
+            for v, vc in sorted(chunks[coord].items(), key=lambda x: x[0] or 0):
+                obj["model" if v is None else f"model{v}"] = \
+                    nest((n, placeholders[(vc, n)]) for n in self.order[vc])
+                entries += [(vc, n) for n in self.order[vc]]
             if self.optimizer:
-                obj["optimizer"] = self._optimizer_dict(coord, training, w)
+                obj["optimizer"] = self._optimizer_dict(entries, training, w)
                 sched = training.get("lr_scheduler")
                 if isinstance(sched, dict) and "num_steps" in sched and "max_lr" in sched:
                     obj["opt_param_scheduler"] = dict(sched)
@@ -609,15 +715,28 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         slots = ("param", "exp_avg", "exp_avg_sq") + (("master",) if kind == "mixed" else ()) \
             if not fresh else ("param",)
     tensors = planned_tensors(program, facts, request.dtype, slots)
-    tp, pp, ep = mesh.get("tp", 1), mesh.get("pp", 1), mesh.get("ep", 1)
+    vpp = request.vpp or 1
+    tp, pp, ep = mesh.get("tp", 1), mesh.get("pp", 1) // vpp, mesh.get("ep", 1)
+    if vpp > 1:
+        if mesh.get("pp", 1) % vpp:
+            raise MapcError(f"the program has {mesh.get('pp', 1)} pipeline stages, which "
+                            f"--vpp {vpp} does not divide")
+        opt = replace(opt, vpp=vpp)
     sub = _subdir(opt.iteration, opt.kind)
     coords = sorted({coord for coord, *_ in tensors}, key=lambda c: tuple(i for _, i in c))
-    files = [f"{sub}/{rank_dir(c, pp, ep)}/{FILE}" for c in coords] + [TRACKER, MAPC_JSON]
+    files = [f"{sub}/{rank_dir(_physical(c, pp), pp, ep)}/{FILE}" for c in coords] + \
+        [TRACKER, MAPC_JSON]
     origin = "fresh" if opt.fresh else "the source's"
-    decisions = {"folder": sub, "tp": tp, "pp": pp, "ep": ep,
-                 "optimizer": f"{origin} ({opt.kind})" if opt.kind else "none"}
-    # every rank's file is written from its own tensors: ranks are independent parts
-    parts = parts_by_file(tensors, lambda c, _: f"{sub}/{rank_dir(c, pp, ep)}/{FILE}", slots)
+    decisions = {"folder": sub, "tp": tp, "pp": pp, "ep": ep}
+    if vpp > 1:
+        decisions["vpp"] = vpp
+        decisions["chunks"] = (f"model0..model{vpp - 1} per rank file; chunk v of pipeline "
+                               f"rank p holds virtual stage v * {pp} + p")
+    decisions["optimizer"] = f"{origin} ({opt.kind})" if opt.kind else "none"
+    # every rank's file is written from its own tensors (all its model chunks): rank files
+    # are independent parts
+    parts = parts_by_file(tensors, lambda c, _: f"{sub}/{rank_dir(_physical(c, pp), pp, ep)}"
+                          f"/{FILE}", slots)
     return make_plan("megatron", files, decisions=decisions, slots=slots, tensors=tensors,
                      detail=opt, parts=parts)
 
@@ -633,6 +752,12 @@ class _MegatronOptimizer:
     groups: dict
     fresh: bool
     training: dict
+    vpp: int = 1            # model chunks per rank file (virtual pipeline stages per rank)
+
+
+def _physical(coord, pp: int):
+    """The rank file coord of a program coord whose pp axis counts virtual stages."""
+    return tuple((a, i % pp if a == "pp" else i) for a, i in coord)
 
 
 def _subdir(iteration, optimizer) -> str:

@@ -114,7 +114,7 @@ def detect(path: Path) -> bool:
 
 # --tp/--pp of a torch_dist target are the training run's sizes, which only the layout's
 # parameters see (the tensors are global): mapc.api passes them as these parameters.
-TOPOLOGY_PARAMS = {"tp": "tp_size", "pp": "pp_size"}
+TOPOLOGY_PARAMS = {"tp": "tp_size", "pp": "pp_size", "ep": "ep_size"}
 DATA = "__0_0.distcp"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
            "common_backend": "torch", "common_backend_version": 1}
@@ -146,12 +146,17 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
 class TorchDistSource(Source):
     format = "torch_dist"
     layout = "torch_dist"
+    # a prefix every model key carries (NeMo 2's "module."), stripped on reading
+    key_prefix = ""
+
+    def _find_iter_dir(self) -> Path:
+        return iteration_dir(self.path)
 
     def __init__(self, path):
         super().__init__(path)
         if not self.path.is_dir():
             raise MapcError("a torch_dist checkpoint is a directory", where=str(self.path))
-        self.iter_dir = iteration_dir(self.path)
+        self.iter_dir = self._find_iter_dir()
         backend = _backend(self.iter_dir)
         if backend != "torch_dist":
             raise MapcError(f"this distributed checkpoint uses the {backend!r} backend; mapc "
@@ -179,12 +184,15 @@ class TorchDistSource(Source):
         for key, entry in self.entries.items():
             if key.startswith("optimizer.") or key.startswith("rng_state"):
                 continue                         # optimizer state: not read yet
+            if not key.startswith(self.key_prefix):
+                continue
+            name = key[len(self.key_prefix):]
             shape = entry[0]
-            if _STACKED.search(key) and shape:
+            if _STACKED.search(name) and shape:
                 for k in range(shape[0]):
-                    self.tensors[f"{key}[{k}]"] = (key, k)
+                    self.tensors[f"{name}[{k}]"] = (key, k)
             else:
-                self.tensors[key] = (key, None)
+                self.tensors[name] = (key, None)
         if any(k.startswith("optimizer.") for k in self.entries):
             kind = self.content_metadata.get("distrib_optim_sharding_type") or "unknown"
             self.warnings.append(f"the distributed optimizer's state ({kind}) is not read yet: "
@@ -258,6 +266,25 @@ def _archive(obj=None, array=None) -> bytes:
     return buf.getvalue()
 
 
+# megatron-core's SequentialMLP shards its local experts under "<prefix>experts.experts." on a
+# second global axis (after the layers'); its TopKRouter has no _extra_state
+_EXPERTS = re.compile(r"(?:^|\.)experts\.experts\.")
+_NO_EXTRA_STATE = re.compile(r"(?:^|\.)router\.weight$")
+
+
+def _extra_state_keys(fqn: str, shape: tuple) -> list[str]:
+    """The ``_extra_state`` ShardedObject keys megatron-core's loader asks for beside a stacked
+    ``<module>.weight``: ``<module>._extra_state/shard_{offset}_{global shape}``, one per layer
+    (``shard_i_L``) or, for SequentialMLP experts, per layer and expert (``shard_i.e_L.E``)."""
+    if not fqn.endswith(".weight") or not _STACKED.search(fqn) or _NO_EXTRA_STATE.search(fqn):
+        return []
+    module = fqn[:-len(".weight")]
+    if _EXPERTS.search(fqn) and len(shape) >= 2:
+        return [f"{module}._extra_state/shard_{i}.{e}_{shape[0]}.{shape[1]}"
+                for i in range(shape[0]) for e in range(shape[1])]
+    return [f"{module}._extra_state/shard_{i}_{shape[0]}" for i in range(shape[0])]
+
+
 class TorchDistWriter(PlannedWriter):
     """Writes what Megatron-LM's ``--load`` reads for ``--ckpt-format torch_dist``, streaming and
     without torch: the tracker, ``iter_NNNNNNN/`` (``release/`` without an iteration) with
@@ -268,27 +295,33 @@ class TorchDistWriter(PlannedWriter):
     ``<module>._extra_state/shard_{i}_{L}`` objects megatron-core's loader asks for (megatron-core
     saves ``[None]`` there for its local-spec layers). ``.metadata`` is written at the end."""
 
+    key_prefix = ""     # prepended to every model key (NeMo 2: "module.")
+
     def __init__(self, tmpdir, program, plan):
         super().__init__(tmpdir, program, plan)
         args, iteration = plan.detail
         self.args = dict(args)
         self.iteration = iteration
-        self.sub = _iteration_name(iteration)
+        self.sub = self._subdir()
         self.tensors: dict[str, list] = {}       # fqn -> [global shape, dtype, chunks]
         self.objects: dict[str, tuple] = {}
         self.expected: dict[str, tuple] = {}     # physical name -> (fqn, slab index or None)
         self.file = None
 
+    def _subdir(self) -> str:
+        return _iteration_name(self.iteration)
+
     def begin(self, tensors):
         stacked: dict[str, dict] = {}
+        pre = self.key_prefix
         for _, name, shape, dtype in tensors:
             m = _SLAB.match(name)
             if m:
-                stacked.setdefault(m.group(1), {})[int(m.group(2))] = (tuple(shape), dtype)
-                self.expected[name] = (m.group(1), int(m.group(2)))
+                stacked.setdefault(pre + m.group(1), {})[int(m.group(2))] = (tuple(shape), dtype)
+                self.expected[name] = (pre + m.group(1), int(m.group(2)))
             else:
-                self.tensors[name] = [tuple(shape), dtype, []]
-                self.expected[name] = (name, None)
+                self.tensors[pre + name] = [tuple(shape), dtype, []]
+                self.expected[name] = (pre + name, None)
         for fqn, slabs in stacked.items():
             n = len(slabs)
             if sorted(slabs) != list(range(n)) or len(set(slabs.values())) != 1:
@@ -325,23 +358,28 @@ class TorchDistWriter(PlannedWriter):
         for fqn, (shape, _, chunks) in self.tensors.items():
             if sum(int(np.prod(z)) for _, z, _, _ in chunks) != int(np.prod(shape)):
                 raise MapcError(f"internal: {fqn} was not written completely")
-            if fqn.endswith(".weight") and _STACKED.search(fqn):
-                module = fqn[:-len(".weight")]
-                for i in range(shape[0]):
-                    key = f"{module}._extra_state/shard_{i}_{shape[0]}"
-                    self.objects.setdefault(key, self._append(_archive(obj=[None])))
+            for key in self._extra_state_keys(fqn, shape):
+                self.objects.setdefault(key, self._append(_archive(obj=[None])))
         self.file.close()
         d = self.dir / self.sub
         dcp.write_chunked_metadata(d / dcp.METADATA, {k: tuple(v) for k, v in
                                                       self.tensors.items()},
                                    self.objects, DATA)
         write_json(d / METADATA_JSON, BACKEND)
+        w = torchfile.TorchWriter(d / COMMON)
+        w.finish(self._common())
+        self._finish_root(record)
+
+    def _extra_state_keys(self, fqn: str, shape: tuple) -> list[str]:
+        return _extra_state_keys(fqn, shape)
+
+    def _common(self) -> dict:
         args = dict(self.args, ckpt_format="torch_dist",
                     iteration=self.iteration or 0)
-        common = {"args": torchfile.Namespace(**args), "checkpoint_version": 3.0,
-                  "iteration": self.iteration or 0, "content_metadata": dict(CONTENT_METADATA)}
-        w = torchfile.TorchWriter(d / COMMON)
-        w.finish(common)
+        return {"args": torchfile.Namespace(**args), "checkpoint_version": 3.0,
+                "iteration": self.iteration or 0, "content_metadata": dict(CONTENT_METADATA)}
+
+    def _finish_root(self, record: dict):
         (self.dir / TRACKER).write_text(str(self.iteration) if self.iteration is not None
                                         else "release")
         write_json(self.dir / MAPC_JSON, record)

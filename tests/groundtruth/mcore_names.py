@@ -83,6 +83,9 @@ def _ranks(cfg: dict, tp: int, pp: int, meta: bool = False) -> dict:
     ``linear_bias`` (``add_bias_linear``, default False), ``qkv_bias`` (``add_qkv_bias``,
     default False), ``position_embedding`` ("rope" or "learned_absolute").
 
+    MoE: ``experts`` (``num_moe_experts``, SequentialMLP experts, local spec) and ``topk``;
+    the expert-parallel sizes come from ``parallel_state``.
+
     ``meta=True`` builds the model under ``torch.set_default_device("meta")`` so that
     full-size configs (e.g. 8B) cost no memory; names and shapes are identical.
 
@@ -233,9 +236,10 @@ def cpu_shims(cfg: dict) -> None:
             mla.TELinear = type("NoTransformerEngineLinear", (), {})
 
 
-def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
+def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None, vp_stage=None):
     """The megatron-core GPTModel of ``cfg`` for this process's (tp, pp) rank; call after
-    ``parallel_state.initialize_model_parallel`` (see ``_worker``)."""
+    ``parallel_state.initialize_model_parallel`` (see ``_worker``). With ``cfg["vpp"]`` it is
+    the chunk of virtual stage ``vp_stage`` (as Megatron-LM's ``get_model`` builds it)."""
     import torch
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -286,8 +290,17 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
+        virtual_pipeline_model_parallel_size=cfg.get("vpp"),
         **extra,
     )
+    if cfg.get("vpp"):
+        extra_model = {"vp_stage": vp_stage}
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    else:
+        extra_model = {}
+        first = parallel_state.is_pipeline_first_stage()
+        last = parallel_state.is_pipeline_last_stage()
     if cfg.get("experts"):
         # dense and MoE layers (moe_layer_freq): megatron-core's per-layer block spec
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -301,12 +314,13 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         transformer_layer_spec=layer_spec,
         vocab_size=int(cfg["vocab"]),
         max_sequence_length=int(cfg.get("max_seq", 128)),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=first,
+        post_process=last,
         share_embeddings_and_output_weights=bool(cfg["tied"]),
         position_embedding_type=cfg.get("position_embedding", "rope"),
         rotary_base=int(cfg.get("rotary_base", 10000)),
         rotary_percent=float(cfg.get("rotary_percent", 1.0)),
+        **extra_model,
     )
 
 
@@ -315,13 +329,19 @@ def _moe_config(cfg: dict) -> dict:
     ``moe_layer_freq`` (int or per-layer 0/1 list), ``pre_softmax`` (softmax over all experts
     before the top-k, i.e. unnormalized top-k weights), ``ep`` (expert-parallel size),
     ``score`` ("softmax" or "sigmoid"), ``expert_bias``, ``shared_ffn``, ``topk_scale``."""
-    out = dict(num_moe_experts=int(cfg["experts"]), moe_ffn_hidden_size=int(cfg["moe_ffn"]),
-               moe_router_topk=int(cfg["topk"]), moe_layer_freq=cfg.get("moe_layer_freq", 1),
+    from megatron.core import parallel_state
+    out = dict(num_moe_experts=int(cfg["experts"]),
+               moe_ffn_hidden_size=int(cfg.get("moe_ffn") or cfg["ffn"]),
+               moe_router_topk=int(cfg.get("topk", 2)),
+               moe_layer_freq=cfg.get("moe_layer_freq", 1),
                moe_router_pre_softmax=bool(cfg.get("pre_softmax", False)),
                moe_router_score_function=cfg.get("score", "softmax"),
                moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
                moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none",
-               expert_model_parallel_size=int(cfg.get("ep", 1)))
+               expert_model_parallel_size=int(
+                   cfg.get("ep") or parallel_state.get_expert_model_parallel_world_size()),
+               expert_tensor_parallel_size=parallel_state
+               .get_expert_tensor_parallel_world_size())
     if cfg.get("expert_bias"):
         out["moe_router_enable_expert_bias"] = True
     if cfg.get("shared_ffn"):

@@ -1,0 +1,243 @@
+"""NeMo 2 checkpoints: a directory with ``weights/`` and ``context/``.
+
+``weights/`` is a megatron-core distributed checkpoint (``torch_dist`` backend: ``metadata.json``,
+``.metadata``, ``__R_K.distcp``, ``common.pt``) of the model inside NeMo's ``MegatronParallel``,
+whose ``sharded_state_dict`` prefixes every model key with ``module.``
+(``module.decoder.layers.self_attention.linear_qkv.weight``); optimizer state, when saved, sits
+beside it under ``optimizer.``; ``common.pt`` holds Lightning's non-tensor state and the
+``content_metadata``. The tensors are otherwise exactly the ``torch_dist`` layout's, which this
+container reuses (runtime/containers/torch_dist.py) with the prefix added and stripped.
+
+``context/`` holds the model's configuration: ``model.yaml`` (NeMo's fiddle config rendered in
+Hydra syntax with every default: ``_target_`` the model class, ``config`` its ``GPTConfig``,
+whose fields are megatron-core ``TransformerConfig`` names; callables and dtypes as
+``{_target_: ..., _call_: false}``) and ``io.json`` (the same config serialized by fiddle, which
+NeMo's ``io.load_context`` reads), plus tokenizer files. Reading takes the config from
+``model.yaml``'s ``config`` and renames the few keys that differ from Megatron-LM's arguments
+(:data:`FROM_NEMO`), which the spec's ``torch_dist`` layout reads. Writing produces ``weights/``,
+``context/model.yaml`` (the family-neutral ``nemo.collections.llm.gpt.model.base.GPTModel`` /
+``GPTConfig``) and ``mapc.json``; ``io.json`` and the tokenizer are not written.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mapc.compiler.plan import MAX_MESH
+from mapc.errors import MapcError
+from mapc.runtime.containers import torch_dist
+from mapc.runtime.containers.base import MAPC_JSON, write_json
+from mapc.runtime.plan_write import make_plan, planned_tensors
+
+LAYOUT = "torch_dist"
+WEIGHTS = "weights"
+CONTEXT = "context"
+MODEL_YAML = "model.yaml"
+PREFIX = "module."
+MAX_YAML = 16 << 20
+TOPOLOGY_PARAMS = torch_dist.TOPOLOGY_PARAMS
+MODEL_TARGET = "nemo.collections.llm.gpt.model.base.GPTModel"
+CONFIG_TARGET = "nemo.collections.llm.gpt.model.base.GPTConfig"
+# NeMo 2 builds its GPT models with megatron-core's Transformer Engine spec
+LAYOUT_DEFAULTS = {"naming": "te"}
+# what NeMo 2 records as content_metadata for a model without the distributed optimizer
+# (MegatronStrategy.sharded_state_dict_metadata)
+CONTENT_METADATA: dict = {}
+
+# NeMo 2 (megatron-core TransformerConfig) key -> (Megatron-LM argument, NeMo -> Megatron);
+# keys not listed have the same name in both.
+FROM_NEMO = {
+    "layernorm_epsilon": ("norm_epsilon", lambda v: v),
+    "share_embeddings_and_output_weights": ("untie_embeddings_and_output_weights",
+                                            lambda v: not v),
+    "gated_linear_unit": ("swiglu", bool),
+    "num_moe_experts": ("num_experts", lambda v: v),
+}
+# Megatron-LM argument -> NeMo 2 key (the inverse), for writing
+TO_NEMO = {"norm_epsilon": ("layernorm_epsilon", lambda v: v),
+           "untie_embeddings_and_output_weights": ("share_embeddings_and_output_weights",
+                                                   lambda v: not v),
+           "swiglu": ("gated_linear_unit", bool),
+           "num_experts": ("num_moe_experts", lambda v: v)}
+# Megatron-LM arguments that are no TransformerConfig field (derived by NeMo or the tokenizer)
+NOT_IN_CONFIG = {"group_query_attention", "padded_vocab_size", "max_position_embeddings",
+                 "add_position_embedding", "swiglu"}
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / WEIGHTS / torch_dist.METADATA_JSON).is_file() and \
+        (path / CONTEXT).is_dir()
+
+
+def read_model_yaml(path: Path) -> dict | None:
+    """``context/model.yaml`` as a dict (its top level: ``_target_`` and ``config``), or None
+    when there is none."""
+    import yaml     # imported when a NeMo 2 checkpoint is read, not to detect one
+    f = path / CONTEXT / MODEL_YAML
+    if not f.is_file():
+        return None
+    if f.stat().st_size > MAX_YAML:
+        raise MapcError(f"{MODEL_YAML} is larger than {MAX_YAML >> 20} MiB", where=str(f))
+    try:
+        obj = yaml.safe_load(f.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MapcError(f"cannot parse {MODEL_YAML}: {e}".splitlines()[0], where=str(f),
+                        hint="restore the file from the checkpoint, or pass --config") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict):
+        raise MapcError(f"{MODEL_YAML} has no 'config' mapping (NeMo 2 writes the model's "
+                        f"GPTConfig there)", where=str(f), hint="pass --config")
+    return obj
+
+
+def megatron_view(config: dict) -> dict:
+    """The Megatron-LM arguments a NeMo 2 ``GPTConfig`` states."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):       # callables, dtypes, enums: {_target_: ...}
+            continue
+        arg, conv = FROM_NEMO.get(key, (key, lambda v: v))
+        out[arg] = conv(value) if value is not None else None
+    if out.get("seq_length") is not None:
+        out.setdefault("max_position_embeddings", out["seq_length"])
+    if out.get("num_query_groups") is None and out.get("num_attention_heads") is not None:
+        out["num_query_groups"] = out["num_attention_heads"]
+    return out
+
+
+class Nemo2Source(torch_dist.TorchDistSource):
+    format = "nemo2"
+    layout = "torch_dist"
+    key_prefix = PREFIX
+
+    def _find_iter_dir(self) -> Path:
+        d = self.path / WEIGHTS
+        if not (d / torch_dist.METADATA_JSON).is_file():
+            raise MapcError(f"no {WEIGHTS}/{torch_dist.METADATA_JSON} (NeMo 2's distributed "
+                            f"weights)", where=str(self.path), hint="copy the complete checkpoint")
+        return d
+
+    def _common(self) -> dict:
+        """``common.pt``, or ``{}`` when it names objects mapc does not unpickle: NeMo keeps
+        Lightning's training state there (loops, callbacks, schedulers), which the weights and
+        ``model.yaml`` do not need."""
+        try:
+            return super()._common()
+        except MapcError as e:
+            if not (self.iter_dir / torch_dist.COMMON).is_file():
+                raise
+            self.warnings.append(f"{WEIGHTS}/{torch_dist.COMMON} is not read ({e.message}); "
+                                 f"the weights and {MODEL_YAML} do not need it")
+            return {}
+
+    def __init__(self, path):
+        super().__init__(path)
+        if not self.tensors:
+            raise MapcError(f"no model tensors under the prefix {PREFIX!r} in {WEIGHTS}/",
+                            where=str(self.iter_dir), hint="is this a NeMo 2 checkpoint?")
+        self.model_yaml = read_model_yaml(self.path)
+        if self.model_yaml is None:
+            self.format_meta = {}
+            if not self.config:
+                self.warnings.append(f"no {CONTEXT}/{MODEL_YAML} (the model's NeMo 2 config; "
+                                     f"io.json is not read): pass --config")
+            return
+        self.format_meta = megatron_view(self.model_yaml["config"])
+        self.saved_topology     # its sizes are bounded now, before anything uses them
+        if self.format_meta.get("vocab_size") is None and not self.config:
+            emb = self.tensors.get("embedding.word_embeddings.weight")
+            if emb is not None:
+                self.format_meta["vocab_size"] = self.entries[emb[0]][0][0]
+                self.warnings.append(f"{MODEL_YAML} states no vocab_size (NeMo 2 takes it from "
+                                     f"the tokenizer): the padded embedding's "
+                                     f"{self.format_meta['vocab_size']} rows are taken as the "
+                                     f"vocabulary")
+
+    @property
+    def saved_topology(self) -> dict:
+        out = {}
+        for axis, key in (("tp", "tensor_model_parallel_size"),
+                          ("pp", "pipeline_model_parallel_size")):
+            n = self.format_meta.get(key)
+            if n is None:
+                n = 1
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MESH:
+                raise MapcError(f"{MODEL_YAML}: {key} is {n!r}, not a size from 1 to {MAX_MESH}",
+                                where=str(self.path / CONTEXT / MODEL_YAML))
+            out[axis] = n
+        return out
+
+    def describe_coord(self, coord):
+        t = self.saved_topology
+        return f"{WEIGHTS} (global tensors, saved at tp={t['tp']}, pp={t['pp']})"
+
+
+Source = Nemo2Source
+
+
+def plan_write(program, facts, request):
+    """``weights/`` (torch_dist, keys prefixed ``module.``), ``context/model.yaml`` and
+    ``mapc.json``."""
+    tensors = planned_tensors(program, facts, request.dtype, ("param",))
+    files = [MAPC_JSON, f"{CONTEXT}/{MODEL_YAML}"] + \
+        [f"{WEIGHTS}/{f}" for f in (torch_dist.METADATA_JSON, torch_dist.COMMON,
+                                    torch_dist.dcp.METADATA, torch_dist.DATA)]
+    decisions = {"weights": f"{WEIGHTS}/ (torch_dist, keys prefixed {PREFIX!r})",
+                 "context": f"{CONTEXT}/{MODEL_YAML} ({MODEL_TARGET}); no io.json",
+                 "optimizer": "none (weights only)"}
+    return make_plan("nemo2", files, decisions=decisions, tensors=tensors,
+                     detail=(dict(program.target.meta()), None))
+
+
+def model_yaml(args: dict) -> dict:
+    """NeMo 2's ``model.yaml`` for a GPT model with these Megatron-LM arguments."""
+    config = {"_target_": CONFIG_TARGET}
+    for arg, value in args.items():
+        if arg in TO_NEMO:
+            key, conv = TO_NEMO[arg]
+            config[key] = conv(value)
+        elif arg not in NOT_IN_CONFIG:
+            config[arg] = value
+    if args.get("swiglu"):
+        config["activation_func"] = {"_call_": False, "_target_": "torch.nn.functional.silu"}
+    return {"_target_": MODEL_TARGET, "config": config}
+
+
+# Transformer Engine modules (NeMo 2's spec) with an _extra_state but no tensor mapc writes
+# under their own name: the attention core beside each fused QKV (NeMo 2 checkpoints list
+# module.decoder.layers.self_attention.core_attention._extra_state) and the final norm
+_TE_ATTENTION = re.compile(r"^(.*\.self_attention\.)linear_qkv\.weight$")
+_TE_FINAL_NORM = re.compile(r"^(.*\.final_layernorm)\.weight$")
+
+
+class Nemo2Writer(torch_dist.TorchDistWriter):
+    """The torch_dist writer with every key prefixed ``module.``, into ``weights/``, and the
+    ``_extra_state`` objects of Transformer Engine's modules that have no tensor of their own
+    (``None``, as a module without fp8 state; a loader without them leaves them unread)."""
+    key_prefix = PREFIX
+
+    def _extra_state_keys(self, fqn: str, shape: tuple) -> list[str]:
+        keys = super()._extra_state_keys(fqn, shape)
+        m = _TE_ATTENTION.match(fqn)
+        if m and shape:
+            keys += [f"{m.group(1)}core_attention._extra_state/shard_{i}_{shape[0]}"
+                     for i in range(shape[0])]
+        m = _TE_FINAL_NORM.match(fqn)
+        if m:
+            keys.append(f"{m.group(1)}._extra_state/shard_0_1")
+        return keys
+
+    def _subdir(self) -> str:
+        return WEIGHTS
+
+    def _common(self) -> dict:
+        return {"content_metadata": dict(CONTENT_METADATA)}
+
+    def _finish_root(self, record: dict):
+        import yaml
+        d = self.dir / CONTEXT
+        d.mkdir()
+        (d / MODEL_YAML).write_text(yaml.safe_dump(model_yaml(self.args), sort_keys=False))
+        write_json(self.dir / MAPC_JSON, record)
+
+
+Writer = Nemo2Writer
