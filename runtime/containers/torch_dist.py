@@ -23,6 +23,11 @@ tensor is ever materialized whole. Which keys are stacked is megatron-core's rul
 under a ``layers.`` prefix not followed by a layer number. ``..._extra_state`` entries are
 pickled objects (bytes entries in ``.metadata``), not weights.
 
+The distributed optimizer's ``dp_reshardable`` state (flat fp32 buckets per model-parallel
+rank, ``optimizer.distributed.*``) is read as the slots ``master``/``exp_avg``/``exp_avg_sq`` of
+the global tensors: where each parameter sits is derived from the spec's megatron layout
+(:mod:`mapc.runtime.containers.distopt`) once resolve has matched the spec (``bind_plan``).
+
 Everything is read without torch: ``.metadata`` and the chunks through the ``dcp`` container's
 restricted readers, ``common.pt`` through mapc's restricted unpickler.
 """
@@ -174,20 +179,64 @@ class TorchDistSource(Source):
         self.config = self.record.get("config")
         md = dcp.read_metadata(self.iter_dir)
         self.entries = dcp.index_tensors(self.iter_dir, md)
+        self.objects = {k: v for k, v in md.get("state_dict_metadata").items()
+                        if k not in self.entries}
+        self.storage = {index.get("fqn"): info for index, info in
+                        (md.get("storage_data") or {}).items() if index.get("offset") is None}
         self.tensors: dict[str, tuple] = {}     # name -> (entry key, slab index or None)
+        self.optimizer = None                    # _DpReshardable once bind_plan derived it
         for key, entry in self.entries.items():
             if key.startswith("optimizer.") or key.startswith("rng_state"):
-                continue                         # optimizer state: not read yet
+                continue                         # optimizer state: see bind_plan
             shape = entry[0]
             if _STACKED.search(key) and shape:
                 for k in range(shape[0]):
                     self.tensors[f"{key}[{k}]"] = (key, k)
             else:
                 self.tensors[key] = (key, None)
+        self.sharding_type = None
         if any(k.startswith("optimizer.") for k in self.entries):
-            kind = self.content_metadata.get("distrib_optim_sharding_type") or "unknown"
-            self.warnings.append(f"the distributed optimizer's state ({kind}) is not read yet: "
-                                 f"weights only")
+            opt = common.get("optimizer")
+            self.sharding_type = (opt.get("param_state_sharding_type") if isinstance(opt, dict)
+                                  else None) or \
+                self.content_metadata.get("distrib_optim_sharding_type") or "unknown"
+            if self.sharding_type not in SHARDING_TYPES:
+                raise MapcError(f"the distributed optimizer's state is saved as "
+                                f"{self.sharding_type!r}, which mapc does not read (it reads "
+                                f"{', '.join(SHARDING_TYPES)})", where=str(self.iter_dir / COMMON),
+                                hint="re-save it with distrib_optim_sharding_type "
+                                     "dp_reshardable (Megatron-LM's default), or without "
+                                     "the optimizer")
+        self.scheduler = common.get("opt_param_scheduler")
+
+    def bind_plan(self, plan):
+        """Called by resolve with the matched torch_dist plan: derive where the distributed
+        optimizer keeps every parameter (runtime/containers/distopt.py) from the spec's
+        megatron layout at the saved TP/PP."""
+        self.optimizer = None
+        if self.sharding_type == "dp_reshardable":
+            self.optimizer = _DpReshardable(self, plan)
+        elif self.sharding_type == "fully_reshardable":
+            self.optimizer = _FullyReshardable(self, self._common())
+
+    def read_object(self, key: str):
+        """A ShardedObject megatron-core saved (``KEY/shard_0_1``, stored as ``[object]``),
+        restricted-unpickled."""
+        fqn = key if key in self.objects else f"{key}/shard_0_1"
+        info = self.storage.get(fqn)
+        if fqn not in self.objects or info is None:
+            raise MapcError(f"no {key} in the checkpoint", where=str(self.iter_dir),
+                            hint="copy the complete checkpoint")
+        rel = Path(str(info.get("relative_path")))
+        if rel.is_absolute() or ".." in rel.parts:
+            raise MapcError(f"storage path '{rel}' of {key} leaves the checkpoint",
+                            where=str(self.iter_dir / dcp.METADATA))
+        obj = dcp.load_torch_at(self.iter_dir / rel, int(info.get("offset")),
+                                int(info.get("length")), key, PICKLES)
+        if not isinstance(obj, list) or len(obj) != 1:   # megatron-core saves [object]
+            raise MapcError(f"{key} holds a {type(obj).__name__}, not megatron-core's "
+                            f"[object]", where=str(self.iter_dir / rel))
+        return obj[0]
 
     def _common(self) -> dict:
         f = self.iter_dir / COMMON
@@ -225,10 +274,21 @@ class TorchDistSource(Source):
         _, index, (shape, _, _) = self._get(name)
         return tuple(shape[1:]) if index is not None else tuple(shape)
 
-    def dtype(self, name, coord=SINGLE):
+    def slots(self):
+        return ["param", "master", "exp_avg", "exp_avg_sq"] if self.optimizer else ["param"]
+
+    def dtype(self, name, coord=SINGLE, slot="param"):
+        if slot != "param":
+            self._get(name)
+            return "float32"
         return self._get(name)[2][1]
 
-    def read(self, name, coord=SINGLE):
+    def read(self, name, coord=SINGLE, slot="param"):
+        if slot != "param":
+            if self.optimizer is None:
+                raise MapcError(f"no optimizer state in the checkpoint ({slot} of {name})",
+                                where=str(self.iter_dir))
+            return self.optimizer.read(name, slot)
         key, index, entry = self._get(name)
         return dcp.read_entry(key, entry, index)
 
@@ -236,6 +296,8 @@ class TorchDistSource(Source):
         out = dict(self.record.get("training") or {})
         if isinstance(self.iteration, int):
             out.setdefault("iteration", self.iteration)
+        if self.optimizer is not None:
+            out.update(self.optimizer.training_state())
         return out
 
     def describe_coord(self, coord):
@@ -244,6 +306,314 @@ class TorchDistSource(Source):
 
 
 Source = TorchDistSource
+
+
+# --------------------------------------------------------------------------------------
+# the distributed optimizer's state
+# --------------------------------------------------------------------------------------
+SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
+_BUCKET = re.compile(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\."
+                     r"dtype_\((torch\.\w+), (torch\.\w+)\)\.bucket_idx_(\d+)\."
+                     r"(param|exp_avg|exp_avg_sq)$")
+_OPTIM = "optimizer.distributed.dp_group_idx_{g}.{what}"
+
+
+def read_range(name: str, entry, start: int, stop: int) -> np.ndarray:
+    """Elements ``[start, stop)`` of the flat (1-D) tensor ``name`` (an ``index_tensors``
+    entry), read from only the chunks that overlap them."""
+    shape, dtype, chunks = entry
+    if len(shape) != 1 or not 0 <= start <= stop <= shape[0]:
+        raise MapcError(f"internal: range {start}..{stop} of {name} {list(shape)}")
+    out = np.empty(stop - start, torchfile.DTYPES[dtype])
+    filled = 0
+    for c in chunks:
+        lo, hi = max(start, c.offsets[0]), min(stop, c.offsets[0] + c.sizes[0])
+        if lo < hi:
+            data = dcp.chunk_ref(name, c, dtype).map()
+            out[lo - start:hi - start] = data[lo - c.offsets[0]:hi - c.offsets[0]]
+            filled += hi - lo
+    if filled != stop - start:
+        raise MapcError(f"the chunks of {name} do not cover elements {start}..{stop}",
+                        hint="the checkpoint is incomplete; copy it again")
+    return out
+
+
+class _RankView:
+    """The distributed optimizer's state as per-rank tensors of the spec's megatron layout,
+    for mapc.runtime.execute.read_instances (``read(name, coord, slot=...)``)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def read(self, name, coord, slot="param"):
+        return self.opt.read_rank(name, coord, slot)
+
+    def stateless(self, coord):
+        return {}
+
+
+class _Optimizer:
+    """What both sharding types share: the masters check, the training state."""
+    src: TorchDistSource
+
+    def read(self, name: str, slot: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def _masters_disagree(self) -> str | None:
+        """The first 1-D tensor (norms, biases: small) whose fp32 master, read where the
+        optimizer's layout puts it, does not round to its stored weight; None if all agree."""
+        from mapc.runtime.backends import DTYPES
+        for name in self.src.tensors:
+            if len(self.src.shape(name)) != 1:
+                continue
+            weight = np.asarray(self.src.read(name))
+            master = self.read(name, "master")
+            if master.shape != weight.shape or not np.array_equal(
+                    master.astype(DTYPES[self.src.dtype(name)]).view(np.uint8),
+                    weight.view(np.uint8)):
+                return f"{name} differs"
+        return None
+
+    def _groups(self):
+        """(megatron-core's param groups, its grad scaler state or None)."""
+        raise NotImplementedError
+
+    def training_state(self) -> dict:
+        """Step, param groups (with the torch_dist names each holds, by megatron-core's
+        default weight-decay rule), grad scaler and scheduler."""
+        from mapc.runtime.containers.megatron import _no_weight_decay, _scalar
+        groups, scaler = self._groups()
+        if not isinstance(groups, list) or not groups or \
+                not all(isinstance(g, dict) for g in groups):
+            raise MapcError("the distributed optimizer's state has no param_groups",
+                            where=str(self.src.iter_dir))
+        names = list(self.src.tensors)
+        no_wd = [n for n in names if _no_weight_decay(n, len(self.src.shape(n)))]
+        wd = [n for n in names if n not in set(no_wd)]
+        zero = [float(g.get("wd_mult", 1.0)) == 0.0 for g in groups]
+        if len(groups) > 2 or len(set(zero)) != len(groups):
+            raise MapcError(f"the distributed optimizer's {len(groups)} parameter groups "
+                            f"(wd_mult {[g.get('wd_mult') for g in groups]}) do not follow "
+                            f"megatron-core's default grouping", where=str(self.src.iter_dir),
+                            hint="mapc reads Megatron optimizers with megatron-core's default "
+                                 "parameter groups only")
+        out_groups = []
+        for g, z in zip(groups, zero):
+            hyper = {k: v for k, v in g.items() if k not in ("params", "step")}
+            hyper["params"] = no_wd if z else wd
+            out_groups.append(hyper)
+        step = groups[0].get("step")
+        scaler = {k: _scalar(v) for k, v in scaler.items()} if isinstance(scaler, dict) else None
+        return {"iteration": self.src.iteration,
+                "global_samples": self.src.args.get("consumed_train_samples"),
+                "step": float(step) if step is not None else None,
+                "param_groups": out_groups,
+                "lr_scheduler": self.src.scheduler,
+                "loss_scale": scaler.get("scale") if scaler else None,
+                "grad_scaler": scaler,
+                "clip_grad": self.src.args.get("clip_grad"),
+                "zero_stage": None,
+                "dp_world_size": self.dp}
+
+
+class _FullyReshardable(_Optimizer):
+    """megatron-core's ``fully_reshardable`` state: ``optimizer.state.{param,exp_avg,
+    exp_avg_sq}.<model key>``, each at its parameter's global shape and sharding (stacked
+    layers too), param groups in ``common.pt``. megatron-core 0.16.1 saves wrong values after
+    the first bucket when an earlier bucket has end padding; the masters check (every 1-D
+    tensor's master rounds to its weight) refuses such a checkpoint instead of carrying it."""
+
+    def __init__(self, src: TorchDistSource, common: dict):
+        self.src = src
+        self.common = common
+        tp, pp = src.saved_topology["tp"], src.saved_topology["pp"]
+        world = int(src.args.get("world_size") or 0)
+        self.dp = int(src.args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
+        where = str(src.iter_dir / dcp.METADATA)
+        want = {f"optimizer.state.{slot}.{key}" for key, _ in src.tensors.values()
+                for slot in ("param", "exp_avg", "exp_avg_sq")}
+        have = {k for k in src.entries if k.startswith("optimizer.")}
+        if want != have:
+            odd = sorted(want - have) or sorted(have - want)
+            what = "lacks" if want - have else "has the unexpected"
+            raise MapcError(f"the fully_reshardable optimizer state {what} {odd[0]}"
+                            + (f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""),
+                            where=where, hint="copy the complete checkpoint")
+        for key, _ in set(src.tensors.values()):
+            for slot in ("param", "exp_avg", "exp_avg_sq"):
+                shape, dtype, _ = src.entries[f"optimizer.state.{slot}.{key}"]
+                if shape != src.entries[key][0] or dtype != "float32":
+                    raise MapcError(f"optimizer.state.{slot}.{key} is {dtype}{list(shape)}, "
+                                    f"its parameter {list(src.entries[key][0])} (fp32 "
+                                    f"expected)", where=where)
+        bad = self._masters_disagree()
+        if bad is not None:
+            raise MapcError(f"the fully_reshardable optimizer state's fp32 masters do not "
+                            f"round to the stored weights ({bad}); megatron-core 0.16.1 saves "
+                            f"wrong values for parameters after the first DDP bucket when an "
+                            f"earlier bucket has end padding", where=str(src.iter_dir),
+                            hint="re-save with dp_reshardable (Megatron-LM's default), or "
+                                 "with one bucket (no --overlap-grad-reduce)")
+
+    def read(self, name: str, slot: str) -> np.ndarray:
+        if slot not in ("master", "exp_avg", "exp_avg_sq"):
+            raise MapcError(f"unknown optimizer slot {slot!r}")
+        key, index = self.src.tensors[name]
+        okey = f"optimizer.state.{'param' if slot == 'master' else slot}.{key}"
+        return dcp.read_entry(okey, self.src.entries[okey], index)
+
+    def _groups(self):
+        opt = self.common.get("optimizer")
+        inner = opt.get("optimizer") if isinstance(opt, dict) else None
+        groups = inner.get("param_groups") if isinstance(inner, dict) else None
+        return groups, opt.get("grad_scaler") if isinstance(opt, dict) else None
+
+
+class _DpReshardable(_Optimizer):
+    """Where megatron-core's DistributedOptimizer (``dp_reshardable``) keeps each parameter.
+
+    Every model-parallel rank (``dp_group_idx`` = tp_rank + tp * pp_rank) stores one flat
+    fp32 tensor per DDP bucket and slot; the parameters in it are the spec's megatron layout
+    at the saved TP/PP (local or Transformer Engine names, by ``args.transformer_impl``), laid
+    out as runtime/containers/distopt.py derives. A slot of a torch_dist tensor (a global slab)
+    is rebuilt from the per-rank slot tensors with the program megatron -> torch_dist, one unit
+    at a time, as a conversion rebuilds weights."""
+
+    def __init__(self, src: TorchDistSource, plan):
+        from mapc.compiler.plan import plan_layout
+        self.src = src
+        where = str(src.iter_dir)
+        args = src.args
+        tp, pp = src.saved_topology["tp"], src.saved_topology["pp"]
+        world = int(args.get("world_size") or 0)
+        self.dp = int(args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
+        keys: dict[tuple, dict] = {}
+        for key in src.entries:
+            if not key.startswith("optimizer."):
+                continue
+            m = _BUCKET.match(key)
+            if not m:
+                raise MapcError(f"unexpected distributed-optimizer tensor {key}",
+                                where=str(src.iter_dir / dcp.METADATA),
+                                hint="mapc reads megatron-core's dp_reshardable layout of one "
+                                     "optimizer (no expert-parallel or chained optimizers)")
+            g, b, k = int(m.group(1)), int(m.group(2)), int(m.group(5))
+            keys.setdefault((g, b, k), {})[m.group(6)] = key
+        spec = plan.spec
+        if "megatron" not in spec.layout_names():
+            raise MapcError(f"spec {spec.family} has no megatron layout, from which mapc "
+                            f"derives where the distributed optimizer keeps each parameter",
+                            where=where, hint="add the family's megatron layout to its spec")
+        # the local spec and Transformer Engine's order a layer's parameters differently:
+        # Megatron-LM's args say which one trained (transformer_impl); without it both are
+        # tried, and the one whose fp32 masters round to the stored weights is taken
+        impl = args.get("transformer_impl")
+        takes = {p.name for p in spec.layout_params("megatron")}
+        namings = [None] if "naming" not in takes else \
+            ["local"] if impl == "local" else ["te"] if impl is not None else ["local", "te"]
+        failures = []
+        for naming in namings:
+            params = {k: v for k, v in (("vocab_multiple", plan.params.get("vocab_multiple")),
+                                        ("naming", naming)) if k in takes and v is not None}
+            mplan = plan_layout(spec, "megatron", plan.env, {"tp": tp, "pp": pp}, params)
+            self._derive(mplan, plan, keys, tp, pp, args, where)
+            bad = self._masters_disagree()
+            if bad is None:
+                break
+            failures.append(f"{bad} with the {naming or 'megatron'} layout")
+        else:
+            raise MapcError(f"the distributed optimizer's fp32 masters do not round to the "
+                            f"stored weights ({'; '.join(failures)}): mapc cannot tell where "
+                            f"it keeps each parameter", where=where,
+                            hint="the checkpoint was trained with settings mapc does not "
+                                 "derive; save it with distrib_optim_sharding_type "
+                                 "fully_reshardable, or without the optimizer")
+
+    def _derive(self, mplan, plan, keys, tp, pp, args, where):
+        from mapc.compiler.program import compile_program
+        from mapc.runtime.containers import distopt
+        src = self.src
+        self.where: dict[tuple, tuple] = {}
+        used = set()
+        layouts = distopt.rank_layouts(mplan, self.dp, args)
+        for coord, lay in layouts.items():
+            c = dict(coord)
+            g = lay.group
+            what = f"dp_group_idx_{g} (tp={c.get('tp', 0)}, pp={c.get('pp', 0)})"
+            gbufs = sorted({b for gg, b, _ in keys if gg == g})
+            if gbufs != [0]:
+                raise MapcError(f"the distributed optimizer of {what} has "
+                                f"{len(gbufs)} buffers; mapc derives one (every parameter of "
+                                f"one dtype)", where=where)
+            distopt.check_buckets(lay.buckets, self._unpadded(g, where), where, what)
+            for k, bucket in enumerate(lay.buckets):
+                slots = keys.get((g, 0, k), {})
+                if set(slots) != {"param", "exp_avg", "exp_avg_sq"}:
+                    raise MapcError(f"bucket {k} of {what} lacks "
+                                    f"{sorted({'param', 'exp_avg', 'exp_avg_sq'} - set(slots))}",
+                                    where=where, hint="copy the complete checkpoint")
+                for key in slots.values():
+                    if src.entries[key][0] != (bucket.numel_unpadded,):
+                        raise MapcError(f"{key} holds {list(src.entries[key][0])} elements, "
+                                        f"its bucket {bucket.numel_unpadded}", where=where)
+                used.add((g, 0, k))
+            for name, k, start, numel in lay.places():
+                self.where[(coord, name)] = (keys[(g, 0, k)], start, numel, lay.shapes[name])
+        if set(keys) != used:
+            extra = sorted(set(keys) - used)[0]
+            raise MapcError(f"the checkpoint holds distributed-optimizer buckets the model's "
+                            f"{len(layouts)} model-parallel ranks do not have (dp_group_idx_"
+                            f"{extra[0]} bucket {extra[2]})", where=where,
+                            hint="the optimizer state does not belong to this model")
+        self.view = _RankView(self)
+        self.program = compile_program(mplan, plan)
+        self.targets: dict[str, tuple] = {}
+        for unit in self.program.units:
+            for inst in unit.targets:
+                for rc, copies in inst.by_recipe_coord().items():
+                    for _, name in copies:
+                        self.targets[name] = (unit, inst, rc)
+
+    def _unpadded(self, g: int, where: str) -> list:
+        obj = self.src.read_object(_OPTIM.format(g=g, what="per_bucket_numel_unpadded"))
+        try:
+            (sizes,) = obj[0].values()
+            return [int(n) for n in sizes]
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+            raise MapcError(f"per_bucket_numel_unpadded of dp_group_idx_{g} is {obj!r}, not "
+                            f"megatron-core's [{{(param dtype, grad dtype): [numel, ...]}}]",
+                            where=where) from None
+
+    def read_rank(self, name, coord, slot) -> np.ndarray:
+        """Slot ``slot`` of the megatron-layout tensor ``name`` of rank ``coord``."""
+        try:
+            keys, start, numel, shape = self.where[(coord, name)]
+        except KeyError:
+            raise MapcError(f"internal: no distributed-optimizer place for {name} at "
+                            f"{coord}") from None
+        key = keys[{"master": "param", "param": "param"}.get(slot, slot)]
+        return read_range(key, self.src.entries[key], start, start + numel).reshape(shape)
+
+    def read(self, name: str, slot: str) -> np.ndarray:
+        """Slot ``slot`` of the torch_dist tensor ``name`` (fp32)."""
+        from mapc.runtime import execute
+        if slot not in ("master", "exp_avg", "exp_avg_sq"):
+            raise MapcError(f"unknown optimizer slot {slot!r}")
+        unit, inst, rc = self.targets[name]
+        be = execute.get_backend("numpy")
+        report = execute.Report()
+        logical = execute.read_instances(unit.sources, self.view, be, report, True, slot)
+        for w in report.warnings:
+            if "padding of" not in w and w not in self.src.warnings:
+                self.src.warnings.append(w)
+        members = {m: logical[k] for m, k in inst.members.items()}
+        return np.ascontiguousarray(be.to_numpy(inst.recipe.shard(be, members, dict(rc))))
+
+    def _groups(self):
+        inner = self.src.read_object(_OPTIM.format(g=0, what="optimizer"))
+        key = _OPTIM.format(g=0, what="grad_scaler")
+        scaler = self.src.read_object(key) if f"{key}/shard_0_1" in self.src.objects else None
+        return (inner.get("param_groups") if isinstance(inner, dict) else None), scaler
 
 
 # --------------------------------------------------------------------------------------
