@@ -172,7 +172,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                  max_shard_bytes: int | None = None, dp: int | None = None,
                  with_optimizer: bool = False, like=None,
                  zero_stage: int | None = None,
-                 allow_spec_change: bool = False) -> ConversionPlan:
+                 allow_spec_change: bool = False,
+                 optim_sharding: str | None = None) -> ConversionPlan:
     """Plan ``convert`` (same arguments) completely, writing nothing: every check a real run
     makes before writing is made here, so a plan that succeeds is what the run will do."""
     if zero_stage is not None and zero_stage not in (1, 2, 3):
@@ -182,9 +183,13 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         raise MapcError(f"--dp {dp!r} must be a positive integer of at most {MAX_MESH}")
     if dtype not in DTYPE_CHOICES:
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    if optim_sharding not in (None, "dp_reshardable", "fully_reshardable"):
+        raise MapcError(f"--optim-sharding {optim_sharding!r} is not a sharding type mapc "
+                        f"writes", hint="choose dp_reshardable or fully_reshardable")
     explicit = frozenset(k for k, v in (("dp", dp), ("zero_stage", zero_stage),
                                         ("with_optimizer", with_optimizer or None),
-                                        ("max_shard_bytes", max_shard_bytes)) if v is not None)
+                                        ("max_shard_bytes", max_shard_bytes),
+                                        ("optim_sharding", optim_sharding)) if v is not None)
     template = None
     if like is not None:
         template = read_template(like, spec=spec, config=config)
@@ -205,6 +210,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         request = WriteRequest(to, dst=str(dst), dtype=DTYPE_CHOICES[dtype], dp=dp,
                                zero_stage=zero_stage, with_optimizer=with_optimizer,
                                max_shard_bytes=max_shard_bytes,
+                               optim_sharding=optim_sharding,
                                like_training=template.training if template else None,
                                explicit=explicit)
         write = plan_write(program, facts, request)
@@ -220,7 +226,8 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
             backend: str = "numpy", quiet: bool = True, spec=None, source_format=None,
             max_shard_bytes: int | None = None, dp: int | None = None,
             with_optimizer: bool = False, like=None,
-            zero_stage: int | None = None, allow_spec_change: bool = False) -> execute.Report:
+            zero_stage: int | None = None, allow_spec_change: bool = False,
+            optim_sharding: str | None = None) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox,
@@ -230,11 +237,13 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     ``zero_stage`` picks the ZeRO stage of a deepspeed/universal target (default: the source's,
     else 1); ``allow_spec_change`` reads a checkpoint mapc wrote with a spec other than the one
     its record carries (otherwise refused). An option the target format does not honour is
-    refused (MapcError)."""
+    refused (MapcError). ``optim_sharding`` picks how a torch_dist target saves the
+    distributed optimizer's state (``dp_reshardable``, the default, or ``fully_reshardable``)."""
     cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,
                       source_set=source_set, spec=spec, source_format=source_format,
                       max_shard_bytes=max_shard_bytes, dp=dp, with_optimizer=with_optimizer,
-                      like=like, zero_stage=zero_stage, allow_spec_change=allow_spec_change)
+                      like=like, zero_stage=zero_stage, allow_spec_change=allow_spec_change,
+                      optim_sharding=optim_sharding)
     return write_conversion(cp, src, dst, force=force, backend=backend, quiet=quiet)
 
 

@@ -37,6 +37,7 @@ OPTIONS = {
     "zero_stage": "--zero-stage",
     "with_optimizer": "--with-optimizer",
     "max_shard_bytes": "max_shard_bytes",
+    "optim_sharding": "--optim-sharding",
 }
 
 
@@ -53,6 +54,7 @@ class WriteRequest:
     zero_stage: int | None = None
     with_optimizer: bool = False
     max_shard_bytes: int | None = None
+    optim_sharding: str | None = None        # torch_dist: dp_reshardable | fully_reshardable
     like_training: dict | None = None        # --like: the template's training state
     explicit: frozenset = frozenset()
 

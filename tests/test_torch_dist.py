@@ -498,6 +498,136 @@ def test_weights_of_a_distributed_optimizer_checkpoint_are_its_masters(saved_opt
         _assert_rank_equal(live, _expected_local(tensors, 2, 1, t, 0), t)
 
 
+# ---- the distributed optimizer written: megatron-core loads it and continues the run -----------
+# (tp, pp, dp) mapc writes the TP2 PP1 DP2 state for: the same DP (the continuation is then
+# bit-exact), and another DP (3: other bucket padding and DP partition boundaries)
+LOAD_AT = [(1, 2, 2), (1, 1, 3)]
+# At another DP the DP mean of the (equal) gradients rounds differently (g/3 summed 3 times is
+# not always g): the continuation step then agrees to these tolerances (measured: 3e-8 at most
+# on masters and moments; the step itself moves masters by up to 1e-3, moments by up to 0.13)
+STEP_RTOL, STEP_ATOL = 1e-6, 1e-7
+
+
+@pytest.fixture(scope="module", params=LOAD_AT, ids=lambda t: "tp%d-pp%d-dp%d" % t)
+def loaded_optim(request, saved_optim, tmp_path_factory):
+    """mapc reshards the TP2 DP2 checkpoint to torch_dist at (tp, pp, dp), dp_reshardable and
+    fully_reshardable; megatron-core builds that model with DDP + DistributedOptimizer, loads
+    mapc's outputs (strict), and takes the next step on value gradients (the step the original
+    run took after saving). One megatron-core process group per topology."""
+    tp, pp, dp = request.param
+    base = tmp_path_factory.mktemp(f"torch_dist_optim_load_{tp}{pp}{dp}")
+    mapc.convert(saved_optim[0], base / "ckpt", to="torch_dist", tp=tp, pp=pp, dp=dp)
+    mapc.convert(saved_optim[0], base / "fully", to="torch_dist", tp=tp, pp=pp, dp=dp,
+                 optim_sharding="fully_reshardable")
+    return base / "ckpt", mcore_dist.load_optimizer(base / "ckpt", CFG, tp, pp, dp, "bf16",
+                                                    base / "loaded", fully=base / "fully"), \
+        request.param
+
+
+def _hf_of_truth(truth, prefix, slot):
+    """The original run's (TP2 PP1 DP2) slot as HF tensors."""
+    return _to_hf({(t, 0): _truth_local(truth, t, slot, prefix=prefix) for t in range(2)}, 2, 1)
+
+
+@pytest.mark.parametrize("prefix", ["loaded", "loadedF", "stepped"])
+@pytest.mark.parametrize("slot", ["param", "exp_avg", "exp_avg_sq"])
+def test_megatron_core_loads_the_optimizer_mapc_wrote_and_continues_the_run(
+        saved_optim, loaded_optim, prefix, slot):
+    """What megatron-core's DistributedOptimizer holds at (tp, pp, dp) after loading mapc's
+    output ("loaded") equals the original TP2 DP2 run's state at every rank's slice, bit for
+    bit, and so after loading mapc's fully_reshardable output of it ("loadedF"); after one more
+    step on the same (value) gradients ("stepped") it equals the original run's own next step:
+    bit for bit at the same DP (Adam is elementwise), to STEP_RTOL/STEP_ATOL at another DP."""
+    truth = saved_optim[1]
+    tp, pp, dp = loaded_optim[2]
+    want = _hf_of_truth(truth, "stepped" if prefix == "stepped" else "optim", slot)
+    for t in range(tp):
+        for p in range(pp):
+            expected = _expected_local(want, tp, pp, t, p)
+            shapes = {n: v.shape for n, v in expected.items()}
+            for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                if name in shapes:
+                    shapes[name] = (PADDED // tp, CFG["hidden"])
+            got = _truth_local(loaded_optim[1], t, slot, p=p, dp=dp, prefix=prefix,
+                               shapes=shapes)
+            if prefix == "stepped" and dp != 2:
+                assert sorted(got) == sorted(expected)
+                for name, e in expected.items():
+                    g = got[name][:e.shape[0]]
+                    torch.testing.assert_close(g, e, rtol=STEP_RTOL, atol=STEP_ATOL,
+                                               msg=lambda m: f"{name}: {m}")
+            else:
+                _assert_rank_equal(got, expected, (prefix, slot, t, p))
+
+
+def test_megatron_core_loads_the_step_and_param_groups(saved_optim, loaded_optim):
+    live = torch.load(saved_optim[1] / "optim_0_0_0.pt")
+    tp, pp, dp = loaded_optim[2]
+    for p in range(pp):
+        for d in range(dp):
+            loaded = torch.load(loaded_optim[1] / f"loaded_0_{p}_{d}.pt")
+            assert loaded["steps"] == live["steps"] == [1.0]
+            assert [g.pop("step") for g in loaded["param_groups"]] == [1.0, 1.0]
+            assert loaded["param_groups"] == live["param_groups"]
+            assert torch.load(loaded_optim[1] / f"stepped_0_{p}_{d}.pt")["steps"] == [2.0]
+    common = torch.load(mcore_dist.iter_dir(loaded_optim[0]) / "common.pt", weights_only=False)
+    assert common["optimizer"] == {"param_state_sharding_type": "dp_reshardable"}
+    assert common["opt_param_scheduler"] == {"max_lr": 1e-3, "num_steps": mcore_dist.ITERATION}
+    assert common["args"].data_parallel_size == dp and common["args"].use_distributed_optimizer
+
+
+@pytest.mark.parametrize("via,options", [("hf", {"with_optimizer": True}),
+                                         ("deepspeed", {"dp": 2})])
+@pytest.mark.parametrize("sharding", ["dp_reshardable", "fully_reshardable"])
+def test_the_state_comes_back_to_torch_dist_exactly(saved_optim, via, options, sharding,
+                                                   tmp_path):
+    """torch_dist (TP2 DP2) -> FORMAT -> torch_dist (TP1 PP2 DP3) -> HF with optimizer: every
+    slot equals what megatron-core's live optimizer held, bit for bit, and the step and param
+    groups survive (the torch_dist output's layout is megatron-core's: loaded_optim)."""
+    root, truth = saved_optim
+    mapc.convert(root, tmp_path / via, to=via, **options)
+    mapc.convert(tmp_path / via, tmp_path / "td", to="torch_dist", tp=1, pp=2, dp=3,
+                 optim_sharding=sharding)
+    mapc.convert(tmp_path / "td", tmp_path / "back", to="hf", with_optimizer=True)
+    hf = _moments_as_hf(tmp_path / "back")
+    for slot, tensors in hf.items():
+        for t in range(2):
+            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
+                               (slot, t))
+    with _bound(tmp_path / "td") as src:
+        state = src.training_state()
+    assert state["step"] == 1.0 and state["dp_world_size"] == 3
+    live = torch.load(truth / "optim_0_0_0.pt")["param_groups"]
+    assert sorted((g["wd_mult"], g["lr"], g["weight_decay"]) for g in state["param_groups"]) == \
+        sorted((g["wd_mult"], g["lr"], g["weight_decay"]) for g in live)
+
+
+def test_the_write_plan_shows_the_optimizer_layout(saved_optim, tmp_path):
+    cp = mapc.plan_convert(saved_optim[0], tmp_path / "out", to="torch_dist", tp=1, pp=2, dp=3)
+    try:
+        text = cp.write.pretty()
+    finally:
+        cp.close()
+    assert "dp: 3" in text and "transformer_impl: local" in text
+    assert "dp_group_idx_0: [" in text and "dp_group_idx_1: [" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_optim_sharding_is_a_torch_dist_option(saved_optim, tmp_path):
+    with pytest.raises(MapcError, match="--to megatron does not take --optim-sharding "
+                                        "fully_reshardable.*taken by: torch_dist"):
+        mapc.convert(saved_optim[0], tmp_path / "out", to="megatron",
+                     optim_sharding="fully_reshardable")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dp_without_optimizer_state_is_refused(hf_out, tmp_path):
+    with pytest.raises(MapcError, match="--dp 2 sets the distributed optimizer's data-parallel "
+                                        "size, but the source has no optimizer state"):
+        mapc.convert(hf_out, tmp_path / "out", to="torch_dist", dp=2)
+    assert not (tmp_path / "out").exists()
+
+
 def _edit_common(saved, tmp_path, edit):
     root, d = _copy(saved, tmp_path)
     common = torch.load(d / "common.pt", weights_only=False)

@@ -51,7 +51,7 @@ HONOURS = {
     "deepspeed": frozenset({"dp", "zero_stage"}),
     "universal": frozenset({"dp", "zero_stage"}),
     "neox": frozenset({"dp", "zero_stage", "with_optimizer"}),
-    "torch_dist": frozenset(),
+    "torch_dist": frozenset({"dp", "optim_sharding"}),
 }
 
 
@@ -104,7 +104,7 @@ def layout_of(fmt: str) -> str:
 def check_request(request) -> None:
     """Refuse (MapcError) an option the user set that ``request.format`` does not honour."""
     takers = {opt: [f for f, h in HONOURS.items() if opt in h] for opt in
-              ("dp", "zero_stage", "with_optimizer", "max_shard_bytes")}
+              ("dp", "zero_stage", "with_optimizer", "max_shard_bytes", "optim_sharding")}
     request.refuse_unhonoured(HONOURS.get(request.format, frozenset()), takers)
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,17 +135,97 @@ def _iteration_name(iteration) -> str:
 
 def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     """The tracker, one iteration directory (the source's iteration, else ``release``) with
-    ``metadata.json``, ``common.pt``, ``.metadata`` and one data file, and mapc.json."""
+    ``metadata.json``, ``common.pt``, ``.metadata`` and one data file, and mapc.json. A source
+    with Adam moments gets megatron-core's distributed optimizer state (``dp_reshardable``) at
+    ``--dp`` (default: the source's data-parallel size): see :class:`_OptimizerPlan`."""
     iteration = facts.training.get("iteration")
     iteration = int(iteration) if isinstance(iteration, (int, np.integer)) else None
+    optimizer = None
+    slots = ("param",)
+    decisions = {}
+    notes = []
+    if facts.has_moments:
+        optimizer = _plan_optimizer(program, facts, request)
+        slots = ("param", "master", "exp_avg", "exp_avg_sq")
+        iteration = iteration or 0
+        decisions = {"optimizer": f"distributed ({optimizer.kind}), the source's state",
+                     "dp": optimizer.dp}
+        if optimizer.kind == "dp_reshardable":
+            decisions |= {"transformer_impl": optimizer.impl, "buckets": optimizer.describe()}
+            notes.append(f"the distributed optimizer's state is laid out for dp={optimizer.dp}, "
+                         f"transformer_impl={optimizer.impl} (megatron-core's parameter order), "
+                         f"one DDP bucket per rank (no --overlap-grad-reduce): resume with those")
+    else:
+        for opt, value, what in (("--dp", request.dp, "data-parallel size"),
+                                 ("--optim-sharding", request.optim_sharding, "sharding type")):
+            if value is not None:
+                raise MapcError(f"{opt} {value} sets the distributed optimizer's {what}, but "
+                                f"the source has no optimizer state",
+                                hint=f"drop {opt} (the weights are global: any data-parallel "
+                                     f"size loads them)")
     sub = _iteration_name(iteration)
-    tensors = planned_tensors(program, facts, request.dtype, ("param",))
+    tensors = planned_tensors(program, facts, request.dtype, slots)
     files = [TRACKER, MAPC_JSON] + [f"{sub}/{f}" for f in (METADATA_JSON, COMMON, dcp.METADATA,
                                                            DATA)]
     decisions = {"iteration directory": sub, "data file": DATA,
-                 "optimizer": "none (weights only)"}
-    return make_plan("torch_dist", files, decisions=decisions, tensors=tensors,
-                     detail=(dict(program.target.meta()), iteration))
+                 "optimizer": "none (weights only)"} | decisions
+    return make_plan("torch_dist", files, decisions=decisions, notes=notes, slots=slots,
+                     tensors=tensors,
+                     detail=(dict(program.target.meta()), iteration, optimizer, facts.training))
+
+
+@dataclass(frozen=True)
+class _OptimizerPlan:
+    """The distributed optimizer a torch_dist output carries: ``layouts`` (distopt.RankLayout
+    per megatron mesh coordinate at the output's TP/PP and ``dp``), ``cut``: the program
+    torch_dist -> megatron that cuts each global slot tensor into the ranks' local tensors;
+    ``masters_from_weights``: the source has no fp32 master (its weights are fp32 masters);
+    ``impl``: the transformer_impl whose parameter order the layout follows."""
+    dp: int
+    impl: str
+    layouts: dict
+    cut: object
+    masters_from_weights: bool
+    dtype: str
+    kind: str = "dp_reshardable"
+
+    def describe(self) -> str:
+        sizes = {lay.group: [b.numel_unpadded for b in lay.buckets]
+                 for lay in self.layouts.values()}
+        return ", ".join(f"dp_group_idx_{g}: {n}" for g, n in sorted(sizes.items()))
+
+
+def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _OptimizerPlan:
+    from mapc.compiler.plan import plan_layout
+    from mapc.compiler.program import compile_program
+    from mapc.runtime.containers import distopt
+    target = program.target
+    spec = target.spec
+    if "megatron" not in spec.layout_names():
+        raise MapcError(f"spec {spec.family} has no megatron layout, from which mapc derives "
+                        f"where megatron-core's distributed optimizer keeps each parameter",
+                        hint="add the family's megatron layout to its spec, or convert to "
+                             "another format")
+    dp = request.dp or int(facts.training.get("dp_world_size") or 1)
+    impl = str(facts.format_meta.get("transformer_impl") or "transformer_engine")
+    takes = {p.name for p in spec.layout_params("megatron")}
+    params = {k: v for k, v in (("vocab_multiple", target.params.get("vocab_multiple")),
+                                ("naming", "local" if impl == "local" else "te"))
+              if k in takes and v is not None}
+    tp, pp = int(target.params.get("tp_size", 1)), int(target.params.get("pp_size", 1))
+    mplan = plan_layout(spec, "megatron", target.env, {"tp": tp, "pp": pp}, params)
+    layouts = distopt.rank_layouts(mplan, dp, {})
+    first = next(iter(program.source.instances[0].members.values()))
+    dtype = request.dtype or facts.dtypes["param"][first]
+    if dtype not in ("bfloat16", "float32"):
+        raise MapcError(f"mapc writes megatron-core's distributed optimizer for bf16 or fp32 "
+                        f"parameters, not {dtype} (fp16 needs its grad scaler, not written)",
+                        hint="pass --dtype bf16 (or fp32)")
+    kind = request.optim_sharding or "dp_reshardable"
+    if kind == "fully_reshardable":     # global tensors: no bucket layout, nothing to cut
+        return _OptimizerPlan(dp, impl, {}, None, "master" not in facts.slots, dtype, kind)
+    return _OptimizerPlan(dp, impl, layouts, compile_program(target, mplan),
+                          "master" not in facts.slots, dtype, kind)
 
 
 class TorchDistSource(Source):
@@ -635,11 +716,17 @@ class TorchDistWriter(PlannedWriter):
     to it as its own chunk the moment it arrives (a slab as the chunk ``[i:i+1, ...]`` of
     ``NAME``), so memory stays at one tensor. Each stacked ``<module>.weight`` gets the
     ``<module>._extra_state/shard_{i}_{L}`` objects megatron-core's loader asks for (megatron-core
-    saves ``[None]`` there for its local-spec layers). ``.metadata`` is written at the end."""
+    saves ``[None]`` there for its local-spec layers). ``.metadata`` is written at the end.
+
+    With an optimizer (plan detail ``_OptimizerPlan``) every global tensor's ``master`` /
+    ``exp_avg`` / ``exp_avg_sq`` is cut into the ranks' local tensors (the plan's program
+    torch_dist -> megatron) and each is appended as a chunk of its rank's flat bucket at the
+    parameter's place; ``finish`` adds the alignment gaps (zeros) and the objects
+    megatron-core's DistributedOptimizer loads (param groups, bucket sizes)."""
 
     def __init__(self, tmpdir, program, plan):
         super().__init__(tmpdir, program, plan)
-        args, iteration = plan.detail
+        args, iteration, optimizer, training = plan.detail
         self.args = dict(args)
         self.iteration = iteration
         self.sub = _iteration_name(iteration)
@@ -647,6 +734,24 @@ class TorchDistWriter(PlannedWriter):
         self.objects: dict[str, tuple] = {}
         self.expected: dict[str, tuple] = {}     # physical name -> (fqn, slab index or None)
         self.file = None
+        self.opt: _OptimizerPlan | None = optimizer
+        self.training = training
+        self.fully = optimizer is not None and optimizer.kind == "fully_reshardable"
+        if optimizer is not None and not self.fully:
+            self.cut_unit = {}                   # torch_dist name -> unit of the cut program
+            for unit in optimizer.cut.units:
+                for inst in unit.sources:
+                    for _, _, name in inst.shards:
+                        self.cut_unit[name] = unit
+            self.place = {(coord, name): (lay.group, k, start, numel)
+                          for coord, lay in optimizer.layouts.items()
+                          for name, k, start, numel in lay.places()}
+            self.pending: dict[tuple, dict] = {}
+            self.dtype_key = f"(torch.{optimizer.dtype}, torch.float32)"
+
+    def _bucket_key(self, group: int, bucket: int, slot: str) -> str:
+        return (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_0.dtype_{self.dtype_key}"
+                f".bucket_idx_{bucket}.{'param' if slot == 'master' else slot}")
 
     def begin(self, tensors):
         stacked: dict[str, dict] = {}
@@ -665,6 +770,16 @@ class TorchDistWriter(PlannedWriter):
                                 f"one shape and dtype")
             shape, dtype = slabs[0]
             self.tensors[fqn] = [(n,) + shape, dtype, []]
+        if self.fully:      # optimizer.state.<slot>.<fqn>: each weight's shape and chunks
+            for fqn, (shape, _, _) in list(self.tensors.items()):
+                for slot in ("param", "exp_avg", "exp_avg_sq"):
+                    self.tensors[f"optimizer.state.{slot}.{fqn}"] = [shape, "float32", []]
+        if self.opt is not None:
+            for lay in self.opt.layouts.values():
+                for k, bucket in enumerate(lay.buckets):
+                    for slot in ("master", "exp_avg", "exp_avg_sq"):
+                        self.tensors[self._bucket_key(lay.group, k, slot)] = \
+                            [(bucket.numel_unpadded,), "float32", []]
         (self.dir / self.sub).mkdir(parents=True)
         self.file = open(self.dir / self.sub / DATA, "wb")
 
@@ -689,12 +804,104 @@ class TorchDistWriter(PlannedWriter):
         else:
             offsets, chunk = (index,) + (0,) * arr.ndim, arr[None]
         entry[2].append((offsets, tuple(chunk.shape)) + self._append(_archive(array=chunk)))
+        if self.opt is not None and self.opt.masters_from_weights and \
+                entry[1] in ("float32", "bfloat16", "float16"):
+            self._slot("master", name, np.asarray(arr, np.float32))
+
+    def write_slot(self, slot, coord, name, arr):
+        self._slot(slot, name, np.asarray(arr))
+
+    def _slot(self, slot, name, arr):
+        """Slot ``slot`` of the global tensor ``name``: once every global tensor of its unit
+        of the cut program has arrived, cut them into the ranks' local tensors and append each
+        as the chunk of its rank's bucket at the parameter's place."""
+        from mapc.runtime import execute
+        if self.fully:
+            fqn, index = self.expected[name]
+            arr = np.asarray(arr, np.float32)
+            offsets, chunk = ((0,) * arr.ndim, arr) if index is None else \
+                ((index,) + (0,) * arr.ndim, arr[None])
+            key = f"optimizer.state.{'param' if slot == 'master' else slot}.{fqn}"
+            self.tensors[key][2].append((offsets, tuple(chunk.shape)) +
+                                        self._append(_archive(array=chunk)))
+            return
+        unit = self.cut_unit[name]
+        got = self.pending.setdefault((slot, id(unit)), {})
+        got[name] = arr
+        if len(got) < sum(len(inst.shards) for inst in unit.sources):
+            return
+        del self.pending[(slot, id(unit))]
+        be = execute.get_backend("numpy")
+        logical = execute.read_instances(unit.sources, _Served(got), be, execute.Report(),
+                                         False)
+        for inst in unit.targets:
+            members = {m: logical[k] for m, k in inst.members.items()}
+            for rc, copies in inst.by_recipe_coord().items():
+                local = np.ascontiguousarray(be.to_numpy(inst.recipe.shard(be, members,
+                                                                           dict(rc))),
+                                             dtype=np.float32).reshape(-1)
+                for coord, mname in copies:
+                    group, k, start, numel = self.place[(coord, mname)]
+                    if local.size != numel:
+                        raise MapcError(f"internal: {mname} has {local.size} elements, its "
+                                        f"place in the bucket {numel}")
+                    self._flat_chunk(self._bucket_key(group, k, slot), start, local)
+
+    def _flat_chunk(self, key, start, flat):
+        self.tensors[key][2].append(((start,), (flat.size,)) +
+                                    self._append(_archive(array=flat)))
+
+    def _object(self, key, obj):
+        """A ShardedObject as megatron-core stores it: ``[object]`` at ``KEY/shard_0_1``."""
+        self.objects[f"{key}/shard_0_1"] = self._append(_archive(obj=[obj]))
+
+    def _param_groups(self) -> list[dict]:
+        """megatron-core's two default param groups (the source's hyper-parameters) with the
+        step, as its DistributedOptimizer state_dict holds them."""
+        from mapc.runtime.containers.megatron import _megatron_groups
+        groups = _megatron_groups(self.training.get("param_groups") or [{}])
+        for wd in (1.0, 0.0):      # megatron-core's two default groups must both be there
+            if not any(float(g["wd_mult"]) == wd for g in groups):
+                groups.append(dict(groups[0], wd_mult=wd))
+        step = float(self.training.get("step") or 0)
+        return [dict(g, step=step) for g in groups]
+
+    def _optimizer_objects(self):
+        """The alignment gaps of every bucket (zeros), and per model-parallel rank the
+        objects megatron-core's DistributedOptimizer loads: its param groups (with the step)
+        and the bucket sizes (padded for the output's dp, and unpadded)."""
+        import math
+
+        from mapc.runtime.containers.distopt import _pad
+        groups = self._param_groups()
+        pair = (torchfile.TorchDType(self.opt.dtype), torchfile.TorchDType("float32"))
+        divisor = math.lcm(self.opt.dp, 128)
+        for lay in sorted(self.opt.layouts.values(), key=lambda x: x.group):
+            for k, bucket in enumerate(lay.buckets):
+                for start, n in _gaps(bucket):
+                    for slot in ("master", "exp_avg", "exp_avg_sq"):
+                        self._flat_chunk(self._bucket_key(lay.group, k, slot), start,
+                                         np.zeros(n, np.float32))
+            base = f"optimizer.distributed.dp_group_idx_{lay.group}"
+            self._object(f"{base}.optimizer", {"param_groups": groups})
+            self._object(f"{base}.per_bucket_numel", [{pair: [
+                _pad(b.numel_unpadded, divisor) for b in lay.buckets]}])
+            self._object(f"{base}.per_bucket_numel_unpadded", [{pair: [
+                b.numel_unpadded for b in lay.buckets]}])
 
     def finish(self, record: dict):
+        if self.opt is not None:
+            if not self.fully and self.pending:
+                raise MapcError("internal: optimizer state of "
+                                f"{sorted(n for g in self.pending.values() for n in g)[:3]} "
+                                f"arrived without the rest of its unit")
+            if not self.fully:
+                self._optimizer_objects()
         for fqn, (shape, _, chunks) in self.tensors.items():
             if sum(int(np.prod(z)) for _, z, _, _ in chunks) != int(np.prod(shape)):
                 raise MapcError(f"internal: {fqn} was not written completely")
-            if fqn.endswith(".weight") and _STACKED.search(fqn):
+            if fqn.endswith(".weight") and _STACKED.search(fqn) and \
+                    not fqn.startswith("optimizer."):
                 module = fqn[:-len(".weight")]
                 for i in range(shape[0]):
                     key = f"{module}._extra_state/shard_{i}_{shape[0]}"
@@ -709,6 +916,17 @@ class TorchDistWriter(PlannedWriter):
                     iteration=self.iteration or 0)
         common = {"args": torchfile.Namespace(**args), "checkpoint_version": 3.0,
                   "iteration": self.iteration or 0, "content_metadata": dict(CONTENT_METADATA)}
+        if self.opt is not None:
+            args.update(use_distributed_optimizer=True, data_parallel_size=self.opt.dp,
+                        transformer_impl=self.opt.impl)
+            common["args"] = torchfile.Namespace(**args)
+            common["optimizer"] = {"param_state_sharding_type": self.opt.kind}
+            common["content_metadata"]["distrib_optim_sharding_type"] = self.opt.kind
+            if self.fully:
+                common["optimizer"]["optimizer"] = {"param_groups": self._param_groups()}
+            scheduler = self.training.get("lr_scheduler")
+            if isinstance(scheduler, dict) and "num_steps" in scheduler:
+                common["opt_param_scheduler"] = scheduler
         w = torchfile.TorchWriter(d / COMMON)
         w.finish(common)
         (self.dir / TRACKER).write_text(str(self.iteration) if self.iteration is not None
@@ -718,6 +936,21 @@ class TorchDistWriter(PlannedWriter):
     def abort(self):
         if self.file is not None and not self.file.closed:
             self.file.close()
+
+
+class _Served:
+    """Arrived global tensors served to mapc.runtime.execute.read_instances."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+
+    def read(self, name, coord=SINGLE, slot="param"):
+        return self.arrays[name]
+
+
+def _gaps(bucket):
+    from mapc.runtime.containers.distopt import gaps
+    return gaps(bucket)
 
 
 Writer = TorchDistWriter

@@ -271,7 +271,8 @@ def _distributed_optimizer(torch, dist, model, dtype, pdt):
 
 
 def _step(ddp, opt):
-    ddp.start_grad_sync()
+    # without overlap_grad_reduce, finish_grad_sync starts the (synchronous) reduce-scatter
+    # itself: calling start_grad_sync first would scale and reduce the gradients twice
     ddp.finish_grad_sync()
     ok, _, _ = opt.step()
     assert ok, "the optimizer step was skipped"
