@@ -290,10 +290,14 @@ def test_written_checkpoint_reads_back_bit_for_bit(hf_out, tmp_path):
 def saved_optim(tmp_path_factory):
     """TP2 DP2: megatron-core's DDP + DistributedOptimizer (Adam, bf16 params, fp32 grads and
     masters, one bucket) after one step, saved with its dp_reshardable state; the same run
-    also saves it as fully_reshardable (``ckpt_fully_reshardable``)."""
+    also saves it as fully_reshardable (``ckpt_fully_reshardable``), as
+    dp_zero_gather_scatter (``ckpt_dp_zero_gather_scatter``) and in Megatron-LM's torch format
+    with distrib_optim.pt (``ckpt_legacy``)."""
     base = tmp_path_factory.mktemp("torch_dist_optim")
     root = mcore_dist.save_checkpoint(base / "ckpt", CFG, 2, 1, "bf16", base / "truth", dp=2,
-                                      optimizer=True, also=("fully_reshardable",))
+                                      optimizer=True,
+                                      also=("fully_reshardable", "dp_zero_gather_scatter",
+                                            "legacy"))
     return root, base / "truth"
 
 
@@ -464,6 +468,50 @@ def test_fully_reshardable_is_read_exactly(saved_optim, tmp_path):
     with _bound(fully) as src:
         state = src.training_state()
     assert state["step"] == 1.0 and len(state["param_groups"]) == 2
+
+
+def test_dp_zero_gather_scatter_is_read_exactly(saved_optim, tmp_path):
+    """megatron-core's (deprecated) dp_zero_gather_scatter save of the same optimizer: one
+    object per model-parallel rank holding its buckets gathered from the DP ranks (Megatron-LM's
+    legacy distrib_optim.pt layout), no optimizer tensors; through HF every slot equals what
+    each rank's live optimizer held."""
+    root, truth = saved_optim
+    zero = root.parent / "ckpt_dp_zero_gather_scatter"
+    md = pickle.loads((mcore_dist.iter_dir(zero) / ".metadata").read_bytes())
+    assert "optimizer.distributed.dp_group_idx_1.param_state/shard_0_1" in md.state_dict_metadata
+    assert not any(k.startswith("optimizer.") and not k.endswith("/shard_0_1")
+                   for k in md.state_dict_metadata)
+    mapc.convert(zero, tmp_path / "hf", to="hf", with_optimizer=True)
+    hf = _moments_as_hf(tmp_path / "hf")
+    for slot, tensors in hf.items():
+        for t in range(2):
+            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
+                               (slot, t))
+    with _bound(zero) as src:
+        state = src.training_state()
+    assert state["step"] == 1.0 and len(state["param_groups"]) == 2
+
+
+def test_legacy_distrib_optim_pt_is_read_exactly(saved_optim, tmp_path):
+    """Megatron-LM's torch format with the distributed optimizer (model_optim_rng.pt per rank,
+    beside it distrib_optim.pt from megatron-core's save_parameter_state): through HF every
+    slot equals what each rank's live optimizer held; step and groups are read."""
+    root, truth = saved_optim
+    legacy = root.parent / "ckpt_legacy"
+    assert detect_format(legacy) == "megatron"
+    assert (legacy / f"iter_{mcore_dist.ITERATION:07d}" / "mp_rank_01" / "distrib_optim.pt"
+            ).is_file()
+    report = mapc.convert(legacy, tmp_path / "hf", to="hf", with_optimizer=True)
+    assert not any("weights only" in w for w in report.warnings)
+    hf = _moments_as_hf(tmp_path / "hf")
+    for slot, tensors in hf.items():
+        for t in range(2):
+            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
+                               (slot, t))
+    with _bound(legacy) as src:
+        state = src.training_state()
+    assert state["step"] == 1.0 and len(state["param_groups"]) == 2
+    assert state["dp_world_size"] == 2
 
 
 def test_step_param_groups_and_scheduler_are_carried(saved_optim, tmp_path):

@@ -44,7 +44,7 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.containers import dcp
-from mapc.runtime.containers.megatron import TRACKER, tracked_iteration
+from mapc.runtime.containers.megatron import ENUM_GLOBALS, TRACKER, tracked_iteration
 from mapc.runtime.backends import dtype_name
 from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
@@ -54,24 +54,6 @@ LAYOUT = "torch_dist"
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 SINGLE = ()
-# Enums Megatron-LM pickles inside ``args`` (attention_backend, model_type, fp8_recipe,
-# cuda_graph_scope, ...). Each is read as an inert ``Call`` of its class on its value, so it is
-# written back exactly as it came; megatron is never imported.
-MEGATRON_ENUMS = [("megatron.core.enums", n) for n in ("ModelType", "Fp8Recipe", "Fp4Recipe")] \
-    + [("megatron.core.transformer.enums", n) for n in (
-        "ModelType", "LayerType", "AttnType", "AttnMaskType", "AttnBackend", "CudaGraphScope")]
-
-
-def _enum(module: str, name: str):
-    def member(value=None, *rest):
-        if rest or not isinstance(value, (int, str)):
-            raise MapcError(f"unexpected {module}.{name}({value!r}) in the pickle")
-        return torchfile.Call(module, name, (value,))
-    member.__name__ = name
-    return member
-
-
-ENUM_GLOBALS = {f"{m}.{n}": _enum(m, n) for m, n in MEGATRON_ENUMS}
 PICKLES = torchfile.allow_list("megatron-core torch_dist", ENUM_GLOBALS)
 # a key of megatron-core's stacked layers: "<block>.layers.<not a layer number>..."
 _STACKED = re.compile(r"(?:^|\.)layers\.(?!\d+(?:\.|$))")
@@ -276,7 +258,8 @@ class TorchDistSource(Source):
             else:
                 self.tensors[key] = (key, None)
         self.sharding_type = None
-        if any(k.startswith("optimizer.") for k in self.entries):
+        if any(k.startswith("optimizer.") for k in self.entries) or \
+                any(k.startswith("optimizer.") for k in self.objects):
             opt = common.get("optimizer")
             self.sharding_type = (opt.get("param_state_sharding_type") if isinstance(opt, dict)
                                   else None) or \
@@ -299,6 +282,8 @@ class TorchDistSource(Source):
             self.optimizer = _DpReshardable(self, plan)
         elif self.sharding_type == "fully_reshardable":
             self.optimizer = _FullyReshardable(self, self._common())
+        elif self.sharding_type == "dp_zero_gather_scatter":
+            self.optimizer = _DpZeroGatherScatter(self, plan)
 
     def read_object(self, key: str):
         """A ShardedObject megatron-core saved (``KEY/shard_0_1``, stored as ``[object]``),
@@ -392,7 +377,7 @@ Source = TorchDistSource
 # --------------------------------------------------------------------------------------
 # the distributed optimizer's state
 # --------------------------------------------------------------------------------------
-SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
+SHARDING_TYPES = ("dp_reshardable", "fully_reshardable", "dp_zero_gather_scatter")
 _BUCKET = re.compile(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\."
                      r"dtype_\((torch\.\w+), (torch\.\w+)\)\.bucket_idx_(\d+)\."
                      r"(param|exp_avg|exp_avg_sq)$")
@@ -568,18 +553,7 @@ class _DpReshardable(_Optimizer):
         tp, pp = src.saved_topology["tp"], src.saved_topology["pp"]
         world = int(args.get("world_size") or 0)
         self.dp = int(args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
-        keys: dict[tuple, dict] = {}
-        for key in src.entries:
-            if not key.startswith("optimizer."):
-                continue
-            m = _BUCKET.match(key)
-            if not m:
-                raise MapcError(f"unexpected distributed-optimizer tensor {key}",
-                                where=str(src.iter_dir / dcp.METADATA),
-                                hint="mapc reads megatron-core's dp_reshardable layout of one "
-                                     "optimizer (no expert-parallel or chained optimizers)")
-            g, b, k = int(m.group(1)), int(m.group(2)), int(m.group(5))
-            keys.setdefault((g, b, k), {})[m.group(6)] = key
+        keys = self._keys(where)
         spec = plan.spec
         if "megatron" not in spec.layout_names():
             raise MapcError(f"spec {spec.family} has no megatron layout, from which mapc "
@@ -610,6 +584,36 @@ class _DpReshardable(_Optimizer):
                                  "derive; save it with distrib_optim_sharding_type "
                                  "fully_reshardable, or without the optimizer")
 
+    def _keys(self, where: str) -> dict[tuple, dict]:
+        """{(dp_group_idx, gbuf_idx, bucket_idx): {slot: what _slice reads}}: the bucket
+        tensors ``optimizer.distributed.dp_group_idx_I.gbuf_idx_G.dtype_(P, G).bucket_idx_B.
+        {param,exp_avg,exp_avg_sq}``."""
+        keys: dict[tuple, dict] = {}
+        for key in self.src.entries:
+            if not key.startswith("optimizer."):
+                continue
+            m = _BUCKET.match(key)
+            if not m:
+                raise MapcError(f"unexpected distributed-optimizer tensor {key}",
+                                where=str(self.src.iter_dir / dcp.METADATA),
+                                hint="mapc reads megatron-core's dp_reshardable layout of one "
+                                     "optimizer (no expert-parallel or chained optimizers)")
+            g, b, k = int(m.group(1)), int(m.group(2)), int(m.group(5))
+            keys.setdefault((g, b, k), {})[m.group(6)] = key
+        return keys
+
+    def _check_bucket(self, g: int, k: int, buckets, slots: dict, where: str) -> None:
+        """Refuse a stored bucket ``k`` of dp_group_idx ``g`` whose size is not the derived."""
+        bucket = buckets[k]
+        for key in slots.values():
+            if self.src.entries[key][0] != (bucket.numel_unpadded,):
+                raise MapcError(f"{key} holds {list(self.src.entries[key][0])} elements, its "
+                                f"bucket {bucket.numel_unpadded}", where=where)
+
+    def _slice(self, key, start: int, numel: int) -> np.ndarray:
+        """Elements ``[start, start + numel)`` of the stored bucket slot ``key``."""
+        return read_range(key, self.src.entries[key], start, start + numel)
+
     def _derive(self, mplan, plan, keys, tp, pp, args, where):
         from mapc.compiler.program import compile_program
         from mapc.runtime.containers import distopt
@@ -626,17 +630,15 @@ class _DpReshardable(_Optimizer):
                 raise MapcError(f"the distributed optimizer of {what} has "
                                 f"{len(gbufs)} buffers; mapc derives one (every parameter of "
                                 f"one dtype)", where=where)
-            distopt.check_buckets(lay.buckets, self._unpadded(g, where), where, what)
+            distopt.check_buckets(lay.buckets, self._stored_sizes(g, lay.buckets, where), where,
+                                  what)
             for k, bucket in enumerate(lay.buckets):
                 slots = keys.get((g, 0, k), {})
                 if set(slots) != {"param", "exp_avg", "exp_avg_sq"}:
                     raise MapcError(f"bucket {k} of {what} lacks "
                                     f"{sorted({'param', 'exp_avg', 'exp_avg_sq'} - set(slots))}",
                                     where=where, hint="copy the complete checkpoint")
-                for key in slots.values():
-                    if src.entries[key][0] != (bucket.numel_unpadded,):
-                        raise MapcError(f"{key} holds {list(src.entries[key][0])} elements, "
-                                        f"its bucket {bucket.numel_unpadded}", where=where)
+                self._check_bucket(g, k, lay.buckets, slots, where)
                 used.add((g, 0, k))
             for name, k, start, numel in lay.places():
                 self.where[(coord, name)] = (keys[(g, 0, k)], start, numel, lay.shapes[name])
@@ -654,6 +656,10 @@ class _DpReshardable(_Optimizer):
                 for rc, copies in inst.by_recipe_coord().items():
                     for _, name in copies:
                         self.targets[name] = (unit, inst, rc)
+
+    def _stored_sizes(self, g: int, buckets, where: str) -> list:
+        """The bucket sizes megatron-core stored for dp_group_idx ``g``."""
+        return self._unpadded(g, where)
 
     def _unpadded(self, g: int, where: str) -> list:
         obj = self.src.read_object(_OPTIM.format(g=g, what="per_bucket_numel_unpadded"))
@@ -673,7 +679,7 @@ class _DpReshardable(_Optimizer):
             raise MapcError(f"internal: no distributed-optimizer place for {name} at "
                             f"{coord}") from None
         key = keys[{"master": "param", "param": "param"}.get(slot, slot)]
-        return read_range(key, self.src.entries[key], start, start + numel).reshape(shape)
+        return self._slice(key, start, numel).reshape(shape)
 
     def read(self, name: str, slot: str) -> np.ndarray:
         """Slot ``slot`` of the torch_dist tensor ``name`` (fp32)."""
@@ -695,6 +701,73 @@ class _DpReshardable(_Optimizer):
         key = _OPTIM.format(g=0, what="grad_scaler")
         scaler = self.src.read_object(key) if f"{key}/shard_0_1" in self.src.objects else None
         return (inner.get("param_groups") if isinstance(inner, dict) else None), scaler
+
+
+class _DpZeroGatherScatter(_DpReshardable):
+    """megatron-core's deprecated ``dp_zero_gather_scatter`` state: per model-parallel rank one
+    object ``optimizer.distributed.dp_group_idx_I.param_state`` (DP rank 0 gathered it), the
+    layout of Megatron-LM's legacy ``distrib_optim.pt``: ``{"buckets_coalesced": True, 0:
+    {(param dtype, grad dtype): {"param", "exp_avg", "exp_avg_sq": flat fp32, "numel_unpadded"}}}``,
+    each flat tensor the buffer's buckets without their end padding, one after another. The
+    parameters' places are derived as for dp_reshardable (same checks); the flat tensors are
+    mapped from the file, not read whole."""
+
+    def _keys(self, where: str) -> dict[tuple, dict]:
+        self.states: dict[int, dict] = {}
+        self.offsets: dict[tuple, int] = {}
+        keys: dict[tuple, dict] = {}       # bucket 0 of each group; _stored_sizes adds the rest
+        self.keys = keys
+        for obj in self.src.objects:
+            m = re.match(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.param_state"
+                         r"(?:/shard_0_1)?$", obj)
+            if m:
+                g = int(m.group(1))
+                keys[(g, 0, 0)] = {s: (g, 0, s) for s in ("param", "exp_avg", "exp_avg_sq")}
+        if any(k.startswith("optimizer.") for k in self.src.entries):
+            raise MapcError(f"unexpected distributed-optimizer tensor "
+                            f"{next(k for k in self.src.entries if k.startswith('optimizer.'))} "
+                            f"in a dp_zero_gather_scatter checkpoint", where=where)
+        return keys
+
+    def _stored_sizes(self, g: int, buckets, where: str) -> list:
+        """No bucket sizes are stored, only the buffer's total (checked in _state): the
+        derived buckets, checked by that total and by the masters."""
+        self.states[g] = self._state(g, sum(b.numel_unpadded for b in buckets), where)
+        for k in range(len(buckets)):
+            self.keys[(g, 0, k)] = {s: (g, k, s) for s in ("param", "exp_avg", "exp_avg_sq")}
+            self.offsets[(g, k)] = sum(b.numel_unpadded for b in buckets[:k])
+        return [b.numel_unpadded for b in buckets]
+
+    def _state(self, g: int, total: int, where: str) -> dict:
+        state = self.src.read_object(_OPTIM.format(g=g, what="param_state"))
+        what = f"the dp_zero_gather_scatter state of dp_group_idx_{g}"
+        try:
+            if state.get("buckets_coalesced") is not True:
+                raise ValueError("not buckets_coalesced")
+            gbufs = [k for k in state if k != "buckets_coalesced"]
+            if gbufs != [0]:
+                raise ValueError(f"{len(gbufs)} buffers; mapc derives one (one dtype)")
+            (per_dtype,) = state[0].values()
+            out = {s: per_dtype[s] for s in ("param", "exp_avg", "exp_avg_sq")}
+        except (AttributeError, TypeError, KeyError, ValueError) as e:
+            raise MapcError(f"{what} is not megatron-core's {{'buckets_coalesced': True, 0: "
+                            f"{{(param dtype, grad dtype): {{param, exp_avg, exp_avg_sq}}}}}} "
+                            f"({e})", where=where) from None
+        for s, t in out.items():
+            if not isinstance(t, torchfile.TensorRef) or tuple(t.shape) != (total,) or \
+                    t.dtype != "float32":
+                raise MapcError(f"{what}: {s} is {getattr(t, 'dtype', type(t).__name__)}"
+                                f"{list(getattr(t, 'shape', ()))}, the buckets {total} fp32 "
+                                f"elements", where=where)
+        return out
+
+    def _check_bucket(self, g: int, k: int, buckets, slots: dict, where: str) -> None:
+        pass                               # _stored_sizes checked the buffer's total
+
+    def _slice(self, key, start: int, numel: int) -> np.ndarray:
+        g, k, slot = key
+        off = self.offsets[(g, k)] + start
+        return np.array(self.states[g][slot].map()[off:off + numel])
 
 
 # --------------------------------------------------------------------------------------

@@ -204,6 +204,9 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
         if d == 0:
             torch.save(live, Path(a) / f"live_{t}_{p}.pt")
         for kind in extra.get("also", []):    # the same state, saved another way
+            if kind == "legacy":
+                _save_legacy(torch, dist, model, opt, args, Path(f"{b}_legacy"), t, p, pp, d)
+                continue
             meta = dict(metadata, distrib_optim_sharding_type=kind)
             model_sd = model.sharded_state_dict(metadata=meta)
             other = dict(state, model=model_sd, optimizer=opt.sharded_state_dict(
@@ -243,6 +246,26 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
             torch.save(logits.float(), Path(a) / "logits.pt")
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def _save_legacy(torch, dist, model, opt, args, root, t, p, pp, d):
+    """The same state in Megatron-LM's torch format with the distributed optimizer, as its
+    save_checkpoint writes it: per model-parallel rank ``mp_rank_TT[_PPP]/model_optim_rng.pt``
+    (model, the optimizer's state dict: param groups and step) and beside it
+    ``distrib_optim.pt`` (``save_parameter_state``: the buckets gathered on DP rank 0)."""
+    sub = root / f"iter_{ITERATION:07d}" / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
+    sub.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    opt.save_parameter_state(str(sub / "distrib_optim.pt"))
+    if d == 0:
+        legacy = type(args)(**vars(args))
+        legacy.ckpt_format = "torch"
+        torch.save({"args": legacy, "checkpoint_version": 3.0, "iteration": ITERATION,
+                    "model": model.state_dict_for_save_checkpoint(),
+                    "optimizer": opt.state_dict(),
+                    "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": ITERATION}},
+                   sub / "model_optim_rng.pt")
+    dist.barrier()
 
 
 def _distributed_optimizer(torch, dist, model, dtype, pdt):
