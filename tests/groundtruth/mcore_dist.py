@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -459,7 +460,73 @@ def _optimizer_truth(torch, ddp, opt) -> dict:
             "param_groups": groups, "steps": sorted(steps)}
 
 
+def buffer_layouts(cases: list, out: Path) -> list:
+    """megatron-core's own DDP buffer layout (``_ParamAndGradBuffer`` with the distributed
+    optimizer, bf16 params, fp32 grads) of each case ``(params, dp, bucket_size, high_busbw)``,
+    ``params`` being (name, numel, shared_embedding) in named_parameters order: per case
+    ``{"index": {name: [start, end, bucket]}, "buckets": [[offset, numel, numel_unpadded]]}``.
+    One process (a data-parallel group of size ``dp`` is only asked its size), no model."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cases.json").write_text(json.dumps(cases))
+    root = str(HERE.parents[2])
+    subprocess.run([sys.executable, str(HERE), "buffers", str(out)], check=True, cwd=root,
+                   env=dict(os.environ, PYTHONPATH=root + os.pathsep +
+                            os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore",
+                            CUDA_VISIBLE_DEVICES=""),
+                   stdout=subprocess.DEVNULL, stderr=open(out / "log", "w"),
+                   timeout=_TIMEOUT_S)
+    return json.loads((out / "layouts.json").read_text())
+
+
+def _buffers_worker(out):
+    import tempfile
+    import types
+    import torch
+    _patch_cuda(torch)
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0,
+                            world_size=1)
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+
+    class Group:              # the buffer asks the data-parallel group its size only
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+        def rank(self):
+            return 0
+
+    layouts = []
+    for params, dp, bucket_size, high in json.loads((Path(out) / "cases.json").read_text()):
+        config = DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                               grad_reduce_in_fp32=True,
+                                               pad_buckets_for_high_nccl_busbw=high)
+        tensors = []
+        for _, numel, shared in params:
+            p = torch.nn.Parameter(torch.zeros(numel, dtype=torch.bfloat16))
+            if shared:
+                p.shared_embedding = True
+            tensors.append(p)
+        names = {p: n for p, (n, _, _) in zip(tensors, params)}
+        group = Group(dp)
+        buf = _ParamAndGradBuffer(config, torch.bfloat16, torch.float32, tensors, group,
+                                  bucket_size, names, 1.0, list(range(len(tensors))), False,
+                                  types.SimpleNamespace(tp=Group(1), dp_cp=group))
+        layouts.append({"index": {names[p]: list(v) for p, v in buf.param_index_map.items()},
+                        "buckets": [[b.offset, b.grad_data.numel(), b.numel_unpadded]
+                                    for b in buf.buckets]})
+    (Path(out) / "layouts.json").write_text(json.dumps(layouts))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "buffers":
+        _buffers_worker(sys.argv[2])
+        sys.exit(0)
     if sys.argv[1] == "load_optimizer":
         _load_optimizer_worker(json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
                                int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8])
