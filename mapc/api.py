@@ -205,7 +205,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                  zero_stage: int | None = None,
                  allow_spec_change: bool = False, allow_lossy: bool = False,
                  pp_first_stage: int | None = None, pp_last_stage: int | None = None,
-                 workers: int | None = 1, vpp: int | None = None) -> ConversionPlan:
+                 workers: int | None = 1, vpp: int | None = None,
+                 optim_sharding: str | None = None) -> ConversionPlan:
     """Plan ``convert`` (same arguments) completely, writing nothing: every check a real run
     makes before writing is made here, so a plan that succeeds is what the run will do."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
@@ -220,11 +221,15 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         raise MapcError(f"--vpp {vpp!r} must be a positive integer of at most {MAX_MESH}")
     if dtype not in DTYPE_CHOICES:
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    if optim_sharding not in (None, "dp_reshardable", "fully_reshardable"):
+        raise MapcError(f"--optim-sharding {optim_sharding!r} is not a sharding type mapc "
+                        f"writes", hint="choose dp_reshardable or fully_reshardable")
     explicit = frozenset(k for k, v in (("dp", dp), ("zero_stage", zero_stage),
                                         ("with_optimizer", with_optimizer or None),
                                         ("max_shard_bytes", max_shard_bytes),
                                         ("pp_first_stage", pp_first_stage),
-                                        ("pp_last_stage", pp_last_stage), ("vpp", vpp))
+                                        ("pp_last_stage", pp_last_stage), ("vpp", vpp),
+                                        ("optim_sharding", optim_sharding))
                          if v is not None)
     template = None
     if like is not None:
@@ -261,6 +266,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         request = WriteRequest(to, dst=str(dst), dtype=DTYPE_CHOICES[dtype], dp=dp,
                                zero_stage=zero_stage, with_optimizer=with_optimizer,
                                max_shard_bytes=max_shard_bytes,
+                               optim_sharding=optim_sharding,
                                like_training=template.training if template else None,
                                explicit=explicit, allow_lossy=allow_lossy, vpp=vpp,
                                **stages)
@@ -280,7 +286,7 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
             zero_stage: int | None = None, allow_spec_change: bool = False,
             allow_lossy: bool = False, pp_first_stage: int | None = None,
             pp_last_stage: int | None = None, workers: int | None = 1,
-            vpp: int | None = None) -> execute.Report:
+            vpp: int | None = None, optim_sharding: str | None = None) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox,
@@ -297,14 +303,16 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     between, as megatron-core's num_layers_in_first/last_pipeline_stage). ``workers`` is the
     number of processes that write the output's independent files (None: what the machine
     has; see mapc.runtime.workers). Under torchrun or srun every rank writes its share of the
-    files. An option the target format does not honour is refused (MapcError)."""
+    files. ``optim_sharding`` picks how a torch_dist target saves the distributed optimizer's
+    state (``dp_reshardable``, the default, or ``fully_reshardable``). An option the target
+    format does not honour is refused (MapcError)."""
     cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,
                       source_set=source_set, spec=spec, source_format=source_format,
                       max_shard_bytes=max_shard_bytes, dp=dp, with_optimizer=with_optimizer,
                       like=like, zero_stage=zero_stage, allow_spec_change=allow_spec_change,
                       allow_lossy=allow_lossy,
                       pp_first_stage=pp_first_stage, pp_last_stage=pp_last_stage,
-                      workers=workers, vpp=vpp)
+                      workers=workers, vpp=vpp, optim_sharding=optim_sharding)
     return write_conversion(cp, src, dst, force=force, backend=backend, quiet=quiet)
 
 

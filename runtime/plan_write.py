@@ -44,6 +44,7 @@ OPTIONS = {
     "pp_first_stage": "--pp-first-stage",
     "pp_last_stage": "--pp-last-stage",
     "vpp": "--vpp",
+    "optim_sharding": "--optim-sharding",
 }
 
 
@@ -63,6 +64,7 @@ class WriteRequest:
     # virtual pipeline stages per pipeline rank (Megatron's interleaved schedule): the program
     # is compiled at pp * vpp stages, virtual stage s = chunk * pp + pipeline rank
     vpp: int | None = None
+    optim_sharding: str | None = None        # torch_dist: dp_reshardable | fully_reshardable
     like_training: dict | None = None        # --like: the template's training state
     pp_first_stage: int | None = None        # uneven pipeline: layers on the first stage
     pp_last_stage: int | None = None         # ... and on the last (megatron-core's rule)

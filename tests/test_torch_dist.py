@@ -10,11 +10,14 @@ One save and one load are shared by the whole module.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import shutil
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
@@ -284,14 +287,19 @@ def test_written_checkpoint_reads_back_bit_for_bit(hf_out, tmp_path):
     assert "decoder.layers.mlp.linear_fc1._extra_state/shard_3_4" in md.state_dict_metadata
 
 
-# ---- the distributed optimizer (dp_reshardable): what megatron-core writes; weights read ---------
+# ---- the distributed optimizer (dp_reshardable): what megatron-core writes, read --------------
 @pytest.fixture(scope="module")
 def saved_optim(tmp_path_factory):
     """TP2 DP2: megatron-core's DDP + DistributedOptimizer (Adam, bf16 params, fp32 grads and
-    masters) after one step, saved with its dp_reshardable state."""
+    masters, one bucket) after one step, saved with its dp_reshardable state; the same run
+    also saves it as fully_reshardable (``ckpt_fully_reshardable``), as
+    dp_zero_gather_scatter (``ckpt_dp_zero_gather_scatter``) and in Megatron-LM's torch format
+    with distrib_optim.pt (``ckpt_legacy``)."""
     base = tmp_path_factory.mktemp("torch_dist_optim")
     root = mcore_dist.save_checkpoint(base / "ckpt", CFG, 2, 1, "bf16", base / "truth", dp=2,
-                                      optimizer=True)
+                                      optimizer=True,
+                                      also=("fully_reshardable", "dp_zero_gather_scatter",
+                                            "legacy"))
     return root, base / "truth"
 
 
@@ -336,18 +344,408 @@ def test_dp_reshardable_buckets_are_ddp_layout(saved_optim, t):
     assert common["optimizer"] == {"param_state_sharding_type": "dp_reshardable"}
 
 
-def test_weights_of_a_distributed_optimizer_checkpoint_are_read_with_a_warning(saved_optim,
-                                                                              tmp_path):
+def _truth_local(truth, t, slot, p=0, dp=2, prefix="optim", shapes=None):
+    """Rank (t, p)'s local tensors of ``slot`` ("param": fp32 master, "exp_avg", "exp_avg_sq")
+    as megatron-core's live DistributedOptimizer held them (``PREFIX_T_P_D.pt`` of the
+    harness): every DP rank's piece put at the range of the parameter it covers (all elements
+    covered). ``shapes``: the local shapes (default: the live state dict saved there)."""
+    if shapes is None:
+        shapes = {n: v.shape for n, v in torch.load(truth / f"live_{t}_{p}.pt").items()}
+    flat = {}
+    for d in range(dp):
+        for name, piece in torch.load(truth / f"{prefix}_{t}_{p}_{d}.pt")["pieces"].items():
+            a, b = piece["range"]
+            flat.setdefault(name, torch.full((math.prod(shapes[name]),), float("nan")))[a:b] = \
+                piece[slot]
+    assert sorted(flat) == sorted(shapes)
+    assert not any(v.isnan().any() for v in flat.values())
+    return {n: v.view(shapes[n]) for n, v in flat.items()}
+
+
+def _to_hf(local, tp, pp, cfg=CFG):
+    """HF tensors from megatron-core local tensors ``local[(t, p)]`` (the inverse of
+    _expected_local, written out on its own; vocabulary padding rows dropped)."""
+    nh, ng, hd = cfg["heads"], cfg["groups"], cfg["head_dim"]
+    hpg, per = nh // ng, cfg["layers"] // pp
+    V = cfg["vocab"]
+    cat = lambda name, p, dim=0: torch.cat([local[(t, p)][name] for t in range(tp)], dim)  # noqa
+    out = {"model.embed_tokens.weight": cat("embedding.word_embeddings.weight", 0)[:V],
+           "model.norm.weight": local[(0, pp - 1)]["decoder.final_layernorm.weight"],
+           "lm_head.weight": cat("output_layer.weight", pp - 1)[:V]}
+    for i in range(cfg["layers"]):
+        p, j = divmod(i, per)
+        m, h = f"decoder.layers.{j}.", f"model.layers.{i}."
+        qkv = cat(m + "self_attention.linear_qkv.weight", p).view(ng, hpg + 2, hd, -1)
+        out[h + "self_attn.q_proj.weight"] = qkv[:, :hpg].reshape(nh * hd, -1)
+        out[h + "self_attn.k_proj.weight"] = qkv[:, hpg].reshape(ng * hd, -1)
+        out[h + "self_attn.v_proj.weight"] = qkv[:, hpg + 1].reshape(ng * hd, -1)
+        out[h + "self_attn.o_proj.weight"] = cat(m + "self_attention.linear_proj.weight", p, 1)
+        fc1 = [local[(t, p)][m + "mlp.linear_fc1.weight"].chunk(2) for t in range(tp)]
+        out[h + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
+        out[h + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
+        out[h + "mlp.down_proj.weight"] = cat(m + "mlp.linear_fc2.weight", p, 1)
+        out[h + "input_layernorm.weight"] = local[(0, p)][m + "input_layernorm.weight"]
+        out[h + "post_attention_layernorm.weight"] = local[(0, p)][m + "pre_mlp_layernorm.weight"]
+    return out
+
+
+def _bound(path):
+    """mapc's opened source of ``path``, resolved (its optimizer layout derived)."""
+    from mapc.compiler.resolve import resolve
+    src = open_source(path)
+    resolve(src)
+    return src
+
+
+@pytest.mark.parametrize("t", [0, 1])
+def test_derived_bucket_layout_is_megatron_cores(saved_optim, t):
+    """Where mapc derives each parameter inside the bucket (from the spec's megatron layout at
+    the saved TP) is megatron-core's live DDP param_index_map, for every parameter of the rank,
+    and the model-parallel rank is its data_parallel_group_idx."""
     root, truth = saved_optim
+    live = torch.load(truth / f"optim_{t}_0_0.pt")
+    assert live["dp_group_idx"] == t
+    (buffer,) = live["buffers"]
+    assert buffer["dtype"] == ("torch.bfloat16", "torch.float32")
+    ((offset, numel, unpadded),) = buffer["buckets"]
+    assert numel > unpadded          # the end padding, which the checkpoint drops
+    want = {name: (s - offset, e - s) for name, (s, e, _) in buffer["index"].items()}
+    with _bound(root) as src:
+        got = {name: (start, n) for (coord, name), (_, start, n, _) in
+               src.optimizer.where.items() if dict(coord)["tp"] == t}
+    assert got == want
+
+
+def _moments_as_hf(path):
+    """{slot: {HF name: tensor}} of an HF Trainer export (weights: the fp32 masters)."""
+    with _bound(path) as src:
+        names = src.names()
+        out = {slot: {n: torch.from_numpy(np.array(src.read(n, slot=slot))) for n in names}
+               for slot in ("exp_avg", "exp_avg_sq")}
+    out["param"] = _hf_tensors(path)
+    return out
+
+
+# (format, options): the distributed optimizer's state goes there, and (unless hf) on to HF
+CARRIED = [("hf", {"with_optimizer": True}), ("megatron", {"tp": 2}), ("megatron", {"tp": 1}),
+           ("deepspeed", {"dp": 2})]
+
+
+@pytest.mark.parametrize("to,options", CARRIED)
+def test_every_slot_is_carried_exactly(saved_optim, to, options, tmp_path):
+    """torch_dist (TP2 DP2, dp_reshardable) -> FORMAT [-> HF with optimizer]: the fp32 masters
+    (HF's weights) and both Adam moments are, at every rank's slice of megatron-core's layout,
+    what megatron-core's live DistributedOptimizer held, bit for bit (vocabulary padding rows
+    aside, which HF does not keep)."""
+    root, truth = saved_optim
+    out = tmp_path / to
+    mapc.convert(root, out, to=to, **options)
+    if to != "hf":
+        mapc.convert(out, tmp_path / "hf", to="hf", with_optimizer=True)
+        out = tmp_path / "hf"
+    hf = _moments_as_hf(out)
+    assert hf["param"]["model.norm.weight"].dtype == torch.float32
+    for slot, tensors in hf.items():
+        for t in range(2):
+            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
+                               (slot, t))
+
+
+def test_fully_reshardable_is_read_exactly(saved_optim, tmp_path):
+    """megatron-core's fully_reshardable save of the same optimizer (one bucket: 0.16.1's
+    values are right then): optimizer.state.<slot>.<model key> at global shapes; through HF
+    every slot equals what each rank's live optimizer held, and the step and groups are read."""
+    root, truth = saved_optim
+    fully = root.parent / "ckpt_fully_reshardable"
+    md = pickle.loads((mcore_dist.iter_dir(fully) / ".metadata").read_bytes())
+    L, F, H = CFG["layers"], CFG["ffn"], CFG["hidden"]
+    assert tuple(md.state_dict_metadata[
+        "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight"].size) == (L, 2 * F, H)
+    mapc.convert(fully, tmp_path / "hf", to="hf", with_optimizer=True)
+    hf = _moments_as_hf(tmp_path / "hf")
+    for slot, tensors in hf.items():
+        for t in range(2):
+            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
+                               (slot, t))
+    with _bound(fully) as src:
+        state = src.training_state()
+    assert state["step"] == 1.0 and len(state["param_groups"]) == 2
+
+
+def test_dp_zero_gather_scatter_is_read_exactly(saved_optim, tmp_path):
+    """megatron-core's (deprecated) dp_zero_gather_scatter save of the same optimizer: one
+    object per model-parallel rank holding its buckets gathered from the DP ranks (Megatron-LM's
+    legacy distrib_optim.pt layout), no optimizer tensors; through HF every slot equals what
+    each rank's live optimizer held."""
+    root, truth = saved_optim
+    zero = root.parent / "ckpt_dp_zero_gather_scatter"
+    md = pickle.loads((mcore_dist.iter_dir(zero) / ".metadata").read_bytes())
+    assert "optimizer.distributed.dp_group_idx_1.param_state/shard_0_1" in md.state_dict_metadata
+    assert not any(k.startswith("optimizer.") and not k.endswith("/shard_0_1")
+                   for k in md.state_dict_metadata)
+    mapc.convert(zero, tmp_path / "hf", to="hf", with_optimizer=True)
+    hf = _moments_as_hf(tmp_path / "hf")
+    for slot, tensors in hf.items():
+        for t in range(2):
+            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
+                               (slot, t))
+    with _bound(zero) as src:
+        state = src.training_state()
+    assert state["step"] == 1.0 and len(state["param_groups"]) == 2
+
+
+def test_legacy_distrib_optim_pt_is_read_exactly(saved_optim, tmp_path):
+    """Megatron-LM's torch format with the distributed optimizer (model_optim_rng.pt per rank,
+    beside it distrib_optim.pt from megatron-core's save_parameter_state): through HF every
+    slot equals what each rank's live optimizer held; step and groups are read."""
+    root, truth = saved_optim
+    legacy = root.parent / "ckpt_legacy"
+    assert detect_format(legacy) == "megatron"
+    assert (legacy / f"iter_{mcore_dist.ITERATION:07d}" / "mp_rank_01" / "distrib_optim.pt"
+            ).is_file()
+    report = mapc.convert(legacy, tmp_path / "hf", to="hf", with_optimizer=True)
+    assert not any("weights only" in w for w in report.warnings)
+    hf = _moments_as_hf(tmp_path / "hf")
+    for slot, tensors in hf.items():
+        for t in range(2):
+            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
+                               (slot, t))
+    with _bound(legacy) as src:
+        state = src.training_state()
+    assert state["step"] == 1.0 and len(state["param_groups"]) == 2
+    assert state["dp_world_size"] == 2
+
+
+def test_step_param_groups_and_scheduler_are_carried(saved_optim, tmp_path):
+    """Megatron (torch format) output of the torch_dist checkpoint: megatron-core's param
+    groups (hyper-parameters), the Adam step, the scheduler and the iteration."""
+    root, truth = saved_optim
+    live = torch.load(truth / "optim_0_0_0.pt")
+    mapc.convert(root, tmp_path / "m", to="megatron", tp=2)
+    for t in range(2):
+        obj = torch.load(tmp_path / "m" / f"iter_{mcore_dist.ITERATION:07d}" / f"mp_rank_0{t}" /
+                         "model_optim_rng.pt", weights_only=False)
+        inner = obj["optimizer"]["optimizer"]
+        assert [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]] \
+            == live["param_groups"]
+        assert {float(st["step"]) for st in inner["state"].values()} == set(live["steps"])
+        assert obj["opt_param_scheduler"] == {"max_lr": 1e-3, "num_steps": mcore_dist.ITERATION}
+        assert obj["iteration"] == mcore_dist.ITERATION
     info = mapc.inspect(root)
-    assert any("distributed optimizer" in w and "dp_reshardable" in w
-               for w in info["warnings"])
+    assert info["training"]["optimizer_slots"] == ["master", "exp_avg", "exp_avg_sq"]
+    assert info["training"]["step"] == 1.0 and info["training"]["dp_world_size"] == 2
+
+
+def test_weights_of_a_distributed_optimizer_checkpoint_are_its_masters(saved_optim, tmp_path):
+    """HF weights of a training checkpoint are its fp32 masters (as from every other training
+    format); rounded to bf16 they are the live weights megatron-core saved."""
+    root, truth = saved_optim
     report = mapc.convert(root, tmp_path / "hf", to="hf")
-    assert any("not read yet" in w for w in report.warnings)
-    tensors = _hf_tensors(tmp_path / "hf")
+    assert not any("not read" in w for w in report.warnings)
+    tensors = {k: v.to(torch.bfloat16) for k, v in _hf_tensors(tmp_path / "hf").items()}
     for t in range(2):
         live = torch.load(truth / f"live_{t}_0.pt")
         _assert_rank_equal(live, _expected_local(tensors, 2, 1, t, 0), t)
+
+
+# ---- the distributed optimizer written: megatron-core loads it and continues the run -----------
+# (tp, pp, dp) mapc writes the TP2 PP1 DP2 state for: the same DP (the continuation is then
+# bit-exact), and another DP (3: other bucket padding and DP partition boundaries)
+LOAD_AT = [(1, 2, 2), (1, 1, 3)]
+# At another DP the DP mean of the (equal) gradients rounds differently (g/3 summed 3 times is
+# not always g): the continuation step then agrees to these tolerances (measured: 3e-8 at most
+# on masters and moments; the step itself moves masters by up to 1e-3, moments by up to 0.13)
+STEP_RTOL, STEP_ATOL = 1e-6, 1e-7
+
+
+@pytest.fixture(scope="module", params=LOAD_AT, ids=lambda t: "tp%d-pp%d-dp%d" % t)
+def loaded_optim(request, saved_optim, tmp_path_factory):
+    """mapc reshards the TP2 DP2 checkpoint to torch_dist at (tp, pp, dp), dp_reshardable and
+    fully_reshardable; megatron-core builds that model with DDP + DistributedOptimizer, loads
+    mapc's outputs (strict), and takes the next step on value gradients (the step the original
+    run took after saving). One megatron-core process group per topology."""
+    tp, pp, dp = request.param
+    base = tmp_path_factory.mktemp(f"torch_dist_optim_load_{tp}{pp}{dp}")
+    mapc.convert(saved_optim[0], base / "ckpt", to="torch_dist", tp=tp, pp=pp, dp=dp)
+    mapc.convert(saved_optim[0], base / "fully", to="torch_dist", tp=tp, pp=pp, dp=dp,
+                 optim_sharding="fully_reshardable")
+    return base / "ckpt", mcore_dist.load_optimizer(base / "ckpt", CFG, tp, pp, dp, "bf16",
+                                                    base / "loaded", fully=base / "fully"), \
+        request.param
+
+
+def _hf_of_truth(truth, prefix, slot):
+    """The original run's (TP2 PP1 DP2) slot as HF tensors."""
+    return _to_hf({(t, 0): _truth_local(truth, t, slot, prefix=prefix) for t in range(2)}, 2, 1)
+
+
+@pytest.mark.parametrize("prefix", ["loaded", "loadedF", "stepped"])
+@pytest.mark.parametrize("slot", ["param", "exp_avg", "exp_avg_sq"])
+def test_megatron_core_loads_the_optimizer_mapc_wrote_and_continues_the_run(
+        saved_optim, loaded_optim, prefix, slot):
+    """What megatron-core's DistributedOptimizer holds at (tp, pp, dp) after loading mapc's
+    output ("loaded") equals the original TP2 DP2 run's state at every rank's slice, bit for
+    bit, and so after loading mapc's fully_reshardable output of it ("loadedF"); after one more
+    step on the same (value) gradients ("stepped") it equals the original run's own next step:
+    bit for bit at the same DP (Adam is elementwise), to STEP_RTOL/STEP_ATOL at another DP."""
+    truth = saved_optim[1]
+    tp, pp, dp = loaded_optim[2]
+    want = _hf_of_truth(truth, "stepped" if prefix == "stepped" else "optim", slot)
+    for t in range(tp):
+        for p in range(pp):
+            expected = _expected_local(want, tp, pp, t, p)
+            shapes = {n: v.shape for n, v in expected.items()}
+            for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                if name in shapes:
+                    shapes[name] = (PADDED // tp, CFG["hidden"])
+            got = _truth_local(loaded_optim[1], t, slot, p=p, dp=dp, prefix=prefix,
+                               shapes=shapes)
+            if prefix == "stepped" and dp != 2:
+                assert sorted(got) == sorted(expected)
+                for name, e in expected.items():
+                    g = got[name][:e.shape[0]]
+                    torch.testing.assert_close(g, e, rtol=STEP_RTOL, atol=STEP_ATOL,
+                                               msg=lambda m: f"{name}: {m}")
+            else:
+                _assert_rank_equal(got, expected, (prefix, slot, t, p))
+
+
+def test_megatron_core_loads_the_step_and_param_groups(saved_optim, loaded_optim):
+    live = torch.load(saved_optim[1] / "optim_0_0_0.pt")
+    tp, pp, dp = loaded_optim[2]
+    for p in range(pp):
+        for d in range(dp):
+            loaded = torch.load(loaded_optim[1] / f"loaded_0_{p}_{d}.pt")
+            assert loaded["steps"] == live["steps"] == [1.0]
+            assert [g.pop("step") for g in loaded["param_groups"]] == [1.0, 1.0]
+            assert loaded["param_groups"] == live["param_groups"]
+            assert torch.load(loaded_optim[1] / f"stepped_0_{p}_{d}.pt")["steps"] == [2.0]
+    common = torch.load(mcore_dist.iter_dir(loaded_optim[0]) / "common.pt", weights_only=False)
+    assert common["optimizer"] == {"param_state_sharding_type": "dp_reshardable"}
+    assert common["opt_param_scheduler"] == {"max_lr": 1e-3, "num_steps": mcore_dist.ITERATION}
+    assert common["args"].data_parallel_size == dp and common["args"].use_distributed_optimizer
+
+
+@pytest.mark.parametrize("via,options", [("hf", {"with_optimizer": True}),
+                                         ("deepspeed", {"dp": 2})])
+@pytest.mark.parametrize("sharding", ["dp_reshardable", "fully_reshardable"])
+def test_the_state_comes_back_to_torch_dist_exactly(saved_optim, via, options, sharding,
+                                                   tmp_path):
+    """torch_dist (TP2 DP2) -> FORMAT -> torch_dist (TP1 PP2 DP3) -> HF with optimizer: every
+    slot equals what megatron-core's live optimizer held, bit for bit, and the step and param
+    groups survive (the torch_dist output's layout is megatron-core's: loaded_optim)."""
+    root, truth = saved_optim
+    mapc.convert(root, tmp_path / via, to=via, **options)
+    mapc.convert(tmp_path / via, tmp_path / "td", to="torch_dist", tp=1, pp=2, dp=3,
+                 optim_sharding=sharding)
+    mapc.convert(tmp_path / "td", tmp_path / "back", to="hf", with_optimizer=True)
+    hf = _moments_as_hf(tmp_path / "back")
+    for slot, tensors in hf.items():
+        for t in range(2):
+            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
+                               (slot, t))
+    with _bound(tmp_path / "td") as src:
+        state = src.training_state()
+    assert state["step"] == 1.0 and state["dp_world_size"] == 3
+    live = torch.load(truth / "optim_0_0_0.pt")["param_groups"]
+    assert sorted((g["wd_mult"], g["lr"], g["weight_decay"]) for g in state["param_groups"]) == \
+        sorted((g["wd_mult"], g["lr"], g["weight_decay"]) for g in live)
+
+
+@settings(max_examples=5, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_resharding_chains_keep_every_slot(saved_optim, tmp_path_factory, data):
+    """Property: torch_dist (TP2 DP2, megatron-core's) -> torch_dist at a drawn (tp, pp, dp,
+    sharding) -> torch_dist at another -> HF with optimizer: every slot is still what
+    megatron-core's live optimizer held, bit for bit (pp up to 4: stages after the first,
+    layouts of mapc's own writing read back)."""
+    root, truth = saved_optim
+    draw = lambda: (data.draw(st.sampled_from([1, 2])), data.draw(st.sampled_from([1, 2, 4])),  # noqa: E731
+                    data.draw(st.integers(1, 8)),
+                    data.draw(st.sampled_from(["dp_reshardable", "fully_reshardable"])))
+    base = tmp_path_factory.mktemp("chain")
+    src = root
+    for i, (tp, pp, dp, kind) in enumerate([draw(), draw()]):
+        mapc.convert(src, base / f"td{i}", to="torch_dist", tp=tp, pp=pp, dp=dp,
+                     optim_sharding=kind)
+        src = base / f"td{i}"
+    mapc.convert(src, base / "hf", to="hf", with_optimizer=True)
+    hf = _moments_as_hf(base / "hf")
+    for slot, tensors in hf.items():
+        for t in range(2):
+            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
+                               (slot, t))
+
+
+def test_the_write_plan_shows_the_optimizer_layout(saved_optim, tmp_path):
+    cp = mapc.plan_convert(saved_optim[0], tmp_path / "out", to="torch_dist", tp=1, pp=2, dp=3)
+    try:
+        text = cp.write.pretty()
+    finally:
+        cp.close()
+    assert "dp: 3" in text and "transformer_impl: local" in text
+    assert "dp_group_idx_0: [" in text and "dp_group_idx_1: [" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_optim_sharding_is_a_torch_dist_option(saved_optim, tmp_path):
+    with pytest.raises(MapcError, match="--to megatron does not take --optim-sharding "
+                                        "fully_reshardable.*taken by: torch_dist"):
+        mapc.convert(saved_optim[0], tmp_path / "out", to="megatron",
+                     optim_sharding="fully_reshardable")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dp_without_optimizer_state_is_refused(hf_out, tmp_path):
+    with pytest.raises(MapcError, match="--dp 2 sets the distributed optimizer's data-parallel "
+                                        "size, but the source has no optimizer state"):
+        mapc.convert(hf_out, tmp_path / "out", to="torch_dist", dp=2)
+    assert not (tmp_path / "out").exists()
+
+
+def _edit_common(saved, tmp_path, edit):
+    root, d = _copy(saved, tmp_path)
+    common = torch.load(d / "common.pt", weights_only=False)
+    edit(common)
+    torch.save(common, d / "common.pt")
+    return root
+
+
+def test_layer_order_is_found_by_the_masters_without_transformer_impl(saved_optim, tmp_path):
+    """Without args.transformer_impl, the local spec's and Transformer Engine's parameter
+    orders are both tried; the one whose fp32 masters round to the weights is taken."""
+    root = _edit_common(saved_optim, tmp_path, lambda c: delattr(c["args"], "transformer_impl"))
+    want = _truth_local(saved_optim[1], 1, "exp_avg")["decoder.layers.2.mlp.linear_fc2.weight"]
+    with _bound(root) as src:
+        got = src.read("decoder.layers.mlp.linear_fc2.weight[2]", slot="exp_avg")
+    assert torch.equal(torch.from_numpy(got)[:, CFG["ffn"] // 2:], want)
+
+
+def _set_args(**kw):
+    def edit(common):
+        for k, v in kw.items():
+            setattr(common["args"], k, v)
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set_args(transformer_impl="transformer_engine"),
+     r"fp32 masters do not round to the stored weights \(decoder\.layers\..* differs with "
+     r"the te layout\)"),
+    (_set_args(overlap_grad_reduce=True, ddp_bucket_size=20000),
+     r"buckets of dp_group_idx_0 \(tp=0, pp=0\) hold \[74304\] elements, but megatron-core's "
+     r"bucket layout of the model's parameters gives \[2"),
+    (lambda c: c["optimizer"].update(param_state_sharding_type="fully_sharded_model_space"),
+     "saved as 'fully_sharded_model_space', which mapc does not read"),
+])
+def test_an_optimizer_layout_mapc_cannot_derive_is_refused(saved_optim, tmp_path, edit,
+                                                           message):
+    root = _edit_common(saved_optim, tmp_path, edit)
+    with pytest.raises(MapcError, match=message) as e:
+        mapc.convert(root, tmp_path / "out", to="megatron")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- refusals ------------------------------------------------------------------------------------

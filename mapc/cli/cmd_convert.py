@@ -45,6 +45,10 @@ def add_arguments(p):
     p.add_argument("--dp", type=int, default=None,
                    help="data-parallel size of a training-checkpoint target (deepspeed, neox): "
                         "the optimizer state is repartitioned for it (default: the source's)")
+    p.add_argument("--optim-sharding", choices=("dp_reshardable", "fully_reshardable"),
+                   default=None,
+                   help="with --to torch_dist: how the distributed optimizer's state is saved "
+                        "(default: dp_reshardable, Megatron-LM's default)")
     p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=None,
                    help="ZeRO stage of a deepspeed/universal target (default: the source's, "
                         "else 1)")
@@ -100,7 +104,7 @@ def run(args) -> int:
                       zero_stage=args.zero_stage, allow_spec_change=args.allow_spec_change,
                       allow_lossy=args.allow_lossy,
                       pp_first_stage=args.pp_first_stage, pp_last_stage=args.pp_last_stage,
-                      workers=args.workers, vpp=args.vpp)
+                      workers=args.workers, vpp=args.vpp, optim_sharding=args.optim_sharding)
     if args.dry_run:
         cp.close()
         print(cp.pretty())

@@ -52,7 +52,7 @@ HONOURS = {
     "deepspeed": frozenset({"dp", "zero_stage"}),
     "universal": frozenset({"dp", "zero_stage"}),
     "neox": frozenset({"dp", "zero_stage", "with_optimizer"}),
-    "torch_dist": frozenset(),
+    "torch_dist": frozenset({"dp", "optim_sharding"}),
     "nemo2": frozenset(),
 }
 

@@ -38,7 +38,25 @@ LAYOUT = "megatron"
 # --pp-first-stage / --pp-last-stage (uneven pipeline stages, megatron-core's
 # num_layers_in_first/last_pipeline_stage) set these parameters of the megatron layout
 STAGE_PARAMS = {"pp_first_stage": "first_stage_layers", "pp_last_stage": "last_stage_layers"}
-PICKLES = torchfile.allow_list("Megatron-LM")
+# Enums Megatron-LM pickles inside ``args`` (attention_backend, model_type, fp8_recipe,
+# cuda_graph_scope, ...). Each is read as an inert ``Call`` of its class on its value, so it is
+# written back exactly as it came; megatron is never imported.
+MEGATRON_ENUMS = [("megatron.core.enums", n) for n in ("ModelType", "Fp8Recipe", "Fp4Recipe")] \
+    + [("megatron.core.transformer.enums", n) for n in (
+        "ModelType", "LayerType", "AttnType", "AttnMaskType", "AttnBackend", "CudaGraphScope")]
+
+
+def _enum(module: str, name: str):
+    def member(value=None, *rest):
+        if rest or not isinstance(value, (int, str)):
+            raise MapcError(f"unexpected {module}.{name}({value!r}) in the pickle")
+        return torchfile.Call(module, name, (value,))
+    member.__name__ = name
+    return member
+
+
+ENUM_GLOBALS = {f"{m}.{n}": _enum(m, n) for m, n in MEGATRON_ENUMS}
+PICKLES = torchfile.allow_list("Megatron-LM", ENUM_GLOBALS)
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
@@ -168,10 +186,20 @@ class MegatronSource(RefSource):
                             hint="convert the weights only from a checkpoint saved without "
                             "optimizer state, or open an issue with the file")
         self.optimizer_kind = _optimizer_kind(opt)
-        if self.optimizer_kind == "distributed":
-            self.warnings.append("the optimizer state of Megatron's distributed optimizer lives "
-                                 "in distrib_optim.pt files, which mapc does not read: weights "
-                                 "only")
+        self._distopt = None                     # _LegacyDistributed once bind_plan derived it
+        if self.optimizer_kind == "distributed" and not all(
+                (f.parent / DISTRIB_OPTIM).is_file() for f in self.files.values()):
+            self.warnings.append(f"the optimizer state of Megatron's distributed optimizer "
+                                 f"lives in {DISTRIB_OPTIM} files beside each rank's "
+                                 f"model_optim_rng.pt, which are missing here: weights only")
+
+    def bind_plan(self, plan):
+        """Called by resolve with the matched megatron plan: with the distributed optimizer,
+        derive where each parameter sits in every rank's distrib_optim.pt."""
+        self._distopt = None
+        if self.optimizer_kind == "distributed" and all(
+                (f.parent / DISTRIB_OPTIM).is_file() for f in self.files.values()):
+            self._distopt = _LegacyDistributed(self, plan)
 
     def _virtual_stages(self, args):
         """Megatron-LM's interleaved schedule saves ``model0``, ``model1``, ... (one model chunk
@@ -255,6 +283,8 @@ class MegatronSource(RefSource):
 
     # -- optimizer state ----------------------------------------------------------------------
     def slots(self):
+        if self._distopt is not None:
+            return ["param", "master", "exp_avg", "exp_avg_sq"]
         if self.optimizer_kind in ("fp32", "mixed") and self._optim_of(self._coords[0])["state"]:
             return ["param", "master", "exp_avg", "exp_avg_sq"]
         return ["param"]
@@ -280,11 +310,15 @@ class MegatronSource(RefSource):
     def dtype(self, name, coord, slot="param"):
         if slot == "param":
             return self._ref(name, coord).dtype
+        if self._distopt is not None:
+            return "float32"
         return self._slot_ref(name, coord, slot).dtype
 
     def read(self, name, coord, slot="param"):
         if slot == "param":
             return self._ref(name, coord).map()
+        if self._distopt is not None:
+            return self._distopt.read(name, coord, slot)
         return self._slot_ref(name, coord, slot).map()
 
     def _slot_ref(self, name, coord, slot):
@@ -302,6 +336,8 @@ class MegatronSource(RefSource):
         return ref
 
     def training_state(self) -> dict:
+        if self._distopt is not None:
+            return self._distopt.training_state()
         if self.optimizer_kind not in ("fp32", "mixed"):
             return {"iteration": self.iteration} if self.iteration is not None else {}
         first = self._load(self._coords[0])
@@ -393,6 +429,135 @@ def _scalar(v):
     if isinstance(v, torchfile.TensorRef):
         return float(np.asarray(v.numpy()).reshape(-1)[0])
     return v
+
+
+DISTRIB_OPTIM = "distrib_optim.pt"
+
+
+class _LegacyDistributed:
+    """Megatron-LM's torch format with the distributed optimizer: beside each rank's
+    model_optim_rng.pt (whose ``optimizer`` holds only the param groups, with the step) a
+    ``distrib_optim.pt`` that DP rank 0 gathered (``DistributedOptimizer.save_parameter_state``):
+    ``{"buckets_coalesced": True, 0: {(param dtype, grad dtype): {"param", "exp_avg",
+    "exp_avg_sq": flat fp32, "numel_unpadded"}}}``, the DDP buffer's buckets without their end
+    padding one after another. Where each parameter sits is derived as megatron-core's DDP lays
+    the buffer out (runtime/containers/distopt.py) from the matched megatron plan; the total
+    size and every 1-D parameter's fp32 master (it must round to the stored weight) check the
+    derivation before anything is read. The flat tensors are mapped, not read whole."""
+
+    def __init__(self, src, plan):
+        from mapc.runtime.containers import distopt
+        self.src = src
+        args = src.format_meta
+        tp, pp = src.topology.get("tp", 1), src.topology.get("pp", 1)
+        world = int(args.get("world_size") or 0)
+        self.dp = int(args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
+        layouts = distopt.rank_layouts(plan, self.dp, args)
+        self.place: dict[tuple, tuple] = {}     # (coord_key, name) -> (state, start, numel)
+        for coord, lay in layouts.items():
+            key = coord_key(coord)
+            f = src.files[key].parent / DISTRIB_OPTIM
+            state = self._state(torchfile.load(f, PICKLES), f)
+            total = sum(b.numel_unpadded for b in lay.buckets)
+            if any(tuple(t.shape) != (total,) for t in state.values()):
+                raise MapcError(f"the distributed optimizer's buffer holds "
+                                f"{list(state['param'].shape)} elements, but megatron-core's "
+                                f"bucket layout of this rank's parameters gives {total}",
+                                where=str(f), hint="the checkpoint was trained with settings "
+                                "mapc does not derive (other or frozen parameters, another "
+                                "bucket size); convert the weights only")
+            off = 0
+            for bucket in lay.buckets:
+                for name, start, numel in bucket.params:
+                    self.place[(key, name)] = (state, off + start, numel)
+                off += bucket.numel_unpadded
+        for coord in src.coords():
+            for name in src.names(coord):
+                if len(src.shape(name, coord)) != 1:
+                    continue
+                weight = np.asarray(src.read(name, coord))
+                master = self.read(name, coord, "master")
+                from mapc.runtime.backends import DTYPES
+                if not np.array_equal(master.astype(DTYPES[src.dtype(name, coord)])
+                                      .view(np.uint8), weight.view(np.uint8)):
+                    raise MapcError(f"the distributed optimizer's fp32 master of {name} does "
+                                    f"not round to the stored weight: mapc cannot tell where "
+                                    f"it keeps each parameter", where=str(
+                                        src.files[coord_key(coord)].parent / DISTRIB_OPTIM),
+                                    hint="convert the weights only")
+
+    @staticmethod
+    def _state(obj, where) -> dict:
+        what = f"{DISTRIB_OPTIM} is not megatron-core's {{'buckets_coalesced': True, 0: " \
+            f"{{(param dtype, grad dtype): {{param, exp_avg, exp_avg_sq}}}}}}"
+        try:
+            if obj.get("buckets_coalesced") is not True:
+                raise ValueError("not buckets_coalesced (an older per-bucket layout)")
+            gbufs = [k for k in obj if k != "buckets_coalesced"]
+            if gbufs != [0]:
+                raise ValueError(f"{len(gbufs)} buffers; mapc derives one (one dtype)")
+            (per_dtype,) = obj[0].values()
+            out = {s: per_dtype[s] for s in ("param", "exp_avg", "exp_avg_sq")}
+        except (AttributeError, TypeError, KeyError, ValueError) as e:
+            raise MapcError(f"{what} ({e})", where=str(where)) from None
+        for s, t in out.items():
+            if not isinstance(t, torchfile.TensorRef) or t.dtype != "float32" or t.ndim != 1:
+                raise MapcError(f"{what}: its {s} is not a flat fp32 tensor", where=str(where))
+        return out
+
+    def read(self, name, coord, slot) -> np.ndarray:
+        if slot not in ("master", "exp_avg", "exp_avg_sq"):
+            raise MapcError(f"unknown optimizer slot {slot!r}")
+        try:
+            state, start, numel = self.place[(coord_key(coord), name)]
+        except KeyError:
+            raise MapcError(f"no distributed-optimizer state for {name}",
+                            where=self.src.describe_coord(coord)) from None
+        flat = state["param" if slot == "master" else slot].map()
+        return np.array(flat[start:start + numel]).reshape(self.src.shape(name, coord))
+
+    def training_state(self) -> dict:
+        """Step, param groups (by megatron-core's default weight-decay rule), grad scaler and
+        scheduler, from model_optim_rng.pt's optimizer state dict."""
+        src = self.src
+        first = src._load(src.coords()[0])
+        opt = first.get("optimizer")
+        inner = opt.get("optimizer") if hasattr(opt, "get") else None
+        groups = inner.get("param_groups") if hasattr(inner, "get") else None
+        where = str(src._file(src.coords()[0]))
+        if not isinstance(groups, list) or not groups or \
+                not all(isinstance(g, dict) for g in groups):
+            raise MapcError("the distributed optimizer's state has no param_groups", where=where)
+        zero = [float(g.get("wd_mult", 1.0)) == 0.0 for g in groups]
+        if len(groups) > 2 or len(set(zero)) != len(groups):
+            raise MapcError(f"the distributed optimizer's {len(groups)} parameter groups do not "
+                            f"follow megatron-core's default grouping", where=where,
+                            hint="mapc reads Megatron optimizers with megatron-core's default "
+                                 "parameter groups only")
+        names = []
+        for coord in src.coords():
+            names += [n for n in src.names(coord) if n not in names]
+        shapes = {n: len(src.shape(n, c)) for c in src.coords() for n in src.names(c)}
+        no_wd = [n for n in names if _no_weight_decay(n, shapes[n])]
+        wd = [n for n in names if n not in set(no_wd)]
+        out_groups = []
+        for g, z in zip(groups, zero):
+            hyper = {k: v for k, v in g.items() if k not in ("params", "step")}
+            hyper["params"] = no_wd if z else wd
+            out_groups.append(hyper)
+        step = groups[0].get("step")
+        scaler = opt.get("grad_scaler")
+        scaler = {k: _scalar(v) for k, v in scaler.items()} if isinstance(scaler, dict) else None
+        return {"iteration": src.iteration,
+                "global_samples": src.format_meta.get("consumed_train_samples"),
+                "step": float(_scalar(step)) if step is not None else None,
+                "param_groups": out_groups,
+                "lr_scheduler": first.get("opt_param_scheduler"),
+                "loss_scale": scaler.get("scale") if scaler else None,
+                "grad_scaler": scaler,
+                "clip_grad": src.format_meta.get("clip_grad"),
+                "zero_stage": None,
+                "dp_world_size": self.dp}
 
 
 def _optimizer_kind(opt) -> str | None:

@@ -185,7 +185,7 @@ def plan_write(program, facts, request):
                  "context": f"{CONTEXT}/{MODEL_YAML} ({MODEL_TARGET}); no io.json",
                  "optimizer": "none (weights only)"}
     return make_plan("nemo2", files, decisions=decisions, tensors=tensors,
-                     detail=(dict(program.target.meta()), None))
+                     detail=(dict(program.target.meta()), None, None, {}))
 
 
 def model_yaml(args: dict) -> dict:

@@ -23,6 +23,11 @@ tensor is ever materialized whole. Which keys are stacked is megatron-core's rul
 under a ``layers.`` prefix not followed by a layer number. ``..._extra_state`` entries are
 pickled objects (bytes entries in ``.metadata``), not weights.
 
+The distributed optimizer's ``dp_reshardable`` state (flat fp32 buckets per model-parallel
+rank, ``optimizer.distributed.*``) is read as the slots ``master``/``exp_avg``/``exp_avg_sq`` of
+the global tensors: where each parameter sits is derived from the spec's megatron layout
+(:mod:`mapc.runtime.containers.distopt`) once resolve has matched the spec (``bind_plan``).
+
 Everything is read without torch: ``.metadata`` and the chunks through the ``dcp`` container's
 restricted readers, ``common.pt`` through mapc's restricted unpickler.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +44,7 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.containers import dcp
-from mapc.runtime.containers.megatron import TRACKER, tracked_iteration
+from mapc.runtime.containers.megatron import ENUM_GLOBALS, TRACKER, tracked_iteration
 from mapc.runtime.backends import dtype_name
 from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
@@ -48,24 +54,6 @@ LAYOUT = "torch_dist"
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 SINGLE = ()
-# Enums Megatron-LM pickles inside ``args`` (attention_backend, model_type, fp8_recipe,
-# cuda_graph_scope, ...). Each is read as an inert ``Call`` of its class on its value, so it is
-# written back exactly as it came; megatron is never imported.
-MEGATRON_ENUMS = [("megatron.core.enums", n) for n in ("ModelType", "Fp8Recipe", "Fp4Recipe")] \
-    + [("megatron.core.transformer.enums", n) for n in (
-        "ModelType", "LayerType", "AttnType", "AttnMaskType", "AttnBackend", "CudaGraphScope")]
-
-
-def _enum(module: str, name: str):
-    def member(value=None, *rest):
-        if rest or not isinstance(value, (int, str)):
-            raise MapcError(f"unexpected {module}.{name}({value!r}) in the pickle")
-        return torchfile.Call(module, name, (value,))
-    member.__name__ = name
-    return member
-
-
-ENUM_GLOBALS = {f"{m}.{n}": _enum(m, n) for m, n in MEGATRON_ENUMS}
 PICKLES = torchfile.allow_list("megatron-core torch_dist", ENUM_GLOBALS)
 # a key of megatron-core's stacked layers: "<block>.layers.<not a layer number>..."
 _STACKED = re.compile(r"(?:^|\.)layers\.(?!\d+(?:\.|$))")
@@ -129,18 +117,98 @@ def _iteration_name(iteration) -> str:
 
 def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     """The tracker, one iteration directory (the source's iteration, else ``release``) with
-    ``metadata.json``, ``common.pt``, ``.metadata`` and one data file, and mapc.json."""
+    ``metadata.json``, ``common.pt``, ``.metadata`` and one data file, and mapc.json. A source
+    with Adam moments gets megatron-core's distributed optimizer state (``dp_reshardable``) at
+    ``--dp`` (default: the source's data-parallel size): see :class:`_OptimizerPlan`."""
     iteration = facts.training.get("iteration")
     iteration = int(iteration) if isinstance(iteration, (int, np.integer)) else None
+    optimizer = None
+    slots = ("param",)
+    decisions = {}
+    notes = []
+    if facts.has_moments:
+        optimizer = _plan_optimizer(program, facts, request)
+        slots = ("param", "master", "exp_avg", "exp_avg_sq")
+        iteration = iteration or 0
+        decisions = {"optimizer": f"distributed ({optimizer.kind}), the source's state",
+                     "dp": optimizer.dp}
+        if optimizer.kind == "dp_reshardable":
+            decisions |= {"transformer_impl": optimizer.impl, "buckets": optimizer.describe()}
+            notes.append(f"the distributed optimizer's state is laid out for dp={optimizer.dp}, "
+                         f"transformer_impl={optimizer.impl} (megatron-core's parameter order), "
+                         f"one DDP bucket per rank (no --overlap-grad-reduce): resume with those")
+    else:
+        for opt, value, what in (("--dp", request.dp, "data-parallel size"),
+                                 ("--optim-sharding", request.optim_sharding, "sharding type")):
+            if value is not None:
+                raise MapcError(f"{opt} {value} sets the distributed optimizer's {what}, but "
+                                f"the source has no optimizer state",
+                                hint=f"drop {opt} (the weights are global: any data-parallel "
+                                     f"size loads them)")
     sub = _iteration_name(iteration)
-    tensors = planned_tensors(program, facts, request.dtype, ("param",))
+    tensors = planned_tensors(program, facts, request.dtype, slots)
     files = [TRACKER, MAPC_JSON] + [f"{sub}/{f}" for f in (METADATA_JSON, COMMON, dcp.METADATA,
                                                            DATA)]
     decisions = {"iteration directory": sub, "data file": DATA,
-                 "optimizer": "none (weights only)"}
-    return make_plan("torch_dist", files, decisions=decisions, tensors=tensors,
-                     detail=(dict(program.target.meta()), iteration),
+                 "optimizer": "none (weights only)"} | decisions
+    return make_plan("torch_dist", files, decisions=decisions, notes=notes, slots=slots,
+                     tensors=tensors,
+                     detail=(dict(program.target.meta()), iteration, optimizer, facts.training),
                      serial="one .distcp data file holds every tensor")
+
+
+@dataclass(frozen=True)
+class _OptimizerPlan:
+    """The distributed optimizer a torch_dist output carries: ``layouts`` (distopt.RankLayout
+    per megatron mesh coordinate at the output's TP/PP and ``dp``), ``cut``: the program
+    torch_dist -> megatron that cuts each global slot tensor into the ranks' local tensors;
+    ``masters_from_weights``: the source has no fp32 master (its weights are fp32 masters);
+    ``impl``: the transformer_impl whose parameter order the layout follows."""
+    dp: int
+    impl: str
+    layouts: dict
+    cut: object
+    masters_from_weights: bool
+    dtype: str
+    kind: str = "dp_reshardable"
+
+    def describe(self) -> str:
+        sizes = {lay.group: [b.numel_unpadded for b in lay.buckets]
+                 for lay in self.layouts.values()}
+        return ", ".join(f"dp_group_idx_{g}: {n}" for g, n in sorted(sizes.items()))
+
+
+def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _OptimizerPlan:
+    from mapc.compiler.plan import plan_layout
+    from mapc.compiler.program import compile_program
+    from mapc.runtime.containers import distopt
+    target = program.target
+    spec = target.spec
+    if "megatron" not in spec.layout_names():
+        raise MapcError(f"spec {spec.family} has no megatron layout, from which mapc derives "
+                        f"where megatron-core's distributed optimizer keeps each parameter",
+                        hint="add the family's megatron layout to its spec, or convert to "
+                             "another format")
+    dp = request.dp or int(facts.training.get("dp_world_size") or 1)
+    impl = str(facts.format_meta.get("transformer_impl") or "transformer_engine")
+    takes = {p.name for p in spec.layout_params("megatron")}
+    params = {k: v for k, v in (("vocab_multiple", target.params.get("vocab_multiple")),
+                                ("naming", "local" if impl == "local" else "te"))
+              if k in takes and v is not None}
+    tp, pp = int(target.params.get("tp_size", 1)), int(target.params.get("pp_size", 1))
+    mplan = plan_layout(spec, "megatron", target.env, {"tp": tp, "pp": pp}, params)
+    layouts = distopt.rank_layouts(mplan, dp, {})
+    first = next(iter(program.source.instances[0].members.values()))
+    dtype = request.dtype or facts.dtypes["param"][first]
+    if dtype not in ("bfloat16", "float32"):
+        raise MapcError(f"mapc writes megatron-core's distributed optimizer for bf16 or fp32 "
+                        f"parameters, not {dtype} (fp16 needs its grad scaler, not written)",
+                        hint="pass --dtype bf16 (or fp32)")
+    kind = request.optim_sharding or "dp_reshardable"
+    if kind == "fully_reshardable":     # global tensors: no bucket layout, nothing to cut
+        return _OptimizerPlan(dp, impl, {}, None, "master" not in facts.slots, dtype, kind)
+    return _OptimizerPlan(dp, impl, layouts, compile_program(target, mplan),
+                          "master" not in facts.slots, dtype, kind)
 
 
 class TorchDistSource(Source):
@@ -180,10 +248,15 @@ class TorchDistSource(Source):
         self.config = self.record.get("config")
         md = dcp.read_metadata(self.iter_dir)
         self.entries = dcp.index_tensors(self.iter_dir, md)
+        self.objects = {k: v for k, v in md.get("state_dict_metadata").items()
+                        if k not in self.entries}
+        self.storage = {index.get("fqn"): info for index, info in
+                        (md.get("storage_data") or {}).items() if index.get("offset") is None}
         self.tensors: dict[str, tuple] = {}     # name -> (entry key, slab index or None)
+        self.optimizer = None                    # _DpReshardable once bind_plan derived it
         for key, entry in self.entries.items():
             if key.startswith("optimizer.") or key.startswith("rng_state"):
-                continue                         # optimizer state: not read yet
+                continue                         # optimizer state: see bind_plan
             if not key.startswith(self.key_prefix):
                 continue
             name = key[len(self.key_prefix):]
@@ -193,10 +266,52 @@ class TorchDistSource(Source):
                     self.tensors[f"{name}[{k}]"] = (key, k)
             else:
                 self.tensors[name] = (key, None)
-        if any(k.startswith("optimizer.") for k in self.entries):
-            kind = self.content_metadata.get("distrib_optim_sharding_type") or "unknown"
-            self.warnings.append(f"the distributed optimizer's state ({kind}) is not read yet: "
-                                 f"weights only")
+        self.sharding_type = None
+        if any(k.startswith("optimizer.") for k in self.entries) or \
+                any(k.startswith("optimizer.") for k in self.objects):
+            opt = common.get("optimizer")
+            self.sharding_type = (opt.get("param_state_sharding_type") if isinstance(opt, dict)
+                                  else None) or \
+                self.content_metadata.get("distrib_optim_sharding_type") or "unknown"
+            if self.sharding_type not in SHARDING_TYPES:
+                raise MapcError(f"the distributed optimizer's state is saved as "
+                                f"{self.sharding_type!r}, which mapc does not read (it reads "
+                                f"{', '.join(SHARDING_TYPES)})", where=str(self.iter_dir / COMMON),
+                                hint="re-save it with distrib_optim_sharding_type "
+                                     "dp_reshardable (Megatron-LM's default), or without "
+                                     "the optimizer")
+        self.scheduler = common.get("opt_param_scheduler")
+
+    def bind_plan(self, plan):
+        """Called by resolve with the matched torch_dist plan: derive where the distributed
+        optimizer keeps every parameter (runtime/containers/distopt.py) from the spec's
+        megatron layout at the saved TP/PP."""
+        self.optimizer = None
+        if self.sharding_type == "dp_reshardable":
+            self.optimizer = _DpReshardable(self, plan)
+        elif self.sharding_type == "fully_reshardable":
+            self.optimizer = _FullyReshardable(self, self._common())
+        elif self.sharding_type == "dp_zero_gather_scatter":
+            self.optimizer = _DpZeroGatherScatter(self, plan)
+
+    def read_object(self, key: str):
+        """A ShardedObject megatron-core saved (``KEY/shard_0_1``, stored as ``[object]``),
+        restricted-unpickled."""
+        fqn = key if key in self.objects else f"{key}/shard_0_1"
+        info = self.storage.get(fqn)
+        if fqn not in self.objects or info is None:
+            raise MapcError(f"no {key} in the checkpoint", where=str(self.iter_dir),
+                            hint="copy the complete checkpoint")
+        rel = Path(str(info.get("relative_path")))
+        if rel.is_absolute() or ".." in rel.parts:
+            raise MapcError(f"storage path '{rel}' of {key} leaves the checkpoint",
+                            where=str(self.iter_dir / dcp.METADATA))
+        obj = dcp.load_torch_at(self.iter_dir / rel, int(info.get("offset")),
+                                int(info.get("length")), key, PICKLES)
+        if not isinstance(obj, list) or len(obj) != 1:   # megatron-core saves [object]
+            raise MapcError(f"{key} holds a {type(obj).__name__}, not megatron-core's "
+                            f"[object]", where=str(self.iter_dir / rel))
+        return obj[0]
 
     def _common(self) -> dict:
         f = self.iter_dir / COMMON
@@ -234,10 +349,21 @@ class TorchDistSource(Source):
         _, index, (shape, _, _) = self._get(name)
         return tuple(shape[1:]) if index is not None else tuple(shape)
 
-    def dtype(self, name, coord=SINGLE):
+    def slots(self):
+        return ["param", "master", "exp_avg", "exp_avg_sq"] if self.optimizer else ["param"]
+
+    def dtype(self, name, coord=SINGLE, slot="param"):
+        if slot != "param":
+            self._get(name)
+            return "float32"
         return self._get(name)[2][1]
 
-    def read(self, name, coord=SINGLE):
+    def read(self, name, coord=SINGLE, slot="param"):
+        if slot != "param":
+            if self.optimizer is None:
+                raise MapcError(f"no optimizer state in the checkpoint ({slot} of {name})",
+                                where=str(self.iter_dir))
+            return self.optimizer.read(name, slot)
         key, index, entry = self._get(name)
         return dcp.read_entry(key, entry, index)
 
@@ -245,6 +371,8 @@ class TorchDistSource(Source):
         out = dict(self.record.get("training") or {})
         if isinstance(self.iteration, int):
             out.setdefault("iteration", self.iteration)
+        if self.optimizer is not None:
+            out.update(self.optimizer.training_state())
         return out
 
     def describe_coord(self, coord):
@@ -253,6 +381,402 @@ class TorchDistSource(Source):
 
 
 Source = TorchDistSource
+
+
+# --------------------------------------------------------------------------------------
+# the distributed optimizer's state
+# --------------------------------------------------------------------------------------
+SHARDING_TYPES = ("dp_reshardable", "fully_reshardable", "dp_zero_gather_scatter")
+_BUCKET = re.compile(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\."
+                     r"dtype_\((torch\.\w+), (torch\.\w+)\)\.bucket_idx_(\d+)\."
+                     r"(param|exp_avg|exp_avg_sq)$")
+_OPTIM = "optimizer.distributed.dp_group_idx_{g}.{what}"
+
+
+def read_range(name: str, entry, start: int, stop: int) -> np.ndarray:
+    """Elements ``[start, stop)`` of the flat (1-D) tensor ``name`` (an ``index_tensors``
+    entry), read from only the chunks that overlap them."""
+    shape, dtype, chunks = entry
+    if len(shape) != 1 or not 0 <= start <= stop <= shape[0]:
+        raise MapcError(f"internal: range {start}..{stop} of {name} {list(shape)}")
+    out = np.empty(stop - start, torchfile.DTYPES[dtype])
+    filled = 0
+    for c in chunks:
+        lo, hi = max(start, c.offsets[0]), min(stop, c.offsets[0] + c.sizes[0])
+        if lo < hi:
+            data = dcp.chunk_ref(name, c, dtype).map()
+            out[lo - start:hi - start] = data[lo - c.offsets[0]:hi - c.offsets[0]]
+            filled += hi - lo
+    if filled != stop - start:
+        raise MapcError(f"the chunks of {name} do not cover elements {start}..{stop}",
+                        hint="the checkpoint is incomplete; copy it again")
+    return out
+
+
+class _RankView:
+    """The distributed optimizer's state as per-rank tensors of the spec's megatron layout,
+    for mapc.runtime.execute.read_instances (``read(name, coord, slot=...)``)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def read(self, name, coord, slot="param"):
+        return self.opt.read_rank(name, coord, slot)
+
+    def stateless(self, coord):
+        return {}
+
+
+class _Optimizer:
+    """What both sharding types share: the masters check, the training state."""
+    src: TorchDistSource
+
+    def read(self, name: str, slot: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def _masters_disagree(self) -> str | None:
+        """The first 1-D tensor (norms, biases: small) whose fp32 master, read where the
+        optimizer's layout puts it, does not round to its stored weight; None if all agree."""
+        from mapc.runtime.backends import DTYPES
+        for name in self.src.tensors:
+            if len(self.src.shape(name)) != 1:
+                continue
+            weight = np.asarray(self.src.read(name))
+            master = self.read(name, "master")
+            if master.shape != weight.shape or not np.array_equal(
+                    master.astype(DTYPES[self.src.dtype(name)]).view(np.uint8),
+                    weight.view(np.uint8)):
+                return f"{name} differs"
+        return None
+
+    def _groups(self):
+        """(megatron-core's param groups, its grad scaler state or None)."""
+        raise NotImplementedError
+
+    def training_state(self) -> dict:
+        """Step, param groups (with the torch_dist names each holds, by megatron-core's
+        default weight-decay rule), grad scaler and scheduler."""
+        from mapc.runtime.containers.megatron import _no_weight_decay, _scalar
+        groups, scaler = self._groups()
+        if not isinstance(groups, list) or not groups or \
+                not all(isinstance(g, dict) for g in groups):
+            raise MapcError("the distributed optimizer's state has no param_groups",
+                            where=str(self.src.iter_dir))
+        names = list(self.src.tensors)
+        no_wd = [n for n in names if _no_weight_decay(n, len(self.src.shape(n)))]
+        wd = [n for n in names if n not in set(no_wd)]
+        zero = [float(g.get("wd_mult", 1.0)) == 0.0 for g in groups]
+        if len(groups) > 2 or len(set(zero)) != len(groups):
+            raise MapcError(f"the distributed optimizer's {len(groups)} parameter groups "
+                            f"(wd_mult {[g.get('wd_mult') for g in groups]}) do not follow "
+                            f"megatron-core's default grouping", where=str(self.src.iter_dir),
+                            hint="mapc reads Megatron optimizers with megatron-core's default "
+                                 "parameter groups only")
+        out_groups = []
+        for g, z in zip(groups, zero):
+            hyper = {k: v for k, v in g.items() if k not in ("params", "step")}
+            hyper["params"] = no_wd if z else wd
+            out_groups.append(hyper)
+        step = groups[0].get("step")
+        scaler = {k: _scalar(v) for k, v in scaler.items()} if isinstance(scaler, dict) else None
+        return {"iteration": self.src.iteration,
+                "global_samples": self.src.args.get("consumed_train_samples"),
+                "step": float(step) if step is not None else None,
+                "param_groups": out_groups,
+                "lr_scheduler": self.src.scheduler,
+                "loss_scale": scaler.get("scale") if scaler else None,
+                "grad_scaler": scaler,
+                "clip_grad": self.src.args.get("clip_grad"),
+                "zero_stage": None,
+                "dp_world_size": self.dp}
+
+
+class _FullyReshardable(_Optimizer):
+    """megatron-core's ``fully_reshardable`` state: ``optimizer.state.{param,exp_avg,
+    exp_avg_sq}.<model key>``, each at its parameter's global shape and sharding (stacked
+    layers too), param groups in ``common.pt``. megatron-core 0.16.1 saves wrong values after
+    the first bucket when an earlier bucket has end padding; the masters check (every 1-D
+    tensor's master rounds to its weight) refuses such a checkpoint instead of carrying it."""
+
+    def __init__(self, src: TorchDistSource, common: dict):
+        self.src = src
+        self.common = common
+        tp, pp = src.saved_topology["tp"], src.saved_topology["pp"]
+        world = int(src.args.get("world_size") or 0)
+        self.dp = int(src.args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
+        where = str(src.iter_dir / dcp.METADATA)
+        want = {f"optimizer.state.{slot}.{key}" for key, _ in src.tensors.values()
+                for slot in ("param", "exp_avg", "exp_avg_sq")}
+        have = {k for k in src.entries if k.startswith("optimizer.")}
+        if want != have:
+            odd = sorted(want - have) or sorted(have - want)
+            what = "lacks" if want - have else "has the unexpected"
+            raise MapcError(f"the fully_reshardable optimizer state {what} {odd[0]}"
+                            + (f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""),
+                            where=where, hint="copy the complete checkpoint")
+        for key, _ in set(src.tensors.values()):
+            for slot in ("param", "exp_avg", "exp_avg_sq"):
+                shape, dtype, _ = src.entries[f"optimizer.state.{slot}.{key}"]
+                if shape != src.entries[key][0] or dtype != "float32":
+                    raise MapcError(f"optimizer.state.{slot}.{key} is {dtype}{list(shape)}, "
+                                    f"its parameter {list(src.entries[key][0])} (fp32 "
+                                    f"expected)", where=where)
+        bad = self._masters_disagree()
+        if bad is not None:
+            raise MapcError(f"the fully_reshardable optimizer state's fp32 masters do not "
+                            f"round to the stored weights ({bad}); megatron-core 0.16.1 saves "
+                            f"wrong values for parameters after the first DDP bucket when an "
+                            f"earlier bucket has end padding", where=str(src.iter_dir),
+                            hint="re-save with dp_reshardable (Megatron-LM's default), or "
+                                 "with one bucket (no --overlap-grad-reduce)")
+
+    def read(self, name: str, slot: str) -> np.ndarray:
+        if slot not in ("master", "exp_avg", "exp_avg_sq"):
+            raise MapcError(f"unknown optimizer slot {slot!r}")
+        key, index = self.src.tensors[name]
+        okey = f"optimizer.state.{'param' if slot == 'master' else slot}.{key}"
+        return dcp.read_entry(okey, self.src.entries[okey], index)
+
+    def _groups(self):
+        opt = self.common.get("optimizer")
+        inner = opt.get("optimizer") if isinstance(opt, dict) else None
+        groups = inner.get("param_groups") if isinstance(inner, dict) else None
+        return groups, opt.get("grad_scaler") if isinstance(opt, dict) else None
+
+
+class _DpReshardable(_Optimizer):
+    """Where megatron-core's DistributedOptimizer (``dp_reshardable``) keeps each parameter.
+
+    Every model-parallel rank (``dp_group_idx`` = tp_rank + tp * pp_rank) stores one flat
+    fp32 tensor per DDP bucket and slot; the parameters in it are the spec's megatron layout
+    at the saved TP/PP (local or Transformer Engine names, by ``args.transformer_impl``), laid
+    out as runtime/containers/distopt.py derives. A slot of a torch_dist tensor (a global slab)
+    is rebuilt from the per-rank slot tensors with the program megatron -> torch_dist, one unit
+    at a time, as a conversion rebuilds weights."""
+
+    def __init__(self, src: TorchDistSource, plan):
+        from mapc.compiler.plan import plan_layout
+        self.src = src
+        where = str(src.iter_dir)
+        args = src.args
+        tp, pp = src.saved_topology["tp"], src.saved_topology["pp"]
+        world = int(args.get("world_size") or 0)
+        self.dp = int(args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
+        keys = self._keys(where)
+        spec = plan.spec
+        if "megatron" not in spec.layout_names():
+            raise MapcError(f"spec {spec.family} has no megatron layout, from which mapc "
+                            f"derives where the distributed optimizer keeps each parameter",
+                            where=where, hint="add the family's megatron layout to its spec")
+        # the local spec and Transformer Engine's order a layer's parameters differently:
+        # Megatron-LM's args say which one trained (transformer_impl); without it both are
+        # tried, and the one whose fp32 masters round to the stored weights is taken
+        impl = args.get("transformer_impl")
+        takes = {p.name for p in spec.layout_params("megatron")}
+        namings = [None] if "naming" not in takes else \
+            ["local"] if impl == "local" else ["te"] if impl is not None else ["local", "te"]
+        failures = []
+        for naming in namings:
+            params = {k: v for k, v in (("vocab_multiple", plan.params.get("vocab_multiple")),
+                                        ("naming", naming)) if k in takes and v is not None}
+            mplan = plan_layout(spec, "megatron", plan.env, {"tp": tp, "pp": pp}, params)
+            self._derive(mplan, plan, keys, tp, pp, args, where)
+            bad = self._masters_disagree()
+            if bad is None:
+                break
+            failures.append(f"{bad} with the {naming or 'megatron'} layout")
+        else:
+            raise MapcError(f"the distributed optimizer's fp32 masters do not round to the "
+                            f"stored weights ({'; '.join(failures)}): mapc cannot tell where "
+                            f"it keeps each parameter", where=where,
+                            hint="the checkpoint was trained with settings mapc does not "
+                                 "derive; save it with distrib_optim_sharding_type "
+                                 "fully_reshardable, or without the optimizer")
+
+    def _keys(self, where: str) -> dict[tuple, dict]:
+        """{(dp_group_idx, gbuf_idx, bucket_idx): {slot: what _slice reads}}: the bucket
+        tensors ``optimizer.distributed.dp_group_idx_I.gbuf_idx_G.dtype_(P, G).bucket_idx_B.
+        {param,exp_avg,exp_avg_sq}``."""
+        keys: dict[tuple, dict] = {}
+        for key in self.src.entries:
+            if not key.startswith("optimizer."):
+                continue
+            m = _BUCKET.match(key)
+            if not m:
+                raise MapcError(f"unexpected distributed-optimizer tensor {key}",
+                                where=str(self.src.iter_dir / dcp.METADATA),
+                                hint="mapc reads megatron-core's dp_reshardable layout of one "
+                                     "optimizer (no expert-parallel or chained optimizers)")
+            g, b, k = int(m.group(1)), int(m.group(2)), int(m.group(5))
+            keys.setdefault((g, b, k), {})[m.group(6)] = key
+        return keys
+
+    def _check_bucket(self, g: int, k: int, buckets, slots: dict, where: str) -> None:
+        """Refuse a stored bucket ``k`` of dp_group_idx ``g`` whose size is not the derived."""
+        bucket = buckets[k]
+        for key in slots.values():
+            if self.src.entries[key][0] != (bucket.numel_unpadded,):
+                raise MapcError(f"{key} holds {list(self.src.entries[key][0])} elements, its "
+                                f"bucket {bucket.numel_unpadded}", where=where)
+
+    def _slice(self, key, start: int, numel: int) -> np.ndarray:
+        """Elements ``[start, start + numel)`` of the stored bucket slot ``key``."""
+        return read_range(key, self.src.entries[key], start, start + numel)
+
+    def _derive(self, mplan, plan, keys, tp, pp, args, where):
+        from mapc.compiler.program import compile_program
+        from mapc.runtime.containers import distopt
+        src = self.src
+        self.where: dict[tuple, tuple] = {}
+        used = set()
+        layouts = distopt.rank_layouts(mplan, self.dp, args)
+        for coord, lay in layouts.items():
+            c = dict(coord)
+            g = lay.group
+            what = f"dp_group_idx_{g} (tp={c.get('tp', 0)}, pp={c.get('pp', 0)})"
+            gbufs = sorted({b for gg, b, _ in keys if gg == g})
+            if gbufs != [0]:
+                raise MapcError(f"the distributed optimizer of {what} has "
+                                f"{len(gbufs)} buffers; mapc derives one (every parameter of "
+                                f"one dtype)", where=where)
+            distopt.check_buckets(lay.buckets, self._stored_sizes(g, lay.buckets, where), where,
+                                  what)
+            for k, bucket in enumerate(lay.buckets):
+                slots = keys.get((g, 0, k), {})
+                if set(slots) != {"param", "exp_avg", "exp_avg_sq"}:
+                    raise MapcError(f"bucket {k} of {what} lacks "
+                                    f"{sorted({'param', 'exp_avg', 'exp_avg_sq'} - set(slots))}",
+                                    where=where, hint="copy the complete checkpoint")
+                self._check_bucket(g, k, lay.buckets, slots, where)
+                used.add((g, 0, k))
+            for name, k, start, numel in lay.places():
+                self.where[(coord, name)] = (keys[(g, 0, k)], start, numel, lay.shapes[name])
+        if set(keys) != used:
+            extra = sorted(set(keys) - used)[0]
+            raise MapcError(f"the checkpoint holds distributed-optimizer buckets the model's "
+                            f"{len(layouts)} model-parallel ranks do not have (dp_group_idx_"
+                            f"{extra[0]} bucket {extra[2]})", where=where,
+                            hint="the optimizer state does not belong to this model")
+        self.view = _RankView(self)
+        self.program = compile_program(mplan, plan)
+        self.targets: dict[str, tuple] = {}
+        for unit in self.program.units:
+            for inst in unit.targets:
+                for rc, copies in inst.by_recipe_coord().items():
+                    for _, name in copies:
+                        self.targets[name] = (unit, inst, rc)
+
+    def _stored_sizes(self, g: int, buckets, where: str) -> list:
+        """The bucket sizes megatron-core stored for dp_group_idx ``g``."""
+        return self._unpadded(g, where)
+
+    def _unpadded(self, g: int, where: str) -> list:
+        obj = self.src.read_object(_OPTIM.format(g=g, what="per_bucket_numel_unpadded"))
+        try:
+            (sizes,) = obj[0].values()
+            return [int(n) for n in sizes]
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+            raise MapcError(f"per_bucket_numel_unpadded of dp_group_idx_{g} is {obj!r}, not "
+                            f"megatron-core's [{{(param dtype, grad dtype): [numel, ...]}}]",
+                            where=where) from None
+
+    def read_rank(self, name, coord, slot) -> np.ndarray:
+        """Slot ``slot`` of the megatron-layout tensor ``name`` of rank ``coord``."""
+        try:
+            keys, start, numel, shape = self.where[(coord, name)]
+        except KeyError:
+            raise MapcError(f"internal: no distributed-optimizer place for {name} at "
+                            f"{coord}") from None
+        key = keys[{"master": "param", "param": "param"}.get(slot, slot)]
+        return self._slice(key, start, numel).reshape(shape)
+
+    def read(self, name: str, slot: str) -> np.ndarray:
+        """Slot ``slot`` of the torch_dist tensor ``name`` (fp32)."""
+        from mapc.runtime import execute
+        if slot not in ("master", "exp_avg", "exp_avg_sq"):
+            raise MapcError(f"unknown optimizer slot {slot!r}")
+        unit, inst, rc = self.targets[name]
+        be = execute.get_backend("numpy")
+        report = execute.Report()
+        logical = execute.read_instances(unit.sources, self.view, be, report, True, slot)
+        for w in report.warnings:
+            if "padding of" not in w and w not in self.src.warnings:
+                self.src.warnings.append(w)
+        members = {m: logical[k] for m, k in inst.members.items()}
+        return np.ascontiguousarray(be.to_numpy(inst.recipe.shard(be, members, dict(rc))))
+
+    def _groups(self):
+        inner = self.src.read_object(_OPTIM.format(g=0, what="optimizer"))
+        key = _OPTIM.format(g=0, what="grad_scaler")
+        scaler = self.src.read_object(key) if f"{key}/shard_0_1" in self.src.objects else None
+        return (inner.get("param_groups") if isinstance(inner, dict) else None), scaler
+
+
+class _DpZeroGatherScatter(_DpReshardable):
+    """megatron-core's deprecated ``dp_zero_gather_scatter`` state: per model-parallel rank one
+    object ``optimizer.distributed.dp_group_idx_I.param_state`` (DP rank 0 gathered it), the
+    layout of Megatron-LM's legacy ``distrib_optim.pt``: ``{"buckets_coalesced": True, 0:
+    {(param dtype, grad dtype): {"param", "exp_avg", "exp_avg_sq": flat fp32, "numel_unpadded"}}}``,
+    each flat tensor the buffer's buckets without their end padding, one after another. The
+    parameters' places are derived as for dp_reshardable (same checks); the flat tensors are
+    mapped from the file, not read whole."""
+
+    def _keys(self, where: str) -> dict[tuple, dict]:
+        self.states: dict[int, dict] = {}
+        self.offsets: dict[tuple, int] = {}
+        keys: dict[tuple, dict] = {}       # bucket 0 of each group; _stored_sizes adds the rest
+        self.keys = keys
+        for obj in self.src.objects:
+            m = re.match(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.param_state"
+                         r"(?:/shard_0_1)?$", obj)
+            if m:
+                g = int(m.group(1))
+                keys[(g, 0, 0)] = {s: (g, 0, s) for s in ("param", "exp_avg", "exp_avg_sq")}
+        if any(k.startswith("optimizer.") for k in self.src.entries):
+            raise MapcError(f"unexpected distributed-optimizer tensor "
+                            f"{next(k for k in self.src.entries if k.startswith('optimizer.'))} "
+                            f"in a dp_zero_gather_scatter checkpoint", where=where)
+        return keys
+
+    def _stored_sizes(self, g: int, buckets, where: str) -> list:
+        """No bucket sizes are stored, only the buffer's total (checked in _state): the
+        derived buckets, checked by that total and by the masters."""
+        self.states[g] = self._state(g, sum(b.numel_unpadded for b in buckets), where)
+        for k in range(len(buckets)):
+            self.keys[(g, 0, k)] = {s: (g, k, s) for s in ("param", "exp_avg", "exp_avg_sq")}
+            self.offsets[(g, k)] = sum(b.numel_unpadded for b in buckets[:k])
+        return [b.numel_unpadded for b in buckets]
+
+    def _state(self, g: int, total: int, where: str) -> dict:
+        state = self.src.read_object(_OPTIM.format(g=g, what="param_state"))
+        what = f"the dp_zero_gather_scatter state of dp_group_idx_{g}"
+        try:
+            if state.get("buckets_coalesced") is not True:
+                raise ValueError("not buckets_coalesced")
+            gbufs = [k for k in state if k != "buckets_coalesced"]
+            if gbufs != [0]:
+                raise ValueError(f"{len(gbufs)} buffers; mapc derives one (one dtype)")
+            (per_dtype,) = state[0].values()
+            out = {s: per_dtype[s] for s in ("param", "exp_avg", "exp_avg_sq")}
+        except (AttributeError, TypeError, KeyError, ValueError) as e:
+            raise MapcError(f"{what} is not megatron-core's {{'buckets_coalesced': True, 0: "
+                            f"{{(param dtype, grad dtype): {{param, exp_avg, exp_avg_sq}}}}}} "
+                            f"({e})", where=where) from None
+        for s, t in out.items():
+            if not isinstance(t, torchfile.TensorRef) or tuple(t.shape) != (total,) or \
+                    t.dtype != "float32":
+                raise MapcError(f"{what}: {s} is {getattr(t, 'dtype', type(t).__name__)}"
+                                f"{list(getattr(t, 'shape', ()))}, the buckets {total} fp32 "
+                                f"elements", where=where)
+        return out
+
+    def _check_bucket(self, g: int, k: int, buckets, slots: dict, where: str) -> None:
+        pass                               # _stored_sizes checked the buffer's total
+
+    def _slice(self, key, start: int, numel: int) -> np.ndarray:
+        g, k, slot = key
+        off = self.offsets[(g, k)] + start
+        return np.array(self.states[g][slot].map()[off:off + numel])
 
 
 # --------------------------------------------------------------------------------------
@@ -293,13 +817,19 @@ class TorchDistWriter(PlannedWriter):
     to it as its own chunk the moment it arrives (a slab as the chunk ``[i:i+1, ...]`` of
     ``NAME``), so memory stays at one tensor. Each stacked ``<module>.weight`` gets the
     ``<module>._extra_state/shard_{i}_{L}`` objects megatron-core's loader asks for (megatron-core
-    saves ``[None]`` there for its local-spec layers). ``.metadata`` is written at the end."""
+    saves ``[None]`` there for its local-spec layers). ``.metadata`` is written at the end.
+
+    With an optimizer (plan detail ``_OptimizerPlan``) every global tensor's ``master`` /
+    ``exp_avg`` / ``exp_avg_sq`` is cut into the ranks' local tensors (the plan's program
+    torch_dist -> megatron) and each is appended as a chunk of its rank's flat bucket at the
+    parameter's place; ``finish`` adds the alignment gaps (zeros) and the objects
+    megatron-core's DistributedOptimizer loads (param groups, bucket sizes)."""
 
     key_prefix = ""     # prepended to every model key (NeMo 2: "module.")
 
     def __init__(self, tmpdir, program, plan):
         super().__init__(tmpdir, program, plan)
-        args, iteration = plan.detail
+        args, iteration, optimizer, training = plan.detail
         self.args = dict(args)
         self.iteration = iteration
         self.sub = self._subdir()
@@ -307,6 +837,24 @@ class TorchDistWriter(PlannedWriter):
         self.objects: dict[str, tuple] = {}
         self.expected: dict[str, tuple] = {}     # physical name -> (fqn, slab index or None)
         self.file = None
+        self.opt: _OptimizerPlan | None = optimizer
+        self.training = training
+        self.fully = optimizer is not None and optimizer.kind == "fully_reshardable"
+        if optimizer is not None and not self.fully:
+            self.cut_unit = {}                   # torch_dist name -> unit of the cut program
+            for unit in optimizer.cut.units:
+                for inst in unit.sources:
+                    for _, _, name in inst.shards:
+                        self.cut_unit[name] = unit
+            self.place = {(coord, name): (lay.group, k, start, numel)
+                          for coord, lay in optimizer.layouts.items()
+                          for name, k, start, numel in lay.places()}
+            self.pending: dict[tuple, dict] = {}
+            self.dtype_key = f"(torch.{optimizer.dtype}, torch.float32)"
+
+    def _bucket_key(self, group: int, bucket: int, slot: str) -> str:
+        return (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_0.dtype_{self.dtype_key}"
+                f".bucket_idx_{bucket}.{'param' if slot == 'master' else slot}")
 
     def _subdir(self) -> str:
         return _iteration_name(self.iteration)
@@ -329,6 +877,16 @@ class TorchDistWriter(PlannedWriter):
                                 f"one shape and dtype")
             shape, dtype = slabs[0]
             self.tensors[fqn] = [(n,) + shape, dtype, []]
+        if self.fully:      # optimizer.state.<slot>.<fqn>: each weight's shape and chunks
+            for fqn, (shape, _, _) in list(self.tensors.items()):
+                for slot in ("param", "exp_avg", "exp_avg_sq"):
+                    self.tensors[f"optimizer.state.{slot}.{fqn}"] = [shape, "float32", []]
+        if self.opt is not None:
+            for lay in self.opt.layouts.values():
+                for k, bucket in enumerate(lay.buckets):
+                    for slot in ("master", "exp_avg", "exp_avg_sq"):
+                        self.tensors[self._bucket_key(lay.group, k, slot)] = \
+                            [(bucket.numel_unpadded,), "float32", []]
         (self.dir / self.sub).mkdir(parents=True)
         self.file = open(self.dir / self.sub / DATA, "wb")
 
@@ -353,13 +911,105 @@ class TorchDistWriter(PlannedWriter):
         else:
             offsets, chunk = (index,) + (0,) * arr.ndim, arr[None]
         entry[2].append((offsets, tuple(chunk.shape)) + self._append(_archive(array=chunk)))
+        if self.opt is not None and self.opt.masters_from_weights and \
+                entry[1] in ("float32", "bfloat16", "float16"):
+            self._slot("master", name, np.asarray(arr, np.float32))
+
+    def write_slot(self, slot, coord, name, arr):
+        self._slot(slot, name, np.asarray(arr))
+
+    def _slot(self, slot, name, arr):
+        """Slot ``slot`` of the global tensor ``name``: once every global tensor of its unit
+        of the cut program has arrived, cut them into the ranks' local tensors and append each
+        as the chunk of its rank's bucket at the parameter's place."""
+        from mapc.runtime import execute
+        if self.fully:
+            fqn, index = self.expected[name]
+            arr = np.asarray(arr, np.float32)
+            offsets, chunk = ((0,) * arr.ndim, arr) if index is None else \
+                ((index,) + (0,) * arr.ndim, arr[None])
+            key = f"optimizer.state.{'param' if slot == 'master' else slot}.{fqn}"
+            self.tensors[key][2].append((offsets, tuple(chunk.shape)) +
+                                        self._append(_archive(array=chunk)))
+            return
+        unit = self.cut_unit[name]
+        got = self.pending.setdefault((slot, id(unit)), {})
+        got[name] = arr
+        if len(got) < sum(len(inst.shards) for inst in unit.sources):
+            return
+        del self.pending[(slot, id(unit))]
+        be = execute.get_backend("numpy")
+        logical = execute.read_instances(unit.sources, _Served(got), be, execute.Report(),
+                                         False)
+        for inst in unit.targets:
+            members = {m: logical[k] for m, k in inst.members.items()}
+            for rc, copies in inst.by_recipe_coord().items():
+                local = np.ascontiguousarray(be.to_numpy(inst.recipe.shard(be, members,
+                                                                           dict(rc))),
+                                             dtype=np.float32).reshape(-1)
+                for coord, mname in copies:
+                    group, k, start, numel = self.place[(coord, mname)]
+                    if local.size != numel:
+                        raise MapcError(f"internal: {mname} has {local.size} elements, its "
+                                        f"place in the bucket {numel}")
+                    self._flat_chunk(self._bucket_key(group, k, slot), start, local)
+
+    def _flat_chunk(self, key, start, flat):
+        self.tensors[key][2].append(((start,), (flat.size,)) +
+                                    self._append(_archive(array=flat)))
+
+    def _object(self, key, obj):
+        """A ShardedObject as megatron-core stores it: ``[object]`` at ``KEY/shard_0_1``."""
+        self.objects[f"{key}/shard_0_1"] = self._append(_archive(obj=[obj]))
+
+    def _param_groups(self) -> list[dict]:
+        """megatron-core's two default param groups (the source's hyper-parameters) with the
+        step, as its DistributedOptimizer state_dict holds them."""
+        from mapc.runtime.containers.megatron import _megatron_groups
+        groups = _megatron_groups(self.training.get("param_groups") or [{}])
+        for wd in (1.0, 0.0):      # megatron-core's two default groups must both be there
+            if not any(float(g["wd_mult"]) == wd for g in groups):
+                groups.append(dict(groups[0], wd_mult=wd))
+        step = float(self.training.get("step") or 0)
+        return [dict(g, step=step) for g in groups]
+
+    def _optimizer_objects(self):
+        """The alignment gaps of every bucket (zeros), and per model-parallel rank the
+        objects megatron-core's DistributedOptimizer loads: its param groups (with the step)
+        and the bucket sizes (padded for the output's dp, and unpadded)."""
+        import math
+
+        from mapc.runtime.containers.distopt import _pad
+        groups = self._param_groups()
+        pair = (torchfile.TorchDType(self.opt.dtype), torchfile.TorchDType("float32"))
+        divisor = math.lcm(self.opt.dp, 128)
+        for lay in sorted(self.opt.layouts.values(), key=lambda x: x.group):
+            for k, bucket in enumerate(lay.buckets):
+                for start, n in _gaps(bucket):
+                    for slot in ("master", "exp_avg", "exp_avg_sq"):
+                        self._flat_chunk(self._bucket_key(lay.group, k, slot), start,
+                                         np.zeros(n, np.float32))
+            base = f"optimizer.distributed.dp_group_idx_{lay.group}"
+            self._object(f"{base}.optimizer", {"param_groups": groups})
+            self._object(f"{base}.per_bucket_numel", [{pair: [
+                _pad(b.numel_unpadded, divisor) for b in lay.buckets]}])
+            self._object(f"{base}.per_bucket_numel_unpadded", [{pair: [
+                b.numel_unpadded for b in lay.buckets]}])
 
     def finish(self, record: dict):
+        if self.opt is not None:
+            if not self.fully and self.pending:
+                raise MapcError("internal: optimizer state of "
+                                f"{sorted(n for g in self.pending.values() for n in g)[:3]} "
+                                f"arrived without the rest of its unit")
+            if not self.fully:
+                self._optimizer_objects()
         for fqn, (shape, _, chunks) in self.tensors.items():
             if sum(int(np.prod(z)) for _, z, _, _ in chunks) != int(np.prod(shape)):
                 raise MapcError(f"internal: {fqn} was not written completely")
-            for key in self._extra_state_keys(fqn, shape):
-                self.objects.setdefault(key, self._append(_archive(obj=[None])))
+            if not fqn.startswith("optimizer."):
+                for key in self._extra_state_keys(fqn, shape):
+                    self.objects.setdefault(key, self._append(_archive(obj=[None])))
         self.file.close()
         d = self.dir / self.sub
         dcp.write_chunked_metadata(d / dcp.METADATA, {k: tuple(v) for k, v in
@@ -376,8 +1026,20 @@ class TorchDistWriter(PlannedWriter):
     def _common(self) -> dict:
         args = dict(self.args, ckpt_format="torch_dist",
                     iteration=self.iteration or 0)
-        return {"args": torchfile.Namespace(**args), "checkpoint_version": 3.0,
-                "iteration": self.iteration or 0, "content_metadata": dict(CONTENT_METADATA)}
+        common = {"args": torchfile.Namespace(**args), "checkpoint_version": 3.0,
+                  "iteration": self.iteration or 0, "content_metadata": dict(CONTENT_METADATA)}
+        if self.opt is not None:
+            args.update(use_distributed_optimizer=True, data_parallel_size=self.opt.dp,
+                        transformer_impl=self.opt.impl)
+            common["args"] = torchfile.Namespace(**args)
+            common["optimizer"] = {"param_state_sharding_type": self.opt.kind}
+            common["content_metadata"]["distrib_optim_sharding_type"] = self.opt.kind
+            if self.fully:
+                common["optimizer"]["optimizer"] = {"param_groups": self._param_groups()}
+            scheduler = self.training.get("lr_scheduler")
+            if isinstance(scheduler, dict) and "num_steps" in scheduler:
+                common["opt_param_scheduler"] = scheduler
+        return common
 
     def _finish_root(self, record: dict):
         (self.dir / TRACKER).write_text(str(self.iteration) if self.iteration is not None
@@ -387,6 +1049,21 @@ class TorchDistWriter(PlannedWriter):
     def abort(self):
         if self.file is not None and not self.file.closed:
             self.file.close()
+
+
+class _Served:
+    """Arrived global tensors served to mapc.runtime.execute.read_instances."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+
+    def read(self, name, coord=SINGLE, slot="param"):
+        return self.arrays[name]
+
+
+def _gaps(bucket):
+    from mapc.runtime.containers.distopt import gaps
+    return gaps(bucket)
 
 
 Writer = TorchDistWriter

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,15 +55,20 @@ def _run(mode: str, cfg: dict, tp: int, pp: int, dtype: str, a: Path, b: Path | 
 
 
 def save_checkpoint(root: Path, cfg: dict, tp: int, pp: int, dtype: str, truth: Path,
-                    seed: int = 0, dp: int = 1, optimizer: bool = False) -> Path:
+                    seed: int = 0, dp: int = 1, optimizer: bool = False, also=()) -> Path:
     """A torch_dist checkpoint saved by megatron-core at (tp, pp, dp); live shards into truth.
     With ``optimizer``, the model is wrapped in megatron-core's DDP and a DistributedOptimizer
-    (Adam) takes one step on seeded gradients; its dp_reshardable state is saved too."""
+    (Adam) takes one step on seeded gradients; its dp_reshardable state is saved too, and each
+    rank's live optimizer (DDP buffers, param_index_map, its pieces of the masters and moments,
+    param groups, step) goes to ``truth/optim_T_P_D.pt``; ``also`` names other sharding types
+    (e.g. ``fully_reshardable``) the same state is saved as, each into ``ROOT_<type>``. Then the
+    run takes one more step (``_value_step``) and saves ``truth/stepped_T_P_D.pt``."""
     root, truth = Path(root), Path(truth)
     truth.mkdir(parents=True, exist_ok=True)
-    _run("save", cfg, tp, pp, dtype, truth, root, {"seed": seed, "optimizer": optimizer},
-         dp=dp)
-    (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
+    _run("save", cfg, tp, pp, dtype, truth, root, {"seed": seed, "optimizer": optimizer,
+                                                   "also": list(also)}, dp=dp)
+    for r in [root] + [root.parent / f"{root.name}_{kind}" for kind in also]:
+        (r / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
     return root
 
 
@@ -111,7 +117,7 @@ def _patch_cuda(torch):
     torch.Tensor.type = type_name
 
 
-def _args(cfg, tp, pp, dtype):
+def _args(cfg, tp, pp, dtype, dp=1):
     """What Megatron-LM's common.pt carries under 'args' (the fields --load reads back), with
     megatron enums and a torch dtype among them, as Megatron-LM's own args have."""
     import argparse
@@ -137,6 +143,7 @@ def _args(cfg, tp, pp, dtype):
         params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
                       "fp16": torch.float16}[dtype],
         use_distributed_optimizer=False, ckpt_format="torch_dist", iteration=ITERATION,
+        transformer_impl="local", data_parallel_size=dp, world_size=tp * pp * dp,
         attention_backend=AttnBackend.auto, model_type=ModelType.encoder_or_decoder,
         cuda_graph_scope=[CudaGraphScope.attn])
 
@@ -179,12 +186,17 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
         if cfg["tied"] and pp > 1:
             # as at construction: the last stage's copy of the embedding becomes the first's
             model.setup_embeddings_and_output_layer()
-        state = {"args": _args(cfg, tp, pp, dtype), "checkpoint_version": 3.0,
+        args = _args(cfg, tp, pp, dtype, world // (tp * pp))
+        args.use_distributed_optimizer = bool(extra.get("optimizer"))
+        state = {"args": args, "checkpoint_version": 3.0,
                  "iteration": ITERATION, "model": model.sharded_state_dict(metadata=metadata),
                  "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": ITERATION}}
         if extra.get("optimizer"):
-            state["optimizer"] = _step_distributed_optimizer(torch, dist, model, dtype, pdt,
-                                                             t, p, state["model"], metadata)
+            ddp, opt = _distributed_optimizer(torch, dist, model, dtype, pdt)
+            _seeded_step(torch, ddp, opt, t, p)
+            torch.save(_optimizer_truth(torch, ddp, opt), Path(a) / f"optim_{t}_{p}_{d}.pt")
+            state["optimizer"] = opt.sharded_state_dict(state["model"], is_loading=False,
+                                                        metadata=metadata)
         out = iter_dir(b)
         out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -192,6 +204,21 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
         live = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         if d == 0:
             torch.save(live, Path(a) / f"live_{t}_{p}.pt")
+        for kind in extra.get("also", []):    # the same state, saved another way
+            if kind == "legacy":
+                _save_legacy(torch, dist, model, opt, args, Path(f"{b}_legacy"), t, p, pp, d)
+                continue
+            meta = dict(metadata, distrib_optim_sharding_type=kind)
+            model_sd = model.sharded_state_dict(metadata=meta)
+            other = dict(state, model=model_sd, optimizer=opt.sharded_state_dict(
+                model_sd, is_loading=False, metadata=meta))
+            out = iter_dir(Path(f"{b}_{kind}"))
+            out.mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            dist_checkpointing.save(other, str(out), content_metadata=meta)
+        if extra.get("optimizer"):      # the original run continues: one more step
+            _value_step(torch, ddp, opt)
+            torch.save(_optimizer_truth(torch, ddp, opt), Path(a) / f"stepped_{t}_{p}_{d}.pt")
     else:
         tracker = (Path(b) / "latest_checkpointed_iteration.txt").read_text().strip()
         sub = "release" if tracker == "release" else f"iter_{int(tracker):07d}"
@@ -222,12 +249,30 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
     dist.destroy_process_group()
 
 
-def _step_distributed_optimizer(torch, dist, model, dtype, pdt, t, p, model_sd, metadata):
-    """Wrap ``model`` in megatron-core's DDP (distributed optimizer buffers), build the
-    DistributedOptimizer (Adam), take one step on seeded gradients and return its sharded state
-    dict. The grad norm is computed in plain torch (megatron-core's needs a CUDA kernel)."""
-    import zlib
+def _save_legacy(torch, dist, model, opt, args, root, t, p, pp, d):
+    """The same state in Megatron-LM's torch format with the distributed optimizer, as its
+    save_checkpoint writes it: per model-parallel rank ``mp_rank_TT[_PPP]/model_optim_rng.pt``
+    (model, the optimizer's state dict: param groups and step) and beside it
+    ``distrib_optim.pt`` (``save_parameter_state``: the buckets gathered on DP rank 0)."""
+    sub = root / f"iter_{ITERATION:07d}" / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
+    sub.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    opt.save_parameter_state(str(sub / "distrib_optim.pt"))
+    if d == 0:
+        legacy = type(args)(**vars(args))
+        legacy.ckpt_format = "torch"
+        torch.save({"args": legacy, "checkpoint_version": 3.0, "iteration": ITERATION,
+                    "model": model.state_dict_for_save_checkpoint(),
+                    "optimizer": opt.state_dict(),
+                    "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": ITERATION}},
+                   sub / "model_optim_rng.pt")
+    dist.barrier()
 
+
+def _distributed_optimizer(torch, dist, model, dtype, pdt):
+    """``model`` wrapped in megatron-core's DDP (distributed optimizer buffers, fp32 grads, one
+    bucket) and its DistributedOptimizer (Adam, clip_grad 0). The grad norm is computed in
+    plain torch (megatron-core's needs a CUDA kernel)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer import optimizer as mcore_optimizer
@@ -246,19 +291,245 @@ def _step_distributed_optimizer(torch, dist, model, dtype, pdt, t, p, model_sd, 
     config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1, adam_beta1=0.9,
                              adam_beta2=0.95, adam_eps=1e-8, bf16=dtype == "bf16",
                              params_dtype=pdt, use_distributed_optimizer=True, clip_grad=0.0)
-    opt = get_megatron_optimizer(config, [ddp])
+    return ddp, get_megatron_optimizer(config, [ddp])
+
+
+def _step(ddp, opt):
+    # without overlap_grad_reduce, finish_grad_sync starts the (synchronous) reduce-scatter
+    # itself: calling start_grad_sync first would scale and reduce the gradients twice
+    ddp.finish_grad_sync()
+    ok, _, _ = opt.step()
+    assert ok, "the optimizer step was skipped"
+
+
+def _seeded_step(torch, ddp, opt, t, p):
+    """One step on gradients seeded by (name, pipeline rank, tensor rank if TP-sharded)."""
+    import zlib
     for name, param in ddp.module.named_parameters():
         sharded = getattr(param, "tensor_model_parallel", False)
         g = torch.Generator().manual_seed(zlib.crc32(f"{name}|{p}|{t if sharded else -1}|g"
                                                      .encode()))
         param.main_grad.copy_(torch.randn(param.shape, generator=g))
-    ddp.start_grad_sync()
-    ddp.finish_grad_sync()
-    ok, _, _ = opt.step()
-    assert ok, "the optimizer step was skipped"
-    return opt.sharded_state_dict(model_sd, is_loading=False, metadata=metadata)
+    _step(ddp, opt)
+
+
+def _value_step(torch, ddp, opt):
+    """One step on gradients that are a function of each weight element's value
+    (``sin(1000 w)``), so they are the same at every TP/PP/DP split of the model: the
+    continuation of a run is comparable across topologies. Every DP rank has the same
+    gradients, and the DP mean of 1, 2 or 4 equal values is exact."""
+    for _, param in ddp.module.named_parameters():
+        param.main_grad.copy_(torch.sin(param.detach().float() * 1000.0))
+    _step(ddp, opt)
+
+
+def load_optimizer(ckpt: Path, cfg: dict, tp: int, pp: int, dp: int, dtype: str,
+                   out: Path, fully: Path | None = None) -> Path:
+    """Build the model and its DDP + DistributedOptimizer at (tp, pp, dp), load ``ckpt``'s
+    model and dp_reshardable optimizer state with megatron-core's own
+    ``dist_checkpointing.load`` (strict) and ``load_state_dict``, save what the optimizer then
+    holds into ``out/loaded_T_P_D.pt`` (as ``optim_T_P_D.pt``), take one step on value
+    gradients (``_value_step``) and save ``out/stepped_T_P_D.pt``. With ``fully`` (a
+    fully_reshardable checkpoint), that one is loaded too, after the first, into the same
+    optimizer and saved as ``out/loadedF_T_P_D.pt``, before the step. (One topology per run:
+    megatron-core's parallel state does not re-initialize cleanly in one process.)"""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from tests.groundtruth.mcore_names import run_ranks
+    root = str(HERE.parents[2])
+    run_ranks(tp * pp * dp, [str(HERE), "load_optimizer", json.dumps(cfg), str(ckpt), str(tp),
+                             str(pp), dtype, str(out), str(fully or "")], out,
+              {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
+              "megatron-core distributed-optimizer load worker", timeout=_TIMEOUT_S, cwd=root)
+    return out
+
+
+def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully):
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    _patch_cuda(torch)
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend="gloo", rank=rank, world_size=world)
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.transformer.module import Float16Module
+    from tests.groundtruth.mcore_names import build_gpt
+    pdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                "distrib_optim_sharding_type": "dp_reshardable"}
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp)
+    d = parallel_state.get_data_parallel_rank()
+    t = parallel_state.get_tensor_model_parallel_rank()
+    p = parallel_state.get_pipeline_model_parallel_rank()
+    model = build_gpt(dict(cfg, vocab=_args(cfg, tp, pp, dtype).padded_vocab_size), tp, pp,
+                      params_dtype=pdt)
+    if pdt != torch.float32:
+        model = Float16Module(model.config, model).module
+    ddp, opt = _distributed_optimizer(torch, dist, model, dtype, pdt)
+    _patch_fully_reshardable_load()
+    # megatron-core's torch-Adam fallback (no Transformer Engine or Apex here) cannot make
+    # its state_dict before a first step (it reads the step from the state): take one on
+    # zero gradients; the load below replaces every parameter, master, moment and the step
+    for _, param in ddp.module.named_parameters():
+        param.main_grad.zero_()
+    _step(ddp, opt)
+    def load(ckpt, kind):
+        meta = dict(metadata, distrib_optim_sharding_type=kind)
+        tracker = (Path(ckpt) / "latest_checkpointed_iteration.txt").read_text().strip()
+        model_sd = model.sharded_state_dict(metadata=meta)
+        sharded = {"model": model_sd, "optimizer": opt.sharded_state_dict(
+            model_sd, is_loading=True, metadata=meta)}
+        loaded = dist_checkpointing.load(sharded, str(Path(ckpt) / f"iter_{int(tracker):07d}"),
+                                         strict="raise_all")
+        model.load_state_dict(loaded["model"], strict=True)
+        opt.load_state_dict(loaded["optimizer"])
+        # megatron-core 0.16.1's torch-Adam fallback gives every parameter's state the same
+        # step tensor on load, which torch's Adam then increments once per parameter: unshare
+        # them (the Transformer Engine / Apex optimizers of a GPU run keep the step in the
+        # param groups)
+        for inner in getattr(opt, "chained_optimizers", [opt]):
+            for st in inner.optimizer.state.values():
+                if "step" in st:
+                    st["step"] = st["step"].clone()
+    load(ckpt, "dp_reshardable")
+    torch.save(_optimizer_truth(torch, ddp, opt), Path(out) / f"loaded_{t}_{p}_{d}.pt")
+    if fully:
+        load(fully, "fully_reshardable")
+        torch.save(_optimizer_truth(torch, ddp, opt), Path(out) / f"loadedF_{t}_{p}_{d}.pt")
+    _value_step(torch, ddp, opt)
+    torch.save(_optimizer_truth(torch, ddp, opt), Path(out) / f"stepped_{t}_{p}_{d}.pt")
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _patch_fully_reshardable_load():
+    """megatron-core 0.16.1's torch-Adam fallback (no Transformer Engine or Apex) cannot load a
+    fully_reshardable state: its loader passes param/exp_avg/exp_avg_sq but copies into every
+    key of the parameter's state, which for torch's Adam includes "step" (KeyError). The step
+    is already loaded from the param groups then: keep it aside while the tensors are copied."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_keeps_step", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][
+            group_order]]
+        step = state.pop("step", None)
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+    set_states._keeps_step = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _optimizer_truth(torch, ddp, opt) -> dict:
+    """What the live DistributedOptimizer of this rank holds, for the tests: its
+    ``data_parallel_group_idx``; per DDP buffer its (param dtype, grad dtype), its buckets'
+    (offset, numel, numel_unpadded) and every parameter's ``param_index_map`` entry (start, end,
+    bucket) by name; and per parameter this DP rank's piece of the fp32 master and the Adam
+    moments with the range of the parameter (flattened) it covers; the param groups (names and
+    hyper-parameters) and the step."""
+    opts = getattr(opt, "chained_optimizers", [opt])
+    assert len(opts) == 1, f"{len(opts)} chained optimizers"
+    opt = opts[0]
+    names = {param: name for name, param in ddp.module.named_parameters()}
+    buffers = [{"dtype": (str(b.param_dtype), str(b.grad_dtype)),
+                "buckets": [(k.offset, k.grad_data.numel(), k.numel_unpadded) for k in b.buckets],
+                "index": {names[p]: tuple(int(x) for x in v)
+                          for p, v in b.param_index_map.items()}} for b in ddp.buffers]
+    pieces = {}
+    for ranges in opt.gbuf_ranges:
+        for per_bucket in ranges.values():
+            for bucket in per_bucket:
+                for param, rmap in bucket["param_map"].items():
+                    tensors = opt._get_main_param_and_optimizer_states(param)
+                    pieces[names[param]] = {"range": (rmap["param"].start, rmap["param"].end)} \
+                        | {k: v.detach().clone() for k, v in tensors.items()
+                           if isinstance(v, torch.Tensor) and v.ndim}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.optimizer.param_groups]
+    steps = {float(s["step"]) for s in opt.optimizer.state.values() if "step" in s}
+    return {"dp_group_idx": opt.data_parallel_group_idx, "buffers": buffers, "pieces": pieces,
+            "param_groups": groups, "steps": sorted(steps)}
+
+
+def buffer_layouts(cases: list, out: Path) -> list:
+    """megatron-core's own DDP buffer layout (``_ParamAndGradBuffer`` with the distributed
+    optimizer, bf16 params, fp32 grads) of each case ``(params, dp, bucket_size, high_busbw)``,
+    ``params`` being (name, numel, shared_embedding) in named_parameters order: per case
+    ``{"index": {name: [start, end, bucket]}, "buckets": [[offset, numel, numel_unpadded]]}``.
+    One process (a data-parallel group of size ``dp`` is only asked its size), no model."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cases.json").write_text(json.dumps(cases))
+    root = str(HERE.parents[2])
+    subprocess.run([sys.executable, str(HERE), "buffers", str(out)], check=True, cwd=root,
+                   env=dict(os.environ, PYTHONPATH=root + os.pathsep +
+                            os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore",
+                            CUDA_VISIBLE_DEVICES=""),
+                   stdout=subprocess.DEVNULL, stderr=open(out / "log", "w"),
+                   timeout=_TIMEOUT_S)
+    return json.loads((out / "layouts.json").read_text())
+
+
+def _buffers_worker(out):
+    import tempfile
+    import types
+    import torch
+    _patch_cuda(torch)
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0,
+                            world_size=1)
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+
+    class Group:              # the buffer asks the data-parallel group its size only
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+        def rank(self):
+            return 0
+
+    layouts = []
+    for params, dp, bucket_size, high in json.loads((Path(out) / "cases.json").read_text()):
+        config = DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                               grad_reduce_in_fp32=True,
+                                               pad_buckets_for_high_nccl_busbw=high)
+        tensors = []
+        for _, numel, shared in params:
+            p = torch.nn.Parameter(torch.zeros(numel, dtype=torch.bfloat16))
+            if shared:
+                p.shared_embedding = True
+            tensors.append(p)
+        names = {p: n for p, (n, _, _) in zip(tensors, params)}
+        group = Group(dp)
+        buf = _ParamAndGradBuffer(config, torch.bfloat16, torch.float32, tensors, group,
+                                  bucket_size, names, 1.0, list(range(len(tensors))), False,
+                                  types.SimpleNamespace(tp=Group(1), dp_cp=group))
+        layouts.append({"index": {names[p]: list(v) for p, v in buf.param_index_map.items()},
+                        "buckets": [[b.offset, b.grad_data.numel(), b.numel_unpadded]
+                                    for b in buf.buckets]})
+    (Path(out) / "layouts.json").write_text(json.dumps(layouts))
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "buffers":
+        _buffers_worker(sys.argv[2])
+        sys.exit(0)
+    if sys.argv[1] == "load_optimizer":
+        _load_optimizer_worker(json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
+                               int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8])
+        sys.exit(0)
     mode, cfg_json, tp, pp, dtype, a, b, extra = sys.argv[1:9]
     _worker(mode, json.loads(cfg_json), int(tp), int(pp), dtype, a, b or None, json.loads(extra))

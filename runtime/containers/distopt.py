@@ -1,0 +1,158 @@
+"""Megatron-core's distributed optimizer: where each parameter's fp32 master and Adam moments
+sit in its flat, data-parallel-sharded buffers.
+
+megatron-core's ``DistributedDataParallel`` puts every trained parameter of a model-parallel
+rank (one tensor-parallel x pipeline rank) into one flat buffer per (param dtype, grad dtype),
+and its ``DistributedOptimizer`` keeps fp32 ``param`` (master), ``exp_avg`` and ``exp_avg_sq``
+in the same layout, each data-parallel rank owning a contiguous 1/dp of every bucket. Nothing
+in a checkpoint maps a parameter to its offset: the layout is derived here exactly as
+megatron-core 0.16.1's ``_ParamAndGradBuffer`` builds it (``param_and_grad_buffer.py``):
+
+* parameters in **reverse** ``named_parameters`` order (megatron-core's module registration
+  order, :func:`mapc.runtime.containers.megatron.module_order`);
+* each parameter starts on a **64-element** boundary (gaps are kept in the buffer);
+* a bucket closes when it holds at least ``bucket_size`` elements (``bucket_size`` is None, one
+  bucket, without ``--overlap-grad-reduce`` and on every pipeline stage after the first); a
+  parameter shared between the first and last pipeline stage (tied embeddings with pp > 1,
+  ``shared_embedding``) gets a bucket of its own;
+* each bucket's end is padded to a multiple of ``lcm(dp, 128)`` (``lcm(dp, 128, 2**16)`` with
+  ``pad_buckets_for_high_nccl_busbw``); the next bucket starts there.
+
+Checkpoints keep each bucket without its end padding (``numel_unpadded`` elements), so a
+parameter's place inside a bucket's stored tensor is its offset from the bucket's start, which
+does not depend on dp. The derivation is checked against the ``per_bucket_numel_unpadded``
+megatron-core stores beside the buckets.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mapc.errors import MapcError
+
+ALIGN = 64                       # elements: every parameter starts 128-byte aligned
+SLOT_KEYS = {"master": "param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+DEFAULT_BUCKET = 40_000_000      # megatron-core's bucket_size default: max(40M, 1M * dp)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One DDP bucket: ``params`` are (name, start inside the bucket, numel), in buffer order;
+    ``numel_unpadded`` is its stored size; ``numel`` its size in the buffer (end padded)."""
+    params: tuple
+    numel_unpadded: int
+    numel: int
+
+
+def bucket_size(args: dict, dp: int, pp_rank: int) -> int | None:
+    """The ``bucket_size`` megatron-core's DDP uses for a rank: None (one bucket) without
+    overlap_grad_reduce and on pipeline stages after the first; else --ddp-bucket-size or
+    ``max(40M, 1M * dp)``."""
+    if not args.get("overlap_grad_reduce") or pp_rank > 0:
+        return None
+    size = args.get("ddp_bucket_size")
+    return int(size) if size else max(DEFAULT_BUCKET, 1_000_000 * dp)
+
+
+def _pad(n: int, divisor: int) -> int:
+    return -(-n // divisor) * divisor
+
+
+def ddp_buckets(params, dp: int, size: int | None, *, high_busbw: bool = False) -> list[Bucket]:
+    """The buckets of one DDP buffer: ``params`` are (name, numel, shared_embedding) in
+    ``named_parameters`` order (one dtype pair)."""
+    divisor = math.lcm(dp, 128, 2 ** 16) if high_busbw else math.lcm(dp, 128)
+    buckets: list[Bucket] = []
+    start = 0                   # buffer offset of the open bucket
+    pos = 0                     # next free buffer offset
+    members: list = []
+    end = 0
+
+    def close(param_end: int) -> int:
+        nonlocal start, members
+        padded = _pad(param_end, divisor)
+        buckets.append(Bucket(tuple(members), param_end - start, padded - start))
+        start, members = padded, []
+        return padded
+
+    for name, numel, shared in reversed(list(params)):
+        pos = _pad(pos, ALIGN)
+        if shared and members:
+            pos = close(pos)
+        end = pos + numel
+        members.append((name, pos - start, numel))
+        if (size is not None and end - start >= size) or shared:
+            pos = close(end)
+        else:
+            pos = end
+    if members:
+        close(end)
+    return buckets
+
+
+def check_buckets(buckets: list[Bucket], stored_unpadded, where: str, what: str) -> None:
+    """Refuse a derivation that does not give the bucket sizes megatron-core stored."""
+    derived = [b.numel_unpadded for b in buckets]
+    if list(stored_unpadded) != derived:
+        raise MapcError(f"the distributed optimizer's buckets of {what} hold "
+                        f"{list(stored_unpadded)} elements, but megatron-core's bucket layout "
+                        f"of the model's parameters gives {derived}", where=where,
+                        hint="the checkpoint was trained with settings mapc does not derive "
+                             "(other or frozen parameters, another bucket size); save it with "
+                             "distrib_optim_sharding_type fully_reshardable, or without the "
+                             "optimizer")
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """One model-parallel rank's distributed-optimizer layout: ``group`` is its
+    ``dp_group_idx`` (tp_rank + tp * pp_rank), ``buckets`` its DDP buckets (one buffer),
+    ``shapes`` its parameters' local shapes by name."""
+    group: int
+    buckets: tuple
+    shapes: dict
+
+    def places(self):
+        """(name, bucket index, start inside the bucket, numel) of every parameter."""
+        for k, bucket in enumerate(self.buckets):
+            for name, start, numel in bucket.params:
+                yield name, k, start, numel
+
+
+def rank_layouts(mplan, dp: int, args: dict) -> dict[tuple, RankLayout]:
+    """The layout of every mesh coordinate of ``mplan`` (a megatron LayoutPlan at the run's
+    TP/PP): its parameters are the plan's tensors on that rank, in megatron-core's
+    ``named_parameters`` order; a tensor whose logical tensor another instance also holds on
+    another pipeline stage (the tied embedding's copy, pp > 1) is a shared embedding."""
+    from mapc.runtime.containers.megatron import module_order
+    tp, pp = mplan.mesh.get("tp", 1), mplan.mesh.get("pp", 1)
+    users: dict[str, int] = {}
+    for inst in mplan.instances:
+        for key in set(inst.members.values()):
+            users[key] = users.get(key, 0) + 1
+    per_rank: dict[tuple, dict] = {}
+    for inst, coord, name in mplan.placements():
+        per_rank.setdefault(coord, {})[name] = inst
+    high = bool(args.get("ddp_pad_buckets_for_high_nccl_busbw"))
+    out = {}
+    for coord, insts in per_rank.items():
+        c = dict(coord)
+        t, p = c.get("tp", 0), c.get("pp", 0)
+        shapes = {n: tuple(insts[n].recipe.shard_shape) for n in insts}
+        params = [(n, math.prod(shapes[n]),
+                   pp > 1 and any(users[k] > 1 for k in insts[n].members.values()))
+                  for n in module_order(list(insts))]
+        buckets = ddp_buckets(params, dp, bucket_size(args, dp, p), high_busbw=high)
+        out[coord] = RankLayout(t + tp * p, tuple(buckets), shapes)
+    return out
+
+
+def gaps(bucket: Bucket):
+    """(start, length) of the alignment gaps inside a bucket's stored tensor."""
+    pos = 0
+    for _, start, numel in bucket.params:
+        if start > pos:
+            yield pos, start - pos
+        pos = start + numel
+    if bucket.numel_unpadded > pos:
+        yield pos, bucket.numel_unpadded - pos
