@@ -202,7 +202,13 @@ class Stack:
         """``x[(slice(None),) * axis + (key,)]`` (an int or a slice)."""
         k = self.lead.ndim
         if axis < k:
-            return self._map(self.lead[(slice(None),) * axis + (key,)])
+            if isinstance(key, slice):
+                return self._map(self.lead[(slice(None),) * axis + (key,)])
+            # an integer index of an object array that leaves no axis returns the piece itself,
+            # not a 0-d array of it (whose elements _map would then take for pieces: one per
+            # number, hours for a layer of experts): index with a slice and drop the axis
+            sub = self.lead[(slice(None),) * axis + (slice(key, key + 1 if key != -1 else None),)]
+            return self._map(sub.reshape(sub.shape[:axis] + sub.shape[axis + 1:]))
         sel = (slice(None),) * (axis - k) + (key,)
         return self._map(self.lead, lambda p: p[sel])
 

@@ -259,3 +259,25 @@ def test_moe_experts_stay_lazy(tmp_path, mixtral_hf, monkeypatch, target):
     monkeypatch.setattr(F, "file_range", lambda arr: None)
     assert main(argv[:2] + [str(tmp_path / "plain")] + argv[3:]) == 0
     assert tree_hash(tmp_path / "lazy") == tree_hash(tmp_path / "plain")
+
+
+# ---- lazy stacks of experts -------------------------------------------------------------------
+def test_selecting_one_expert_of_a_stack_keeps_whole_pieces(mapped):
+    """Selecting expert ranks and then one local expert (as a megatron local_experts rule
+    does: split over ep, each as k) must leave the pieces whole. Indexing the object array
+    of pieces with an integer returned the piece itself, which the stack then took for an
+    array of pieces: one Python object per number (a tiny 256-expert layer took 370 s)."""
+    path, data, m = mapped
+    experts = [m[8 * e:8 * (e + 1)] for e in range(8)]      # 8 experts of [8, 48]
+    stack = F.Stack.of(experts, 0)
+    grid = stack.reshape((2, 4, 1, 8, 48))                 # (ep, local, tp, rows, hidden)
+    ranks = grid.take(0, 1)                                # ep rank 1: 4 whole experts
+    assert isinstance(ranks, F.Stack) and ranks.lead.shape == (4,)
+    assert ranks.piece_shape == (1, 8, 48)
+    one = ranks.take(0, 2)                                 # its local expert 2: the piece
+    assert not isinstance(one, F.Stack) and one.shape == (1, 8, 48)
+    assert np.array_equal(np.asarray(one), data[8 * 6:8 * 7][None])
+    assert [(str(p), o, n) for p, o, n in F.byte_ranges(one)] == \
+        [(path, 100 + 8 * 6 * 48 * 2, 8 * 48 * 2)]
+    last = grid.take(1, -1)                                # a negative index too
+    assert last.lead.shape == (2,) and np.array_equal(np.asarray(last)[1], data[56:64][None])
