@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from math import lcm
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,12 @@ class MegatronSource(RefSource):
                 ranks[(t, a, 0) if one_is_pp else (t, 0, a)] = f
             else:
                 ranks[(t, 0, 0)] = f
-        self.topology, self.files, self._coords = rank_grid(ranks, rank_dir, str(self.iter_dir))
+        etp = args.get("expert_tensor_parallel_size")
+        sizes = {axis: args.get(key) for axis, key in (
+            ("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"),
+            ("ep", "expert_model_parallel_size")) if isinstance(args.get(key), int)}
+        self.topology, self.files, self._coords = rank_grid(
+            ranks, rank_dir, str(self.iter_dir), etp if isinstance(etp, int) else None, sizes)
         self._loaded: dict = {}
         first = self._load(self._coords[0])
         args = first.get("args")
@@ -417,6 +423,7 @@ class MegatronWriter(PlannedWriter):
         topology, opt = program.target.mesh, plan.detail
         self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1)
         self.ep = topology.get("ep", 1)
+        self.etp = topology.get("etp")      # megatron-core's expert tensor parallel size
         self.args = program.target.meta()
         self.iteration = opt.iteration
         self.optimizer = opt.kind
@@ -506,6 +513,9 @@ class MegatronWriter(PlannedWriter):
             args.update(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
                         expert_model_parallel_size=self.ep, rank=0,
                         world_size=self.tp * self.pp * self.ep)
+            if self.etp is not None:    # the smallest world of that grid
+                args.update(expert_tensor_parallel_size=self.etp,
+                            world_size=self.pp * lcm(self.tp, self.etp * self.ep))
             model = nest((n, placeholders[n]) for n in self.order[coord])
             obj = {
                 "args": torchfile.Namespace(**args),
@@ -519,7 +529,8 @@ class MegatronWriter(PlannedWriter):
                 if isinstance(sched, dict) and "num_steps" in sched and "max_lr" in sched:
                     obj["opt_param_scheduler"] = dict(sched)
             obj["mapc"] = {"tp_rank": c.get("tp", 0), "pp_rank": c.get("pp", 0),
-                           "ep_rank": c.get("ep", 0)}
+                           "ep_rank": c.get("ep", 0)} | \
+                ({"etp_rank": c.get("etp", 0)} if self.etp is not None else {})
             w.finish(obj)
         (self.dir / TRACKER).write_text(self.sub.removeprefix("iter_").lstrip("0") or "0"
                                         if self.sub != "release" else "release")
@@ -609,8 +620,9 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     coords = sorted({coord for coord, *_ in tensors}, key=lambda c: tuple(i for _, i in c))
     files = [f"{sub}/{rank_dir(c, pp, ep)}/{FILE}" for c in coords] + [TRACKER, MAPC_JSON]
     origin = "fresh" if opt.fresh else "the source's"
-    decisions = {"folder": sub, "tp": tp, "pp": pp, "ep": ep,
-                 "optimizer": f"{origin} ({opt.kind})" if opt.kind else "none"}
+    decisions = {"folder": sub, "tp": tp, "pp": pp, "ep": ep} | \
+        ({"etp": mesh["etp"]} if "etp" in mesh else {}) | \
+        {"optimizer": f"{origin} ({opt.kind})" if opt.kind else "none"}
     return make_plan("megatron", files, decisions=decisions, slots=slots, tensors=tensors,
                      detail=opt)
 
