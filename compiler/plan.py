@@ -402,11 +402,16 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
     layout = spec.layout(layout_name)
     topology = {k: v for k, v in (topology or {}).items() if v is not None}
     params = dict(params or {})
-    if EXPERT_TP in layout["mesh"] and EXPERT_TP not in topology and EXPERT_TP in params:
-        topology[EXPERT_TP] = _mesh_size(EXPERT_TP, params.pop(EXPERT_TP))   # --set etp=N
+    etp_default = None      # the etp axis: --set etp=N, else a layout's 'param etp = N', else tp
+    if EXPERT_TP in layout["mesh"]:
+        if EXPERT_TP not in topology and EXPERT_TP in params:
+            topology[EXPERT_TP] = _mesh_size(EXPERT_TP, params.pop(EXPERT_TP))
+        params.pop(EXPERT_TP, None)
+        etp_default = next((p["default"] for p in layout["params"] if p["name"] == EXPERT_TP),
+                           None)
     mesh = {}
     for axis in layout["mesh"]:
-        n = topology.pop(axis, mesh.get("tp", 1) if axis == EXPERT_TP else 1)
+        n = topology.pop(axis, (etp_default or mesh.get("tp", 1)) if axis == EXPERT_TP else 1)
         if not is_int(n) or n < 1 or n > MAX_MESH:
             raise MapcError(f"{axis}={n!r} must be a positive integer of at most {MAX_MESH}")
         mesh[axis] = n
@@ -417,6 +422,8 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                         f"(it is not sharded that way)",
                         hint=f"its mesh: {' '.join(layout['mesh']) or 'none'}")
     params = resolve_params(layout, params)
+    if EXPERT_TP in mesh:       # a 'param etp' gives the axis its default; the axis is the value
+        params.pop(EXPERT_TP, None)
     env = dict(config_env)
     env.update(mesh)
     env.update(params)

@@ -269,7 +269,8 @@ def cpu_shims(cfg: dict) -> None:
     """Harness-only workarounds for building MoE / MLA models without CUDA or Transformer
     Engine (documented in tests/groundtruth/mcore_forward.py); idempotent."""
     import torch
-    if cfg.get("expert_bias"):      # the router's expert_bias buffers are made on cuda
+    if cfg.get("expert_bias") or cfg.get("softmax_type"):
+        # the router's expert_bias buffers and learnable softmax offsets are made on cuda
         torch.cuda.current_device = lambda: "cpu"
     from megatron.core.transformer.moe import moe_utils
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -308,6 +309,8 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         extra["num_layers_in_last_pipeline_stage"] = int(cfg["layers_last_stage"])
     if cfg.get("experts"):
         extra.update(_moe_config(cfg))
+    if cfg.get("softmax_type"):     # "learnable": attention sinks as core_attention.softmax_offset
+        extra["softmax_type"] = cfg["softmax_type"]
     norm = cfg.get("norm", "RMSNorm")
     gated = bool(cfg.get("gated", True))
     activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[
