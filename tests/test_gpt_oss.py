@@ -195,3 +195,42 @@ def test_megatron_at_tp2_ep2_is_megatron_cores_expert_grid(hf, tmp_path):
     back = safetensors_torch.load_file(str(tmp_path / "back" / "model.safetensors"))
     assert back.keys() == w.keys() and all(torch.equal(back[k].view(torch.int16), w[k])
                                            for k in w)
+
+
+def test_megatron_core_computes_transformers_logits(tmp_path):
+    """mapc's Megatron file in megatron-core's GPTModel (local spec, biases, learnable softmax
+    offsets, MoE with biased experts, quick_gelu GLU with offset 1 and clamp 7) computes
+    transformers' logits. The model has a sliding window longer than the tokens and default
+    rope: megatron-core's local attention has no window, and YaRN is not written to the args.
+    A negative control exchanges two layers' sinks."""
+    pytest.importorskip("megatron.core")
+    import importlib.util
+    from pathlib import Path
+    cfg = dict(CONFIG, sliding_window=16,
+               rope_parameters={"rope_type": "default", "rope_theta": 150000.0})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "sinks")):
+                p.uniform_(-0.5, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(str(tmp_path / "hf"))
+    ref = logits(model).numpy()
+    mapc.convert(tmp_path / "hf", tmp_path / "mg", to="megatron")
+    path = Path(__file__).parent / "groundtruth" / "mcore_forward.py"
+    spec = importlib.util.spec_from_file_location("_groundtruth_mcore_forward_gpt_oss", path)
+    forward = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(forward)
+    mcfg = {"hidden": 64, "layers": 2, "heads": 4, "groups": 2, "head_dim": 16, "ffn": 64,
+            "vocab": 128, "tied": False, "linear_bias": True, "qkv_bias": True,
+            "softmax_type": "learnable", "experts": 4, "moe_ffn": 64, "topk": 2,
+            "activation": "quick_gelu", "glu_offset": 1.0, "clamp": 7.0, "rotary_base": 150000,
+            "norm_eps": 1e-5}
+    sinks = "decoder.layers.{}.self_attention.core_attention.softmax_offset"
+    ours, swapped = (np.array(x)[..., :128] for x in forward.mcore_logits(
+        mcfg, tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt", TOKENS[0],
+        [{}, {"swap": [sinks.format(0), sinks.format(1)]}]))
+    assert np.abs(ours - ref).max() <= 1e-5          # observed: 9e-8 (fp32 on CPU)
+    assert np.abs(swapped - ref).max() > 1e-4

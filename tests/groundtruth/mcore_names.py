@@ -313,8 +313,13 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None):
         extra["softmax_type"] = cfg["softmax_type"]
     norm = cfg.get("norm", "RMSNorm")
     gated = bool(cfg.get("gated", True))
-    activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[
-        cfg.get("activation", "silu" if gated else "gelu")]
+    from megatron.core.activations import quick_gelu
+    activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+                  "quick_gelu": quick_gelu}[cfg.get("activation", "silu" if gated else "gelu")]
+    if cfg.get("glu_offset") is not None:     # GPT-OSS's GLU: act(gate) * (up + offset)
+        extra["glu_linear_offset"] = float(cfg["glu_offset"])
+    if cfg.get("clamp") is not None:          # ... with gate and up clamped to the value
+        extra["activation_func_clamp_value"] = float(cfg["clamp"])
     config_class = TransformerConfig
     if cfg.get("mla"):      # Multi-head Latent Attention: megatron-core's MLA config
         from megatron.core.transformer.transformer_config import MLATransformerConfig
