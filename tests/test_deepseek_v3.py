@@ -251,3 +251,11 @@ def test_an_expert_grid_megatron_cannot_save_is_refused(tmp_path, hf, topo, mess
     with pytest.raises(MapcError, match=message):
         mapc.convert(src, tmp_path / "mg", to="megatron", set={"etp": str(etp)}, **topo)
     assert not (tmp_path / "mg").exists()
+
+
+def test_like_takes_the_templates_expert_tp(tmp_path, hf):
+    src, _, _ = hf
+    mapc.convert(src, tmp_path / "template", to="megatron", tp=2, ep=2, set={"etp": "1"})
+    mapc.convert(src, tmp_path / "out", like=tmp_path / "template")
+    assert sorted(p.name for p in (tmp_path / "out" / "release").iterdir()) == \
+        ["mp_rank_00_000", "mp_rank_01_001"]
