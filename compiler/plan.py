@@ -37,6 +37,7 @@ def lookup(config: dict, key: str, keep_null: bool = False):
 # Bounds on untrusted sizes (a model config, --tp/--pp/--ep, --set), far beyond any real model
 # (a 1T-parameter MoE has ~2**40 parameters, ~50 000 tensors), so that a hostile or mistyped
 # value is refused at once instead of looping or allocating for minutes.
+EXPERT_TP = "etp"             # megatron-core's expert tensor parallel axis (expert_ranks)
 MAX_MESH = 2**16              # ranks along one mesh axis
 MAX_TENSORS = 2**20           # logical tensors of a model (layers x experts x tensors)
 MAX_SHARDS = 2**21            # physical tensors of one layout plan, over every rank
@@ -400,18 +401,29 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                 params: dict | None = None) -> LayoutPlan:
     layout = spec.layout(layout_name)
     topology = {k: v for k, v in (topology or {}).items() if v is not None}
+    params = dict(params or {})
+    etp_default = None      # the etp axis: --set etp=N, else a layout's 'param etp = N', else tp
+    if EXPERT_TP in layout["mesh"]:
+        if EXPERT_TP not in topology and EXPERT_TP in params:
+            topology[EXPERT_TP] = _mesh_size(EXPERT_TP, params.pop(EXPERT_TP))
+        params.pop(EXPERT_TP, None)
+        etp_default = next((p["default"] for p in layout["params"] if p["name"] == EXPERT_TP),
+                           None)
     mesh = {}
     for axis in layout["mesh"]:
-        n = topology.pop(axis, 1)
+        n = topology.pop(axis, (etp_default or mesh.get("tp", 1)) if axis == EXPERT_TP else 1)
         if not is_int(n) or n < 1 or n > MAX_MESH:
             raise MapcError(f"{axis}={n!r} must be a positive integer of at most {MAX_MESH}")
         mesh[axis] = n
+    on_rank = expert_rank_filter(mesh, layout_name)
     extra = {k: v for k, v in topology.items() if v != 1}
     if extra:
         raise MapcError(f"layout {layout_name} has no {', '.join(extra)} axis "
                         f"(it is not sharded that way)",
                         hint=f"its mesh: {' '.join(layout['mesh']) or 'none'}")
     params = resolve_params(layout, params)
+    if EXPERT_TP in mesh:       # a 'param etp' gives the axis its default; the axis is the value
+        params.pop(EXPERT_TP, None)
     env = dict(config_env)
     env.update(mesh)
     env.update(params)
@@ -431,7 +443,7 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
             continue
         decl = tensors[rule["refs"][0]["tensor"]]
         if decl.get("stored"):
-            shard_count += _place_stored(plan, rule, decl, mesh, layout)
+            shard_count += _place_stored(plan, rule, decl, mesh, layout, on_rank)
             continue
         indices = [None] if decl["group"] is None else range(group_count(decl, config_env))
         for index in indices:
@@ -471,17 +483,69 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                     full = axes | dict(rcoord) | once
                     if "pp" in mesh:
                         full["pp"] = stage
-                    shards.append((rc, tuple((a, full[a]) for a in layout["mesh"]), name))
+                    if on_rank is None or on_rank(full):
+                        shards.append((rc, tuple((a, full[a]) for a in layout["mesh"]), name))
             plan.instances.append(Instance(rule, index, stage, recipe, keys, shards, rep,
                                            tuple(rule.get("sum", ())),
                                            plan_value(rule, env)))
+    if on_rank is not None:
+        _check_every_shard_on_a_rank(plan)
     _check_coverage(plan)
     plan.meta()  # evaluate the metadata now, so its errors surface before anything is read
     plan.aliases = _aliases(plan)
     return plan
 
 
-def _place_stored(plan, rule, decl, mesh, layout) -> int:
+def _mesh_size(axis, raw) -> int:
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise MapcError(f"{axis}={raw!r} must be a positive integer") from None
+
+
+def expert_ranks(tp: int, ep: int, etp: int) -> list[tuple[int, int, int]]:
+    """The (tp, ep, etp) ranks of one pipeline stage that megatron-core's torch-format
+    checkpoints hold: ranks r < etp * ep (expert data-parallel rank 0, the ranks that save),
+    with tensor-parallel rank r % tp, expert-parallel rank r // etp and expert-tensor-parallel
+    rank r % etp (parallel_state's rank generators, "tp-cp-ep-dp-pp" order)."""
+    return [(r % tp, r // etp, r % etp) for r in range(etp * ep)]
+
+
+def expert_rank_filter(mesh: dict, layout_name: str):
+    """None, or which mesh coordinates are ranks when the layout has the ``etp`` axis (see
+    expert_ranks): a tensor is stored on those of its copies only."""
+    if EXPERT_TP not in mesh:
+        return None
+    tp, ep, etp = mesh.get("tp", 1), mesh.get("ep", 1), mesh[EXPERT_TP]
+    where = f"layout {layout_name} at tp={tp} ep={ep} etp={etp}"
+    if tp % etp:
+        raise MapcError(f"{where}: etp must divide tp", hint="megatron-core's expert tensor "
+                        "parallel group is a part of the tensor parallel one here; choose etp "
+                        "among the divisors of tp")
+    if etp * ep < tp:
+        raise MapcError(f"{where}: only the tp ranks below etp * ep = {etp * ep} would save a "
+                        f"file (Megatron's torch format saves from expert data-parallel rank 0)",
+                        hint="choose ep or etp with etp * ep >= tp")
+    ranks = set(expert_ranks(tp, ep, etp))
+
+    def on_rank(coord: dict) -> bool:
+        return (coord.get("tp", 0), coord.get("ep", 0), coord.get(EXPERT_TP, 0)) in ranks
+    return on_rank
+
+
+def _check_every_shard_on_a_rank(plan) -> None:
+    """Every shard of every tensor is held by some rank (an ``etp`` layout's ranks are a part
+    of the mesh: a tensor cut over both tp and ep, say, would lose shards)."""
+    for inst in plan.instances:
+        if len({rc for rc, _, _ in inst.shards}) < len(list(inst.recipe.coords())):
+            mesh = ", ".join(f"{a}={n}" for a, n in plan.mesh.items())
+            raise error_at(inst.rule["at"], f"{inst.rule['name']}: some of its shards are on "
+                           f"no rank of megatron-core's grid at {mesh}",
+                           hint="cut a tensor over tp, or over ep and etp (experts), not over "
+                                "tp and ep")
+
+
+def _place_stored(plan, rule, decl, mesh, layout, on_rank=None) -> int:
     """A ``"prefix*suffix" = NAME`` rule: every stored tensor whole, under its own name
     (copied over the layout's data mesh axes like any uncut tensor). Returns the number of
     shards placed."""
@@ -496,7 +560,8 @@ def _place_stored(plan, rule, decl, mesh, layout) -> int:
         recipe = identity_recipe(rule, lg.shape)
         name = prefix + lg.index + suffix
         shards = [((), tuple((a, (dict(rc) | once)[a]) for a in layout["mesh"]), name)
-                  for rc in index_product(rep)]
+                  for rc in index_product(rep)
+                  if on_rank is None or on_rank(dict(rc) | once)]
         plan.instances.append(Instance(rule, None, 0, recipe, {rule["refs"][0]["member"]: key},
                                        shards, rep))
         placed += copies

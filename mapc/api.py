@@ -151,6 +151,8 @@ def _like_settings(template: Template, to, tp, pp, ep, dp, set, vpp=None) -> tup
         raise MapcError(f"--like {template.path} contradicts " + ", ".join(clash),
                         hint="drop those options: --like takes them from the template")
     params = dict(template.plan.params)
+    if "etp" in template.plan.mesh:     # the expert tensor parallel size, a --set (plan.py)
+        params["etp"] = template.plan.mesh["etp"]
     params.update(_parse_sets(set))
     return (template.format, template.topology.get("tp"), template.topology.get("pp"),
             template.topology.get("ep"), template.dp if dp is None else dp, params,

@@ -87,8 +87,9 @@ def _rank_file(root, name):
 
 
 @pytest.mark.parametrize("which, topo", [("q_lora", dict(tp=2, ep=2)), ("q_lora", dict(pp=3, ep=4)),
-                                         ("no_q_lora", dict(tp=2, pp=3, ep=2))],
-                         ids=["tp2-ep2", "pp3-ep4", "no-q-lora-tp2-pp3-ep2"])
+                                         ("no_q_lora", dict(tp=2, pp=3, ep=2)),
+                                         ("q_lora", dict(tp=2, ep=4, set={"etp": "1"}))],
+                         ids=["tp2-ep2", "pp3-ep4", "no-q-lora-tp2-pp3-ep2", "tp2-ep4-etp1"])
 def test_megatron_round_trip_keeps_logits(tmp_path, request, which, topo):
     src, ref, _ = request.getfixturevalue("hf" if which == "q_lora" else "hf_no_q_lora")
     mapc.convert(src, tmp_path / "mg", to="megatron", **topo)
@@ -119,14 +120,46 @@ def test_megatron_core_computes_transformers_logits(tmp_path, hf, hf_no_q_lora):
 
 @pytest.mark.slow
 def test_megatron_names_and_shapes_per_rank_are_megatron_cores(tmp_path, hf):
+    """One world of 2 megatron-core processes builds two grids: tp=2 (experts cut over tp, as
+    etp defaults to tp), and tp=2 ep=2 etp=1 (whole experts, as GPT-OSS's biased experts
+    need), where only the ranks of expert data-parallel rank 0 save: 2 files of the 4
+    tp x ep pairs, each of which megatron-core loads strictly."""
     pytest.importorskip("megatron.core")
     src, _, q_lora = hf
     mapc.convert(src, tmp_path / "mg", to="megatron", tp=2)
-    truth = _groundtruth("mcore_names").mcore_state_dict_shapes(mcore_cfg(q_lora, tp=2), 2, 1)
+    mapc.convert(src, tmp_path / "etp", to="megatron", tp=2, ep=2, set={"etp": "1"})
+    release = tmp_path / "etp" / "release"
+    truth, etp = _groundtruth("mcore_names").mcore_rank_variants(
+        mcore_cfg(q_lora, tp=2), 2, 1, [{"ep": 2, "etp": 1, "load": str(release)}])
     assert sorted(truth) == [(0, 0), (1, 0)]
-    for (t, _), names in truth.items():
+    for (t, _), rank in truth.items():
         model = torchfile.load(_rank_file(tmp_path / "mg", f"mp_rank_{t:02d}"))["model"]
-        assert {n: list(v.shape) for n, v in model.items()} == names, t
+        assert {n: list(v.shape) for n, v in model.items()} == rank["shapes"], t
+    # etp=1: megatron-core's saving ranks are (tp 0, ep 0) and (tp 1, ep 1); mapc wrote those
+    assert sorted(etp) == [(0, 0, 0), (1, 0, 1)]
+    assert sorted(p.name for p in release.iterdir()) == ["mp_rank_00_000", "mp_rank_01_001"]
+    w = load_hf(src)
+    for (t, _, e), rank in etp.items():
+        assert rank["etp_rank"] == 0 and rank["loaded"] == f"mp_rank_{t:02d}_{e:03d}"
+        model = torchfile.load(release / rank["loaded"] / "model_optim_rng.pt")["model"]
+        assert {n: list(v.shape) for n, v in model.items()} == rank["shapes"], (t, e)
+        # the values, by the layout written out here: local expert k of ep rank e is expert
+        # 2e + k, whole ([gate; up] rows); attention still cut over tp
+        for k in range(2):
+            fc1 = np.asarray(model[f"decoder.layers.1.mlp.experts.local_experts.{k}"
+                                   f".linear_fc1.weight"])
+            hf_e = f"model.layers.1.mlp.experts.{2 * e + k}"
+            np.testing.assert_array_equal(fc1, np.concatenate(
+                [w[f"{hf_e}.gate_proj.weight"], w[f"{hf_e}.up_proj.weight"]]))
+        kv_b = w["model.layers.1.self_attn.kv_b_proj.weight"]
+        np.testing.assert_array_equal(
+            np.asarray(model["decoder.layers.1.self_attention.linear_kv_up_proj.weight"]),
+            kv_b[t * 32:(t + 1) * 32])
+
+
+def load_hf(path):
+    from safetensors.numpy import load_file
+    return load_file(str(path / "model.safetensors"))
 
 
 def test_expert_bias_keeps_float32_under_bf16(tmp_path, hf):
@@ -188,3 +221,41 @@ def test_a_checkpoint_with_the_mtp_layer_is_refused_not_truncated(tmp_path, hf):
                                         r"e\.g\. model\.layers\.3\.eh_proj\.weight"):
         mapc.convert(tmp_path / "hf", tmp_path / "mg", to="megatron")
     assert not (tmp_path / "mg").exists()
+
+
+def test_expert_tp_1_reads_back_from_megatron_cores_files_alone(tmp_path, hf):
+    """A checkpoint megatron-core saved at tp=2 ep=2 etp=1 (2 rank files; no mapc record,
+    the args say expert_tensor_parallel_size 1) reads back to the same tensors."""
+    import shutil
+    src, ref, _ = hf
+    mapc.convert(src, tmp_path / "mg", to="megatron", tp=2, ep=2, set={"etp": "1"})
+    args = torchfile.load(_rank_file(tmp_path / "mg", "mp_rank_01_001"))["args"]
+    assert (args.tensor_model_parallel_size, args.expert_model_parallel_size,
+            args.expert_tensor_parallel_size) == (2, 2, 1)
+    (tmp_path / "mg" / "mapc.json").unlink()
+    mapc.convert(tmp_path / "mg", tmp_path / "back", to="hf", config=src / "config.json")
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
+    # one of the two files missing is named
+    shutil.rmtree(tmp_path / "mg" / "release" / "mp_rank_01_001")
+    with pytest.raises(MapcError, match=r"missing shard files: mp_rank_01_001"):
+        mapc.convert(tmp_path / "mg", tmp_path / "again", to="hf", config=src / "config.json")
+
+
+@pytest.mark.parametrize("topo, message", [
+    (dict(tp=4, ep=2, etp=1), "only the tp ranks below etp \\* ep = 2 would save a file"),
+    (dict(tp=2, ep=2, etp=3), "etp must divide tp"),
+])
+def test_an_expert_grid_megatron_cannot_save_is_refused(tmp_path, hf, topo, message):
+    src, _, _ = hf
+    etp = topo.pop("etp")
+    with pytest.raises(MapcError, match=message):
+        mapc.convert(src, tmp_path / "mg", to="megatron", set={"etp": str(etp)}, **topo)
+    assert not (tmp_path / "mg").exists()
+
+
+def test_like_takes_the_templates_expert_tp(tmp_path, hf):
+    src, _, _ = hf
+    mapc.convert(src, tmp_path / "template", to="megatron", tp=2, ep=2, set={"etp": "1"})
+    mapc.convert(src, tmp_path / "out", like=tmp_path / "template")
+    assert sorted(p.name for p in (tmp_path / "out" / "release").iterdir()) == \
+        ["mp_rank_00_000", "mp_rank_01_001"]

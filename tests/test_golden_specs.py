@@ -103,7 +103,8 @@ def recipes_text(family: str) -> str:
     spec = load_spec(family)
     lines = []
     for lay in spec.ir["layouts"]:
-        topo = {a: 2 for a in lay["mesh"]}
+        # etp (expert tensor parallel) is no topology argument: it defaults to tp
+        topo = {a: 2 for a in lay["mesh"] if a != "etp"}
         for sets in variants(lay):
             head = f"== {lay['name']} {' '.join(f'{a}={n}' for a, n in topo.items())} " \
                    f"{' '.join(sets)}".rstrip()

@@ -134,3 +134,103 @@ def test_deepspeed_and_universal_keep_the_hf_tensors(hf, tmp_path, fmt):
     a = safetensors_torch.load_file(str(hf / "hf" / "model.safetensors"))
     b = safetensors_torch.load_file(str(tmp_path / "back" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_megatron_at_tp2_ep2_is_megatron_cores_expert_grid(hf, tmp_path):
+    """megatron-core builds GPT-OSS's biased experts only with expert tensor parallelism 1, so
+    at tp=2 ep=2 its torch-format checkpoint has 2 rank files, not 4. A world of 2
+    megatron-core GPTModels (local spec, add_bias_linear, softmax_type "learnable", MoE at
+    ep=2 etp=1) has exactly the files, names and shapes mapc writes, and each loads its file
+    with load_state_dict(strict=True); the values are checked against the layout written out
+    here (HF's interleaved gate_up_proj to fc1 = [gate; up] rows); and the files convert back
+    to the same tensors."""
+    pytest.importorskip("megatron.core")
+    import importlib.util
+    from pathlib import Path
+    from mapc.runtime import torchfile
+    src = hf / "hf"
+    mapc.convert(src, tmp_path / "mg", to="megatron", tp=2, ep=2)
+    release = tmp_path / "mg" / "release"
+    assert sorted(p.name for p in release.iterdir()) == ["mp_rank_00_000", "mp_rank_01_001"]
+    path = Path(__file__).parent / "groundtruth" / "mcore_names.py"
+    spec = importlib.util.spec_from_file_location("_groundtruth_mcore_names_gpt_oss", path)
+    names = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(names)
+    cfg = {"hidden": 64, "layers": 2, "heads": 4, "groups": 2, "head_dim": 16, "ffn": 64,
+           "vocab": 256, "tied": False, "linear_bias": True, "qkv_bias": True,
+           "softmax_type": "learnable", "experts": 4, "moe_ffn": 64, "topk": 2, "ep": 2,
+           "etp": 1, "load": str(release)}
+    truth = names.mcore_ranks(cfg, 2, 1)
+    assert sorted(truth) == [(0, 0, 0), (1, 0, 1)]
+    w = {n: v.view(torch.int16) for n, v in
+         safetensors_torch.load_file(str(src / "model.safetensors")).items()}
+    for (t, _, e), rank in truth.items():
+        assert rank["loaded"] == f"mp_rank_{t:02d}_{e:03d}" and rank["etp_rank"] == 0
+        model = torchfile.load(release / rank["loaded"] / "model_optim_rng.pt")["model"]
+        assert {n: list(v.shape) for n, v in model.items()} == rank["shapes"], (t, e)
+        # compared as bits (bf16)
+        got = {n: torch.from_numpy(np.asarray(v).view(np.int16).copy()) for n, v in model.items()}
+        pre, hl = "decoder.layers.1.", "model.layers.1."
+        assert torch.equal(got[pre + "self_attention.core_attention.softmax_offset"],
+                           w[hl + "self_attn.sinks"][2 * t:2 * t + 2])
+        # tp rank t holds query group t: its 2 query heads' biases, then its k, then its v
+        qkv_bias = torch.cat([w[hl + "self_attn.q_proj.bias"][32 * t:32 * t + 32],
+                              w[hl + "self_attn.k_proj.bias"][16 * t:16 * t + 16],
+                              w[hl + "self_attn.v_proj.bias"][16 * t:16 * t + 16]])
+        assert torch.equal(got[pre + "self_attention.linear_qkv.bias"], qkv_bias)
+        assert torch.equal(got[pre + "self_attention.linear_proj.bias"],
+                           w[hl + "self_attn.o_proj.bias"])
+        for k in range(2):
+            x, ex = 2 * e + k, f"{pre}mlp.experts.local_experts.{k}."
+            gate_up, gub = w[hl + "mlp.experts.gate_up_proj"][x], \
+                w[hl + "mlp.experts.gate_up_proj_bias"][x]
+            assert torch.equal(got[ex + "linear_fc1.weight"],
+                               torch.cat([gate_up[:, 0::2].T, gate_up[:, 1::2].T]))
+            assert torch.equal(got[ex + "linear_fc1.bias"], torch.cat([gub[0::2], gub[1::2]]))
+            assert torch.equal(got[ex + "linear_fc2.weight"],
+                               w[hl + "mlp.experts.down_proj"][x].T)
+            assert torch.equal(got[ex + "linear_fc2.bias"],
+                               w[hl + "mlp.experts.down_proj_bias"][x])
+    mapc.convert(tmp_path / "mg", tmp_path / "back", to="hf")
+    back = safetensors_torch.load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert back.keys() == w.keys() and all(torch.equal(back[k].view(torch.int16), w[k])
+                                           for k in w)
+
+
+def test_megatron_core_computes_transformers_logits(tmp_path):
+    """mapc's Megatron file in megatron-core's GPTModel (local spec, biases, learnable softmax
+    offsets, MoE with biased experts, quick_gelu GLU with offset 1 and clamp 7) computes
+    transformers' logits. The model has a sliding window longer than the tokens and default
+    rope: megatron-core's local attention has no window, and YaRN is not written to the args.
+    A negative control exchanges two layers' sinks."""
+    pytest.importorskip("megatron.core")
+    import importlib.util
+    from pathlib import Path
+    cfg = dict(CONFIG, sliding_window=16,
+               rope_parameters={"rope_type": "default", "rope_theta": 150000.0})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "sinks")):
+                p.uniform_(-0.5, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(str(tmp_path / "hf"))
+    ref = logits(model).numpy()
+    mapc.convert(tmp_path / "hf", tmp_path / "mg", to="megatron")
+    path = Path(__file__).parent / "groundtruth" / "mcore_forward.py"
+    spec = importlib.util.spec_from_file_location("_groundtruth_mcore_forward_gpt_oss", path)
+    forward = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(forward)
+    mcfg = {"hidden": 64, "layers": 2, "heads": 4, "groups": 2, "head_dim": 16, "ffn": 64,
+            "vocab": 128, "tied": False, "linear_bias": True, "qkv_bias": True,
+            "softmax_type": "learnable", "experts": 4, "moe_ffn": 64, "topk": 2,
+            "activation": "quick_gelu", "glu_offset": 1.0, "clamp": 7.0, "rotary_base": 150000,
+            "norm_eps": 1e-5}
+    sinks = "decoder.layers.{}.self_attention.core_attention.softmax_offset"
+    ours, swapped = (np.array(x)[..., :128] for x in forward.mcore_logits(
+        mcfg, tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt", TOKENS[0],
+        [{}, {"swap": [sinks.format(0), sinks.format(1)]}]))
+    assert np.abs(ours - ref).max() <= 1e-5          # observed: 9e-8 (fp32 on CPU)
+    assert np.abs(swapped - ref).max() > 1e-4

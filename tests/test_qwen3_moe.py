@@ -62,8 +62,9 @@ def _rank_file(root, name):
 
 
 @pytest.mark.parametrize("topo", [dict(tp=2, ep=2), dict(pp=3, ep=4), dict(tp=2, pp=2, ep=2,
-                                                                         pp_first_stage=1)],
-                         ids=["tp2-ep2", "pp3-ep4", "tp2-uneven-pp2-ep2"])
+                                                                         pp_first_stage=1),
+                                  dict(tp=2, ep=2, set={"etp": "1"})],
+                         ids=["tp2-ep2", "pp3-ep4", "tp2-uneven-pp2-ep2", "tp2-ep2-etp1"])
 def test_megatron_round_trip_keeps_logits(tmp_path, hf, topo):
     src, ref = hf
     mapc.convert(src, tmp_path / "mg", to="megatron", **topo)
@@ -71,6 +72,9 @@ def test_megatron_round_trip_keeps_logits(tmp_path, hf, topo):
     assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
     back = json.loads((tmp_path / "back" / "config.json").read_text())
     assert back["mlp_only_layers"] == [0] and back["moe_intermediate_size"] == 16
+    if topo.get("set"):     # etp=1: megatron-core's expert grid, whole experts per file
+        files = sorted(p.name for p in (tmp_path / "mg" / "release").iterdir())
+        assert files == ["mp_rank_00_000", "mp_rank_01_001"]
 
 
 def test_megatron_core_computes_transformers_logits(tmp_path, hf):

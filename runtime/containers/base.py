@@ -25,8 +25,10 @@ MAPC_JSON = "mapc.json"
 
 def coord_key(coord) -> tuple:
     """A mesh coordinate independent of which axes a layout names: sorted, zero ranks
-    dropped, so (tp=1, pp=0) of one layout and (tp=1, pp=0, ep=0) of another are equal."""
-    return tuple(sorted((a, i) for a, i in coord if i))
+    dropped, so (tp=1, pp=0) of one layout and (tp=1, pp=0, ep=0) of another are equal. The
+    expert tensor parallel rank (``etp``) is dropped too: the other ranks fix it
+    (mapc.compiler.plan.expert_ranks), and a layout without that axis names the same file."""
+    return tuple(sorted((a, i) for a, i in coord if i and a != "etp"))
 FORMAT_VERSION = 1
 
 
@@ -114,14 +116,22 @@ class RefSource(Source):
         return self._ref(name, coord).map()
 
 
-def rank_grid(ranks: dict, file_name, where: str):
+def rank_grid(ranks: dict, file_name, where: str, etp: int | None = None,
+              sizes: dict | None = None):
     """Check that per-rank files form a complete (tp, pp, ep) grid.
 
     ``ranks`` maps (tp, pp, ep) to a path; ``file_name(coord, pp, ep)`` names a missing one.
+    With ``etp`` (megatron-core's expert tensor parallel size, when it is not tp) the grid is
+    the ranks that save (mapc.compiler.plan.expert_ranks), each coord with its etp rank, and
+    ``sizes`` (the tp, pp, ep the checkpoint states) say how large it is.
     Returns (topology, files keyed by coord_key, coords in pipeline-major order)."""
     tp = max(t for t, _, _ in ranks) + 1
     pp = max(p for _, p, _ in ranks) + 1
     ep = max(e for _, _, e in ranks) + 1
+    if etp is not None and etp != (sizes or {}).get("tp", tp):
+        sizes = sizes or {}
+        return _expert_rank_grid(ranks, file_name, where, max(tp, sizes.get("tp", 1)),
+                                 max(pp, sizes.get("pp", 1)), max(ep, sizes.get("ep", 1)), etp)
     missing = [file_name((("tp", t), ("pp", p), ("ep", e)), pp, ep)
                for t in range(tp) for p in range(pp) for e in range(ep)
                if (t, p, e) not in ranks]
@@ -133,6 +143,30 @@ def rank_grid(ranks: dict, file_name, where: str):
     files = {coord_key((("tp", t), ("pp", p), ("ep", e))): f for (t, p, e), f in ranks.items()}
     coords = [(("tp", t), ("pp", p)) + ((("ep", e),) if ep > 1 else ())
               for (t, p, e) in sorted(ranks, key=lambda r: (r[1], r[2], r[0]))]
+    return topology, files, coords
+
+
+def _expert_rank_grid(ranks, file_name, where, tp, pp, ep, etp):
+    from mapc.compiler.plan import expert_ranks
+    if tp % etp or etp * ep < tp:
+        raise MapcError(f"expert tensor parallel size {etp} does not fit tp={tp} ep={ep} (it "
+                        f"must divide tp, with etp * ep >= tp)", where=where)
+    grid = {(t, p, e): x for p in range(pp) for t, e, x in expert_ranks(tp, ep, etp)}
+    extra = [file_name((("tp", t), ("pp", p), ("ep", e)), pp, ep)
+             for t, p, e in ranks if (t, p, e) not in grid]
+    missing = [file_name((("tp", t), ("pp", p), ("ep", e)), pp, ep)
+               for t, p, e in grid if (t, p, e) not in ranks]
+    if missing or extra:
+        raise MapcError(f"missing shard files: {', '.join(missing[:4])}" if missing else
+                        f"shard files of no rank at tp={tp} ep={ep} etp={etp}: "
+                        f"{', '.join(extra[:4])}", where=where,
+                        hint="copy the complete checkpoint" if missing else
+                        "the args' expert_tensor_parallel_size does not match the files")
+
+    topology = {"tp": tp, "pp": pp, "ep": ep, "etp": etp}
+    files = {coord_key((("tp", t), ("pp", p), ("ep", e))): f for (t, p, e), f in ranks.items()}
+    coords = [(("tp", t), ("pp", p), ("ep", e), ("etp", grid[(t, p, e)]))
+              for t, p, e in sorted(ranks, key=lambda r: (r[1], r[2], r[0]))]
     return topology, files, coords
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from math import lcm
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +166,12 @@ class MegatronSource(RefSource):
                 ranks[(t, a, 0) if one_is_pp else (t, 0, a)] = f
             else:
                 ranks[(t, 0, 0)] = f
-        self.topology, self.files, self._coords = rank_grid(ranks, rank_dir, str(self.iter_dir))
+        etp = args.get("expert_tensor_parallel_size")
+        sizes = {axis: args.get(key) for axis, key in (
+            ("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"),
+            ("ep", "expert_model_parallel_size")) if isinstance(args.get(key), int)}
+        self.topology, self.files, self._coords = rank_grid(
+            ranks, rank_dir, str(self.iter_dir), etp if isinstance(etp, int) else None, sizes)
         self._loaded: dict = {}
         self._files_loaded: dict = {}
         self._chunk: dict = {}
@@ -665,6 +671,7 @@ class MegatronWriter(PlannedWriter):
         self.vpp = opt.vpp
         self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1) // opt.vpp
         self.ep = topology.get("ep", 1)
+        self.etp = topology.get("etp")      # megatron-core's expert tensor parallel size
         self.args = program.target.meta()
         self.iteration = opt.iteration
         self.optimizer = opt.kind
@@ -777,6 +784,9 @@ class MegatronWriter(PlannedWriter):
                             num_layers_per_virtual_pipeline_stage=(
                                 args["num_layers"] // (self.pp * self.vpp)
                                 if isinstance(args.get("num_layers"), int) else None))
+            if self.etp is not None:    # the smallest world of that grid
+                args.update(expert_tensor_parallel_size=self.etp,
+                            world_size=self.pp * lcm(self.tp, self.etp * self.ep))
             obj = {
                 "args": torchfile.Namespace(**args),
                 "checkpoint_version": 3.0,
@@ -793,7 +803,8 @@ class MegatronWriter(PlannedWriter):
                 if isinstance(sched, dict) and "num_steps" in sched and "max_lr" in sched:
                     obj["opt_param_scheduler"] = dict(sched)
             obj["mapc"] = {"tp_rank": c.get("tp", 0), "pp_rank": c.get("pp", 0),
-                           "ep_rank": c.get("ep", 0)}
+                           "ep_rank": c.get("ep", 0)} | \
+                ({"etp_rank": c.get("etp", 0)} if self.etp is not None else {})
             w.finish(obj)
         if not self.metadata:
             return
@@ -892,7 +903,8 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     files = [f"{sub}/{rank_dir(_physical(c, pp), pp, ep)}/{FILE}" for c in coords] + \
         [TRACKER, MAPC_JSON]
     origin = "fresh" if opt.fresh else "the source's"
-    decisions = {"folder": sub, "tp": tp, "pp": pp, "ep": ep}
+    decisions = {"folder": sub, "tp": tp, "pp": pp, "ep": ep} | \
+        ({"etp": mesh["etp"]} if "etp" in mesh else {})
     if vpp > 1:
         decisions["vpp"] = vpp
         decisions["chunks"] = (f"model0..model{vpp - 1} per rank file; chunk v of pipeline "

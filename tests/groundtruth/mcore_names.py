@@ -34,6 +34,7 @@ prints ``{"tp_rank,pp_rank": {name: shape}}`` as JSON on stdout.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -95,9 +96,31 @@ def _ranks(cfg: dict, tp: int, pp: int, meta: bool = False) -> dict:
     missing = [k for k in CFG_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"cfg is missing keys {missing}")
-    tp, pp = int(tp), int(pp)
+    return _variant_ranks(cfg, tp, pp, meta)[0]
+
+
+def mcore_rank_variants(cfg: dict, tp: int, pp: int, variants: list[dict]) -> list[dict]:
+    """``mcore_ranks`` of ``cfg`` and of ``cfg`` updated by each of ``variants``, built one
+    after the other by the same processes (one world, one megatron-core import): each variant
+    must fit the world of the first (its tp, pp, and ep * etp)."""
+    return _variant_ranks(dict(cfg, then=list(variants)), tp, pp, False)
+
+
+def _world(cfg: dict, tp: int, pp: int) -> int:
     ep = int(cfg.get("ep", 1))      # expert parallel: carved out of data parallel
-    world = tp * pp * ep
+    etp = cfg.get("etp")            # expert tensor parallel size (megatron-core: tp if unset)
+    if etp is None:
+        return tp * pp * ep
+    return pp * math.lcm(tp, int(etp) * ep)     # the smallest world both rank grids fit
+
+
+def _variant_ranks(cfg: dict, tp: int, pp: int, meta: bool) -> list[dict]:
+    missing = [k for k in CFG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"cfg is missing keys {missing}")
+    tp, pp = int(tp), int(pp)
+    variants = [cfg] + [dict(cfg, **v) for v in cfg.get("then", ())]
+    world = _world(cfg, tp, pp)
     if world < 1:
         raise ValueError("tp and pp must be >= 1")
 
@@ -106,14 +129,22 @@ def _ranks(cfg: dict, tp: int, pp: int, meta: bool = False) -> dict:
                           str(pp), out_dir], Path(out_dir),
                   {"MCORE_NAMES_META": "1" if meta else "0"}, "megatron-core worker")
 
-        result: dict = {}
-        for rank in range(world):
-            data = json.loads(Path(out_dir, f"rank{rank}.json").read_text())
-            key = (data["tp_rank"], data["pp_rank"]) + ((data["ep_rank"],) if ep > 1 else ())
-            result[key] = {"shapes": data["shapes"], "layers": data["layers"]}
-    if len(result) != world:
-        raise RuntimeError(f"expected {world} distinct ranks, got {sorted(result)}")
-    return dict(sorted(result.items()))
+        results = []
+        for vi, vcfg in enumerate(variants):
+            ep, etp = int(vcfg.get("ep", 1)), vcfg.get("etp")
+            result: dict = {}
+            for rank in range(world):
+                data = json.loads(Path(out_dir, f"rank{rank}.{vi}.json").read_text())
+                if etp is not None and data["edp_rank"] != 0:
+                    continue        # with etp: the ranks that save (expert data-parallel 0)
+                key = (data["tp_rank"], data["pp_rank"]) + ((data["ep_rank"],) if ep > 1 else ())
+                result[key] = {"shapes": data["shapes"], "layers": data["layers"]}
+                if etp is not None:
+                    result[key].update(etp_rank=data["etp_rank"], loaded=data.get("loaded"))
+            if etp is None and len(result) != world:
+                raise RuntimeError(f"expected {world} distinct ranks, got {sorted(result)}")
+            results.append(dict(sorted(result.items())))
+    return results
 
 
 def run_ranks(world: int, argv: list[str], log_dir: Path, extra_env: dict, what: str,
@@ -184,9 +215,24 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
 
     from megatron.core import parallel_state
 
+    extra = {}
+    if cfg.get("etp") is not None:
+        extra["expert_tensor_parallel_size"] = int(cfg["etp"])
+    variants = [cfg] + [dict(cfg, **v) for v in cfg.get("then", ())]
+    for vi, vcfg in enumerate(variants):
+        _build_and_report(vcfg, tp, pp, rank, Path(out_dir, f"rank{rank}.{vi}.json"))
+    dist.destroy_process_group()
+
+
+def _build_and_report(cfg: dict, tp: int, pp: int, rank: int, path: Path) -> None:
+    import torch
+    from megatron.core import parallel_state
+    extra = {}
+    if cfg.get("etp") is not None:
+        extra["expert_tensor_parallel_size"] = int(cfg["etp"])
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=int(cfg.get("ep", 1)),
+        expert_model_parallel_size=int(cfg.get("ep", 1)), **extra,
     )
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -198,24 +244,36 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
         for k, v in model.state_dict().items()
         if not k.endswith("_extra_state")
     }
-    tmp = Path(out_dir, f"rank{rank}.json.tmp")
+    tmp = path.with_suffix(".tmp")
     # megatron-core's own global numbering of this stage's layers (get_transformer_layer_offset
     # + local index; layer_number is 1-based)
     layers = [int(layer.layer_number) - 1 for layer in model.decoder.layers]
     ep_rank = parallel_state.get_expert_model_parallel_rank()
-    tmp.write_text(json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank,
-                               "shapes": shapes, "layers": layers}))
-    tmp.rename(Path(out_dir, f"rank{rank}.json"))
-
+    out = {"tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank, "shapes": shapes,
+           "layers": layers}
+    if cfg.get("etp") is not None:
+        out.update(etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
+                   edp_rank=parallel_state.get_expert_data_parallel_rank())
+    if cfg.get("load"):
+        # Megatron-LM's legacy load: this rank's file by its tp/pp/ep ranks
+        # (mp_rank_TT[_PPP][_EEE]), model.load_state_dict(strict=True)
+        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + \
+            (f"_{ep_rank:03d}" if int(cfg.get("ep", 1)) > 1 else "")
+        sd = torch.load(Path(cfg["load"], name, "model_optim_rng.pt"), map_location="cpu",
+                        weights_only=False)
+        model.load_state_dict(sd["model"], strict=True)
+        out["loaded"] = name
+    tmp.write_text(json.dumps(out))
+    tmp.rename(path)
     parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def cpu_shims(cfg: dict) -> None:
     """Harness-only workarounds for building MoE / MLA models without CUDA or Transformer
     Engine (documented in tests/groundtruth/mcore_forward.py); idempotent."""
     import torch
-    if cfg.get("expert_bias"):      # the router's expert_bias buffers are made on cuda
+    if cfg.get("expert_bias") or cfg.get("softmax_type"):
+        # the router's expert_bias buffers and learnable softmax offsets are made on cuda
         torch.cuda.current_device = lambda: "cpu"
     from megatron.core.transformer.moe import moe_utils
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -255,10 +313,17 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None, vp_stage=None):
         extra["num_layers_in_last_pipeline_stage"] = int(cfg["layers_last_stage"])
     if cfg.get("experts"):
         extra.update(_moe_config(cfg))
+    if cfg.get("softmax_type"):     # "learnable": attention sinks as core_attention.softmax_offset
+        extra["softmax_type"] = cfg["softmax_type"]
     norm = cfg.get("norm", "RMSNorm")
     gated = bool(cfg.get("gated", True))
-    activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[
-        cfg.get("activation", "silu" if gated else "gelu")]
+    from megatron.core.activations import quick_gelu
+    activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+                  "quick_gelu": quick_gelu}[cfg.get("activation", "silu" if gated else "gelu")]
+    if cfg.get("glu_offset") is not None:     # GPT-OSS's GLU: act(gate) * (up + offset)
+        extra["glu_linear_offset"] = float(cfg["glu_offset"])
+    if cfg.get("clamp") is not None:          # ... with gate and up clamped to the value
+        extra["activation_func_clamp_value"] = float(cfg["clamp"])
     config_class = TransformerConfig
     if cfg.get("mla"):      # Multi-head Latent Attention: megatron-core's MLA config
         from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -328,7 +393,8 @@ def _moe_config(cfg: dict) -> dict:
     """TransformerConfig fields of an MoE model: cfg keys ``experts``, ``moe_ffn``, ``topk``,
     ``moe_layer_freq`` (int or per-layer 0/1 list), ``pre_softmax`` (softmax over all experts
     before the top-k, i.e. unnormalized top-k weights), ``ep`` (expert-parallel size),
-    ``score`` ("softmax" or "sigmoid"), ``expert_bias``, ``shared_ffn``, ``topk_scale``."""
+    ``score`` ("softmax" or "sigmoid"), ``expert_bias``, ``shared_ffn``, ``topk_scale``, ``etp``
+    (expert tensor parallel size; default: parallel_state's)."""
     from megatron.core import parallel_state
     out = dict(num_moe_experts=int(cfg["experts"]),
                moe_ffn_hidden_size=int(cfg.get("moe_ffn") or cfg["ffn"]),
@@ -340,8 +406,9 @@ def _moe_config(cfg: dict) -> dict:
                moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none",
                expert_model_parallel_size=int(
                    cfg.get("ep") or parallel_state.get_expert_model_parallel_world_size()),
-               expert_tensor_parallel_size=parallel_state
-               .get_expert_tensor_parallel_world_size())
+               expert_tensor_parallel_size=int(
+                   cfg["etp"] if cfg.get("etp") is not None
+                   else parallel_state.get_expert_tensor_parallel_world_size()))
     if cfg.get("expert_bias"):
         out["moe_router_enable_expert_bias"] = True
     if cfg.get("shared_ffn"):
