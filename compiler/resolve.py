@@ -74,6 +74,16 @@ def resolve(source, *, spec=None, config=None, params=None,
         if spec is not None or source.record.get("family") or family_known(config):
             raise
         failure = e
+    needs = getattr(source, "needs_family", None)
+    if needs:        # e.g. a tensor-parallel checkpoint: its shards are cut by the family
+        why = (f"no shipped spec describes model_type {config.get('model_type')!r}"
+               if config and config.get("model_type") is not None else
+               "it has no model config")
+        raise MapcError(f"{source.path} is {needs}, which only the model family's spec can "
+                        f"merge, and {why}",
+                        hint="pass --config CONFIG.json (the model's HF config of a shipped "
+                             "family) or --spec FILE.map; generic mode (no family) reads "
+                             "unsharded checkpoints only") from None
     try:
         res = _resolve(source, GENERIC, config, params, allow_spec_change)
     except MapcError:

@@ -54,10 +54,10 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
     try:
         res = resolve(source, spec=spec, config=config, params=_source_params(source_set),
                       allow_spec_change=allow_spec_change)
-        target_layout = layout_of(to)
         topo = {"tp": tp, "pp": pp, "ep": ep}
+        target_layout = layout_of(to, topo)
         if stored_tensor(res.spec) is not None:
-            _check_stored_target(res, to, target_layout, topo)
+            _check_stored_target(res, to, layout_of(to), topo)
         sets = _parse_sets(set)
         # a format of global tensors whose metadata records the training run's sizes takes
         # --tp/--pp as layout parameters (torch_dist: tp_size, pp_size)
