@@ -69,6 +69,12 @@ def resolve(source, *, spec=None, config=None, params=None,
     tensor, said in one warning."""
     config = read_config(config) or source.config
     try:
+        if spec is None and not source.record.get("family") and not config and \
+                not source.format_meta and not getattr(source, "needs_family", None):
+            # no config and no format metadata to rebuild one from: no family spec can bind
+            # its sizes, so none is compiled (a DeepSpeed checkpoint as saved: ~0.5 s)
+            raise MapcError(f"{source.path} has no model config and its format records no "
+                            f"model sizes", hint="pass --config CONFIG.json or --spec FILE.map")
         return _resolve(source, spec, config, params, allow_spec_change)
     except MapcError as e:
         if spec is not None or source.record.get("family") or family_known(config):
