@@ -92,7 +92,11 @@ def resolve(source, *, spec=None, config=None, params=None,
                              "unsharded checkpoints only") from None
     try:
         res = _resolve(source, GENERIC, config, params, allow_spec_change)
-    except MapcError:
+    except MapcError as generic_failure:
+        if config and config.get("model_type") is not None:
+            # no spec describes the model type at all: generic mode was the only way, so its
+            # reason is the one to show
+            raise generic_failure from None
         raise failure from None
     why = (f"no shipped spec describes model_type {config.get('model_type')!r}"
            if config and config.get("model_type") is not None else

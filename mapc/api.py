@@ -201,7 +201,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
             check_dp(program.target, dp)
         if template is not None:
             check_like(template, program)
-        facts = SourceFacts.of(res.source, program, has_config=bool(res.config))
+        facts = SourceFacts.of(res.source, program, has_config=bool(res.config),
+                               config=res.config)
         request = WriteRequest(to, dst=str(dst), dtype=DTYPE_CHOICES[dtype], dp=dp,
                                zero_stage=zero_stage, with_optimizer=with_optimizer,
                                max_shard_bytes=max_shard_bytes,
