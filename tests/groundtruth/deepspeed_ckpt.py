@@ -81,12 +81,13 @@ def _run(cmd: list[str], log: Path, timeout: float) -> None:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({rc}); log {log}:\n{tail}")
 
 
-def _torchrun(nproc: int, args: list[str], log: Path, timeout: float) -> None:
+def _torchrun(nproc: int, args: list[str], log: Path, timeout: float,
+              script: Path = TRAIN_SCRIPT) -> None:
     for attempt in range(3):
         port = _free_port()
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-               str(TRAIN_SCRIPT), *args]
+               str(script), *args]
         try:
             _run(cmd, log, timeout)
             return
