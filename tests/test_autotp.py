@@ -193,7 +193,7 @@ def test_without_config_refused_in_one_line(run, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("change,why", [({"tied": True}, "tied embeddings"),
+@pytest.mark.parametrize("change,why", [({"tied": True}, "tied-embedding"),
                                         ({"groups": 1}, "num_key_value_heads")])
 def test_what_autotp_cuts_otherwise_is_refused(tmp_path, change, why):
     cfg = llama_config(hidden=64, layers=2, heads=4, head_dim=16, **{"groups": 2, **change})
