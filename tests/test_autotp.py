@@ -7,9 +7,10 @@ Checked: mapc -> hf gives DeepSpeed's own gathered full weights bit for bit, and
 to the training module's; AutoTP -> deepspeed (tp 1) and -> universal carry every fp32 master
 weight and Adam moment (the merge of DeepSpeed's per-rank optimizer shards, by DeepSpeed's own
 partition_dim); AutoTP -> deepspeed tp 1 -> deepspeed --tp 2 gives DeepSpeed's files back; a
-real AutoTP engine loads mapc's hf -> deepspeed --tp 2 (its logits are the original's) and
-the tp 1 -> tp 2 output, whose next step equals the original run's own next step. Two
-DeepSpeed processes in all (training, and one resume that loads both outputs).
+real AutoTP engine loads mapc's hf -> deepspeed --tp 2 (its logits are the original's), the
+tp 1 -> tp 2 output and (DeepSpeed's universal loader) the universal output, and both next
+steps equal the original run's own next step. Two DeepSpeed torchrun launches in all
+(training, and one resume that loads the three outputs).
 """
 from __future__ import annotations
 
@@ -73,11 +74,13 @@ def converted(run, tmp_path_factory):
 @pytest.fixture(scope="session")
 def resumed(run, converted, tmp_path_factory):
     """A real AutoTP engine: loads hf -> deepspeed --tp 2 (weights only; its logits), then
-    AutoTP -> tp 1 -> tp 2 and trains one step."""
+    AutoTP -> tp 1 -> tp 2 and trains one step; a second engine in the same processes
+    (``"load_universal": true``) loads AutoTP -> universal and trains one step."""
     out = tmp_path_factory.mktemp("autotp-resume") / "run"
     ds._torchrun(TP, ["--out", str(out), "--weights", str(converted["hf_tp2"][0]),
-                      "--load", str(converted["tp2"][0])], out.parent / "resume.log",
-                 ds.TIMEOUT_S, script=SCRIPT)
+                      "--load", str(converted["tp2"][0]),
+                      "--universal", str(converted["universal"][0])],
+                 out.parent / "resume.log", ds.TIMEOUT_S, script=SCRIPT)
     return out
 
 
@@ -176,10 +179,24 @@ def test_real_autotp_engine_loads_and_resumes(run, resumed):
     exp, got = (json.loads((d / "expected.json").read_text()) for d in (run, resumed))
     assert got["start_step"] == exp["global_step"]
     assert got["loss"] == [exp["next_loss"]]
+    _same_next_step(run, resumed, "next")
+
+
+def test_real_autotp_engine_resumes_from_the_universal_output(run, resumed):
+    # AutoTP -> universal (the whole module, tp 1), loaded by an AutoTP engine at tp 2 with
+    # DeepSpeed's own universal loader: the original run's own next step. Measured:
+    # identical; tolerance 0.
+    exp, got = (json.loads((d / "expected.json").read_text()) for d in (run, resumed))
+    assert got["universal_start_step"] == exp["global_step"]
+    assert got["universal_loss"] == [exp["next_loss"]]
+    _same_next_step(run, resumed, "unext")
+
+
+def _same_next_step(run, resumed, prefix):
     for t in range(TP):
         for key in KEYS:
             a, b = _load(run / f"next.t{t}.{key}.safetensors"), \
-                _load(resumed / f"next.t{t}.{key}.safetensors")
+                _load(resumed / f"{prefix}.t{t}.{key}.safetensors")
             assert a.keys() == b.keys()
             for name in a:
                 assert np.array_equal(a[name], b[name]), (t, key, name)

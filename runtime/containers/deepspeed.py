@@ -500,7 +500,7 @@ class AutoTPSource(Source):
         return self.ranks[0].aliases()
 
     def training_state(self) -> dict:
-        return {**self.ranks[0].training_state(), "tp_world_size": self.tp}
+        return self.ranks[0].training_state()
 
     def describe_coord(self, coord):
         return f"{self.tag_dir.name}/{self._rank(coord).model_file.name}"

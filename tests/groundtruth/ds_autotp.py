@@ -24,11 +24,14 @@ trains STEPS steps (every rank sees the whole global batch) and calls
 
 Resume mode::
 
-    torchrun --nproc_per_node 2 ds_autotp.py --out NEW --weights CKPT_A --load CKPT_B
+    torchrun --nproc_per_node 2 ds_autotp.py --out NEW --weights CKPT_A --load CKPT_B \
+        [--universal CKPT_C]
 
 builds the same engine; ``load_checkpoint(CKPT_A, load_optimizer_states=False)`` and writes the
 module's logits on PROBE (``weights_logits.safetensors``); then ``load_checkpoint(CKPT_B)``,
 trains one step (the step after CKPT_B's global step) and writes ``next.t{T}.*`` as above.
+With ``--universal``, a second engine (``"checkpoint": {"load_universal": true}``) loads the
+universal checkpoint CKPT_C, trains one step and writes ``unext.t{T}.*``.
 """
 from __future__ import annotations
 
@@ -53,14 +56,15 @@ PROBE = 99
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-def ds_config() -> dict:
-    return {"train_micro_batch_size_per_gpu": BATCH,
+def ds_config(universal: bool = False) -> dict:
+    return {**({"checkpoint": {"load_universal": True}} if universal else {}),
+            "train_micro_batch_size_per_gpu": BATCH,
             "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1},
             "tensor_parallel": {"autotp_size": TP}, "zero_allow_untested_optimizer": True,
             "gradient_clipping": 1.0, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
-def engine_of(deepspeed):
+def engine_of(deepspeed, universal: bool = False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -68,7 +72,7 @@ def engine_of(deepspeed):
     model = LlamaForCausalLM(LlamaConfig(**MODEL)).float()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=WEIGHT_DECAY)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config())
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(universal))
     return engine
 
 
@@ -114,6 +118,7 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--weights", default=None)
     p.add_argument("--load", default=None)
+    p.add_argument("--universal", default=None)
     args = p.parse_args(argv)
     import torch.distributed as tdist
     from safetensors.torch import save_file
@@ -138,6 +143,14 @@ def main(argv=None):
         meta["loss"] = [step(engine, start)]
         meta["start_step"] = start
         dump_state(engine, out, "next", rank)
+        if args.universal:
+            engine = engine_of(deepspeed, universal=True)
+            path, _ = engine.load_checkpoint(args.universal)
+            if path is None:
+                raise SystemExit(f"could not load {args.universal}")
+            meta["universal_start_step"] = engine.global_steps
+            meta["universal_loss"] = [step(engine, engine.global_steps)]
+            dump_state(engine, out, "unext", rank)
     else:
         meta["loss"] = [step(engine, k) for k in range(STEPS)]
         engine.save_checkpoint(str(out / "ckpt"))
