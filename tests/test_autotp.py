@@ -1,7 +1,8 @@
 """DeepSpeed AutoTP checkpoints (plain engine, ``mp_rank > 0``) against the real DeepSpeed
-(0.19.8, CPU, gloo): a transformers Llama trained with ``autotp_size`` 2 and ZeRO 1
-(tests/groundtruth/ds_autotp.py, one run shared by every test here), read and written by mapc
-with the TP layout of llama.map's ``autotp`` layout.
+(0.19.8, CPU, gloo): a transformers Llama trained with ``autotp_size`` 2 and ZeRO 1 (fp32), and
+again with ZeRO 2 (bf16) in the same processes (tests/groundtruth/ds_autotp.py, one launch
+shared by every test here), read and written by mapc with the TP layout of llama.map's
+``autotp`` layout.
 
 Checked: mapc -> hf gives DeepSpeed's own gathered full weights bit for bit, and logits equal
 to the training module's; AutoTP -> deepspeed (tp 1) and -> universal carry every fp32 master
@@ -68,6 +69,11 @@ def converted(run, tmp_path_factory):
                                       config=cfg)}
     made["tp2"] = mapc.convert(root / "dp1", root / "tp2", to="deepspeed", tp=TP)
     made["hf_tp2"] = mapc.convert(root / "hf", root / "hf_tp2", to="deepspeed", tp=TP)
+    made["z2bf16-hf"] = mapc.convert(run / "z2bf16", root / "z2bf16-hf", to="hf", config=cfg)
+    made["z2bf16-dp1"] = mapc.convert(run / "z2bf16", root / "z2bf16-dp1", to="deepspeed",
+                                      config=cfg)
+    made["z2bf16-tp2"] = mapc.convert(root / "z2bf16-dp1", root / "z2bf16-tp2",
+                                      to="deepspeed", tp=TP)
     return {k: (root / k, r) for k, r in made.items()}
 
 
@@ -103,7 +109,7 @@ def _merged(run, prefix, key) -> dict:
 def test_reads_what_deepspeed_gathers(run, converted):
     out, report = converted["hf"]
     assert not any(w.startswith("generic mode") for w in report.warnings)
-    mine, theirs = _load(out / "model.safetensors"), _load(run / "full.safetensors")
+    mine, theirs = _load(out / "model.safetensors"), _load(run / "ckpt.full.safetensors")
     assert mine.keys() == theirs.keys()
     for name in theirs:
         assert np.array_equal(mine[name], theirs[name]), name
@@ -145,23 +151,44 @@ def test_optimizer_state_carried_to_tp1_and_universal(run, converted):
             assert np.array_equal(got.detach().numpy(), arr), (key, name)
 
 
-def test_tp1_to_tp2_gives_deepspeeds_files_back(run, converted):
-    ours, theirs = converted["tp2"][0] / "global_step2", run / "ckpt" / "global_step2"
+def test_zero2_bf16_read(run, converted):
+    # the second run (ZeRO 2, bf16): the fp32 masters merged, and DeepSpeed's gathered bf16
+    # weights are them rounded
+    out = converted["z2bf16-hf"][0]
+    mine = _load(out / "model.safetensors")
+    want = _merged(run, "z2bf16", "fp32")
+    assert mine.keys() == want.keys()
+    for name in want:
+        assert np.array_equal(mine[name], want[name]), name
+    from safetensors.torch import load_file
+    gathered = load_file(str(run / "z2bf16.full.safetensors"))
+    for name, t in gathered.items():
+        assert t.dtype == torch.bfloat16
+        assert torch.equal(torch.from_numpy(mine[name]).to(torch.bfloat16), t), name
+
+
+@pytest.mark.parametrize("case", ["ckpt", "z2bf16"])
+def test_tp1_to_tp2_gives_deepspeeds_files_back(run, converted, case):
+    prefix = "bf16_" if case == "z2bf16" else ""
+    ours = converted["tp2" if case == "ckpt" else "z2bf16-tp2"][0] / "global_step2"
+    theirs = run / case / "global_step2"
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
     for t in range(TP):
         a = torch.load(theirs / f"mp_rank_{t:02d}_model_states.pt", weights_only=False)
         b = torch.load(ours / f"mp_rank_{t:02d}_model_states.pt", weights_only=False)
         assert list(a["module"]) == list(b["module"])
-        assert all(torch.equal(a["module"][n], b["module"][n]) for n in a["module"])
+        assert all(torch.equal(a["module"][n], b["module"][n]) and
+                   a["module"][n].dtype == b["module"][n].dtype for n in a["module"])
         assert a["param_shapes"] == b["param_shapes"]
         for key in ("mp_world_size", "checkpoint_parallel_dimensions", "dp_world_size",
                     "global_steps", "global_samples"):
             assert a[key] == b[key], key
         assert b["ds_config"]["tensor_parallel"] == {"autotp_size": TP}
-        oa = torch.load(theirs / f"zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt",
+        oa = torch.load(theirs / f"{prefix}zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt",
                         weights_only=False)["optimizer_state_dict"]
-        ob = torch.load(ours / f"zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt",
+        ob = torch.load(ours / f"{prefix}zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt",
                         weights_only=False)["optimizer_state_dict"]
+        assert oa["zero_stage"] == ob["zero_stage"]
         assert torch.equal(oa["single_partition_of_fp32_groups"][0],
                            ob["single_partition_of_fp32_groups"][0])
         for k in ("exp_avg", "exp_avg_sq", "step"):

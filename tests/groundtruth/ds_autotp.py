@@ -11,7 +11,7 @@ ffn 96, vocab 128, untied; fixed seed), a client ``torch.optim.AdamW`` and
 trains STEPS steps (every rank sees the whole global batch) and calls
 ``engine.save_checkpoint(DIR/ckpt)``. Then, in DIR:
 
-* ``full.safetensors``: the full weights by HF name, gathered by DeepSpeed's own
+* ``ckpt.full.safetensors``: the full weights by HF name, gathered by DeepSpeed's own
   ``engine._replace_module_consolidated_state_dict`` (GatherReplacedLayerParams);
 * ``logits.safetensors``: the training module's logits on PROBE (the batch of step 99);
 * ``saved.t{T}.{key}.safetensors`` for key in fp32, exp_avg, exp_avg_sq: TP rank T's fp32
@@ -20,7 +20,10 @@ trains STEPS steps (every rank sees the whole global batch) and calls
 * ``next.t{T}.{key}.safetensors``: the same after one more step (the original run's own next
   step, the resume oracle);
 * ``expected.json``: losses, ``partition_dim`` of every parameter (DeepSpeed's AutoTP
-  metadata, ``ds_autotp_uc_meta``; null when replicated), the model config.
+  metadata, ``ds_autotp_universal_checkpoint_meta``; null when replicated), the model config;
+* ``z2bf16/``, ``z2bf16.full.safetensors``, ``z2bf16.t{T}.{key}.safetensors``: the same
+  model trained again by a second engine (ZeRO 2, bf16) in the same processes, saved, its
+  gathered (bf16) weights and its shards at the save.
 
 Resume mode::
 
@@ -56,15 +59,16 @@ PROBE = 99
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-def ds_config(universal: bool = False) -> dict:
+def ds_config(universal: bool = False, stage: int = 1, bf16: bool = False) -> dict:
     return {**({"checkpoint": {"load_universal": True}} if universal else {}),
+            **({"bf16": {"enabled": True}} if bf16 else {}),
             "train_micro_batch_size_per_gpu": BATCH,
-            "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1},
+            "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
             "tensor_parallel": {"autotp_size": TP}, "zero_allow_untested_optimizer": True,
             "gradient_clipping": 1.0, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
-def engine_of(deepspeed, universal: bool = False):
+def engine_of(deepspeed, universal: bool = False, stage: int = 1, bf16: bool = False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -72,7 +76,7 @@ def engine_of(deepspeed, universal: bool = False):
     model = LlamaForCausalLM(LlamaConfig(**MODEL)).float()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=WEIGHT_DECAY)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(universal))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(universal, stage, bf16))
     return engine
 
 
@@ -111,6 +115,20 @@ def dump_state(engine, out: Path, prefix: str, rank: int):
     for k, d in full.items():
         save_file({n: t.detach().float().cpu().contiguous() for n, t in d.items()},
                   str(out / f"{prefix}.t{rank}.{k}.safetensors"))
+
+
+def save_and_gather(engine, out: Path, name: str, rank: int):
+    """engine.save_checkpoint(out/name) and DeepSpeed's gathered full weights
+    (``{name}.full.safetensors``)."""
+    import torch.distributed as tdist
+    from safetensors.torch import save_file
+
+    engine.save_checkpoint(str(out / name))
+    tdist.barrier()
+    full = engine._replace_module_consolidated_state_dict()
+    if rank == 0:
+        save_file({n: t.contiguous() for n, t in full.items()},
+                  str(out / f"{name}.full.safetensors"))
 
 
 def main(argv=None):
@@ -153,12 +171,7 @@ def main(argv=None):
             dump_state(engine, out, "unext", rank)
     else:
         meta["loss"] = [step(engine, k) for k in range(STEPS)]
-        engine.save_checkpoint(str(out / "ckpt"))
-        tdist.barrier()
-        full = engine._replace_module_consolidated_state_dict()
-        if rank == 0:
-            save_file({n: t.float().contiguous() for n, t in full.items()},
-                      str(out / "full.safetensors"))
+        save_and_gather(engine, out, "ckpt", rank)
         logits(engine, out / "logits.safetensors", rank)
         dump_state(engine, out, "saved", rank)
         meta["partition_dim"] = {
@@ -167,6 +180,12 @@ def main(argv=None):
         meta["next_loss"] = step(engine, STEPS)
         dump_state(engine, out, "next", rank)
         meta["global_step"] = STEPS
+        # a second engine in the same processes: ZeRO 2, bf16 (DeepSpeedZeroOptimizer with
+        # bf16 weights and fp32 masters)
+        engine = engine_of(deepspeed, stage=2, bf16=True)
+        meta["z2bf16_loss"] = [step(engine, k) for k in range(STEPS)]
+        save_and_gather(engine, out, "z2bf16", rank)
+        dump_state(engine, out, "z2bf16", rank)
     if rank == 0:
         (out / "expected.json").write_text(json.dumps(meta, indent=1) + "\n")
     tdist.barrier()
