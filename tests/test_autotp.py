@@ -229,6 +229,25 @@ def _same_next_step(run, resumed, prefix):
                 assert np.array_equal(a[name], b[name]), (t, key, name)
 
 
+def test_data_and_tensor_parallel_round_trip(run, converted, tmp_path):
+    # tp 2 x dp 2 (no DeepSpeed run here: four processes): each tp rank's ZeRO files cut at
+    # dp 2, read back to the same weights and moments
+    out = tmp_path / "tp2dp2"
+    mapc.convert(converted["tp2"][0], out, to="deepspeed", tp=TP, dp=2)
+    names = sorted(p.name for p in (out / "global_step2").iterdir())
+    assert names == sorted([f"mp_rank_{t:02d}_model_states.pt" for t in range(TP)] +
+                           [f"zero_pp_rank_{r}_mp_rank_{t:02d}_optim_states.pt"
+                            for r in range(2) for t in range(TP)])
+    ms = torch.load(out / "global_step2" / "mp_rank_01_model_states.pt", weights_only=False)
+    assert ms["dp_world_size"] == 2 and ms["mp_world_size"] == TP
+    mapc.convert(out, tmp_path / "back", to="universal")
+    udir = tmp_path / "back" / (tmp_path / "back" / "latest_universal").read_text().strip()
+    for key in KEYS:
+        for name, arr in _merged(run, "saved", key).items():
+            got = torch.load(udir / "zero" / name / f"{key}.pt", weights_only=False)["param"]
+            assert np.array_equal(got.detach().numpy(), arr), (key, name)
+
+
 def test_without_config_refused_in_one_line(run, tmp_path):
     with pytest.raises(mapc.MapcError) as e:
         mapc.convert(run / "ckpt", tmp_path / "x", to="hf")
