@@ -7,7 +7,8 @@ shared by every test here), read and written by mapc with the TP layout of llama
 Checked: mapc -> hf gives DeepSpeed's own gathered full weights bit for bit, and logits equal
 to the training module's; AutoTP -> deepspeed (tp 1) and -> universal carry every fp32 master
 weight and Adam moment (the merge of DeepSpeed's per-rank optimizer shards, by DeepSpeed's own
-partition_dim); AutoTP -> deepspeed tp 1 -> deepspeed --tp 2 gives DeepSpeed's files back; a
+partition_dim); AutoTP -> deepspeed tp 1 -> deepspeed --tp 2 gives DeepSpeed's files back
+(with DeepSpeed's universal_checkpoint_info); a
 real AutoTP engine loads mapc's hf -> deepspeed --tp 2 (its logits are the original's), the
 tp 1 -> tp 2 output and (DeepSpeed's universal loader) the universal output, and both next
 steps equal the original run's own next step. Two DeepSpeed torchrun launches in all
@@ -184,6 +185,9 @@ def test_tp1_to_tp2_gives_deepspeeds_files_back(run, converted, case):
                     "global_steps", "global_samples"):
             assert a[key] == b[key], key
         assert b["ds_config"]["tensor_parallel"] == {"autotp_size": TP}
+        # DeepSpeed's own AutoTP metadata (patterns, vocabulary, affine maps), as its
+        # ds_to_universal reads it
+        assert b["universal_checkpoint_info"] == a["universal_checkpoint_info"]
         oa = torch.load(theirs / f"{prefix}zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt",
                         weights_only=False)["optimizer_state_dict"]
         ob = torch.load(ours / f"{prefix}zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt",

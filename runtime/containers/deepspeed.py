@@ -545,6 +545,7 @@ class _DeepSpeedPlan:
     all_shapes: dict
     tp: int = 1
     rank_shapes: tuple = ()     # with tp > 1: per tp rank, the optimizer tensors' shard shapes
+    uc_info: dict | None = None     # with tp > 1: every rank's universal_checkpoint_info
 
 
 def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
@@ -617,7 +618,8 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
                             tuple(tuple(m) for m in members), tuple(mod_order), shapes, sub_size,
                             ts.get("lr_scheduler") if facts.format == "deepspeed" else None,
                             int(samples), kinds, all_shapes, tp,
-                            tuple(rank_shapes) if tp > 1 else ())
+                            tuple(rank_shapes) if tp > 1 else (),
+                            _autotp_info(program, rank_shapes, mod_order) if tp > 1 else None)
     decisions = {**rs.decisions(), "tag": detail.tag, "param groups": [len(m) for m in members]}
     if tp > 1:
         decisions["tensor parallel (AutoTP)"] = tp
@@ -638,6 +640,64 @@ def _files(d: _DeepSpeedPlan, config: bool = True) -> list[str]:
     else:
         files += [f"{d.tag}/mp_rank_{t:02d}_model_states.pt" for t in range(d.tp)]
     return files + ["latest", "ds_config.json", MAPC_JSON] + (["config.json"] if config else [])
+
+
+def _autotp_info(program, rank_shapes: list, order) -> dict:
+    """The ``universal_checkpoint_info`` (version 0.4) a DeepSpeed AutoTP engine saves in
+    every rank's model states: row-parallel, replicated and vocabulary patterns (one exact
+    pattern per tensor) and the ``affine_map`` of every tensor, each rank's piece of the full
+    tensor. Each tensor's class is read off its compiled recipe (universal_tp.rule_of); the
+    vocabulary tensors, which DeepSpeed picks by name, are the layout's
+    ``meta vocabulary_parameters``."""
+    from mapc.runtime.containers import universal_tp
+    tp = len(rank_shapes)
+    rules = {}
+    for inst, _, name in program.target.placements():
+        if name not in rules:
+            rules[name] = universal_tp.rule_of(inst, name)
+    meta = dict(program.target.meta())
+    vocab = set(meta.get("vocabulary_parameters") or ())
+    row, replicated, maps = [], [], {}
+    for name in order:
+        rule, pattern = rules[name], "^" + re.escape(name) + "$"
+        shard = list(rank_shapes[0][name])
+        if rule.kind == "replicated":
+            replicated.append(pattern)
+            full = shard
+        elif rule.kind == "cat" and rule.dim in (0, 1) and len(shard) == 2:
+            if rule.dim == 1:
+                row.append(pattern)
+            full = [d * tp if a == rule.dim else d for a, d in enumerate(shard)]
+        else:
+            raise MapcError(f"{name} is cut over tp in a way DeepSpeed AutoTP does not "
+                            f"describe ({rule.kind} on axis {rule.dim})",
+                            hint="convert to deepspeed without --tp")
+        strides = [int(prod(full[a + 1:])) for a in range(len(full))]
+        dest = [int(prod(shard[a + 1:])) for a in range(len(shard))]
+        ranks = {}
+        for t in range(tp):
+            if rule.kind == "replicated":
+                piece = {"shape": list(full), "source": [0, strides], "dest": [0, dest],
+                         "locations": list(range(tp))}
+            else:
+                piece = {"shape": list(shard),
+                         "source": [t * shard[rule.dim] * strides[rule.dim], strides],
+                         "dest": [0, dest], "locations": [t]}
+            ranks[t] = {"shard_shape": list(shard), "pieces": [piece]}
+        maps[pattern] = {"logical_shape": list(full), "ranks": ranks}
+    info = {
+        "universal_checkpoint_version": 0.4,
+        "parameter_with_row_parallelism_patterns": sorted(row),
+        "tp_replicated_parameter_patterns": sorted(replicated),
+        "vocabulary_parameter_patterns": sorted("^" + re.escape(n) + "$" for n in order
+                                                if n in vocab),
+        "parameter_with_sub_params": [],
+        "autotp_unsupported_parameter_patterns": {},
+    }
+    if meta.get("original_vocab_size") is not None and info["vocabulary_parameter_patterns"]:
+        info["original_vocab_size"] = int(meta["original_vocab_size"])
+    info["affine_map"] = {"version": 1, "params": maps}
+    return info
 
 
 def _autotp_config(rs: ResumePlan, tp: int, notes: list) -> ResumePlan:
@@ -837,6 +897,7 @@ class DeepSpeedWriter(PlannedWriter):
                               dp=rs.dp, ds_config=rs.cfg)
             ms["mp_world_size"] = d.tp
             ms["checkpoint_parallel_dimensions"] = {"pp_degree": 1, "tp_degree": d.tp}
+            ms["universal_checkpoint_info"] = d.uc_info
             writer.finish(ms)
 
     def _finish_dp(self, prefix):
