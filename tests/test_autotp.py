@@ -11,8 +11,10 @@ partition_dim); AutoTP -> deepspeed tp 1 -> deepspeed --tp 2 gives DeepSpeed's f
 (with DeepSpeed's universal_checkpoint_info); a
 real AutoTP engine loads mapc's hf -> deepspeed --tp 2 (its logits are the original's), the
 tp 1 -> tp 2 output and (DeepSpeed's universal loader) the universal output, and both next
-steps equal the original run's own next step. Two DeepSpeed torchrun launches in all
-(training, and one resume that loads the three outputs).
+steps equal the original run's own next step; DeepSpeed's ds_to_universal holds the same
+tensors as mapc's universal output and merges mapc's AutoTP output as it merges its own. Two
+DeepSpeed torchrun launches in all (training, and one resume that loads the three outputs;
+ds_to_universal runs serially on rank 0 inside them).
 """
 from __future__ import annotations
 
@@ -231,6 +233,46 @@ def _same_next_step(run, resumed, prefix):
             assert a.keys() == b.keys()
             for name in a:
                 assert np.array_equal(a[name], b[name]), (t, key, name)
+
+
+def _universal_files(udir: Path) -> dict:
+    """zero/<name>/<key>.pt of a universal folder: (name, file) -> the loaded object."""
+    return {(d.name, f.name): torch.load(f, weights_only=False)
+            for d in sorted((udir / "zero").iterdir()) if d.is_dir()
+            for f in sorted(d.iterdir())}
+
+
+def test_universal_holds_what_ds_to_universal_merges(run, converted):
+    # DeepSpeed's ds_to_universal of the AutoTP checkpoint keeps the tp shards' model states
+    # and marks each tensor for its tp cut; mapc's universal is the whole module (cut by the
+    # loader from the model's own AutoTP metadata, test above): the same tensors
+    theirs = _universal_files(run / "ckpt_universal")
+    udir = converted["universal"][0] / (converted["universal"][0] / "latest_universal") \
+        .read_text().strip()
+    mine = _universal_files(udir)
+    assert mine.keys() == theirs.keys() and len(mine) == 4 * 21
+    for key, obj in theirs.items():
+        if isinstance(obj, dict):
+            assert torch.equal(mine[key]["param"], obj["param"]), key
+        else:
+            assert torch.equal(mine[key], obj), key
+
+
+def test_ds_to_universal_merges_mapcs_autotp_output(run, resumed):
+    # DeepSpeed's ds_to_universal of mapc's AutoTP -> tp 1 -> --tp 2 output (it reads the
+    # universal_checkpoint_info mapc writes) equals its ds_to_universal of the original, file
+    # for file (tensors and cut keys)
+    theirs, mine = _universal_files(run / "ckpt_universal"), \
+        _universal_files(resumed / "load_universal")
+    assert mine.keys() == theirs.keys()
+    for key, obj in theirs.items():
+        if isinstance(obj, dict):
+            assert mine[key].keys() == obj.keys(), key
+            for k, v in obj.items():
+                assert torch.equal(mine[key][k], v) if torch.is_tensor(v) else \
+                    mine[key][k] == v, (key, k)
+        else:
+            assert torch.equal(mine[key], obj), key
 
 
 def test_data_and_tensor_parallel_round_trip(run, converted, tmp_path):

@@ -19,6 +19,7 @@ trains STEPS steps (every rank sees the whole global batch) and calls
   ``safe_get_full_optimizer_state``, which return the rank's own shard);
 * ``next.t{T}.{key}.safetensors``: the same after one more step (the original run's own next
   step, the resume oracle);
+* ``ckpt_universal/``: DeepSpeed's ``ds_to_universal --inject_missing_state`` of ``ckpt``;
 * ``expected.json``: losses, ``partition_dim`` of every parameter (DeepSpeed's AutoTP
   metadata, ``ds_autotp_universal_checkpoint_meta``; null when replicated), the model config;
 * ``z2bf16/``, ``z2bf16.full.safetensors``, ``z2bf16.t{T}.{key}.safetensors``: the same
@@ -32,7 +33,8 @@ Resume mode::
 
 builds the same engine; ``load_checkpoint(CKPT_A, load_optimizer_states=False)`` and writes the
 module's logits on PROBE (``weights_logits.safetensors``); then ``load_checkpoint(CKPT_B)``,
-trains one step (the step after CKPT_B's global step) and writes ``next.t{T}.*`` as above.
+trains one step (the step after CKPT_B's global step) and writes ``next.t{T}.*`` as above,
+and ``load_universal/``, DeepSpeed's ``ds_to_universal`` of CKPT_B.
 With ``--universal``, a second engine (``"checkpoint": {"load_universal": true}``) loads the
 universal checkpoint CKPT_C, trains one step and writes ``unext.t{T}.*``.
 """
@@ -117,6 +119,20 @@ def dump_state(engine, out: Path, prefix: str, rank: int):
                   str(out / f"{prefix}.t{rank}.{k}.safetensors"))
 
 
+def to_universal(ckpt: Path, out: Path):
+    """DeepSpeed's own ``ds_to_universal --inject_missing_state`` of ``ckpt``'s latest tag into
+    ``out`` (serial: one extract and one merge worker, so no process pool), on the calling
+    rank only."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tag = (ckpt / "latest").read_text().strip()
+    ds_to_universal(Namespace(input_folder=str(ckpt / tag), output_folder=str(out),
+                              num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True))
+
+
 def save_and_gather(engine, out: Path, name: str, rank: int):
     """engine.save_checkpoint(out/name) and DeepSpeed's gathered full weights
     (``{name}.full.safetensors``)."""
@@ -161,6 +177,8 @@ def main(argv=None):
         meta["loss"] = [step(engine, start)]
         meta["start_step"] = start
         dump_state(engine, out, "next", rank)
+        if rank == 0:
+            to_universal(Path(args.load), out / "load_universal")
         if args.universal:
             engine = engine_of(deepspeed, universal=True)
             path, _ = engine.load_checkpoint(args.universal)
@@ -172,6 +190,8 @@ def main(argv=None):
     else:
         meta["loss"] = [step(engine, k) for k in range(STEPS)]
         save_and_gather(engine, out, "ckpt", rank)
+        if rank == 0:
+            to_universal(out / "ckpt", out / "ckpt_universal")
         logits(engine, out / "logits.safetensors", rank)
         dump_state(engine, out, "saved", rank)
         meta["partition_dim"] = {
