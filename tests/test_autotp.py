@@ -1,8 +1,8 @@
 """DeepSpeed AutoTP checkpoints (plain engine, ``mp_rank > 0``) against the real DeepSpeed
-(0.19.8, CPU, gloo): a transformers Llama trained with ``autotp_size`` 2 and ZeRO 1 (fp32), and
-again with ZeRO 2 (bf16) in the same processes (tests/groundtruth/ds_autotp.py, one launch
-shared by every test here), read and written by mapc with the TP layout of llama.map's
-``autotp`` layout.
+(0.19.8, CPU, gloo): a transformers Llama trained with ``autotp_size`` 2 and ZeRO 1 (fp32),
+again with ZeRO 2 (bf16), and a Qwen2 (q/k/v biases) with ZeRO 1, in the same processes
+(tests/groundtruth/ds_autotp.py, one launch shared by every test here), read and written by
+mapc with the TP layout of the family spec's ``autotp`` layout (llama.map, qwen2.map).
 
 Checked: mapc -> hf gives DeepSpeed's own gathered full weights bit for bit, and logits equal
 to the training module's; AutoTP -> deepspeed (tp 1) and -> universal carry every fp32 master
@@ -59,6 +59,9 @@ def run(tmp_path_factory):
     exp = json.loads((out / "expected.json").read_text())
     cfg = dict(exp["model"], model_type="llama", architectures=["LlamaForCausalLM"])
     (out / "model_config.json").write_text(json.dumps(cfg))
+    qwen2 = dict(exp["model"], model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                 use_sliding_window=False)
+    (out / "qwen2_config.json").write_text(json.dumps(qwen2))
     return out
 
 
@@ -77,6 +80,12 @@ def converted(run, tmp_path_factory):
                                       config=cfg)
     made["z2bf16-tp2"] = mapc.convert(root / "z2bf16-dp1", root / "z2bf16-tp2",
                                       to="deepspeed", tp=TP)
+    qcfg = run / "qwen2_config.json"
+    made["qwen2-hf"] = mapc.convert(run / "qwen2", root / "qwen2-hf", to="hf", config=qcfg)
+    made["qwen2-dp1"] = mapc.convert(run / "qwen2", root / "qwen2-dp1", to="deepspeed",
+                                     config=qcfg)
+    made["qwen2-tp2"] = mapc.convert(root / "qwen2-dp1", root / "qwen2-tp2", to="deepspeed",
+                                     tp=TP)
     return {k: (root / k, r) for k, r in made.items()}
 
 
@@ -170,10 +179,19 @@ def test_zero2_bf16_read(run, converted):
         assert torch.equal(torch.from_numpy(mine[name]).to(torch.bfloat16), t), name
 
 
-@pytest.mark.parametrize("case", ["ckpt", "z2bf16"])
+def test_qwen2_read(run, converted):
+    # a Qwen2 (specs/qwen2.map's autotp layout: the q/k/v biases cut as their weights' rows)
+    mine = _load(converted["qwen2-hf"][0] / "model.safetensors")
+    theirs = _load(run / "qwen2.full.safetensors")
+    assert mine.keys() == theirs.keys() and any(n.endswith("q_proj.bias") for n in mine)
+    for name in theirs:
+        assert np.array_equal(mine[name], theirs[name]), name
+
+
+@pytest.mark.parametrize("case", ["ckpt", "z2bf16", "qwen2"])
 def test_tp1_to_tp2_gives_deepspeeds_files_back(run, converted, case):
     prefix = "bf16_" if case == "z2bf16" else ""
-    ours = converted["tp2" if case == "ckpt" else "z2bf16-tp2"][0] / "global_step2"
+    ours = converted["tp2" if case == "ckpt" else f"{case}-tp2"][0] / "global_step2"
     theirs = run / case / "global_step2"
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
     for t in range(TP):

@@ -664,7 +664,7 @@ def _autotp_info(program, rank_shapes: list, order) -> dict:
         if rule.kind == "replicated":
             replicated.append(pattern)
             full = shard
-        elif rule.kind == "cat" and rule.dim in (0, 1) and len(shard) == 2:
+        elif rule.kind == "cat" and (rule.dim == 0 or (rule.dim == 1 and len(shard) == 2)):
             if rule.dim == 1:
                 row.append(pattern)
             full = [d * tp if a == rule.dim else d for a, d in enumerate(shard)]

@@ -24,7 +24,9 @@ trains STEPS steps (every rank sees the whole global batch) and calls
   metadata, ``ds_autotp_universal_checkpoint_meta``; null when replicated), the model config;
 * ``z2bf16/``, ``z2bf16.full.safetensors``, ``z2bf16.t{T}.{key}.safetensors``: the same
   model trained again by a second engine (ZeRO 2, bf16) in the same processes, saved, its
-  gathered (bf16) weights and its shards at the save.
+  gathered (bf16) weights and its shards at the save;
+* ``qwen2/``, ``qwen2.full.safetensors``, ``qwen2.t{T}.*``: the same for a transformers
+  ``Qwen2ForCausalLM`` of MODEL's sizes (q/k/v biases), ZeRO 1, fp32.
 
 Resume mode::
 
@@ -70,12 +72,16 @@ def ds_config(universal: bool = False, stage: int = 1, bf16: bool = False) -> di
             "gradient_clipping": 1.0, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
-def engine_of(deepspeed, universal: bool = False, stage: int = 1, bf16: bool = False):
+def engine_of(deepspeed, universal: bool = False, stage: int = 1, bf16: bool = False,
+              arch: str = "llama"):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL)).float()
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**MODEL, use_sliding_window=False)).float()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**MODEL)).float()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=WEIGHT_DECAY)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(universal, stage, bf16))
@@ -206,6 +212,11 @@ def main(argv=None):
         meta["z2bf16_loss"] = [step(engine, k) for k in range(STEPS)]
         save_and_gather(engine, out, "z2bf16", rank)
         dump_state(engine, out, "z2bf16", rank)
+        # and a transformers Qwen2 (q/k/v biases), ZeRO 1, fp32
+        engine = engine_of(deepspeed, arch="qwen2")
+        meta["qwen2_loss"] = [step(engine, k) for k in range(STEPS)]
+        save_and_gather(engine, out, "qwen2", rank)
+        dump_state(engine, out, "qwen2", rank)
     if rank == 0:
         (out / "expected.json").write_text(json.dumps(meta, indent=1) + "\n")
     tdist.barrier()
