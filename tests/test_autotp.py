@@ -4,14 +4,14 @@ again with ZeRO 2 (bf16), and a Qwen2 (q/k/v biases) with ZeRO 1, in the same pr
 (tests/groundtruth/ds_autotp.py, one launch shared by every test here), read and written by
 mapc with the TP layout of the family spec's ``autotp`` layout (llama.map, qwen2.map).
 
-Checked: mapc -> hf gives DeepSpeed's own gathered full weights bit for bit, and logits equal
-to the training module's; AutoTP -> deepspeed (tp 1) and -> universal carry every fp32 master
-weight and Adam moment (the merge of DeepSpeed's per-rank optimizer shards, by DeepSpeed's own
-partition_dim); AutoTP -> deepspeed tp 1 -> deepspeed --tp 2 gives DeepSpeed's files back
-(with DeepSpeed's universal_checkpoint_info); a
-real AutoTP engine loads mapc's hf -> deepspeed --tp 2 (its logits are the original's), the
-tp 1 -> tp 2 output and (DeepSpeed's universal loader) the universal output, and both next
-steps equal the original run's own next step; DeepSpeed's ds_to_universal holds the same
+Checked: mapc -> hf gives DeepSpeed's own gathered full weights bit for bit, and logits within
+LOGITS_TOL of the training module's; AutoTP -> deepspeed (tp 1) and -> universal carry every
+fp32 master weight and Adam moment (the merge of DeepSpeed's per-rank optimizer shards, by
+DeepSpeed's own partition_dim); AutoTP -> deepspeed tp 1 -> deepspeed --tp 2 gives DeepSpeed's
+files back (with DeepSpeed's universal_checkpoint_info); a real AutoTP engine loads mapc's
+hf -> deepspeed --tp 2 (its logits are the original's), the tp 1 -> tp 2 output and
+(DeepSpeed's universal loader) the universal output, and both next steps equal the original
+run's own next step exactly; DeepSpeed's ds_to_universal holds the same
 tensors as mapc's universal output and merges mapc's AutoTP output as it merges its own. Two
 DeepSpeed torchrun launches in all (training, and one resume that loads the three outputs;
 ds_to_universal runs serially on rank 0 inside them).
