@@ -10,6 +10,11 @@ per-rank partitions, each read lazily as the slices that hold it (a parameter ma
 ranks). The partition formulas are in docs/formats/deepspeed.md. No DeepSpeed code is needed
 or run: its pickled objects are read as inert records, and written back as the same classes
 (torchfile records and calls), so DeepSpeed loads mapc's output natively.
+
+A checkpoint of an engine trained with AutoTP (``tensor_parallel.autotp_size`` T; files of
+``mp_rank`` 0..T-1) is T such checkpoints of the ranks' shards: AutoTPSource reads each with
+DeepSpeedSource as mesh coordinate ``(tp=t)`` of the family's ``autotp`` layout, and the
+writer at ``--tp T`` (``layout_for``) runs the same ZeRO partitioning once per rank.
 """
 from __future__ import annotations
 
