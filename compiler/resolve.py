@@ -69,14 +69,34 @@ def resolve(source, *, spec=None, config=None, params=None,
     tensor, said in one warning."""
     config = read_config(config) or source.config
     try:
+        if spec is None and not source.record.get("family") and not config and \
+                not source.format_meta and not getattr(source, "needs_family", None):
+            # no config and no format metadata to rebuild one from: no family spec can bind
+            # its sizes, so none is compiled (a DeepSpeed checkpoint as saved: ~0.5 s)
+            raise MapcError(f"{source.path} has no model config and its format records no "
+                            f"model sizes", hint="pass --config CONFIG.json or --spec FILE.map")
         return _resolve(source, spec, config, params, allow_spec_change)
     except MapcError as e:
         if spec is not None or source.record.get("family") or family_known(config):
             raise
         failure = e
+    needs = getattr(source, "needs_family", None)
+    if needs:        # e.g. a tensor-parallel checkpoint: its shards are cut by the family
+        why = (f"no shipped spec describes model_type {config.get('model_type')!r}"
+               if config and config.get("model_type") is not None else
+               "it has no model config")
+        raise MapcError(f"{source.path} is {needs}, which only the model family's spec can "
+                        f"merge, and {why}",
+                        hint="pass --config CONFIG.json (the model's HF config of a shipped "
+                             "family) or --spec FILE.map; generic mode (no family) reads "
+                             "unsharded checkpoints only") from None
     try:
         res = _resolve(source, GENERIC, config, params, allow_spec_change)
-    except MapcError:
+    except MapcError as generic_failure:
+        if config and config.get("model_type") is not None:
+            # no spec describes the model type at all: generic mode was the only way, so its
+            # reason is the one to show
+            raise generic_failure from None
         raise failure from None
     why = (f"no shipped spec describes model_type {config.get('model_type')!r}"
            if config and config.get("model_type") is not None else

@@ -63,10 +63,10 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
     try:
         res = resolve(source, spec=spec, config=config, params=_source_params(source_set),
                       allow_spec_change=allow_spec_change)
-        target_layout = layout_of(to)
         topo = {"tp": tp, "pp": pp, "ep": ep}
+        target_layout = layout_of(to, topo)
         if stored_tensor(res.spec) is not None:
-            _check_stored_target(res, to, target_layout, topo)
+            _check_stored_target(res, to, layout_of(to), topo)
         sets = _parse_sets(set)
         # a format of global tensors whose metadata records the training run's sizes takes
         # --tp/--pp as layout parameters (torch_dist: tp_size, pp_size)
@@ -264,7 +264,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
             check_dp(program.target, dp)
         if template is not None:
             check_like(template, program)
-        facts = SourceFacts.of(res.source, program, has_config=bool(res.config))
+        facts = SourceFacts.of(res.source, program, has_config=bool(res.config),
+                               config=res.config)
         request = WriteRequest(to, dst=str(dst), dtype=DTYPE_CHOICES[dtype], dp=dp,
                                zero_stage=zero_stage, with_optimizer=with_optimizer,
                                max_shard_bytes=max_shard_bytes,

@@ -116,7 +116,8 @@ class SourceFacts:
     ``stateless_keys``: the logical tensors without optimizer state (frozen parameters and
     buffers, ``Source.stateless``), with their kind (``"frozen"`` or ``"buffer"``);
     ``stateless_names``: the source's physical names of those; ``has_config``: the conversion
-    has a model config to write as config.json (generic mode may have none)."""
+    has a model config to write as config.json (generic mode may have none); ``config``: that
+    config (HF keys), or None."""
     path: str
     format: str
     slots: tuple[str, ...]
@@ -129,9 +130,11 @@ class SourceFacts:
     stateless_keys: dict = field(default_factory=dict)
     stateless_names: frozenset = frozenset()
     has_config: bool = True
+    config: dict | None = None
 
     @classmethod
-    def of(cls, source, program, *, has_config: bool = True) -> SourceFacts:
+    def of(cls, source, program, *, has_config: bool = True,
+           config: dict | None = None) -> SourceFacts:
         slots = tuple(source.slots())
         stateless = {c: dict(source.stateless(c)) for c in source.coords()}
         dtypes = {}
@@ -155,7 +158,7 @@ class SourceFacts:
                    zero=source.zero_facts() if hasattr(source, "zero_facts") else None,
                    stateless_keys=program.stateless_keys(source),
                    stateless_names=frozenset(n for kinds in stateless.values() for n in kinds),
-                   has_config=has_config)
+                   has_config=has_config, config=dict(config) if config else None)
 
     @property
     def has_moments(self) -> bool:

@@ -2,6 +2,7 @@
 
 A container module provides:
   LAYOUT                  the spec layout its tensors follow (e.g. "megatron")
+  layout_for(topology)    optional: the layout at a topology, when it depends on it
   detect(path) -> bool    whether a directory/file is in this format
   Source(path)            an opened checkpoint (mapc.runtime.containers.base.Source)
   plan_write(program, facts, request) -> WritePlan
@@ -99,8 +100,12 @@ def open_source(path, fmt: str | None = None):
     return module(fmt).Source(path)
 
 
-def layout_of(fmt: str) -> str:
-    return module(fmt).LAYOUT
+def layout_of(fmt: str, topology: dict | None = None) -> str:
+    """The spec layout ``fmt``'s output follows at ``topology`` (a module may choose it by
+    topology with ``layout_for``: a universal checkpoint with --tp is in the megatron layout)."""
+    mod = module(fmt)
+    choose = getattr(mod, "layout_for", None)
+    return choose(topology or {}) if choose is not None else mod.LAYOUT
 
 
 def check_request(request) -> None:

@@ -10,6 +10,11 @@ per-rank partitions, each read lazily as the slices that hold it (a parameter ma
 ranks). The partition formulas are in docs/formats/deepspeed.md. No DeepSpeed code is needed
 or run: its pickled objects are read as inert records, and written back as the same classes
 (torchfile records and calls), so DeepSpeed loads mapc's output natively.
+
+A checkpoint of an engine trained with AutoTP (``tensor_parallel.autotp_size`` T; files of
+``mp_rank`` 0..T-1) is T such checkpoints of the ranks' shards: AutoTPSource reads each with
+DeepSpeedSource as mesh coordinate ``(tp=t)`` of the family's ``autotp`` layout, and the
+writer at ``--tp T`` (``layout_for``) runs the same ZeRO partitioning once per rank.
 """
 from __future__ import annotations
 
@@ -221,8 +226,11 @@ class _Piece:
 class DeepSpeedSource(ModuleSource):
     format = "deepspeed"
 
-    def __init__(self, path):
+    def __init__(self, path, mp: int = 0):
+        """The checkpoint at ``path``; of a tensor-parallel (AutoTP) one, the files of
+        tensor-parallel rank ``mp`` (its ``mp_rank_MM`` model states and optimizer files)."""
         super().__init__(path)
+        self.mp = mp
         self.tag_dir = _tag_dir(self.path)
         if self.tag_dir is None:
             raise MapcError("no DeepSpeed checkpoint here (no 'latest' tag or "
@@ -230,22 +238,24 @@ class DeepSpeedSource(ModuleSource):
         optim = {}
         for p in self.tag_dir.iterdir():
             m = _OPTIM.match(p.name)
-            if m:
-                if int(m.group(3)) != 0:
-                    raise MapcError("model-parallel DeepSpeed checkpoints (mp_rank > 0) are not "
-                                    "supported yet", where=str(self.tag_dir))
+            if m and int(m.group(3)) == mp:
                 optim[int(m.group(2))] = p
         self.dp = len(optim)
         if sorted(optim) != list(range(self.dp)):
             raise MapcError(f"optimizer files for data-parallel ranks "
                             f"{sorted(set(range(max(optim) + 1)) - set(optim))} are missing",
                             where=str(self.tag_dir), hint="copy the complete checkpoint")
-        model_file = self.tag_dir / "mp_rank_00_model_states.pt"
+        if not optim:
+            raise MapcError(f"no optimizer files of tensor-parallel rank {mp} "
+                            f"(zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt)",
+                            where=str(self.tag_dir), hint="copy the complete checkpoint")
+        model_file = self.tag_dir / f"mp_rank_{mp:02d}_model_states.pt"
         if not model_file.is_file():
-            model_file = self.tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+            model_file = self.tag_dir / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
         if not model_file.is_file():
-            raise MapcError("no model states file (mp_rank_00_model_states.pt)",
+            raise MapcError(f"no model states file (mp_rank_{mp:02d}_model_states.pt)",
                             where=str(self.tag_dir))
+        self.model_file = model_file
         self.model_states = torchfile.load(model_file, DEEPSPEED_PICKLES, expect=dict)
         want = self.model_states.get("dp_world_size", self.dp)
         if want != self.dp:
@@ -392,7 +402,129 @@ class DeepSpeedSource(ModuleSource):
                          param_shapes=tuple(self.param_shapes), carry_files=tuple(models))
 
 
-Source = DeepSpeedSource
+TP_LAYOUT = "autotp"
+
+
+def layout_for(topology: dict) -> str:
+    """The layout of a deepspeed output at ``topology``: the wrapped module's (``hf``), or
+    with tensor parallelism the family's DeepSpeed AutoTP layout (``autotp``: the same names,
+    each tp rank's shards)."""
+    return TP_LAYOUT if (topology or {}).get("tp") not in (None, 1) else LAYOUT
+
+
+def _mp_ranks(tag_dir: Path) -> list[int]:
+    return sorted({int(m.group(3)) for m in map(_OPTIM.match, (p.name for p in
+                                                               tag_dir.iterdir())) if m})
+
+
+class AutoTPSource(Source):
+    """A plain DeepSpeed engine checkpoint trained with AutoTP (``mp_world_size`` T > 1): mesh
+    coordinates ``(tp,)`` of the family's ``autotp`` layout. Tensor-parallel rank t is an
+    ordinary ZeRO 1/2 checkpoint of its shards (``mp_rank_TT_model_states.pt`` and
+    ``zero_pp_rank_D_mp_rank_TT_optim_states.pt``), read by DeepSpeedSource rank by rank."""
+
+    format = "deepspeed"
+    layout = TP_LAYOUT
+
+    @property
+    def needs_family(self) -> str:
+        """Why generic mode cannot read it (compiler/resolve.py)."""
+        return f"a DeepSpeed AutoTP checkpoint (mp_world_size {self.tp})"
+
+    def __init__(self, path, ranks: list[int]):
+        super().__init__(path)
+        first = DeepSpeedSource(path, 0)
+        self.tag_dir = first.tag_dir
+        where = str(self.tag_dir)
+        self.tp = first.model_states.get("mp_world_size", len(ranks))
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise MapcError(f"mp_world_size is {self.tp!r}", where=str(first.model_file),
+                            hint="is the checkpoint corrupt?")
+        if ranks != list(range(self.tp)):
+            missing = sorted(set(range(self.tp)) - set(ranks))
+            raise MapcError(f"the checkpoint says mp_world_size={self.tp} but has optimizer files "
+                            f"of tensor-parallel ranks {ranks}"
+                            + (f": rank(s) {missing} are missing" if missing else ""),
+                            where=where, hint="copy the complete checkpoint")
+        dims = first.model_states.get("checkpoint_parallel_dimensions") or {}
+        if hasattr(dims, "get") and (dims.get("pp_degree") or 1) != 1:
+            raise MapcError("pipeline-parallel DeepSpeed checkpoints are not read here",
+                            where=where, hint="a DeepSpeed pipeline (NeoX) checkpoint is read "
+                                              "with --from neox")
+        self.ranks = [first] + [DeepSpeedSource(path, t) for t in range(1, self.tp)]
+        for t, r in enumerate(self.ranks):
+            if r.kind == "stage3":
+                raise MapcError("a ZeRO stage 3 checkpoint with AutoTP tensor parallelism is not "
+                                "read", where=str(r.model_file),
+                                hint="DeepSpeed AutoTP trains with ZeRO stage 0, 1 or 2")
+            if t and r.model_states.get("mp_world_size") != self.tp:
+                raise MapcError(f"mp_world_size {r.model_states.get('mp_world_size')!r} differs "
+                                f"from {self.tp} in {first.model_file.name}",
+                                where=str(r.model_file), hint="is the checkpoint mixed from "
+                                                              "two runs?")
+            if t and (r.dp != first.dp or list(r.shapes) != list(first.shapes)):
+                raise MapcError(f"{r.model_file.name} lists other parameters (or data-parallel "
+                                f"ranks) than {first.model_file.name}", where=where,
+                                hint="is the checkpoint mixed from two runs?")
+        self.dp = first.dp
+        self.model_states = first.model_states
+        self.topology = {"tp": self.tp}
+        self.record = first.record
+        self.config = first.config
+        self.format_meta = first.format_meta
+
+    @property
+    def home(self):
+        return self.tag_dir
+
+    def _rank(self, coord):
+        return self.ranks[dict(coord).get("tp", 0)]
+
+    def slots(self):
+        return self.ranks[0].slots()
+
+    def coords(self):
+        return [(("tp", t),) for t in range(self.tp)]
+
+    def names(self, coord=SINGLE):
+        return self._rank(coord).names()
+
+    def shape(self, name, coord=SINGLE):
+        return self._rank(coord).shape(name)
+
+    def dtype(self, name, coord=SINGLE, slot="param"):
+        return self._rank(coord).dtype(name, slot=slot)
+
+    def read(self, name, coord=SINGLE, slot="param"):
+        return self._rank(coord).read(name, slot=slot)
+
+    def stateless(self, coord=SINGLE):
+        return self._rank(coord).stateless()
+
+    def aliases(self):
+        return self.ranks[0].aliases()
+
+    def training_state(self) -> dict:
+        return self.ranks[0].training_state()
+
+    def describe_coord(self, coord):
+        return f"{self.tag_dir.name}/{self._rank(coord).model_file.name}"
+
+    def zero_facts(self) -> ZeroFacts:
+        """As DeepSpeedSource's (rank 0's optimizer), with no model states to carry over:
+        they hold tensor-parallel shards."""
+        from dataclasses import replace
+        return replace(self.ranks[0].zero_facts(), carry_files=())
+
+
+def Source(path):                                          # noqa: N802 (the protocol's name)
+    """A DeepSpeed engine checkpoint: data-parallel only (DeepSpeedSource), or with AutoTP
+    tensor parallelism (optimizer files of ``mp_rank`` > 0: AutoTPSource)."""
+    tag_dir = _tag_dir(Path(path))
+    ranks = _mp_ranks(tag_dir) if tag_dir is not None else []
+    if ranks and ranks != [0]:
+        return AutoTPSource(path, ranks)
+    return DeepSpeedSource(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,29 +548,49 @@ class _DeepSpeedPlan:
     samples: int
     kinds: dict
     all_shapes: dict
+    tp: int = 1
+    rank_shapes: tuple = ()     # with tp > 1: per tp rank, the optimizer tensors' shard shapes
+    uc_info: dict | None = None     # with tp > 1: every rank's universal_checkpoint_info
 
 
 def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     """A plain DeepSpeed engine checkpoint at ``dp`` ranks and a ZeRO stage (the request's,
     the source's, else 1): ``latest``, ``global_stepN/`` with the model states and one
-    optimizer file per rank, ``ds_config.json``, config.json and mapc.json."""
+    optimizer file per rank, ``ds_config.json``, config.json and mapc.json. With ``--tp T``
+    (the family's ``autotp`` layout) every tensor-parallel rank has its own model states and
+    optimizer files, as a DeepSpeed AutoTP engine saves them."""
     slots = ("param",) + OPTIM_SLOTS
+    mesh = dict(getattr(program.target, "mesh", None) or {})
+    tp = int(mesh.get("tp", 1)) if getattr(program.target, "name", LAYOUT) == TP_LAYOUT else 1
+    if any(n != 1 for a, n in mesh.items() if a != "tp"):
+        raise MapcError(f"a plain DeepSpeed engine checkpoint has no {program.target.describe()}",
+                        hint="DeepSpeed AutoTP checkpoints take --tp only")
     tensors = planned_tensors(program, facts, request.dtype, slots)
     notes: list[str] = []
     ts = facts.training
     # frozen parameters and buffers stay in the module, outside the optimizer; a source that
     # does not say which tensors they are (plain weights) has integer buffers only
     kinds = stateless_targets(program, facts, tensors)
+    if tp > 1 and kinds:
+        raise MapcError(f"{next(iter(kinds))} has no optimizer state ({kinds[next(iter(kinds))]}"
+                        "); AutoTP checkpoints of frozen parameters or buffers are not written "
+                        "yet", hint="convert to deepspeed without --tp")
     rs = plan_resume(facts, request, "deepspeed",
                      {dt for _, n, _, dt in tensors if n not in kinds}, notes)
+    rs = _autotp_config(rs, tp, notes)
     group_of, src_order, hyper = _plan_groups(program, facts, notes)
     group_of, src_order, hyper = _template_groups(program, facts, request.like_training or {},
                                                   group_of, src_order, hyper, notes)
     shapes, all_shapes = {}, {}
+    rank_shapes = [{} for _ in range(tp)]
     for coord, name, shape, _ in tensors:
-        if tuple(coord):
+        t = dict(coord).get("tp", 0)
+        if any(i for a, i in coord if a != "tp") or t >= tp:
             raise MapcError(f"internal: the deepspeed writer got a sharded tensor {name} "
                             f"at {coord}")
+        rank_shapes[t][name] = tuple(shape)
+        if t:
+            continue
         all_shapes[name] = tuple(shape)
         if name not in kinds:
             shapes[name] = tuple(shape)
@@ -470,8 +622,12 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     detail = _DeepSpeedPlan(rs, f"global_step{rs.iteration}", tuple(hyper),
                             tuple(tuple(m) for m in members), tuple(mod_order), shapes, sub_size,
                             ts.get("lr_scheduler") if facts.format == "deepspeed" else None,
-                            int(samples), kinds, all_shapes)
+                            int(samples), kinds, all_shapes, tp,
+                            tuple(rank_shapes) if tp > 1 else (),
+                            _autotp_info(program, rank_shapes, mod_order) if tp > 1 else None)
     decisions = {**rs.decisions(), "tag": detail.tag, "param groups": [len(m) for m in members]}
+    if tp > 1:
+        decisions["tensor parallel (AutoTP)"] = tp
     if kinds:
         decisions["outside the optimizer"] = {k: sum(1 for v in kinds.values() if v == k)
                                               for k in ("frozen", "buffer")}
@@ -483,13 +639,97 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
 def _files(d: _DeepSpeedPlan, config: bool = True) -> list[str]:
     rs = d.resume
     prefix = "bf16_" if rs.dtype == "bfloat16" else ""
-    files = [f"{d.tag}/{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-             for r in range(rs.dp)]
+    files = [f"{d.tag}/{prefix}zero_pp_rank_{r}_mp_rank_{t:02d}_optim_states.pt"
+             for t in range(d.tp) for r in range(rs.dp)]
     if rs.stage == 3:      # every rank writes the same model states
         files += [f"{d.tag}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(rs.dp)]
     else:
-        files.append(f"{d.tag}/mp_rank_00_model_states.pt")
+        files += [f"{d.tag}/mp_rank_{t:02d}_model_states.pt" for t in range(d.tp)]
     return files + ["latest", "ds_config.json", MAPC_JSON] + (["config.json"] if config else [])
+
+
+def _autotp_info(program, rank_shapes: list, order) -> dict:
+    """The ``universal_checkpoint_info`` (version 0.4) a DeepSpeed AutoTP engine saves in
+    every rank's model states: row-parallel, replicated and vocabulary patterns (one exact
+    pattern per tensor) and the ``affine_map`` of every tensor, each rank's piece of the full
+    tensor. Each tensor's class is read off its compiled recipe (universal_tp.rule_of); the
+    vocabulary tensors, which DeepSpeed picks by name, are the layout's
+    ``meta vocabulary_parameters``."""
+    from mapc.runtime.containers import universal_tp
+    tp = len(rank_shapes)
+    rules = {}
+    for inst, _, name in program.target.placements():
+        if name not in rules:
+            rules[name] = universal_tp.rule_of(inst, name)
+    meta = dict(program.target.meta())
+    vocab = set(meta.get("vocabulary_parameters") or ())
+    row, replicated, maps = [], [], {}
+    for name in order:
+        rule, pattern = rules[name], "^" + re.escape(name) + "$"
+        shard = list(rank_shapes[0][name])
+        if rule.kind == "replicated":
+            replicated.append(pattern)
+            full = shard
+        elif rule.kind == "cat" and (rule.dim == 0 or (rule.dim == 1 and len(shard) == 2)):
+            if rule.dim == 1:
+                row.append(pattern)
+            full = [d * tp if a == rule.dim else d for a, d in enumerate(shard)]
+        else:
+            raise MapcError(f"{name} is cut over tp in a way DeepSpeed AutoTP does not "
+                            f"describe ({rule.kind} on axis {rule.dim})",
+                            hint="convert to deepspeed without --tp")
+        strides = [int(prod(full[a + 1:])) for a in range(len(full))]
+        dest = [int(prod(shard[a + 1:])) for a in range(len(shard))]
+        ranks = {}
+        for t in range(tp):
+            if rule.kind == "replicated":
+                piece = {"shape": list(full), "source": [0, strides], "dest": [0, dest],
+                         "locations": list(range(tp))}
+            else:
+                piece = {"shape": list(shard),
+                         "source": [t * shard[rule.dim] * strides[rule.dim], strides],
+                         "dest": [0, dest], "locations": [t]}
+            ranks[t] = {"shard_shape": list(shard), "pieces": [piece]}
+        maps[pattern] = {"logical_shape": list(full), "ranks": ranks}
+    info = {
+        "universal_checkpoint_version": 0.4,
+        "parameter_with_row_parallelism_patterns": sorted(row),
+        "tp_replicated_parameter_patterns": sorted(replicated),
+        "vocabulary_parameter_patterns": sorted("^" + re.escape(n) + "$" for n in order
+                                                if n in vocab),
+        "parameter_with_sub_params": [],
+        "autotp_unsupported_parameter_patterns": {},
+    }
+    if meta.get("original_vocab_size") is not None and info["vocabulary_parameter_patterns"]:
+        info["original_vocab_size"] = int(meta["original_vocab_size"])
+    info["affine_map"] = {"version": 1, "params": maps}
+    return info
+
+
+def _autotp_config(rs: ResumePlan, tp: int, notes: list) -> ResumePlan:
+    """The DeepSpeed config of a ``tp``-way AutoTP output (``tensor_parallel.autotp_size``),
+    or of a tp=1 output of an AutoTP source (the setting dropped: the module is whole)."""
+    from dataclasses import replace
+    cfg = dict(rs.cfg)
+    tpc = dict(cfg.get("tensor_parallel") or {})
+    had = int(tpc.get("autotp_size") or 1)
+    if tp > 1:
+        if rs.stage == 3:
+            raise MapcError("DeepSpeed AutoTP trains with ZeRO stage 0, 1 or 2: a stage 3 "
+                            "checkpoint with --tp is not written",
+                            hint="pass --zero-stage 1 or 2")
+        cfg["tensor_parallel"] = {**tpc, "autotp_size": tp}
+    elif had > 1:
+        tpc.pop("autotp_size")
+        if tpc:
+            cfg["tensor_parallel"] = tpc
+        else:
+            cfg.pop("tensor_parallel")
+        notes.append(f"the source trained with AutoTP (autotp_size {had}); the output holds "
+                     f"the whole module, so ds_config.json has no autotp_size")
+    else:
+        return rs
+    return replace(rs, cfg=cfg)
 
 
 def _plan_groups(program, facts: SourceFacts, notes: list):
@@ -568,16 +808,27 @@ class DeepSpeedWriter(PlannedWriter):
         super().__init__(tmpdir, program, plan)
         self.incoming: set[str] = set()
         self.model_writer = self.zero = None
+        self.ranks: list = []      # with tp > 1: per tp rank (ZeroOptimizer, TorchWriter, module)
 
     def begin(self, tensors):
         d: _DeepSpeedPlan = self.plan.detail
         rs = d.resume
+        self.tag_dir = self.dir / d.tag
+        self.tag_dir.mkdir()
+        if d.tp > 1:          # AutoTP: every tp rank is a ZeRO 1/2 checkpoint of its shards
+            for t in range(d.tp):
+                zero = ZeroOptimizer(self.dir / f".scratch{t}",
+                                     [[(n, prod(d.rank_shapes[t][n])) for n in names]
+                                      for names in d.members], rs.dp, rs.stage, rs.kind,
+                                     d.sub_group_size)
+                self.ranks.append((zero, torchfile.TorchWriter(
+                    self.tag_dir / f"mp_rank_{t:02d}_model_states.pt"), {}))
+            self.zero, self.model_writer, self.module = self.ranks[0]
+            return
         self.zero = ZeroOptimizer(self.dir / ".scratch",
                                   [[(n, prod(d.shapes[n])) for n in names]
                                    for names in d.members], rs.dp, rs.stage, rs.kind,
                                   d.sub_group_size)
-        self.tag_dir = self.dir / d.tag
-        self.tag_dir.mkdir()
         model_name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if rs.stage == 3 \
             else "mp_rank_00_model_states.pt"
         self.model_writer = torchfile.TorchWriter(self.tag_dir / model_name)
@@ -593,6 +844,12 @@ class DeepSpeedWriter(PlannedWriter):
         self.incoming.add(slot)
 
     def write(self, coord, name, arr):
+        if self.ranks:
+            zero, writer, module = self.ranks[dict(coord).get("tp", 0)]
+            module[name] = writer.add_tensor(np.require(arr, requirements="C"))
+            if "master" not in self.incoming:
+                zero.scatter("master", name, np.asarray(arr).astype(np.float32))
+            return
         kinds = self.plan.detail.kinds
         stage3 = self.plan.detail.resume.stage == 3
         if name in kinds:
@@ -609,23 +866,55 @@ class DeepSpeedWriter(PlannedWriter):
             self.zero.scatter("master", name, np.asarray(arr).astype(np.float32))
 
     def write_slot(self, slot, coord, name, arr):
-        self.zero.scatter(slot, name, np.asarray(arr, dtype=np.float32))
+        zero = self.ranks[dict(coord).get("tp", 0)][0] if self.ranks else self.zero
+        zero.scatter(slot, name, np.asarray(arr, dtype=np.float32))
 
     def finish(self, record: dict):
         d: _DeepSpeedPlan = self.plan.detail
         rs = d.resume
         prefix = "bf16_" if rs.dtype == "bfloat16" else ""
+        if self.ranks:
+            self._finish_autotp(prefix)
+        else:
+            self._finish_dp(prefix)
+        (self.dir / "latest").write_text(d.tag)
+        write_json(self.dir / "ds_config.json", rs.cfg)
+        if "config.json" in self.plan.files:        # generic mode may have no model config
+            write_json(self.dir / "config.json", record.get("config") or {})
+        write_json(self.dir / MAPC_JSON, record)
+
+    def _finish_autotp(self, prefix):
+        """Each tp rank's optimizer files and model states (DeepSpeed AutoTP's layout:
+        ``mp_world_size`` T and ``checkpoint_parallel_dimensions`` tp_degree T)."""
+        d: _DeepSpeedPlan = self.plan.detail
+        rs = d.resume
+        for t, (zero, writer, module) in enumerate(self.ranks):
+            for r in range(rs.dp):
+                path = self.tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_{t:02d}_optim_states.pt"
+                zero.write_rank(path, r, hyper_params=list(d.hyper), step=rs.step,
+                                clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
+            zero.remove()
+            missing = [n for n in d.module_order if n not in module]
+            if missing:
+                raise MapcError(f"internal: no weights were written for {missing[0]} at tp={t}")
+            ms = model_states(module, list(d.module_order), self.program.target.aliases,
+                              zero.param_shapes(d.rank_shapes[t]), rs.stage,
+                              scheduler=d.scheduler, steps=rs.iteration, samples=d.samples,
+                              dp=rs.dp, ds_config=rs.cfg)
+            ms["mp_world_size"] = d.tp
+            ms["checkpoint_parallel_dimensions"] = {"pp_degree": 1, "tp_degree": d.tp}
+            ms["universal_checkpoint_info"] = d.uc_info
+            writer.finish(ms)
+
+    def _finish_dp(self, prefix):
+        d: _DeepSpeedPlan = self.plan.detail
+        rs = d.resume
         for r in range(rs.dp):
             path = self.tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
             self.zero.write_rank(path, r, hyper_params=list(d.hyper), step=rs.step,
                                  clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
         self.zero.remove()
         self._model_states()
-        (self.dir / "latest").write_text(d.tag)
-        write_json(self.dir / "ds_config.json", rs.cfg)
-        if "config.json" in self.plan.files:        # generic mode may have no model config
-            write_json(self.dir / "config.json", record.get("config") or {})
-        write_json(self.dir / MAPC_JSON, record)
 
     def _model_states(self):
         d: _DeepSpeedPlan = self.plan.detail
@@ -670,6 +959,9 @@ class DeepSpeedWriter(PlannedWriter):
                     w.finish(states(w, module, r))
 
     def abort(self):
+        for zero, writer, _ in self.ranks[1:]:
+            writer.abort()
+            zero.remove()
         if self.model_writer is not None:
             self.model_writer.abort()
         if self.zero is not None:

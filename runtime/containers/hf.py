@@ -160,7 +160,10 @@ class HFSource(Source):
         them in its two groups' order (hf_trainer.trainer_groups); shapes are checked."""
         if self.trainer is None:
             return
-        groups = trainer.trainer_groups(plan)
+        from mapc.compiler.plan import stored_tensor
+        registered = trainer.registered_parameters(self.config, str(self.path)) \
+            if stored_tensor(plan.spec) is not None else None      # generic mode: no spec
+        groups = trainer.trainer_groups(plan, registered)
         self.opt_index = self.trainer.index(groups, self.shape)
 
     def coords(self):
@@ -321,7 +324,10 @@ def plan_trainer_export(program, facts: SourceFacts):
                         f"state (no {' or '.join(lacking)})",
                         hint="convert a training checkpoint (deepspeed, dcp with optimizer, "
                              "an hf Trainer checkpoint), or drop --with-optimizer")
-    groups = trainer.trainer_groups(program.target)
+    from mapc.compiler.plan import stored_tensor
+    registered = trainer.registered_parameters(facts.config, where) \
+        if stored_tensor(program.target.spec) is not None else None   # generic mode: no spec
+    groups = trainer.trainer_groups(program.target, registered)
     training = facts.training
     src_groups = training.get("param_groups") or []
     if not src_groups:

@@ -26,6 +26,11 @@ Both halves are derived here, from the ``hf`` layout of the model's spec, withou
 
 Nothing here knows a model family; tests/test_hf_trainer.py checks both rules against the
 real ``Trainer`` for every shipped family whose HF names are transformers' parameter names.
+
+A model no spec describes (generic mode) has no spec to give the order: it comes from the
+model's own class instead (:func:`registered_parameters`: config.json's ``architectures`` in
+transformers, built on the meta device), the decay rule from the same patterns and the
+class's ``nn.LayerNorm`` modules. Without transformers such a checkpoint is refused.
 """
 from __future__ import annotations
 
@@ -69,9 +74,11 @@ def decays(name: str, logical: list[str]) -> bool:
     return not any(p.search(s.lower()) for s in [name, *logical] for p in NO_DECAY_PATTERNS)
 
 
-def trainer_groups(plan) -> list[list[str]]:
+def trainer_groups(plan, registered=None) -> list[list[str]]:
     """The two param groups of ``Trainer.create_optimizer`` for an unsharded hf-layout plan:
-    [decayed names, not decayed names], each in ``named_parameters()`` order."""
+    [decayed names, not decayed names], each in ``named_parameters()`` order. ``registered``
+    (:func:`registered_parameters`, for a model no spec describes) gives the order and the
+    LayerNorm parameters instead of the spec."""
     logical: dict[str, list[str]] = {}
     names = []
     for inst, coord, name in plan.placements():
@@ -80,9 +87,69 @@ def trainer_groups(plan) -> list[list[str]]:
         if name not in logical:
             names.append(name)
         logical.setdefault(name, []).extend(inst.members)   # spec tensor names
+    if registered is not None:
+        order, norms = registered
+        missing = sorted(set(names) - set(order))
+        if missing:
+            raise MapcError(f"the model's class has no parameter {missing[0]} (of "
+                            f"{len(missing)} stored tensors it lacks)",
+                            hint="is config.json the checkpoint's own? pass --spec FILE.map")
+        order = [n for n in order if n in logical]
+        return [[n for n in order if n not in norms and decays(n, [])],
+                [n for n in order if n in norms or not decays(n, [])]]
     order = module_order(names)
     return [[n for n in order if decays(n, logical[n])],
             [n for n in order if not decays(n, logical[n])]]
+
+
+def registered_parameters(config: dict | None, where: str):
+    """For a model no spec describes: (its parameters in ``named_parameters()`` order, the
+    names of those in ``nn.LayerNorm`` modules), from the model's own class, the first of
+    config.json's ``architectures`` in transformers, built on torch's meta device (no memory,
+    no weights). A Trainer checkpoint numbers its optimizer state in that order and records
+    no names, so without the class it cannot be read: refused."""
+    arch = (config or {}).get("architectures") or [None]
+    hint = ("install transformers (the model's class gives its parameter order), or pass "
+            "--spec FILE.map")
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise MapcError("a Trainer checkpoint of a model no spec describes numbers its "
+                        "optimizer state by the model's parameter order, which only the model's "
+                        "class knows, and transformers is not installed", where=where,
+                        hint=hint) from None
+    cls = getattr(transformers, str(arch[0]), None) if arch[0] else None
+    if cls is None or not isinstance(cls, type) or \
+            not issubclass(cls, transformers.PreTrainedModel):
+        raise MapcError(f"a Trainer checkpoint of a model no spec describes needs the model's "
+                        f"class for its parameter order; config.json names "
+                        f"{arch[0]!r}, which transformers {transformers.__version__} does not "
+                        f"have", where=where, hint=hint)
+    try:
+        cfg = transformers.AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = cls(cfg)
+    except Exception as e:          # the model's own code: any failure is the user's to see
+        raise MapcError(f"cannot build {arch[0]} from config.json on the meta device "
+                        f"({type(e).__name__}: {e})", where=where, hint=hint) from None
+    norms = {id(p) for mod in model.modules() if isinstance(mod, torch.nn.LayerNorm)
+             for p in mod.parameters(recurse=False)}
+    named = list(model.named_parameters())
+    # transformers 5 renames some modules after loading: save_pretrained stores the names its
+    # own revert_weight_conversion gives, so that maps every parameter to its stored name (a
+    # parameter it fuses or splits instead has no stored tensor of its own: refused)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        stored = {id(v): k for k, v in revert_weight_conversion(model, dict(named)).items()}
+    except ImportError:
+        stored = {id(p): n for n, p in named}
+    lost = [n for n, p in named if id(p) not in stored]
+    if lost:
+        raise MapcError(f"{arch[0]} stores {lost[0]} converted (fused or split with others), "
+                        "so its optimizer state has no stored tensor of its own", where=where,
+                        hint="write a spec for this model (--spec FILE.map)")
+    return [stored[id(p)] for _, p in named], {stored[id(p)] for _, p in named if id(p) in norms}
 
 
 def coord_is_sharded(coord) -> bool:

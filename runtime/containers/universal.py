@@ -23,7 +23,7 @@ import math
 import shutil
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +32,12 @@ from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers import deepspeed as _ds   # its pickle globals and ModuleSource
+from mapc.runtime.containers import universal_tp as _tp
 from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, ResumePlan,
                                           model_states, partition_size, plan_resume,
                                           stage12_header, torch_size,
                                           zero_stage as _zero_stage_value, DEEPSPEED_PICKLES)
-from mapc.runtime.containers.base import MAPC_JSON, read_record, write_json
+from mapc.runtime.containers.base import MAPC_JSON, Source as _BaseSource, read_record, write_json
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
                                      ZeroFacts, make_plan, planned_tensors, stateless_targets)
 
@@ -231,7 +232,156 @@ def _scalar(x):
     return float(x)
 
 
-Source = UniversalSource
+class ModelParallelUniversalSource(UniversalSource):
+    """A universal checkpoint with ``mp_world_size`` > 1 (runtime/containers/universal_tp.py):
+    mesh coordinates ``(tp, pp=0)`` of the family's ``megatron`` layout. Weights come from each
+    rank's model states; the optimizer slots are cut from the full tensors in ``zero/`` by each
+    file's own keys, as DeepSpeed's loader cuts them."""
+
+    layout = _tp.LAYOUT
+    module_source = False
+
+    @property
+    def needs_family(self) -> str:
+        """Why generic mode cannot read it (compiler/resolve.py)."""
+        return f"a tensor-parallel universal checkpoint (mp_world_size {self.tp})"
+
+    def __init__(self, path, udir: Path, main: dict):
+        _BaseSource.__init__(self, path)
+        self.udir, self.zero, self.stage3 = udir, udir / "zero", False
+        if not self.record and udir != self.path:
+            self.record = read_record(udir.parent)
+        self.tp = _tp.tp_of(main, udir)
+        dims = main.get("checkpoint_parallel_dimensions") or {}
+        if (hasattr(dims, "get") and (dims.get("pp_degree") or 1) != 1) or \
+                any(udir.glob("mp_rank_*_*_model_states.pt")):
+            raise MapcError("pipeline-parallel universal checkpoints are not read yet",
+                            where=str(udir), hint="convert it at pp=1 (DeepSpeed's "
+                                                  "ds_to_universal of a pp=1 run), or convert "
+                                                  "its source checkpoint")
+        self.info = _tp.check_info(main.get("universal_checkpoint_info"),
+                                   str(udir / _tp.rank_file(0)))
+        ranks = [main]
+        for t in range(1, self.tp):
+            f = udir / _tp.rank_file(t)
+            if not f.is_file():
+                raise MapcError(f"{f.name} is missing (mp_world_size is {self.tp})",
+                                where=str(udir), hint="copy the complete checkpoint")
+            ms = torchfile.load(f, DEEPSPEED_PICKLES, expect=dict)
+            if ms.get("mp_world_size", 1) != self.tp:
+                raise MapcError(f"mp_world_size {ms.get('mp_world_size')!r} differs from "
+                                f"{self.tp} in {_tp.rank_file(0)}", where=str(f),
+                                hint="is the checkpoint mixed from two runs?")
+            ranks.append(ms)
+        self.model_state_files = [udir / _tp.rank_file(t) for t in range(self.tp)]
+        self.modules, self.rank_shapes = [], []
+        for t, ms in enumerate(ranks):
+            module = dict(ms.get("module") or {})
+            shapes = OrderedDict()
+            for g in ms.get("param_shapes") or []:
+                for n, sh in dict(g).items():
+                    shapes[n] = tuple(int(d) for d in sh)
+            extra = [n for n in module if n not in shapes]
+            if extra:
+                raise MapcError(f"module entries outside the optimizer ({extra[0]}) in a "
+                                "model-parallel universal checkpoint are not read yet",
+                                where=str(self.model_state_files[t]))
+            if t and list(shapes) != list(self.rank_shapes[0]):
+                raise MapcError(f"{self.model_state_files[t].name} lists other parameters "
+                                f"than {_tp.rank_file(0)}", where=str(udir),
+                                hint="is the checkpoint mixed from two runs?")
+            self.modules.append(module)
+            self.rank_shapes.append(shapes)
+        self.model_states = main
+        self.module = self.modules[0]
+        self.param_shapes = [dict(g) for g in main.get("param_shapes") or []]
+        self.shapes = dict(self.rank_shapes[0])        # the names (_step lists them)
+        for name in self.shapes:
+            if not (self.zero / name).is_dir():
+                raise MapcError(f"zero/{name}/ is missing (the model states list {name})",
+                                where=str(udir), hint="copy the complete checkpoint")
+        self.optim = _load(self.zero / "optimizer_state.pt", "the optimizer state")
+        self.saved_ranks = int(main.get("dp_world_size") or 1)
+        self.saved_dp = main.get("dp_world_size")
+        self.topology = {"tp": self.tp, "pp": 1}
+        self.config = self.record.get("config") or \
+            _ds.config_json((udir, udir.parent, udir.parent.parent))
+        args = main.get("args")              # Megatron-DeepSpeed's args (a Namespace)
+        self.format_meta = dict(args.items()) if hasattr(args, "items") else {}
+        self.kinds, self.shared = {}, {}
+
+    def coords(self):
+        return [(("tp", t), ("pp", 0)) for t in range(self.tp)]
+
+    @staticmethod
+    def _rank(coord) -> int:
+        return dict(coord).get("tp", 0)
+
+    def names(self, coord=SINGLE):
+        return list(self.rank_shapes[self._rank(coord)])
+
+    def shape(self, name, coord=SINGLE):
+        try:
+            return self.rank_shapes[self._rank(coord)][name]
+        except KeyError:
+            raise MapcError(f"parameter {name} is not in {_tp.rank_file(self._rank(coord))}",
+                            where=str(self.udir)) from None
+
+    def dtype(self, name, coord=SINGLE, slot="param"):
+        self.shape(name, coord)
+        ref = self.modules[self._rank(coord)].get(name)
+        return ref.dtype if slot == "param" and ref is not None else "float32"
+
+    def read(self, name, coord=SINGLE, slot="param"):
+        shape, t = self.shape(name, coord), self._rank(coord)
+        ref = self.modules[t].get(name)
+        if slot == "param" and ref is not None and tuple(ref.shape) == shape:
+            return ref.map()
+        arr = self._tp_state(name, "master" if slot == "param" else slot, shape, t)
+        return arr.astype(DTYPES[ref.dtype if ref is not None else "float32"]) \
+            if slot == "param" else arr
+
+    def _tp_state(self, name, slot, shape, t):
+        f = self.zero / name / f"{_STATE_FILES[slot]}.pt"
+        obj = _load(f, f"the {slot} state of {name}")
+        ref = obj.get("param") if isinstance(obj, dict) else None
+        n = math.prod(shape)
+        if not isinstance(ref, torchfile.TensorRef) or ref.dtype != "float32" or \
+                ref.numel > n * self.tp:
+            got = f"{ref.numel} {ref.dtype} elements" if isinstance(ref, torchfile.TensorRef) \
+                else type(ref).__name__
+            raise MapcError(f"holds {got}, expected up to {self.tp} ranks of float32 "
+                            f"{list(shape)} for {name}", where=str(f),
+                            hint="the universal checkpoint is corrupt; convert it again")
+        _tp.check_file(self.info, name, obj, str(f))
+        try:
+            full = ref.read().reshape(tuple(ref.shape))
+        except (OSError, ValueError) as e:
+            raise MapcError(f"cannot read the tensor data ({e})", where=str(f)) from None
+        return np.ascontiguousarray(_tp.tp_slice(full, obj, shape, t, self.tp, str(f)))
+
+    def _state(self, name, slot):
+        raise MapcError(f"internal: {name} of a model-parallel universal checkpoint is read "
+                        "per rank")
+
+    def describe_coord(self, coord):
+        return f"{self.udir.name}/{_tp.rank_file(self._rank(coord))}"
+
+    def zero_facts(self) -> ZeroFacts:
+        """As UniversalSource's, with no model states to carry over (they hold TP shards)."""
+        return replace(super().zero_facts(), carry_files=())
+
+
+def Source(path):                                          # noqa: N802 (the protocol's name)
+    """A universal checkpoint: of a data-parallel run (UniversalSource), or of a
+    model-parallel one (``mp_world_size`` > 1: ModelParallelUniversalSource)."""
+    udir = _universal_dir(Path(path))
+    main = udir / "mp_rank_00_model_states.pt" if udir is not None else None
+    if main is not None and main.is_file():
+        states = torchfile.load(main, DEEPSPEED_PICKLES, expect=dict)
+        if _tp.tp_of(states, udir) > 1:
+            return ModelParallelUniversalSource(path, udir, states)
+    return UniversalSource(path)
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -256,6 +406,8 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     DeepSpeed-family source, else built), ``zero/optimizer_state.pt`` and per parameter
     ``zero/<name>/{fp32,exp_avg,exp_avg_sq[,step]}.pt``; config.json and mapc.json."""
     slots = ("param", "master", "exp_avg", "exp_avg_sq")
+    if program.target.name != LAYOUT:             # --tp: the family's megatron layout
+        return _plan_write_tp(program, facts, request, slots)
     tensors = planned_tensors(program, facts, request.dtype, slots)
     for _, name, _, _ in tensors:
         if not name or "/" in name or "\0" in name or name in (".", ".."):
@@ -582,4 +734,226 @@ def _writable_item(key, value, w):
     return _writable(value, w)
 
 
-Writer = UniversalWriter
+# ---- writing a model-parallel universal checkpoint ---------------------------------------------
+def layout_for(topology: dict) -> str:
+    """The layout of a universal output at ``topology``: the wrapped module's (``hf``), or
+    with tensor or pipeline parallelism the family's ``megatron`` layout (universal_tp.py)."""
+    sharded = any((topology or {}).get(a) not in (None, 1) for a in ("tp", "pp", "ep"))
+    return _tp.LAYOUT if sharded else LAYOUT
+
+
+@dataclass(frozen=True)
+class _TPPlan:
+    """A model-parallel universal output's decisions: ZeRO (``resume``), the tag, ``tp``, every
+    tensor's universal rule (``rules``, universal_tp.Rule by name), the
+    ``universal_checkpoint_info`` written, each (coord, name)'s param group, the target
+    layout's Megatron arguments (``args``)."""
+    resume: ResumePlan
+    tag: str
+    tp: int
+    rules: dict
+    info: dict
+    groups: dict | None
+    args: dict
+
+
+def _plan_write_tp(program, facts: SourceFacts, request: WriteRequest, slots) -> WritePlan:
+    mesh = program.target.mesh
+    tp = int(mesh.get("tp", 1))
+    if any(mesh.get(a, 1) != 1 for a in mesh if a != "tp"):
+        raise MapcError("pipeline- or expert-parallel universal checkpoints are not written "
+                        f"(asked for {program.target.describe()})",
+                        hint="convert to universal with --tp only (any pp loads it), or to "
+                             "megatron/neox for pipeline stages")
+    tensors = planned_tensors(program, facts, request.dtype, slots)
+    kinds = stateless_targets(program, facts, tensors)
+    if kinds:
+        raise MapcError(f"{next(iter(kinds))} has no optimizer state ({kinds[next(iter(kinds))]}"
+                        "); a model-parallel universal checkpoint of frozen parameters or "
+                        "buffers is not written yet", hint="convert to universal without --tp")
+    rules: dict = {}
+    for inst, _, name in program.target.placements():
+        if name not in rules:
+            if not name or "/" in name or "\0" in name or name in (".", ".."):
+                raise MapcError(f"parameter name {name!r} cannot be a folder name in zero/")
+            rules[name] = _tp.rule_of(inst, name)
+    vocab = next((r.rows for r in rules.values() if r.kind == "vocab"), None)
+    info = _tp.checkpoint_info(rules, vocab)
+    notes: list[str] = []
+    rs = plan_resume(facts, request, "universal", {dt for _, _, _, dt in tensors}, notes)
+    if rs.stage == 3:
+        raise MapcError("a ZeRO stage 3 universal checkpoint with tensor parallelism is not "
+                        "written", hint="use --zero-stage 1 or 2 (DeepSpeed loads a universal "
+                                        "checkpoint at any stage 1/2 and dp)")
+    it = facts.training.get("iteration")
+    tag = f"global_step{int(it) if it is not None else 0}"
+    if facts.zero is not None and facts.zero.tag and facts.format in ("deepspeed", "universal"):
+        tag = facts.zero.tag
+    pgs = facts.training.get("param_groups") or []
+    src = [list(pg.get("params") or []) for pg in pgs]
+    groups = program.target_groups(src) if src else None
+    udir = f"{tag}_universal"
+    files = [LATEST, MAPC_JSON, f"{udir}/zero/optimizer_state.pt"] + \
+        (["config.json"] if facts.has_config else []) + \
+        [f"{udir}/{_tp.rank_file(t)}" for t in range(tp)]
+    for name in rules:
+        files += [f"{udir}/zero/{name}/{k}.pt" for k in ("fp32", "exp_avg", "exp_avg_sq", "step")]
+    decisions = {**rs.decisions(), "tag": tag, "tensor parallel": tp,
+                 "layout": program.target.describe(), "model states": "built",
+                 "universal rules": {k: sum(1 for r in rules.values() if r.kind == k)
+                                     for k in ("replicated", "cat", "sub2", "vocab")}}
+    for key in ("source dp", "optimizer class", "training dtype"):
+        decisions.pop(key)
+    detail = _TPPlan(rs, tag, tp, rules, info, groups, dict(program.target.meta()))
+    return make_plan("universal", files, decisions=decisions, notes=notes, slots=slots,
+                     tensors=tensors, detail=detail, facts=facts)
+
+
+class ModelParallelUniversalWriter(UniversalWriter):
+    """Writes a model-parallel universal checkpoint as planned (_TPPlan): each rank's shards
+    into its ``mp_rank_TT_model_states.pt``, and every parameter's full tensors into zero/ as
+    soon as all its ranks' slices of a slot have arrived (merged as ds_to_universal merges
+    them: one parameter is held at a time)."""
+
+    def __init__(self, tmpdir, program, plan):
+        PlannedWriter.__init__(self, tmpdir, program, plan)
+        d: _TPPlan = plan.detail
+        self.stage, self.dp, self.fresh, self.step = (d.resume.stage, d.resume.dp,
+                                                      d.resume.fresh, d.resume.step)
+        self.tp, self.rules = d.tp, d.rules
+        self.facts: SourceFacts = plan.facts
+        self.training = plan.facts.training
+        self.have = set(plan.facts.slots)
+        self.udir = self.dir / f"{d.tag}_universal"
+        self.zero = self.udir / "zero"
+        self.kinds, self.tied, self.groups = {}, {}, None
+        self._pool = None
+        self._pending: deque = deque()
+        self._slices: dict = {}              # (slot, name) -> {tp rank: array}
+        self.names: list[str] = []
+
+    def begin(self, tensors):
+        self.tensors = [(name, tuple(shape), dt) for _, name, shape, dt in tensors]
+        self.rank_tensors = {t: [] for t in range(self.tp)}
+        for coord, name, shape, dt in tensors:
+            self.rank_tensors[dict(coord).get("tp", 0)].append((name, tuple(shape), dt))
+        self.dtypes = {name: dt for name, _, dt in self.tensors}
+        self.zero.mkdir(parents=True)
+        self.models = {t: torchfile.TorchWriter(self.udir / _tp.rank_file(t))
+                       for t in range(self.tp)}
+        self.modules = {t: OrderedDict() for t in range(self.tp)}
+
+    def _collect(self, key, coord, name, arr):
+        """The full tensor once every rank's slice of (key, name) is here, else None."""
+        got = self._slices.setdefault((key, name), {})
+        got[dict(coord).get("tp", 0)] = np.array(arr, dtype=np.float32)   # arr may be reused
+        if len(got) < self.tp:
+            return None
+        del self._slices[(key, name)]
+        return self.rules[name].merge([got[t] for t in range(self.tp)])
+
+    def _save_now(self, name, key, arr):
+        d = self.zero / name
+        d.mkdir(exist_ok=True)
+        with torchfile.TorchWriter(d / f"{key}.pt") as w:
+            if key == "step":
+                obj = w.add_tensor(arr)
+            else:
+                obj = {**self.rules[name].entries(),
+                       "param": w.add_tensor(np.ascontiguousarray(arr),
+                                             requires_grad=key == "fp32")}
+            w.finish(obj)
+
+    def write(self, coord, name, arr):
+        t = dict(coord).get("tp", 0)
+        if t == 0:
+            self.names.append(name)
+        self.modules[t][name] = self.models[t].add_tensor(np.require(arr, requirements="C"))
+        if t == 0:
+            self._save(name, "step", np.array(self.step, dtype=np.float32))
+        if "master" not in self.have:       # the weights are the master copy
+            full = self._collect("fp32", coord, name, arr)
+            if full is not None:
+                self._save(name, "fp32", full)
+        if self.fresh:
+            for slot in ("exp_avg", "exp_avg_sq"):
+                full = self._collect(slot, coord, name, np.zeros(np.shape(arr), np.float32))
+                if full is not None:
+                    self._save(name, slot, full)
+
+    def write_slot(self, slot, coord, name, arr):
+        if self.fresh and slot != "master":
+            return
+        key = _STATE_FILES[slot]
+        full = self._collect(key, coord, name, arr)
+        if full is not None:
+            self._save(name, key, full)
+
+    def finish(self, record: dict):
+        self._drain()
+        if self._pool is not None:
+            self._pool.shutdown()
+        if self._slices:
+            slot, name = next(iter(self._slices))
+            raise MapcError(f"internal: {name} ({slot}) arrived from "
+                            f"{len(self._slices[(slot, name)])} of {self.tp} ranks")
+        self._finish_model_states(record)
+        self._write_optimizer_state()
+        (self.dir / LATEST).write_text(self.udir.name)
+        if "config.json" in self.plan.files:
+            write_json(self.dir / "config.json", record.get("config") or {})
+        write_json(self.dir / MAPC_JSON, record)
+
+    def abort(self):
+        for f in self._pending:
+            f.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._pending.clear()
+        for w in getattr(self, "models", {}).values():
+            w.abort()
+
+    def _group_names(self):
+        """Rank 0's names per param group (every rank has the same names)."""
+        d: _TPPlan = self.plan.detail
+        n = max(d.groups.values(), default=0) + 1 if d.groups else 1
+        out = [[] for _ in range(n)]
+        coord0 = next((c for c, _, _, _ in self.plan.tensors if dict(c).get("tp", 0) == 0), ())
+        for name in self._ordered_names():
+            out[d.groups.get((coord0, name), 0) if d.groups else 0].append(name)
+        return out
+
+    def _finish_model_states(self, record):
+        d: _TPPlan = self.plan.detail
+        groups = self._group_names()
+        steps = int(self.training.get("iteration") or 0)
+        dtypes = set(self.dtypes.values())
+        ds_config = self.training.get("ds_config") or {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": self.stage},
+            **({"bf16": {"enabled": True}} if dtypes == {"bfloat16"} else {}),
+            **({"fp16": {"enabled": True}} if dtypes == {"float16"} else {}),
+        }
+        args = dict(d.args, tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=1,
+                    data_parallel_size=self.dp, iteration=steps)
+        for t in range(self.tp):
+            shapes = {name: shape for name, shape, _ in self.rank_tensors[t]}
+            param_shapes = [OrderedDict((n, torch_size(shapes[n])) for n in g) for g in groups]
+            ms = model_states(self.modules[t], [n for g in groups for n in g], {}, param_shapes,
+                              self.stage, scheduler=_plain(self.training.get("lr_scheduler")),
+                              steps=steps, samples=int(self.training.get("global_samples") or 0),
+                              dp=self.dp, ds_config=_plain(ds_config))
+            ms["mp_world_size"] = self.tp
+            ms["checkpoint_parallel_dimensions"] = {"pp_degree": 1, "tp_degree": self.tp}
+            # Megatron-DeepSpeed's client state: the universal info, args, iteration
+            ms["universal_checkpoint_info"] = d.info
+            ms["args"] = torchfile.Namespace(**args)
+            ms["iteration"] = steps
+            ms["checkpoint_version"] = 3.0
+            self.models[t].finish(ms)
+
+
+def Writer(tmpdir, program, plan):                          # noqa: N802 (the protocol's name)
+    """The writer of ``plan``: model-parallel (ModelParallelUniversalWriter) or not."""
+    cls = ModelParallelUniversalWriter if isinstance(plan.detail, _TPPlan) else UniversalWriter
+    return cls(tmpdir, program, plan)

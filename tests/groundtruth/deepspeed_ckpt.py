@@ -144,8 +144,11 @@ import atexit  # noqa: E402
 atexit.register(_stop_resident)
 
 
-def _torchrun(nproc: int, args: list[str], log: Path, timeout: float) -> None:
-    if os.environ.get("MAPC_DS_FRESH") != "1":
+def _torchrun(nproc: int, args: list[str], log: Path, timeout: float,
+              script: Path = TRAIN_SCRIPT) -> None:
+    """Run ``script ARGS`` under torchrun with ``nproc`` ranks: ds_train.py's runs in the
+    resident group of that size (unless MAPC_DS_FRESH=1), any other script fresh."""
+    if script == TRAIN_SCRIPT and os.environ.get("MAPC_DS_FRESH") != "1":
         if nproc not in _RESIDENT:
             _RESIDENT[nproc] = _Resident(nproc)
         _RESIDENT[nproc].run(args, log, timeout)
@@ -154,7 +157,7 @@ def _torchrun(nproc: int, args: list[str], log: Path, timeout: float) -> None:
         port = _free_port()
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-               str(TRAIN_SCRIPT), *args]
+               str(script), *args]
         try:
             _run(cmd, log, timeout)
             return
