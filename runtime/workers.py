@@ -292,6 +292,11 @@ class _Group:
                                      "before srun (or use torchrun)")
             env.setdefault("MASTER_PORT", "29500")
             dist.init_process_group("gloo", rank=rank, world_size=world)
+            # a gloo group still alive when the interpreter exits can abort the process
+            # ("terminate called without an active exception", exit -6, seen on rank 0 after
+            # its work was done): torchrun then reports the run failed. End it at exit.
+            import atexit
+            atexit.register(_end_group, dist)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     def broadcast(self, obj):
@@ -303,6 +308,14 @@ class _Group:
         out = [None] * self.world
         self.dist.all_gather_object(out, obj)
         return out
+
+
+def _end_group(dist) -> None:
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:       # noqa: BLE001 - exiting anyway; the work is committed
+            pass
 
 
 def run_distributed(cp, src, dst, *, force: bool, backend: str, quiet: bool, record_of,

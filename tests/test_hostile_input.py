@@ -151,7 +151,9 @@ def test_sharded_checkpoint_still_reads(tmp_path, tiny):
 # ---- model configs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("key,value,match", [
     ("hidden_size", "32", "cannot compute"),
-    ("hidden_size", [32], "is a list"),
+    # config lists are values now (``i in mlp_only_layers``): one used as a number is refused
+    # where the spec computes with it
+    ("hidden_size", [32], "cannot compute [32] / "),
     ("vocab_size", {"a": 1}, "is a dict"),
     ("num_hidden_layers", 10**9, "not a count of at most"),
     ("num_hidden_layers", 1e9, "not a count of at most"),
