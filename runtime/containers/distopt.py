@@ -156,3 +156,31 @@ def gaps(bucket: Bucket):
         pos = start + numel
     if bucket.numel_unpadded > pos:
         yield pos, bucket.numel_unpadded - pos
+
+
+def coalesced_state(obj, what: str, where: str, total: int | None = None) -> dict:
+    """``{param, exp_avg, exp_avg_sq}`` of megatron-core's gathered distributed-optimizer
+    state, ``{"buckets_coalesced": True, 0: {(param dtype, grad dtype): {slot: flat fp32}}}``
+    (legacy ``distrib_optim.pt`` and torch_dist's ``dp_zero_gather_scatter`` objects): one
+    buffer, flat fp32 tensors (of ``total`` elements when given). ``what`` names it in errors."""
+    from mapc.runtime import torchfile
+    shape = f"megatron-core's {{'buckets_coalesced': True, 0: {{(param dtype, grad dtype): " \
+        f"{{param, exp_avg, exp_avg_sq}}}}}}"
+    try:
+        if obj.get("buckets_coalesced") is not True:
+            raise ValueError("not buckets_coalesced (an older per-bucket layout)")
+        gbufs = [k for k in obj if k != "buckets_coalesced"]
+        if gbufs != [0]:
+            raise ValueError(f"{len(gbufs)} buffers; mapc derives one (one dtype)")
+        (per_dtype,) = obj[0].values()
+        out = {s: per_dtype[s] for s in ("param", "exp_avg", "exp_avg_sq")}
+    except (AttributeError, TypeError, KeyError, ValueError) as e:
+        raise MapcError(f"{what} is not {shape} ({e})", where=where) from None
+    for s, t in out.items():
+        if not isinstance(t, torchfile.TensorRef) or t.dtype != "float32" or t.ndim != 1 or \
+                (total is not None and tuple(t.shape) != (total,)):
+            raise MapcError(f"{what}: {s} is {getattr(t, 'dtype', type(t).__name__)}"
+                            f"{list(getattr(t, 'shape', ()))}, not a flat fp32 tensor"
+                            + (f" of the buckets' {total} elements" if total is not None
+                               else ""), where=where)
+    return out

@@ -494,22 +494,8 @@ class _LegacyDistributed:
 
     @staticmethod
     def _state(obj, where) -> dict:
-        what = f"{DISTRIB_OPTIM} is not megatron-core's {{'buckets_coalesced': True, 0: " \
-            f"{{(param dtype, grad dtype): {{param, exp_avg, exp_avg_sq}}}}}}"
-        try:
-            if obj.get("buckets_coalesced") is not True:
-                raise ValueError("not buckets_coalesced (an older per-bucket layout)")
-            gbufs = [k for k in obj if k != "buckets_coalesced"]
-            if gbufs != [0]:
-                raise ValueError(f"{len(gbufs)} buffers; mapc derives one (one dtype)")
-            (per_dtype,) = obj[0].values()
-            out = {s: per_dtype[s] for s in ("param", "exp_avg", "exp_avg_sq")}
-        except (AttributeError, TypeError, KeyError, ValueError) as e:
-            raise MapcError(f"{what} ({e})", where=str(where)) from None
-        for s, t in out.items():
-            if not isinstance(t, torchfile.TensorRef) or t.dtype != "float32" or t.ndim != 1:
-                raise MapcError(f"{what}: its {s} is not a flat fp32 tensor", where=str(where))
-        return out
+        from mapc.runtime.containers.distopt import coalesced_state
+        return coalesced_state(obj, DISTRIB_OPTIM, str(where))
 
     def read(self, name, coord, slot) -> np.ndarray:
         if slot not in ("master", "exp_avg", "exp_avg_sq"):

@@ -748,27 +748,10 @@ class _DpZeroGatherScatter(_DpReshardable):
         return [b.numel_unpadded for b in buckets]
 
     def _state(self, g: int, total: int, where: str) -> dict:
+        from mapc.runtime.containers.distopt import coalesced_state
         state = self.src.read_object(_OPTIM.format(g=g, what="param_state"))
-        what = f"the dp_zero_gather_scatter state of dp_group_idx_{g}"
-        try:
-            if state.get("buckets_coalesced") is not True:
-                raise ValueError("not buckets_coalesced")
-            gbufs = [k for k in state if k != "buckets_coalesced"]
-            if gbufs != [0]:
-                raise ValueError(f"{len(gbufs)} buffers; mapc derives one (one dtype)")
-            (per_dtype,) = state[0].values()
-            out = {s: per_dtype[s] for s in ("param", "exp_avg", "exp_avg_sq")}
-        except (AttributeError, TypeError, KeyError, ValueError) as e:
-            raise MapcError(f"{what} is not megatron-core's {{'buckets_coalesced': True, 0: "
-                            f"{{(param dtype, grad dtype): {{param, exp_avg, exp_avg_sq}}}}}} "
-                            f"({e})", where=where) from None
-        for s, t in out.items():
-            if not isinstance(t, torchfile.TensorRef) or tuple(t.shape) != (total,) or \
-                    t.dtype != "float32":
-                raise MapcError(f"{what}: {s} is {getattr(t, 'dtype', type(t).__name__)}"
-                                f"{list(getattr(t, 'shape', ()))}, the buckets {total} fp32 "
-                                f"elements", where=where)
-        return out
+        return coalesced_state(state, f"the dp_zero_gather_scatter state of dp_group_idx_{g}",
+                               where, total)
 
     def _check_bucket(self, g: int, k: int, buckets, slots: dict, where: str) -> None:
         pass                               # _stored_sizes checked the buffer's total
