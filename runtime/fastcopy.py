@@ -254,13 +254,26 @@ class FileBytes:
         self.nbytes = self.size * self.dtype.itemsize
         assert sum(n for _, _, n in self.ranges) == self.nbytes
 
-    def mapped(self):
-        """The ranges as read-only views of mappings (one per file), e.g. for a checksum."""
-        maps = {}
+    def mapped(self, window: int = 64 << 20):
+        """The ranges as read-only views of mappings, ``window`` bytes at a time, e.g. for a
+        checksum. Each window is its own mapping, unmapped once the caller drops its view, so
+        the mapped pages (which count as resident) stay bounded: one 1.85 GB embedding mapped
+        whole put a conversion at 1.9 GB of RSS."""
+        import mmap
+        grain = mmap.ALLOCATIONGRANULARITY
         for path, off, n in self.ranges:
-            if path not in maps:
-                maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
-            yield memoryview(maps[path][off:off + n])
+            pos, end = off, off + n
+            with open(path, "rb") as fh:
+                while pos < end:
+                    start = pos - pos % grain
+                    stop = min(end, pos + window)
+                    m = mmap.mmap(fh.fileno(), stop - start, access=mmap.ACCESS_READ,
+                                  offset=start)
+                    view = memoryview(m)[pos - start:]
+                    del m                      # the view keeps the mapping until released
+                    yield view
+                    del view
+                    pos = stop
 
     def __array__(self, dtype=None, copy=None):
         out = np.empty(self.nbytes, np.uint8)

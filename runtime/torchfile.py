@@ -1543,7 +1543,10 @@ class TorchWriter:
             f.write(name_bytes)
             f.write(extra)
             # The CRC runs on another core while the bytes are written (both release the GIL).
-            chunks = list(chunks)
+            # Bytes copied from source files (``source``) are read only by the CRC: their chunks
+            # stay a generator of windows, mapped one at a time (fastcopy.FileBytes.mapped).
+            if source is None:
+                chunks = list(chunks)
             crc_job = _crc_pool().submit(_crc32_chunks, chunks) if size > _CHUNK else None
             crc = 0 if crc_job is not None else _crc32_chunks(chunks)
             written = 0
