@@ -167,12 +167,19 @@ def evaluate(e, env: Mapping[str, Any], where: str = "") -> Any:
         return a != b
     _no_null(e, e[2:], [a, b], where)
     if op in ARITHMETIC and not (_number(a) and _number(b)) and not _sequence_op(op, a, b):
-        raise _fail(f"{show(e)}: cannot compute {a!r} {op} {b!r} (a config value of the "
-                    "wrong type?)", where)
+        bad = [f"{show(x)} = {v!r} is a {_kind(v)}" for x, v in ((e[2], a), (e[3], b))
+               if not _number(v)]
+        raise _fail(f"{show(e)}: cannot compute {a!r} {op} {b!r}: {', '.join(bad)}, not a "
+                    f"number (a config value of the wrong type?)", where)
     try:
         return _binary(e, op, a, b, where)
     except (ZeroDivisionError, OverflowError, ValueError, TypeError) as err:
         raise _fail(f"{show(e)} = {a!r} {op} {b!r}: {err}", where) from None
+
+
+def _kind(v) -> str:
+    return {list: "list", str: "string", bool: "boolean", dict: "mapping"}.get(
+        type(v), type(v).__name__)
 
 
 MAX_LIST = 2**20             # entries of a `[... for i < n]` list (one per layer, expert)

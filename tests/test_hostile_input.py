@@ -153,7 +153,7 @@ def test_sharded_checkpoint_still_reads(tmp_path, tiny):
     ("hidden_size", "32", "cannot compute"),
     # config lists are values now (``i in mlp_only_layers``): one used as a number is refused
     # where the spec computes with it
-    ("hidden_size", [32], "cannot compute [32] / "),
+    ("hidden_size", [32], "hidden = [32] is a list, not a number"),
     ("vocab_size", {"a": 1}, "is a dict"),
     ("num_hidden_layers", 10**9, "not a count of at most"),
     ("num_hidden_layers", 1e9, "not a count of at most"),
