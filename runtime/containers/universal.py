@@ -565,16 +565,19 @@ class UniversalWriter(PlannedWriter):
         self._drain()
         if self._pool is not None:
             self._pool.shutdown()
-        if self.plan.detail.carry:
-            for f in self.plan.detail.carry:     # re-pickled from what was read, never copied
-                torchfile.copy_checked(f, self.udir / f.name, DEEPSPEED_PICKLES)
-        else:
-            self._finish_model_states(record)
+        self._write_model_states(record)
         self._write_optimizer_state()
         (self.dir / LATEST).write_text(self.udir.name)
         if "config.json" in self.plan.files:        # generic mode may have no model config
             write_json(self.dir / "config.json", record.get("config") or {})
         write_json(self.dir / MAPC_JSON, record)
+
+    def _write_model_states(self, record):
+        if self.plan.detail.carry:
+            for f in self.plan.detail.carry:     # re-pickled from what was read, never copied
+                torchfile.copy_checked(f, self.udir / f.name, DEEPSPEED_PICKLES)
+        else:
+            self._finish_model_states(record)
 
     def abort(self):
         for f in self._pending:
@@ -582,6 +585,9 @@ class UniversalWriter(PlannedWriter):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._pending.clear()
+        self._abort_models()
+
+    def _abort_models(self):
         if self.models is not None:
             self.models.abort()
 
@@ -889,28 +895,15 @@ class ModelParallelUniversalWriter(UniversalWriter):
         if full is not None:
             self._save(name, key, full)
 
-    def finish(self, record: dict):
-        self._drain()
-        if self._pool is not None:
-            self._pool.shutdown()
+    def _write_model_states(self, record):
         if self._slices:
             slot, name = next(iter(self._slices))
             raise MapcError(f"internal: {name} ({slot}) arrived from "
                             f"{len(self._slices[(slot, name)])} of {self.tp} ranks")
         self._finish_model_states(record)
-        self._write_optimizer_state()
-        (self.dir / LATEST).write_text(self.udir.name)
-        if "config.json" in self.plan.files:
-            write_json(self.dir / "config.json", record.get("config") or {})
-        write_json(self.dir / MAPC_JSON, record)
 
-    def abort(self):
-        for f in self._pending:
-            f.cancel()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        self._pending.clear()
-        for w in getattr(self, "models", {}).values():
+    def _abort_models(self):
+        for w in (getattr(self, "models", None) or {}).values():
             w.abort()
 
     def _group_names(self):
