@@ -23,19 +23,14 @@ import pytest
 
 import mapc
 from tests.conftest import build_transformers_model, logits_of
+from tests.test_deepseek_v3 import CFG as BASE_CFG
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 TOKENS = [1, 5, 9, 3, 7, 2, 8, 4, 11, 0]
-CFG = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_size=32,
-           intermediate_size=136, moe_intermediate_size=16, num_hidden_layers=3,
-           num_attention_heads=4, num_key_value_heads=4, vocab_size=50, n_routed_experts=4,
-           num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
-           kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_group=2,
-           topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-           max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
-           rope_interleave=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+# tests/test_deepseek_v3.py's model with a 136-wide dense MLP: 128x128 blocks are partial
+CFG = dict(BASE_CFG, intermediate_size=136)
 # the release's config entry (DeepSeek-V3's config.json)
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": [128, 128]}

@@ -21,19 +21,15 @@ import pytest
 import mapc
 from mapc.errors import MapcError
 from tests.conftest import build_transformers_model, logits_of
+from tests.test_deepseek_v3 import CFG as BASE_CFG
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
 TOKENS = [1, 5, 9, 3, 7, 2, 8, 4, 11, 0]
-CFG = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_size=32,
-           intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-           num_attention_heads=4, num_key_value_heads=4, vocab_size=50, n_routed_experts=4,
-           num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
-           kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=10, n_group=2,
-           topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-           max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
-           rope_interleave=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+# tests/test_deepseek_v3.py's model with nope, v and kv_lora all different, so a wrong
+# split or transpose of kv_b shows
+CFG = dict(BASE_CFG, qk_nope_head_dim=6, v_head_dim=10)
 ARCH = gguf.MODEL_ARCH.DEEPSEEK2
 T = gguf.MODEL_TENSOR
 # HF module names -> the package's tensor kinds, for the names the converter maps one to one
