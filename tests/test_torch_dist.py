@@ -108,6 +108,15 @@ def _expected_local(hf, tp, pp, t, p, cfg=CFG):
     return out
 
 
+def _assert_hf_holds_the_live_state(hf, truth):
+    """Every slot of the HF export (``_moments_as_hf``) cut at TP2 equals what each rank of the
+    original TP2 DP2 run's live optimizer held."""
+    for slot, tensors in hf.items():
+        for t in range(2):
+            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
+                               (slot, t))
+
+
 def _assert_rank_equal(live, expected, where):
     assert sorted(live) == sorted(expected), where
     for name, want in expected.items():
@@ -445,10 +454,7 @@ def test_every_slot_is_carried_exactly(saved_optim, to, options, tmp_path):
         out = tmp_path / "hf"
     hf = _moments_as_hf(out)
     assert hf["param"]["model.norm.weight"].dtype == torch.float32
-    for slot, tensors in hf.items():
-        for t in range(2):
-            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
-                               (slot, t))
+    _assert_hf_holds_the_live_state(hf, truth)
 
 
 def test_fully_reshardable_is_read_exactly(saved_optim, tmp_path):
@@ -463,10 +469,7 @@ def test_fully_reshardable_is_read_exactly(saved_optim, tmp_path):
         "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight"].size) == (L, 2 * F, H)
     mapc.convert(fully, tmp_path / "hf", to="hf", with_optimizer=True)
     hf = _moments_as_hf(tmp_path / "hf")
-    for slot, tensors in hf.items():
-        for t in range(2):
-            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
-                               (slot, t))
+    _assert_hf_holds_the_live_state(hf, truth)
     with _bound(fully) as src:
         state = src.training_state()
     assert state["step"] == 1.0 and len(state["param_groups"]) == 2
@@ -485,10 +488,7 @@ def test_dp_zero_gather_scatter_is_read_exactly(saved_optim, tmp_path):
                    for k in md.state_dict_metadata)
     mapc.convert(zero, tmp_path / "hf", to="hf", with_optimizer=True)
     hf = _moments_as_hf(tmp_path / "hf")
-    for slot, tensors in hf.items():
-        for t in range(2):
-            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
-                               (slot, t))
+    _assert_hf_holds_the_live_state(hf, truth)
     with _bound(zero) as src:
         state = src.training_state()
     assert state["step"] == 1.0 and len(state["param_groups"]) == 2
@@ -506,10 +506,7 @@ def test_legacy_distrib_optim_pt_is_read_exactly(saved_optim, tmp_path):
     report = mapc.convert(legacy, tmp_path / "hf", to="hf", with_optimizer=True)
     assert not any("weights only" in w for w in report.warnings)
     hf = _moments_as_hf(tmp_path / "hf")
-    for slot, tensors in hf.items():
-        for t in range(2):
-            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
-                               (slot, t))
+    _assert_hf_holds_the_live_state(hf, truth)
     with _bound(legacy) as src:
         state = src.training_state()
     assert state["step"] == 1.0 and len(state["param_groups"]) == 2
@@ -640,10 +637,7 @@ def test_the_state_comes_back_to_torch_dist_exactly(saved_optim, via, options, s
                  optim_sharding=sharding)
     mapc.convert(tmp_path / "td", tmp_path / "back", to="hf", with_optimizer=True)
     hf = _moments_as_hf(tmp_path / "back")
-    for slot, tensors in hf.items():
-        for t in range(2):
-            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
-                               (slot, t))
+    _assert_hf_holds_the_live_state(hf, truth)
     with _bound(tmp_path / "td") as src:
         state = src.training_state()
     assert state["step"] == 1.0 and state["dp_world_size"] == 3
@@ -672,10 +666,7 @@ def test_resharding_chains_keep_every_slot(saved_optim, tmp_path_factory, data):
         src = base / f"td{i}"
     mapc.convert(src, base / "hf", to="hf", with_optimizer=True)
     hf = _moments_as_hf(base / "hf")
-    for slot, tensors in hf.items():
-        for t in range(2):
-            _assert_rank_equal(_truth_local(truth, t, slot), _expected_local(tensors, 2, 1, t, 0),
-                               (slot, t))
+    _assert_hf_holds_the_live_state(hf, truth)
 
 
 def test_the_write_plan_shows_the_optimizer_layout(saved_optim, tmp_path):
