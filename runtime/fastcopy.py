@@ -261,19 +261,25 @@ class FileBytes:
         whole put a conversion at 1.9 GB of RSS."""
         import mmap
         grain = mmap.ALLOCATIONGRANULARITY
-        for path, off, n in self.ranges:
-            pos, end = off, off + n
-            with open(path, "rb") as fh:
+        files: dict = {}                 # one open file per path (a fused shard has many ranges)
+        try:
+            for path, off, n in self.ranges:
+                if path not in files:
+                    files[path] = open(path, "rb")
+                pos, end = off, off + n
                 while pos < end:
                     start = pos - pos % grain
                     stop = min(end, pos + window)
-                    m = mmap.mmap(fh.fileno(), stop - start, access=mmap.ACCESS_READ,
+                    m = mmap.mmap(files[path].fileno(), stop - start, access=mmap.ACCESS_READ,
                                   offset=start)
                     view = memoryview(m)[pos - start:]
                     del m                      # the view keeps the mapping until released
                     yield view
                     del view
                     pos = stop
+        finally:
+            for fh in files.values():
+                fh.close()
 
     def __array__(self, dtype=None, copy=None):
         out = np.empty(self.nbytes, np.uint8)
