@@ -114,9 +114,9 @@ class Program:
             for name, inst in tensors:
                 label = recipes[id(inst.recipe)][0]
                 if id(inst) not in where_of:
-                    where = where_of[id(inst)] = {}
+                    places = where_of[id(inst)] = {}
                     for rc, c, n in inst.shards:
-                        where.setdefault((c, n), rc)
+                        places.setdefault((c, n), rc)
                 args = ", ".join(inst.members.values())
                 lines.append(f"  {name} {list(inst.recipe.shard_shape)} = {label}({args})"
                              + self._shard_label(inst, where_of[id(inst)].get((coord, name)))
