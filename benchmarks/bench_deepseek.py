@@ -18,7 +18,9 @@ the meta device, not from mapc.
    ep 8 by mapc, beside ``cp -r --sparse=never`` of the same files in the same run (both read
    the holes as zeros and write every byte): wall seconds, peak RSS (target <= 1.5 GB, i.e. no
    layer of experts is ever built whole: one is 22.5 GB), GB/s. Each output is deleted before
-   the next step, so the run needs ~28 GB of free disk.
+   the next step, so the run needs ~66 GB of free disk: mapc's output is 65.3 GB, since every
+   expert-parallel rank file holds its own copy of the dense tensors (embedding and head
+   included), as Megatron's torch format does.
 
 Values are zeros (holes): this measures planning, memory and byte movement, not the layout,
 which tests/test_deepseek_v3.py checks against transformers and megatron-core.
@@ -179,6 +181,8 @@ def main(argv=None) -> int:
             rows["mapc hf -> megatron ep8"] = conv
             results["slice"] = {"bytes": nbytes, "output_bytes": out_bytes,
                                 "rows": rows}
+            print(f"mapc writes {out_bytes / 1e9:.1f} GB (every expert-parallel rank file holds "
+                  f"the dense tensors), cp {nbytes / 1e9:.1f} GB; GB/s below is of the source")
             print(f"{'operation':28s} {'seconds':>8s} {'x cp':>6s} {'CPU s':>6s} "
                   f"{'peak RSS MiB':>13s} {'GB/s':>6s}  RSS<=1.5GB")
             for what, r in rows.items():
