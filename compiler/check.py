@@ -90,6 +90,7 @@ def check(ir: dict) -> None:
     for c in ir["config"]:
         # a default may use symbols declared above it (they are bound in order)
         _known(c["default"], known, c["at"], "default of " + c["name"])
+        _known(c.get("absent"), known, c["at"], "absent value of " + c["name"])
         known.add(c["name"])
     for x in ir["lets"]:
         _known(x["expr"], known, x["at"], "let " + x["name"])
@@ -193,6 +194,15 @@ def _check_layout(lay, spec_syms, tensors, groups, lets):
                 _known(pipe[stage], syms, pipe["at"], f"the pipeline's {stage} stage size")
     for r in lay.get("requires", ()):
         _known(r["expr"], syms, r["at"], "require")
+    without = set()
+    for w in lay.get("without", ()):
+        if w["group"] not in groups:
+            raise error_at(w["at"], f"'without {w['group']}': the spec declares no tensor group "
+                           f"{w['group']}", hint="declared groups: " + (", ".join(sorted(groups))
+                                                                        or "none"))
+        if pipe and pipe["group"] == w["group"]:
+            raise error_at(w["at"], f"'without {w['group']}': layout {name} pipelines that group")
+        without.add(w["group"])
     _check_meta_keys(lay)
     for m in lay["meta"]:
         _known(m["expr"], syms, m["at"], f"meta {m['key']}")
@@ -213,11 +223,17 @@ def _check_layout(lay, spec_syms, tensors, groups, lets):
     primary: dict[str, list] = {}
     for rule in lay["rules"]:
         _check_rule(_RuleCheck(lay, rule, syms, tensors, groups, lets))
+        placed = {tensors[r["tensor"]]["group"] for r in rule["refs"]} & without
+        if placed:
+            raise error_at(rule["at"], f"layout {name} is 'without {placed.pop()}' but this rule "
+                           f"places a tensor of it")
         if not rule["copy"]:
             for ref in rule["refs"]:
                 primary.setdefault(ref["tensor"], []).append(rule)
     for t in tensors.values():
         rules = primary.get(t["name"], [])
+        if not rules and t["group"] in without:
+            continue
         if not rules:
             raise error_at(lay["at"], f"layout {name} never places tensor {t['name']} "
                            f"(declared at {t['at']})", hint="add a rule for it")

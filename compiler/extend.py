@@ -71,6 +71,7 @@ def _layout(derived_spec: A.Spec, base: A.Layout, lay: A.Layout) -> A.Layout:
         rules=tuple(r for r in base.rules if r.name not in dropped) + lay.rules,
         aliases=base.aliases + lay.aliases,
         requires=base.requires + lay.requires,
+        withouts=base.withouts + lay.withouts,
         drops=())
 
 

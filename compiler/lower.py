@@ -161,6 +161,8 @@ def layout_ir(lay: A.Layout, source: str) -> dict:
         "aliases": [{"name": a.name, "tensor": a.ref.full_name, "index": a.ref.index,
                      "when": expr_ir(a.when), "at": str(a.pos)} for a in lay.aliases],
         "at": str(lay.pos),
+        **({"without": [{"group": w.group, "message": w.message, "at": str(w.pos)}
+                        for w in lay.withouts]} if lay.withouts else {}),
     }
 
 
@@ -200,7 +202,9 @@ def lower(spec: A.Spec, sha256: str) -> dict:
                   for m in spec.matches],
         "lets": [{"name": x.name, "expr": expr_ir(x.expr), "at": str(x.pos)} for x in spec.lets],
         "config": [{"name": c.name, "keys": list(c.keys), "default": expr_ir(c.default),
-                    "nullable": c.nullable, "at": str(c.pos)} for c in spec.config],
+                    "nullable": c.nullable, "at": str(c.pos),
+                    **({"absent": expr_ir(c.absent)} if c.absent is not None else {})}
+                   for c in spec.config],
         "requires": requires_ir(spec.requires),
         "tensors": [{"name": t.full_name, "group": t.group, "index": t.index,
                      "count": expr_ir(t.count), "axes": pattern_ir(t.pattern),

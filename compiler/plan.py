@@ -58,8 +58,11 @@ def meta_values(layout: dict, env: dict) -> dict:
             if m.get("when") is None or evaluate(m["when"], env, m["at"])}
 
 
-def bind_config(spec: Spec, config: dict) -> dict:
-    """Evaluate the spec's config symbols and lets against a model config."""
+def bind_config(spec: Spec, config: dict, absent: frozenset = frozenset()) -> dict:
+    """Evaluate the spec's config symbols and lets against a model config; the symbols named
+    in ``absent`` take their ``absent V`` value instead (a checkpoint that lacks what the
+    config's value implies, e.g. a multi-token-prediction layer a config counts but a saver
+    dropped)."""
     if not isinstance(config, dict):
         raise MapcError(f"the model config is a {type(config).__name__}, not a JSON object",
                         hint="pass --config CONFIG.json with the model's config")
@@ -82,6 +85,8 @@ def bind_config(spec: Spec, config: dict) -> dict:
                                 f"(needed for {c['name']}, {c['at']})",
                                 hint="pass --config CONFIG.json with the model's config")
             value = evaluate(c["default"], env, c["at"])
+        if c["name"] in absent:
+            value = evaluate(c["absent"], env, c["at"])
         env[c["name"]] = value
     for x in spec.ir["lets"]:
         env[x["name"]] = evaluate(x["expr"], env, x["at"])
@@ -431,6 +436,10 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
         env[x["name"]] = evaluate(x["expr"], env, x["at"])
     check_requires(layout.get("requires", ()), env)
     logical = logical_tensors(spec, config_env)
+    for w in layout.get("without", ()):
+        decl = next(t for t in spec.ir["tensors"] if t["group"] == w["group"])
+        if group_count(decl, config_env):
+            raise error_at(w["at"], w["message"], hint=f"without {w['group']}")
     plan = LayoutPlan(spec, layout, env, params, mesh, logical)
 
     tensors = {t["name"]: t for t in spec.ir["tensors"]}

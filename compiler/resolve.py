@@ -150,15 +150,12 @@ def _resolve(source, spec, config, params, allow_spec_change) -> Resolved:
             if stored_tensor(sp) is not None:
                 envs.append((_stored_env(sp, source), dict(config or {})))
             elif config is not None:
-                envs.append((bind_config(sp, config), dict(config)))
+                envs += [(env, dict(config)) for env in _absent_variants(sp, config, search)]
             else:
                 for guess in boolean_guesses(sp, inv_env):
-                    try:
-                        env = bind_config(sp, config_from_env(sp, inv_env | guess))
-                    except MapcError as e:     # e.g. a `require` refusing this guess only
-                        search.errors.append(f"{sp.family}: {e}")
-                        continue
-                    envs.append((env, _constructed_config(sp, env)))
+                    for env in _absent_variants(sp, config_from_env(sp, inv_env | guess),
+                                                search):
+                        envs.append((env, _constructed_config(sp, env)))
         except MapcError as e:
             search.errors.append(f"{sp.family}: {e}")
             continue
@@ -298,6 +295,27 @@ def may_match(text: str, config: dict) -> bool:
 
 
 # ---- config symbols and layout parameters a format's metadata states -----------------------------
+def _absent_variants(sp: Spec, config: dict, search) -> list[dict]:
+    """The config envs to try on a checkpoint: the config's own values first, then with the
+    symbols declared ``absent V`` at V (the checkpoint may lack what the config counts: a
+    transformers DeepSeek-V3 config says one MTP layer that its saved weights do not hold).
+    A `require` refusing one variant only drops that one."""
+    names = [c["name"] for c in sp.ir["config"] if c.get("absent") is not None]
+    out = []
+    for n in range(len(names) + 1):
+        for chosen in itertools.combinations(names, n):
+            try:
+                env = bind_config(sp, config, frozenset(chosen))
+            except MapcError as e:
+                if not out and n == len(names):
+                    raise
+                search.errors.append(f"{sp.family}: {e}")
+                continue
+            if all(env != o for o in out):
+                out.append(env)
+    return out
+
+
 def invert_meta(spec: Spec, layout: str, meta: dict) -> tuple[dict, dict]:
     """Config symbols and layout params that a format's metadata states directly."""
     syms = {c.name for c in spec.config_symbols()}

@@ -147,6 +147,15 @@ class Require:
 
 
 @dataclass(frozen=True)
+class Without:
+    """``without GROUP "message"`` in a layout: the format has no place for the group's
+    tensors; a config that gives the group any entry is refused with the message."""
+    group: str
+    message: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Drop:
     """``drop layout NAME`` (top level) or ``drop "RULE NAME"`` (in a layout) of a derived spec."""
     name: str
@@ -167,6 +176,7 @@ class ConfigEntry:
     default: Expr | None
     pos: Pos
     nullable: bool = False         # a present null binds null instead of falling through
+    absent: Expr | None = None     # the value when a checkpoint lacks what the config's implies
 
 
 @dataclass(frozen=True)
@@ -317,6 +327,7 @@ class Layout:
     aliases: tuple[Alias, ...] = ()
     requires: tuple[Require, ...] = ()
     drops: tuple[Drop, ...] = ()       # base rules a derived spec removes
+    withouts: tuple[Without, ...] = ()   # tensor groups the format has no place for
 
 
 @dataclass(frozen=True)

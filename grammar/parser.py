@@ -200,14 +200,18 @@ class _Build(Transformer):
     def require_decl(self, meta, c):
         return A.Require(c[0], str(c[1])[1:-1], self._pos(meta))
 
+    @v_args(meta=True)
+    def without_decl(self, meta, c):
+        return A.Without(str(c[0]), str(c[1])[1:-1], self._pos(meta))
+
     def config_block(self, c):
         return ["config", *c]
 
     @v_args(meta=True)
     def config_entry(self, meta, c):
-        *keys, nullable, default = c[1:]
+        *keys, nullable, default, absent = c[1:]
         return A.ConfigEntry(str(c[0]), tuple(keys), default, self._pos(meta),
-                             nullable=nullable is not None)
+                             nullable=nullable is not None, absent=absent)
 
     def key_path(self, c):
         return ".".join(str(t) for t in c)
@@ -271,7 +275,8 @@ class _Build(Transformer):
             pos=self._pos(meta),
             aliases=tuple(i for i in items if isinstance(i, A.Alias)),
             requires=tuple(i for i in items if isinstance(i, A.Require)),
-            drops=tuple(i for i in items if isinstance(i, A.Drop)))
+            drops=tuple(i for i in items if isinstance(i, A.Drop)),
+            withouts=tuple(i for i in items if isinstance(i, A.Without)))
 
     def mesh_decl(self, c):
         return ("mesh", tuple(str(t) for t in c))

@@ -206,19 +206,111 @@ def test_rotate_half_rope_is_refused_for_megatron(tmp_path):
     assert not (tmp_path / "mg").exists()
 
 
-def test_a_checkpoint_with_the_mtp_layer_is_refused_not_truncated(tmp_path, hf):
-    """Hub checkpoints carry the multi-token-prediction layer as model.layers.{L}.*; the spec
-    does not declare it yet, so converting is refused (nothing written) instead of dropping it."""
+def _with_mtp(src, dst):
+    """A copy of the checkpoint ``src`` carrying the MTP layer as the hub releases do:
+    model.layers.{L}.* (L = num_hidden_layers) holds a decoder layer of layer L-1's kind (values
+    of its own), enorm, hnorm, eh_proj [hidden, 2 hidden], shared_head.norm, and embed_tokens /
+    shared_head.head equal to the model's embedding and lm_head."""
     import shutil
     from safetensors.numpy import load_file, save_file
-    src, _, _ = hf
-    shutil.copytree(src, tmp_path / "hf")
+    shutil.copytree(src, dst)
+    w = load_file(str(dst / "model.safetensors"))
+    rng = np.random.default_rng(61)
+    last, mtp = "model.layers.2.", "model.layers.3."
+    for name in [n for n in w if n.startswith(last)]:
+        w[mtp + name[len(last):]] = (w[name] + rng.normal(0, 0.02, w[name].shape)).astype(w[name].dtype)
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        w[f"{mtp}{norm}.weight"] = rng.uniform(0.5, 1.5, 32).astype(np.float32)
+    w[mtp + "eh_proj.weight"] = rng.normal(0, 0.1, (32, 64)).astype(np.float32)
+    w[mtp + "embed_tokens.weight"] = w["model.embed_tokens.weight"].copy()
+    w[mtp + "shared_head.head.weight"] = w["lm_head.weight"].copy()
+    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    assert json.loads((dst / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    return w
+
+
+@pytest.fixture(scope="module")
+def hf_mtp(tmp_path_factory, hf):
+    path = tmp_path_factory.mktemp("deepseek_v3_mtp") / "hf"
+    return path, _with_mtp(hf[0], path)
+
+
+def test_the_mtp_layer_survives_megatron_bit_for_bit(tmp_path, hf, hf_mtp):
+    """hf (with the MTP layer) -> megatron tp2 pp3 ep2 -> hf: every tensor, MTP included, bit
+    for bit; transformers (which ignores the MTP layer) computes the same logits. The last
+    stage holds megatron-core's MTP names, eh_proj's rows cut over tp, and its own copy of the
+    embedding; the args say mtp_num_layers 1."""
+    from safetensors.numpy import load_file
+    src, w = hf_mtp
+    ref = hf[1]
+    assert torch.equal(logits_of(src, TOKENS), ref)
+    mapc.convert(src, tmp_path / "mg", to="megatron", tp=2, pp=3, ep=2)
+    mapc.convert(tmp_path / "mg", tmp_path / "back", to="hf")
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert back.keys() == w.keys() and all(back[k].tobytes() == w[k].tobytes() for k in w)
+    layer = len([k for k in w if k.startswith("model.layers.2.")])
+    assert len([k for k in back if k.startswith("model.layers.3.")]) == layer + 6
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
+    embedding = []
+    for t in range(2):
+        last = torchfile.load(_rank_file(tmp_path / "mg", f"mp_rank_{t:02d}_002_{t:03d}"))
+        m = last["model"]
+        assert last["args"].mtp_num_layers == 1
+        np.testing.assert_array_equal(np.asarray(m["mtp.layers.0.eh_proj.weight"]),
+                                      w["model.layers.3.eh_proj.weight"][t * 16:(t + 1) * 16])
+        embedding.append(np.asarray(m["embedding.word_embeddings.weight"]))
+        np.testing.assert_array_equal(
+            np.asarray(m["mtp.layers.0.transformer_layer.mlp.router.expert_bias"]),
+            w["model.layers.3.mlp.gate.e_score_correction_bias"])
+        k = 1      # local expert 1 of ep rank t is expert 2t + 1, its ffn rows cut over etp=tp
+        fc1 = np.asarray(m[f"mtp.layers.0.transformer_layer.mlp.experts.local_experts.{k}"
+                           f".linear_fc1.weight"])
+        e = f"model.layers.3.mlp.experts.{2 * t + k}"
+        # etp = tp = 2, and this file is tp rank t: rows [gate_t; up_t] of 8 each
+        np.testing.assert_array_equal(fc1, np.concatenate(
+            [w[f"{e}.gate_proj.weight"][t * 8:(t + 1) * 8],
+             w[f"{e}.up_proj.weight"][t * 8:(t + 1) * 8]]))
+        for stage in (0, 1):
+            names = torchfile.load(_rank_file(tmp_path / "mg",
+                                              f"mp_rank_{t:02d}_{stage:03d}_{t:03d}"))["model"]
+            assert not any(n.startswith("mtp.") for n in names)
+    # the last stage's copy of the embedding: the vocab padded to 256 and cut over tp
+    embedding = np.concatenate(embedding)
+    np.testing.assert_array_equal(embedding[:50], w["model.embed_tokens.weight"])
+    assert embedding.shape == (256, 32) and not embedding[50:].any()
+
+
+def test_a_saved_model_without_its_mtp_weights_reads_as_none(tmp_path, hf):
+    """transformers saves num_nextn_predict_layers 1 but no MTP weights: such a checkpoint
+    converts as one without the layer (the config's `absent 0`), and the record keeps the
+    config as it was."""
+    src, ref, _ = hf
+    assert json.loads((src / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    mapc.convert(src, tmp_path / "mg", to="megatron")
+    args = torchfile.load(_rank_file(tmp_path / "mg", "mp_rank_00"))["args"]
+    assert getattr(args, "mtp_num_layers", None) is None
+    mapc.convert(tmp_path / "mg", tmp_path / "back", to="hf")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())[
+        "num_nextn_predict_layers"] == 1
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
+
+
+def test_the_mtp_layer_is_refused_for_gguf_not_dropped(tmp_path, hf_mtp):
+    with pytest.raises(MapcError, match=r"specs/deepseek_v3\.map:\d+:\d+: deepseek_v3's MTP "
+                                        r"layer .* has no place in llama\.cpp's deepseek2 GGUF"):
+        mapc.convert(hf_mtp[0], tmp_path / "g", to="gguf")
+    assert not (tmp_path / "g").exists()
+
+
+def test_an_mtp_layer_with_an_unknown_tensor_is_refused(tmp_path, hf_mtp):
+    """A tensor of the MTP layer the spec does not declare is still refused, not dropped."""
+    from safetensors.numpy import load_file, save_file
+    import shutil
+    shutil.copytree(hf_mtp[0], tmp_path / "hf")
     w = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    w["model.layers.3.enorm.weight"] = np.ones(32, np.float32)
-    w["model.layers.3.eh_proj.weight"] = np.ones((32, 64), np.float32)
+    w["model.layers.3.extra_proj.weight"] = np.ones((32, 64), np.float32)
     save_file(w, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(MapcError, match=r"2 tensors that spec deepseek_v3 .* does not place, "
-                                        r"e\.g\. model\.layers\.3\.eh_proj\.weight"):
+    with pytest.raises(MapcError, match=r"model\.layers\.3\.extra_proj\.weight"):
         mapc.convert(tmp_path / "hf", tmp_path / "mg", to="megatron")
     assert not (tmp_path / "mg").exists()
 

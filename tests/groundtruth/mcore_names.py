@@ -84,6 +84,8 @@ def _ranks(cfg: dict, tp: int, pp: int, meta: bool = False) -> dict:
     ``linear_bias`` (``add_bias_linear``, default False), ``qkv_bias`` (``add_qkv_bias``,
     default False), ``position_embedding`` ("rope" or "learned_absolute").
 
+    MTP: ``mtp`` (``mtp_num_layers``; megatron-core's MTP block on the last stage).
+
     MoE: ``experts`` (``num_moe_experts``, SequentialMLP experts, local spec) and ``topk``;
     the expert-parallel sizes come from ``parallel_state``.
 
@@ -320,6 +322,8 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None, vp_stage=None):
     from megatron.core.activations import quick_gelu
     activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
                   "quick_gelu": quick_gelu}[cfg.get("activation", "silu" if gated else "gelu")]
+    if cfg.get("mtp"):      # multi-token prediction layers (on the last stage)
+        extra["mtp_num_layers"] = int(cfg["mtp"])
     if cfg.get("glu_offset") is not None:     # GPT-OSS's GLU: act(gate) * (up + offset)
         extra["glu_linear_offset"] = float(cfg["glu_offset"])
     if cfg.get("clamp") is not None:          # ... with gate and up clamped to the value
@@ -374,6 +378,10 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None, vp_stage=None):
     else:
         layer_spec = get_gpt_layer_local_spec(
             normalization=norm, qk_layernorm=bool(cfg.get("qk_layernorm", False)))
+    if cfg.get("mtp"):      # megatron-core's MTP block: None on the stages that hold none
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+        extra_model["mtp_block_spec"] = get_gpt_mtp_block_spec(
+            config, layer_spec, use_transformer_engine=False, vp_stage=vp_stage)
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
