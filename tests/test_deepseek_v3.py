@@ -119,18 +119,41 @@ def test_megatron_core_computes_transformers_logits(tmp_path, hf, hf_no_q_lora):
 
 
 @pytest.mark.slow
-def test_megatron_names_and_shapes_per_rank_are_megatron_cores(tmp_path, hf):
-    """One world of 2 megatron-core processes builds two grids: tp=2 (experts cut over tp, as
-    etp defaults to tp), and tp=2 ep=2 etp=1 (whole experts, as GPT-OSS's biased experts
+def test_megatron_names_and_shapes_per_rank_are_megatron_cores(tmp_path, hf, hf_mtp):
+    """One world of 2 megatron-core processes builds three grids: tp=2 (experts cut over tp, as
+    etp defaults to tp), tp=2 ep=2 etp=1 (whole experts, as GPT-OSS's biased experts
     need), where only the ranks of expert data-parallel rank 0 save: 2 files of the 4
-    tp x ep pairs, each of which megatron-core loads strictly."""
+    tp x ep pairs, each of which megatron-core loads strictly, and tp=2 with the MTP layer."""
     pytest.importorskip("megatron.core")
     src, _, q_lora = hf
     mapc.convert(src, tmp_path / "mg", to="megatron", tp=2)
     mapc.convert(src, tmp_path / "etp", to="megatron", tp=2, ep=2, set={"etp": "1"})
+    mapc.convert(hf_mtp[0], tmp_path / "mtp", to="megatron", tp=2)
+    mapc.convert(hf_mtp[0], tmp_path / "mtp_pp", to="megatron", pp=2,
+                 set={"first_stage_layers": "1"})
     release = tmp_path / "etp" / "release"
-    truth, etp = _groundtruth("mcore_names").mcore_rank_variants(
-        mcore_cfg(q_lora, tp=2), 2, 1, [{"ep": 2, "etp": 1, "load": str(release)}])
+    truth, etp, mtp, mtp_pp = _groundtruth("mcore_names").mcore_rank_variants(
+        mcore_cfg(q_lora, tp=2), 2, 1, [
+            {"ep": 2, "etp": 1, "load": str(release)},
+            {"mtp": 1, "load": str(tmp_path / "mtp" / "release")},
+            dict(mcore_cfg(q_lora), mtp=1, grid_tp=1, grid_pp=2, layers_first_stage=1,
+                 load=str(tmp_path / "mtp_pp" / "release"))])
+    # with the MTP layer (mtp_num_layers=1, get_gpt_mtp_block_spec): every rank loads mapc's
+    # file strictly; at tp=2 eh_proj's rows are cut over tp; at pp=2 (1 + 2 layers) the MTP
+    # layer and a copy of the embedding are on the last stage only
+    for (t, _), rank in mtp.items():
+        assert rank["loaded"] == f"mp_rank_{t:02d}"
+        model = torchfile.load(_rank_file(tmp_path / "mtp", rank["loaded"]))["model"]
+        assert {n: list(v.shape) for n, v in model.items()} == rank["shapes"], t
+        assert rank["shapes"]["mtp.layers.0.eh_proj.weight"] == [16, 64]
+    assert sorted(mtp_pp) == [(0, 0), (0, 1)]
+    for (_, stage), rank in mtp_pp.items():
+        assert rank["loaded"] == f"mp_rank_00_{stage:03d}"
+        model = torchfile.load(_rank_file(tmp_path / "mtp_pp", rank["loaded"]))["model"]
+        assert {n: list(v.shape) for n, v in model.items()} == rank["shapes"], stage
+    last = mtp_pp[(0, 1)]["shapes"]
+    assert "embedding.word_embeddings.weight" in last and "mtp.layers.0.eh_proj.weight" in last
+    assert not any(n.startswith("mtp.") for n in mtp_pp[(0, 0)]["shapes"])
     assert sorted(truth) == [(0, 0), (1, 0)]
     for (t, _), rank in truth.items():
         model = torchfile.load(_rank_file(tmp_path / "mg", f"mp_rank_{t:02d}"))["model"]

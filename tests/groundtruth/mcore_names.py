@@ -104,7 +104,8 @@ def _ranks(cfg: dict, tp: int, pp: int, meta: bool = False) -> dict:
 def mcore_rank_variants(cfg: dict, tp: int, pp: int, variants: list[dict]) -> list[dict]:
     """``mcore_ranks`` of ``cfg`` and of ``cfg`` updated by each of ``variants``, built one
     after the other by the same processes (one world, one megatron-core import): each variant
-    must fit the world of the first (its tp, pp, and ep * etp)."""
+    must fit the world of the first (its tp, pp, and ep * etp); a variant's ``grid_tp`` /
+    ``grid_pp`` give it another tp x pp grid of the same world size."""
     return _variant_ranks(dict(cfg, then=list(variants)), tp, pp, False)
 
 
@@ -143,6 +144,8 @@ def _variant_ranks(cfg: dict, tp: int, pp: int, meta: bool) -> list[dict]:
                 result[key] = {"shapes": data["shapes"], "layers": data["layers"]}
                 if etp is not None:
                     result[key].update(etp_rank=data["etp_rank"], loaded=data.get("loaded"))
+                elif data.get("loaded"):
+                    result[key]["loaded"] = data["loaded"]
             if etp is None and len(result) != world:
                 raise RuntimeError(f"expected {world} distinct ranks, got {sorted(result)}")
             results.append(dict(sorted(result.items())))
@@ -229,6 +232,8 @@ def _worker(cfg: dict, tp: int, pp: int, out_dir: str) -> None:
 def _build_and_report(cfg: dict, tp: int, pp: int, rank: int, path: Path) -> None:
     import torch
     from megatron.core import parallel_state
+    # a variant may lay the same world out as another grid (tp=2 pp=1, then tp=1 pp=2)
+    tp, pp = int(cfg.get("grid_tp", tp)), int(cfg.get("grid_pp", pp))
     extra = {}
     if cfg.get("etp") is not None:
         extra["expert_tensor_parallel_size"] = int(cfg["etp"])
