@@ -298,7 +298,7 @@ def may_match(text: str, config: dict) -> bool:
 def _absent_variants(sp: Spec, config: dict, search) -> list[dict]:
     """The config envs to try on a checkpoint: the config's own values first, then with the
     symbols declared ``absent V`` at V (the checkpoint may lack what the config counts: a
-    transformers DeepSeek-V3 config says one MTP layer that its saved weights do not hold).
+    saver that keeps a layer count in the config but drops those layers' weights).
     A `require` refusing one variant only drops that one."""
     names = [c["name"] for c in sp.ir["config"] if c.get("absent") is not None]
     out = []
