@@ -49,7 +49,7 @@ def keys_of(layout: str) -> KeySet | None:
         return None
     listed = _listed(layout)
     names = {k for k in listed if "{" not in k}
-    patterns = [re.escape(k).replace(r"\{arch\}", "[A-Za-z0-9_]+") for k in listed if "{arch}" in k]
+    patterns = [re.escape(k).replace(r"\{arch\}", "[A-Za-z0-9_-]+") for k in listed if "{arch}" in k]
     ks = KeySet(f"compiler/metakeys/{layout}.txt", names, patterns)
     ks.shown = sorted(listed)
     return ks

@@ -308,6 +308,8 @@ class _Build(Transformer):
     @v_args(meta=True)
     def meta_entry(self, meta, c):
         key, value, test, other = c
+        if getattr(key, "type", None) == "STRING":
+            key = str(key)[1:-1]
         pos = self._pos(meta)
         if other is not None:       # KEY = A if COND else B: a conditional value
             return A.MetaEntry(key, A.Cond(test, value, other, pos), pos)

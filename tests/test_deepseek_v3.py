@@ -35,7 +35,8 @@ CFG = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hi
            topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
            max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
            rope_interleave=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-# megatron-core's forward in fp32 on CPU against transformers' (observed: 3e-8)
+# megatron-core's forward in fp32 on CPU against transformers' (observed: 3e-8; the MTP
+# layer's logits against transformers' MtpModel: 7e-8)
 MCORE_TOLERANCE = 1e-5
 
 
@@ -100,17 +101,29 @@ def test_megatron_round_trip_keeps_logits(tmp_path, request, which, topo):
     assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
 
 
-def test_megatron_core_computes_transformers_logits(tmp_path, hf, hf_no_q_lora):
-    """One megatron-core process: the q_lora model, a negative control, the q_proj model."""
+def test_megatron_core_computes_transformers_logits(tmp_path, hf, hf_no_q_lora, hf_mtp):
+    """One megatron-core process: the q_lora model, a negative control, the q_proj model, and
+    the model with its MTP layer (GPTModel with mtp_num_layers=1): its main logits and its MTP
+    layer's equal transformers' (main model, and transformers' MtpModel), and exchanging enorm
+    and hnorm changes the MTP logits."""
     pytest.importorskip("megatron.core")
-    for name, (src, _, _) in (("a", hf), ("b", hf_no_q_lora)):
+    for name, src in (("a", hf[0]), ("b", hf_no_q_lora[0]), ("m", hf_mtp[0])):
         mapc.convert(src, tmp_path / name, to="megatron")
     a, b = ("decoder.layers.0.self_attention.kv_layernorm.weight",
             "decoder.layers.1.self_attention.kv_layernorm.weight")
-    ours, swapped, noq = _groundtruth("mcore_forward").mcore_logits(
+    mtp_file = str(_rank_file(tmp_path / "m", "mp_rank_00"))
+    ours, swapped, noq, mtp, mtp_swapped = _groundtruth("mcore_forward").mcore_logits(
         mcore_cfg(16), _rank_file(tmp_path / "a", "mp_rank_00"), TOKENS,
         [{}, {"swap": [a, b]},
-         {"cfg": mcore_cfg(None), "file": str(_rank_file(tmp_path / "b", "mp_rank_00"))}])
+         {"cfg": mcore_cfg(None), "file": str(_rank_file(tmp_path / "b", "mp_rank_00"))},
+         {"cfg": dict(mcore_cfg(16), mtp=1), "file": mtp_file, "mtp": True},
+         {"cfg": dict(mcore_cfg(16), mtp=1), "file": mtp_file, "mtp": True,
+          "swap": ["mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight"]}])
+    main_ref, mtp_ref = _transformers_mtp_logits(hf_mtp[0])
+    (m_main, m_mtp), (_, s_mtp) = ([np.array(x)[..., :50] for x in r] for r in (mtp, mtp_swapped))
+    assert np.abs(m_main - main_ref.numpy()).max() <= MCORE_TOLERANCE
+    assert np.abs(m_mtp - mtp_ref.numpy()).max() <= MCORE_TOLERANCE
+    assert np.abs(s_mtp - mtp_ref.numpy()).max() > 1e-4
     ours, swapped, noq = (np.array(x)[..., :50] for x in (ours, swapped, noq))
     assert np.abs(ours - hf[1].numpy()).max() <= MCORE_TOLERANCE
     assert np.abs(noq - hf_no_q_lora[1].numpy()).max() <= MCORE_TOLERANCE
@@ -301,6 +314,38 @@ def test_the_mtp_layer_survives_megatron_bit_for_bit(tmp_path, hf, hf_mtp):
     embedding = np.concatenate(embedding)
     np.testing.assert_array_equal(embedding[:50], w["model.embed_tokens.weight"])
     assert embedding.shape == (256, 32) and not embedding[50:].any()
+
+
+def _transformers_mtp_logits(path):
+    """transformers' own MTP model (modeling_layers.MtpModel, what generate(use_mtp=True)
+    drafts with) loaded from the checkpoint at ``path``: the main model's logits and the MTP
+    layer's for TOKENS (its input ids shifted by one, token 0 last, positions 0..n-1 as
+    megatron-core's MTP uses the main sequence's rotary positions). transformers finds the MTP
+    weights by the main model's `_keys_to_ignore_on_load_unexpected` (layer 61, the hub
+    size): pointed at this tiny model's layer 3."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import MtpModel
+    main = AutoModelForCausalLM.from_pretrained(str(path))
+    main._keys_to_ignore_on_load_unexpected = [r"model\.layers\.3\..*"]
+    mtp = MtpModel.from_pretrained(main)
+    with torch.no_grad():
+        out = main(input_ids=torch.tensor([TOKENS]), output_hidden_states=True)
+        hidden = mtp.forward_layer(0, out.hidden_states[-1], torch.arange(len(TOKENS))[None],
+                                   None, input_ids=torch.tensor([TOKENS[1:] + [0]]))
+        return out.logits, mtp._project_to_logits(hidden)
+
+
+def test_transformers_mtp_model_reads_the_round_trip_as_the_source(tmp_path, hf_mtp):
+    """transformers' MtpModel on the source and on hf -> megatron (tp2 pp2 uneven) -> hf: the same
+    MTP logits, bit for bit (and they differ from the main model's: the MTP layer counts)."""
+    src, _ = hf_mtp
+    mapc.convert(src, tmp_path / "mg", to="megatron", tp=2, pp=2,
+                 set={"first_stage_layers": "1"})
+    mapc.convert(tmp_path / "mg", tmp_path / "back", to="hf")
+    main, mtp = _transformers_mtp_logits(src)
+    main_back, mtp_back = _transformers_mtp_logits(tmp_path / "back")
+    assert torch.equal(mtp, mtp_back) and torch.equal(main, main_back)
+    assert (mtp - main).abs().max() > 1e-3
 
 
 def test_a_saved_model_without_its_mtp_weights_reads_as_none(tmp_path, hf):

@@ -7,7 +7,9 @@ that builds the model with :func:`mcore_names.build_gpt` (local spec), loads the
 logits for ``tokens``, once per variant. A variant ``{"swap": [a, b]}`` exchanges two tensors
 before loading: a negative control showing the comparison can fail. A variant
 ``{"cfg": CFG, "file": MODEL_FILE}`` runs another model in the same process (one startup for
-several models).
+several models). A variant ``{"mtp": true}`` (a cfg with ``mtp``) returns ``[main logits, MTP
+layer 1's logits, ...]``: megatron-core's MultiTokenPredictionBlock run by GPTModel's own
+forward (input ids rolled by one, the last position given token 0), its output taken by a hook.
 
 CPU workarounds (test harness only, applied only inside the worker), beyond mcore_names':
 
@@ -99,6 +101,17 @@ def _worker(cfg: dict, model_file: str, tokens: list[int], variants: list) -> li
         if missing or unexpected:
             raise SystemExit(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
         model.eval()
+        if v.get("mtp"):
+            # a model with mtp_num_layers: its forward (which then needs labels) returns the
+            # loss; the MTP block's output, [main hidden; each MTP layer's hidden] stacked on
+            # the sequence axis, is taken by a hook and both go through the output layer
+            got = {}
+            model.mtp.register_forward_hook(lambda m, a, out: got.setdefault("h", out))
+            with torch.no_grad():
+                model(input_ids=ids, position_ids=pos, attention_mask=mask, labels=ids)
+                results.append([model.output_layer(h)[0].transpose(0, 1).tolist()
+                                for h in torch.chunk(got["h"], 1 + int(vcfg["mtp"]), dim=0)])
+            continue
         with torch.no_grad():
             results.append(model(input_ids=ids, position_ids=pos, attention_mask=mask).tolist())
     parallel_state.destroy_model_parallel()
