@@ -117,3 +117,27 @@ def test_static_errors(where, replacement, expected):
     with pytest.raises(SpecError) as e:
         compile_text(text, "f.map")
     assert re.match(r"f\.map:\d+:\d+: " + f"({expected})", str(e.value)), str(e.value)
+
+
+def test_a_quoted_meta_key_is_written_as_it_is_and_checked_for_gguf():
+    """llama.cpp's architecture names may hold a hyphen (gpt-oss): such a key is quoted."""
+    text = SPEC.replace('''        model_type = "extra_test"
+''', '''        model_type = "extra_test"
+        "odd-name.size" = hidden
+''')
+    s = compile_text(text, "f.map")
+    plan = plan_layout(s, "hf", bind_config(s, dict(CONFIG, num_extra_layers=0)))
+    assert plan.meta()["odd-name.size"] == 4
+    bad = SPEC.replace("layout small {", '''layout gguf {
+    meta {
+        general.architecture = "gpt-oss"
+        "gpt-oss.block_countt" = layers
+    }
+    without more "no place"
+    "token_embd.weight" = embed
+    "blk.{i}.w" = layer[i].w
+}
+layout small {''')
+    with pytest.raises(SpecError, match=r"gpt-oss\.block_countt"):
+        compile_text(bad, "f.map")
+    compile_text(bad.replace("block_countt", "block_count"), "f.map")
