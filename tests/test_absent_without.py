@@ -2,7 +2,7 @@
 (DeepSeek-V3's multi-token-prediction layer): a config entry's `absent V` (reading, the value is
 V when the checkpoint lacks what the config's value implies) and a layout's `without GROUP "why"`
 (the format has no place for a group: statically exempt from coverage, refused when the group
-has entries). Each with its errors (file:line:col)."""
+has entries). Each with its errors (file:line:col). Also quoted meta keys (GGUF gpt-oss)."""
 from __future__ import annotations
 
 import json
