@@ -71,7 +71,7 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
         # a format of global tensors whose metadata records the training run's sizes takes
         # --tp/--pp as layout parameters (torch_dist: tp_size, pp_size)
         declared = {p["name"] for p in res.spec.layout(target_layout)["params"]} \
-            if target_layout in res.spec.layout_names() else set()
+            if target_layout in res.spec.layout_names() else frozenset()
         for axis, param in getattr(module(to), "TOPOLOGY_PARAMS", {}).items():
             if topo.get(axis) is not None and param in declared:
                 sets.setdefault(param, topo.pop(axis))

@@ -157,12 +157,40 @@ def build_layers(shapes: dict, layers: int):
             + [LayerSpec(RMSNorm), LayerSpec(LMHeadPipe)])
 
 
+def load(engine, args, rank, shards, t):
+    """DeepSpeed's universal loader on this rank (engine.load_checkpoint with
+    ``load_universal``), then what the rank's optimizer holds."""
+    import numpy as np
+    import torch.distributed as tdist
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    engine.load_checkpoint(args.load, load_optimizer_states=True,
+                           load_lr_scheduler_states=False)
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    got = {}
+    for name, q in engine.module.named_parameters():
+        got[f"{name}|fp32"] = safe_get_full_fp32_param(q).detach().float().numpy()
+        got[f"{name}|weight"] = q.detach().float().numpy()
+        for k in ("exp_avg", "exp_avg_sq"):
+            got[f"{name}|{k}"] = safe_get_full_optimizer_state(q, k).detach().float().numpy()
+        got[f"{name}|ref"] = shards[name][t].numpy()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    np.savez(Path(args.out) / f"load.rank{rank}.npz", **got)
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--hf", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=2)
+    p.add_argument("--load", help="a universal checkpoint to load instead of training: "
+                                  "every rank writes OUT/load.rank{R}.npz (|fp32, |exp_avg, "
+                                  "|exp_avg_sq as the engine holds them; |ref its HF shard)")
     args = p.parse_args(argv)
     import numpy as np
     import torch
@@ -202,7 +230,11 @@ def main(argv=None):
     config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
               "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 1},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    if args.load:
+        config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    if args.load:
+        return load(engine, args, rank, shards, t)
     g = torch.Generator().manual_seed(7)
     batches = [(ids, ids.clone()) for ids in
                (torch.randint(0, vocab, (1, 8), generator=g) for _ in range(2))]
