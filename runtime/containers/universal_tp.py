@@ -1,5 +1,5 @@
-"""Model-parallel DeepSpeed universal checkpoints (Megatron-DeepSpeed's layout with tensor
-parallelism), read and written.
+"""Model-parallel DeepSpeed universal checkpoints (Megatron-DeepSpeed's layouts with tensor and
+pipeline parallelism), read and written.
 
 Beside ``zero/`` such a folder holds one ``mp_rank_TT_model_states.pt`` per tensor-parallel
 rank, each with that rank's shards of the module (``module``, ``param_shapes``),
@@ -21,8 +21,11 @@ Which tensor is which comes from the family's spec, never from its name: the ten
 spec's ``megatron`` layout (its megatron-core or legacy names, at the checkpoint's TP), and each
 one's rule is read off its compiled recipe (where the ``tp`` split sits on its axis, whether a
 vocabulary axis is padded). ``universal_checkpoint_info`` is written from the same rules, one
-exact pattern per tensor. Pipeline parallelism and ZeRO stage 3 with TP are refused.
-docs/formats/deepspeed.md section 10 has the details.
+exact pattern per tensor. With pipeline parallelism the tensors are the family's
+``megatron_pipe`` layout (DeepSpeed PipelineModule names at global layer positions, one zero/
+folder each across stages) and there is one ``mp_rank_MM_model_states.pt`` per (pp, tp) rank,
+MM = pp * tp + tp rank. Expert parallelism and ZeRO stage 3 with TP are refused.
+docs/formats/deepspeed.md section 13 has the details.
 """
 from __future__ import annotations
 
