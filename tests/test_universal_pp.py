@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,52 +43,66 @@ TP, PP = 2, 2
 UDIR = "global_step1_universal"
 
 
-def _torchrun(args: list, nproc: int, log: Path) -> None:
-    for attempt in range(3):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={dc._free_port()}",
-               str(SCRIPT)] + args
-        try:
-            dc._run(cmd, log, dc.TIMEOUT_S)
-            return
-        except RuntimeError as e:
-            if attempt == 2 or "address already in use" not in str(e).lower():
-                raise
+def _torchrun_cmd(args: list, nproc: int) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={dc._free_port()}",
+            str(SCRIPT)] + args
 
 
-def _deepspeed_run(ds_root) -> Path:
-    """The HF model, DeepSpeed's pipeline checkpoint of it and ds_to_universal's conversion
-    (kept under MAPC_DS_CACHE when set)."""
-    out = Path(ds_root) / f"mds_pipe_tp{TP}pp{PP}"
-    if (out / "ck" / UDIR / "zero").is_dir():
-        return out
-    tmp = Path(ds_root) / f".mds_pipe.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf = write_random_hf(tmp / "hf", CFG, seed=3)
-    _torchrun(["--hf", str(hf), "--out", str(tmp / "ck"), "--tp", str(TP), "--pp", str(PP)],
-              TP * PP, tmp / "train.log")
+def _ds_to_universal(ck: Path) -> None:
     dc._run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-             str(tmp / "ck" / "global_step1"), "--output_folder", str(tmp / "ck" / UDIR),
+             str(ck / "global_step1"), "--output_folder", str(ck / UDIR),
              "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
-            tmp / "universal.log", dc.TIMEOUT_S)
-    shutil.move(str(tmp), str(out))
-    return out
+            ck.parent / "universal.log", dc.TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
 def gt(ds_root, tmp_path_factory):
-    """DeepSpeed's run and universal checkpoint, mapc's --to universal --tp 2 --pp 2 of it
-    (``ours``) and of the HF model (``ours_hf``), and DeepSpeed's engine loading ``ours``."""
-    run = _deepspeed_run(ds_root)
+    """DeepSpeed's run and ds_to_universal's conversion of it (kept under MAPC_DS_CACHE when
+    set), mapc's --to universal --tp 2 --pp 2 of it (``ours``) and of the HF model
+    (``ours_hf``), and DeepSpeed's engine loading ``ours``: in the training processes
+    (``--then-load``: one torch and DeepSpeed start-up), or on their own for a cached run."""
     root = tmp_path_factory.mktemp("universal_pp")
+    run = Path(ds_root) / f"mds_pipe_tp{TP}pp{PP}"
+    load = {"load": str(root / "ours"), "out": str(root / "load")}
+    if (run / "ck" / UDIR / "zero").is_dir():
+        api.convert(run / "ck" / UDIR, root / "ours", "universal", tp=TP, pp=PP,
+                    config=str(run / "hf" / "config.json"))
+        dc._run(_torchrun_cmd(["--hf", str(run / "hf"), "--out", load["out"], "--tp", str(TP),
+                               "--pp", str(PP), "--load", load["load"]], TP * PP),
+                root / "load.log", dc.TIMEOUT_S)
+    else:
+        tmp = Path(ds_root) / f".mds_pipe.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf = write_random_hf(tmp / "hf", CFG, seed=3)
+        flag = root / "load.json"
+        log = tmp / "train.log"
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(
+                _torchrun_cmd(["--hf", str(hf), "--out", str(tmp / "ck"), "--tp", str(TP),
+                               "--pp", str(PP), "--then-load", str(flag)], TP * PP),
+                stdout=fh, stderr=subprocess.STDOUT, env=dc._env(),
+                cwd=str(Path(__file__).parent.parent))
+        try:
+            deadline = time.time() + dc.TIMEOUT_S
+            while not (tmp / "ck" / "expected.json").is_file():
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            _ds_to_universal(tmp / "ck")
+            api.convert(tmp / "ck" / UDIR, root / "ours", "universal", tp=TP, pp=PP,
+                        config=str(hf / "config.json"))
+            (root / "load.tmp").write_text(json.dumps(load))
+            (root / "load.tmp").rename(flag)
+            assert proc.wait(timeout=dc.TIMEOUT_S) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        shutil.move(str(tmp), str(run))
     hf, ds = run / "hf", run / "ck" / UDIR
-    cfg = str(hf / "config.json")
-    api.convert(ds, root / "ours", "universal", tp=TP, pp=PP, config=cfg)
     api.convert(hf, root / "ours_hf", "universal", tp=TP, pp=PP)
-    _torchrun(["--hf", str(hf), "--out", str(root / "load"), "--tp", str(TP), "--pp", str(PP),
-               "--load", str(root / "ours")], TP * PP, root / "load.log")
     expected = json.loads((run / "ck" / "expected.json").read_text())
-    return {"run": run, "hf": hf, "ds": ds, "cfg": cfg, "ours": root / "ours" / UDIR,
+    return {"run": run, "hf": hf, "ds": ds, "cfg": str(hf / "config.json"),
+            "ours": root / "ours" / UDIR,
             "ours_hf": root / "ours_hf" / "global_step0_universal", "load": root / "load",
             "expected": expected,
             "state": [dict(np.load(run / "ck" / f"state.rank{r['rank']}.npz"))
@@ -224,13 +239,28 @@ def test_parallel_dimensions_that_do_not_fit_are_refused(gt, tmp_path):
         open_source(d)
 
 
+TOY = """
+family toy
+config {
+    hidden: hidden_size
+}
+tensors {
+    norm: hidden
+}
+layout hf {
+    "norm" = norm
+}
+"""
+
+
 def test_pipeline_target_of_a_family_without_pipeline_names_is_refused(tmp_path):
-    """--pp needs the family's megatron_pipe layout (DeepSpeed pipeline names); gpt2's spec
-    has none."""
-    from tests.conftest import build_transformers_model
-    cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 32,
-           "n_layer": 2, "n_head": 4, "vocab_size": 100, "n_positions": 64}
-    build_transformers_model(cfg, tmp_path / "hf")
-    with pytest.raises(MapcError, match=r"spec gpt2 .* has no layout 'megatron_pipe'"):
-        api.convert(tmp_path / "hf", tmp_path / "out", "universal", tp=2, pp=2)
+    """--pp needs the family's megatron_pipe layout (DeepSpeed pipeline names)."""
+    from safetensors.numpy import save_file
+    (tmp_path / "toy.map").write_text(TOY)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"hidden_size": 4}))
+    save_file({"norm": np.ones(4, np.float32)}, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(MapcError, match=r"spec toy .* has no layout 'megatron_pipe'"):
+        api.convert(tmp_path / "hf", tmp_path / "out", "universal", tp=2, pp=2,
+                    spec=str(tmp_path / "toy.map"))
     assert not (tmp_path / "out").exists()

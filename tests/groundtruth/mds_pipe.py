@@ -26,12 +26,20 @@ the vocabulary padding rows), then ``engine.save_checkpoint(DIR, client_state={"
 ``name|exp_avg_sq`` gathered back with DeepSpeed's ``safe_get_full_fp32_param`` /
 ``safe_get_full_optimizer_state``; rank 0 writes ``DIR/expected.json`` (the tag, tp, pp and
 every rank's (pp, tp) and names).
+
+``--load UNIVERSAL`` (instead of training) or ``--then-load FILE`` (after it, once FILE names
+``{"load": UNIVERSAL, "out": DIR}``) builds the same model with zero weights, loads UNIVERSAL
+with DeepSpeed's universal loader (``"checkpoint": {"load_universal": true}``,
+``engine.load_checkpoint``) and writes ``DIR/load.rank{R}.npz``: ``name|fp32``, ``|exp_avg``,
+``|exp_avg_sq`` (what the rank's optimizer then holds), ``|weight`` (its live parameter) and
+``|ref`` (its HF shard).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -157,14 +165,12 @@ def build_layers(shapes: dict, layers: int):
             + [LayerSpec(RMSNorm), LayerSpec(LMHeadPipe)])
 
 
-def load(engine, args, rank, shards, t):
-    """DeepSpeed's universal loader on this rank (engine.load_checkpoint with
-    ``load_universal``), then what the rank's optimizer holds."""
+def load(engine, path, out: Path, rank, shards, t):
+    """DeepSpeed's universal loader on this rank (engine.load_checkpoint of ``path`` with
+    ``load_universal``), then what the rank's optimizer holds: ``out/load.rank{R}.npz``."""
     import numpy as np
-    import torch.distributed as tdist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    engine.load_checkpoint(args.load, load_optimizer_states=True,
-                           load_lr_scheduler_states=False)
+    engine.load_checkpoint(path, load_optimizer_states=True, load_lr_scheduler_states=False)
     opt = engine.optimizer
     if hasattr(opt, "_hp_optimizer_states_linked"):
         opt._hp_optimizer_states_linked = False
@@ -176,10 +182,8 @@ def load(engine, args, rank, shards, t):
         for k in ("exp_avg", "exp_avg_sq"):
             got[f"{name}|{k}"] = safe_get_full_optimizer_state(q, k).detach().float().numpy()
         got[f"{name}|ref"] = shards[name][t].numpy()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    np.savez(Path(args.out) / f"load.rank{rank}.npz", **got)
-    tdist.barrier()
-    tdist.destroy_process_group()
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / f"load.rank{rank}.npz", **got)
 
 
 def main(argv=None):
@@ -190,7 +194,12 @@ def main(argv=None):
     p.add_argument("--pp", type=int, default=2)
     p.add_argument("--load", help="a universal checkpoint to load instead of training: "
                                   "every rank writes OUT/load.rank{R}.npz (|fp32, |exp_avg, "
-                                  "|exp_avg_sq as the engine holds them; |ref its HF shard)")
+                                  "|exp_avg_sq as the engine holds them; |weight its live "
+                                  "weight; |ref its HF shard)")
+    p.add_argument("--then-load", metavar="FILE",
+                   help="after training, wait (up to 10 min) for FILE to name a universal "
+                        "checkpoint and load it as --load does, in the same processes (one "
+                        "torch and DeepSpeed start-up for both)")
     args = p.parse_args(argv)
     import numpy as np
     import torch
@@ -220,21 +229,27 @@ def main(argv=None):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, vshape[0]),
                                                  labels.reshape(-1) % vshape[0])
 
-    model = PipelineModule(layers=build_layers(shapes, layers), loss_fn=loss_fn, topology=topo,
-                           partition_method="type:ParallelTransformerLayerPipe")
-    model.universal_checkpoint_info = universal_info(vocab)
-    with torch.no_grad():
-        for name, q in model.named_parameters():
-            q.copy_(shards[name][t])
-    opt = torch.optim.AdamW(list(model.parameters()), lr=0.0, weight_decay=0.0)
-    config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
-              "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 1},
-              "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    def make_engine(universal: bool):
+        model = PipelineModule(layers=build_layers(shapes, layers), loss_fn=loss_fn,
+                               topology=topo, partition_method="type:ParallelTransformerLayerPipe")
+        model.universal_checkpoint_info = universal_info(vocab)
+        with torch.no_grad():
+            for name, q in model.named_parameters():
+                q.copy_(torch.zeros_like(q) if universal else shards[name][t])
+        opt = torch.optim.AdamW(list(model.parameters()), lr=0.0, weight_decay=0.0)
+        config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
+                  "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 1},
+                  "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+        if universal:
+            config["checkpoint"] = {"load_universal": True}
+        return deepspeed.initialize(model=model, optimizer=opt, config=config)[0]
+
     if args.load:
-        config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-    if args.load:
-        return load(engine, args, rank, shards, t)
+        load(make_engine(True), args.load, Path(args.out), rank, shards, t)
+        tdist.barrier()
+        tdist.destroy_process_group()
+        return
+    engine = make_engine(False)
     g = torch.Generator().manual_seed(7)
     batches = [(ids, ids.clone()) for ids in
                (torch.randint(0, vocab, (1, 8), generator=g) for _ in range(2))]
@@ -272,6 +287,13 @@ def main(argv=None):
             "tag": f"global_step{engine.global_steps}", "tp": args.tp, "pp": args.pp,
             "ranks": ranks}) + "\n")
     tdist.barrier()
+    if args.then_load:
+        flag, deadline = Path(args.then_load), time.time() + 600
+        while not flag.is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        what = json.loads(flag.read_text())
+        load(make_engine(True), what["load"], Path(what["out"]), rank, shards, t)
+        tdist.barrier()
     tdist.destroy_process_group()
 
 
