@@ -5,12 +5,14 @@ Run under torchrun, one process per (pipeline stage, tensor-parallel rank)::
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 4 tests/groundtruth/mds_pipe.py \
         --hf HF_DIR --out DIR --tp 2 --pp 2
 
-The layer list is Megatron-DeepSpeed's ``GPTModelPipe`` for a Llama-style model with untied
-embeddings (RMSNorm, SwiGLU, no biases): 0 a parameter-free function (``_to_float16``),
-1 ``EmbeddingPipe`` (``word_embeddings.weight``), 2..L+1 ``ParallelTransformerLayerPipe``
+The layer list is Megatron-DeepSpeed's ``GPTModelPipe`` for a Llama-style model (RMSNorm,
+SwiGLU, no biases): 0 a parameter-free function (``_to_float16``), 1 ``EmbeddingPipe``
+(``word_embeddings.weight``; with ``tie_word_embeddings`` in the HF config the tied module
+``embed``, also last, as ``tied_modules.embed.word_embeddings.weight``), 2..L+1
+``ParallelTransformerLayerPipe``
 (``input_layernorm``, ``self_attention.query_key_value``, ``self_attention.dense``,
 ``post_attention_layernorm``, ``mlp.dense_h_to_4h``, ``mlp.dense_4h_to_h``), L+2 the final
-``RMSNorm`` (``weight``), L+3 ``LMHeadPipe`` (``lm_head.weight``), on
+``RMSNorm`` (``weight``), L+3 ``LMHeadPipe`` (``lm_head.weight``; tied: the embedding), on
 ``PipeModelDataParallelTopology(num_pp=PP, num_mp=TP, num_dp=1)`` partitioned by transformer
 layer. Each tp rank's parameters are its tensor-parallel shards of the HF weights in HF_DIR,
 cut with plain torch by the megatron formulas of ds_universal_tp.megatron_shards (Megatron's
@@ -51,9 +53,12 @@ from ds_universal_tp import megatron_shards  # noqa: E402
 LAYER_OFFSET = 2              # GPTModelPipe: _to_float16, the embedding, then the layers
 
 
-def pipe_names(layers: int) -> dict:
+TIED = "tied_modules.embed.word_embeddings.weight"
+
+
+def pipe_names(layers: int, tied: bool = False) -> dict:
     """megatron-core local name (megatron_shards) -> GPTModelPipe's pipeline name."""
-    out = {"embedding.word_embeddings.weight": "1.word_embeddings.weight"}
+    out = {"embedding.word_embeddings.weight": TIED if tied else "1.word_embeddings.weight"}
     for i in range(layers):
         p, q = f"decoder.layers.{i}.", f"{i + LAYER_OFFSET}."
         for a, b in (("input_layernorm.weight", "input_layernorm.weight"),
@@ -71,20 +76,22 @@ def pipe_names(layers: int) -> dict:
 def pipe_shards(hf: Path, tp: int) -> dict:
     """pipeline name -> [tp rank 0 shard, ...] (torch fp32)."""
     cfg = json.loads((hf / "config.json").read_text())
-    names = pipe_names(cfg["num_hidden_layers"])
+    names = pipe_names(cfg["num_hidden_layers"], bool(cfg.get("tie_word_embeddings")))
     return {names[k]: v for k, v in megatron_shards(hf, tp).items()}
 
 
-def universal_info(vocab: int) -> dict:
-    """GPTModelPipe's universal_checkpoint_info (Megatron-DeepSpeed, untied embeddings,
-    swiglu, RMSNorm, no biases), with the original vocabulary size Megatron's checkpointing
-    records beside it."""
+def universal_info(vocab: int, tied: bool = False) -> dict:
+    """GPTModelPipe's universal_checkpoint_info (Megatron-DeepSpeed, swiglu, RMSNorm, no
+    biases; tied or untied embeddings), with the original vocabulary size Megatron's
+    checkpointing records beside it."""
     from deepspeed.checkpoint import constants as c
+    vocab_patterns = [r"tied_modules.embed.word_embeddings.weight"] if tied else \
+        [r"\d+.word_embeddings.weight", r"\d+.lm_head.weight"]
     return {
         c.UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2,
         c.ORIGINAL_VOCAB_SIZE: vocab,
-        c.VOCABULARY_PARAMETER_PATTERNS: [r"\d+.word_embeddings.weight", r"\d+.lm_head.weight"],
-        c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [],
+        c.VOCABULARY_PARAMETER_PATTERNS: vocab_patterns,
+        c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: vocab_patterns if tied else [],
         c.TP_REPLICATED_PARAMETER_PATTERNS: [r"\d+.input_layernorm.weight",
                                              r"\d+.post_attention_layernorm.weight",
                                              r"\d+.weight"],
@@ -95,11 +102,11 @@ def universal_info(vocab: int) -> dict:
     }
 
 
-def build_layers(shapes: dict, layers: int):
+def build_layers(shapes: dict, layers: int, tied: bool = False):
     """GPTModelPipe's layer list with parameters of this tp rank's shard shapes."""
     import torch
     from torch import nn
-    from deepspeed.pipe import LayerSpec
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     def param(name):
         return nn.Parameter(torch.zeros(shapes[name]))
@@ -113,7 +120,8 @@ def build_layers(shapes: dict, layers: int):
     class EmbeddingPipe(nn.Module):
         def __init__(self):
             super().__init__()
-            self.word_embeddings = Holder(weight=param("1.word_embeddings.weight"))
+            self.word_embeddings = Holder(
+                weight=param(TIED if tied else "1.word_embeddings.weight"))
 
         def forward(self, ids):
             w = self.word_embeddings.weight
@@ -160,6 +168,16 @@ def build_layers(shapes: dict, layers: int):
     def _to_float16(x):
         return x
 
+    def _logits_helper(embedding, x):
+        return x @ embedding.word_embeddings.weight.t()
+
+    if tied:
+        return ([_to_float16, TiedLayerSpec("embed", EmbeddingPipe,
+                                            tied_weight_attr="word_embeddings.weight")]
+                + [LayerSpec(ParallelTransformerLayerPipe) for _ in range(layers)]
+                + [LayerSpec(RMSNorm),
+                   TiedLayerSpec("embed", EmbeddingPipe, forward_fn=_logits_helper,
+                                 tied_weight_attr="word_embeddings.weight")])
     return ([_to_float16, LayerSpec(EmbeddingPipe)]
             + [LayerSpec(ParallelTransformerLayerPipe) for _ in range(layers)]
             + [LayerSpec(RMSNorm), LayerSpec(LMHeadPipe)])
@@ -214,6 +232,7 @@ def main(argv=None):
     hf = Path(args.hf)
     cfg = json.loads((hf / "config.json").read_text())
     layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
+    tied = bool(cfg.get("tie_word_embeddings"))
     topo = PipeModelDataParallelTopology(num_pp=args.pp, num_mp=args.tp, num_dp=1)
     coord = topo.get_coord(rank)
     t = coord.model
@@ -223,16 +242,16 @@ def main(argv=None):
         head, _, key = n.partition(".")
         if head.isdigit() and LAYER_OFFSET <= int(head) < layers + LAYER_OFFSET:
             shapes.setdefault(f"{LAYER_OFFSET}.{key}", shapes[n])
-    vshape = shapes["1.word_embeddings.weight"]
+    vshape = shapes[TIED if tied else "1.word_embeddings.weight"]
 
     def loss_fn(logits, labels):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, vshape[0]),
                                                  labels.reshape(-1) % vshape[0])
 
     def make_engine(universal: bool):
-        model = PipelineModule(layers=build_layers(shapes, layers), loss_fn=loss_fn,
+        model = PipelineModule(layers=build_layers(shapes, layers, tied), loss_fn=loss_fn,
                                topology=topo, partition_method="type:ParallelTransformerLayerPipe")
-        model.universal_checkpoint_info = universal_info(vocab)
+        model.universal_checkpoint_info = universal_info(vocab, tied)
         with torch.no_grad():
             for name, q in model.named_parameters():
                 q.copy_(torch.zeros_like(q) if universal else shards[name][t])
