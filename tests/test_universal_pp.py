@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -77,17 +78,23 @@ def gt(ds_root, tmp_path_factory):
         hf = write_random_hf(tmp / "hf", CFG, seed=3)
         flag = root / "load.json"
         log = tmp / "train.log"
-        with open(log, "w") as fh:
-            proc = subprocess.Popen(
-                _torchrun_cmd(["--hf", str(hf), "--out", str(tmp / "ck"), "--tp", str(TP),
-                               "--pp", str(PP), "--then-load", str(flag)], TP * PP),
-                stdout=fh, stderr=subprocess.STDOUT, env=dc._env(),
-                cwd=str(Path(__file__).parent.parent))
-        try:
+        for attempt in range(3):          # a free port taken by another job: try another
+            with open(log, "w") as fh:
+                proc = subprocess.Popen(
+                    _torchrun_cmd(["--hf", str(hf), "--out", str(tmp / "ck"), "--tp", str(TP),
+                                   "--pp", str(PP), "--then-load", str(flag)], TP * PP),
+                    stdout=fh, stderr=subprocess.STDOUT, env=dc._env(),
+                    cwd=str(Path(__file__).parent.parent), start_new_session=True)
             deadline = time.time() + dc.TIMEOUT_S
-            while not (tmp / "ck" / "expected.json").is_file():
-                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            while not (tmp / "ck" / "expected.json").is_file() and proc.poll() is None \
+                    and time.time() < deadline:
                 time.sleep(0.2)
+            if proc.poll() is None or attempt == 2 or \
+                    "address already in use" not in log.read_text().lower():
+                break
+            shutil.rmtree(tmp / "ck", ignore_errors=True)
+        try:
+            assert (tmp / "ck" / "expected.json").is_file(), log.read_text()[-3000:]
             _ds_to_universal(tmp / "ck")
             api.convert(tmp / "ck" / UDIR, root / "ours", "universal", tp=TP, pp=PP,
                         config=str(hf / "config.json"))
@@ -95,8 +102,8 @@ def gt(ds_root, tmp_path_factory):
             (root / "load.tmp").rename(flag)
             assert proc.wait(timeout=dc.TIMEOUT_S) == 0, log.read_text()[-3000:]
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            if proc.poll() is None:           # torchrun and its workers: their own group
+                os.killpg(proc.pid, signal.SIGKILL)
         shutil.move(str(tmp), str(run))
     hf, ds = run / "hf", run / "ck" / UDIR
     api.convert(hf, root / "ours_hf", "universal", tp=TP, pp=PP)

@@ -279,7 +279,7 @@ def main(argv=None):
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
     names = [n for n, _ in engine.module.named_parameters()]
-    for idx, (name, q) in enumerate(engine.module.named_parameters()):
+    for name, q in engine.module.named_parameters():
         replicated = len(q.shape) == 1
         gen = torch.Generator().manual_seed(1000 * (sorted(shards).index(name) + 1)
                                             + (0 if replicated else t))
