@@ -102,6 +102,26 @@ def trainer_groups(plan, registered=None) -> list[list[str]]:
             [n for n in order if not decays(n, logical[n])]]
 
 
+def other_name_plans(plan):
+    """The plans of ``plan``'s layout under every other combination of its enumerated
+    parameters (``param NAME = "a" | "b"``): the other namings of the same model, one of which
+    may be the module's own parameter list when the stored names are not (an ``hf`` layout's
+    choice between what ``save_pretrained`` writes and the in-memory module). Combinations
+    the layout refuses for this config are skipped."""
+    import itertools
+
+    from mapc.compiler.plan import plan_layout
+    choices = [p for p in plan.spec.layout_params(plan.name) if len(p.choices) > 1]
+    for combo in itertools.product(*(p.choices for p in choices)):
+        params = dict(plan.params, **{p.name: v for p, v in zip(choices, combo)})
+        if params == plan.params:
+            continue
+        try:
+            yield plan_layout(plan.spec, plan.name, plan.env, dict(plan.mesh), params)
+        except MapcError:
+            continue
+
+
 def registered_parameters(config: dict | None, where: str):
     """For a model no spec describes: (its parameters in ``named_parameters()`` order, the
     names of those in ``nn.LayerNorm`` modules), from the model's own class, the first of
