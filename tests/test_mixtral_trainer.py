@@ -5,10 +5,15 @@ save_pretrained's per-expert names (36 decayed tensors). mapc numbers the optimi
 layout's other naming (expert_names=module) and cuts each stored tensor's moments from its
 parameters' moments with the compiled program between the two namings.
 
+Writing (--with-optimizer), model.safetensors keeps save_pretrained's names while optimizer.pt
+numbers the module's parameters (their moments cut from the stored tensors' by the program
+the other way), as Trainer saves them.
+
 Ground truth: the real Trainer.create_optimizer's parameter order on the real module, and
 slices of optimizer.pt taken here (gate rows first in gate_up_proj, as transformers' own
-save_pretrained splits the weights: checked on the weights below); a Trainer resumed from
-mapc's conversion steps exactly like Trainer resumed from the original."""
+save_pretrained splits the weights: checked on the weights below); the export gives back
+the checkpoint's optimizer.pt and weights bit for bit, and a Trainer resumed from it steps
+exactly like Trainer resumed from the original."""
 from __future__ import annotations
 
 import shutil
@@ -116,20 +121,23 @@ def test_param_groups_name_the_stored_tensors(trained):
 
 
 @pytest.fixture(scope="module")
-def through_deepspeed(trained, tmp_path_factory):
-    """checkpoint-3 -> deepspeed -> hf (weights) and hf --with-optimizer
-    --set expert_names=module (the optimizer in the module's numbering)."""
+def exported(trained, tmp_path_factory):
+    """checkpoint-3 -> deepspeed -> hf --with-optimizer, and checkpoint-3 -> hf
+    --with-optimizer: model.safetensors in save_pretrained's names, optimizer.pt numbered by
+    the module's parameters (found from MixtralForCausalLM built on the meta device)."""
     ckpt, _ = trained
-    d = tmp_path_factory.mktemp("mixtral_ds")
+    d = tmp_path_factory.mktemp("mixtral_export")
     convert(ckpt, d / "ds", to="deepspeed")
-    convert(d / "ds", d / "weights", to="hf")
-    convert(d / "ds", d / "optim", to="hf", with_optimizer=True, set=["expert_names=module"])
+    convert(d / "ds", d / "via_ds", to="hf", with_optimizer=True)
+    convert(ckpt, d / "direct", to="hf", with_optimizer=True)
     return d
 
 
-def test_deepspeed_round_trip_gives_back_the_optimizer_bytes(trained, through_deepspeed):
+@pytest.mark.parametrize("way", ["via_ds", "direct"])
+def test_export_gives_back_the_checkpoint(trained, exported, way):
+    from safetensors.torch import load_file
     ckpt, _ = trained
-    a, b = _opt(ckpt), _opt(through_deepspeed / "optim")
+    a, b = _opt(ckpt), _opt(exported / way)
     assert a["param_groups"] == b["param_groups"]
     assert list(a["state"]) == list(b["state"])
     for i in a["state"]:
@@ -138,6 +146,9 @@ def test_deepspeed_round_trip_gives_back_the_optimizer_bytes(trained, through_de
             u = b["state"][i][k]
             assert t.dtype == u.dtype and t.shape == u.shape
             assert t.numpy().tobytes() == u.numpy().tobytes(), (i, k)
+    w, v = load_file(str(ckpt / "model.safetensors")), load_file(str(exported / way /
+                                                                     "model.safetensors"))
+    assert w.keys() == v.keys() and all(torch.equal(w[k], v[k]) for k in w)
 
 
 def _resume(ckpt, out):
@@ -148,22 +159,26 @@ def _resume(ckpt, out):
     return model.state_dict(), loss
 
 
-def test_trainer_resumes_from_the_conversion_as_from_the_original(trained, through_deepspeed,
-                                                                 tmp_path):
-    """Trainer loads model.safetensors by save_pretrained's names, and numbers optimizer.pt by
-    the module's: the resumed directory takes mapc's weights (per-expert names) and mapc's
-    optimizer, scheduler and trainer state (the module's numbering)."""
+def test_trainer_resumes_from_the_export_as_from_the_original(trained, exported, tmp_path):
     ckpt, _ = trained
-    resumable = tmp_path / "checkpoint-3"
-    shutil.copytree(through_deepspeed / "optim", resumable)
-    shutil.copy(through_deepspeed / "weights" / "model.safetensors", resumable)
     a, la = _resume(ckpt, tmp_path / "a")
-    b, lb = _resume(resumable, tmp_path / "b")
+    b, lb = _resume(exported / "via_ds", tmp_path / "b")
     assert la == lb
     assert [n for n in a if not torch.equal(a[n], b[n])] == []
     from safetensors.torch import load_file
     before = load_file(str(ckpt / "model.safetensors"))
     assert not torch.equal(before["lm_head.weight"], a["lm_head.weight"])
+
+
+def test_module_names_written_with_set_number_the_optimizer_alike(trained, exported,
+                                                                   tmp_path):
+    """--set expert_names=module: the stored names are the module's, the same optimizer."""
+    convert(exported / "ds", tmp_path / "module", to="hf", with_optimizer=True,
+            set=["expert_names=module"])
+    a, b = _opt(trained[0]), _opt(tmp_path / "module")
+    assert a["param_groups"] == b["param_groups"]
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"]
+               for k in a["state"][i])
 
 
 def test_an_optimizer_of_neither_naming_is_refused(trained, tmp_path):

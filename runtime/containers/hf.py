@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -431,6 +431,9 @@ class _TrainerPlan:
     scheduler: object
     trainer_state: object
     train_batch_size: int
+    # the module's own parameters numbered instead of the stored tensors (their moments cut
+    # from the stored tensors' by this program, stored -> module naming), else None
+    module: object = field(default=None, compare=False, hash=False)
 
     @property
     def order(self) -> list[str]:
@@ -451,7 +454,16 @@ def plan_trainer_export(program, facts: SourceFacts):
     from mapc.compiler.plan import stored_tensor
     registered = trainer.registered_parameters(facts.config, where) \
         if stored_tensor(program.target.spec) is not None else None   # generic mode: no spec
-    groups = trainer.trainer_groups(program.target, registered)
+    numbered, module, notes = program.target, None, []
+    if registered is None:
+        other = trainer.module_naming(program.target, facts.config)
+        if other is not None:     # the model's class steps parameters of another naming
+            from mapc.compiler.program import compile_program
+            numbered, module = other, compile_program(program.target, other)
+            notes.append(f"optimizer.pt numbers the model class's own parameters, named as "
+                         f"{other.describe()} (model.safetensors keeps "
+                         f"{program.target.describe()})")
+    groups = trainer.trainer_groups(numbered, registered)
     training = facts.training
     src_groups = training.get("param_groups") or []
     if not src_groups:
@@ -470,9 +482,11 @@ def plan_trainer_export(program, facts: SourceFacts):
     step = float(training["step"])
     it = training.get("iteration")
     global_step = int(it) if it is not None else int(step)
+    from mapc.compiler.program import compile_program
+    numbering = program if module is None else compile_program(program.source, numbered)
     group_of = {name: g for (_, name), g in
-                program.target_groups([list(g.get("params") or []) for g in
-                                       src_groups]).items()}
+                numbering.target_groups([list(g.get("params") or []) for g in
+                                         src_groups]).items()}
     hypers = []
     for k, names in enumerate(groups):
         used = sorted({group_of[n] for n in names}) or [0]
@@ -489,7 +503,6 @@ def plan_trainer_export(program, facts: SourceFacts):
             hyper["weight_decay"] = 0.0
         hypers.append(hyper)
     sched = training.get("lr_scheduler")
-    notes = []
     if not (trainer.is_torch_scheduler(sched) and len(sched["base_lrs"]) == len(groups)):
         if sched is not None:
             notes.append("the source's LR scheduler state is not a torch scheduler of "
@@ -498,7 +511,8 @@ def plan_trainer_export(program, facts: SourceFacts):
                          "set the schedule)")
         sched = None
     plan = _TrainerPlan(tuple(tuple(g) for g in groups), tuple(hypers), step, global_step,
-                        sched, training.get("trainer_state"), trainer.micro_batch(training))
+                        sched, training.get("trainer_state"), trainer.micro_batch(training),
+                        module)
     return plan, notes
 
 
@@ -511,14 +525,45 @@ class TrainerExport:
         self.plan = plan
         self.moments: dict[str, dict] = {}
         self.writer = None
+        self.held: dict[tuple, np.ndarray] = {}     # (slot, stored name): awaiting its unit
+        self.unit_of = {}
+        if plan.module is not None:
+            for unit in plan.module.units:
+                for inst in unit.sources:
+                    for _, _, name in inst.shards:
+                        self.unit_of[name] = unit
 
     def begin_slot(self, slot, tensors):
         if self.writer is None:
             self.writer = torchfile.TorchWriter(self.dir / trainer.OPTIMIZER)
 
     def write(self, slot, name, arr):
-        self.moments.setdefault(name, {})[slot] = self.writer.add_tensor(
-            np.require(arr, requirements="C"))
+        if self.plan.module is None:
+            self.moments.setdefault(name, {})[slot] = self.writer.add_tensor(
+                np.require(arr, requirements="C"))
+            return
+        # the module's parameters are cut from the stored tensors once a unit's are all here
+        self.held[(slot, name)] = np.array(arr)
+        unit = self.unit_of[name]
+        stored = [n for inst in unit.sources for _, _, n in inst.shards]
+        if all((slot, n) in self.held for n in stored):
+            self._cut(slot, unit)
+            for n in stored:
+                del self.held[(slot, n)]
+
+    def read(self, name, coord=SINGLE, slot="param"):       # the cut's source reader
+        return self.held[(slot, name)]
+
+    def _cut(self, slot, unit):
+        from mapc.runtime import execute
+        be = execute.get_backend("numpy")
+        logical = execute.read_instances(unit.sources, self, be, execute.Report(), False, slot)
+        for inst in unit.targets:
+            members = {m: logical[k] for m, k in inst.members.items()}
+            for rc, _, name in inst.shards:
+                arr = be.to_numpy(inst.recipe.shard(be, members, dict(rc)))
+                self.moments.setdefault(name, {})[slot] = self.writer.add_tensor(
+                    np.ascontiguousarray(arr))
 
     def finish(self, record: dict):
         plan = self.plan
