@@ -98,11 +98,38 @@ def test_round_trip_at_tp2_pp2_keeps_logits(converted, fam, tmp_path):
         "attn_logit_softcapping"] == CONFIGS[fam].get("attn_logit_softcapping")
 
 
-@pytest.mark.slow
-def test_megatron_core_loads_every_rank_with_its_names_and_shapes(converted):
+@pytest.fixture(scope="module")
+def mcore(converted, tmp_path_factory):
+    """One megatron-core world (tp2 pp2) for both families: per-rank names and shapes of the
+    tp2 pp2 files, then the tp1 logits of FORWARD models (and of their 1 + w negative
+    controls). Returns (ranks per family, logits per forward job, transformers' logits)."""
+    pytest.importorskip("megatron.core")
     from tests.groundtruth.mcore_gemma import gemma_ranks
+    tmp = tmp_path_factory.mktemp("gemma_forward")
     vocab = -(-CONFIGS["gemma2"]["vocab_size"] // (128 * TP)) * 128 * TP
-    truths = gemma_ranks([(_mcore_cfg(f, vocab), converted[f][1]) for f in FAMILIES], TP, PP)
+    forward, refs = [], []
+    for fam in FAMILIES:
+        hf = _hf(FORWARD[fam], tmp / fam)
+        mapc.convert(hf, tmp / f"{fam}-mg", to="megatron")
+        f = tmp / f"{fam}-mg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+        forward.append((_mcore_cfg(fam, 128), f))
+        refs.append(_logits(hf).numpy())
+        # negative control: the norms stored as 1 + w (what a converter for a plain, not
+        # zero-centered, RMSNorm would store)
+        state = torch.load(str(f), weights_only=False)
+        for name, x in state["model"].items():
+            if "norm" in name:
+                state["model"][name] = x + 1
+        torch.save(state, str(tmp / f"{fam}-plus1.pt"))
+        forward.append((_mcore_cfg(fam, 128), tmp / f"{fam}-plus1.pt"))
+    ranks, logits = gemma_ranks([(_mcore_cfg(f, vocab), converted[f][1]) for f in FAMILIES],
+                                TP, PP, forward, TOKENS[0])
+    return ranks, logits, refs
+
+
+@pytest.mark.slow
+def test_megatron_core_loads_every_rank_with_its_names_and_shapes(converted, mcore):
+    truths = mcore[0]
     for fam, truth in zip(FAMILIES, truths, strict=True):
         assert sorted(truth) == [(t, p) for t in range(TP) for p in range(PP)]
         for (t, p), names in truth.items():
@@ -172,27 +199,11 @@ def test_every_shard_is_the_independent_layout(converted, fam):
                                               err_msg=f"{fam} rank {t},{p} {name}")
 
 
-def test_megatron_core_computes_transformers_logits(tmp_path):
-    pytest.importorskip("megatron.core")
-    from tests.groundtruth.mcore_gemma import gemma_logits
-    jobs, refs = [], []
-    for fam in FAMILIES:
-        hf = _hf(FORWARD[fam], tmp_path / fam)
-        mapc.convert(hf, tmp_path / f"{fam}-mg", to="megatron")
-        f = tmp_path / f"{fam}-mg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
-        jobs.append((_mcore_cfg(fam, 128), f))
-        refs.append(_logits(hf))
-        # negative control: the norms stored as 1 + w (what a converter for a plain, not
-        # zero-centered, RMSNorm would store)
-        state = torch.load(str(f), weights_only=False)
-        for name, x in state["model"].items():
-            if "norm" in name:
-                state["model"][name] = x + 1
-        torch.save(state, str(tmp_path / f"{fam}-plus1.pt"))
-        jobs.append((_mcore_cfg(fam, 128), tmp_path / f"{fam}-plus1.pt"))
-    got = gemma_logits(jobs, TOKENS[0])
+@pytest.mark.slow
+def test_megatron_core_computes_transformers_logits(mcore):
+    _, got, refs = mcore
     for n, fam in enumerate(FAMILIES):
-        ref = refs[n].numpy()
+        ref = refs[n]
         ours, plus1 = (np.array(x)[..., :ref.shape[-1]] for x in got[2 * n: 2 * n + 2])
         assert np.abs(ours - ref).max() <= MCORE_TOLERANCE, fam
         assert np.abs(plus1 - ref).max() > 1e-2, fam

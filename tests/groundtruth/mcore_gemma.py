@@ -20,7 +20,8 @@ stage, attention, the GLU) is megatron-core's.
 ``gemma_ranks(jobs, tp, pp)``: for each (cfg, ckpt), per (tp_rank, pp_rank) the model's
 ``state_dict`` names and shapes, after loading mapc's rank file from ``ckpt`` (Megatron
 ``release/mp_rank_TT[_PPP]``) with no key missing or unexpected. ``gemma_logits(jobs,
-tokens)``: for each (cfg, model file), the logits of the tp=1 pp=1 model loaded from it. The CPU workarounds are mcore_names' and
+tokens)``: for each (cfg, model file), the logits of the tp=1 pp=1 model loaded from it
+(``gemma_ranks`` computes them too, in its world re-initialized at tp=1: one start-up). The CPU workarounds are mcore_names' and
 mcore_forward's (documented there).
 """
 from __future__ import annotations
@@ -37,15 +38,18 @@ from pathlib import Path
 _HERE = Path(__file__).parent
 
 
-def gemma_ranks(jobs: list, tp: int, pp: int) -> list[dict]:
+def gemma_ranks(jobs: list, tp: int, pp: int, forward=(), tokens=()) -> tuple[list, list]:
     """For each (cfg, ckpt) of ``jobs`` (one world of tp * pp ranks builds them all in turn):
-    {(tp_rank, pp_rank): {state_dict name: shape}}."""
+    {(tp_rank, pp_rank): {state_dict name: shape}}; then, in the same world re-initialized at
+    tp=1 pp=1, rank 0's logits of ``tokens`` for each (cfg, model file) of ``forward``."""
     sys.path.insert(0, str(_HERE))
     from mcore_names import run_ranks
     jobs = [[cfg, str(ckpt)] for cfg, ckpt in jobs]
+    forward = [[cfg, str(f)] for cfg, f in forward]
     with tempfile.TemporaryDirectory(prefix="mcore_gemma_") as out:
         run_ranks(tp * pp, [os.path.abspath(__file__), "ranks", json.dumps(jobs), str(tp),
-                            str(pp), out], Path(out), {}, "megatron-core gemma")
+                            str(pp), out, json.dumps(forward), json.dumps(list(tokens))],
+                  Path(out), {}, "megatron-core gemma")
         results = []
         for j in range(len(jobs)):
             got = {}
@@ -53,7 +57,8 @@ def gemma_ranks(jobs: list, tp: int, pp: int) -> list[dict]:
                 d = json.loads(Path(out, f"rank{r}.{j}.json").read_text())
                 got[(d["tp"], d["pp"])] = d["shapes"]
             results.append(dict(sorted(got.items())))
-    return results
+        logits = json.loads(Path(out, "logits.json").read_text()) if forward else []
+    return results, logits
 
 
 def gemma_logits(jobs: list, tokens: list[int]) -> list:
@@ -187,7 +192,7 @@ def _load(path):
         return torch.load(path, weights_only=True)["model"]
 
 
-def _ranks_worker(jobs, tp, pp, out):
+def _ranks_worker(jobs, tp, pp, out, forward, tokens):
     import warnings
     warnings.filterwarnings("ignore")
     import torch
@@ -213,18 +218,28 @@ def _ranks_worker(jobs, tp, pp, out):
         Path(out, f"rank{rank}.{j}.json").write_text(
             json.dumps({"tp": t, "pp": p, "shapes": shapes}))
         parallel_state.destroy_model_parallel()
+    if forward:
+        logits = _forward(forward, tokens)     # every rank joins the collectives of the setup
+        if rank == 0:
+            Path(out, "logits.json").write_text(json.dumps(logits))
     dist.destroy_process_group()
 
 
 def _logits_worker(jobs, tokens):
+    import torch.distributed as dist
+    dist.init_process_group(backend="gloo", rank=0, world_size=1)
+    out = _forward(jobs, tokens)
+    dist.destroy_process_group()
+    return out
+
+
+def _forward(jobs, tokens):
     import contextlib
     import types
     import warnings
     warnings.filterwarnings("ignore")
     import torch
     torch.cuda.current_device = lambda: "cpu"
-    import torch.distributed as dist
-    dist.init_process_group(backend="gloo", rank=0, world_size=1)
     from megatron.core import parallel_state, tensor_parallel
     null = types.SimpleNamespace(fork=lambda *a, **k: contextlib.nullcontext())
     tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: null
@@ -244,15 +259,15 @@ def _logits_worker(jobs, tokens):
         with torch.no_grad():
             out.append(model(input_ids=ids, position_ids=pos, attention_mask=mask).tolist())
     parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
     return out
 
 
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "ranks":
-        _, _, jobs, tp, pp, out = sys.argv
-        _ranks_worker(json.loads(jobs), int(tp), int(pp), out)
+        _, _, jobs, tp, pp, out, forward, toks = sys.argv
+        _ranks_worker(json.loads(jobs), int(tp), int(pp), out, json.loads(forward),
+                      json.loads(toks))
     else:
         _, _, jobs, toks = sys.argv
         print(json.dumps(_logits_worker(json.loads(jobs), json.loads(toks))))
