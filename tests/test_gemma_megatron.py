@@ -227,3 +227,27 @@ def test_layer_kinds_megatron_cannot_state_are_refused(tmp_path):
     with pytest.raises(MapcError, match="window_attn_skip_freq 2.*layer_types differ"):
         mapc.convert(hf, tmp_path / "mg", to="megatron")
     assert not (tmp_path / "mg").exists()
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_megatron_checkpoint_without_record_reads_back(converted, fam, tmp_path):
+    """No mapc.json: the names tell the family; args give the sizes and the sliding window
+    (window_size = [window - 1, 0] read back); soft-capping has no Megatron-LM argument, so
+    the spec's default stands (pass --config to keep the model's own)."""
+    import shutil
+
+    from safetensors.torch import load_file
+    hf, mg = converted[fam]
+    bare = tmp_path / "mg"
+    shutil.copytree(mg, bare)
+    (bare / "mapc.json").unlink()
+    mapc.convert(bare, tmp_path / "back", to="hf")
+    a, b = load_file(str(hf / "model.safetensors")), load_file(str(tmp_path / "back" /
+                                                                   "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["model_type"] == CONFIGS[fam]["model_type"]
+    assert back["sliding_window"] == CONFIGS[fam]["sliding_window"]
+    assert back["head_dim"] == CONFIGS[fam]["head_dim"]
+    mapc.convert(bare, tmp_path / "kept", to="hf", config=hf / "config.json")
+    assert torch.equal(_logits(tmp_path / "kept"), _logits(hf))
