@@ -306,18 +306,31 @@ def invert_meta(spec: Spec, layout: str, meta: dict) -> tuple[dict, dict]:
     for m in spec.layout_meta(layout):
         if m.key not in meta or meta[m.key] is None:
             continue
-        value, e = meta[m.key], m.expr
-        if e[0] == "op" and e[1] == "not" and e[2][0] == "sym":
-            value, e = (not value), e[2]
-        if e[0] == "call" and e[1] in ("float", "int") and len(e) == 3 and e[2][0] == "sym":
-            e = e[2]     # a type conversion on write reads back as the plain value
-        if e[0] != "sym":
-            continue
-        if e[1] in syms:
-            env[e[1]] = value
-        elif e[1] in params:
-            found_params[e[1]] = value
+        for name, value in _inverted(m.expr, meta[m.key]):
+            if name in syms:
+                env[name] = value
+            elif name in params:
+                found_params[name] = value
     return env, found_params
+
+
+def _inverted(e, value) -> list[tuple[str, object]]:
+    """(symbol, value) pairs a metadata value states directly: the expression is a symbol,
+    or one under ``not``, a type conversion, ``+``/``-`` of a number, or a list of such
+    (Megatron's ``window_size = [window - 1, 0]``); anything else states nothing."""
+    if e[0] == "sym":
+        return [(e[1], value)]
+    if e[0] == "op" and e[1] == "not" and len(e) == 3 and isinstance(value, bool):
+        return _inverted(e[2], not value)
+    if e[0] == "call" and e[1] in ("float", "int") and len(e) == 3:
+        return _inverted(e[2], value)     # a type conversion on write reads back as the value
+    if e[0] == "op" and e[1] in ("+", "-") and len(e) == 4 and e[3][0] == "num" and \
+            isinstance(value, (int, float)) and not isinstance(value, bool):
+        c = e[3][1]
+        return _inverted(e[2], value - c if e[1] == "+" else value + c)
+    if e[0] == "list" and isinstance(value, (list, tuple)) and len(value) == len(e) - 1:
+        return [pair for item, v in zip(e[1:], value) for pair in _inverted(item, v)]
+    return []
 
 
 def boolean_guesses(sp: Spec, stated: dict) -> list[dict]:
