@@ -367,11 +367,17 @@ class ZeroOptimizer:
     ``groups``: per param group, the ``(name, numel)`` of its params in DeepSpeed's flat
     order. ``kind``: "zero" (DeepSpeedZeroOptimizer, stages 1/2), "bf16" (BF16_Optimizer) or
     "stage3". Call :meth:`scatter` for every param and slot, then :meth:`write_rank` per
-    data-parallel rank, then :meth:`remove`. Between calls no file is open."""
+    data-parallel rank, then :meth:`remove`. Between calls no file is open.
+
+    ``ranks``: the data-parallel ranks this process writes (None: all). A worker of a
+    parallel run (runtime/workers.py) owns some ranks' optimizer files: it keeps scratch
+    files for those only and scatters only their slices of each parameter (with none, it
+    keeps no scratch at all: the flat layout alone gives the model states' param_shapes)."""
 
     def __init__(self, scratch: Path, groups, dp: int, stage: int, kind: str,
-                 sub_group_size: int = DEFAULT_SUB_GROUP_SIZE):
+                 sub_group_size: int = DEFAULT_SUB_GROUP_SIZE, ranks=None):
         self.dp, self.stage, self.kind = dp, stage, kind
+        self.ranks = frozenset(range(dp) if ranks is None else ranks)
         stage3 = stage == 3
         self.flats: list[Flat] = []
         self.subgroups: list[list[int]] = []
@@ -399,18 +405,25 @@ class ZeroOptimizer:
             base += f.length
         self.rank_len = base
         self.scratch = Path(scratch)
+        if not self.ranks:
+            return
         self.scratch.mkdir(parents=True)
         for slot in OPTIM_SLOTS:
-            for r in range(dp):
+            for r in sorted(self.ranks):
                 with open(self.scratch / f"{slot}.{r}", "wb") as fh:
                     fh.truncate(self.rank_len * 4)   # sparse: reads as zeros (the padding)
 
     def scatter(self, slot, name, arr):
         """Write every rank's piece of ``name`` in ``slot``. Files are opened per piece, so
-        a writer with many model-parallel and data-parallel ranks holds no descriptors."""
+        a writer with many model-parallel and data-parallel ranks holds no descriptors.
+        Only the pieces of the ranks this process writes (``ranks``) are written."""
+        if not self.ranks:
+            return
         flat = np.asarray(arr, dtype=np.float32).reshape(-1)
         f = self.flat_of[name]
         for r, lo, hi, at in f.pieces(name, self.dp, self.stage == 3):
+            if r not in self.ranks:
+                continue
             fd = os.open(self.scratch / f"{slot}.{r}", os.O_WRONLY)
             try:
                 _pwrite_all(fd, np.ascontiguousarray(flat[lo:hi]), (f.base + at) * 4)
@@ -418,7 +431,14 @@ class ZeroOptimizer:
                 os.close(fd)
 
     def remove(self):
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.ranks:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def names_on(self, r: int) -> frozenset:
+        """The params with elements in data-parallel rank r's partitions: what rank r's
+        optimizer file is fed by (at stage 3, every param)."""
+        return frozenset(n for f in self.flats for n in f.names
+                         if any(rr == r for rr, *_ in f.pieces(n, self.dp, self.stage == 3)))
 
     def _slice(self, slot, r, f, length=None):
         """Rank r's flat tensor of ``f`` in ``slot``, mapped from the scratch file (unmapped
