@@ -56,12 +56,14 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def choose(plan, requested: int | None) -> tuple[int, str]:
+def choose(plan, requested: int | None, backend: str = "numpy") -> tuple[int, str]:
     """(number of processes, why) for writing ``plan`` with ``--workers requested`` (None:
     the default, what the machine has, at most MAX_AUTO_WORKERS and at least MIN_AUTO_SHARE
-    bytes each)."""
+    bytes each) and ``--backend backend``. The real run and ``--dry-run`` both ask this."""
     if requested is not None and (not isinstance(requested, int) or requested < 1):
         raise MapcError(f"--workers {requested!r} must be a positive integer")
+    if backend != "numpy":
+        return 1, f"--backend {backend}: its thread pools do not survive fork()"
     parts = plan.parts
     if not parts:
         return 1, f"{plan.format}: {plan.serial or 'its files are not independent'}"
@@ -75,13 +77,15 @@ def choose(plan, requested: int | None) -> tuple[int, str]:
     return requested, "as asked"
 
 
-def describe(plan, requested: int | None, world: int | None = None) -> str:
-    """What ``--dry-run`` prints about the processes that will write ``plan``."""
+def describe(plan, requested: int | None, world: int | None = None,
+             backend: str = "numpy") -> str:
+    """What ``--dry-run`` prints about the processes that will write ``plan``: their number
+    and each one's share, as the real run partitions the files."""
     if world is not None:
         n, why = (min(world, len(plan.parts)), f"{world} ranks") if plan.parts else \
             (1, f"{plan.format}: {plan.serial or 'its files are not independent'}")
     else:
-        n, why = choose(plan, requested)
+        n, why = choose(plan, requested, backend)
     lines = [f"workers: {n} ({why})"]
     if n > 1:
         total = len(plan.tensors)
