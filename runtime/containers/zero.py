@@ -6,9 +6,10 @@ Shared by every writer of DeepSpeed optimizer files: ``deepspeed`` (one model-pa
 header of its ``optimizer_state.pt``). The partition formulas are in
 docs/formats/deepspeed.md. Every arriving optimizer tensor (fp32 master, Adam moments) is
 scattered at once into per-rank scratch files (sparse, zero-filled, written with ``pwrite``,
-never mapped, opened only while a piece is written) at the offsets the partitioning gives it; :meth:`ZeroOptimizer.write_rank` copies
-a rank's flat partitions from there into its ``.pt`` file, one flat tensor mapped at a time.
-Resident memory: the tensor being scattered, or one flat partition.
+never mapped, opened only while a piece is written) at the offsets the partitioning gives it;
+:meth:`ZeroOptimizer.write_rank` copies a rank's flat partitions from there into its ``.pt``
+file in-kernel (checksummed through 64 MB mappings). Resident memory: the tensor being
+scattered. A process of a parallel run keeps scratch for the ranks it writes only.
 """
 from __future__ import annotations
 
@@ -441,13 +442,15 @@ class ZeroOptimizer:
                          if any(rr == r for rr, *_ in f.pieces(n, self.dp, self.stage == 3)))
 
     def _slice(self, slot, r, f, length=None):
-        """Rank r's flat tensor of ``f`` in ``slot``, mapped from the scratch file (unmapped
-        when the caller drops it)."""
+        """Rank r's flat tensor of ``f`` in ``slot``: its byte range of the scratch file, which
+        the TorchWriter copies in-kernel and checksums through mappings of 64 MB at a time (a
+        mapping of the whole flat partition counts as resident while it is read: a rank's
+        whole fp32 group)."""
+        from mapc.runtime.fastcopy import FileBytes
         n = f.length if length is None else length
         if n == 0:
             return np.zeros(0, np.float32)
-        return np.memmap(self.scratch / f"{slot}.{r}", np.float32, mode="r",
-                         offset=f.base * 4, shape=(n,))
+        return FileBytes((n,), np.float32, [(self.scratch / f"{slot}.{r}", f.base * 4, n * 4)])
 
     def param_shapes(self, shapes: dict) -> list:
         """The model states' ``param_shapes``: per flat group (a stage 3 sub-group), name ->
