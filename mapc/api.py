@@ -189,11 +189,11 @@ class ConversionPlan:
     write: WritePlan
     workers: int | None = 1          # processes to write with (None: the machine's default)
 
-    def pretty(self) -> str:
+    def pretty(self, backend: str = "numpy") -> str:
         from mapc.runtime import workers
         world = workers.distributed_env()
         return self.program.pretty() + "\n\n" + self.write.pretty() + "\n\n" + \
-            workers.describe(self.write, self.workers, world[1] if world else None)
+            workers.describe(self.write, self.workers, world[1] if world else None, backend)
 
     def close(self):
         self.resolved.source.close()
@@ -346,7 +346,7 @@ def write_conversion(cp: ConversionPlan, src, dst, *, force: bool = False,
         finally:
             source.close()
     # torch's and jax's thread pools do not survive fork(): other backends write in one process
-    n = workers.choose(plan, cp.workers)[0] if backend == "numpy" else 1
+    n = workers.choose(plan, cp.workers, backend)[0]
     out = None
     try:
         out = AtomicOutput(dst, force=force, source=src)

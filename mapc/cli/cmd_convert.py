@@ -107,7 +107,7 @@ def run(args) -> int:
                       workers=args.workers, vpp=args.vpp, optim_sharding=args.optim_sharding)
     if args.dry_run:
         cp.close()
-        print(cp.pretty())
+        print(cp.pretty(backend=args.backend))
         return 0
     report = write_conversion(cp, args.src, args.dst, force=args.force, backend=args.backend,
                               quiet=args.quiet)

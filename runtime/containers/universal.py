@@ -38,7 +38,7 @@ from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, ResumePlan
                                           stage12_header, torch_size,
                                           zero_stage as _zero_stage_value, DEEPSPEED_PICKLES)
 from mapc.runtime.containers.base import MAPC_JSON, Source as _BaseSource, read_record, write_json
-from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
+from mapc.runtime.plan_write import (Part, PlannedWriter, SourceFacts, WritePlan, WriteRequest,
                                      ZeroFacts, make_plan, planned_tensors, stateless_targets)
 
 LAYOUT = "hf"
@@ -482,7 +482,34 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         decisions.pop(key)
     return make_plan("universal", files, decisions=decisions, notes=notes, slots=slots,
                      tensors=tensors, detail=detail, facts=facts,
-                     serial="the model states and optimizer_state.pt hold every tensor")
+                     parts=_parts(detail, tensors, udir, carry))
+
+
+def _parts(d: _UniversalPlan, tensors, udir: str, carry) -> tuple[Part, ...]:
+    """The output's independent files (runtime/workers.py): each parameter's folder in zero/
+    (with its tied aliases' and, at stages 1/2, its module entry's fp32.pt), fed by that
+    parameter; and the model states with zero/optimizer_state.pt, fed by the weights (none
+    when the model states are carried over)."""
+    stage3 = d.resume.stage == 3
+    parts, module, weights = [], [], 0
+    for coord, name, shape, dt in tensors:
+        n = math.prod(shape)
+        files = [] if stage3 else [f"{udir}/zero/{a}/fp32.pt" for a in
+                                   ([name] if name in d.kinds else []) + list(d.tied.get(name, ()))]
+        if name not in d.kinds:
+            files += [f"{udir}/zero/{name}/{k}.pt" for k in
+                      ("fp32", "exp_avg", "exp_avg_sq") + (() if stage3 else ("step",))]
+        if files:
+            parts.append(Part(tuple(files), frozenset({(coord, name)}), n * 4 * len(files),
+                              weights_only=name in d.kinds))
+        if not carry:       # at stage 3 placeholders but for buffers, in arrival order
+            module.append((coord, name))
+            weights += n * DTYPES[dt].itemsize if not stage3 or d.kinds.get(name) else 0
+    models = [f"{udir}/{f.name}" for f in carry] if carry else \
+        [f"{udir}/{_model_file(d.resume.stage, r)}" for r in range(d.resume.dp if stage3 else 1)]
+    parts.append(Part((*models, f"{udir}/zero/optimizer_state.pt"), frozenset(module), weights,
+                      weights_only=True))
+    return tuple(parts)
 
 
 def _model_file(stage, rank):
@@ -513,11 +540,22 @@ class UniversalWriter(PlannedWriter):
         self._pending: deque = deque()
 
     def begin(self, tensors):
+        from mapc.runtime.execute import delivery_order
         self.tensors = [(name, tuple(shape), dt) for _, name, shape, dt in tensors]
         self.dtypes = {name: dt for name, _, dt in self.tensors}
-        self.zero.mkdir(parents=True)
-        if not self.plan.detail.carry:
+        # the index order is the order the weights arrive in one process, also in a worker
+        # of a parallel run that sees only its share
+        self.names = [name for _, name in delivery_order(self.program)]
+        self.zero.mkdir(parents=True, exist_ok=True)    # the workers of a parallel run share it
+        if not self.plan.detail.carry and self._owns_file(self._model_file(0)):
             self.models = torchfile.TorchWriter(self.udir / self._model_file(0))
+
+    def _owns_file(self, rel: str) -> bool:
+        """Whether this writer creates ``<tag>_universal/<rel>``."""
+        return self.owns(f"{self.udir.name}/{rel}")
+
+    def _owns_state(self, name: str, key: str) -> bool:
+        return self._owns_file(f"zero/{name}/{'fp32' if key == 'module' else key}.pt")
 
     def begin_slot(self, slot, tensors):
         pass
@@ -529,6 +567,8 @@ class UniversalWriter(PlannedWriter):
         """Write zero/<name>/<key>.pt on a writer thread: one file's bytes go to the kernel
         while the next file's zip CRC is computed (both release the GIL). At most
         ``_IN_FLIGHT`` files are pending, so memory stays bounded by a few parameters."""
+        if not self._owns_state(name, key):
+            return                                # another worker's file
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mapc-universal")
         while len(self._pending) >= _IN_FLIGHT:
@@ -553,7 +593,6 @@ class UniversalWriter(PlannedWriter):
             w.finish(obj)
 
     def write(self, coord, name, arr):
-        self.names.append(name)
         if self.models is not None:
             keep = arr if self.stage != 3 or self.kinds.get(name) == "buffer" \
                 else np.zeros((0,), arr.dtype)
@@ -563,9 +602,10 @@ class UniversalWriter(PlannedWriter):
             # hold, buffers, frozen and tied names too, as zero/<name>/fp32.pt = {"param":
             # the module tensor as float32}
             for alias in ([name] if name in self.kinds else []) + list(self.tied.get(name, ())):
-                self._save(alias, "module", np.asarray(arr).astype(np.float32))
-        if name in self.kinds:
-            return
+                if self._owns_state(alias, "module"):
+                    self._save(alias, "module", np.asarray(arr).astype(np.float32))
+        if name in self.kinds or not self._owns_state(name, "fp32"):
+            return          # the model states' worker: the rest is the parameter's worker's
         if self.stage != 3:
             self._save(name, "step", np.array(self.step, dtype=np.float32))
         if "master" not in self.have:       # the weights are the master copy
@@ -584,8 +624,11 @@ class UniversalWriter(PlannedWriter):
         self._drain()
         if self._pool is not None:
             self._pool.shutdown()
-        self._write_model_states(record)
-        self._write_optimizer_state()
+        if self._owns_file("zero/optimizer_state.pt"):     # with the model states
+            self._write_model_states(record)
+            self._write_optimizer_state()
+        if not self.metadata:
+            return
         (self.dir / LATEST).write_text(self.udir.name)
         if "config.json" in self.plan.files:        # generic mode may have no model config
             write_json(self.dir / "config.json", record.get("config") or {})
