@@ -583,6 +583,9 @@ class _DpReshardable(_Optimizer):
             self._derive(mplan, plan, keys, tp, pp, args, where)
             bad = self._masters_disagree()
             if bad is None:
+                if impl is None and naming is not None:   # the order found: carried on
+                    src.format_meta.setdefault("transformer_impl", "local" if naming == "local"
+                                               else "transformer_engine")
                 break
             failures.append(f"{bad} with the {naming or 'megatron'} layout")
         else:
