@@ -161,8 +161,9 @@ def test_nemo2_s_default_fully_sharded_model_space_is_refused(nemo2, tmp_path):
     common["optimizer"][0]["param_state_sharding_type"] = "fully_sharded_model_space"
     common["content_metadata"] = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
     torch.save(common, f)
-    with pytest.raises(MapcError, match="fully_sharded_model_space"):
+    with pytest.raises(MapcError, match="fully_sharded_model_space") as e:
         open_source(d)
+    assert "ckpt_parallel_save_optim=False" in e.value.hint
 
 
 def test_the_write_plan_names_the_optimizer(saved_optim, tmp_path):

@@ -124,6 +124,10 @@ class Nemo2Source(torch_dist.TorchDistSource):
     format = "nemo2"
     layout = "torch_dist"
     key_prefix = PREFIX
+    # NeMo's default, fully_sharded_model_space, is what megatron-core 0.16.1 cannot save
+    RESAVE_HINT = ("re-save it from NeMo with MegatronStrategy(ckpt_parallel_save_optim="
+                   "False) (dp_zero_gather_scatter), or without the optimizer "
+                   "(ckpt_save_optimizer=False)")
 
     def _find_iter_dir(self) -> Path:
         d = self.path / WEIGHTS
