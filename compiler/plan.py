@@ -398,7 +398,11 @@ def coerce_param(p: dict, raw):
 
 
 def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict | None = None,
-                params: dict | None = None) -> LayoutPlan:
+                params: dict | None = None, vpp: int = 1) -> LayoutPlan:
+    """The plan of ``layout_name`` at ``topology`` with ``params``. ``vpp`` > 1: the pp axis
+    counts the virtual stages of Megatron's interleaved schedule (``pp`` ranks x ``vpp``
+    chunks, virtual stage ``chunk * pp/vpp + rank``), which matters to uneven pipeline stages
+    (:func:`pipeline_stages`)."""
     layout = spec.layout(layout_name)
     topology = {k: v for k, v in (topology or {}).items() if v is not None}
     params = dict(params or {})
@@ -456,7 +460,7 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                 raise error_at(rule["at"], f"rule fuses {', '.join(missing)}, which this config "
                                f"does not have")
             if stages is None and pipe and decl["group"] == pipe["group"]:
-                stages = pipeline_stages(pipe, group_count(decl, config_env), pp, env)
+                stages = pipeline_stages(pipe, group_count(decl, config_env), pp, env, vpp)
             stage, local = _stage(rule, decl, index, pipe, pp, config_env, stages)
             names_env = dict(env)
             if index is not None:
@@ -640,11 +644,17 @@ def _stage_size(pipe, which, env):
     return n
 
 
-def pipeline_stages(pipe, count: int, pp: int, env: dict) -> list[tuple[int, int]]:
+def pipeline_stages(pipe, count: int, pp: int, env: dict,
+                    vpp: int = 1) -> list[tuple[int, int]]:
     """(stage, local index) of each of a pipelined group's ``count`` entries, as megatron-core
     places layers (``get_transformer_layer_offset``): ``first N`` entries on stage 0 and
     ``last M`` on stage pp-1 when stated (uneven stages), the rest split evenly over the
-    stages between; without them, ``count / pp`` on every stage."""
+    stages between; without them, ``count / pp`` on every stage. With ``vpp`` > 1, ``pp``
+    counts virtual stages (``pp / vpp`` ranks, chunk ``v`` of rank ``r`` is stage
+    ``v * pp / vpp + r``) and each chunk is such a pipeline of ``count / vpp`` entries over the
+    ranks: ``N / vpp`` on rank 0, ``M / vpp`` on the last, the rest split evenly between
+    (megatron-core's interleaved uneven split, which needs ``vpp`` to divide ``N``, ``M`` and
+    the middle stages' layers)."""
     first, last = _stage_size(pipe, "first", env), _stage_size(pipe, "last", env)
     if first is None and last is None:
         if count % pp:
@@ -653,21 +663,39 @@ def pipeline_stages(pipe, count: int, pp: int, env: dict) -> list[tuple[int, int
                            f"first/last stages")
         sizes = [count // pp] * pp
     else:
+        ranks = pp // vpp if vpp > 1 and pp % vpp == 0 else pp
         stated = ", ".join(f"{w} stage {n}" for w, n in (("first", first), ("last", last))
                            if n is not None)
-        middle = pp - (first is not None) - (last is not None)
+        middle = ranks - (first is not None) - (last is not None)
         rest = count - (first or 0) - (last or 0)
-        if pp < 2 or middle < 0 or rest < 0 or (middle == 0 and rest) or \
+        if ranks < 2 or middle < 0 or rest < 0 or (middle == 0 and rest) or \
                 (middle and (rest % middle or rest == 0)):
             raise error_at(pipe["at"], f"uneven pipeline ({stated}) cannot place the {count} "
-                           f"entries of {pipe['group']} on pp={pp} stages: the "
+                           f"entries of {pipe['group']} on pp={ranks} stages: the "
                            f"{max(rest, 0)} left must split evenly over the {max(middle, 0)} "
                            f"other stage(s)",
                            hint="choose first/last stage sizes that leave a multiple of the "
                                 "middle stages (megatron-core's rule), or pp > 1")
-        sizes = [first] if first is not None else []
+        if vpp > 1:
+            odd = [f"{w} ({n} layers)" for w, n in (("first stage", first), ("last stage", last),
+                                           ("each middle stage", rest // middle if middle
+                                            else None))
+                   if n is not None and n % vpp]
+            if odd:
+                raise error_at(pipe["at"], f"uneven pipeline ({stated}) with vpp={vpp} "
+                               f"virtual stages per rank: {', '.join(odd)} not divisible "
+                               f"by vpp={vpp}",
+                               hint="megatron-core splits every stage's layers evenly over "
+                                    "its vpp chunks: choose sizes divisible by vpp")
+            first_c = None if first is None else first // vpp
+            last_c = None if last is None else last // vpp
+            rest = rest // vpp
+        else:
+            first_c, last_c = first, last
+        sizes = [first_c] if first_c is not None else []
         sizes += [rest // middle] * middle if middle else []
-        sizes += [last] if last is not None else []
+        sizes += [last_c] if last_c is not None else []
+        sizes = sizes * (vpp if vpp > 1 else 1)
     out = []
     for stage, n in enumerate(sizes):
         out += [(stage, j) for j in range(n)]

@@ -375,7 +375,8 @@ def _resolve_params(sp: Spec, source, env, canonical, given, search: _Search):
         trial = dict(given)
         trial.update({p.name: v for p, v in zip(free, combo)})
         try:
-            plan = plan_layout(sp, source.layout, env, source.topology, trial)
+            plan = plan_layout(sp, source.layout, env, source.topology, trial,
+                               vpp=getattr(source, "vpp", 1))
         except MapcError as e:
             search.errors.append(f"{sp.family} {trial}: {e}")
             continue
@@ -391,7 +392,8 @@ def _resolve_params(sp: Spec, source, env, canonical, given, search: _Search):
                                 notes + list(getattr(source, "warnings", [])))
             search.partial.append((sp, extra))
     if tried and not any(p is sp for p, _ in search.partial):
-        plan = plan_layout(sp, source.layout, env, source.topology, tried[0])
+        plan = plan_layout(sp, source.layout, env, source.topology, tried[0],
+                           vpp=getattr(source, "vpp", 1))
         missing = _missing(plan, source)
         if missing:
             search.errors.append(f"{sp.family}: the checkpoint lacks {len(missing)} expected "
@@ -409,7 +411,8 @@ def _ambiguity(sp, source, env, chosen: dict, free: list[LayoutParam], plan) -> 
                 continue
             trial = dict(chosen, **{p.name: value})
             try:
-                other = plan_layout(sp, source.layout, env, source.topology, trial)
+                other = plan_layout(sp, source.layout, env, source.topology, trial,
+                                    vpp=getattr(source, "vpp", 1))
             except MapcError:
                 continue
             if not (_plan_matches(other, source) and not _unplanned(other, source)

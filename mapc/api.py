@@ -81,7 +81,7 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
             if param in declared:
                 sets.setdefault(param, value)
         try:
-            target = plan_layout(res.spec, target_layout, res.env, topo, sets)
+            target = plan_layout(res.spec, target_layout, res.env, topo, sets, vpp=vpp or 1)
         except MapcError as e:
             if vpp is None or vpp < 2:
                 raise
@@ -255,11 +255,6 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         set = list(set or []) + [f"{names[o]}={n}" for o, n in stages.items() if n is not None]
     if "vpp" in explicit:   # before compiling at pp * vpp stages
         check_request(WriteRequest(to, vpp=vpp, explicit=frozenset({"vpp"})))
-    if (vpp or 1) > 1 and any(v is not None for v in stages.values()):   # also from --like
-        raise MapcError(f"--vpp {vpp} with uneven pipeline stages is not written yet "
-                        f"(megatron-core places the uneven layers on the first and last "
-                        f"virtual stages; mapc has not been checked against it)",
-                        hint="drop --vpp, or --pp-first-stage / --pp-last-stage")
     res, program = plan_conversion(src, to, tp=tp, pp=pp, ep=ep, config=config, set=set,
                                    spec=spec, source_format=source_format,
                                    source_set=source_set, allow_spec_change=allow_spec_change,

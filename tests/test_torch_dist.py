@@ -297,19 +297,10 @@ def test_written_checkpoint_reads_back_bit_for_bit(hf_out, tmp_path):
 
 
 # ---- the distributed optimizer (dp_reshardable): what megatron-core writes, read --------------
-@pytest.fixture(scope="module")
-def saved_optim(tmp_path_factory):
-    """TP2 DP2: megatron-core's DDP + DistributedOptimizer (Adam, bf16 params, fp32 grads and
-    masters, one bucket) after one step, saved with its dp_reshardable state; the same run
-    also saves it as fully_reshardable (``ckpt_fully_reshardable``), as
-    dp_zero_gather_scatter (``ckpt_dp_zero_gather_scatter``) and in Megatron-LM's torch format
-    with distrib_optim.pt (``ckpt_legacy``)."""
-    base = tmp_path_factory.mktemp("torch_dist_optim")
-    root = mcore_dist.save_checkpoint(base / "ckpt", CFG, 2, 1, "bf16", base / "truth", dp=2,
-                                      optimizer=True,
-                                      also=("fully_reshardable", "dp_zero_gather_scatter",
-                                            "legacy"))
-    return root, base / "truth"
+# saved_optim (tests/conftest.py, one megatron-core run shared with tests/test_nemo2_optim.py):
+# TP2 DP2, megatron-core's DDP + DistributedOptimizer (Adam, bf16 params, fp32 grads and
+# masters, one bucket) after one step, saved with its dp_reshardable state and as
+# fully_reshardable, dp_zero_gather_scatter, Megatron-LM's legacy torch format and NeMo 2.
 
 
 BUCKET = "optimizer.distributed.dp_group_idx_{t}.gbuf_idx_0.dtype_(torch.bfloat16, " \

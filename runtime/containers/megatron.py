@@ -212,7 +212,8 @@ class MegatronSource(RefSource):
         per virtual stage) in every rank file. Chunk v of pipeline rank p is virtual stage
         ``v * pp + p``, which is how the compiler sees it: the pp axis counts virtual stages
         (megatron-core's layer offset of chunk v on rank p is (v * pp + p) * layers / (pp * vpp)
-        when the stages are even)."""
+        when the stages are even; with uneven first/last stages each chunk is an uneven
+        pipeline of layers / vpp layers, compiler/plan.py pipeline_stages)."""
         f = self.files[coord_key(self._coords[0])]
         chunks = _chunk_keys(self._load_file(f), f)
         vpp = len(chunks) if chunks != ["model"] else 1
@@ -770,6 +771,12 @@ class MegatronWriter(PlannedWriter):
                             num_layers_per_virtual_pipeline_stage=(
                                 args["num_layers"] // (self.pp * self.vpp)
                                 if isinstance(args.get("num_layers"), int) else None))
+                if any(args.get(k) for k in ("num_layers_in_first_pipeline_stage",
+                                             "num_layers_in_last_pipeline_stage")):
+                    # uneven stages: Megatron-LM takes the chunks per rank, not the layers
+                    # per chunk (which differ between stages)
+                    args.update(num_layers_per_virtual_pipeline_stage=None,
+                                num_virtual_stages_per_pipeline_rank=self.vpp)
             if self.etp is not None:    # the smallest world of that grid
                 args.update(expert_tensor_parallel_size=self.etp,
                             world_size=self.pp * lcm(self.tp, self.etp * self.ep))

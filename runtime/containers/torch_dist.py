@@ -216,6 +216,9 @@ class TorchDistSource(Source):
     layout = "torch_dist"
     # a prefix every model key carries (NeMo 2's "module."), stripped on reading
     key_prefix = ""
+    # how to re-save an optimizer state of a sharding type mapc does not read
+    RESAVE_HINT = ("re-save it with distrib_optim_sharding_type dp_reshardable (Megatron-LM's "
+                   "default), or without the optimizer")
 
     def _find_iter_dir(self) -> Path:
         return iteration_dir(self.path)
@@ -277,9 +280,7 @@ class TorchDistSource(Source):
                 raise MapcError(f"the distributed optimizer's state is saved as "
                                 f"{self.sharding_type!r}, which mapc does not read (it reads "
                                 f"{', '.join(SHARDING_TYPES)})", where=str(self.iter_dir / COMMON),
-                                hint="re-save it with distrib_optim_sharding_type "
-                                     "dp_reshardable (Megatron-LM's default), or without "
-                                     "the optimizer")
+                                hint=self.RESAVE_HINT)
         self.scheduler = common.get("opt_param_scheduler")
 
     def bind_plan(self, plan):
@@ -583,6 +584,9 @@ class _DpReshardable(_Optimizer):
             self._derive(mplan, plan, keys, tp, pp, args, where)
             bad = self._masters_disagree()
             if bad is None:
+                if impl is None and naming is not None:   # the order found: carried on
+                    src.format_meta.setdefault("transformer_impl", "local" if naming == "local"
+                                               else "transformer_engine")
                 break
             failures.append(f"{bad} with the {naming or 'megatron'} layout")
         else:
