@@ -601,11 +601,14 @@ def _aliases(plan) -> dict[str, str]:
         key = logical_key(a["tensor"], None)
         if key not in plan.logical:
             continue
-        found = [(c, n) for inst in plan.instances if not inst.copy
+        found = [(id(inst), n) for inst in plan.instances if not inst.copy
                  and list(inst.members.values()) == [key] for _, c, n in inst.shards]
-        if len(found) != 1:
+        # one stored tensor, whole or cut over the mesh: the alias names each rank's shard
+        # (a tied head cut with its embedding, DeepSpeed AutoTP's vocabulary-parallel pair)
+        if len(set(found)) != 1:
             raise error_at(a["at"], f"alias {a['name']!r}: {a['tensor']} is stored as "
-                           f"{len(found)} shards in layout {plan.name}; an alias needs it whole")
+                           f"{len(found)} tensors in layout {plan.name}; an alias needs one "
+                           "tensor (whole, or cut over the mesh)")
         if any(n == a["name"] for _, _, n in plan.placements()):
             raise error_at(a["at"], f"alias {a['name']!r} is also a stored tensor of layout "
                            f"{plan.name}", hint="give the alias an exclusive 'if' condition")

@@ -452,6 +452,13 @@ class AutoTPSource(Source):
                             where=where, hint="a DeepSpeed pipeline (NeoX) checkpoint is read "
                                               "with --from neox")
         self.ranks = [first] + [DeepSpeedSource(path, t) for t in range(1, self.tp)]
+        for r in self.ranks[1:]:
+            # DeepSpeed records shared_params (a tied head) in tp rank 0's model states only;
+            # the other ranks' modules hold the alias too
+            for alias, target in first.shared.items():
+                if r.kinds.get(alias) == "frozen" and target in r.shapes:
+                    del r.kinds[alias], r.shapes[alias]
+                    r.shared[alias] = target
         for t, r in enumerate(self.ranks):
             if r.kind == "stage3":
                 raise MapcError("a ZeRO stage 3 checkpoint with AutoTP tensor parallelism is not "
@@ -901,6 +908,8 @@ class DeepSpeedWriter(PlannedWriter):
                               zero.param_shapes(d.rank_shapes[t]), rs.stage,
                               scheduler=d.scheduler, steps=rs.iteration, samples=d.samples,
                               dp=rs.dp, ds_config=rs.cfg)
+            if t:      # DeepSpeed records a tied head's shared_params on tp rank 0 only
+                ms["shared_params"] = {}
             ms["mp_world_size"] = d.tp
             ms["checkpoint_parallel_dimensions"] = {"pp_degree": 1, "tp_degree": d.tp}
             ms["universal_checkpoint_info"] = d.uc_info

@@ -26,7 +26,11 @@ trains STEPS steps (every rank sees the whole global batch) and calls
   model trained again by a second engine (ZeRO 2, bf16) in the same processes, saved, its
   gathered (bf16) weights and its shards at the save;
 * ``qwen2/``, ``qwen2.full.safetensors``, ``qwen2.t{T}.*``: the same for a transformers
-  ``Qwen2ForCausalLM`` of MODEL's sizes (q/k/v biases), ZeRO 1, fp32.
+  ``Qwen2ForCausalLM`` of MODEL's sizes (q/k/v biases), ZeRO 1, fp32;
+* ``qwen3/``, ``qwen3.full.safetensors``, ``qwen3.t{T}.*``, ``qwen3next.t{T}.*``: the same for
+  a transformers ``Qwen3ForCausalLM`` of MODEL's sizes with tied embeddings (q_norm/k_norm,
+  which AutoTP replicates and all-reduces the gradients of; the tied head, which AutoTP cuts
+  with the embedding on the vocabulary), and its shards after one more step.
 
 Resume mode::
 
@@ -37,6 +41,8 @@ builds the same engine; ``load_checkpoint(CKPT_A, load_optimizer_states=False)``
 module's logits on PROBE (``weights_logits.safetensors``); then ``load_checkpoint(CKPT_B)``,
 trains one step (the step after CKPT_B's global step) and writes ``next.t{T}.*`` as above,
 and ``load_universal/``, DeepSpeed's ``ds_to_universal`` of CKPT_B.
+With ``--qwen3 CKPT_D``, a Qwen3 engine (as in training) loads CKPT_D, trains one step and
+writes ``q3next.t{T}.*``.
 With ``--universal``, a second engine (``"checkpoint": {"load_universal": true}``) loads the
 universal checkpoint CKPT_C, trains one step and writes ``unext.t{T}.*``.
 """
@@ -56,6 +62,9 @@ MODEL = dict(hidden_size=64, head_dim=16, num_hidden_layers=2, num_attention_hea
              num_key_value_heads=2, intermediate_size=96, vocab_size=128,
              max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6,
              hidden_act="silu")
+# the Qwen3: MODEL's sizes, tied embeddings (no token ids outside the tiny vocabulary)
+QWEN3 = dict(MODEL, tie_word_embeddings=True, use_sliding_window=False, pad_token_id=None,
+             bos_token_id=None, eos_token_id=None)
 TP = 2
 STEPS = 2
 BATCH, SEQ = 4, 16
@@ -75,10 +84,13 @@ def ds_config(universal: bool = False, stage: int = 1, bf16: bool = False) -> di
 def engine_of(deepspeed, universal: bool = False, stage: int = 1, bf16: bool = False,
               arch: str = "llama"):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(SEED)
-    if arch == "qwen2":
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3)).float()
+    elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**MODEL, use_sliding_window=False)).float()
     else:
         model = LlamaForCausalLM(LlamaConfig(**MODEL)).float()
@@ -159,6 +171,7 @@ def main(argv=None):
     p.add_argument("--weights", default=None)
     p.add_argument("--load", default=None)
     p.add_argument("--universal", default=None)
+    p.add_argument("--qwen3", default=None)
     args = p.parse_args(argv)
     import torch.distributed as tdist
     from safetensors.torch import save_file
@@ -168,7 +181,7 @@ def main(argv=None):
     engine = engine_of(deepspeed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": MODEL, "tp": TP}
+    meta = {"model": MODEL, "qwen3": QWEN3, "tp": TP}
     if args.load:
         if args.weights:
             path, _ = engine.load_checkpoint(args.weights, load_optimizer_states=False,
@@ -193,6 +206,14 @@ def main(argv=None):
             meta["universal_start_step"] = engine.global_steps
             meta["universal_loss"] = [step(engine, engine.global_steps)]
             dump_state(engine, out, "unext", rank)
+        if args.qwen3:
+            engine = engine_of(deepspeed, arch="qwen3")
+            path, _ = engine.load_checkpoint(args.qwen3)
+            if path is None:
+                raise SystemExit(f"could not load {args.qwen3}")
+            meta["qwen3_start_step"] = engine.global_steps
+            meta["qwen3_loss"] = [step(engine, engine.global_steps)]
+            dump_state(engine, out, "q3next", rank)
     else:
         meta["loss"] = [step(engine, k) for k in range(STEPS)]
         save_and_gather(engine, out, "ckpt", rank)
@@ -217,6 +238,17 @@ def main(argv=None):
         meta["qwen2_loss"] = [step(engine, k) for k in range(STEPS)]
         save_and_gather(engine, out, "qwen2", rank)
         dump_state(engine, out, "qwen2", rank)
+        # and a transformers Qwen3 with tied embeddings, ZeRO 1, fp32; one more step after
+        # the save (the resume oracle)
+        engine = engine_of(deepspeed, arch="qwen3")
+        meta["qwen3_loss"] = [step(engine, k) for k in range(STEPS)]
+        save_and_gather(engine, out, "qwen3", rank)
+        dump_state(engine, out, "qwen3", rank)
+        meta["qwen3_partition_dim"] = {
+            n: (getattr(p, "ds_autotp_universal_checkpoint_meta", None) or {}).get("partition_dim")
+            for n, p in engine.module.named_parameters()}
+        meta["qwen3_next_loss"] = step(engine, STEPS)
+        dump_state(engine, out, "qwen3next", rank)
     if rank == 0:
         (out / "expected.json").write_text(json.dumps(meta, indent=1) + "\n")
     tdist.barrier()
