@@ -674,27 +674,31 @@ def _autotp_info(program, rank_shapes: list, order) -> dict:
     for name in order:
         rule, pattern = rules[name], "^" + re.escape(name) + "$"
         shard = list(rank_shapes[0][name])
+        starts = [0] * tp            # each rank's first index along the cut (uneven splits)
         if rule.kind == "replicated":
             replicated.append(pattern)
             full = shard
         elif rule.kind == "cat" and (rule.dim == 0 or (rule.dim == 1 and len(shard) == 2)):
             if rule.dim == 1:
                 row.append(pattern)
-            full = [d * tp if a == rule.dim else d for a, d in enumerate(shard)]
+            cuts = [rank_shapes[t][name][rule.dim] for t in range(tp)]
+            starts = [sum(cuts[:t]) for t in range(tp)]
+            full = [sum(cuts) if a == rule.dim else d for a, d in enumerate(shard)]
         else:
             raise MapcError(f"{name} is cut over tp in a way DeepSpeed AutoTP does not "
                             f"describe ({rule.kind} on axis {rule.dim})",
                             hint="convert to deepspeed without --tp")
         strides = [int(prod(full[a + 1:])) for a in range(len(full))]
-        dest = [int(prod(shard[a + 1:])) for a in range(len(shard))]
         ranks = {}
         for t in range(tp):
+            shard = list(rank_shapes[t][name])
+            dest = [int(prod(shard[a + 1:])) for a in range(len(shard))]
             if rule.kind == "replicated":
                 piece = {"shape": list(full), "source": [0, strides], "dest": [0, dest],
                          "locations": list(range(tp))}
             else:
                 piece = {"shape": list(shard),
-                         "source": [t * shard[rule.dim] * strides[rule.dim], strides],
+                         "source": [starts[t] * strides[rule.dim], strides],
                          "dest": [0, dest], "locations": [t]}
             ranks[t] = {"shard_shape": list(shard), "pieces": [piece]}
         maps[pattern] = {"logical_shape": list(full), "ranks": ranks}

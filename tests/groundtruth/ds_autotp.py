@@ -27,10 +27,12 @@ trains STEPS steps (every rank sees the whole global batch) and calls
   gathered (bf16) weights and its shards at the save;
 * ``qwen2/``, ``qwen2.full.safetensors``, ``qwen2.t{T}.*``: the same for a transformers
   ``Qwen2ForCausalLM`` of MODEL's sizes (q/k/v biases), ZeRO 1, fp32;
-* ``qwen3/``, ``qwen3.full.safetensors``, ``qwen3.t{T}.*``, ``qwen3next.t{T}.*``: the same for
-  a transformers ``Qwen3ForCausalLM`` of MODEL's sizes with tied embeddings (q_norm/k_norm,
+* for each of EXTRA's models, ``NAME/``, ``NAME.full.safetensors``, ``NAME.t{T}.*`` and
+  ``NAMEnext.t{T}.*`` (its shards after one more step, the resume oracle): ``qwen3``, a
+  transformers ``Qwen3ForCausalLM`` of MODEL's sizes with tied embeddings (q_norm/k_norm,
   which AutoTP replicates and all-reduces the gradients of; the tied head, which AutoTP cuts
-  with the embedding on the vocabulary), and its shards after one more step.
+  with the embedding on the vocabulary), and ``uneven``, a Llama whose KV heads (3), MLP
+  (97) and vocabulary (127) tp does not divide (AutoTP splits them unevenly).
 
 Resume mode::
 
@@ -41,8 +43,8 @@ builds the same engine; ``load_checkpoint(CKPT_A, load_optimizer_states=False)``
 module's logits on PROBE (``weights_logits.safetensors``); then ``load_checkpoint(CKPT_B)``,
 trains one step (the step after CKPT_B's global step) and writes ``next.t{T}.*`` as above,
 and ``load_universal/``, DeepSpeed's ``ds_to_universal`` of CKPT_B.
-With ``--qwen3 CKPT_D``, a Qwen3 engine (as in training) loads CKPT_D, trains one step and
-writes ``q3next.t{T}.*``.
+With ``--also NAME=CKPT_D`` (repeatable), an engine of EXTRA's model NAME loads CKPT_D,
+trains one step and writes ``NAMEresumed.t{T}.*``.
 With ``--universal``, a second engine (``"checkpoint": {"load_universal": true}``) loads the
 universal checkpoint CKPT_C, trains one step and writes ``unext.t{T}.*``.
 """
@@ -65,6 +67,9 @@ MODEL = dict(hidden_size=64, head_dim=16, num_hidden_layers=2, num_attention_hea
 # the Qwen3: MODEL's sizes, tied embeddings (no token ids outside the tiny vocabulary)
 QWEN3 = dict(MODEL, tie_word_embeddings=True, use_sliding_window=False, pad_token_id=None,
              bos_token_id=None, eos_token_id=None)
+UNEVEN = dict(MODEL, hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+              intermediate_size=97, vocab_size=127)
+EXTRA = {"qwen3": QWEN3, "uneven": UNEVEN}
 TP = 2
 STEPS = 2
 BATCH, SEQ = 4, 16
@@ -90,6 +95,8 @@ def engine_of(deepspeed, universal: bool = False, stage: int = 1, bf16: bool = F
     torch.manual_seed(SEED)
     if arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**QWEN3)).float()
+    elif arch == "uneven":
+        model = LlamaForCausalLM(LlamaConfig(**UNEVEN)).float()
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**MODEL, use_sliding_window=False)).float()
     else:
@@ -101,7 +108,7 @@ def engine_of(deepspeed, universal: bool = False, stage: int = 1, bf16: bool = F
 
 
 def step(engine, k):
-    ids = batch_for_step(k, BATCH, SEQ, MODEL["vocab_size"])
+    ids = batch_for_step(k, BATCH, SEQ, engine.module.config.vocab_size)
     out = engine(input_ids=ids, labels=ids)
     engine.backward(out.loss)
     engine.step()
@@ -171,7 +178,7 @@ def main(argv=None):
     p.add_argument("--weights", default=None)
     p.add_argument("--load", default=None)
     p.add_argument("--universal", default=None)
-    p.add_argument("--qwen3", default=None)
+    p.add_argument("--also", action="append", default=[])
     args = p.parse_args(argv)
     import torch.distributed as tdist
     from safetensors.torch import save_file
@@ -181,7 +188,7 @@ def main(argv=None):
     engine = engine_of(deepspeed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": MODEL, "qwen3": QWEN3, "tp": TP}
+    meta = {"model": MODEL, **EXTRA, "tp": TP}
     if args.load:
         if args.weights:
             path, _ = engine.load_checkpoint(args.weights, load_optimizer_states=False,
@@ -206,14 +213,15 @@ def main(argv=None):
             meta["universal_start_step"] = engine.global_steps
             meta["universal_loss"] = [step(engine, engine.global_steps)]
             dump_state(engine, out, "unext", rank)
-        if args.qwen3:
-            engine = engine_of(deepspeed, arch="qwen3")
-            path, _ = engine.load_checkpoint(args.qwen3)
+        for item in args.also:
+            arch, ckpt = item.split("=", 1)
+            engine = engine_of(deepspeed, arch=arch)
+            path, _ = engine.load_checkpoint(ckpt)
             if path is None:
-                raise SystemExit(f"could not load {args.qwen3}")
-            meta["qwen3_start_step"] = engine.global_steps
-            meta["qwen3_loss"] = [step(engine, engine.global_steps)]
-            dump_state(engine, out, "q3next", rank)
+                raise SystemExit(f"could not load {ckpt}")
+            meta[f"{arch}_start_step"] = engine.global_steps
+            meta[f"{arch}_loss"] = [step(engine, engine.global_steps)]
+            dump_state(engine, out, f"{arch}resumed", rank)
     else:
         meta["loss"] = [step(engine, k) for k in range(STEPS)]
         save_and_gather(engine, out, "ckpt", rank)
@@ -238,17 +246,17 @@ def main(argv=None):
         meta["qwen2_loss"] = [step(engine, k) for k in range(STEPS)]
         save_and_gather(engine, out, "qwen2", rank)
         dump_state(engine, out, "qwen2", rank)
-        # and a transformers Qwen3 with tied embeddings, ZeRO 1, fp32; one more step after
-        # the save (the resume oracle)
-        engine = engine_of(deepspeed, arch="qwen3")
-        meta["qwen3_loss"] = [step(engine, k) for k in range(STEPS)]
-        save_and_gather(engine, out, "qwen3", rank)
-        dump_state(engine, out, "qwen3", rank)
-        meta["qwen3_partition_dim"] = {
-            n: (getattr(p, "ds_autotp_universal_checkpoint_meta", None) or {}).get("partition_dim")
-            for n, p in engine.module.named_parameters()}
-        meta["qwen3_next_loss"] = step(engine, STEPS)
-        dump_state(engine, out, "qwen3next", rank)
+        # and EXTRA's models (ZeRO 1, fp32), each with one more step after the save
+        for arch in EXTRA:
+            engine = engine_of(deepspeed, arch=arch)
+            meta[f"{arch}_loss"] = [step(engine, k) for k in range(STEPS)]
+            save_and_gather(engine, out, arch, rank)
+            dump_state(engine, out, arch, rank)
+            meta[f"{arch}_partition_dim"] = {
+                n: (getattr(p, "ds_autotp_universal_checkpoint_meta", None) or {})
+                .get("partition_dim") for n, p in engine.module.named_parameters()}
+            meta[f"{arch}_next_loss"] = step(engine, STEPS)
+            dump_state(engine, out, f"{arch}next", rank)
     if rank == 0:
         (out / "expected.json").write_text(json.dumps(meta, indent=1) + "\n")
     tdist.barrier()
