@@ -14,8 +14,9 @@ hf -> deepspeed --tp 2 (its logits are the original's), the tp 1 -> tp 2 output 
 run's own next step exactly; DeepSpeed's ds_to_universal holds the same
 tensors as mapc's universal output and merges mapc's AutoTP output as it merges its own. The same
 launches train a tied-embedding Qwen3 (specs/qwen3.map: q_norm/k_norm replicated; the tied
-head cut with the embedding on the vocabulary) and a Llama whose KV heads, MLP and vocabulary
-tp does not divide (AutoTP's uneven split, ``split F over tp unevenly``): read against
+head cut with the embedding on the vocabulary) a Llama whose KV heads, MLP and vocabulary
+tp does not divide (AutoTP's uneven split, ``split F over tp unevenly``) and a Llama with
+ZeRO stage 3: read against
 DeepSpeed's gathered weights, written (tp 1 -> tp 2) to DeepSpeed's own files, and resumed by a
 real engine to the original run's next step. Two DeepSpeed torchrun launches in all
 (training, and one resume that loads the outputs; ds_to_universal runs serially on rank 0
@@ -44,7 +45,8 @@ SCRIPT = Path(__file__).parent / "groundtruth" / "ds_autotp.py"
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 TP = 2
 # the ground truth's extra models: model_type and class
-EXTRA = {"qwen3": ("qwen3", "Qwen3ForCausalLM"), "uneven": ("llama", "LlamaForCausalLM")}
+EXTRA = {"qwen3": ("qwen3", "Qwen3ForCausalLM"), "uneven": ("llama", "LlamaForCausalLM"),
+         "z3": ("llama", "LlamaForCausalLM")}
 # transformers' full-model forward against the AutoTP training module's (sharded matmuls, the
 # row-parallel partial sums all-reduced): measured 3.0e-7 on logits of magnitude 1.
 LOGITS_TOL = 3e-6
@@ -219,7 +221,7 @@ def test_extra_models_read(run, converted, arch):
         # DeepSpeed's own cut of the tied pair: the embedding on its vocabulary rows
         shard = _load(run / "qwen3.t1.fp32.safetensors")["model.embed_tokens.weight"]
         assert shard.shape[0] == theirs["model.embed_tokens.weight"].shape[0] // TP
-    else:
+    elif arch == "uneven":
         ms = torch.load(run / arch / "global_step2" / "mp_rank_01_model_states.pt",
                         weights_only=False)["module"]
         assert tuple(ms["model.layers.0.self_attn.k_proj.weight"].shape)[0] == 16   # 1 of 3
@@ -230,7 +232,7 @@ def test_extra_models_read(run, converted, arch):
         assert np.array_equal(mine[name], theirs[name]), name
 
 
-@pytest.mark.parametrize("case", ["ckpt", "z2bf16", "qwen2", *EXTRA])
+@pytest.mark.parametrize("case", ["ckpt", "z2bf16", "qwen2", "qwen3", "uneven"])
 def test_tp1_to_tp2_gives_deepspeeds_files_back(run, converted, case):
     prefix = "bf16_" if case == "z2bf16" else ""
     ours = converted["tp2" if case == "ckpt" else f"{case}-tp2"][0] / "global_step2"
@@ -265,6 +267,31 @@ def test_tp1_to_tp2_gives_deepspeeds_files_back(run, converted, case):
         assert oa["param_slice_mappings"] == ob["param_slice_mappings"]
 
 
+def test_zero3_tp1_to_tp2_gives_deepspeeds_files_back(run, converted):
+    # ZeRO stage 3 with AutoTP (DeepSpeed 0.19 trains it): AutoTP -> deepspeed tp 1 (stage 3
+    # kept) -> --tp 2 gives each tp rank's stage 3 files back, flat fp32 partitions and Adam
+    # moments bit for bit, placeholders in the module
+    ours = converted["z3-tp2"][0] / "global_step2"
+    theirs = run / "z3" / "global_step2"
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for t in range(TP):
+        a, b = (torch.load(d / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt",
+                           weights_only=False) for d in (theirs, ours))
+        assert list(a["module"]) == list(b["module"])
+        assert all(b["module"][n].numel() == 0 == a["module"][n].numel() for n in a["module"])
+        assert a["param_shapes"] == b["param_shapes"]
+        assert b["universal_checkpoint_info"] == a["universal_checkpoint_info"]
+        for key in ("mp_world_size", "checkpoint_parallel_dimensions", "dp_world_size"):
+            assert a[key] == b[key], key
+        oa, ob = (torch.load(d / f"zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt",
+                             weights_only=False)["optimizer_state_dict"] for d in (theirs, ours))
+        assert oa["zero_stage"] == ob["zero_stage"]
+        assert torch.equal(oa["fp32_flat_groups"][0], ob["fp32_flat_groups"][0])
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(oa["optimizer_state_dict"]["state"][0][k],
+                               ob["optimizer_state_dict"]["state"][0][k]), k
+
+
 def test_real_autotp_engine_loads_and_resumes(run, resumed):
     # hf -> deepspeed --tp 2, loaded weights only: the training module's logits, exactly
     assert np.array_equal(_load(resumed / "weights_logits.safetensors")["logits"],
@@ -289,8 +316,8 @@ def test_real_autotp_engine_resumes_from_the_universal_output(run, resumed):
 
 @pytest.mark.parametrize("arch", list(EXTRA))
 def test_real_autotp_engine_resumes_the_extra_models(run, resumed, arch):
-    # the tied Qwen3 and the uneven Llama, AutoTP -> tp 1 -> tp 2, loaded by a real AutoTP
-    # engine and trained one step: the original run's own next step. Measured: identical
+    # the tied Qwen3, the uneven Llama and the ZeRO 3 Llama, AutoTP -> tp 1 -> tp 2, loaded
+    # by a real AutoTP engine and trained one step: the original run's own next step. Measured: identical
     # (every shard of fp32 weights and both moments, and the loss); tolerance 0.
     exp, got = (json.loads((d / "expected.json").read_text()) for d in (run, resumed))
     assert got[f"{arch}_start_step"] == exp["global_step"]

@@ -207,7 +207,7 @@ def rank_model_states(source, folder: Path, r: int):
         return source.model_states
     cache = source.__dict__.setdefault("_rank_states_cache", {})
     if r not in cache:
-        f = Path(folder) / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+        f = Path(folder) / f"zero_pp_rank_{r}_mp_rank_{getattr(source, 'mp', 0):02d}_model_states.pt"
         if not f.is_file():
             raise MapcError(f"{f.name} is missing", where=str(folder),
                             hint="copy the complete checkpoint")
@@ -420,7 +420,8 @@ def _mp_ranks(tag_dir: Path) -> list[int]:
 class AutoTPSource(Source):
     """A plain DeepSpeed engine checkpoint trained with AutoTP (``mp_world_size`` T > 1): mesh
     coordinates ``(tp,)`` of the family's ``autotp`` layout. Tensor-parallel rank t is an
-    ordinary ZeRO 1/2 checkpoint of its shards (``mp_rank_TT_model_states.pt`` and
+    ordinary ZeRO checkpoint of its shards (``mp_rank_TT_model_states.pt``, or with ZeRO
+    stage 3 ``zero_pp_rank_D_mp_rank_TT_model_states.pt``, and
     ``zero_pp_rank_D_mp_rank_TT_optim_states.pt``), read by DeepSpeedSource rank by rank."""
 
     format = "deepspeed"
@@ -460,10 +461,10 @@ class AutoTPSource(Source):
                     del r.kinds[alias], r.shapes[alias]
                     r.shared[alias] = target
         for t, r in enumerate(self.ranks):
-            if r.kind == "stage3":
-                raise MapcError("a ZeRO stage 3 checkpoint with AutoTP tensor parallelism is not "
-                                "read", where=str(r.model_file),
-                                hint="DeepSpeed AutoTP trains with ZeRO stage 0, 1 or 2")
+            if t and r.kind != first.kind:
+                raise MapcError(f"{r.model_file.name} is a {r.kind} checkpoint, "
+                                f"{first.model_file.name} a {first.kind} one", where=where,
+                                hint="is the checkpoint mixed from two runs?")
             if t and r.model_states.get("mp_world_size") != self.tp:
                 raise MapcError(f"mp_world_size {r.model_states.get('mp_world_size')!r} differs "
                                 f"from {self.tp} in {first.model_file.name}",
@@ -649,7 +650,8 @@ def _files(d: _DeepSpeedPlan, config: bool = True) -> list[str]:
     files = [f"{d.tag}/{prefix}zero_pp_rank_{r}_mp_rank_{t:02d}_optim_states.pt"
              for t in range(d.tp) for r in range(rs.dp)]
     if rs.stage == 3:      # every rank writes the same model states
-        files += [f"{d.tag}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(rs.dp)]
+        files += [f"{d.tag}/zero_pp_rank_{r}_mp_rank_{t:02d}_model_states.pt"
+                  for t in range(d.tp) for r in range(rs.dp)]
     else:
         files += [f"{d.tag}/mp_rank_{t:02d}_model_states.pt" for t in range(d.tp)]
     return files + ["latest", "ds_config.json", MAPC_JSON] + (["config.json"] if config else [])
@@ -725,10 +727,6 @@ def _autotp_config(rs: ResumePlan, tp: int, notes: list) -> ResumePlan:
     tpc = dict(cfg.get("tensor_parallel") or {})
     had = int(tpc.get("autotp_size") or 1)
     if tp > 1:
-        if rs.stage == 3:
-            raise MapcError("DeepSpeed AutoTP trains with ZeRO stage 0, 1 or 2: a stage 3 "
-                            "checkpoint with --tp is not written",
-                            hint="pass --zero-stage 1 or 2")
         cfg["tensor_parallel"] = {**tpc, "autotp_size": tp}
     elif had > 1:
         tpc.pop("autotp_size")
@@ -826,14 +824,20 @@ class DeepSpeedWriter(PlannedWriter):
         rs = d.resume
         self.tag_dir = self.dir / d.tag
         self.tag_dir.mkdir()
-        if d.tp > 1:          # AutoTP: every tp rank is a ZeRO 1/2 checkpoint of its shards
+        if d.tp > 1:          # AutoTP: every tp rank is a ZeRO checkpoint of its shards
             for t in range(d.tp):
                 zero = ZeroOptimizer(self.dir / f".scratch{t}",
                                      [[(n, prod(d.rank_shapes[t][n])) for n in names]
                                       for names in d.members], rs.dp, rs.stage, rs.kind,
                                      d.sub_group_size)
-                self.ranks.append((zero, torchfile.TorchWriter(
-                    self.tag_dir / f"mp_rank_{t:02d}_model_states.pt"), {}))
+                writer = torchfile.TorchWriter(self.tag_dir / (
+                    f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt" if rs.stage == 3
+                    else f"mp_rank_{t:02d}_model_states.pt"))
+                module = {}
+                if rs.stage == 3:    # the weights live in the optimizer files
+                    empty = np.zeros((0,), DTYPES[rs.dtype])
+                    module = {n: writer.add_tensor(empty) for names in d.members for n in names}
+                self.ranks.append((zero, writer, module))
             self.zero, self.model_writer, self.module = self.ranks[0]
             return
         self.zero = ZeroOptimizer(self.dir / ".scratch",
@@ -857,7 +861,8 @@ class DeepSpeedWriter(PlannedWriter):
     def write(self, coord, name, arr):
         if self.ranks:
             zero, writer, module = self.ranks[dict(coord).get("tp", 0)]
-            module[name] = writer.add_tensor(np.require(arr, requirements="C"))
+            if self.plan.detail.resume.stage != 3:
+                module[name] = writer.add_tensor(np.require(arr, requirements="C"))
             if "master" not in self.incoming:
                 zero.scatter("master", name, np.asarray(arr).astype(np.float32))
             return
@@ -918,6 +923,11 @@ class DeepSpeedWriter(PlannedWriter):
             ms["checkpoint_parallel_dimensions"] = {"pp_degree": 1, "tp_degree": d.tp}
             ms["universal_checkpoint_info"] = d.uc_info
             writer.finish(ms)
+            if rs.stage == 3:   # every data-parallel rank writes the same model states
+                first = self.tag_dir / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt"
+                for r in range(1, rs.dp):
+                    shutil.copyfile(first, self.tag_dir /
+                                    f"zero_pp_rank_{r}_mp_rank_{t:02d}_model_states.pt")
 
     def _finish_dp(self, prefix):
         d: _DeepSpeedPlan = self.plan.detail

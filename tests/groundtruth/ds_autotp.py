@@ -31,8 +31,9 @@ trains STEPS steps (every rank sees the whole global batch) and calls
   ``NAMEnext.t{T}.*`` (its shards after one more step, the resume oracle): ``qwen3``, a
   transformers ``Qwen3ForCausalLM`` of MODEL's sizes with tied embeddings (q_norm/k_norm,
   which AutoTP replicates and all-reduces the gradients of; the tied head, which AutoTP cuts
-  with the embedding on the vocabulary), and ``uneven``, a Llama whose KV heads (3), MLP
-  (97) and vocabulary (127) tp does not divide (AutoTP splits them unevenly).
+  with the embedding on the vocabulary), ``uneven``, a Llama whose KV heads (3), MLP
+  (97) and vocabulary (127) tp does not divide (AutoTP splits them unevenly), and ``z3``,
+  MODEL's Llama trained with ZeRO stage 3.
 
 Resume mode::
 
@@ -69,7 +70,9 @@ QWEN3 = dict(MODEL, tie_word_embeddings=True, use_sliding_window=False, pad_toke
              bos_token_id=None, eos_token_id=None)
 UNEVEN = dict(MODEL, hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
               intermediate_size=97, vocab_size=127)
-EXTRA = {"qwen3": QWEN3, "uneven": UNEVEN}
+# z3: MODEL's Llama with ZeRO stage 3 (DeepSpeed 0.19 trains AutoTP with any ZeRO stage)
+EXTRA = {"qwen3": QWEN3, "uneven": UNEVEN, "z3": MODEL}
+STAGE = {"z3": 3}
 TP = 2
 STEPS = 2
 BATCH, SEQ = 4, 16
@@ -215,7 +218,7 @@ def main(argv=None):
             dump_state(engine, out, "unext", rank)
         for item in args.also:
             arch, ckpt = item.split("=", 1)
-            engine = engine_of(deepspeed, arch=arch)
+            engine = engine_of(deepspeed, arch=arch, stage=STAGE.get(arch, 1))
             path, _ = engine.load_checkpoint(ckpt)
             if path is None:
                 raise SystemExit(f"could not load {ckpt}")
@@ -248,7 +251,7 @@ def main(argv=None):
         dump_state(engine, out, "qwen2", rank)
         # and EXTRA's models (ZeRO 1, fp32), each with one more step after the save
         for arch in EXTRA:
-            engine = engine_of(deepspeed, arch=arch)
+            engine = engine_of(deepspeed, arch=arch, stage=STAGE.get(arch, 1))
             meta[f"{arch}_loss"] = [step(engine, k) for k in range(STEPS)]
             save_and_gather(engine, out, arch, rank)
             dump_state(engine, out, arch, rank)
