@@ -447,6 +447,7 @@ class AutoTPSource(Source):
                             f"of tensor-parallel ranks {ranks}"
                             + (f": rank(s) {missing} are missing" if missing else ""),
                             where=where, hint="copy the complete checkpoint")
+        _check_default_sharding(first.model_states.get("ds_config"), str(first.model_file))
         dims = first.model_states.get("checkpoint_parallel_dimensions") or {}
         if hasattr(dims, "get") and (dims.get("pp_degree") or 1) != 1:
             raise MapcError("pipeline-parallel DeepSpeed checkpoints are not read here",
@@ -523,6 +524,26 @@ class AutoTPSource(Source):
         they hold tensor-parallel shards."""
         from dataclasses import replace
         return replace(self.ranks[0].zero_facts(), carry_files=())
+
+
+def _check_default_sharding(ds_config, where: str) -> None:
+    """The family's ``autotp`` layout is what DeepSpeed's AutoTP does by default (the model's
+    tp_plan, near-even splits): refuse the settings that cut otherwise."""
+    tpc = (ds_config or {}).get("tensor_parallel") if hasattr(ds_config, "get") else None
+    if not hasattr(tpc, "get"):
+        return
+    inner = tpc.get("tp") or tpc.get("tensor_parallel") or {}
+    grain = inner.get("tp_grain_size", 1) if hasattr(inner, "get") else 1
+    why = ("tensor_parallel.partition_config (a custom cut)" if tpc.get("partition_config")
+           else f"tensor_parallel.tp.tp_grain_size {grain} (MLP and head cut in grains)"
+           if grain not in (None, 1)
+           else "tensor_parallel.vocab_parallel_lm_head false (a tied head kept whole)"
+           if tpc.get("vocab_parallel_lm_head") is False else None)
+    if why:
+        raise MapcError(f"this AutoTP checkpoint was trained with {why}; mapc reads DeepSpeed "
+                        "AutoTP's default sharding only (the family spec's autotp layout)",
+                        where=where, hint="convert the checkpoint with DeepSpeed's "
+                                          "ds_to_universal instead")
 
 
 def Source(path):                                          # noqa: N802 (the protocol's name)
