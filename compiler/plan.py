@@ -833,7 +833,8 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                 size = 1
             idx.append(len(factors))
             names.append(name)
-            factors.append(Factor(name, size, true, full, repeat=rep, gone=name in eaches))
+            factors.append(Factor(name, size, true, full, repeat=rep, gone=name in eaches,
+                                  uneven=name in uneven))
             expanded[name] = names
         axes.append(tuple(idx))
     mesh_factors = tuple((f.name, f.size) for f in factors if f.mesh)

@@ -44,6 +44,7 @@ class Factor:
     var: str | None = None     # for `each`: the name variable bound to the index
     repeat: bool = False       # a replication factor: absent from the logical tensor
     gone: bool = False         # unstacked by `each`: an axis made only of these disappears
+    uneven: bool = False       # split unevenly: `full` is tp blocks of the largest share
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,8 @@ class Recipe:
             text = f"{f.name}={f.size}"
             if f.full != f.size:
                 text += f"/{f.full}"
-            text += f"(padded from {f.true})" if f.full != f.true else ""
+            text += f"(uneven split of {f.true})" if f.uneven else \
+                f"(padded from {f.true})" if f.full != f.true else ""
             return text + (" (repeat)" if f.repeat else "")
         axes = " ".join("(" + " ".join(fac(self.factors[k]) for k in ax) + ")"
                         if len(ax) > 1 else fac(self.factors[ax[0]]) for ax in self.axes)
