@@ -105,6 +105,8 @@ def converted(run, tmp_path_factory):
                                            config=c)
         made[f"{arch}-tp2"] = mapc.convert(root / f"{arch}-dp1", root / f"{arch}-tp2",
                                            to="deepspeed", tp=TP)
+    made["uneven-universal"] = mapc.convert(run / "uneven", root / "uneven-universal",
+                                            to="universal", config=run / "uneven_config.json")
     return {k: (root / k, r) for k, r in made.items()}
 
 
@@ -118,7 +120,8 @@ def resumed(run, converted, tmp_path_factory):
                       "--load", str(converted["tp2"][0]),
                       "--universal", str(converted["universal"][0]),
                       *(a for arch in EXTRA
-                        for a in ("--also", f"{arch}={converted[arch + '-tp2'][0]}"))],
+                        for a in ("--also", f"{arch}={converted[arch + '-tp2'][0]}")),
+                      "--also-universal", f"uneven={converted['uneven-universal'][0]}"],
                  out.parent / "resume.log", ds.TIMEOUT_S, script=SCRIPT)
     return out
 
@@ -323,6 +326,16 @@ def test_real_autotp_engine_resumes_the_extra_models(run, resumed, arch):
     assert got[f"{arch}_start_step"] == exp["global_step"]
     assert got[f"{arch}_loss"] == [exp[f"{arch}_next_loss"]]
     _same_next_step(run, resumed, f"{arch}resumed", f"{arch}next")
+
+
+def test_real_autotp_engine_resumes_the_uneven_model_from_the_universal_output(run, resumed):
+    # the uneven Llama -> universal (the whole module), loaded by an AutoTP engine at tp 2
+    # with DeepSpeed's universal loader (which makes the uneven cut itself): the original
+    # run's own next step. Measured: identical; tolerance 0.
+    exp, got = (json.loads((d / "expected.json").read_text()) for d in (run, resumed))
+    assert got["uneven_universal_start_step"] == exp["global_step"]
+    assert got["uneven_universal_loss"] == [exp["uneven_next_loss"]]
+    _same_next_step(run, resumed, "unevenunext", "unevennext")
 
 
 def _same_next_step(run, resumed, prefix, theirs="next"):

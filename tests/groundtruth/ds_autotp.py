@@ -45,7 +45,9 @@ module's logits on PROBE (``weights_logits.safetensors``); then ``load_checkpoin
 trains one step (the step after CKPT_B's global step) and writes ``next.t{T}.*`` as above,
 and ``load_universal/``, DeepSpeed's ``ds_to_universal`` of CKPT_B.
 With ``--also NAME=CKPT_D`` (repeatable), an engine of EXTRA's model NAME loads CKPT_D,
-trains one step and writes ``NAMEresumed.t{T}.*``.
+trains one step and writes ``NAMEresumed.t{T}.*``; with ``--also-universal NAME=CKPT_E`` an
+engine of NAME with ``"load_universal": true`` loads the universal checkpoint CKPT_E, trains
+one step and writes ``NAMEunext.t{T}.*``.
 With ``--universal``, a second engine (``"checkpoint": {"load_universal": true}``) loads the
 universal checkpoint CKPT_C, trains one step and writes ``unext.t{T}.*``.
 """
@@ -182,6 +184,7 @@ def main(argv=None):
     p.add_argument("--load", default=None)
     p.add_argument("--universal", default=None)
     p.add_argument("--also", action="append", default=[])
+    p.add_argument("--also-universal", action="append", default=[])
     args = p.parse_args(argv)
     import torch.distributed as tdist
     from safetensors.torch import save_file
@@ -216,15 +219,18 @@ def main(argv=None):
             meta["universal_start_step"] = engine.global_steps
             meta["universal_loss"] = [step(engine, engine.global_steps)]
             dump_state(engine, out, "unext", rank)
-        for item in args.also:
+        for item, universal in [(a, False) for a in args.also] + \
+                [(a, True) for a in args.also_universal]:
             arch, ckpt = item.split("=", 1)
-            engine = engine_of(deepspeed, arch=arch, stage=STAGE.get(arch, 1))
+            engine = engine_of(deepspeed, universal=universal, arch=arch,
+                               stage=STAGE.get(arch, 1))
             path, _ = engine.load_checkpoint(ckpt)
             if path is None:
                 raise SystemExit(f"could not load {ckpt}")
-            meta[f"{arch}_start_step"] = engine.global_steps
-            meta[f"{arch}_loss"] = [step(engine, engine.global_steps)]
-            dump_state(engine, out, f"{arch}resumed", rank)
+            key = f"{arch}_universal" if universal else arch
+            meta[f"{key}_start_step"] = engine.global_steps
+            meta[f"{key}_loss"] = [step(engine, engine.global_steps)]
+            dump_state(engine, out, f"{arch}unext" if universal else f"{arch}resumed", rank)
     else:
         meta["loss"] = [step(engine, k) for k in range(STEPS)]
         save_and_gather(engine, out, "ckpt", rank)
