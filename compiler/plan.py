@@ -353,7 +353,7 @@ def check_dp(plan: "LayoutPlan", dp: int, what: str = "--dp") -> None:
         raise MapcError(f"{what} {dp!r} must be a positive integer of at most {MAX_MESH}")
     per_rank: dict[tuple, int] = {}
     for inst, coord, _ in plan.placements():
-        per_rank[coord] = per_rank.get(coord, 0) + prod(inst.recipe.shard_shape)
+        per_rank[coord] = per_rank.get(coord, 0) + prod(inst.recipe.shape_at(coord))
     smallest = min(per_rank.values(), default=0)
     if dp > FREE_DP and dp * MIN_DP_SHARE > smallest:
         raise MapcError(f"{what} {dp} would give each data-parallel rank fewer than "
@@ -605,11 +605,14 @@ def _aliases(plan) -> dict[str, str]:
         key = logical_key(a["tensor"], None)
         if key not in plan.logical:
             continue
-        found = [(c, n) for inst in plan.instances if not inst.copy
+        found = [(id(inst), n) for inst in plan.instances if not inst.copy
                  and list(inst.members.values()) == [key] for _, c, n in inst.shards]
-        if len(found) != 1:
+        # one stored tensor, whole or cut over the mesh: the alias names each rank's shard
+        # (a tied head cut with its embedding, DeepSpeed AutoTP's vocabulary-parallel pair)
+        if len(set(found)) != 1:
             raise error_at(a["at"], f"alias {a['name']!r}: {a['tensor']} is stored as "
-                           f"{len(found)} shards in layout {plan.name}; an alias needs it whole")
+                           f"{len(found)} tensors in layout {plan.name}; an alias needs one "
+                           "tensor (whole, or cut over the mesh)")
         if any(n == a["name"] for _, _, n in plan.placements()):
             raise error_at(a["at"], f"alias {a['name']!r} is also a stored tensor of layout "
                            f"{plan.name}", hint="give the alias an exclusive 'if' condition")
@@ -774,9 +777,24 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
     # How each split's mesh axis is spread over its factors (outermost first).
     cut: dict[str, list[tuple[str, int, int]]] = {}   # factor -> [(mesh factor, size, stride)]
     local: dict[str, int] = {n: full for n, (_, full) in whole.items()}
+    uneven: dict[str, tuple] = {}     # factor -> (mesh axis, per-rank sizes, block)
     for s in rule["splits"]:
         m = s["mesh"]
         n = mesh[m]
+        name = s["factors"][0]
+        if s.get("uneven") and n > 1 and local[name] % n:
+            size = local[name]
+            if size < n:
+                raise error_at(s["at"], f"{m}={n} is more than {name}={size} of "
+                               f"{rule['name']!r}: a rank would hold none of it",
+                               hint=f"choose {m} at most {size}")
+            block = -(-size // n)
+            uneven[name] = (m, tuple(size // n + (1 if r < size % n else 0)
+                                     for r in range(n)), block)
+            whole[name] = (whole[name][0], n * block)
+            local[name] = block
+            cut[name] = [(m, n, 1)]
+            continue
         remaining = n
         parts = []
         for name in s["factors"]:
@@ -843,10 +861,22 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                 size = 1
             idx.append(len(factors))
             names.append(name)
-            factors.append(Factor(name, size, true, full, repeat=rep, gone=name in eaches))
+            factors.append(Factor(name, size, true, full, repeat=rep, gone=name in eaches,
+                                  uneven=name in uneven))
             expanded[name] = names
         axes.append(tuple(idx))
     mesh_factors = tuple((f.name, f.size) for f in factors if f.mesh)
+    ragged = []
+    kept = [ax for ax in axes if not all(factors[k].mesh or factors[k].gone for k in ax)]
+    for name, (m, sizes, block) in uneven.items():
+        ax = next(ax for ax in kept if any(factors[k].name == name for k in ax))
+        local_ax = [factors[k] for k in ax if not factors[k].mesh]
+        if local_ax[0].name != name or any(f.name == CONCAT for f in local_ax) or \
+                name in eaches:
+            raise error_at(rule["at"], f"{rule['name']!r}: an uneven split of {name} needs "
+                           f"{name} outermost on its axis, with no concatenation or 'each'",
+                           hint=f"split {name} evenly, or reorder the pattern")
+        ragged.append((m, kept.index(ax), prod(f.size for f in local_ax[1:]), sizes))
 
     phys_names = [f.name for f in factors]
     byname = {f.name: f for f in factors}
@@ -866,7 +896,7 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                            for f in axis] for axis in view]
         if len(view_names) != len(shape):
             raise error_at(at, f"{member} has {len(shape)} axes, the pattern {len(view_names)}")
-        pre, split_shape, order, pad_list = [], [], [], []
+        pre, split_shape, order, pad_list, scatter = [], [], [], [], []
         width = widths.get(member, 1)
         for k, axis in enumerate(view_names):
             sizes = []
@@ -879,7 +909,9 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                     continue
                 true, full = whole[name] if name in whole else (mesh[name], mesh[name])
                 sizes.append(true)
-                if full != true:
+                if name in uneven:
+                    scatter.append((len(pre), uneven[name][1], uneven[name][2]))
+                elif full != true:
                     pad_list.append((len(pre), full - true))
                 pre.append(true)
                 for label in expanded[name]:
@@ -907,9 +939,11 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                     order.append(label)
         perm = tuple(order.index(n) for n in phys_names)
         plans.append(MemberPlan(member, tuple(shape), tuple(pre), tuple(pad_list),
-                                tuple(split_shape), perm, offset, width, tuple(expand)))
+                                tuple(split_shape), perm, offset, width, tuple(expand),
+                                tuple(scatter)))
         offset += width
-    return Recipe(rule["name"], tuple(factors), tuple(axes), tuple(plans), mesh_factors)
+    return Recipe(rule["name"], tuple(factors), tuple(axes), tuple(plans), mesh_factors,
+                  tuple(ragged))
 
 
 def _check_coverage(plan: LayoutPlan) -> None:

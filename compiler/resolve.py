@@ -470,7 +470,7 @@ def _plan_matches(plan: LayoutPlan, source) -> bool:
 
 
 def _shapes_match(plan, source) -> bool:
-    return all(tuple(source.shape(name, coord)) == inst.recipe.shard_shape
+    return all(tuple(source.shape(name, coord)) == inst.recipe.shape_at(coord)
                for inst, coord, name in plan.placements())
 
 
@@ -491,9 +491,9 @@ def _unplanned(plan, source):
 def _check_shapes(plan, source):
     for inst, coord, name in plan.placements():
         got = tuple(source.shape(name, coord))
-        if got != inst.recipe.shard_shape:
+        if got != inst.recipe.shape_at(coord):
             raise MapcError(f"{name} has shape {list(got)} but the config and spec give "
-                            f"{list(inst.recipe.shard_shape)} ({inst.rule['at']})",
+                            f"{list(inst.recipe.shape_at(coord))} ({inst.rule['at']})",
                             where=f"{source.path} {source.describe_coord(coord)}",
                             hint="the config does not describe this checkpoint; pass the right "
                                  "--config")

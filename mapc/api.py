@@ -163,7 +163,7 @@ def check_like(template: Template, program: Program) -> None:
     """Refuse unless the planned target has exactly the template's tensors: same names on the
     same shards with the same shapes (same model, same topology, same naming)."""
     def tensors(plan):
-        return {(coord_key(c), n): inst.recipe.shard_shape for inst, c, n in plan.placements()}
+        return {(coord_key(c), n): inst.recipe.shape_at(c) for inst, c, n in plan.placements()}
     want, got = tensors(template.plan), tensors(program.target)
     problems = [f"{n} missing from the conversion" for (_, n) in sorted(want.keys() - got.keys())]
     problems += [f"{n} not in the template" for (_, n) in sorted(got.keys() - want.keys())]

@@ -134,7 +134,7 @@ def planned_bytes(program: Program, dtypes: dict, extra_slots: int,
     for inst, coord, name in program.target.placements():
         if only is not None and (coord, name) not in only:
             continue
-        n = prod(inst.recipe.shard_shape)
+        n = prod(inst.recipe.shape_at(coord))
         slots = 0 if all(k in stateless for k in inst.members.values()) or \
             (coord, name) in weights_only else extra_slots
         total += n * DTYPES[dtypes[(coord, name)]].itemsize + n * 4 * slots
@@ -431,14 +431,14 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
         writer.begin(list(plan.tensors))
     else:
         dtypes = target_dtypes(program, reader, dtype, param_from)
-        writer.begin([(coord, name, inst.recipe.shard_shape, dtypes[(coord, name)])
+        writer.begin([(coord, name, inst.recipe.shape_at(coord), dtypes[(coord, name)])
                       for inst, coord, name in program.target.placements()])
     # Optimizer slots the source has and the writer stores (`extra`); a training checkpoint's
     # weights are exported from its fp32 master copy when the writer keeps no master slot.
     # Frozen parameters and buffers (stateless) have only their weights.
     stateless = program.stateless_keys(reader)
     for slot in extra:   # optimizer state is kept in fp32
-        writer.begin_slot(slot, [(coord, name, inst.recipe.shard_shape, "float32")
+        writer.begin_slot(slot, [(coord, name, inst.recipe.shape_at(coord), "float32")
                                  for inst, coord, name in program.target.placements()
                                  if not all(k in stateless for k in inst.members.values())])
     if progress is None:
@@ -480,7 +480,7 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                             arr = _store_value(be, shard_be, inst,
                                                inst.recipe.shard(bind, members, dict(rc)),
                                                want, copies[0][1], slot, report, allow_lossy)
-                        elif shard_be is not None:
+                        elif shard_be is not None and not inst.recipe.ragged:
                             builder = behind.next_builder()
                             shard = inst.recipe.shard(shard_be.bind(builder), members, dict(rc))
                             arr = builder.build(shard, DTYPES[want])

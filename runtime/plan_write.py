@@ -183,7 +183,7 @@ def planned_tensors(program, facts: SourceFacts, dtype: str | None, writer_slots
     out = []
     for inst, coord, name in program.target.placements():
         have = src[next(iter(inst.members.values()))]
-        out.append((coord, name, tuple(inst.recipe.shard_shape), cast_dtype(inst, have, dtype)))
+        out.append((coord, name, tuple(inst.recipe.shape_at(coord)), cast_dtype(inst, have, dtype)))
     return tuple(out)
 
 

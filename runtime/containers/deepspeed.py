@@ -207,7 +207,7 @@ def rank_model_states(source, folder: Path, r: int):
         return source.model_states
     cache = source.__dict__.setdefault("_rank_states_cache", {})
     if r not in cache:
-        f = Path(folder) / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+        f = Path(folder) / f"zero_pp_rank_{r}_mp_rank_{getattr(source, 'mp', 0):02d}_model_states.pt"
         if not f.is_file():
             raise MapcError(f"{f.name} is missing", where=str(folder),
                             hint="copy the complete checkpoint")
@@ -420,7 +420,8 @@ def _mp_ranks(tag_dir: Path) -> list[int]:
 class AutoTPSource(Source):
     """A plain DeepSpeed engine checkpoint trained with AutoTP (``mp_world_size`` T > 1): mesh
     coordinates ``(tp,)`` of the family's ``autotp`` layout. Tensor-parallel rank t is an
-    ordinary ZeRO 1/2 checkpoint of its shards (``mp_rank_TT_model_states.pt`` and
+    ordinary ZeRO checkpoint of its shards (``mp_rank_TT_model_states.pt``, or with ZeRO
+    stage 3 ``zero_pp_rank_D_mp_rank_TT_model_states.pt``, and
     ``zero_pp_rank_D_mp_rank_TT_optim_states.pt``), read by DeepSpeedSource rank by rank."""
 
     format = "deepspeed"
@@ -446,17 +447,25 @@ class AutoTPSource(Source):
                             f"of tensor-parallel ranks {ranks}"
                             + (f": rank(s) {missing} are missing" if missing else ""),
                             where=where, hint="copy the complete checkpoint")
+        _check_default_sharding(first.model_states.get("ds_config"), str(first.model_file))
         dims = first.model_states.get("checkpoint_parallel_dimensions") or {}
         if hasattr(dims, "get") and (dims.get("pp_degree") or 1) != 1:
             raise MapcError("pipeline-parallel DeepSpeed checkpoints are not read here",
                             where=where, hint="a DeepSpeed pipeline (NeoX) checkpoint is read "
                                               "with --from neox")
         self.ranks = [first] + [DeepSpeedSource(path, t) for t in range(1, self.tp)]
+        for r in self.ranks[1:]:
+            # DeepSpeed records shared_params (a tied head) in tp rank 0's model states only;
+            # the other ranks' modules hold the alias too
+            for alias, target in first.shared.items():
+                if r.kinds.get(alias) == "frozen" and target in r.shapes:
+                    del r.kinds[alias], r.shapes[alias]
+                    r.shared[alias] = target
         for t, r in enumerate(self.ranks):
-            if r.kind == "stage3":
-                raise MapcError("a ZeRO stage 3 checkpoint with AutoTP tensor parallelism is not "
-                                "read", where=str(r.model_file),
-                                hint="DeepSpeed AutoTP trains with ZeRO stage 0, 1 or 2")
+            if t and r.kind != first.kind:
+                raise MapcError(f"{r.model_file.name} is a {r.kind} checkpoint, "
+                                f"{first.model_file.name} a {first.kind} one", where=where,
+                                hint="is the checkpoint mixed from two runs?")
             if t and r.model_states.get("mp_world_size") != self.tp:
                 raise MapcError(f"mp_world_size {r.model_states.get('mp_world_size')!r} differs "
                                 f"from {self.tp} in {first.model_file.name}",
@@ -515,6 +524,26 @@ class AutoTPSource(Source):
         they hold tensor-parallel shards."""
         from dataclasses import replace
         return replace(self.ranks[0].zero_facts(), carry_files=())
+
+
+def _check_default_sharding(ds_config, where: str) -> None:
+    """The family's ``autotp`` layout is what DeepSpeed's AutoTP does by default (the model's
+    tp_plan, near-even splits): refuse the settings that cut otherwise."""
+    tpc = (ds_config or {}).get("tensor_parallel") if hasattr(ds_config, "get") else None
+    if not hasattr(tpc, "get"):
+        return
+    inner = tpc.get("tp") or tpc.get("tensor_parallel") or {}
+    grain = inner.get("tp_grain_size", 1) if hasattr(inner, "get") else 1
+    why = ("tensor_parallel.partition_config (a custom cut)" if tpc.get("partition_config")
+           else f"tensor_parallel.tp.tp_grain_size {grain} (MLP and head cut in grains)"
+           if grain not in (None, 1)
+           else "tensor_parallel.vocab_parallel_lm_head false (a tied head kept whole)"
+           if tpc.get("vocab_parallel_lm_head") is False else None)
+    if why:
+        raise MapcError(f"this AutoTP checkpoint was trained with {why}; mapc reads DeepSpeed "
+                        "AutoTP's default sharding only (the family spec's autotp layout)",
+                        where=where, hint="convert the checkpoint with DeepSpeed's "
+                                          "ds_to_universal instead")
 
 
 def Source(path):                                          # noqa: N802 (the protocol's name)
@@ -659,7 +688,7 @@ def _parts(d: _DeepSpeedPlan, tensors) -> tuple[Part, ...]:
                               layout.rank_len * 12))
         if rs.stage == 3:
             held = frozenset((coord_of[(t, n)], n) for n in d.kinds)
-            parts.append(Part(tuple(f"{d.tag}/zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+            parts.append(Part(tuple(f"{d.tag}/zero_pp_rank_{r}_mp_rank_{t:02d}_model_states.pt"
                                     for r in range(rs.dp)), held,
                               sum(prod(d.all_shapes[n]) * 4 for _, n in held) * rs.dp,
                               weights_only=True))
@@ -680,7 +709,8 @@ def _files(d: _DeepSpeedPlan, config: bool = True) -> list[str]:
     rs = d.resume
     files = [_optim_file(d, t, r) for t in range(d.tp) for r in range(rs.dp)]
     if rs.stage == 3:      # every rank writes the same model states
-        files += [f"{d.tag}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(rs.dp)]
+        files += [f"{d.tag}/zero_pp_rank_{r}_mp_rank_{t:02d}_model_states.pt"
+                  for t in range(d.tp) for r in range(rs.dp)]
     else:
         files += [f"{d.tag}/mp_rank_{t:02d}_model_states.pt" for t in range(d.tp)]
     return files + ["latest", "ds_config.json", MAPC_JSON] + (["config.json"] if config else [])
@@ -705,27 +735,31 @@ def _autotp_info(program, rank_shapes: list, order) -> dict:
     for name in order:
         rule, pattern = rules[name], "^" + re.escape(name) + "$"
         shard = list(rank_shapes[0][name])
+        starts = [0] * tp            # each rank's first index along the cut (uneven splits)
         if rule.kind == "replicated":
             replicated.append(pattern)
             full = shard
         elif rule.kind == "cat" and (rule.dim == 0 or (rule.dim == 1 and len(shard) == 2)):
             if rule.dim == 1:
                 row.append(pattern)
-            full = [d * tp if a == rule.dim else d for a, d in enumerate(shard)]
+            cuts = [rank_shapes[t][name][rule.dim] for t in range(tp)]
+            starts = [sum(cuts[:t]) for t in range(tp)]
+            full = [sum(cuts) if a == rule.dim else d for a, d in enumerate(shard)]
         else:
             raise MapcError(f"{name} is cut over tp in a way DeepSpeed AutoTP does not "
                             f"describe ({rule.kind} on axis {rule.dim})",
                             hint="convert to deepspeed without --tp")
         strides = [int(prod(full[a + 1:])) for a in range(len(full))]
-        dest = [int(prod(shard[a + 1:])) for a in range(len(shard))]
         ranks = {}
         for t in range(tp):
+            shard = list(rank_shapes[t][name])
+            dest = [int(prod(shard[a + 1:])) for a in range(len(shard))]
             if rule.kind == "replicated":
                 piece = {"shape": list(full), "source": [0, strides], "dest": [0, dest],
                          "locations": list(range(tp))}
             else:
                 piece = {"shape": list(shard),
-                         "source": [t * shard[rule.dim] * strides[rule.dim], strides],
+                         "source": [starts[t] * strides[rule.dim], strides],
                          "dest": [0, dest], "locations": [t]}
             ranks[t] = {"shard_shape": list(shard), "pieces": [piece]}
         maps[pattern] = {"logical_shape": list(full), "ranks": ranks}
@@ -752,10 +786,6 @@ def _autotp_config(rs: ResumePlan, tp: int, notes: list) -> ResumePlan:
     tpc = dict(cfg.get("tensor_parallel") or {})
     had = int(tpc.get("autotp_size") or 1)
     if tp > 1:
-        if rs.stage == 3:
-            raise MapcError("DeepSpeed AutoTP trains with ZeRO stage 0, 1 or 2: a stage 3 "
-                            "checkpoint with --tp is not written",
-                            hint="pass --zero-stage 1 or 2")
         cfg["tensor_parallel"] = {**tpc, "autotp_size": tp}
     elif had > 1:
         tpc.pop("autotp_size")
@@ -863,11 +893,17 @@ class DeepSpeedWriter(PlannedWriter):
         rs = d.resume
         self.tag_dir = self.dir / d.tag
         self.tag_dir.mkdir(exist_ok=True)        # the workers of a parallel run share it
-        if d.tp > 1:          # AutoTP: every tp rank is a ZeRO 1/2 checkpoint of its shards
+        if d.tp > 1:          # AutoTP: every tp rank is a ZeRO checkpoint of its shards
             for t in range(d.tp):
-                name = f"mp_rank_{t:02d}_model_states.pt"
-                self.ranks.append((self._zero(t, d.rank_shapes[t]), torchfile.TorchWriter(
-                    self.tag_dir / name) if self.owns(f"{d.tag}/{name}") else None, {}))
+                name = (f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt" if rs.stage == 3
+                        else f"mp_rank_{t:02d}_model_states.pt")
+                writer = torchfile.TorchWriter(self.tag_dir / name) \
+                    if self.owns(f"{d.tag}/{name}") else None
+                module = {}
+                if writer is not None and rs.stage == 3:  # the weights: in the optimizer files
+                    empty = np.zeros((0,), DTYPES[rs.dtype])
+                    module = {n: writer.add_tensor(empty) for names in d.members for n in names}
+                self.ranks.append((self._zero(t, d.rank_shapes[t]), writer, module))
             self.zero, self.model_writer, self.module = self.ranks[0]
             return
         self.zero = self._zero(0, d.shapes)
@@ -890,7 +926,7 @@ class DeepSpeedWriter(PlannedWriter):
     def write(self, coord, name, arr):
         if self.ranks:
             zero, writer, module = self.ranks[dict(coord).get("tp", 0)]
-            if writer is not None:
+            if writer is not None and self.plan.detail.resume.stage != 3:
                 module[name] = writer.add_tensor(np.require(arr, requirements="C"))
             if "master" not in self.incoming and zero.ranks:
                 zero.scatter("master", name, np.asarray(arr).astype(np.float32))
@@ -951,10 +987,17 @@ class DeepSpeedWriter(PlannedWriter):
                               zero.param_shapes(d.rank_shapes[t]), rs.stage,
                               scheduler=d.scheduler, steps=rs.iteration, samples=d.samples,
                               dp=rs.dp, ds_config=rs.cfg)
+            if t:      # DeepSpeed records a tied head's shared_params on tp rank 0 only
+                ms["shared_params"] = {}
             ms["mp_world_size"] = d.tp
             ms["checkpoint_parallel_dimensions"] = {"pp_degree": 1, "tp_degree": d.tp}
             ms["universal_checkpoint_info"] = d.uc_info
             writer.finish(ms)
+            if rs.stage == 3:   # every data-parallel rank writes the same model states
+                first = self.tag_dir / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt"
+                for r in range(1, rs.dp):
+                    shutil.copyfile(first, self.tag_dir /
+                                    f"zero_pp_rank_{r}_mp_rank_{t:02d}_model_states.pt")
 
     def _finish_dp(self):
         d: _DeepSpeedPlan = self.plan.detail

@@ -138,7 +138,7 @@ def rank_layouts(mplan, dp: int, args: dict) -> dict[tuple, RankLayout]:
     for coord, insts in per_rank.items():
         c = dict(coord)
         t, p = c.get("tp", 0), c.get("pp", 0)
-        shapes = {n: tuple(insts[n].recipe.shard_shape) for n in insts}
+        shapes = {n: tuple(insts[n].recipe.shape_at(coord)) for n in insts}
         params = [(n, math.prod(shapes[n]),
                    pp > 1 and any(users[k] > 1 for k in insts[n].members.values()))
                   for n in module_order(list(insts))]
