@@ -946,15 +946,8 @@ class TorchDistWriter(PlannedWriter):
         self.objects[f"{key}/shard_0_1"] = self._append(_archive(obj=[obj]))
 
     def _param_groups(self) -> list[dict]:
-        """megatron-core's two default param groups (the source's hyper-parameters) with the
-        step, as its DistributedOptimizer state_dict holds them."""
-        from mapc.runtime.containers.megatron import _megatron_groups
-        groups = _megatron_groups(self.training.get("param_groups") or [{}])
-        for wd in (1.0, 0.0):      # megatron-core's two default groups must both be there
-            if not any(float(g["wd_mult"]) == wd for g in groups):
-                groups.append(dict(groups[0], wd_mult=wd))
-        step = float(self.training.get("step") or 0)
-        return [dict(g, step=step) for g in groups]
+        from mapc.runtime.containers.distopt import param_groups
+        return param_groups(self.training)
 
     def _optimizer_objects(self):
         """The alignment gaps of every bucket (zeros), and per model-parallel rank the
