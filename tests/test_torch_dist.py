@@ -617,6 +617,52 @@ def test_legacy_distributed_optimizer_round_trips(saved_optim, tmp_path):
         assert src.training_state()["dp_world_size"] == 1
 
 
+# ---- --like a checkpoint with the distributed optimizer ------------------------------------------
+def _optimizer_entries(root):
+    md = pickle.loads((mcore_dist.iter_dir(root) / ".metadata").read_bytes())
+    return {k: tuple(v.size) for k, v in md.state_dict_metadata.items()
+            if k.startswith("optimizer.") and hasattr(v, "size")}
+
+
+def test_like_a_torch_dist_template_takes_its_optimizer_sharding(saved_optim, tmp_path):
+    """--like megatron-core's fully_reshardable save: the output (from the legacy torch-format
+    save of the same run) is fully_reshardable too, with exactly the template's optimizer keys
+    and shapes, at the template's DP; every slot is the live optimizer's, bit for bit."""
+    root, truth = saved_optim
+    fully = root.parent / "ckpt_fully_reshardable"
+    mapc.convert(root.parent / "ckpt_legacy", tmp_path / "td", like=fully)
+    common = torch.load(mcore_dist.iter_dir(tmp_path / "td") / "common.pt", weights_only=False)
+    assert common["optimizer"]["param_state_sharding_type"] == "fully_reshardable"
+    assert common["args"].data_parallel_size == 2
+    assert _optimizer_entries(tmp_path / "td") == _optimizer_entries(fully)
+    mapc.convert(tmp_path / "td", tmp_path / "hf", to="hf", with_optimizer=True)
+    _assert_hf_holds_the_live_state(_moments_as_hf(tmp_path / "hf"), truth)
+    with pytest.raises(MapcError, match=r"contradicts --optim-sharding dp_reshardable \(the "
+                                        r"template has fully_reshardable\)"):
+        mapc.convert(root, tmp_path / "x", like=fully, optim_sharding="dp_reshardable")
+
+
+def test_like_a_megatron_template_takes_its_distributed_optimizer(saved_optim, tmp_path):
+    """--like megatron-core's legacy save (distributed optimizer, DP2): the torch_dist
+    checkpoint's state is written as distrib_optim.pt, megatron-core's own bytes (padding rows
+    aside: test_legacy_distrib_optim_pt_is_megatron_cores_own); --like a non-distributed
+    Megatron checkpoint writes the non-distributed optimizer (its DP is not a layout)."""
+    root, truth = saved_optim
+    mapc.convert(root, tmp_path / "m", like=root.parent / "ckpt_legacy")
+    obj, state = _legacy_rank(tmp_path / "m", 0)
+    _, want = _legacy_rank(root.parent / "ckpt_legacy", 0)
+    pair = (torch.bfloat16, torch.float32)
+    for k in ("param", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[0][pair][k], want[0][pair][k]), k
+    assert obj["args"].data_parallel_size == 2
+    mapc.convert(root, tmp_path / "plain", to="megatron", tp=2)
+    mapc.convert(root, tmp_path / "m2", like=tmp_path / "plain")
+    sub = tmp_path / "m2" / f"iter_{mcore_dist.ITERATION:07d}" / "mp_rank_00"
+    assert not (sub / "distrib_optim.pt").exists()
+    assert torch.load(sub / "model_optim_rng.pt", weights_only=False)["optimizer"][
+        "optimizer"]["state"]
+
+
 def test_dp_for_megatron_needs_optimizer_state(hf_out, tmp_path):
     with pytest.raises(MapcError, match="--dp 2 sets the data-parallel size of megatron-core's "
                                         "distributed optimizer, but the source has no "

@@ -922,7 +922,7 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     optimizer state: the source's, or fresh with --with-optimizer), the tracker file and
     mapc.json."""
     have = facts.slots
-    if request.dp is not None and "exp_avg" not in have:
+    if request.dp is not None and "dp" in request.explicit and "exp_avg" not in have:
         raise MapcError(f"--dp {request.dp} sets the data-parallel size of megatron-core's "
                         f"distributed optimizer, but the source has no optimizer state",
                         hint="drop --dp (the weights load at any data-parallel size)")
@@ -953,7 +953,7 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         opt = _MegatronOptimizer(training.get("iteration") or 0, kind, groups, fresh, training)
         slots = ("param", "exp_avg", "exp_avg_sq") + (("master",) if kind == "mixed" else ()) \
             if not fresh else ("param",)
-        if _distributed(facts, request):
+        if _distributed(facts, request) and not (fresh and "dp" not in request.explicit):
             opt, slots = _plan_distributed(program, facts, request, opt, dtype)
     tensors = planned_tensors(program, facts, request.dtype, slots)
     vpp = request.vpp or 1

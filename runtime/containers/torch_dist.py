@@ -138,9 +138,10 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
                          f"transformer_impl={optimizer.impl} (megatron-core's parameter order), "
                          f"one DDP bucket per rank (no --overlap-grad-reduce): resume with those")
     else:
-        for opt, value, what in (("--dp", request.dp, "data-parallel size"),
-                                 ("--optim-sharding", request.optim_sharding, "sharding type")):
-            if value is not None:
+        for opt, key, what in (("--dp", "dp", "data-parallel size"),
+                               ("--optim-sharding", "optim_sharding", "sharding type")):
+            value = getattr(request, key)
+            if value is not None and key in request.explicit:   # not taken from --like
                 raise MapcError(f"{opt} {value} sets the distributed optimizer's {what}, but "
                                 f"the source has no optimizer state",
                                 hint=f"drop {opt} (the weights are global: any data-parallel "
