@@ -437,7 +437,7 @@ def _moments_as_hf(path):
 
 # (format, options): the distributed optimizer's state goes there, and (unless hf) on to HF
 CARRIED = [("hf", {"with_optimizer": True}), ("megatron", {"tp": 2}), ("megatron", {"tp": 1}),
-           ("deepspeed", {"dp": 2})]
+           ("deepspeed", {"dp": 2}), ("neox", {}), ("megatron", {"tp": 1, "pp": 2, "dp": 3})]
 
 
 @pytest.mark.parametrize("to,options", CARRIED)
@@ -604,11 +604,12 @@ def test_megatron_core_loads_the_legacy_distributed_optimizer_mapc_wrote(
 
 
 def test_legacy_distributed_optimizer_round_trips(saved_optim, tmp_path):
-    """megatron-core's legacy save (TP2 DP2) -> megatron at TP1 PP2 DP3 -> megatron at TP2
-    DP1 -> HF with optimizer: every slot is what the live optimizer held, bit for bit."""
+    """megatron-core's legacy save (TP2 DP2) -> megatron at TP1 PP2 DP3 -> neox -> megatron at
+    TP2 DP1 -> HF with optimizer: every slot is what the live optimizer held, bit for bit."""
     root, truth = saved_optim
     mapc.convert(root.parent / "ckpt_legacy", tmp_path / "a", to="megatron", tp=1, pp=2, dp=3)
-    mapc.convert(tmp_path / "a", tmp_path / "b", to="megatron", tp=2, dp=1)
+    mapc.convert(tmp_path / "a", tmp_path / "n", to="neox")
+    mapc.convert(tmp_path / "n", tmp_path / "b", to="megatron", tp=2, dp=1)
     assert (tmp_path / "b" / f"iter_{mcore_dist.ITERATION:07d}" / "mp_rank_01" /
             "distrib_optim.pt").is_file()
     mapc.convert(tmp_path / "b", tmp_path / "hf", to="hf", with_optimizer=True)
@@ -782,7 +783,7 @@ def test_megatron_core_loads_the_step_and_param_groups(saved_optim, loaded_optim
 
 
 @pytest.mark.parametrize("via,options", [("hf", {"with_optimizer": True}),
-                                         ("deepspeed", {"dp": 2})])
+                                         ("deepspeed", {"dp": 2}), ("neox", {"dp": 3})])
 @pytest.mark.parametrize("sharding", ["dp_reshardable", "fully_reshardable"])
 def test_the_state_comes_back_to_torch_dist_exactly(saved_optim, via, options, sharding,
                                                    tmp_path):
