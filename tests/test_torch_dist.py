@@ -839,6 +839,18 @@ def test_the_write_plan_shows_the_optimizer_layout(saved_optim, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_megatron_write_plan_shows_the_distributed_optimizer(saved_optim, tmp_path):
+    cp = mapc.plan_convert(saved_optim[0], tmp_path / "out", to="megatron", tp=1, pp=2, dp=3)
+    try:
+        text = cp.write.pretty()
+        assert "iter_0000007/mp_rank_00_001/distrib_optim.pt" in cp.write.files
+        assert any("laid out for dp=3" in n for n in cp.write.notes)
+    finally:
+        cp.close()
+    assert "dp: 3" in text and "dp_group_idx_1: [" in text
+    assert not (tmp_path / "out").exists()
+
+
 def test_optim_sharding_is_a_torch_dist_option(saved_optim, tmp_path):
     with pytest.raises(MapcError, match="--to megatron does not take --optim-sharding "
                                         "fully_reshardable.*taken by: torch_dist"):

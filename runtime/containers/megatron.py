@@ -21,7 +21,6 @@ for 1-D parameters and biases, megatron-core's default rule.
 from __future__ import annotations
 
 import re
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from math import lcm
@@ -859,8 +858,11 @@ class MegatronWriter(PlannedWriter):
             Path(m.filename).unlink()
         pair = (torchfile.TorchDType(self.dtypes_of_buffer()), torchfile.TorchDType("float32"))
         w.finish(legacy_state(pair, placeholders, flats["master"].shape[0]))
-        if not self.flats:
-            shutil.rmtree(self.dir / ".scratch", ignore_errors=True)
+        if not self.flats:      # other workers' ranks may still be in it
+            try:
+                (self.dir / ".scratch").rmdir()
+            except OSError:
+                pass
 
     def dtypes_of_buffer(self) -> str:
         """The parameters' dtype (the DDP buffer's param dtype): one for the whole model."""
@@ -874,6 +876,9 @@ class MegatronWriter(PlannedWriter):
     def abort(self):
         for w, _ in self.writers.values():
             w.abort()
+        for flats in self.flats.values():
+            for m in flats.values():
+                Path(m.filename).unlink(missing_ok=True)
 
 
 # torch.optim.AdamW's param-group defaults, as megatron-core's state_dict() shows them
@@ -986,8 +991,12 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     # are independent parts
     parts = parts_by_file(tensors, lambda c, _: f"{sub}/{rank_dir(_physical(c, pp), pp, ep)}"
                           f"/{FILE}", slots, extra)
-    return make_plan("megatron", files, decisions=decisions, slots=slots, tensors=tensors,
-                     detail=opt, parts=parts)
+    buckets = "the DDP buckets of the args written" if (opt.args or {}).get(
+        "overlap_grad_reduce") else "one DDP bucket per rank (no --overlap-grad-reduce)"
+    notes = [f"megatron-core's distributed optimizer state is laid out for dp={opt.dp}, "
+             f"{buckets}: resume with those"] if opt.dp else []
+    return make_plan("megatron", files, decisions=decisions, notes=notes, slots=slots,
+                     tensors=tensors, detail=opt, parts=parts)
 
 
 @dataclass(frozen=True)
