@@ -120,6 +120,10 @@ class Template:
     dp: int | None
     training: dict                 # the template's training state (param groups, ...)
     vpp: int | None = None         # virtual pipeline stages per rank (megatron)
+    # how the template keeps megatron-core's distributed optimizer: a torch_dist sharding type
+    # (dp_reshardable, fully_reshardable, ...), "distributed" (megatron: distrib_optim.pt), or
+    # None (no distributed optimizer)
+    optim_sharding: str | None = None
 
 
 def read_template(like, *, spec=None, config=None) -> Template:
@@ -134,17 +138,33 @@ def read_template(like, *, spec=None, config=None) -> Template:
         vpp = getattr(tmpl, "vpp", 1)
         if vpp > 1:     # its pp axis counts virtual stages (pp * vpp)
             topology["pp"] //= vpp
+        sharding = getattr(tmpl, "sharding_type", None) or \
+            ("distributed" if getattr(tmpl, "optimizer_kind", None) == "distributed" else None)
         return Template(str(like), tmpl.format, res.plan, topology, dp, training,
-                        vpp if vpp > 1 else None)
+                        vpp if vpp > 1 else None, sharding)
     finally:
         tmpl.close()
 
 
-def _like_settings(template: Template, to, tp, pp, ep, dp, set, vpp=None) -> tuple:
-    """Target settings from a template; an explicit option that contradicts it is an error."""
+# the distributed-optimizer sharding types a torch_dist output is written with
+WRITTEN_SHARDING = ("dp_reshardable", "fully_reshardable")
+
+
+def _like_settings(template: Template, to, tp, pp, ep, dp, set, vpp=None,
+                   optim_sharding=None) -> tuple:
+    """Target settings from a template; an explicit option that contradicts it is an error.
+    A torch_dist template gives its distributed optimizer's sharding type (one mapc writes); a
+    Megatron (torch format) template its data-parallel size only with the distributed
+    optimizer, which that size then selects (the non-distributed one has none)."""
+    tdp = template.dp
+    if template.format == "megatron" and template.optim_sharding != "distributed":
+        tdp = None
+    sharding = template.optim_sharding if template.format == "torch_dist" and \
+        template.optim_sharding in WRITTEN_SHARDING else None
     given = {"--to": (to, template.format), "--tp": (tp, template.topology.get("tp")),
              "--pp": (pp, template.topology.get("pp")), "--ep": (ep, template.topology.get("ep")),
-             "--dp": (dp, template.dp), "--vpp": (vpp, template.vpp or 1)}
+             "--dp": (dp, tdp), "--vpp": (vpp, template.vpp or 1),
+             "--optim-sharding": (optim_sharding, sharding)}
     clash = [f"{opt} {mine} (the template has {theirs})" for opt, (mine, theirs) in given.items()
              if mine is not None and theirs is not None and mine != theirs]
     if clash:
@@ -155,8 +175,8 @@ def _like_settings(template: Template, to, tp, pp, ep, dp, set, vpp=None) -> tup
         params["etp"] = template.plan.mesh["etp"]
     params.update(_parse_sets(set))
     return (template.format, template.topology.get("tp"), template.topology.get("pp"),
-            template.topology.get("ep"), template.dp if dp is None else dp, params,
-            template.vpp)
+            template.topology.get("ep"), tdp if dp is None else dp, params,
+            template.vpp, optim_sharding or sharding)
 
 
 def check_like(template: Template, program: Program) -> None:
@@ -223,7 +243,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         raise MapcError(f"--vpp {vpp!r} must be a positive integer of at most {MAX_MESH}")
     if dtype not in DTYPE_CHOICES:
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-    if optim_sharding not in (None, "dp_reshardable", "fully_reshardable"):
+    if optim_sharding not in (None,) + WRITTEN_SHARDING:
         raise MapcError(f"--optim-sharding {optim_sharding!r} is not a sharding type mapc "
                         f"writes", hint="choose dp_reshardable or fully_reshardable")
     explicit = frozenset(k for k, v in (("dp", dp), ("zero_stage", zero_stage),
@@ -236,8 +256,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
     template = None
     if like is not None:
         template = read_template(like, spec=spec, config=config)
-        to, tp, pp, ep, dp, set, like_vpp = _like_settings(template, to, tp, pp, ep, dp, set,
-                                                           vpp)
+        to, tp, pp, ep, dp, set, like_vpp, optim_sharding = _like_settings(
+            template, to, tp, pp, ep, dp, set, vpp, optim_sharding)
         vpp = vpp if vpp is not None else like_vpp
     if to is None:
         raise MapcError("no target format", hint="pass --to FORMAT (or --like TEMPLATE)")

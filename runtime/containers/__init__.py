@@ -45,7 +45,7 @@ MODULES = {
 # honoured by every format.
 HONOURS = {
     "hf": frozenset({"with_optimizer", "max_shard_bytes"}),
-    "megatron": frozenset({"with_optimizer", "pp_first_stage", "pp_last_stage", "vpp"}),
+    "megatron": frozenset({"with_optimizer", "pp_first_stage", "pp_last_stage", "vpp", "dp"}),
     "nemo": frozenset(),
     "gguf": frozenset(),
     "dcp": frozenset(),

@@ -375,7 +375,8 @@ def _value_step(torch, ddp, opt):
 
 
 def load_optimizer(ckpt: Path, cfg: dict, tp: int, pp: int, dp: int, dtype: str,
-                   out: Path, fully: Path | None = None, nemo2: bool = False) -> Path:
+                   out: Path, fully: Path | None = None, nemo2: bool = False,
+                   legacy: bool = False) -> Path:
     """Build the model and its DDP + DistributedOptimizer at (tp, pp, dp), load ``ckpt``'s
     model and dp_reshardable optimizer state with megatron-core's own
     ``dist_checkpointing.load`` (strict) and ``load_state_dict``, save what the optimizer then
@@ -387,21 +388,28 @@ def load_optimizer(ckpt: Path, cfg: dict, tp: int, pp: int, dp: int, dtype: str,
     the saved content metadata choosing the sharding type, the prefix ``module.``, the
     optimizer under ``optimizer[0]``); megatron-core's missing (saved, not asked for) and
     unexpected (asked for, not saved) keys go to ``out/keys_KIND_T_P_D.json``, the loaded
-    common state to ``out/common_KIND.pt``. (One topology per run: megatron-core's parallel
-    state does not re-initialize cleanly in one process.)"""
+    common state to ``out/common_KIND.pt``. With ``legacy``,
+    ``ckpt`` is Megatron-LM's torch format with the distributed optimizer instead, loaded as
+    Megatron-LM's ``load_checkpoint`` does: each rank's ``mp_rank_TT[_PPP]/model_optim_rng.pt``
+    into the model (``load_state_dict``) and the optimizer (``load_state_dict`` of its
+    ``optimizer`` entry), then ``DistributedOptimizer.load_parameter_state`` of the
+    ``distrib_optim.pt`` beside it (read on DP rank 0, scattered to the DP ranks). (One
+    topology per run:
+    megatron-core's parallel state does not re-initialize cleanly in one process.)"""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     from tests.groundtruth.mcore_names import run_ranks
     root = str(HERE.parents[2])
     run_ranks(tp * pp * dp, [str(HERE), "load_optimizer", json.dumps(cfg), str(ckpt), str(tp),
                              str(pp), dtype, str(out), str(fully or ""),
-                             "nemo2" if nemo2 else ""], out,
+                             "nemo2" if nemo2 else ("legacy" if legacy else "")], out,
               {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
               "megatron-core distributed-optimizer load worker", timeout=_TIMEOUT_S, cwd=root)
     return out
 
 
-def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, nemo2=False):
+def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, mode=""):
+    nemo2, legacy = mode == "nemo2", mode == "legacy"
     import warnings
     warnings.filterwarnings("ignore")
     import torch
@@ -432,6 +440,28 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, nemo2=False):
     for _, param in ddp.module.named_parameters():
         param.main_grad.zero_()
     _step(ddp, opt)
+    def unshare_steps():
+        # megatron-core 0.16.1's torch-Adam fallback gives every parameter's state the same
+        # step tensor on load, which torch's Adam then increments once per parameter: unshare
+        # them (the Transformer Engine / Apex optimizers of a GPU run keep the step in the
+        # param groups)
+        for inner in getattr(opt, "chained_optimizers", [opt]):
+            for st in inner.optimizer.state.values():
+                if "step" in st:
+                    st["step"] = st["step"].clone()
+
+    def load_legacy(ckpt):
+        tracker = (Path(ckpt) / "latest_checkpointed_iteration.txt").read_text().strip()
+        sub = Path(ckpt) / f"iter_{int(tracker):07d}" / (
+            f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
+        sd = torch.load(sub / "model_optim_rng.pt", map_location="cpu", weights_only=False)
+        missing, unexpected = model.load_state_dict(sd["model"], strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")]
+        assert not missing and not unexpected, (missing, unexpected)
+        opt.load_state_dict(sd["optimizer"])
+        opt.load_parameter_state(str(sub / "distrib_optim.pt"))
+        unshare_steps()
+
     def load(ckpt, kind):
         if nemo2:
             return load_nemo2(ckpt, kind)
@@ -444,14 +474,7 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, nemo2=False):
                                          strict="raise_all")
         model.load_state_dict(loaded["model"], strict=True)
         opt.load_state_dict(loaded["optimizer"])
-        # megatron-core 0.16.1's torch-Adam fallback gives every parameter's state the same
-        # step tensor on load, which torch's Adam then increments once per parameter: unshare
-        # them (the Transformer Engine / Apex optimizers of a GPU run keep the step in the
-        # param groups)
-        for inner in getattr(opt, "chained_optimizers", [opt]):
-            for st in inner.optimizer.state.values():
-                if "step" in st:
-                    st["step"] = st["step"].clone()
+        unshare_steps()
     def load_nemo2(ckpt, kind):
         weights = Path(ckpt) / "weights"
         meta = dist_checkpointing.load_content_metadata(str(weights))
@@ -472,11 +495,11 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, nemo2=False):
                        | {"optimizer": [{k: v for k, v in loaded["optimizer"][0].items()
                                          if k == "param_state_sharding_type"}]},
                        Path(out) / f"common_{kind}.pt")
-        for inner in getattr(opt, "chained_optimizers", [opt]):
-            for st in inner.optimizer.state.values():
-                if "step" in st:
-                    st["step"] = st["step"].clone()
-    load(ckpt, "dp_reshardable")
+        unshare_steps()
+    if legacy:
+        load_legacy(ckpt)
+    else:
+        load(ckpt, "dp_reshardable")
     torch.save(_optimizer_truth(torch, ddp, opt), Path(out) / f"loaded_{t}_{p}_{d}.pt")
     if fully:
         load(fully, "fully_reshardable")
@@ -613,7 +636,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "load_optimizer":
         _load_optimizer_worker(json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
                                int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8],
-                               sys.argv[9] == "nemo2")
+                               sys.argv[9])
         sys.exit(0)
     mode, cfg_json, tp, pp, dtype, a, b, extra = sys.argv[1:9]
     _worker(mode, json.loads(cfg_json), int(tp), int(pp), dtype, a, b or None, json.loads(extra))
