@@ -3,7 +3,8 @@
 ``cp -r`` of the same bytes, in one run.
 
     python benchmarks/bench_workers.py --size-gb 1 --workdir-parent /work [--repeat 2]
-                                       [--no-deepspeed] [--no-torchrun] [--json OUT]
+                                       [--no-deepspeed] [--no-torchrun] [--only-deepspeed]
+                                       [--json OUT]
 
 Generates a Llama-shaped bf16 HF checkpoint (benchmarks/bench_convert.py's generator, 300 MB
 shards) in a fresh directory under ``--workdir-parent`` (removed afterwards), then times, in
@@ -17,11 +18,13 @@ machine just before each run:
   - megatron TP=2 PP=2 -> hf, ``--workers 1`` and ``--workers 2`` (hf shards of 5 GB: a 1 GB
     checkpoint is one shard, so one process whatever ``--workers`` says)
   - hf -> torch_dist (one data file: one process)
-  - deepspeed dp2 -> dp3 (ZeRO partitions: one process; the dp2 source, 12 bytes per
-    parameter of optimizer state, is made first and not timed)
+  - deepspeed dp2 -> dp3, ``--workers 1`` and ``--workers 2`` (each data-parallel rank's
+    optimizer file and the model states are written by one worker; the dp2 source, 12 bytes
+    per parameter of optimizer state, is made first and not timed), beside ``cp -r`` of it
   - torchrun --standalone --nproc-per-node 2 -m mapc convert hf -> megatron TP=2 PP=2
 
-Outputs are checked equal to the ``--workers 1`` output (megatron, hf: ``cmp`` of every file)
+Outputs are checked equal to the ``--workers 1`` output (megatron, hf, deepspeed: ``cmp`` of
+every file)
 and the round trip with ``mapc verify``. Numbers go to stdout (and ``--json``).
 """
 from __future__ import annotations
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-deepspeed", action="store_true")
     ap.add_argument("--no-torchrun", action="store_true")
+    ap.add_argument("--only-deepspeed", action="store_true",
+                    help="just the deepspeed dp2 -> dp3 group (and its cp -r)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mapc-bench-workers-", dir=args.workdir_parent))
@@ -108,6 +113,8 @@ def main(argv=None) -> int:
 
         copy, mg1, mg2, tr = work / "copy", work / "mg1", work / "mg2", work / "mg-torchrun"
         conv = mapc + ["convert", str(src)]
+        if args.only_deepspeed:
+            return _deepspeed_only(args, work, src, size, conv, rounds, rows, copy)
         mg = ["--to", "megatron", "--tp", "2", "--pp", "2", "-q"]
         checks = {}
 
@@ -133,13 +140,7 @@ def main(argv=None) -> int:
             ds2, ds3 = work / "ds2", work / "ds3"
             subprocess.run(conv + [str(ds2), "--to", "deepspeed", "--dp", "2", "-q"],
                            check=True)
-            dsb = bc.dir_bytes(ds2)
-            cpd, row = rounds([(f"cp -r deepspeed dp2 ({dsb / 1e9:.2f} GB)",
-                                ["cp", "-r", str(ds2), str(copy)], copy, lambda out: None),
-                               ("deepspeed dp2 -> dp3",
-                                mapc + ["convert", str(ds2), str(ds3), "--to", "deepspeed",
-                                        "--dp", "3", "-q"], ds3, lambda out: None)])
-            row["x_cp_own"] = row["seconds"] / cpd["seconds"]
+            _deepspeed_rounds(ds2, ds3, copy, rounds, checks)
             shutil.rmtree(ds2)
         shutil.rmtree(src)          # the disk: at most three checkpoints at a time
         back1, back2 = work / "back1", work / "back2"
@@ -154,27 +155,63 @@ def main(argv=None) -> int:
         checks["round trip verifies (mapc verify megatron hf)"] = v.returncode == 0
         shutil.rmtree(back1)
         shutil.rmtree(mg1)
-        for r in rows:
-            r.setdefault("x_cp", r["seconds"] / cp["seconds"])
-            r["gb_per_s"] = size / 1e9 / r["seconds"]
-        print()
-        print(f"{size / 1e9:.2f} GB bf16, {os.cpu_count()} CPUs, mapc {bc.mapc_revision()}, "
-              f"best of {args.repeat}")
-        print(f"| operation | s | x cp | CPU s | peak RSS MiB | load |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            ratio = f"{r['x_cp']:.2f}" + (f" ({r['x_cp_own']:.2f} own cp)" if "x_cp_own" in r
-                                           else "")
-            print(f"| {r['operation']} | {r['seconds']:.2f} | {ratio} | {r['cpu_seconds']:.2f} "
-                  f"| {r['peak_rss_mib']:.0f} | {r['load']:.1f} |")
-        for k, ok in checks.items():
-            print(f"{k}: {'yes' if ok else 'NO'}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"size_bytes": size, "rows": rows,
-                                                   "checks": checks}, indent=2) + "\n")
-        return 0 if all(checks.values()) else 1
+        return _print(args, size, rows, checks, cp)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _deepspeed_rounds(ds2: Path, ds3: Path, copy: Path, rounds, checks: dict) -> None:
+    """deepspeed dp2 -> dp3 with --workers 1 and 2 beside cp -r of the dp2 checkpoint."""
+    mapc = [sys.executable, "-m", "mapc"]
+    dsb = bc.dir_bytes(ds2)
+    ds3b = ds3.with_name(ds3.name + "-w2")
+    cmd = mapc + ["convert", str(ds2)]
+    three = ["--to", "deepspeed", "--dp", "3", "-q", "--workers"]
+    cpd, *conv = rounds([
+        (f"cp -r deepspeed dp2 ({dsb / 1e9:.2f} GB)", ["cp", "-r", str(ds2), str(copy)], copy,
+         lambda out: None),
+        ("deepspeed dp2 -> dp3 --workers 1", cmd + [str(ds3), *three, "1"], ds3),
+        ("deepspeed dp2 -> dp3 --workers 2", cmd + [str(ds3b), *three, "2"], ds3b,
+         lambda out: checks.__setitem__("deepspeed --workers 2 == --workers 1",
+                                        checks.get("deepspeed --workers 2 == --workers 1", True)
+                                        and same_tree(ds3, out)))])
+    for row in conv:
+        row["x_cp_own"] = row["seconds"] / cpd["seconds"]
+        row["bytes"] = dsb
+    cpd["bytes"] = dsb
+    shutil.rmtree(ds3, ignore_errors=True)
+
+
+def _deepspeed_only(args, work, src, size, conv, rounds, rows, copy) -> int:
+    ds2, ds3 = work / "ds2", work / "ds3"
+    subprocess.run(conv + [str(ds2), "--to", "deepspeed", "--dp", "2", "-q"], check=True)
+    shutil.rmtree(src)
+    checks: dict = {}
+    _deepspeed_rounds(ds2, ds3, copy, rounds, checks)
+    return _print(args, size, rows, checks, rows[0])
+
+
+def _print(args, size, rows, checks, cp) -> int:
+    """The table of ``rows`` (x cp: against ``cp``; GB/s of the bytes each read)."""
+    for r in rows:
+        r.setdefault("x_cp", r["seconds"] / cp["seconds"])
+        r["gb_per_s"] = r.get("bytes", size) / 1e9 / r["seconds"]
+    print()
+    print(f"{size / 1e9:.2f} GB bf16, {os.cpu_count()} CPUs, mapc {bc.mapc_revision()}, "
+          f"best of {args.repeat}")
+    print(f"| operation | s | x cp | CPU s | peak RSS MiB | load |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['x_cp']:.2f}" + (f" ({r['x_cp_own']:.2f} own cp)" if "x_cp_own" in r
+                                       else "")
+        print(f"| {r['operation']} | {r['seconds']:.2f} | {ratio} | {r['cpu_seconds']:.2f} "
+              f"| {r['peak_rss_mib']:.0f} | {r['load']:.1f} |")
+    for k, ok in checks.items():
+        print(f"{k}: {'yes' if ok else 'NO'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"size_bytes": size, "rows": rows,
+                                               "checks": checks}, indent=2) + "\n")
+    return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":

@@ -440,6 +440,12 @@ def _rule_splits(c: _RuleCheck):
             if f not in c.factor_names:
                 raise error_at(s["at"], f"split of '{f}', which is not a factor of "
                                f"{rule['name']!r}", hint="factors: " + " ".join(c.factor_names))
+        if s.get("uneven") and len(s["factors"]) > 1:
+            raise error_at(s["at"], "an uneven split cuts one factor",
+                           hint=f"split {s['factors'][0]} over {s['mesh']} unevenly")
+        if s.get("uneven") and any(p["factor"] == s["factors"][0] for p in rule["pads"]):
+            raise error_at(s["at"], f"{s['factors'][0]} is both padded and split unevenly",
+                           hint="pad it, or split it unevenly, not both")
         if len(s["factors"]) > 1:
             k = c.factor_names.index(s["factors"][0])
             if c.factor_names[k:k + len(s["factors"])] != s["factors"]:

@@ -97,8 +97,8 @@ def rule_ir(r: A.Rule, source: str) -> dict:
         "as": pattern_ir(r.as_pattern),
         "from": ({m: pattern_ir(p) for m, p in r.from_pattern.items()}
                  if isinstance(r.from_pattern, dict) else pattern_ir(r.from_pattern)),
-        "splits": [{"factors": list(s.factors), "mesh": s.mesh, "at": str(s.pos)}
-                   for s in r.splits],
+        "splits": [{"factors": list(s.factors), "mesh": s.mesh, "at": str(s.pos),
+                    **({"uneven": True} if s.uneven else {})} for s in r.splits],
         "each": [{"factor": e.factor, "var": e.var, "at": str(e.pos)} for e in r.eaches],
         "repeat": list(r.repeats),
         "sum": list(r.sums),

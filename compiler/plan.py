@@ -358,7 +358,7 @@ def check_dp(plan: "LayoutPlan", dp: int, what: str = "--dp") -> None:
         raise MapcError(f"{what} {dp!r} must be a positive integer of at most {MAX_MESH}")
     per_rank: dict[tuple, int] = {}
     for inst, coord, _ in plan.placements():
-        per_rank[coord] = per_rank.get(coord, 0) + prod(inst.recipe.shard_shape)
+        per_rank[coord] = per_rank.get(coord, 0) + prod(inst.recipe.shape_at(coord))
     smallest = min(per_rank.values(), default=0)
     if dp > FREE_DP and dp * MIN_DP_SHARE > smallest:
         raise MapcError(f"{what} {dp} would give each data-parallel rank fewer than "
@@ -403,7 +403,11 @@ def coerce_param(p: dict, raw):
 
 
 def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict | None = None,
-                params: dict | None = None) -> LayoutPlan:
+                params: dict | None = None, vpp: int = 1) -> LayoutPlan:
+    """The plan of ``layout_name`` at ``topology`` with ``params``. ``vpp`` > 1: the pp axis
+    counts the virtual stages of Megatron's interleaved schedule (``pp`` ranks x ``vpp``
+    chunks, virtual stage ``chunk * pp/vpp + rank``), which matters to uneven pipeline stages
+    (:func:`pipeline_stages`)."""
     layout = spec.layout(layout_name)
     topology = {k: v for k, v in (topology or {}).items() if v is not None}
     params = dict(params or {})
@@ -465,7 +469,7 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
                 raise error_at(rule["at"], f"rule fuses {', '.join(missing)}, which this config "
                                f"does not have")
             if stages is None and pipe and decl["group"] == pipe["group"]:
-                stages = pipeline_stages(pipe, group_count(decl, config_env), pp, env)
+                stages = pipeline_stages(pipe, group_count(decl, config_env), pp, env, vpp)
             stage, local = _stage(rule, decl, index, pipe, pp, config_env, stages)
             names_env = dict(env)
             if index is not None:
@@ -610,11 +614,14 @@ def _aliases(plan) -> dict[str, str]:
         key = logical_key(a["tensor"], None)
         if key not in plan.logical:
             continue
-        found = [(c, n) for inst in plan.instances if not inst.copy
+        found = [(id(inst), n) for inst in plan.instances if not inst.copy
                  and list(inst.members.values()) == [key] for _, c, n in inst.shards]
-        if len(found) != 1:
+        # one stored tensor, whole or cut over the mesh: the alias names each rank's shard
+        # (a tied head cut with its embedding, DeepSpeed AutoTP's vocabulary-parallel pair)
+        if len(set(found)) != 1:
             raise error_at(a["at"], f"alias {a['name']!r}: {a['tensor']} is stored as "
-                           f"{len(found)} shards in layout {plan.name}; an alias needs it whole")
+                           f"{len(found)} tensors in layout {plan.name}; an alias needs one "
+                           "tensor (whole, or cut over the mesh)")
         if any(n == a["name"] for _, _, n in plan.placements()):
             raise error_at(a["at"], f"alias {a['name']!r} is also a stored tensor of layout "
                            f"{plan.name}", hint="give the alias an exclusive 'if' condition")
@@ -649,11 +656,17 @@ def _stage_size(pipe, which, env):
     return n
 
 
-def pipeline_stages(pipe, count: int, pp: int, env: dict) -> list[tuple[int, int]]:
+def pipeline_stages(pipe, count: int, pp: int, env: dict,
+                    vpp: int = 1) -> list[tuple[int, int]]:
     """(stage, local index) of each of a pipelined group's ``count`` entries, as megatron-core
     places layers (``get_transformer_layer_offset``): ``first N`` entries on stage 0 and
     ``last M`` on stage pp-1 when stated (uneven stages), the rest split evenly over the
-    stages between; without them, ``count / pp`` on every stage."""
+    stages between; without them, ``count / pp`` on every stage. With ``vpp`` > 1, ``pp``
+    counts virtual stages (``pp / vpp`` ranks, chunk ``v`` of rank ``r`` is stage
+    ``v * pp / vpp + r``) and each chunk is such a pipeline of ``count / vpp`` entries over the
+    ranks: ``N / vpp`` on rank 0, ``M / vpp`` on the last, the rest split evenly between
+    (megatron-core's interleaved uneven split, which needs ``vpp`` to divide ``N``, ``M`` and
+    the middle stages' layers)."""
     first, last = _stage_size(pipe, "first", env), _stage_size(pipe, "last", env)
     if first is None and last is None:
         if count % pp:
@@ -662,21 +675,39 @@ def pipeline_stages(pipe, count: int, pp: int, env: dict) -> list[tuple[int, int
                            f"first/last stages")
         sizes = [count // pp] * pp
     else:
+        ranks = pp // vpp if vpp > 1 and pp % vpp == 0 else pp
         stated = ", ".join(f"{w} stage {n}" for w, n in (("first", first), ("last", last))
                            if n is not None)
-        middle = pp - (first is not None) - (last is not None)
+        middle = ranks - (first is not None) - (last is not None)
         rest = count - (first or 0) - (last or 0)
-        if pp < 2 or middle < 0 or rest < 0 or (middle == 0 and rest) or \
+        if ranks < 2 or middle < 0 or rest < 0 or (middle == 0 and rest) or \
                 (middle and (rest % middle or rest == 0)):
             raise error_at(pipe["at"], f"uneven pipeline ({stated}) cannot place the {count} "
-                           f"entries of {pipe['group']} on pp={pp} stages: the "
+                           f"entries of {pipe['group']} on pp={ranks} stages: the "
                            f"{max(rest, 0)} left must split evenly over the {max(middle, 0)} "
                            f"other stage(s)",
                            hint="choose first/last stage sizes that leave a multiple of the "
                                 "middle stages (megatron-core's rule), or pp > 1")
-        sizes = [first] if first is not None else []
+        if vpp > 1:
+            odd = [f"{w} ({n} layers)" for w, n in (("first stage", first), ("last stage", last),
+                                           ("each middle stage", rest // middle if middle
+                                            else None))
+                   if n is not None and n % vpp]
+            if odd:
+                raise error_at(pipe["at"], f"uneven pipeline ({stated}) with vpp={vpp} "
+                               f"virtual stages per rank: {', '.join(odd)} not divisible "
+                               f"by vpp={vpp}",
+                               hint="megatron-core splits every stage's layers evenly over "
+                                    "its vpp chunks: choose sizes divisible by vpp")
+            first_c = None if first is None else first // vpp
+            last_c = None if last is None else last // vpp
+            rest = rest // vpp
+        else:
+            first_c, last_c = first, last
+        sizes = [first_c] if first_c is not None else []
         sizes += [rest // middle] * middle if middle else []
-        sizes += [last] if last is not None else []
+        sizes += [last_c] if last_c is not None else []
+        sizes = sizes * (vpp if vpp > 1 else 1)
     out = []
     for stage, n in enumerate(sizes):
         out += [(stage, j) for j in range(n)]
@@ -755,9 +786,24 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
     # How each split's mesh axis is spread over its factors (outermost first).
     cut: dict[str, list[tuple[str, int, int]]] = {}   # factor -> [(mesh factor, size, stride)]
     local: dict[str, int] = {n: full for n, (_, full) in whole.items()}
+    uneven: dict[str, tuple] = {}     # factor -> (mesh axis, per-rank sizes, block)
     for s in rule["splits"]:
         m = s["mesh"]
         n = mesh[m]
+        name = s["factors"][0]
+        if s.get("uneven") and n > 1 and local[name] % n:
+            size = local[name]
+            if size < n:
+                raise error_at(s["at"], f"{m}={n} is more than {name}={size} of "
+                               f"{rule['name']!r}: a rank would hold none of it",
+                               hint=f"choose {m} at most {size}")
+            block = -(-size // n)
+            uneven[name] = (m, tuple(size // n + (1 if r < size % n else 0)
+                                     for r in range(n)), block)
+            whole[name] = (whole[name][0], n * block)
+            local[name] = block
+            cut[name] = [(m, n, 1)]
+            continue
         remaining = n
         parts = []
         for name in s["factors"]:
@@ -824,10 +870,22 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                 size = 1
             idx.append(len(factors))
             names.append(name)
-            factors.append(Factor(name, size, true, full, repeat=rep, gone=name in eaches))
+            factors.append(Factor(name, size, true, full, repeat=rep, gone=name in eaches,
+                                  uneven=name in uneven))
             expanded[name] = names
         axes.append(tuple(idx))
     mesh_factors = tuple((f.name, f.size) for f in factors if f.mesh)
+    ragged = []
+    kept = [ax for ax in axes if not all(factors[k].mesh or factors[k].gone for k in ax)]
+    for name, (m, sizes, block) in uneven.items():
+        ax = next(ax for ax in kept if any(factors[k].name == name for k in ax))
+        local_ax = [factors[k] for k in ax if not factors[k].mesh]
+        if local_ax[0].name != name or any(f.name == CONCAT for f in local_ax) or \
+                name in eaches:
+            raise error_at(rule["at"], f"{rule['name']!r}: an uneven split of {name} needs "
+                           f"{name} outermost on its axis, with no concatenation or 'each'",
+                           hint=f"split {name} evenly, or reorder the pattern")
+        ragged.append((m, kept.index(ax), prod(f.size for f in local_ax[1:]), sizes))
 
     phys_names = [f.name for f in factors]
     byname = {f.name: f for f in factors}
@@ -847,7 +905,7 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                            for f in axis] for axis in view]
         if len(view_names) != len(shape):
             raise error_at(at, f"{member} has {len(shape)} axes, the pattern {len(view_names)}")
-        pre, split_shape, order, pad_list = [], [], [], []
+        pre, split_shape, order, pad_list, scatter = [], [], [], [], []
         width = widths.get(member, 1)
         for k, axis in enumerate(view_names):
             sizes = []
@@ -860,7 +918,9 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                     continue
                 true, full = whole[name] if name in whole else (mesh[name], mesh[name])
                 sizes.append(true)
-                if full != true:
+                if name in uneven:
+                    scatter.append((len(pre), uneven[name][1], uneven[name][2]))
+                elif full != true:
                     pad_list.append((len(pre), full - true))
                 pre.append(true)
                 for label in expanded[name]:
@@ -888,9 +948,11 @@ def _build_recipe(rule, phys, env, shapes, mesh) -> Recipe:
                     order.append(label)
         perm = tuple(order.index(n) for n in phys_names)
         plans.append(MemberPlan(member, tuple(shape), tuple(pre), tuple(pad_list),
-                                tuple(split_shape), perm, offset, width, tuple(expand)))
+                                tuple(split_shape), perm, offset, width, tuple(expand),
+                                tuple(scatter)))
         offset += width
-    return Recipe(rule["name"], tuple(factors), tuple(axes), tuple(plans), mesh_factors)
+    return Recipe(rule["name"], tuple(factors), tuple(axes), tuple(plans), mesh_factors,
+                  tuple(ragged))
 
 
 def _check_coverage(plan: LayoutPlan) -> None:

@@ -118,7 +118,7 @@ class Program:
                     for rc, c, n in inst.shards:
                         places.setdefault((c, n), rc)
                 args = ", ".join(inst.members.values())
-                lines.append(f"  {name} {list(inst.recipe.shard_shape)} = {label}({args})"
+                lines.append(f"  {name} {list(inst.recipe.shape_at(coord))} = {label}({args})"
                              + self._shard_label(inst, where_of[id(inst)].get((coord, name)))
                              + ("  # copy" if inst.copy else "")
                              + _value_note(inst)

@@ -7,6 +7,12 @@ concatenation of several logical tensors. Splitting a factor over a mesh axis re
 whole chain (reshape into factors, pad, split, rearrange, select the rank) is a fixed list of
 view ops, compiled once per shape and reused for every layer with that shape. Executed, it is
 one copy per output shard.
+
+An uneven split (``split F over tp unevenly``, tp not dividing F) gives rank ``r``
+``F // tp + (1 if r < F % tp)`` entries of F: the chain works on F padded to ``tp * m``
+(``m`` the largest share) with each short rank's block padded at its end (``scatter``), and the
+shard is then cut to the rank's share (``ragged``); gather pads each shard back and drops the
+blocks' padding again.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ class Factor:
     var: str | None = None     # for `each`: the name variable bound to the index
     repeat: bool = False       # a replication factor: absent from the logical tensor
     gone: bool = False         # unstacked by `each`: an axis made only of these disappears
+    uneven: bool = False       # split unevenly: `full` is tp blocks of the largest share
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,23 @@ class MemberPlan:
     offset: int                        # start along the concatenation factor
     width: int                         # this member's size along the concatenation factor
     expand: tuple[int, ...] = ()       # sizes of repeat factors broadcast after the split view
+    scatter: tuple = ()                # ((axis in pre, per-rank sizes, block), ...): uneven
+                                       # splits, each rank's block padded at its end
+
+
+def _scatter(be, x, axis, sizes, block):
+    """Spread ``sizes[r]`` entries of ``axis`` into block ``r`` of ``len(sizes) * block``."""
+    pieces, start = [], 0
+    for s in sizes:
+        p = be.slice(x, axis, start, start + s)
+        pieces.append(be.pad(p, axis, block - s) if s < block else p)
+        start += s
+    return be.concat(pieces, axis)
+
+
+def _unscatter(be, x, axis, sizes, block):
+    return be.concat([be.slice(x, axis, r * block, r * block + s)
+                      for r, s in enumerate(sizes)], axis)
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,9 @@ class Recipe:
     axes: tuple[tuple[int, ...], ...]  # physical axis -> indices into factors
     members: tuple[MemberPlan, ...]
     mesh: tuple[tuple[str, int], ...]  # (mesh axis, size) of the mesh factors, in factor order
+    # uneven splits: ((mesh axis, shard axis, entries per unit of the factor, per-rank
+    # sizes), ...); shard_shape is then the largest rank's shape
+    ragged: tuple = ()
 
     # -- shapes --
     @property
@@ -73,6 +100,17 @@ class Recipe:
         return tuple(prod(self.factors[k].size for k in ax if not self.factors[k].mesh)
                      for ax in self.axes
                      if not all(self.factors[k].mesh or self.factors[k].gone for k in ax))
+
+    def shape_at(self, coord) -> tuple[int, ...]:
+        """The shard shape at ``coord`` ({mesh axis: index}, or its items): shard_shape but
+        for an uneven split's short ranks."""
+        if not self.ragged:
+            return self.shard_shape
+        where = dict(coord)
+        shape = list(self.shard_shape)
+        for axis, k, inner, sizes in self.ragged:
+            shape[k] = sizes[where.get(axis, 0)] * inner
+        return tuple(shape)
 
     def coords(self):
         """Every combination of mesh/each indices, as tuples of (factor name, index)."""
@@ -105,6 +143,8 @@ class Recipe:
         pieces = []
         for m in self.members:
             x = be.reshape(members[m.name], m.pre)
+            for axis, sizes, block in m.scatter:
+                x = _scatter(be, x, axis, sizes, block)
             for axis, n in m.pads:
                 x = be.pad(x, axis, n)
             x = be.reshape(x, m.split)
@@ -120,7 +160,12 @@ class Recipe:
             pieces.append(x)
         cat = self._concat_axis()
         x = be.concat(pieces, cat) if cat is not None else pieces[0]
-        return be.reshape(x, self.shard_shape)
+        x = be.reshape(x, self.shard_shape)
+        for axis, k, inner, sizes in self.ragged:
+            n = sizes[coord.get(axis, 0)] * inner
+            if n < self.shard_shape[k]:
+                x = be.slice(x, k, 0, n)
+        return x
 
     # -- shards -> logical --
     def gather(self, be, shards: dict, check_padding=None, check_replicas=None):
@@ -132,6 +177,10 @@ class Recipe:
         local_shape = tuple(f.size for f in local)
         cat = self._concat_axis()
         out = {}
+        for axis, k, inner, sizes in self.ragged:     # pad the short ranks' shards back
+            shards = {c: (be.pad(s, k, self.shard_shape[k] - s.shape[k])
+                          if s.shape[k] < self.shard_shape[k] else s)
+                      for c, s in shards.items()}
         views = {c: be.reshape(s, local_shape) for c, s in shards.items()}
         for m in self.members:
             def piece(coord):
@@ -149,8 +198,13 @@ class Recipe:
                     check_replicas(m.name, all(be.equal(be.index(x, axis, i), first)
                                                for i in range(1, m.expand[k])))
                 x = first
-            padded = tuple(s + dict(m.pads).get(k, 0) for k, s in enumerate(m.pre))
+            blocks = {a: len(sizes) * block for a, sizes, block in m.scatter}
+            padded = tuple(blocks.get(k, s) + dict(m.pads).get(k, 0)
+                           for k, s in enumerate(m.pre))
             x = be.reshape(x, padded)
+            for axis, sizes, block in m.scatter:
+                x = _unscatter(be, x, axis, sizes, block)
+            padded = tuple(s + dict(m.pads).get(k, 0) for k, s in enumerate(m.pre))
             for axis, n in m.pads:
                 if check_padding is not None:
                     check_padding(m.name, be.slice(x, axis, padded[axis] - n, padded[axis]))
@@ -185,15 +239,22 @@ class Recipe:
             text = f"{f.name}={f.size}"
             if f.full != f.size:
                 text += f"/{f.full}"
-            text += f"(padded from {f.true})" if f.full != f.true else ""
+            text += f"(uneven split of {f.true})" if f.uneven else \
+                f"(padded from {f.true})" if f.full != f.true else ""
             return text + (" (repeat)" if f.repeat else "")
         axes = " ".join("(" + " ".join(fac(self.factors[k]) for k in ax) + ")"
                         if len(ax) > 1 else fac(self.factors[ax[0]]) for ax in self.axes)
-        lines = [f"recipe {self.label}: {axes} -> shard {list(self.shard_shape)}"]
+        lines = [f"recipe {self.label}: {axes} -> shard {list(self.shard_shape)}"
+                 + "".join(f", axis {k} unevenly over {a}: {[s * inner for s in sizes]}"
+                           for a, k, inner, sizes in self.ragged)]
         for m in self.members:
             ops = [f"reshape{list(m.pre)}"]
+            ops += [f"scatter(axis {a}, {list(sizes)} in blocks of {b})"
+                    for a, sizes, b in m.scatter]
             ops += [f"pad(axis {a}, +{n})" for a, n in m.pads]
-            if m.split != tuple(s + dict(m.pads).get(k, 0) for k, s in enumerate(m.pre)):
+            blocks = {a: len(sizes) * b for a, sizes, b in m.scatter}
+            if m.split != tuple(blocks.get(k, s) + dict(m.pads).get(k, 0)
+                                for k, s in enumerate(m.pre)):
                 ops.append(f"reshape{list(m.split)}")
             if m.expand:
                 ops.append(f"broadcast{list(m.split + m.expand)}")

@@ -324,18 +324,31 @@ def invert_meta(spec: Spec, layout: str, meta: dict) -> tuple[dict, dict]:
     for m in spec.layout_meta(layout):
         if m.key not in meta or meta[m.key] is None:
             continue
-        value, e = meta[m.key], m.expr
-        if e[0] == "op" and e[1] == "not" and e[2][0] == "sym":
-            value, e = (not value), e[2]
-        if e[0] == "call" and e[1] in ("float", "int") and len(e) == 3 and e[2][0] == "sym":
-            e = e[2]     # a type conversion on write reads back as the plain value
-        if e[0] != "sym":
-            continue
-        if e[1] in syms:
-            env[e[1]] = value
-        elif e[1] in params:
-            found_params[e[1]] = value
+        for name, value in _inverted(m.expr, meta[m.key]):
+            if name in syms:
+                env[name] = value
+            elif name in params:
+                found_params[name] = value
     return env, found_params
+
+
+def _inverted(e, value) -> list[tuple[str, object]]:
+    """(symbol, value) pairs a metadata value states directly: the expression is a symbol,
+    or one under ``not``, a type conversion, ``+``/``-`` of a number, or a list of such
+    (Megatron's ``window_size = [window - 1, 0]``); anything else states nothing."""
+    if e[0] == "sym":
+        return [(e[1], value)]
+    if e[0] == "op" and e[1] == "not" and len(e) == 3 and isinstance(value, bool):
+        return _inverted(e[2], not value)
+    if e[0] == "call" and e[1] in ("float", "int") and len(e) == 3:
+        return _inverted(e[2], value)     # a type conversion on write reads back as the value
+    if e[0] == "op" and e[1] in ("+", "-") and len(e) == 4 and e[3][0] == "num" and \
+            isinstance(value, (int, float)) and not isinstance(value, bool):
+        c = e[3][1]
+        return _inverted(e[2], value - c if e[1] == "+" else value + c)
+    if e[0] == "list" and isinstance(value, (list, tuple)) and len(value) == len(e) - 1:
+        return [pair for item, v in zip(e[1:], value) for pair in _inverted(item, v)]
+    return []
 
 
 def boolean_guesses(sp: Spec, stated: dict) -> list[dict]:
@@ -380,7 +393,8 @@ def _resolve_params(sp: Spec, source, env, canonical, given, search: _Search):
         trial = dict(given)
         trial.update({p.name: v for p, v in zip(free, combo)})
         try:
-            plan = plan_layout(sp, source.layout, env, source.topology, trial)
+            plan = plan_layout(sp, source.layout, env, source.topology, trial,
+                               vpp=getattr(source, "vpp", 1))
         except MapcError as e:
             search.errors.append(f"{sp.family} {trial}: {e}")
             continue
@@ -396,7 +410,8 @@ def _resolve_params(sp: Spec, source, env, canonical, given, search: _Search):
                                 notes + list(getattr(source, "warnings", [])))
             search.partial.append((sp, extra))
     if tried and not any(p is sp for p, _ in search.partial):
-        plan = plan_layout(sp, source.layout, env, source.topology, tried[0])
+        plan = plan_layout(sp, source.layout, env, source.topology, tried[0],
+                           vpp=getattr(source, "vpp", 1))
         missing = _missing(plan, source)
         if missing:
             search.errors.append(f"{sp.family}: the checkpoint lacks {len(missing)} expected "
@@ -414,7 +429,8 @@ def _ambiguity(sp, source, env, chosen: dict, free: list[LayoutParam], plan) -> 
                 continue
             trial = dict(chosen, **{p.name: value})
             try:
-                other = plan_layout(sp, source.layout, env, source.topology, trial)
+                other = plan_layout(sp, source.layout, env, source.topology, trial,
+                                    vpp=getattr(source, "vpp", 1))
             except MapcError:
                 continue
             if not (_plan_matches(other, source) and not _unplanned(other, source)
@@ -472,7 +488,7 @@ def _plan_matches(plan: LayoutPlan, source) -> bool:
 
 
 def _shapes_match(plan, source) -> bool:
-    return all(tuple(source.shape(name, coord)) == inst.recipe.shard_shape
+    return all(tuple(source.shape(name, coord)) == inst.recipe.shape_at(coord)
                for inst, coord, name in plan.placements())
 
 
@@ -493,9 +509,9 @@ def _unplanned(plan, source):
 def _check_shapes(plan, source):
     for inst, coord, name in plan.placements():
         got = tuple(source.shape(name, coord))
-        if got != inst.recipe.shard_shape:
+        if got != inst.recipe.shape_at(coord):
             raise MapcError(f"{name} has shape {list(got)} but the config and spec give "
-                            f"{list(inst.recipe.shard_shape)} ({inst.rule['at']})",
+                            f"{list(inst.recipe.shape_at(coord))} ({inst.rule['at']})",
                             where=f"{source.path} {source.describe_coord(coord)}",
                             hint="the config does not describe this checkpoint; pass the right "
                                  "--config")

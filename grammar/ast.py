@@ -226,6 +226,7 @@ class Split:
     factors: tuple[str, ...]       # one factor, or adjacent factors cut as their product
     mesh: str
     pos: Pos
+    uneven: bool = False           # `unevenly`: the first ranks take one more when not divisible
 
 
 @dataclass(frozen=True)

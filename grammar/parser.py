@@ -376,7 +376,7 @@ class _Build(Transformer):
     @v_args(meta=True)
     def split_clause(self, meta, c):
         pos = self._pos(meta)
-        return ("split", A.Split(tuple(c[0]), str(c[1]), pos), pos)
+        return ("split", A.Split(tuple(c[0]), str(c[1]), pos, c[2] is not None), pos)
 
     def split_target(self, c):
         return [str(t) for t in c]

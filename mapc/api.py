@@ -71,7 +71,7 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
         # a format of global tensors whose metadata records the training run's sizes takes
         # --tp/--pp as layout parameters (torch_dist: tp_size, pp_size)
         declared = {p["name"] for p in res.spec.layout(target_layout)["params"]} \
-            if target_layout in res.spec.layout_names() else set()
+            if target_layout in res.spec.layout_names() else frozenset()
         for axis, param in getattr(module(to), "TOPOLOGY_PARAMS", {}).items():
             if topo.get(axis) is not None and param in declared:
                 sets.setdefault(param, topo.pop(axis))
@@ -81,7 +81,7 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
             if param in declared:
                 sets.setdefault(param, value)
         try:
-            target = plan_layout(res.spec, target_layout, res.env, topo, sets)
+            target = plan_layout(res.spec, target_layout, res.env, topo, sets, vpp=vpp or 1)
         except MapcError as e:
             if vpp is None or vpp < 2:
                 raise
@@ -120,6 +120,10 @@ class Template:
     dp: int | None
     training: dict                 # the template's training state (param groups, ...)
     vpp: int | None = None         # virtual pipeline stages per rank (megatron)
+    # how the template keeps megatron-core's distributed optimizer: a torch_dist sharding type
+    # (dp_reshardable, fully_reshardable, ...), "distributed" (megatron: distrib_optim.pt), or
+    # None (no distributed optimizer)
+    optim_sharding: str | None = None
 
 
 def read_template(like, *, spec=None, config=None) -> Template:
@@ -134,17 +138,33 @@ def read_template(like, *, spec=None, config=None) -> Template:
         vpp = getattr(tmpl, "vpp", 1)
         if vpp > 1:     # its pp axis counts virtual stages (pp * vpp)
             topology["pp"] //= vpp
+        sharding = getattr(tmpl, "sharding_type", None) or \
+            ("distributed" if getattr(tmpl, "optimizer_kind", None) == "distributed" else None)
         return Template(str(like), tmpl.format, res.plan, topology, dp, training,
-                        vpp if vpp > 1 else None)
+                        vpp if vpp > 1 else None, sharding)
     finally:
         tmpl.close()
 
 
-def _like_settings(template: Template, to, tp, pp, ep, dp, set, vpp=None) -> tuple:
-    """Target settings from a template; an explicit option that contradicts it is an error."""
+# the distributed-optimizer sharding types a torch_dist output is written with
+WRITTEN_SHARDING = ("dp_reshardable", "fully_reshardable")
+
+
+def _like_settings(template: Template, to, tp, pp, ep, dp, set, vpp=None,
+                   optim_sharding=None) -> tuple:
+    """Target settings from a template; an explicit option that contradicts it is an error.
+    A torch_dist template gives its distributed optimizer's sharding type (one mapc writes); a
+    Megatron (torch format) template its data-parallel size only with the distributed
+    optimizer, which that size then selects (the non-distributed one has none)."""
+    tdp = template.dp
+    if template.format == "megatron" and template.optim_sharding != "distributed":
+        tdp = None
+    sharding = template.optim_sharding if template.format == "torch_dist" and \
+        template.optim_sharding in WRITTEN_SHARDING else None
     given = {"--to": (to, template.format), "--tp": (tp, template.topology.get("tp")),
              "--pp": (pp, template.topology.get("pp")), "--ep": (ep, template.topology.get("ep")),
-             "--dp": (dp, template.dp), "--vpp": (vpp, template.vpp or 1)}
+             "--dp": (dp, tdp), "--vpp": (vpp, template.vpp or 1),
+             "--optim-sharding": (optim_sharding, sharding)}
     clash = [f"{opt} {mine} (the template has {theirs})" for opt, (mine, theirs) in given.items()
              if mine is not None and theirs is not None and mine != theirs]
     if clash:
@@ -155,15 +175,15 @@ def _like_settings(template: Template, to, tp, pp, ep, dp, set, vpp=None) -> tup
         params["etp"] = template.plan.mesh["etp"]
     params.update(_parse_sets(set))
     return (template.format, template.topology.get("tp"), template.topology.get("pp"),
-            template.topology.get("ep"), template.dp if dp is None else dp, params,
-            template.vpp)
+            template.topology.get("ep"), tdp if dp is None else dp, params,
+            template.vpp, optim_sharding or sharding)
 
 
 def check_like(template: Template, program: Program) -> None:
     """Refuse unless the planned target has exactly the template's tensors: same names on the
     same shards with the same shapes (same model, same topology, same naming)."""
     def tensors(plan):
-        return {(coord_key(c), n): inst.recipe.shard_shape for inst, c, n in plan.placements()}
+        return {(coord_key(c), n): inst.recipe.shape_at(c) for inst, c, n in plan.placements()}
     want, got = tensors(template.plan), tensors(program.target)
     problems = [f"{n} missing from the conversion" for (_, n) in sorted(want.keys() - got.keys())]
     problems += [f"{n} not in the template" for (_, n) in sorted(got.keys() - want.keys())]
@@ -189,11 +209,11 @@ class ConversionPlan:
     write: WritePlan
     workers: int | None = 1          # processes to write with (None: the machine's default)
 
-    def pretty(self) -> str:
+    def pretty(self, backend: str = "numpy") -> str:
         from mapc.runtime import workers
         world = workers.distributed_env()
         return self.program.pretty() + "\n\n" + self.write.pretty() + "\n\n" + \
-            workers.describe(self.write, self.workers, world[1] if world else None)
+            workers.describe(self.write, self.workers, world[1] if world else None, backend)
 
     def close(self):
         self.resolved.source.close()
@@ -223,7 +243,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         raise MapcError(f"--vpp {vpp!r} must be a positive integer of at most {MAX_MESH}")
     if dtype not in DTYPE_CHOICES:
         raise MapcError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-    if optim_sharding not in (None, "dp_reshardable", "fully_reshardable"):
+    if optim_sharding not in (None,) + WRITTEN_SHARDING:
         raise MapcError(f"--optim-sharding {optim_sharding!r} is not a sharding type mapc "
                         f"writes", hint="choose dp_reshardable or fully_reshardable")
     explicit = frozenset(k for k, v in (("dp", dp), ("zero_stage", zero_stage),
@@ -236,8 +256,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
     template = None
     if like is not None:
         template = read_template(like, spec=spec, config=config)
-        to, tp, pp, ep, dp, set, like_vpp = _like_settings(template, to, tp, pp, ep, dp, set,
-                                                           vpp)
+        to, tp, pp, ep, dp, set, like_vpp, optim_sharding = _like_settings(
+            template, to, tp, pp, ep, dp, set, vpp, optim_sharding)
         vpp = vpp if vpp is not None else like_vpp
     if to is None:
         raise MapcError("no target format", hint="pass --to FORMAT (or --like TEMPLATE)")
@@ -255,11 +275,6 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
         set = list(set or []) + [f"{names[o]}={n}" for o, n in stages.items() if n is not None]
     if "vpp" in explicit:   # before compiling at pp * vpp stages
         check_request(WriteRequest(to, vpp=vpp, explicit=frozenset({"vpp"})))
-    if (vpp or 1) > 1 and any(v is not None for v in stages.values()):   # also from --like
-        raise MapcError(f"--vpp {vpp} with uneven pipeline stages is not written yet "
-                        f"(megatron-core places the uneven layers on the first and last "
-                        f"virtual stages; mapc has not been checked against it)",
-                        hint="drop --vpp, or --pp-first-stage / --pp-last-stage")
     res, program = plan_conversion(src, to, tp=tp, pp=pp, ep=ep, config=config, set=set,
                                    spec=spec, source_format=source_format,
                                    source_set=source_set, allow_spec_change=allow_spec_change,
@@ -346,7 +361,7 @@ def write_conversion(cp: ConversionPlan, src, dst, *, force: bool = False,
         finally:
             source.close()
     # torch's and jax's thread pools do not survive fork(): other backends write in one process
-    n = workers.choose(plan, cp.workers)[0] if backend == "numpy" else 1
+    n = workers.choose(plan, cp.workers, backend)[0]
     out = None
     try:
         out = AtomicOutput(dst, force=force, source=src)

@@ -113,19 +113,30 @@ def peak_rss_bytes() -> int:
     return max(own, kids) * 1024
 
 
+def delivery_order(program: Program) -> list[tuple]:
+    """The (coord, name) of every target tensor in the order :func:`run` writes their weights
+    (unit by unit). A writer that orders an index by arrival computes it from this, so that
+    a worker of a parallel run, which sees only its share, writes the same index."""
+    return [(coord, name) for unit in program.units for inst in unit.targets
+            for copies in inst.by_recipe_coord().values() for coord, name in copies]
+
+
 def planned_bytes(program: Program, dtypes: dict, extra_slots: int,
-                  stateless: frozenset = frozenset(), only=None) -> int:
+                  stateless: frozenset = frozenset(), only=None,
+                  weights_only: frozenset = frozenset()) -> int:
     """Bytes the writer will receive: every placement in its dtype, plus each optimizer slot
     in float32 (none for frozen parameters and buffers, the ``stateless`` logical tensors);
-    with ``only``, just those target (coord, name)."""
+    with ``only``, just those target (coord, name), and of those in ``weights_only`` just
+    the weights."""
     from math import prod
     from mapc.runtime.backends import DTYPES
     total = 0
     for inst, coord, name in program.target.placements():
         if only is not None and (coord, name) not in only:
             continue
-        n = prod(inst.recipe.shard_shape)
-        slots = 0 if all(k in stateless for k in inst.members.values()) else extra_slots
+        n = prod(inst.recipe.shape_at(coord))
+        slots = 0 if all(k in stateless for k in inst.members.values()) or \
+            (coord, name) in weights_only else extra_slots
         total += n * DTYPES[dtypes[(coord, name)]].itemsize + n * 4 * slots
     return total
 
@@ -397,14 +408,16 @@ def _coord(c) -> str:
 
 def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str | None = None,
         quiet: bool = False, verify_replicas: bool = True, plan=None, only=None,
-        progress=None, allow_lossy: bool = False) -> Report:
+        weights_only: frozenset = frozenset(), progress=None,
+        allow_lossy: bool = False) -> Report:
     """Stream ``program`` from ``reader`` into ``writer``. With ``plan`` (a WritePlan, see
     mapc.runtime.plan_write) the planned tensors, dtypes and slots are used as they are.
     ``allow_lossy`` writes value-mapped tensors whose map rounds (mapc.runtime.values).
 
     ``only`` (a set of target (coord, name)): write just those tensors, reading only the
     units that feed them (a worker's share of a parallel run; ``begin`` still receives every
-    planned tensor). ``progress``: an object with ``step(nbytes)`` and ``done()`` to report
+    planned tensor); of those in ``weights_only`` just the weights are written (a unit whose
+    wanted tensors are all such reads no optimizer slot). ``progress``: an object with ``step(nbytes)`` and ``done()`` to report
     to instead of the stderr bar."""
     be = get_backend(backend)
     report = Report()
@@ -418,19 +431,19 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
         writer.begin(list(plan.tensors))
     else:
         dtypes = target_dtypes(program, reader, dtype, param_from)
-        writer.begin([(coord, name, inst.recipe.shard_shape, dtypes[(coord, name)])
+        writer.begin([(coord, name, inst.recipe.shape_at(coord), dtypes[(coord, name)])
                       for inst, coord, name in program.target.placements()])
     # Optimizer slots the source has and the writer stores (`extra`); a training checkpoint's
     # weights are exported from its fp32 master copy when the writer keeps no master slot.
     # Frozen parameters and buffers (stateless) have only their weights.
     stateless = program.stateless_keys(reader)
     for slot in extra:   # optimizer state is kept in fp32
-        writer.begin_slot(slot, [(coord, name, inst.recipe.shard_shape, "float32")
+        writer.begin_slot(slot, [(coord, name, inst.recipe.shape_at(coord), "float32")
                                  for inst, coord, name in program.target.placements()
                                  if not all(k in stateless for k in inst.members.values())])
     if progress is None:
         progress = Progress(planned_bytes(program, dtypes, len(extra), frozenset(stateless),
-                                          only), "convert", quiet, unit="B")
+                                          only, weights_only), "convert", quiet, unit="B")
     # Shards that must be rebuilt go through reused buffers when the writer consumes each
     # array before write() returns; views of the source (unsplit tensors, row blocks) are
     # passed through untouched, and the writer may copy them in-kernel (runtime/fastcopy.py).
@@ -441,8 +454,14 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
             if only is not None and not any((c, n) in only for inst in unit.targets
                                             for _, c, n in inst.shards):
                 continue                         # another worker's tensors only
-            weights_only = all(k in stateless for k in unit.keys)
-            for slot in ["param"] if weights_only else [param_from] + extra:
+            if all(k in stateless for k in unit.keys):
+                slots_here = ["param"]
+            elif weights_only and all((c, n) in weights_only for inst in unit.targets
+                                      for _, c, n in inst.shards if (c, n) in only):
+                slots_here = [param_from]        # this worker's files hold the weights only
+            else:
+                slots_here = [param_from] + extra
+            for slot in slots_here:
                 is_weight = slot in ("param", param_from)
                 read_be, shard_be = behind.next_round()
                 logical = read_instances(unit.sources, reader, read_be or be, report,
@@ -451,7 +470,8 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                     members = {m: logical[k] for m, k in inst.members.items()}
                     for rc, copies in inst.by_recipe_coord().items():
                         if only is not None:
-                            copies = [c for c in copies if c in only]
+                            copies = [c for c in copies if c in only and
+                                      (is_weight or c not in weights_only)]
                             if not copies:
                                 continue
                         want = dtypes[copies[0]] if is_weight else "float32"
@@ -460,7 +480,7 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                             arr = _store_value(be, shard_be, inst,
                                                inst.recipe.shard(bind, members, dict(rc)),
                                                want, copies[0][1], slot, report, allow_lossy)
-                        elif shard_be is not None:
+                        elif shard_be is not None and not inst.recipe.ragged:
                             builder = behind.next_builder()
                             shard = inst.recipe.shard(shard_be.bind(builder), members, dict(rc))
                             arr = builder.build(shard, DTYPES[want])

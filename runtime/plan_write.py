@@ -183,7 +183,7 @@ def planned_tensors(program, facts: SourceFacts, dtype: str | None, writer_slots
     out = []
     for inst, coord, name in program.target.placements():
         have = src[next(iter(inst.members.values()))]
-        out.append((coord, name, tuple(inst.recipe.shard_shape), cast_dtype(inst, have, dtype)))
+        out.append((coord, name, tuple(inst.recipe.shape_at(coord)), cast_dtype(inst, have, dtype)))
     return tuple(out)
 
 
@@ -266,10 +266,13 @@ def make_plan(fmt: str, files, *, decisions=None, notes=(), slots=("param",), te
 @dataclass(frozen=True)
 class Part:
     """Files of an output that one worker writes alone: ``tensors`` are the (coord, name) of
-    the planned tensors they hold (with their optimizer slots), ``bytes`` what they weigh."""
+    the planned tensors they hold (with their optimizer slots, unless ``weights_only``: the
+    files hold the weights alone, e.g. a ZeRO checkpoint's model states, and the worker
+    reads no optimizer slot for them), ``bytes`` what they weigh."""
     files: tuple[str, ...]
     tensors: frozenset
     bytes: int
+    weights_only: bool = False
 
 
 def parts_by_file(tensors, file_of, slots=("param",), extra_files=None) -> tuple[Part, ...]:

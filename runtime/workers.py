@@ -56,12 +56,14 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def choose(plan, requested: int | None) -> tuple[int, str]:
+def choose(plan, requested: int | None, backend: str = "numpy") -> tuple[int, str]:
     """(number of processes, why) for writing ``plan`` with ``--workers requested`` (None:
     the default, what the machine has, at most MAX_AUTO_WORKERS and at least MIN_AUTO_SHARE
-    bytes each)."""
+    bytes each) and ``--backend backend``. The real run and ``--dry-run`` both ask this."""
     if requested is not None and (not isinstance(requested, int) or requested < 1):
         raise MapcError(f"--workers {requested!r} must be a positive integer")
+    if backend != "numpy":
+        return 1, f"--backend {backend}: its thread pools do not survive fork()"
     parts = plan.parts
     if not parts:
         return 1, f"{plan.format}: {plan.serial or 'its files are not independent'}"
@@ -75,22 +77,37 @@ def choose(plan, requested: int | None) -> tuple[int, str]:
     return requested, "as asked"
 
 
-def describe(plan, requested: int | None, world: int | None = None) -> str:
-    """What ``--dry-run`` prints about the processes that will write ``plan``."""
+def describe(plan, requested: int | None, world: int | None = None,
+             backend: str = "numpy") -> str:
+    """What ``--dry-run`` prints about the processes that will write ``plan``: their number
+    and each one's share, as the real run partitions the files."""
     if world is not None:
         n, why = (min(world, len(plan.parts)), f"{world} ranks") if plan.parts else \
             (1, f"{plan.format}: {plan.serial or 'its files are not independent'}")
     else:
-        n, why = choose(plan, requested)
+        n, why = choose(plan, requested, backend)
     lines = [f"workers: {n} ({why})"]
     if n > 1:
+        total = len(plan.tensors)
         for k, share in enumerate(partition(plan.parts, n)):
             files = [f for p in share for f in p.files]
-            lines.append(f"  worker {k}: {len(files)} files, "
-                         f"{execute.fmt_bytes(sum(p.bytes for p in share))}: "
-                         + ", ".join(files[:4]) + (" ..." if len(files) > 4 else ""))
+            labels = [_label(p) for p in share]
+            shown = labels if len(labels) <= 4 else [*labels[:3], "...", labels[-1]]
+            fed = {t for p in share for t in p.tensors}
+            lines.append(f"  worker {k}: {len(files)} file{'s' if len(files) != 1 else ''}, "
+                         f"{execute.fmt_bytes(sum(p.bytes for p in share))}, "
+                         f"reads {len(fed)} of {total} tensors: " + ", ".join(shown))
         lines.append("  metadata and commit: " + ("rank 0" if world else "the parent process"))
     return "\n".join(lines)
+
+
+def _label(part) -> str:
+    """A Part as --dry-run names it: its file, or the folder holding all its files."""
+    if len(part.files) == 1:
+        return part.files[0]
+    head = os.path.commonpath(part.files)
+    return f"{head}/ ({len(part.files)} files)" if head else \
+        f"{part.files[0]} (+{len(part.files) - 1} files)"
 
 
 def write_share(cp, tmp, share, *, backend: str, record_of, progress=None):
@@ -102,15 +119,19 @@ def write_share(cp, tmp, share, *, backend: str, record_of, progress=None):
     writer.owned = frozenset(f for p in share for f in p.files)
     writer.metadata = False
     only = frozenset(t for p in share for t in p.tensors)
-    return _run_writer(cp, writer, backend, True, record_of, only=only, progress=progress)
+    full = frozenset(t for p in share if not p.weights_only for t in p.tensors)
+    return _run_writer(cp, writer, backend, True, record_of, only=only, progress=progress,
+                       weights_only=only - full)
 
 
-def _run_writer(cp, writer, backend, quiet, record_of, only=None, progress=None):
-    """Stream ``cp``'s program into ``writer`` (just the tensors ``only``, if given) and
-    finish it; abort it on any failure."""
+def _run_writer(cp, writer, backend, quiet, record_of, only=None, progress=None,
+                weights_only=frozenset()):
+    """Stream ``cp``'s program into ``writer`` (just the tensors ``only``, if given; of those
+    in ``weights_only`` just the weights) and finish it; abort it on any failure."""
     try:
         report = execute.run(cp.program, cp.resolved.source, writer, backend=backend,
-                             plan=cp.write, only=only, quiet=quiet, progress=progress,
+                             plan=cp.write, only=only, weights_only=weights_only,
+                             quiet=quiet, progress=progress,
                              allow_lossy=cp.request.allow_lossy)
         writer.finish(record_of(report))
     except BaseException:

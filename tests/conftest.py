@@ -153,3 +153,29 @@ def make(ds_root):
                 arch=kw.get("arch", "llama"))
         return _ds_made[case]
     return _make
+
+
+# the megatron-core distributed-optimizer run tests/test_torch_dist.py and
+# tests/test_nemo2_optim.py share (CFG of test_torch_dist)
+MCORE_OPTIM_CFG = dict(hidden=64, layers=4, heads=8, groups=2, head_dim=8, ffn=96, vocab=250,
+                       tied=False)
+NEMO2_KINDS = ("dp_zero_gather_scatter", "fully_reshardable")
+
+
+@pytest.fixture(scope="session")
+def saved_optim(tmp_path_factory):
+    """TP2 DP2: megatron-core's DDP + DistributedOptimizer (Adam, bf16 params, fp32 grads and
+    masters, one bucket) after one step, saved with its dp_reshardable state; the same run
+    also saves it as fully_reshardable (``ckpt_fully_reshardable``), as
+    dp_zero_gather_scatter (``ckpt_dp_zero_gather_scatter``), in Megatron-LM's torch format
+    with distrib_optim.pt (``ckpt_legacy``) and as NeMo 2's MegatronStrategy saves it with
+    each sharding type it saves (``ckpt_nemo2_<type>/weights``; megatron-core 0.16.1 cannot
+    save NeMo's default fully_sharded_model_space). (checkpoint root, truth directory)."""
+    pytest.importorskip("megatron.core")
+    from tests.groundtruth import mcore_dist
+    base = tmp_path_factory.mktemp("torch_dist_optim")
+    root = mcore_dist.save_checkpoint(
+        base / "ckpt", MCORE_OPTIM_CFG, 2, 1, "bf16", base / "truth", dp=2, optimizer=True,
+        also=("fully_reshardable", "dp_zero_gather_scatter", "legacy") +
+        tuple(f"{mcore_dist.NEMO2}{k}" for k in NEMO2_KINDS))
+    return root, base / "truth"

@@ -12,9 +12,15 @@ files back (with DeepSpeed's universal_checkpoint_info); a real AutoTP engine lo
 hf -> deepspeed --tp 2 (its logits are the original's), the tp 1 -> tp 2 output and
 (DeepSpeed's universal loader) the universal output, and both next steps equal the original
 run's own next step exactly; DeepSpeed's ds_to_universal holds the same
-tensors as mapc's universal output and merges mapc's AutoTP output as it merges its own. Two
-DeepSpeed torchrun launches in all (training, and one resume that loads the three outputs;
-ds_to_universal runs serially on rank 0 inside them).
+tensors as mapc's universal output and merges mapc's AutoTP output as it merges its own. The same
+launches train a tied-embedding Qwen3 (specs/qwen3.map: q_norm/k_norm replicated; the tied
+head cut with the embedding on the vocabulary) a Llama whose KV heads, MLP and vocabulary
+tp does not divide (AutoTP's uneven split, ``split F over tp unevenly``) and a Llama with
+ZeRO stage 3: read against
+DeepSpeed's gathered weights, written (tp 1 -> tp 2) to DeepSpeed's own files, and resumed by a
+real engine to the original run's next step. Two DeepSpeed torchrun launches in all
+(training, and one resume that loads the outputs; ds_to_universal runs serially on rank 0
+inside them).
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).parent / "groundtruth" / "ds_autotp.py"
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 TP = 2
+# the ground truth's extra models: model_type and class
+EXTRA = {"qwen3": ("qwen3", "Qwen3ForCausalLM"), "uneven": ("llama", "LlamaForCausalLM"),
+         "z3": ("llama", "LlamaForCausalLM")}
 # transformers' full-model forward against the AutoTP training module's (sharded matmuls, the
 # row-parallel partial sums all-reduced): measured 3.0e-7 on logits of magnitude 1.
 LOGITS_TOL = 3e-6
@@ -62,6 +71,9 @@ def run(tmp_path_factory):
     qwen2 = dict(exp["model"], model_type="qwen2", architectures=["Qwen2ForCausalLM"],
                  use_sliding_window=False)
     (out / "qwen2_config.json").write_text(json.dumps(qwen2))
+    for arch, (mt, cls) in EXTRA.items():
+        (out / f"{arch}_config.json").write_text(json.dumps(dict(exp[arch], model_type=mt,
+                                                                 architectures=[cls])))
     return out
 
 
@@ -86,6 +98,15 @@ def converted(run, tmp_path_factory):
                                      config=qcfg)
     made["qwen2-tp2"] = mapc.convert(root / "qwen2-dp1", root / "qwen2-tp2", to="deepspeed",
                                      tp=TP)
+    for arch in EXTRA:
+        c = run / f"{arch}_config.json"
+        made[f"{arch}-hf"] = mapc.convert(run / arch, root / f"{arch}-hf", to="hf", config=c)
+        made[f"{arch}-dp1"] = mapc.convert(run / arch, root / f"{arch}-dp1", to="deepspeed",
+                                           config=c)
+        made[f"{arch}-tp2"] = mapc.convert(root / f"{arch}-dp1", root / f"{arch}-tp2",
+                                           to="deepspeed", tp=TP)
+    made["uneven-universal"] = mapc.convert(run / "uneven", root / "uneven-universal",
+                                            to="universal", config=run / "uneven_config.json")
     return {k: (root / k, r) for k, r in made.items()}
 
 
@@ -97,7 +118,10 @@ def resumed(run, converted, tmp_path_factory):
     out = tmp_path_factory.mktemp("autotp-resume") / "run"
     ds._torchrun(TP, ["--out", str(out), "--weights", str(converted["hf_tp2"][0]),
                       "--load", str(converted["tp2"][0]),
-                      "--universal", str(converted["universal"][0])],
+                      "--universal", str(converted["universal"][0]),
+                      *(a for arch in EXTRA
+                        for a in ("--also", f"{arch}={converted[arch + '-tp2'][0]}")),
+                      "--also-universal", f"uneven={converted['uneven-universal'][0]}"],
                  out.parent / "resume.log", ds.TIMEOUT_S, script=SCRIPT)
     return out
 
@@ -188,7 +212,30 @@ def test_qwen2_read(run, converted):
         assert np.array_equal(mine[name], theirs[name]), name
 
 
-@pytest.mark.parametrize("case", ["ckpt", "z2bf16", "qwen2"])
+@pytest.mark.parametrize("arch", list(EXTRA))
+def test_extra_models_read(run, converted, arch):
+    # qwen3 (tied): DeepSpeed gathers lm_head.weight too, the embedding itself; the hf output
+    # names it once (tied). uneven: the first rank's extra KV group, MLP and vocabulary rows.
+    mine = _load(converted[f"{arch}-hf"][0] / "model.safetensors")
+    theirs = _load(run / f"{arch}.full.safetensors")
+    if arch == "qwen3":
+        assert np.array_equal(theirs.pop("lm_head.weight"), theirs["model.embed_tokens.weight"])
+        assert any(n.endswith("q_norm.weight") for n in mine)
+        # DeepSpeed's own cut of the tied pair: the embedding on its vocabulary rows
+        shard = _load(run / "qwen3.t1.fp32.safetensors")["model.embed_tokens.weight"]
+        assert shard.shape[0] == theirs["model.embed_tokens.weight"].shape[0] // TP
+    elif arch == "uneven":
+        ms = torch.load(run / arch / "global_step2" / "mp_rank_01_model_states.pt",
+                        weights_only=False)["module"]
+        assert tuple(ms["model.layers.0.self_attn.k_proj.weight"].shape)[0] == 16   # 1 of 3
+        assert tuple(ms["model.layers.0.mlp.up_proj.weight"].shape)[0] == 48        # of 97
+        assert tuple(ms["lm_head.weight"].shape)[0] == 63                           # of 127
+    assert mine.keys() == theirs.keys()
+    for name in theirs:
+        assert np.array_equal(mine[name], theirs[name]), name
+
+
+@pytest.mark.parametrize("case", ["ckpt", "z2bf16", "qwen2", "qwen3", "uneven"])
 def test_tp1_to_tp2_gives_deepspeeds_files_back(run, converted, case):
     prefix = "bf16_" if case == "z2bf16" else ""
     ours = converted["tp2" if case == "ckpt" else f"{case}-tp2"][0] / "global_step2"
@@ -201,6 +248,8 @@ def test_tp1_to_tp2_gives_deepspeeds_files_back(run, converted, case):
         assert all(torch.equal(a["module"][n], b["module"][n]) and
                    a["module"][n].dtype == b["module"][n].dtype for n in a["module"])
         assert a["param_shapes"] == b["param_shapes"]
+        # a tied head: DeepSpeed lists it in shared_params on tp rank 0 only
+        assert a["shared_params"] == b["shared_params"]
         for key in ("mp_world_size", "checkpoint_parallel_dimensions", "dp_world_size",
                     "global_steps", "global_samples"):
             assert a[key] == b[key], key
@@ -219,6 +268,31 @@ def test_tp1_to_tp2_gives_deepspeeds_files_back(run, converted, case):
             assert torch.equal(oa["base_optimizer_state"]["state"][0][k],
                                ob["base_optimizer_state"]["state"][0][k]), k
         assert oa["param_slice_mappings"] == ob["param_slice_mappings"]
+
+
+def test_zero3_tp1_to_tp2_gives_deepspeeds_files_back(run, converted):
+    # ZeRO stage 3 with AutoTP (DeepSpeed 0.19 trains it): AutoTP -> deepspeed tp 1 (stage 3
+    # kept) -> --tp 2 gives each tp rank's stage 3 files back, flat fp32 partitions and Adam
+    # moments bit for bit, placeholders in the module
+    ours = converted["z3-tp2"][0] / "global_step2"
+    theirs = run / "z3" / "global_step2"
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for t in range(TP):
+        a, b = (torch.load(d / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt",
+                           weights_only=False) for d in (theirs, ours))
+        assert list(a["module"]) == list(b["module"])
+        assert all(b["module"][n].numel() == 0 == a["module"][n].numel() for n in a["module"])
+        assert a["param_shapes"] == b["param_shapes"]
+        assert b["universal_checkpoint_info"] == a["universal_checkpoint_info"]
+        for key in ("mp_world_size", "checkpoint_parallel_dimensions", "dp_world_size"):
+            assert a[key] == b[key], key
+        oa, ob = (torch.load(d / f"zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt",
+                             weights_only=False)["optimizer_state_dict"] for d in (theirs, ours))
+        assert oa["zero_stage"] == ob["zero_stage"]
+        assert torch.equal(oa["fp32_flat_groups"][0], ob["fp32_flat_groups"][0])
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(oa["optimizer_state_dict"]["state"][0][k],
+                               ob["optimizer_state_dict"]["state"][0][k]), k
 
 
 def test_real_autotp_engine_loads_and_resumes(run, resumed):
@@ -243,10 +317,31 @@ def test_real_autotp_engine_resumes_from_the_universal_output(run, resumed):
     _same_next_step(run, resumed, "unext")
 
 
-def _same_next_step(run, resumed, prefix):
+@pytest.mark.parametrize("arch", list(EXTRA))
+def test_real_autotp_engine_resumes_the_extra_models(run, resumed, arch):
+    # the tied Qwen3, the uneven Llama and the ZeRO 3 Llama, AutoTP -> tp 1 -> tp 2, loaded
+    # by a real AutoTP engine and trained one step: the original run's own next step. Measured: identical
+    # (every shard of fp32 weights and both moments, and the loss); tolerance 0.
+    exp, got = (json.loads((d / "expected.json").read_text()) for d in (run, resumed))
+    assert got[f"{arch}_start_step"] == exp["global_step"]
+    assert got[f"{arch}_loss"] == [exp[f"{arch}_next_loss"]]
+    _same_next_step(run, resumed, f"{arch}resumed", f"{arch}next")
+
+
+def test_real_autotp_engine_resumes_the_uneven_model_from_the_universal_output(run, resumed):
+    # the uneven Llama -> universal (the whole module), loaded by an AutoTP engine at tp 2
+    # with DeepSpeed's universal loader (which makes the uneven cut itself): the original
+    # run's own next step. Measured: identical; tolerance 0.
+    exp, got = (json.loads((d / "expected.json").read_text()) for d in (run, resumed))
+    assert got["uneven_universal_start_step"] == exp["global_step"]
+    assert got["uneven_universal_loss"] == [exp["uneven_next_loss"]]
+    _same_next_step(run, resumed, "unevenunext", "unevennext")
+
+
+def _same_next_step(run, resumed, prefix, theirs="next"):
     for t in range(TP):
         for key in KEYS:
-            a, b = _load(run / f"next.t{t}.{key}.safetensors"), \
+            a, b = _load(run / f"{theirs}.t{t}.{key}.safetensors"), \
                 _load(resumed / f"{prefix}.t{t}.{key}.safetensors")
             assert a.keys() == b.keys()
             for name in a:
@@ -320,11 +415,61 @@ def test_without_config_refused_in_one_line(run, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("change,why", [({"tied": True}, "tied-embedding"),
-                                        ({"groups": 1}, "num_key_value_heads")])
-def test_what_autotp_cuts_otherwise_is_refused(tmp_path, change, why):
-    cfg = llama_config(hidden=64, layers=2, heads=4, head_dim=16, **{"groups": 2, **change})
-    src = write_random_hf(tmp_path / "hf", cfg)
-    with pytest.raises(mapc.MapcError, match=why):
+@pytest.mark.parametrize("change,why", [
+    # tp above the KV heads: DeepSpeed leaves ranks without attention; mapc refuses it
+    ({"groups": 1}, "tp=2 is more than groups=1 .* a rank would hold none of it"),
+    # DeepSpeed AutoTP itself refuses Phi-3 (checked against 0.19.8 and transformers 5.23:
+    # ValueError on the tp_plan style rowwise_split_input; the phi3 preset cannot cut a GQA
+    # qkv_proj)
+    ({"model_type": "phi3"}, "DeepSpeed AutoTP does not shard Phi-3")])
+def test_what_autotp_does_not_cut_is_refused(tmp_path, change, why):
+    if change.get("model_type") == "phi3":
+        from transformers import Phi3Config, Phi3ForCausalLM
+        src = tmp_path / "hf"
+        Phi3ForCausalLM(Phi3Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=96, vocab_size=128,
+                                   pad_token_id=None, bos_token_id=None, eos_token_id=None)
+                        ).save_pretrained(src)
+    else:
+        cfg = llama_config(hidden=64, layers=2, heads=4, head_dim=16, **{"groups": 2, **change})
+        src = write_random_hf(tmp_path / "hf", cfg)
+    with pytest.raises(mapc.MapcError, match=why) as e:
         mapc.convert(src, tmp_path / "x", to="deepspeed", tp=TP)
-    assert not (tmp_path / "x").exists()
+    assert "\n" not in e.value.message and not (tmp_path / "x").exists()
+
+
+def test_uneven_split_round_trip(tmp_path):
+    # 3 KV groups, ffn 100, vocab 101 at tp 2 (no DeepSpeed run: the layout is checked
+    # against DeepSpeed's files above, at other sizes): the first rank holds 2 KV groups,
+    # 50 MLP rows and 51 vocabulary rows; hf -> AutoTP -> hf is the identity
+    cfg = llama_config(hidden=96, layers=2, heads=6, groups=3, head_dim=16, ffn=100, vocab=101)
+    src = write_random_hf(tmp_path / "hf", cfg)
+    mapc.convert(src, tmp_path / "tp2", to="deepspeed", tp=2)
+    ms = torch.load(tmp_path / "tp2" / "global_step0" / "mp_rank_01_model_states.pt",
+                    weights_only=False)
+    assert tuple(ms["module"]["model.layers.1.self_attn.q_proj.weight"].shape) == (32, 96)
+    assert tuple(ms["module"]["model.layers.1.self_attn.o_proj.weight"].shape) == (96, 32)
+    assert tuple(ms["module"]["lm_head.weight"].shape) == (50, 96)
+    mapc.convert(tmp_path / "tp2", tmp_path / "back", to="hf")
+    a, b = _load(src / "model.safetensors"), _load(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("setting,why", [
+    ({"tp": {"tp_grain_size": 64}}, "tp_grain_size 64"),
+    ({"partition_config": {"layer_specs": []}}, "partition_config"),
+    ({"vocab_parallel_lm_head": False}, "vocab_parallel_lm_head false")])
+def test_autotp_settings_that_cut_otherwise_are_refused(converted, tmp_path, setting, why):
+    # DeepSpeed settings that change AutoTP's cut (tensor_parallel.tp.tp_grain_size,
+    # partition_config, vocab_parallel_lm_head false): refused in one line, not misread
+    import shutil
+    src = tmp_path / "ck"
+    shutil.copytree(converted["tp2"][0], src)
+    for t in range(TP):
+        f = src / "global_step2" / f"mp_rank_{t:02d}_model_states.pt"
+        ms = torch.load(f, weights_only=False)
+        ms["ds_config"]["tensor_parallel"].update(setting)
+        torch.save(ms, f)
+    with pytest.raises(mapc.MapcError, match=why) as e:
+        mapc.convert(src, tmp_path / "x", to="hf")
+    assert "\n" not in str(e.value) and not (tmp_path / "x").exists()

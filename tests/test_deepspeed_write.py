@@ -195,7 +195,9 @@ class _FakeInst:
         self.members = {"x": name}
         self.rule = {}
         self.value = None
-        self.recipe = type("R", (), {"shard_shape": tuple(shape)})()
+        shape = tuple(shape)
+        self.recipe = type("R", (), {"shard_shape": shape, "ragged": (),
+                                     "shape_at": lambda self, coord: shape})()
 
 
 class _FakeTarget:

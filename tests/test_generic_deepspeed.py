@@ -111,6 +111,20 @@ def test_universal_equals_ds_to_universal(case, compared, converted):
     assert res["compared"] > 10
 
 
+@pytest.mark.parametrize("case", CONV)
+@pytest.mark.parametrize("to,dp", [("universal", None), ("deepspeed", 3)])
+def test_two_workers_write_the_checked_bytes(make, converted, case, to, dp, tmp_path):
+    """--workers 2 (a data-parallel rank's optimizer file, a parameter's zero/ folder, the
+    model states: one worker each) writes the bytes of the one-process output, which the tests
+    here check against ds_to_universal and a real engine: with tied weights, a frozen
+    parameter, buffers, two param groups and ZeRO padding, at stages 1, 2 (bf16) and 3."""
+    from tests.test_workers import tree
+    one, _ = converted(case, to, dp)
+    two = mapc.convert(make(case), tmp_path / "out", to=to, dp=dp, workers=2)
+    assert two.workers == 2
+    assert tree(tmp_path / "out") == tree(one)
+
+
 def _max_diff(a_dir, b_dir) -> dict:
     out = {}
     for key in KEYS:

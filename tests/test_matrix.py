@@ -146,7 +146,7 @@ def test_hf_to_format_and_back_keeps_logits(tmp_path, family, fmt):
 LAYOUT_CASES = [(fam, lay) for fam in ("llama", "qwen2", "gpt2", "mixtral", "gpt_neox")
                 for lay in load_spec(SPEC_OF[fam]).layout_names() if lay != "hf"]
 FORMAT_OF_LAYOUT = {"megatron": "megatron", "gguf": "gguf", "nxdt": "nxdt", "neox": "neox",
-                    "torch_dist": "torch_dist", "autotp": "deepspeed"}
+                    "torch_dist": "torch_dist", "autotp": "deepspeed", "megatron_pipe": "universal"}
 
 
 CONVERTED: list = []

@@ -221,3 +221,134 @@ def test_chunks_with_a_gap_are_a_clean_error(hf8, tmp_path):
     torch.save(sd, f)
     with pytest.raises(MapcError, match="not model0..model1"):
         mapc.convert(tmp_path / "m", tmp_path / "out", to="hf")
+
+
+# ---- virtual pipeline with uneven stages -------------------------------------------------------
+def _virtual_stage_layers(layers, pp, vpp, first, last):
+    """mapc's megatron layout at pp * vpp virtual stages with these stage sizes: the global
+    layer numbers of each virtual stage, in local order."""
+    from mapc.compiler.plan import bind_config, plan_layout
+    from mapc.compiler.resolve import read_config
+    from mapc.compiler.spec import load_spec
+    from tests.conftest import llama_config
+    sp = load_spec("llama")
+    env = bind_config(sp, read_config(llama_config(hidden=32, layers=layers, heads=4, groups=2,
+                                                   ffn=48, vocab=50)))
+    plan = plan_layout(sp, "megatron", env, {"pp": pp * vpp},
+                       {"first_stage_layers": first or 0, "last_stage_layers": last or 0},
+                       vpp=vpp)
+    out = [[] for _ in range(pp * vpp)]
+    for inst, coord, name in plan.placements():
+        if name.endswith("self_attention.linear_proj.weight"):
+            out[dict(coord)["pp"]].append((int(name.split(".")[2]), inst.index))
+    return [[g for _, g in sorted(s)] for s in out]
+
+
+@pytest.mark.parametrize("layers, pp, vpp, first, last", [
+    (8, 2, 2, 2, None), (8, 2, 2, None, 2), (12, 3, 2, 2, 2), (14, 3, 2, 4, 2),
+    (10, 2, 2, 4, None), (18, 4, 3, 3, 3), (16, 4, 2, None, 4), (12, 2, 3, 3, None),
+])
+def test_vpp_uneven_layers_are_megatron_cores(layers, pp, vpp, first, last):
+    """megatron-core's get_transformer_layer_offset and get_num_layers_to_build, called per
+    (virtual stage, pp rank) with virtual_pipeline_model_parallel_size and uneven first/last
+    stages, give each chunk's first global layer and layer count; mapc places exactly those
+    layers at virtual stage ``chunk * pp + rank``."""
+    tl = pytest.importorskip("megatron.core.transformer.transformer_layer")
+    tb = pytest.importorskip("megatron.core.transformer.transformer_block")
+    import types
+    config = types.SimpleNamespace(
+        num_layers=layers, pipeline_model_parallel_size=pp, pipeline_model_parallel_layout=None,
+        num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
+        virtual_pipeline_model_parallel_size=vpp, account_for_embedding_in_pipeline_split=False,
+        account_for_loss_in_pipeline_split=False, mtp_num_layers=None)
+    ours = _virtual_stage_layers(layers, pp, vpp, first, last)
+    for v in range(vpp):
+        for r in range(pp):
+            offset = tl.get_transformer_layer_offset(config, v, r)
+            n = tb.get_num_layers_to_build(config, v, r)
+            assert ours[v * pp + r] == list(range(offset, offset + n)), (v, r)
+    assert sorted(g for s in ours for g in s) == list(range(layers))
+
+
+@pytest.mark.parametrize("first, last, words", [
+    (3, None, r"first stage \(3 layers\), each middle stage \(5 layers\) not divisible"),
+    (2, None, "each middle stage"),          # 8 - 2 = 6 on ranks 1..2: 3 each
+])
+def test_vpp_uneven_sizes_megatron_core_refuses_are_refused(hf8, tmp_path, first, last, words):
+    with pytest.raises(MapcError, match=words):
+        mapc.convert(hf8, tmp_path / "out", to="megatron", pp=3 if first == 2 else 2, vpp=2,
+                     pp_first_stage=first, pp_last_stage=last)
+    assert not (tmp_path / "out").exists()
+
+
+# 8 layers, pp=2, vpp=2, 2 on the first rank: chunks of 1 | 3 | 1 | 3 layers
+CFG_U = dict(CFG, layers_first_stage=2)
+
+
+@pytest.fixture(scope="module")
+def gt_uneven(tmp_path_factory):
+    """megatron-core's legacy vpp checkpoint with an uneven first stage (one run)."""
+    d = tmp_path_factory.mktemp("vpp_uneven_gt")
+    return mcore_optim.save_checkpoint(d / "torch", CFG_U, TP, PP, DTYPE)
+
+
+def test_vpp_uneven_chunks_read_as_megatron_core_numbers_them(gt_uneven, tmp_path):
+    """mapc reads the uneven vpp checkpoint (stage sizes from its args) and its pp=1 output
+    holds every chunk's tensors and Adam moments under the global layer megatron-core
+    numbered them (``layer_number`` - 1)."""
+    root = gt_uneven
+    flat = tmp_path / "flat"
+    mapc.convert(root, flat, to="megatron", tp=1, pp=1)
+    c0 = (("tp", 0), ("pp", 0))
+    seen = set()
+    with open_source(flat) as one, open_source(root) as src:
+        assert src.vpp == VPP and src.topology == {"tp": TP, "pp": PP * VPP}
+        for p in range(PP):
+            sd = torch.load(_file(root, p), weights_only=False)
+            layers = json.loads((root / f"layers_0_{p}.json").read_text())
+            assert len(layers) == (1 if p == 0 else 3) * VPP
+            for v in range(VPP):
+                for name, t in sd[f"model{v}"].items():
+                    if name.endswith("_extra_state"):
+                        continue
+                    glob = name
+                    for local, g in layers.items():
+                        pre = local.removeprefix(f"model{v}.") + "."
+                        if local.startswith(f"model{v}.") and name.startswith(pre):
+                            glob = f"decoder.layers.{g}." + name[len(pre):]
+                    seen.add(glob)
+                    np.testing.assert_array_equal(one.read(glob, c0), _np(t), err_msg=name)
+                    np.testing.assert_array_equal(
+                        one.read(glob, c0, slot="exp_avg"),
+                        src.read(name, _vcoord(v, p), slot="exp_avg"), err_msg=name)
+        assert seen == set(one.names(c0))
+
+
+def test_megatron_core_loads_mapc_vpp_uneven_output(gt_uneven, tmp_path):
+    """pp=1 -> megatron --pp 2 --vpp 2 --pp-first-stage 2 through mapc: megatron-core's
+    uneven chunks load_state_dict (strict) and optimizer.load_state_dict, and what they hold
+    equals what megatron-core saved, bit for bit; the args state the split as Megatron-LM
+    takes it (chunks per rank, not layers per chunk)."""
+    root = gt_uneven
+    mapc.convert(root, tmp_path / "flat", to="megatron", tp=1, pp=1)
+    mapc.convert(tmp_path / "flat", tmp_path / "vpp", to="megatron", tp=TP, pp=PP, vpp=VPP,
+                 pp_first_stage=2)
+    loaded = mcore_optim.load_checkpoint(tmp_path / "vpp", CFG_U, TP, PP, DTYPE,
+                                         tmp_path / "ld")
+    from tests.test_megatron_optim import _same
+    for p in range(PP):
+        saved = torch.load(_file(root, p), weights_only=False)
+        written = torch.load(_file(tmp_path / "vpp", p), weights_only=False)
+        args = written["args"]
+        assert args.virtual_pipeline_model_parallel_size == VPP
+        assert args.num_virtual_stages_per_pipeline_rank == VPP
+        assert args.num_layers_per_virtual_pipeline_stage is None
+        assert args.num_layers_in_first_pipeline_stage == 2
+        got = torch.load(loaded / f"rank0_{p}.pt", weights_only=False)
+        _same(saved["optimizer"], got["optimizer"], f"rank {p}")
+        for v in range(VPP):
+            assert [k for k in got[f"model{v}"] if not k.endswith("_extra_state")] == \
+                [k for k in saved[f"model{v}"] if not k.endswith("_extra_state")]
+            for k, t in got[f"model{v}"].items():
+                if not k.endswith("_extra_state"):
+                    assert torch.equal(t, saved[f"model{v}"][k]), (v, k)

@@ -297,19 +297,10 @@ def test_written_checkpoint_reads_back_bit_for_bit(hf_out, tmp_path):
 
 
 # ---- the distributed optimizer (dp_reshardable): what megatron-core writes, read --------------
-@pytest.fixture(scope="module")
-def saved_optim(tmp_path_factory):
-    """TP2 DP2: megatron-core's DDP + DistributedOptimizer (Adam, bf16 params, fp32 grads and
-    masters, one bucket) after one step, saved with its dp_reshardable state; the same run
-    also saves it as fully_reshardable (``ckpt_fully_reshardable``), as
-    dp_zero_gather_scatter (``ckpt_dp_zero_gather_scatter``) and in Megatron-LM's torch format
-    with distrib_optim.pt (``ckpt_legacy``)."""
-    base = tmp_path_factory.mktemp("torch_dist_optim")
-    root = mcore_dist.save_checkpoint(base / "ckpt", CFG, 2, 1, "bf16", base / "truth", dp=2,
-                                      optimizer=True,
-                                      also=("fully_reshardable", "dp_zero_gather_scatter",
-                                            "legacy"))
-    return root, base / "truth"
+# saved_optim (tests/conftest.py, one megatron-core run shared with tests/test_nemo2_optim.py):
+# TP2 DP2, megatron-core's DDP + DistributedOptimizer (Adam, bf16 params, fp32 grads and
+# masters, one bucket) after one step, saved with its dp_reshardable state and as
+# fully_reshardable, dp_zero_gather_scatter, Megatron-LM's legacy torch format and NeMo 2.
 
 
 BUCKET = "optimizer.distributed.dp_group_idx_{t}.gbuf_idx_0.dtype_(torch.bfloat16, " \
@@ -437,7 +428,7 @@ def _moments_as_hf(path):
 
 # (format, options): the distributed optimizer's state goes there, and (unless hf) on to HF
 CARRIED = [("hf", {"with_optimizer": True}), ("megatron", {"tp": 2}), ("megatron", {"tp": 1}),
-           ("deepspeed", {"dp": 2})]
+           ("deepspeed", {"dp": 2}), ("neox", {}), ("megatron", {"tp": 1, "pp": 2, "dp": 3})]
 
 
 @pytest.mark.parametrize("to,options", CARRIED)
@@ -511,6 +502,165 @@ def test_legacy_distrib_optim_pt_is_read_exactly(saved_optim, tmp_path):
         state = src.training_state()
     assert state["step"] == 1.0 and len(state["param_groups"]) == 2
     assert state["dp_world_size"] == 2
+
+
+# ---- Megatron-LM's torch format with the distributed optimizer, written -------------------------
+def _legacy_rank(root, t, p=None):
+    sub = root / f"iter_{mcore_dist.ITERATION:07d}" / (f"mp_rank_{t:02d}" +
+                                                        (f"_{p:03d}" if p is not None else ""))
+    return (torch.load(sub / "model_optim_rng.pt", weights_only=False),
+            torch.load(sub / "distrib_optim.pt"))
+
+
+@pytest.mark.parametrize("source", ["ckpt_legacy", "ckpt"])
+def test_legacy_distrib_optim_pt_is_megatron_cores_own(saved_optim, source, tmp_path):
+    """--to megatron at the saved TP2 DP2 from megatron-core's own legacy save (the distributed
+    optimizer is kept: the source has one) or from its torch_dist save (--dp 2): every rank's
+    distrib_optim.pt is what megatron-core's save_parameter_state wrote, key for key and bit for
+    bit, and model_optim_rng.pt's optimizer entry is its DistributedOptimizer.state_dict()."""
+    root, truth = saved_optim
+    legacy = root.parent / "ckpt_legacy"
+    mapc.convert(root.parent / source, tmp_path / "m", to="megatron", tp=2,
+                 **({"dp": 2} if source == "ckpt" else {}))
+    for t in range(2):
+        obj, state = _legacy_rank(tmp_path / "m", t)
+        want_obj, want = _legacy_rank(legacy, t)
+        assert list(state) == list(want) == ["buckets_coalesced", 0]
+        pair = (torch.bfloat16, torch.float32)
+        assert list(state[0]) == list(want[0]) == [pair]
+        got, exp = state[0][pair], want[0][pair]
+        assert list(got) == list(exp) == ["param", "exp_avg", "exp_avg_sq", "numel_unpadded"]
+        assert got["numel_unpadded"] == exp["numel_unpadded"]
+        # the vocabulary padding rows (megatron-core's random init; mapc writes zeros, HF does
+        # not keep them): where megatron-core's live DDP buffer put them (param_index_map)
+        (buffer,) = torch.load(truth / f"optim_{t}_0_0.pt")["buffers"]
+        keep = torch.ones(exp["numel_unpadded"], dtype=torch.bool)
+        real = CFG["vocab"] - t * (PADDED // 2)
+        for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            start, end, _ = buffer["index"][name]
+            keep[start + min(real, PADDED // 2) * CFG["hidden"]:end] = False
+        assert (~keep).sum() == (6 * 2 * CFG["hidden"] if t else 0)
+        for k in ("param", "exp_avg", "exp_avg_sq"):
+            assert got[k].dtype == torch.float32 and got[k].shape == exp[k].shape
+            assert torch.equal(got[k][keep], exp[k][keep]), (t, k)
+            assert not got[k][~keep].any()
+        assert obj["optimizer"] == want_obj["optimizer"]
+        assert obj["args"].use_distributed_optimizer and obj["args"].data_parallel_size == 2
+        assert obj["opt_param_scheduler"] == want_obj["opt_param_scheduler"]
+        assert obj["iteration"] == mcore_dist.ITERATION
+
+
+@pytest.fixture(scope="module")
+def loaded_legacy(saved_optim, tmp_path_factory):
+    """mapc writes the TP2 DP2 torch_dist checkpoint as Megatron-LM's torch format with the
+    distributed optimizer at TP1 PP2 DP3; megatron-core loads every rank's model_optim_rng.pt
+    and, with DistributedOptimizer.load_parameter_state, its distrib_optim.pt (one process
+    group), then takes the next step on value gradients."""
+    base = tmp_path_factory.mktemp("legacy_optim_load")
+    mapc.convert(saved_optim[0], base / "m", to="megatron", tp=1, pp=2, dp=3)
+    return base / "m", mcore_dist.load_optimizer(base / "m", CFG, 1, 2, 3, "bf16",
+                                                 base / "loaded", legacy=True)
+
+
+@pytest.mark.parametrize("prefix", ["loaded", "stepped"])
+@pytest.mark.parametrize("slot", ["param", "exp_avg", "exp_avg_sq"])
+def test_megatron_core_loads_the_legacy_distributed_optimizer_mapc_wrote(
+        saved_optim, loaded_legacy, prefix, slot):
+    """What megatron-core's DistributedOptimizer holds at TP1 PP2 DP3 after loading mapc's
+    distrib_optim.pt equals the original TP2 DP2 run's state at every rank's slice, bit for
+    bit; after one more step, the original run's own next step (to STEP_RTOL/STEP_ATOL: the DP
+    mean over 3 ranks rounds differently); the step and param groups are loaded."""
+    truth = saved_optim[1]
+    want = _hf_of_truth(truth, "stepped" if prefix == "stepped" else "optim", slot)
+    for p in range(2):
+        expected = _expected_local(want, 1, 2, 0, p)
+        shapes = {n: v.shape for n, v in expected.items()}
+        for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            if name in shapes:
+                shapes[name] = (PADDED, CFG["hidden"])
+        got = _truth_local(loaded_legacy[1], 0, slot, p=p, dp=3, prefix=prefix, shapes=shapes)
+        if prefix == "stepped":
+            for name, e in expected.items():
+                torch.testing.assert_close(got[name][:e.shape[0]], e, rtol=STEP_RTOL,
+                                           atol=STEP_ATOL, msg=lambda m: f"{name}: {m}")
+        else:
+            _assert_rank_equal(got, expected, (slot, p))
+    live = torch.load(truth / "optim_0_0_0.pt")
+    for p in range(2):
+        for d in range(3):
+            loaded = torch.load(loaded_legacy[1] / f"loaded_0_{p}_{d}.pt")
+            assert loaded["steps"] == live["steps"] == [1.0]
+            assert [g.pop("step") for g in loaded["param_groups"]] == [1.0, 1.0]
+            assert loaded["param_groups"] == live["param_groups"]
+
+
+def test_legacy_distributed_optimizer_round_trips(saved_optim, tmp_path):
+    """megatron-core's legacy save (TP2 DP2) -> megatron at TP1 PP2 DP3 -> neox -> megatron at
+    TP2 DP1 -> HF with optimizer: every slot is what the live optimizer held, bit for bit."""
+    root, truth = saved_optim
+    mapc.convert(root.parent / "ckpt_legacy", tmp_path / "a", to="megatron", tp=1, pp=2, dp=3)
+    mapc.convert(tmp_path / "a", tmp_path / "n", to="neox")
+    mapc.convert(tmp_path / "n", tmp_path / "b", to="megatron", tp=2, dp=1)
+    assert (tmp_path / "b" / f"iter_{mcore_dist.ITERATION:07d}" / "mp_rank_01" /
+            "distrib_optim.pt").is_file()
+    mapc.convert(tmp_path / "b", tmp_path / "hf", to="hf", with_optimizer=True)
+    _assert_hf_holds_the_live_state(_moments_as_hf(tmp_path / "hf"), truth)
+    with _bound(tmp_path / "b") as src:
+        assert src.training_state()["dp_world_size"] == 1
+
+
+# ---- --like a checkpoint with the distributed optimizer ------------------------------------------
+def _optimizer_entries(root):
+    md = pickle.loads((mcore_dist.iter_dir(root) / ".metadata").read_bytes())
+    return {k: tuple(v.size) for k, v in md.state_dict_metadata.items()
+            if k.startswith("optimizer.") and hasattr(v, "size")}
+
+
+def test_like_a_torch_dist_template_takes_its_optimizer_sharding(saved_optim, tmp_path):
+    """--like megatron-core's fully_reshardable save: the output (from the legacy torch-format
+    save of the same run) is fully_reshardable too, with exactly the template's optimizer keys
+    and shapes, at the template's DP; every slot is the live optimizer's, bit for bit."""
+    root, truth = saved_optim
+    fully = root.parent / "ckpt_fully_reshardable"
+    mapc.convert(root.parent / "ckpt_legacy", tmp_path / "td", like=fully)
+    common = torch.load(mcore_dist.iter_dir(tmp_path / "td") / "common.pt", weights_only=False)
+    assert common["optimizer"]["param_state_sharding_type"] == "fully_reshardable"
+    assert common["args"].data_parallel_size == 2
+    assert _optimizer_entries(tmp_path / "td") == _optimizer_entries(fully)
+    mapc.convert(tmp_path / "td", tmp_path / "hf", to="hf", with_optimizer=True)
+    _assert_hf_holds_the_live_state(_moments_as_hf(tmp_path / "hf"), truth)
+    with pytest.raises(MapcError, match=r"contradicts --optim-sharding dp_reshardable \(the "
+                                        r"template has fully_reshardable\)"):
+        mapc.convert(root, tmp_path / "x", like=fully, optim_sharding="dp_reshardable")
+
+
+def test_like_a_megatron_template_takes_its_distributed_optimizer(saved_optim, tmp_path):
+    """--like megatron-core's legacy save (distributed optimizer, DP2): the torch_dist
+    checkpoint's state is written as distrib_optim.pt, megatron-core's own bytes (padding rows
+    aside: test_legacy_distrib_optim_pt_is_megatron_cores_own); --like a non-distributed
+    Megatron checkpoint writes the non-distributed optimizer (its DP is not a layout)."""
+    root, truth = saved_optim
+    mapc.convert(root, tmp_path / "m", like=root.parent / "ckpt_legacy")
+    obj, state = _legacy_rank(tmp_path / "m", 0)
+    _, want = _legacy_rank(root.parent / "ckpt_legacy", 0)
+    pair = (torch.bfloat16, torch.float32)
+    for k in ("param", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[0][pair][k], want[0][pair][k]), k
+    assert obj["args"].data_parallel_size == 2
+    mapc.convert(root, tmp_path / "plain", to="megatron", tp=2)
+    mapc.convert(root, tmp_path / "m2", like=tmp_path / "plain")
+    sub = tmp_path / "m2" / f"iter_{mcore_dist.ITERATION:07d}" / "mp_rank_00"
+    assert not (sub / "distrib_optim.pt").exists()
+    assert torch.load(sub / "model_optim_rng.pt", weights_only=False)["optimizer"][
+        "optimizer"]["state"]
+
+
+def test_dp_for_megatron_needs_optimizer_state(hf_out, tmp_path):
+    with pytest.raises(MapcError, match="--dp 2 sets the data-parallel size of megatron-core's "
+                                        "distributed optimizer, but the source has no "
+                                        "optimizer state"):
+        mapc.convert(hf_out, tmp_path / "out", to="megatron", dp=2)
+    assert not (tmp_path / "out").exists()
 
 
 def test_step_param_groups_and_scheduler_are_carried(saved_optim, tmp_path):
@@ -624,7 +774,7 @@ def test_megatron_core_loads_the_step_and_param_groups(saved_optim, loaded_optim
 
 
 @pytest.mark.parametrize("via,options", [("hf", {"with_optimizer": True}),
-                                         ("deepspeed", {"dp": 2})])
+                                         ("deepspeed", {"dp": 2}), ("neox", {"dp": 3})])
 @pytest.mark.parametrize("sharding", ["dp_reshardable", "fully_reshardable"])
 def test_the_state_comes_back_to_torch_dist_exactly(saved_optim, via, options, sharding,
                                                    tmp_path):
@@ -677,6 +827,18 @@ def test_the_write_plan_shows_the_optimizer_layout(saved_optim, tmp_path):
         cp.close()
     assert "dp: 3" in text and "transformer_impl: local" in text
     assert "dp_group_idx_0: [" in text and "dp_group_idx_1: [" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_megatron_write_plan_shows_the_distributed_optimizer(saved_optim, tmp_path):
+    cp = mapc.plan_convert(saved_optim[0], tmp_path / "out", to="megatron", tp=1, pp=2, dp=3)
+    try:
+        text = cp.write.pretty()
+        assert "iter_0000007/mp_rank_00_001/distrib_optim.pt" in cp.write.files
+        assert any("laid out for dp=3" in n for n in cp.write.notes)
+    finally:
+        cp.close()
+    assert "dp: 3" in text and "dp_group_idx_1: [" in text
     assert not (tmp_path / "out").exists()
 
 

@@ -98,8 +98,9 @@ def test_args_state_the_stages_and_the_checkpoint_reads_back(hf, uneven, tmp_pat
      r"of layer on pp=3 stages"),
     (dict(to="megatron", pp=1, pp_last_stage=5), r"uneven pipeline \(last stage 5\)"),
     (dict(to="megatron", pp=2, pp_first_stage=0), r"--pp-first-stage 0 must be a positive"),
-    (dict(to="megatron", pp=2, vpp=2, pp_first_stage=1),
-     r"--vpp 2 with uneven pipeline stages is not written yet"),
+    (dict(to="megatron", pp=2, vpp=2, pp_first_stage=1),     # megatron-core's rule too
+     r"uneven pipeline \(first stage 1\) with vpp=2 virtual stages per rank: first stage "
+     r"\(1 layers\) not divisible by vpp=2"),
 ], ids=["not-honoured", "middle-not-even", "pp1", "zero", "with-vpp"])
 def test_bad_stage_requests_are_refused_before_writing(hf, tmp_path, kwargs, message):
     with pytest.raises(MapcError) as e:

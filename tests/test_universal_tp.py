@@ -201,10 +201,6 @@ def test_missing_rank_file_is_refused(gt, tmp_path):
         open_source(d)
 
 
-def test_pipeline_parallel_target_is_refused(gt, tmp_path):
-    with pytest.raises(MapcError, match="pipeline- or expert-parallel universal checkpoints "
-                                        "are not written"):
-        api.convert(gt["hf"], tmp_path / "out", "universal", tp=2, pp=2)
 
 
 # ---- the rules, read off recipes -------------------------------------------------------------------

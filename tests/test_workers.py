@@ -37,15 +37,27 @@ FROM_HF = {
     "universal": dict(dp=2),
     "neox": dict(tp=2, pp=2),
 }
-PARALLEL = {"hf", "megatron", "nemo", "nxdt"}      # formats whose files are independent
+# formats whose files are independent (and the cases of FROM_DS written so)
+PARALLEL = {"hf", "megatron", "nemo", "nxdt", "deepspeed", "universal", "neox",
+            "megatron-optimizer", "neox-optimizer",
+            "deepspeed-dp3", "deepspeed-zero3-bf16", "deepspeed-autotp", "universal-carried",
+            "universal-zero3"}
 # from a DeepSpeed training checkpoint: optimizer state in the parts (megatron), and a
 # format whose optimizer file holds every tensor (hf --with-optimizer: one process)
 FROM_DS = {
     "megatron-optimizer": dict(to="megatron", tp=2, pp=2),
+    # ZeRO outputs: each data-parallel rank's optimizer file, the model states, and (universal)
+    # each parameter's folder are written by one worker each
+    "deepspeed-dp3": dict(to="deepspeed", dp=3),
+    "deepspeed-zero3-bf16": dict(to="deepspeed", dp=3, zero_stage=3, dtype="bf16"),
+    "deepspeed-autotp": dict(to="deepspeed", tp=2, dp=2),
+    "universal-carried": dict(to="universal"),           # the model states carried over
+    "neox-optimizer": dict(to="neox", tp=2, pp=2, dp=2),
     "hf-with-optimizer": dict(to="hf", with_optimizer=True, max_shard_bytes=30000),
 }
 CASES = {**{f: ("hf", dict(to=f, **kw)) for f, kw in FROM_HF.items()},
-         **{c: ("ds", kw) for c, kw in FROM_DS.items()}}
+         **{c: ("ds", kw) for c, kw in FROM_DS.items()},
+         "universal-zero3": ("hf", dict(to="universal", dp=2, zero_stage=3))}
 SAVE_ID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
@@ -86,7 +98,7 @@ def test_two_workers_write_the_bytes_of_one(tmp_path, sources, one_process, case
     src, kw = CASES[case]
     report = mapc.convert(sources[src], tmp_path / "out", workers=2, **kw)
     assert tree(tmp_path / "out") == one_process[case]
-    assert report.workers == (2 if case in PARALLEL or case == "megatron-optimizer" else 1)
+    assert report.workers == (2 if case in PARALLEL else 1)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -158,8 +170,16 @@ def test_default_workers_follow_cpus_and_size(monkeypatch):
     (["--to", "megatron", "--tp", "2", "--pp", "2", "--workers", "2"],
      ["workers: 2 (as asked)", "  worker 0: 2 files", "  worker 1: 2 files",
       "  metadata and commit: the parent process"]),
-    (["--to", "deepspeed", "--workers", "2"],
-     ["workers: 1 (deepspeed: each ZeRO flat partition file is fed by every tensor)"]),
+    (["--to", "deepspeed", "--dp", "2", "--workers", "2"],     # a rank's optimizer file each
+     ["workers: 2 (as asked)",
+      "  worker 0: 1 file, 210.62 kB, reads 20 of 39 tensors: "
+      "global_step0/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+      "  worker 1: 2 files, 351.04 kB, reads 39 of 39 tensors: "
+      "global_step0/zero_pp_rank_1_mp_rank_00_optim_states.pt, "
+      "global_step0/mp_rank_00_model_states.pt"]),
+    (["--to", "gguf", "--workers", "2"], ["workers: 1 (gguf: one .gguf file holds every tensor)"]),
+    (["--to", "megatron", "--tp", "2", "--workers", "2", "--backend", "torch"],   # as the run
+     ["workers: 1 (--backend torch: its thread pools do not survive fork())"]),
 ])
 def test_dry_run_shows_the_workers(tmp_path, sources, capsys, args, shown):
     assert main(["convert", str(sources["hf"]), str(tmp_path / "out"), *args,
@@ -251,7 +271,7 @@ def torchrun(tmp_path_factory, sources):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_torchrun_ranks_write_the_bytes_of_one_process(torchrun, one_process, case):
     root, codes = torchrun
-    shared = case in PARALLEL or case == "megatron-optimizer"   # else rank 0 writes it all
+    shared = case in PARALLEL                       # else rank 0 writes it all
     assert codes[case] == ([0, shared], [0, shared])
     assert tree(root / case) == one_process[case]
 

@@ -181,7 +181,10 @@ def test_training_run_writes_exactly_the_planned_files(tmp_path, ds_src, run):
 
 # ---- options a format does not honour --------------------------------------------------------------
 REFUSED = {
-    "megatron-dp": (dict(to="megatron", dp=4), "--to megatron does not take --dp 4"),
+    # megatron takes --dp for its distributed optimizer, which needs the source's Adam state
+    "megatron-dp": (dict(to="megatron", dp=4), "--dp 4 sets the data-parallel size of "
+                    "megatron-core's distributed optimizer, but the source has no optimizer "
+                    "state"),
     "megatron-zero": (dict(to="megatron", zero_stage=3),
                       "--to megatron does not take --zero-stage 3"),
     "hf-dp": (dict(to="hf", dp=2), "--to hf does not take --dp 2"),

@@ -61,7 +61,7 @@ def run(args) -> int:
         print_json({
             "source": prog.source.describe(), "target": prog.target.describe(),
             "shards": [{"coord": dict(coord), "tensors": [
-                {"name": name, "shape": list(inst.recipe.shard_shape),
+                {"name": name, "shape": list(inst.recipe.shape_at(coord)),
                  "from": list(inst.members.values()), "recipe": inst.recipe.label}
                 for name, inst in tensors]} for coord, tensors in prog.target_files().items()]})
     else:

@@ -43,8 +43,10 @@ def add_arguments(p):
                         "(Megatron's interleaved schedule: model0, model1, ... in every rank "
                         "file); the source's are read automatically")
     p.add_argument("--dp", type=int, default=None,
-                   help="data-parallel size of a training-checkpoint target (deepspeed, neox): "
-                        "the optimizer state is repartitioned for it (default: the source's)")
+                   help="data-parallel size of a training-checkpoint target (deepspeed, neox, "
+                        "torch_dist; megatron: writes the distributed optimizer, "
+                        "distrib_optim.pt): the optimizer state is repartitioned for it "
+                        "(default: the source's)")
     p.add_argument("--optim-sharding", choices=("dp_reshardable", "fully_reshardable"),
                    default=None,
                    help="with --to torch_dist: how the distributed optimizer's state is saved "
@@ -107,7 +109,7 @@ def run(args) -> int:
                       workers=args.workers, vpp=args.vpp, optim_sharding=args.optim_sharding)
     if args.dry_run:
         cp.close()
-        print(cp.pretty())
+        print(cp.pretty(backend=args.backend))
         return 0
     report = write_conversion(cp, args.src, args.dst, force=args.force, backend=args.backend,
                               quiet=args.quiet)

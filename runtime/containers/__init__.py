@@ -45,7 +45,7 @@ MODULES = {
 # honoured by every format.
 HONOURS = {
     "hf": frozenset({"with_optimizer", "max_shard_bytes"}),
-    "megatron": frozenset({"with_optimizer", "pp_first_stage", "pp_last_stage", "vpp"}),
+    "megatron": frozenset({"with_optimizer", "pp_first_stage", "pp_last_stage", "vpp", "dp"}),
     "nemo": frozenset(),
     "gguf": frozenset(),
     "dcp": frozenset(),
@@ -54,7 +54,7 @@ HONOURS = {
     "universal": frozenset({"dp", "zero_stage"}),
     "neox": frozenset({"dp", "zero_stage", "with_optimizer"}),
     "torch_dist": frozenset({"dp", "optim_sharding"}),
-    "nemo2": frozenset(),
+    "nemo2": frozenset({"dp", "optim_sharding"}),
 }
 
 

@@ -35,7 +35,7 @@ from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
 from mapc.runtime.containers.zero import (ADAMW_DEFAULTS, DEEPSPEED_PICKLES, DEFAULT_SUB_GROUP_SIZE,
                                           OPTIM_SLOTS, ResumePlan, ZeroOptimizer, model_states,
                                           hyper as _hyper, plain as _plain, plan_resume)
-from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
+from mapc.runtime.plan_write import (Part, PlannedWriter, SourceFacts, WritePlan, WriteRequest,
                                      ZeroFacts, make_plan, planned_tensors, stateless_targets)
 
 LAYOUT = "hf"
@@ -207,7 +207,7 @@ def rank_model_states(source, folder: Path, r: int):
         return source.model_states
     cache = source.__dict__.setdefault("_rank_states_cache", {})
     if r not in cache:
-        f = Path(folder) / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+        f = Path(folder) / f"zero_pp_rank_{r}_mp_rank_{getattr(source, 'mp', 0):02d}_model_states.pt"
         if not f.is_file():
             raise MapcError(f"{f.name} is missing", where=str(folder),
                             hint="copy the complete checkpoint")
@@ -420,7 +420,8 @@ def _mp_ranks(tag_dir: Path) -> list[int]:
 class AutoTPSource(Source):
     """A plain DeepSpeed engine checkpoint trained with AutoTP (``mp_world_size`` T > 1): mesh
     coordinates ``(tp,)`` of the family's ``autotp`` layout. Tensor-parallel rank t is an
-    ordinary ZeRO 1/2 checkpoint of its shards (``mp_rank_TT_model_states.pt`` and
+    ordinary ZeRO checkpoint of its shards (``mp_rank_TT_model_states.pt``, or with ZeRO
+    stage 3 ``zero_pp_rank_D_mp_rank_TT_model_states.pt``, and
     ``zero_pp_rank_D_mp_rank_TT_optim_states.pt``), read by DeepSpeedSource rank by rank."""
 
     format = "deepspeed"
@@ -446,17 +447,25 @@ class AutoTPSource(Source):
                             f"of tensor-parallel ranks {ranks}"
                             + (f": rank(s) {missing} are missing" if missing else ""),
                             where=where, hint="copy the complete checkpoint")
+        _check_default_sharding(first.model_states.get("ds_config"), str(first.model_file))
         dims = first.model_states.get("checkpoint_parallel_dimensions") or {}
         if hasattr(dims, "get") and (dims.get("pp_degree") or 1) != 1:
             raise MapcError("pipeline-parallel DeepSpeed checkpoints are not read here",
                             where=where, hint="a DeepSpeed pipeline (NeoX) checkpoint is read "
                                               "with --from neox")
         self.ranks = [first] + [DeepSpeedSource(path, t) for t in range(1, self.tp)]
+        for r in self.ranks[1:]:
+            # DeepSpeed records shared_params (a tied head) in tp rank 0's model states only;
+            # the other ranks' modules hold the alias too
+            for alias, target in first.shared.items():
+                if r.kinds.get(alias) == "frozen" and target in r.shapes:
+                    del r.kinds[alias], r.shapes[alias]
+                    r.shared[alias] = target
         for t, r in enumerate(self.ranks):
-            if r.kind == "stage3":
-                raise MapcError("a ZeRO stage 3 checkpoint with AutoTP tensor parallelism is not "
-                                "read", where=str(r.model_file),
-                                hint="DeepSpeed AutoTP trains with ZeRO stage 0, 1 or 2")
+            if t and r.kind != first.kind:
+                raise MapcError(f"{r.model_file.name} is a {r.kind} checkpoint, "
+                                f"{first.model_file.name} a {first.kind} one", where=where,
+                                hint="is the checkpoint mixed from two runs?")
             if t and r.model_states.get("mp_world_size") != self.tp:
                 raise MapcError(f"mp_world_size {r.model_states.get('mp_world_size')!r} differs "
                                 f"from {self.tp} in {first.model_file.name}",
@@ -515,6 +524,26 @@ class AutoTPSource(Source):
         they hold tensor-parallel shards."""
         from dataclasses import replace
         return replace(self.ranks[0].zero_facts(), carry_files=())
+
+
+def _check_default_sharding(ds_config, where: str) -> None:
+    """The family's ``autotp`` layout is what DeepSpeed's AutoTP does by default (the model's
+    tp_plan, near-even splits): refuse the settings that cut otherwise."""
+    tpc = (ds_config or {}).get("tensor_parallel") if hasattr(ds_config, "get") else None
+    if not hasattr(tpc, "get"):
+        return
+    inner = tpc.get("tp") or tpc.get("tensor_parallel") or {}
+    grain = inner.get("tp_grain_size", 1) if hasattr(inner, "get") else 1
+    why = ("tensor_parallel.partition_config (a custom cut)" if tpc.get("partition_config")
+           else f"tensor_parallel.tp.tp_grain_size {grain} (MLP and head cut in grains)"
+           if grain not in (None, 1)
+           else "tensor_parallel.vocab_parallel_lm_head false (a tied head kept whole)"
+           if tpc.get("vocab_parallel_lm_head") is False else None)
+    if why:
+        raise MapcError(f"this AutoTP checkpoint was trained with {why}; mapc reads DeepSpeed "
+                        "AutoTP's default sharding only (the family spec's autotp layout)",
+                        where=where, hint="convert the checkpoint with DeepSpeed's "
+                                          "ds_to_universal instead")
 
 
 def Source(path):                                          # noqa: N802 (the protocol's name)
@@ -633,16 +662,55 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
                                               for k in ("frozen", "buffer")}
     return make_plan("deepspeed", _files(detail, facts.has_config), decisions=decisions,
                      notes=notes, slots=slots, tensors=tensors, detail=detail,
-                     serial="each ZeRO flat partition file is fed by every tensor")
+                     parts=_parts(detail, tensors))
+
+
+def _parts(d: _DeepSpeedPlan, tensors) -> tuple[Part, ...]:
+    """The output's independent files (runtime/workers.py): each data-parallel rank's
+    optimizer file, fed by the params with elements in that rank's flat partitions (every
+    param at stage 3), and per tensor-parallel rank the model states (at stage 3 every
+    rank's, fed only by the frozen parameters and buffers: the others are placeholders)."""
+    rs = d.resume
+    coord_of, weights = {}, {}
+    for coord, name, shape, dt in tensors:
+        t = dict(coord).get("tp", 0)
+        coord_of[(t, name)] = coord
+        weights[t] = weights.get(t, 0) + prod(shape) * DTYPES[dt].itemsize
+    parts = []
+    for t in range(d.tp):
+        shapes = d.rank_shapes[t] if d.tp > 1 else d.shapes
+        layout = ZeroOptimizer(Path(), [[(n, prod(shapes[n])) for n in names]
+                                        for names in d.members], rs.dp, rs.stage, rs.kind,
+                               d.sub_group_size, ranks=())
+        for r in range(rs.dp):      # fp32 master and two moments per element
+            parts.append(Part((_optim_file(d, t, r),),
+                              frozenset((coord_of[(t, n)], n) for n in layout.names_on(r)),
+                              layout.rank_len * 12))
+        if rs.stage == 3:
+            held = frozenset((coord_of[(t, n)], n) for n in d.kinds)
+            parts.append(Part(tuple(f"{d.tag}/zero_pp_rank_{r}_mp_rank_{t:02d}_model_states.pt"
+                                    for r in range(rs.dp)), held,
+                              sum(prod(d.all_shapes[n]) * 4 for _, n in held) * rs.dp,
+                              weights_only=True))
+        else:
+            parts.append(Part((f"{d.tag}/mp_rank_{t:02d}_model_states.pt",),
+                              frozenset((c, n) for (tt, n), c in coord_of.items() if tt == t),
+                              weights.get(t, 0), weights_only=True))
+    return tuple(parts)
+
+
+def _optim_file(d: _DeepSpeedPlan, t: int, r: int) -> str:
+    """Data-parallel rank r's optimizer file of tensor-parallel rank t."""
+    prefix = "bf16_" if d.resume.dtype == "bfloat16" else ""
+    return f"{d.tag}/{prefix}zero_pp_rank_{r}_mp_rank_{t:02d}_optim_states.pt"
 
 
 def _files(d: _DeepSpeedPlan, config: bool = True) -> list[str]:
     rs = d.resume
-    prefix = "bf16_" if rs.dtype == "bfloat16" else ""
-    files = [f"{d.tag}/{prefix}zero_pp_rank_{r}_mp_rank_{t:02d}_optim_states.pt"
-             for t in range(d.tp) for r in range(rs.dp)]
+    files = [_optim_file(d, t, r) for t in range(d.tp) for r in range(rs.dp)]
     if rs.stage == 3:      # every rank writes the same model states
-        files += [f"{d.tag}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(rs.dp)]
+        files += [f"{d.tag}/zero_pp_rank_{r}_mp_rank_{t:02d}_model_states.pt"
+                  for t in range(d.tp) for r in range(rs.dp)]
     else:
         files += [f"{d.tag}/mp_rank_{t:02d}_model_states.pt" for t in range(d.tp)]
     return files + ["latest", "ds_config.json", MAPC_JSON] + (["config.json"] if config else [])
@@ -667,27 +735,31 @@ def _autotp_info(program, rank_shapes: list, order) -> dict:
     for name in order:
         rule, pattern = rules[name], "^" + re.escape(name) + "$"
         shard = list(rank_shapes[0][name])
+        starts = [0] * tp            # each rank's first index along the cut (uneven splits)
         if rule.kind == "replicated":
             replicated.append(pattern)
             full = shard
         elif rule.kind == "cat" and (rule.dim == 0 or (rule.dim == 1 and len(shard) == 2)):
             if rule.dim == 1:
                 row.append(pattern)
-            full = [d * tp if a == rule.dim else d for a, d in enumerate(shard)]
+            cuts = [rank_shapes[t][name][rule.dim] for t in range(tp)]
+            starts = [sum(cuts[:t]) for t in range(tp)]
+            full = [sum(cuts) if a == rule.dim else d for a, d in enumerate(shard)]
         else:
             raise MapcError(f"{name} is cut over tp in a way DeepSpeed AutoTP does not "
                             f"describe ({rule.kind} on axis {rule.dim})",
                             hint="convert to deepspeed without --tp")
         strides = [int(prod(full[a + 1:])) for a in range(len(full))]
-        dest = [int(prod(shard[a + 1:])) for a in range(len(shard))]
         ranks = {}
         for t in range(tp):
+            shard = list(rank_shapes[t][name])
+            dest = [int(prod(shard[a + 1:])) for a in range(len(shard))]
             if rule.kind == "replicated":
                 piece = {"shape": list(full), "source": [0, strides], "dest": [0, dest],
                          "locations": list(range(tp))}
             else:
                 piece = {"shape": list(shard),
-                         "source": [t * shard[rule.dim] * strides[rule.dim], strides],
+                         "source": [starts[t] * strides[rule.dim], strides],
                          "dest": [0, dest], "locations": [t]}
             ranks[t] = {"shard_shape": list(shard), "pieces": [piece]}
         maps[pattern] = {"logical_shape": list(full), "ranks": ranks}
@@ -714,10 +786,6 @@ def _autotp_config(rs: ResumePlan, tp: int, notes: list) -> ResumePlan:
     tpc = dict(cfg.get("tensor_parallel") or {})
     had = int(tpc.get("autotp_size") or 1)
     if tp > 1:
-        if rs.stage == 3:
-            raise MapcError("DeepSpeed AutoTP trains with ZeRO stage 0, 1 or 2: a stage 3 "
-                            "checkpoint with --tp is not written",
-                            hint="pass --zero-stage 1 or 2")
         cfg["tensor_parallel"] = {**tpc, "autotp_size": tp}
     elif had > 1:
         tpc.pop("autotp_size")
@@ -810,30 +878,42 @@ class DeepSpeedWriter(PlannedWriter):
         self.model_writer = self.zero = None
         self.ranks: list = []      # with tp > 1: per tp rank (ZeroOptimizer, TorchWriter, module)
 
+    def _zero(self, t: int, shapes: dict) -> ZeroOptimizer:
+        """Tensor-parallel rank t's ZeRO optimizer, keeping scratch files for the data-parallel
+        ranks whose optimizer files this writer owns (a worker of a parallel run: its own)."""
+        d: _DeepSpeedPlan = self.plan.detail
+        rs = d.resume
+        mine = [r for r in range(rs.dp) if self.owns(_optim_file(d, t, r))]
+        return ZeroOptimizer(self.dir / f".scratch{t}.{mine[0] if mine else 0}",
+                             [[(n, prod(shapes[n])) for n in names] for names in d.members],
+                             rs.dp, rs.stage, rs.kind, d.sub_group_size, ranks=mine)
+
     def begin(self, tensors):
         d: _DeepSpeedPlan = self.plan.detail
         rs = d.resume
         self.tag_dir = self.dir / d.tag
-        self.tag_dir.mkdir()
-        if d.tp > 1:          # AutoTP: every tp rank is a ZeRO 1/2 checkpoint of its shards
+        self.tag_dir.mkdir(exist_ok=True)        # the workers of a parallel run share it
+        if d.tp > 1:          # AutoTP: every tp rank is a ZeRO checkpoint of its shards
             for t in range(d.tp):
-                zero = ZeroOptimizer(self.dir / f".scratch{t}",
-                                     [[(n, prod(d.rank_shapes[t][n])) for n in names]
-                                      for names in d.members], rs.dp, rs.stage, rs.kind,
-                                     d.sub_group_size)
-                self.ranks.append((zero, torchfile.TorchWriter(
-                    self.tag_dir / f"mp_rank_{t:02d}_model_states.pt"), {}))
+                name = (f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt" if rs.stage == 3
+                        else f"mp_rank_{t:02d}_model_states.pt")
+                writer = torchfile.TorchWriter(self.tag_dir / name) \
+                    if self.owns(f"{d.tag}/{name}") else None
+                module = {}
+                if writer is not None and rs.stage == 3:  # the weights: in the optimizer files
+                    empty = np.zeros((0,), DTYPES[rs.dtype])
+                    module = {n: writer.add_tensor(empty) for names in d.members for n in names}
+                self.ranks.append((self._zero(t, d.rank_shapes[t]), writer, module))
             self.zero, self.model_writer, self.module = self.ranks[0]
             return
-        self.zero = ZeroOptimizer(self.dir / ".scratch",
-                                  [[(n, prod(d.shapes[n])) for n in names]
-                                   for names in d.members], rs.dp, rs.stage, rs.kind,
-                                  d.sub_group_size)
+        self.zero = self._zero(0, d.shapes)
         model_name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if rs.stage == 3 \
             else "mp_rank_00_model_states.pt"
-        self.model_writer = torchfile.TorchWriter(self.tag_dir / model_name)
         self.module = {}
         self.held = {}     # stage 3: frozen params and buffers, for every rank's model states
+        if not self.owns(f"{d.tag}/{model_name}"):
+            return                                # another worker writes the model states
+        self.model_writer = torchfile.TorchWriter(self.tag_dir / model_name)
         if rs.stage == 3:   # the weights live in the optimizer files; the module: placeholders
             empty = np.zeros((0,), DTYPES[rs.dtype])
             for names in d.members:
@@ -846,13 +926,16 @@ class DeepSpeedWriter(PlannedWriter):
     def write(self, coord, name, arr):
         if self.ranks:
             zero, writer, module = self.ranks[dict(coord).get("tp", 0)]
-            module[name] = writer.add_tensor(np.require(arr, requirements="C"))
-            if "master" not in self.incoming:
+            if writer is not None and self.plan.detail.resume.stage != 3:
+                module[name] = writer.add_tensor(np.require(arr, requirements="C"))
+            if "master" not in self.incoming and zero.ranks:
                 zero.scatter("master", name, np.asarray(arr).astype(np.float32))
             return
         kinds = self.plan.detail.kinds
         stage3 = self.plan.detail.resume.stage == 3
         if name in kinds:
+            if self.model_writer is None:
+                return
             arr = np.require(arr, requirements="C")      # keeps 0-d shapes
             if stage3:
                 self.held[name] = arr
@@ -860,40 +943,43 @@ class DeepSpeedWriter(PlannedWriter):
                     arr = np.zeros((0,), arr.dtype)
             self.module[name] = self.model_writer.add_tensor(arr)
             return
-        if not stage3:
+        if not stage3 and self.model_writer is not None:
             self.module[name] = self.model_writer.add_tensor(np.require(arr, requirements="C"))
-        if "master" not in self.incoming:
+        if "master" not in self.incoming and self.zero.ranks:
             self.zero.scatter("master", name, np.asarray(arr).astype(np.float32))
 
     def write_slot(self, slot, coord, name, arr):
         zero = self.ranks[dict(coord).get("tp", 0)][0] if self.ranks else self.zero
-        zero.scatter(slot, name, np.asarray(arr, dtype=np.float32))
+        if zero.ranks:
+            zero.scatter(slot, name, np.asarray(arr, dtype=np.float32))
 
     def finish(self, record: dict):
         d: _DeepSpeedPlan = self.plan.detail
         rs = d.resume
-        prefix = "bf16_" if rs.dtype == "bfloat16" else ""
         if self.ranks:
-            self._finish_autotp(prefix)
+            self._finish_autotp()
         else:
-            self._finish_dp(prefix)
+            self._finish_dp()
+        if not self.metadata:
+            return
         (self.dir / "latest").write_text(d.tag)
         write_json(self.dir / "ds_config.json", rs.cfg)
         if "config.json" in self.plan.files:        # generic mode may have no model config
             write_json(self.dir / "config.json", record.get("config") or {})
         write_json(self.dir / MAPC_JSON, record)
 
-    def _finish_autotp(self, prefix):
+    def _finish_autotp(self):
         """Each tp rank's optimizer files and model states (DeepSpeed AutoTP's layout:
         ``mp_world_size`` T and ``checkpoint_parallel_dimensions`` tp_degree T)."""
         d: _DeepSpeedPlan = self.plan.detail
         rs = d.resume
         for t, (zero, writer, module) in enumerate(self.ranks):
-            for r in range(rs.dp):
-                path = self.tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_{t:02d}_optim_states.pt"
-                zero.write_rank(path, r, hyper_params=list(d.hyper), step=rs.step,
-                                clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
+            for r in sorted(zero.ranks):
+                zero.write_rank(self.dir / _optim_file(d, t, r), r, hyper_params=list(d.hyper),
+                                step=rs.step, clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
             zero.remove()
+            if writer is None:
+                continue
             missing = [n for n in d.module_order if n not in module]
             if missing:
                 raise MapcError(f"internal: no weights were written for {missing[0]} at tp={t}")
@@ -901,20 +987,27 @@ class DeepSpeedWriter(PlannedWriter):
                               zero.param_shapes(d.rank_shapes[t]), rs.stage,
                               scheduler=d.scheduler, steps=rs.iteration, samples=d.samples,
                               dp=rs.dp, ds_config=rs.cfg)
+            if t:      # DeepSpeed records a tied head's shared_params on tp rank 0 only
+                ms["shared_params"] = {}
             ms["mp_world_size"] = d.tp
             ms["checkpoint_parallel_dimensions"] = {"pp_degree": 1, "tp_degree": d.tp}
             ms["universal_checkpoint_info"] = d.uc_info
             writer.finish(ms)
+            if rs.stage == 3:   # every data-parallel rank writes the same model states
+                first = self.tag_dir / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt"
+                for r in range(1, rs.dp):
+                    shutil.copyfile(first, self.tag_dir /
+                                    f"zero_pp_rank_{r}_mp_rank_{t:02d}_model_states.pt")
 
-    def _finish_dp(self, prefix):
+    def _finish_dp(self):
         d: _DeepSpeedPlan = self.plan.detail
         rs = d.resume
-        for r in range(rs.dp):
-            path = self.tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-            self.zero.write_rank(path, r, hyper_params=list(d.hyper), step=rs.step,
-                                 clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
+        for r in sorted(self.zero.ranks):
+            self.zero.write_rank(self.dir / _optim_file(d, 0, r), r, hyper_params=list(d.hyper),
+                                 step=rs.step, clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
         self.zero.remove()
-        self._model_states()
+        if self.model_writer is not None:
+            self._model_states()
 
     def _model_states(self):
         d: _DeepSpeedPlan = self.plan.detail
@@ -960,7 +1053,8 @@ class DeepSpeedWriter(PlannedWriter):
 
     def abort(self):
         for zero, writer, _ in self.ranks[1:]:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             zero.remove()
         if self.model_writer is not None:
             self.model_writer.abort()

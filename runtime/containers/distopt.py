@@ -138,7 +138,7 @@ def rank_layouts(mplan, dp: int, args: dict) -> dict[tuple, RankLayout]:
     for coord, insts in per_rank.items():
         c = dict(coord)
         t, p = c.get("tp", 0), c.get("pp", 0)
-        shapes = {n: tuple(insts[n].recipe.shard_shape) for n in insts}
+        shapes = {n: tuple(insts[n].recipe.shape_at(coord)) for n in insts}
         params = [(n, math.prod(shapes[n]),
                    pp > 1 and any(users[k] > 1 for k in insts[n].members.values()))
                   for n in module_order(list(insts))]
@@ -184,3 +184,29 @@ def coalesced_state(obj, what: str, where: str, total: int | None = None) -> dic
                             + (f" of the buckets' {total} elements" if total is not None
                                else ""), where=where)
     return out
+
+
+def param_groups(training: dict) -> list[dict]:
+    """megatron-core's two default param groups (the source's hyper-parameters, from
+    ``training["param_groups"]``) with the Adam step, as its ``DistributedOptimizer.state_dict``
+    holds them (no ``params``: the distributed optimizer's state is not indexed by them).
+    megatron-core's loader matches groups by (wd_mult, lr_mult, is_expert_parallel,
+    is_decoupled_lr), so both default groups are always there."""
+    from mapc.runtime.containers.megatron import _megatron_groups
+    groups = _megatron_groups(training.get("param_groups") or [{}])
+    for wd in (1.0, 0.0):
+        if not any(float(g["wd_mult"]) == wd for g in groups):
+            groups.append(dict(groups[0], wd_mult=wd))
+    step = float(training.get("step") or 0)
+    return [dict(g, step=step) for g in groups]
+
+
+def legacy_state(pair, flats: dict, total: int) -> dict:
+    """What megatron-core's ``DistributedOptimizer.save_parameter_state`` writes into
+    Megatron-LM's ``distrib_optim.pt`` for one model-parallel rank with one DDP buffer:
+    ``{"buckets_coalesced": True, 0: {(param dtype, grad dtype): {"param", "exp_avg",
+    "exp_avg_sq": flat fp32 (every bucket without its end padding, one after another),
+    "numel_unpadded": total}}}``. ``flats`` are the written tensors' placeholders by slot."""
+    return {"buckets_coalesced": True,
+            0: {pair: {"param": flats["master"], "exp_avg": flats["exp_avg"],
+                       "exp_avg_sq": flats["exp_avg_sq"], "numel_unpadded": int(total)}}}

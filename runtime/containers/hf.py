@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -154,17 +154,42 @@ class HFSource(Source):
         self.trainer = _TrainerFiles(self.path) if (self.path / trainer.OPTIMIZER).is_file() \
             else None
         self.opt_index: dict[str, int] | None = None
+        self.module: _ModuleMoments | None = None     # optimizer numbered by other names
 
     def bind_plan(self, plan):
         """Name the optimizer's parameter indices with the resolved hf plan: Trainer numbers
-        them in its two groups' order (hf_trainer.trainer_groups); shapes are checked."""
+        them in its two groups' order (hf_trainer.trainer_groups); shapes are checked.
+
+        The module Trainer stepped may name its parameters differently from the files it
+        saved (transformers 5 merges some tensors in memory and splits them again in
+        ``save_pretrained``). A spec says so with a layout parameter choosing the names: when
+        the plan of the weights does not number the optimizer, the plans of the layout's other
+        parameter choices are tried, and the one whose parameter list fits optimizer.pt
+        numbers it; each stored tensor's moments are then cut from its parameters' moments
+        by the compiled program between the two plans (:class:`_ModuleMoments`)."""
         if self.trainer is None:
             return
         from mapc.compiler.plan import stored_tensor
-        registered = trainer.registered_parameters(self.config, str(self.path)) \
-            if stored_tensor(plan.spec) is not None else None      # generic mode: no spec
-        groups = trainer.trainer_groups(plan, registered)
-        self.opt_index = self.trainer.index(groups, self.shape)
+        if stored_tensor(plan.spec) is not None:                  # generic mode: no spec
+            registered = trainer.registered_parameters(self.config, str(self.path))
+            self.opt_index = self.trainer.index(trainer.trainer_groups(plan, registered),
+                                                self.shape)
+            return
+        groups = trainer.trainer_groups(plan)
+        if self.trainer.fits(groups, self.shape):
+            self.opt_index = self.trainer.index(groups, self.shape)
+            return
+        tried = []
+        for other in trainer.other_name_plans(plan):
+            shapes = {n: tuple(inst.recipe.shard_shape) for inst, _, n in other.placements()}
+            theirs = trainer.trainer_groups(other)
+            tried.append((other, theirs))
+            if self.trainer.fits(theirs, shapes.__getitem__):
+                index = self.trainer.index(theirs, shapes.__getitem__)
+                self.module = _ModuleMoments(self, other, plan, index)
+                self.opt_index = self.module.index_of_stored()
+                return
+        self.trainer.index(groups, self.shape, tried)                    # refuses
 
     def coords(self):
         return [SINGLE]
@@ -207,11 +232,15 @@ class HFSource(Source):
             raise MapcError(f"internal: no optimizer index for {name} (bind_plan not called)",
                             where=str(self.path))
         self._get(name)
+        if self.module is not None:
+            return self.module.moment(name, slot)
         return self.trainer.moment(self.opt_index[name], slot, name)
 
     def training_state(self) -> dict:
         if self.trainer is None:
             return {}
+        if self.module is not None:
+            return self.trainer.training_state({}, self.module.stored_groups())
         names = {i: n for n, i in (self.opt_index or {}).items()}
         return self.trainer.training_state(names)
 
@@ -236,18 +265,42 @@ class _TrainerFiles:
         except (OSError, ValueError) as e:
             raise MapcError(f"cannot read {trainer.TRAINER_STATE}: {e}", where=str(ts)) from None
 
-    def index(self, groups: list[list[str]], shape_of) -> dict[str, int]:
-        """{parameter name: optimizer index}, checking optimizer.pt has Trainer's groups."""
-        where = str(self.path / trainer.OPTIMIZER)
+    def _groups_wanted(self, groups):
         have = [list(g.get("params") or []) for g in self.optim["param_groups"]]
         want, start = [], 0
         for g in groups:
             want.append(list(range(start, start + len(g))))
             start += len(g)
+        return have, want
+
+    def fits(self, groups: list[list[str]], shape_of) -> bool:
+        """Whether optimizer.pt numbers ``groups`` (Trainer's, by name): the same group
+        sizes, and every state of the shape of its parameter."""
+        have, want = self._groups_wanted(groups)
         if have != want:
+            return False
+        for i, name in enumerate(groups[0] + groups[1]):
+            st = self.optim["state"].get(i)
+            if not isinstance(st, dict):
+                return False
+            for slot in ("exp_avg", "exp_avg_sq"):
+                ref = st.get(slot)
+                if ref is None or tuple(ref.shape) != tuple(shape_of(name)):
+                    return False
+        return True
+
+    def index(self, groups: list[list[str]], shape_of, tried=()) -> dict[str, int]:
+        """{parameter name: optimizer index}, checking optimizer.pt has Trainer's groups.
+        ``tried``: (plan, groups) of other parameter namings that did not fit either."""
+        where = str(self.path / trainer.OPTIMIZER)
+        have, want = self._groups_wanted(groups)
+        if have != want:
+            also = "".join(f", or {[len(g) for g in theirs]} named as {other.describe()}"
+                           for other, theirs in tried)
             raise MapcError(f"optimizer.pt has param groups of {[len(g) for g in have]} "
                             f"parameters; transformers' Trainer groups this model as "
-                            f"{[len(g) for g in groups]} (weight decay / no decay)", where=where,
+                            f"{[len(g) for g in groups]} (weight decay / no decay{also})",
+                            where=where,
                             hint="mapc reads Trainer checkpoints made by Trainer.create_optimizer;"
                                  " a custom optimizer grouping is not supported")
         out = {n: i for i, n in enumerate(groups[0] + groups[1])}
@@ -269,15 +322,18 @@ class _TrainerFiles:
     def moment(self, index: int, slot: str, name: str):
         return self.optim["state"][index][slot]
 
-    def training_state(self, names: dict[int, str]) -> dict:
+    def training_state(self, names: dict[int, str], stored_groups=None) -> dict:
+        """``names``: optimizer index -> parameter name; ``stored_groups`` (an optimizer
+        numbered by the module's own names): each group's stored tensor names instead."""
         steps = [st.get("step") for st in self.optim["state"].values()
                  if st.get("step") is not None]
         step = float(np.asarray(steps[0].map() if hasattr(steps[0], "map") else steps[0])) \
             if steps else None
         groups = []
-        for g in self.optim["param_groups"]:
+        for k, g in enumerate(self.optim["param_groups"]):
             hyper = {k: v for k, v in g.items() if k != "params"}
-            hyper["params"] = [names.get(i, str(i)) for i in g.get("params") or []]
+            hyper["params"] = list(stored_groups[k]) if stored_groups is not None else \
+                [names.get(i, str(i)) for i in g.get("params") or []]
             groups.append(hyper)
         gs = (self.state or {}).get("global_step")
         return {
@@ -295,6 +351,74 @@ class _TrainerFiles:
         }
 
 
+class _ModuleMoments:
+    """Moments of a Trainer checkpoint whose optimizer is numbered by the module's own
+    parameters (plan ``module``) while its files store the weights under other names (plan
+    ``stored``, the one resolve found): the compiled program ``module -> stored`` rebuilds
+    the logical tensors of a stored tensor's unit from the module parameters' moments and cuts
+    the stored tensor from them, as a conversion cuts weights (e.g. one merged
+    ``[experts, 2 * ffn, hidden]`` moment into per-expert gate and up moments)."""
+
+    def __init__(self, src: "HFSource", module, stored, index: dict[str, int]):
+        from mapc.compiler.program import compile_program
+        self.src, self.index = src, index
+        self.targets = {}
+        for unit in compile_program(module, stored).units:
+            for inst in unit.targets:
+                for rc, _, name in inst.shards:
+                    self.targets[name] = (unit, inst, rc)
+        self.module_groups = [set(g) for g in trainer.trainer_groups(module)]
+        self.stored_order = trainer.trainer_groups(stored)
+
+    def index_of_stored(self) -> dict[str, int]:
+        return dict(self.index)
+
+    def read(self, name, coord=SINGLE, slot="param"):         # the program's source reader
+        return self.src.trainer.moment(self.index[name], slot, name).map()
+
+    def moment(self, name: str, slot: str):
+        return _Cut(self, name, slot)
+
+    def cut(self, name: str, slot: str) -> np.ndarray:
+        from mapc.runtime import execute
+        unit, inst, rc = self.targets[name]
+        be = execute.get_backend("numpy")
+        report = execute.Report()
+        logical = execute.read_instances(unit.sources, self, be, report, False, slot)
+        members = {m: logical[k] for m, k in inst.members.items()}
+        return np.ascontiguousarray(be.to_numpy(inst.recipe.shard(be, members, dict(rc))))
+
+    def stored_groups(self) -> list[list[str]]:
+        """Each optimizer group's stored tensors (in Trainer order): a stored tensor is in the
+        group of the module parameters it is cut from (refused if they are in two)."""
+        out = [[] for _ in self.module_groups]
+        for name in self.stored_order[0] + self.stored_order[1]:
+            unit, inst, _ = self.targets[name]
+            keys = set(inst.members.values())
+            sources = {n for s in unit.sources if keys & set(s.members.values())
+                       for _, _, n in s.shards}
+            groups = {g for g, names in enumerate(self.module_groups) if names & sources}
+            if len(groups) != 1:
+                raise MapcError(f"{name} is cut from parameters in optimizer groups "
+                                f"{sorted(groups)}; its moments have no one group",
+                                where=str(self.src.path / trainer.OPTIMIZER))
+            out[groups.pop()].append(name)
+        return out
+
+
+class _Cut:
+    """One stored tensor's moment, cut on ``map()`` (dtype: its parameters' moments')."""
+
+    def __init__(self, module: _ModuleMoments, name: str, slot: str):
+        self.module, self.name, self.slot = module, name, slot
+        unit, _, _ = module.targets[name]
+        first = unit.sources[0].shards[0][2]
+        self.dtype = module.src.trainer.moment(module.index[first], slot, first).dtype
+
+    def map(self):
+        return self.module.cut(self.name, self.slot)
+
+
 @dataclass(frozen=True)
 class _TrainerPlan:
     """What ``--with-optimizer`` writes: Trainer's two groups (parameter names, decay first)
@@ -307,6 +431,9 @@ class _TrainerPlan:
     scheduler: object
     trainer_state: object
     train_batch_size: int
+    # the module's own parameters numbered instead of the stored tensors (their moments cut
+    # from the stored tensors' by this program, stored -> module naming), else None
+    module: object = field(default=None, compare=False, hash=False)
 
     @property
     def order(self) -> list[str]:
@@ -327,7 +454,16 @@ def plan_trainer_export(program, facts: SourceFacts):
     from mapc.compiler.plan import stored_tensor
     registered = trainer.registered_parameters(facts.config, where) \
         if stored_tensor(program.target.spec) is not None else None   # generic mode: no spec
-    groups = trainer.trainer_groups(program.target, registered)
+    numbered, module, notes = program.target, None, []
+    if registered is None:
+        other = trainer.module_naming(program.target, facts.config)
+        if other is not None:     # the model's class steps parameters of another naming
+            from mapc.compiler.program import compile_program
+            numbered, module = other, compile_program(program.target, other)
+            notes.append(f"optimizer.pt numbers the model class's own parameters, named as "
+                         f"{other.describe()} (model.safetensors keeps "
+                         f"{program.target.describe()})")
+    groups = trainer.trainer_groups(numbered, registered)
     training = facts.training
     src_groups = training.get("param_groups") or []
     if not src_groups:
@@ -346,9 +482,11 @@ def plan_trainer_export(program, facts: SourceFacts):
     step = float(training["step"])
     it = training.get("iteration")
     global_step = int(it) if it is not None else int(step)
+    from mapc.compiler.program import compile_program
+    numbering = program if module is None else compile_program(program.source, numbered)
     group_of = {name: g for (_, name), g in
-                program.target_groups([list(g.get("params") or []) for g in
-                                       src_groups]).items()}
+                numbering.target_groups([list(g.get("params") or []) for g in
+                                         src_groups]).items()}
     hypers = []
     for k, names in enumerate(groups):
         used = sorted({group_of[n] for n in names}) or [0]
@@ -365,7 +503,6 @@ def plan_trainer_export(program, facts: SourceFacts):
             hyper["weight_decay"] = 0.0
         hypers.append(hyper)
     sched = training.get("lr_scheduler")
-    notes = []
     if not (trainer.is_torch_scheduler(sched) and len(sched["base_lrs"]) == len(groups)):
         if sched is not None:
             notes.append("the source's LR scheduler state is not a torch scheduler of "
@@ -374,7 +511,8 @@ def plan_trainer_export(program, facts: SourceFacts):
                          "set the schedule)")
         sched = None
     plan = _TrainerPlan(tuple(tuple(g) for g in groups), tuple(hypers), step, global_step,
-                        sched, training.get("trainer_state"), trainer.micro_batch(training))
+                        sched, training.get("trainer_state"), trainer.micro_batch(training),
+                        module)
     return plan, notes
 
 
@@ -387,14 +525,45 @@ class TrainerExport:
         self.plan = plan
         self.moments: dict[str, dict] = {}
         self.writer = None
+        self.held: dict[tuple, np.ndarray] = {}     # (slot, stored name): awaiting its unit
+        self.unit_of = {}
+        if plan.module is not None:
+            for unit in plan.module.units:
+                for inst in unit.sources:
+                    for _, _, name in inst.shards:
+                        self.unit_of[name] = unit
 
     def begin_slot(self, slot, tensors):
         if self.writer is None:
             self.writer = torchfile.TorchWriter(self.dir / trainer.OPTIMIZER)
 
     def write(self, slot, name, arr):
-        self.moments.setdefault(name, {})[slot] = self.writer.add_tensor(
-            np.require(arr, requirements="C"))
+        if self.plan.module is None:
+            self.moments.setdefault(name, {})[slot] = self.writer.add_tensor(
+                np.require(arr, requirements="C"))
+            return
+        # the module's parameters are cut from the stored tensors once a unit's are all here
+        self.held[(slot, name)] = np.array(arr)
+        unit = self.unit_of[name]
+        stored = [n for inst in unit.sources for _, _, n in inst.shards]
+        if all((slot, n) in self.held for n in stored):
+            self._cut(slot, unit)
+            for n in stored:
+                del self.held[(slot, n)]
+
+    def read(self, name, coord=SINGLE, slot="param"):       # the cut's source reader
+        return self.held[(slot, name)]
+
+    def _cut(self, slot, unit):
+        from mapc.runtime import execute
+        be = execute.get_backend("numpy")
+        logical = execute.read_instances(unit.sources, self, be, execute.Report(), False, slot)
+        for inst in unit.targets:
+            members = {m: logical[k] for m, k in inst.members.items()}
+            for rc, _, name in inst.shards:
+                arr = be.to_numpy(inst.recipe.shard(be, members, dict(rc)))
+                self.moments.setdefault(name, {})[slot] = self.writer.add_tensor(
+                    np.ascontiguousarray(arr))
 
     def finish(self, record: dict):
         plan = self.plan

@@ -102,12 +102,50 @@ def trainer_groups(plan, registered=None) -> list[list[str]]:
             [n for n in order if not decays(n, logical[n])]]
 
 
-def registered_parameters(config: dict | None, where: str):
-    """For a model no spec describes: (its parameters in ``named_parameters()`` order, the
-    names of those in ``nn.LayerNorm`` modules), from the model's own class, the first of
-    config.json's ``architectures`` in transformers, built on torch's meta device (no memory,
-    no weights). A Trainer checkpoint numbers its optimizer state in that order and records
-    no names, so without the class it cannot be read: refused."""
+def other_name_plans(plan):
+    """The plans of ``plan``'s layout under every other combination of its enumerated
+    parameters (``param NAME = "a" | "b"``): the other namings of the same model, one of which
+    may be the module's own parameter list when the stored names are not (an ``hf`` layout's
+    choice between what ``save_pretrained`` writes and the in-memory module). Combinations
+    the layout refuses for this config are skipped."""
+    import itertools
+
+    from mapc.compiler.plan import plan_layout
+    choices = [p for p in plan.spec.layout_params(plan.name) if len(p.choices) > 1]
+    for combo in itertools.product(*(p.choices for p in choices)):
+        params = dict(plan.params, **{p.name: v for p, v in zip(choices, combo)})
+        if params == plan.params:
+            continue
+        try:
+            yield plan_layout(plan.spec, plan.name, plan.env, dict(plan.mesh), params)
+        except MapcError:
+            continue
+
+
+def module_naming(plan, config: dict | None):
+    """The plan of another naming of ``plan``'s layout (:func:`other_name_plans`) whose names
+    are the parameters of the model's own class (``named_parameters()`` of config.json's
+    ``architectures`` in transformers, built on the meta device), when ``plan``'s are not:
+    Trainer numbers its optimizer by those. None when the stored names are the class's, no
+    other naming is, or transformers cannot build the class."""
+    others = list(other_name_plans(plan))
+    if not others:
+        return None
+    try:
+        names = {n for n, _ in _meta_model(config, "")[1].named_parameters()}
+    except MapcError:
+        return None
+    if {n for _, _, n in plan.placements()} == names:
+        return None
+    for other in others:
+        if {n for _, _, n in other.placements()} == names:
+            return other
+    return None
+
+
+def _meta_model(config: dict | None, where: str):
+    """(torch, the model of config.json's first ``architectures`` class in transformers,
+    built on torch's meta device); refused in one line when it cannot be."""
     arch = (config or {}).get("architectures") or [None]
     hint = ("install transformers (the model's class gives its parameter order), or pass "
             "--spec FILE.map")
@@ -129,10 +167,20 @@ def registered_parameters(config: dict | None, where: str):
     try:
         cfg = transformers.AutoConfig.for_model(**config)
         with torch.device("meta"):
-            model = cls(cfg)
+            return torch, cls(cfg)
     except Exception as e:          # the model's own code: any failure is the user's to see
         raise MapcError(f"cannot build {arch[0]} from config.json on the meta device "
                         f"({type(e).__name__}: {e})", where=where, hint=hint) from None
+
+
+def registered_parameters(config: dict | None, where: str):
+    """For a model no spec describes: (its parameters in ``named_parameters()`` order, the
+    names of those in ``nn.LayerNorm`` modules), from the model's own class, the first of
+    config.json's ``architectures`` in transformers, built on torch's meta device (no memory,
+    no weights). A Trainer checkpoint numbers its optimizer state in that order and records
+    no names, so without the class it cannot be read: refused."""
+    arch = (config or {}).get("architectures") or [None]
+    torch, model = _meta_model(config, where)
     norms = {id(p) for mod in model.modules() if isinstance(mod, torch.nn.LayerNorm)
              for p in mod.parameters(recurse=False)}
     named = list(model.named_parameters())

@@ -212,7 +212,8 @@ class MegatronSource(RefSource):
         per virtual stage) in every rank file. Chunk v of pipeline rank p is virtual stage
         ``v * pp + p``, which is how the compiler sees it: the pp axis counts virtual stages
         (megatron-core's layer offset of chunk v on rank p is (v * pp + p) * layers / (pp * vpp)
-        when the stages are even)."""
+        when the stages are even; with uneven first/last stages each chunk is an uneven
+        pipeline of layers / vpp layers, compiler/plan.py pipeline_stages)."""
         f = self.files[coord_key(self._coords[0])]
         chunks = _chunk_keys(self._load_file(f), f)
         vpp = len(chunks) if chunks != ["model"] else 1
@@ -668,6 +669,11 @@ class MegatronWriter(PlannedWriter):
         self.order = {}
         self.dtypes = {}
         self.slot_data: dict = {}     # (coord, name) -> {slot: placeholder}
+        self.dist = opt if opt.dp else None
+        self.flats: dict = {}         # distributed: rank file coord -> {slot: scratch memmap}
+        self.place: dict = {}         # distributed: (coord, name) -> (rank, start, numel)
+        if self.dist:
+            self.args = dict(opt.args)
 
     def begin(self, tensors):
         for coord, name, shape, dt in tensors:
@@ -687,6 +693,34 @@ class MegatronWriter(PlannedWriter):
             d = self.dir / rel
             d.mkdir(parents=True, exist_ok=True)
             self.writers[rank] = (torchfile.TorchWriter(d / FILE), {})
+        if self.dist:
+            self._begin_distributed()
+
+    def _begin_distributed(self):
+        """A zero-filled scratch file per owned rank and slot holding the rank's flat buffer
+        (its buckets without end padding, one after another), and each parameter's place."""
+        scratch = self.dir / ".scratch"
+        for coord, lay in self.dist.layouts.items():
+            if coord not in self.writers:
+                continue
+            total = sum(b.numel_unpadded for b in lay.buckets)
+            scratch.mkdir(exist_ok=True)
+            self.flats[coord] = {slot: np.memmap(
+                scratch / f"{lay.group}.{slot}", dtype=np.float32, mode="w+", shape=(total,))
+                for slot in ("master", "exp_avg", "exp_avg_sq")}
+            off = 0
+            for bucket in lay.buckets:
+                for name, start, numel in bucket.params:
+                    self.place[(coord, name)] = (coord, off + start, numel)
+                off += bucket.numel_unpadded
+
+    def _flat(self, slot, coord, name, arr):
+        rank, start, numel = self.place[(coord, name)]
+        flat = np.asarray(arr, dtype=np.float32).reshape(-1)
+        if flat.size != numel:
+            raise MapcError(f"internal: {name} has {flat.size} elements, its place in the "
+                            f"distributed optimizer's buffer {numel}")
+        self.flats[rank][slot][start:start + numel] = flat
 
     def _rank_file(self, coord):
         """(rank file coord, model chunk) of a program coord: with virtual pipeline stages the
@@ -699,11 +733,18 @@ class MegatronWriter(PlannedWriter):
     def write(self, coord, name, arr):
         w, placeholders = self.writers[self._rank_file(coord)[0]]
         placeholders[(coord, name)] = w.add_tensor(arr)
+        if self.dist:
+            if self.dist.masters_from_weights:
+                self._flat("master", coord, name, arr)
+            return
         if self.fresh and self.optimizer == "mixed" and self._is16(coord, name):
             self.slot_data.setdefault((coord, name), {})["master"] = \
                 w.add_tensor(np.asarray(arr, dtype=np.float32))
 
     def write_slot(self, slot, coord, name, arr):
+        if self.dist:
+            self._flat(slot, coord, name, arr)
+            return
         w, _ = self.writers[self._rank_file(coord)[0]]
         self.slot_data.setdefault((coord, name), {})[slot] = w.add_tensor(arr)
 
@@ -770,9 +811,17 @@ class MegatronWriter(PlannedWriter):
                             num_layers_per_virtual_pipeline_stage=(
                                 args["num_layers"] // (self.pp * self.vpp)
                                 if isinstance(args.get("num_layers"), int) else None))
+                if any(args.get(k) for k in ("num_layers_in_first_pipeline_stage",
+                                             "num_layers_in_last_pipeline_stage")):
+                    # uneven stages: Megatron-LM takes the chunks per rank, not the layers
+                    # per chunk (which differ between stages)
+                    args.update(num_layers_per_virtual_pipeline_stage=None,
+                                num_virtual_stages_per_pipeline_rank=self.vpp)
             if self.etp is not None:    # the smallest world of that grid
                 args.update(expert_tensor_parallel_size=self.etp,
                             world_size=self.pp * lcm(self.tp, self.etp * self.ep))
+            if self.dist:
+                args["world_size"] *= self.dist.dp
             obj = {
                 "args": torchfile.Namespace(**args),
                 "checkpoint_version": 3.0,
@@ -783,8 +832,13 @@ class MegatronWriter(PlannedWriter):
                 obj["model" if v is None else f"model{v}"] = \
                     nest((n, placeholders[(vc, n)]) for n in self.order[vc])
                 entries += [(vc, n) for n in self.order[vc]]
-            if self.optimizer:
+            if self.dist:     # DistributedOptimizer.state_dict(): param groups with the step
+                from mapc.runtime.containers.distopt import param_groups
+                obj["optimizer"] = {"optimizer": {"param_groups": param_groups(training)}}
+                self._write_distrib_optim(coord)
+            elif self.optimizer:
                 obj["optimizer"] = self._optimizer_dict(entries, training, w)
+            if self.optimizer:
                 sched = training.get("lr_scheduler")
                 if isinstance(sched, dict) and "num_steps" in sched and "max_lr" in sched:
                     obj["opt_param_scheduler"] = dict(sched)
@@ -798,9 +852,40 @@ class MegatronWriter(PlannedWriter):
                                         if self.sub != "release" else "release")
         write_json(self.dir / MAPC_JSON, record)
 
+    def _write_distrib_optim(self, coord):
+        """The rank's ``distrib_optim.pt`` from its scratch buffers, which are then deleted."""
+        from mapc.runtime.containers.distopt import legacy_state
+        flats = self.flats.pop(coord)
+        w = torchfile.TorchWriter(self.writers[coord][0].path.parent / DISTRIB_OPTIM)
+        placeholders = {}
+        for slot, m in flats.items():
+            m.flush()
+            placeholders[slot] = w.add_tensor(np.memmap(m.filename, dtype=np.float32,
+                                                        mode="r", shape=m.shape))
+            Path(m.filename).unlink()
+        pair = (torchfile.TorchDType(self.dtypes_of_buffer()), torchfile.TorchDType("float32"))
+        w.finish(legacy_state(pair, placeholders, flats["master"].shape[0]))
+        if not self.flats:      # other workers' ranks may still be in it
+            try:
+                (self.dir / ".scratch").rmdir()
+            except OSError:
+                pass
+
+    def dtypes_of_buffer(self) -> str:
+        """The parameters' dtype (the DDP buffer's param dtype): one for the whole model."""
+        found = {dt for dt in self.dtypes.values()}
+        if len(found) != 1:
+            raise MapcError(f"the distributed optimizer's parameters have the dtypes "
+                            f"{sorted(found)}; mapc writes one DDP buffer (one dtype) per rank",
+                            hint="pass --dtype bf16 (or fp32)")
+        return found.pop()
+
     def abort(self):
         for w, _ in self.writers.values():
             w.abort()
+        for flats in self.flats.values():
+            for m in flats.values():
+                Path(m.filename).unlink(missing_ok=True)
 
 
 # torch.optim.AdamW's param-group defaults, as megatron-core's state_dict() shows them
@@ -849,6 +934,10 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     optimizer state: the source's, or fresh with --with-optimizer), the tracker file and
     mapc.json."""
     have = facts.slots
+    if request.dp is not None and "dp" in request.explicit and "exp_avg" not in have:
+        raise MapcError(f"--dp {request.dp} sets the data-parallel size of megatron-core's "
+                        f"distributed optimizer, but the source has no optimizer state",
+                        hint="drop --dp (the weights load at any data-parallel size)")
     training = facts.training if "exp_avg" in have else {}
     want = "exp_avg" in have or request.with_optimizer
     mesh, meta = program.target.mesh, program.target.meta()
@@ -876,6 +965,8 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         opt = _MegatronOptimizer(training.get("iteration") or 0, kind, groups, fresh, training)
         slots = ("param", "exp_avg", "exp_avg_sq") + (("master",) if kind == "mixed" else ()) \
             if not fresh else ("param",)
+        if _distributed(facts, request) and not (fresh and "dp" not in request.explicit):
+            opt, slots = _plan_distributed(program, facts, request, opt, dtype)
     tensors = planned_tensors(program, facts, request.dtype, slots)
     vpp = request.vpp or 1
     tp, pp, ep = mesh.get("tp", 1), mesh.get("pp", 1) // vpp, mesh.get("ep", 1)
@@ -886,8 +977,9 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         opt = replace(opt, vpp=vpp)
     sub = _subdir(opt.iteration, opt.kind)
     coords = sorted({coord for coord, *_ in tensors}, key=lambda c: tuple(i for _, i in c))
-    files = [f"{sub}/{rank_dir(_physical(c, pp), pp, ep)}/{FILE}" for c in coords] + \
-        [TRACKER, MAPC_JSON]
+    files = [f"{sub}/{rank_dir(_physical(c, pp), pp, ep)}/{FILE}" for c in coords]
+    extra = (lambda f: (f.replace(FILE, DISTRIB_OPTIM),)) if opt.dp else None
+    files += [g for f in files for g in (extra(f) if extra else ())] + [TRACKER, MAPC_JSON]
     origin = "fresh" if opt.fresh else "the source's"
     decisions = {"folder": sub, "tp": tp, "pp": pp, "ep": ep} | \
         ({"etp": mesh["etp"]} if "etp" in mesh else {})
@@ -896,12 +988,22 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         decisions["chunks"] = (f"model0..model{vpp - 1} per rank file; chunk v of pipeline "
                                f"rank p holds virtual stage v * {pp} + p")
     decisions["optimizer"] = f"{origin} ({opt.kind})" if opt.kind else "none"
+    if opt.dp:
+        decisions["optimizer"] = f"{origin}, megatron-core's distributed optimizer " \
+            f"({DISTRIB_OPTIM} beside every rank's {FILE})"
+        decisions |= {"dp": opt.dp, "buckets": ", ".join(
+            f"dp_group_idx_{lay.group}: {[b.numel_unpadded for b in lay.buckets]}"
+            for lay in sorted(opt.layouts.values(), key=lambda x: x.group))}
     # every rank's file is written from its own tensors (all its model chunks): rank files
     # are independent parts
     parts = parts_by_file(tensors, lambda c, _: f"{sub}/{rank_dir(_physical(c, pp), pp, ep)}"
-                          f"/{FILE}", slots)
-    return make_plan("megatron", files, decisions=decisions, slots=slots, tensors=tensors,
-                     detail=opt, parts=parts)
+                          f"/{FILE}", slots, extra)
+    buckets = "the DDP buckets of the args written" if (opt.args or {}).get(
+        "overlap_grad_reduce") else "one DDP bucket per rank (no --overlap-grad-reduce)"
+    notes = [f"megatron-core's distributed optimizer state is laid out for dp={opt.dp}, "
+             f"{buckets}: resume with those"] if opt.dp else []
+    return make_plan("megatron", files, decisions=decisions, notes=notes, slots=slots,
+                     tensors=tensors, detail=opt, parts=parts)
 
 
 @dataclass(frozen=True)
@@ -916,6 +1018,49 @@ class _MegatronOptimizer:
     fresh: bool
     training: dict
     vpp: int = 1            # model chunks per rank file (virtual pipeline stages per rank)
+    # megatron-core's distributed optimizer (distrib_optim.pt per rank): its data-parallel
+    # size (None: the non-distributed optimizer), every rank's DDP layout (distopt.RankLayout
+    # by program coord), the args it was derived with, and whether the fp32 masters are the
+    # weights themselves (the source keeps no master copy)
+    dp: int | None = None
+    layouts: dict | None = None
+    args: dict | None = None
+    masters_from_weights: bool = False
+
+
+def _distributed(facts, request) -> bool:
+    """Whether a megatron output with optimizer state carries megatron-core's distributed
+    optimizer: asked with --dp, or kept from a Megatron source that has one."""
+    return request.dp is not None or (
+        facts.format == "megatron" and bool(facts.format_meta.get("use_distributed_optimizer")))
+
+
+def _plan_distributed(program, facts, request, opt, dtype):
+    """(the optimizer plan, the slots) of megatron-core's distributed optimizer at --dp (default:
+    the source's data-parallel size): each rank's buckets derived as megatron-core's DDP lays
+    them out (runtime/containers/distopt.py) with the args the output records."""
+    from mapc.runtime.containers import distopt
+    if opt.fresh:
+        raise MapcError("megatron-core's distributed optimizer is written from the source's "
+                        "Adam state, and the source has none", hint="drop --dp (a fresh "
+                        "non-distributed optimizer is written with --with-optimizer)")
+    if dtype not in ("bfloat16", "float32"):
+        raise MapcError(f"mapc writes megatron-core's distributed optimizer for bf16 or fp32 "
+                        f"parameters, not {dtype} (fp16 needs its grad scaler, not written)",
+                        hint="pass --dtype bf16 (or fp32)")
+    mesh = program.target.mesh
+    if (request.vpp or 1) > 1 or mesh.get("ep", 1) > 1:
+        raise MapcError("mapc writes megatron-core's distributed optimizer (distrib_optim.pt) "
+                        "with one DDP buffer per rank: not with --vpp (one buffer per model "
+                        "chunk) or expert parallelism (expert buffers apart)",
+                        hint="drop --vpp / --ep, or write --to torch_dist")
+    dp = request.dp or int(facts.training.get("dp_world_size") or 1)
+    args = dict(program.target.meta(), use_distributed_optimizer=True, data_parallel_size=dp)
+    layouts = distopt.rank_layouts(program.target, dp, args)
+    slots = ("param", "exp_avg", "exp_avg_sq") + \
+        (("master",) if opt.kind == "mixed" and "master" in facts.slots else ())
+    return replace(opt, dp=dp, layouts=layouts, args=args,
+                   masters_from_weights="master" not in slots), slots
 
 
 def _physical(coord, pp: int):

@@ -8,6 +8,19 @@ beside it under ``optimizer.``; ``common.pt`` holds Lightning's non-tensor state
 ``content_metadata``. The tensors are otherwise exactly the ``torch_dist`` layout's, which this
 container reuses (runtime/containers/torch_dist.py) with the prefix added and stripped.
 
+Optimizer state: NeMo's ``MegatronStrategy.save_checkpoint`` hands ``dist_checkpointing.save``
+Lightning's checkpoint dict with ``sharded_state_dict`` (the model, ``module.`` keys) and
+``optimizer``: a one-element list holding megatron-core's
+``DistributedOptimizer.sharded_state_dict`` of the model's sharded dict (its ``_extra_state``
+entries dropped), with the content metadata
+``{"distrib_optim_sharding_type": ...}`` NeMo's ``sharded_state_dict_metadata`` gives. So the
+optimizer's tensors and objects have megatron-core's keys unchanged
+(``optimizer.distributed.dp_group_idx_I...``, or ``optimizer.state.<slot>.module.<model key>``),
+and ``common.pt`` holds ``optimizer: [{"param_state_sharding_type": ...}]`` beside Lightning's
+``epoch``, ``global_step``, ``loops``, ``lr_schedulers``, ``callbacks``, ``optimizer_states: {}``
+and ``state_dict: {}``. Reading unwraps the list and takes ``global_step`` as the iteration,
+then reads the state as torch_dist's; writing wraps it back.
+
 ``context/`` holds the model's configuration: ``model.yaml`` (NeMo's fiddle config rendered in
 Hydra syntax with every default: ``_target_`` the model class, ``config`` its ``GPTConfig``,
 whose fields are megatron-core ``TransformerConfig`` names; callables and dtypes as
@@ -20,6 +33,7 @@ NeMo's ``io.load_context`` reads), plus tokenizer files. Reading takes the confi
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -27,7 +41,6 @@ from mapc.compiler.plan import MAX_MESH
 from mapc.errors import MapcError
 from mapc.runtime.containers import torch_dist
 from mapc.runtime.containers.base import MAPC_JSON, write_json
-from mapc.runtime.plan_write import make_plan, planned_tensors
 
 LAYOUT = "torch_dist"
 WEIGHTS = "weights"
@@ -43,6 +56,9 @@ LAYOUT_DEFAULTS = {"naming": "te"}
 # what NeMo 2 records as content_metadata for a model without the distributed optimizer
 # (MegatronStrategy.sharded_state_dict_metadata)
 CONTENT_METADATA: dict = {}
+# Lightning's entries of common.pt that mapc carries from a NeMo 2 source to a NeMo 2 output
+# (plain data only; callbacks name the old run's files and are not carried)
+LIGHTNING_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "loops", "lr_schedulers")
 
 # NeMo 2 (megatron-core TransformerConfig) key -> (Megatron-LM argument, NeMo -> Megatron);
 # keys not listed have the same name in both.
@@ -108,6 +124,10 @@ class Nemo2Source(torch_dist.TorchDistSource):
     format = "nemo2"
     layout = "torch_dist"
     key_prefix = PREFIX
+    # NeMo's default, fully_sharded_model_space, is what megatron-core 0.16.1 cannot save
+    RESAVE_HINT = ("re-save it from NeMo with MegatronStrategy(ckpt_parallel_save_optim="
+                   "False) (dp_zero_gather_scatter), or without the optimizer "
+                   "(ckpt_save_optimizer=False)")
 
     def _find_iter_dir(self) -> Path:
         d = self.path / WEIGHTS
@@ -117,17 +137,57 @@ class Nemo2Source(torch_dist.TorchDistSource):
         return d
 
     def _common(self) -> dict:
-        """``common.pt``, or ``{}`` when it names objects mapc does not unpickle: NeMo keeps
-        Lightning's training state there (loops, callbacks, schedulers), which the weights and
-        ``model.yaml`` do not need."""
+        """``common.pt`` in torch_dist's shape: NeMo's one-element ``optimizer`` list
+        unwrapped, Lightning's ``global_step`` as the ``iteration``; or ``{}`` when it names
+        objects mapc does not unpickle (NeMo keeps Lightning's training state there: loops,
+        callbacks, schedulers), which the weights and ``model.yaml`` do not need."""
         try:
-            return super()._common()
+            common = dict(super()._common())
         except MapcError as e:
             if not (self.iter_dir / torch_dist.COMMON).is_file():
                 raise
-            self.warnings.append(f"{WEIGHTS}/{torch_dist.COMMON} is not read ({e.message}); "
-                                 f"the weights and {MODEL_YAML} do not need it")
+            if not any(k.startswith("optimizer.") for k in self._keys()):
+                self.warnings.append(f"{WEIGHTS}/{torch_dist.COMMON} is not read "
+                                     f"({e.message}); the weights and {MODEL_YAML} do not "
+                                     f"need it")
+                return {}
+            raise MapcError(f"{WEIGHTS}/{torch_dist.COMMON} is not read ({e.message}), and "
+                            f"the optimizer state needs it (its sharding type and param "
+                            f"groups)", where=str(self.iter_dir / torch_dist.COMMON),
+                            hint="convert the weights only: copy the checkpoint without "
+                                 "its optimizer.* entries, or re-save without callbacks' "
+                                 "objects") from None
+        opt = common.get("optimizer")
+        if isinstance(opt, list):
+            if len(opt) != 1 or not isinstance(opt[0], dict):
+                raise MapcError(f"{WEIGHTS}/{torch_dist.COMMON}: 'optimizer' holds {len(opt)} "
+                                f"entries; mapc reads NeMo 2's one megatron-core optimizer",
+                                where=str(self.iter_dir / torch_dist.COMMON))
+            common["optimizer"] = opt[0]
+        step = common.get("global_step")
+        if common.get("iteration") is None and isinstance(step, int) and \
+                not isinstance(step, bool):
+            common["iteration"] = step
+        return common
+
+    def _keys(self):
+        """The keys of ``weights/.metadata``."""
+        return torch_dist.dcp.read_metadata(self.iter_dir).get("state_dict_metadata") or {}
+
+    def training_state(self):
+        out = super().training_state()
+        lightning = {k: v for k, v in self._lightning().items() if k in LIGHTNING_KEYS}
+        if lightning:
+            out["lightning"] = lightning
+        return out
+
+    def _lightning(self) -> dict:
+        """Lightning's plain entries of ``common.pt`` (none when it is not read)."""
+        try:
+            common = torch_dist.TorchDistSource._common(self)
+        except MapcError:
             return {}
+        return {k: v for k, v in common.items() if k in LIGHTNING_KEYS and _plain(v)}
 
     def __init__(self, path):
         super().__init__(path)
@@ -175,17 +235,32 @@ Source = Nemo2Source
 
 
 def plan_write(program, facts, request):
-    """``weights/`` (torch_dist, keys prefixed ``module.``), ``context/model.yaml`` and
-    ``mapc.json``."""
-    tensors = planned_tensors(program, facts, request.dtype, ("param",))
+    """``weights/`` (torch_dist, keys prefixed ``module.``; with the source's Adam moments,
+    megatron-core's distributed optimizer state as torch_dist writes it), ``context/model.yaml``
+    and ``mapc.json``."""
+    plan = torch_dist.plan_write(program, facts, request)
     files = [MAPC_JSON, f"{CONTEXT}/{MODEL_YAML}"] + \
         [f"{WEIGHTS}/{f}" for f in (torch_dist.METADATA_JSON, torch_dist.COMMON,
                                     torch_dist.dcp.METADATA, torch_dist.DATA)]
     decisions = {"weights": f"{WEIGHTS}/ (torch_dist, keys prefixed {PREFIX!r})",
-                 "context": f"{CONTEXT}/{MODEL_YAML} ({MODEL_TARGET}); no io.json",
-                 "optimizer": "none (weights only)"}
-    return make_plan("nemo2", files, decisions=decisions, tensors=tensors,
-                     detail=(dict(program.target.meta()), None, None, {}))
+                 "context": f"{CONTEXT}/{MODEL_YAML} ({MODEL_TARGET}); no io.json"} | \
+        {k: v for k, v in plan.decisions.items()
+         if k not in ("iteration directory", "data file")}
+    return dataclasses.replace(plan, format="nemo2", files=tuple(sorted(files)),
+                               decisions=decisions)
+
+
+def _plain(obj, depth: int = 0) -> bool:
+    """Whether ``obj`` is plain data (what Lightning's loops and torch's schedulers save)."""
+    if depth > 32:
+        return False
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in obj)
+    if isinstance(obj, dict):
+        return all(isinstance(k, (str, int)) and _plain(v, depth + 1) for k, v in obj.items())
+    return False
 
 
 def model_yaml(args: dict) -> dict:
@@ -230,7 +305,22 @@ class Nemo2Writer(torch_dist.TorchDistWriter):
         return WEIGHTS
 
     def _common(self) -> dict:
-        return {"content_metadata": dict(CONTENT_METADATA)}
+        """Lightning's checkpoint entries as NeMo's ``MegatronStrategy`` saves them: the
+        torch_dist writer's optimizer entry wrapped in NeMo's one-element ``optimizer`` list,
+        ``global_step`` (the step), and the Lightning state of a NeMo 2 source (loops,
+        schedulers) carried."""
+        common = {"content_metadata": dict(CONTENT_METADATA)}
+        if self.opt is None:
+            return common
+        td = super()._common()
+        step = int(self.iteration or 0)
+        lightning = self.training.get("lightning")
+        lightning = dict(lightning) if isinstance(lightning, dict) else {}
+        common = {"epoch": 0, "global_step": step} | \
+            {k: v for k, v in lightning.items() if k in LIGHTNING_KEYS and _plain(v)} | \
+            {"state_dict": {}, "optimizer_states": {}, "optimizer": [td["optimizer"]],
+             "content_metadata": {"distrib_optim_sharding_type": self.opt.kind}}
+        return common
 
     def _finish_root(self, record: dict):
         import yaml

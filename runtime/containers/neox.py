@@ -476,11 +476,9 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
                        rs, stage_of, zgroups, zhyper, args,
                        ts.get("lr_scheduler") if facts.format == "neox" else None,
                        int(samples), meta)
-    prefix = "bf16_" if optim and rs.dtype == "bfloat16" else ""   # bf16_mode
     files = [f"{tag}/{layer_file(*f)}" for f in expected]
     files += [f"{tag}/{mp_file(s, t, tp)}" for s in range(pp) for t in range(tp)]
-    files += [f"{tag}/{prefix}zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt"
-              for m in zgroups for r in range(rs.dp)]
+    files += [_optim_file(detail, m, r) for m in zgroups for r in range(rs.dp)]
     files += [LATEST, "configs/mapc_neox.yml", MAPC_JSON]
     decisions = {"tag": tag, "tp": tp, "pp": pp, "dp": rs.dp,
                  "optimizer": ("fresh" if rs.fresh else "the source's") if optim else "none"}
@@ -490,8 +488,41 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
                           "pipe partition": partition or DEFAULT_PARTITION,
                           "param groups": {m: [len(g) for g in gs] for m, gs in zgroups.items()}})
     return make_plan("neox", files, decisions=decisions, notes=notes, slots=slots,
-                     tensors=tensors, detail=detail,
-                     serial="each ZeRO flat partition file is fed by every tensor of its stage")
+                     tensors=tensors, detail=detail, parts=_parts(detail, tensors))
+
+
+def _optim_file(d: _NeoxPlan, m: int, r: int) -> str:
+    """Data-parallel rank r's optimizer file of model-parallel rank m."""
+    prefix = "bf16_" if d.optim and d.resume.dtype == "bfloat16" else ""   # bf16_mode
+    return f"{d.tag}/{prefix}zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt"
+
+
+def _parts(d: _NeoxPlan, tensors) -> tuple:
+    """The output's independent files (runtime/workers.py): each layer file, fed by its
+    weights, and each (data-parallel rank, model-parallel rank)'s optimizer file, fed by the
+    params of that stage and tp rank with elements in the rank's flat partitions. The
+    ``mp_rank`` model states (the param shapes only) are metadata."""
+    from mapc.runtime.backends import DTYPES
+    from mapc.runtime.plan_write import Part
+    z = _zero()
+    layers, coord_of = {}, {}
+    for coord, name, shape, dt in tensors:
+        t = dict(coord).get("tp", 0)
+        coord_of[(t, name)] = coord
+        f = (int(name.partition(".")[0]), t)
+        names, size = layers.get(f, ((), 0))
+        layers[f] = (names + ((coord, name),), size + prod(shape) * DTYPES[dt].itemsize)
+    parts = [Part((f"{d.tag}/{layer_file(*f)}",), frozenset(names), size, weights_only=True)
+             for f, (names, size) in layers.items()]
+    for m, groups in d.groups.items():
+        t = m % d.tp
+        layout = z.ZeroOptimizer(Path(), list(groups), d.resume.dp, d.resume.stage,
+                                 d.resume.kind, ranks=())
+        for r in range(d.resume.dp):    # fp32 master and two moments per element
+            parts.append(Part((_optim_file(d, m, r),),
+                              frozenset((coord_of[(t, n)], n) for n in layout.names_on(r)),
+                              layout.rank_len * 12))
+    return tuple(parts)
 
 
 def _resume_args(meta, tp, pp, optim, rs, partition, dst) -> dict:
@@ -532,10 +563,12 @@ class NeoxWriter(PlannedWriter):
         d: _NeoxPlan = self.plan.detail
         _allow_open_files(len(d.expected) + 64)
         z = _zero()
-        for m, groups in d.groups.items():
-            self.zero[m] = z.ZeroOptimizer(self.dir / ".scratch" / f"mp{m}", list(groups),
-                                           d.resume.dp, d.resume.stage, d.resume.kind)
-        (self.dir / d.tag).mkdir()
+        for m, groups in d.groups.items():    # scratch for the ranks whose files this writes
+            mine = [r for r in range(d.resume.dp) if self.owns(_optim_file(d, m, r))]
+            self.zero[m] = z.ZeroOptimizer(
+                self.dir / ".scratch" / f"mp{m}.{mine[0] if mine else 0}", list(groups),
+                d.resume.dp, d.resume.stage, d.resume.kind, ranks=mine)
+        (self.dir / d.tag).mkdir(exist_ok=True)     # the workers of a parallel run share it
 
     def begin_slot(self, slot, tensors):
         self.incoming.add(slot)
@@ -549,6 +582,10 @@ class NeoxWriter(PlannedWriter):
         d: _NeoxPlan = self.plan.detail
         head, _, key = name.partition(".")
         file = (int(head), dict(coord).get("tp", 0))
+        if not self.owns(f"{d.tag}/{layer_file(*file)}"):
+            if d.optim and "master" not in self.incoming:
+                self._zero_of(coord, name).scatter("master", name, np.asarray(arr, np.float32))
+            return                                   # another worker's layer file
         if file not in self.open:
             self.open[file] = (torchfile.TorchWriter(self.dir / d.tag / layer_file(*file)), {})
         w, values = self.open[file]
@@ -560,30 +597,33 @@ class NeoxWriter(PlannedWriter):
             self._zero_of(coord, name).scatter("master", name, np.asarray(arr, np.float32))
 
     def write_slot(self, slot, coord, name, arr):
-        self._zero_of(coord, name).scatter(slot, name, arr)
+        zero = self._zero_of(coord, name)
+        if zero.ranks:
+            zero.scatter(slot, name, arr)
 
     def finish(self, record: dict):
         d: _NeoxPlan = self.plan.detail
         rs = d.resume
         tag_dir = self.dir / d.tag
         unfinished = [layer_file(*f) for f, (w, _) in self.open.items() if w is not None]
-        if unfinished or len(self.open) != len(d.expected):
+        owned = [f for f in d.expected if self.owns(f"{d.tag}/{layer_file(*f)}")]
+        if unfinished or len(self.open) != len(owned):
             raise MapcError(f"internal: layer files left incomplete: {unfinished[:3]}")
-        prefix = "bf16_" if d.optim and rs.dtype == "bfloat16" else ""   # bf16_mode
         for stage in range(d.pp):
             for t in range(d.tp):
                 m = stage * d.tp + t
                 zero = self.zero.get(m)
                 param_shapes = None
                 if zero is not None:
-                    for r in range(rs.dp):
-                        name = f"{prefix}zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt"
-                        zero.write_rank(tag_dir / name, r, hyper_params=list(d.hyper[m]),
-                                        step=rs.step, clip=rs.clip, scale=rs.scale,
-                                        ds_config=rs.cfg)
+                    for r in sorted(zero.ranks):
+                        zero.write_rank(self.dir / _optim_file(d, m, r), r,
+                                        hyper_params=list(d.hyper[m]), step=rs.step,
+                                        clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
                     param_shapes = zero.param_shapes(
                         {n: d.shapes[(t, n)] for f in zero.flats for n in f.names})
                     zero.remove()
+                if not self.metadata:
+                    continue              # the mp_rank files are the committing process's
                 state = {
                     "module": None, "buffer_names": [], "optimizer": None,
                     "param_shapes": param_shapes, "frozen_param_shapes": None,
@@ -600,6 +640,8 @@ class NeoxWriter(PlannedWriter):
                 }
                 w = torchfile.TorchWriter(tag_dir / mp_file(stage, t, d.tp))
                 w.finish(state)
+        if not self.metadata:
+            return
         shutil.rmtree(self.dir / ".scratch", ignore_errors=True)
         (self.dir / LATEST).write_text(d.tag)
         configs = self.dir / "configs"

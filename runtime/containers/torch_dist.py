@@ -138,9 +138,10 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
                          f"transformer_impl={optimizer.impl} (megatron-core's parameter order), "
                          f"one DDP bucket per rank (no --overlap-grad-reduce): resume with those")
     else:
-        for opt, value, what in (("--dp", request.dp, "data-parallel size"),
-                                 ("--optim-sharding", request.optim_sharding, "sharding type")):
-            if value is not None:
+        for opt, key, what in (("--dp", "dp", "data-parallel size"),
+                               ("--optim-sharding", "optim_sharding", "sharding type")):
+            value = getattr(request, key)
+            if value is not None and key in request.explicit:   # not taken from --like
                 raise MapcError(f"{opt} {value} sets the distributed optimizer's {what}, but "
                                 f"the source has no optimizer state",
                                 hint=f"drop {opt} (the weights are global: any data-parallel "
@@ -216,6 +217,9 @@ class TorchDistSource(Source):
     layout = "torch_dist"
     # a prefix every model key carries (NeMo 2's "module."), stripped on reading
     key_prefix = ""
+    # how to re-save an optimizer state of a sharding type mapc does not read
+    RESAVE_HINT = ("re-save it with distrib_optim_sharding_type dp_reshardable (Megatron-LM's "
+                   "default), or without the optimizer")
 
     def _find_iter_dir(self) -> Path:
         return iteration_dir(self.path)
@@ -277,9 +281,7 @@ class TorchDistSource(Source):
                 raise MapcError(f"the distributed optimizer's state is saved as "
                                 f"{self.sharding_type!r}, which mapc does not read (it reads "
                                 f"{', '.join(SHARDING_TYPES)})", where=str(self.iter_dir / COMMON),
-                                hint="re-save it with distrib_optim_sharding_type "
-                                     "dp_reshardable (Megatron-LM's default), or without "
-                                     "the optimizer")
+                                hint=self.RESAVE_HINT)
         self.scheduler = common.get("opt_param_scheduler")
 
     def bind_plan(self, plan):
@@ -583,6 +585,9 @@ class _DpReshardable(_Optimizer):
             self._derive(mplan, plan, keys, tp, pp, args, where)
             bad = self._masters_disagree()
             if bad is None:
+                if impl is None and naming is not None:   # the order found: carried on
+                    src.format_meta.setdefault("transformer_impl", "local" if naming == "local"
+                                               else "transformer_engine")
                 break
             failures.append(f"{bad} with the {naming or 'megatron'} layout")
         else:
@@ -946,15 +951,8 @@ class TorchDistWriter(PlannedWriter):
         self.objects[f"{key}/shard_0_1"] = self._append(_archive(obj=[obj]))
 
     def _param_groups(self) -> list[dict]:
-        """megatron-core's two default param groups (the source's hyper-parameters) with the
-        step, as its DistributedOptimizer state_dict holds them."""
-        from mapc.runtime.containers.megatron import _megatron_groups
-        groups = _megatron_groups(self.training.get("param_groups") or [{}])
-        for wd in (1.0, 0.0):      # megatron-core's two default groups must both be there
-            if not any(float(g["wd_mult"]) == wd for g in groups):
-                groups.append(dict(groups[0], wd_mult=wd))
-        step = float(self.training.get("step") or 0)
-        return [dict(g, step=step) for g in groups]
+        from mapc.runtime.containers.distopt import param_groups
+        return param_groups(self.training)
 
     def _optimizer_objects(self):
         """The alignment gaps of every bucket (zeros), and per model-parallel rank the

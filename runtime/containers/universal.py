@@ -38,7 +38,7 @@ from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, ResumePlan
                                           stage12_header, torch_size,
                                           zero_stage as _zero_stage_value, DEEPSPEED_PICKLES)
 from mapc.runtime.containers.base import MAPC_JSON, Source as _BaseSource, read_record, write_json
-from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
+from mapc.runtime.plan_write import (Part, PlannedWriter, SourceFacts, WritePlan, WriteRequest,
                                      ZeroFacts, make_plan, planned_tensors, stateless_targets)
 
 LAYOUT = "hf"
@@ -234,9 +234,14 @@ def _scalar(x):
 
 class ModelParallelUniversalSource(UniversalSource):
     """A universal checkpoint with ``mp_world_size`` > 1 (runtime/containers/universal_tp.py):
-    mesh coordinates ``(tp, pp=0)`` of the family's ``megatron`` layout. Weights come from each
-    rank's model states; the optimizer slots are cut from the full tensors in ``zero/`` by each
-    file's own keys, as DeepSpeed's loader cuts them."""
+    mesh coordinates ``(tp, pp)``, one ``mp_rank_MM_model_states.pt`` per rank, MM = pp * tp +
+    tp rank (DeepSpeed's model-parallel rank, pipeline-major). Without pipeline parallelism the
+    tensors are the family's ``megatron`` layout; with DeepSpeed pipeline names in zero/
+    (``<position>.<key>``, ``tied_modules.<key>``: Megatron-DeepSpeed's GPTModelPipe) its
+    ``megatron_pipe`` layout. Weights come from each rank's model states, or, where a
+    pipeline engine kept none there (``module`` is None), from zero/; the optimizer slots are
+    cut from the full tensors in ``zero/`` by each file's own keys, as DeepSpeed's loader
+    cuts them."""
 
     layout = _tp.LAYOUT
     module_source = False
@@ -244,38 +249,39 @@ class ModelParallelUniversalSource(UniversalSource):
     @property
     def needs_family(self) -> str:
         """Why generic mode cannot read it (compiler/resolve.py)."""
-        return f"a tensor-parallel universal checkpoint (mp_world_size {self.tp})"
+        if self.pp == 1:
+            return f"a tensor-parallel universal checkpoint (mp_world_size {self.tp})"
+        return f"a model-parallel universal checkpoint (tp {self.tp}, pp {self.pp})"
 
     def __init__(self, path, udir: Path, main: dict):
         _BaseSource.__init__(self, path)
         self.udir, self.zero, self.stage3 = udir, udir / "zero", False
         if not self.record and udir != self.path:
             self.record = read_record(udir.parent)
-        self.tp = _tp.tp_of(main, udir)
-        dims = main.get("checkpoint_parallel_dimensions") or {}
-        if (hasattr(dims, "get") and (dims.get("pp_degree") or 1) != 1) or \
-                any(udir.glob("mp_rank_*_*_model_states.pt")):
-            raise MapcError("pipeline-parallel universal checkpoints are not read yet",
-                            where=str(udir), hint="convert it at pp=1 (DeepSpeed's "
-                                                  "ds_to_universal of a pp=1 run), or convert "
-                                                  "its source checkpoint")
+        mp = _tp.tp_of(main, udir)
+        self.tp, self.pp = _tp.tp_pp_of(main, mp, str(udir / _tp.rank_file(0)))
+        if any(udir.glob("mp_rank_*_*_model_states.pt")):
+            raise MapcError("Megatron-style mp_rank_TT_PPP model states in a universal "
+                            "checkpoint are not read", where=str(udir),
+                            hint="DeepSpeed's universal checkpoints name one "
+                                 "mp_rank_MM_model_states.pt per model-parallel rank")
         self.info = _tp.check_info(main.get("universal_checkpoint_info"),
                                    str(udir / _tp.rank_file(0)))
         ranks = [main]
-        for t in range(1, self.tp):
-            f = udir / _tp.rank_file(t)
+        for m in range(1, mp):
+            f = udir / _tp.rank_file(m)
             if not f.is_file():
-                raise MapcError(f"{f.name} is missing (mp_world_size is {self.tp})",
+                raise MapcError(f"{f.name} is missing (mp_world_size is {mp})",
                                 where=str(udir), hint="copy the complete checkpoint")
             ms = torchfile.load(f, DEEPSPEED_PICKLES, expect=dict)
-            if ms.get("mp_world_size", 1) != self.tp:
+            if ms.get("mp_world_size", 1) != mp:
                 raise MapcError(f"mp_world_size {ms.get('mp_world_size')!r} differs from "
-                                f"{self.tp} in {_tp.rank_file(0)}", where=str(f),
+                                f"{mp} in {_tp.rank_file(0)}", where=str(f),
                                 hint="is the checkpoint mixed from two runs?")
             ranks.append(ms)
-        self.model_state_files = [udir / _tp.rank_file(t) for t in range(self.tp)]
+        self.model_state_files = [udir / _tp.rank_file(m) for m in range(mp)]
         self.modules, self.rank_shapes = [], []
-        for t, ms in enumerate(ranks):
+        for m, ms in enumerate(ranks):
             module = dict(ms.get("module") or {})
             shapes = OrderedDict()
             for g in ms.get("param_shapes") or []:
@@ -285,17 +291,28 @@ class ModelParallelUniversalSource(UniversalSource):
             if extra:
                 raise MapcError(f"module entries outside the optimizer ({extra[0]}) in a "
                                 "model-parallel universal checkpoint are not read yet",
-                                where=str(self.model_state_files[t]))
-            if t and list(shapes) != list(self.rank_shapes[0]):
-                raise MapcError(f"{self.model_state_files[t].name} lists other parameters "
-                                f"than {_tp.rank_file(0)}", where=str(udir),
+                                where=str(self.model_state_files[m]))
+            first = m - m % self.tp                    # tp rank 0 of the same stage
+            if m != first and list(shapes) != list(self.rank_shapes[first]):
+                raise MapcError(f"{self.model_state_files[m].name} lists other parameters "
+                                f"than {_tp.rank_file(first)}", where=str(udir),
                                 hint="is the checkpoint mixed from two runs?")
             self.modules.append(module)
             self.rank_shapes.append(shapes)
         self.model_states = main
         self.module = self.modules[0]
-        self.param_shapes = [dict(g) for g in main.get("param_shapes") or []]
-        self.shapes = dict(self.rank_shapes[0])        # the names (_step lists them)
+        # every stage's param groups, stage by stage (each stage's engine has them all)
+        self.param_shapes = []
+        for m in range(0, mp, self.tp):
+            for g, group in enumerate(ranks[m].get("param_shapes") or []):
+                if g == len(self.param_shapes):
+                    self.param_shapes.append({})
+                self.param_shapes[g].update(dict(group))
+        self.shapes = {}                                # every name (_step lists them)
+        for shapes in self.rank_shapes:
+            self.shapes.update(shapes)
+        if self.pp > 1 or any(_tp.pipeline_name(n) for n in self.shapes):
+            self.layout = _tp.PIPE_LAYOUT
         for name in self.shapes:
             if not (self.zero / name).is_dir():
                 raise MapcError(f"zero/{name}/ is missing (the model states list {name})",
@@ -303,7 +320,7 @@ class ModelParallelUniversalSource(UniversalSource):
         self.optim = _load(self.zero / "optimizer_state.pt", "the optimizer state")
         self.saved_ranks = int(main.get("dp_world_size") or 1)
         self.saved_dp = main.get("dp_world_size")
-        self.topology = {"tp": self.tp, "pp": 1}
+        self.topology = {"tp": self.tp, "pp": self.pp}
         self.config = self.record.get("config") or \
             _ds.config_json((udir, udir.parent, udir.parent.parent))
         args = main.get("args")              # Megatron-DeepSpeed's args (a Namespace)
@@ -311,11 +328,12 @@ class ModelParallelUniversalSource(UniversalSource):
         self.kinds, self.shared = {}, {}
 
     def coords(self):
-        return [(("tp", t), ("pp", 0)) for t in range(self.tp)]
+        return [(("tp", t), ("pp", p)) for p in range(self.pp) for t in range(self.tp)]
 
-    @staticmethod
-    def _rank(coord) -> int:
-        return dict(coord).get("tp", 0)
+    def _rank(self, coord) -> int:
+        """The model-parallel rank of ``coord``: its mp_rank file's number."""
+        c = dict(coord)
+        return c.get("pp", 0) * self.tp + c.get("tp", 0)
 
     def names(self, coord=SINGLE):
         return list(self.rank_shapes[self._rank(coord)])
@@ -333,11 +351,12 @@ class ModelParallelUniversalSource(UniversalSource):
         return ref.dtype if slot == "param" and ref is not None else "float32"
 
     def read(self, name, coord=SINGLE, slot="param"):
-        shape, t = self.shape(name, coord), self._rank(coord)
-        ref = self.modules[t].get(name)
+        shape, m = self.shape(name, coord), self._rank(coord)
+        ref = self.modules[m].get(name)
         if slot == "param" and ref is not None and tuple(ref.shape) == shape:
             return ref.map()
-        arr = self._tp_state(name, "master" if slot == "param" else slot, shape, t)
+        arr = self._tp_state(name, "master" if slot == "param" else slot, shape,
+                             dict(coord).get("tp", 0))
         return arr.astype(DTYPES[ref.dtype if ref is not None else "float32"]) \
             if slot == "param" else arr
 
@@ -463,7 +482,34 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         decisions.pop(key)
     return make_plan("universal", files, decisions=decisions, notes=notes, slots=slots,
                      tensors=tensors, detail=detail, facts=facts,
-                     serial="the model states and optimizer_state.pt hold every tensor")
+                     parts=_parts(detail, tensors, udir, carry))
+
+
+def _parts(d: _UniversalPlan, tensors, udir: str, carry) -> tuple[Part, ...]:
+    """The output's independent files (runtime/workers.py): each parameter's folder in zero/
+    (with its tied aliases' and, at stages 1/2, its module entry's fp32.pt), fed by that
+    parameter; and the model states with zero/optimizer_state.pt, fed by the weights (none
+    when the model states are carried over)."""
+    stage3 = d.resume.stage == 3
+    parts, module, weights = [], [], 0
+    for coord, name, shape, dt in tensors:
+        n = math.prod(shape)
+        files = [] if stage3 else [f"{udir}/zero/{a}/fp32.pt" for a in
+                                   ([name] if name in d.kinds else []) + list(d.tied.get(name, ()))]
+        if name not in d.kinds:
+            files += [f"{udir}/zero/{name}/{k}.pt" for k in
+                      ("fp32", "exp_avg", "exp_avg_sq") + (() if stage3 else ("step",))]
+        if files:
+            parts.append(Part(tuple(files), frozenset({(coord, name)}), n * 4 * len(files),
+                              weights_only=name in d.kinds))
+        if not carry:       # at stage 3 placeholders but for buffers, in arrival order
+            module.append((coord, name))
+            weights += n * DTYPES[dt].itemsize if not stage3 or d.kinds.get(name) else 0
+    models = [f"{udir}/{f.name}" for f in carry] if carry else \
+        [f"{udir}/{_model_file(d.resume.stage, r)}" for r in range(d.resume.dp if stage3 else 1)]
+    parts.append(Part((*models, f"{udir}/zero/optimizer_state.pt"), frozenset(module), weights,
+                      weights_only=True))
+    return tuple(parts)
 
 
 def _model_file(stage, rank):
@@ -494,11 +540,22 @@ class UniversalWriter(PlannedWriter):
         self._pending: deque = deque()
 
     def begin(self, tensors):
+        from mapc.runtime.execute import delivery_order
         self.tensors = [(name, tuple(shape), dt) for _, name, shape, dt in tensors]
         self.dtypes = {name: dt for name, _, dt in self.tensors}
-        self.zero.mkdir(parents=True)
-        if not self.plan.detail.carry:
+        # the index order is the order the weights arrive in one process, also in a worker
+        # of a parallel run that sees only its share
+        self.names = [name for _, name in delivery_order(self.program)]
+        self.zero.mkdir(parents=True, exist_ok=True)    # the workers of a parallel run share it
+        if not self.plan.detail.carry and self._owns_file(self._model_file(0)):
             self.models = torchfile.TorchWriter(self.udir / self._model_file(0))
+
+    def _owns_file(self, rel: str) -> bool:
+        """Whether this writer creates ``<tag>_universal/<rel>``."""
+        return self.owns(f"{self.udir.name}/{rel}")
+
+    def _owns_state(self, name: str, key: str) -> bool:
+        return self._owns_file(f"zero/{name}/{'fp32' if key == 'module' else key}.pt")
 
     def begin_slot(self, slot, tensors):
         pass
@@ -510,6 +567,8 @@ class UniversalWriter(PlannedWriter):
         """Write zero/<name>/<key>.pt on a writer thread: one file's bytes go to the kernel
         while the next file's zip CRC is computed (both release the GIL). At most
         ``_IN_FLIGHT`` files are pending, so memory stays bounded by a few parameters."""
+        if not self._owns_state(name, key):
+            return                                # another worker's file
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mapc-universal")
         while len(self._pending) >= _IN_FLIGHT:
@@ -534,7 +593,6 @@ class UniversalWriter(PlannedWriter):
             w.finish(obj)
 
     def write(self, coord, name, arr):
-        self.names.append(name)
         if self.models is not None:
             keep = arr if self.stage != 3 or self.kinds.get(name) == "buffer" \
                 else np.zeros((0,), arr.dtype)
@@ -544,9 +602,10 @@ class UniversalWriter(PlannedWriter):
             # hold, buffers, frozen and tied names too, as zero/<name>/fp32.pt = {"param":
             # the module tensor as float32}
             for alias in ([name] if name in self.kinds else []) + list(self.tied.get(name, ())):
-                self._save(alias, "module", np.asarray(arr).astype(np.float32))
-        if name in self.kinds:
-            return
+                if self._owns_state(alias, "module"):
+                    self._save(alias, "module", np.asarray(arr).astype(np.float32))
+        if name in self.kinds or not self._owns_state(name, "fp32"):
+            return          # the model states' worker: the rest is the parameter's worker's
         if self.stage != 3:
             self._save(name, "step", np.array(self.step, dtype=np.float32))
         if "master" not in self.have:       # the weights are the master copy
@@ -565,8 +624,11 @@ class UniversalWriter(PlannedWriter):
         self._drain()
         if self._pool is not None:
             self._pool.shutdown()
-        self._write_model_states(record)
-        self._write_optimizer_state()
+        if self._owns_file("zero/optimizer_state.pt"):     # with the model states
+            self._write_model_states(record)
+            self._write_optimizer_state()
+        if not self.metadata:
+            return
         (self.dir / LATEST).write_text(self.udir.name)
         if "config.json" in self.plan.files:        # generic mode may have no model config
             write_json(self.dir / "config.json", record.get("config") or {})
@@ -603,14 +665,16 @@ class UniversalWriter(PlannedWriter):
             out[g].append(name)
         return out
 
-    def _ordered_names(self, src=None):
-        """The written names, in the order of ``src`` (names) where they appear there."""
+    def _ordered_names(self, src=None, names=None):
+        """The written names (or ``names``), in the order of ``src`` (names) where they
+        appear there."""
         if src is None:
             src = [x for pg in self.training.get("param_groups") or [] for x in
                    pg.get("params") or []]
+        names = self.names if names is None else names
         pos = {x: i for i, x in enumerate(src)}
-        order = {x: i for i, x in enumerate(self.names)}
-        return sorted(self.names, key=lambda x: (pos.get(x, len(pos)), order[x]))
+        order = {x: i for i, x in enumerate(names)}
+        return sorted(names, key=lambda x: (pos.get(x, len(pos)), order[x]))
 
     def _module_order(self):
         """The source's own tensor order (a model's state_dict order, when names match)."""
@@ -742,21 +806,27 @@ def _writable_item(key, value, w):
 
 # ---- writing a model-parallel universal checkpoint ---------------------------------------------
 def layout_for(topology: dict) -> str:
-    """The layout of a universal output at ``topology``: the wrapped module's (``hf``), or
-    with tensor or pipeline parallelism the family's ``megatron`` layout (universal_tp.py)."""
-    sharded = any((topology or {}).get(a) not in (None, 1) for a in ("tp", "pp", "ep"))
+    """The layout of a universal output at ``topology``: the wrapped module's (``hf``); with
+    tensor parallelism the family's ``megatron`` layout; with pipeline parallelism its
+    ``megatron_pipe`` layout (DeepSpeed pipeline names, unique across stages as zero/ needs
+    them; universal_tp.py)."""
+    topology = topology or {}
+    if topology.get("pp") not in (None, 1):
+        return _tp.PIPE_LAYOUT
+    sharded = any(topology.get(a) not in (None, 1) for a in ("tp", "ep"))
     return _tp.LAYOUT if sharded else LAYOUT
 
 
 @dataclass(frozen=True)
 class _TPPlan:
-    """A model-parallel universal output's decisions: ZeRO (``resume``), the tag, ``tp``, every
-    tensor's universal rule (``rules``, universal_tp.Rule by name), the
+    """A model-parallel universal output's decisions: ZeRO (``resume``), the tag, ``tp``,
+    ``pp``, every tensor's universal rule (``rules``, universal_tp.Rule by name), the
     ``universal_checkpoint_info`` written, each (coord, name)'s param group, the target
     layout's Megatron arguments (``args``)."""
     resume: ResumePlan
     tag: str
     tp: int
+    pp: int
     rules: dict
     info: dict
     groups: dict | None
@@ -765,12 +835,12 @@ class _TPPlan:
 
 def _plan_write_tp(program, facts: SourceFacts, request: WriteRequest, slots) -> WritePlan:
     mesh = program.target.mesh
-    tp = int(mesh.get("tp", 1))
-    if any(mesh.get(a, 1) != 1 for a in mesh if a != "tp"):
-        raise MapcError("pipeline- or expert-parallel universal checkpoints are not written "
+    tp, pp = int(mesh.get("tp", 1)), int(mesh.get("pp", 1))
+    if any(mesh.get(a, 1) != 1 for a in mesh if a not in ("tp", "pp")):
+        raise MapcError("expert-parallel universal checkpoints are not written "
                         f"(asked for {program.target.describe()})",
-                        hint="convert to universal with --tp only (any pp loads it), or to "
-                             "megatron/neox for pipeline stages")
+                        hint="convert to universal with --tp/--pp only, or to megatron or "
+                             "torch_dist for expert parallelism")
     tensors = planned_tensors(program, facts, request.dtype, slots)
     kinds = stateless_targets(program, facts, tensors)
     if kinds:
@@ -778,13 +848,21 @@ def _plan_write_tp(program, facts: SourceFacts, request: WriteRequest, slots) ->
                         "); a model-parallel universal checkpoint of frozen parameters or "
                         "buffers is not written yet", hint="convert to universal without --tp")
     rules: dict = {}
+    copies: set = set()           # a tied tensor's copy on the last stage: the same zero/ files
     for inst, _, name in program.target.placements():
-        if name not in rules:
+        if inst.copy:
+            copies.add(name)
+        elif name not in rules:
             if not name or "/" in name or "\0" in name or name in (".", ".."):
                 raise MapcError(f"parameter name {name!r} cannot be a folder name in zero/")
             rules[name] = _tp.rule_of(inst, name)
+    if copies - set(rules):
+        name = next(iter(copies - set(rules)))
+        raise MapcError(f"{name} (layout {program.target.name}) is a copy under a name of its "
+                        "own, which a universal checkpoint (one zero/ folder per name) cannot "
+                        "hold", hint="convert to megatron for this pipeline layout")
     vocab = next((r.rows for r in rules.values() if r.kind == "vocab"), None)
-    info = _tp.checkpoint_info(rules, vocab)
+    info = _tp.checkpoint_info(rules, vocab, pipeline_replicated=sorted(copies))
     notes: list[str] = []
     rs = plan_resume(facts, request, "universal", {dt for _, _, _, dt in tensors}, notes)
     if rs.stage == 3:
@@ -801,32 +879,36 @@ def _plan_write_tp(program, facts: SourceFacts, request: WriteRequest, slots) ->
     udir = f"{tag}_universal"
     files = [LATEST, MAPC_JSON, f"{udir}/zero/optimizer_state.pt"] + \
         (["config.json"] if facts.has_config else []) + \
-        [f"{udir}/{_tp.rank_file(t)}" for t in range(tp)]
+        [f"{udir}/{_tp.rank_file(m)}" for m in range(tp * pp)]
     for name in rules:
         files += [f"{udir}/zero/{name}/{k}.pt" for k in ("fp32", "exp_avg", "exp_avg_sq", "step")]
     decisions = {**rs.decisions(), "tag": tag, "tensor parallel": tp,
+                 **({"pipeline parallel": pp} if pp > 1 else {}),
                  "layout": program.target.describe(), "model states": "built",
                  "universal rules": {k: sum(1 for r in rules.values() if r.kind == k)
                                      for k in ("replicated", "cat", "sub2", "vocab")}}
     for key in ("source dp", "optimizer class", "training dtype"):
         decisions.pop(key)
-    detail = _TPPlan(rs, tag, tp, rules, info, groups, dict(program.target.meta()))
+    detail = _TPPlan(rs, tag, tp, pp, rules, info, groups, dict(program.target.meta()))
     return make_plan("universal", files, decisions=decisions, notes=notes, slots=slots,
                      tensors=tensors, detail=detail, facts=facts)
 
 
 class ModelParallelUniversalWriter(UniversalWriter):
     """Writes a model-parallel universal checkpoint as planned (_TPPlan): each rank's shards
-    into its ``mp_rank_TT_model_states.pt``, and every parameter's full tensors into zero/ as
-    soon as all its ranks' slices of a slot have arrived (merged as ds_to_universal merges
-    them: one parameter is held at a time)."""
+    into its ``mp_rank_MM_model_states.pt`` (MM = pp * tp + tp rank; with pipeline stages the
+    module is None, as a pipeline engine saves it: the weights are in zero/ only), and every
+    parameter's full tensors into zero/ as soon as all its tp ranks' slices of a slot have
+    arrived (merged as ds_to_universal merges them: one parameter is held at a time). A tied
+    tensor's copy on the last stage is written once."""
 
     def __init__(self, tmpdir, program, plan):
         PlannedWriter.__init__(self, tmpdir, program, plan)
         d: _TPPlan = plan.detail
         self.stage, self.dp, self.fresh, self.step = (d.resume.stage, d.resume.dp,
                                                       d.resume.fresh, d.resume.step)
-        self.tp, self.rules = d.tp, d.rules
+        self.tp, self.pp, self.rules = d.tp, d.pp, d.rules
+        self.mp = d.tp * d.pp
         self.facts: SourceFacts = plan.facts
         self.training = plan.facts.training
         self.have = set(plan.facts.slots)
@@ -836,26 +918,35 @@ class ModelParallelUniversalWriter(UniversalWriter):
         self._pool = None
         self._pending: deque = deque()
         self._slices: dict = {}              # (slot, name) -> {tp rank: array}
+        self._saved: set = set()             # (slot, name) written (a tied copy comes twice)
         self.names: list[str] = []
+        self.rank_names: dict = {m: [] for m in range(self.mp)}
 
     def begin(self, tensors):
         self.tensors = [(name, tuple(shape), dt) for _, name, shape, dt in tensors]
-        self.rank_tensors = {t: [] for t in range(self.tp)}
+        self.rank_tensors = {m: [] for m in range(self.mp)}
         for coord, name, shape, dt in tensors:
-            self.rank_tensors[dict(coord).get("tp", 0)].append((name, tuple(shape), dt))
+            self.rank_tensors[self._rank(coord)].append((name, tuple(shape), dt))
         self.dtypes = {name: dt for name, _, dt in self.tensors}
         self.zero.mkdir(parents=True)
-        self.models = {t: torchfile.TorchWriter(self.udir / _tp.rank_file(t))
-                       for t in range(self.tp)}
-        self.modules = {t: OrderedDict() for t in range(self.tp)}
+        self.models = {m: torchfile.TorchWriter(self.udir / _tp.rank_file(m))
+                       for m in range(self.mp)}
+        self.modules = {m: OrderedDict() for m in range(self.mp)}
+
+    def _rank(self, coord) -> int:
+        c = dict(coord)
+        return c.get("pp", 0) * self.tp + c.get("tp", 0)
 
     def _collect(self, key, coord, name, arr):
         """The full tensor once every rank's slice of (key, name) is here, else None."""
+        if (key, name) in self._saved:
+            return None
         got = self._slices.setdefault((key, name), {})
         got[dict(coord).get("tp", 0)] = np.array(arr, dtype=np.float32)   # arr may be reused
         if len(got) < self.tp:
             return None
         del self._slices[(key, name)]
+        self._saved.add((key, name))
         return self.rules[name].merge([got[t] for t in range(self.tp)])
 
     def _save_now(self, name, key, arr):
@@ -871,11 +962,15 @@ class ModelParallelUniversalWriter(UniversalWriter):
             w.finish(obj)
 
     def write(self, coord, name, arr):
-        t = dict(coord).get("tp", 0)
-        if t == 0:
+        m = self._rank(coord)
+        self.rank_names[m].append(name)
+        if m == 0:
             self.names.append(name)
-        self.modules[t][name] = self.models[t].add_tensor(np.require(arr, requirements="C"))
-        if t == 0:
+        if self.pp == 1:
+            self.modules[m][name] = self.models[m].add_tensor(np.require(arr,
+                                                                         requirements="C"))
+        if ("step", name) not in self._saved:
+            self._saved.add(("step", name))
             self._save(name, "step", np.array(self.step, dtype=np.float32))
         if "master" not in self.have:       # the weights are the master copy
             full = self._collect("fp32", coord, name, arr)
@@ -906,19 +1001,21 @@ class ModelParallelUniversalWriter(UniversalWriter):
         for w in (getattr(self, "models", None) or {}).values():
             w.abort()
 
-    def _group_names(self):
-        """Rank 0's names per param group (every rank has the same names)."""
+    def _group_names(self, m=0):
+        """Rank ``m``'s names per param group (every tp rank of a stage has the same names).
+        Every rank has as many groups (some may be empty), as DeepSpeed's engine keeps the
+        client optimizer's groups on every stage."""
         d: _TPPlan = self.plan.detail
         n = max(d.groups.values(), default=0) + 1 if d.groups else 1
         out = [[] for _ in range(n)]
-        coord0 = next((c for c, _, _, _ in self.plan.tensors if dict(c).get("tp", 0) == 0), ())
-        for name in self._ordered_names():
-            out[d.groups.get((coord0, name), 0) if d.groups else 0].append(name)
+        coord = next((c for c, _, _, _ in self.plan.tensors if self._rank(c) == m), ())
+        names = sorted(self.rank_names[m], key=_tp.pipeline_position)  # the module's order
+        for name in self._ordered_names(names=names):
+            out[d.groups.get((coord, name), 0) if d.groups else 0].append(name)
         return out
 
     def _finish_model_states(self, record):
         d: _TPPlan = self.plan.detail
-        groups = self._group_names()
         steps = int(self.training.get("iteration") or 0)
         dtypes = set(self.dtypes.values())
         ds_config = self.training.get("ds_config") or {
@@ -927,23 +1024,28 @@ class ModelParallelUniversalWriter(UniversalWriter):
             **({"bf16": {"enabled": True}} if dtypes == {"bfloat16"} else {}),
             **({"fp16": {"enabled": True}} if dtypes == {"float16"} else {}),
         }
-        args = dict(d.args, tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=1,
-                    data_parallel_size=self.dp, iteration=steps)
-        for t in range(self.tp):
-            shapes = {name: shape for name, shape, _ in self.rank_tensors[t]}
+        args = dict(d.args, tensor_model_parallel_size=self.tp,
+                    pipeline_model_parallel_size=self.pp, data_parallel_size=self.dp,
+                    iteration=steps)
+        for m in range(self.mp):
+            shapes = {name: shape for name, shape, _ in self.rank_tensors[m]}
+            groups = self._group_names(m)
             param_shapes = [OrderedDict((n, torch_size(shapes[n])) for n in g) for g in groups]
-            ms = model_states(self.modules[t], [n for g in groups for n in g], {}, param_shapes,
+            order = [n for g in groups for n in g] if self.pp == 1 else []
+            ms = model_states(self.modules[m], order, {}, param_shapes,
                               self.stage, scheduler=_plain(self.training.get("lr_scheduler")),
                               steps=steps, samples=int(self.training.get("global_samples") or 0),
                               dp=self.dp, ds_config=_plain(ds_config))
-            ms["mp_world_size"] = self.tp
-            ms["checkpoint_parallel_dimensions"] = {"pp_degree": 1, "tp_degree": self.tp}
+            if self.pp > 1:
+                ms["module"] = None              # a pipeline engine keeps its layers apart
+            ms["mp_world_size"] = self.mp
+            ms["checkpoint_parallel_dimensions"] = {"pp_degree": self.pp, "tp_degree": self.tp}
             # Megatron-DeepSpeed's client state: the universal info, args, iteration
             ms["universal_checkpoint_info"] = d.info
             ms["args"] = torchfile.Namespace(**args)
             ms["iteration"] = steps
             ms["checkpoint_version"] = 3.0
-            self.models[t].finish(ms)
+            self.models[m].finish(ms)
 
 
 def Writer(tmpdir, program, plan):                          # noqa: N802 (the protocol's name)

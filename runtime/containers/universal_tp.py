@@ -1,5 +1,5 @@
-"""Model-parallel DeepSpeed universal checkpoints (Megatron-DeepSpeed's layout with tensor
-parallelism), read and written.
+"""Model-parallel DeepSpeed universal checkpoints (Megatron-DeepSpeed's layouts with tensor and
+pipeline parallelism), read and written.
 
 Beside ``zero/`` such a folder holds one ``mp_rank_TT_model_states.pt`` per tensor-parallel
 rank, each with that rank's shards of the module (``module``, ``param_shapes``),
@@ -21,8 +21,11 @@ Which tensor is which comes from the family's spec, never from its name: the ten
 spec's ``megatron`` layout (its megatron-core or legacy names, at the checkpoint's TP), and each
 one's rule is read off its compiled recipe (where the ``tp`` split sits on its axis, whether a
 vocabulary axis is padded). ``universal_checkpoint_info`` is written from the same rules, one
-exact pattern per tensor. Pipeline parallelism and ZeRO stage 3 with TP are refused.
-docs/formats/deepspeed.md section 10 has the details.
+exact pattern per tensor. With pipeline parallelism the tensors are the family's
+``megatron_pipe`` layout (DeepSpeed PipelineModule names at global layer positions, one zero/
+folder each across stages) and there is one ``mp_rank_MM_model_states.pt`` per (pp, tp) rank,
+MM = pp * tp + tp rank. Expert parallelism and ZeRO stage 3 with TP are refused.
+docs/formats/deepspeed.md section 13 has the details.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import numpy as np
 from mapc.errors import MapcError
 
 LAYOUT = "megatron"
+PIPE_LAYOUT = "megatron_pipe"    # DeepSpeed pipeline names (Megatron-DeepSpeed's GPTModelPipe)
 MAX_TP = 4096
 UC_VERSION = 0.2          # the universal_checkpoint_info version this layout needs (< 0.4)
 
@@ -46,6 +50,7 @@ VOCABULARY = "vocabulary_parameter_patterns"
 TWO_SUB_PARAMS = "parameter_with_2_sub_params_cat_dim_0"
 TO_AVERAGE = "parameter_to_average_patterns"
 SUB_PARAMS = "parameter_with_sub_params"
+PIPE_REPLICATED = "pipeline_replicated_parameter_patterns"
 
 
 def rank_file(t: int) -> str:
@@ -63,6 +68,41 @@ def tp_of(model_states: dict, udir: Path) -> int:
         raise MapcError(f"{rank_file(1)} is present but {rank_file(0)} says mp_world_size 1",
                         where=str(udir), hint="is the checkpoint mixed from two runs?")
     return tp
+
+
+def tp_pp_of(model_states: dict, mp: int, where: str) -> tuple[int, int]:
+    """(tp, pp) of a checkpoint of ``mp`` model-parallel ranks: DeepSpeed's
+    ``checkpoint_parallel_dimensions`` when recorded (a pipeline engine's ``mp_world_size``
+    counts every stage's ranks: tp * pp), else (mp, 1)."""
+    dims = model_states.get("checkpoint_parallel_dimensions")
+    if dims is None:
+        return mp, 1
+    tp = dims.get("tp_degree") if isinstance(dims, dict) else None
+    pp = dims.get("pp_degree") if isinstance(dims, dict) else None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_TP
+               for x in (tp, pp)) or tp * pp != mp:
+        raise MapcError(f"checkpoint_parallel_dimensions {dims!r} do not describe "
+                        f"mp_world_size {mp} (tp_degree * pp_degree)", where=where,
+                        hint="is the checkpoint corrupt?")
+    return tp, pp
+
+
+_PIPE_NAME = re.compile(r"^(\d+|tied_modules)\.")
+
+
+def pipeline_name(name: str) -> bool:
+    """Whether ``name`` is a DeepSpeed PipelineModule parameter name (``<position>.<key>``
+    or ``tied_modules.<key>``)."""
+    return bool(_PIPE_NAME.match(name))
+
+
+def pipeline_position(name: str) -> int:
+    """Where a PipelineModule registers ``name``: its tied modules first (-1), then each
+    layer at its position; not a pipeline name: 0 (the order is kept)."""
+    m = _PIPE_NAME.match(name)
+    if not m:
+        return 0
+    return -1 if m.group(1) == "tied_modules" else int(m.group(1))
 
 
 # ---- the rule of one tensor, from its recipe -----------------------------------------------------
@@ -136,11 +176,13 @@ def rule_of(inst, name: str) -> Rule:
                          "to universal without --tp")
 
 
-def checkpoint_info(rules: dict, vocab: int | None) -> dict:
+def checkpoint_info(rules: dict, vocab: int | None, pipeline_replicated=()) -> dict:
     """``universal_checkpoint_info`` for ``rules`` (name -> Rule): one exact pattern per
-    tensor, in the lists ds_to_universal's merge reads."""
+    tensor, in the lists ds_to_universal's merge reads; ``pipeline_replicated`` names the
+    tensors held by more than one pipeline stage (a tied embedding)."""
     info = {ROW_PARALLEL: [], REPLICATED: [], VOCABULARY: [], TWO_SUB_PARAMS: [],
-            TO_AVERAGE: [], "pipeline_replicated_parameter_patterns": [],
+            TO_AVERAGE: [],
+            PIPE_REPLICATED: ["^" + re.escape(n) + "$" for n in pipeline_replicated],
             "universal_checkpoint_version": UC_VERSION}
     for name, rule in rules.items():
         pattern = "^" + re.escape(name) + "$"

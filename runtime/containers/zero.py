@@ -6,9 +6,10 @@ Shared by every writer of DeepSpeed optimizer files: ``deepspeed`` (one model-pa
 header of its ``optimizer_state.pt``). The partition formulas are in
 docs/formats/deepspeed.md. Every arriving optimizer tensor (fp32 master, Adam moments) is
 scattered at once into per-rank scratch files (sparse, zero-filled, written with ``pwrite``,
-never mapped, opened only while a piece is written) at the offsets the partitioning gives it; :meth:`ZeroOptimizer.write_rank` copies
-a rank's flat partitions from there into its ``.pt`` file, one flat tensor mapped at a time.
-Resident memory: the tensor being scattered, or one flat partition.
+never mapped, opened only while a piece is written) at the offsets the partitioning gives it;
+:meth:`ZeroOptimizer.write_rank` copies a rank's flat partitions from there into its ``.pt``
+file in-kernel (checksummed through 64 MB mappings). Resident memory: the tensor being
+scattered. A process of a parallel run keeps scratch for the ranks it writes only.
 """
 from __future__ import annotations
 
@@ -367,11 +368,17 @@ class ZeroOptimizer:
     ``groups``: per param group, the ``(name, numel)`` of its params in DeepSpeed's flat
     order. ``kind``: "zero" (DeepSpeedZeroOptimizer, stages 1/2), "bf16" (BF16_Optimizer) or
     "stage3". Call :meth:`scatter` for every param and slot, then :meth:`write_rank` per
-    data-parallel rank, then :meth:`remove`. Between calls no file is open."""
+    data-parallel rank, then :meth:`remove`. Between calls no file is open.
+
+    ``ranks``: the data-parallel ranks this process writes (None: all). A worker of a
+    parallel run (runtime/workers.py) owns some ranks' optimizer files: it keeps scratch
+    files for those only and scatters only their slices of each parameter (with none, it
+    keeps no scratch at all: the flat layout alone gives the model states' param_shapes)."""
 
     def __init__(self, scratch: Path, groups, dp: int, stage: int, kind: str,
-                 sub_group_size: int = DEFAULT_SUB_GROUP_SIZE):
+                 sub_group_size: int = DEFAULT_SUB_GROUP_SIZE, ranks=None):
         self.dp, self.stage, self.kind = dp, stage, kind
+        self.ranks = frozenset(range(dp) if ranks is None else ranks)
         stage3 = stage == 3
         self.flats: list[Flat] = []
         self.subgroups: list[list[int]] = []
@@ -399,18 +406,25 @@ class ZeroOptimizer:
             base += f.length
         self.rank_len = base
         self.scratch = Path(scratch)
+        if not self.ranks:
+            return
         self.scratch.mkdir(parents=True)
         for slot in OPTIM_SLOTS:
-            for r in range(dp):
+            for r in sorted(self.ranks):
                 with open(self.scratch / f"{slot}.{r}", "wb") as fh:
                     fh.truncate(self.rank_len * 4)   # sparse: reads as zeros (the padding)
 
     def scatter(self, slot, name, arr):
         """Write every rank's piece of ``name`` in ``slot``. Files are opened per piece, so
-        a writer with many model-parallel and data-parallel ranks holds no descriptors."""
+        a writer with many model-parallel and data-parallel ranks holds no descriptors.
+        Only the pieces of the ranks this process writes (``ranks``) are written."""
+        if not self.ranks:
+            return
         flat = np.asarray(arr, dtype=np.float32).reshape(-1)
         f = self.flat_of[name]
         for r, lo, hi, at in f.pieces(name, self.dp, self.stage == 3):
+            if r not in self.ranks:
+                continue
             fd = os.open(self.scratch / f"{slot}.{r}", os.O_WRONLY)
             try:
                 _pwrite_all(fd, np.ascontiguousarray(flat[lo:hi]), (f.base + at) * 4)
@@ -418,16 +432,25 @@ class ZeroOptimizer:
                 os.close(fd)
 
     def remove(self):
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.ranks:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def names_on(self, r: int) -> frozenset:
+        """The params with elements in data-parallel rank r's partitions: what rank r's
+        optimizer file is fed by (at stage 3, every param)."""
+        return frozenset(n for f in self.flats for n in f.names
+                         if any(rr == r for rr, *_ in f.pieces(n, self.dp, self.stage == 3)))
 
     def _slice(self, slot, r, f, length=None):
-        """Rank r's flat tensor of ``f`` in ``slot``, mapped from the scratch file (unmapped
-        when the caller drops it)."""
+        """Rank r's flat tensor of ``f`` in ``slot``: its byte range of the scratch file, which
+        the TorchWriter copies in-kernel and checksums through mappings of 64 MB at a time (a
+        mapping of the whole flat partition counts as resident while it is read: a rank's
+        whole fp32 group)."""
+        from mapc.runtime.fastcopy import FileBytes
         n = f.length if length is None else length
         if n == 0:
             return np.zeros(0, np.float32)
-        return np.memmap(self.scratch / f"{slot}.{r}", np.float32, mode="r",
-                         offset=f.base * 4, shape=(n,))
+        return FileBytes((n,), np.float32, [(self.scratch / f"{slot}.{r}", f.base * 4, n * 4)])
 
     def param_shapes(self, shapes: dict) -> list:
         """The model states' ``param_shapes``: per flat group (a stage 3 sub-group), name ->

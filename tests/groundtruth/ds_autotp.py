@@ -26,7 +26,14 @@ trains STEPS steps (every rank sees the whole global batch) and calls
   model trained again by a second engine (ZeRO 2, bf16) in the same processes, saved, its
   gathered (bf16) weights and its shards at the save;
 * ``qwen2/``, ``qwen2.full.safetensors``, ``qwen2.t{T}.*``: the same for a transformers
-  ``Qwen2ForCausalLM`` of MODEL's sizes (q/k/v biases), ZeRO 1, fp32.
+  ``Qwen2ForCausalLM`` of MODEL's sizes (q/k/v biases), ZeRO 1, fp32;
+* for each of EXTRA's models, ``NAME/``, ``NAME.full.safetensors``, ``NAME.t{T}.*`` and
+  ``NAMEnext.t{T}.*`` (its shards after one more step, the resume oracle): ``qwen3``, a
+  transformers ``Qwen3ForCausalLM`` of MODEL's sizes with tied embeddings (q_norm/k_norm,
+  which AutoTP replicates and all-reduces the gradients of; the tied head, which AutoTP cuts
+  with the embedding on the vocabulary), ``uneven``, a Llama whose KV heads (3), MLP
+  (97) and vocabulary (127) tp does not divide (AutoTP splits them unevenly), and ``z3``,
+  MODEL's Llama trained with ZeRO stage 3.
 
 Resume mode::
 
@@ -37,6 +44,10 @@ builds the same engine; ``load_checkpoint(CKPT_A, load_optimizer_states=False)``
 module's logits on PROBE (``weights_logits.safetensors``); then ``load_checkpoint(CKPT_B)``,
 trains one step (the step after CKPT_B's global step) and writes ``next.t{T}.*`` as above,
 and ``load_universal/``, DeepSpeed's ``ds_to_universal`` of CKPT_B.
+With ``--also NAME=CKPT_D`` (repeatable), an engine of EXTRA's model NAME loads CKPT_D,
+trains one step and writes ``NAMEresumed.t{T}.*``; with ``--also-universal NAME=CKPT_E`` an
+engine of NAME with ``"load_universal": true`` loads the universal checkpoint CKPT_E, trains
+one step and writes ``NAMEunext.t{T}.*``.
 With ``--universal``, a second engine (``"checkpoint": {"load_universal": true}``) loads the
 universal checkpoint CKPT_C, trains one step and writes ``unext.t{T}.*``.
 """
@@ -56,6 +67,14 @@ MODEL = dict(hidden_size=64, head_dim=16, num_hidden_layers=2, num_attention_hea
              num_key_value_heads=2, intermediate_size=96, vocab_size=128,
              max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6,
              hidden_act="silu")
+# the Qwen3: MODEL's sizes, tied embeddings (no token ids outside the tiny vocabulary)
+QWEN3 = dict(MODEL, tie_word_embeddings=True, use_sliding_window=False, pad_token_id=None,
+             bos_token_id=None, eos_token_id=None)
+UNEVEN = dict(MODEL, hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+              intermediate_size=97, vocab_size=127)
+# z3: MODEL's Llama with ZeRO stage 3 (DeepSpeed 0.19 trains AutoTP with any ZeRO stage)
+EXTRA = {"qwen3": QWEN3, "uneven": UNEVEN, "z3": MODEL}
+STAGE = {"z3": 3}
 TP = 2
 STEPS = 2
 BATCH, SEQ = 4, 16
@@ -75,10 +94,15 @@ def ds_config(universal: bool = False, stage: int = 1, bf16: bool = False) -> di
 def engine_of(deepspeed, universal: bool = False, stage: int = 1, bf16: bool = False,
               arch: str = "llama"):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(SEED)
-    if arch == "qwen2":
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3)).float()
+    elif arch == "uneven":
+        model = LlamaForCausalLM(LlamaConfig(**UNEVEN)).float()
+    elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**MODEL, use_sliding_window=False)).float()
     else:
         model = LlamaForCausalLM(LlamaConfig(**MODEL)).float()
@@ -89,7 +113,7 @@ def engine_of(deepspeed, universal: bool = False, stage: int = 1, bf16: bool = F
 
 
 def step(engine, k):
-    ids = batch_for_step(k, BATCH, SEQ, MODEL["vocab_size"])
+    ids = batch_for_step(k, BATCH, SEQ, engine.module.config.vocab_size)
     out = engine(input_ids=ids, labels=ids)
     engine.backward(out.loss)
     engine.step()
@@ -159,6 +183,8 @@ def main(argv=None):
     p.add_argument("--weights", default=None)
     p.add_argument("--load", default=None)
     p.add_argument("--universal", default=None)
+    p.add_argument("--also", action="append", default=[])
+    p.add_argument("--also-universal", action="append", default=[])
     args = p.parse_args(argv)
     import torch.distributed as tdist
     from safetensors.torch import save_file
@@ -168,7 +194,7 @@ def main(argv=None):
     engine = engine_of(deepspeed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": MODEL, "tp": TP}
+    meta = {"model": MODEL, **EXTRA, "tp": TP}
     if args.load:
         if args.weights:
             path, _ = engine.load_checkpoint(args.weights, load_optimizer_states=False,
@@ -193,6 +219,18 @@ def main(argv=None):
             meta["universal_start_step"] = engine.global_steps
             meta["universal_loss"] = [step(engine, engine.global_steps)]
             dump_state(engine, out, "unext", rank)
+        for item, universal in [(a, False) for a in args.also] + \
+                [(a, True) for a in args.also_universal]:
+            arch, ckpt = item.split("=", 1)
+            engine = engine_of(deepspeed, universal=universal, arch=arch,
+                               stage=STAGE.get(arch, 1))
+            path, _ = engine.load_checkpoint(ckpt)
+            if path is None:
+                raise SystemExit(f"could not load {ckpt}")
+            key = f"{arch}_universal" if universal else arch
+            meta[f"{key}_start_step"] = engine.global_steps
+            meta[f"{key}_loss"] = [step(engine, engine.global_steps)]
+            dump_state(engine, out, f"{arch}unext" if universal else f"{arch}resumed", rank)
     else:
         meta["loss"] = [step(engine, k) for k in range(STEPS)]
         save_and_gather(engine, out, "ckpt", rank)
@@ -217,6 +255,17 @@ def main(argv=None):
         meta["qwen2_loss"] = [step(engine, k) for k in range(STEPS)]
         save_and_gather(engine, out, "qwen2", rank)
         dump_state(engine, out, "qwen2", rank)
+        # and EXTRA's models (ZeRO 1, fp32), each with one more step after the save
+        for arch in EXTRA:
+            engine = engine_of(deepspeed, arch=arch, stage=STAGE.get(arch, 1))
+            meta[f"{arch}_loss"] = [step(engine, k) for k in range(STEPS)]
+            save_and_gather(engine, out, arch, rank)
+            dump_state(engine, out, arch, rank)
+            meta[f"{arch}_partition_dim"] = {
+                n: (getattr(p, "ds_autotp_universal_checkpoint_meta", None) or {})
+                .get("partition_dim") for n, p in engine.module.named_parameters()}
+            meta[f"{arch}_next_loss"] = step(engine, STEPS)
+            dump_state(engine, out, f"{arch}next", rank)
     if rank == 0:
         (out / "expected.json").write_text(json.dumps(meta, indent=1) + "\n")
     tdist.barrier()

@@ -67,9 +67,57 @@ def save_checkpoint(root: Path, cfg: dict, tp: int, pp: int, dtype: str, truth: 
     truth.mkdir(parents=True, exist_ok=True)
     _run("save", cfg, tp, pp, dtype, truth, root, {"seed": seed, "optimizer": optimizer,
                                                    "also": list(also)}, dp=dp)
-    for r in [root] + [root.parent / f"{root.name}_{kind}" for kind in also]:
+    for r in [root] + [root.parent / f"{root.name}_{kind}" for kind in also
+                       if not kind.startswith(NEMO2)]:
         (r / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
     return root
+
+
+# ``also`` kinds "nemo2_<sharding type>": the same state saved as NeMo 2's MegatronStrategy
+# saves it (see _save_nemo2), into ROOT_<kind>/weights/
+NEMO2 = "nemo2_"
+# Lightning's entries of a NeMo 2 checkpoint's dict, in the shapes Lightning 2.x saves them
+# (values made up for a run at step ITERATION): the fit loop's progress, one scheduler's
+# state_dict, a ModelCheckpoint callback's state (which holds tensors)
+NEMO2_LOOPS = {"fit_loop": {
+    "state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": ITERATION},
+    "epoch_loop.batch_progress": {
+        "total": {"ready": ITERATION, "completed": ITERATION, "started": ITERATION,
+                  "processed": ITERATION},
+        "current": {"ready": ITERATION, "completed": ITERATION, "started": ITERATION,
+                    "processed": ITERATION}, "is_last_batch": False},
+    "epoch_progress": {"total": {"ready": 1, "completed": 0, "started": 1, "processed": 0},
+                       "current": {"ready": 1, "completed": 0, "started": 1, "processed": 0}}}}
+NEMO2_SCHEDULERS = [{"max_steps": 100, "warmup_steps": 2, "min_lr": 1e-5, "base_lrs": [1e-3],
+                     "last_epoch": ITERATION, "_step_count": ITERATION + 1,
+                     "_get_lr_called_within_step": False, "_last_lr": [9e-4]}]
+
+
+def _save_nemo2(torch, dist, model, opt, root: Path, kind: str):
+    """``dist_checkpointing.save`` of the dict NeMo 2's ``MegatronStrategy.save_checkpoint``
+    hands ``MegatronCheckpointIO`` (nemo/lightning/pytorch/strategies/megatron_strategy.py,
+    io/pl.py, _strategy_lib.optimizer_sharded_state_dict): Lightning's checkpoint entries,
+    ``state_dict`` emptied, ``optimizer_states`` cleared, ``sharded_state_dict`` the model's
+    with the prefix ``module.`` (MegatronParallel's), ``optimizer`` a one-element list of the
+    DistributedOptimizer's sharded state dict of the model's (``_extra_state`` dropped), the
+    content metadata NeMo's ``sharded_state_dict_metadata`` gives."""
+    meta = {"distrib_optim_sharding_type": kind}
+    model_sd = model.sharded_state_dict(prefix="module.", metadata=meta)
+    opt_sd = opt.sharded_state_dict({k: v for k, v in model_sd.items()
+                                     if not k.endswith("_extra_state")},
+                                    is_loading=False, metadata=meta)
+    ckpt = {"epoch": 0, "global_step": ITERATION, "pytorch-lightning_version": "2.5.1",
+            "state_dict": {}, "loops": NEMO2_LOOPS,
+            "callbacks": {"ModelCheckpoint{'monitor': 'reduced_train_loss'}": {
+                "monitor": "reduced_train_loss", "best_model_score": torch.tensor(2.5),
+                "best_model_path": "/run/checkpoints/x", "best_k_models": {}}},
+            "optimizer_states": {}, "lr_schedulers": NEMO2_SCHEDULERS,
+            "sharded_state_dict": model_sd, "optimizer": [opt_sd]}
+    from megatron.core import dist_checkpointing
+    out = root / "weights"
+    out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(ckpt, str(out), content_metadata=meta)
 
 
 def load_checkpoint(ckpt: Path, cfg: dict, tp: int, pp: int, dtype: str, out: Path,
@@ -208,6 +256,9 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
             if kind == "legacy":
                 _save_legacy(torch, dist, model, opt, args, Path(f"{b}_legacy"), t, p, pp, d)
                 continue
+            if kind.startswith(NEMO2):
+                _save_nemo2(torch, dist, model, opt, Path(f"{b}_{kind}"), kind[len(NEMO2):])
+                continue
             meta = dict(metadata, distrib_optim_sharding_type=kind)
             model_sd = model.sharded_state_dict(metadata=meta)
             other = dict(state, model=model_sd, optimizer=opt.sharded_state_dict(
@@ -324,27 +375,41 @@ def _value_step(torch, ddp, opt):
 
 
 def load_optimizer(ckpt: Path, cfg: dict, tp: int, pp: int, dp: int, dtype: str,
-                   out: Path, fully: Path | None = None) -> Path:
+                   out: Path, fully: Path | None = None, nemo2: bool = False,
+                   legacy: bool = False) -> Path:
     """Build the model and its DDP + DistributedOptimizer at (tp, pp, dp), load ``ckpt``'s
     model and dp_reshardable optimizer state with megatron-core's own
     ``dist_checkpointing.load`` (strict) and ``load_state_dict``, save what the optimizer then
     holds into ``out/loaded_T_P_D.pt`` (as ``optim_T_P_D.pt``), take one step on value
     gradients (``_value_step``) and save ``out/stepped_T_P_D.pt``. With ``fully`` (a
     fully_reshardable checkpoint), that one is loaded too, after the first, into the same
-    optimizer and saved as ``out/loadedF_T_P_D.pt``, before the step. (One topology per run:
+    optimizer and saved as ``out/loadedF_T_P_D.pt``, before the step. With ``nemo2`` both are
+    NeMo 2 checkpoints, loaded as NeMo's MegatronStrategy.load_checkpoint does (``weights/``,
+    the saved content metadata choosing the sharding type, the prefix ``module.``, the
+    optimizer under ``optimizer[0]``); megatron-core's missing (saved, not asked for) and
+    unexpected (asked for, not saved) keys go to ``out/keys_KIND_T_P_D.json``, the loaded
+    common state to ``out/common_KIND.pt``. With ``legacy``,
+    ``ckpt`` is Megatron-LM's torch format with the distributed optimizer instead, loaded as
+    Megatron-LM's ``load_checkpoint`` does: each rank's ``mp_rank_TT[_PPP]/model_optim_rng.pt``
+    into the model (``load_state_dict``) and the optimizer (``load_state_dict`` of its
+    ``optimizer`` entry), then ``DistributedOptimizer.load_parameter_state`` of the
+    ``distrib_optim.pt`` beside it (read on DP rank 0, scattered to the DP ranks). (One
+    topology per run:
     megatron-core's parallel state does not re-initialize cleanly in one process.)"""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     from tests.groundtruth.mcore_names import run_ranks
     root = str(HERE.parents[2])
     run_ranks(tp * pp * dp, [str(HERE), "load_optimizer", json.dumps(cfg), str(ckpt), str(tp),
-                             str(pp), dtype, str(out), str(fully or "")], out,
+                             str(pp), dtype, str(out), str(fully or ""),
+                             "nemo2" if nemo2 else ("legacy" if legacy else "")], out,
               {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
               "megatron-core distributed-optimizer load worker", timeout=_TIMEOUT_S, cwd=root)
     return out
 
 
-def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully):
+def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, mode=""):
+    nemo2, legacy = mode == "nemo2", mode == "legacy"
     import warnings
     warnings.filterwarnings("ignore")
     import torch
@@ -375,7 +440,31 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully):
     for _, param in ddp.module.named_parameters():
         param.main_grad.zero_()
     _step(ddp, opt)
+    def unshare_steps():
+        # megatron-core 0.16.1's torch-Adam fallback gives every parameter's state the same
+        # step tensor on load, which torch's Adam then increments once per parameter: unshare
+        # them (the Transformer Engine / Apex optimizers of a GPU run keep the step in the
+        # param groups)
+        for inner in getattr(opt, "chained_optimizers", [opt]):
+            for st in inner.optimizer.state.values():
+                if "step" in st:
+                    st["step"] = st["step"].clone()
+
+    def load_legacy(ckpt):
+        tracker = (Path(ckpt) / "latest_checkpointed_iteration.txt").read_text().strip()
+        sub = Path(ckpt) / f"iter_{int(tracker):07d}" / (
+            f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
+        sd = torch.load(sub / "model_optim_rng.pt", map_location="cpu", weights_only=False)
+        missing, unexpected = model.load_state_dict(sd["model"], strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")]
+        assert not missing and not unexpected, (missing, unexpected)
+        opt.load_state_dict(sd["optimizer"])
+        opt.load_parameter_state(str(sub / "distrib_optim.pt"))
+        unshare_steps()
+
     def load(ckpt, kind):
+        if nemo2:
+            return load_nemo2(ckpt, kind)
         meta = dict(metadata, distrib_optim_sharding_type=kind)
         tracker = (Path(ckpt) / "latest_checkpointed_iteration.txt").read_text().strip()
         model_sd = model.sharded_state_dict(metadata=meta)
@@ -385,15 +474,32 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully):
                                          strict="raise_all")
         model.load_state_dict(loaded["model"], strict=True)
         opt.load_state_dict(loaded["optimizer"])
-        # megatron-core 0.16.1's torch-Adam fallback gives every parameter's state the same
-        # step tensor on load, which torch's Adam then increments once per parameter: unshare
-        # them (the Transformer Engine / Apex optimizers of a GPU run keep the step in the
-        # param groups)
-        for inner in getattr(opt, "chained_optimizers", [opt]):
-            for st in inner.optimizer.state.values():
-                if "step" in st:
-                    st["step"] = st["step"].clone()
-    load(ckpt, "dp_reshardable")
+        unshare_steps()
+    def load_nemo2(ckpt, kind):
+        weights = Path(ckpt) / "weights"
+        meta = dist_checkpointing.load_content_metadata(str(weights))
+        assert meta == {"distrib_optim_sharding_type": kind}, meta
+        model_sd = model.sharded_state_dict(prefix="module.", metadata=meta)
+        sharded = {"state_dict": model_sd, "optimizer": [opt.sharded_state_dict(
+            {k: v for k, v in model_sd.items() if not k.endswith("_extra_state")},
+            is_loading=True, metadata=meta)]}
+        loaded, missing, unexpected = dist_checkpointing.load(sharded, str(weights),
+                                                              strict="return_all")
+        (Path(out) / f"keys_{kind}_{t}_{p}_{d}.json").write_text(json.dumps(
+            {"missing": sorted(missing), "unexpected": sorted(unexpected)}))
+        model.load_state_dict({k[len("module."):]: v for k, v in loaded["state_dict"].items()},
+                              strict=True)
+        opt.load_state_dict(loaded["optimizer"][0])
+        if rank == 0:
+            torch.save({k: v for k, v in loaded.items() if k not in ("state_dict", "optimizer")}
+                       | {"optimizer": [{k: v for k, v in loaded["optimizer"][0].items()
+                                         if k == "param_state_sharding_type"}]},
+                       Path(out) / f"common_{kind}.pt")
+        unshare_steps()
+    if legacy:
+        load_legacy(ckpt)
+    else:
+        load(ckpt, "dp_reshardable")
     torch.save(_optimizer_truth(torch, ddp, opt), Path(out) / f"loaded_{t}_{p}_{d}.pt")
     if fully:
         load(fully, "fully_reshardable")
@@ -529,7 +635,8 @@ if __name__ == "__main__":
         sys.exit(0)
     if sys.argv[1] == "load_optimizer":
         _load_optimizer_worker(json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
-                               int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8])
+                               int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8],
+                               sys.argv[9])
         sys.exit(0)
     mode, cfg_json, tp, pp, dtype, a, b, extra = sys.argv[1:9]
     _worker(mode, json.loads(cfg_json), int(tp), int(pp), dtype, a, b or None, json.loads(extra))

@@ -128,7 +128,15 @@ def _args(cfg, tp, pp, dtype):
         pipeline_model_parallel_size=pp, bf16=dtype == "bf16", fp16=dtype == "fp16",
         params_dtype=dtype, use_distributed_optimizer=False, ckpt_format="torch",
         lr=1e-3, min_lr=1e-5, weight_decay=0.1,
-        virtual_pipeline_model_parallel_size=cfg.get("vpp"))
+        virtual_pipeline_model_parallel_size=cfg.get("vpp"),
+        # uneven stages (only when set) as Megatron-LM's args hold them
+        # (--decoder-first/last-pipeline-num-layers) and as its TransformerConfig names them
+        **{k: cfg[c] for c, keys in (
+            ("layers_first_stage", ("decoder_first_pipeline_num_layers",
+                                    "num_layers_in_first_pipeline_stage")),
+            ("layers_last_stage", ("decoder_last_pipeline_num_layers",
+                                   "num_layers_in_last_pipeline_stage")))
+           if cfg.get(c) is not None for k in keys})
 
 
 def _worker(mode, cfg, tp, pp, dtype, a, b, dist_dir=None):
