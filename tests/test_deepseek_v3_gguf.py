@@ -21,6 +21,7 @@ import pytest
 import mapc
 from mapc.errors import MapcError
 from tests.conftest import build_transformers_model, logits_of
+from tests.groundtruth.gguf_files import fields, tensors_of, write_tensors_and_close
 from tests.test_deepseek_v3 import CFG as BASE_CFG
 
 torch = pytest.importorskip("torch")
@@ -107,22 +108,7 @@ def write_reference(path, cfg: dict, tensors: dict):
     w.add_expert_group_used_count(cfg["topk_group"])
     w.add_rope_dimension_count(cfg["qk_rope_head_dim"])
     w.add_tokenizer_model("no_vocab")
-    for n, t in tensors.items():
-        w.add_tensor(n, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def fields(path) -> dict:
-    r = gguf.GGUFReader(str(path))
-    return {k: (f.types, f.contents()) for k, f in r.fields.items()
-            if not k.startswith("GGUF.") and k not in ("mapc.record", "general.alignment")}
-
-
-def tensors_of(path) -> dict:
-    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    write_tensors_and_close(w, tensors)
 
 
 @pytest.fixture(scope="module")

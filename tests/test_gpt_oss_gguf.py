@@ -21,6 +21,7 @@ import pytest
 
 import mapc
 from tests.conftest import build_transformers_model, logits_of
+from tests.groundtruth.gguf_files import fields, tensors_of, write_tensors_and_close
 from tests.test_gpt_oss import CONFIG
 
 torch = pytest.importorskip("torch")
@@ -92,22 +93,7 @@ def write_reference(path, model_config, tensors: dict):
     w.add_expert_feed_forward_length(c.intermediate_size)
     w.add_vocab_size(c.vocab_size)           # no tokenizer in this file (as mapc writes it)
     w.add_tokenizer_model("no_vocab")
-    for n, t in tensors.items():
-        w.add_tensor(n, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def fields(path) -> dict:
-    r = gguf.GGUFReader(str(path))
-    return {k: (f.types, f.contents()) for k, f in r.fields.items()
-            if not k.startswith("GGUF.") and k not in ("mapc.record", "general.alignment")}
-
-
-def tensors_of(path) -> dict:
-    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    write_tensors_and_close(w, tensors)
 
 
 @pytest.fixture(scope="module")
