@@ -50,6 +50,16 @@ def _file(root, p):
     return root / f"iter_{int(it):07d}" / mcore_optim.rank_dir(0, p, PP) / "model_optim_rng.pt"
 
 
+def _global_name(name: str, v: int, layers: dict) -> str:
+    """Chunk v's local tensor name at its global layer number (``layers``: megatron-core's
+    ``model{v}.decoder.layers.{local}`` -> global layer, as the worker saved it)."""
+    for local, g in layers.items():
+        pre = local.removeprefix(f"model{v}.") + "."
+        if local.startswith(f"model{v}.") and name.startswith(pre):
+            return f"decoder.layers.{g}." + name[len(pre):]
+    return name
+
+
 def _vcoord(v, p):
     return (("tp", 0), ("pp", v * PP + p))
 
@@ -109,11 +119,7 @@ def test_chunk_layers_are_megatron_core_global_layers(gt, flat):
                     for name, t in sd[f"model{v}"].items():
                         if name.endswith("_extra_state"):
                             continue
-                        glob = name
-                        for local, g in layers.items():
-                            pre = local.removeprefix(f"model{v}.") + "."
-                            if local.startswith(f"model{v}.") and name.startswith(pre):
-                                glob = f"decoder.layers.{g}." + name[len(pre):]
+                        glob = _global_name(name, v, layers)
                         seen.add(glob)
                         np.testing.assert_array_equal(one.read(glob, c0), _np(t), err_msg=name)
                         np.testing.assert_array_equal(
@@ -311,11 +317,7 @@ def test_vpp_uneven_chunks_read_as_megatron_core_numbers_them(gt_uneven, tmp_pat
                 for name, t in sd[f"model{v}"].items():
                     if name.endswith("_extra_state"):
                         continue
-                    glob = name
-                    for local, g in layers.items():
-                        pre = local.removeprefix(f"model{v}.") + "."
-                        if local.startswith(f"model{v}.") and name.startswith(pre):
-                            glob = f"decoder.layers.{g}." + name[len(pre):]
+                    glob = _global_name(name, v, layers)
                     seen.add(glob)
                     np.testing.assert_array_equal(one.read(glob, c0), _np(t), err_msg=name)
                     np.testing.assert_array_equal(
