@@ -93,6 +93,17 @@ def _index_names(config_dir: Path) -> dict[int, str]:
     return dict(enumerate(order))
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two optimizer state dicts hold the same slots in the same order, byte for byte."""
+    assert list(a["state"]) == list(b["state"])
+    for i in a["state"]:
+        assert list(a["state"][i]) == list(b["state"][i])
+        for k, t in a["state"][i].items():
+            u = b["state"][i][k]
+            assert t.dtype == u.dtype and t.shape == u.shape
+            assert t.numpy().tobytes() == u.numpy().tobytes(), (i, k)
+
+
 def _torch_opt(path):
     return torch.load(str(Path(path) / "optimizer.pt"), weights_only=True)
 
@@ -149,13 +160,7 @@ def round_trip(trained, tmp_path_factory):
 def test_round_trip_through_dcp_is_byte_identical(trained, round_trip):
     a, b = _torch_opt(trained), _torch_opt(round_trip)
     assert a["param_groups"] == b["param_groups"]
-    assert list(a["state"]) == list(b["state"])
-    for i in a["state"]:
-        assert list(a["state"][i]) == list(b["state"][i])
-        for k, t in a["state"][i].items():
-            u = b["state"][i][k]
-            assert t.dtype == u.dtype and t.shape == u.shape
-            assert t.numpy().tobytes() == u.numpy().tobytes(), (i, k)
+    assert_same_state(a, b)
     assert torch.load(str(round_trip / "scheduler.pt"), weights_only=True) == \
         torch.load(str(trained / "scheduler.pt"), weights_only=True)
     assert json.loads((round_trip / "trainer_state.json").read_text()) == \

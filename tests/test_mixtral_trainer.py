@@ -27,7 +27,7 @@ pytest.importorskip("accelerate")
 from mapc.api import convert, resolve  # noqa: E402
 from mapc.errors import MapcError  # noqa: E402
 from mapc.runtime.containers import open_source  # noqa: E402
-from tests.test_hf_trainer import Rows, _args  # noqa: E402
+from tests.test_hf_trainer import Rows, _args, assert_same_state  # noqa: E402
 from tests.test_mixtral_module_names import CONFIG  # noqa: E402
 
 FFN = CONFIG["intermediate_size"]
@@ -145,13 +145,7 @@ def test_export_gives_back_the_checkpoint(trained, exported, way):
     assert [g["params"] for g in a["param_groups"]] == [g["params"] for g in b["param_groups"]]
     if way != "via_td":
         assert a["param_groups"] == b["param_groups"]
-    assert list(a["state"]) == list(b["state"])
-    for i in a["state"]:
-        assert list(a["state"][i]) == list(b["state"][i])
-        for k, t in a["state"][i].items():
-            u = b["state"][i][k]
-            assert t.dtype == u.dtype and t.shape == u.shape
-            assert t.numpy().tobytes() == u.numpy().tobytes(), (i, k)
+    assert_same_state(a, b)
     w, v = load_file(str(ckpt / "model.safetensors")), load_file(str(exported / way /
                                                                      "model.safetensors"))
     assert w.keys() == v.keys() and all(torch.equal(w[k], v[k]) for k in w)

@@ -33,6 +33,7 @@ from mapc.runtime import torchfile
 from mapc.runtime.containers import open_source
 from mapc.runtime.containers.zero import DEEPSPEED_PICKLES
 from tests.conftest import llama_config, write_random_hf
+from tests.test_universal_tp import _tree
 
 pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
@@ -115,16 +116,6 @@ def gt(ds_root, tmp_path_factory):
             "state": [dict(np.load(run / "ck" / f"state.rank{r['rank']}.npz"))
                       for r in expected["ranks"]]}
 
-
-def _tree(obj):
-    if isinstance(obj, torchfile.TensorRef):
-        return ("tensor", obj.dtype, tuple(obj.shape), bool(obj.requires_grad),
-                np.asarray(obj.read()).tobytes())
-    if isinstance(obj, dict):
-        return ("dict", [(k, _tree(v)) for k, v in obj.items()])
-    if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__, [_tree(v) for v in obj])
-    return obj
 
 
 def _load(path: Path):
