@@ -282,6 +282,9 @@ def model_yaml(args: dict) -> dict:
 # module.decoder.layers.self_attention.core_attention._extra_state) and the final norm
 _TE_ATTENTION = re.compile(r"^(.*\.self_attention\.)linear_qkv\.weight$")
 _TE_FINAL_NORM = re.compile(r"^(.*\.final_layernorm)\.weight$")
+# ... and the attention norms (qk_layernorm's q/k, MLA's q/kv), which are Transformer Engine
+# norms there and plain torch norms (no _extra_state) in torch_dist's local spec
+_TE_ATTENTION_NORM = re.compile(r"^(.*\.self_attention\.(?:q|k|kv)_layernorm)\.weight$")
 
 
 class Nemo2Writer(torch_dist.TorchDistWriter):
@@ -296,6 +299,9 @@ class Nemo2Writer(torch_dist.TorchDistWriter):
         if m and shape:
             keys += [f"{m.group(1)}core_attention._extra_state/shard_{i}_{shape[0]}"
                      for i in range(shape[0])]
+        m = _TE_ATTENTION_NORM.match(fqn)
+        if m and shape and torch_dist.stacked(fqn):
+            keys += [f"{m.group(1)}._extra_state/shard_{i}_{shape[0]}" for i in range(shape[0])]
         m = _TE_FINAL_NORM.match(fqn)
         if m:
             keys.append(f"{m.group(1)}._extra_state/shard_0_1")

@@ -779,9 +779,16 @@ def _archive(obj=None, array=None) -> bytes:
 
 
 # megatron-core's SequentialMLP shards its local experts under "<prefix>experts.experts." on a
-# second global axis (after the layers'); its TopKRouter has no _extra_state
+# second global axis (after the layers'); its TopKRouter has no _extra_state, nor have the
+# local spec's attention norms (qk_layernorm's q/k, MLA's q/kv: plain torch norms)
 _EXPERTS = re.compile(r"(?:^|\.)experts\.experts\.")
-_NO_EXTRA_STATE = re.compile(r"(?:^|\.)router\.weight$")
+_NO_EXTRA_STATE = re.compile(
+    r"(?:^|\.)(?:router|self_attention\.(?:q|k|kv)_layernorm)\.weight$")
+
+
+def stacked(fqn: str) -> bool:
+    """Whether ``fqn`` is a key of megatron-core's stacked layers (see the module docstring)."""
+    return bool(_STACKED.search(fqn))
 
 
 def _extra_state_keys(fqn: str, shape: tuple) -> list[str]:
