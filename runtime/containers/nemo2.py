@@ -295,13 +295,15 @@ class Nemo2Writer(torch_dist.TorchDistWriter):
 
     def _extra_state_keys(self, fqn: str, shape: tuple) -> list[str]:
         keys = super()._extra_state_keys(fqn, shape)
+        # one object per layer of a stacked tensor, one for a numbered layer's own
+        shards = [f"shard_{i}_{shape[0]}" for i in range(shape[0])] \
+            if shape and torch_dist.stacked(fqn) else ["shard_0_1"]
         m = _TE_ATTENTION.match(fqn)
         if m and shape:
-            keys += [f"{m.group(1)}core_attention._extra_state/shard_{i}_{shape[0]}"
-                     for i in range(shape[0])]
+            keys += [f"{m.group(1)}core_attention._extra_state/{s}" for s in shards]
         m = _TE_ATTENTION_NORM.match(fqn)
-        if m and shape and torch_dist.stacked(fqn):
-            keys += [f"{m.group(1)}._extra_state/shard_{i}_{shape[0]}" for i in range(shape[0])]
+        if m and shape:
+            keys += [f"{m.group(1)}._extra_state/{s}" for s in shards]
         m = _TE_FINAL_NORM.match(fqn)
         if m:
             keys.append(f"{m.group(1)}._extra_state/shard_0_1")
