@@ -278,9 +278,10 @@ def model_yaml(args: dict) -> dict:
 
 
 # Transformer Engine modules (NeMo 2's spec) with an _extra_state but no tensor mapc writes
-# under their own name: the attention core beside each fused QKV (NeMo 2 checkpoints list
-# module.decoder.layers.self_attention.core_attention._extra_state) and the final norm
-_TE_ATTENTION = re.compile(r"^(.*\.self_attention\.)linear_qkv\.weight$")
+# under their own name: the attention core beside each attention's output projection (NeMo 2
+# checkpoints list module.decoder.layers.self_attention.core_attention._extra_state; MLA has
+# no fused QKV) and the final norm
+_TE_ATTENTION = re.compile(r"^(.*\.self_attention\.)linear_proj\.weight$")
 _TE_FINAL_NORM = re.compile(r"^(.*\.final_layernorm)\.weight$")
 # ... and the attention norms (qk_layernorm's q/k, MLA's q/kv), which are Transformer Engine
 # norms there and plain torch norms (no _extra_state) in torch_dist's local spec
