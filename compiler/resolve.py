@@ -153,8 +153,15 @@ def _resolve(source, spec, config, params, allow_spec_change) -> Resolved:
                 envs += [(env, dict(config)) for env in _absent_variants(sp, config, search)]
             else:
                 for guess in boolean_guesses(sp, inv_env):
-                    for env in _absent_variants(sp, config_from_env(sp, inv_env | guess),
-                                                search):
+                    # a guess a `require` refuses (a flag the spec does not support) drops
+                    # that guess only, not the spec
+                    try:
+                        variants = _absent_variants(sp, config_from_env(sp, inv_env | guess),
+                                                    search)
+                    except MapcError as e:
+                        search.errors.append(f"{sp.family}: {e}")
+                        continue
+                    for env in variants:
                         envs.append((env, _constructed_config(sp, env)))
         except MapcError as e:
             search.errors.append(f"{sp.family}: {e}")

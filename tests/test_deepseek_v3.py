@@ -5,6 +5,9 @@ mapc's Megatron file loaded into a real megatron-core GPTModel (MLATransformerCo
 spec, MoE via moe_layer_freq with expert bias, group-limited routing and shared experts, on CPU)
 computes transformers' logits; one tp=2 world of GPTModels has exactly the per-rank state-dict
 names and shapes of mapc's files; the router's expert_bias stays float32 under --dtype bf16.
+In the same megatron-core process, mapc's torch_dist outputs (MTP layer included) and nemo2
+output load by megatron-core's strict dist_checkpointing.load with transformers' logits, and
+megatron-core's own torch_dist save reads back as every HF tensor.
 
 megatron-core's only core attention without Transformer Engine does not take MLA's k/v head
 sizes: the harness wraps its constructor (tests/groundtruth/mcore_forward.py says exactly how);
@@ -101,24 +104,12 @@ def test_megatron_round_trip_keeps_logits(tmp_path, request, which, topo):
     assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
 
 
-def test_megatron_core_computes_transformers_logits(tmp_path, hf, hf_no_q_lora, hf_mtp):
+def test_megatron_core_computes_transformers_logits(hf, hf_no_q_lora, hf_mtp, mcore_world):
     """One megatron-core process: the q_lora model, a negative control, the q_proj model, and
     the model with its MTP layer (GPTModel with mtp_num_layers=1): its main logits and its MTP
     layer's equal transformers' (main model, and transformers' MtpModel), and exchanging enorm
     and hnorm changes the MTP logits."""
-    pytest.importorskip("megatron.core")
-    for name, src in (("a", hf[0]), ("b", hf_no_q_lora[0]), ("m", hf_mtp[0])):
-        mapc.convert(src, tmp_path / name, to="megatron")
-    a, b = ("decoder.layers.0.self_attention.kv_layernorm.weight",
-            "decoder.layers.1.self_attention.kv_layernorm.weight")
-    mtp_file = str(_rank_file(tmp_path / "m", "mp_rank_00"))
-    ours, swapped, noq, mtp, mtp_swapped = _groundtruth("mcore_forward").mcore_logits(
-        mcore_cfg(16), _rank_file(tmp_path / "a", "mp_rank_00"), TOKENS,
-        [{}, {"swap": [a, b]},
-         {"cfg": mcore_cfg(None), "file": str(_rank_file(tmp_path / "b", "mp_rank_00"))},
-         {"cfg": dict(mcore_cfg(16), mtp=1), "file": mtp_file, "mtp": True},
-         {"cfg": dict(mcore_cfg(16), mtp=1), "file": mtp_file, "mtp": True,
-          "swap": ["mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight"]}])
+    _, (ours, swapped, noq, mtp, mtp_swapped, *_) = mcore_world
     main_ref, mtp_ref = _transformers_mtp_logits(hf_mtp[0])
     (m_main, m_mtp), (_, s_mtp) = ([np.array(x)[..., :50] for x in r] for r in (mtp, mtp_swapped))
     assert np.abs(m_main - main_ref.numpy()).max() <= MCORE_TOLERANCE
@@ -240,6 +231,48 @@ def test_rotate_half_rope_is_refused_for_megatron(tmp_path):
     assert "rope_interleave = false has no megatron layout" in str(e.value)
     assert "specs/deepseek_v3.map:" in str(e.value)
     assert not (tmp_path / "mg").exists()
+
+
+# NeMo 2 saves with the Transformer Engine spec: mapc's nemo2 output has the _extra_state of
+# its attention core, q/kv norms and final norm, which megatron-core's local modules do not have
+NEMO2_TE_EXTRA = ["module.decoder.final_layernorm._extra_state"] + [
+    f"module.decoder.layers.{i}.self_attention.{m}._extra_state"
+    for i in range(3) for m in ("core_attention", "q_layernorm", "kv_layernorm")]
+
+
+@pytest.fixture(scope="module")
+def mcore_world(tmp_path_factory, hf, hf_no_q_lora, hf_mtp):
+    """One megatron-core process (mcore_forward's world), in order: the q_lora model's Megatron
+    file, a negative control, the q_proj model's, the model with its MTP layer (GPTModel with
+    mtp_num_layers=1: main and MTP logits), with enorm and hnorm exchanged; then the torch_dist
+    outputs of the three models and the q_lora model's nemo2 loaded by megatron-core's own
+    strict dist_checkpointing.load (the MTP model also saved by megatron-core as torch_dist).
+    Returns the directory and the logits of each (MTP ones as [main, mtp])."""
+    pytest.importorskip("megatron.core")
+    d = tmp_path_factory.mktemp("deepseek_v3_mcore")
+    for name, src in (("a", hf[0]), ("b", hf_no_q_lora[0]), ("m", hf_mtp[0])):
+        mapc.convert(src, d / name, to="megatron")
+        mapc.convert(src, d / f"{name}_td", to="torch_dist")
+    mapc.convert(hf[0], d / "a_n2", to="nemo2")
+    a, b = ("decoder.layers.0.self_attention.kv_layernorm.weight",
+            "decoder.layers.1.self_attention.kv_layernorm.weight")
+    mtp_file = str(_rank_file(d / "m", "mp_rank_00"))
+    mtp_cfg = dict(mcore_cfg(16), mtp=1, true_vocab=50)
+    noq = {"cfg": mcore_cfg(None), "file": str(_rank_file(d / "b", "mp_rank_00"))}
+    out = _groundtruth("mcore_forward").mcore_logits(
+        mcore_cfg(16), _rank_file(d / "a", "mp_rank_00"), TOKENS,
+        [{}, {"swap": [a, b]}, noq,
+         {"cfg": mtp_cfg, "file": mtp_file, "mtp": True},
+         {"cfg": mtp_cfg, "file": mtp_file, "mtp": True,
+          "swap": ["mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight"]},
+         {"dist": str(d / "a_td" / "release"), "out": str(d / "loaded_a.pt")},
+         dict(noq, dist=str(d / "b_td" / "release")),
+         {"cfg": mtp_cfg, "file": mtp_file, "mtp": True, "dist": str(d / "m_td" / "release"),
+          "out": str(d / "loaded_m.pt")},
+         {"dist": str(d / "a_n2" / "weights"), "prefix": "module.", "unread": NEMO2_TE_EXTRA},
+         {"cfg": mtp_cfg, "file": mtp_file, "mtp": True, "dist_save": str(d / "saved"),
+          "args": {"qk_layernorm": True, "norm_epsilon": 1e-6}}])
+    return d, out
 
 
 def _with_mtp(src, dst):
@@ -419,3 +452,67 @@ def test_like_takes_the_templates_expert_tp(tmp_path, hf):
     mapc.convert(src, tmp_path / "out", like=tmp_path / "template")
     assert sorted(p.name for p in (tmp_path / "out" / "release").iterdir()) == \
         ["mp_rank_00_000", "mp_rank_01_001"]
+
+
+# ---- torch_dist (and NeMo 2): megatron-core's per-layer keys, MLA, MoE, the MTP layer --------
+def test_torch_dist_loads_strictly_into_megatron_core_with_transformers_logits(
+        hf, hf_no_q_lora, hf_mtp, mcore_world):
+    from safetensors.numpy import load_file
+    d, out = mcore_world
+    ours, noq, mtp, n2 = (out[i] for i in (5, 6, 7, 8))
+    for got, ref in ((ours, hf[1]), (noq, hf_no_q_lora[1]), (n2, hf[1])):
+        assert np.abs(np.array(got)[..., :50] - ref.numpy()).max() <= MCORE_TOLERANCE
+    main_ref, mtp_ref = _transformers_mtp_logits(hf_mtp[0])
+    m_main, m_mtp = (np.array(x)[..., :50] for x in mtp)
+    assert np.abs(m_main - main_ref.numpy()).max() <= MCORE_TOLERANCE
+    assert np.abs(m_mtp - mtp_ref.numpy()).max() <= MCORE_TOLERANCE
+    # what megatron-core loaded, against slices of the HF weights taken here
+    w = load_file(str(hf_mtp[0] / "model.safetensors"))
+    loaded = torch.load(d / "loaded_m.pt")
+    for ours, layer in (("decoder.layers.2.", "model.layers.2."),
+                        ("mtp.layers.0.transformer_layer.", "model.layers.3.")):
+        bias = loaded[ours + "mlp.router.expert_bias"]
+        assert bias.dtype == torch.float32
+        np.testing.assert_array_equal(bias.numpy(), w[layer + "mlp.gate.e_score_correction_bias"])
+        for e in range(4):
+            hfe = f"{layer}mlp.experts.{e}."
+            np.testing.assert_array_equal(
+                loaded[ours + f"mlp.experts.local_experts.{e}.linear_fc1.weight"].numpy(),
+                np.concatenate([w[hfe + "gate_proj.weight"], w[hfe + "up_proj.weight"]]))
+        kv_b = w[layer + "self_attn.kv_b_proj.weight"]
+        np.testing.assert_array_equal(
+            loaded[ours + "self_attention.linear_kv_up_proj.weight"].numpy(), kv_b)
+        np.testing.assert_array_equal(
+            loaded[ours + "mlp.shared_experts.linear_fc2.weight"].numpy(),
+            w[layer + "mlp.shared_experts.down_proj.weight"])
+    np.testing.assert_array_equal(loaded["mtp.layers.0.eh_proj.weight"].numpy(),
+                                  w["model.layers.3.eh_proj.weight"])
+
+
+def test_torch_dist_and_nemo2_round_trips_are_bit_exact(tmp_path, hf, hf_mtp, mcore_world):
+    from safetensors.numpy import load_file
+    d, _ = mcore_world
+    for kind, (src, ref) in (("a_td", hf[:2]), ("a_n2", hf[:2]), ("m_td", (hf_mtp[0], None))):
+        mapc.convert(d / kind, tmp_path / kind, to="hf")
+        w = load_file(str(src / "model.safetensors"))
+        back = load_file(str(tmp_path / kind / "model.safetensors"))
+        assert sorted(back) == sorted(w)
+        for n in w:
+            np.testing.assert_array_equal(back[n], w[n], err_msg=f"{kind}: {n}")
+        if ref is not None:
+            assert torch.equal(logits_of(tmp_path / kind, TOKENS), ref)
+
+
+def test_megatron_cores_own_torch_dist_save_reads_as_the_hf_weights(tmp_path, hf_mtp, mcore_world):
+    """megatron-core's save of the model with its MTP layer (no mapc.json; the HF config given:
+    the args of mcore_dist's harness do not describe MLA and MoE) reads back as every HF tensor,
+    the MTP layer's included."""
+    from safetensors.numpy import load_file
+    d, _ = mcore_world
+    assert not (d / "saved" / "mapc.json").exists()
+    mapc.convert(d / "saved", tmp_path / "back", to="hf", config=hf_mtp[0] / "config.json")
+    w = load_file(str(hf_mtp[0] / "model.safetensors"))
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(back) == sorted(w)
+    for n in w:
+        np.testing.assert_array_equal(back[n], w[n], err_msg=n)

@@ -202,7 +202,10 @@ def test_megatron_core_computes_transformers_logits(tmp_path):
     offsets, MoE with biased experts, quick_gelu GLU with offset 1 and clamp 7) computes
     transformers' logits. The model has a sliding window longer than the tokens and default
     rope: megatron-core's local attention has no window, and YaRN is not written to the args.
-    A negative control exchanges two layers' sinks."""
+    A negative control exchanges two layers' sinks. The same process loads mapc's torch_dist and
+    nemo2 outputs (strict dist_checkpointing.load: logits, and the loaded sinks, router biases
+    and experts against the HF tensors) and saves the model as torch_dist itself, which reads
+    back as the HF tensors."""
     pytest.importorskip("megatron.core")
     import importlib.util
     from pathlib import Path
@@ -229,8 +232,46 @@ def test_megatron_core_computes_transformers_logits(tmp_path):
             "activation": "quick_gelu", "glu_offset": 1.0, "clamp": 7.0, "rotary_base": 150000,
             "norm_eps": 1e-5}
     sinks = "decoder.layers.{}.self_attention.core_attention.softmax_offset"
-    ours, swapped = (np.array(x)[..., :128] for x in forward.mcore_logits(
+    mapc.convert(tmp_path / "hf", tmp_path / "td", to="torch_dist")
+    mapc.convert(tmp_path / "hf", tmp_path / "n2", to="nemo2")
+    # the same world also loads mapc's torch_dist and nemo2 outputs by megatron-core's strict
+    # dist_checkpointing.load, and saves the model as torch_dist itself
+    ours, swapped, td, n2, _ = (np.array(x)[..., :128] for x in forward.mcore_logits(
         mcfg, tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt", TOKENS[0],
-        [{}, {"swap": [sinks.format(0), sinks.format(1)]}]))
+        [{}, {"swap": [sinks.format(0), sinks.format(1)]},
+         {"dist": str(tmp_path / "td" / "release"), "out": str(tmp_path / "loaded.pt")},
+         {"dist": str(tmp_path / "n2" / "weights"), "prefix": "module.",
+          "unread": ["module.decoder.final_layernorm._extra_state",
+                     "module.decoder.layers.self_attention.core_attention._extra_state"]},
+         {"dist_save": str(tmp_path / "saved"), "args": {"norm_epsilon": 1e-5}}]))
     assert np.abs(ours - ref).max() <= 1e-5          # observed: 9e-8 (fp32 on CPU)
     assert np.abs(swapped - ref).max() > 1e-4
+    assert np.abs(td - ref).max() <= 1e-5 and np.abs(n2 - ref).max() <= 1e-5
+    # what megatron-core loaded from torch_dist, against the HF tensors taken here
+    from safetensors.numpy import load_file
+    w = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    loaded = torch.load(tmp_path / "loaded.pt")
+    for i in range(2):
+        np.testing.assert_array_equal(
+            loaded[sinks.format(i)].numpy(), w[f"model.layers.{i}.self_attn.sinks"])
+        np.testing.assert_array_equal(loaded[f"decoder.layers.{i}.mlp.router.bias"].numpy(),
+                                      w[f"model.layers.{i}.mlp.router.bias"])
+        gate_up = w[f"model.layers.{i}.mlp.experts.gate_up_proj"]       # [E, H, 2F] interleaved
+        gate_up_bias = w[f"model.layers.{i}.mlp.experts.gate_up_proj_bias"]
+        for e in range(4):
+            fc1 = f"decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1."
+            np.testing.assert_array_equal(
+                loaded[fc1 + "weight"].numpy(),
+                np.concatenate([gate_up[e][:, ::2].T, gate_up[e][:, 1::2].T]))
+            np.testing.assert_array_equal(
+                loaded[fc1 + "bias"].numpy(),
+                np.concatenate([gate_up_bias[e][::2], gate_up_bias[e][1::2]]))
+    # hf -> torch_dist / nemo2 -> hf bit for bit, and megatron-core's own save (no mapc.json;
+    # the HF config given: the harness's args do not describe GPT-OSS) reads as the HF tensors
+    for kind in ("td", "n2", "saved"):
+        mapc.convert(tmp_path / kind, tmp_path / f"{kind}_back", to="hf",
+                     config=tmp_path / "hf" / "config.json" if kind == "saved" else None)
+        back = load_file(str(tmp_path / f"{kind}_back" / "model.safetensors"))
+        assert sorted(back) == sorted(w), kind
+        for n in w:
+            np.testing.assert_array_equal(back[n], w[n], err_msg=f"{kind}: {n}")

@@ -3,7 +3,9 @@ the real libraries: a transformers Qwen3ForCausalLM survives hf -> megatron -> h
 hf -> gguf -> hf with identical logits; mapc's Megatron file loaded into a real megatron-core
 GPTModel (qk_layernorm=True, local spec, on CPU) computes transformers' logits; the Megatron
 names and shapes per rank are megatron-core's at tp=2 (the pp stages are llama's); the GGUF reads back with the gguf
-package under llama.cpp's qwen3 tensor names."""
+package under llama.cpp's qwen3 tensor names. mapc's torch_dist and nemo2 outputs load into
+megatron-core by its own strict dist_checkpointing.load (logits, tensors against HF slices),
+round-trip bit for bit, and megatron-core's own torch_dist save reads back as the HF weights."""
 from __future__ import annotations
 
 import importlib.util
@@ -60,16 +62,9 @@ def test_megatron_round_trip_keeps_logits(tmp_path, hf, topo, sets):
     assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
 
 
-def test_megatron_core_computes_transformers_logits(tmp_path, hf):
-    pytest.importorskip("megatron.core")
+def test_megatron_core_computes_transformers_logits(hf, mcore_world):
     src, ref = hf
-    mapc.convert(src, tmp_path / "mg", to="megatron")
-    f = tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
-    q, k = ("decoder.layers.0.self_attention.q_layernorm.weight",
-            "decoder.layers.0.self_attention.k_layernorm.weight")
-    ours, swapped = _groundtruth("mcore_forward").mcore_logits(
-        mcore_cfg(), f, TOKENS, [{}, {"swap": [q, k]}])
-    ours, swapped = np.array(ours)[..., :50], np.array(swapped)[..., :50]
+    _, (ours, swapped, _, _, _) = mcore_world
     assert np.abs(ours - ref.numpy()).max() <= MCORE_TOLERANCE
     # negative control: q and k norms exchanged in one layer change the logits
     assert np.abs(swapped - ref.numpy()).max() > 1e-3
@@ -145,3 +140,96 @@ def test_unsupported_configs_are_refused_with_the_specs_message(tmp_path, hf, ch
         mapc.convert(src, tmp_path / "mg", to="megatron", **change)
     assert message in str(e.value) and "specs/qwen3.map:" in str(e.value)
     assert not (tmp_path / "mg").exists()
+
+
+# ---- torch_dist (and NeMo 2, whose weights/ is torch_dist's layout) --------------------------
+# NeMo 2 saves with the Transformer Engine spec: mapc's nemo2 output has the _extra_state of
+# its attention core, q/k norms and final norm, which megatron-core's local modules do not have
+NEMO2_TE_EXTRA = ["module.decoder.final_layernorm._extra_state"] + [
+    f"module.decoder.layers.self_attention.{m}._extra_state"
+    for m in ("core_attention", "q_layernorm", "k_layernorm")]
+
+
+@pytest.fixture(scope="module")
+def mcore_world(tmp_path_factory, hf):
+    """One megatron-core process (mcore_forward's world): mapc's Megatron file loaded strictly,
+    with the logits, also with q and k norms exchanged in one layer (negative control); mapc's
+    torch_dist and NeMo 2 outputs loaded by megatron-core's own dist_checkpointing.load
+    (strict) with the logits of each; then the model loaded from mapc's Megatron file saved by
+    megatron-core as torch_dist."""
+    pytest.importorskip("megatron.core")
+    src, _ = hf
+    d = tmp_path_factory.mktemp("qwen3_mcore")
+    mapc.convert(src, d / "td", to="torch_dist")
+    mapc.convert(src, d / "n2", to="nemo2")
+    mapc.convert(src, d / "mg", to="megatron")
+    f = d / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    cfg = dict(mcore_cfg(), true_vocab=50)
+    q, k = ("decoder.layers.0.self_attention.q_layernorm.weight",
+            "decoder.layers.0.self_attention.k_layernorm.weight")
+    logits = _groundtruth("mcore_forward").mcore_logits(cfg, f, TOKENS, [
+        {}, {"swap": [q, k]},
+        {"dist": str(d / "td" / "release"), "out": str(d / "loaded_td.pt")},
+        {"dist": str(d / "n2" / "weights"), "prefix": "module.", "unread": NEMO2_TE_EXTRA},
+        {"dist_save": str(d / "saved"), "args": {"qk_layernorm": True, "norm_epsilon": 1e-6,
+                                                  "kv_channels": 16, "ffn_hidden_size": 48}},
+    ])
+    return d, [np.array(x)[..., :50] for x in logits]
+
+
+def test_torch_dist_loads_strictly_into_megatron_core_with_transformers_logits(hf, mcore_world):
+    src, ref = hf
+    d, (_, _, td, n2, _) = mcore_world
+    assert np.abs(td - ref.numpy()).max() <= MCORE_TOLERANCE
+    assert np.abs(n2 - ref.numpy()).max() <= MCORE_TOLERANCE
+    from safetensors.numpy import load_file
+    w = load_file(str(src / "model.safetensors"))
+    loaded = torch.load(d / "loaded_td.pt")
+    # what megatron-core loaded, against slices of the HF weights taken here
+    for i in range(2):
+        hfl = f"model.layers.{i}.self_attn."
+        for ours, theirs in (("q_layernorm", "q_norm"), ("k_layernorm", "k_norm")):
+            np.testing.assert_array_equal(
+                loaded[f"decoder.layers.{i}.self_attention.{ours}.weight"].numpy(),
+                w[hfl + f"{theirs}.weight"])
+        q, k, v = (w[hfl + f"{n}_proj.weight"].reshape(2, -1, 16, 32) for n in "qkv")
+        np.testing.assert_array_equal(
+            loaded[f"decoder.layers.{i}.self_attention.linear_qkv.weight"].numpy(),
+            np.concatenate([q, k, v], axis=1).reshape(-1, 32))
+    emb = loaded["embedding.word_embeddings.weight"].numpy()
+    np.testing.assert_array_equal(emb[:50], w["model.embed_tokens.weight"])
+    assert emb.shape == (128, 32) and not emb[50:].any()
+
+
+def test_torch_dist_and_nemo2_round_trips_are_bit_exact(tmp_path, hf, mcore_world):
+    from safetensors.numpy import load_file
+    src, ref = hf
+    d, _ = mcore_world
+    w = load_file(str(src / "model.safetensors"))
+    for kind in ("td", "n2"):
+        mapc.convert(d / kind, tmp_path / kind, to="hf")
+        back = load_file(str(tmp_path / kind / "model.safetensors"))
+        assert sorted(back) == sorted(w)
+        for n in w:
+            np.testing.assert_array_equal(back[n], w[n], err_msg=f"{kind}: {n}")
+        assert torch.equal(logits_of(tmp_path / kind, TOKENS), ref)
+    import yaml
+    nemo = yaml.safe_load((d / "n2" / "context" / "model.yaml").read_text())["config"]
+    assert nemo["qk_layernorm"] is True and nemo["kv_channels"] == 16
+
+
+def test_megatron_cores_own_torch_dist_save_reads_as_the_hf_weights(tmp_path, hf, mcore_world):
+    """No mapc.json: the spec whose torch_dist layout places the q/k layernorms is found."""
+    from safetensors.numpy import load_file
+    src, ref = hf
+    d, _ = mcore_world
+    assert not (d / "saved" / "mapc.json").exists()
+    assert mapc.inspect(d / "saved")["family"] == "qwen3"
+    mapc.convert(d / "saved", tmp_path / "back", to="hf")
+    w, back = load_file(str(src / "model.safetensors")), \
+        load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(back) == sorted(w)
+    for n in w:
+        np.testing.assert_array_equal(back[n], w[n], err_msg=n)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["head_dim"] == 16
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)

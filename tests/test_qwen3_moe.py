@@ -6,7 +6,9 @@ CPU) computes transformers' logits; one world of real GPTModels at pp=2 with an 
 stage has exactly the per-rank state-dict names and shapes of mapc's files, and megatron-core's
 global layer numbering matches the values mapc put there; expert parallel files hold the HF
 experts e = ep_rank * E/ep + k; deepspeed/universal round trips; GGUF (llama.cpp's qwen3moe)
-for an all-MoE model and a refusal, with the spec's message, for one with dense layers."""
+for an all-MoE model and a refusal, with the spec's message, for one with dense layers;
+torch_dist and nemo2 (megatron-core's per-layer keys) loaded by megatron-core's strict
+dist_checkpointing.load in the same world as the Megatron file, and its own save read back."""
 from __future__ import annotations
 
 import importlib.util
@@ -77,15 +79,45 @@ def test_megatron_round_trip_keeps_logits(tmp_path, hf, topo):
         assert files == ["mp_rank_00_000", "mp_rank_01_001"]
 
 
-def test_megatron_core_computes_transformers_logits(tmp_path, hf):
+# NeMo 2 saves with the Transformer Engine spec: mapc's nemo2 output has the _extra_state of
+# its attention core, q/k norms and final norm, which megatron-core's local modules do not have
+NEMO2_TE_EXTRA = ["module.decoder.final_layernorm._extra_state"] + [
+    f"module.decoder.layers.{i}.self_attention.{m}._extra_state"
+    for i in range(3) for m in ("core_attention", "q_layernorm", "k_layernorm")]
+# the args of megatron-core's own save (mcore_dist's, for this model)
+SAVE_ARGS = {"qk_layernorm": True, "norm_epsilon": 1e-6, "kv_channels": 8, "ffn_hidden_size": 48,
+             "num_experts": 4, "moe_ffn_hidden_size": 16, "moe_router_topk": 2,
+             "moe_layer_freq": [0, 1, 1], "moe_router_pre_softmax": False,
+             "moe_router_score_function": "softmax", "moe_grouped_gemm": False}
+
+
+@pytest.fixture(scope="module")
+def mcore_world(tmp_path_factory, hf):
+    """One megatron-core process (mcore_forward's world): mapc's Megatron file loaded strictly,
+    with the logits, also with two experts exchanged (negative control); mapc's torch_dist and
+    NeMo 2 outputs loaded by megatron-core's own dist_checkpointing.load (strict), with the
+    logits of each; then the model loaded from mapc's Megatron file saved by megatron-core as
+    torch_dist (dense and MoE layers: megatron-core's per-layer keys)."""
     pytest.importorskip("megatron.core")
-    src, ref = hf
-    mapc.convert(src, tmp_path / "mg", to="megatron")
+    src, _ = hf
+    d = tmp_path_factory.mktemp("qwen3_moe_mcore")
+    mapc.convert(src, d / "td", to="torch_dist")
+    mapc.convert(src, d / "n2", to="nemo2")
+    mapc.convert(src, d / "mg", to="megatron")
     a, b = ("decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight",
             "decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight")
-    ours, swapped = _groundtruth("mcore_forward").mcore_logits(
-        mcore_cfg(), _rank_file(tmp_path / "mg", "mp_rank_00"), TOKENS, [{}, {"swap": [a, b]}])
-    ours, swapped = np.array(ours)[..., :50], np.array(swapped)[..., :50]
+    logits = _groundtruth("mcore_forward").mcore_logits(
+        dict(mcore_cfg(), true_vocab=50), _rank_file(d / "mg", "mp_rank_00"), TOKENS, [
+            {}, {"swap": [a, b]},
+            {"dist": str(d / "td" / "release"), "out": str(d / "loaded_td.pt")},
+            {"dist": str(d / "n2" / "weights"), "prefix": "module.", "unread": NEMO2_TE_EXTRA},
+            {"dist_save": str(d / "saved"), "args": SAVE_ARGS}])
+    return d, [np.array(x)[..., :50] for x in logits]
+
+
+def test_megatron_core_computes_transformers_logits(hf, mcore_world):
+    src, ref = hf
+    _, (ours, swapped, _, _, _) = mcore_world
     assert np.abs(ours - ref.numpy()).max() <= MCORE_TOLERANCE
     # negative control: two experts' fc1 exchanged in one layer change the logits
     assert np.abs(swapped - ref.numpy()).max() > 1e-4
@@ -175,3 +207,66 @@ def test_all_moe_model_through_gguf_with_llama_cpp_names(tmp_path):
                      if "{bid}" in n} | {n for n in allowed if "{bid}" not in n}
     mapc.convert(tmp_path / "g", tmp_path / "back", to="hf")
     assert torch.equal(logits_of(tmp_path / "back", TOKENS), logits_of(model, TOKENS))
+
+
+# ---- torch_dist (and NeMo 2): megatron-core's per-layer keys for dense and MoE layers --------
+def test_torch_dist_loads_strictly_into_megatron_core_with_transformers_logits(hf, mcore_world):
+    from safetensors.numpy import load_file
+    src, ref = hf
+    d, (_, _, td, n2, _) = mcore_world
+    assert np.abs(td - ref.numpy()).max() <= MCORE_TOLERANCE
+    assert np.abs(n2 - ref.numpy()).max() <= MCORE_TOLERANCE
+    w = load_file(str(src / "model.safetensors"))
+    loaded = torch.load(d / "loaded_td.pt")
+    # what megatron-core loaded, against slices of the HF weights taken here
+    mlp = "decoder.layers.{}.mlp."
+    np.testing.assert_array_equal(
+        loaded[mlp.format(0) + "linear_fc1.weight"].numpy(),
+        np.concatenate([w[f"model.layers.0.mlp.{n}_proj.weight"] for n in ("gate", "up")]))
+    for i in (1, 2):
+        np.testing.assert_array_equal(loaded[mlp.format(i) + "router.weight"].numpy(),
+                                      w[f"model.layers.{i}.mlp.gate.weight"])
+        # (the local module's name; the checkpoint key is linear_fc1.layer_norm_weight)
+        np.testing.assert_array_equal(
+            loaded[f"decoder.layers.{i}.pre_mlp_layernorm.weight"].numpy(),
+            w[f"model.layers.{i}.post_attention_layernorm.weight"])
+        for e in range(4):
+            hfe = f"model.layers.{i}.mlp.experts.{e}."
+            ours = mlp.format(i) + f"experts.local_experts.{e}."
+            np.testing.assert_array_equal(
+                loaded[ours + "linear_fc1.weight"].numpy(),
+                np.concatenate([w[hfe + "gate_proj.weight"], w[hfe + "up_proj.weight"]]))
+            np.testing.assert_array_equal(loaded[ours + "linear_fc2.weight"].numpy(),
+                                          w[hfe + "down_proj.weight"])
+
+
+def test_torch_dist_and_nemo2_round_trips_are_bit_exact(tmp_path, hf, mcore_world):
+    from safetensors.numpy import load_file
+    src, ref = hf
+    d, _ = mcore_world
+    w = load_file(str(src / "model.safetensors"))
+    for kind in ("td", "n2"):
+        mapc.convert(d / kind, tmp_path / kind, to="hf")
+        back = load_file(str(tmp_path / kind / "model.safetensors"))
+        assert sorted(back) == sorted(w)
+        for n in w:
+            np.testing.assert_array_equal(back[n], w[n], err_msg=f"{kind}: {n}")
+        assert torch.equal(logits_of(tmp_path / kind, TOKENS), ref)
+        back_cfg = json.loads((tmp_path / kind / "config.json").read_text())
+        assert back_cfg["mlp_only_layers"] == [0] and back_cfg["moe_intermediate_size"] == 16
+
+
+def test_megatron_cores_own_torch_dist_save_reads_as_the_hf_weights(tmp_path, hf, mcore_world):
+    """No mapc.json: the args cannot state mlp_only_layers (moe_layer_freq is a list), so the
+    HF config is given, as the megatron layout needs it too."""
+    from safetensors.numpy import load_file
+    src, ref = hf
+    d, _ = mcore_world
+    assert not (d / "saved" / "mapc.json").exists()
+    mapc.convert(d / "saved", tmp_path / "back", to="hf", config=src / "config.json")
+    w, back = load_file(str(src / "model.safetensors")), \
+        load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(back) == sorted(w)
+    for n in w:
+        np.testing.assert_array_equal(back[n], w[n], err_msg=n)
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)

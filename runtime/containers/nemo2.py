@@ -278,10 +278,14 @@ def model_yaml(args: dict) -> dict:
 
 
 # Transformer Engine modules (NeMo 2's spec) with an _extra_state but no tensor mapc writes
-# under their own name: the attention core beside each fused QKV (NeMo 2 checkpoints list
-# module.decoder.layers.self_attention.core_attention._extra_state) and the final norm
-_TE_ATTENTION = re.compile(r"^(.*\.self_attention\.)linear_qkv\.weight$")
+# under their own name: the attention core beside each attention's output projection (NeMo 2
+# checkpoints list module.decoder.layers.self_attention.core_attention._extra_state; MLA has
+# no fused QKV) and the final norm
+_TE_ATTENTION = re.compile(r"^(.*\.self_attention\.)linear_proj\.weight$")
 _TE_FINAL_NORM = re.compile(r"^(.*\.final_layernorm)\.weight$")
+# ... and the attention norms (qk_layernorm's q/k, MLA's q/kv), which are Transformer Engine
+# norms there and plain torch norms (no _extra_state) in torch_dist's local spec
+_TE_ATTENTION_NORM = re.compile(r"^(.*\.self_attention\.(?:q|k|kv)_layernorm)\.weight$")
 
 
 class Nemo2Writer(torch_dist.TorchDistWriter):
@@ -292,10 +296,15 @@ class Nemo2Writer(torch_dist.TorchDistWriter):
 
     def _extra_state_keys(self, fqn: str, shape: tuple) -> list[str]:
         keys = super()._extra_state_keys(fqn, shape)
+        # one object per layer of a stacked tensor, one for a numbered layer's own
+        shards = [f"shard_{i}_{shape[0]}" for i in range(shape[0])] \
+            if shape and torch_dist.stacked(fqn) else ["shard_0_1"]
         m = _TE_ATTENTION.match(fqn)
         if m and shape:
-            keys += [f"{m.group(1)}core_attention._extra_state/shard_{i}_{shape[0]}"
-                     for i in range(shape[0])]
+            keys += [f"{m.group(1)}core_attention._extra_state/{s}" for s in shards]
+        m = _TE_ATTENTION_NORM.match(fqn)
+        if m and shape:
+            keys += [f"{m.group(1)}._extra_state/{s}" for s in shards]
         m = _TE_FINAL_NORM.match(fqn)
         if m:
             keys.append(f"{m.group(1)}._extra_state/shard_0_1")

@@ -57,6 +57,11 @@ SINGLE = ()
 PICKLES = torchfile.allow_list("megatron-core torch_dist", ENUM_GLOBALS)
 # a key of megatron-core's stacked layers: "<block>.layers.<not a layer number>..."
 _STACKED = re.compile(r"(?:^|\.)layers\.(?!\d+(?:\.|$))")
+# the local spec's norms (plain torch modules, no _extra_state): input_layernorm,
+# pre_mlp_layernorm, MTP's enorm/hnorm/final_layernorm, ...
+_NORM = re.compile(r"norm\.weight$")
+# a key of a layer megatron-core keeps unstacked (non-homogeneous layers, e.g. dense and MoE)
+_NUMBERED = re.compile(r"(?:^|\.)layers\.\d+\.")
 _SLAB = re.compile(r"^(.*)\[(\d+)\]$")
 
 
@@ -779,18 +784,35 @@ def _archive(obj=None, array=None) -> bytes:
 
 
 # megatron-core's SequentialMLP shards its local experts under "<prefix>experts.experts." on a
-# second global axis (after the layers'); its TopKRouter has no _extra_state
+# second global axis (after the layers'); its TopKRouter has no _extra_state, nor have the
+# local spec's attention norms (qk_layernorm's q/k, MLA's q/kv: plain torch norms)
 _EXPERTS = re.compile(r"(?:^|\.)experts\.experts\.")
-_NO_EXTRA_STATE = re.compile(r"(?:^|\.)router\.weight$")
+_NO_EXTRA_STATE = re.compile(
+    r"(?:^|\.)(?:router|self_attention\.(?:q|k|kv)_layernorm)\.weight$")
+
+
+def stacked(fqn: str) -> bool:
+    """Whether ``fqn`` is a key of megatron-core's stacked layers (see the module docstring)."""
+    return bool(_STACKED.search(fqn))
 
 
 def _extra_state_keys(fqn: str, shape: tuple) -> list[str]:
     """The ``_extra_state`` ShardedObject keys megatron-core's loader asks for beside a stacked
     ``<module>.weight``: ``<module>._extra_state/shard_{offset}_{global shape}``, one per layer
-    (``shard_i_L``) or, for SequentialMLP experts, per layer and expert (``shard_i.e_L.E``)."""
-    if not fqn.endswith(".weight") or not _STACKED.search(fqn) or _NO_EXTRA_STATE.search(fqn):
+    (``shard_i_L``) or, for SequentialMLP experts, per layer and expert (``shard_i.e_L.E``);
+    beside a numbered layer's ``layers.<n>.<module>.weight`` one (``shard_0_1``) or one per
+    expert (``shard_e_E``)."""
+    if not fqn.endswith(".weight") or _NO_EXTRA_STATE.search(fqn):
         return []
     module = fqn[:-len(".weight")]
+    if not _STACKED.search(fqn):
+        # a layer of its own (megatron-core's non-homogeneous layers: "layers.<n>."): one
+        # object, or one per expert on SequentialMLP's global experts axis
+        if not _NUMBERED.search(fqn) or _NORM.search(fqn):
+            return []
+        if _EXPERTS.search(fqn) and shape:
+            return [f"{module}._extra_state/shard_{e}_{shape[0]}" for e in range(shape[0])]
+        return [f"{module}._extra_state/shard_0_1"]
     if _EXPERTS.search(fqn) and len(shape) >= 2:
         return [f"{module}._extra_state/shard_{i}.{e}_{shape[0]}.{shape[1]}"
                 for i in range(shape[0]) for e in range(shape[1])]

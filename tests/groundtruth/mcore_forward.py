@@ -96,10 +96,16 @@ def _worker(cfg: dict, model_file: str, tokens: list[int], variants: list) -> li
             a, b = v["swap"]
             sd[a], sd[b] = vstate[b], vstate[a]
         model = build_gpt(vcfg, 1, 1)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [m for m in missing if not m.endswith("_extra_state")]
-        if missing or unexpected:
-            raise SystemExit(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+        if v.get("dist"):       # a torch_dist checkpoint instead, by megatron-core's own load
+            _dist_load(torch, model, v)
+        else:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            missing = [m for m in missing if not m.endswith("_extra_state")]
+            if missing or unexpected:
+                raise SystemExit(f"state dict mismatch: missing {missing}, "
+                                 f"unexpected {unexpected}")
+        if v.get("dist_save"):
+            _dist_save(torch, model, vcfg, v)
         model.eval()
         if v.get("mtp"):
             # a model with mtp_num_layers: its forward (which then needs labels) returns the
@@ -117,6 +123,66 @@ def _worker(cfg: dict, model_file: str, tokens: list[int], variants: list) -> li
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
     return results
+
+
+# what Megatron-LM passes as sharded_sd_metadata for a model saved with its default flags
+_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+             "distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _dist_load(torch, model, v: dict) -> None:
+    """``dist_checkpointing.load`` (strict ``raise_all``: every key the model asks for must be
+    there, nothing else) of the directory ``v["dist"]`` (the one holding ``metadata.json``),
+    keys under ``v["prefix"]`` (NeMo 2: ``module.``; ``v["unread"]``: the exact list of
+    checkpoint keys the model does not ask for, Transformer Engine's), then ``load_state_dict(strict=True)``;
+    with ``v["out"]`` the loaded ``state_dict()`` is saved there."""
+    from megatron.core import dist_checkpointing
+    sys.path.insert(0, str(_HERE.parents[1]))
+    from tests.groundtruth.mcore_dist import _patch_cuda
+    _patch_cuda(torch)
+    # megatron-core registers its common.pt classes at import; the safe_globals context that
+    # read the Megatron file above dropped argparse.Namespace again on exit
+    from megatron.core.safe_globals import register_safe_globals
+    register_safe_globals()
+    prefix = v.get("prefix", "")
+    sharded = model.sharded_state_dict(prefix=prefix, metadata=_METADATA)
+    if "unread" in v:       # keys in the checkpoint the model does not ask for, as listed
+        loaded, missing, unexpected = dist_checkpointing.load(
+            {"model": sharded}, v["dist"], strict="return_all")
+        if unexpected or sorted(map(str, missing)) != sorted(v["unread"]):
+            raise SystemExit(f"dist load: asked for but absent {sorted(unexpected)}, "
+                             f"unread {sorted(map(str, missing))} (expected {v['unread']})")
+    else:
+        loaded = dist_checkpointing.load({"model": sharded}, v["dist"], strict="raise_all")
+    sd = {k[len(prefix):]: t for k, t in loaded["model"].items()}
+    model.load_state_dict(sd, strict=True)
+    if v.get("out"):
+        torch.save({k: t for k, t in model.state_dict().items()
+                    if not k.endswith("_extra_state")}, v["out"])
+
+
+def _dist_save(torch, model, cfg: dict, v: dict) -> None:
+    """Megatron-LM's ``--ckpt-format torch_dist`` save of the loaded model into ROOT =
+    ``v["dist_save"]``: ``dist_checkpointing.save`` of ``{"model": sharded_state_dict(), "args",
+    "checkpoint_version", "iteration", "opt_param_scheduler"}`` into ``ROOT/iter_0000007``
+    and the tracker; ``args`` are mcore_dist's with ``v["args"]`` over them."""
+    from megatron.core import dist_checkpointing
+    sys.path.insert(0, str(_HERE.parents[1]))
+    from tests.groundtruth import mcore_dist
+    mcore_dist._patch_cuda(torch)
+    args = mcore_dist._args(dict(cfg, vocab=cfg.get("true_vocab", cfg["vocab"])), 1, 1, "fp32")
+    for key, value in v.get("args", {}).items():
+        setattr(args, key, value)
+    out = mcore_dist.iter_dir(Path(v["dist_save"]))
+    out.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict(metadata=_METADATA),
+                             "args": args, "checkpoint_version": 3.0,
+                             "iteration": mcore_dist.ITERATION,
+                             "opt_param_scheduler": {"max_lr": 1e-3,
+                                                     "num_steps": mcore_dist.ITERATION}},
+                            str(out), content_metadata=_METADATA)
+    (Path(v["dist_save"]) / "latest_checkpointed_iteration.txt").write_text(
+        str(mcore_dist.ITERATION))
 
 
 if __name__ == "__main__":
