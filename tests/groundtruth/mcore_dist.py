@@ -196,6 +196,16 @@ def _args(cfg, tp, pp, dtype, dp=1):
         cuda_graph_scope=[CudaGraphScope.attn])
 
 
+def _fp32_norms(cfg, model):
+    """With ``cfg["fp32_norms"]``, every 1-D parameter (the norms: the local spec has no
+    biases here) back in fp32 after Float16Module's cast, as a run keeping its norms in fp32
+    has them: megatron-core's DDP then makes two buffers, (bf16, fp32) and (fp32, fp32)."""
+    if cfg.get("fp32_norms"):
+        for _, param in model.named_parameters():
+            if param.ndim == 1:
+                param.data = param.data.float()
+
+
 def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
     import warnings
     warnings.filterwarnings("ignore")
@@ -219,6 +229,7 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
     if pdt != torch.float32:
         from megatron.core.transformer.module import Float16Module
         model = Float16Module(model.config, model).module
+    _fp32_norms(cfg, model)
     # what Megatron-LM passes as sharded_sd_metadata for the model with the default flags
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
                 "distrib_optim_sharding_type": "dp_reshardable"}
@@ -432,6 +443,7 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, mode=""):
                       params_dtype=pdt)
     if pdt != torch.float32:
         model = Float16Module(model.config, model).module
+    _fp32_norms(cfg, model)
     ddp, opt = _distributed_optimizer(torch, dist, model, dtype, pdt)
     _patch_fully_reshardable_load()
     # megatron-core's torch-Adam fallback (no Transformer Engine or Apex here) cannot make
@@ -473,7 +485,10 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, mode=""):
         loaded = dist_checkpointing.load(sharded, str(Path(ckpt) / f"iter_{int(tracker):07d}"),
                                          strict="raise_all")
         model.load_state_dict(loaded["model"], strict=True)
-        opt.load_state_dict(loaded["optimizer"])
+        # an fp32 parameter's master is a view of the parameter itself, which megatron-core
+        # 0.16.1 copies into in place: autograd allows that only without grad recording
+        with torch.no_grad():
+            opt.load_state_dict(loaded["optimizer"])
         unshare_steps()
     def load_nemo2(ckpt, kind):
         weights = Path(ckpt) / "weights"
