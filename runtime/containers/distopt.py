@@ -18,6 +18,10 @@ megatron-core 0.16.1's ``_ParamAndGradBuffer`` builds it (``param_and_grad_buffe
 * each bucket's end is padded to a multiple of ``lcm(dp, 128)`` (``lcm(dp, 128, 2**16)`` with
   ``pad_buckets_for_high_nccl_busbw``); the next bucket starts there.
 
+Parameters of several dtypes (fp32 norms beside bf16 weights) get one buffer each, per (param
+dtype, grad dtype), in the order their dtypes first appear in ``named_parameters`` (its
+``gbuf_idx``), each bucketed as above (:func:`rank_layouts`).
+
 Checkpoints keep each bucket without its end padding (``numel_unpadded`` elements), so a
 parameter's place inside a bucket's stored tensor is its offset from the bucket's start, which
 does not depend on dp. The derivation is checked against the ``per_bucket_numel_unpadded``
