@@ -574,12 +574,7 @@ class _DpReshardable(_Optimizer):
         tp, pp = src.saved_topology["tp"], src.saved_topology["pp"]
         world = int(args.get("world_size") or 0)
         self.dp = int(args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
-        vpp = int(args.get("virtual_pipeline_model_parallel_size") or 1)
-        if vpp > 1:
-            raise MapcError(f"the distributed optimizer of a virtual-pipeline run (vpp={vpp}: "
-                            f"one DDP buffer per model chunk) is not read yet", where=where,
-                            hint="re-save it with distrib_optim_sharding_type "
-                                 "fully_reshardable (read at any vpp), or without the optimizer")
+        self.vpp = int(args.get("virtual_pipeline_model_parallel_size") or 1)
         keys = self._keys(where)
         spec = plan.spec
         if "megatron" not in spec.layout_names():
@@ -597,7 +592,8 @@ class _DpReshardable(_Optimizer):
         for naming in namings:
             params = {k: v for k, v in (("vocab_multiple", plan.params.get("vocab_multiple")),
                                         ("naming", naming)) if k in takes and v is not None}
-            mplan = plan_layout(spec, "megatron", plan.env, {"tp": tp, "pp": pp}, params)
+            mplan = plan_layout(spec, "megatron", plan.env, {"tp": tp, "pp": pp * self.vpp},
+                                params)
             self._derive(mplan, plan, keys, tp, pp, args, where)
             bad = self._masters_disagree()
             if bad is None:
@@ -657,23 +653,28 @@ class _DpReshardable(_Optimizer):
         stored = {k: self.src.dtype(name) for inst, _, name in plan.placements()
                   for k in inst.members.values()}
         layouts = distopt.rank_layouts(
-            mplan, self.dp, args, lambda inst: stored.get(next(iter(inst.members.values()))))
-        for coord, lay in layouts.items():
-            c = dict(coord)
-            g = lay.group
-            what = f"dp_group_idx_{g} (tp={c.get('tp', 0)}, pp={c.get('pp', 0)})"
+            mplan, self.dp, args, lambda inst: stored.get(next(iter(inst.members.values()))),
+            vpp=self.vpp)
+        pairs: dict[int, list] = {}         # dp_group_idx -> its buffers' dtype pairs
+        for lay in sorted(layouts.values(), key=lambda x: x.gbuf0):
+            pairs.setdefault(lay.group, []).extend(buf.pair for buf in lay.buffers)
+        for g, want in pairs.items():
             gbufs = sorted({b for gg, b, _ in keys if gg == g})
-            pairs = [buf.pair for buf in lay.buffers]
-            if gbufs != list(range(len(pairs))) or \
-                    any(self._pair(g, b) not in (None, pair) for b, pair in enumerate(pairs)):
-                raise MapcError(f"the distributed optimizer of {what} has the DDP buffers "
-                                f"{[self._pair(g, b) for b in gbufs]}; the model's parameter "
-                                f"dtypes give {pairs}", where=where,
+            if gbufs != list(range(len(want))) or \
+                    any(self._pair(g, b) not in (None, pair) for b, pair in enumerate(want)):
+                raise MapcError(f"the distributed optimizer of dp_group_idx_{g} has the DDP "
+                                f"buffers {[self._pair(g, b) for b in gbufs]}; the model's "
+                                f"parameter dtypes and chunks give {want}", where=where,
                                 hint="the checkpoint was trained with settings mapc does not "
                                      "derive; save it with distrib_optim_sharding_type "
                                      "fully_reshardable")
-            for b, buf in enumerate(lay.buffers):
-                bwhat = what if len(pairs) == 1 else f"{what} gbuf_idx_{b}"
+        for coord, lay in layouts.items():
+            c = dict(coord)
+            g = lay.group
+            what = f"dp_group_idx_{g} (tp={c.get('tp', 0)}, pp={c.get('pp', 0) % pp})"
+            several = len(pairs[g]) > 1
+            for b, buf in enumerate(lay.buffers, lay.gbuf0):
+                bwhat = f"{what} gbuf_idx_{b}" if several else what
                 distopt.check_buckets(buf.buckets, self._stored_sizes(g, b, buf.buckets, where),
                                       where, bwhat)
                 for k, bucket in enumerate(buf.buckets):
