@@ -18,6 +18,11 @@ megatron-core 0.16.1's ``_ParamAndGradBuffer`` builds it (``param_and_grad_buffe
 * each bucket's end is padded to a multiple of ``lcm(dp, 128)`` (``lcm(dp, 128, 2**16)`` with
   ``pad_buckets_for_high_nccl_busbw``); the next bucket starts there.
 
+Parameters of several dtypes (fp32 norms beside bf16 weights) get one buffer each, per (param
+dtype, grad dtype), in the order their dtypes first appear in ``named_parameters`` (its
+``gbuf_idx``), each bucketed as above; a virtual pipeline's model chunks have a DDP each, their
+buffers one after another in the rank's optimizer (:func:`rank_layouts`).
+
 Checkpoints keep each bucket without its end padding (``numel_unpadded`` elements), so a
 parameter's place inside a bucket's stored tensor is its offset from the bucket's start, which
 does not depend on dp. The derivation is checked against the ``per_bucket_numel_unpadded``
@@ -104,26 +109,56 @@ def check_buckets(buckets: list[Bucket], stored_unpadded, where: str, what: str)
 
 
 @dataclass(frozen=True)
+class Buffer:
+    """One DDP buffer: its (param dtype, grad dtype) names (``("bfloat16", "float32")``) and
+    its buckets."""
+    pair: tuple
+    buckets: tuple
+
+
+@dataclass(frozen=True)
 class RankLayout:
     """One model-parallel rank's distributed-optimizer layout: ``group`` is its
-    ``dp_group_idx`` (tp_rank + tp * pp_rank), ``buckets`` its DDP buckets (one buffer),
-    ``shapes`` its parameters' local shapes by name."""
+    ``dp_group_idx`` (tp_rank + tp * pp_rank), ``buffers`` its DDP buffers in ``gbuf_idx``
+    order, ``shapes`` its parameters' local shapes by name; with a virtual pipeline it is one
+    model chunk's, whose buffers follow the earlier chunks' ``gbuf0`` buffers of the rank."""
     group: int
-    buckets: tuple
+    buffers: tuple
     shapes: dict
+    gbuf0: int = 0
+
+    @property
+    def buckets(self) -> tuple:
+        """The buckets of the rank's one buffer (the legacy ``distrib_optim.pt`` writer's)."""
+        if len(self.buffers) != 1:
+            raise MapcError(f"dp_group_idx_{self.group} has {len(self.buffers)} DDP buffers "
+                            f"({', '.join(str(b.pair) for b in self.buffers)}); mapc writes "
+                            f"several for torch_dist only", hint="pass --dtype bf16 (one "
+                            "buffer), or convert to torch_dist")
+        return self.buffers[0].buckets
 
     def places(self):
-        """(name, bucket index, start inside the bucket, numel) of every parameter."""
-        for k, bucket in enumerate(self.buckets):
-            for name, start, numel in bucket.params:
-                yield name, k, start, numel
+        """(name, gbuf index, bucket index, start inside the bucket, numel) of every
+        parameter."""
+        for b, buffer in enumerate(self.buffers):
+            for k, bucket in enumerate(buffer.buckets):
+                for name, start, numel in bucket.params:
+                    yield name, self.gbuf0 + b, k, start, numel
 
 
-def rank_layouts(mplan, dp: int, args: dict) -> dict[tuple, RankLayout]:
+def rank_layouts(mplan, dp: int, args: dict, dtype_of=None, default: str = "bfloat16",
+                 vpp: int = 1) -> dict[tuple, RankLayout]:
     """The layout of every mesh coordinate of ``mplan`` (a megatron LayoutPlan at the run's
     TP/PP): its parameters are the plan's tensors on that rank, in megatron-core's
     ``named_parameters`` order; a tensor whose logical tensor another instance also holds on
-    another pipeline stage (the tied embedding's copy, pp > 1) is a shared embedding."""
+    another pipeline stage (the tied embedding's copy, pp > 1) is a shared embedding.
+    ``dtype_of(instance)`` is a parameter's dtype name (default ``default``): as megatron-core's
+    DDP does, the parameters of each (param dtype, grad dtype) get a buffer of their own, the
+    buffers in the order their dtypes first appear in ``named_parameters`` (grads are fp32:
+    Megatron-LM reduces bf16 runs' grads in fp32). With ``vpp`` > 1 ``mplan``'s pp axis counts
+    virtual stages (stage v * pp + p is chunk v of pipeline rank p): every chunk has a DDP of
+    its own (one bucket after chunk 0: Megatron-LM disables bucketing there), its buffers
+    after the earlier chunks' in the rank's one optimizer."""
     from mapc.runtime.containers.megatron import module_order
     tp, pp = mplan.mesh.get("tp", 1), mplan.mesh.get("pp", 1)
     users: dict[str, int] = {}
@@ -135,15 +170,26 @@ def rank_layouts(mplan, dp: int, args: dict) -> dict[tuple, RankLayout]:
         per_rank.setdefault(coord, {})[name] = inst
     high = bool(args.get("ddp_pad_buckets_for_high_nccl_busbw"))
     out = {}
-    for coord, insts in per_rank.items():
+    phys = max(1, pp // vpp)
+    nbufs: dict[int, int] = {}
+    for coord, insts in sorted(per_rank.items(),
+                               key=lambda x: dict(x[0]).get("pp", 0) // phys):
         c = dict(coord)
-        t, p = c.get("tp", 0), c.get("pp", 0)
+        t, p = c.get("tp", 0), c.get("pp", 0) % phys
+        chunk = c.get("pp", 0) // phys
         shapes = {n: tuple(insts[n].recipe.shape_at(coord)) for n in insts}
-        params = [(n, math.prod(shapes[n]),
-                   pp > 1 and any(users[k] > 1 for k in insts[n].members.values()))
-                  for n in module_order(list(insts))]
-        buckets = ddp_buckets(params, dp, bucket_size(args, dp, p), high_busbw=high)
-        out[coord] = RankLayout(t + tp * p, tuple(buckets), shapes)
+        by_pair: dict[tuple, list] = {}
+        for n in module_order(list(insts)):
+            dtype = (dtype_of(insts[n]) if dtype_of is not None else None) or default
+            by_pair.setdefault((dtype, "float32"), []).append(
+                (n, math.prod(shapes[n]),
+                 pp > 1 and any(users[k] > 1 for k in insts[n].members.values())))
+        size = bucket_size(args, dp, p) if chunk == 0 else None
+        buffers = tuple(Buffer(pair, tuple(ddp_buckets(params, dp, size, high_busbw=high)))
+                        for pair, params in by_pair.items())
+        group = t + tp * p
+        out[coord] = RankLayout(group, buffers, shapes, nbufs.get(group, 0))
+        nbufs[group] = nbufs.get(group, 0) + len(buffers)
     return out
 
 

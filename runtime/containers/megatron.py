@@ -31,7 +31,8 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
-                                     make_plan, parts_by_file, planned_tensors)
+                                     cast_dtype, make_plan, parts_by_file,
+                                     planned_tensors)
 from mapc.runtime.containers.base import (MAPC_JSON, RefSource, coord_key, rank_grid,
                                           write_json)
 
@@ -1056,7 +1057,11 @@ def _plan_distributed(program, facts, request, opt, dtype):
                         hint="drop --vpp / --ep, or write --to torch_dist")
     dp = request.dp or int(facts.training.get("dp_world_size") or 1)
     args = dict(program.target.meta(), use_distributed_optimizer=True, data_parallel_size=dp)
-    layouts = distopt.rank_layouts(program.target, dp, args)
+    have = facts.dtypes["param"]
+    layouts = distopt.rank_layouts(program.target, dp, args, lambda inst: cast_dtype(
+        inst, have[next(iter(inst.members.values()))], request.dtype, widen=False), dtype)
+    for lay in layouts.values():
+        lay.buckets                  # refuses several buffers (parameters of several dtypes)
     slots = ("param", "exp_avg", "exp_avg_sq") + \
         (("master",) if opt.kind == "mixed" and "master" in facts.slots else ())
     return replace(opt, dp=dp, layouts=layouts, args=args,

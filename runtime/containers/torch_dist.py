@@ -48,7 +48,7 @@ from mapc.runtime.containers.megatron import ENUM_GLOBALS, TRACKER, tracked_iter
 from mapc.runtime.backends import dtype_name
 from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
 from mapc.runtime.plan_write import (PlannedWriter, SourceFacts, WritePlan, WriteRequest,
-                                     make_plan, planned_tensors)
+                                     cast_dtype, make_plan, planned_tensors)
 
 LAYOUT = "torch_dist"
 METADATA_JSON = "metadata.json"
@@ -179,8 +179,10 @@ class _OptimizerPlan:
     kind: str = "dp_reshardable"
 
     def describe(self) -> str:
-        sizes = {lay.group: [b.numel_unpadded for b in lay.buckets]
-                 for lay in self.layouts.values()}
+        sizes = {lay.group: ", ".join(
+            f"{[b.numel_unpadded for b in buf.buckets]}"
+            + (f" ({buf.pair[0]})" if len(lay.buffers) > 1 else "") for buf in lay.buffers)
+            for lay in self.layouts.values()}
         return ", ".join(f"dp_group_idx_{g}: {n}" for g, n in sorted(sizes.items()))
 
 
@@ -203,13 +205,21 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
               if k in takes and v is not None}
     tp, pp = int(target.params.get("tp_size", 1)), int(target.params.get("pp_size", 1))
     mplan = plan_layout(spec, "megatron", target.env, {"tp": tp, "pp": pp}, params)
-    layouts = distopt.rank_layouts(mplan, dp, {})
-    first = next(iter(program.source.instances[0].members.values()))
-    dtype = request.dtype or facts.dtypes["param"][first]
-    if dtype not in ("bfloat16", "float32"):
-        raise MapcError(f"mapc writes megatron-core's distributed optimizer for bf16 or fp32 "
-                        f"parameters, not {dtype} (fp16 needs its grad scaler, not written)",
-                        hint="pass --dtype bf16 (or fp32)")
+    # each parameter's training dtype: the cast one, else the source's (not widened for a
+    # value map); megatron-core's DDP gives every dtype a buffer of its own
+    have = facts.dtypes["param"]
+
+    def dtype_of(inst):
+        return cast_dtype(inst, have[next(iter(inst.members.values()))], request.dtype,
+                          widen=False)
+    layouts = distopt.rank_layouts(mplan, dp, {}, dtype_of)
+    pairs = sorted({buf.pair for lay in layouts.values() for buf in lay.buffers})
+    dtype = pairs[0][0]
+    for bad, _ in pairs:
+        if bad not in ("bfloat16", "float32"):
+            raise MapcError(f"mapc writes megatron-core's distributed optimizer for bf16 or "
+                            f"fp32 parameters, not {bad} (fp16 needs its grad scaler, not "
+                            f"written)", hint="pass --dtype bf16 (or fp32)")
     kind = request.optim_sharding or "dp_reshardable"
     if kind == "fully_reshardable":     # global tensors: no bucket layout, nothing to cut
         return _OptimizerPlan(dp, impl, {}, None, "master" not in facts.slots, dtype, kind)
@@ -569,6 +579,7 @@ class _DpReshardable(_Optimizer):
         tp, pp = src.saved_topology["tp"], src.saved_topology["pp"]
         world = int(args.get("world_size") or 0)
         self.dp = int(args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
+        self.vpp = int(args.get("virtual_pipeline_model_parallel_size") or 1)
         keys = self._keys(where)
         spec = plan.spec
         if "megatron" not in spec.layout_names():
@@ -586,7 +597,8 @@ class _DpReshardable(_Optimizer):
         for naming in namings:
             params = {k: v for k, v in (("vocab_multiple", plan.params.get("vocab_multiple")),
                                         ("naming", naming)) if k in takes and v is not None}
-            mplan = plan_layout(spec, "megatron", plan.env, {"tp": tp, "pp": pp}, params)
+            mplan = plan_layout(spec, "megatron", plan.env, {"tp": tp, "pp": pp * self.vpp},
+                                params)
             self._derive(mplan, plan, keys, tp, pp, args, where)
             bad = self._masters_disagree()
             if bad is None:
@@ -608,6 +620,7 @@ class _DpReshardable(_Optimizer):
         tensors ``optimizer.distributed.dp_group_idx_I.gbuf_idx_G.dtype_(P, G).bucket_idx_B.
         {param,exp_avg,exp_avg_sq}``."""
         keys: dict[tuple, dict] = {}
+        self.pairs: dict[tuple, tuple] = {}      # (dp_group_idx, gbuf_idx) -> its dtype pair
         for key in self.src.entries:
             if not key.startswith("optimizer."):
                 continue
@@ -616,9 +629,11 @@ class _DpReshardable(_Optimizer):
                 raise MapcError(f"unexpected distributed-optimizer tensor {key}",
                                 where=str(self.src.iter_dir / dcp.METADATA),
                                 hint="mapc reads megatron-core's dp_reshardable layout of one "
-                                     "optimizer (no expert-parallel or chained optimizers)")
+                                     "optimizer (no expert-parallel or chained optimizers: "
+                                     "MoE is not read yet)")
             g, b, k = int(m.group(1)), int(m.group(2)), int(m.group(5))
             keys.setdefault((g, b, k), {})[m.group(6)] = key
+            self.pairs[(g, b)] = tuple(x[len("torch."):] for x in (m.group(3), m.group(4)))
         return keys
 
     def _check_bucket(self, g: int, k: int, buckets, slots: dict, where: str) -> None:
@@ -639,28 +654,44 @@ class _DpReshardable(_Optimizer):
         src = self.src
         self.where: dict[tuple, tuple] = {}
         used = set()
-        layouts = distopt.rank_layouts(mplan, self.dp, args)
+        # each parameter's dtype, as stored: megatron-core's DDP gives every dtype a buffer
+        stored = {k: self.src.dtype(name) for inst, _, name in plan.placements()
+                  for k in inst.members.values()}
+        layouts = distopt.rank_layouts(
+            mplan, self.dp, args, lambda inst: stored.get(next(iter(inst.members.values()))),
+            vpp=self.vpp)
+        pairs: dict[int, list] = {}         # dp_group_idx -> its buffers' dtype pairs
+        for lay in sorted(layouts.values(), key=lambda x: x.gbuf0):
+            pairs.setdefault(lay.group, []).extend(buf.pair for buf in lay.buffers)
+        for g, want in pairs.items():
+            gbufs = sorted({b for gg, b, _ in keys if gg == g})
+            if gbufs != list(range(len(want))) or \
+                    any(self._pair(g, b) not in (None, pair) for b, pair in enumerate(want)):
+                raise MapcError(f"the distributed optimizer of dp_group_idx_{g} has the DDP "
+                                f"buffers {[self._pair(g, b) for b in gbufs]}; the model's "
+                                f"parameter dtypes and chunks give {want}", where=where,
+                                hint="the checkpoint was trained with settings mapc does not "
+                                     "derive; save it with distrib_optim_sharding_type "
+                                     "fully_reshardable")
         for coord, lay in layouts.items():
             c = dict(coord)
             g = lay.group
-            what = f"dp_group_idx_{g} (tp={c.get('tp', 0)}, pp={c.get('pp', 0)})"
-            gbufs = sorted({b for gg, b, _ in keys if gg == g})
-            if gbufs != [0]:
-                raise MapcError(f"the distributed optimizer of {what} has "
-                                f"{len(gbufs)} buffers; mapc derives one (every parameter of "
-                                f"one dtype)", where=where)
-            distopt.check_buckets(lay.buckets, self._stored_sizes(g, lay.buckets, where), where,
-                                  what)
-            for k, bucket in enumerate(lay.buckets):
-                slots = keys.get((g, 0, k), {})
-                if set(slots) != {"param", "exp_avg", "exp_avg_sq"}:
-                    raise MapcError(f"bucket {k} of {what} lacks "
-                                    f"{sorted({'param', 'exp_avg', 'exp_avg_sq'} - set(slots))}",
-                                    where=where, hint="copy the complete checkpoint")
-                self._check_bucket(g, k, lay.buckets, slots, where)
-                used.add((g, 0, k))
-            for name, k, start, numel in lay.places():
-                self.where[(coord, name)] = (keys[(g, 0, k)], start, numel, lay.shapes[name])
+            what = f"dp_group_idx_{g} (tp={c.get('tp', 0)}, pp={c.get('pp', 0) % pp})"
+            several = len(pairs[g]) > 1
+            for b, buf in enumerate(lay.buffers, lay.gbuf0):
+                bwhat = f"{what} gbuf_idx_{b}" if several else what
+                distopt.check_buckets(buf.buckets, self._stored_sizes(g, b, buf.buckets, where),
+                                      where, bwhat)
+                for k, bucket in enumerate(buf.buckets):
+                    slots = keys.get((g, b, k), {})
+                    lacks = sorted({"param", "exp_avg", "exp_avg_sq"} - set(slots))
+                    if lacks:
+                        raise MapcError(f"bucket {k} of {bwhat} lacks {lacks}", where=where,
+                                        hint="copy the complete checkpoint")
+                    self._check_bucket(g, k, buf.buckets, slots, where)
+                    used.add((g, b, k))
+            for name, b, k, start, numel in lay.places():
+                self.where[(coord, name)] = (keys[(g, b, k)], start, numel, lay.shapes[name])
         if set(keys) != used:
             extra = sorted(set(keys) - used)[0]
             raise MapcError(f"the checkpoint holds distributed-optimizer buckets the model's "
@@ -676,14 +707,19 @@ class _DpReshardable(_Optimizer):
                     for _, name in copies:
                         self.targets[name] = (unit, inst, rc)
 
-    def _stored_sizes(self, g: int, buckets, where: str) -> list:
-        """The bucket sizes megatron-core stored for dp_group_idx ``g``."""
-        return self._unpadded(g, where)
+    def _pair(self, g: int, b: int):
+        """The (param dtype, grad dtype) names of buffer ``b`` of dp_group_idx ``g``, as its
+        keys say."""
+        return self.pairs.get((g, b))
 
-    def _unpadded(self, g: int, where: str) -> list:
+    def _stored_sizes(self, g: int, b: int, buckets, where: str) -> list:
+        """The bucket sizes megatron-core stored for buffer ``b`` of dp_group_idx ``g``."""
+        return self._unpadded(g, b, where)
+
+    def _unpadded(self, g: int, b: int, where: str) -> list:
         obj = self.src.read_object(_OPTIM.format(g=g, what="per_bucket_numel_unpadded"))
         try:
-            (sizes,) = obj[0].values()
+            (sizes,) = obj[b].values()
             return [int(n) for n in sizes]
         except (TypeError, ValueError, KeyError, IndexError, AttributeError):
             raise MapcError(f"per_bucket_numel_unpadded of dp_group_idx_{g} is {obj!r}, not "
@@ -748,9 +784,15 @@ class _DpZeroGatherScatter(_DpReshardable):
                             f"in a dp_zero_gather_scatter checkpoint", where=where)
         return keys
 
-    def _stored_sizes(self, g: int, buckets, where: str) -> list:
+    def _pair(self, g: int, b: int):
+        return None                      # the buffers' dtypes are checked in _state
+
+    def _stored_sizes(self, g: int, b: int, buckets, where: str) -> list:
         """No bucket sizes are stored, only the buffer's total (checked in _state): the
         derived buckets, checked by that total and by the masters."""
+        if b > 0:
+            raise MapcError("a dp_zero_gather_scatter state with several DDP buffers (dtypes) "
+                            "is not read", where=where, hint=self.src.RESAVE_HINT)
         self.states[g] = self._state(g, sum(b.numel_unpadded for b in buckets), where)
         for k in range(len(buckets)):
             self.keys[(g, 0, k)] = {s: (g, k, s) for s in ("param", "exp_avg", "exp_avg_sq")}
@@ -856,14 +898,16 @@ class TorchDistWriter(PlannedWriter):
                 for inst in unit.sources:
                     for _, _, name in inst.shards:
                         self.cut_unit[name] = unit
-            self.place = {(coord, name): (lay.group, k, start, numel)
+            self.place = {(coord, name): (lay.group, b, k, start, numel)
                           for coord, lay in optimizer.layouts.items()
-                          for name, k, start, numel in lay.places()}
+                          for name, b, k, start, numel in lay.places()}
             self.pending: dict[tuple, dict] = {}
-            self.dtype_key = f"(torch.{optimizer.dtype}, torch.float32)"
+            self.pairs = {(lay.group, b): buf.pair for lay in optimizer.layouts.values()
+                          for b, buf in enumerate(lay.buffers)}
 
-    def _bucket_key(self, group: int, bucket: int, slot: str) -> str:
-        return (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_0.dtype_{self.dtype_key}"
+    def _bucket_key(self, group: int, gbuf: int, bucket: int, slot: str) -> str:
+        pair = ", ".join(f"torch.{x}" for x in self.pairs[(group, gbuf)])
+        return (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}.dtype_({pair})"
                 f".bucket_idx_{bucket}.{'param' if slot == 'master' else slot}")
 
     def _subdir(self) -> str:
@@ -893,10 +937,11 @@ class TorchDistWriter(PlannedWriter):
                     self.tensors[f"optimizer.state.{slot}.{fqn}"] = [shape, "float32", []]
         if self.opt is not None:
             for lay in self.opt.layouts.values():
-                for k, bucket in enumerate(lay.buckets):
-                    for slot in ("master", "exp_avg", "exp_avg_sq"):
-                        self.tensors[self._bucket_key(lay.group, k, slot)] = \
-                            [(bucket.numel_unpadded,), "float32", []]
+                for b, buf in enumerate(lay.buffers):
+                    for k, bucket in enumerate(buf.buckets):
+                        for slot in ("master", "exp_avg", "exp_avg_sq"):
+                            self.tensors[self._bucket_key(lay.group, b, k, slot)] = \
+                                [(bucket.numel_unpadded,), "float32", []]
         (self.dir / self.sub).mkdir(parents=True)
         self.file = open(self.dir / self.sub / DATA, "wb")
 
@@ -958,11 +1003,11 @@ class TorchDistWriter(PlannedWriter):
                                                                            dict(rc))),
                                              dtype=np.float32).reshape(-1)
                 for coord, mname in copies:
-                    group, k, start, numel = self.place[(coord, mname)]
+                    group, b, k, start, numel = self.place[(coord, mname)]
                     if local.size != numel:
                         raise MapcError(f"internal: {mname} has {local.size} elements, its "
                                         f"place in the bucket {numel}")
-                    self._flat_chunk(self._bucket_key(group, k, slot), start, local)
+                    self._flat_chunk(self._bucket_key(group, b, k, slot), start, local)
 
     def _flat_chunk(self, key, start, flat):
         self.tensors[key][2].append(((start,), (flat.size,)) +
@@ -984,20 +1029,23 @@ class TorchDistWriter(PlannedWriter):
 
         from mapc.runtime.containers.distopt import _pad
         groups = self._param_groups()
-        pair = (torchfile.TorchDType(self.opt.dtype), torchfile.TorchDType("float32"))
         divisor = math.lcm(self.opt.dp, 128)
         for lay in sorted(self.opt.layouts.values(), key=lambda x: x.group):
-            for k, bucket in enumerate(lay.buckets):
-                for start, n in _gaps(bucket):
-                    for slot in ("master", "exp_avg", "exp_avg_sq"):
-                        self._flat_chunk(self._bucket_key(lay.group, k, slot), start,
-                                         np.zeros(n, np.float32))
+            for b, buf in enumerate(lay.buffers):
+                for k, bucket in enumerate(buf.buckets):
+                    for start, n in _gaps(bucket):
+                        for slot in ("master", "exp_avg", "exp_avg_sq"):
+                            self._flat_chunk(self._bucket_key(lay.group, b, k, slot), start,
+                                             np.zeros(n, np.float32))
+            pairs = [tuple(torchfile.TorchDType(x) for x in buf.pair) for buf in lay.buffers]
             base = f"optimizer.distributed.dp_group_idx_{lay.group}"
             self._object(f"{base}.optimizer", {"param_groups": groups})
-            self._object(f"{base}.per_bucket_numel", [{pair: [
-                _pad(b.numel_unpadded, divisor) for b in lay.buckets]}])
-            self._object(f"{base}.per_bucket_numel_unpadded", [{pair: [
-                b.numel_unpadded for b in lay.buckets]}])
+            self._object(f"{base}.per_bucket_numel", [
+                {pair: [_pad(x.numel_unpadded, divisor) for x in buf.buckets]}
+                for pair, buf in zip(pairs, lay.buffers)])
+            self._object(f"{base}.per_bucket_numel_unpadded", [
+                {pair: [x.numel_unpadded for x in buf.buckets]}
+                for pair, buf in zip(pairs, lay.buffers)])
 
     def finish(self, record: dict):
         if self.opt is not None:

@@ -196,7 +196,129 @@ def _args(cfg, tp, pp, dtype, dp=1):
         cuda_graph_scope=[CudaGraphScope.attn])
 
 
+def _fp32_norms(cfg, model):
+    """With ``cfg["fp32_norms"]``, every 1-D parameter (the norms: the local spec has no
+    biases here) back in fp32 after Float16Module's cast, as a run keeping its norms in fp32
+    has them: megatron-core's DDP then makes two buffers, (bf16, fp32) and (fp32, fp32)."""
+    if cfg.get("fp32_norms"):
+        for _, param in model.named_parameters():
+            if param.ndim == 1:
+                param.data = param.data.float()
+
+
+def _vpp_worker(cfg, tp, pp, dtype, a, b, extra):
+    """``save_checkpoint`` of a virtual-pipeline run (``cfg["vpp"]`` chunks per rank, as
+    Megatron-LM's ``get_model`` builds them): each chunk wrapped in its own DDP, one
+    DistributedOptimizer over all (one buffer per chunk and dtype), one seeded step, the state
+    saved with ``model0``, ``model1``, ... and dp_reshardable; the live optimizer (names
+    ``model{v}.NAME``) into ``a/optim_T_P_D.pt``."""
+    import warnings
+    import zlib
+    warnings.filterwarnings("ignore")
+    import torch
+    _patch_cuda(torch)
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend="gloo", rank=rank, world_size=world)
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+    from tests.groundtruth.mcore_names import build_gpt
+    vpp = int(cfg["vpp"])
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vpp)
+    d = parallel_state.get_data_parallel_rank()
+    t = parallel_state.get_tensor_model_parallel_rank()
+    p = parallel_state.get_pipeline_model_parallel_rank()
+    pdt = torch.bfloat16
+    padded = _args(cfg, tp, pp, dtype).padded_vocab_size
+    chunks = [Float16Module(c.config, c).module for c in
+              (build_gpt(dict(cfg, vocab=padded), tp, pp, params_dtype=pdt, vp_stage=v)
+               for v in range(vpp))]
+    for chunk in chunks:
+        _fp32_norms(cfg, chunk)
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                "distrib_optim_sharding_type": "dp_reshardable"}
+    with torch.no_grad():
+        for v, chunk in enumerate(chunks):
+            for name, param in chunk.named_parameters():
+                sharded = getattr(param, "tensor_model_parallel", False)
+                g = torch.Generator().manual_seed(zlib.crc32(
+                    f"model{v}.{name}|{p}|{t if sharded else -1}".encode()))
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1
+                            + (1.0 if param.ndim == 1 else 0.0))
+    _distributed_optimizer(torch, dist, chunks[0], dtype, pdt)   # patches the grad norm
+    ddps = [DistributedDataParallel(c.config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        c, disable_bucketing=v > 0) for v, c in enumerate(chunks)]
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1, adam_beta1=0.9,
+                             adam_beta2=0.95, adam_eps=1e-8, bf16=True, params_dtype=pdt,
+                             use_distributed_optimizer=True, clip_grad=0.0)
+    opt = get_megatron_optimizer(config, ddps)
+    for v, ddp in enumerate(ddps):
+        for name, param in ddp.module.named_parameters():
+            sharded = getattr(param, "tensor_model_parallel", False)
+            g = torch.Generator().manual_seed(zlib.crc32(
+                f"model{v}.{name}|{p}|{t if sharded else -1}|g".encode()))
+            param.main_grad.copy_(torch.randn(param.shape, generator=g))
+        ddp.finish_grad_sync()
+    ok, _, _ = opt.step()
+    assert ok, "the optimizer step was skipped"
+    args = _args(cfg, tp, pp, dtype, world // (tp * pp))
+    args.use_distributed_optimizer = True
+    args.virtual_pipeline_model_parallel_size = vpp
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
+             "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": ITERATION}}
+    state.update((f"model{v}", c.sharded_state_dict(metadata=metadata))
+                 for v, c in enumerate(chunks))
+    state["optimizer"] = opt.sharded_state_dict(
+        {k: v for k, v in state.items() if k.startswith("model")}, is_loading=False,
+        metadata=metadata)
+    inner = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+    names = {param: f"model{v}.{name}" for v, ddp in enumerate(ddps)
+             for name, param in ddp.module.named_parameters()}
+
+    def truth(path):
+        pieces = {}
+        for ranges in inner.gbuf_ranges:
+            for per_bucket in ranges.values():
+                for bucket in per_bucket:
+                    for param, rmap in bucket["param_map"].items():
+                        tensors = inner._get_main_param_and_optimizer_states(param)
+                        pieces[names[param]] = {"range": (rmap["param"].start,
+                                                          rmap["param"].end),
+                                                "shape": tuple(param.shape)} \
+                            | {k: v.detach().clone() for k, v in tensors.items()
+                               if isinstance(v, torch.Tensor) and v.ndim}
+        buffers = [{"dtype": (str(x.param_dtype), str(x.grad_dtype)), "chunk": v,
+                    "buckets": [(k.offset, k.grad_data.numel(), k.numel_unpadded)
+                                for k in x.buckets],
+                    "index": {names[q]: tuple(int(y) for y in r)
+                              for q, r in x.param_index_map.items()}}
+                   for v, ddp in enumerate(ddps) for x in ddp.buffers]
+        torch.save({"dp_group_idx": inner.data_parallel_group_idx, "buffers": buffers,
+                    "pieces": pieces}, path)
+    truth(Path(a) / f"optim_{t}_{p}_{d}.pt")
+    out = iter_dir(b)
+    out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(state, str(out), content_metadata=metadata)
+    for ddp in ddps:            # the run continues: one step on value gradients
+        for _, param in ddp.module.named_parameters():
+            param.main_grad.copy_(torch.sin(param.detach().float() * 1000.0))
+        ddp.finish_grad_sync()
+    ok, _, _ = opt.step()
+    assert ok, "the optimizer step was skipped"
+    truth(Path(a) / f"stepped_{t}_{p}_{d}.pt")
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
+    if cfg.get("vpp"):
+        return _vpp_worker(cfg, tp, pp, dtype, a, b, extra)
     import warnings
     warnings.filterwarnings("ignore")
     import torch
@@ -219,6 +341,7 @@ def _worker(mode, cfg, tp, pp, dtype, a, b, extra):
     if pdt != torch.float32:
         from megatron.core.transformer.module import Float16Module
         model = Float16Module(model.config, model).module
+    _fp32_norms(cfg, model)
     # what Megatron-LM passes as sharded_sd_metadata for the model with the default flags
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
                 "distrib_optim_sharding_type": "dp_reshardable"}
@@ -432,6 +555,7 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, mode=""):
                       params_dtype=pdt)
     if pdt != torch.float32:
         model = Float16Module(model.config, model).module
+    _fp32_norms(cfg, model)
     ddp, opt = _distributed_optimizer(torch, dist, model, dtype, pdt)
     _patch_fully_reshardable_load()
     # megatron-core's torch-Adam fallback (no Transformer Engine or Apex here) cannot make
@@ -473,7 +597,10 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, mode=""):
         loaded = dist_checkpointing.load(sharded, str(Path(ckpt) / f"iter_{int(tracker):07d}"),
                                          strict="raise_all")
         model.load_state_dict(loaded["model"], strict=True)
-        opt.load_state_dict(loaded["optimizer"])
+        # an fp32 parameter's master is a view of the parameter itself, which megatron-core
+        # 0.16.1 copies into in place: autograd allows that only without grad recording
+        with torch.no_grad():
+            opt.load_state_dict(loaded["optimizer"])
         unshare_steps()
     def load_nemo2(ckpt, kind):
         weights = Path(ckpt) / "weights"
