@@ -651,7 +651,6 @@ class _DpReshardable(_Optimizer):
     def _derive(self, mplan, plan, keys, tp, pp, args, where):
         from mapc.compiler.program import compile_program
         from mapc.runtime.containers import distopt
-        src = self.src
         self.where: dict[tuple, tuple] = {}
         used = set()
         # each parameter's dtype, as stored: megatron-core's DDP gives every dtype a buffer
