@@ -325,8 +325,9 @@ def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None, vp_stage=None):
     norm = cfg.get("norm", "RMSNorm")
     gated = bool(cfg.get("gated", True))
     from megatron.core.activations import quick_gelu
+    from megatron.core.transformer.utils import openai_gelu     # GPT-2's tanh GELU
     activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
-                  "quick_gelu": quick_gelu}[cfg.get("activation", "silu" if gated else "gelu")]
+                  "quick_gelu": quick_gelu, "openai_gelu": openai_gelu}[cfg.get("activation", "silu" if gated else "gelu")]
     if cfg.get("mtp"):      # multi-token prediction layers (on the last stage)
         extra["mtp_num_layers"] = int(cfg["mtp"])
     if cfg.get("glu_offset") is not None:     # GPT-OSS's GLU: act(gate) * (up + offset)
