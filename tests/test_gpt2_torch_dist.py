@@ -5,7 +5,8 @@ dist_checkpointing.load) into a GPTModel with LayerNorm, learned absolute positi
 every linear layer and the tanh GELU, and computes transformers' GPT-2 logits from each; a
 negative control exchanges two layers' LayerNorm biases. What megatron-core loaded from
 torch_dist is checked against slices of HF's Conv1D tensors taken here, and hf -> torch_dist ->
-hf and hf -> nemo2 -> hf give back every HF tensor bit for bit."""
+hf and hf -> nemo2 -> hf give back every HF tensor bit for bit; megatron-core's own torch_dist
+save of the loaded model (no mapc.json) reads back as the HF weights."""
 from __future__ import annotations
 
 import importlib.util
@@ -68,7 +69,7 @@ def mcore_world(tmp_path_factory, hf):
     mapc.convert(src, d / "td", to="torch_dist")
     mapc.convert(src, d / "n2", to="nemo2")
     mcfg = {"hidden": H, "layers": L, "heads": NH, "groups": NH, "head_dim": HD, "ffn": F,
-            "vocab": 128, "tied": True, "norm": "LayerNorm", "gated": False,
+            "vocab": 128, "true_vocab": V, "tied": True, "norm": "LayerNorm", "gated": False,
             "activation": "openai_gelu", "linear_bias": True,
             "position_embedding": "learned_absolute", "max_seq": 32, "norm_eps": 1e-5}
     ln = "decoder.layers.{}.input_layernorm.bias"
@@ -76,14 +77,18 @@ def mcore_world(tmp_path_factory, hf):
         mcfg, d / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt", TOKENS,
         [{}, {"swap": [ln.format(0), ln.format(1)]},
          {"dist": str(d / "td" / "release"), "out": str(d / "loaded_td.pt")},
-         {"dist": str(d / "n2" / "weights"), "prefix": "module.", "unread": NEMO2_TE_EXTRA}])
+         {"dist": str(d / "n2" / "weights"), "prefix": "module.", "unread": NEMO2_TE_EXTRA},
+         {"dist_save": str(d / "saved"), "args": {
+             "normalization": "LayerNorm", "swiglu": False, "openai_gelu": True,
+             "position_embedding_type": "learned_absolute", "add_position_embedding": True,
+             "add_bias_linear": True}}])
     return d, [np.array(x)[..., :V] for x in out]
 
 
 def test_megatron_core_computes_transformers_logits_from_megatron_torch_dist_and_nemo2(
         hf, mcore_world):
     _, ref = hf
-    _, (mg, swapped, td, n2) = mcore_world
+    _, (mg, swapped, td, n2, _) = mcore_world
     for got in (mg, td, n2):
         assert np.abs(got - ref).max() <= MCORE_TOLERANCE
     assert np.abs(swapped - ref).max() > 1e-3       # the comparison can fail
@@ -138,3 +143,20 @@ def test_torch_dist_and_nemo2_round_trips_are_bit_exact(tmp_path, hf, mcore_worl
     nemo = yaml.safe_load((d / "n2" / "context" / "model.yaml").read_text())["config"]
     assert nemo["normalization"] == "LayerNorm" and nemo["openai_gelu"] is True
     assert nemo["position_embedding_type"] == "learned_absolute" and nemo["add_bias_linear"]
+
+
+def test_megatron_cores_own_torch_dist_save_reads_as_the_hf_weights(tmp_path, hf, mcore_world):
+    """No mapc.json: the spec whose torch_dist layout places every tensor (the LayerNorm
+    biases, the position embeddings) is found, and the config comes from the args."""
+    from safetensors.numpy import load_file
+    src, ref = hf
+    d, _ = mcore_world
+    assert not (d / "saved" / "mapc.json").exists()
+    assert mapc.inspect(d / "saved")["family"] == "gpt2"
+    mapc.convert(d / "saved", tmp_path / "back", to="hf")
+    w, back = load_file(str(src / "model.safetensors")), \
+        load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(back) == sorted(w)
+    for n in w:
+        np.testing.assert_array_equal(back[n], w[n], err_msg=n)
+    assert np.array_equal(logits_of(tmp_path / "back", TOKENS).numpy(), ref)
