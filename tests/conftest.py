@@ -98,6 +98,16 @@ def build_transformers_model(cfg: dict, path: Path, seed=0):
     return model
 
 
+def assert_same_safetensors(ref_dir, got_dir, what: str = "") -> None:
+    """``got_dir/model.safetensors`` holds ``ref_dir``'s tensors: the same names, bit for bit."""
+    from safetensors.numpy import load_file
+    w = load_file(str(Path(ref_dir) / "model.safetensors"))
+    back = load_file(str(Path(got_dir) / "model.safetensors"))
+    assert sorted(back) == sorted(w), what
+    for n in w:
+        np.testing.assert_array_equal(back[n], w[n], err_msg=f"{what}: {n}")
+
+
 def logits_of(path_or_model, tokens):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

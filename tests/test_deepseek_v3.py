@@ -24,7 +24,7 @@ import pytest
 import mapc
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from tests.conftest import build_transformers_model, logits_of
+from tests.conftest import assert_same_safetensors, build_transformers_model, logits_of
 
 torch = pytest.importorskip("torch")
 TOKENS = [1, 5, 9, 3, 7, 2, 8, 4, 11, 0]
@@ -490,15 +490,10 @@ def test_torch_dist_loads_strictly_into_megatron_core_with_transformers_logits(
 
 
 def test_torch_dist_and_nemo2_round_trips_are_bit_exact(tmp_path, hf, hf_mtp, mcore_world):
-    from safetensors.numpy import load_file
     d, _ = mcore_world
     for kind, (src, ref) in (("a_td", hf[:2]), ("a_n2", hf[:2]), ("m_td", (hf_mtp[0], None))):
         mapc.convert(d / kind, tmp_path / kind, to="hf")
-        w = load_file(str(src / "model.safetensors"))
-        back = load_file(str(tmp_path / kind / "model.safetensors"))
-        assert sorted(back) == sorted(w)
-        for n in w:
-            np.testing.assert_array_equal(back[n], w[n], err_msg=f"{kind}: {n}")
+        assert_same_safetensors(src, tmp_path / kind, kind)
         if ref is not None:
             assert torch.equal(logits_of(tmp_path / kind, TOKENS), ref)
 
@@ -507,12 +502,7 @@ def test_megatron_cores_own_torch_dist_save_reads_as_the_hf_weights(tmp_path, hf
     """megatron-core's save of the model with its MTP layer (no mapc.json; the HF config given:
     the args of mcore_dist's harness do not describe MLA and MoE) reads back as every HF tensor,
     the MTP layer's included."""
-    from safetensors.numpy import load_file
     d, _ = mcore_world
     assert not (d / "saved" / "mapc.json").exists()
     mapc.convert(d / "saved", tmp_path / "back", to="hf", config=hf_mtp[0] / "config.json")
-    w = load_file(str(hf_mtp[0] / "model.safetensors"))
-    back = load_file(str(tmp_path / "back" / "model.safetensors"))
-    assert sorted(back) == sorted(w)
-    for n in w:
-        np.testing.assert_array_equal(back[n], w[n], err_msg=n)
+    assert_same_safetensors(hf_mtp[0], tmp_path / "back")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import mapc
-from tests.conftest import logits_of
+from tests.conftest import assert_same_safetensors, logits_of
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -128,16 +128,11 @@ def test_torch_dist_tensors_megatron_core_loaded_are_hf_slices(hf, mcore_world):
 
 
 def test_torch_dist_and_nemo2_round_trips_are_bit_exact(tmp_path, hf, mcore_world):
-    from safetensors.numpy import load_file
     src, ref = hf
     d, _ = mcore_world
-    w = load_file(str(src / "model.safetensors"))
     for kind in ("td", "n2"):
         mapc.convert(d / kind, tmp_path / kind, to="hf")
-        back = load_file(str(tmp_path / kind / "model.safetensors"))
-        assert sorted(back) == sorted(w), kind
-        for n in w:
-            np.testing.assert_array_equal(back[n], w[n], err_msg=f"{kind}: {n}")
+        assert_same_safetensors(src, tmp_path / kind, kind)
         assert np.array_equal(logits_of(tmp_path / kind, TOKENS).numpy(), ref)
     import yaml
     nemo = yaml.safe_load((d / "n2" / "context" / "model.yaml").read_text())["config"]
@@ -148,15 +143,10 @@ def test_torch_dist_and_nemo2_round_trips_are_bit_exact(tmp_path, hf, mcore_worl
 def test_megatron_cores_own_torch_dist_save_reads_as_the_hf_weights(tmp_path, hf, mcore_world):
     """No mapc.json: the spec whose torch_dist layout places every tensor (the LayerNorm
     biases, the position embeddings) is found, and the config comes from the args."""
-    from safetensors.numpy import load_file
     src, ref = hf
     d, _ = mcore_world
     assert not (d / "saved" / "mapc.json").exists()
     assert mapc.inspect(d / "saved")["family"] == "gpt2"
     mapc.convert(d / "saved", tmp_path / "back", to="hf")
-    w, back = load_file(str(src / "model.safetensors")), \
-        load_file(str(tmp_path / "back" / "model.safetensors"))
-    assert sorted(back) == sorted(w)
-    for n in w:
-        np.testing.assert_array_equal(back[n], w[n], err_msg=n)
+    assert_same_safetensors(src, tmp_path / "back")
     assert np.array_equal(logits_of(tmp_path / "back", TOKENS).numpy(), ref)

@@ -21,7 +21,7 @@ import pytest
 import mapc
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
-from tests.conftest import build_transformers_model, logits_of
+from tests.conftest import assert_same_safetensors, build_transformers_model, logits_of
 
 torch = pytest.importorskip("torch")
 TOKENS = [1, 5, 9, 3, 7, 2, 8, 4, 11, 0]
@@ -241,16 +241,11 @@ def test_torch_dist_loads_strictly_into_megatron_core_with_transformers_logits(h
 
 
 def test_torch_dist_and_nemo2_round_trips_are_bit_exact(tmp_path, hf, mcore_world):
-    from safetensors.numpy import load_file
     src, ref = hf
     d, _ = mcore_world
-    w = load_file(str(src / "model.safetensors"))
     for kind in ("td", "n2"):
         mapc.convert(d / kind, tmp_path / kind, to="hf")
-        back = load_file(str(tmp_path / kind / "model.safetensors"))
-        assert sorted(back) == sorted(w)
-        for n in w:
-            np.testing.assert_array_equal(back[n], w[n], err_msg=f"{kind}: {n}")
+        assert_same_safetensors(src, tmp_path / kind, kind)
         assert torch.equal(logits_of(tmp_path / kind, TOKENS), ref)
         back_cfg = json.loads((tmp_path / kind / "config.json").read_text())
         assert back_cfg["mlp_only_layers"] == [0] and back_cfg["moe_intermediate_size"] == 16
@@ -259,14 +254,9 @@ def test_torch_dist_and_nemo2_round_trips_are_bit_exact(tmp_path, hf, mcore_worl
 def test_megatron_cores_own_torch_dist_save_reads_as_the_hf_weights(tmp_path, hf, mcore_world):
     """No mapc.json: the args cannot state mlp_only_layers (moe_layer_freq is a list), so the
     HF config is given, as the megatron layout needs it too."""
-    from safetensors.numpy import load_file
     src, ref = hf
     d, _ = mcore_world
     assert not (d / "saved" / "mapc.json").exists()
     mapc.convert(d / "saved", tmp_path / "back", to="hf", config=src / "config.json")
-    w, back = load_file(str(src / "model.safetensors")), \
-        load_file(str(tmp_path / "back" / "model.safetensors"))
-    assert sorted(back) == sorted(w)
-    for n in w:
-        np.testing.assert_array_equal(back[n], w[n], err_msg=n)
+    assert_same_safetensors(src, tmp_path / "back")
     assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
