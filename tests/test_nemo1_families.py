@@ -1,6 +1,7 @@
 """NeMo 1 (`--to nemo`) for the families beyond Llama's layer: Qwen3 (q/k layernorms),
 Qwen3-MoE (dense and MoE layers), DeepSeek-V3 (MLA, shared experts, expert-bias router) and
-Mixtral (MoE keys). Ground truth: the model NeMo 1's MegatronGPTModel builds from the
+Mixtral (MoE keys), and GPT-2 (LayerNorm, biases, learned positions, OpenAI's tanh GELU) and
+Llama for the layer NeMo 1 always built. Ground truth: the model NeMo 1's MegatronGPTModel builds from the
 model_config.yaml mapc wrote (NeMo's translation of its config re-stated in
 tests/groundtruth/nemo1_forward.py), in the real megatron-core, loads the model_weights.ckpt
 strictly and computes transformers' logits; hf -> nemo -> hf is bit for bit, also without
@@ -54,7 +55,8 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("nemo1_families")
     out = {}
     for name, cfg in (("qwen3", QWEN3), ("qwen3_moe", QWEN3_MOE), ("deepseek_v3", DEEPSEEK_V3),
-                      ("mixtral", MIXTRAL)):
+                      ("mixtral", MIXTRAL), ("gpt2", family_config("gpt2")),
+                      ("llama", family_config("llama"))):
         build = build_deepseek if name == "deepseek_v3" else build_transformers_model
         model = build(cfg, d / name)
         out[name] = (d / name, logits_of(model, TOKENS).numpy())
@@ -84,7 +86,8 @@ def _close(got, ref):
     return float(np.abs(np.array(got)[..., :ref.shape[-1]] - ref).max())
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "deepseek_v3", "mixtral", "gpt2",
+                                    "llama"])
 def test_the_model_nemo1_builds_from_the_config_computes_transformers_logits(
         models, nemo1_world, family):
     _, results = nemo1_world

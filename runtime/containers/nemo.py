@@ -529,6 +529,10 @@ class NemoWriter(PlannedWriter):
                 cfg[key] = fwd(value)
         if meta.get("gated_linear_unit") and not meta.get("swiglu"):
             cfg["activation"] = "fast-geglu"      # NeMo 1's GELU GLU (F.gelu), Megatron's
+        if meta.get("openai_gelu"):
+            # NeMo's default bias_activation_fusion (true) is megatron-core's fused bias-GELU
+            # or -SwiGLU, which megatron-core refuses for any other activation function
+            cfg["bias_activation_fusion"] = False
         if needs_block_spec(meta):
             cfg["name"] = BLOCK_SPEC
         if len(self.dtypes) == 1 and next(iter(self.dtypes)) in PRECISION:
