@@ -15,9 +15,14 @@ NeMo) cannot be addressed by offset; its config and weights are extracted into a
 directory under the system temp dir, removed when the source is closed.
 
 ``model_config.yaml`` is generated from the Megatron layout's ``meta`` through a table that
-renames Megatron arguments to NeMo config keys (file-format knowledge; no model family is
-named here), plus ``tensor_model_parallel_size`` / ``pipeline_model_parallel_size`` and mapc's
-record under the key ``mapc``, so re-conversion needs no flags. Reading inverts the table:
+renames Megatron arguments to NeMo config keys, or keeps the name of those that are
+megatron-core TransformerConfig fields (NeMo 1 copies such fields from its config by name),
+plus ``tensor_model_parallel_size`` / ``pipeline_model_parallel_size``, the layer spec
+(``name: decoder_block_gpt`` when NeMo's default spec would lack q/k layernorms, MLA or dense
+layers between MoE layers) and mapc's record under the key ``mapc``, so re-conversion needs no
+flags (file-format knowledge; no model family is named here). A model NeMo 1 would build
+differently from its config (an argument with no NeMo 1 key, a module none of the layer specs
+it selects from the config has) is refused before anything is written. Reading inverts the table:
 ``format_meta`` is the Megatron-argument view the spec's ``meta`` reads back. NeMo's config
 does not hold the true vocabulary size (that comes from the tokenizer); without mapc's record
 the padded size (``override_vocab_size``, else the embedding's rows) stands in for it.
