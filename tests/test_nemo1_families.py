@@ -1,7 +1,7 @@
 """NeMo 1 (`--to nemo`) for the families beyond Llama's layer: Qwen3 (q/k layernorms),
 Qwen3-MoE (dense and MoE layers), DeepSeek-V3 (MLA, shared experts, expert-bias router) and
 Mixtral (MoE keys), and GPT-2 (LayerNorm, biases, learned positions, OpenAI's tanh GELU) and
-Llama for the layer NeMo 1 always built. Ground truth: the model NeMo 1's MegatronGPTModel builds from the
+Llama, Qwen2 (q/k/v biases) and Phi-3 for the layer NeMo 1 always built. Ground truth: the model NeMo 1's MegatronGPTModel builds from the
 model_config.yaml mapc wrote (NeMo's translation of its config re-stated in
 tests/groundtruth/nemo1_forward.py), in the real megatron-core, loads the model_weights.ckpt
 strictly and computes transformers' logits; hf -> nemo -> hf is bit for bit, also without
@@ -57,7 +57,8 @@ def models(tmp_path_factory):
     out = {}
     for name, cfg in (("qwen3", QWEN3), ("qwen3_moe", QWEN3_MOE), ("deepseek_v3", DEEPSEEK_V3),
                       ("mixtral", MIXTRAL), ("gpt2", family_config("gpt2")),
-                      ("llama", family_config("llama"))):
+                      ("llama", family_config("llama")), ("qwen2", family_config("qwen2")),
+                      ("phi3", family_config("phi3"))):
         build = build_deepseek if name == "deepseek_v3" else build_transformers_model
         model = build(cfg, d / name)
         out[name] = (d / name, logits_of(model, TOKENS).numpy())
@@ -88,7 +89,7 @@ def _close(got, ref):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "deepseek_v3", "mixtral", "gpt2",
-                                    "llama"])
+                                    "llama", "qwen2", "phi3"])
 def test_the_model_nemo1_builds_from_the_config_computes_transformers_logits(
         models, nemo1_world, family):
     _, results = nemo1_world
@@ -169,3 +170,10 @@ def test_what_nemo1_cannot_build_is_refused_before_writing(tmp_path, models, fam
         mapc.convert(src, tmp_path / "x.nemo", to="nemo")
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "x.nemo").exists()
+
+
+def test_a_megatron_argument_without_a_nemo1_key_is_refused():
+    from mapc.runtime.containers.nemo import check_translatable
+    check_translatable({"hidden_size": 8, "vocab_size": 50, "some_new_flag": False}, [])
+    with pytest.raises(MapcError, match="some_new_flag = 3 has no NeMo 1 model config key"):
+        check_translatable({"hidden_size": 8, "some_new_flag": 3}, [])
