@@ -209,6 +209,9 @@ def test_args_describe_the_moe_and_mla(tmp_path, hf):
     args = torchfile.load(_rank_file(tmp_path / "mg", "mp_rank_00"))["args"]
     assert (args.multi_latent_attention, args.q_lora_rank, args.kv_lora_rank, args.qk_head_dim,
             args.qk_pos_emb_head_dim, args.v_head_dim) == (True, q_lora, 8, 8, 4, 8)
+    # plain rope (MLATransformerConfig's default is yarn; the negative control that it matters
+    # is tests/test_nemo1_families.py's)
+    assert args.rope_type == "rope"
     assert (args.moe_layer_freq, args.moe_router_score_function,
             args.moe_router_enable_expert_bias, args.moe_shared_expert_intermediate_size,
             args.moe_router_topk_scaling_factor) == ([0, 1, 1], "sigmoid", True, 16, 2.5)

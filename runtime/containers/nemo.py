@@ -15,9 +15,14 @@ NeMo) cannot be addressed by offset; its config and weights are extracted into a
 directory under the system temp dir, removed when the source is closed.
 
 ``model_config.yaml`` is generated from the Megatron layout's ``meta`` through a table that
-renames Megatron arguments to NeMo config keys (file-format knowledge; no model family is
-named here), plus ``tensor_model_parallel_size`` / ``pipeline_model_parallel_size`` and mapc's
-record under the key ``mapc``, so re-conversion needs no flags. Reading inverts the table:
+renames Megatron arguments to NeMo config keys, or keeps the name of those that are
+megatron-core TransformerConfig fields (NeMo 1 copies such fields from its config by name),
+plus ``tensor_model_parallel_size`` / ``pipeline_model_parallel_size``, the layer spec
+(``name: decoder_block_gpt`` when NeMo's default spec would lack q/k layernorms, MLA or dense
+layers between MoE layers) and mapc's record under the key ``mapc``, so re-conversion needs no
+flags (file-format knowledge; no model family is named here). A model NeMo 1 would build
+differently from its config (an argument with no NeMo 1 key, a module none of the layer specs
+it selects from the config has) is refused before anything is written. Reading inverts the table:
 ``format_meta`` is the Megatron-argument view the spec's ``meta`` reads back. NeMo's config
 does not hold the true vocabulary size (that comes from the tokenizer); without mapc's record
 the padded size (``override_vocab_size``, else the embedding's rows) stands in for it.
@@ -94,7 +99,49 @@ RENAME = {
     "add_qkv_bias": ("qkv_bias", _same, _same),
     "tensor_model_parallel_size": ("tensor_model_parallel_size", _same, _same),
     "pipeline_model_parallel_size": ("pipeline_model_parallel_size", _same, _same),
+    "num_experts": ("num_moe_experts", _same, _same),
 }
+# Megatron arguments that are megatron-core TransformerConfig (or MLATransformerConfig) fields
+# of the same name: NeMo 1's build_transformer_config copies every such field from its model
+# config by name, so these are written unchanged. (moe_router_topk is read the same way, with
+# NeMo's own default 2.)
+PASSTHROUGH = (
+    "qk_layernorm", "layernorm_zero_centered_gamma", "openai_gelu",
+    "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+    "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+    "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
+    "moe_ffn_hidden_size", "moe_router_topk", "moe_layer_freq", "moe_router_score_function",
+    "moe_router_pre_softmax", "moe_router_enable_expert_bias", "moe_router_num_groups",
+    "moe_router_group_topk", "moe_router_topk_scaling_factor",
+    "moe_shared_expert_intermediate_size", "moe_grouped_gemm",
+    "window_size", "window_attn_skip_freq", "softmax_type", "glu_linear_offset",
+    "activation_func_clamp_value",
+)
+RENAME.update({k: (k, _same, _same) for k in PASSTHROUGH})
+# Megatron arguments NeMo 1 needs no key for: it derives them from the keys above (the
+# vocabulary from the tokenizer, GQA from num_query_groups, learned positions from
+# position_embedding_type, a gated MLP from the activation) or they are older names of keys
+# written above (Megatron-LM's decoder_first/last_pipeline_num_layers).
+DERIVED = frozenset({
+    "vocab_size", "group_query_attention", "add_position_embedding", "gated_linear_unit",
+    "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+})
+# Megatron arguments NeMo 1's MegatronGPTModel cannot build, with why; refused when set (a
+# NeMo 1 model built without them would compute something else).
+UNSUPPORTED = {
+    "mtp_num_layers": "NeMo 1's MegatronGPTModel builds no multi-token-prediction block "
+                      "(megatron-core's mtp_block_spec is not passed)",
+    "quick_geglu": "NeMo 1's activations (activation_to_func) have no quick-GELU GLU",
+}
+# megatron-core modules that no layer spec NeMo 1 selects from its config holds ('', te_gpt,
+# decoder_block_gpt): a norm after the attention or MLP output projection exists only in NeMo
+# 1's model-specific spec, whose other settings (embedding scaling, logit soft-capping) no
+# Megatron argument of the layout states
+NO_NEMO1_MODULE = re.compile(r"\.(linear_proj|linear_fc2)\.post_layernorm\.")
+# The layer spec is NeMo's model config key `name`: the default ('' or te_gpt) builds q/k
+# layernorms, MLA or dense layers between MoE layers never; megatron-core's per-layer block
+# spec (`decoder_block_gpt`, get_gpt_decoder_block_spec) builds them from the config.
+BLOCK_SPEC = "decoder_block_gpt"
 PRECISION = {"bfloat16": "bf16", "float16": 16, "float32": 32}
 TARGET = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"
 
@@ -114,6 +161,7 @@ def plan_write(program, facts, request):
                         f"(ep={mesh['ep']})",
                         hint="write NeMo with --ep 1, or use --to megatron for expert parallelism")
     tensors = planned_tensors(program, facts, request.dtype, ("param",))
+    check_translatable(program.target.meta(), {name for _, name, *_ in tensors})
     tp, pp = mesh.get("tp", 1), mesh.get("pp", 1)
     as_tar = str(request.dst).endswith(SUFFIX)
     files = ["."] if as_tar else [CONFIG] + [_weights_path(c, tp, pp) for c in
@@ -124,6 +172,36 @@ def plan_write(program, facts, request):
                                                "form": "tar" if as_tar else "directory"},
                      tensors=tensors, detail=as_tar, parts=parts,
                      serial="a .nemo tar is one file" if as_tar else None)
+
+
+def check_translatable(meta: dict, names) -> None:
+    """Refuse, before anything is written, a model NeMo 1 would build differently from its
+    config: a Megatron argument with no NeMo 1 key, or a tensor no NeMo 1 layer spec holds."""
+    for arg, value in meta.items():
+        if value is None or value is False or arg in RENAME or arg in DERIVED:
+            continue
+        why = UNSUPPORTED.get(arg)
+        if why is None and not value:
+            continue
+        raise MapcError(f"cannot write NeMo 1: Megatron argument {arg} = {value!r} "
+                        + (f"({why})" if why else "has no NeMo 1 model config key in mapc's "
+                                                  "table"),
+                        hint="write --to megatron, torch_dist or nemo2 instead")
+    odd = sorted(n for n in names if NO_NEMO1_MODULE.search("." + n))
+    if odd:
+        raise MapcError(f"cannot write NeMo 1: {odd[0]} has no module in the layer specs NeMo "
+                        "1 selects from its config (a norm after the output projection is "
+                        "only in a model-specific NeMo 1 spec, whose settings the Megatron "
+                        "arguments do not state)",
+                        hint="write --to megatron, torch_dist or nemo2 instead")
+
+
+def needs_block_spec(meta: dict) -> bool:
+    """Whether NeMo 1 must build the layers with megatron-core's per-layer block spec."""
+    freq = meta.get("moe_layer_freq")
+    mixed = meta.get("num_experts") and freq is not None and freq != 1 and \
+        not (isinstance(freq, list) and all(f == 1 for f in freq))
+    return bool(meta.get("qk_layernorm") or meta.get("multi_latent_attention") or mixed)
 
 
 def _weights_path(coord, tp: int, pp: int) -> str:
@@ -211,6 +289,9 @@ def megatron_view(cfg: dict) -> dict:
     for arg, (key, _, back) in RENAME.items():
         if cfg.get(key) is not None:
             out[arg] = back(cfg[key])
+    act = str(cfg.get("activation", ""))
+    if act.endswith("glu") and not act.endswith("swiglu"):
+        out["gated_linear_unit"] = True       # a GLU other than SwiGLU (fast-geglu, ...)
     return out
 
 
@@ -451,6 +532,14 @@ class NemoWriter(PlannedWriter):
             if arg in RENAME and value is not None:
                 key, fwd, _ = RENAME[arg]
                 cfg[key] = fwd(value)
+        if meta.get("gated_linear_unit") and not meta.get("swiglu"):
+            cfg["activation"] = "fast-geglu"      # NeMo 1's GELU GLU (F.gelu), Megatron's
+        if meta.get("openai_gelu"):
+            # NeMo's default bias_activation_fusion (true) is megatron-core's fused bias-GELU
+            # or -SwiGLU, which megatron-core refuses for any other activation function
+            cfg["bias_activation_fusion"] = False
+        if needs_block_spec(meta):
+            cfg["name"] = BLOCK_SPEC
         if len(self.dtypes) == 1 and next(iter(self.dtypes)) in PRECISION:
             cfg["precision"] = PRECISION[next(iter(self.dtypes))]
         cfg["target"] = TARGET
