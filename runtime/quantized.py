@@ -328,16 +328,11 @@ def check_declared(plan, source) -> None:
 SCALE_SUFFIX = "_scale_inv"
 
 
-def plan_quantized(program, facts, request, tensors) -> tuple[tuple, dict, list, dict]:
-    """What ``--quantize KIND`` (``request.quantize``) writes, planned: ``tensors`` (the
-    format's planned (coord, name, shape, dtype)) with each tensor of a rule that says
-    ``quantized KIND`` stored as float8_e4m3fn and followed by its ``NAME_scale_inv``; the map
-    (coord, name) -> kind of those; notes; decisions. Refused (MapcError): a kind mapc does not
-    write, a layout without such rules, and a lossy quantization without ``--allow-lossy``
-    (a tensor whose value was not read from the same storage: it rounds)."""
+def check_request(request) -> None:
+    """Refuse a ``--quantize`` mapc does not write (before anything else is planned)."""
     kind = request.quantize
     if kind is None:
-        return tuple(tensors), {}, [], {}
+        return
     if kind not in KINDS:
         raise MapcError(f"--quantize {kind} is not a quantized storage mapc knows",
                         hint="known: " + ", ".join(KINDS))
@@ -348,6 +343,19 @@ def plan_quantized(program, facts, request, tensors) -> tuple[tuple, dict, list,
     if request.with_optimizer:
         raise MapcError(f"--quantize {kind} with --with-optimizer: a quantized tensor has no "
                         "optimizer state to export", hint="drop one of the two")
+
+
+def plan_quantized(program, facts, request, tensors) -> tuple[tuple, dict, list, dict]:
+    """What ``--quantize KIND`` (``request.quantize``) writes, planned: ``tensors`` (the
+    format's planned (coord, name, shape, dtype)) with each tensor of a rule that says
+    ``quantized KIND`` stored as float8_e4m3fn and followed by its ``NAME_scale_inv``; the map
+    (coord, name) -> kind of those; notes; decisions. Refused (MapcError): a kind mapc does not
+    write, a layout without such rules, and a lossy quantization without ``--allow-lossy``
+    (a tensor whose value was not read from the same storage: it rounds)."""
+    kind = request.quantize
+    if kind is None:
+        return tuple(tensors), {}, [], {}
+    check_request(request)
     target = program.target
     placed = {(coord, name): inst for inst, coord, name in target.placements()
               if inst.rule.get("quantized") == kind}

@@ -41,13 +41,14 @@ def detect(path: Path) -> bool:
 def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     """safetensors shards of at most ``max_shard_bytes`` (5 GB), their index when there are
     several, config.json and mapc.json; with ``--with-optimizer`` also Trainer's files."""
+    from mapc.runtime import quantized as quant
+    quant.check_request(request)                 # --quantize: before the Trainer export
     export, notes = None, []
     if request.with_optimizer:
         export, notes = plan_trainer_export(program, facts)
     slots = ("param",) + MOMENTS if export else ("param",)
     tensors = planned_tensors(program, facts, request.dtype, slots)
     # --quantize fp8_block: a quantized tensor is followed by its NAME_scale_inv, kept in its file
-    from mapc.runtime import quantized as quant
     tensors, quantized, qnotes, qdecisions = quant.plan_quantized(program, facts, request,
                                                                   tensors)
     notes = notes + qnotes
