@@ -400,8 +400,7 @@ def plan_quantized(program, facts, request, tensors) -> tuple[tuple, dict, list,
                 f"values not read from {kind} storage, e.g. {lossy[0][0]}): e4m3 keeps 3 "
                 f"mantissa bits, with one float32 scale per 128 x 128 block")
         if not request.allow_lossy:
-            raise MapcError(text, hint="pass --allow-lossy to accept the rounding (the "
-                                       "written tensors then dequantize to the rounded values)")
+            raise MapcError(text, hint="pass --allow-lossy to accept the rounding")
         notes.append("lossy: " + text + " (--allow-lossy)")
     decisions = {"quantize": f"{kind}: {n} tensors as float8_e4m3fn + float32 "
                              f"NAME{SCALE_SUFFIX} per {BLOCK}x{BLOCK} block "
