@@ -15,6 +15,7 @@ release whose weights are single blocks to the same logits."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from math import ceil
@@ -230,8 +231,33 @@ def test_fp8_to_fp8_gives_back_the_release_bytes(tmp_path, release):
     assert cp.write.decisions["quantize"].endswith(f"({n} exact, 0 rounded)")
     report = mapc.convert(src, tmp_path / "q", to="hf", quantize="fp8_block")
     assert not any("rounded" in w for w in report.warnings)
+    release_tensors = safetensors_torch.load_file(str(src / "model.safetensors"))
     assert_bytes_equal(safetensors_torch.load_file(str(tmp_path / "q" / "model.safetensors")),
-                       safetensors_torch.load_file(str(src / "model.safetensors")))
+                       release_tensors)
+    # a shard limit reached right after a weight keeps its scale in its file anyway
+    sizes = [(name, math.prod(shape) * (1 if dt == "float8_e4m3fn" else 4))
+             for _, name, shape, dt in cp.write.tensors]
+    limits = [sum(n for _, n in sizes[:k + 1]) for k, (name, _) in enumerate(sizes)
+              if 0 < k < len(sizes) - 1 and sizes[k + 1][0] == name + "_scale_inv"][:3]
+    for limit in limits:
+        plan = mapc.plan_convert(src, tmp_path / "x", to="hf", quantize="fp8_block",
+                                 max_shard_bytes=limit)
+        plan.close()
+        file_of = {n: f for f, group in plan.write.detail.shards for n, _, _ in group}
+        assert len(set(file_of.values())) > 1
+        assert all(file_of[n] == file_of[n + "_scale_inv"] for n in file_of
+                   if n + "_scale_inv" in file_of), limit
+    # sharded, by two worker processes: each scale in its weight's file, the same bytes
+    report = mapc.convert(src, tmp_path / "w", to="hf", quantize="fp8_block", workers=2,
+                          max_shard_bytes=10000)
+    index = json.loads((tmp_path / "w" / "model.safetensors.index.json").read_text())
+    files = index["weight_map"]
+    assert report.workers == 2 and len(set(files.values())) > 2
+    assert all(files[k] == files[k + "_scale_inv"] for k in files if k + "_scale_inv" in files)
+    got = {}
+    for f in set(files.values()):
+        got.update(safetensors_torch.load_file(str(tmp_path / "w" / f)))
+    assert_bytes_equal(got, release_tensors)
 
 
 def test_transformers_loads_mapcs_fp8_output_as_the_reference_dequantization(tmp_path, small):
