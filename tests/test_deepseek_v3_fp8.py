@@ -231,6 +231,7 @@ def test_fp8_to_fp8_gives_back_the_release_bytes(tmp_path, release):
     assert cp.write.decisions["quantize"].endswith(f"({n} exact, 0 rounded)")
     report = mapc.convert(src, tmp_path / "q", to="hf", quantize="fp8_block")
     assert not any("rounded" in w for w in report.warnings)
+    assert mapc.verify(src, tmp_path / "q").identical
     release_tensors = safetensors_torch.load_file(str(src / "model.safetensors"))
     assert_bytes_equal(safetensors_torch.load_file(str(tmp_path / "q" / "model.safetensors")),
                        release_tensors)

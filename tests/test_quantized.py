@@ -348,3 +348,15 @@ def test_the_dry_run_says_what_rounds(tmp_path, spec_file, capsys):
            "128x128 block (0 exact, 1 rounded)" in out
     assert "lossy: --quantize fp8_block rounds 1 of 1 tensors" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_quantize_refuses_a_quantized_rule_on_a_vector(tmp_path):
+    plain_checkpoint(tmp_path / "plain")
+    (tmp_path / "vec.map").write_text(SPEC.replace('"model.norm.weight" = norm',
+                                                   '"model.norm.weight" = norm  quantized fp8_block'))
+    with pytest.raises(MapcError) as e:
+        mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", quantize="fp8_block",
+                     spec=tmp_path / "vec.map", allow_lossy=True)
+    assert str(e.value).startswith(f"{tmp_path / 'vec.map'}:17:5: model.norm.weight: "
+                                   f"--quantize fp8_block: model.norm.weight is float32 [96]; "
+                                   f"fp8_block quantizes floating tensors of at least 2 axes")
