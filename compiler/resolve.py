@@ -193,7 +193,8 @@ def _dequantized(found: Resolved, view) -> None:
         found.config = {k: v for k, v in found.config.items() if k != "quantization_config"}
         counts = {k: sum(1 for x in kinds.values() if x == k) for k in sorted(set(kinds.values()))}
         found.warnings.append("read dequantized: " + ", ".join(
-            f"{n} {k} tensors" for k, n in counts.items()) + " (the output is not quantized)")
+            f"{n} {k} tensors" for k, n in counts.items()) + " (the output stores them plain "
+            "unless --quantize)")
 
 
 @dataclass

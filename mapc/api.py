@@ -228,7 +228,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                  allow_spec_change: bool = False, allow_lossy: bool = False,
                  pp_first_stage: int | None = None, pp_last_stage: int | None = None,
                  workers: int | None = 1, vpp: int | None = None,
-                 optim_sharding: str | None = None) -> ConversionPlan:
+                 optim_sharding: str | None = None,
+                 quantize: str | None = None) -> ConversionPlan:
     """Plan ``convert`` (same arguments) completely, writing nothing: every check a real run
     makes before writing is made here, so a plan that succeeds is what the run will do."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
@@ -251,7 +252,8 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                                         ("max_shard_bytes", max_shard_bytes),
                                         ("pp_first_stage", pp_first_stage),
                                         ("pp_last_stage", pp_last_stage), ("vpp", vpp),
-                                        ("optim_sharding", optim_sharding))
+                                        ("optim_sharding", optim_sharding),
+                                        ("quantize", quantize))
                          if v is not None)
     template = None
     if like is not None:
@@ -292,7 +294,7 @@ def plan_convert(src, dst, to: str | None = None, *, tp: int | None = None,
                                optim_sharding=optim_sharding,
                                like_training=template.training if template else None,
                                explicit=explicit, allow_lossy=allow_lossy, vpp=vpp,
-                               **stages)
+                               quantize=quantize, **stages)
         write = plan_write(program, facts, request)
         return ConversionPlan(res, program, facts, request, write, workers)
     except BaseException:
@@ -309,7 +311,8 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
             zero_stage: int | None = None, allow_spec_change: bool = False,
             allow_lossy: bool = False, pp_first_stage: int | None = None,
             pp_last_stage: int | None = None, workers: int | None = 1,
-            vpp: int | None = None, optim_sharding: str | None = None) -> execute.Report:
+            vpp: int | None = None, optim_sharding: str | None = None,
+            quantize: str | None = None) -> execute.Report:
     """Convert checkpoint ``src`` into ``dst`` in format ``to``. Returns a Report.
 
     ``dp`` is the data-parallel size of a training-checkpoint target (deepspeed, neox,
@@ -327,15 +330,20 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     number of processes that write the output's independent files (None: what the machine
     has; see mapc.runtime.workers). Under torchrun or srun every rank writes its share of the
     files. ``optim_sharding`` picks how a torch_dist target saves the distributed optimizer's
-    state (``dp_reshardable``, the default, or ``fully_reshardable``). An option the target
-    format does not honour is refused (MapcError)."""
+    state (``dp_reshardable``, the default, or ``fully_reshardable``). ``quantize``
+    ("fp8_block") writes an hf target's tensors whose rules say ``quantized fp8_block`` in that
+    storage (float8_e4m3fn + float32 ``_scale_inv`` per 128 x 128 block, as DeepSeek-V3 ships);
+    it rounds, so it is refused without ``allow_lossy`` unless the values were read from that
+    storage (mapc.runtime.quantized). An option the target format does not honour is refused
+    (MapcError)."""
     cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,
                       source_set=source_set, spec=spec, source_format=source_format,
                       max_shard_bytes=max_shard_bytes, dp=dp, with_optimizer=with_optimizer,
                       like=like, zero_stage=zero_stage, allow_spec_change=allow_spec_change,
                       allow_lossy=allow_lossy,
                       pp_first_stage=pp_first_stage, pp_last_stage=pp_last_stage,
-                      workers=workers, vpp=vpp, optim_sharding=optim_sharding)
+                      workers=workers, vpp=vpp, optim_sharding=optim_sharding,
+                      quantize=quantize)
     return write_conversion(cp, src, dst, force=force, backend=backend, quiet=quiet)
 
 

@@ -30,6 +30,8 @@ class Report:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     workers: int = 1                 # processes that wrote the output (ranks under torchrun)
+    # --quantize: kind -> [tensors, elements, elements rounded, largest change]
+    quantized: dict = field(default_factory=dict)
 
 
 class Progress:
@@ -419,9 +421,11 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
     planned tensor); of those in ``weights_only`` just the weights are written (a unit whose
     wanted tensors are all such reads no optimizer slot). ``progress``: an object with ``step(nbytes)`` and ``done()`` to report
     to instead of the stderr bar."""
+    from mapc.runtime import quantized as quant
     be = get_backend(backend)
     report = Report()
     start = time.monotonic()
+    quantized = plan.quantized if plan is not None else {}
     have = reader.slots()
     slots = plan.slots if plan is not None else getattr(writer, "slots", ("param",))
     extra = [s for s in slots if s != "param" and s in have]
@@ -475,6 +479,19 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                             if not copies:
                                 continue
                         want = dtypes[copies[0]] if is_weight else "float32"
+                        kind = quantized.get(copies[0]) if is_weight else None
+                        if kind is not None:     # --quantize: the value, then its storage
+                            bind = shard_be.bind(None) if shard_be is not None else be
+                            value = (shard_be or be).to_numpy(
+                                inst.recipe.shard(bind, members, dict(rc)))
+                            stored = quant.store(kind, value, copies[0][1], report, allow_lossy)
+                            writes = [(None, coord, name + suffix, arr)
+                                      for coord, name in copies
+                                      for (_, arr), suffix in zip(stored, ("", quant.SCALE_SUFFIX))]
+                            behind.submit(writes)
+                            report.tensors_written += len(writes)
+                            report.bytes_written += sum(a.nbytes for *_, a in writes)
+                            continue
                         if getattr(inst, "value", None) is not None:
                             bind = shard_be.bind(None) if shard_be is not None else be
                             arr = _store_value(be, shard_be, inst,
@@ -501,6 +518,7 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
         behind.drain()
     finally:
         behind.close()
+    report.warnings += quant.summary(report)
     report.seconds = time.monotonic() - start
     progress.done()
     return report

@@ -45,6 +45,7 @@ OPTIONS = {
     "pp_last_stage": "--pp-last-stage",
     "vpp": "--vpp",
     "optim_sharding": "--optim-sharding",
+    "quantize": "--quantize",
 }
 
 
@@ -70,6 +71,9 @@ class WriteRequest:
     pp_last_stage: int | None = None         # ... and on the last (megatron-core's rule)
     explicit: frozenset = frozenset()
     allow_lossy: bool = False                # --allow-lossy: value maps may round (every format)
+    # --quantize KIND: write the rules that say `quantized KIND` in that storage (lossy unless
+    # their values were read from it: mapc.runtime.quantized)
+    quantize: str | None = None
 
     def refuse_unhonoured(self, honours, takers: dict[str, list[str]]) -> None:
         """One-line MapcError for the first explicit option the format does not honour."""
@@ -131,6 +135,9 @@ class SourceFacts:
     stateless_names: frozenset = frozenset()
     has_config: bool = True
     config: dict | None = None
+    # logical tensors read dequantized from quantized storage (mapc.runtime.quantized), with
+    # the storage kind ("fp8_block", "mxfp4")
+    quantized: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, source, program, *, has_config: bool = True,
@@ -151,6 +158,13 @@ class SourceFacts:
                     by_key.setdefault(key, dt)
             dtypes[slot] = by_key
         names = tuple(n for c in source.coords() for n in source.names(c))
+        kind_of = getattr(source, "kind", None)     # a QuantizedView's
+        quantized = {}
+        for inst in program.source.instances if callable(kind_of) else ():
+            for _, coord, name in inst.shards:
+                kind = kind_of(name, coord)
+                if kind is not None:
+                    quantized.update({key: kind for key in inst.members.values()})
         return cls(path=str(source.path), format=source.format, slots=slots,
                    training=dict(source.training_state() or {}), names=names, dtypes=dtypes,
                    format_meta=dict(getattr(source, "format_meta", None) or {}),
@@ -158,7 +172,8 @@ class SourceFacts:
                    zero=source.zero_facts() if hasattr(source, "zero_facts") else None,
                    stateless_keys=program.stateless_keys(source),
                    stateless_names=frozenset(n for kinds in stateless.values() for n in kinds),
-                   has_config=has_config, config=dict(config) if config else None)
+                   has_config=has_config, config=dict(config) if config else None,
+                   quantized=quantized)
 
     @property
     def has_moments(self) -> bool:
@@ -234,6 +249,7 @@ class WritePlan:
     facts: SourceFacts | None = None
     parts: tuple = ()
     serial: str | None = None
+    quantized: dict = field(default_factory=dict)
 
     def pretty(self) -> str:
         lines = [f"write plan {self.format}:"]
@@ -257,10 +273,11 @@ def _show(v) -> str:
 
 def make_plan(fmt: str, files, *, decisions=None, notes=(), slots=("param",), tensors=(),
               detail=None, facts: SourceFacts | None = None, parts=(),
-              serial: str | None = None) -> WritePlan:
+              serial: str | None = None, quantized=None) -> WritePlan:
     """A WritePlan with its files sorted and de-duplicated."""
     return WritePlan(fmt, tuple(sorted(set(files))), dict(decisions or {}), tuple(notes),
-                     tuple(slots), tuple(tensors), detail, facts, tuple(parts), serial)
+                     tuple(slots), tuple(tensors), detail, facts, tuple(parts), serial,
+                     dict(quantized or {}))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ one spec); a quantized tensor placed by a rule that does not say so is refused.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import ceil
 
 import numpy as np
@@ -57,6 +58,129 @@ def dequant_fp8_block(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     *_, rows, cols = w.shape
     s = np.repeat(np.repeat(s, BLOCK, axis=-2)[..., :rows, :], BLOCK, axis=-1)[..., :cols]
     return np.multiply(w, s, out=w)
+
+
+FP8_MAX = 448.0                     # the largest float8_e4m3fn value
+# the config entry of an fp8_block checkpoint (DeepSeek-V3's config.json, transformers'
+# FineGrainedFP8Config)
+FP8_BLOCK_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": [BLOCK, BLOCK]}
+
+
+@dataclass
+class Rounding:
+    """What quantizing one tensor changed: ``rounded`` of ``size`` elements do not dequantize
+    back to their value; ``example`` is the first such (value, dequantized)."""
+    size: int = 0
+    rounded: int = 0
+    example: tuple | None = None
+    max_abs: float = 0.0
+
+
+def quant_fp8_block(x: np.ndarray, where: str = "") -> tuple[np.ndarray, np.ndarray, Rounding]:
+    """float8_e4m3fn values and float32 ``_scale_inv`` per 128 x 128 block of the last two
+    axes of ``x``, as the model authors quantize (and DeepSeek-V3's README_WEIGHTS states):
+    computed in float32, each block's scale is ``amax / 448`` of its elements (a partial edge
+    block is zero-padded to 128, so its amax is that of the elements it has) and its values
+    ``x / scale`` rounded to nearest even in e4m3 (never beyond 448 in magnitude, so nothing
+    saturates). Two cases of their formula are settled here: an all-zero block has scale 1.0
+    (transformers' convention; any scale gives its zeros back), and a block that is already an
+    FP8 dequantization (``q * c`` for e4m3 ``q`` and a float32 ``c`` one ulp from ``amax /
+    448``, which is where ``amax / 448`` of ``448 * c`` may land) keeps ``c``: so quantizing a
+    tensor read from fp8_block storage gives back its bytes, scales included.
+
+    Streams one 128-row band at a time (temporaries of a band only); returns the Rounding:
+    which elements do not come back as their value when dequantized."""
+    ml = _ml()
+    f8 = np.dtype(ml.float8_e4m3fn)
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise MapcError(f"an fp8_block tensor has at least 2 axes, not shape {list(x.shape)}",
+                        where=where or None)
+    *lead, rows, cols = x.shape
+    nc = ceil(cols / BLOCK)
+    flat = x.reshape(-1, rows, cols)
+    q_out = np.empty(flat.shape, dtype=f8)
+    s_out = np.empty((flat.shape[0], ceil(rows / BLOCK), nc), dtype=np.float32)
+    info = Rounding(size=x.size)
+    band = np.zeros((BLOCK, nc * BLOCK), dtype=np.float32)     # reused; the pad stays zero
+    for l in range(flat.shape[0]):
+        for r in range(s_out.shape[1]):
+            rs = slice(r * BLOCK, min(rows, (r + 1) * BLOCK))
+            h = rs.stop - rs.start
+            w = band[:h]
+            w[:, :cols] = flat[l, rs]
+            if not np.isfinite(w).all():
+                raise MapcError(f"cannot quantize a tensor holding inf or NaN to fp8_block",
+                                where=where or None,
+                                hint="convert without --quantize (the values are not finite)")
+            w3 = w.reshape(h, nc, BLOCK)
+            q, s, back = _quant_band(w3, f8)
+            s_out[l, r] = s
+            q_out[l, rs] = q.reshape(h, nc * BLOCK)[:, :cols]
+            _count(info, w3, back)
+    return (q_out.reshape(x.shape), s_out.reshape((*lead, *s_out.shape[1:])), info)
+
+
+def _e4m3_values() -> np.ndarray:
+    """float32 value of each of the 256 float8_e4m3fn bytes (a table: faster than a cast)."""
+    global _E4M3
+    if _E4M3 is None:
+        _E4M3 = np.arange(256, dtype=np.uint8).view(_ml().float8_e4m3fn).astype(np.float32)
+    return _E4M3
+
+
+_E4M3 = None
+
+
+def _quant_band(w3: np.ndarray, f8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(e4m3 values, scales, dequantized values) of a band of blocks ``w3`` [h, blocks, 128]
+    (float32)."""
+    table = _e4m3_values()
+    amax = np.abs(w3).max(axis=(0, 2))
+    s = amax / np.float32(FP8_MAX)
+    s[amax == 0] = 1.0
+    tiny = np.finfo(np.float32).smallest_subnormal
+    s[(s == 0) & (amax > 0)] = tiny           # amax / 448 below float32's range
+    y = w3 / s[None, :, None]
+    q = y.astype(f8)
+    qf = table[q.view(np.uint8)]
+    back = qf * s[None, :, None]
+    exact = (back == w3).all(axis=(0, 2))
+    if exact.all():
+        return q, s, back
+    # blocks within float32 rounding of e4m3 values: an FP8 dequantization whose scale c may
+    # be one ulp from amax / 448; try both neighbours, keep one that gives the block back
+    # (screened on each block's first row: other data is nowhere near the e4m3 grid there)
+    near = ~exact & (np.abs(y[0] - qf[0]) <= np.abs(qf[0]) * np.float32(2.0 ** -20)).all(axis=1)
+    for toward in (0.0, np.inf):
+        idx = np.flatnonzero(near)
+        if idx.size == 0:
+            break
+        c = np.nextafter(s[idx], np.float32(toward))
+        blk = w3[:, idx, :]
+        qc = (blk / c[None, :, None]).astype(f8)
+        bc = table[qc.view(np.uint8)] * c[None, :, None]
+        ok = (bc == blk).all(axis=(0, 2))
+        if ok.any():
+            s[idx[ok]] = c[ok]
+            q[:, idx[ok], :] = qc[:, ok, :]
+            back[:, idx[ok], :] = bc[:, ok, :]
+            near[idx[ok]] = False
+    return q, s, back
+
+
+def _count(info: Rounding, w3, back) -> None:
+    ne = back != w3
+    n = int(ne.sum())
+    if not n:
+        return
+    info.rounded += n
+    diff = np.abs(back - w3)
+    info.max_abs = max(info.max_abs, float(diff.max()))
+    if info.example is None:
+        k = int(np.argmax(ne.reshape(-1)))
+        info.example = (float(w3.reshape(-1)[k]), float(back.reshape(-1)[k]))
 
 
 def dequant_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -198,3 +322,113 @@ def check_declared(plan, source) -> None:
                             where=str(source.path),
                             hint=f"add 'quantized {kind}' to the rule, or convert a "
                                  f"dequantized checkpoint")
+
+
+# ---- writing: --quantize KIND ------------------------------------------------------------------
+SCALE_SUFFIX = "_scale_inv"
+
+
+def check_request(request) -> None:
+    """Refuse a ``--quantize`` mapc does not write (before anything else is planned)."""
+    kind = request.quantize
+    if kind is None:
+        return
+    if kind not in KINDS:
+        raise MapcError(f"--quantize {kind} is not a quantized storage mapc knows",
+                        hint="known: " + ", ".join(KINDS))
+    if kind == "mxfp4":
+        raise MapcError("--quantize mxfp4 is not implemented: mapc reads MXFP4 (dequantized) but "
+                        "does not round to e2m1 with e8m0 scales",
+                        hint="write the plain (bfloat16) tensors: drop --quantize")
+    if request.with_optimizer:
+        raise MapcError(f"--quantize {kind} with --with-optimizer: a quantized tensor has no "
+                        "optimizer state to export", hint="drop one of the two")
+
+
+def plan_quantized(program, facts, request, tensors) -> tuple[tuple, dict, list, dict]:
+    """What ``--quantize KIND`` (``request.quantize``) writes, planned: ``tensors`` (the
+    format's planned (coord, name, shape, dtype)) with each tensor of a rule that says
+    ``quantized KIND`` stored as float8_e4m3fn and followed by its ``NAME_scale_inv``; the map
+    (coord, name) -> kind of those; notes; decisions. Refused (MapcError): a kind mapc does not
+    write, a layout without such rules, and a lossy quantization without ``--allow-lossy``
+    (a tensor whose value was not read from the same storage: it rounds)."""
+    kind = request.quantize
+    if kind is None:
+        return tuple(tensors), {}, [], {}
+    check_request(request)
+    target = program.target
+    placed = {(coord, name): inst for inst, coord, name in target.placements()
+              if inst.rule.get("quantized") == kind}
+    if not placed:
+        raise MapcError(f"--quantize {kind}: layout {target.name} of spec {target.spec.family} "
+                        f"has no rule that says 'quantized {kind}', so nothing would be stored "
+                        f"quantized", hint=f"drop --quantize, or say 'quantized {kind}' on the "
+                                           f"rules of the tensors to quantize (docs/language.md)")
+    names = {name for _, name, _, _ in tensors}
+    out, lossy, exact = [], [], 0
+    for coord, name, shape, dt in tensors:
+        inst = placed.get((coord, name))
+        if inst is None:
+            out.append((coord, name, shape, dt))
+            continue
+        where = f"{inst.rule['at']}: {name}"
+        if len(shape) < 2 or dt not in ("float32", "bfloat16", "float16", "float64"):
+            raise MapcError(f"--quantize {kind}: {name} is {dt} {list(shape)}; fp8_block "
+                            f"quantizes floating tensors of at least 2 axes", where=where,
+                            hint="drop 'quantized fp8_block' from that rule")
+        if getattr(inst, "value", None) is not None:
+            raise MapcError(f"--quantize {kind}: {name} also has a value map; mapc does not "
+                            f"quantize a mapped value", where=where)
+        if name + SCALE_SUFFIX in names:
+            raise MapcError(f"--quantize {kind}: {name}{SCALE_SUFFIX} is a tensor of the "
+                            f"layout already", where=where)
+        keys = list(inst.members.values())
+        if keys and all(facts.quantized.get(k) == kind for k in keys):
+            exact += 1
+        else:
+            lossy.append((name, dt))
+        out += [(coord, name, shape, "float8_e4m3fn"),
+                (coord, name + SCALE_SUFFIX, scale_shape(shape), "float32")]
+    n = len(placed)
+    notes = []
+    if exact:
+        notes.append(f"--quantize {kind}: {exact} tensor(s) read from {kind} storage are "
+                     f"quantized back exactly (each block keeps its scale; checked as written)")
+    if lossy:
+        dts = sorted({dt for _, dt in lossy})
+        text = (f"--quantize {kind} rounds {len(lossy)} of {n} tensors ({' and '.join(dts)} "
+                f"values not read from {kind} storage, e.g. {lossy[0][0]}): e4m3 keeps 3 "
+                f"mantissa bits, with one float32 scale per 128 x 128 block")
+        if not request.allow_lossy:
+            raise MapcError(text, hint="pass --allow-lossy to accept the rounding")
+        notes.append("lossy: " + text + " (--allow-lossy)")
+    decisions = {"quantize": f"{kind}: {n} tensors as float8_e4m3fn + float32 "
+                             f"NAME{SCALE_SUFFIX} per {BLOCK}x{BLOCK} block "
+                             f"({exact} exact, {len(lossy)} rounded)"}
+    return tuple(out), {key: kind for key in placed}, notes, decisions
+
+
+def store(kind: str, value: np.ndarray, name: str, report, allow_lossy: bool):
+    """The stored tensors of quantized target ``name``: [(name, values), (NAME_scale_inv,
+    scales)]. A tensor that does not dequantize back to ``value`` bit for bit is refused
+    unless ``allow_lossy``; the report sums what rounded (``report.quantized``)."""
+    q, scale, info = quant_fp8_block(value, where=name)
+    tally = report.quantized.setdefault(kind, [0, 0, 0, 0.0])   # tensors, elements, rounded, max
+    tally[0] += 1
+    tally[1] += info.size
+    tally[2] += info.rounded
+    tally[3] = max(tally[3], info.max_abs)
+    if info.rounded and not allow_lossy:
+        a, b = info.example
+        raise MapcError(f"quantizing {name} to {kind} is not exact: {info.rounded} of "
+                        f"{info.size} elements round (e.g. {a:.8g} comes back as {b:.8g})",
+                        hint="pass --allow-lossy to accept the rounding")
+    return [(name, q), (name + SCALE_SUFFIX, scale)]
+
+
+def summary(report) -> list[str]:
+    """The warning a run that quantized gives: what rounded, over all tensors."""
+    return [f"quantized {tensors} tensors to {kind}: {rounded} of {size} elements rounded "
+            f"(largest change {max_abs:.3g}; --allow-lossy)"
+            for kind, (tensors, size, rounded, max_abs) in sorted(report.quantized.items())
+            if rounded]

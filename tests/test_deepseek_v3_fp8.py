@@ -15,6 +15,7 @@ release whose weights are single blocks to the same logits."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from math import ceil
@@ -153,23 +154,136 @@ def test_fp8_cast_to_bf16_is_the_authors_bf16_conversion(tmp_path, release):
 
 
 def test_the_fp8_release_goes_to_megatron_and_back(tmp_path, release):
+    """... and back to FP8 (--quantize fp8_block): megatron holds the float32 dequantized
+    values, so the planner cannot know them exact (--allow-lossy), but none rounds and the
+    release's bytes come back."""
     src, reference, _, _ = release
     mapc.convert(src, tmp_path / "mg", to="megatron", tp=2, ep=2)
     mapc.convert(tmp_path / "mg", tmp_path / "back", to="hf")
     got = safetensors_torch.load_file(str(tmp_path / "back" / "model.safetensors"))
     assert got.keys() == reference.keys()
     assert all(torch.equal(got[k], reference[k]) for k in reference)
+    report = mapc.convert(tmp_path / "mg", tmp_path / "fp8", to="hf", quantize="fp8_block",
+                          allow_lossy=True)
+    assert not any(" elements rounded" in w for w in report.warnings)
+    assert_bytes_equal(safetensors_torch.load_file(str(tmp_path / "fp8" / "model.safetensors")),
+                       safetensors_torch.load_file(str(src / "model.safetensors")))
 
 
-def test_transformers_own_fp8_loader_gives_the_same_logits(tmp_path):
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A release whose weights are single blocks (all dims <= 128), which transformers' own
+    FP8 loader dequantizes right: (plain model dir, FP8 release dir, plain model)."""
+    pytest.importorskip("accelerate")
+    root = tmp_path_factory.mktemp("deepseek_v3_fp8_small")
+    model = build_transformers_model(dict(CFG, intermediate_size=48, num_hidden_layers=2),
+                                     root / "plain")
+    fp8_release(root / "plain", root / "fp8")
+    return root / "plain", root / "fp8", model
+
+
+def test_transformers_own_fp8_loader_gives_the_same_logits(tmp_path, small):
     """transformers dequantizes an FP8 checkpoint itself when there is no GPU, deriving the
     block from the scales' shape: right where each weight is one block (all dims <= 128)."""
-    pytest.importorskip("accelerate")
-    model = build_transformers_model(dict(CFG, intermediate_size=48, num_hidden_layers=2),
-                                     tmp_path / "plain")
-    fp8_release(tmp_path / "plain", tmp_path / "fp8")
-    mapc.convert(tmp_path / "fp8", tmp_path / "out", to="hf")
-    theirs = logits_of(tmp_path / "fp8", TOKENS)
+    _, release_dir, model = small
+    mapc.convert(release_dir, tmp_path / "out", to="hf")
+    theirs = logits_of(release_dir, TOKENS)
     assert torch.equal(logits_of(tmp_path / "out", TOKENS), theirs)
     # and the quantization mattered: the plain model's logits differ
     assert not torch.equal(logits_of(model, TOKENS), theirs)
+
+
+# ---- writing the release's form: --quantize fp8_block -----------------------------------------
+def assert_bytes_equal(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        assert torch.equal(got[k].view(-1).view(torch.uint8), want[k].view(-1).view(torch.uint8)), k
+
+
+def test_quantize_writes_the_release_form_from_the_plain_model(tmp_path, release):
+    """The plain model written with --quantize fp8_block is the FP8 release made in this test
+    (the authors' formula, block by block, partial blocks included), byte for byte; lossy, so
+    refused without --allow-lossy; mapc reads its own FP8 output as the authors' dequant."""
+    src, reference, n, _ = release
+    plain = src.parent / "plain"
+    with pytest.raises(mapc.MapcError, match=rf"--quantize fp8_block rounds {n} of {n} tensors"):
+        mapc.convert(plain, tmp_path / "q", to="hf", quantize="fp8_block")
+    report = mapc.convert(plain, tmp_path / "q", to="hf", quantize="fp8_block",
+                          allow_lossy=True)
+    assert any(w.startswith(f"quantized {n} tensors to fp8_block: ") for w in report.warnings)
+    got = safetensors_torch.load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert_bytes_equal(got, safetensors_torch.load_file(str(src / "model.safetensors")))
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"] == QUANTIZATION_CONFIG
+    # re-read by mapc: the authors' dequantization of what it wrote
+    mapc.convert(tmp_path / "q", tmp_path / "back", to="hf")
+    assert_bytes_equal(safetensors_torch.load_file(str(tmp_path / "back" / "model.safetensors")),
+                       reference)
+
+
+def test_fp8_to_fp8_gives_back_the_release_bytes(tmp_path, release):
+    """Read the FP8 release and write it FP8 again: exact (no --allow-lossy needed), every
+    weight and scale the release's bytes."""
+    src, _, n, _ = release
+    cp = mapc.plan_convert(src, tmp_path / "q", to="hf", quantize="fp8_block")
+    cp.close()
+    assert cp.write.decisions["quantize"].endswith(f"({n} exact, 0 rounded)")
+    report = mapc.convert(src, tmp_path / "q", to="hf", quantize="fp8_block")
+    assert not any("rounded" in w for w in report.warnings)
+    assert mapc.verify(src, tmp_path / "q").identical
+    release_tensors = safetensors_torch.load_file(str(src / "model.safetensors"))
+    assert_bytes_equal(safetensors_torch.load_file(str(tmp_path / "q" / "model.safetensors")),
+                       release_tensors)
+    # a shard limit reached right after a weight keeps its scale in its file anyway
+    sizes = [(name, math.prod(shape) * (1 if dt == "float8_e4m3fn" else 4))
+             for _, name, shape, dt in cp.write.tensors]
+    limits = [sum(n for _, n in sizes[:k + 1]) for k, (name, _) in enumerate(sizes)
+              if 0 < k < len(sizes) - 1 and sizes[k + 1][0] == name + "_scale_inv"][:3]
+    for limit in limits:
+        plan = mapc.plan_convert(src, tmp_path / "x", to="hf", quantize="fp8_block",
+                                 max_shard_bytes=limit)
+        plan.close()
+        file_of = {n: f for f, group in plan.write.detail.shards for n, _, _ in group}
+        assert len(set(file_of.values())) > 1
+        assert all(file_of[n] == file_of[n + "_scale_inv"] for n in file_of
+                   if n + "_scale_inv" in file_of), limit
+    # sharded, by two worker processes: each scale in its weight's file, the same bytes
+    report = mapc.convert(src, tmp_path / "w", to="hf", quantize="fp8_block", workers=2,
+                          max_shard_bytes=10000)
+    index = json.loads((tmp_path / "w" / "model.safetensors.index.json").read_text())
+    files = index["weight_map"]
+    assert report.workers == 2 and len(set(files.values())) > 2
+    assert all(files[k] == files[k + "_scale_inv"] for k in files if k + "_scale_inv" in files)
+    got = {}
+    for f in set(files.values()):
+        got.update(safetensors_torch.load_file(str(tmp_path / "w" / f)))
+    assert_bytes_equal(got, release_tensors)
+
+
+def test_transformers_loads_mapcs_fp8_output_as_the_reference_dequantization(tmp_path, small):
+    """transformers' fine-grained FP8 loader (CPU: dequantized, here in float32) reads mapc's
+    FP8 output of the plain model to the test's quantize -> the authors' weight_dequant of the
+    plain weights, bit for bit, and computes the FP8 release's logits."""
+    transformers = pytest.importorskip("transformers")
+    plain, release_dir, _ = small
+    mapc.convert(plain, tmp_path / "q", to="hf", quantize="fp8_block", allow_lossy=True)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"),
+                                                               dtype=torch.float32).state_dict()
+    source = safetensors_torch.load_file(str(plain / "model.safetensors"))
+    want = {k: weight_dequant(*quantize(w.float())) if QUANTIZED.match(k) else w
+            for k, w in source.items()}
+    checked = 0
+    for name, w in theirs.items():
+        if name in want:
+            ref = want[name]
+        else:           # transformers 5 holds each layer's experts merged: [gate; up], down
+            m = re.match(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up|down)_proj$", name)
+            assert m, name
+            parts = ("gate", "up") if m[2] == "gate_up" else ("down",)
+            ref = torch.stack([torch.cat([want[f"{m[1]}.{e}.{p}_proj.weight"] for p in parts])
+                               for e in range(CFG["n_routed_experts"])])
+        assert ref.dtype == w.dtype == torch.float32 and torch.equal(ref, w), name
+        checked += 1
+    assert checked == len(theirs) and any(QUANTIZED.match(k) for k in theirs)
+    assert torch.equal(logits_of(tmp_path / "q", TOKENS), logits_of(release_dir, TOKENS))

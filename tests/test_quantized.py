@@ -5,18 +5,25 @@ mxfp4`` (GPT-OSS: ``_blocks`` of packed e2m1 pairs with ``_scales`` e8m0 exponen
 The kernels are checked bit for bit against the reference formula written out here in torch,
 and against transformers' own dequantizers (``_dequantize_fp8_weight``,
 ``convert_moe_packed_tensors``), on shapes that are not multiples of the block. A toy spec then
-reads real safetensors files written with torch: quantized, and plain with the same spec."""
+reads real safetensors files written with torch: quantized, and plain with the same spec.
+
+Writing (``--quantize fp8_block``): the quantizer against the model authors' formula written
+out here per block in torch (DeepSeek-V3's README_WEIGHTS and their ``act_quant``: a block's
+scale is its amax / 448 in float32, a partial block's amax that of the elements it has; the
+values ``x / scale`` cast to float8_e4m3fn), and its idempotence on FP8 dequantizations; then
+the option's refusals."""
 from __future__ import annotations
 
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import mapc
 from mapc.compiler.spec import compile_text
 from mapc.errors import MapcError, SpecError
-from mapc.runtime.quantized import dequant_fp8_block, dequant_mxfp4
+from mapc.runtime.quantized import dequant_fp8_block, dequant_mxfp4, quant_fp8_block
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -190,3 +197,166 @@ def test_quantized_clause_errors_are_located(edit, mesh, message):
     assert msg.startswith(message)
     line, caret = msg.splitlines()[-2:]
     assert caret.index("^") == line.index("quantized")
+
+
+# ---- writing: quant_fp8_block and --quantize ----------------------------------------------------
+def authors_quantize(w):
+    """Per 128 x 128 block of a 2-D float32 ``w``: scale = amax / 448 (float32), values
+    (w / scale) cast to e4m3 (round to nearest even); an all-zero block gets scale 1.0."""
+    rows, cols = w.shape
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    s = torch.empty((-(-rows // 128), -(-cols // 128)), dtype=torch.float32)
+    for r in range(s.shape[0]):
+        for c in range(s.shape[1]):
+            blk = w[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128]
+            amax = blk.abs().max()
+            scale = amax / 448.0 if amax > 0 else torch.tensor(1.0)
+            s[r, c] = scale
+            q[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128] = (blk / scale).to(torch.float8_e4m3fn)
+    return q, s
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(200, 300), (128, 256), (136, 48), (1, 1), (7, 129),
+                                   (2, 130, 260)])
+def test_fp8_block_quantization_is_the_authors_formula_bit_for_bit(shape, dtype):
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(shape, generator=g) * 0.05).to(getattr(torch, dtype))
+    if shape[-2] > 128 and shape[-1] > 128:
+        w[..., 128:, 128:] = 0                   # an all-zero block
+    x = w.numpy() if dtype == "float32" else w.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    q, s, info = quant_fp8_block(x)
+    if len(shape) == 3:                          # per leading index, as 2-D tensors
+        ref = [authors_quantize(m.float()) for m in w]
+        rq, rs = torch.stack([a for a, _ in ref]), torch.stack([b for _, b in ref])
+    else:
+        rq, rs = authors_quantize(w.float())
+    assert q.view(np.uint8).tobytes() == rq.view(torch.uint8).numpy().tobytes()
+    assert s.dtype == np.float32 and s.tobytes() == rs.numpy().tobytes()
+    back = fp8_reference(rq, rs)
+    assert info.size == w.numel() and info.rounded == int((back != w.float()).sum())
+    assert shape == (1, 1) or info.rounded > 0
+
+
+def test_fp8_block_quantization_of_an_fp8_dequantization_gives_back_its_bytes():
+    """An FP8 tensor quantized as the authors do (each block's largest value +-448) and
+    dequantized: quantized again, its values and scales come back byte for byte, also where
+    amax / 448 of the dequantized block is one ulp off its scale (about 1 block in 10); a
+    3-D (per-expert) tensor too."""
+    g = torch.Generator().manual_seed(2)
+    rng = np.random.default_rng(2)
+    off = 0
+    for shape in [(256, 384), (2, 200, 136)]:
+        for _ in range(4):
+            q = (torch.randn(shape, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+            grid = shape[:-2] + (-(-shape[-2] // 128), -(-shape[-1] // 128))
+            for r in range(grid[-2]):
+                for c in range(grid[-1]):
+                    q[..., r * 128, c * 128] = 448.0
+            s = torch.tensor(rng.random(grid) * np.exp(rng.uniform(-20, 0, grid)),
+                             dtype=torch.float32)
+            w = fp8_reference(q, s)
+            amax_scale = torch.stack([w[..., r * 128:(r + 1) * 128, c * 128:(c + 1) * 128]
+                                      .abs().amax(dim=(-1, -2)) / 448.0
+                                      for r in range(grid[-2]) for c in range(grid[-1])], -1)
+            off += int((amax_scale.reshape(s.shape) != s).sum())
+            q2, s2, info = quant_fp8_block(w.numpy())
+            assert q2.view(np.uint8).tobytes() == q.view(torch.uint8).numpy().tobytes()
+            assert s2.tobytes() == s.numpy().tobytes() and info.rounded == 0
+    assert off > 0          # the case the one-ulp search is for did occur
+
+
+def test_fp8_block_quantization_refuses_non_finite_values():
+    w = np.ones((4, 4), np.float32)
+    w[1, 2] = np.inf
+    with pytest.raises(MapcError, match="inf or NaN"):
+        quant_fp8_block(w, where="x.weight")
+
+
+def plain_checkpoint(path):
+    want = quantized_checkpoint(path.parent / (path.name + "-q"))
+    write(path, want, {k: v for k, v in CONFIG.items() if k != "quantization_config"})
+    return want
+
+
+def test_quantize_writes_the_fp8_rules_and_their_scales(tmp_path, spec_file):
+    want = plain_checkpoint(tmp_path / "plain")
+    mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", spec=spec_file,
+                 quantize="fp8_block", allow_lossy=True)
+    got = safetensors_torch.load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(got) == sorted(want) + ["model.proj.weight_scale_inv"]
+    rq, rs = authors_quantize(want["model.proj.weight"])
+    assert torch.equal(got["model.proj.weight"].view(torch.uint8), rq.view(torch.uint8))
+    assert torch.equal(got["model.proj.weight_scale_inv"], rs)
+    # the mxfp4 rule is not fp8_block's: written plain; the norm is no quantized rule
+    assert torch.equal(got["model.experts.proj"], want["model.experts.proj"])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                             "quant_method": "fp8",
+                                             "weight_block_size": [128, 128]}
+
+
+def test_a_foreign_fp8_quantization_is_refused_where_it_would_round(tmp_path, spec_file):
+    """The toy checkpoint's scales are random, its blocks' largest values not 448: quantized
+    again by amax / 448, they round. Planned as exact (read from fp8_block storage), refused
+    when the tensor is written, naming it; --allow-lossy writes it with a warning."""
+    quantized_checkpoint(tmp_path / "q")
+    with pytest.raises(MapcError, match=r"quantizing model\.proj\.weight to fp8_block is "
+                                        r"not exact: \d+ of 12480 elements round"):
+        mapc.convert(tmp_path / "q", tmp_path / "out", to="hf", spec=spec_file,
+                     quantize="fp8_block")
+    assert not (tmp_path / "out").exists()
+    report = mapc.convert(tmp_path / "q", tmp_path / "out", to="hf", spec=spec_file,
+                          quantize="fp8_block", allow_lossy=True)
+    assert any(w.startswith("quantized 1 tensors to fp8_block: ") for w in report.warnings)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({}, r"--quantize fp8_block rounds 1 of 1 tensors \(float32 values not read from "
+         r"fp8_block storage, e\.g\. model\.proj\.weight\).*pass --allow-lossy"),
+    ({"quantize": "mxfp4"}, r"--quantize mxfp4 is not implemented"),
+    ({"quantize": "int4"}, r"--quantize int4 is not a quantized storage mapc knows.*fp8_block, "
+                           r"mxfp4"),
+    ({"to": "dcp"}, r"--to dcp does not take --quantize fp8_block.*taken by: hf"),
+    ({"with_optimizer": True}, r"--quantize fp8_block with --with-optimizer"),
+])
+def test_quantize_refusals(tmp_path, spec_file, kw, message):
+    plain_checkpoint(tmp_path / "plain")
+    args = dict(to="hf", spec=spec_file, quantize="fp8_block") | kw
+    with pytest.raises(MapcError, match=message):
+        mapc.convert(tmp_path / "plain", tmp_path / "out", **args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_needs_a_quantized_rule(tmp_path, spec_file):
+    plain_checkpoint(tmp_path / "plain")
+    (tmp_path / "none.map").write_text(SPEC.replace("= w  quantized fp8_block", "= w"))
+    with pytest.raises(MapcError, match=r"--quantize fp8_block: layout hf of spec toyquant has "
+                                        r"no rule that says 'quantized fp8_block'"):
+        mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", quantize="fp8_block",
+                     spec=tmp_path / "none.map", allow_lossy=True)
+
+
+def test_the_dry_run_says_what_rounds(tmp_path, spec_file, capsys):
+    from mapc.cli.main import main
+    plain_checkpoint(tmp_path / "plain")
+    assert main(["convert", str(tmp_path / "plain"), str(tmp_path / "out"), "--to", "hf",
+                 "--spec", str(spec_file), "--quantize", "fp8_block", "--allow-lossy",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "quantize: fp8_block: 1 tensors as float8_e4m3fn + float32 NAME_scale_inv per " \
+           "128x128 block (0 exact, 1 rounded)" in out
+    assert "lossy: --quantize fp8_block rounds 1 of 1 tensors" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_refuses_a_quantized_rule_on_a_vector(tmp_path):
+    plain_checkpoint(tmp_path / "plain")
+    (tmp_path / "vec.map").write_text(SPEC.replace('"model.norm.weight" = norm',
+                                                   '"model.norm.weight" = norm  quantized fp8_block'))
+    with pytest.raises(MapcError) as e:
+        mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", quantize="fp8_block",
+                     spec=tmp_path / "vec.map", allow_lossy=True)
+    assert str(e.value).startswith(f"{tmp_path / 'vec.map'}:17:5: model.norm.weight: "
+                                   f"--quantize fp8_block: model.norm.weight is float32 [96]; "
+                                   f"fp8_block quantizes floating tensors of at least 2 axes")

@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   mapc convert llama-mcore llama-tp4 --to megatron --tp 4          # reshard up
   mapc convert llama-hf llama-vpp --to megatron --pp 2 --vpp 2      # interleaved schedule
   mapc convert llama-mcore llama-back --to hf --dtype bf16
+  mapc convert ds-mcore ds-fp8 --to hf --quantize fp8_block --allow-lossy   # FP8 release form
   mapc convert llama-hf out --to megatron --set naming=te --set vocab_multiple=64
   mapc convert old-run new-run --like fresh-init-on-new-cluster   # format/topology from a template
   mapc convert llama-hf llama-mcore --to megatron --tp 8 --workers 4   # 4 processes
@@ -72,7 +73,13 @@ def add_arguments(p):
                         "record carries (refused otherwise)")
     p.add_argument("--allow-lossy", action="store_true",
                    help="write tensors whose spec value map (e.g. 'value 1 + x') rounds in "
-                        "the stored dtype, with a warning (refused otherwise)")
+                        "the stored dtype, or that --quantize rounds, with a warning "
+                        "(refused otherwise)")
+    p.add_argument("--quantize", metavar="KIND", default=None,
+                   help="with --to hf: store the tensors whose spec rules say 'quantized "
+                        "KIND' in that storage; fp8_block: float8_e4m3fn + float32 "
+                        "_scale_inv per 128x128 block (DeepSeek-V3's release). Lossy unless "
+                        "read from that storage: needs --allow-lossy then")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a target layout parameter the spec declares (repeatable)")
     p.add_argument("--source-set", action="append", default=[], metavar="NAME=VALUE",
@@ -106,7 +113,8 @@ def run(args) -> int:
                       zero_stage=args.zero_stage, allow_spec_change=args.allow_spec_change,
                       allow_lossy=args.allow_lossy,
                       pp_first_stage=args.pp_first_stage, pp_last_stage=args.pp_last_stage,
-                      workers=args.workers, vpp=args.vpp, optim_sharding=args.optim_sharding)
+                      workers=args.workers, vpp=args.vpp, optim_sharding=args.optim_sharding,
+                      quantize=args.quantize)
     if args.dry_run:
         cp.close()
         print(cp.pretty(backend=args.backend))

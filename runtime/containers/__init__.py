@@ -44,7 +44,7 @@ MODULES = {
 # Request options (mapc.runtime.plan_write.OPTIONS) each format's output honours; --dtype is
 # honoured by every format.
 HONOURS = {
-    "hf": frozenset({"with_optimizer", "max_shard_bytes"}),
+    "hf": frozenset({"with_optimizer", "max_shard_bytes", "quantize"}),
     "megatron": frozenset({"with_optimizer", "pp_first_stage", "pp_last_stage", "vpp", "dp"}),
     "nemo": frozenset(),
     "gguf": frozenset(),

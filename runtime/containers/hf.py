@@ -41,16 +41,23 @@ def detect(path: Path) -> bool:
 def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     """safetensors shards of at most ``max_shard_bytes`` (5 GB), their index when there are
     several, config.json and mapc.json; with ``--with-optimizer`` also Trainer's files."""
+    from mapc.runtime import quantized as quant
+    quant.check_request(request)                 # --quantize: before the Trainer export
     export, notes = None, []
     if request.with_optimizer:
         export, notes = plan_trainer_export(program, facts)
     slots = ("param",) + MOMENTS if export else ("param",)
     tensors = planned_tensors(program, facts, request.dtype, slots)
+    # --quantize fp8_block: a quantized tensor is followed by its NAME_scale_inv, kept in its file
+    tensors, quantized, qnotes, qdecisions = quant.plan_quantized(program, facts, request,
+                                                                  tensors)
+    notes = notes + qnotes
+    companions = {name + quant.SCALE_SUFFIX for _, name in quantized}
     limit = request.max_shard_bytes or DEFAULT_SHARD_BYTES
     groups, size, total = [[]], 0, 0
     for coord, name, shape, dt in tensors:
         n = DTYPES[dt].itemsize * math.prod(shape)
-        if groups[-1] and size + n > limit:
+        if groups[-1] and size + n > limit and name not in companions:
             groups.append([])
             size = 0
         groups[-1].append((name, shape, dt))
@@ -59,12 +66,15 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     names = ["model.safetensors"] if len(groups) == 1 else \
         [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
     shards = tuple(zip(names, (tuple(g) for g in groups)))
-    dtypes = {dt for *_, dt in tensors}
-    detail = _HFPlan(shards, total, next(iter(dtypes)) if len(dtypes) == 1 else None, export)
+    # config.json's dtype: that of the tensors (the quantized ones' is quantization_config's)
+    dtypes = {dt for coord, name, _, dt in tensors
+              if (coord, name) not in quantized and name not in companions}
+    detail = _HFPlan(shards, total, next(iter(dtypes)) if len(dtypes) == 1 else None, export,
+                     quant.FP8_BLOCK_CONFIG if quantized else None)
     files = [*names, MAPC_JSON] + (["config.json"] if facts.has_config else []) + \
         (["model.safetensors.index.json"] if len(shards) > 1 else [])
     decisions = {"shards": len(shards), "max_shard_bytes": limit,
-                 "config dtype": detail.config_dtype}
+                 "config dtype": detail.config_dtype, **qdecisions}
     if export is not None:
         files += [trainer.OPTIMIZER, trainer.SCHEDULER, trainer.TRAINER_STATE]
         decisions.update({"optimizer": "Trainer AdamW export", "step": export.step,
@@ -74,7 +84,7 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     file_of = {name: fname for fname, group in shards for name, _, _ in group}
     parts = () if export is not None else parts_by_file(tensors, lambda _, n: file_of[n])
     return make_plan("hf", files, decisions=decisions, notes=notes, slots=slots,
-                     tensors=tensors, detail=detail, parts=parts,
+                     tensors=tensors, detail=detail, parts=parts, quantized=quantized,
                      serial="optimizer.pt (--with-optimizer) holds every tensor's state"
                      if export is not None else None)
 
@@ -85,6 +95,7 @@ class _HFPlan:
     total: int                       # bytes of all tensors (the index's total_size)
     config_dtype: str | None         # config.json "dtype" when every tensor has one dtype
     export: object = None            # _TrainerPlan with --with-optimizer
+    quantization_config: dict | None = None   # config.json's, with --quantize
 
 
 def _index_shards(index: Path) -> list[str]:
@@ -638,6 +649,8 @@ class HFWriter(PlannedWriter):
             config = dict(record["config"])
             if d.config_dtype is not None:
                 config["dtype"] = d.config_dtype
+            if d.quantization_config is not None:
+                config["quantization_config"] = d.quantization_config
             write_json(self.dir / "config.json", config)
         if self.export is not None:
             self.export.finish(record)
