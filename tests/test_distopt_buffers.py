@@ -358,6 +358,7 @@ def test_the_vpp_write_plan_shows_every_chunks_buffers(loaded, tmp_path):
     (dict(to="torch_dist", tp=1, pp=3, vpp=2, dp=2), r"--pp 3 --vpp 2 is 6 virtual pipeline "
                                                      r"stages"),
     (dict(to="nemo2", tp=1, pp=2, vpp=2, dp=2), "--to nemo2 does not take --vpp 2"),
+    (dict(to="torch_dist", vpp=2, dp=2), "--vpp 2 needs --pp of at least 2"),
 ])
 def test_a_vpp_target_mapc_cannot_write_is_refused_in_one_line(loaded, tmp_path, kw, words):
     """(The layer-count error points into the spec, as every --pp/--vpp mismatch does: its
@@ -366,3 +367,16 @@ def test_a_vpp_target_mapc_cannot_write_is_refused_in_one_line(loaded, tmp_path,
         mapc.convert(loaded[0], tmp_path / "out", **kw)
     assert "\n" not in e.value.message
     assert not (tmp_path / "out").exists()
+
+
+def test_like_a_virtual_pipeline_template_writes_its_buffers(saved_vpp, loaded, written_vpp,
+                                                             tmp_path):
+    """--like megatron-core's vpp checkpoint takes its TP/PP, DP and vpp: the output is the
+    explicit --tp 1 --pp 2 --vpp 2 --dp 2 one (which megatron-core loaded above), byte for
+    byte (the data file; .metadata's entries, apart from DCP's random save_id)."""
+    mapc.convert(loaded[0], tmp_path / "like", like=saved_vpp[0])
+    got, want = mcore_dist.iter_dir(tmp_path / "like"), mcore_dist.iter_dir(written_vpp[0])
+    assert (got / "__0_0.distcp").read_bytes() == (want / "__0_0.distcp").read_bytes()
+    got, want = (pickle.loads((d / ".metadata").read_bytes()) for d in (got, want))
+    assert got.state_dict_metadata == want.state_dict_metadata
+    assert got.storage_data == want.storage_data

@@ -221,6 +221,10 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
               if k in takes and v is not None}
     tp, pp = int(target.params.get("tp_size", 1)), int(target.params.get("pp_size", 1))
     vpp = request.vpp or 1
+    if vpp > 1 and pp < 2:
+        raise MapcError(f"--vpp {vpp} needs --pp of at least 2: Megatron's interleaved "
+                        "schedule splits each pipeline rank's layers into chunks",
+                        hint="pass --pp N, or drop --vpp")
     # with a virtual pipeline the megatron plan's pp axis counts virtual stages (chunk v of
     # pipeline rank p is stage v * pp + p), each chunk a DDP of its own (distopt.rank_layouts)
     try:
