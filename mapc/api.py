@@ -52,13 +52,18 @@ def plan_conversion(src, to: str, *, tp=None, pp=None, ep=None, config=None, set
 
     ``vpp`` (Megatron's interleaved schedule) compiles the target at ``pp * vpp`` pipeline
     stages: virtual stage ``chunk * pp + rank`` is chunk ``chunk`` of pipeline rank ``rank``,
-    which is megatron-core's layer offset (``get_transformer_layer_offset``) for even stages."""
+    which is megatron-core's layer offset (``get_transformer_layer_offset``) for even stages.
+    A format of global tensors (``TOPOLOGY_PARAMS``: torch_dist) is compiled at ``pp`` as
+    given: only its writer's optimizer layout sees the virtual stages."""
     if vpp is not None and vpp > 1:
-        if (pp or 1) < 2:
+        if "pp" in getattr(module(to), "TOPOLOGY_PARAMS", {}):
+            vpp = None          # its writer checks pp (a layout parameter, --like may set it)
+        elif (pp or 1) < 2:
             raise MapcError(f"--vpp {vpp} needs --pp of at least 2: Megatron's interleaved "
                             "schedule splits each pipeline rank's layers into chunks",
                             hint="pass --pp N, or drop --vpp")
-        pp = pp * vpp
+        else:
+            pp = pp * vpp
     source = open_source(src, source_format)
     try:
         res = resolve(source, spec=spec, config=config, params=_source_params(source_set),
@@ -136,7 +141,9 @@ def read_template(like, *, spec=None, config=None) -> Template:
         dp = getattr(tmpl, "dp", None) or training.get("dp_world_size")
         topology = {a: n for a, n in res.plan.mesh.items() if a in ("tp", "pp", "ep")}
         vpp = getattr(tmpl, "vpp", 1)
-        if vpp > 1:     # its pp axis counts virtual stages (pp * vpp)
+        if tmpl.format == "torch_dist":     # global tensors: only its optimizer has chunks
+            vpp = getattr(getattr(tmpl, "optimizer", None), "vpp", 1)
+        if vpp > 1 and "pp" in topology:    # its pp axis counts virtual stages (pp * vpp)
             topology["pp"] //= vpp
         sharding = getattr(tmpl, "sharding_type", None) or \
             ("distributed" if getattr(tmpl, "optimizer_kind", None) == "distributed" else None)

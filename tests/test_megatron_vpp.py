@@ -212,6 +212,9 @@ def test_vpp_in_dry_run(hf8, tmp_path, capsys):
     (dict(to="megatron", vpp=2), "--vpp 2 needs --pp of at least 2"),
     (dict(to="megatron", pp=3, vpp=2), "--pp 3 --vpp 2 is 6 virtual pipeline stages"),
     (dict(to="megatron", pp=2, vpp=0), "--vpp 0 must be a positive integer"),
+    # torch_dist's weights are global: --vpp lays out the distributed optimizer's buffers only
+    (dict(to="torch_dist", pp=2, vpp=2), "--vpp 2 sets the distributed optimizer's virtual "
+                                         "pipeline size, but the source has no optimizer state"),
 ])
 def test_vpp_refusals(hf8, tmp_path, kw, words):
     with pytest.raises(MapcError, match=words):

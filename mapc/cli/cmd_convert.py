@@ -42,7 +42,9 @@ def add_arguments(p):
     p.add_argument("--vpp", type=int, default=None,
                    help="virtual pipeline stages per pipeline rank of a megatron target "
                         "(Megatron's interleaved schedule: model0, model1, ... in every rank "
-                        "file); the source's are read automatically")
+                        "file; with the distributed optimizer, one buffer set per chunk), or "
+                        "of a torch_dist target's distributed optimizer state (one DDP per "
+                        "chunk); the source's are read automatically")
     p.add_argument("--dp", type=int, default=None,
                    help="data-parallel size of a training-checkpoint target (deepspeed, neox, "
                         "torch_dist; megatron: writes the distributed optimizer, "

@@ -53,7 +53,7 @@ HONOURS = {
     "deepspeed": frozenset({"dp", "zero_stage"}),
     "universal": frozenset({"dp", "zero_stage"}),
     "neox": frozenset({"dp", "zero_stage", "with_optimizer"}),
-    "torch_dist": frozenset({"dp", "optim_sharding"}),
+    "torch_dist": frozenset({"dp", "optim_sharding", "vpp"}),
     "nemo2": frozenset({"dp", "optim_sharding"}),
 }
 

@@ -204,31 +204,51 @@ def gaps(bucket: Bucket):
         yield pos, bucket.numel_unpadded - pos
 
 
-def coalesced_state(obj, what: str, where: str, total: int | None = None) -> dict:
-    """``{param, exp_avg, exp_avg_sq}`` of megatron-core's gathered distributed-optimizer
-    state, ``{"buckets_coalesced": True, 0: {(param dtype, grad dtype): {slot: flat fp32}}}``
-    (legacy ``distrib_optim.pt`` and torch_dist's ``dp_zero_gather_scatter`` objects): one
-    buffer, flat fp32 tensors (of ``total`` elements when given). ``what`` names it in errors."""
+def coalesced_buffers(obj, what: str, where: str) -> list[tuple]:
+    """The buffers of megatron-core's gathered distributed-optimizer state (legacy
+    ``distrib_optim.pt``, ``get_parameter_state_dp_zero``; torch_dist's
+    ``dp_zero_gather_scatter`` objects): ``{"buckets_coalesced": True, gbuf_idx: {(param dtype,
+    grad dtype): {"param", "exp_avg", "exp_avg_sq": flat fp32, "numel_unpadded"}}}`` for
+    gbuf_idx 0, 1, ... (one buffer per model chunk and dtype pair): ``[((param dtype, grad
+    dtype) names, {slot: TensorRef}), ...]`` in gbuf_idx order. ``what`` names it in errors."""
     from mapc.runtime import torchfile
-    shape = f"megatron-core's {{'buckets_coalesced': True, 0: {{(param dtype, grad dtype): " \
-        f"{{param, exp_avg, exp_avg_sq}}}}}}"
+    shape = "megatron-core's {'buckets_coalesced': True, gbuf_idx: {(param dtype, grad " \
+        "dtype): {param, exp_avg, exp_avg_sq}}}"
+    out = []
     try:
         if obj.get("buckets_coalesced") is not True:
             raise ValueError("not buckets_coalesced (an older per-bucket layout)")
         gbufs = [k for k in obj if k != "buckets_coalesced"]
-        if gbufs != [0]:
-            raise ValueError(f"{len(gbufs)} buffers; mapc derives one (one dtype)")
-        (per_dtype,) = obj[0].values()
-        out = {s: per_dtype[s] for s in ("param", "exp_avg", "exp_avg_sq")}
+        if sorted(gbufs, key=str) != list(range(len(gbufs))) or not gbufs:
+            raise ValueError(f"its buffers are {gbufs}, not 0..N-1")
+        for g in range(len(gbufs)):
+            ((pair, per_dtype),) = obj[g].items()
+            names = tuple(str(getattr(x, "name", x)).removeprefix("torch.") for x in pair)
+            out.append((names, {s: per_dtype[s] for s in ("param", "exp_avg", "exp_avg_sq")}))
     except (AttributeError, TypeError, KeyError, ValueError) as e:
         raise MapcError(f"{what} is not {shape} ({e})", where=where) from None
-    for s, t in out.items():
-        if not isinstance(t, torchfile.TensorRef) or t.dtype != "float32" or t.ndim != 1 or \
-                (total is not None and tuple(t.shape) != (total,)):
-            raise MapcError(f"{what}: {s} is {getattr(t, 'dtype', type(t).__name__)}"
-                            f"{list(getattr(t, 'shape', ()))}, not a flat fp32 tensor"
-                            + (f" of the buckets' {total} elements" if total is not None
-                               else ""), where=where)
+    for g, (_, slots) in enumerate(out):
+        for s, t in slots.items():
+            if not isinstance(t, torchfile.TensorRef) or t.dtype != "float32" or t.ndim != 1 \
+                    or tuple(t.shape) != tuple(slots["param"].shape):
+                raise MapcError(f"{what}: {s} of buffer {g} is "
+                                f"{getattr(t, 'dtype', type(t).__name__)}"
+                                f"{list(getattr(t, 'shape', ()))}, not a flat fp32 tensor of "
+                                f"the buffer's size", where=where)
+    return out
+
+
+def coalesced_state(obj, what: str, where: str, total: int | None = None) -> dict:
+    """``{param, exp_avg, exp_avg_sq}`` of a gathered state (:func:`coalesced_buffers`) with
+    one buffer, flat fp32 tensors (of ``total`` elements when given)."""
+    buffers = coalesced_buffers(obj, what, where)
+    if len(buffers) != 1:
+        raise MapcError(f"{what} has {len(buffers)} buffers; mapc reads one here (one dtype)",
+                        where=where)
+    out = buffers[0][1]
+    if total is not None and tuple(out["param"].shape) != (total,):
+        raise MapcError(f"{what}: param is {list(out['param'].shape)}, not a flat fp32 tensor "
+                        f"of the buckets' {total} elements", where=where)
     return out
 
 
@@ -247,12 +267,15 @@ def param_groups(training: dict) -> list[dict]:
     return [dict(g, step=step) for g in groups]
 
 
-def legacy_state(pair, flats: dict, total: int) -> dict:
+def legacy_state(buffers) -> dict:
     """What megatron-core's ``DistributedOptimizer.save_parameter_state`` writes into
-    Megatron-LM's ``distrib_optim.pt`` for one model-parallel rank with one DDP buffer:
-    ``{"buckets_coalesced": True, 0: {(param dtype, grad dtype): {"param", "exp_avg",
-    "exp_avg_sq": flat fp32 (every bucket without its end padding, one after another),
-    "numel_unpadded": total}}}``. ``flats`` are the written tensors' placeholders by slot."""
-    return {"buckets_coalesced": True,
-            0: {pair: {"param": flats["master"], "exp_avg": flats["exp_avg"],
-                       "exp_avg_sq": flats["exp_avg_sq"], "numel_unpadded": int(total)}}}
+    Megatron-LM's ``distrib_optim.pt`` for one model-parallel rank: ``{"buckets_coalesced":
+    True, gbuf_idx: {(param dtype, grad dtype): {"param", "exp_avg", "exp_avg_sq": flat fp32
+    (every bucket of the buffer without its end padding, one after another),
+    "numel_unpadded": total}}}``. ``buffers`` are (pair, {slot: placeholder}, total) in
+    gbuf_idx order (a virtual pipeline's chunks one after another, each chunk's dtypes)."""
+    out: dict = {"buckets_coalesced": True}
+    for g, (pair, flats, total) in enumerate(buffers):
+        out[g] = {pair: {"param": flats["master"], "exp_avg": flats["exp_avg"],
+                         "exp_avg_sq": flats["exp_avg_sq"], "numel_unpadded": int(total)}}
+    return out

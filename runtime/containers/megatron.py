@@ -446,39 +446,62 @@ class _LegacyDistributed:
     """Megatron-LM's torch format with the distributed optimizer: beside each rank's
     model_optim_rng.pt (whose ``optimizer`` holds only the param groups, with the step) a
     ``distrib_optim.pt`` that DP rank 0 gathered (``DistributedOptimizer.save_parameter_state``):
-    ``{"buckets_coalesced": True, 0: {(param dtype, grad dtype): {"param", "exp_avg",
-    "exp_avg_sq": flat fp32, "numel_unpadded"}}}``, the DDP buffer's buckets without their end
-    padding one after another. Where each parameter sits is derived as megatron-core's DDP lays
-    the buffer out (runtime/containers/distopt.py) from the matched megatron plan; the total
-    size and every 1-D parameter's fp32 master (it must round to the stored weight) check the
-    derivation before anything is read. The flat tensors are mapped, not read whole."""
+    ``{"buckets_coalesced": True, gbuf_idx: {(param dtype, grad dtype): {"param", "exp_avg",
+    "exp_avg_sq": flat fp32, "numel_unpadded"}}}``, one entry per DDP buffer (per parameter
+    dtype and, with a virtual pipeline, per model chunk, the chunks' buffers one after
+    another), each the buffer's buckets without their end padding one after another. Where
+    each parameter sits is derived as megatron-core's DDP lays the buffers out
+    (runtime/containers/distopt.py) from the matched megatron plan and the stored dtypes; the
+    buffers' dtypes and sizes and every 1-D parameter's fp32 master (it must round to the
+    stored weight) check the derivation before anything is read. The flat tensors are mapped,
+    not read whole."""
 
     def __init__(self, src, plan):
         from mapc.runtime.containers import distopt
         self.src = src
         args = src.format_meta
-        tp, pp = src.topology.get("tp", 1), src.topology.get("pp", 1)
+        tp, pp = src.topology.get("tp", 1), src.topology.get("pp", 1) // src.vpp
         world = int(args.get("world_size") or 0)
         self.dp = int(args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
-        layouts = distopt.rank_layouts(plan, self.dp, args)
+        # each parameter's dtype as stored: megatron-core's DDP gives every dtype a buffer
+        stored = {k: src.dtype(name, coord) for inst, coord, name in plan.placements()
+                  for k in inst.members.values()}
+        layouts = distopt.rank_layouts(
+            plan, self.dp, args, lambda inst: stored.get(next(iter(inst.members.values()))),
+            vpp=src.vpp)
         self.place: dict[tuple, tuple] = {}     # (coord_key, name) -> (state, start, numel)
-        for coord, lay in layouts.items():
+        states: dict = {}                        # rank file -> its buffers
+        for coord, lay in sorted(layouts.items(), key=lambda x: x[1].gbuf0):
             key = coord_key(coord)
             f = src.files[key].parent / DISTRIB_OPTIM
-            state = self._state(torchfile.load(f, PICKLES), f)
-            total = sum(b.numel_unpadded for b in lay.buckets)
-            if any(tuple(t.shape) != (total,) for t in state.values()):
-                raise MapcError(f"the distributed optimizer's buffer holds "
-                                f"{list(state['param'].shape)} elements, but megatron-core's "
-                                f"bucket layout of this rank's parameters gives {total}",
-                                where=str(f), hint="the checkpoint was trained with settings "
-                                "mapc does not derive (other or frozen parameters, another "
-                                "bucket size); convert the weights only")
-            off = 0
-            for bucket in lay.buckets:
-                for name, start, numel in bucket.params:
-                    self.place[(key, name)] = (state, off + start, numel)
-                off += bucket.numel_unpadded
+            if f not in states:
+                states[f] = distopt.coalesced_buffers(torchfile.load(f, PICKLES),
+                                                      DISTRIB_OPTIM, str(f))
+                want = [buf.pair for lay2 in sorted(
+                    (x for c, x in layouts.items() if src.files[coord_key(c)] == src.files[key]),
+                    key=lambda x: x.gbuf0) for buf in lay2.buffers]
+                have = [pair for pair, _ in states[f]]
+                if have != want:
+                    raise MapcError(f"the distributed optimizer holds the DDP buffers {have}, "
+                                    f"but the model's parameter dtypes and chunks give {want}",
+                                    where=str(f), hint="the checkpoint was trained with "
+                                    "settings mapc does not derive; convert the weights only")
+            for b, buf in enumerate(lay.buffers, lay.gbuf0):
+                state = states[f][b][1]
+                total = sum(x.numel_unpadded for x in buf.buckets)
+                if tuple(state["param"].shape) != (total,):
+                    raise MapcError(f"the distributed optimizer's buffer {b} holds "
+                                    f"{list(state['param'].shape)} elements, but megatron-core's "
+                                    f"bucket layout of this rank's parameters gives {total}",
+                                    where=str(f), hint="the checkpoint was trained with "
+                                    "settings mapc does not derive (other or frozen "
+                                    "parameters, another bucket size); convert the weights "
+                                    "only")
+                off = 0
+                for bucket in buf.buckets:
+                    for name, start, numel in bucket.params:
+                        self.place[(key, name)] = (state, off + start, numel)
+                    off += bucket.numel_unpadded
         for coord in src.coords():
             for name in src.names(coord):
                 if len(src.shape(name, coord)) != 1:
@@ -493,11 +516,6 @@ class _LegacyDistributed:
                                     f"it keeps each parameter", where=str(
                                         src.files[coord_key(coord)].parent / DISTRIB_OPTIM),
                                     hint="convert the weights only")
-
-    @staticmethod
-    def _state(obj, where) -> dict:
-        from mapc.runtime.containers.distopt import coalesced_state
-        return coalesced_state(obj, DISTRIB_OPTIM, str(where))
 
     def read(self, name, coord, slot) -> np.ndarray:
         if slot not in ("master", "exp_avg", "exp_avg_sq"):
@@ -671,8 +689,10 @@ class MegatronWriter(PlannedWriter):
         self.dtypes = {}
         self.slot_data: dict = {}     # (coord, name) -> {slot: placeholder}
         self.dist = opt if opt.dp else None
-        self.flats: dict = {}         # distributed: rank file coord -> {slot: scratch memmap}
-        self.place: dict = {}         # distributed: (coord, name) -> (rank, start, numel)
+        # distributed: rank file coord -> per DDP buffer (gbuf_idx order) its (param dtype,
+        # grad dtype) and {slot: scratch memmap}; (coord, name) -> (rank, gbuf, start, numel)
+        self.flats: dict = {}
+        self.place: dict = {}
         if self.dist:
             self.args = dict(opt.args)
 
@@ -698,30 +718,37 @@ class MegatronWriter(PlannedWriter):
             self._begin_distributed()
 
     def _begin_distributed(self):
-        """A zero-filled scratch file per owned rank and slot holding the rank's flat buffer
-        (its buckets without end padding, one after another), and each parameter's place."""
+        """A zero-filled scratch file per owned rank, DDP buffer and slot holding the buffer's
+        flat state (its buckets without end padding, one after another), and each parameter's
+        place. A virtual pipeline's chunks are the rank's buffers one after another."""
         scratch = self.dir / ".scratch"
-        for coord, lay in self.dist.layouts.items():
-            if coord not in self.writers:
+        for coord, lay in sorted(self.dist.layouts.items(), key=lambda x: x[1].gbuf0):
+            rank = self._rank_file(coord)[0]
+            if rank not in self.writers:
                 continue
-            total = sum(b.numel_unpadded for b in lay.buckets)
             scratch.mkdir(exist_ok=True)
-            self.flats[coord] = {slot: np.memmap(
-                scratch / f"{lay.group}.{slot}", dtype=np.float32, mode="w+", shape=(total,))
-                for slot in ("master", "exp_avg", "exp_avg_sq")}
-            off = 0
-            for bucket in lay.buckets:
-                for name, start, numel in bucket.params:
-                    self.place[(coord, name)] = (coord, off + start, numel)
-                off += bucket.numel_unpadded
+            buffers = self.flats.setdefault(rank, [])
+            for b, buf in enumerate(lay.buffers, lay.gbuf0):
+                if b != len(buffers):
+                    raise MapcError(f"internal: buffer {b} of dp_group_idx_{lay.group} planned "
+                                    f"after {len(buffers)}")
+                total = sum(x.numel_unpadded for x in buf.buckets)
+                buffers.append((buf.pair, {slot: np.memmap(
+                    scratch / f"{lay.group}.{b}.{slot}", dtype=np.float32, mode="w+",
+                    shape=(total,)) for slot in ("master", "exp_avg", "exp_avg_sq")}))
+                off = 0
+                for bucket in buf.buckets:
+                    for name, start, numel in bucket.params:
+                        self.place[(coord, name)] = (rank, b, off + start, numel)
+                    off += bucket.numel_unpadded
 
     def _flat(self, slot, coord, name, arr):
-        rank, start, numel = self.place[(coord, name)]
+        rank, b, start, numel = self.place[(coord, name)]
         flat = np.asarray(arr, dtype=np.float32).reshape(-1)
         if flat.size != numel:
             raise MapcError(f"internal: {name} has {flat.size} elements, its place in the "
                             f"distributed optimizer's buffer {numel}")
-        self.flats[rank][slot][start:start + numel] = flat
+        self.flats[rank][b][1][slot][start:start + numel] = flat
 
     def _rank_file(self, coord):
         """(rank file coord, model chunk) of a program coord: with virtual pipeline stages the
@@ -856,37 +883,31 @@ class MegatronWriter(PlannedWriter):
     def _write_distrib_optim(self, coord):
         """The rank's ``distrib_optim.pt`` from its scratch buffers, which are then deleted."""
         from mapc.runtime.containers.distopt import legacy_state
-        flats = self.flats.pop(coord)
         w = torchfile.TorchWriter(self.writers[coord][0].path.parent / DISTRIB_OPTIM)
-        placeholders = {}
-        for slot, m in flats.items():
-            m.flush()
-            placeholders[slot] = w.add_tensor(np.memmap(m.filename, dtype=np.float32,
-                                                        mode="r", shape=m.shape))
-            Path(m.filename).unlink()
-        pair = (torchfile.TorchDType(self.dtypes_of_buffer()), torchfile.TorchDType("float32"))
-        w.finish(legacy_state(pair, placeholders, flats["master"].shape[0]))
+        buffers = []
+        for pair, flats in self.flats.pop(coord):
+            placeholders = {}
+            for slot, m in flats.items():
+                m.flush()
+                placeholders[slot] = w.add_tensor(np.memmap(m.filename, dtype=np.float32,
+                                                            mode="r", shape=m.shape))
+                Path(m.filename).unlink()
+            buffers.append((tuple(torchfile.TorchDType(x) for x in pair), placeholders,
+                            flats["master"].shape[0]))
+        w.finish(legacy_state(buffers))
         if not self.flats:      # other workers' ranks may still be in it
             try:
                 (self.dir / ".scratch").rmdir()
             except OSError:
                 pass
 
-    def dtypes_of_buffer(self) -> str:
-        """The parameters' dtype (the DDP buffer's param dtype): one for the whole model."""
-        found = {dt for dt in self.dtypes.values()}
-        if len(found) != 1:
-            raise MapcError(f"the distributed optimizer's parameters have the dtypes "
-                            f"{sorted(found)}; mapc writes one DDP buffer (one dtype) per rank",
-                            hint="pass --dtype bf16 (or fp32)")
-        return found.pop()
-
     def abort(self):
         for w, _ in self.writers.values():
             w.abort()
-        for flats in self.flats.values():
-            for m in flats.values():
-                Path(m.filename).unlink(missing_ok=True)
+        for buffers in self.flats.values():
+            for _, flats in buffers:
+                for m in flats.values():
+                    Path(m.filename).unlink(missing_ok=True)
 
 
 # torch.optim.AdamW's param-group defaults, as megatron-core's state_dict() shows them
@@ -992,9 +1013,14 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
     if opt.dp:
         decisions["optimizer"] = f"{origin}, megatron-core's distributed optimizer " \
             f"({DISTRIB_OPTIM} beside every rank's {FILE})"
+        bufs: dict = {}
+        for lay in sorted(opt.layouts.values(), key=lambda x: (x.group, x.gbuf0)):
+            bufs.setdefault(lay.group, []).extend(lay.buffers)
         decisions |= {"dp": opt.dp, "buckets": ", ".join(
-            f"dp_group_idx_{lay.group}: {[b.numel_unpadded for b in lay.buckets]}"
-            for lay in sorted(opt.layouts.values(), key=lambda x: x.group))}
+            f"dp_group_idx_{g}: " + ", ".join(
+                f"{[b.numel_unpadded for b in buf.buckets]}"
+                + (f" ({buf.pair[0]})" if len(buffers) > 1 else "") for buf in buffers)
+            for g, buffers in sorted(bufs.items()))}
     # every rank's file is written from its own tensors (all its model chunks): rank files
     # are independent parts
     parts = parts_by_file(tensors, lambda c, _: f"{sub}/{rank_dir(_physical(c, pp), pp, ep)}"
@@ -1050,18 +1076,21 @@ def _plan_distributed(program, facts, request, opt, dtype):
                         f"parameters, not {dtype} (fp16 needs its grad scaler, not written)",
                         hint="pass --dtype bf16 (or fp32)")
     mesh = program.target.mesh
-    if (request.vpp or 1) > 1 or mesh.get("ep", 1) > 1:
+    if mesh.get("ep", 1) > 1:
         raise MapcError("mapc writes megatron-core's distributed optimizer (distrib_optim.pt) "
-                        "with one DDP buffer per rank: not with --vpp (one buffer per model "
-                        "chunk) or expert parallelism (expert buffers apart)",
-                        hint="drop --vpp / --ep, or write --to torch_dist")
+                        "without expert parallelism (expert buffers apart)",
+                        hint="drop --ep, or write --to torch_dist")
     dp = request.dp or int(facts.training.get("dp_world_size") or 1)
     args = dict(program.target.meta(), use_distributed_optimizer=True, data_parallel_size=dp)
     have = facts.dtypes["param"]
+    # one buffer per (param dtype, grad dtype) and model chunk, as megatron-core's DDP
     layouts = distopt.rank_layouts(program.target, dp, args, lambda inst: cast_dtype(
-        inst, have[next(iter(inst.members.values()))], request.dtype, widen=False), dtype)
-    for lay in layouts.values():
-        lay.buckets                  # refuses several buffers (parameters of several dtypes)
+        inst, have[next(iter(inst.members.values()))], request.dtype, widen=False), dtype,
+        vpp=request.vpp or 1)
+    for pair in {buf.pair for lay in layouts.values() for buf in lay.buffers}:
+        if pair[0] not in ("bfloat16", "float32"):
+            raise MapcError(f"mapc writes megatron-core's distributed optimizer for bf16 or "
+                            f"fp32 parameters, not {pair[0]}", hint="pass --dtype bf16 (or fp32)")
     slots = ("param", "exp_avg", "exp_avg_sq") + \
         (("master",) if opt.kind == "mixed" and "master" in facts.slots else ())
     return replace(opt, dp=dp, layouts=layouts, args=args,

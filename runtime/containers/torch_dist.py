@@ -137,20 +137,26 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         iteration = iteration or 0
         decisions = {"optimizer": f"distributed ({optimizer.kind}), the source's state",
                      "dp": optimizer.dp}
+        if optimizer.vpp > 1:
+            decisions["vpp"] = optimizer.vpp
         if optimizer.kind == "dp_reshardable":
             decisions |= {"transformer_impl": optimizer.impl, "buckets": optimizer.describe()}
-            notes.append(f"the distributed optimizer's state is laid out for dp={optimizer.dp}, "
-                         f"transformer_impl={optimizer.impl} (megatron-core's parameter order), "
-                         f"one DDP bucket per rank (no --overlap-grad-reduce): resume with those")
+            chunks = f", vpp={optimizer.vpp} (one DDP per model chunk)" \
+                if optimizer.vpp > 1 else ""
+            notes.append(f"the distributed optimizer's state is laid out for dp={optimizer.dp}"
+                         f"{chunks}, transformer_impl={optimizer.impl} (megatron-core's "
+                         f"parameter order), one DDP bucket per rank (no "
+                         f"--overlap-grad-reduce): resume with those")
     else:
         for opt, key, what in (("--dp", "dp", "data-parallel size"),
+                               ("--vpp", "vpp", "virtual pipeline size"),
                                ("--optim-sharding", "optim_sharding", "sharding type")):
             value = getattr(request, key)
             if value is not None and key in request.explicit:   # not taken from --like
                 raise MapcError(f"{opt} {value} sets the distributed optimizer's {what}, but "
                                 f"the source has no optimizer state",
                                 hint=f"drop {opt} (the weights are global: any data-parallel "
-                                     f"size loads them)")
+                                     f"size and virtual pipeline loads them)")
     sub = _iteration_name(iteration)
     tensors = planned_tensors(program, facts, request.dtype, slots)
     files = [TRACKER, MAPC_JSON] + [f"{sub}/{f}" for f in (METADATA_JSON, COMMON, dcp.METADATA,
@@ -169,7 +175,9 @@ class _OptimizerPlan:
     per megatron mesh coordinate at the output's TP/PP and ``dp``), ``cut``: the program
     torch_dist -> megatron that cuts each global slot tensor into the ranks' local tensors;
     ``masters_from_weights``: the source has no fp32 master (its weights are fp32 masters);
-    ``impl``: the transformer_impl whose parameter order the layout follows."""
+    ``impl``: the transformer_impl whose parameter order the layout follows; ``vpp``: model
+    chunks per pipeline rank (``layouts`` then has one RankLayout per chunk, its buffers at
+    ``gbuf0`` of its rank's optimizer)."""
     dp: int
     impl: str
     layouts: dict
@@ -177,13 +185,21 @@ class _OptimizerPlan:
     masters_from_weights: bool
     dtype: str
     kind: str = "dp_reshardable"
+    vpp: int = 1
+
+    def by_group(self) -> dict[int, list]:
+        """{dp_group_idx: its DDP buffers in gbuf_idx order} (a virtual pipeline's chunks'
+        buffers one after another)."""
+        out: dict[int, list] = {}
+        for lay in sorted(self.layouts.values(), key=lambda x: (x.group, x.gbuf0)):
+            out.setdefault(lay.group, []).extend(lay.buffers)
+        return out
 
     def describe(self) -> str:
-        sizes = {lay.group: ", ".join(
+        return ", ".join(f"dp_group_idx_{g}: " + ", ".join(
             f"{[b.numel_unpadded for b in buf.buckets]}"
-            + (f" ({buf.pair[0]})" if len(lay.buffers) > 1 else "") for buf in lay.buffers)
-            for lay in self.layouts.values()}
-        return ", ".join(f"dp_group_idx_{g}: {n}" for g, n in sorted(sizes.items()))
+            + (f" ({buf.pair[0]})" if len(bufs) > 1 else "") for buf in bufs)
+            for g, bufs in sorted(self.by_group().items()))
 
 
 def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _OptimizerPlan:
@@ -204,7 +220,21 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
                                 ("naming", "local" if impl == "local" else "te"))
               if k in takes and v is not None}
     tp, pp = int(target.params.get("tp_size", 1)), int(target.params.get("pp_size", 1))
-    mplan = plan_layout(spec, "megatron", target.env, {"tp": tp, "pp": pp}, params)
+    vpp = request.vpp or 1
+    if vpp > 1 and pp < 2:
+        raise MapcError(f"--vpp {vpp} needs --pp of at least 2: Megatron's interleaved "
+                        "schedule splits each pipeline rank's layers into chunks",
+                        hint="pass --pp N, or drop --vpp")
+    # with a virtual pipeline the megatron plan's pp axis counts virtual stages (chunk v of
+    # pipeline rank p is stage v * pp + p), each chunk a DDP of its own (distopt.rank_layouts)
+    try:
+        mplan = plan_layout(spec, "megatron", target.env, {"tp": tp, "pp": pp * vpp}, params,
+                            vpp=vpp)
+    except MapcError as e:
+        if vpp == 1:
+            raise
+        raise MapcError(f"--pp {pp} --vpp {vpp} is {pp * vpp} virtual pipeline stages: "
+                        + e.message, where=e.where, hint=e.hint, context=e.context) from None
     # each parameter's training dtype: the cast one, else the source's (not widened for a
     # value map); megatron-core's DDP gives every dtype a buffer of its own
     have = facts.dtypes["param"]
@@ -212,7 +242,7 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
     def dtype_of(inst):
         return cast_dtype(inst, have[next(iter(inst.members.values()))], request.dtype,
                           widen=False)
-    layouts = distopt.rank_layouts(mplan, dp, {}, dtype_of)
+    layouts = distopt.rank_layouts(mplan, dp, {}, dtype_of, vpp=vpp)
     pairs = sorted({buf.pair for lay in layouts.values() for buf in lay.buffers})
     dtype = pairs[0][0]
     for bad, _ in pairs:
@@ -222,9 +252,10 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
                             f"written)", hint="pass --dtype bf16 (or fp32)")
     kind = request.optim_sharding or "dp_reshardable"
     if kind == "fully_reshardable":     # global tensors: no bucket layout, nothing to cut
-        return _OptimizerPlan(dp, impl, {}, None, "master" not in facts.slots, dtype, kind)
+        return _OptimizerPlan(dp, impl, {}, None, "master" not in facts.slots, dtype, kind,
+                              vpp)
     return _OptimizerPlan(dp, impl, layouts, compile_program(target, mplan),
-                          "master" not in facts.slots, dtype, kind)
+                          "master" not in facts.slots, dtype, kind, vpp)
 
 
 class TorchDistSource(Source):
@@ -902,7 +933,7 @@ class TorchDistWriter(PlannedWriter):
                           for name, b, k, start, numel in lay.places()}
             self.pending: dict[tuple, dict] = {}
             self.pairs = {(lay.group, b): buf.pair for lay in optimizer.layouts.values()
-                          for b, buf in enumerate(lay.buffers)}
+                          for b, buf in enumerate(lay.buffers, lay.gbuf0)}
 
     def _bucket_key(self, group: int, gbuf: int, bucket: int, slot: str) -> str:
         pair = ", ".join(f"torch.{x}" for x in self.pairs[(group, gbuf)])
@@ -936,7 +967,7 @@ class TorchDistWriter(PlannedWriter):
                     self.tensors[f"optimizer.state.{slot}.{fqn}"] = [shape, "float32", []]
         if self.opt is not None:
             for lay in self.opt.layouts.values():
-                for b, buf in enumerate(lay.buffers):
+                for b, buf in enumerate(lay.buffers, lay.gbuf0):
                     for k, bucket in enumerate(buf.buckets):
                         for slot in ("master", "exp_avg", "exp_avg_sq"):
                             self.tensors[self._bucket_key(lay.group, b, k, slot)] = \
@@ -1029,22 +1060,22 @@ class TorchDistWriter(PlannedWriter):
         from mapc.runtime.containers.distopt import _pad
         groups = self._param_groups()
         divisor = math.lcm(self.opt.dp, 128)
-        for lay in sorted(self.opt.layouts.values(), key=lambda x: x.group):
-            for b, buf in enumerate(lay.buffers):
+        for group, buffers in sorted(self.opt.by_group().items()):
+            for b, buf in enumerate(buffers):
                 for k, bucket in enumerate(buf.buckets):
                     for start, n in _gaps(bucket):
                         for slot in ("master", "exp_avg", "exp_avg_sq"):
-                            self._flat_chunk(self._bucket_key(lay.group, b, k, slot), start,
+                            self._flat_chunk(self._bucket_key(group, b, k, slot), start,
                                              np.zeros(n, np.float32))
-            pairs = [tuple(torchfile.TorchDType(x) for x in buf.pair) for buf in lay.buffers]
-            base = f"optimizer.distributed.dp_group_idx_{lay.group}"
+            pairs = [tuple(torchfile.TorchDType(x) for x in buf.pair) for buf in buffers]
+            base = f"optimizer.distributed.dp_group_idx_{group}"
             self._object(f"{base}.optimizer", {"param_groups": groups})
             self._object(f"{base}.per_bucket_numel", [
                 {pair: [_pad(x.numel_unpadded, divisor) for x in buf.buckets]}
-                for pair, buf in zip(pairs, lay.buffers)])
+                for pair, buf in zip(pairs, buffers)])
             self._object(f"{base}.per_bucket_numel_unpadded", [
                 {pair: [x.numel_unpadded for x in buf.buckets]}
-                for pair, buf in zip(pairs, lay.buffers)])
+                for pair, buf in zip(pairs, buffers)])
 
     def finish(self, record: dict):
         if self.opt is not None:
@@ -1081,6 +1112,13 @@ class TorchDistWriter(PlannedWriter):
         if self.opt is not None:
             args.update(use_distributed_optimizer=True, data_parallel_size=self.opt.dp,
                         transformer_impl=self.opt.impl)
+            if self.opt.vpp > 1:        # what the reader derives the chunks' buffers from
+                layers = args.get("num_layers")
+                pp = int(args.get("pipeline_model_parallel_size") or 1)
+                args.update(virtual_pipeline_model_parallel_size=self.opt.vpp,
+                            num_layers_per_virtual_pipeline_stage=(
+                                layers // (pp * self.opt.vpp) if isinstance(layers, int)
+                                else None))
             common["args"] = torchfile.Namespace(**args)
             common["optimizer"] = {"param_state_sharding_type": self.opt.kind}
             common["content_metadata"]["distrib_optim_sharding_type"] = self.opt.kind

@@ -206,12 +206,79 @@ def _fp32_norms(cfg, model):
                 param.data = param.data.float()
 
 
+def _vpp_run(torch, dist, cfg, tp, pp, dtype, init=None):
+    """The model chunks (``cfg["vpp"]`` per rank, as Megatron-LM's ``get_model`` builds them,
+    bf16 through Float16Module), each in its own DDP (bucketing disabled after chunk 0, as
+    Megatron-LM does), and one DistributedOptimizer over all (one buffer per chunk and dtype):
+    ``(chunks, ddps, opt)``; ``init(chunks)`` sets the weights before the optimizer copies its
+    masters. The parallel state must be initialized."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+    from tests.groundtruth.mcore_names import build_gpt
+    vpp = int(cfg["vpp"])
+    pdt = torch.bfloat16
+    padded = _args(cfg, tp, pp, dtype).padded_vocab_size
+    chunks = [Float16Module(c.config, c).module for c in
+              (build_gpt(dict(cfg, vocab=padded), tp, pp, params_dtype=pdt, vp_stage=v)
+               for v in range(vpp))]
+    for chunk in chunks:
+        _fp32_norms(cfg, chunk)
+    if init is not None:
+        init(chunks)
+    _distributed_optimizer(torch, dist, chunks[0], dtype, pdt)   # patches the grad norm
+    ddps = [DistributedDataParallel(c.config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        c, disable_bucketing=v > 0) for v, c in enumerate(chunks)]
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1, adam_beta1=0.9,
+                             adam_beta2=0.95, adam_eps=1e-8, bf16=True, params_dtype=pdt,
+                             use_distributed_optimizer=True, clip_grad=0.0)
+    return chunks, ddps, get_megatron_optimizer(config, ddps)
+
+
+def _vpp_truth(torch, ddps, opt, path):
+    """What the live DistributedOptimizer of a virtual-pipeline rank holds (names
+    ``model{v}.NAME``), as ``_optimizer_truth`` and with each buffer's chunk, into ``path``."""
+    inner = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+    names = {param: f"model{v}.{name}" for v, ddp in enumerate(ddps)
+             for name, param in ddp.module.named_parameters()}
+    pieces = {}
+    for ranges in inner.gbuf_ranges:
+        for per_bucket in ranges.values():
+            for bucket in per_bucket:
+                for param, rmap in bucket["param_map"].items():
+                    tensors = inner._get_main_param_and_optimizer_states(param)
+                    pieces[names[param]] = {"range": (rmap["param"].start,
+                                                      rmap["param"].end),
+                                            "shape": tuple(param.shape)} \
+                        | {k: v.detach().clone() for k, v in tensors.items()
+                           if isinstance(v, torch.Tensor) and v.ndim}
+    buffers = [{"dtype": (str(x.param_dtype), str(x.grad_dtype)), "chunk": v,
+                "buckets": [(k.offset, k.grad_data.numel(), k.numel_unpadded)
+                            for k in x.buckets],
+                "index": {names[q]: tuple(int(y) for y in r)
+                          for q, r in x.param_index_map.items()}}
+               for v, ddp in enumerate(ddps) for x in ddp.buffers]
+    steps = {float(st["step"]) for st in inner.optimizer.state.values() if "step" in st}
+    torch.save({"dp_group_idx": inner.data_parallel_group_idx, "buffers": buffers,
+                "pieces": pieces, "steps": sorted(steps)}, path)
+
+
+def _vpp_value_step(torch, ddps, opt):
+    """``_value_step`` of every model chunk."""
+    for ddp in ddps:
+        for _, param in ddp.module.named_parameters():
+            param.main_grad.copy_(torch.sin(param.detach().float() * 1000.0))
+        ddp.finish_grad_sync()
+    ok, _, _ = opt.step()
+    assert ok, "the optimizer step was skipped"
+
+
 def _vpp_worker(cfg, tp, pp, dtype, a, b, extra):
-    """``save_checkpoint`` of a virtual-pipeline run (``cfg["vpp"]`` chunks per rank, as
-    Megatron-LM's ``get_model`` builds them): each chunk wrapped in its own DDP, one
-    DistributedOptimizer over all (one buffer per chunk and dtype), one seeded step, the state
+    """``save_checkpoint`` of a virtual-pipeline run (``_vpp_run``): one seeded step, the state
     saved with ``model0``, ``model1``, ... and dp_reshardable; the live optimizer (names
-    ``model{v}.NAME``) into ``a/optim_T_P_D.pt``."""
+    ``model{v}.NAME``) into ``a/optim_T_P_D.pt``. With "legacy" in ``extra["also"]`` the same
+    state also in Megatron-LM's torch format (``B_legacy``, ``_save_legacy``)."""
     import warnings
     import zlib
     warnings.filterwarnings("ignore")
@@ -221,10 +288,6 @@ def _vpp_worker(cfg, tp, pp, dtype, a, b, extra):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group(backend="gloo", rank=rank, world_size=world)
     from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.module import Float16Module
-    from tests.groundtruth.mcore_names import build_gpt
     vpp = int(cfg["vpp"])
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                              pipeline_model_parallel_size=pp,
@@ -232,16 +295,11 @@ def _vpp_worker(cfg, tp, pp, dtype, a, b, extra):
     d = parallel_state.get_data_parallel_rank()
     t = parallel_state.get_tensor_model_parallel_rank()
     p = parallel_state.get_pipeline_model_parallel_rank()
-    pdt = torch.bfloat16
-    padded = _args(cfg, tp, pp, dtype).padded_vocab_size
-    chunks = [Float16Module(c.config, c).module for c in
-              (build_gpt(dict(cfg, vocab=padded), tp, pp, params_dtype=pdt, vp_stage=v)
-               for v in range(vpp))]
-    for chunk in chunks:
-        _fp32_norms(cfg, chunk)
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
                 "distrib_optim_sharding_type": "dp_reshardable"}
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def init(chunks):
         for v, chunk in enumerate(chunks):
             for name, param in chunk.named_parameters():
                 sharded = getattr(param, "tensor_model_parallel", False)
@@ -249,14 +307,7 @@ def _vpp_worker(cfg, tp, pp, dtype, a, b, extra):
                     f"model{v}.{name}|{p}|{t if sharded else -1}".encode()))
                 param.copy_(torch.randn(param.shape, generator=g) * 0.1
                             + (1.0 if param.ndim == 1 else 0.0))
-    _distributed_optimizer(torch, dist, chunks[0], dtype, pdt)   # patches the grad norm
-    ddps = [DistributedDataParallel(c.config, DistributedDataParallelConfig(
-        use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False),
-        c, disable_bucketing=v > 0) for v, c in enumerate(chunks)]
-    config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1, adam_beta1=0.9,
-                             adam_beta2=0.95, adam_eps=1e-8, bf16=True, params_dtype=pdt,
-                             use_distributed_optimizer=True, clip_grad=0.0)
-    opt = get_megatron_optimizer(config, ddps)
+    chunks, ddps, opt = _vpp_run(torch, dist, cfg, tp, pp, dtype, init)
     for v, ddp in enumerate(ddps):
         for name, param in ddp.module.named_parameters():
             sharded = getattr(param, "tensor_model_parallel", False)
@@ -276,42 +327,15 @@ def _vpp_worker(cfg, tp, pp, dtype, a, b, extra):
     state["optimizer"] = opt.sharded_state_dict(
         {k: v for k, v in state.items() if k.startswith("model")}, is_loading=False,
         metadata=metadata)
-    inner = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
-    names = {param: f"model{v}.{name}" for v, ddp in enumerate(ddps)
-             for name, param in ddp.module.named_parameters()}
-
-    def truth(path):
-        pieces = {}
-        for ranges in inner.gbuf_ranges:
-            for per_bucket in ranges.values():
-                for bucket in per_bucket:
-                    for param, rmap in bucket["param_map"].items():
-                        tensors = inner._get_main_param_and_optimizer_states(param)
-                        pieces[names[param]] = {"range": (rmap["param"].start,
-                                                          rmap["param"].end),
-                                                "shape": tuple(param.shape)} \
-                            | {k: v.detach().clone() for k, v in tensors.items()
-                               if isinstance(v, torch.Tensor) and v.ndim}
-        buffers = [{"dtype": (str(x.param_dtype), str(x.grad_dtype)), "chunk": v,
-                    "buckets": [(k.offset, k.grad_data.numel(), k.numel_unpadded)
-                                for k in x.buckets],
-                    "index": {names[q]: tuple(int(y) for y in r)
-                              for q, r in x.param_index_map.items()}}
-                   for v, ddp in enumerate(ddps) for x in ddp.buffers]
-        torch.save({"dp_group_idx": inner.data_parallel_group_idx, "buffers": buffers,
-                    "pieces": pieces}, path)
-    truth(Path(a) / f"optim_{t}_{p}_{d}.pt")
+    _vpp_truth(torch, ddps, opt, Path(a) / f"optim_{t}_{p}_{d}.pt")
     out = iter_dir(b)
     out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(state, str(out), content_metadata=metadata)
-    for ddp in ddps:            # the run continues: one step on value gradients
-        for _, param in ddp.module.named_parameters():
-            param.main_grad.copy_(torch.sin(param.detach().float() * 1000.0))
-        ddp.finish_grad_sync()
-    ok, _, _ = opt.step()
-    assert ok, "the optimizer step was skipped"
-    truth(Path(a) / f"stepped_{t}_{p}_{d}.pt")
+    if "legacy" in extra.get("also", []):
+        _save_legacy(torch, dist, chunks, opt, args, Path(f"{b}_legacy"), t, p, pp, d)
+    _vpp_value_step(torch, ddps, opt)       # the run continues: one step on value gradients
+    _vpp_truth(torch, ddps, opt, Path(a) / f"stepped_{t}_{p}_{d}.pt")
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
@@ -427,7 +451,9 @@ def _save_legacy(torch, dist, model, opt, args, root, t, p, pp, d):
     """The same state in Megatron-LM's torch format with the distributed optimizer, as its
     save_checkpoint writes it: per model-parallel rank ``mp_rank_TT[_PPP]/model_optim_rng.pt``
     (model, the optimizer's state dict: param groups and step) and beside it
-    ``distrib_optim.pt`` (``save_parameter_state``: the buckets gathered on DP rank 0)."""
+    ``distrib_optim.pt`` (``save_parameter_state``: the buckets gathered on DP rank 0). With
+    ``model`` a list (a virtual pipeline's chunks) the rank file holds ``model0``, ``model1``,
+    ... as Megatron-LM's ``generate_state_dict`` does."""
     sub = root / f"iter_{ITERATION:07d}" / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
     sub.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -435,10 +461,12 @@ def _save_legacy(torch, dist, model, opt, args, root, t, p, pp, d):
     if d == 0:
         legacy = type(args)(**vars(args))
         legacy.ckpt_format = "torch"
-        torch.save({"args": legacy, "checkpoint_version": 3.0, "iteration": ITERATION,
-                    "model": model.state_dict_for_save_checkpoint(),
-                    "optimizer": opt.state_dict(),
-                    "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": ITERATION}},
+        models = {"model": model.state_dict_for_save_checkpoint()} \
+            if not isinstance(model, list) else \
+            {f"model{v}": m.state_dict_for_save_checkpoint() for v, m in enumerate(model)}
+        torch.save({"args": legacy, "checkpoint_version": 3.0, "iteration": ITERATION}
+                   | models | {"optimizer": opt.state_dict(),
+                              "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": ITERATION}},
                    sub / "model_optim_rng.pt")
     dist.barrier()
 
@@ -637,6 +665,110 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, mode=""):
     dist.destroy_process_group()
 
 
+def load_vpp(ckpt: Path, legacy: Path, cfg: dict, tp: int, pp: int, dp: int, dtype: str,
+             out: Path) -> Path:
+    """A virtual-pipeline run (``_vpp_run``: ``cfg["vpp"]`` chunks per rank at (tp, pp, dp))
+    loads ``ckpt``, a torch_dist checkpoint with the dp_reshardable state, with megatron-core's
+    own ``dist_checkpointing.load`` (strict: ``model0``, ``model1``, ... and the optimizer's
+    sharded state dict of all chunks, as Megatron-LM's ``load_checkpoint`` asks) and
+    ``load_state_dict``; saves what it then holds into ``out/loaded_T_P_D.pt`` (as
+    ``_vpp_truth``), takes one step on value gradients (``_vpp_value_step``) and saves
+    ``out/stepped_T_P_D.pt``. Then every weight, master and moment is zeroed and the step set to
+    99, and ``legacy`` (Megatron-LM's torch format with the distributed optimizer) is loaded as
+    Megatron-LM loads it: each rank file's ``model{v}`` into chunk v, its ``optimizer`` into the
+    optimizer, then ``DistributedOptimizer.load_parameter_state`` of the ``distrib_optim.pt``
+    beside it; saved as ``out/loadedL_T_P_D.pt``, stepped, ``out/steppedL_T_P_D.pt``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from tests.groundtruth.mcore_names import run_ranks
+    root = str(HERE.parents[2])
+    run_ranks(tp * pp * dp, [str(HERE), "load_vpp", json.dumps(cfg), str(ckpt), str(legacy),
+                             str(tp), str(pp), dtype, str(out)], out,
+              {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
+              "megatron-core virtual-pipeline load worker", timeout=_TIMEOUT_S, cwd=root)
+    return out
+
+
+def _load_vpp_worker(cfg, ckpt, legacy, tp, pp, dtype, out):
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    _patch_cuda(torch)
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend="gloo", rank=rank, world_size=world)
+    from megatron.core import dist_checkpointing, parallel_state
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=int(cfg["vpp"]))
+    d = parallel_state.get_data_parallel_rank()
+    t = parallel_state.get_tensor_model_parallel_rank()
+    p = parallel_state.get_pipeline_model_parallel_rank()
+    chunks, ddps, opt = _vpp_run(torch, dist, cfg, tp, pp, dtype)
+    _patch_fully_reshardable_load()     # load_parameter_state copies through the same setter
+    inner = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+    # torch-Adam's state_dict needs a step first (see _load_optimizer_worker): on zero grads
+    for ddp in ddps:
+        for _, param in ddp.module.named_parameters():
+            param.main_grad.zero_()
+        ddp.finish_grad_sync()
+    ok, _, _ = opt.step()
+    assert ok, "the optimizer step was skipped"
+
+    def unshare_steps():        # as in _load_optimizer_worker
+        for st in inner.optimizer.state.values():
+            if "step" in st:
+                st["step"] = st["step"].clone()
+
+    meta = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+            "distrib_optim_sharding_type": "dp_reshardable"}
+    tracker = (Path(ckpt) / "latest_checkpointed_iteration.txt").read_text().strip()
+    model_sd = {f"model{v}": c.sharded_state_dict(metadata=meta) for v, c in enumerate(chunks)}
+    sharded = dict(model_sd, optimizer=opt.sharded_state_dict(model_sd, is_loading=True,
+                                                              metadata=meta))
+    loaded = dist_checkpointing.load(sharded, str(Path(ckpt) / f"iter_{int(tracker):07d}"),
+                                     strict="raise_all")
+    for v, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{v}"], strict=True)
+    with torch.no_grad():
+        opt.load_state_dict(loaded["optimizer"])
+    unshare_steps()
+    _vpp_truth(torch, ddps, opt, Path(out) / f"loaded_{t}_{p}_{d}.pt")
+    _vpp_value_step(torch, ddps, opt)
+    _vpp_truth(torch, ddps, opt, Path(out) / f"stepped_{t}_{p}_{d}.pt")
+    with torch.no_grad():           # nothing of the first load survives the second
+        for chunk in chunks:
+            for _, param in chunk.named_parameters():
+                param.zero_()
+        for ranges in inner.gbuf_ranges:
+            for per_bucket in ranges.values():
+                for bucket in per_bucket:
+                    for param in bucket["param_map"]:
+                        for x in inner._get_main_param_and_optimizer_states(param).values():
+                            if isinstance(x, torch.Tensor) and x.ndim:
+                                x.zero_()
+        for st in inner.optimizer.state.values():
+            if "step" in st:
+                st["step"] = torch.full_like(st["step"], 99.0)
+    tracker = (Path(legacy) / "latest_checkpointed_iteration.txt").read_text().strip()
+    sub = Path(legacy) / f"iter_{int(tracker):07d}" / (
+        f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
+    sd = torch.load(sub / "model_optim_rng.pt", map_location="cpu", weights_only=False)
+    for v, chunk in enumerate(chunks):
+        missing, unexpected = chunk.load_state_dict(sd[f"model{v}"], strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")]
+        assert not missing and not unexpected, (missing, unexpected)
+    opt.load_state_dict(sd["optimizer"])
+    with torch.no_grad():           # fp32 parameters are their own masters (see above)
+        opt.load_parameter_state(str(sub / "distrib_optim.pt"))
+    unshare_steps()
+    _vpp_truth(torch, ddps, opt, Path(out) / f"loadedL_{t}_{p}_{d}.pt")
+    _vpp_value_step(torch, ddps, opt)
+    _vpp_truth(torch, ddps, opt, Path(out) / f"steppedL_{t}_{p}_{d}.pt")
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 def _patch_fully_reshardable_load():
     """megatron-core 0.16.1's torch-Adam fallback (no Transformer Engine or Apex) cannot load a
     fully_reshardable state: its loader passes param/exp_avg/exp_avg_sq but copies into every
@@ -759,6 +891,10 @@ def _buffers_worker(out):
 if __name__ == "__main__":
     if sys.argv[1] == "buffers":
         _buffers_worker(sys.argv[2])
+        sys.exit(0)
+    if sys.argv[1] == "load_vpp":
+        _load_vpp_worker(json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]),
+                         int(sys.argv[6]), sys.argv[7], sys.argv[8])
         sys.exit(0)
     if sys.argv[1] == "load_optimizer":
         _load_optimizer_worker(json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
