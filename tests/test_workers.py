@@ -36,12 +36,15 @@ FROM_HF = {
     "deepspeed": dict(dp=2),
     "universal": dict(dp=2),
     "neox": dict(tp=2, pp=2),
+    "universal-tp": dict(tp=2),            # Megatron-DeepSpeed's tensor-parallel layout
+    "universal-tp-pp": dict(tp=2, pp=2),   # ... and its pipeline layout (megatron_pipe)
 }
 # formats whose files are independent (and the cases of FROM_DS written so)
 PARALLEL = {"hf", "megatron", "nemo", "nxdt", "deepspeed", "universal", "neox",
             "megatron-optimizer", "neox-optimizer",
             "deepspeed-dp3", "deepspeed-zero3-bf16", "deepspeed-autotp", "universal-carried",
-            "universal-zero3"}
+            "universal-zero3", "universal-tp", "universal-tp-pp",
+            "universal-tp-moments"}
 # from a DeepSpeed training checkpoint: optimizer state in the parts (megatron), and a
 # format whose optimizer file holds every tensor (hf --with-optimizer: one process)
 FROM_DS = {
@@ -52,10 +55,11 @@ FROM_DS = {
     "deepspeed-zero3-bf16": dict(to="deepspeed", dp=3, zero_stage=3, dtype="bf16"),
     "deepspeed-autotp": dict(to="deepspeed", tp=2, dp=2),
     "universal-carried": dict(to="universal"),           # the model states carried over
+    "universal-tp-moments": dict(to="universal", tp=2, pp=2),   # the source's slots merged
     "neox-optimizer": dict(to="neox", tp=2, pp=2, dp=2),
     "hf-with-optimizer": dict(to="hf", with_optimizer=True, max_shard_bytes=30000),
 }
-CASES = {**{f: ("hf", dict(to=f, **kw)) for f, kw in FROM_HF.items()},
+CASES = {**{f: ("hf", dict(to=f.split("-")[0], **kw)) for f, kw in FROM_HF.items()},
          **{c: ("ds", kw) for c, kw in FROM_DS.items()},
          "universal-zero3": ("hf", dict(to="universal", dp=2, zero_stage=3))}
 SAVE_ID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
