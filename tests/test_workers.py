@@ -44,9 +44,10 @@ PARALLEL = {"hf", "megatron", "nemo", "nxdt", "deepspeed", "universal", "neox",
             "megatron-optimizer", "neox-optimizer",
             "deepspeed-dp3", "deepspeed-zero3-bf16", "deepspeed-autotp", "universal-carried",
             "universal-zero3", "universal-tp", "universal-tp-pp",
-            "universal-tp-moments"}
+            "universal-tp-moments", "hf-with-optimizer"}
 # from a DeepSpeed training checkpoint: optimizer state in the parts (megatron), and a
-# format whose optimizer file holds every tensor (hf --with-optimizer: one process)
+# format whose optimizer file holds every tensor (hf --with-optimizer: one worker writes
+# Trainer's files, the others the weight shards)
 FROM_DS = {
     "megatron-optimizer": dict(to="megatron", tp=2, pp=2),
     # ZeRO outputs: each data-parallel rank's optimizer file, the model states, and (universal)
