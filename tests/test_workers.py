@@ -193,6 +193,48 @@ def test_dry_run_shows_the_workers(tmp_path, sources, capsys, args, shown):
     assert all(any(line.startswith(s) for line in lines) for s in shown), lines[-6:]
 
 
+@pytest.mark.parametrize("argv", [
+    ["--to", "universal", "--tp", "2", "--workers", "2"],
+    ["--to", "universal", "--tp", "2", "--pp", "2", "--workers", "3"],
+    ["--to", "hf", "--with-optimizer", "--workers", "2"]])
+def test_dry_run_names_the_shares_the_run_writes(tmp_path, sources, capsys, monkeypatch,
+                                                 argv):
+    """Each worker's line of --dry-run (its files, their number and bytes) is the share the
+    worker of that number writes in the real run: the files exist when it returns, no
+    other worker writes them, and they are files of the output."""
+    import multiprocessing
+    real, log = workers.write_share, tmp_path / "shares"
+    log.mkdir()
+
+    def share(cp, tmp, parts, **k):          # in the forked worker "mapc-worker-K"
+        report = real(cp, tmp, parts, **k)
+        files = [f for p in parts for f in p.files]
+        done = [f for f in files if (Path(tmp) / f).is_file()]
+        name = multiprocessing.current_process().name
+        (log / f"{name}.json").write_text(json.dumps([files, done]))
+        return report
+    monkeypatch.setattr(workers, "write_share", share)
+    args = ["convert", str(sources["ds"]), str(tmp_path / "out"), *argv]
+    assert main([*args, "--dry-run"]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("  worker ")]
+    assert main([*args, "-q"]) == 0
+    n = int(argv[-1])
+    assert len(shown) == n and len(list(log.iterdir())) == n
+    every = []
+    for k, line in enumerate(shown):
+        files, done = json.loads((log / f"mapc-worker-{k}.json").read_text())
+        count, labels = re.fullmatch(r"  worker \d+: (\d+) files?, [^,]+, reads \d+ of \d+ "
+                                     r"tensors: (.*)", line).groups()
+        first, last = labels.split(", ")[0], labels.split(", ")[-1]
+        assert int(count) == len(files) and done == files, (line, files)
+        assert files[0].startswith(first.split(" (")[0]), (line, files[0])
+        if "(+" not in last:                  # a file, or "FOLDER/ (N files)"
+            assert files[-1].startswith(last.split(" (")[0]), (line, files[-1])
+        every += files
+    assert len(every) == len(set(every)) and set(every) <= set(tree(tmp_path / "out"))
+
+
 def test_json_reports_the_workers(tmp_path, sources, capsys):
     assert main(["convert", str(sources["hf"]), str(tmp_path / "out"), "--to", "megatron",
                  "--tp", "2", "--workers", "2", "--json", "-q"]) == 0
