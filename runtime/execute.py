@@ -30,6 +30,8 @@ class Report:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     workers: int = 1                 # processes that wrote the output (ranks under torchrun)
+    peak_rss: int = 0                # the largest peak resident memory (bytes) of the worker
+    #                                  processes or ranks that wrote it (0: not measured)
 
 
 class Progress:

@@ -270,6 +270,9 @@ def test_progress_shows_each_worker():
     quiet = execute.Progress(100, "convert", True, unit="B", every=0.0, stream=Tty())
     quiet.step(50)
     assert quiet.stream.text == ""
+    # each worker's share done and its time left at its own rate
+    assert workers._each_worker([40, 100, 0], [100, 100, 50], start=0.0, now=10.0) == \
+        "w0 40% left 0:15 w1 100% w2 0%"
 
 
 def test_workers_do_not_import_torch(tmp_path, sources):
@@ -300,6 +303,8 @@ def torchrun(tmp_path_factory, sources):
                          "2", "--pp", "2"]})
     jobs.append({"api": [str(sources["hf"]), str(root / "failed"), dict(to="megatron", tp=2)],
                  "fail_on_rank": 1})
+    jobs.append({"cli": [str(sources["hf"]), str(root / "rss"), "--to", "universal", "--tp",
+                         "2"], "hog_on_rank": 1, "hog_mb": 96})
     job_file = root / "jobs.json"
     job_file.write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -312,7 +317,7 @@ def torchrun(tmp_path_factory, sources):
         capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert run.returncode == 0, run.stderr[-3000:]
     codes = [json.loads(Path(f"{job_file}.rank{r}").read_text()) for r in (0, 1)]
-    return root, dict(zip([*CASES, "cli", "failed"], zip(*codes)))
+    return root, dict(zip([*CASES, "cli", "failed", "rss"], zip(*codes)))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -327,6 +332,16 @@ def test_torchrun_runs_the_cli(torchrun, one_process):
     root, codes = torchrun
     assert codes["cli"] == ([0, True], [0, True])
     assert tree(root / "cli") == one_process["megatron"]
+
+
+def test_torchrun_json_reports_the_largest_ranks_peak_memory(torchrun, one_process):
+    """--json's peak_rss_bytes under torchrun is that of the rank with the largest peak
+    (here rank 1, which holds 96 MB more), not rank 0's own."""
+    root, codes = torchrun
+    (code0, _, report, _, own0), (code1, _, none, before1, after1) = codes["rss"]
+    assert (code0, code1, none) == (0, 0, None)
+    assert own0 < before1 <= report["peak_rss_bytes"] <= after1
+    assert report["workers"] == 2 and tree(root / "rss") == one_process["universal-tp"]
 
 
 def test_torchrun_failing_rank_aborts_all(torchrun):
