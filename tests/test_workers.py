@@ -36,11 +36,14 @@ FROM_HF = {
     "deepspeed": dict(dp=2),
     "universal": dict(dp=2),
     "neox": dict(tp=2, pp=2),
+    "nemo2": {},
+    "nxdt-xser": dict(tp=2, set=["xser=true"]),     # a file per tensor beside each rank's
+    "nemo-tar.nemo": dict(tp=2),                    # one tar file: one process
     "universal-tp": dict(tp=2),            # Megatron-DeepSpeed's tensor-parallel layout
     "universal-tp-pp": dict(tp=2, pp=2),   # ... and its pipeline layout (megatron_pipe)
 }
 # formats whose files are independent (and the cases of FROM_DS written so)
-PARALLEL = {"hf", "megatron", "nemo", "nxdt", "deepspeed", "universal", "neox",
+PARALLEL = {"hf", "megatron", "nemo", "nxdt", "nxdt-xser", "deepspeed", "universal", "neox",
             "megatron-optimizer", "neox-optimizer",
             "deepspeed-dp3", "deepspeed-zero3-bf16", "deepspeed-autotp", "universal-carried",
             "universal-zero3", "universal-tp", "universal-tp-pp",
@@ -60,7 +63,8 @@ FROM_DS = {
     "neox-optimizer": dict(to="neox", tp=2, pp=2, dp=2),
     "hf-with-optimizer": dict(to="hf", with_optimizer=True, max_shard_bytes=30000),
 }
-CASES = {**{f: ("hf", dict(to=f.split("-")[0], **kw)) for f, kw in FROM_HF.items()},
+CASES = {**{f: ("hf", dict(to=f.split("-")[0].split(".")[0], **kw))
+            for f, kw in FROM_HF.items()},
          **{c: ("ds", kw) for c, kw in FROM_DS.items()},
          "universal-zero3": ("hf", dict(to="universal", dp=2, zero_stage=3))}
 SAVE_ID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
@@ -69,6 +73,8 @@ SAVE_ID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[
 def tree(path: Path) -> dict[str, bytes]:
     """Every file's bytes, with the output's own path (NeoX's config names it) masked, and
     DCP's random save_id (a uuid4 in ``.metadata``, as torch.distributed.checkpoint writes)."""
+    if Path(path).is_file():                     # a .nemo tar
+        return {".": Path(path).read_bytes()}
     out = {}
     for p in sorted(Path(path).rglob("*")):
         if p.is_file():
@@ -101,10 +107,10 @@ def one_process(tmp_path_factory, sources):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_workers_write_the_bytes_of_one(tmp_path, sources, one_process, case):
     src, kw = CASES[case]
-    report = mapc.convert(sources[src], tmp_path / "out", workers=2, **kw)
-    assert tree(tmp_path / "out") == one_process[case]
+    report = mapc.convert(sources[src], tmp_path / case, workers=2, **kw)
+    assert tree(tmp_path / case) == one_process[case]
     assert report.workers == (2 if case in PARALLEL else 1)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in tmp_path.iterdir()] == [case]
 
 
 @pytest.mark.parametrize("tp", [1, 2])
