@@ -123,13 +123,13 @@ def test_each_worker_reads_only_what_its_files_need(tmp_path, sources, tp):
 
 
 # ---- a failing or killed worker aborts all --------------------------------------------------------
-def _fail_in(monkeypatch, how):
+def _fail_in(monkeypatch, how, marker="mp_rank_01_001"):
     """Worker processes are forked: a patched write_share is theirs too. The share holding
-    the last rank fails."""
+    the file named with ``marker`` (the last rank's) fails."""
     real = workers.write_share
 
     def share(cp, tmp, parts, **kw):
-        if any("mp_rank_01_001" in f for p in parts for f in p.files):
+        if any(marker in f for p in parts for f in p.files):
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise MapcError("injected failure")
@@ -139,10 +139,14 @@ def _fail_in(monkeypatch, how):
 
 @pytest.mark.parametrize("how,message", [("raise", "failed: injected failure"),
                                          ("kill", "died (killed by signal 9)")])
-def test_a_failing_worker_aborts_all(tmp_path, sources, monkeypatch, how, message):
-    _fail_in(monkeypatch, how)
+@pytest.mark.parametrize("to,marker", [("megatron", "mp_rank_01_001"),
+                                       ("universal", "mp_rank_01_model_states")])
+def test_a_failing_worker_aborts_all(tmp_path, sources, monkeypatch, how, message, to,
+                                     marker):
+    _fail_in(monkeypatch, how, marker)
     with pytest.raises(MapcError) as e:
-        mapc.convert(sources["hf"], tmp_path / "out", to="megatron", tp=2, pp=2, workers=2)
+        mapc.convert(sources["hf"], tmp_path / "out", to=to, tp=2, pp=1 if to == "universal"
+                     else 2, workers=2)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []          # no DST, no temporary directory
 
