@@ -22,6 +22,9 @@ machine just before each run:
     optimizer file and the model states are written by one worker; the dp2 source, 12 bytes
     per parameter of optimizer state, is made first and not timed), beside ``cp -r`` of it
   - torchrun --standalone --nproc-per-node 2 -m mapc convert hf -> megatron TP=2 PP=2
+  - with ``--only-universal-tp`` instead: hf -> universal TP=2 (Megatron-DeepSpeed's layout:
+    each parameter's fp32 weights and zero moments in zero/, each rank's model states), with
+    ``--workers 1`` and ``--workers 2``, beside ``cp -r`` of the source
 
 Outputs are checked equal to the ``--workers 1`` output (megatron, hf, deepspeed: ``cmp`` of
 every file)
@@ -59,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torchrun", action="store_true")
     ap.add_argument("--only-deepspeed", action="store_true",
                     help="just the deepspeed dp2 -> dp3 group (and its cp -r)")
+    ap.add_argument("--only-universal-tp", action="store_true",
+                    help="just hf -> universal --tp 2, --workers 1 and 2 (and cp -r)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mapc-bench-workers-", dir=args.workdir_parent))
@@ -115,6 +120,8 @@ def main(argv=None) -> int:
         conv = mapc + ["convert", str(src)]
         if args.only_deepspeed:
             return _deepspeed_only(args, work, src, size, conv, rounds, rows, copy)
+        if args.only_universal_tp:
+            return _universal_tp_only(args, work, src, size, conv, rounds, rows, copy)
         mg = ["--to", "megatron", "--tp", "2", "--pp", "2", "-q"]
         checks = {}
 
@@ -189,6 +196,31 @@ def _deepspeed_only(args, work, src, size, conv, rounds, rows, copy) -> int:
     checks: dict = {}
     _deepspeed_rounds(ds2, ds3, copy, rounds, checks)
     return _print(args, size, rows, checks, rows[0])
+
+
+def _universal_tp_only(args, work, src, size, conv, rounds, rows, copy) -> int:
+    """hf -> universal --tp 2 with --workers 1 and 2. Each output is removed after its run
+    (7 bytes written per byte read: a kept output's page cache would slow the next run down),
+    and compared by the sha256 of every file."""
+    import hashlib
+    u1, u2 = work / "u1", work / "u2"
+    checks: dict = {}
+    digests: dict = {}
+
+    def digest(out: Path) -> dict:
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file()}
+
+    def same(out):
+        key = "universal --workers 2 == --workers 1"
+        checks[key] = checks.get(key, True) and digest(out) == digests["w1"]
+    tp = ["--to", "universal", "--tp", "2", "-q", "--workers"]
+    cp, *_ = rounds([
+        ("cp -r", ["cp", "-r", str(src), str(copy)], copy, lambda out: None),
+        ("hf -> universal tp2 --workers 1", conv + [str(u1), *tp, "1"], u1,
+         lambda out: digests.__setitem__("w1", digest(out))),
+        ("hf -> universal tp2 --workers 2", conv + [str(u2), *tp, "2"], u2, same)])
+    return _print(args, size, rows, checks, cp)
 
 
 def _print(args, size, rows, checks, cp) -> int:

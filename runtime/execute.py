@@ -32,6 +32,8 @@ class Report:
     workers: int = 1                 # processes that wrote the output (ranks under torchrun)
     # --quantize: kind -> [tensors, elements, elements rounded, largest change]
     quantized: dict = field(default_factory=dict)
+    peak_rss: int = 0                # the largest peak resident memory (bytes) of the worker
+    #                                  processes or ranks that wrote it (0: not measured)
 
 
 class Progress:

@@ -162,6 +162,7 @@ def merge(reports, seconds: float) -> execute.Report:
         out.bytes_written += r.bytes_written
         out.bytes_read += r.bytes_read
         out.warnings += [w for w in r.warnings if w not in out.warnings]
+        out.peak_rss = max(out.peak_rss, r.peak_rss)
     return out
 
 
@@ -195,6 +196,7 @@ def _worker(conn, cp, tmp, share, backend, record_of):
         report = write_share(cp, tmp, share, backend=backend, record_of=record_of,
                              progress=progress)
         progress.flush()
+        report.peak_rss = execute.peak_rss_bytes()
         conn.send(("done", report))
     except BaseException as e:    # noqa: BLE001 - reported to the parent, which aborts all
         text = str(e) if isinstance(e, MapcError) else f"{type(e).__name__}: {e}"
@@ -218,10 +220,8 @@ def run_forked(cp, tmp, n: int, *, backend: str, quiet: bool, record_of) -> exec
     start = time.monotonic()
     procs, conns = [], []
     done = [0] * len(shares)
-    progress = execute.Progress(
-        sum(totals), "convert", quiet, unit="B",
-        detail=lambda: " ".join(f"w{k} {100 * done[k] // max(t, 1)}%"
-                                for k, t in enumerate(totals)))
+    progress = execute.Progress(sum(totals), "convert", quiet, unit="B",
+                                detail=lambda: _each_worker(done, totals, start))
     reports: list = [None] * len(shares)
     failure = None
     try:
@@ -275,6 +275,19 @@ def run_forked(cp, tmp, n: int, *, backend: str, quiet: bool, record_of) -> exec
     if failure is not None:
         raise failure
     return merge(reports, time.monotonic() - start)
+
+
+def _each_worker(done, totals, start, now=None) -> str:
+    """Each worker's part of a progress line: its share done and its own time left (at its
+    own rate so far), e.g. ``w0 40% left 0:12 w1 100%``."""
+    elapsed = max((time.monotonic() if now is None else now) - start, 1e-9)
+    out = []
+    for k, (d, t) in enumerate(zip(done, totals)):
+        text = f"w{k} {100 * d // max(t, 1)}%"
+        if 0 < d < t:
+            text += f" left {execute.fmt_seconds((t - d) * elapsed / d)}"
+        out.append(text)
+    return " ".join(out)
 
 
 # ---- ranks of torchrun / srun -------------------------------------------------------------------
@@ -378,6 +391,7 @@ def run_distributed(cp, src, dst, *, force: bool, backend: str, quiet: bool, rec
             prog.done()
         else:
             mine = ("ok", execute.Report())
+        mine[1].peak_rss = execute.peak_rss_bytes()
     except BaseException as e:    # noqa: BLE001 - every rank must reach the barrier
         mine = ("error", str(e) if isinstance(e, MapcError) else f"{type(e).__name__}: {e}")
     results = group.gather(mine)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -76,6 +77,7 @@ def test_summary_line_has_the_rate(tmp_path, capsys):
     src = write_random_hf(tmp_path / "hf", llama_config(vocab=100))
     assert main(["convert", str(src), str(tmp_path / "out"), "--to", "megatron"]) == 0
     err = capsys.readouterr().err
-    assert err.startswith(f"{src} -> {tmp_path / 'out'} (megatron): ") and "B/s)" in err
+    assert err.startswith(f"{src} -> {tmp_path / 'out'} (megatron): ")
+    assert re.search(r" in \d+\.\ds \(\d+\.\d{3} GB/s\)$", err.strip()), err
     assert main(["convert", str(src), str(tmp_path / "q"), "--to", "megatron", "-q"]) == 0
     assert capsys.readouterr().err == ""

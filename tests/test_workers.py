@@ -36,14 +36,21 @@ FROM_HF = {
     "deepspeed": dict(dp=2),
     "universal": dict(dp=2),
     "neox": dict(tp=2, pp=2),
+    "nemo2": {},
+    "nxdt-xser": dict(tp=2, set=["xser=true"]),     # a file per tensor beside each rank's
+    "nemo-tar.nemo": dict(tp=2),                    # one tar file: one process
+    "universal-tp": dict(tp=2),            # Megatron-DeepSpeed's tensor-parallel layout
+    "universal-tp-pp": dict(tp=2, pp=2),   # ... and its pipeline layout (megatron_pipe)
 }
 # formats whose files are independent (and the cases of FROM_DS written so)
-PARALLEL = {"hf", "megatron", "nemo", "nxdt", "deepspeed", "universal", "neox",
+PARALLEL = {"hf", "megatron", "nemo", "nxdt", "nxdt-xser", "deepspeed", "universal", "neox",
             "megatron-optimizer", "neox-optimizer",
             "deepspeed-dp3", "deepspeed-zero3-bf16", "deepspeed-autotp", "universal-carried",
-            "universal-zero3"}
+            "universal-zero3", "universal-tp", "universal-tp-pp",
+            "universal-tp-moments", "hf-with-optimizer"}
 # from a DeepSpeed training checkpoint: optimizer state in the parts (megatron), and a
-# format whose optimizer file holds every tensor (hf --with-optimizer: one process)
+# format whose optimizer file holds every tensor (hf --with-optimizer: one worker writes
+# Trainer's files, the others the weight shards)
 FROM_DS = {
     "megatron-optimizer": dict(to="megatron", tp=2, pp=2),
     # ZeRO outputs: each data-parallel rank's optimizer file, the model states, and (universal)
@@ -52,10 +59,12 @@ FROM_DS = {
     "deepspeed-zero3-bf16": dict(to="deepspeed", dp=3, zero_stage=3, dtype="bf16"),
     "deepspeed-autotp": dict(to="deepspeed", tp=2, dp=2),
     "universal-carried": dict(to="universal"),           # the model states carried over
+    "universal-tp-moments": dict(to="universal", tp=2, pp=2),   # the source's slots merged
     "neox-optimizer": dict(to="neox", tp=2, pp=2, dp=2),
     "hf-with-optimizer": dict(to="hf", with_optimizer=True, max_shard_bytes=30000),
 }
-CASES = {**{f: ("hf", dict(to=f, **kw)) for f, kw in FROM_HF.items()},
+CASES = {**{f: ("hf", dict(to=f.split("-")[0].split(".")[0], **kw))
+            for f, kw in FROM_HF.items()},
          **{c: ("ds", kw) for c, kw in FROM_DS.items()},
          "universal-zero3": ("hf", dict(to="universal", dp=2, zero_stage=3))}
 SAVE_ID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
@@ -64,6 +73,8 @@ SAVE_ID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[
 def tree(path: Path) -> dict[str, bytes]:
     """Every file's bytes, with the output's own path (NeoX's config names it) masked, and
     DCP's random save_id (a uuid4 in ``.metadata``, as torch.distributed.checkpoint writes)."""
+    if Path(path).is_file():                     # a .nemo tar
+        return {".": Path(path).read_bytes()}
     out = {}
     for p in sorted(Path(path).rglob("*")):
         if p.is_file():
@@ -96,10 +107,10 @@ def one_process(tmp_path_factory, sources):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_workers_write_the_bytes_of_one(tmp_path, sources, one_process, case):
     src, kw = CASES[case]
-    report = mapc.convert(sources[src], tmp_path / "out", workers=2, **kw)
-    assert tree(tmp_path / "out") == one_process[case]
+    report = mapc.convert(sources[src], tmp_path / case, workers=2, **kw)
+    assert tree(tmp_path / case) == one_process[case]
     assert report.workers == (2 if case in PARALLEL else 1)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in tmp_path.iterdir()] == [case]
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -112,13 +123,13 @@ def test_each_worker_reads_only_what_its_files_need(tmp_path, sources, tp):
 
 
 # ---- a failing or killed worker aborts all --------------------------------------------------------
-def _fail_in(monkeypatch, how):
+def _fail_in(monkeypatch, how, marker="mp_rank_01_001"):
     """Worker processes are forked: a patched write_share is theirs too. The share holding
-    the last rank fails."""
+    the file named with ``marker`` (the last rank's) fails."""
     real = workers.write_share
 
     def share(cp, tmp, parts, **kw):
-        if any("mp_rank_01_001" in f for p in parts for f in p.files):
+        if any(marker in f for p in parts for f in p.files):
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise MapcError("injected failure")
@@ -128,10 +139,14 @@ def _fail_in(monkeypatch, how):
 
 @pytest.mark.parametrize("how,message", [("raise", "failed: injected failure"),
                                          ("kill", "died (killed by signal 9)")])
-def test_a_failing_worker_aborts_all(tmp_path, sources, monkeypatch, how, message):
-    _fail_in(monkeypatch, how)
+@pytest.mark.parametrize("to,marker", [("megatron", "mp_rank_01_001"),
+                                       ("universal", "mp_rank_01_model_states")])
+def test_a_failing_worker_aborts_all(tmp_path, sources, monkeypatch, how, message, to,
+                                     marker):
+    _fail_in(monkeypatch, how, marker)
     with pytest.raises(MapcError) as e:
-        mapc.convert(sources["hf"], tmp_path / "out", to="megatron", tp=2, pp=2, workers=2)
+        mapc.convert(sources["hf"], tmp_path / "out", to=to, tp=2, pp=1 if to == "universal"
+                     else 2, workers=2)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []          # no DST, no temporary directory
 
@@ -188,6 +203,48 @@ def test_dry_run_shows_the_workers(tmp_path, sources, capsys, args, shown):
     assert all(any(line.startswith(s) for line in lines) for s in shown), lines[-6:]
 
 
+@pytest.mark.parametrize("argv", [
+    ["--to", "universal", "--tp", "2", "--workers", "2"],
+    ["--to", "universal", "--tp", "2", "--pp", "2", "--workers", "3"],
+    ["--to", "hf", "--with-optimizer", "--workers", "2"]])
+def test_dry_run_names_the_shares_the_run_writes(tmp_path, sources, capsys, monkeypatch,
+                                                 argv):
+    """Each worker's line of --dry-run (its files, their number and bytes) is the share the
+    worker of that number writes in the real run: the files exist when it returns, no
+    other worker writes them, and they are files of the output."""
+    import multiprocessing
+    real, log = workers.write_share, tmp_path / "shares"
+    log.mkdir()
+
+    def share(cp, tmp, parts, **k):          # in the forked worker "mapc-worker-K"
+        report = real(cp, tmp, parts, **k)
+        files = [f for p in parts for f in p.files]
+        done = [f for f in files if (Path(tmp) / f).is_file()]
+        name = multiprocessing.current_process().name
+        (log / f"{name}.json").write_text(json.dumps([files, done]))
+        return report
+    monkeypatch.setattr(workers, "write_share", share)
+    args = ["convert", str(sources["ds"]), str(tmp_path / "out"), *argv]
+    assert main([*args, "--dry-run"]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("  worker ")]
+    assert main([*args, "-q"]) == 0
+    n = int(argv[-1])
+    assert len(shown) == n and len(list(log.iterdir())) == n
+    every = []
+    for k, line in enumerate(shown):
+        files, done = json.loads((log / f"mapc-worker-{k}.json").read_text())
+        count, labels = re.fullmatch(r"  worker \d+: (\d+) files?, [^,]+, reads \d+ of \d+ "
+                                     r"tensors: (.*)", line).groups()
+        first, last = labels.split(", ")[0], labels.split(", ")[-1]
+        assert int(count) == len(files) and done == files, (line, files)
+        assert files[0].startswith(first.split(" (")[0]), (line, files[0])
+        if "(+" not in last:                  # a file, or "FOLDER/ (N files)"
+            assert files[-1].startswith(last.split(" (")[0]), (line, files[-1])
+        every += files
+    assert len(every) == len(set(every)) and set(every) <= set(tree(tmp_path / "out"))
+
+
 def test_json_reports_the_workers(tmp_path, sources, capsys):
     assert main(["convert", str(sources["hf"]), str(tmp_path / "out"), "--to", "megatron",
                  "--tp", "2", "--workers", "2", "--json", "-q"]) == 0
@@ -223,6 +280,9 @@ def test_progress_shows_each_worker():
     quiet = execute.Progress(100, "convert", True, unit="B", every=0.0, stream=Tty())
     quiet.step(50)
     assert quiet.stream.text == ""
+    # each worker's share done and its time left at its own rate
+    assert workers._each_worker([40, 100, 0], [100, 100, 50], start=0.0, now=10.0) == \
+        "w0 40% left 0:15 w1 100% w2 0%"
 
 
 def test_workers_do_not_import_torch(tmp_path, sources):
@@ -253,6 +313,8 @@ def torchrun(tmp_path_factory, sources):
                          "2", "--pp", "2"]})
     jobs.append({"api": [str(sources["hf"]), str(root / "failed"), dict(to="megatron", tp=2)],
                  "fail_on_rank": 1})
+    jobs.append({"cli": [str(sources["hf"]), str(root / "rss"), "--to", "universal", "--tp",
+                         "2"], "hog_on_rank": 1, "hog_mb": 96})
     job_file = root / "jobs.json"
     job_file.write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -265,7 +327,7 @@ def torchrun(tmp_path_factory, sources):
         capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert run.returncode == 0, run.stderr[-3000:]
     codes = [json.loads(Path(f"{job_file}.rank{r}").read_text()) for r in (0, 1)]
-    return root, dict(zip([*CASES, "cli", "failed"], zip(*codes)))
+    return root, dict(zip([*CASES, "cli", "failed", "rss"], zip(*codes)))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -280,6 +342,16 @@ def test_torchrun_runs_the_cli(torchrun, one_process):
     root, codes = torchrun
     assert codes["cli"] == ([0, True], [0, True])
     assert tree(root / "cli") == one_process["megatron"]
+
+
+def test_torchrun_json_reports_the_largest_ranks_peak_memory(torchrun, one_process):
+    """--json's peak_rss_bytes under torchrun is that of the rank with the largest peak
+    (here rank 1, which holds 96 MB more), not rank 0's own."""
+    root, codes = torchrun
+    (code0, _, report, _, own0), (code1, _, none, before1, after1) = codes["rss"]
+    assert (code0, code1, none) == (0, 0, None)
+    assert own0 < before1 <= report["peak_rss_bytes"] <= after1
+    assert report["workers"] == 2 and tree(root / "rss") == one_process["universal-tp"]
 
 
 def test_torchrun_failing_rank_aborts_all(torchrun):

@@ -4,7 +4,9 @@
 error, whether this rank wrote a share of the files]) to ``<job file>.rank<N>``. One process group serves every conversion.
 
 A job with ``"fail_on_rank": K`` fails on rank K (a MapcError raised in its share), to test
-that a failing rank aborts the whole output."""
+that a failing rank aborts the whole output. A "cli" job with ``"hog_on_rank": K`` makes rank
+K hold ``hog_mb`` MB more memory than the others during it, and its results are
+[code, shared, the --json report printed (or None), this rank's peak RSS before, after]."""
 from __future__ import annotations
 
 import json
@@ -31,6 +33,20 @@ def main(job_file: str) -> int:
                 raise MapcError(f"injected failure on rank {rank}")
             return real(*a, **k)
         workers.write_share = share
+        if "hog_on_rank" in job:
+            import contextlib
+            import io
+            import numpy as np
+            from mapc.runtime.execute import peak_rss_bytes
+            hog = np.ones(job["hog_mb"] * 2**20, np.uint8) if rank == job["hog_on_rank"] \
+                else None
+            before, out = peak_rss_bytes(), io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = mapc_main(["convert", *job["cli"], "--json", "-q"])
+            del hog
+            codes.append([code, bool(shared), json.loads(out.getvalue()) if rank == 0 else
+                          None, before, peak_rss_bytes()])
+            continue
         if "cli" in job:
             codes.append([mapc_main(["convert", *job["cli"], "-q"]), bool(shared)])
             continue

@@ -129,17 +129,18 @@ def run(args) -> int:
         return 0                          # rank 0 reports for all ranks
     for w in report.warnings:
         print(f"mapc: warning: {w}", file=sys.stderr)
-    from mapc.runtime.execute import fmt_bytes, peak_rss_bytes
+    from mapc.runtime.execute import peak_rss_bytes
     rate = report.bytes_written / report.seconds if report.seconds > 0 else 0.0
     if args.json:
         print_json({"dst": args.dst, "tensors": report.tensors_written,
                     "bytes": report.bytes_written, "seconds": round(report.seconds, 3),
-                    "gb_per_s": round(rate / 1e9, 3), "peak_rss_bytes": peak_rss_bytes(),
+                    "gb_per_s": round(rate / 1e9, 3),
+                    "peak_rss_bytes": max(report.peak_rss, peak_rss_bytes()),
                     "workers": report.workers, "warnings": report.warnings})
     elif not args.quiet:
         print(f"{args.src} -> {args.dst} ({args.to or 'like ' + args.like}): "
               f"{report.tensors_written} tensors, {report.bytes_written / 2**20:.1f} MiB in "
-              f"{report.seconds:.1f}s ({fmt_bytes(rate)}/s"
+              f"{report.seconds:.1f}s ({rate / 1e9:.3f} GB/s"
               + (f", {report.workers} workers" if report.workers > 1 else "") + ")",
               file=sys.stderr)
     return 0

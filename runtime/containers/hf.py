@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -21,7 +21,7 @@ from mapc.runtime import torchfile
 from mapc.runtime.containers import hf_trainer as trainer
 from mapc.runtime.backends import DTYPES
 from mapc.runtime.containers.base import MAPC_JSON, Source, write_json
-from mapc.runtime.plan_write import (MOMENTS, PlannedWriter, SourceFacts, WritePlan,
+from mapc.runtime.plan_write import (MOMENTS, Part, PlannedWriter, SourceFacts, WritePlan,
                                      WriteRequest, make_plan, parts_by_file, planned_tensors)
 from mapc.runtime.safetensors_io import SafetensorsFile, SafetensorsWriter
 
@@ -80,13 +80,17 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         decisions.update({"optimizer": "Trainer AdamW export", "step": export.step,
                           "global_step": export.global_step,
                           "param groups": [len(g) for g in export.groups]})
-    # each shard file holds its own tensors; Trainer's optimizer.pt is fed by all of them
+    # each shard file holds its own tensors (their weights); Trainer's optimizer.pt, with
+    # scheduler.pt and trainer_state.json, is fed by every tensor's moments
     file_of = {name: fname for fname, group in shards for name, _, _ in group}
-    parts = () if export is not None else parts_by_file(tensors, lambda _, n: file_of[n])
+    parts = parts_by_file(tensors, lambda _, n: file_of[n])
+    if export is not None:
+        parts = tuple(replace(p, weights_only=True) for p in parts) + (Part(
+            (trainer.OPTIMIZER, trainer.SCHEDULER, trainer.TRAINER_STATE),
+            frozenset((c, n) for c, n, _, _ in tensors),
+            sum(4 * len(MOMENTS) * math.prod(s) for _, _, s, _ in tensors)),)
     return make_plan("hf", files, decisions=decisions, notes=notes, slots=slots,
-                     tensors=tensors, detail=detail, parts=parts, quantized=quantized,
-                     serial="optimizer.pt (--with-optimizer) holds every tensor's state"
-                     if export is not None else None)
+                     tensors=tensors, detail=detail, parts=parts, quantized=quantized)
 
 
 @dataclass(frozen=True)
@@ -627,19 +631,28 @@ class HFWriter(PlannedWriter):
             for name, _, _ in group:
                 self.file_of[name] = fname
 
+    def _exports(self) -> bool:
+        """Whether this writer writes Trainer's files (a worker of a parallel run may not)."""
+        return self.export is not None and self.owns(trainer.OPTIMIZER)
+
     def begin_slot(self, slot, tensors):
-        self.export.begin_slot(slot, tensors)
+        if self._exports():
+            self.export.begin_slot(slot, tensors)
 
     def write_slot(self, slot, coord, name, arr):
         self.export.write(slot, name, arr)
 
     def write(self, coord, name, arr):
-        self.writers[self.file_of[name]].write(name, arr)
+        w = self.writers.get(self.file_of[name])
+        if w is not None:               # else the optimizer's worker, given every weight
+            w.write(name, arr)
 
     def finish(self, record: dict):
         d: _HFPlan = self.plan.detail
         for w in self.writers.values():
             w.close()
+        if self._exports():
+            self.export.finish(record)
         if not self.metadata:
             return
         if len(d.shards) > 1:
@@ -652,8 +665,6 @@ class HFWriter(PlannedWriter):
             if d.quantization_config is not None:
                 config["quantization_config"] = d.quantization_config
             write_json(self.dir / "config.json", config)
-        if self.export is not None:
-            self.export.finish(record)
         write_json(self.dir / MAPC_JSON, record)
 
     def abort(self):

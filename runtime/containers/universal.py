@@ -624,15 +624,19 @@ class UniversalWriter(PlannedWriter):
         self._drain()
         if self._pool is not None:
             self._pool.shutdown()
-        if self._owns_file("zero/optimizer_state.pt"):     # with the model states
-            self._write_model_states(record)
-            self._write_optimizer_state()
+        self._write_states(record)
         if not self.metadata:
             return
         (self.dir / LATEST).write_text(self.udir.name)
         if "config.json" in self.plan.files:        # generic mode may have no model config
             write_json(self.dir / "config.json", record.get("config") or {})
         write_json(self.dir / MAPC_JSON, record)
+
+    def _write_states(self, record):
+        """The model states and zero/optimizer_state.pt, by the writer that owns them."""
+        if self._owns_file("zero/optimizer_state.pt"):     # with the model states
+            self._write_model_states(record)
+            self._write_optimizer_state()
 
     def _write_model_states(self, record):
         if self.plan.detail.carry:
@@ -891,7 +895,43 @@ def _plan_write_tp(program, facts: SourceFacts, request: WriteRequest, slots) ->
         decisions.pop(key)
     detail = _TPPlan(rs, tag, tp, pp, rules, info, groups, dict(program.target.meta()))
     return make_plan("universal", files, decisions=decisions, notes=notes, slots=slots,
-                     tensors=tensors, detail=detail, facts=facts)
+                     tensors=tensors, detail=detail, facts=facts,
+                     parts=_tp_parts(tensors, rules, udir, tp, pp))
+
+
+def _tp_parts(tensors, rules, udir: str, tp: int, pp: int) -> tuple[Part, ...]:
+    """The independent files of a model-parallel universal output (runtime/workers.py): each
+    parameter's folder in zero/, fed by every rank's slice of it (its full tensors are merged
+    there), in placement order; then the model states: without pipeline stages one part per
+    model-parallel rank, fed by that rank's weights (``mp_rank_00`` with
+    zero/optimizer_state.pt), with them one part fed by nothing (a pipeline engine's module
+    is None: the rank files hold shapes and training state only)."""
+    feeds: dict = {name: [] for name in rules}
+    first_stage: dict = {}
+    by_rank: dict = {m: [] for m in range(tp * pp)}
+    weights = dict.fromkeys(range(tp * pp), 0)
+    for coord, name, shape, dt in tensors:
+        c = dict(coord)
+        feeds[name].append((coord, shape))
+        first_stage.setdefault(name, c.get("pp", 0))
+        m = c.get("pp", 0) * tp + c.get("tp", 0)
+        by_rank[m].append((coord, name))
+        weights[m] += math.prod(shape) * DTYPES[dt].itemsize
+    parts = []
+    for name, coords in feeds.items():
+        n = sum(math.prod(s) for c, s in coords if dict(c).get("pp", 0) == first_stage[name])
+        parts.append(Part(tuple(f"{udir}/zero/{name}/{k}.pt"
+                                for k in ("fp32", "exp_avg", "exp_avg_sq", "step")),
+                          frozenset((c, name) for c, _ in coords), n * 4 * 3 + 4))
+    optim = f"{udir}/zero/optimizer_state.pt"
+    if pp == 1:
+        for m in range(tp):
+            files = (f"{udir}/{_tp.rank_file(m)}",) + ((optim,) if m == 0 else ())
+            parts.append(Part(files, frozenset(by_rank[m]), weights[m], weights_only=True))
+    else:
+        parts.append(Part((*(f"{udir}/{_tp.rank_file(m)}" for m in range(tp * pp)), optim),
+                          frozenset(), 0, weights_only=True))
+    return tuple(parts)
 
 
 class ModelParallelUniversalWriter(UniversalWriter):
@@ -900,7 +940,9 @@ class ModelParallelUniversalWriter(UniversalWriter):
     module is None, as a pipeline engine saves it: the weights are in zero/ only), and every
     parameter's full tensors into zero/ as soon as all its tp ranks' slices of a slot have
     arrived (merged as ds_to_universal merges them: one parameter is held at a time). A tied
-    tensor's copy on the last stage is written once."""
+    tensor's copy on the last stage is written once. A worker of a parallel run (owned
+    files, _tp_parts) merges only the parameters whose folders it owns and writes only the
+    rank files it owns; every rank's names come from the plan, not from what arrived."""
 
     def __init__(self, tmpdir, program, plan):
         PlannedWriter.__init__(self, tmpdir, program, plan)
@@ -923,15 +965,21 @@ class ModelParallelUniversalWriter(UniversalWriter):
         self.rank_names: dict = {m: [] for m in range(self.mp)}
 
     def begin(self, tensors):
+        from mapc.runtime.execute import delivery_order
         self.tensors = [(name, tuple(shape), dt) for _, name, shape, dt in tensors]
         self.rank_tensors = {m: [] for m in range(self.mp)}
         for coord, name, shape, dt in tensors:
             self.rank_tensors[self._rank(coord)].append((name, tuple(shape), dt))
         self.dtypes = {name: dt for name, _, dt in self.tensors}
-        self.zero.mkdir(parents=True)
+        # each rank's names in the order one process receives their weights, also in a
+        # worker of a parallel run that sees only its share
+        for coord, name in delivery_order(self.program):
+            self.rank_names[self._rank(coord)].append(name)
+        self.names = list(self.rank_names[0])
+        self.zero.mkdir(parents=True, exist_ok=True)    # the workers of a parallel run share it
         self.models = {m: torchfile.TorchWriter(self.udir / _tp.rank_file(m))
-                       for m in range(self.mp)}
-        self.modules = {m: OrderedDict() for m in range(self.mp)}
+                       for m in range(self.mp) if self._owns_file(_tp.rank_file(m))}
+        self.modules = {m: OrderedDict() for m in self.models}
 
     def _rank(self, coord) -> int:
         c = dict(coord)
@@ -963,12 +1011,11 @@ class ModelParallelUniversalWriter(UniversalWriter):
 
     def write(self, coord, name, arr):
         m = self._rank(coord)
-        self.rank_names[m].append(name)
-        if m == 0:
-            self.names.append(name)
-        if self.pp == 1:
+        if self.pp == 1 and m in self.models:
             self.modules[m][name] = self.models[m].add_tensor(np.require(arr,
                                                                          requirements="C"))
+        if not self._owns_state(name, "fp32"):
+            return                  # a rank file's worker: the folder is another worker's
         if ("step", name) not in self._saved:
             self._saved.add(("step", name))
             self._save(name, "step", np.array(self.step, dtype=np.float32))
@@ -983,12 +1030,18 @@ class ModelParallelUniversalWriter(UniversalWriter):
                     self._save(name, slot, full)
 
     def write_slot(self, slot, coord, name, arr):
-        if self.fresh and slot != "master":
+        if (self.fresh and slot != "master") or not self._owns_state(name, "fp32"):
             return
         key = _STATE_FILES[slot]
         full = self._collect(key, coord, name, arr)
         if full is not None:
             self._save(name, key, full)
+
+    def _write_states(self, record):
+        """The rank files this writer owns, and zero/optimizer_state.pt if it owns it."""
+        self._write_model_states(record)
+        if self._owns_file("zero/optimizer_state.pt"):
+            self._write_optimizer_state()
 
     def _write_model_states(self, record):
         if self._slices:
@@ -1027,7 +1080,7 @@ class ModelParallelUniversalWriter(UniversalWriter):
         args = dict(d.args, tensor_model_parallel_size=self.tp,
                     pipeline_model_parallel_size=self.pp, data_parallel_size=self.dp,
                     iteration=steps)
-        for m in range(self.mp):
+        for m in self.models:
             shapes = {name: shape for name, shape, _ in self.rank_tensors[m]}
             groups = self._group_names(m)
             param_shapes = [OrderedDict((n, torch_size(shapes[n])) for n in g) for g in groups]
