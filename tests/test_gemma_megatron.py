@@ -12,6 +12,14 @@ Checked against the real libraries, not only the round trip:
   the HF weights;
 * that model at tp=1 computes transformers' logits (with its zero-centered norms: the stored
   w, not 1 + w; a file with 1 + w stored, NeMo 1's convention, does not).
+
+The torch_dist layouts (and so nemo2: the layers stacked, the TE-style fused norm names,
+``_extra_state`` entries) against the same stand-in model: megatron-core's own
+``dist_checkpointing.load`` (strict: every key the model asks for, nothing else but the
+Transformer Engine modules' ``_extra_state`` NeMo 2 lists) of mapc's torch_dist and nemo2
+outputs at tp2 pp2 gives every rank the independent layout's shards above; at tp=1 the loaded
+model computes transformers' logits; megatron-core's own torch_dist save of that model (no
+mapc.json) reads back as the HF weights; hf -> torch_dist / nemo2 -> hf is bit-exact.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import pytest
 import mapc
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
+from tests.conftest import assert_same_safetensors
 from tests.test_gemma import CONFIGS, TOKENS
 
 torch = pytest.importorskip("torch")
@@ -39,8 +48,37 @@ FORWARD = {
         "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
 }
-# megatron-core fp32 on CPU against transformers fp32 (observed ~1e-6)
+# megatron-core fp32 on CPU against transformers fp32 (observed: 1.3e-7 Gemma 2, 1.6e-7 Gemma 3,
+# from the Megatron file, torch_dist and nemo2 alike; the 1 + w control: 0.45, 0.76)
 MCORE_TOLERANCE = 1e-5
+DIST_KINDS = ("torch_dist", "nemo2")
+
+
+def _nemo2_te_extra(fam):
+    """The keys of mapc's nemo2 output the stand-in model does not ask for: the _extra_state
+    of NeMo 2's Transformer Engine modules that are plain torch modules here (attention core,
+    post-norms, q/k norms, final norm)."""
+    mods = ["self_attention.core_attention", "self_attention.linear_proj.post_layernorm",
+            "mlp.linear_fc2.post_layernorm"]
+    if fam == "gemma3":
+        mods += ["self_attention.q_layernorm", "self_attention.k_layernorm"]
+    return ["module.decoder.final_layernorm._extra_state"] + [
+        f"module.decoder.layers.{m}._extra_state" for m in mods]
+
+
+def _dist_dir(root, kind):
+    return root / ("release" if kind == "torch_dist" else "weights")
+
+
+def _save_args(fam):
+    """Megatron-LM's args of megatron-core's own save (mcore_dist's, for this model)."""
+    cfg = FORWARD[fam]
+    return {"normalization": "RMSNorm", "swiglu": False, "gated_linear_unit": True,
+            "layernorm_zero_centered_gamma": True, "norm_epsilon": 1e-6,
+            "qk_layernorm": fam == "gemma3", "window_size": [cfg["sliding_window"] - 1, 0],
+            "window_attn_skip_freq": 2 if fam == "gemma2" else 6,
+            "max_position_embeddings": cfg["max_position_embeddings"],
+            "seq_length": cfg["max_position_embeddings"]}
 
 
 def _hf(cfg, path):
@@ -63,12 +101,15 @@ def _logits(path):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """{family: (hf dir, its tp2 pp2 megatron conversion)}."""
+    """{family: (hf dir, its tp2 pp2 megatron conversion)}; its torch_dist and nemo2
+    conversions (for a tp2 pp2 run) beside the megatron one."""
     out = {}
     for fam in FAMILIES:
         root = tmp_path_factory.mktemp(fam)
         hf = _hf(CONFIGS[fam], root / "hf")
         mapc.convert(hf, root / "mg", to="megatron", tp=TP, pp=PP)
+        for kind in DIST_KINDS:
+            mapc.convert(hf, root / kind, to=kind, tp=TP, pp=PP)
         out[fam] = hf, root / "mg"
     return out
 
@@ -102,7 +143,11 @@ def test_round_trip_at_tp2_pp2_keeps_logits(converted, fam, tmp_path):
 def mcore(converted, tmp_path_factory):
     """One megatron-core world (tp2 pp2) for both families: per-rank names and shapes of the
     tp2 pp2 files, then the tp1 logits of FORWARD models (and of their 1 + w negative
-    controls). Returns (ranks per family, logits per forward job, transformers' logits)."""
+    controls); the torch_dist and nemo2 conversions loaded by megatron-core at tp2 pp2 (each
+    rank's loaded state into DIR/loaded/KIND_FAM_T_P.pt) and, at tp1, those of FORWARD models
+    with their logits, megatron-core's own torch_dist save of the model loaded from torch_dist
+    into DIR/saved_FAM. Returns (ranks per family, logits per forward job, transformers'
+    logits, DIR)."""
     pytest.importorskip("megatron.core")
     from tests.groundtruth.mcore_gemma import gemma_ranks
     tmp = tmp_path_factory.mktemp("gemma_forward")
@@ -122,9 +167,27 @@ def mcore(converted, tmp_path_factory):
                 state["model"][name] = x + 1
         torch.save(state, str(tmp / f"{fam}-plus1.pt"))
         forward.append((_mcore_cfg(fam, 128), tmp / f"{fam}-plus1.pt"))
+    dist = []
+    (tmp / "loaded").mkdir()
+    for fam in FAMILIES:
+        mapc.convert(tmp / fam, tmp / f"{fam}-td", to="torch_dist")
+        mapc.convert(tmp / fam, tmp / f"{fam}-n2", to="nemo2")
+        forward.append((_mcore_cfg(fam, 128), {
+            "dist": str(_dist_dir(tmp / f"{fam}-td", "torch_dist")),
+            "dist_save": str(tmp / f"saved_{fam}"), "args": _save_args(fam)}))
+        forward.append((_mcore_cfg(fam, 128), {
+            "dist": str(_dist_dir(tmp / f"{fam}-n2", "nemo2")), "prefix": "module.",
+            "unread": _nemo2_te_extra(fam)}))
+        root = converted[fam][1].parent
+        for kind in DIST_KINDS:
+            nemo = {"prefix": "module.", "unread": _nemo2_te_extra(fam)} \
+                if kind == "nemo2" else {}
+            dist.append((_mcore_cfg(fam, vocab), {
+                "dist": str(_dist_dir(root / kind, kind)),
+                "out": str(tmp / "loaded" / f"{kind}_{fam}_{{t}}_{{p}}.pt")} | nemo))
     ranks, logits = gemma_ranks([(_mcore_cfg(f, vocab), converted[f][1]) for f in FAMILIES],
-                                TP, PP, forward, TOKENS[0])
-    return ranks, logits, refs
+                                TP, PP, forward, TOKENS[0], dist)
+    return ranks, logits, refs, tmp
 
 
 @pytest.mark.slow
@@ -201,7 +264,7 @@ def test_every_shard_is_the_independent_layout(converted, fam):
 
 @pytest.mark.slow
 def test_megatron_core_computes_transformers_logits(mcore):
-    _, got, refs = mcore
+    _, got, refs, _ = mcore
     for n, fam in enumerate(FAMILIES):
         ref = refs[n]
         ours, plus1 = (np.array(x)[..., :ref.shape[-1]] for x in got[2 * n: 2 * n + 2])
@@ -251,3 +314,57 @@ def test_megatron_checkpoint_without_record_reads_back(converted, fam, tmp_path)
     assert back["head_dim"] == CONFIGS[fam]["head_dim"]
     mapc.convert(bare, tmp_path / "kept", to="hf", config=hf / "config.json")
     assert torch.equal(_logits(tmp_path / "kept"), _logits(hf))
+
+
+# ---- torch_dist and nemo2 ---------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_megatron_core_loads_torch_dist_and_nemo2_at_tp2_pp2_as_the_independent_layout(
+        converted, mcore, fam):
+    """What megatron-core's strict dist_checkpointing.load put into each tp2 pp2 rank of the
+    stand-in model: the shards of the independent numpy layout, key for key."""
+    from safetensors.numpy import load_file
+    hf, _ = converted[fam]
+    w = load_file(str(hf / "model.safetensors"))
+    for kind in DIST_KINDS:
+        for t in range(TP):
+            for p in range(PP):
+                got = torch.load(mcore[3] / "loaded" / f"{kind}_{fam}_{t}_{p}.pt")
+                want = _expected_rank(w, CONFIGS[fam], t, p)
+                assert sorted(got) == sorted(want), (kind, t, p)
+                for name, arr in want.items():
+                    np.testing.assert_array_equal(got[name].numpy(), arr,
+                                                  err_msg=f"{kind} {fam} rank {t},{p} {name}")
+
+
+@pytest.mark.slow
+def test_megatron_core_computes_transformers_logits_from_torch_dist_and_nemo2(mcore):
+    _, got, refs, _ = mcore
+    for n, fam in enumerate(FAMILIES):
+        ref = refs[n]
+        for x in got[2 * len(FAMILIES) + 2 * n: 2 * len(FAMILIES) + 2 * n + 2]:
+            assert np.abs(np.array(x)[..., :ref.shape[-1]] - ref).max() <= MCORE_TOLERANCE, fam
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_torch_dist_and_nemo2_round_trips_are_bit_exact(converted, fam, tmp_path):
+    hf, mg = converted[fam]
+    for kind in DIST_KINDS:
+        mapc.convert(mg.parent / kind, tmp_path / kind, to="hf")
+        assert_same_safetensors(hf, tmp_path / kind, kind)
+    assert json.loads((tmp_path / "nemo2" / "config.json").read_text())[
+        "attn_logit_softcapping"] == CONFIGS[fam].get("attn_logit_softcapping")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_megatron_cores_own_torch_dist_save_reads_as_the_hf_weights(mcore, fam, tmp_path):
+    """No mapc.json: the spec whose torch_dist layout places every tensor (the post-norms; q/k
+    norms for Gemma 3 only) is found, and the config comes from the args."""
+    saved = mcore[3] / f"saved_{fam}"
+    assert not (saved / "mapc.json").exists()
+    assert mapc.inspect(saved)["family"] == fam
+    mapc.convert(saved, tmp_path / "back", to="hf")
+    assert_same_safetensors(mcore[3] / fam, tmp_path / "back")
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["sliding_window"] == FORWARD[fam]["sliding_window"]

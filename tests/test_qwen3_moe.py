@@ -8,7 +8,9 @@ global layer numbering matches the values mapc put there; expert parallel files 
 experts e = ep_rank * E/ep + k; deepspeed/universal round trips; GGUF (llama.cpp's qwen3moe)
 for an all-MoE model and a refusal, with the spec's message, for one with dense layers;
 torch_dist and nemo2 (megatron-core's per-layer keys) loaded by megatron-core's strict
-dist_checkpointing.load in the same world as the Megatron file, and its own save read back."""
+dist_checkpointing.load in the same world as the Megatron file, and its own save read back;
+for a model with MoE in every layer, the stacked torch_dist keys megatron-core saves with an
+integer moe_layer_freq (--set keys=stacked) the same way."""
 from __future__ import annotations
 
 import importlib.util
@@ -260,3 +262,82 @@ def test_megatron_cores_own_torch_dist_save_reads_as_the_hf_weights(tmp_path, hf
     mapc.convert(d / "saved", tmp_path / "back", to="hf", config=src / "config.json")
     assert_same_safetensors(src, tmp_path / "back")
     assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
+
+
+# ---- torch_dist with every layer MoE: megatron-core's stacked keys (moe_layer_freq = 1) -------
+STACKED_CFG = dict(CFG, num_hidden_layers=2, mlp_only_layers=[])
+STACKED_TE_EXTRA = ["module.decoder.final_layernorm._extra_state"] + [
+    f"module.decoder.layers.self_attention.{m}._extra_state"
+    for m in ("core_attention", "q_layernorm", "k_layernorm")]
+
+
+@pytest.fixture(scope="module")
+def stacked_world(tmp_path_factory):
+    """An all-MoE Qwen3-MoE; one megatron-core process (mcore_forward's world) with
+    moe_layer_freq the integer 1, so that megatron-core stacks the layers: mapc's Megatron
+    file loaded strictly, mapc's torch_dist and nemo2 outputs written with --set keys=stacked
+    loaded by megatron-core's own strict dist_checkpointing.load (logits of each), then the
+    model saved by megatron-core as torch_dist (its own stacked keys)."""
+    pytest.importorskip("megatron.core")
+    d = tmp_path_factory.mktemp("qwen3_moe_stacked")
+    model = build_transformers_model(STACKED_CFG, d / "hf")
+    ref = logits_of(model, TOKENS)
+    mapc.convert(d / "hf", d / "mg", to="megatron")
+    for kind in ("torch_dist", "nemo2"):
+        mapc.convert(d / "hf", d / kind, to=kind, set={"keys": "stacked"})
+    logits = _groundtruth("mcore_forward").mcore_logits(
+        dict(mcore_cfg(layers=2, moe_layer_freq=1), true_vocab=50),
+        _rank_file(d / "mg", "mp_rank_00"), TOKENS, [
+            {}, {"dist": str(d / "torch_dist" / "release"), "out": str(d / "loaded_td.pt")},
+            {"dist": str(d / "nemo2" / "weights"), "prefix": "module.",
+             "unread": STACKED_TE_EXTRA},
+            {"dist_save": str(d / "saved"), "args": dict(SAVE_ARGS, moe_layer_freq=1)}])
+    return d, ref, [np.array(x)[..., :50] for x in logits]
+
+
+def test_stacked_torch_dist_loads_strictly_into_megatron_core_with_transformers_logits(
+        stacked_world):
+    from safetensors.numpy import load_file
+    d, ref, logits = stacked_world
+    for got in logits[:3]:          # Megatron file, torch_dist, nemo2
+        assert np.abs(got - ref.numpy()).max() <= MCORE_TOLERANCE
+    # what megatron-core loaded (its local, per-layer names), against the HF weights
+    w = load_file(str(d / "hf" / "model.safetensors"))
+    loaded = torch.load(d / "loaded_td.pt")
+    for i in range(2):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        np.testing.assert_array_equal(loaded[m + "mlp.router.weight"].numpy(),
+                                      w[h + "mlp.gate.weight"])
+        np.testing.assert_array_equal(loaded[m + "pre_mlp_layernorm.weight"].numpy(),
+                                      w[h + "post_attention_layernorm.weight"])
+        np.testing.assert_array_equal(loaded[m + "self_attention.q_layernorm.weight"].numpy(),
+                                      w[h + "self_attn.q_norm.weight"])
+        for e in range(4):
+            ours, hfe = m + f"mlp.experts.local_experts.{e}.", h + f"mlp.experts.{e}."
+            np.testing.assert_array_equal(
+                loaded[ours + "linear_fc1.weight"].numpy(),
+                np.concatenate([w[hfe + "gate_proj.weight"], w[hfe + "up_proj.weight"]]))
+            np.testing.assert_array_equal(loaded[ours + "linear_fc2.weight"].numpy(),
+                                          w[hfe + "down_proj.weight"])
+
+
+def test_megatron_cores_own_stacked_torch_dist_save_reads_as_the_hf_weights(
+        tmp_path, stacked_world):
+    """No mapc.json: the names say keys=stacked (megatron-core stacked every layer, experts on
+    a second axis), the integer moe_layer_freq leaves every layer MoE."""
+    d, ref, _ = stacked_world
+    assert not (d / "saved" / "mapc.json").exists()
+    info = mapc.inspect(d / "saved")
+    assert info["family"] == "qwen3_moe" and info["params"]["keys"] == "stacked"
+    mapc.convert(d / "saved", tmp_path / "back", to="hf")
+    assert_same_safetensors(d / "hf", tmp_path / "back")
+    assert torch.equal(logits_of(tmp_path / "back", TOKENS), ref)
+    for kind in ("torch_dist", "nemo2"):
+        mapc.convert(d / kind, tmp_path / kind, to="hf")
+        assert_same_safetensors(d / "hf", tmp_path / kind, kind)
+
+
+def test_stacked_keys_with_dense_layers_are_refused(tmp_path, hf):
+    with pytest.raises(MapcError, match="stacked torch_dist keys.*need MoE in every layer"):
+        mapc.convert(hf[0], tmp_path / "td", to="torch_dist", set={"keys": "stacked"})
+    assert not (tmp_path / "td").exists()

@@ -285,7 +285,10 @@ _TE_ATTENTION = re.compile(r"^(.*\.self_attention\.)linear_proj\.weight$")
 _TE_FINAL_NORM = re.compile(r"^(.*\.final_layernorm)\.weight$")
 # ... and the attention norms (qk_layernorm's q/k, MLA's q/kv), which are Transformer Engine
 # norms there and plain torch norms (no _extra_state) in torch_dist's local spec
-_TE_ATTENTION_NORM = re.compile(r"^(.*\.self_attention\.(?:q|k|kv)_layernorm)\.weight$")
+# and the post-norms inside row-parallel linears (Megatron-Bridge's
+# TERowParallelLinearLayerNorm: linear_proj / linear_fc2 .post_layernorm, a TENorm)
+_TE_ATTENTION_NORM = re.compile(
+    r"^(.*\.(?:self_attention\.(?:q|k|kv)_layernorm|post_layernorm))\.weight$")
 
 
 class Nemo2Writer(torch_dist.TorchDistWriter):

@@ -857,10 +857,11 @@ def _archive(obj=None, array=None) -> bytes:
 
 # megatron-core's SequentialMLP shards its local experts under "<prefix>experts.experts." on a
 # second global axis (after the layers'); its TopKRouter has no _extra_state, nor have the
-# local spec's attention norms (qk_layernorm's q/k, MLA's q/kv: plain torch norms)
+# local spec's attention norms (qk_layernorm's q/k, MLA's q/kv: plain torch norms) and the
+# norms inside a row-parallel linear (Megatron-Bridge's post_layernorm of linear_proj / fc2)
 _EXPERTS = re.compile(r"(?:^|\.)experts\.experts\.")
 _NO_EXTRA_STATE = re.compile(
-    r"(?:^|\.)(?:router|self_attention\.(?:q|k|kv)_layernorm)\.weight$")
+    r"(?:^|\.)(?:router|self_attention\.(?:q|k|kv)_layernorm|post_layernorm)\.weight$")
 
 
 def stacked(fqn: str) -> bool:

@@ -126,6 +126,7 @@ def _worker(cfg: dict, model_file: str, tokens: list[int], variants: list) -> li
 
 
 # what Megatron-LM passes as sharded_sd_metadata for a model saved with its default flags
+# (passed as a copy: megatron-core adds the data-parallel group of the moment to it in place)
 _METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
              "distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -145,7 +146,7 @@ def _dist_load(torch, model, v: dict) -> None:
     from megatron.core.safe_globals import register_safe_globals
     register_safe_globals()
     prefix = v.get("prefix", "")
-    sharded = model.sharded_state_dict(prefix=prefix, metadata=_METADATA)
+    sharded = model.sharded_state_dict(prefix=prefix, metadata=dict(_METADATA))
     if "unread" in v:       # keys in the checkpoint the model does not ask for, as listed
         loaded, missing, unexpected = dist_checkpointing.load(
             {"model": sharded}, v["dist"], strict="return_all")
@@ -175,12 +176,12 @@ def _dist_save(torch, model, cfg: dict, v: dict) -> None:
         setattr(args, key, value)
     out = mcore_dist.iter_dir(Path(v["dist_save"]))
     out.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save({"model": model.sharded_state_dict(metadata=_METADATA),
+    dist_checkpointing.save({"model": model.sharded_state_dict(metadata=dict(_METADATA)),
                              "args": args, "checkpoint_version": 3.0,
                              "iteration": mcore_dist.ITERATION,
                              "opt_param_scheduler": {"max_lr": 1e-3,
                                                      "num_steps": mcore_dist.ITERATION}},
-                            str(out), content_metadata=_METADATA)
+                            str(out), content_metadata=dict(_METADATA))
     (Path(v["dist_save"]) / "latest_checkpointed_iteration.txt").write_text(
         str(mcore_dist.ITERATION))
 

@@ -21,8 +21,18 @@ stage, attention, the GLU) is megatron-core's.
 ``state_dict`` names and shapes, after loading mapc's rank file from ``ckpt`` (Megatron
 ``release/mp_rank_TT[_PPP]``) with no key missing or unexpected. ``gemma_logits(jobs,
 tokens)``: for each (cfg, model file), the logits of the tp=1 pp=1 model loaded from it
-(``gemma_ranks`` computes them too, in its world re-initialized at tp=1: one start-up). The CPU workarounds are mcore_names' and
-mcore_forward's (documented there).
+(``gemma_ranks`` computes them too, in its world re-initialized at tp=1: one start-up).
+
+Distributed checkpoints (``torch_dist``, NeMo 2's ``weights/``) are loaded with megatron-core's
+own ``dist_checkpointing.load`` of the model's ``sharded_state_dict()`` (mcore_forward's
+``_dist_load``: strict ``raise_all``, or with ``unread`` the exact list of checkpoint keys the
+model does not ask for), then ``load_state_dict(strict=True)``: in ``gemma_ranks``' tp x pp
+world (``dist`` jobs, each rank's loaded ``state_dict()`` into ``out`` formatted with ``t`` and
+``p``), and at tp=1 in place of a model file (a ``forward`` job whose file is a dict, the
+variant of mcore_forward: ``dist``, ``prefix``, ``unread``, ``out``, and ``dist_save``: then
+megatron-core's own torch_dist save of the loaded model, Megatron-LM's ``args`` with
+``args`` over them). The CPU workarounds are mcore_names', mcore_forward's and mcore_dist's
+(documented there).
 """
 from __future__ import annotations
 
@@ -38,18 +48,24 @@ from pathlib import Path
 _HERE = Path(__file__).parent
 
 
-def gemma_ranks(jobs: list, tp: int, pp: int, forward=(), tokens=()) -> tuple[list, list]:
+def gemma_ranks(jobs: list, tp: int, pp: int, forward=(), tokens=(),
+                dist=()) -> tuple[list, list]:
     """For each (cfg, ckpt) of ``jobs`` (one world of tp * pp ranks builds them all in turn):
-    {(tp_rank, pp_rank): {state_dict name: shape}}; then, in the same world re-initialized at
-    tp=1 pp=1, rank 0's logits of ``tokens`` for each (cfg, model file) of ``forward``."""
+    {(tp_rank, pp_rank): {state_dict name: shape}}; then each (cfg, variant) of ``dist``
+    loaded at tp x pp (see the module docstring); then, in the same world re-initialized at
+    tp=1 pp=1, rank 0's logits of ``tokens`` for each (cfg, model file or variant) of
+    ``forward``."""
     sys.path.insert(0, str(_HERE))
     from mcore_names import run_ranks
     jobs = [[cfg, str(ckpt)] for cfg, ckpt in jobs]
-    forward = [[cfg, str(f)] for cfg, f in forward]
+    forward = [[cfg, f if isinstance(f, dict) else str(f)] for cfg, f in forward]
     with tempfile.TemporaryDirectory(prefix="mcore_gemma_") as out:
         run_ranks(tp * pp, [os.path.abspath(__file__), "ranks", json.dumps(jobs), str(tp),
-                            str(pp), out, json.dumps(forward), json.dumps(list(tokens))],
-                  Path(out), {}, "megatron-core gemma")
+                            str(pp), out, json.dumps(forward), json.dumps(list(tokens)),
+                            json.dumps(list(dist))],
+                  Path(out), {"PYTHONPATH": str(_HERE.parents[1]) + os.pathsep
+                              + os.environ.get("PYTHONPATH", "")}, "megatron-core gemma",
+                  cwd=str(_HERE.parents[1]))
         results = []
         for j in range(len(jobs)):
             got = {}
@@ -192,11 +208,21 @@ def _load(path):
         return torch.load(path, weights_only=True)["model"]
 
 
-def _ranks_worker(jobs, tp, pp, out, forward, tokens):
+def _dist_patches(torch):
+    """What megatron-core's dist_checkpointing needs on CPU (mcore_dist's patches) and the
+    common.pt classes it registers (a safe_globals context dropped them again on exit)."""
+    from tests.groundtruth.mcore_dist import _patch_cuda
+    from megatron.core.safe_globals import register_safe_globals
+    _patch_cuda(torch)
+    register_safe_globals()
+
+
+def _ranks_worker(jobs, tp, pp, out, forward, tokens, dists):
     import warnings
     warnings.filterwarnings("ignore")
     import torch
     torch.Tensor.cuda = lambda self, *a, **k: self
+    sys.path.insert(0, str(_HERE))
     import torch.distributed as dist
     rank = int(os.environ["RANK"])
     dist.init_process_group(backend="gloo", rank=rank, world_size=tp * pp)
@@ -217,6 +243,15 @@ def _ranks_worker(jobs, tp, pp, out, forward, tokens):
                   if not k.endswith("_extra_state")}
         Path(out, f"rank{rank}.{j}.json").write_text(
             json.dumps({"tp": t, "pp": p, "shapes": shapes}))
+        parallel_state.destroy_model_parallel()
+    for cfg, v in dists:
+        from mcore_forward import _dist_load
+        _dist_patches(torch)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                 pipeline_model_parallel_size=pp)
+        t = parallel_state.get_tensor_model_parallel_rank()
+        p = parallel_state.get_pipeline_model_parallel_rank()
+        _dist_load(torch, build_gemma(cfg, tp, pp), dict(v, out=v["out"].format(t=t, p=p)))
         parallel_state.destroy_model_parallel()
     if forward:
         logits = _forward(forward, tokens)     # every rank joins the collectives of the setup
@@ -251,10 +286,19 @@ def _forward(jobs, tokens):
     out = []
     for cfg, model_file in jobs:
         model = build_gemma(cfg, 1, 1)
-        missing, unexpected = model.load_state_dict(_load(model_file), strict=False)
-        missing = [m for m in missing if not m.endswith("_extra_state")]
-        if missing or unexpected:
-            raise SystemExit(f"missing {missing}, unexpected {unexpected}")
+        if isinstance(model_file, dict):        # a distributed checkpoint (module docstring)
+            sys.path.insert(0, str(_HERE))
+            from mcore_forward import _dist_load, _dist_save
+            _dist_patches(torch)
+            torch.cuda.current_device = lambda: "cpu"
+            _dist_load(torch, model, model_file)
+            if model_file.get("dist_save"):
+                _dist_save(torch, model, cfg, model_file)
+        else:
+            missing, unexpected = model.load_state_dict(_load(model_file), strict=False)
+            missing = [m for m in missing if not m.endswith("_extra_state")]
+            if missing or unexpected:
+                raise SystemExit(f"missing {missing}, unexpected {unexpected}")
         model.eval()
         with torch.no_grad():
             out.append(model(input_ids=ids, position_ids=pos, attention_mask=mask).tolist())
@@ -265,9 +309,9 @@ def _forward(jobs, tokens):
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "ranks":
-        _, _, jobs, tp, pp, out, forward, toks = sys.argv
+        _, _, jobs, tp, pp, out, forward, toks, dists = sys.argv
         _ranks_worker(json.loads(jobs), int(tp), int(pp), out, json.loads(forward),
-                      json.loads(toks))
+                      json.loads(toks), json.loads(dists))
     else:
         _, _, jobs, toks = sys.argv
         print(json.dumps(_logits_worker(json.loads(jobs), json.loads(toks))))
