@@ -24,12 +24,15 @@ then reads the state as torch_dist's; writing wraps it back.
 ``context/`` holds the model's configuration: ``model.yaml`` (NeMo's fiddle config rendered in
 Hydra syntax with every default: ``_target_`` the model class, ``config`` its ``GPTConfig``,
 whose fields are megatron-core ``TransformerConfig`` names; callables and dtypes as
-``{_target_: ..., _call_: false}``) and ``io.json`` (the same config serialized by fiddle, which
-NeMo's ``io.load_context`` reads), plus tokenizer files. Reading takes the config from
-``model.yaml``'s ``config`` and renames the few keys that differ from Megatron-LM's arguments
-(:data:`FROM_NEMO`), which the spec's ``torch_dist`` layout reads. Writing produces ``weights/``,
-``context/model.yaml`` (the family-neutral ``nemo.collections.llm.gpt.model.base.GPTModel`` /
-``GPTConfig``) and ``mapc.json``; ``io.json`` and the tokenizer are not written.
+``{_target_: ..., _call_: false}``) and ``io.json`` (the same config serialized by fiddle, with
+only the arguments given, which NeMo's ``io.load_context`` reads), plus tokenizer files. Reading
+takes the config from ``model.yaml``'s ``config`` and renames the few keys that differ from
+Megatron-LM's arguments (:data:`FROM_NEMO`), which the spec's ``torch_dist`` layout reads; a
+``vocab_size`` equal to the embedding's rows is unpadded (NeMo builds the embedding with it).
+Writing produces ``weights/``, ``context/model.yaml`` and ``context/io.json`` (the
+family-neutral ``nemo.collections.llm.gpt.model.base.GPTModel`` / ``GPTConfig`` with every
+field, :func:`io_json`) and ``mapc.json``; the tokenizer is not written. Checked against the real
+NeMo 2.7.3 in tests/test_nemo_real.py.
 """
 from __future__ import annotations
 
@@ -207,7 +210,8 @@ class Nemo2Source(torch_dist.TorchDistSource):
             self.format_meta = {}
             if not self.config:
                 self.warnings.append(f"no {CONTEXT}/{MODEL_YAML} (the model's NeMo 2 config; "
-                                     f"io.json is not read): pass --config")
+                                     f"io.json, which holds only the arguments given, is not "
+                                     f"read): pass --config")
             return
         self.format_meta = megatron_view(self.model_yaml["config"])
         self.saved_topology     # its sizes are bounded now, before anything uses them
