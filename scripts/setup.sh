@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=${MAPC_VENV:-.venv}
 TORCH_VERSION=2.13.0
 DEEPSPEED_VERSION=0.19.8
-stamp_src=$(cat pyproject.toml requirements/dev.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+stamp_src=$(cat pyproject.toml requirements/dev.txt requirements/nemo.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$VENV/.mapc-stamp" ] && [ "$(cat "$VENV/.mapc-stamp")" = "$stamp_src" ]; then
   exit 0
 fi
@@ -27,4 +27,9 @@ PY="$VENV/bin/python"
 DS_BUILD_OPS=0 "$PY" -m pip install --quiet --no-deps --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
 "$PY" -m pip install --quiet -e . "torch==$TORCH_VERSION"
 "$PY" -m pip check >&2
+# NeMo 2 (ground truth for the nemo2 format, tests/groundtruth/nemo_real.py): pinned, no
+# dependencies resolved (torch, megatron-core, transformers are the venv's), into $VENV/nemo
+# apart from site-packages (its wheel ships a top-level `tests` package). ~240 MB, ~10 s.
+rm -rf "$VENV/nemo"
+"$PY" -m pip install --quiet --no-deps --target "$VENV/nemo" -r requirements/nemo.txt
 echo "$stamp_src" > "$VENV/.mapc-stamp"

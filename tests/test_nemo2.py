@@ -35,6 +35,15 @@ def test_files_keys_and_round_trip(nemo2, tmp_path):
     assert "module.decoder.layers.self_attention.core_attention._extra_state/shard_3_4" in keys
     assert "module.decoder.final_layernorm._extra_state/shard_0_1" in keys
     assert set(torchfile.load(n2 / "weights" / "common.pt")) == {"content_metadata"}
+    # NeMo builds the embedding with the config's vocab_size rows (unpadded): the two agree
+    # (NeMo's own load of this output is in tests/test_nemo_real.py)
+    import json
+    import yaml
+    rows = int(dcp.read_metadata(n2 / "weights").get("state_dict_metadata")[
+        "module.embedding.word_embeddings.weight"].get("size")[0])
+    assert yaml.safe_load((n2 / "context" / "model.yaml").read_text())["config"][
+        "vocab_size"] == rows == llama_config()["vocab_size"]
+    assert json.loads((n2 / "context" / "io.json").read_text())["version"] == "0.0.1"
     shutil.copytree(n2, tmp_path / "bare")
     (tmp_path / "bare" / "mapc.json").unlink()
     a = load_file(str(src / "model.safetensors"))
@@ -50,7 +59,7 @@ def test_dry_run_lists_the_nemo2_files(nemo2, tmp_path, capsys):
                  "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "context/model.yaml" in out and "weights/.metadata" in out
-    assert "no io.json" in out and not (tmp_path / "x").exists()
+    assert "context/io.json" in out and not (tmp_path / "x").exists()
 
 
 def _bad_yaml(d):

@@ -190,9 +190,12 @@ def loaded_nemo2(nemo2, tmp_path_factory):
     tp, pp, dp = LOAD_AT
     base = tmp_path_factory.mktemp("nemo2_optim_load")
     src = nemo2["dp_zero_gather_scatter"]
-    mapc.convert(src, base / "ckpt", to="nemo2", tp=tp, pp=pp, dp=dp)
+    # the harness's model pads the vocabulary as Megatron-LM does (nemo2 writes it unpadded
+    # by default, as NeMo's HF importers do)
+    pad = {"vocab_multiple": "128"}
+    mapc.convert(src, base / "ckpt", to="nemo2", tp=tp, pp=pp, dp=dp, set=pad)
     mapc.convert(src, base / "fully", to="nemo2", tp=tp, pp=pp, dp=dp,
-                 optim_sharding="fully_reshardable")
+                 optim_sharding="fully_reshardable", set=pad)
     return base / "ckpt", mcore_dist.load_optimizer(base / "ckpt", CFG, tp, pp, dp, "bf16",
                                                     base / "loaded", fully=base / "fully",
                                                     nemo2=True)

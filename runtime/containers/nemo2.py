@@ -24,16 +24,20 @@ then reads the state as torch_dist's; writing wraps it back.
 ``context/`` holds the model's configuration: ``model.yaml`` (NeMo's fiddle config rendered in
 Hydra syntax with every default: ``_target_`` the model class, ``config`` its ``GPTConfig``,
 whose fields are megatron-core ``TransformerConfig`` names; callables and dtypes as
-``{_target_: ..., _call_: false}``) and ``io.json`` (the same config serialized by fiddle, which
-NeMo's ``io.load_context`` reads), plus tokenizer files. Reading takes the config from
-``model.yaml``'s ``config`` and renames the few keys that differ from Megatron-LM's arguments
-(:data:`FROM_NEMO`), which the spec's ``torch_dist`` layout reads. Writing produces ``weights/``,
-``context/model.yaml`` (the family-neutral ``nemo.collections.llm.gpt.model.base.GPTModel`` /
-``GPTConfig``) and ``mapc.json``; ``io.json`` and the tokenizer are not written.
+``{_target_: ..., _call_: false}``) and ``io.json`` (the same config serialized by fiddle, with
+only the arguments given, which NeMo's ``io.load_context`` reads), plus tokenizer files. Reading
+takes the config from ``model.yaml``'s ``config`` and renames the few keys that differ from
+Megatron-LM's arguments (:data:`FROM_NEMO`), which the spec's ``torch_dist`` layout reads; a
+``vocab_size`` equal to the embedding's rows is unpadded (NeMo builds the embedding with it).
+Writing produces ``weights/``, ``context/model.yaml`` and ``context/io.json`` (the
+family-neutral ``nemo.collections.llm.gpt.model.base.GPTModel`` / ``GPTConfig`` with every
+field, :func:`io_json`) and ``mapc.json``; the tokenizer is not written. Checked against the real
+NeMo 2.7.3 in tests/test_nemo_real.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -46,13 +50,20 @@ LAYOUT = "torch_dist"
 WEIGHTS = "weights"
 CONTEXT = "context"
 MODEL_YAML = "model.yaml"
+IO_JSON = "io.json"
 PREFIX = "module."
 MAX_YAML = 16 << 20
 TOPOLOGY_PARAMS = torch_dist.TOPOLOGY_PARAMS
 MODEL_TARGET = "nemo.collections.llm.gpt.model.base.GPTModel"
 CONFIG_TARGET = "nemo.collections.llm.gpt.model.base.GPTConfig"
+STRATEGY_TARGET = "nemo.lightning.pytorch.strategies.megatron_strategy.MegatronStrategy"
+TRAINER_TARGET = "nemo.lightning.pytorch.trainer.Trainer"
+CONTEXT_TARGET = "nemo.lightning.io.pl.TrainerContext"
+ACTIVATION = "torch.nn.functional.silu"
 # NeMo 2 builds its GPT models with megatron-core's Transformer Engine spec
-LAYOUT_DEFAULTS = {"naming": "te"}
+# and a vocabulary unpadded (round_up(vocab, tp)): NeMo builds the embedding with the config's
+# vocab_size as it is, which its HF importers set to the tokenizer's size
+LAYOUT_DEFAULTS = {"naming": "te", "vocab_multiple": 1}
 # what NeMo 2 records as content_metadata for a model without the distributed optimizer
 # (MegatronStrategy.sharded_state_dict_metadata)
 CONTENT_METADATA: dict = {}
@@ -199,12 +210,18 @@ class Nemo2Source(torch_dist.TorchDistSource):
             self.format_meta = {}
             if not self.config:
                 self.warnings.append(f"no {CONTEXT}/{MODEL_YAML} (the model's NeMo 2 config; "
-                                     f"io.json is not read): pass --config")
+                                     f"io.json, which holds only the arguments given, is not "
+                                     f"read): pass --config")
             return
         self.format_meta = megatron_view(self.model_yaml["config"])
         self.saved_topology     # its sizes are bounded now, before anything uses them
+        emb = self.tensors.get("embedding.word_embeddings.weight")
+        if emb is not None and self.format_meta.get("vocab_size") is not None and \
+                self.entries[emb[0]][0][0] == self.format_meta["vocab_size"]:
+            # NeMo's GPTConfig.configure_model builds the embedding with a given vocab_size as
+            # it is (make_vocab_size_divisible_by pads only a tokenizer's size)
+            self.format_meta["make_vocab_size_divisible_by"] = 1
         if self.format_meta.get("vocab_size") is None and not self.config:
-            emb = self.tensors.get("embedding.word_embeddings.weight")
             if emb is not None:
                 self.format_meta["vocab_size"] = self.entries[emb[0]][0][0]
                 self.warnings.append(f"{MODEL_YAML} states no vocab_size (NeMo 2 takes it from "
@@ -239,11 +256,11 @@ def plan_write(program, facts, request):
     megatron-core's distributed optimizer state as torch_dist writes it), ``context/model.yaml``
     and ``mapc.json``."""
     plan = torch_dist.plan_write(program, facts, request)
-    files = [MAPC_JSON, f"{CONTEXT}/{MODEL_YAML}"] + \
+    files = [MAPC_JSON, f"{CONTEXT}/{MODEL_YAML}", f"{CONTEXT}/{IO_JSON}"] + \
         [f"{WEIGHTS}/{f}" for f in (torch_dist.METADATA_JSON, torch_dist.COMMON,
                                     torch_dist.dcp.METADATA, torch_dist.DATA)]
     decisions = {"weights": f"{WEIGHTS}/ (torch_dist, keys prefixed {PREFIX!r})",
-                 "context": f"{CONTEXT}/{MODEL_YAML} ({MODEL_TARGET}); no io.json"} | \
+                 "context": f"{CONTEXT}/{MODEL_YAML}, {CONTEXT}/{IO_JSON} ({MODEL_TARGET})"} | \
         {k: v for k, v in plan.decisions.items()
          if k not in ("iteration directory", "data file")}
     return dataclasses.replace(plan, format="nemo2", files=tuple(sorted(files)),
@@ -265,16 +282,99 @@ def _plain(obj, depth: int = 0) -> bool:
 
 def model_yaml(args: dict) -> dict:
     """NeMo 2's ``model.yaml`` for a GPT model with these Megatron-LM arguments."""
-    config = {"_target_": CONFIG_TARGET}
+    config = {"_target_": CONFIG_TARGET} | gpt_config(args)
+    if args.get("swiglu"):
+        config["activation_func"] = {"_call_": False, "_target_": ACTIVATION}
+    return {"_target_": MODEL_TARGET, "config": config}
+
+
+def gpt_config(args: dict) -> dict:
+    """The ``GPTConfig`` fields of these Megatron-LM arguments (callables apart)."""
+    config = {}
     for arg, value in args.items():
         if arg in TO_NEMO:
             key, conv = TO_NEMO[arg]
             config[key] = conv(value)
         elif arg not in NOT_IN_CONFIG:
             config[arg] = value
+    if args.get("padded_vocab_size") is not None:
+        # NeMo builds the embedding with vocab_size rows (a given vocab_size is not padded)
+        config["vocab_size"] = args["padded_vocab_size"]
+        config["make_vocab_size_divisible_by"] = 1
+    return config
+
+
+def io_json(args: dict, topology: dict) -> dict:
+    """``context/io.json``: fiddle's JSON serialization (format 0.0.1, what NeMo's
+    ``IOMixin.io_dump`` writes and ``io.load_context`` reads) of NeMo's ``TrainerContext`` with
+    ``model`` the ``GPTModel`` of a ``GPTConfig`` holding every field of :func:`gpt_config`
+    (fiddle records only the arguments given, so nothing is left to a class default), and
+    ``trainer`` a NeMo ``Trainer`` on a ``MegatronStrategy`` of the saved TP and PP."""
+    objects: dict = {}
+    counts: dict = {}
+
+    def pyref(qualified: str) -> dict:
+        module, _, name = qualified.rpartition(".")
+        return {"type": "pyref", "module": module, "name": name}
+
+    def new(kind: str, obj: dict) -> dict:
+        counts[kind] = counts.get(kind, 0) + 1
+        key = f"{kind}_{counts[kind]}"
+        objects[key] = obj
+        return {"type": "ref", "key": key}
+
+    def value(v, path: str):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return {"type": "leaf", "value": v, "paths": [path]}
+        if isinstance(v, (list, tuple)):
+            kind = "list" if isinstance(v, list) else "tuple"
+            return new(kind, {"type": pyref(f"builtins.{kind}"),
+                              "items": [[f"Index(index={i})", value(x, f"{path}[{i}]")]
+                                        for i, x in enumerate(v)],
+                              "metadata": None, "paths": [path]})
+        if isinstance(v, dict) and "_pyref_" in v:
+            return {"type": "pyref", **{k: x for k, x in pyref(v["_pyref_"]).items()
+                                        if k != "type"}, "paths": [path]}
+        raise MapcError(f"cannot write {v!r} at {path} into {IO_JSON}")
+
+    def empty_dict() -> dict:
+        return new("dict", {"type": pyref("builtins.dict"), "items": [],
+                            "metadata": {"type": pyref("builtins.tuple"), "items": [],
+                                         "metadata": None}})
+
+    def config(target: str, kind: str, fields: dict, path: str) -> dict:
+        names = new("tuple", {"type": pyref("builtins.tuple"),
+                              "items": [[f"Index(index={i})", k] for i, k in enumerate(fields)],
+                              "metadata": None})
+        btm = "fiddle._src.config.BuildableTraverserMetadata"
+        meta = new("buildable_traverser_metadata", {
+            "type": pyref(btm),
+            "items": [["Attr(name='fn_or_cls')", pyref(target)],
+                      ["Attr(name='argument_names')", names],
+                      ["Attr(name='argument_tags')", empty_dict()],
+                      ["Attr(name='argument_history')", empty_dict()]],
+            "metadata": pyref(btm)})
+        items = [[f"Attr(name='{k}')", v if isinstance(v, dict) and v.get("type") == "ref"
+                  else value(v, f"{path}.{k}")] for k, v in fields.items()]
+        return new(kind, {"type": pyref("fiddle._src.config.Config"), "items": items,
+                          "metadata": meta, "paths": [path]})
+
+    fields = {k: v for k, v in gpt_config(args).items()}
     if args.get("swiglu"):
-        config["activation_func"] = {"_call_": False, "_target_": "torch.nn.functional.silu"}
-    return {"_target_": MODEL_TARGET, "config": config}
+        fields["activation_func"] = {"_pyref_": ACTIVATION}
+    cfg = config(CONFIG_TARGET, "gpt_config", fields, "<root>.model.config")
+    model = config(MODEL_TARGET, "gpt_model", {"config": cfg}, "<root>.model")
+    strategy = config(STRATEGY_TARGET, "megatron_strategy", {
+        "tensor_model_parallel_size": topology.get("tp", 1),
+        "pipeline_model_parallel_size": topology.get("pp", 1)}, "<root>.trainer.strategy")
+    trainer = config(TRAINER_TARGET, "trainer", {"strategy": strategy}, "<root>.trainer")
+    extra = new("dict", {"type": pyref("builtins.dict"), "items": [],
+                         "metadata": {"type": pyref("builtins.tuple"), "items": [],
+                                      "metadata": None}, "paths": ["<root>.extra"]})
+    root = config(CONTEXT_TARGET, "trainer_context",
+                  {"model": model, "trainer": trainer, "extra": extra}, "<root>")
+    return {"root": root, "objects": objects, "refcounts": {k: 1 for k in objects},
+            "version": "0.0.1"}
 
 
 # Transformer Engine modules (NeMo 2's spec) with an _extra_state but no tensor mapc writes
@@ -339,6 +439,9 @@ class Nemo2Writer(torch_dist.TorchDistWriter):
         d = self.dir / CONTEXT
         d.mkdir()
         (d / MODEL_YAML).write_text(yaml.safe_dump(model_yaml(self.args), sort_keys=False))
+        (d / IO_JSON).write_text(json.dumps(io_json(self.args, {
+            "tp": self.args.get("tensor_model_parallel_size") or 1,
+            "pp": self.args.get("pipeline_model_parallel_size") or 1})))
         write_json(self.dir / MAPC_JSON, record)
 
 
