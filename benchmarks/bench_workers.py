@@ -4,7 +4,7 @@
 
     python benchmarks/bench_workers.py --size-gb 1 --workdir-parent /work [--repeat 2]
                                        [--no-deepspeed] [--no-torchrun] [--only-deepspeed]
-                                       [--json OUT]
+                                       [--before PYTHON] [--json OUT]
 
 Generates a Llama-shaped bf16 HF checkpoint (benchmarks/bench_convert.py's generator, 300 MB
 shards) in a fresh directory under ``--workdir-parent`` (removed afterwards), then times, in
@@ -20,7 +20,9 @@ machine just before each run:
   - hf -> torch_dist (one data file: one process)
   - deepspeed dp2 -> dp3, ``--workers 1`` and ``--workers 2`` (each data-parallel rank's
     optimizer file and the model states are written by one worker; the dp2 source, 12 bytes
-    per parameter of optimizer state, is made first and not timed), beside ``cp -r`` of it
+    per parameter of optimizer state, is made first and not timed), beside ``cp -r`` of it;
+    with ``--before PYTHON`` (the interpreter of another checkout's venv, e.g. main's), the
+    same two conversions by that mapc too, in the same rounds, their output checked equal
   - torchrun --standalone --nproc-per-node 2 -m mapc convert hf -> megatron TP=2 PP=2
   - with ``--only-universal-tp`` instead: hf -> universal TP=2 (Megatron-DeepSpeed's layout:
     each parameter's fp32 weights and zero moments in zero/, each rank's model states), with
@@ -64,6 +66,9 @@ def main(argv=None) -> int:
                     help="just the deepspeed dp2 -> dp3 group (and its cp -r)")
     ap.add_argument("--only-universal-tp", action="store_true",
                     help="just hf -> universal --tp 2, --workers 1 and 2 (and cp -r)")
+    ap.add_argument("--before", metavar="PYTHON",
+                    help="also time deepspeed dp2 -> dp3 with this interpreter's mapc (another "
+                         "checkout's venv), side by side")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mapc-bench-workers-", dir=args.workdir_parent))
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
             ds2, ds3 = work / "ds2", work / "ds3"
             subprocess.run(conv + [str(ds2), "--to", "deepspeed", "--dp", "2", "-q"],
                            check=True)
-            _deepspeed_rounds(ds2, ds3, copy, rounds, checks)
+            _deepspeed_rounds(ds2, ds3, copy, rounds, checks, args.before)
             shutil.rmtree(ds2)
         shutil.rmtree(src)          # the disk: at most three checkpoints at a time
         back1, back2 = work / "back1", work / "back2"
@@ -167,21 +172,33 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _deepspeed_rounds(ds2: Path, ds3: Path, copy: Path, rounds, checks: dict) -> None:
-    """deepspeed dp2 -> dp3 with --workers 1 and 2 beside cp -r of the dp2 checkpoint."""
+def _deepspeed_rounds(ds2: Path, ds3: Path, copy: Path, rounds, checks: dict,
+                      before: str | None = None) -> None:
+    """deepspeed dp2 -> dp3 with --workers 1 and 2 beside cp -r of the dp2 checkpoint (and
+    by the ``before`` interpreter's mapc)."""
     mapc = [sys.executable, "-m", "mapc"]
     dsb = bc.dir_bytes(ds2)
     ds3b = ds3.with_name(ds3.name + "-w2")
-    cmd = mapc + ["convert", str(ds2)]
     three = ["--to", "deepspeed", "--dp", "3", "-q", "--workers"]
-    cpd, *conv = rounds([
-        (f"cp -r deepspeed dp2 ({dsb / 1e9:.2f} GB)", ["cp", "-r", str(ds2), str(copy)], copy,
-         lambda out: None),
-        ("deepspeed dp2 -> dp3 --workers 1", cmd + [str(ds3), *three, "1"], ds3),
-        ("deepspeed dp2 -> dp3 --workers 2", cmd + [str(ds3b), *three, "2"], ds3b,
-         lambda out: checks.__setitem__("deepspeed --workers 2 == --workers 1",
-                                        checks.get("deepspeed --workers 2 == --workers 1", True)
-                                        and same_tree(ds3, out)))])
+
+    def same_as_w1(what):
+        def check(out):
+            checks[what] = checks.get(what, True) and same_tree(ds3, out)
+        return check
+    ops = [(f"cp -r deepspeed dp2 ({dsb / 1e9:.2f} GB)", ["cp", "-r", str(ds2), str(copy)],
+            copy, lambda out: None),
+           ("deepspeed dp2 -> dp3 --workers 1", mapc + ["convert", str(ds2), str(ds3), *three,
+                                                        "1"], ds3),
+           ("deepspeed dp2 -> dp3 --workers 2", mapc + ["convert", str(ds2), str(ds3b), *three,
+                                                        "2"], ds3b,
+            same_as_w1("deepspeed --workers 2 == --workers 1"))]
+    if before:
+        for n in ("1", "2"):
+            out = ds3.with_name(f"{ds3.name}-before-w{n}")
+            ops.append((f"before: deepspeed dp2 -> dp3 --workers {n}",
+                        [before, "-m", "mapc", "convert", str(ds2), str(out), *three, n], out,
+                        same_as_w1("deepspeed before == after")))
+    cpd, *conv = rounds(ops)
     for row in conv:
         row["x_cp_own"] = row["seconds"] / cpd["seconds"]
         row["bytes"] = dsb
@@ -194,7 +211,7 @@ def _deepspeed_only(args, work, src, size, conv, rounds, rows, copy) -> int:
     subprocess.run(conv + [str(ds2), "--to", "deepspeed", "--dp", "2", "-q"], check=True)
     shutil.rmtree(src)
     checks: dict = {}
-    _deepspeed_rounds(ds2, ds3, copy, rounds, checks)
+    _deepspeed_rounds(ds2, ds3, copy, rounds, checks, args.before)
     return _print(args, size, rows, checks, rows[0])
 
 

@@ -1316,6 +1316,15 @@ class _ZipEntry:
         self.name, self.crc, self.size, self.offset = name, crc, size, offset
 
 
+class _Reserved:
+    """A member laid out by ``reserve_tensor``: its entry, where its data starts, and the
+    (offset, length, crc32) of every piece filled so far."""
+    __slots__ = ("entry", "data", "pieces")
+
+    def __init__(self, entry: _ZipEntry, data: int):
+        self.entry, self.data, self.pieces = entry, data, []
+
+
 _CRC_POOL = None
 
 
@@ -1332,6 +1341,82 @@ def _crc32_chunks(chunks) -> int:
     for chunk in chunks:
         crc = zlib.crc32(chunk, crc)
     return crc
+
+
+# -- CRC-32 of a concatenation from the CRCs of its parts (GF(2) polynomial arithmetic) --
+#
+# A CRC-32 is the message's polynomial times x^32 modulo the generator P, pre- and
+# post-conditioned. The CRC of A || B is crc(A) * x^(8 len(B)) mod P xor crc(B), since the
+# conditioning terms cancel. Polynomials are 32-bit ints in zlib's reflected bit order
+# (bit 31 is x^0), so multiplying by x is a right shift, reduced by the reflected generator.
+
+_CRC_POLY = 0xEDB88320
+
+
+def _mult_mod_p(a: int, b: int) -> int:
+    """a(x) * b(x) mod P, both reflected."""
+    product = 0
+    bit = 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return product
+
+
+def _x_powers() -> list[int]:
+    """x^(2^k) mod P for k = 0..63 (x^1 = bit 30)."""
+    out = [1 << 30]
+    for _ in range(63):
+        out.append(_mult_mod_p(out[-1], out[-1]))
+    return out
+
+
+_X_POW2 = _x_powers()
+
+
+def _x_pow_8n(n: int) -> int:
+    """x^(8n) mod P: the shift of a CRC past n bytes."""
+    power, k = 1 << 31, 3                   # x^0; 8n = n * 2^3
+    while n:
+        if n & 1:
+            power = _mult_mod_p(_X_POW2[k], power)
+        n >>= 1
+        k += 1
+    return power
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """zlib.crc32(A + B) from crc1 = zlib.crc32(A), crc2 = zlib.crc32(B) and len(B)."""
+    if len2 <= 0:
+        return crc1
+    return _mult_mod_p(_x_pow_8n(len2), crc1) ^ crc2
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def crc32_zeros(n: int, crc: int = 0) -> int:
+    """zlib.crc32 of n zero bytes, continuing ``crc``."""
+    tail = n % len(_ZEROS)
+    if n >= len(_ZEROS):                    # whole MiBs: the CRC of one, shifted and doubled
+        crc = zlib.crc32(_ZEROS, crc)
+        ones = (n // len(_ZEROS)) - 1
+        if ones:
+            block, size, m = zlib.crc32(_ZEROS), len(_ZEROS), ones   # by doubling
+            acc, acc_len = None, 0
+            while m:
+                if m & 1:
+                    acc = block if acc is None else crc32_combine(acc, block, size)
+                    acc_len += size
+                m >>= 1
+                if m:
+                    block = crc32_combine(block, block, size)
+                    size *= 2
+            crc = crc32_combine(crc, acc, acc_len)
+    return zlib.crc32(_ZEROS[:tail], crc)
 
 
 def _array_chunks(array: np.ndarray) -> Iterator[memoryview]:
@@ -1418,6 +1503,8 @@ class TorchWriter:
                                 where=str(self.path)) from None
         self._entries: list[_ZipEntry] = []
         self._placeholders: dict[str, TensorPlaceholder] = {}
+        self._reserved: dict[str, _Reserved] = {}   # members whose bytes come by fill()
+        self._end: int | None = None                # set while suspended (file closed)
         self._closed = False
 
     def __enter__(self) -> "TorchWriter":
@@ -1432,6 +1519,7 @@ class TorchWriter:
         """Write one tensor's bytes now; returns the placeholder to use in ``finish``'s object
         (``requires_grad`` sets torch's flag on the loaded tensor)."""
         self._check_open()
+        self._reopen()
         if isinstance(array, TensorRef):
             array = array.numpy()
         from mapc.runtime.fastcopy import FileBytes
@@ -1462,6 +1550,121 @@ class TorchWriter:
         self._placeholders[key] = placeholder
         return placeholder
 
+    def reserve_tensor(self, dtype: str, shape, requires_grad: bool = False) -> TensorPlaceholder:
+        """Lay out one tensor's member now (local header, space for its bytes) and return its
+        placeholder; its bytes come later, in any order, by :meth:`fill`. What no ``fill``
+        covers reads as zeros (a hole in the file). The member's CRC-32 is combined from the
+        CRCs of the filled pieces at :meth:`finish`: no byte is read back."""
+        self._check_open()
+        self._reopen()
+        if dtype not in DTYPES:
+            raise MapcError(f"cannot write a tensor of dtype {dtype}; supported: "
+                            f"{', '.join(DTYPES)}", where=str(self.path))
+        shape = tuple(int(d) for d in shape)
+        size = math.prod(shape) * DTYPES[dtype].itemsize
+        key = str(len(self._placeholders))
+        f = self._file
+        try:
+            offset = f.tell()
+            data = self._local_header(f"{_ARCHIVE}/data/{key}".encode("utf-8"), size, offset)
+            f.seek(data + size)
+        except OSError as e:
+            self.abort()
+            raise MapcError(f"cannot write checkpoint: {e.strerror or e}", where=str(self.path)) from None
+        entry = _ZipEntry(f"{_ARCHIVE}/data/{key}".encode("utf-8"), None, size, offset)
+        self._entries.append(entry)
+        self._reserved[key] = _Reserved(entry, data)
+        placeholder = TensorPlaceholder(key, dtype, shape, bool(requires_grad))
+        self._placeholders[key] = placeholder
+        return placeholder
+
+    def fill(self, placeholder: TensorPlaceholder, at: int, array: np.ndarray) -> None:
+        """Write ``array``'s bytes (row-major) at byte ``at`` of a reserved tensor's data: by
+        ``pwrite`` (in-kernel when they are a range of a source file), while their CRC-32 is
+        computed from memory on another core. Pieces must not overlap. A suspended writer
+        opens its file for this write only."""
+        self._check_open()
+        res = self._reserved.get(placeholder.key)
+        if res is None or self._placeholders.get(placeholder.key) is not placeholder:
+            raise MapcError(f"internal: tensor {placeholder.key} was not reserved by this "
+                            f"TorchWriter", where=str(self.path))
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        n = array.nbytes
+        if at < 0 or at + n > res.entry.size:
+            raise MapcError(f"internal: bytes {at}..{at + n} fall outside tensor "
+                            f"{placeholder.key} ({res.entry.size} bytes)", where=str(self.path))
+        if n == 0:
+            return
+        array = np.ascontiguousarray(array)
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        job = _crc_pool().submit(zlib.crc32, view) if n > _CHUNK else None
+        try:
+            if not self._owns_file:
+                f = self._file
+                end = f.tell()
+                f.seek(res.data + at)
+                f.write(view)
+                f.seek(end)
+            else:
+                from mapc.runtime.fastcopy import write_array
+                if self._file is not None:
+                    self._file.flush()
+                    write_array(self._file.fileno(), array, res.data + at, str(self.path))
+                else:
+                    fd = os.open(self.path, os.O_WRONLY)
+                    try:
+                        write_array(fd, array, res.data + at, str(self.path))
+                    finally:
+                        os.close(fd)
+        except OSError as e:
+            raise MapcError(f"cannot write checkpoint: {e.strerror or e}",
+                            where=str(self.path)) from None
+        finally:
+            crc = job.result() if job is not None else zlib.crc32(view)
+        res.pieces.append((at, n, crc))
+
+    def suspend(self) -> None:
+        """Close the file until it is next needed (``fill`` opens it per write; ``add_tensor``,
+        ``reserve_tensor`` and ``finish`` reopen it): a process writing many files at once
+        holds no descriptor for them in between."""
+        self._check_open()
+        if self._owns_file and self._file is not None:
+            self._end = self._file.tell()
+            self._file.close()
+            self._file = None
+
+    def _reopen(self) -> None:
+        if self._file is None:
+            try:
+                self._file = open(self.path, "r+b")
+            except OSError as e:
+                self.abort()
+                raise MapcError(f"cannot reopen checkpoint: {e.strerror or e}",
+                                where=str(self.path)) from None
+            self._file.seek(self._end)
+            self._end = None
+
+    def _seal_reserved(self) -> None:
+        """Every reserved member's CRC-32, from its pieces in order and the zeros between
+        them, patched into its local header."""
+        f = self._file
+        for key, res in self._reserved.items():
+            crc, pos = 0, 0
+            for at, n, piece in sorted(res.pieces):
+                if at < pos:
+                    raise MapcError(f"internal: overlapping writes into tensor {key} at byte "
+                                    f"{at}", where=str(self.path))
+                crc = crc32_combine(crc32_zeros(at - pos, crc), piece, n)
+                pos = at + n
+            crc = crc32_zeros(res.entry.size - pos, crc)
+            res.entry.crc = crc
+            end = f.tell()
+            f.seek(res.entry.offset + 14)
+            f.write(struct.pack("<I", crc))
+            f.seek(end)
+        self._reserved = {}
+
     def finish(self, obj: Any) -> None:
         """Pickle ``obj`` (tensors as placeholders), write the zip directory and close.
 
@@ -1469,6 +1672,7 @@ class TorchWriter:
         writer open (call :meth:`abort` or fix the object and call ``finish`` again).
         """
         self._check_open()
+        self._reopen()
         buffer = io.BytesIO()
         try:
             _CheckpointPickler(buffer, self).dump(obj)
@@ -1478,6 +1682,7 @@ class TorchWriter:
             raise MapcError("object is nested too deeply (or contains a cycle through a "
                             "container mapc cannot reference)", where=str(self.path)) from None
         try:
+            self._seal_reserved()
             records = [
                 ("data.pkl", buffer.getvalue()),
                 (".format_version", b"1"),
@@ -1499,7 +1704,7 @@ class TorchWriter:
         """Close and delete the partial file (safe to call more than once)."""
         if not self._closed:
             self._closed = True
-            if self._owns_file:
+            if self._owns_file and self._file is not None:
                 self._file.close()
         if not self._owns_file:
             return
@@ -1532,16 +1737,7 @@ class TorchWriter:
         try:
             offset = f.tell()
             name_bytes = name.encode("utf-8")
-            zip64 = size >= _ZIP64_LIMIT
-            extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
-            unpadded = offset + _LOCAL_HEADER.size + len(name_bytes) + len(extra) + 4
-            pad = -unpadded % _ALIGNMENT
-            extra += struct.pack("<HH", _PAD_FIELD_ID, pad) + b"\0" * pad
-            size32 = 0xFFFFFFFF if zip64 else size
-            f.write(_LOCAL_HEADER.pack(_LOCAL_SIG, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE, 0,
-                                       size32, size32, len(name_bytes), len(extra)))
-            f.write(name_bytes)
-            f.write(extra)
+            self._local_header(name_bytes, size, offset)
             # The CRC runs on another core while the bytes are written (both release the GIL).
             # Bytes copied from source files (``source``) are read only by the CRC: their chunks
             # stay a generator of windows, mapped one at a time (fastcopy.FileBytes.mapped).
@@ -1574,6 +1770,22 @@ class TorchWriter:
             self.abort()
             raise MapcError(f"cannot write checkpoint: {e.strerror or e}", where=str(self.path)) from None
         self._entries.append(_ZipEntry(name_bytes, crc, size, offset))
+
+    def _local_header(self, name_bytes: bytes, size: int, offset: int) -> int:
+        """Write a stored member's local header at ``offset`` (the file's position), CRC 0
+        (patched once known), padded so its data starts 64-byte aligned; returns that start."""
+        f = self._file
+        zip64 = size >= _ZIP64_LIMIT
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        unpadded = offset + _LOCAL_HEADER.size + len(name_bytes) + len(extra) + 4
+        pad = -unpadded % _ALIGNMENT
+        extra += struct.pack("<HH", _PAD_FIELD_ID, pad) + b"\0" * pad
+        size32 = 0xFFFFFFFF if zip64 else size
+        f.write(_LOCAL_HEADER.pack(_LOCAL_SIG, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE, 0,
+                                   size32, size32, len(name_bytes), len(extra)))
+        f.write(name_bytes)
+        f.write(extra)
+        return offset + _LOCAL_HEADER.size + len(name_bytes) + len(extra)
 
     def _write_directory(self) -> None:
         f = self._file

@@ -666,3 +666,56 @@ def test_read_copies_exactly_what_numpy_maps(tmp_path, make):
     got = ref.read()
     assert got.flags.c_contiguous and got.flags.writeable
     assert np.array_equal(got.view(np.uint16), np.ascontiguousarray(ref.numpy()).view(np.uint16))
+
+
+# -- tensors laid out first, their bytes written later in pieces (the ZeRO optimizer files) --
+
+@given(st.binary(max_size=3000), st.binary(max_size=3000), st.integers(0, 5 << 20))
+@settings(max_examples=60, deadline=None)
+def test_crc32_combine_and_zeros_match_zlib(a, b, zeros):
+    import zlib
+    assert torchfile.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    assert torchfile.crc32_zeros(zeros, zlib.crc32(a)) == zlib.crc32(a + bytes(zeros))
+
+
+@pytest.mark.parametrize("chunk", [None, 64], ids=["inline-crc", "threaded-crc"])
+def test_reserved_tensors_filled_in_pieces_equal_add_tensor(torch, tmp_path, monkeypatch, chunk):
+    """Pieces written in shuffled order into a suspended writer, with holes left for zeros,
+    give the same bytes as add_tensor of the whole arrays (the CRCs combined, not re-read),
+    and torch.load reads them."""
+    if chunk:
+        monkeypatch.setattr(torchfile, "_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (1000, 1, 77)]
+    arrays[0][990:] = 0                                      # a padding hole
+    whole = unique(tmp_path)
+    w = TorchWriter(whole)
+    w.finish({"a": [w.add_tensor(a) for a in arrays], "s": w.add_tensor(np.array(3.5, np.float32))})
+    pieces_path = unique(tmp_path)
+    w = TorchWriter(pieces_path)
+    phs = [w.reserve_tensor("float32", a.shape, requires_grad=False) for a in arrays]
+    step = w.reserve_tensor("float32", ())
+    w.suspend()
+    cuts = [(0, 0, 300), (0, 300, 301), (0, 301, 990), (1, 0, 1), (2, 0, 40), (2, 40, 77)]
+    for i in rng.permutation(len(cuts)):
+        k, lo, hi = cuts[i]
+        w.fill(phs[k], lo * 4, arrays[k][lo:hi])
+    w.fill(step, 0, np.array(3.5, np.float32))
+    w.finish({"a": phs, "s": step})
+    assert pieces_path.read_bytes() == whole.read_bytes()
+    with zipfile.ZipFile(pieces_path) as zf:
+        assert zf.testzip() is None
+    got = torch.load(pieces_path, weights_only=True)
+    assert all(np.array_equal(g.numpy(), a) for g, a in zip(got["a"], arrays))
+
+
+def test_reserved_tensor_refuses_overlapping_or_outside_pieces(tmp_path):
+    w = TorchWriter(unique(tmp_path))
+    ph = w.reserve_tensor("float32", (10,))
+    with pytest.raises(MapcError, match="outside tensor"):
+        w.fill(ph, 36, np.ones(2, np.float32))
+    w.fill(ph, 0, np.ones(5, np.float32))
+    w.fill(ph, 16, np.ones(2, np.float32))
+    with pytest.raises(MapcError, match="overlapping"):
+        w.finish({"x": ph})
+    w.abort()

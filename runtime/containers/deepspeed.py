@@ -679,9 +679,9 @@ def _parts(d: _DeepSpeedPlan, tensors) -> tuple[Part, ...]:
     parts = []
     for t in range(d.tp):
         shapes = d.rank_shapes[t] if d.tp > 1 else d.shapes
-        layout = ZeroOptimizer(Path(), [[(n, prod(shapes[n])) for n in names]
-                                        for names in d.members], rs.dp, rs.stage, rs.kind,
-                               d.sub_group_size, ranks=())
+        layout = ZeroOptimizer({}, [[(n, prod(shapes[n])) for n in names]
+                                    for names in d.members], rs.dp, rs.stage, rs.kind,
+                               d.sub_group_size)
         for r in range(rs.dp):      # fp32 master and two moments per element
             parts.append(Part((_optim_file(d, t, r),),
                               frozenset((coord_of[(t, n)], n) for n in layout.names_on(r)),
@@ -864,12 +864,11 @@ def _template_groups(program, facts, tmpl: dict, group_of, src_order, hyper, not
 class DeepSpeedWriter(PlannedWriter):
     """Writes a plain DeepSpeed engine checkpoint as planned (``_DeepSpeedPlan``).
 
-    Every arriving optimizer tensor (fp32 master, Adam moments) is scattered at once into
-    per-rank scratch files (sparse, zero-filled, in the output's temporary directory; written
-    with ``pwrite``, never mapped) at the offsets the ZeRO partitioning gives it; ``finish``
-    copies each rank's flat partitions from there into its ``.pt`` file, one flat tensor mapped
-    at a time, and deletes the scratch. The module weights go straight into the model states
-    file as they arrive. Resident memory: the tensor being written, or one flat partition.
+    Every arriving optimizer tensor (fp32 master, Adam moments) is written at once, with
+    ``pwrite``, into its pieces' final places in the data-parallel ranks' ``.pt`` files, laid
+    out in ``begin`` (runtime/containers/zero.py); ``finish`` adds each rank's step, pickle
+    and zip directory. The module weights go straight into the model states file as they
+    arrive. Resident memory: the tensor being written.
     """
 
     def __init__(self, tmpdir, program, plan):
@@ -879,14 +878,15 @@ class DeepSpeedWriter(PlannedWriter):
         self.ranks: list = []      # with tp > 1: per tp rank (ZeroOptimizer, TorchWriter, module)
 
     def _zero(self, t: int, shapes: dict) -> ZeroOptimizer:
-        """Tensor-parallel rank t's ZeRO optimizer, keeping scratch files for the data-parallel
-        ranks whose optimizer files this writer owns (a worker of a parallel run: its own)."""
+        """Tensor-parallel rank t's ZeRO optimizer, laying out the optimizer files of the
+        data-parallel ranks this writer owns (a worker of a parallel run: its own)."""
         d: _DeepSpeedPlan = self.plan.detail
         rs = d.resume
-        mine = [r for r in range(rs.dp) if self.owns(_optim_file(d, t, r))]
-        return ZeroOptimizer(self.dir / f".scratch{t}.{mine[0] if mine else 0}",
+        files = {r: self.dir / _optim_file(d, t, r) for r in range(rs.dp)
+                 if self.owns(_optim_file(d, t, r))}
+        return ZeroOptimizer(files,
                              [[(n, prod(shapes[n])) for n in names] for names in d.members],
-                             rs.dp, rs.stage, rs.kind, d.sub_group_size, ranks=mine)
+                             rs.dp, rs.stage, rs.kind, d.sub_group_size)
 
     def begin(self, tensors):
         d: _DeepSpeedPlan = self.plan.detail
@@ -975,7 +975,7 @@ class DeepSpeedWriter(PlannedWriter):
         rs = d.resume
         for t, (zero, writer, module) in enumerate(self.ranks):
             for r in sorted(zero.ranks):
-                zero.write_rank(self.dir / _optim_file(d, t, r), r, hyper_params=list(d.hyper),
+                zero.write_rank(r, hyper_params=list(d.hyper),
                                 step=rs.step, clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
             zero.remove()
             if writer is None:
@@ -1003,7 +1003,7 @@ class DeepSpeedWriter(PlannedWriter):
         d: _DeepSpeedPlan = self.plan.detail
         rs = d.resume
         for r in sorted(self.zero.ranks):
-            self.zero.write_rank(self.dir / _optim_file(d, 0, r), r, hyper_params=list(d.hyper),
+            self.zero.write_rank(r, hyper_params=list(d.hyper),
                                  step=rs.step, clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
         self.zero.remove()
         if self.model_writer is not None:

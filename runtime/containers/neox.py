@@ -516,8 +516,8 @@ def _parts(d: _NeoxPlan, tensors) -> tuple:
              for f, (names, size) in layers.items()]
     for m, groups in d.groups.items():
         t = m % d.tp
-        layout = z.ZeroOptimizer(Path(), list(groups), d.resume.dp, d.resume.stage,
-                                 d.resume.kind, ranks=())
+        layout = z.ZeroOptimizer({}, list(groups), d.resume.dp, d.resume.stage,
+                                 d.resume.kind)
         for r in range(d.resume.dp):    # fp32 master and two moments per element
             parts.append(Part((_optim_file(d, m, r),),
                               frozenset((coord_of[(t, n)], n) for n in layout.names_on(r)),
@@ -549,7 +549,7 @@ class NeoxWriter(PlannedWriter):
     tensor arrives, so only the files of the units in flight are open. With optimizer state,
     one ZeRO stage-1 optimizer per model-parallel rank (pipeline stage, tp rank) over the
     parameters that stage holds, each partitioned over ``dp`` ranks (runtime/containers/
-    zero.py: scratch files, nothing held in memory). A weights-only source gives weights only
+    zero.py: written straight into their files, nothing held in memory). A weights-only source gives weights only
     (NeoX builds its own optimizer with ``no_load_optim``) unless --with-optimizer asks for a
     fresh one, as the ``megatron`` writer does."""
 
@@ -563,12 +563,12 @@ class NeoxWriter(PlannedWriter):
         d: _NeoxPlan = self.plan.detail
         _allow_open_files(len(d.expected) + 64)
         z = _zero()
-        for m, groups in d.groups.items():    # scratch for the ranks whose files this writes
-            mine = [r for r in range(d.resume.dp) if self.owns(_optim_file(d, m, r))]
-            self.zero[m] = z.ZeroOptimizer(
-                self.dir / ".scratch" / f"mp{m}.{mine[0] if mine else 0}", list(groups),
-                d.resume.dp, d.resume.stage, d.resume.kind, ranks=mine)
         (self.dir / d.tag).mkdir(exist_ok=True)     # the workers of a parallel run share it
+        for m, groups in d.groups.items():    # the optimizer files this writes, laid out
+            files = {r: self.dir / _optim_file(d, m, r) for r in range(d.resume.dp)
+                     if self.owns(_optim_file(d, m, r))}
+            self.zero[m] = z.ZeroOptimizer(files, list(groups), d.resume.dp, d.resume.stage,
+                                           d.resume.kind)
 
     def begin_slot(self, slot, tensors):
         self.incoming.add(slot)
@@ -616,7 +616,7 @@ class NeoxWriter(PlannedWriter):
                 param_shapes = None
                 if zero is not None:
                     for r in sorted(zero.ranks):
-                        zero.write_rank(self.dir / _optim_file(d, m, r), r,
+                        zero.write_rank(r,
                                         hyper_params=list(d.hyper[m]), step=rs.step,
                                         clip=rs.clip, scale=rs.scale, ds_config=rs.cfg)
                     param_shapes = zero.param_shapes(
@@ -642,7 +642,6 @@ class NeoxWriter(PlannedWriter):
                 w.finish(state)
         if not self.metadata:
             return
-        shutil.rmtree(self.dir / ".scratch", ignore_errors=True)
         (self.dir / LATEST).write_text(d.tag)
         configs = self.dir / "configs"
         configs.mkdir()

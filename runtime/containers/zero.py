@@ -4,17 +4,16 @@ parameters, partitioned over the data-parallel ranks.
 Shared by every writer of DeepSpeed optimizer files: ``deepspeed`` (one model-parallel rank),
 ``neox`` (one per pipeline stage and tensor-parallel rank) and ``universal`` (the stage 1/2
 header of its ``optimizer_state.pt``). The partition formulas are in
-docs/formats/deepspeed.md. Every arriving optimizer tensor (fp32 master, Adam moments) is
-scattered at once into per-rank scratch files (sparse, zero-filled, written with ``pwrite``,
-never mapped, opened only while a piece is written) at the offsets the partitioning gives it;
-:meth:`ZeroOptimizer.write_rank` copies a rank's flat partitions from there into its ``.pt``
-file in-kernel (checksummed through 64 MB mappings). Resident memory: the tensor being
-scattered. A process of a parallel run keeps scratch for the ranks it writes only.
+docs/formats/deepspeed.md. Each data-parallel rank's optimizer ``.pt`` is laid out as soon as
+the partitioning is known (every flat tensor's zip member reserved at its final offset), and
+every arriving optimizer tensor (fp32 master, Adam moments) is written at once, with
+``pwrite``, into its pieces' places in the ranks' files: each optimizer byte is written once,
+never read back (the CRC-32 of each flat tensor is combined from its pieces'). Padding is left
+as holes, which read as zeros. Resident memory: the tensor being scattered. A process of a
+parallel run lays out the files of the ranks it writes only.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,17 +367,22 @@ class ZeroOptimizer:
     ``groups``: per param group, the ``(name, numel)`` of its params in DeepSpeed's flat
     order. ``kind``: "zero" (DeepSpeedZeroOptimizer, stages 1/2), "bf16" (BF16_Optimizer) or
     "stage3". Call :meth:`scatter` for every param and slot, then :meth:`write_rank` per
-    data-parallel rank, then :meth:`remove`. Between calls no file is open.
+    data-parallel rank; :meth:`remove` deletes what is left unfinished (after a failure).
 
-    ``ranks``: the data-parallel ranks this process writes (None: all). A worker of a
-    parallel run (runtime/workers.py) owns some ranks' optimizer files: it keeps scratch
-    files for those only and scatters only their slices of each parameter (with none, it
-    keeps no scratch at all: the flat layout alone gives the model states' param_shapes)."""
+    ``files``: data-parallel rank -> the path of its optimizer ``.pt``, for the ranks this
+    process writes (a worker of a parallel run, runtime/workers.py: its own; none: the flat
+    layout alone, which gives the model states' param_shapes and the workers' parts). Each
+    file is laid out at once (torchfile.TorchWriter.reserve_tensor: every flat tensor's zip
+    member, its size known from the partitioning) and every arriving optimizer tensor's
+    pieces are written straight into their place in it, each optimizer byte once; the CRC-32
+    of a flat tensor is combined from its pieces' at :meth:`write_rank`. Between calls no file
+    is open. Resident memory: the tensor being scattered."""
 
-    def __init__(self, scratch: Path, groups, dp: int, stage: int, kind: str,
-                 sub_group_size: int = DEFAULT_SUB_GROUP_SIZE, ranks=None):
+    def __init__(self, files, groups, dp: int, stage: int, kind: str,
+                 sub_group_size: int = DEFAULT_SUB_GROUP_SIZE):
         self.dp, self.stage, self.kind = dp, stage, kind
-        self.ranks = frozenset(range(dp) if ranks is None else ranks)
+        files = dict(files or {})
+        self.ranks = frozenset(files)
         stage3 = stage == 3
         self.flats: list[Flat] = []
         self.subgroups: list[list[int]] = []
@@ -400,40 +404,54 @@ class ZeroOptimizer:
                     cur, run = [], 0
             self.subgroups.append(mine)
         self.flat_of = {n: f for f in self.flats for n in f.names}
+        self.index = {id(f): i for i, f in enumerate(self.flats)}
         base = 0
         for f in self.flats:
             f.base = base
             base += f.length
         self.rank_len = base
-        self.scratch = Path(scratch)
-        if not self.ranks:
-            return
-        self.scratch.mkdir(parents=True)
-        for slot in OPTIM_SLOTS:
+        self.writers: dict = {}     # rank -> (TorchWriter, per flat {slot or "step": placeholder})
+        try:
             for r in sorted(self.ranks):
-                with open(self.scratch / f"{slot}.{r}", "wb") as fh:
-                    fh.truncate(self.rank_len * 4)   # sparse: reads as zeros (the padding)
+                self.writers[r] = self._lay_out(Path(files[r]), r)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _lay_out(self, path: Path, r: int):
+        """Rank r's optimizer file with its flat tensors' members in place (in the order
+        ``_optim_state`` names them), their bytes to come."""
+        w = torchfile.TorchWriter(path)
+        members = []
+        for f in self.flats:
+            keep = f.length - f.padding(r) if self.kind == "zero" else f.length
+            members.append({"step": w.reserve_tensor("float32", ()),
+                            "exp_avg": w.reserve_tensor("float32", (f.length,)),
+                            "exp_avg_sq": w.reserve_tensor("float32", (f.length,)),
+                            "master": w.reserve_tensor("float32", (keep,), requires_grad=True)})
+        w.suspend()
+        return w, members
 
     def scatter(self, slot, name, arr):
-        """Write every rank's piece of ``name`` in ``slot``. Files are opened per piece, so
-        a writer with many model-parallel and data-parallel ranks holds no descriptors.
-        Only the pieces of the ranks this process writes (``ranks``) are written."""
+        """Write every rank's piece of ``name`` in ``slot`` into its place in that rank's
+        file. Files are opened per piece, so a writer with many model-parallel and
+        data-parallel ranks holds no descriptors. Only the pieces of the ranks this process
+        writes (``ranks``) are written."""
         if not self.ranks:
             return
         flat = np.asarray(arr, dtype=np.float32).reshape(-1)
         f = self.flat_of[name]
+        i = self.index[id(f)]
         for r, lo, hi, at in f.pieces(name, self.dp, self.stage == 3):
-            if r not in self.ranks:
-                continue
-            fd = os.open(self.scratch / f"{slot}.{r}", os.O_WRONLY)
-            try:
-                _pwrite_all(fd, np.ascontiguousarray(flat[lo:hi]), (f.base + at) * 4)
-            finally:
-                os.close(fd)
+            if r in self.writers:
+                w, members = self.writers[r]
+                w.fill(members[i][slot], at * 4, flat[lo:hi])
 
     def remove(self):
-        if self.ranks:
-            shutil.rmtree(self.scratch, ignore_errors=True)
+        """Abort (delete) the optimizer files not yet written."""
+        for w, _ in self.writers.values():
+            w.abort()
+        self.writers = {}
 
     def names_on(self, r: int) -> frozenset:
         """The params with elements in data-parallel rank r's partitions: what rank r's
@@ -441,39 +459,30 @@ class ZeroOptimizer:
         return frozenset(n for f in self.flats for n in f.names
                          if any(rr == r for rr, *_ in f.pieces(n, self.dp, self.stage == 3)))
 
-    def _slice(self, slot, r, f, length=None):
-        """Rank r's flat tensor of ``f`` in ``slot``: its byte range of the scratch file, which
-        the TorchWriter copies in-kernel and checksums through mappings of 64 MB at a time (a
-        mapping of the whole flat partition counts as resident while it is read: a rank's
-        whole fp32 group)."""
-        from mapc.runtime.fastcopy import FileBytes
-        n = f.length if length is None else length
-        if n == 0:
-            return np.zeros(0, np.float32)
-        return FileBytes((n,), np.float32, [(self.scratch / f"{slot}.{r}", f.base * 4, n * 4)])
-
     def param_shapes(self, shapes: dict) -> list:
         """The model states' ``param_shapes``: per flat group (a stage 3 sub-group), name ->
         torch.Size."""
         return [OrderedDict((n, torch_size(shapes[n])) for n in f.names) for f in self.flats]
 
-    def write_rank(self, path: Path, r: int, *, hyper_params, step, clip, scale, ds_config):
-        """Data-parallel rank r's optimizer file at ``path``."""
-        with torchfile.TorchWriter(path) as w:
-            osd = self._optim_state(w, r, hyper_params, float(step), float(clip), float(scale))
+    def write_rank(self, r: int, *, hyper_params, step, clip, scale, ds_config):
+        """Data-parallel rank r's optimizer file, its flat tensors all scattered: the step,
+        the pickle and the zip directory."""
+        w, members = self.writers.pop(r)
+        try:
+            for m in members:
+                w.fill(m["step"], 0, np.array(float(step), np.float32))
+            osd = self._optim_state(members, r, hyper_params, float(clip), float(scale))
             w.finish({"optimizer_state_dict": osd, "ds_config": ds_config,
                       "ds_version": DS_VERSION})
+        except BaseException:
+            w.abort()
+            raise
 
-    def _optim_state(self, w, r, hyper_params, step, clip, scale):
+    def _optim_state(self, members, r, hyper_params, clip, scale):
         dp, ngroups = self.dp, len(self.subgroups)
-        state, fp32 = {}, []
-        for s, f in enumerate(self.flats):
-            st = {"step": w.add_tensor(np.array(step, np.float32))}
-            for slot in ("exp_avg", "exp_avg_sq"):
-                st[slot] = w.add_tensor(self._slice(slot, r, f))
-            state[s] = st
-            keep = f.length - f.padding(r) if self.kind == "zero" else f.length
-            fp32.append(w.add_tensor(self._slice("master", r, f, keep), requires_grad=True))
+        state = {s: {k: m[k] for k in ("step", "exp_avg", "exp_avg_sq")}
+                 for s, m in enumerate(members)}
+        fp32 = [m["master"] for m in members]
         param_groups = [dict(hyper_params[g], params=list(self.subgroups[g]))
                         for g in range(ngroups)]
         torch_state = {"state": state, "param_groups": param_groups}
@@ -509,9 +518,3 @@ class ZeroOptimizer:
                  "ds_version", "param_slice_mappings")
         return {k: out[k] for k in order}
 
-
-def _pwrite_all(fd, arr: np.ndarray, offset: int) -> None:
-    view = memoryview(arr.reshape(-1).view(np.uint8))
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
