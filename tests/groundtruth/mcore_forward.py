@@ -63,21 +63,12 @@ def mcore_logits(cfg: dict, model_file, tokens: list[int], variants=({},)) -> li
 
 def _worker(cfg: dict, model_file: str, tokens: list[int], variants: list) -> list:
     import argparse
-    import contextlib
-    import types
     import warnings
     warnings.filterwarnings("ignore")
     import torch
-    torch.cuda.current_device = lambda: "cpu"          # see the module docstring
-    import torch.distributed as dist
-    dist.init_process_group(backend="gloo", rank=0, world_size=1)
-    from megatron.core import parallel_state, tensor_parallel
-    null = types.SimpleNamespace(fork=lambda *a, **k: contextlib.nullcontext())
-    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: null
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1,
-                                             pipeline_model_parallel_size=1)
     sys.path.insert(0, str(_HERE))
-    from mcore_names import build_gpt
+    from mcore_names import single_cpu_rank, end_single_cpu_rank, build_gpt
+    single_cpu_rank()
 
     with torch.serialization.safe_globals([argparse.Namespace]):
         state = torch.load(model_file, weights_only=True)["model"]
@@ -120,8 +111,7 @@ def _worker(cfg: dict, model_file: str, tokens: list[int], variants: list) -> li
             continue
         with torch.no_grad():
             results.append(model(input_ids=ids, position_ids=pos, attention_mask=mask).tolist())
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    end_single_cpu_rank()
     return results
 
 

@@ -275,6 +275,29 @@ def _build_and_report(cfg: dict, tp: int, pp: int, rank: int, path: Path) -> Non
     parallel_state.destroy_model_parallel()
 
 
+def single_cpu_rank() -> None:
+    """One gloo rank of megatron-core on CPU at tp = pp = 1: no CUDA device, a CUDA RNG
+    tracker that forks nothing (the forward scripts of mcore_forward and nemo1_forward)."""
+    import contextlib
+    import types
+    import torch
+    import torch.distributed as dist
+    torch.cuda.current_device = lambda: "cpu"
+    dist.init_process_group(backend="gloo", rank=0, world_size=1)
+    from megatron.core import parallel_state, tensor_parallel
+    null = types.SimpleNamespace(fork=lambda *a, **k: contextlib.nullcontext())
+    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: null
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1,
+                                             pipeline_model_parallel_size=1)
+
+
+def end_single_cpu_rank() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 def cpu_shims(cfg: dict) -> None:
     """Harness-only workarounds for building MoE / MLA models without CUDA or Transformer
     Engine (documented in tests/groundtruth/mcore_forward.py); idempotent."""

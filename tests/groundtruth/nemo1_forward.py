@@ -157,22 +157,13 @@ def build_model(torch, cfg: dict):
 
 
 def _worker(jobs: list[dict], tokens: list[int]) -> list:
-    import contextlib
-    import types
     import warnings
     warnings.filterwarnings("ignore")
     import torch
     import yaml
-    torch.cuda.current_device = lambda: "cpu"          # as mcore_forward
-    import torch.distributed as dist
-    dist.init_process_group(backend="gloo", rank=0, world_size=1)
-    from megatron.core import parallel_state, tensor_parallel
-    null = types.SimpleNamespace(fork=lambda *a, **k: contextlib.nullcontext())
-    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: null
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1,
-                                             pipeline_model_parallel_size=1)
     sys.path.insert(0, str(_HERE))
-    from mcore_names import cpu_shims
+    from mcore_names import single_cpu_rank, end_single_cpu_rank, cpu_shims
+    single_cpu_rank()
     ids = torch.tensor([tokens])
     pos = torch.arange(len(tokens)).unsqueeze(0)
     mask = torch.triu(torch.ones(1, 1, len(tokens), len(tokens)), diagonal=1).bool()
@@ -202,8 +193,7 @@ def _worker(jobs: list[dict], tokens: list[int]) -> list:
         model.eval()
         with torch.no_grad():
             results.append(model(input_ids=ids, position_ids=pos, attention_mask=mask).tolist())
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    end_single_cpu_rank()
     return results
 
 
