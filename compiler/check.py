@@ -172,6 +172,9 @@ def _check_layout(lay, spec_syms, tensors, groups, lets):
     name = lay["name"]
     syms = set(spec_syms) | set(lay["mesh"]) | {p["name"] for p in lay["params"]}
     _no_duplicates(lay["params"], f"layout {name} parameter")
+    for p in lay["params"]:     # a computed default sees the config (and the spec's lets) only
+        if "default_expr" in p:
+            _known(p["default_expr"], spec_syms, p["at"], f"the default of parameter {p['name']}")
     for x in lay["lets"]:
         _known(x["expr"], syms, x["at"], "let " + x["name"])
         syms.add(x["name"])

@@ -44,6 +44,16 @@ def value_ir(e: A.Expr):
     return e.value
 
 
+def _param_ir(p: A.Param) -> dict:
+    """A layout parameter: its choices, the first the default unless ``default EXPR`` computes
+    it from the config (``default_expr``, evaluated when the layout is planned)."""
+    out = {"name": p.name, "choices": [value_ir(c) for c in p.choices],
+           "default": value_ir(p.choices[0]), "at": str(p.pos)}
+    if p.default is not None:
+        out["default_expr"] = expr_ir(p.default)
+    return out
+
+
 def pattern_ir(p: A.Pattern | None):
     if p is None:
         return None
@@ -147,8 +157,7 @@ def layout_ir(lay: A.Layout, source: str) -> dict:
         "name": lay.name,
         "mesh": list(lay.mesh),
         "single": list(lay.single),
-        "params": [{"name": p.name, "choices": [value_ir(c) for c in p.choices],
-                    "default": value_ir(p.choices[0]), "at": str(p.pos)} for p in lay.params],
+        "params": [_param_ir(p) for p in lay.params],
         "pipeline": None if lay.pipeline is None else {
             "group": lay.pipeline.group, "index": lay.pipeline.index,
             "local": lay.pipeline.local, "at": str(lay.pipeline.pos),

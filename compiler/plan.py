@@ -368,7 +368,22 @@ def check_dp(plan: "LayoutPlan", dp: int, what: str = "--dp") -> None:
                              f"{max(FREE_DP, smallest // MIN_DP_SHARE)}")
 
 
-def resolve_params(layout: dict, given: dict | None) -> dict:
+def param_default(p: dict, config_env: dict):
+    """A layout parameter's default: its first choice, or its ``default EXPR`` evaluated on the
+    config, which must give one of the choices (or, with one choice, a value of its type)."""
+    if "default_expr" not in p:
+        return p["default"]
+    value = evaluate(p["default_expr"], config_env, p["at"])
+    first = p["default"]
+    if (len(p["choices"]) > 1 and value not in p["choices"]) or (
+            type(value) is not type(first) and not (isinstance(first, float) and is_int(value))):
+        raise error_at(p["at"], f"the default of parameter {p['name']} is {value!r} for this "
+                       f"config, not one of {', '.join(repr(c) for c in p['choices'])}",
+                       hint=f"set it with --set {p['name']}=VALUE, or fix the spec's default")
+    return value
+
+
+def resolve_params(layout: dict, given: dict | None, config_env: dict | None = None) -> dict:
     given = dict(given or {})
     out = {}
     for p in layout["params"]:
@@ -376,7 +391,7 @@ def resolve_params(layout: dict, given: dict | None) -> dict:
             raw = given.pop(p["name"])
             out[p["name"]] = coerce_param(p, raw)
         else:
-            out[p["name"]] = p["default"]
+            out[p["name"]] = param_default(p, config_env or {})
     if given:
         known = ", ".join(p["name"] for p in layout["params"]) or "none"
         raise MapcError(f"layout {layout['name']} has no parameter "
@@ -430,7 +445,7 @@ def plan_layout(spec: Spec, layout_name: str, config_env: dict, topology: dict |
         raise MapcError(f"layout {layout_name} has no {', '.join(extra)} axis "
                         f"(it is not sharded that way)",
                         hint=f"its mesh: {' '.join(layout['mesh']) or 'none'}")
-    params = resolve_params(layout, params)
+    params = resolve_params(layout, params, config_env)
     if EXPERT_TP in mesh:       # a 'param etp' gives the axis its default; the axis is the value
         params.pop(EXPERT_TP, None)
     env = dict(config_env)

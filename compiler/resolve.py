@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mapc.compiler.plan import (LayoutPlan, bind_config, config_from_env, meta_values,
+from mapc.compiler.plan import (LayoutPlan, bind_config, config_from_env, meta_values, param_default,
                                 plan_layout, stored_inventory, stored_tensor)
 from mapc.compiler.spec import (LayoutParam, Spec, builtin_specs, load_spec, match_rules,
                                 recorded_sha256, spec_from_record)
@@ -370,13 +370,14 @@ def boolean_guesses(sp: Spec, stated: dict) -> list[dict]:
     return guesses
 
 
-def param_candidates(param: LayoutParam) -> list:
+def param_candidates(param: LayoutParam, env: dict) -> list:
     """Values to try for a layout parameter the checkpoint does not state: its choices, both
     booleans, or small powers of two for a number (e.g. a KV replication factor, which only
-    shows in shapes). The default comes first."""
-    default = param.default
+    shows in shapes). The default (computed on the config ``env`` if the spec says how) comes
+    first."""
+    default = param_default(param.as_ir(), env)
     if len(param.choices) > 1:
-        return list(param.choices)
+        return [default] + [c for c in param.choices if c != default]
     if isinstance(default, bool):
         return [default, not default]
     if isinstance(default, int):
@@ -397,7 +398,7 @@ def _resolve_params(sp: Spec, source, env, canonical, given, search: _Search):
     shapes match the checkpoint exactly wins."""
     free = [p for p in sp.layout_params(source.layout) if p.name not in given]
     tried = []
-    for combo in itertools.product(*(param_candidates(p) for p in free)):
+    for combo in itertools.product(*(param_candidates(p, env) for p in free)):
         trial = dict(given)
         trial.update({p.name: v for p, v in zip(free, combo)})
         try:
@@ -432,7 +433,7 @@ def _ambiguity(sp, source, env, chosen: dict, free: list[LayoutParam], plan) -> 
     read it differently (e.g. NxD trn1 vs trn2 replication): say which one was taken."""
     notes = []
     for p in free:
-        for value in param_candidates(p):
+        for value in param_candidates(p, env):
             if value == chosen[p.name]:
                 continue
             trial = dict(chosen, **{p.name: value})

@@ -62,10 +62,14 @@ class LayoutParam:
     choices: tuple
     default: object
     at: str
+    default_expr: object = None     # ``default EXPR``: computed from the config (IR)
 
     def as_ir(self) -> dict:
-        return {"name": self.name, "choices": list(self.choices), "default": self.default,
-                "at": self.at}
+        out = {"name": self.name, "choices": list(self.choices), "default": self.default,
+               "at": self.at}
+        if self.default_expr is not None:
+            out["default_expr"] = self.default_expr
+        return out
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,8 @@ class Spec:
                      for c in self.ir["config"])
 
     def layout_params(self, layout: str) -> tuple[LayoutParam, ...]:
-        return tuple(LayoutParam(p["name"], tuple(p["choices"]), p["default"], p["at"])
+        return tuple(LayoutParam(p["name"], tuple(p["choices"]), p["default"], p["at"],
+                                 p.get("default_expr"))
                      for p in self.layout(layout)["params"])
 
     def layout_meta(self, layout: str) -> tuple[MetaEntry, ...]:

@@ -284,6 +284,7 @@ class Param:
     name: str
     choices: tuple[Expr, ...]      # the first is the default; one choice means "any value"
     pos: Pos
+    default: Expr | None = None    # `default EXPR`: computed from the config instead
 
 
 @dataclass(frozen=True)

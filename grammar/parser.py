@@ -291,7 +291,10 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def param_decl(self, meta, c):
-        return A.Param(str(c[0]), tuple(c[1:]), self._pos(meta))
+        return A.Param(str(c[0]), tuple(c[1:-1]), self._pos(meta), default=c[-1])
+
+    def param_default(self, c):
+        return c[0]
 
     @v_args(meta=True)
     def pipeline_decl(self, meta, c):

@@ -173,3 +173,42 @@ def test_features_program_and_meta_match_golden():
     if os.environ.get("MAPC_UPDATE_GOLDEN"):
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
+
+
+# ---- a layout parameter's default computed from the config ('param NAME = A | B default EXPR')
+PARAM_SPEC = SPEC.replace('''layout plain {
+    meta {''', '''layout plain {
+    param style = "short" | "long"  default "long" if layers > 2 else "short"
+    param width = 8  default hidden * 3
+    meta {
+        style = style
+        width = width''')
+
+
+@pytest.mark.parametrize("layers, style, width", [(2, "short", 12), (3, "long", 12)])
+def test_a_computed_parameter_default_follows_the_config(layers, style, width):
+    s = spec(PARAM_SPEC)
+    env = bind_config(s, dict(BASE, num_hidden_layers=layers))
+    plan = plan_layout(s, "plain", env)
+    assert plan.params == {"style": style, "width": width}
+    assert plan.meta()["style"] == style and plan.meta()["width"] == width
+    # given, the parameter is what was asked, whatever the default
+    assert plan_layout(s, "plain", env, params={"style": "short"}).params["style"] == "short"
+
+
+def test_a_computed_default_outside_the_choices_is_refused_with_its_position():
+    s = spec(PARAM_SPEC.replace('default "long" if', 'default "wide" if'))
+    msg = error(lambda: plan_layout(s, "plain", bind_config(s, dict(BASE, num_hidden_layers=3))))
+    assert re.match(r"f\.map:\d+:5: the default of parameter style is 'wide' for this config, "
+                    r"not one of 'short', 'long'", msg), msg
+    msg = error(lambda: plan_layout(s := spec(PARAM_SPEC.replace("default hidden * 3",
+                                                                 'default "x"')),
+                                    "plain", bind_config(s, BASE)))
+    assert "the default of parameter width is 'x'" in msg, msg
+
+
+def test_a_computed_default_sees_only_the_config():
+    with pytest.raises(SpecError) as e:      # a mesh axis or parameter is not known yet
+        compile_text(PARAM_SPEC.replace("default hidden * 3", "default style"), "f.map")
+    assert re.match(r"f\.map:\d+:5: unknown symbol style in the default of parameter width",
+                    str(e.value)), str(e.value)

@@ -275,16 +275,16 @@ STACKED_TE_EXTRA = ["module.decoder.final_layernorm._extra_state"] + [
 def stacked_world(tmp_path_factory):
     """An all-MoE Qwen3-MoE; one megatron-core process (mcore_forward's world) with
     moe_layer_freq the integer 1, so that megatron-core stacks the layers: mapc's Megatron
-    file loaded strictly, mapc's torch_dist and nemo2 outputs written with --set keys=stacked
-    loaded by megatron-core's own strict dist_checkpointing.load (logits of each), then the
+    file loaded strictly, mapc's torch_dist and nemo2 outputs (keys=stacked, the spec's default
+    for a model whose layers are all MoE) loaded by megatron-core's own strict dist_checkpointing.load (logits of each), then the
     model saved by megatron-core as torch_dist (its own stacked keys)."""
     pytest.importorskip("megatron.core")
     d = tmp_path_factory.mktemp("qwen3_moe_stacked")
     model = build_transformers_model(STACKED_CFG, d / "hf")
     ref = logits_of(model, TOKENS)
     mapc.convert(d / "hf", d / "mg", to="megatron")
-    for kind in ("torch_dist", "nemo2"):
-        mapc.convert(d / "hf", d / kind, to=kind, set={"keys": "stacked"})
+    for kind in ("torch_dist", "nemo2"):    # stacked is the default for an all-MoE model
+        mapc.convert(d / "hf", d / kind, to=kind)
     logits = _groundtruth("mcore_forward").mcore_logits(
         dict(mcore_cfg(layers=2, moe_layer_freq=1), true_vocab=50),
         _rank_file(d / "mg", "mp_rank_00"), TOKENS, [
@@ -335,6 +335,21 @@ def test_megatron_cores_own_stacked_torch_dist_save_reads_as_the_hf_weights(
     for kind in ("torch_dist", "nemo2"):
         mapc.convert(d / kind, tmp_path / kind, to="hf")
         assert_same_safetensors(d / "hf", tmp_path / kind, kind)
+
+
+def test_all_moe_default_is_stacked_and_numbered_on_request(tmp_path, stacked_world):
+    """The spec's computed default (`param keys ... default "stacked" if ...`): an all-MoE
+    model's torch_dist is stacked unless --set keys=numbered, which still round-trips."""
+    d, _, _ = stacked_world
+    assert json.loads((d / "torch_dist" / "mapc.json").read_text())["params"]["keys"] == \
+        "stacked"
+    mapc.convert(d / "hf", tmp_path / "num", to="torch_dist", set={"keys": "numbered"})
+    info = mapc.inspect(tmp_path / "num")
+    assert info["params"]["keys"] == "numbered"
+    names = {t["name"] for s in info["shards"] for t in s["tensors"]}
+    assert "decoder.layers.1.self_attention.linear_qkv.weight" in names
+    mapc.convert(tmp_path / "num", tmp_path / "back", to="hf")
+    assert_same_safetensors(d / "hf", tmp_path / "back")
 
 
 def test_stacked_keys_with_dense_layers_are_refused(tmp_path, hf):

@@ -50,7 +50,9 @@ def run(args) -> int:
             print(f"  config symbols: {', '.join(c['name'] for c in ir['config'])}")
             print(f"  logical tensors: {len(ir['tensors'])}")
             for lay in ir["layouts"]:
-                params = ", ".join(f"{p['name']}={p['default']!r}" for p in lay["params"])
+                params = ", ".join(f"{p['name']}=" + (f"{p['default']!r}" if "default_expr"
+                                                      not in p else "(from the config)")
+                                   for p in lay["params"])
                 print(f"  layout {lay['name']}: {len(lay['rules'])} rules"
                       + (f", mesh {' '.join(lay['mesh'])}" if lay["mesh"] else "")
                       + (f", params {params}" if params else ""))
