@@ -258,7 +258,7 @@ def quant_mxfp4(x: np.ndarray, where: str = "") -> tuple[np.ndarray, np.ndarray,
     band = max(1, MX_BAND // k)
     for l in range(flat.shape[0]):
         for r in range(0, n, band):
-            w = np.ascontiguousarray(flat[l, :, r:r + band].T, dtype=np.float32)  # [rows, K]
+            w = _float32_rows(flat[l, :, r:r + band])              # [rows, K]: blocks along K
             if not np.isfinite(w).all():
                 raise MapcError("cannot quantize a tensor holding inf or NaN to mxfp4",
                                 where=where or None,
@@ -273,6 +273,15 @@ def quant_mxfp4(x: np.ndarray, where: str = "") -> tuple[np.ndarray, np.ndarray,
 MX_BAND = 1 << 20                    # elements of a band of rows quantized at once
 
 
+def _float32_rows(x: np.ndarray) -> np.ndarray:
+    """``x.T`` as a contiguous float32 array (a bfloat16 ``x`` by its bits: twice as fast)."""
+    if x.dtype == _ml().bfloat16:
+        out = np.empty(x.shape[::-1], dtype=np.uint32)
+        np.left_shift(x.view(np.uint16).T, 16, out=out, dtype=np.uint32)
+        return out.view(np.float32)
+    return np.ascontiguousarray(x.T, dtype=np.float32)
+
+
 def _quant_mx_blocks(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(nibbles, e8m0 bytes, dequantized values) of float32 blocks ``g`` [..., 32]."""
     a = np.abs(g)
@@ -282,7 +291,10 @@ def _quant_mx_blocks(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     e = ((bits + np.int32(0x007FFFFF)) & np.int32(0x7F800000)) >> 23
     scale = np.ldexp(np.float32(1.0), e - 127).astype(np.float32)
     inv = np.where(e == 0, np.float32(0.0), np.float32(1.0) / scale).astype(np.float32)
-    code = np.searchsorted(_E2M1_STEPS, a * inv[..., None], side="right").astype(np.uint8)
+    q = a * inv[..., None]
+    code = np.greater_equal(q, _E2M1_STEPS[0]).view(np.uint8)
+    for step in _E2M1_STEPS[1:]:                 # the steps q reaches (faster than a search)
+        code += np.greater_equal(q, step).view(np.uint8)
     back = E2M1[code] * scale[..., None]
     # an exact block whose largest code is 6 (7) and that has no 0.5 or 1.5: its twin at
     # twice the scale (every code halved) is what the formula made
