@@ -1,5 +1,5 @@
-"""Quantized tensors that a spec rule reads dequantized: ``quantized fp8_block`` and
-``quantized mxfp4`` (docs/language.md, "Quantized storage").
+"""Quantized tensors that a spec rule reads dequantized, and writes with ``--quantize KIND``:
+``quantized fp8_block`` and ``quantized mxfp4`` (docs/language.md, "Quantized storage").
 
 Both are transformers' conventions for a checkpoint's stored tensors, so they are named by the
 physical tensor ``NAME`` a rule places:
@@ -20,6 +20,10 @@ physical tensor ``NAME`` a rule places:
 tensor ``NAME``, dequantized when read, so the rest of mapc sees an ordinary checkpoint. A rule
 that says ``quantized KIND`` reads either form (a bf16 and an MXFP4 release of one model use
 one spec); a quantized tensor placed by a rule that does not say so is refused.
+
+Writing (``--quantize KIND``, the end of this module): plan_quantized replaces each tensor of
+such a rule by its stored tensors, store() quantizes it by the model authors' formula
+(quant_fp8_block, quant_mxfp4), refusing what rounds unless ``--allow-lossy``.
 """
 from __future__ import annotations
 

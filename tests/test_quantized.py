@@ -362,3 +362,32 @@ def test_quantize_refuses_a_quantized_rule_on_a_vector(tmp_path):
     assert str(e.value).startswith(f"{tmp_path / 'vec.map'}:17:5: model.norm.weight: "
                                    f"--quantize fp8_block: model.norm.weight is float32 [96]; "
                                    f"fp8_block quantizes floating tensors of at least 2 axes")
+
+
+def test_quantize_mxfp4_writes_the_blocks_and_scales(tmp_path, spec_file):
+    """The toy layout names no modules: quantization_config is quant_method alone; the
+    blocks and scales replace the tensor, beside the plain others."""
+    want = plain_checkpoint(tmp_path / "plain")
+    mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", spec=spec_file,
+                 quantize="mxfp4", allow_lossy=True)
+    got = safetensors_torch.load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(got) == ["model.experts.proj_blocks", "model.experts.proj_scales",
+                           "model.norm.weight", "model.proj.weight"]
+    assert got["model.experts.proj_blocks"].shape == (2, 130, 3, 16)
+    assert got["model.experts.proj_scales"].shape == (2, 130, 3)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "mxfp4"}
+
+
+def test_quantize_mxfp4_refuses_a_let_that_is_no_module_list(tmp_path, spec_file):
+    plain_checkpoint(tmp_path / "plain")
+    (tmp_path / "let.map").write_text(SPEC.replace(
+        '    meta { model_type = "toyquant" }',
+        '    meta { model_type = "toyquant" }\n    let mxfp4_modules_to_not_convert = 3'))
+    with pytest.raises(MapcError) as e:
+        mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", quantize="mxfp4",
+                     spec=tmp_path / "let.map", allow_lossy=True)
+    assert str(e.value).startswith(f"{tmp_path / 'let.map'}:15:5: let "
+                                   f"mxfp4_modules_to_not_convert of layout hf is 3, not a "
+                                   f"list of module names")
+    assert not (tmp_path / "out").exists()
