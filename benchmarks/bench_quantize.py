@@ -21,23 +21,15 @@ import argparse
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_unpickle import _best as best_of  # noqa: E402
 from mapc.runtime.quantized import dequant_mxfp4, quant_fp8_block, quant_mxfp4  # noqa: E402
-
-
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main(argv=None) -> int:

@@ -352,16 +352,24 @@ def test_the_dry_run_says_what_rounds(tmp_path, spec_file, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_quantize_refuses_a_quantized_rule_on_a_vector(tmp_path):
+def refusal_of_edited_spec(tmp_path, old, new, kind) -> str:
+    """The message of a --quantize KIND --allow-lossy write of the plain toy checkpoint with
+    the spec edited (``old`` -> ``new``); nothing is written. Its spec is tmp_path/e.map."""
     plain_checkpoint(tmp_path / "plain")
-    (tmp_path / "vec.map").write_text(SPEC.replace('"model.norm.weight" = norm',
-                                                   '"model.norm.weight" = norm  quantized fp8_block'))
+    (tmp_path / "e.map").write_text(SPEC.replace(old, new))
     with pytest.raises(MapcError) as e:
-        mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", quantize="fp8_block",
-                     spec=tmp_path / "vec.map", allow_lossy=True)
-    assert str(e.value).startswith(f"{tmp_path / 'vec.map'}:17:5: model.norm.weight: "
-                                   f"--quantize fp8_block: model.norm.weight is float32 [96]; "
-                                   f"fp8_block quantizes floating tensors of at least 2 axes")
+        mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", quantize=kind,
+                     spec=tmp_path / "e.map", allow_lossy=True)
+    assert not (tmp_path / "out").exists()
+    return str(e.value)
+
+
+def test_quantize_refuses_a_quantized_rule_on_a_vector(tmp_path):
+    msg = refusal_of_edited_spec(tmp_path, '"model.norm.weight" = norm',
+                                 '"model.norm.weight" = norm  quantized fp8_block', "fp8_block")
+    assert msg.startswith(f"{tmp_path / 'e.map'}:17:5: model.norm.weight: --quantize "
+                          f"fp8_block: model.norm.weight is float32 [96]; fp8_block quantizes "
+                          f"floating tensors of at least 2 axes")
 
 
 def test_quantize_mxfp4_writes_the_blocks_and_scales(tmp_path, spec_file):
@@ -379,15 +387,9 @@ def test_quantize_mxfp4_writes_the_blocks_and_scales(tmp_path, spec_file):
     assert config["quantization_config"] == {"quant_method": "mxfp4"}
 
 
-def test_quantize_mxfp4_refuses_a_let_that_is_no_module_list(tmp_path, spec_file):
-    plain_checkpoint(tmp_path / "plain")
-    (tmp_path / "let.map").write_text(SPEC.replace(
-        '    meta { model_type = "toyquant" }',
-        '    meta { model_type = "toyquant" }\n    let mxfp4_modules_to_not_convert = 3'))
-    with pytest.raises(MapcError) as e:
-        mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", quantize="mxfp4",
-                     spec=tmp_path / "let.map", allow_lossy=True)
-    assert str(e.value).startswith(f"{tmp_path / 'let.map'}:15:5: let "
-                                   f"mxfp4_modules_to_not_convert of layout hf is 3, not a "
-                                   f"list of module names")
-    assert not (tmp_path / "out").exists()
+def test_quantize_mxfp4_refuses_a_let_that_is_no_module_list(tmp_path):
+    msg = refusal_of_edited_spec(tmp_path, '    meta { model_type = "toyquant" }',
+                                 '    meta { model_type = "toyquant" }\n'
+                                 '    let mxfp4_modules_to_not_convert = 3', "mxfp4")
+    assert msg.startswith(f"{tmp_path / 'e.map'}:15:5: let mxfp4_modules_to_not_convert of "
+                          f"layout hf is 3, not a list of module names")
