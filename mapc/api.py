@@ -338,9 +338,10 @@ def convert(src, dst, to: str | None = None, *, tp: int | None = None, pp: int |
     has; see mapc.runtime.workers). Under torchrun or srun every rank writes its share of the
     files. ``optim_sharding`` picks how a torch_dist target saves the distributed optimizer's
     state (``dp_reshardable``, the default, or ``fully_reshardable``). ``quantize``
-    ("fp8_block") writes an hf target's tensors whose rules say ``quantized fp8_block`` in that
-    storage (float8_e4m3fn + float32 ``_scale_inv`` per 128 x 128 block, as DeepSeek-V3 ships);
-    it rounds, so it is refused without ``allow_lossy`` unless the values were read from that
+    ("fp8_block", "mxfp4") writes an hf target's tensors whose rules say ``quantized KIND`` in
+    that storage (fp8_block: float8_e4m3fn + float32 ``_scale_inv`` per 128 x 128 block, as
+    DeepSeek-V3 ships; mxfp4: uint8 ``_blocks`` + e8m0 ``_scales`` per 32 values, as GPT-OSS
+    ships); it rounds, so it is refused without ``allow_lossy`` unless the values were read from that
     storage (mapc.runtime.quantized). An option the target format does not honour is refused
     (MapcError)."""
     cp = plan_convert(src, dst, to, tp=tp, pp=pp, ep=ep, dtype=dtype, config=config, set=set,

@@ -5,6 +5,7 @@ program knows tensors. Each unit is read, rebuilt and written before the next is
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -127,11 +128,11 @@ def delivery_order(program: Program) -> list[tuple]:
 
 def planned_bytes(program: Program, dtypes: dict, extra_slots: int,
                   stateless: frozenset = frozenset(), only=None,
-                  weights_only: frozenset = frozenset()) -> int:
-    """Bytes the writer will receive: every placement in its dtype, plus each optimizer slot
-    in float32 (none for frozen parameters and buffers, the ``stateless`` logical tensors);
-    with ``only``, just those target (coord, name), and of those in ``weights_only`` just
-    the weights."""
+                  weights_only: frozenset = frozenset(), stored: dict | None = None) -> int:
+    """Bytes the writer will receive: every placement in its dtype (or ``stored[(coord,
+    name)]`` bytes, a quantized tensor's), plus each optimizer slot in float32 (none for
+    frozen parameters and buffers, the ``stateless`` logical tensors); with ``only``, just
+    those target (coord, name), and of those in ``weights_only`` just the weights."""
     from math import prod
     from mapc.runtime.backends import DTYPES
     total = 0
@@ -141,7 +142,9 @@ def planned_bytes(program: Program, dtypes: dict, extra_slots: int,
         n = prod(inst.recipe.shape_at(coord))
         slots = 0 if all(k in stateless for k in inst.members.values()) or \
             (coord, name) in weights_only else extra_slots
-        total += n * DTYPES[dtypes[(coord, name)]].itemsize + n * 4 * slots
+        weights = (stored or {}).get((coord, name))
+        total += (n * DTYPES[dtypes[(coord, name)]].itemsize if weights is None else weights) \
+            + n * 4 * slots
     return total
 
 
@@ -432,9 +435,20 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
     slots = plan.slots if plan is not None else getattr(writer, "slots", ("param",))
     extra = [s for s in slots if s != "param" and s in have]
     param_from = weights_slot(slots, have)
+    stored = {}
     if plan is not None:
         dtypes = {(coord, name): dt for coord, name, _, dt in plan.tensors}
         writer.begin(list(plan.tensors))
+        # --quantize: a tensor is planned as the tensors that store it (mxfp4: NAME_blocks and
+        # NAME_scales); a worker given those writes it
+        sizes = {(coord, name): DTYPES[dt].itemsize * math.prod(shape)
+                 for coord, name, shape, dt in plan.tensors}
+        for (coord, name), kind in quantized.items():
+            keys = [(coord, name + suffix) for suffix in quant.SUFFIXES[kind]]
+            dtypes.setdefault((coord, name), dtypes[keys[0]])
+            stored[(coord, name)] = sum(sizes[k] for k in keys)
+            if only is not None and keys[0] in only:
+                only = only | {(coord, name)}
     else:
         dtypes = target_dtypes(program, reader, dtype, param_from)
         writer.begin([(coord, name, inst.recipe.shape_at(coord), dtypes[(coord, name)])
@@ -449,7 +463,8 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                                  if not all(k in stateless for k in inst.members.values())])
     if progress is None:
         progress = Progress(planned_bytes(program, dtypes, len(extra), frozenset(stateless),
-                                          only, weights_only), "convert", quiet, unit="B")
+                                          only, weights_only, stored), "convert", quiet,
+                            unit="B")
     # Shards that must be rebuilt go through reused buffers when the writer consumes each
     # array before write() returns; views of the source (unsplit tensors, row blocks) are
     # passed through untouched, and the writer may copy them in-kernel (runtime/fastcopy.py).
@@ -488,8 +503,7 @@ def run(program: Program, reader, writer, *, backend: str = "numpy", dtype: str 
                                 inst.recipe.shard(bind, members, dict(rc)))
                             stored = quant.store(kind, value, copies[0][1], report, allow_lossy)
                             writes = [(None, coord, name + suffix, arr)
-                                      for coord, name in copies
-                                      for (_, arr), suffix in zip(stored, ("", quant.SCALE_SUFFIX))]
+                                      for coord, name in copies for suffix, arr in stored]
                             behind.submit(writes)
                             report.tensors_written += len(writes)
                             report.bytes_written += sum(a.nbytes for *_, a in writes)

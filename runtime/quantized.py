@@ -1,5 +1,5 @@
-"""Quantized tensors that a spec rule reads dequantized: ``quantized fp8_block`` and
-``quantized mxfp4`` (docs/language.md, "Quantized storage").
+"""Quantized tensors that a spec rule reads dequantized, and writes with ``--quantize KIND``:
+``quantized fp8_block`` and ``quantized mxfp4`` (docs/language.md, "Quantized storage").
 
 Both are transformers' conventions for a checkpoint's stored tensors, so they are named by the
 physical tensor ``NAME`` a rule places:
@@ -20,6 +20,10 @@ physical tensor ``NAME`` a rule places:
 tensor ``NAME``, dequantized when read, so the rest of mapc sees an ordinary checkpoint. A rule
 that says ``quantized KIND`` reads either form (a bf16 and an MXFP4 release of one model use
 one spec); a quantized tensor placed by a rule that does not say so is refused.
+
+Writing (``--quantize KIND``, the end of this module): plan_quantized replaces each tensor of
+such a rule by its stored tensors, store() quantizes it by the model authors' formula
+(quant_fp8_block, quant_mxfp4), refusing what rounds unless ``--allow-lossy``.
 """
 from __future__ import annotations
 
@@ -200,6 +204,115 @@ def dequant_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(out, -1, -2))
 
 
+# ---- mxfp4: quantizing (--quantize mxfp4) -------------------------------------------------------
+E2M1_MAX = 6.0                       # the largest e2m1 magnitude
+# magnitudes at which an e2m1 code steps up: the midpoints of E2M1[:8], a midpoint itself
+# going up (half away from zero, as the authors' bit-level rounding does)
+_E2M1_STEPS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
+# code of the value half of each code's (0 -> 0, 1.0 -> 0.5, 2.0 -> 1.0, 3.0 -> 1.5, 4.0 -> 2.0,
+# 6.0 -> 3.0); -1 where the half is no e2m1 value (0.5 -> 0.25, 1.5 -> 0.75)
+_HALF_CODE = np.array([0, -1, 1, -1, 2, 3, 4, 5], dtype=np.int8)
+# the config entry of an mxfp4 checkpoint (GPT-OSS's config.json, transformers' Mxfp4Config);
+# a layout adds the modules transformers' loader leaves alone with this `let`
+MXFP4_CONFIG = {"quant_method": "mxfp4"}
+MXFP4_NOT_CONVERTED = "mxfp4_modules_to_not_convert"
+
+
+def mxfp4_shapes(shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(``_blocks``, ``_scales``) shapes of an mxfp4 tensor whose module parameter has
+    ``shape`` [..., K, N] (the inverse of dequant_mxfp4's swap): [..., N, K / 32, 16] and
+    [..., N, K / 32]."""
+    *lead, k, n = shape
+    return (*lead, n, k // MX_BLOCK, MX_BLOCK // 2), (*lead, n, k // MX_BLOCK)
+
+
+def quant_mxfp4(x: np.ndarray, where: str = "") -> tuple[np.ndarray, np.ndarray, Rounding]:
+    """MXFP4 ``_blocks`` and ``_scales`` (uint8) of a module parameter ``x`` [..., K, N], the
+    inverse of dequant_mxfp4: blocks of 32 along K (the axis the release packs), so K must be a
+    multiple of 32. The formula is the model authors' (triton_kernels' ``downcast_to_mxfp``,
+    the rounding its pure-torch reference spells out), computed in float32: a block's scale is
+    ``amax / 6`` rounded *up* to a power of two (its e8m0 byte that power's biased exponent; an
+    all-zero block, or one whose amax / 6 underflows float32, gets byte 0 and zeros), its
+    values ``x / scale`` rounded to the nearest e2m1 value with ties away from zero (never
+    beyond 6: the scale covers amax), the sign kept (``-0`` and a negative value that rounds
+    to zero are nibble 8), two nibbles per byte, the first value in the low nibble.
+
+    One case of the formula is settled here: a block that is already an MXFP4 dequantization
+    whose largest code is 3 (the formula gives that, at scale ``2 ** (b + 1)``, to a block whose
+    amax is between 3 and 3.5 times it) dequantizes to values the formula quantizes at ``2 **
+    b`` with every code doubled (largest 6). Both give the same values; when every value of
+    such a block is exact at both scales, the larger scale is kept, so an MXFP4 release made by
+    the formula comes back byte for byte (except a block that held largest code 6 and no 0.5
+    or 1.5: those values cannot tell it from its twin, about 1 block in 10**5 of normally
+    distributed weights; its values come back, its bytes are the twin's).
+
+    Streams one leading index (an expert) at a time, in bands of rows (temporaries of a
+    band only); returns the Rounding: which elements do not come back as their value when
+    dequantized."""
+    x = np.asarray(x)
+    if x.ndim < 2 or x.shape[-2] % MX_BLOCK:
+        raise MapcError(f"an mxfp4 tensor is [..., K, N] with K a multiple of {MX_BLOCK}, not "
+                        f"shape {list(x.shape)}", where=where or None)
+    *lead, k, n = x.shape
+    bshape, sshape = mxfp4_shapes(x.shape)
+    flat = x.reshape(-1, k, n)
+    b_out = np.empty((flat.shape[0], n, k // MX_BLOCK, MX_BLOCK // 2), dtype=np.uint8)
+    s_out = np.empty((flat.shape[0], n, k // MX_BLOCK), dtype=np.uint8)
+    info = Rounding(size=x.size)
+    band = max(1, MX_BAND // k)
+    for l in range(flat.shape[0]):
+        for r in range(0, n, band):
+            w = _float32_rows(flat[l, :, r:r + band])              # [rows, K]: blocks along K
+            if not np.isfinite(w).all():
+                raise MapcError("cannot quantize a tensor holding inf or NaN to mxfp4",
+                                where=where or None,
+                                hint="convert without --quantize (the values are not finite)")
+            g = w.reshape(w.shape[0], k // MX_BLOCK, MX_BLOCK)
+            code, s_out[l, r:r + band], back = _quant_mx_blocks(g)
+            b_out[l, r:r + band] = code[..., 0::2] | (code[..., 1::2] << 4)
+            _count(info, g, back)
+    return b_out.reshape(bshape), s_out.reshape(sshape), info
+
+
+MX_BAND = 1 << 20                    # elements of a band of rows quantized at once
+
+
+def _float32_rows(x: np.ndarray) -> np.ndarray:
+    """``x.T`` as a contiguous float32 array (a bfloat16 ``x`` by its bits: twice as fast)."""
+    if x.dtype == _ml().bfloat16:
+        out = np.empty(x.shape[::-1], dtype=np.uint32)
+        np.left_shift(x.view(np.uint16).T, 16, out=out, dtype=np.uint32)
+        return out.view(np.float32)
+    return np.ascontiguousarray(x.T, dtype=np.float32)
+
+
+def _quant_mx_blocks(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nibbles, e8m0 bytes, dequantized values) of float32 blocks ``g`` [..., 32]."""
+    a = np.abs(g)
+    amax = a.max(axis=-1)
+    bits = (amax / np.float32(E2M1_MAX)).view(np.int32)
+    # amax / 6 rounded up to a power of two: all-ones added to the mantissa, the exponent kept
+    e = ((bits + np.int32(0x007FFFFF)) & np.int32(0x7F800000)) >> 23
+    scale = np.ldexp(np.float32(1.0), e - 127).astype(np.float32)
+    inv = np.where(e == 0, np.float32(0.0), np.float32(1.0) / scale).astype(np.float32)
+    q = a * inv[..., None]
+    code = np.greater_equal(q, _E2M1_STEPS[0]).view(np.uint8)
+    for step in _E2M1_STEPS[1:]:                 # the steps q reaches (faster than a search)
+        code += np.greater_equal(q, step).view(np.uint8)
+    back = E2M1[code] * scale[..., None]
+    # an exact block whose largest code is 6 (7) and that has no 0.5 or 1.5: its twin at
+    # twice the scale (every code halved) is what the formula made
+    cand = np.flatnonzero(((code == 7).any(axis=-1) & (back == a).all(axis=-1)).reshape(-1))
+    if cand.size:
+        flat_code = code.reshape(-1, MX_BLOCK)
+        half = _HALF_CODE[flat_code[cand]]
+        ok = (half >= 0).all(axis=-1)
+        flat_code[cand[ok]] = half[ok]
+        e.reshape(-1)[cand[ok]] += 1
+    code |= np.signbit(g).view(np.uint8) << 3
+    return code, e.astype(np.uint8), np.copysign(back, g)
+
+
 class QuantizedView:
     """A source whose quantized pairs each appear as one dequantized tensor (see the module).
 
@@ -326,6 +439,28 @@ def check_declared(plan, source) -> None:
 
 # ---- writing: --quantize KIND ------------------------------------------------------------------
 SCALE_SUFFIX = "_scale_inv"
+# the stored tensors of a quantized NAME, by suffix: the first holds the values, the others
+# are its companions (kept in its shard file)
+SUFFIXES = {"fp8_block": ("", SCALE_SUFFIX), "mxfp4": ("_blocks", "_scales")}
+
+
+def stored_shapes(kind: str, shape) -> list[tuple[str, tuple, str]]:
+    """(suffix, shape, dtype) of each stored tensor of a quantized tensor of ``shape``."""
+    if kind == "fp8_block":
+        return [("", tuple(shape), "float8_e4m3fn"), (SCALE_SUFFIX, scale_shape(shape), "float32")]
+    blocks, scales = mxfp4_shapes(shape)
+    return [("_blocks", blocks, "uint8"), ("_scales", scales, "uint8")]
+
+
+def _describe(kind: str) -> tuple[str, str]:
+    """(how ``kind`` stores a tensor, what its rounding keeps), for decisions and notes."""
+    if kind == "fp8_block":
+        return (f"float8_e4m3fn + float32 NAME{SCALE_SUFFIX} per {BLOCK}x{BLOCK} block",
+                f"e4m3 keeps 3 mantissa bits, with one float32 scale per {BLOCK} x {BLOCK} "
+                f"block")
+    return (f"uint8 NAME_blocks (two e2m1 values a byte) + uint8 e8m0 NAME_scales per "
+            f"{MX_BLOCK} values", f"e2m1 keeps 1 mantissa bit, with one power-of-two scale "
+                              f"per {MX_BLOCK} values")
 
 
 def check_request(request) -> None:
@@ -336,25 +471,34 @@ def check_request(request) -> None:
     if kind not in KINDS:
         raise MapcError(f"--quantize {kind} is not a quantized storage mapc knows",
                         hint="known: " + ", ".join(KINDS))
-    if kind == "mxfp4":
-        raise MapcError("--quantize mxfp4 is not implemented: mapc reads MXFP4 (dequantized) but "
-                        "does not round to e2m1 with e8m0 scales",
-                        hint="write the plain (bfloat16) tensors: drop --quantize")
     if request.with_optimizer:
         raise MapcError(f"--quantize {kind} with --with-optimizer: a quantized tensor has no "
                         "optimizer state to export", hint="drop one of the two")
 
 
-def plan_quantized(program, facts, request, tensors) -> tuple[tuple, dict, list, dict]:
+@dataclass(frozen=True)
+class QuantizedPlan:
+    """What ``--quantize KIND`` writes (plan_quantized)."""
+    tensors: tuple                   # the format's planned (coord, name, shape, dtype), stored
+    quantized: dict                  # (coord, NAME) -> kind of each tensor stored quantized
+    notes: list
+    decisions: dict
+    config: dict | None              # config.json's quantization_config
+    stored: frozenset = frozenset()  # names of the stored tensors of those
+    companions: frozenset = frozenset()   # of those, the ones kept in their values' file
+
+
+def plan_quantized(program, facts, request, tensors) -> QuantizedPlan:
     """What ``--quantize KIND`` (``request.quantize``) writes, planned: ``tensors`` (the
     format's planned (coord, name, shape, dtype)) with each tensor of a rule that says
-    ``quantized KIND`` stored as float8_e4m3fn and followed by its ``NAME_scale_inv``; the map
-    (coord, name) -> kind of those; notes; decisions. Refused (MapcError): a kind mapc does not
-    write, a layout without such rules, and a lossy quantization without ``--allow-lossy``
-    (a tensor whose value was not read from the same storage: it rounds)."""
+    ``quantized KIND`` replaced by its stored tensors (fp8_block: ``NAME`` as float8_e4m3fn
+    followed by ``NAME_scale_inv``; mxfp4: ``NAME_blocks`` then ``NAME_scales``), and what
+    config.json says of them. Refused (MapcError): a kind mapc does not write, a layout without
+    such rules, a tensor the kind cannot store, and a lossy quantization without
+    ``--allow-lossy`` (a tensor whose value was not read from the same storage: it rounds)."""
     kind = request.quantize
     if kind is None:
-        return tuple(tensors), {}, [], {}
+        return QuantizedPlan(tuple(tensors), {}, [], {}, None)
     check_request(request)
     target = program.target
     placed = {(coord, name): inst for inst, coord, name in target.placements()
@@ -365,54 +509,92 @@ def plan_quantized(program, facts, request, tensors) -> tuple[tuple, dict, list,
                         f"quantized", hint=f"drop --quantize, or say 'quantized {kind}' on the "
                                            f"rules of the tensors to quantize (docs/language.md)")
     names = {name for _, name, _, _ in tensors}
-    out, lossy, exact = [], [], 0
+    out, lossy, exact, stored, companions = [], [], 0, set(), set()
     for coord, name, shape, dt in tensors:
         inst = placed.get((coord, name))
         if inst is None:
             out.append((coord, name, shape, dt))
             continue
         where = f"{inst.rule['at']}: {name}"
-        if len(shape) < 2 or dt not in ("float32", "bfloat16", "float16", "float64"):
-            raise MapcError(f"--quantize {kind}: {name} is {dt} {list(shape)}; fp8_block "
-                            f"quantizes floating tensors of at least 2 axes", where=where,
-                            hint="drop 'quantized fp8_block' from that rule")
+        _check_storable(kind, name, shape, dt, where)
         if getattr(inst, "value", None) is not None:
             raise MapcError(f"--quantize {kind}: {name} also has a value map; mapc does not "
                             f"quantize a mapped value", where=where)
-        if name + SCALE_SUFFIX in names:
-            raise MapcError(f"--quantize {kind}: {name}{SCALE_SUFFIX} is a tensor of the "
-                            f"layout already", where=where)
+        parts = stored_shapes(kind, shape)
+        for suffix, _, _ in parts:
+            if suffix and name + suffix in names:
+                raise MapcError(f"--quantize {kind}: {name}{suffix} is a tensor of the "
+                                f"layout already", where=where)
         keys = list(inst.members.values())
         if keys and all(facts.quantized.get(k) == kind for k in keys):
             exact += 1
         else:
             lossy.append((name, dt))
-        out += [(coord, name, shape, "float8_e4m3fn"),
-                (coord, name + SCALE_SUFFIX, scale_shape(shape), "float32")]
+        out += [(coord, name + suffix, sh, sdt) for suffix, sh, sdt in parts]
+        stored |= {name + suffix for suffix, _, _ in parts}
+        companions |= {name + suffix for suffix, _, _ in parts[1:]}
     n = len(placed)
+    how, keeps = _describe(kind)
     notes = []
     if exact:
         notes.append(f"--quantize {kind}: {exact} tensor(s) read from {kind} storage are "
-                     f"quantized back exactly (each block keeps its scale; checked as written)")
+                     f"quantized back exactly (" + ("each block keeps its scale" if
+                                                    kind == "fp8_block" else
+                                                    "the same values") +
+                     "; checked as written)")
     if lossy:
         dts = sorted({dt for _, dt in lossy})
         text = (f"--quantize {kind} rounds {len(lossy)} of {n} tensors ({' and '.join(dts)} "
-                f"values not read from {kind} storage, e.g. {lossy[0][0]}): e4m3 keeps 3 "
-                f"mantissa bits, with one float32 scale per 128 x 128 block")
+                f"values not read from {kind} storage, e.g. {lossy[0][0]}): {keeps}")
         if not request.allow_lossy:
             raise MapcError(text, hint="pass --allow-lossy to accept the rounding")
         notes.append("lossy: " + text + " (--allow-lossy)")
-    decisions = {"quantize": f"{kind}: {n} tensors as float8_e4m3fn + float32 "
-                             f"NAME{SCALE_SUFFIX} per {BLOCK}x{BLOCK} block "
-                             f"({exact} exact, {len(lossy)} rounded)"}
-    return tuple(out), {key: kind for key in placed}, notes, decisions
+    decisions = {"quantize": f"{kind}: {n} tensors as {how} ({exact} exact, {len(lossy)} "
+                             f"rounded)"}
+    return QuantizedPlan(tuple(out), {key: kind for key in placed}, notes, decisions,
+                         _quantization_config(kind, target), frozenset(stored),
+                         frozenset(companions))
+
+
+def _check_storable(kind, name, shape, dt, where) -> None:
+    if dt not in ("float32", "bfloat16", "float16", "float64") or len(shape) < 2 or (
+            kind == "mxfp4" and shape[-2] % MX_BLOCK):
+        need = ("floating tensors of at least 2 axes" if kind == "fp8_block" else
+                f"floating tensors [..., K, N] with K a multiple of {MX_BLOCK} (blocks of "
+                f"{MX_BLOCK} along K)")
+        raise MapcError(f"--quantize {kind}: {name} is {dt} {list(shape)}; {kind} quantizes "
+                        f"{need}", where=where, hint=f"drop 'quantized {kind}' from that rule")
+
+
+def _quantization_config(kind: str, target) -> dict:
+    """config.json's ``quantization_config`` of ``kind``: transformers' keys, as the release of
+    the model the format is named after has them; for mxfp4 with the modules the layout's
+    ``let mxfp4_modules_to_not_convert`` names (a list of strings), if it has one."""
+    if kind == "fp8_block":
+        return dict(FP8_BLOCK_CONFIG)
+    config = dict(MXFP4_CONFIG)
+    modules = target.env.get(MXFP4_NOT_CONVERTED)
+    if modules is not None:
+        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+            at = next((x["at"] for x in target.layout["lets"]
+                       if x["name"] == MXFP4_NOT_CONVERTED), None)
+            raise MapcError(f"let {MXFP4_NOT_CONVERTED} of layout {target.name} is "
+                            f"{modules!r}, not a list of module names", where=at,
+                            hint='write e.g. ["model.embed_tokens", "lm_head"]')
+        config["modules_to_not_convert"] = list(modules)
+    return config
 
 
 def store(kind: str, value: np.ndarray, name: str, report, allow_lossy: bool):
-    """The stored tensors of quantized target ``name``: [(name, values), (NAME_scale_inv,
-    scales)]. A tensor that does not dequantize back to ``value`` bit for bit is refused
-    unless ``allow_lossy``; the report sums what rounded (``report.quantized``)."""
-    q, scale, info = quant_fp8_block(value, where=name)
+    """The stored tensors of quantized target ``name``: [(suffix, values), ...] in the order
+    of SUFFIXES[kind]. A tensor that does not dequantize back to ``value`` bit for bit is
+    refused unless ``allow_lossy``; the report sums what rounded (``report.quantized``)."""
+    if kind == "fp8_block":
+        q, scale, info = quant_fp8_block(value, where=name)
+        parts = [("", q), (SCALE_SUFFIX, scale)]
+    else:
+        blocks, scales, info = quant_mxfp4(value, where=name)
+        parts = [("_blocks", blocks), ("_scales", scales)]
     tally = report.quantized.setdefault(kind, [0, 0, 0, 0.0])   # tensors, elements, rounded, max
     tally[0] += 1
     tally[1] += info.size
@@ -423,7 +605,7 @@ def store(kind: str, value: np.ndarray, name: str, report, allow_lossy: bool):
         raise MapcError(f"quantizing {name} to {kind} is not exact: {info.rounded} of "
                         f"{info.size} elements round (e.g. {a:.8g} comes back as {b:.8g})",
                         hint="pass --allow-lossy to accept the rounding")
-    return [(name, q), (name + SCALE_SUFFIX, scale)]
+    return parts
 
 
 def summary(report) -> list[str]:

@@ -314,7 +314,9 @@ def test_a_foreign_fp8_quantization_is_refused_where_it_would_round(tmp_path, sp
 @pytest.mark.parametrize("kw, message", [
     ({}, r"--quantize fp8_block rounds 1 of 1 tensors \(float32 values not read from "
          r"fp8_block storage, e\.g\. model\.proj\.weight\).*pass --allow-lossy"),
-    ({"quantize": "mxfp4"}, r"--quantize mxfp4 is not implemented"),
+    ({"quantize": "mxfp4"}, r"--quantize mxfp4 rounds 1 of 1 tensors \(bfloat16 values not "
+                            r"read from mxfp4 storage, e\.g\. model\.experts\.proj\).*pass "
+                            r"--allow-lossy"),
     ({"quantize": "int4"}, r"--quantize int4 is not a quantized storage mapc knows.*fp8_block, "
                            r"mxfp4"),
     ({"to": "dcp"}, r"--to dcp does not take --quantize fp8_block.*taken by: hf"),
@@ -350,13 +352,44 @@ def test_the_dry_run_says_what_rounds(tmp_path, spec_file, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_quantize_refuses_a_quantized_rule_on_a_vector(tmp_path):
+def refusal_of_edited_spec(tmp_path, old, new, kind) -> str:
+    """The message of a --quantize KIND --allow-lossy write of the plain toy checkpoint with
+    the spec edited (``old`` -> ``new``); nothing is written. Its spec is tmp_path/e.map."""
     plain_checkpoint(tmp_path / "plain")
-    (tmp_path / "vec.map").write_text(SPEC.replace('"model.norm.weight" = norm',
-                                                   '"model.norm.weight" = norm  quantized fp8_block'))
+    (tmp_path / "e.map").write_text(SPEC.replace(old, new))
     with pytest.raises(MapcError) as e:
-        mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", quantize="fp8_block",
-                     spec=tmp_path / "vec.map", allow_lossy=True)
-    assert str(e.value).startswith(f"{tmp_path / 'vec.map'}:17:5: model.norm.weight: "
-                                   f"--quantize fp8_block: model.norm.weight is float32 [96]; "
-                                   f"fp8_block quantizes floating tensors of at least 2 axes")
+        mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", quantize=kind,
+                     spec=tmp_path / "e.map", allow_lossy=True)
+    assert not (tmp_path / "out").exists()
+    return str(e.value)
+
+
+def test_quantize_refuses_a_quantized_rule_on_a_vector(tmp_path):
+    msg = refusal_of_edited_spec(tmp_path, '"model.norm.weight" = norm',
+                                 '"model.norm.weight" = norm  quantized fp8_block', "fp8_block")
+    assert msg.startswith(f"{tmp_path / 'e.map'}:17:5: model.norm.weight: --quantize "
+                          f"fp8_block: model.norm.weight is float32 [96]; fp8_block quantizes "
+                          f"floating tensors of at least 2 axes")
+
+
+def test_quantize_mxfp4_writes_the_blocks_and_scales(tmp_path, spec_file):
+    """The toy layout names no modules: quantization_config is quant_method alone; the
+    blocks and scales replace the tensor, beside the plain others."""
+    want = plain_checkpoint(tmp_path / "plain")
+    mapc.convert(tmp_path / "plain", tmp_path / "out", to="hf", spec=spec_file,
+                 quantize="mxfp4", allow_lossy=True)
+    got = safetensors_torch.load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(got) == ["model.experts.proj_blocks", "model.experts.proj_scales",
+                           "model.norm.weight", "model.proj.weight"]
+    assert got["model.experts.proj_blocks"].shape == (2, 130, 3, 16)
+    assert got["model.experts.proj_scales"].shape == (2, 130, 3)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "mxfp4"}
+
+
+def test_quantize_mxfp4_refuses_a_let_that_is_no_module_list(tmp_path):
+    msg = refusal_of_edited_spec(tmp_path, '    meta { model_type = "toyquant" }',
+                                 '    meta { model_type = "toyquant" }\n'
+                                 '    let mxfp4_modules_to_not_convert = 3', "mxfp4")
+    assert msg.startswith(f"{tmp_path / 'e.map'}:15:5: let mxfp4_modules_to_not_convert of "
+                          f"layout hf is 3, not a list of module names")

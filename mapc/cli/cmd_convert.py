@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   mapc convert llama-hf llama-vpp --to megatron --pp 2 --vpp 2      # interleaved schedule
   mapc convert llama-mcore llama-back --to hf --dtype bf16
   mapc convert ds-mcore ds-fp8 --to hf --quantize fp8_block --allow-lossy   # FP8 release form
+  mapc convert oss-mcore oss-mx --to hf --quantize mxfp4 --allow-lossy      # MXFP4 release form
   mapc convert llama-hf out --to megatron --set naming=te --set vocab_multiple=64
   mapc convert old-run new-run --like fresh-init-on-new-cluster   # format/topology from a template
   mapc convert llama-hf llama-mcore --to megatron --tp 8 --workers 4   # 4 processes
@@ -80,8 +81,9 @@ def add_arguments(p):
     p.add_argument("--quantize", metavar="KIND", default=None,
                    help="with --to hf: store the tensors whose spec rules say 'quantized "
                         "KIND' in that storage; fp8_block: float8_e4m3fn + float32 "
-                        "_scale_inv per 128x128 block (DeepSeek-V3's release). Lossy unless "
-                        "read from that storage: needs --allow-lossy then")
+                        "_scale_inv per 128x128 block (DeepSeek-V3's release); mxfp4: uint8 "
+                        "_blocks + e8m0 _scales per 32 values (GPT-OSS's release). Lossy "
+                        "unless read from that storage: needs --allow-lossy then")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a target layout parameter the spec declares (repeatable)")
     p.add_argument("--source-set", action="append", default=[], metavar="NAME=VALUE",

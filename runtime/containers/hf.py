@@ -48,11 +48,10 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         export, notes = plan_trainer_export(program, facts)
     slots = ("param",) + MOMENTS if export else ("param",)
     tensors = planned_tensors(program, facts, request.dtype, slots)
-    # --quantize fp8_block: a quantized tensor is followed by its NAME_scale_inv, kept in its file
-    tensors, quantized, qnotes, qdecisions = quant.plan_quantized(program, facts, request,
-                                                                  tensors)
-    notes = notes + qnotes
-    companions = {name + quant.SCALE_SUFFIX for _, name in quantized}
+    # --quantize KIND: a quantized tensor is stored as its values and their scales (fp8_block:
+    # NAME, NAME_scale_inv; mxfp4: NAME_blocks, NAME_scales), the scales kept in its file
+    q = quant.plan_quantized(program, facts, request, tensors)
+    tensors, quantized, notes, companions = q.tensors, q.quantized, notes + q.notes, q.companions
     limit = request.max_shard_bytes or DEFAULT_SHARD_BYTES
     groups, size, total = [[]], 0, 0
     for coord, name, shape, dt in tensors:
@@ -67,14 +66,13 @@ def plan_write(program, facts: SourceFacts, request: WriteRequest) -> WritePlan:
         [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
     shards = tuple(zip(names, (tuple(g) for g in groups)))
     # config.json's dtype: that of the tensors (the quantized ones' is quantization_config's)
-    dtypes = {dt for coord, name, _, dt in tensors
-              if (coord, name) not in quantized and name not in companions}
+    dtypes = {dt for coord, name, _, dt in tensors if name not in q.stored}
     detail = _HFPlan(shards, total, next(iter(dtypes)) if len(dtypes) == 1 else None, export,
-                     quant.FP8_BLOCK_CONFIG if quantized else None)
+                     q.config)
     files = [*names, MAPC_JSON] + (["config.json"] if facts.has_config else []) + \
         (["model.safetensors.index.json"] if len(shards) > 1 else [])
     decisions = {"shards": len(shards), "max_shard_bytes": limit,
-                 "config dtype": detail.config_dtype, **qdecisions}
+                 "config dtype": detail.config_dtype, **q.decisions}
     if export is not None:
         files += [trainer.OPTIMIZER, trainer.SCHEDULER, trainer.TRAINER_STATE]
         decisions.update({"optimizer": "Trainer AdamW export", "step": export.step,
