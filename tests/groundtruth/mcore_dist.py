@@ -127,6 +127,19 @@ def _save_nemo2(torch, dist, model, opt, root: Path, kind: str):
     dist_checkpointing.save(ckpt, str(out), content_metadata=meta)
 
 
+def _load_as_nemo2(weights: Path, meta: dict, model_sd: dict, opt):
+    """``dist_checkpointing.load`` of ``weights/`` into the dict NeMo 2's
+    ``MegatronStrategy.load_checkpoint`` builds: ``state_dict`` the model's sharded dict
+    (``model_sd``: with a virtual pipeline ``{"model_0": ..., ...}``), ``optimizer`` a
+    one-element list of the optimizer's sharded dict of it (``_extra_state`` dropped at the top
+    level), ``strict`` returning the keys: (loaded, missing, unexpected)."""
+    from megatron.core import dist_checkpointing
+    sharded = {"state_dict": model_sd, "optimizer": [opt.sharded_state_dict(
+        {k: v for k, v in model_sd.items() if not k.endswith("_extra_state")},
+        is_loading=True, metadata=meta)]}
+    return dist_checkpointing.load(sharded, str(weights), strict="return_all")
+
+
 def load_checkpoint(ckpt: Path, cfg: dict, tp: int, pp: int, dtype: str, out: Path,
                     tokens=None) -> Path:
     """Load ``ckpt`` with megatron-core into a fresh model at (tp, pp); save what was loaded."""
@@ -657,11 +670,7 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, mode=""):
         meta = dist_checkpointing.load_content_metadata(str(weights))
         assert meta == {"distrib_optim_sharding_type": kind}, meta
         model_sd = model.sharded_state_dict(prefix="module.", metadata=meta)
-        sharded = {"state_dict": model_sd, "optimizer": [opt.sharded_state_dict(
-            {k: v for k, v in model_sd.items() if not k.endswith("_extra_state")},
-            is_loading=True, metadata=meta)]}
-        loaded, missing, unexpected = dist_checkpointing.load(sharded, str(weights),
-                                                              strict="return_all")
+        loaded, missing, unexpected = _load_as_nemo2(weights, meta, model_sd, opt)
         (Path(out) / f"keys_{kind}_{t}_{p}_{d}.json").write_text(json.dumps(
             {"missing": sorted(missing), "unexpected": sorted(unexpected)}))
         model.load_state_dict({k[len("module."):]: v for k, v in loaded["state_dict"].items()},
@@ -804,11 +813,7 @@ def _load_vpp_worker(cfg, ckpt, legacy, tp, pp, dtype, out, nemo2=""):
         kind = meta.get("distrib_optim_sharding_type")     # (sharded_state_dict adds groups)
         model_sd = {f"model_{v}": c.sharded_state_dict(prefix="module.", metadata=meta)
                     for v, c in enumerate(chunks)}
-        sharded = {"state_dict": model_sd, "optimizer": [opt.sharded_state_dict(
-            {k: v for k, v in model_sd.items() if not k.endswith("_extra_state")},
-            is_loading=True, metadata=meta)]}
-        loaded, missing, unexpected = dist_checkpointing.load(sharded, str(weights),
-                                                              strict="return_all")
+        loaded, missing, unexpected = _load_as_nemo2(weights, meta, model_sd, opt)
         (Path(out) / f"keysN_{t}_{p}_{d}.json").write_text(json.dumps(
             {"missing": sorted(missing), "unexpected": sorted(unexpected), "kind": kind}))
         for v, chunk in enumerate(chunks):
@@ -816,7 +821,13 @@ def _load_vpp_worker(cfg, ckpt, legacy, tp, pp, dtype, out, nemo2=""):
                                    loaded["state_dict"][f"model_{v}"].items()}, strict=True)
         with torch.no_grad():
             opt.load_state_dict(loaded["optimizer"][0])
-        unshare_steps()
+        # megatron-core 0.16.1's sharded load with torch's Adam (no Transformer Engine or
+        # Apex) leaves an already-initialized state's step as it was (99 here; a load right
+        # after the warm-up step keeps that step's 1): put the step of the param groups it
+        # read from the checkpoint into torch's Adam state, as its load_state_dict means to
+        (step,) = {float(g["step"]) for g in loaded["optimizer"][0]["optimizer"]["param_groups"]}
+        for st in inner.optimizer.state.values():
+            st["step"] = torch.tensor(step)
         _vpp_truth(torch, ddps, opt, Path(out) / f"loadedN_{t}_{p}_{d}.pt")
         _vpp_value_step(torch, ddps, opt)
         _vpp_truth(torch, ddps, opt, Path(out) / f"steppedN_{t}_{p}_{d}.pt")
