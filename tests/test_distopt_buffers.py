@@ -38,13 +38,18 @@ VPP = dict(SPLIT, vpp=2)
 PP, VSTAGES = 2, 4                  # the saved run: PP2 x 2 chunks = 4 virtual stages
 LOAD_AT = (2, 1, 2)
 PAIRS = [("torch.bfloat16", "torch.float32"), ("torch.float32", "torch.float32")]
+# the same state also saved as: Megatron-LM's torch format, dp_zero_gather_scatter, and NeMo 2
+# (MegatronStrategy's save of a virtual pipeline) with NeMo 2.7.3's default sharding type
+# (dp_reshardable) and dp_zero_gather_scatter
+NEMO2_KINDS = ("dp_reshardable", "dp_zero_gather_scatter")
+ALSO = ("legacy", "dp_zero_gather_scatter") + tuple(f"{mcore_dist.NEMO2}{k}" for k in NEMO2_KINDS)
 
 
 @pytest.fixture(scope="module")
 def saved_vpp(tmp_path_factory):
     base = tmp_path_factory.mktemp("distopt_vpp")
     root = mcore_dist.save_checkpoint(base / "ckpt", VPP, 1, PP, "bf16", base / "truth", dp=2,
-                                      optimizer=True, also=("legacy",))
+                                      optimizer=True, also=ALSO)
     return root, base / "truth"
 
 
@@ -70,7 +75,9 @@ def _where(src, t, p, vpp=True):
     for (coord, name), (keys, start, n, _) in src.optimizer.where.items():
         pre, rank = _stage(coord) if vpp else ("", dict(coord).get("pp", 0))
         if dict(coord).get("tp", 0) == t and rank == p:
-            gbuf = int(keys["param"].split(".gbuf_idx_")[1].split(".")[0])
+            key = keys["param"]     # a bucket's key; dp_zero_gather_scatter: (g, b, k, slot)
+            gbuf = key[1] if isinstance(key, tuple) else \
+                int(key.split(".gbuf_idx_")[1].split(".")[0])
             out[pre + name] = (gbuf, start, n)
     return out
 
@@ -205,14 +212,18 @@ def _legacy(saved_vpp):
 @pytest.fixture(scope="module")
 def written_vpp(loaded, tmp_path_factory):
     """mapc's TP2 PP1 DP2 output (no virtual pipeline, two buffers per rank) written back at
-    TP1 PP2 VPP2 DP2 as torch_dist and as the torch format, both loaded by one megatron-core
-    run built there (``mcore_dist.load_vpp``)."""
+    TP1 PP2 VPP2 DP2 as torch_dist, as the torch format and as NeMo 2, all three loaded by one
+    megatron-core run built there (``mcore_dist.load_vpp``; NeMo 2 the way NeMo's
+    MegatronStrategy loads a virtual pipeline). (dist, torch, loaded, nemo2)"""
     tp, pp, dp = VPP_AT
     base = tmp_path_factory.mktemp("distopt_vpp_write")
     mapc.convert(loaded[0], base / "dist", to="torch_dist", tp=tp, pp=pp, vpp=2, dp=dp)
     mapc.convert(loaded[0], base / "torch", to="megatron", tp=tp, pp=pp, vpp=2, dp=dp)
+    mapc.convert(loaded[0], base / "nemo2", to="nemo2", tp=tp, pp=pp, vpp=2, dp=dp,
+                 set={"vocab_multiple": "128"})     # the harness pads as Megatron-LM does
     return base / "dist", base / "torch", mcore_dist.load_vpp(
-        base / "dist", base / "torch", VPP, tp, pp, dp, "bf16", base / "loaded")
+        base / "dist", base / "torch", VPP, tp, pp, dp, "bf16", base / "loaded",
+        nemo2=base / "nemo2"), base / "nemo2"
 
 
 def _vocab_padding(truth, p):
@@ -284,7 +295,7 @@ def test_mapc_writes_the_buffers_megatron_core_saved(saved_vpp, written_vpp):
     dp_group_idx, dtype pairs, sizes) and values; the torch format, each rank's
     distrib_optim.pt with megatron-core's four entries (dtype pairs, numel_unpadded) and
     values. Only the vocabulary padding rows differ (zeros in mapc's: HF keeps none)."""
-    dist, legacy, _ = written_vpp
+    dist, legacy = written_vpp[:2]
     want, got = _dist_buckets(saved_vpp[0]), _dist_buckets(dist)
     assert sorted(got) == sorted(want) and len(want) == 2 * 4 * 3
     pads = {p: _vocab_padding(saved_vpp[1], p) for p in range(PP)}
@@ -311,21 +322,22 @@ def test_mapc_writes_the_buffers_megatron_core_saved(saved_vpp, written_vpp):
 def test_a_virtual_pipeline_run_has_the_buffers_mapc_derived(written_vpp, p):
     """The megatron-core run at TP1 PP2 VPP2 DP2 that loaded mapc's torch_dist output has, per
     rank, the buffers and places mapc derived for it (four: two chunks x two dtypes)."""
-    dist, _, loaded_dir = written_vpp
-    live = torch.load(loaded_dir / f"loaded_0_{p}_0.pt")
+    live = torch.load(written_vpp[2] / f"loaded_0_{p}_0.pt")
     assert [b["chunk"] for b in live["buffers"]] == [0, 0, 1, 1]
-    with _bound(dist) as src:
+    with _bound(written_vpp[0]) as src:
         assert _where(src, 0, p) == _live_where(live)
 
 
 @pytest.mark.parametrize("prefix,truth", [("loaded", "optim"), ("stepped", "stepped"),
-                                          ("loadedL", "optim"), ("steppedL", "stepped")])
+                                          ("loadedL", "optim"), ("steppedL", "stepped"),
+                                          ("loadedN", "optim"), ("steppedN", "stepped")])
 @pytest.mark.parametrize("slot", ["param", "exp_avg", "exp_avg_sq"])
 def test_a_virtual_pipeline_run_loads_mapc_output_and_continues(saved_vpp, written_vpp, prefix,
                                                                  truth, slot):
     """What megatron-core's DistributedOptimizer at TP1 PP2 VPP2 DP2 holds after loading
     mapc's torch_dist output (``loaded``; strict dist_checkpointing.load) and, after every
-    state was zeroed, mapc's distrib_optim.pt (``loadedL``; load_parameter_state), equals the
+    state was zeroed, mapc's distrib_optim.pt (``loadedL``; load_parameter_state) and mapc's
+    NeMo 2 output as NeMo loads it (``loadedN``), equals the
     original run's state bit for bit (fp32 masters of bf16 weights and fp32 norms, both
     moments, the step); one more step on the same gradients equals the original run's own next
     step bit for bit (same DP)."""
@@ -357,7 +369,9 @@ def test_the_vpp_write_plan_shows_every_chunks_buffers(loaded, tmp_path):
 @pytest.mark.parametrize("kw,words", [
     (dict(to="torch_dist", tp=1, pp=3, vpp=2, dp=2), r"--pp 3 --vpp 2 is 6 virtual pipeline "
                                                      r"stages"),
-    (dict(to="nemo2", tp=1, pp=2, vpp=2, dp=2), "--to nemo2 does not take --vpp 2"),
+    (dict(to="nemo2", tp=1, pp=3, vpp=2, dp=2), r"--pp 3 --vpp 2 is 6 virtual pipeline "
+                                                r"stages"),
+    (dict(to="nemo2", vpp=2, dp=2), "--vpp 2 needs --pp of at least 2"),
     (dict(to="torch_dist", vpp=2, dp=2), "--vpp 2 needs --pp of at least 2"),
 ])
 def test_a_vpp_target_mapc_cannot_write_is_refused_in_one_line(loaded, tmp_path, kw, words):
@@ -415,3 +429,172 @@ def test_any_tp_pp_vpp_dp_round_trips_every_slot(saved_vpp, direct_hf, tmp_path)
             for name, w in want.items():
                 assert torch.equal(got[slot][name], w), (to, tp, pp, vpp, dp, slot, name)
     check()
+
+
+# ---- dp_zero_gather_scatter with several buffers; NeMo 2 with a virtual pipeline ----------------
+def _other(saved_vpp, kind):
+    return saved_vpp[0].parent / f"{saved_vpp[0].name}_{kind}"
+
+
+# context/model.yaml as NeMo 2 dumps the GPTConfig of the saved run (VPP: TP1 PP2, 2 chunks per
+# rank): MegatronStrategy copies its parallel sizes into the model's config
+# (_strategy_lib.set_model_parallel_attributes), the virtual pipeline's among them
+NEMO2_YAML = f"""\
+_target_: nemo.collections.llm.gpt.model.base.GPTModel
+config:
+  _target_: nemo.collections.llm.gpt.model.base.GPTConfig
+  tensor_model_parallel_size: 1
+  pipeline_model_parallel_size: {PP}
+  virtual_pipeline_model_parallel_size: 2
+  num_layers: {CFG["layers"]}
+  hidden_size: {CFG["hidden"]}
+  num_attention_heads: {CFG["heads"]}
+  num_query_groups: {CFG["groups"]}
+  kv_channels: {CFG["head_dim"]}
+  ffn_hidden_size: {CFG["ffn"]}
+  vocab_size: {CFG["vocab"]}
+  make_vocab_size_divisible_by: 128
+  layernorm_epsilon: 1.0e-05
+  normalization: RMSNorm
+  gated_linear_unit: true
+  activation_func: {{_call_: false, _target_: torch.nn.functional.silu}}
+  add_bias_linear: false
+  position_embedding_type: rope
+  rotary_base: 10000
+  seq_length: 128
+  share_embeddings_and_output_weights: false
+"""
+
+
+@pytest.fixture(scope="module")
+def nemo2_vpp(saved_vpp, tmp_path_factory):
+    """{sharding type: NeMo 2 checkpoint of the virtual-pipeline run} with context/model.yaml."""
+    import shutil
+    base = tmp_path_factory.mktemp("nemo2_vpp")
+    out = {}
+    for kind in NEMO2_KINDS:
+        shutil.copytree(_other(saved_vpp, f"{mcore_dist.NEMO2}{kind}"), base / kind)
+        (base / kind / "context").mkdir()
+        (base / kind / "context" / "model.yaml").write_text(NEMO2_YAML)
+        out[kind] = base / kind
+    return out
+
+
+def test_megatron_core_saves_dp_zero_gather_scatter_with_one_entry_per_buffer(saved_vpp):
+    """What megatron-core's dp_zero_gather_scatter save holds with four buffers per rank (the
+    facts mapc reads): one object per dp_group_idx, no bucket tensors, the object
+    {"buckets_coalesced": True, gbuf_idx: {(param dtype, grad dtype): {param, exp_avg,
+    exp_avg_sq, numel_unpadded}}} with gbuf_idx 0..3 in the live buffers' order."""
+    import torch.distributed.checkpoint as dcp
+    d = str(mcore_dist.iter_dir(_other(saved_vpp, "dp_zero_gather_scatter")))
+    md = dcp.FileSystemReader(d).read_metadata().state_dict_metadata
+    assert sorted(k for k in md if k.startswith("optimizer.distributed.") and "param_state" in k) \
+        == [f"optimizer.distributed.dp_group_idx_{p}.param_state/shard_0_1" for p in range(PP)]
+    assert not any(".bucket_idx_" in k for k in md)
+    for p in range(PP):
+        key = f"optimizer.distributed.dp_group_idx_{p}.param_state/shard_0_1"
+        sd = {key: None}
+        dcp.load(sd, storage_reader=dcp.FileSystemReader(d), no_dist=True)
+        (state,) = sd[key] if isinstance(sd[key], list) else [sd[key]]
+        live = torch.load(saved_vpp[1] / f"optim_0_{p}_0.pt")["buffers"]
+        assert state.pop("buckets_coalesced") is True
+        assert sorted(state) == list(range(len(live))) == [0, 1, 2, 3]
+        for g, buf in enumerate(live):
+            ((pair, st),) = state[g].items()
+            assert tuple(str(x) for x in pair) == buf["dtype"]
+            assert st["numel_unpadded"] == buf["buckets"][0][2]
+
+
+def _assert_hf_is_the_vpp_truth(saved_vpp, path):
+    hf = _moments_as_hf(path)
+    for slot in ("param", "exp_avg", "exp_avg_sq"):
+        want = _hf_of_vpp_truth(saved_vpp[1], "optim", slot)
+        assert sorted(hf[slot]) == sorted(want)
+        for name, w in want.items():
+            assert torch.equal(hf[slot][name], w), (slot, name)
+
+
+def test_dp_zero_gather_scatter_with_several_buffers_is_read_exactly(saved_vpp, tmp_path):
+    """megatron-core's dp_zero_gather_scatter save of the vpp run with fp32 norms (four buffers
+    per rank) -> HF with the optimizer: every master and both moments are what megatron-core's
+    live optimizer held, bit for bit; step and param groups are read."""
+    root = _other(saved_vpp, "dp_zero_gather_scatter")
+    mapc.convert(root, tmp_path / "hf", to="hf", with_optimizer=True)
+    _assert_hf_is_the_vpp_truth(saved_vpp, tmp_path / "hf")
+    with _bound(root) as src:
+        state = src.training_state()
+        assert _where(src, 0, 1) == _live_where(torch.load(saved_vpp[1] / "optim_0_1_0.pt"))
+    assert state["step"] == 1.0 and len(state["param_groups"]) == 2
+
+
+@pytest.mark.parametrize("kind", NEMO2_KINDS)
+def test_nemo2_with_a_virtual_pipeline_is_read_exactly(saved_vpp, nemo2_vpp, kind, tmp_path):
+    """NeMo 2's save of the vpp run: the weights' keys are the same global stacked module.
+    keys as without a virtual pipeline (model_0/model_1 only nest Lightning's dict), the
+    optimizer's megatron-core's of all four buffers; mapc takes the chunks from model.yaml's
+    virtual_pipeline_model_parallel_size and reads every master and moment exactly."""
+    import torch.distributed.checkpoint as dcp
+    md = dcp.FileSystemReader(str(nemo2_vpp[kind] / "weights")).read_metadata()
+    keys = md.state_dict_metadata
+    qkv = keys["module.decoder.layers.self_attention.linear_qkv.weight"]
+    assert tuple(qkv.size)[0] == CFG["layers"]
+    assert not any("model_" in k or k.startswith("module.module.") for k in keys)
+    if kind == "dp_reshardable":
+        assert "optimizer.distributed.dp_group_idx_1.gbuf_idx_3.dtype_(torch.float32, " \
+            "torch.float32).bucket_idx_0.exp_avg" in keys or \
+            "optimizer.distributed.dp_group_idx_1.gbuf_idx_3.dtype_(torch.bfloat16, " \
+            "torch.float32).bucket_idx_0.exp_avg" in keys
+    mapc.convert(nemo2_vpp[kind], tmp_path / "hf", to="hf", with_optimizer=True)
+    _assert_hf_is_the_vpp_truth(saved_vpp, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("kind", ("dp_zero_gather_scatter", "nemo2"))
+def test_a_state_whose_chunks_are_not_stated_is_refused_in_one_line(saved_vpp, nemo2_vpp, kind,
+                                                                    tmp_path):
+    """Negative control: without the virtual pipeline size (args; NeMo 2's model.yaml) two
+    buffers per rank are derived where four are stored: refused, one line."""
+    import shutil
+    if kind == "nemo2":
+        root = tmp_path / "n2"
+        shutil.copytree(nemo2_vpp["dp_zero_gather_scatter"], root)
+        yaml = root / "context" / "model.yaml"
+        yaml.write_text(yaml.read_text().replace(
+            "virtual_pipeline_model_parallel_size: 2", "virtual_pipeline_model_parallel_size: null"))
+    else:
+        root = _edit_common((_other(saved_vpp, kind), None), tmp_path,
+                            _set_args(virtual_pipeline_model_parallel_size=None))
+    with pytest.raises(MapcError, match=r"dp_group_idx_0 has the DDP buffers .* give") as e:
+        mapc.convert(root, tmp_path / "out", to="hf", with_optimizer=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nemo_loads_mapc_s_virtual_pipeline_as_it_saves_one(written_vpp):
+    """mapc's NeMo 2 output at TP1 PP2 VPP2 DP2: megatron-core, asked for NeMo's vpp dict,
+    finds every key (only the Transformer Engine extra states of the attention core and final
+    norm, which the local modules lack, are left unread) under NeMo's dp_reshardable; context/
+    records the virtual pipeline in the model's config and the strategy, and mapc reads the
+    buffers back where the megatron-core run has them."""
+    loaded_dir, nemo2 = written_vpp[2], written_vpp[3]
+    import json
+    import yaml
+    for p in range(PP):
+        keys = json.loads((loaded_dir / f"keysN_0_{p}_0.json").read_text())
+        assert keys["unexpected"] == []
+        assert keys["kind"] == "dp_reshardable"
+        assert sorted(keys["missing"]) == [
+            "module.decoder.final_layernorm._extra_state",
+            "module.decoder.layers.self_attention.core_attention._extra_state"]
+    config = yaml.safe_load((nemo2 / "context" / "model.yaml").read_text())["config"]
+    assert (config["pipeline_model_parallel_size"],
+            config["virtual_pipeline_model_parallel_size"]) == (PP, 2)
+    io = json.loads((nemo2 / "context" / "io.json").read_text())["objects"]
+    (strategy,) = [o for k, o in io.items() if k.startswith("megatron_strategy")]
+    assert ["Attr(name='virtual_pipeline_model_parallel_size')",
+            {"type": "leaf", "value": 2,
+             "paths": ["<root>.trainer.strategy.virtual_pipeline_model_parallel_size"]}] \
+        in strategy["items"]
+    with _bound(nemo2) as src:
+        for p in range(PP):
+            assert _where(src, 0, p) == _live_where(torch.load(loaded_dir /
+                                                               f"loaded_0_{p}_0.pt"))

@@ -151,9 +151,9 @@ def test_the_state_goes_through_other_formats_and_back_exactly(saved_optim, nemo
 
 
 def test_nemo2_s_default_fully_sharded_model_space_is_refused(nemo2, tmp_path):
-    """NeMo's default (ckpt_parallel_save_optim=True) is fully_sharded_model_space, which
-    megatron-core 0.16.1 cannot save: refused with the type named (here the content of a
-    saved one is relabelled)."""
+    """Earlier NeMo 2 releases' default is fully_sharded_model_space, which megatron-core
+    0.16.1 cannot save: refused with the type named and NeMo 2.7.3's own types offered (here
+    the content of a saved one is relabelled)."""
     d = tmp_path / "n2"
     shutil.copytree(nemo2["fully_reshardable"], d)
     f = d / "weights" / "common.pt"
@@ -163,7 +163,7 @@ def test_nemo2_s_default_fully_sharded_model_space_is_refused(nemo2, tmp_path):
     torch.save(common, f)
     with pytest.raises(MapcError, match="fully_sharded_model_space") as e:
         open_source(d)
-    assert "ckpt_parallel_save_optim=False" in e.value.hint
+    assert "ckpt_optim_fully_reshardable=True" in e.value.hint
 
 
 def test_the_write_plan_names_the_optimizer(saved_optim, tmp_path):

@@ -54,7 +54,7 @@ HONOURS = {
     "universal": frozenset({"dp", "zero_stage"}),
     "neox": frozenset({"dp", "zero_stage", "with_optimizer"}),
     "torch_dist": frozenset({"dp", "optim_sharding", "vpp"}),
-    "nemo2": frozenset({"dp", "optim_sharding"}),
+    "nemo2": frozenset({"dp", "optim_sharding", "vpp"}),
 }
 
 

@@ -238,18 +238,16 @@ def coalesced_buffers(obj, what: str, where: str) -> list[tuple]:
     return out
 
 
-def coalesced_state(obj, what: str, where: str, total: int | None = None) -> dict:
-    """``{param, exp_avg, exp_avg_sq}`` of a gathered state (:func:`coalesced_buffers`) with
-    one buffer, flat fp32 tensors (of ``total`` elements when given)."""
-    buffers = coalesced_buffers(obj, what, where)
-    if len(buffers) != 1:
-        raise MapcError(f"{what} has {len(buffers)} buffers; mapc reads one here (one dtype)",
-                        where=where)
-    out = buffers[0][1]
-    if total is not None and tuple(out["param"].shape) != (total,):
-        raise MapcError(f"{what}: param is {list(out['param'].shape)}, not a flat fp32 tensor "
-                        f"of the buckets' {total} elements", where=where)
-    return out
+def check_total(flat, buckets, what: str, where: str) -> None:
+    """Refuse a stored flat buffer (``what``: a gathered state's, :func:`coalesced_buffers`)
+    whose size is not its derived buckets' total without their end padding."""
+    total = sum(b.numel_unpadded for b in buckets)
+    if tuple(flat.shape) != (total,):
+        raise MapcError(f"{what} holds {list(flat.shape)} elements, but megatron-core's bucket "
+                        f"layout of the rank's parameters gives {total}", where=where,
+                        hint="the checkpoint was trained with settings mapc does not derive "
+                             "(other or frozen parameters, another bucket size); convert the "
+                             "weights only")
 
 
 def param_groups(training: dict) -> list[dict]:

@@ -488,15 +488,8 @@ class _LegacyDistributed:
                                     "settings mapc does not derive; convert the weights only")
             for b, buf in enumerate(lay.buffers, lay.gbuf0):
                 state = states[f][b][1]
-                total = sum(x.numel_unpadded for x in buf.buckets)
-                if tuple(state["param"].shape) != (total,):
-                    raise MapcError(f"the distributed optimizer's buffer {b} holds "
-                                    f"{list(state['param'].shape)} elements, but megatron-core's "
-                                    f"bucket layout of this rank's parameters gives {total}",
-                                    where=str(f), hint="the checkpoint was trained with "
-                                    "settings mapc does not derive (other or frozen "
-                                    "parameters, another bucket size); convert the weights "
-                                    "only")
+                distopt.check_total(state["param"], buf.buckets,
+                                    f"the distributed optimizer's buffer {b}", str(f))
                 off = 0
                 for bucket in buf.buckets:
                     for name, start, numel in bucket.params:

@@ -52,6 +52,9 @@ CONTEXT = "context"
 MODEL_YAML = "model.yaml"
 IO_JSON = "io.json"
 PREFIX = "module."
+# NeMo's strategy copies its virtual pipeline size into the model's config (a
+# ModelParallelConfig field) and MegatronStrategy takes it under the same name
+VPP_KEY = "virtual_pipeline_model_parallel_size"
 MAX_YAML = 16 << 20
 TOPOLOGY_PARAMS = torch_dist.TOPOLOGY_PARAMS
 MODEL_TARGET = "nemo.collections.llm.gpt.model.base.GPTModel"
@@ -135,9 +138,10 @@ class Nemo2Source(torch_dist.TorchDistSource):
     format = "nemo2"
     layout = "torch_dist"
     key_prefix = PREFIX
-    # NeMo's default, fully_sharded_model_space, is what megatron-core 0.16.1 cannot save
-    RESAVE_HINT = ("re-save it from NeMo with MegatronStrategy(ckpt_parallel_save_optim="
-                   "False) (dp_zero_gather_scatter), or without the optimizer "
+    # earlier NeMo 2 releases' default, fully_sharded_model_space, is what megatron-core
+    # 0.16.1 cannot save; NeMo 2.7.3 saves dp_reshardable (ckpt_optim_fully_reshardable: fully)
+    RESAVE_HINT = ("re-save it with NeMo 2.7.3's MegatronStrategy (dp_reshardable by default, "
+                   "or ckpt_optim_fully_reshardable=True), or without the optimizer "
                    "(ckpt_save_optimizer=False)")
 
     def _find_iter_dir(self) -> Path:
@@ -214,13 +218,17 @@ class Nemo2Source(torch_dist.TorchDistSource):
                                      f"read): pass --config")
             return
         self.format_meta = megatron_view(self.model_yaml["config"])
-        self.saved_topology     # its sizes are bounded now, before anything uses them
+        self.saved_topology, self.saved_vpp   # bounded now, before anything uses them
         emb = self.tensors.get("embedding.word_embeddings.weight")
         if emb is not None and self.format_meta.get("vocab_size") is not None and \
                 self.entries[emb[0]][0][0] == self.format_meta["vocab_size"]:
             # NeMo's GPTConfig.configure_model builds the embedding with a given vocab_size as
             # it is (make_vocab_size_divisible_by pads only a tokenizer's size)
             self.format_meta["make_vocab_size_divisible_by"] = 1
+        if self.config and "vocab_multiple" in (self.record.get("params") or {}):
+            # mapc's own output: model.yaml states the padded size (NeMo builds the embedding
+            # with it), mapc.json the true vocabulary and the padding that gives those rows
+            self.format_meta.pop("make_vocab_size_divisible_by", None)
         if self.format_meta.get("vocab_size") is None and not self.config:
             if emb is not None:
                 self.format_meta["vocab_size"] = self.entries[emb[0]][0][0]
@@ -229,23 +237,33 @@ class Nemo2Source(torch_dist.TorchDistSource):
                                      f"{self.format_meta['vocab_size']} rows are taken as the "
                                      f"vocabulary")
 
+    def _size(self, key: str) -> int:
+        """A parallel size of ``model.yaml``'s config (NeMo's strategy copies its own there,
+        ``_strategy_lib.set_model_parallel_attributes``): 1 when unset."""
+        n = self.format_meta.get(key)
+        if n is None:
+            return 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MESH:
+            raise MapcError(f"{MODEL_YAML}: {key} is {n!r}, not a size from 1 to {MAX_MESH}",
+                            where=str(self.path / CONTEXT / MODEL_YAML))
+        return n
+
     @property
     def saved_topology(self) -> dict:
-        out = {}
-        for axis, key in (("tp", "tensor_model_parallel_size"),
-                          ("pp", "pipeline_model_parallel_size")):
-            n = self.format_meta.get(key)
-            if n is None:
-                n = 1
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MESH:
-                raise MapcError(f"{MODEL_YAML}: {key} is {n!r}, not a size from 1 to {MAX_MESH}",
-                                where=str(self.path / CONTEXT / MODEL_YAML))
-            out[axis] = n
-        return out
+        return {"tp": self._size("tensor_model_parallel_size"),
+                "pp": self._size("pipeline_model_parallel_size")}
+
+    @property
+    def saved_vpp(self) -> int:
+        """``virtual_pipeline_model_parallel_size`` of ``model.yaml``'s config: the model
+        chunks of each pipeline rank, whose DDP buffers the distributed optimizer's state
+        follows (the weights do not depend on it)."""
+        return self._size(VPP_KEY)
 
     def describe_coord(self, coord):
         t = self.saved_topology
-        return f"{WEIGHTS} (global tensors, saved at tp={t['tp']}, pp={t['pp']})"
+        vpp = f", vpp={self.saved_vpp}" if self.saved_vpp > 1 else ""
+        return f"{WEIGHTS} (global tensors, saved at tp={t['tp']}, pp={t['pp']}{vpp})"
 
 
 Source = Nemo2Source
@@ -309,7 +327,8 @@ def io_json(args: dict, topology: dict) -> dict:
     ``IOMixin.io_dump`` writes and ``io.load_context`` reads) of NeMo's ``TrainerContext`` with
     ``model`` the ``GPTModel`` of a ``GPTConfig`` holding every field of :func:`gpt_config`
     (fiddle records only the arguments given, so nothing is left to a class default), and
-    ``trainer`` a NeMo ``Trainer`` on a ``MegatronStrategy`` of the saved TP and PP."""
+    ``trainer`` a NeMo ``Trainer`` on a ``MegatronStrategy`` of the saved TP and PP (and
+    virtual pipeline size, ``topology["vpp"]`` > 1)."""
     objects: dict = {}
     counts: dict = {}
 
@@ -364,9 +383,11 @@ def io_json(args: dict, topology: dict) -> dict:
         fields["activation_func"] = {"_pyref_": ACTIVATION}
     cfg = config(CONFIG_TARGET, "gpt_config", fields, "<root>.model.config")
     model = config(MODEL_TARGET, "gpt_model", {"config": cfg}, "<root>.model")
-    strategy = config(STRATEGY_TARGET, "megatron_strategy", {
-        "tensor_model_parallel_size": topology.get("tp", 1),
-        "pipeline_model_parallel_size": topology.get("pp", 1)}, "<root>.trainer.strategy")
+    sizes = {"tensor_model_parallel_size": topology.get("tp", 1),
+             "pipeline_model_parallel_size": topology.get("pp", 1)}
+    if topology.get("vpp", 1) > 1:
+        sizes[VPP_KEY] = topology["vpp"]
+    strategy = config(STRATEGY_TARGET, "megatron_strategy", sizes, "<root>.trainer.strategy")
     trainer = config(TRAINER_TARGET, "trainer", {"strategy": strategy}, "<root>.trainer")
     extra = new("dict", {"type": pyref("builtins.dict"), "items": [],
                          "metadata": {"type": pyref("builtins.tuple"), "items": [],
@@ -435,13 +456,18 @@ class Nemo2Writer(torch_dist.TorchDistWriter):
         return common
 
     def _finish_root(self, record: dict):
+        """``context/``: with a virtual pipeline (the optimizer's buffers laid out for its
+        chunks) its size in the model's config, as NeMo's strategy puts it there, and in the
+        strategy."""
         import yaml
         d = self.dir / CONTEXT
         d.mkdir()
-        (d / MODEL_YAML).write_text(yaml.safe_dump(model_yaml(self.args), sort_keys=False))
-        (d / IO_JSON).write_text(json.dumps(io_json(self.args, {
-            "tp": self.args.get("tensor_model_parallel_size") or 1,
-            "pp": self.args.get("pipeline_model_parallel_size") or 1})))
+        vpp = self.opt.vpp if self.opt is not None else 1
+        args = dict(self.args, **{VPP_KEY: vpp}) if vpp > 1 else self.args
+        (d / MODEL_YAML).write_text(yaml.safe_dump(model_yaml(args), sort_keys=False))
+        (d / IO_JSON).write_text(json.dumps(io_json(args, {
+            "tp": args.get("tensor_model_parallel_size") or 1,
+            "pp": args.get("pipeline_model_parallel_size") or 1, "vpp": vpp})))
         write_json(self.dir / MAPC_JSON, record)
 
 

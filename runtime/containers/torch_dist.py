@@ -379,6 +379,12 @@ class TorchDistSource(Source):
         return {"tp": int(self.args.get("tensor_model_parallel_size") or 1),
                 "pp": int(self.args.get("pipeline_model_parallel_size") or 1)}
 
+    @property
+    def saved_vpp(self) -> int:
+        """The training run's model chunks per pipeline rank (args), which only the
+        distributed optimizer's buffers depend on (one DDP per chunk)."""
+        return int(self.args.get("virtual_pipeline_model_parallel_size") or 1)
+
     def coords(self):
         return [SINGLE]
 
@@ -610,7 +616,7 @@ class _DpReshardable(_Optimizer):
         tp, pp = src.saved_topology["tp"], src.saved_topology["pp"]
         world = int(args.get("world_size") or 0)
         self.dp = int(args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
-        self.vpp = int(args.get("virtual_pipeline_model_parallel_size") or 1)
+        self.vpp = src.saved_vpp
         keys = self._keys(where)
         spec = plan.spec
         if "megatron" not in spec.layout_names():
@@ -790,58 +796,65 @@ class _DpReshardable(_Optimizer):
 
 class _DpZeroGatherScatter(_DpReshardable):
     """megatron-core's deprecated ``dp_zero_gather_scatter`` state: per model-parallel rank one
-    object ``optimizer.distributed.dp_group_idx_I.param_state`` (DP rank 0 gathered it), the
-    layout of Megatron-LM's legacy ``distrib_optim.pt``: ``{"buckets_coalesced": True, 0:
-    {(param dtype, grad dtype): {"param", "exp_avg", "exp_avg_sq": flat fp32, "numel_unpadded"}}}``,
-    each flat tensor the buffer's buckets without their end padding, one after another. The
-    parameters' places are derived as for dp_reshardable (same checks); the flat tensors are
-    mapped from the file, not read whole."""
+    object ``optimizer.distributed.dp_group_idx_I.param_state`` (DP rank 0 gathered it,
+    ``get_parameter_state_dp_zero``), the layout of Megatron-LM's legacy ``distrib_optim.pt``:
+    ``{"buckets_coalesced": True, gbuf_idx: {(param dtype, grad dtype): {"param", "exp_avg",
+    "exp_avg_sq": flat fp32, "numel_unpadded"}}}`` for every DDP buffer of the rank's optimizer
+    (gbuf_idx 0, 1, ...: a virtual pipeline's chunks one after another, each chunk's dtypes,
+    e.g. bf16 weights and fp32 norms), each flat tensor the buffer's buckets without their end
+    padding, one after another. The parameters' places are derived as for dp_reshardable (same
+    checks: the buffers' dtype pairs, every 1-D master); no bucket sizes are stored, so each
+    buffer's total is checked instead. The flat tensors are mapped from the file, not read
+    whole."""
+
+    SLOTS = ("param", "exp_avg", "exp_avg_sq")
 
     def _keys(self, where: str) -> dict[tuple, dict]:
-        self.states: dict[int, dict] = {}
-        self.offsets: dict[tuple, int] = {}
-        keys: dict[tuple, dict] = {}       # bucket 0 of each group; _stored_sizes adds the rest
-        self.keys = keys
-        for obj in self.src.objects:
-            m = re.match(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.param_state"
-                         r"(?:/shard_0_1)?$", obj)
-            if m:
-                g = int(m.group(1))
-                keys[(g, 0, 0)] = {s: (g, 0, s) for s in ("param", "exp_avg", "exp_avg_sq")}
+        """Bucket 0 of every stored buffer (``_stored_sizes`` adds the others once the buckets
+        are derived); the buffers' flat tensors and dtype pairs, read from the objects."""
+        from mapc.runtime.containers.distopt import coalesced_buffers
         if any(k.startswith("optimizer.") for k in self.src.entries):
             raise MapcError(f"unexpected distributed-optimizer tensor "
                             f"{next(k for k in self.src.entries if k.startswith('optimizer.'))} "
                             f"in a dp_zero_gather_scatter checkpoint", where=where)
-        return keys
-
-    def _pair(self, g: int, b: int):
-        return None                      # the buffers' dtypes are checked in _state
+        self.states: dict[tuple, dict] = {}     # (dp_group_idx, gbuf_idx) -> {slot: flat}
+        self.offsets: dict[tuple, int] = {}     # (dp_group_idx, gbuf_idx, bucket) -> start
+        self.pairs: dict[tuple, tuple] = {}
+        self.keys: dict[tuple, dict] = {}
+        for obj in self.src.objects:
+            m = re.match(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.param_state"
+                         r"(?:/shard_0_1)?$", obj)
+            if not m:
+                continue
+            g = int(m.group(1))
+            state = self.src.read_object(_OPTIM.format(g=g, what="param_state"))
+            for b, (pair, flats) in enumerate(coalesced_buffers(
+                    state, f"the dp_zero_gather_scatter state of dp_group_idx_{g}", where)):
+                self.states[(g, b)] = flats
+                self.pairs[(g, b)] = pair
+                self.keys[(g, b, 0)] = {s: (g, b, 0, s) for s in self.SLOTS}
+        return self.keys
 
     def _stored_sizes(self, g: int, b: int, buckets, where: str) -> list:
-        """No bucket sizes are stored, only the buffer's total (checked in _state): the
-        derived buckets, checked by that total and by the masters."""
-        if b > 0:
-            raise MapcError("a dp_zero_gather_scatter state with several DDP buffers (dtypes) "
-                            "is not read", where=where, hint=self.src.RESAVE_HINT)
-        self.states[g] = self._state(g, sum(b.numel_unpadded for b in buckets), where)
-        for k in range(len(buckets)):
-            self.keys[(g, 0, k)] = {s: (g, k, s) for s in ("param", "exp_avg", "exp_avg_sq")}
-            self.offsets[(g, k)] = sum(b.numel_unpadded for b in buckets[:k])
-        return [b.numel_unpadded for b in buckets]
-
-    def _state(self, g: int, total: int, where: str) -> dict:
-        from mapc.runtime.containers.distopt import coalesced_state
-        state = self.src.read_object(_OPTIM.format(g=g, what="param_state"))
-        return coalesced_state(state, f"the dp_zero_gather_scatter state of dp_group_idx_{g}",
-                               where, total)
+        """The derived buckets of buffer ``b`` (no sizes are stored), checked by the buffer's
+        stored total (and later by the masters)."""
+        from mapc.runtime.containers.distopt import check_total
+        check_total(self.states[(g, b)]["param"], buckets,
+                    f"buffer {b} of the dp_zero_gather_scatter state of dp_group_idx_{g}", where)
+        off = 0
+        for k, bucket in enumerate(buckets):
+            self.keys[(g, b, k)] = {s: (g, b, k, s) for s in self.SLOTS}
+            self.offsets[(g, b, k)] = off
+            off += bucket.numel_unpadded
+        return [x.numel_unpadded for x in buckets]
 
     def _check_bucket(self, g: int, k: int, buckets, slots: dict, where: str) -> None:
         pass                               # _stored_sizes checked the buffer's total
 
     def _slice(self, key, start: int, numel: int) -> np.ndarray:
-        g, k, slot = key
-        off = self.offsets[(g, k)] + start
-        return np.array(self.states[g][slot].map()[off:off + numel])
+        g, b, k, slot = key
+        off = self.offsets[(g, b, k)] + start
+        return np.array(self.states[(g, b)][slot].map()[off:off + numel])
 
 
 # --------------------------------------------------------------------------------------

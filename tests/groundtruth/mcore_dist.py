@@ -100,9 +100,16 @@ def _save_nemo2(torch, dist, model, opt, root: Path, kind: str):
     ``state_dict`` emptied, ``optimizer_states`` cleared, ``sharded_state_dict`` the model's
     with the prefix ``module.`` (MegatronParallel's), ``optimizer`` a one-element list of the
     DistributedOptimizer's sharded state dict of the model's (``_extra_state`` dropped), the
-    content metadata NeMo's ``sharded_state_dict_metadata`` gives."""
+    content metadata NeMo's ``sharded_state_dict_metadata`` gives. With ``model`` a list (a
+    virtual pipeline's chunks) the model's dict is ``MegatronParallel.sharded_state_dict``'s
+    with ``vp_size`` set: ``{"model_0": chunk 0's, "model_1": ...}`` (each chunk's keys
+    prefixed ``module.``, global layer numbers), which NeMo's ``_extra_state`` filter, looking
+    at the top level only, leaves whole."""
     meta = {"distrib_optim_sharding_type": kind}
-    model_sd = model.sharded_state_dict(prefix="module.", metadata=meta)
+    model_sd = model.sharded_state_dict(prefix="module.", metadata=meta) \
+        if not isinstance(model, list) else \
+        {f"model_{v}": c.sharded_state_dict(prefix="module.", metadata=meta)
+         for v, c in enumerate(model)}
     opt_sd = opt.sharded_state_dict({k: v for k, v in model_sd.items()
                                      if not k.endswith("_extra_state")},
                                     is_loading=False, metadata=meta)
@@ -118,6 +125,19 @@ def _save_nemo2(torch, dist, model, opt, root: Path, kind: str):
     out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(ckpt, str(out), content_metadata=meta)
+
+
+def _load_as_nemo2(weights: Path, meta: dict, model_sd: dict, opt):
+    """``dist_checkpointing.load`` of ``weights/`` into the dict NeMo 2's
+    ``MegatronStrategy.load_checkpoint`` builds: ``state_dict`` the model's sharded dict
+    (``model_sd``: with a virtual pipeline ``{"model_0": ..., ...}``), ``optimizer`` a
+    one-element list of the optimizer's sharded dict of it (``_extra_state`` dropped at the top
+    level), ``strict`` returning the keys: (loaded, missing, unexpected)."""
+    from megatron.core import dist_checkpointing
+    sharded = {"state_dict": model_sd, "optimizer": [opt.sharded_state_dict(
+        {k: v for k, v in model_sd.items() if not k.endswith("_extra_state")},
+        is_loading=True, metadata=meta)]}
+    return dist_checkpointing.load(sharded, str(weights), strict="return_all")
 
 
 def load_checkpoint(ckpt: Path, cfg: dict, tp: int, pp: int, dtype: str, out: Path,
@@ -277,8 +297,10 @@ def _vpp_value_step(torch, ddps, opt):
 def _vpp_worker(cfg, tp, pp, dtype, a, b, extra):
     """``save_checkpoint`` of a virtual-pipeline run (``_vpp_run``): one seeded step, the state
     saved with ``model0``, ``model1``, ... and dp_reshardable; the live optimizer (names
-    ``model{v}.NAME``) into ``a/optim_T_P_D.pt``. With "legacy" in ``extra["also"]`` the same
-    state also in Megatron-LM's torch format (``B_legacy``, ``_save_legacy``)."""
+    ``model{v}.NAME``) into ``a/optim_T_P_D.pt``. ``extra["also"]`` names other ways the same
+    state is saved, as in ``_worker``: "legacy" Megatron-LM's torch format (``B_legacy``,
+    ``_save_legacy``), "nemo2_<type>" NeMo 2's (``B_nemo2_<type>/weights``, ``_save_nemo2``),
+    another sharding type (``B_<type>``)."""
     import warnings
     import zlib
     warnings.filterwarnings("ignore")
@@ -332,8 +354,21 @@ def _vpp_worker(cfg, tp, pp, dtype, a, b, extra):
     out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(state, str(out), content_metadata=metadata)
-    if "legacy" in extra.get("also", []):
-        _save_legacy(torch, dist, chunks, opt, args, Path(f"{b}_legacy"), t, p, pp, d)
+    for kind in extra.get("also", []):      # the same state, saved another way
+        if kind == "legacy":
+            _save_legacy(torch, dist, chunks, opt, args, Path(f"{b}_legacy"), t, p, pp, d)
+        elif kind.startswith(NEMO2):
+            _save_nemo2(torch, dist, chunks, opt, Path(f"{b}_{kind}"), kind[len(NEMO2):])
+        else:
+            meta = dict(metadata, distrib_optim_sharding_type=kind)
+            model_sd = {f"model{v}": c.sharded_state_dict(metadata=meta)
+                        for v, c in enumerate(chunks)}
+            other = dict(state, **model_sd, optimizer=opt.sharded_state_dict(
+                model_sd, is_loading=False, metadata=meta))
+            out = iter_dir(Path(f"{b}_{kind}"))
+            out.mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            dist_checkpointing.save(other, str(out), content_metadata=meta)
     _vpp_value_step(torch, ddps, opt)       # the run continues: one step on value gradients
     _vpp_truth(torch, ddps, opt, Path(a) / f"stepped_{t}_{p}_{d}.pt")
     parallel_state.destroy_model_parallel()
@@ -635,11 +670,7 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, mode=""):
         meta = dist_checkpointing.load_content_metadata(str(weights))
         assert meta == {"distrib_optim_sharding_type": kind}, meta
         model_sd = model.sharded_state_dict(prefix="module.", metadata=meta)
-        sharded = {"state_dict": model_sd, "optimizer": [opt.sharded_state_dict(
-            {k: v for k, v in model_sd.items() if not k.endswith("_extra_state")},
-            is_loading=True, metadata=meta)]}
-        loaded, missing, unexpected = dist_checkpointing.load(sharded, str(weights),
-                                                              strict="return_all")
+        loaded, missing, unexpected = _load_as_nemo2(weights, meta, model_sd, opt)
         (Path(out) / f"keys_{kind}_{t}_{p}_{d}.json").write_text(json.dumps(
             {"missing": sorted(missing), "unexpected": sorted(unexpected)}))
         model.load_state_dict({k[len("module."):]: v for k, v in loaded["state_dict"].items()},
@@ -666,7 +697,7 @@ def _load_optimizer_worker(cfg, ckpt, tp, pp, dtype, out, fully, mode=""):
 
 
 def load_vpp(ckpt: Path, legacy: Path, cfg: dict, tp: int, pp: int, dp: int, dtype: str,
-             out: Path) -> Path:
+             out: Path, nemo2: Path | None = None) -> Path:
     """A virtual-pipeline run (``_vpp_run``: ``cfg["vpp"]`` chunks per rank at (tp, pp, dp))
     loads ``ckpt``, a torch_dist checkpoint with the dp_reshardable state, with megatron-core's
     own ``dist_checkpointing.load`` (strict: ``model0``, ``model1``, ... and the optimizer's
@@ -677,19 +708,26 @@ def load_vpp(ckpt: Path, legacy: Path, cfg: dict, tp: int, pp: int, dp: int, dty
     99, and ``legacy`` (Megatron-LM's torch format with the distributed optimizer) is loaded as
     Megatron-LM loads it: each rank file's ``model{v}`` into chunk v, its ``optimizer`` into the
     optimizer, then ``DistributedOptimizer.load_parameter_state`` of the ``distrib_optim.pt``
-    beside it; saved as ``out/loadedL_T_P_D.pt``, stepped, ``out/steppedL_T_P_D.pt``."""
+    beside it; saved as ``out/loadedL_T_P_D.pt``, stepped, ``out/steppedL_T_P_D.pt``. With
+    ``nemo2`` (a NeMo 2 checkpoint), everything is zeroed again and it is loaded as NeMo 2's
+    ``MegatronStrategy.load_checkpoint`` loads a virtual pipeline (``weights/``, the saved
+    content metadata choosing the sharding type, ``state_dict: {"model_0": chunk 0's sharded
+    dict with the prefix module., ...}``, the optimizer's of those under ``optimizer[0]``;
+    ``_strategy_lib.load_model_state_dict`` giving chunk v its ``model_v``): saved as
+    ``out/loadedN_T_P_D.pt``, stepped, ``out/steppedN_T_P_D.pt``; megatron-core's missing and
+    unexpected keys into ``out/keysN_T_P_D.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     from tests.groundtruth.mcore_names import run_ranks
     root = str(HERE.parents[2])
     run_ranks(tp * pp * dp, [str(HERE), "load_vpp", json.dumps(cfg), str(ckpt), str(legacy),
-                             str(tp), str(pp), dtype, str(out)], out,
+                             str(tp), str(pp), dtype, str(out), str(nemo2 or "")], out,
               {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
               "megatron-core virtual-pipeline load worker", timeout=_TIMEOUT_S, cwd=root)
     return out
 
 
-def _load_vpp_worker(cfg, ckpt, legacy, tp, pp, dtype, out):
+def _load_vpp_worker(cfg, ckpt, legacy, tp, pp, dtype, out, nemo2=""):
     import warnings
     warnings.filterwarnings("ignore")
     import torch
@@ -736,7 +774,9 @@ def _load_vpp_worker(cfg, ckpt, legacy, tp, pp, dtype, out):
     _vpp_truth(torch, ddps, opt, Path(out) / f"loaded_{t}_{p}_{d}.pt")
     _vpp_value_step(torch, ddps, opt)
     _vpp_truth(torch, ddps, opt, Path(out) / f"stepped_{t}_{p}_{d}.pt")
-    with torch.no_grad():           # nothing of the first load survives the second
+
+    @torch.no_grad()
+    def zero_all():                 # nothing of an earlier load survives the next
         for chunk in chunks:
             for _, param in chunk.named_parameters():
                 param.zero_()
@@ -750,6 +790,7 @@ def _load_vpp_worker(cfg, ckpt, legacy, tp, pp, dtype, out):
         for st in inner.optimizer.state.values():
             if "step" in st:
                 st["step"] = torch.full_like(st["step"], 99.0)
+    zero_all()
     tracker = (Path(legacy) / "latest_checkpointed_iteration.txt").read_text().strip()
     sub = Path(legacy) / f"iter_{int(tracker):07d}" / (
         f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
@@ -765,6 +806,31 @@ def _load_vpp_worker(cfg, ckpt, legacy, tp, pp, dtype, out):
     _vpp_truth(torch, ddps, opt, Path(out) / f"loadedL_{t}_{p}_{d}.pt")
     _vpp_value_step(torch, ddps, opt)
     _vpp_truth(torch, ddps, opt, Path(out) / f"steppedL_{t}_{p}_{d}.pt")
+    if nemo2:
+        zero_all()
+        weights = Path(nemo2) / "weights"
+        meta = dist_checkpointing.load_content_metadata(str(weights))
+        kind = meta.get("distrib_optim_sharding_type")     # (sharded_state_dict adds groups)
+        model_sd = {f"model_{v}": c.sharded_state_dict(prefix="module.", metadata=meta)
+                    for v, c in enumerate(chunks)}
+        loaded, missing, unexpected = _load_as_nemo2(weights, meta, model_sd, opt)
+        (Path(out) / f"keysN_{t}_{p}_{d}.json").write_text(json.dumps(
+            {"missing": sorted(missing), "unexpected": sorted(unexpected), "kind": kind}))
+        for v, chunk in enumerate(chunks):
+            chunk.load_state_dict({k[len("module."):]: x for k, x in
+                                   loaded["state_dict"][f"model_{v}"].items()}, strict=True)
+        with torch.no_grad():
+            opt.load_state_dict(loaded["optimizer"][0])
+        # megatron-core 0.16.1's sharded load with torch's Adam (no Transformer Engine or
+        # Apex) leaves an already-initialized state's step as it was (99 here; a load right
+        # after the warm-up step keeps that step's 1): put the step of the param groups it
+        # read from the checkpoint into torch's Adam state, as its load_state_dict means to
+        (step,) = {float(g["step"]) for g in loaded["optimizer"][0]["optimizer"]["param_groups"]}
+        for st in inner.optimizer.state.values():
+            st["step"] = torch.tensor(step)
+        _vpp_truth(torch, ddps, opt, Path(out) / f"loadedN_{t}_{p}_{d}.pt")
+        _vpp_value_step(torch, ddps, opt)
+        _vpp_truth(torch, ddps, opt, Path(out) / f"steppedN_{t}_{p}_{d}.pt")
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
@@ -894,7 +960,7 @@ if __name__ == "__main__":
         sys.exit(0)
     if sys.argv[1] == "load_vpp":
         _load_vpp_worker(json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]),
-                         int(sys.argv[6]), sys.argv[7], sys.argv[8])
+                         int(sys.argv[6]), sys.argv[7], sys.argv[8], sys.argv[9])
         sys.exit(0)
     if sys.argv[1] == "load_optimizer":
         _load_optimizer_worker(json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
