@@ -305,7 +305,7 @@ class TorchDistSource(Source):
         self.tensors: dict[str, tuple] = {}     # name -> (entry key, slab index or None)
         self.optimizer = None                    # _DpReshardable once bind_plan derived it
         for key, entry in self.entries.items():
-            if key.startswith("optimizer.") or key.startswith("rng_state"):
+            if is_optimizer_key(key) or key.startswith("rng_state"):
                 continue                         # optimizer state: see bind_plan
             if not key.startswith(self.key_prefix):
                 continue
@@ -317,11 +317,8 @@ class TorchDistSource(Source):
             else:
                 self.tensors[name] = (key, None)
         self.sharding_type = None
-        if any(k.startswith("optimizer.") for k in self.entries) or \
-                any(k.startswith("optimizer.") for k in self.objects):
-            opt = common.get("optimizer")
-            self.sharding_type = (opt.get("param_state_sharding_type") if isinstance(opt, dict)
-                                  else None) or \
+        if any(map(is_optimizer_key, self.entries)) or any(map(is_optimizer_key, self.objects)):
+            self.sharding_type = _sharding_type(common.get("optimizer")) or \
                 self.content_metadata.get("distrib_optim_sharding_type") or "unknown"
             if self.sharding_type not in SHARDING_TYPES:
                 raise MapcError(f"the distributed optimizer's state is saved as "
@@ -435,10 +432,35 @@ Source = TorchDistSource
 # the distributed optimizer's state
 # --------------------------------------------------------------------------------------
 SHARDING_TYPES = ("dp_reshardable", "fully_reshardable", "dp_zero_gather_scatter")
-_BUCKET = re.compile(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\."
-                     r"dtype_\((torch\.\w+), (torch\.\w+)\)\.bucket_idx_(\d+)\."
-                     r"(param|exp_avg|exp_avg_sq)$")
-_OPTIM = "optimizer.distributed.dp_group_idx_{g}.{what}"
+# megatron-core's ChainedOptimizer (a MoE model's dense and expert optimizers) prefixes each
+# optimizer's keys with "chained_<index>." (not for fully_reshardable, whose keys are the model's)
+_CHAINED = re.compile(r"^chained_(\d+)\.(?=optimizer\.)")
+_BUCKET = re.compile(r"^(?:chained_(\d+)\.)?optimizer\.distributed\.dp_group_idx_(\d+)\."
+                     r"gbuf_idx_(\d+)\.dtype_\((torch\.\w+), (torch\.\w+)\)\.bucket_idx_(\d+)"
+                     r"\.(param|exp_avg|exp_avg_sq)$")
+_OPTIM = "{prefix}optimizer.distributed.dp_group_idx_{g}.{what}"
+
+
+def is_optimizer_key(key: str) -> bool:
+    """Whether ``key`` is megatron-core's (Chained)DistributedOptimizer's, not the model's."""
+    return key.startswith("optimizer.") or bool(_CHAINED.match(key))
+
+
+def _prefix(chain: int | None) -> str:
+    return "" if chain is None else f"chained_{chain}."
+
+
+def _sharding_type(opt) -> str | None:
+    """The ``param_state_sharding_type`` common.pt's ``optimizer`` entry names: one
+    DistributedOptimizer's ``{param_state_sharding_type: ...}``, or a ChainedOptimizer's
+    ``{0: {...}, 1: {...}}`` (all of one type)."""
+    if not isinstance(opt, dict):
+        return None
+    if "param_state_sharding_type" in opt or not opt:
+        return opt.get("param_state_sharding_type")
+    kinds = {o.get("param_state_sharding_type") if isinstance(o, dict) else None
+             for o in opt.values()}
+    return kinds.pop() if len(kinds) == 1 else "mixed " + "/".join(sorted(map(str, kinds)))
 
 
 def read_range(name: str, entry, start: int, stop: int) -> np.ndarray:
@@ -587,6 +609,8 @@ class _FullyReshardable(_Optimizer):
 
     def _groups(self):
         opt = self.common.get("optimizer")
+        if isinstance(opt, dict) and 0 in opt:      # a ChainedOptimizer's: the dense one's
+            opt = opt[0]
         inner = opt.get("optimizer") if isinstance(opt, dict) else None
         groups = inner.get("param_groups") if isinstance(inner, dict) else None
         return groups, opt.get("grad_scaler") if isinstance(opt, dict) else None
@@ -598,7 +622,9 @@ class _DpReshardable(_Optimizer):
     Every model-parallel rank (``dp_group_idx`` = tp_rank + tp * pp_rank) stores one flat
     fp32 tensor per DDP bucket and slot; the parameters in it are the spec's megatron layout
     at the saved TP/PP (local or Transformer Engine names, by ``args.transformer_impl``), laid
-    out as runtime/containers/distopt.py derives. A slot of a torch_dist tensor (a global slab)
+    out as runtime/containers/distopt.py derives. With expert parallelism (args'
+    ``expert_model_parallel_size`` > 1) megatron-core's ChainedOptimizer saved two optimizers,
+    ``chained_0.`` (dense) and ``chained_1.`` (experts, per expert rank), derived alike. A slot of a torch_dist tensor (a global slab)
     is rebuilt from the per-rank slot tensors with the program megatron -> torch_dist, one unit
     at a time, as a conversion rebuilds weights."""
 
@@ -611,6 +637,13 @@ class _DpReshardable(_Optimizer):
         world = int(args.get("world_size") or 0)
         self.dp = int(args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
         self.vpp = int(args.get("virtual_pipeline_model_parallel_size") or 1)
+        topology = {"tp": tp, "pp": pp * self.vpp}
+        ep = int(args.get("expert_model_parallel_size") or 1)
+        etp = args.get("expert_tensor_parallel_size")
+        if ep > 1:
+            topology["ep"] = ep
+        if isinstance(etp, int) and ep > 1:
+            topology["etp"] = etp
         keys = self._keys(where)
         spec = plan.spec
         if "megatron" not in spec.layout_names():
@@ -628,8 +661,7 @@ class _DpReshardable(_Optimizer):
         for naming in namings:
             params = {k: v for k, v in (("vocab_multiple", plan.params.get("vocab_multiple")),
                                         ("naming", naming)) if k in takes and v is not None}
-            mplan = plan_layout(spec, "megatron", plan.env, {"tp": tp, "pp": pp * self.vpp},
-                                params)
+            mplan = plan_layout(spec, "megatron", plan.env, topology, params)
             self._derive(mplan, plan, keys, tp, pp, args, where)
             bad = self._masters_disagree()
             if bad is None:
@@ -647,24 +679,25 @@ class _DpReshardable(_Optimizer):
                                  "fully_reshardable, or without the optimizer")
 
     def _keys(self, where: str) -> dict[tuple, dict]:
-        """{(dp_group_idx, gbuf_idx, bucket_idx): {slot: what _slice reads}}: the bucket
-        tensors ``optimizer.distributed.dp_group_idx_I.gbuf_idx_G.dtype_(P, G).bucket_idx_B.
-        {param,exp_avg,exp_avg_sq}``."""
+        """{(chain, dp_group_idx, gbuf_idx, bucket_idx): {slot: what _slice reads}}: the bucket
+        tensors ``[chained_C.]optimizer.distributed.dp_group_idx_I.gbuf_idx_G.dtype_(P, G).
+        bucket_idx_B.{param,exp_avg,exp_avg_sq}`` (chain None: one optimizer, no prefix)."""
         keys: dict[tuple, dict] = {}
-        self.pairs: dict[tuple, tuple] = {}      # (dp_group_idx, gbuf_idx) -> its dtype pair
+        self.pairs: dict[tuple, tuple] = {}      # (chain, dp_group_idx, gbuf_idx) -> dtypes
         for key in self.src.entries:
-            if not key.startswith("optimizer."):
+            if not is_optimizer_key(key):
                 continue
             m = _BUCKET.match(key)
             if not m:
                 raise MapcError(f"unexpected distributed-optimizer tensor {key}",
                                 where=str(self.src.iter_dir / dcp.METADATA),
-                                hint="mapc reads megatron-core's dp_reshardable layout of one "
-                                     "optimizer (no expert-parallel or chained optimizers: "
-                                     "MoE is not read yet)")
-            g, b, k = int(m.group(1)), int(m.group(2)), int(m.group(5))
-            keys.setdefault((g, b, k), {})[m.group(6)] = key
-            self.pairs[(g, b)] = tuple(x[len("torch."):] for x in (m.group(3), m.group(4)))
+                                hint="mapc reads megatron-core's dp_reshardable layout of a "
+                                     "DistributedOptimizer or of a ChainedOptimizer of them")
+            chain = int(m.group(1)) if m.group(1) is not None else None
+            g, b, k = int(m.group(2)), int(m.group(3)), int(m.group(6))
+            keys.setdefault((chain, g, b, k), {})[m.group(7)] = key
+            self.pairs[(chain, g, b)] = tuple(x[len("torch."):] for x in (m.group(4),
+                                                                          m.group(5)))
         return keys
 
     def _check_bucket(self, g: int, k: int, buckets, slots: dict, where: str) -> None:
@@ -687,47 +720,73 @@ class _DpReshardable(_Optimizer):
         # each parameter's dtype, as stored: megatron-core's DDP gives every dtype a buffer
         stored = {k: self.src.dtype(name) for inst, _, name in plan.placements()
                   for k in inst.members.values()}
-        layouts = distopt.rank_layouts(
+        layouts = distopt.chained_layouts(
             mplan, self.dp, args, lambda inst: stored.get(next(iter(inst.members.values()))),
             vpp=self.vpp)
-        pairs: dict[int, list] = {}         # dp_group_idx -> its buffers' dtype pairs
+        chains = sorted({ch for ch, _, _, _ in keys}, key=str)
+        want_chains = sorted({ch for _, ch in layouts}, key=str)
+        if chains != want_chains:
+            def name(chs):
+                return "one optimizer" if chs == [None] else \
+                    f"a ChainedOptimizer of {len(chs)} ({', '.join(_prefix(c) for c in chs)})"
+            raise MapcError(f"the checkpoint holds the state of {name(chains)}; the model at "
+                            f"ep={mplan.mesh.get('ep', 1)} has {name(want_chains)} (megatron-"
+                            f"core chains an optimizer of the expert parameters when ep > 1)",
+                            where=where, hint="the args' expert_model_parallel_size is not the "
+                                              "one the checkpoint was saved at")
+        pairs: dict[tuple, list] = {}       # (chain, dp_group_idx) -> its buffers' dtype pairs
         for lay in sorted(layouts.values(), key=lambda x: x.gbuf0):
-            pairs.setdefault(lay.group, []).extend(buf.pair for buf in lay.buffers)
-        for g, want in pairs.items():
-            gbufs = sorted({b for gg, b, _ in keys if gg == g})
+            pairs.setdefault((lay.chain, lay.group), []).extend(buf.pair for buf in lay.buffers)
+        for (ch, g), want in pairs.items():
+            gbufs = sorted({b for cc, gg, b, _ in keys if (cc, gg) == (ch, g)})
             if gbufs != list(range(len(want))) or \
-                    any(self._pair(g, b) not in (None, pair) for b, pair in enumerate(want)):
-                raise MapcError(f"the distributed optimizer of dp_group_idx_{g} has the DDP "
-                                f"buffers {[self._pair(g, b) for b in gbufs]}; the model's "
-                                f"parameter dtypes and chunks give {want}", where=where,
+                    any(self._pair(ch, g, b) not in (None, pair) for b, pair in enumerate(want)):
+                raise MapcError(f"the distributed optimizer of {_prefix(ch)}dp_group_idx_{g} "
+                                f"has the DDP buffers {[self._pair(ch, g, b) for b in gbufs]}; "
+                                f"the model's parameter dtypes and chunks give {want}",
+                                where=where,
                                 hint="the checkpoint was trained with settings mapc does not "
                                      "derive; save it with distrib_optim_sharding_type "
                                      "fully_reshardable")
-        for coord, lay in layouts.items():
+        owner = {}      # (tp, pp) -> the mesh coordinate whose dense parameters were derived
+        for (coord, chain), lay in layouts.items():
             c = dict(coord)
             g = lay.group
-            what = f"dp_group_idx_{g} (tp={c.get('tp', 0)}, pp={c.get('pp', 0) % pp})"
-            several = len(pairs[g]) > 1
+            if chain != 1:
+                owner.setdefault((c.get("tp", 0), c.get("pp", 0)), coord)
+            what = f"{lay.prefix}dp_group_idx_{g} (" + ", ".join(
+                f"{a}={c.get(a, 0) % pp if a == 'pp' else c.get(a, 0)}"
+                for a in (("tp", "pp") if chain != 1 else ("ep", "etp", "pp"))) + ")"
+            several = len(pairs[(chain, g)]) > 1
             for b, buf in enumerate(lay.buffers, lay.gbuf0):
                 bwhat = f"{what} gbuf_idx_{b}" if several else what
-                distopt.check_buckets(buf.buckets, self._stored_sizes(g, b, buf.buckets, where),
+                distopt.check_buckets(buf.buckets,
+                                      self._stored_sizes(chain, g, b, buf.buckets, where),
                                       where, bwhat)
                 for k, bucket in enumerate(buf.buckets):
-                    slots = keys.get((g, b, k), {})
+                    slots = keys.get((chain, g, b, k), {})
                     lacks = sorted({"param", "exp_avg", "exp_avg_sq"} - set(slots))
                     if lacks:
                         raise MapcError(f"bucket {k} of {bwhat} lacks {lacks}", where=where,
                                         hint="copy the complete checkpoint")
                     self._check_bucket(g, k, buf.buckets, slots, where)
-                    used.add((g, b, k))
+                    used.add((chain, g, b, k))
             for name, b, k, start, numel in lay.places():
-                self.where[(coord, name)] = (keys[(g, b, k)], start, numel, lay.shapes[name])
+                self.where[(coord, name)] = (keys[(chain, g, b, k)], start, numel,
+                                             lay.shapes[name])
+        # the dense parameters' copies at the other expert ranks of a (tp, pp) rank
+        for inst, coord, name in mplan.placements():
+            if (coord, name) not in self.where:
+                c = dict(coord)
+                self.where[(coord, name)] = self.where[(owner[(c.get("tp", 0),
+                                                               c.get("pp", 0))], name)]
         if set(keys) != used:
-            extra = sorted(set(keys) - used)[0]
+            extra = sorted(set(keys) - used, key=str)[0]
             raise MapcError(f"the checkpoint holds distributed-optimizer buckets the model's "
-                            f"{len(layouts)} model-parallel ranks do not have (dp_group_idx_"
-                            f"{extra[0]} bucket {extra[2]})", where=where,
+                            f"{len(layouts)} model-parallel ranks do not have ({_prefix(extra[0])}"
+                            f"dp_group_idx_{extra[1]} bucket {extra[3]})", where=where,
                             hint="the optimizer state does not belong to this model")
+        self.chains = want_chains
         self.view = _RankView(self)
         self.program = compile_program(mplan, plan)
         self.targets: dict[str, tuple] = {}
@@ -737,24 +796,22 @@ class _DpReshardable(_Optimizer):
                     for _, name in copies:
                         self.targets[name] = (unit, inst, rc)
 
-    def _pair(self, g: int, b: int):
-        """The (param dtype, grad dtype) names of buffer ``b`` of dp_group_idx ``g``, as its
-        keys say."""
-        return self.pairs.get((g, b))
+    def _pair(self, chain, g: int, b: int):
+        """The (param dtype, grad dtype) names of buffer ``b`` of dp_group_idx ``g`` of
+        optimizer ``chain``, as its keys say."""
+        return self.pairs.get((chain, g, b))
 
-    def _stored_sizes(self, g: int, b: int, buckets, where: str) -> list:
+    def _stored_sizes(self, chain, g: int, b: int, buckets, where: str) -> list:
         """The bucket sizes megatron-core stored for buffer ``b`` of dp_group_idx ``g``."""
-        return self._unpadded(g, b, where)
-
-    def _unpadded(self, g: int, b: int, where: str) -> list:
-        obj = self.src.read_object(_OPTIM.format(g=g, what="per_bucket_numel_unpadded"))
+        obj = self.src.read_object(_OPTIM.format(prefix=_prefix(chain), g=g,
+                                                 what="per_bucket_numel_unpadded"))
         try:
             (sizes,) = obj[b].values()
             return [int(n) for n in sizes]
         except (TypeError, ValueError, KeyError, IndexError, AttributeError):
-            raise MapcError(f"per_bucket_numel_unpadded of dp_group_idx_{g} is {obj!r}, not "
-                            f"megatron-core's [{{(param dtype, grad dtype): [numel, ...]}}]",
-                            where=where) from None
+            raise MapcError(f"per_bucket_numel_unpadded of {_prefix(chain)}dp_group_idx_{g} is "
+                            f"{obj!r}, not megatron-core's [{{(param dtype, grad dtype): "
+                            f"[numel, ...]}}]", where=where) from None
 
     def read_rank(self, name, coord, slot) -> np.ndarray:
         """Slot ``slot`` of the megatron-layout tensor ``name`` of rank ``coord``."""
@@ -782,10 +839,26 @@ class _DpReshardable(_Optimizer):
         return np.ascontiguousarray(be.to_numpy(inst.recipe.shard(be, members, dict(rc))))
 
     def _groups(self):
-        inner = self.src.read_object(_OPTIM.format(g=0, what="optimizer"))
-        key = _OPTIM.format(g=0, what="grad_scaler")
+        """The dense (or only) optimizer's param groups and grad scaler; a ChainedOptimizer's
+        expert optimizer must have taken as many steps."""
+        prefix = _prefix(self.chains[0])
+        inner = self.src.read_object(_OPTIM.format(prefix=prefix, g=0, what="optimizer"))
+        key = _OPTIM.format(prefix=prefix, g=0, what="grad_scaler")
         scaler = self.src.read_object(key) if f"{key}/shard_0_1" in self.src.objects else None
-        return (inner.get("param_groups") if isinstance(inner, dict) else None), scaler
+        groups = inner.get("param_groups") if isinstance(inner, dict) else None
+        for chain in self.chains[1:]:
+            other = self.src.read_object(_OPTIM.format(prefix=_prefix(chain), g=0,
+                                                       what="optimizer"))
+            steps = {g.get("step") for g in (other.get("param_groups") or [])} \
+                if isinstance(other, dict) else {None}
+            want = {g.get("step") for g in groups or []}
+            if steps != want:
+                raise MapcError(f"the expert optimizer ({_prefix(chain)}) has taken "
+                                f"{sorted(map(str, steps))} steps, the dense one "
+                                f"{sorted(map(str, want))}", where=str(self.src.iter_dir),
+                                hint="megatron-core's ChainedOptimizer steps both alike: the "
+                                     "checkpoint is inconsistent")
+        return groups, scaler
 
 
 class _DpZeroGatherScatter(_DpReshardable):
@@ -798,50 +871,55 @@ class _DpZeroGatherScatter(_DpReshardable):
     mapped from the file, not read whole."""
 
     def _keys(self, where: str) -> dict[tuple, dict]:
-        self.states: dict[int, dict] = {}
+        self.states: dict[tuple, dict] = {}
         self.offsets: dict[tuple, int] = {}
         keys: dict[tuple, dict] = {}       # bucket 0 of each group; _stored_sizes adds the rest
         self.keys = keys
         for obj in self.src.objects:
-            m = re.match(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.param_state"
-                         r"(?:/shard_0_1)?$", obj)
+            m = re.match(r"^(?:chained_(\d+)\.)?optimizer\.distributed\.dp_group_idx_(\d+)"
+                         r"\.param_state(?:/shard_0_1)?$", obj)
             if m:
-                g = int(m.group(1))
-                keys[(g, 0, 0)] = {s: (g, 0, s) for s in ("param", "exp_avg", "exp_avg_sq")}
-        if any(k.startswith("optimizer.") for k in self.src.entries):
+                chain = int(m.group(1)) if m.group(1) is not None else None
+                g = int(m.group(2))
+                keys[(chain, g, 0, 0)] = {s: (chain, g, 0, s)
+                                          for s in ("param", "exp_avg", "exp_avg_sq")}
+        if any(map(is_optimizer_key, self.src.entries)):
             raise MapcError(f"unexpected distributed-optimizer tensor "
-                            f"{next(k for k in self.src.entries if k.startswith('optimizer.'))} "
+                            f"{next(k for k in self.src.entries if is_optimizer_key(k))} "
                             f"in a dp_zero_gather_scatter checkpoint", where=where)
         return keys
 
-    def _pair(self, g: int, b: int):
+    def _pair(self, chain, g: int, b: int):
         return None                      # the buffers' dtypes are checked in _state
 
-    def _stored_sizes(self, g: int, b: int, buckets, where: str) -> list:
+    def _stored_sizes(self, chain, g: int, b: int, buckets, where: str) -> list:
         """No bucket sizes are stored, only the buffer's total (checked in _state): the
         derived buckets, checked by that total and by the masters."""
         if b > 0:
             raise MapcError("a dp_zero_gather_scatter state with several DDP buffers (dtypes) "
                             "is not read", where=where, hint=self.src.RESAVE_HINT)
-        self.states[g] = self._state(g, sum(b.numel_unpadded for b in buckets), where)
+        self.states[(chain, g)] = self._state(chain, g, sum(b.numel_unpadded for b in buckets),
+                                              where)
         for k in range(len(buckets)):
-            self.keys[(g, 0, k)] = {s: (g, k, s) for s in ("param", "exp_avg", "exp_avg_sq")}
-            self.offsets[(g, k)] = sum(b.numel_unpadded for b in buckets[:k])
+            self.keys[(chain, g, 0, k)] = {s: (chain, g, k, s)
+                                           for s in ("param", "exp_avg", "exp_avg_sq")}
+            self.offsets[(chain, g, k)] = sum(b.numel_unpadded for b in buckets[:k])
         return [b.numel_unpadded for b in buckets]
 
-    def _state(self, g: int, total: int, where: str) -> dict:
+    def _state(self, chain, g: int, total: int, where: str) -> dict:
         from mapc.runtime.containers.distopt import coalesced_state
-        state = self.src.read_object(_OPTIM.format(g=g, what="param_state"))
-        return coalesced_state(state, f"the dp_zero_gather_scatter state of dp_group_idx_{g}",
-                               where, total)
+        state = self.src.read_object(_OPTIM.format(prefix=_prefix(chain), g=g,
+                                                   what="param_state"))
+        return coalesced_state(state, f"the dp_zero_gather_scatter state of {_prefix(chain)}"
+                                      f"dp_group_idx_{g}", where, total)
 
     def _check_bucket(self, g: int, k: int, buckets, slots: dict, where: str) -> None:
         pass                               # _stored_sizes checked the buffer's total
 
     def _slice(self, key, start: int, numel: int) -> np.ndarray:
-        g, k, slot = key
-        off = self.offsets[(g, k)] + start
-        return np.array(self.states[g][slot].map()[off:off + numel])
+        chain, g, k, slot = key
+        off = self.offsets[(chain, g, k)] + start
+        return np.array(self.states[(chain, g)][slot].map()[off:off + numel])
 
 
 # --------------------------------------------------------------------------------------
