@@ -335,6 +335,16 @@ def param_groups(training: dict) -> list[dict]:
     return [dict(g, step=step) for g in groups]
 
 
+def expert_groups(groups: list[dict], experts) -> list[dict]:
+    """The param groups of a ChainedOptimizer's expert optimizer: megatron-core keeps the
+    groups its expert parameters fall into (by its default weight-decay rule: no weight decay
+    for biases and 1-D tensors), marked ``is_expert_parallel``. ``groups`` are the dense
+    optimizer's (:func:`param_groups`), ``experts`` the expert parameters' (name, ndim)."""
+    from mapc.runtime.containers.megatron import _no_weight_decay
+    wds = {0.0 if _no_weight_decay(n, ndim) else 1.0 for n, ndim in experts} or {1.0}
+    return [dict(g, is_expert_parallel=True) for g in groups if float(g["wd_mult"]) in wds]
+
+
 def legacy_state(buffers) -> dict:
     """What megatron-core's ``DistributedOptimizer.save_parameter_state`` writes into
     Megatron-LM's ``distrib_optim.pt`` for one model-parallel rank: ``{"buckets_coalesced":

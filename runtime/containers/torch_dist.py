@@ -186,20 +186,29 @@ class _OptimizerPlan:
     dtype: str
     kind: str = "dp_reshardable"
     vpp: int = 1
+    edp: int | None = None          # the expert data-parallel size (a ChainedOptimizer's)
+    etp: int | None = None          # ... and expert tensor-parallel size
+    experts: tuple = ()             # (name, ndim) of its expert parameters (megatron's)
 
-    def by_group(self) -> dict[int, list]:
-        """{dp_group_idx: its DDP buffers in gbuf_idx order} (a virtual pipeline's chunks'
-        buffers one after another)."""
-        out: dict[int, list] = {}
-        for lay in sorted(self.layouts.values(), key=lambda x: (x.group, x.gbuf0)):
-            out.setdefault(lay.group, []).extend(lay.buffers)
+    def by_group(self) -> dict[tuple, list]:
+        """{(chain, dp_group_idx): its DDP buffers in gbuf_idx order} (a virtual pipeline's
+        chunks' buffers one after another); chain None: one optimizer, 0/1: a MoE model's
+        ChainedOptimizer's dense and expert ones."""
+        out: dict[tuple, list] = {}
+        for lay in sorted(self.layouts.values(), key=lambda x: (str(x.chain), x.group,
+                                                                 x.gbuf0)):
+            out.setdefault((lay.chain, lay.group), []).extend(lay.buffers)
         return out
 
+    @property
+    def chained(self) -> bool:
+        return self.edp is not None
+
     def describe(self) -> str:
-        return ", ".join(f"dp_group_idx_{g}: " + ", ".join(
+        return ", ".join(f"{_prefix(ch)}dp_group_idx_{g}: " + ", ".join(
             f"{[b.numel_unpadded for b in buf.buckets]}"
             + (f" ({buf.pair[0]})" if len(bufs) > 1 else "") for buf in bufs)
-            for g, bufs in sorted(self.by_group().items()))
+            for (ch, g), bufs in sorted(self.by_group().items(), key=lambda x: str(x[0])))
 
 
 def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _OptimizerPlan:
@@ -220,6 +229,12 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
                                 ("naming", "local" if impl == "local" else "te"))
               if k in takes and v is not None}
     tp, pp = int(target.params.get("tp_size", 1)), int(target.params.get("pp_size", 1))
+    topology = {"tp": tp, "pp": pp}
+    ep = int(target.params.get("ep_size", 1))
+    if ep > 1:      # megatron-core's expert groups: ep, and etp (--set etp=N, default tp)
+        topology["ep"] = ep
+        if int(target.params.get("etp") or 0) > 0:
+            topology["etp"] = int(target.params["etp"])
     vpp = request.vpp or 1
     if vpp > 1 and pp < 2:
         raise MapcError(f"--vpp {vpp} needs --pp of at least 2: Megatron's interleaved "
@@ -228,7 +243,7 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
     # with a virtual pipeline the megatron plan's pp axis counts virtual stages (chunk v of
     # pipeline rank p is stage v * pp + p), each chunk a DDP of its own (distopt.rank_layouts)
     try:
-        mplan = plan_layout(spec, "megatron", target.env, {"tp": tp, "pp": pp * vpp}, params,
+        mplan = plan_layout(spec, "megatron", target.env, dict(topology, pp=pp * vpp), params,
                             vpp=vpp)
     except MapcError as e:
         if vpp == 1:
@@ -242,7 +257,18 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
     def dtype_of(inst):
         return cast_dtype(inst, have[next(iter(inst.members.values()))], request.dtype,
                           widen=False)
-    layouts = distopt.rank_layouts(mplan, dp, {}, dtype_of, vpp=vpp)
+    layouts = distopt.chained_layouts(mplan, dp, {}, dtype_of, vpp=vpp)
+    edp = etp = None
+    experts: tuple = ()
+    if any(lay.chain is not None for lay in layouts.values()):
+        m = mplan.mesh
+        etp = m.get("etp", m["tp"])
+        edp = m["tp"] * dp // (etp * m["ep"])
+        # the expert parameters (megatron names, local ndim), for their param groups
+        cut = distopt.expert_instances(mplan)
+        experts = tuple(sorted({(name, len(inst.recipe.shape_at(coord)))
+                                for inst, coord, name in mplan.placements()
+                                if id(inst) in cut}))
     pairs = sorted({buf.pair for lay in layouts.values() for buf in lay.buffers})
     dtype = pairs[0][0]
     for bad, _ in pairs:
@@ -253,9 +279,9 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
     kind = request.optim_sharding or "dp_reshardable"
     if kind == "fully_reshardable":     # global tensors: no bucket layout, nothing to cut
         return _OptimizerPlan(dp, impl, {}, None, "master" not in facts.slots, dtype, kind,
-                              vpp)
+                              vpp, edp, etp, experts)
     return _OptimizerPlan(dp, impl, layouts, compile_program(target, mplan),
-                          "master" not in facts.slots, dtype, kind, vpp)
+                          "master" not in facts.slots, dtype, kind, vpp, edp, etp, experts)
 
 
 class TorchDistSource(Source):
@@ -1007,17 +1033,22 @@ class TorchDistWriter(PlannedWriter):
                 for inst in unit.sources:
                     for _, _, name in inst.shards:
                         self.cut_unit[name] = unit
-            self.place = {(coord, name): (lay.group, b, k, start, numel)
-                          for coord, lay in optimizer.layouts.items()
+            # a dense parameter has one place per (tp, pp) rank: its copies at the other
+            # expert ranks have none (distopt.chained_layouts)
+            self.place = {(coord, name): ((lay.chain, lay.group), b, k, start, numel)
+                          for (coord, _), lay in optimizer.layouts.items()
                           for name, b, k, start, numel in lay.places()}
             self.pending: dict[tuple, dict] = {}
-            self.pairs = {(lay.group, b): buf.pair for lay in optimizer.layouts.values()
+            self.pairs = {((lay.chain, lay.group), b): buf.pair
+                          for lay in optimizer.layouts.values()
                           for b, buf in enumerate(lay.buffers, lay.gbuf0)}
 
-    def _bucket_key(self, group: int, gbuf: int, bucket: int, slot: str) -> str:
+    def _bucket_key(self, group: tuple, gbuf: int, bucket: int, slot: str) -> str:
+        """``group`` is (chain, dp_group_idx)."""
         pair = ", ".join(f"torch.{x}" for x in self.pairs[(group, gbuf)])
-        return (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}.dtype_({pair})"
-                f".bucket_idx_{bucket}.{'param' if slot == 'master' else slot}")
+        return (f"{_prefix(group[0])}optimizer.distributed.dp_group_idx_{group[1]}.gbuf_idx_"
+                f"{gbuf}.dtype_({pair}).bucket_idx_{bucket}."
+                f"{'param' if slot == 'master' else slot}")
 
     def _subdir(self) -> str:
         return _iteration_name(self.iteration)
@@ -1049,7 +1080,8 @@ class TorchDistWriter(PlannedWriter):
                 for b, buf in enumerate(lay.buffers, lay.gbuf0):
                     for k, bucket in enumerate(buf.buckets):
                         for slot in ("master", "exp_avg", "exp_avg_sq"):
-                            self.tensors[self._bucket_key(lay.group, b, k, slot)] = \
+                            self.tensors[self._bucket_key((lay.chain, lay.group), b, k,
+                                                          slot)] = \
                                 [(bucket.numel_unpadded,), "float32", []]
         (self.dir / self.sub).mkdir(parents=True)
         self.file = open(self.dir / self.sub / DATA, "wb")
@@ -1112,6 +1144,8 @@ class TorchDistWriter(PlannedWriter):
                                                                            dict(rc))),
                                              dtype=np.float32).reshape(-1)
                 for coord, mname in copies:
+                    if (coord, mname) not in self.place:
+                        continue            # a dense parameter's copy at another expert rank
                     group, b, k, start, numel = self.place[(coord, mname)]
                     if local.size != numel:
                         raise MapcError(f"internal: {mname} has {local.size} elements, its "
@@ -1126,9 +1160,12 @@ class TorchDistWriter(PlannedWriter):
         """A ShardedObject as megatron-core stores it: ``[object]`` at ``KEY/shard_0_1``."""
         self.objects[f"{key}/shard_0_1"] = self._append(_archive(obj=[obj]))
 
-    def _param_groups(self) -> list[dict]:
-        from mapc.runtime.containers.distopt import param_groups
-        return param_groups(self.training)
+    def _param_groups(self, chain: int | None = None) -> list[dict]:
+        """The param groups of optimizer ``chain``: a ChainedOptimizer's expert one (1) has
+        megatron-core's groups of the expert parameters (``is_expert_parallel``)."""
+        from mapc.runtime.containers.distopt import expert_groups, param_groups
+        groups = param_groups(self.training)
+        return expert_groups(groups, self.opt.experts) if chain == 1 else groups
 
     def _optimizer_objects(self):
         """The alignment gaps of every bucket (zeros), and per model-parallel rank the
@@ -1137,9 +1174,10 @@ class TorchDistWriter(PlannedWriter):
         import math
 
         from mapc.runtime.containers.distopt import _pad
-        groups = self._param_groups()
-        divisor = math.lcm(self.opt.dp, 128)
-        for group, buffers in sorted(self.opt.by_group().items()):
+        for group, buffers in sorted(self.opt.by_group().items(), key=lambda x: str(x[0])):
+            groups = self._param_groups(group[0])
+            # bucket ends padded for the expert data-parallel size in the expert optimizer
+            divisor = math.lcm(self.opt.edp if group[0] == 1 else self.opt.dp, 128)
             for b, buf in enumerate(buffers):
                 for k, bucket in enumerate(buf.buckets):
                     for start, n in _gaps(bucket):
@@ -1147,7 +1185,7 @@ class TorchDistWriter(PlannedWriter):
                             self._flat_chunk(self._bucket_key(group, b, k, slot), start,
                                              np.zeros(n, np.float32))
             pairs = [tuple(torchfile.TorchDType(x) for x in buf.pair) for buf in buffers]
-            base = f"optimizer.distributed.dp_group_idx_{group}"
+            base = f"{_prefix(group[0])}optimizer.distributed.dp_group_idx_{group[1]}"
             self._object(f"{base}.optimizer", {"param_groups": groups})
             self._object(f"{base}.per_bucket_numel", [
                 {pair: [_pad(x.numel_unpadded, divisor) for x in buf.buckets]}
@@ -1198,11 +1236,18 @@ class TorchDistWriter(PlannedWriter):
                             num_layers_per_virtual_pipeline_stage=(
                                 layers // (pp * self.opt.vpp) if isinstance(layers, int)
                                 else None))
+            if self.opt.chained:
+                args.update(expert_tensor_parallel_size=self.opt.etp)
             common["args"] = torchfile.Namespace(**args)
-            common["optimizer"] = {"param_state_sharding_type": self.opt.kind}
+            # a ChainedOptimizer's common state: one entry per optimizer, by index
+            chains = (0, 1) if self.opt.chained else (None,)
+            per = {}
+            for chain in chains:
+                per[chain] = {"param_state_sharding_type": self.opt.kind}
+                if self.fully:
+                    per[chain]["optimizer"] = {"param_groups": self._param_groups(chain)}
+            common["optimizer"] = per if self.opt.chained else per[None]
             common["content_metadata"]["distrib_optim_sharding_type"] = self.opt.kind
-            if self.fully:
-                common["optimizer"]["optimizer"] = {"param_groups": self._param_groups()}
             scheduler = self.training.get("lr_scheduler")
             if isinstance(scheduler, dict) and "num_steps" in scheduler:
                 common["opt_param_scheduler"] = scheduler
