@@ -19,9 +19,12 @@ DDP (distributed-optimizer buffers, fp32 grads, one bucket) and builds the optim
 moments, groups, step) goes to ``truth/optim_R.pt`` with its ranks, then one more step on value
 gradients (``_value_step``) and ``truth/stepped_R.pt``.
 
-``load(entries, cfg, out)`` does, for each ``(ckpt, topo, tag)`` in turn (the model-parallel
-state re-initialized in between), what Megatron-LM's ``--load`` does: builds the model, DDP and
-ChainedOptimizer at ``topo``, loads ``ckpt`` (model and optimizer, ``strict="raise_all"``) with
+The same state is also saved ``fully_reshardable`` into ``ROOT_fully_reshardable``.
+
+``load(entries, cfg, out)`` does, for each ``(ckpt, topo, tag, sharding type)`` in turn (the
+model-parallel state re-initialized in between), what Megatron-LM's ``--load`` does: builds the
+model, DDP and ChainedOptimizer at ``topo``, loads ``ckpt`` (model and optimizer,
+``strict="raise_all"``, the content metadata naming the sharding type) with
 ``dist_checkpointing.load`` and ``load_state_dict``, saves ``out/<tag>_loaded_R.pt``, takes the
 value step and saves ``out/<tag>_stepped_R.pt``.
 
@@ -53,14 +56,18 @@ def _run(mode: str, cfg: dict, payload, out: Path) -> None:
 
 
 def save(root: Path, cfg: dict, topo: tuple, truth: Path) -> Path:
+    """The dp_reshardable save into ``root``, the same state fully_reshardable into
+    ``ROOT_fully_reshardable``."""
     from tests.groundtruth import mcore_dist
     _run("save", cfg, {"root": str(root), "topo": list(topo)}, truth)
-    (Path(root) / "latest_checkpointed_iteration.txt").write_text(str(mcore_dist.ITERATION))
+    for r in (Path(root), Path(f"{root}_fully_reshardable")):
+        (r / "latest_checkpointed_iteration.txt").write_text(str(mcore_dist.ITERATION))
     return Path(root)
 
 
 def load(entries: list, cfg: dict, out: Path) -> Path:
-    _run("load", cfg, [[str(c), list(t), tag] for c, t, tag in entries], out)
+    """``entries``: (ckpt, topo, tag, sharding type)."""
+    _run("load", cfg, [[str(c), list(t), tag, kind] for c, t, tag, kind in entries], out)
     return Path(out)
 
 
@@ -103,16 +110,16 @@ def _build(torch, cfg, topo, init=None):
         init(model, ranks)
     import torch.distributed as dist
     ddp, opt = mcore_dist._distributed_optimizer(torch, dist, model, "bf16", torch.bfloat16)
-    assert len(opt.chained_optimizers) == 2, opt.chained_optimizers
     return ddp, opt, args, ranks
 
 
 def _truth(torch, ddp, opt, ranks) -> dict:
     from tests.groundtruth.mcore_dist import _inner_truth
-    dense, expert = opt.chained_optimizers
-    return {**ranks, "optimizers": [_inner_truth(torch, ddp, dense, ddp.buffers),
-                                    _inner_truth(torch, ddp, expert,
-                                                 ddp.expert_parallel_buffers)]}
+    shapes = {name: tuple(p.shape) for name, p in ddp.module.named_parameters()}
+    # at ep 1 megatron-core marks no parameter as expert: one optimizer
+    return {**ranks, "shapes": shapes, "optimizers": [
+        _inner_truth(torch, ddp, inner, buffers) for inner, buffers in
+        zip(opt.chained_optimizers, (ddp.buffers, ddp.expert_parallel_buffers))]}
 
 
 def _value_step(torch, ddp, opt, ranks):
@@ -166,13 +173,23 @@ def _worker(mode, cfg, payload, out):
         d.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         dist_checkpointing.save(state, str(d), content_metadata=METADATA)
+        meta = dict(METADATA, distrib_optim_sharding_type="fully_reshardable")
+        model_sd = model.sharded_state_dict(metadata=meta)
+        fully = dict(state, model=model_sd, optimizer=opt.sharded_state_dict(
+            model_sd, is_loading=False, metadata=meta))
+        d = mcore_dist.iter_dir(f"{payload['root']}_fully_reshardable")
+        d.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(fully, str(d), content_metadata=meta)
         live = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         torch.save({**ranks, "sd": live}, out / f"live_{rank}.pt")
         _value_step(torch, ddp, opt, ranks)
         torch.save(_truth(torch, ddp, opt, ranks), out / f"stepped_{rank}.pt")
         parallel_state.destroy_model_parallel()
     else:
-        for ckpt, topo, tag in payload:
+        mcore_dist._patch_fully_reshardable_load()
+        for ckpt, topo, tag, kind in payload:
+            meta = dict(METADATA, distrib_optim_sharding_type=kind)
             ddp, opt, _, ranks = _build(torch, cfg, tuple(topo))
             model = ddp.module
             # torch's Adam (no Transformer Engine / Apex) has no state_dict before a first
@@ -182,9 +199,9 @@ def _worker(mode, cfg, payload, out):
             mcore_dist._step(ddp, opt)
             tracker = (Path(ckpt) / "latest_checkpointed_iteration.txt").read_text().strip()
             sub = "release" if tracker == "release" else f"iter_{int(tracker):07d}"
-            model_sd = model.sharded_state_dict(metadata=METADATA)
+            model_sd = model.sharded_state_dict(metadata=meta)
             sharded = {"model": model_sd, "optimizer": opt.sharded_state_dict(
-                model_sd, is_loading=True, metadata=METADATA)}
+                model_sd, is_loading=True, metadata=meta)}
             loaded = dist_checkpointing.load(sharded, str(Path(ckpt) / sub), strict="raise_all")
             model.load_state_dict(loaded["model"], strict=True)
             with torch.no_grad():
