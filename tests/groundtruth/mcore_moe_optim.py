@@ -143,6 +143,7 @@ def _worker(mode, cfg, payload, out):
     rank = int(os.environ["RANK"])
     dist.init_process_group(backend="gloo", rank=rank, world_size=WORLD)
     from megatron.core import dist_checkpointing, parallel_state
+    from tests.groundtruth.mcore_names import seeded_fill
     out = Path(out)
     if mode == "save":
         def who(param, ranks):
@@ -150,12 +151,7 @@ def _worker(mode, cfg, payload, out):
                 str(ranks["tp"] if getattr(param, "tensor_model_parallel", False) else -1)
 
         def init(model, ranks):
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    g = torch.Generator().manual_seed(zlib.crc32(
-                        f"{name}|{who(param, ranks)}".encode()))
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.1
-                                + (1.0 if param.ndim == 1 else 0.0))
+            seeded_fill(torch, model, lambda name, param: who(param, ranks))
         ddp, opt, args, ranks = _build(torch, cfg, tuple(payload["topo"]), init)
         model = ddp.module
         for name, param in model.named_parameters():
