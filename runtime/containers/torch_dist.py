@@ -650,9 +650,10 @@ class _DpReshardable(_Optimizer):
     at the saved TP/PP (local or Transformer Engine names, by ``args.transformer_impl``), laid
     out as runtime/containers/distopt.py derives. With expert parallelism (args'
     ``expert_model_parallel_size`` > 1) megatron-core's ChainedOptimizer saved two optimizers,
-    ``chained_0.`` (dense) and ``chained_1.`` (experts, per expert rank), derived alike. A slot of a torch_dist tensor (a global slab)
-    is rebuilt from the per-rank slot tensors with the program megatron -> torch_dist, one unit
-    at a time, as a conversion rebuilds weights."""
+    ``chained_0.`` (dense) and ``chained_1.`` (experts, per expert rank), derived alike.
+    A slot of a torch_dist tensor (a global slab) is rebuilt from the per-rank slot tensors
+    with the program megatron -> torch_dist, one unit at a time, as a conversion rebuilds
+    weights."""
 
     def __init__(self, src: TorchDistSource, plan):
         from mapc.compiler.plan import plan_layout
