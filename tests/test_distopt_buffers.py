@@ -75,8 +75,9 @@ def _where(src, t, p, vpp=True):
     for (coord, name), (keys, start, n, _) in src.optimizer.where.items():
         pre, rank = _stage(coord) if vpp else ("", dict(coord).get("pp", 0))
         if dict(coord).get("tp", 0) == t and rank == p:
-            key = keys["param"]     # a bucket's key; dp_zero_gather_scatter: (g, b, k, slot)
-            gbuf = key[1] if isinstance(key, tuple) else \
+            key = keys["param"]     # a bucket's key; dp_zero_gather_scatter: (chain, g, b, k,
+                                    # slot)
+            gbuf = key[2] if isinstance(key, tuple) else \
                 int(key.split(".gbuf_idx_")[1].split(".")[0])
             out[pre + name] = (gbuf, start, n)
     return out

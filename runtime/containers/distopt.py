@@ -23,6 +23,16 @@ dtype, grad dtype), in the order their dtypes first appear in ``named_parameters
 ``gbuf_idx``), each bucketed as above; a virtual pipeline's model chunks have a DDP each, their
 buffers one after another in the rank's optimizer (:func:`rank_layouts`).
 
+A mixture-of-experts model trained with expert parallelism (ep > 1) has two optimizers,
+megatron-core's ChainedOptimizer (``get_megatron_optimizer``): ``chained_0`` over the dense
+parameters (DDP's ``buffers``, sharded over the data-parallel group) and ``chained_1`` over the
+expert parameters (those megatron-core marks ``allreduce=False``: cut over ep, the spec's ``split
+experts over ep``; DDP's ``expert_parallel_buffers``, sharded over the expert data-parallel
+group of ``tp * dp / (etp * ep)`` ranks, so its buckets' ends are padded for that size). The
+dense optimizer's ``dp_group_idx`` is tp_rank + tp * pp_rank, the expert one's its rank in the
+expert tensor x expert x pipeline group, etp_rank + etp * (ep_rank + ep * pp_rank)
+(:func:`chained_layouts`). At ep = 1 megatron-core marks no parameter as expert: one optimizer.
+
 Checkpoints keep each bucket without its end padding (``numel_unpadded`` elements), so a
 parameter's place inside a bucket's stored tensor is its offset from the bucket's start, which
 does not depend on dp. The derivation is checked against the ``per_bucket_numel_unpadded``
@@ -126,6 +136,12 @@ class RankLayout:
     buffers: tuple
     shapes: dict
     gbuf0: int = 0
+    chain: int | None = None        # its index in a ChainedOptimizer (0 dense, 1 experts)
+
+    @property
+    def prefix(self) -> str:
+        """What megatron-core's ChainedOptimizer prepends to its optimizers' keys."""
+        return "" if self.chain is None else f"chained_{self.chain}."
 
     @property
     def buckets(self) -> tuple:
@@ -158,9 +174,50 @@ def rank_layouts(mplan, dp: int, args: dict, dtype_of=None, default: str = "bflo
     Megatron-LM reduces bf16 runs' grads in fp32). With ``vpp`` > 1 ``mplan``'s pp axis counts
     virtual stages (stage v * pp + p is chunk v of pipeline rank p): every chunk has a DDP of
     its own (one bucket after chunk 0: Megatron-LM disables bucketing there), its buffers
-    after the earlier chunks' in the rank's one optimizer."""
+    after the earlier chunks' in the rank's one optimizer. One optimizer: see
+    :func:`chained_layouts` for expert parallelism."""
+    out = _layouts(mplan, dp, args, dtype_of, default, vpp, None)
+    return {coord: lay for (coord, _), lay in out.items()}
+
+
+def expert_instances(mplan) -> set:
+    """The ids of the instances megatron-core trains as expert parameters: at ep > 1, those the
+    spec cuts over ep (not copied over it)."""
+    if mplan.mesh.get("ep", 1) < 2:
+        return set()
+    return {id(inst) for inst in mplan.instances if "ep" not in dict(inst.replicated)}
+
+
+def chained_layouts(mplan, dp: int, args: dict, dtype_of=None, default: str = "bfloat16",
+                    vpp: int = 1) -> dict[tuple, RankLayout]:
+    """{(coord, chain): RankLayout} of every optimizer of every rank: as :func:`rank_layouts`
+    (chain None) without expert parallelism; with it, megatron-core's ChainedOptimizer: chain 0
+    the dense parameters of each (tp, pp) rank (once, at its first mesh coordinate: the dense
+    parameters are copied over ep), chain 1 the expert parameters of each (ep, etp, pp) rank,
+    bucket ends padded for the expert data-parallel size ``tp * dp / (etp * ep)``."""
+    experts = expert_instances(mplan)
+    if not experts:
+        return _layouts(mplan, dp, args, dtype_of, default, vpp, None)
+    tp, ep = mplan.mesh.get("tp", 1), mplan.mesh.get("ep", 1)
+    etp = mplan.mesh.get("etp", tp)
+    if (tp * dp) % (etp * ep):
+        raise MapcError(f"tp={tp} x dp={dp} ranks per pipeline stage do not divide into "
+                        f"expert groups of etp={etp} x ep={ep}: megatron-core needs the "
+                        f"expert data-parallel size tp * dp / (etp * ep) to be a whole number",
+                        hint=f"choose --dp a multiple of {(etp * ep) // math.gcd(etp * ep, tp)}")
+    if vpp > 1:
+        raise MapcError("mapc writes an expert-parallel model's distributed optimizer without "
+                        "a virtual pipeline", hint="drop --vpp, or pass --ep 1")
+    edp = tp * dp // (etp * ep)
+    return _layouts(mplan, dp, args, dtype_of, default, vpp, lambda inst: id(inst) in experts,
+                    edp)
+
+
+def _layouts(mplan, dp, args, dtype_of, default, vpp, is_expert, edp=None) -> dict:
+    """{(coord, chain): RankLayout}; ``is_expert`` None: one optimizer (chain None)."""
     from mapc.runtime.containers.megatron import module_order
     tp, pp = mplan.mesh.get("tp", 1), mplan.mesh.get("pp", 1)
+    ep, etp = mplan.mesh.get("ep", 1), mplan.mesh.get("etp", tp)
     users: dict[str, int] = {}
     for inst in mplan.instances:
         for key in set(inst.members.values()):
@@ -171,25 +228,36 @@ def rank_layouts(mplan, dp: int, args: dict, dtype_of=None, default: str = "bflo
     high = bool(args.get("ddp_pad_buckets_for_high_nccl_busbw"))
     out = {}
     phys = max(1, pp // vpp)
-    nbufs: dict[int, int] = {}
+    nbufs: dict[tuple, int] = {}
+    chains = (None,) if is_expert is None else (0, 1)
     for coord, insts in sorted(per_rank.items(),
                                key=lambda x: dict(x[0]).get("pp", 0) // phys):
         c = dict(coord)
         t, p = c.get("tp", 0), c.get("pp", 0) % phys
         chunk = c.get("pp", 0) // phys
-        shapes = {n: tuple(insts[n].recipe.shape_at(coord)) for n in insts}
-        by_pair: dict[tuple, list] = {}
-        for n in module_order(list(insts)):
-            dtype = (dtype_of(insts[n]) if dtype_of is not None else None) or default
-            by_pair.setdefault((dtype, "float32"), []).append(
-                (n, math.prod(shapes[n]),
-                 pp > 1 and any(users[k] > 1 for k in insts[n].members.values())))
-        size = bucket_size(args, dp, p) if chunk == 0 else None
-        buffers = tuple(Buffer(pair, tuple(ddp_buckets(params, dp, size, high_busbw=high)))
-                        for pair, params in by_pair.items())
-        group = t + tp * p
-        out[coord] = RankLayout(group, buffers, shapes, nbufs.get(group, 0))
-        nbufs[group] = nbufs.get(group, 0) + len(buffers)
+        for chain in chains:
+            if chain == 1:
+                group, size_dp = c.get("etp", 0) + etp * (c.get("ep", 0) + ep * p), edp
+            else:
+                group, size_dp = t + tp * p, dp
+            if (chain, group, chunk) in nbufs:
+                continue            # the dense parameters' copy at another ep rank
+            mine = [n for n in insts if is_expert is None or is_expert(insts[n]) == (chain == 1)]
+            shapes = {n: tuple(insts[n].recipe.shape_at(coord)) for n in mine}
+            by_pair: dict[tuple, list] = {}
+            for n in module_order(mine):
+                dtype = (dtype_of(insts[n]) if dtype_of is not None else None) or default
+                by_pair.setdefault((dtype, "float32"), []).append(
+                    (n, math.prod(shapes[n]),
+                     pp > 1 and any(users[k] > 1 for k in insts[n].members.values())))
+            # megatron-core's DDP sizes the buckets of both by the data-parallel size
+            size = bucket_size(args, dp, p) if chunk == 0 else None
+            buffers = tuple(Buffer(pair, tuple(ddp_buckets(params, size_dp, size,
+                                                           high_busbw=high)))
+                            for pair, params in by_pair.items())
+            gbuf0 = sum(n for (ch, g, _), n in nbufs.items() if (ch, g) == (chain, group))
+            out[(coord, chain)] = RankLayout(group, buffers, shapes, gbuf0, chain)
+            nbufs[(chain, group, chunk)] = len(buffers)
     return out
 
 
@@ -263,6 +331,16 @@ def param_groups(training: dict) -> list[dict]:
             groups.append(dict(groups[0], wd_mult=wd))
     step = float(training.get("step") or 0)
     return [dict(g, step=step) for g in groups]
+
+
+def expert_groups(groups: list[dict], experts) -> list[dict]:
+    """The param groups of a ChainedOptimizer's expert optimizer: megatron-core keeps the
+    groups its expert parameters fall into (by its default weight-decay rule: no weight decay
+    for biases and 1-D tensors), marked ``is_expert_parallel``. ``groups`` are the dense
+    optimizer's (:func:`param_groups`), ``experts`` the expert parameters' (name, ndim)."""
+    from mapc.runtime.containers.megatron import _no_weight_decay
+    wds = {0.0 if _no_weight_decay(n, ndim) else 1.0 for n, ndim in experts} or {1.0}
+    return [dict(g, is_expert_parallel=True) for g in groups if float(g["wd_mult"]) in wds]
 
 
 def legacy_state(buffers) -> dict:

@@ -186,20 +186,29 @@ class _OptimizerPlan:
     dtype: str
     kind: str = "dp_reshardable"
     vpp: int = 1
+    edp: int | None = None          # the expert data-parallel size (a ChainedOptimizer's)
+    etp: int | None = None          # ... and expert tensor-parallel size
+    experts: tuple = ()             # (name, ndim) of its expert parameters (megatron's)
 
-    def by_group(self) -> dict[int, list]:
-        """{dp_group_idx: its DDP buffers in gbuf_idx order} (a virtual pipeline's chunks'
-        buffers one after another)."""
-        out: dict[int, list] = {}
-        for lay in sorted(self.layouts.values(), key=lambda x: (x.group, x.gbuf0)):
-            out.setdefault(lay.group, []).extend(lay.buffers)
+    def by_group(self) -> dict[tuple, list]:
+        """{(chain, dp_group_idx): its DDP buffers in gbuf_idx order} (a virtual pipeline's
+        chunks' buffers one after another); chain None: one optimizer, 0/1: a MoE model's
+        ChainedOptimizer's dense and expert ones."""
+        out: dict[tuple, list] = {}
+        for lay in sorted(self.layouts.values(), key=lambda x: (str(x.chain), x.group,
+                                                                 x.gbuf0)):
+            out.setdefault((lay.chain, lay.group), []).extend(lay.buffers)
         return out
 
+    @property
+    def chained(self) -> bool:
+        return self.edp is not None
+
     def describe(self) -> str:
-        return ", ".join(f"dp_group_idx_{g}: " + ", ".join(
+        return ", ".join(f"{_prefix(ch)}dp_group_idx_{g}: " + ", ".join(
             f"{[b.numel_unpadded for b in buf.buckets]}"
             + (f" ({buf.pair[0]})" if len(bufs) > 1 else "") for buf in bufs)
-            for g, bufs in sorted(self.by_group().items()))
+            for (ch, g), bufs in sorted(self.by_group().items(), key=lambda x: str(x[0])))
 
 
 def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _OptimizerPlan:
@@ -220,6 +229,12 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
                                 ("naming", "local" if impl == "local" else "te"))
               if k in takes and v is not None}
     tp, pp = int(target.params.get("tp_size", 1)), int(target.params.get("pp_size", 1))
+    topology = {"tp": tp, "pp": pp}
+    ep = int(target.params.get("ep_size", 1))
+    if ep > 1:      # megatron-core's expert groups: ep, and etp (--set etp=N, default tp)
+        topology["ep"] = ep
+        if int(target.params.get("etp") or 0) > 0:
+            topology["etp"] = int(target.params["etp"])
     vpp = request.vpp or 1
     if vpp > 1 and pp < 2:
         raise MapcError(f"--vpp {vpp} needs --pp of at least 2: Megatron's interleaved "
@@ -228,7 +243,7 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
     # with a virtual pipeline the megatron plan's pp axis counts virtual stages (chunk v of
     # pipeline rank p is stage v * pp + p), each chunk a DDP of its own (distopt.rank_layouts)
     try:
-        mplan = plan_layout(spec, "megatron", target.env, {"tp": tp, "pp": pp * vpp}, params,
+        mplan = plan_layout(spec, "megatron", target.env, dict(topology, pp=pp * vpp), params,
                             vpp=vpp)
     except MapcError as e:
         if vpp == 1:
@@ -242,7 +257,18 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
     def dtype_of(inst):
         return cast_dtype(inst, have[next(iter(inst.members.values()))], request.dtype,
                           widen=False)
-    layouts = distopt.rank_layouts(mplan, dp, {}, dtype_of, vpp=vpp)
+    layouts = distopt.chained_layouts(mplan, dp, {}, dtype_of, vpp=vpp)
+    edp = etp = None
+    experts: tuple = ()
+    if any(lay.chain is not None for lay in layouts.values()):
+        m = mplan.mesh
+        etp = m.get("etp", m["tp"])
+        edp = m["tp"] * dp // (etp * m["ep"])
+        # the expert parameters (megatron names, local ndim), for their param groups
+        cut = distopt.expert_instances(mplan)
+        experts = tuple(sorted({(name, len(inst.recipe.shape_at(coord)))
+                                for inst, coord, name in mplan.placements()
+                                if id(inst) in cut}))
     pairs = sorted({buf.pair for lay in layouts.values() for buf in lay.buffers})
     dtype = pairs[0][0]
     for bad, _ in pairs:
@@ -253,9 +279,9 @@ def _plan_optimizer(program, facts: SourceFacts, request: WriteRequest) -> _Opti
     kind = request.optim_sharding or "dp_reshardable"
     if kind == "fully_reshardable":     # global tensors: no bucket layout, nothing to cut
         return _OptimizerPlan(dp, impl, {}, None, "master" not in facts.slots, dtype, kind,
-                              vpp)
+                              vpp, edp, etp, experts)
     return _OptimizerPlan(dp, impl, layouts, compile_program(target, mplan),
-                          "master" not in facts.slots, dtype, kind, vpp)
+                          "master" not in facts.slots, dtype, kind, vpp, edp, etp, experts)
 
 
 class TorchDistSource(Source):
@@ -305,7 +331,7 @@ class TorchDistSource(Source):
         self.tensors: dict[str, tuple] = {}     # name -> (entry key, slab index or None)
         self.optimizer = None                    # _DpReshardable once bind_plan derived it
         for key, entry in self.entries.items():
-            if key.startswith("optimizer.") or key.startswith("rng_state"):
+            if is_optimizer_key(key) or key.startswith("rng_state"):
                 continue                         # optimizer state: see bind_plan
             if not key.startswith(self.key_prefix):
                 continue
@@ -317,11 +343,8 @@ class TorchDistSource(Source):
             else:
                 self.tensors[name] = (key, None)
         self.sharding_type = None
-        if any(k.startswith("optimizer.") for k in self.entries) or \
-                any(k.startswith("optimizer.") for k in self.objects):
-            opt = common.get("optimizer")
-            self.sharding_type = (opt.get("param_state_sharding_type") if isinstance(opt, dict)
-                                  else None) or \
+        if any(map(is_optimizer_key, self.entries)) or any(map(is_optimizer_key, self.objects)):
+            self.sharding_type = _sharding_type(common.get("optimizer")) or \
                 self.content_metadata.get("distrib_optim_sharding_type") or "unknown"
             if self.sharding_type not in SHARDING_TYPES:
                 raise MapcError(f"the distributed optimizer's state is saved as "
@@ -441,10 +464,35 @@ Source = TorchDistSource
 # the distributed optimizer's state
 # --------------------------------------------------------------------------------------
 SHARDING_TYPES = ("dp_reshardable", "fully_reshardable", "dp_zero_gather_scatter")
-_BUCKET = re.compile(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\."
-                     r"dtype_\((torch\.\w+), (torch\.\w+)\)\.bucket_idx_(\d+)\."
-                     r"(param|exp_avg|exp_avg_sq)$")
-_OPTIM = "optimizer.distributed.dp_group_idx_{g}.{what}"
+# megatron-core's ChainedOptimizer (a MoE model's dense and expert optimizers) prefixes each
+# optimizer's keys with "chained_<index>." (not for fully_reshardable, whose keys are the model's)
+_CHAINED = re.compile(r"^chained_(\d+)\.(?=optimizer\.)")
+_BUCKET = re.compile(r"^(?:chained_(\d+)\.)?optimizer\.distributed\.dp_group_idx_(\d+)\."
+                     r"gbuf_idx_(\d+)\.dtype_\((torch\.\w+), (torch\.\w+)\)\.bucket_idx_(\d+)"
+                     r"\.(param|exp_avg|exp_avg_sq)$")
+_OPTIM = "{prefix}optimizer.distributed.dp_group_idx_{g}.{what}"
+
+
+def is_optimizer_key(key: str) -> bool:
+    """Whether ``key`` is megatron-core's (Chained)DistributedOptimizer's, not the model's."""
+    return key.startswith("optimizer.") or bool(_CHAINED.match(key))
+
+
+def _prefix(chain: int | None) -> str:
+    return "" if chain is None else f"chained_{chain}."
+
+
+def _sharding_type(opt) -> str | None:
+    """The ``param_state_sharding_type`` common.pt's ``optimizer`` entry names: one
+    DistributedOptimizer's ``{param_state_sharding_type: ...}``, or a ChainedOptimizer's
+    ``{0: {...}, 1: {...}}`` (all of one type)."""
+    if not isinstance(opt, dict):
+        return None
+    if "param_state_sharding_type" in opt or not opt:
+        return opt.get("param_state_sharding_type")
+    kinds = {o.get("param_state_sharding_type") if isinstance(o, dict) else None
+             for o in opt.values()}
+    return kinds.pop() if len(kinds) == 1 else "mixed " + "/".join(sorted(map(str, kinds)))
 
 
 def read_range(name: str, entry, start: int, stop: int) -> np.ndarray:
@@ -593,6 +641,8 @@ class _FullyReshardable(_Optimizer):
 
     def _groups(self):
         opt = self.common.get("optimizer")
+        if isinstance(opt, dict) and 0 in opt:      # a ChainedOptimizer's: the dense one's
+            opt = opt[0]
         inner = opt.get("optimizer") if isinstance(opt, dict) else None
         groups = inner.get("param_groups") if isinstance(inner, dict) else None
         return groups, opt.get("grad_scaler") if isinstance(opt, dict) else None
@@ -604,9 +654,12 @@ class _DpReshardable(_Optimizer):
     Every model-parallel rank (``dp_group_idx`` = tp_rank + tp * pp_rank) stores one flat
     fp32 tensor per DDP bucket and slot; the parameters in it are the spec's megatron layout
     at the saved TP/PP (local or Transformer Engine names, by ``args.transformer_impl``), laid
-    out as runtime/containers/distopt.py derives. A slot of a torch_dist tensor (a global slab)
-    is rebuilt from the per-rank slot tensors with the program megatron -> torch_dist, one unit
-    at a time, as a conversion rebuilds weights."""
+    out as runtime/containers/distopt.py derives. With expert parallelism (args'
+    ``expert_model_parallel_size`` > 1) megatron-core's ChainedOptimizer saved two optimizers,
+    ``chained_0.`` (dense) and ``chained_1.`` (experts, per expert rank), derived alike.
+    A slot of a torch_dist tensor (a global slab) is rebuilt from the per-rank slot tensors
+    with the program megatron -> torch_dist, one unit at a time, as a conversion rebuilds
+    weights."""
 
     def __init__(self, src: TorchDistSource, plan):
         from mapc.compiler.plan import plan_layout
@@ -617,6 +670,13 @@ class _DpReshardable(_Optimizer):
         world = int(args.get("world_size") or 0)
         self.dp = int(args.get("data_parallel_size") or 0) or max(1, world // (tp * pp))
         self.vpp = src.saved_vpp
+        topology = {"tp": tp, "pp": pp * self.vpp}
+        ep = int(args.get("expert_model_parallel_size") or 1)
+        etp = args.get("expert_tensor_parallel_size")
+        if ep > 1:
+            topology["ep"] = ep
+        if isinstance(etp, int) and ep > 1:
+            topology["etp"] = etp
         keys = self._keys(where)
         spec = plan.spec
         if "megatron" not in spec.layout_names():
@@ -634,8 +694,7 @@ class _DpReshardable(_Optimizer):
         for naming in namings:
             params = {k: v for k, v in (("vocab_multiple", plan.params.get("vocab_multiple")),
                                         ("naming", naming)) if k in takes and v is not None}
-            mplan = plan_layout(spec, "megatron", plan.env, {"tp": tp, "pp": pp * self.vpp},
-                                params)
+            mplan = plan_layout(spec, "megatron", plan.env, topology, params)
             self._derive(mplan, plan, keys, tp, pp, args, where)
             bad = self._masters_disagree()
             if bad is None:
@@ -653,24 +712,25 @@ class _DpReshardable(_Optimizer):
                                  "fully_reshardable, or without the optimizer")
 
     def _keys(self, where: str) -> dict[tuple, dict]:
-        """{(dp_group_idx, gbuf_idx, bucket_idx): {slot: what _slice reads}}: the bucket
-        tensors ``optimizer.distributed.dp_group_idx_I.gbuf_idx_G.dtype_(P, G).bucket_idx_B.
-        {param,exp_avg,exp_avg_sq}``."""
+        """{(chain, dp_group_idx, gbuf_idx, bucket_idx): {slot: what _slice reads}}: the bucket
+        tensors ``[chained_C.]optimizer.distributed.dp_group_idx_I.gbuf_idx_G.dtype_(P, G).
+        bucket_idx_B.{param,exp_avg,exp_avg_sq}`` (chain None: one optimizer, no prefix)."""
         keys: dict[tuple, dict] = {}
-        self.pairs: dict[tuple, tuple] = {}      # (dp_group_idx, gbuf_idx) -> its dtype pair
+        self.pairs: dict[tuple, tuple] = {}      # (chain, dp_group_idx, gbuf_idx) -> dtypes
         for key in self.src.entries:
-            if not key.startswith("optimizer."):
+            if not is_optimizer_key(key):
                 continue
             m = _BUCKET.match(key)
             if not m:
                 raise MapcError(f"unexpected distributed-optimizer tensor {key}",
                                 where=str(self.src.iter_dir / dcp.METADATA),
-                                hint="mapc reads megatron-core's dp_reshardable layout of one "
-                                     "optimizer (no expert-parallel or chained optimizers: "
-                                     "MoE is not read yet)")
-            g, b, k = int(m.group(1)), int(m.group(2)), int(m.group(5))
-            keys.setdefault((g, b, k), {})[m.group(6)] = key
-            self.pairs[(g, b)] = tuple(x[len("torch."):] for x in (m.group(3), m.group(4)))
+                                hint="mapc reads megatron-core's dp_reshardable layout of a "
+                                     "DistributedOptimizer or of a ChainedOptimizer of them")
+            chain = int(m.group(1)) if m.group(1) is not None else None
+            g, b, k = int(m.group(2)), int(m.group(3)), int(m.group(6))
+            keys.setdefault((chain, g, b, k), {})[m.group(7)] = key
+            self.pairs[(chain, g, b)] = tuple(x[len("torch."):] for x in (m.group(4),
+                                                                          m.group(5)))
         return keys
 
     def _check_bucket(self, g: int, k: int, buckets, slots: dict, where: str) -> None:
@@ -693,47 +753,73 @@ class _DpReshardable(_Optimizer):
         # each parameter's dtype, as stored: megatron-core's DDP gives every dtype a buffer
         stored = {k: self.src.dtype(name) for inst, _, name in plan.placements()
                   for k in inst.members.values()}
-        layouts = distopt.rank_layouts(
+        layouts = distopt.chained_layouts(
             mplan, self.dp, args, lambda inst: stored.get(next(iter(inst.members.values()))),
             vpp=self.vpp)
-        pairs: dict[int, list] = {}         # dp_group_idx -> its buffers' dtype pairs
+        chains = sorted({ch for ch, _, _, _ in keys}, key=str)
+        want_chains = sorted({ch for _, ch in layouts}, key=str)
+        if chains != want_chains:
+            def name(chs):
+                return "one optimizer" if chs == [None] else \
+                    f"a ChainedOptimizer of {len(chs)} ({', '.join(_prefix(c) for c in chs)})"
+            raise MapcError(f"the checkpoint holds the state of {name(chains)}; the model at "
+                            f"ep={mplan.mesh.get('ep', 1)} has {name(want_chains)} (megatron-"
+                            f"core chains an optimizer of the expert parameters when ep > 1)",
+                            where=where, hint="the args' expert_model_parallel_size is not the "
+                                              "one the checkpoint was saved at")
+        pairs: dict[tuple, list] = {}       # (chain, dp_group_idx) -> its buffers' dtype pairs
         for lay in sorted(layouts.values(), key=lambda x: x.gbuf0):
-            pairs.setdefault(lay.group, []).extend(buf.pair for buf in lay.buffers)
-        for g, want in pairs.items():
-            gbufs = sorted({b for gg, b, _ in keys if gg == g})
+            pairs.setdefault((lay.chain, lay.group), []).extend(buf.pair for buf in lay.buffers)
+        for (ch, g), want in pairs.items():
+            gbufs = sorted({b for cc, gg, b, _ in keys if (cc, gg) == (ch, g)})
             if gbufs != list(range(len(want))) or \
-                    any(self._pair(g, b) not in (None, pair) for b, pair in enumerate(want)):
-                raise MapcError(f"the distributed optimizer of dp_group_idx_{g} has the DDP "
-                                f"buffers {[self._pair(g, b) for b in gbufs]}; the model's "
-                                f"parameter dtypes and chunks give {want}", where=where,
+                    any(self._pair(ch, g, b) not in (None, pair) for b, pair in enumerate(want)):
+                raise MapcError(f"the distributed optimizer of {_prefix(ch)}dp_group_idx_{g} "
+                                f"has the DDP buffers {[self._pair(ch, g, b) for b in gbufs]}; "
+                                f"the model's parameter dtypes and chunks give {want}",
+                                where=where,
                                 hint="the checkpoint was trained with settings mapc does not "
                                      "derive; save it with distrib_optim_sharding_type "
                                      "fully_reshardable")
-        for coord, lay in layouts.items():
+        owner = {}      # (tp, pp) -> the mesh coordinate whose dense parameters were derived
+        for (coord, chain), lay in layouts.items():
             c = dict(coord)
             g = lay.group
-            what = f"dp_group_idx_{g} (tp={c.get('tp', 0)}, pp={c.get('pp', 0) % pp})"
-            several = len(pairs[g]) > 1
+            if chain != 1:
+                owner.setdefault((c.get("tp", 0), c.get("pp", 0)), coord)
+            what = f"{lay.prefix}dp_group_idx_{g} (" + ", ".join(
+                f"{a}={c.get(a, 0) % pp if a == 'pp' else c.get(a, 0)}"
+                for a in (("tp", "pp") if chain != 1 else ("ep", "etp", "pp"))) + ")"
+            several = len(pairs[(chain, g)]) > 1
             for b, buf in enumerate(lay.buffers, lay.gbuf0):
                 bwhat = f"{what} gbuf_idx_{b}" if several else what
-                distopt.check_buckets(buf.buckets, self._stored_sizes(g, b, buf.buckets, where),
+                distopt.check_buckets(buf.buckets,
+                                      self._stored_sizes(chain, g, b, buf.buckets, where),
                                       where, bwhat)
                 for k, bucket in enumerate(buf.buckets):
-                    slots = keys.get((g, b, k), {})
+                    slots = keys.get((chain, g, b, k), {})
                     lacks = sorted({"param", "exp_avg", "exp_avg_sq"} - set(slots))
                     if lacks:
                         raise MapcError(f"bucket {k} of {bwhat} lacks {lacks}", where=where,
                                         hint="copy the complete checkpoint")
                     self._check_bucket(g, k, buf.buckets, slots, where)
-                    used.add((g, b, k))
+                    used.add((chain, g, b, k))
             for name, b, k, start, numel in lay.places():
-                self.where[(coord, name)] = (keys[(g, b, k)], start, numel, lay.shapes[name])
+                self.where[(coord, name)] = (keys[(chain, g, b, k)], start, numel,
+                                             lay.shapes[name])
+        # the dense parameters' copies at the other expert ranks of a (tp, pp) rank
+        for inst, coord, name in mplan.placements():
+            if (coord, name) not in self.where:
+                c = dict(coord)
+                self.where[(coord, name)] = self.where[(owner[(c.get("tp", 0),
+                                                               c.get("pp", 0))], name)]
         if set(keys) != used:
-            extra = sorted(set(keys) - used)[0]
+            extra = sorted(set(keys) - used, key=str)[0]
             raise MapcError(f"the checkpoint holds distributed-optimizer buckets the model's "
-                            f"{len(layouts)} model-parallel ranks do not have (dp_group_idx_"
-                            f"{extra[0]} bucket {extra[2]})", where=where,
+                            f"{len(layouts)} model-parallel ranks do not have ({_prefix(extra[0])}"
+                            f"dp_group_idx_{extra[1]} bucket {extra[3]})", where=where,
                             hint="the optimizer state does not belong to this model")
+        self.chains = want_chains
         self.view = _RankView(self)
         self.program = compile_program(mplan, plan)
         self.targets: dict[str, tuple] = {}
@@ -743,24 +829,22 @@ class _DpReshardable(_Optimizer):
                     for _, name in copies:
                         self.targets[name] = (unit, inst, rc)
 
-    def _pair(self, g: int, b: int):
-        """The (param dtype, grad dtype) names of buffer ``b`` of dp_group_idx ``g``, as its
-        keys say."""
-        return self.pairs.get((g, b))
+    def _pair(self, chain, g: int, b: int):
+        """The (param dtype, grad dtype) names of buffer ``b`` of dp_group_idx ``g`` of
+        optimizer ``chain``, as its keys say."""
+        return self.pairs.get((chain, g, b))
 
-    def _stored_sizes(self, g: int, b: int, buckets, where: str) -> list:
+    def _stored_sizes(self, chain, g: int, b: int, buckets, where: str) -> list:
         """The bucket sizes megatron-core stored for buffer ``b`` of dp_group_idx ``g``."""
-        return self._unpadded(g, b, where)
-
-    def _unpadded(self, g: int, b: int, where: str) -> list:
-        obj = self.src.read_object(_OPTIM.format(g=g, what="per_bucket_numel_unpadded"))
+        obj = self.src.read_object(_OPTIM.format(prefix=_prefix(chain), g=g,
+                                                 what="per_bucket_numel_unpadded"))
         try:
             (sizes,) = obj[b].values()
             return [int(n) for n in sizes]
         except (TypeError, ValueError, KeyError, IndexError, AttributeError):
-            raise MapcError(f"per_bucket_numel_unpadded of dp_group_idx_{g} is {obj!r}, not "
-                            f"megatron-core's [{{(param dtype, grad dtype): [numel, ...]}}]",
-                            where=where) from None
+            raise MapcError(f"per_bucket_numel_unpadded of {_prefix(chain)}dp_group_idx_{g} is "
+                            f"{obj!r}, not megatron-core's [{{(param dtype, grad dtype): "
+                            f"[numel, ...]}}]", where=where) from None
 
     def read_rank(self, name, coord, slot) -> np.ndarray:
         """Slot ``slot`` of the megatron-layout tensor ``name`` of rank ``coord``."""
@@ -788,10 +872,26 @@ class _DpReshardable(_Optimizer):
         return np.ascontiguousarray(be.to_numpy(inst.recipe.shard(be, members, dict(rc))))
 
     def _groups(self):
-        inner = self.src.read_object(_OPTIM.format(g=0, what="optimizer"))
-        key = _OPTIM.format(g=0, what="grad_scaler")
+        """The dense (or only) optimizer's param groups and grad scaler; a ChainedOptimizer's
+        expert optimizer must have taken as many steps."""
+        prefix = _prefix(self.chains[0])
+        inner = self.src.read_object(_OPTIM.format(prefix=prefix, g=0, what="optimizer"))
+        key = _OPTIM.format(prefix=prefix, g=0, what="grad_scaler")
         scaler = self.src.read_object(key) if f"{key}/shard_0_1" in self.src.objects else None
-        return (inner.get("param_groups") if isinstance(inner, dict) else None), scaler
+        groups = inner.get("param_groups") if isinstance(inner, dict) else None
+        for chain in self.chains[1:]:
+            other = self.src.read_object(_OPTIM.format(prefix=_prefix(chain), g=0,
+                                                       what="optimizer"))
+            steps = {g.get("step") for g in (other.get("param_groups") or [])} \
+                if isinstance(other, dict) else {None}
+            want = {g.get("step") for g in groups or []}
+            if steps != want:
+                raise MapcError(f"the expert optimizer ({_prefix(chain)}) has taken "
+                                f"{sorted(map(str, steps))} steps, the dense one "
+                                f"{sorted(map(str, want))}", where=str(self.src.iter_dir),
+                                hint="megatron-core's ChainedOptimizer steps both alike: the "
+                                     "checkpoint is inconsistent")
+        return groups, scaler
 
 
 class _DpZeroGatherScatter(_DpReshardable):
@@ -811,40 +911,45 @@ class _DpZeroGatherScatter(_DpReshardable):
 
     def _keys(self, where: str) -> dict[tuple, dict]:
         """Bucket 0 of every stored buffer (``_stored_sizes`` adds the others once the buckets
-        are derived); the buffers' flat tensors and dtype pairs, read from the objects."""
+        are derived); the buffers' flat tensors and dtype pairs, read from the objects, of one
+        optimizer or of each of a ChainedOptimizer's (``chained_C.`` prefixes)."""
         from mapc.runtime.containers.distopt import coalesced_buffers
-        if any(k.startswith("optimizer.") for k in self.src.entries):
+        if any(map(is_optimizer_key, self.src.entries)):
             raise MapcError(f"unexpected distributed-optimizer tensor "
-                            f"{next(k for k in self.src.entries if k.startswith('optimizer.'))} "
+                            f"{next(k for k in self.src.entries if is_optimizer_key(k))} "
                             f"in a dp_zero_gather_scatter checkpoint", where=where)
-        self.states: dict[tuple, dict] = {}     # (dp_group_idx, gbuf_idx) -> {slot: flat}
-        self.offsets: dict[tuple, int] = {}     # (dp_group_idx, gbuf_idx, bucket) -> start
+        self.states: dict[tuple, dict] = {}     # (chain, dp_group_idx, gbuf_idx) -> {slot: flat}
+        self.offsets: dict[tuple, int] = {}     # (chain, dp_group_idx, gbuf_idx, bucket) -> start
         self.pairs: dict[tuple, tuple] = {}
         self.keys: dict[tuple, dict] = {}
         for obj in self.src.objects:
-            m = re.match(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.param_state"
-                         r"(?:/shard_0_1)?$", obj)
+            m = re.match(r"^(?:chained_(\d+)\.)?optimizer\.distributed\.dp_group_idx_(\d+)"
+                         r"\.param_state(?:/shard_0_1)?$", obj)
             if not m:
                 continue
-            g = int(m.group(1))
-            state = self.src.read_object(_OPTIM.format(g=g, what="param_state"))
+            chain = int(m.group(1)) if m.group(1) is not None else None
+            g = int(m.group(2))
+            state = self.src.read_object(_OPTIM.format(prefix=_prefix(chain), g=g,
+                                                       what="param_state"))
             for b, (pair, flats) in enumerate(coalesced_buffers(
-                    state, f"the dp_zero_gather_scatter state of dp_group_idx_{g}", where)):
-                self.states[(g, b)] = flats
-                self.pairs[(g, b)] = pair
-                self.keys[(g, b, 0)] = {s: (g, b, 0, s) for s in self.SLOTS}
+                    state, f"the dp_zero_gather_scatter state of {_prefix(chain)}"
+                           f"dp_group_idx_{g}", where)):
+                self.states[(chain, g, b)] = flats
+                self.pairs[(chain, g, b)] = pair
+                self.keys[(chain, g, b, 0)] = {s: (chain, g, b, 0, s) for s in self.SLOTS}
         return self.keys
 
-    def _stored_sizes(self, g: int, b: int, buckets, where: str) -> list:
+    def _stored_sizes(self, chain, g: int, b: int, buckets, where: str) -> list:
         """The derived buckets of buffer ``b`` (no sizes are stored), checked by the buffer's
         stored total (and later by the masters)."""
         from mapc.runtime.containers.distopt import check_total
-        check_total(self.states[(g, b)]["param"], buckets,
-                    f"buffer {b} of the dp_zero_gather_scatter state of dp_group_idx_{g}", where)
+        check_total(self.states[(chain, g, b)]["param"], buckets,
+                    f"buffer {b} of the dp_zero_gather_scatter state of {_prefix(chain)}"
+                    f"dp_group_idx_{g}", where)
         off = 0
         for k, bucket in enumerate(buckets):
-            self.keys[(g, b, k)] = {s: (g, b, k, s) for s in self.SLOTS}
-            self.offsets[(g, b, k)] = off
+            self.keys[(chain, g, b, k)] = {s: (chain, g, b, k, s) for s in self.SLOTS}
+            self.offsets[(chain, g, b, k)] = off
             off += bucket.numel_unpadded
         return [x.numel_unpadded for x in buckets]
 
@@ -852,10 +957,9 @@ class _DpZeroGatherScatter(_DpReshardable):
         pass                               # _stored_sizes checked the buffer's total
 
     def _slice(self, key, start: int, numel: int) -> np.ndarray:
-        g, b, k, slot = key
-        off = self.offsets[(g, b, k)] + start
-        return np.array(self.states[(g, b)][slot].map()[off:off + numel])
-
+        chain, g, b, k, slot = key
+        off = self.offsets[(chain, g, b, k)] + start
+        return np.array(self.states[(chain, g, b)][slot].map()[off:off + numel])
 
 # --------------------------------------------------------------------------------------
 # writing
@@ -942,17 +1046,22 @@ class TorchDistWriter(PlannedWriter):
                 for inst in unit.sources:
                     for _, _, name in inst.shards:
                         self.cut_unit[name] = unit
-            self.place = {(coord, name): (lay.group, b, k, start, numel)
-                          for coord, lay in optimizer.layouts.items()
+            # a dense parameter has one place per (tp, pp) rank: its copies at the other
+            # expert ranks have none (distopt.chained_layouts)
+            self.place = {(coord, name): ((lay.chain, lay.group), b, k, start, numel)
+                          for (coord, _), lay in optimizer.layouts.items()
                           for name, b, k, start, numel in lay.places()}
             self.pending: dict[tuple, dict] = {}
-            self.pairs = {(lay.group, b): buf.pair for lay in optimizer.layouts.values()
+            self.pairs = {((lay.chain, lay.group), b): buf.pair
+                          for lay in optimizer.layouts.values()
                           for b, buf in enumerate(lay.buffers, lay.gbuf0)}
 
-    def _bucket_key(self, group: int, gbuf: int, bucket: int, slot: str) -> str:
+    def _bucket_key(self, group: tuple, gbuf: int, bucket: int, slot: str) -> str:
+        """``group`` is (chain, dp_group_idx)."""
         pair = ", ".join(f"torch.{x}" for x in self.pairs[(group, gbuf)])
-        return (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}.dtype_({pair})"
-                f".bucket_idx_{bucket}.{'param' if slot == 'master' else slot}")
+        return (f"{_prefix(group[0])}optimizer.distributed.dp_group_idx_{group[1]}.gbuf_idx_"
+                f"{gbuf}.dtype_({pair}).bucket_idx_{bucket}."
+                f"{'param' if slot == 'master' else slot}")
 
     def _subdir(self) -> str:
         return _iteration_name(self.iteration)
@@ -984,7 +1093,8 @@ class TorchDistWriter(PlannedWriter):
                 for b, buf in enumerate(lay.buffers, lay.gbuf0):
                     for k, bucket in enumerate(buf.buckets):
                         for slot in ("master", "exp_avg", "exp_avg_sq"):
-                            self.tensors[self._bucket_key(lay.group, b, k, slot)] = \
+                            self.tensors[self._bucket_key((lay.chain, lay.group), b, k,
+                                                          slot)] = \
                                 [(bucket.numel_unpadded,), "float32", []]
         (self.dir / self.sub).mkdir(parents=True)
         self.file = open(self.dir / self.sub / DATA, "wb")
@@ -1047,6 +1157,8 @@ class TorchDistWriter(PlannedWriter):
                                                                            dict(rc))),
                                              dtype=np.float32).reshape(-1)
                 for coord, mname in copies:
+                    if (coord, mname) not in self.place:
+                        continue            # a dense parameter's copy at another expert rank
                     group, b, k, start, numel = self.place[(coord, mname)]
                     if local.size != numel:
                         raise MapcError(f"internal: {mname} has {local.size} elements, its "
@@ -1061,9 +1173,12 @@ class TorchDistWriter(PlannedWriter):
         """A ShardedObject as megatron-core stores it: ``[object]`` at ``KEY/shard_0_1``."""
         self.objects[f"{key}/shard_0_1"] = self._append(_archive(obj=[obj]))
 
-    def _param_groups(self) -> list[dict]:
-        from mapc.runtime.containers.distopt import param_groups
-        return param_groups(self.training)
+    def _param_groups(self, chain: int | None = None) -> list[dict]:
+        """The param groups of optimizer ``chain``: a ChainedOptimizer's expert one (1) has
+        megatron-core's groups of the expert parameters (``is_expert_parallel``)."""
+        from mapc.runtime.containers.distopt import expert_groups, param_groups
+        groups = param_groups(self.training)
+        return expert_groups(groups, self.opt.experts) if chain == 1 else groups
 
     def _optimizer_objects(self):
         """The alignment gaps of every bucket (zeros), and per model-parallel rank the
@@ -1072,9 +1187,10 @@ class TorchDistWriter(PlannedWriter):
         import math
 
         from mapc.runtime.containers.distopt import _pad
-        groups = self._param_groups()
-        divisor = math.lcm(self.opt.dp, 128)
-        for group, buffers in sorted(self.opt.by_group().items()):
+        for group, buffers in sorted(self.opt.by_group().items(), key=lambda x: str(x[0])):
+            groups = self._param_groups(group[0])
+            # bucket ends padded for the expert data-parallel size in the expert optimizer
+            divisor = math.lcm(self.opt.edp if group[0] == 1 else self.opt.dp, 128)
             for b, buf in enumerate(buffers):
                 for k, bucket in enumerate(buf.buckets):
                     for start, n in _gaps(bucket):
@@ -1082,7 +1198,7 @@ class TorchDistWriter(PlannedWriter):
                             self._flat_chunk(self._bucket_key(group, b, k, slot), start,
                                              np.zeros(n, np.float32))
             pairs = [tuple(torchfile.TorchDType(x) for x in buf.pair) for buf in buffers]
-            base = f"optimizer.distributed.dp_group_idx_{group}"
+            base = f"{_prefix(group[0])}optimizer.distributed.dp_group_idx_{group[1]}"
             self._object(f"{base}.optimizer", {"param_groups": groups})
             self._object(f"{base}.per_bucket_numel", [
                 {pair: [_pad(x.numel_unpadded, divisor) for x in buf.buckets]}
@@ -1133,11 +1249,18 @@ class TorchDistWriter(PlannedWriter):
                             num_layers_per_virtual_pipeline_stage=(
                                 layers // (pp * self.opt.vpp) if isinstance(layers, int)
                                 else None))
+            if self.opt.chained:
+                args.update(expert_tensor_parallel_size=self.opt.etp)
             common["args"] = torchfile.Namespace(**args)
-            common["optimizer"] = {"param_state_sharding_type": self.opt.kind}
+            # a ChainedOptimizer's common state: one entry per optimizer, by index
+            chains = (0, 1) if self.opt.chained else (None,)
+            per = {}
+            for chain in chains:
+                per[chain] = {"param_state_sharding_type": self.opt.kind}
+                if self.fully:
+                    per[chain]["optimizer"] = {"param_groups": self._param_groups(chain)}
+            common["optimizer"] = per if self.opt.chained else per[None]
             common["content_metadata"]["distrib_optim_sharding_type"] = self.opt.kind
-            if self.fully:
-                common["optimizer"]["optimizer"] = {"param_groups": self._param_groups()}
             scheduler = self.training.get("lr_scheduler")
             if isinstance(scheduler, dict) and "num_steps" in scheduler:
                 common["opt_param_scheduler"] = scheduler

@@ -870,12 +870,18 @@ def _optimizer_truth(torch, ddp, opt) -> dict:
     hyper-parameters) and the step."""
     opts = getattr(opt, "chained_optimizers", [opt])
     assert len(opts) == 1, f"{len(opts)} chained optimizers"
-    opt = opts[0]
+    return _inner_truth(torch, ddp, opts[0], ddp.buffers)
+
+
+def _inner_truth(torch, ddp, opt, ddp_buffers) -> dict:
+    """``_optimizer_truth`` of one DistributedOptimizer ``opt`` over the DDP buffers
+    ``ddp_buffers`` (a MoE model's ChainedOptimizer has one over ``ddp.buffers`` and one over
+    ``ddp.expert_parallel_buffers``)."""
     names = {param: name for name, param in ddp.module.named_parameters()}
     buffers = [{"dtype": (str(b.param_dtype), str(b.grad_dtype)),
                 "buckets": [(k.offset, k.grad_data.numel(), k.numel_unpadded) for k in b.buckets],
                 "index": {names[p]: tuple(int(x) for x in v)
-                          for p, v in b.param_index_map.items()}} for b in ddp.buffers]
+                          for p, v in b.param_index_map.items()}} for b in ddp_buffers]
     pieces = {}
     for ranges in opt.gbuf_ranges:
         for per_bucket in ranges.values():

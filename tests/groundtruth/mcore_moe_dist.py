@@ -74,8 +74,6 @@ def _naming(model, te: bool):
 def _worker(cfg, ckpt, load, root, save, out, extra):
     import warnings
     warnings.filterwarnings("ignore")
-    import zlib
-
     import torch
     from tests.groundtruth import mcore_dist
     mcore_dist._patch_cuda(torch)
@@ -83,7 +81,7 @@ def _worker(cfg, ckpt, load, root, save, out, extra):
     rank = int(os.environ["RANK"])
     dist.init_process_group(backend="gloo", rank=rank, world_size=WORLD)
     from megatron.core import dist_checkpointing, parallel_state
-    from tests.groundtruth.mcore_names import build_gpt
+    from tests.groundtruth.mcore_names import build_gpt, seeded_fill
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
                 "distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -126,12 +124,7 @@ def _worker(cfg, ckpt, load, root, save, out, extra):
     dist.barrier()
 
     model, args, ranks = build(*save)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            g = torch.Generator().manual_seed(zlib.crc32(
-                f"{name}|{ranks['tp']}|{ranks['ep']}|{ranks['etp']}".encode()))
-            param.copy_(torch.randn(param.shape, generator=g) * 0.1
-                        + (1.0 if param.ndim == 1 else 0.0))
+    seeded_fill(torch, model, lambda name, param: f"{ranks['tp']}|{ranks['ep']}|{ranks['etp']}")
     state = {"args": args, "checkpoint_version": 3.0, "iteration": mcore_dist.ITERATION,
              "model": model.sharded_state_dict(metadata=metadata)}
     d = mcore_dist.iter_dir(root)

@@ -324,6 +324,18 @@ def cpu_shims(cfg: dict) -> None:
             mla.TELinear = type("NoTransformerEngineLinear", (), {})
 
 
+def seeded_fill(torch, model, tag) -> None:
+    """Fill every parameter with ``randn * 0.1`` (+ 1 for 1-D ones: norms) seeded by the crc32
+    of ``f"{name}|{tag(name, param)}"``."""
+    import zlib
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            g = torch.Generator().manual_seed(zlib.crc32(f"{name}|{tag(name, param)}"
+                                                         .encode()))
+            param.copy_(torch.randn(param.shape, generator=g) * 0.1
+                        + (1.0 if param.ndim == 1 else 0.0))
+
+
 def build_gpt(cfg: dict, tp: int, pp: int, params_dtype=None, vp_stage=None):
     """The megatron-core GPTModel of ``cfg`` for this process's (tp, pp) rank; call after
     ``parallel_state.initialize_model_parallel`` (see ``_worker``). With ``cfg["vpp"]`` it is
