@@ -53,7 +53,8 @@ Harness-only settings: ``use_cpu_initialization`` and no initialization, fp32, a
 workarounds of mcore_forward / mcore_names (``cpu_shims``).
 
 ``nemo1_logits(jobs, tokens)``: ``jobs`` is a list of ``{"dir": NEMO_DIR}`` (optionally
-``"drop": [config keys]`` removed from the config before building, ``"swap": [a, b]`` two
+``"drop": [config keys]`` removed from the config before building, ``"a.b"`` for key ``b`` of
+mapping ``a``, ``"swap": [a, b]`` two
 checkpoint tensors exchanged, a negative control); returns per job the logits
 ``[1, len(tokens), padded vocab]`` or ``{"error": message}`` when megatron-core refuses to build
 or load the model.
@@ -281,8 +282,12 @@ def _worker(jobs: list[dict], tokens: list[int]) -> list:
     for job in jobs:
         root = Path(job["dir"])
         cfg = yaml.safe_load((root / "model_config.yaml").read_text())
-        for key in job.get("drop", ()):
-            cfg.pop(key, None)
+        for key in job.get("drop", ()):     # "a.b": key b of the mapping a
+            *path, leaf = key.split(".")
+            node = cfg
+            for part in path:
+                node = node.get(part, {})
+            node.pop(leaf, None)
         cpu_shims({"expert_bias": cfg.get("moe_router_enable_expert_bias"),
                    "mla": cfg.get("multi_latent_attention")})
         state = torch.load(root / "model_weights.ckpt", weights_only=True)
