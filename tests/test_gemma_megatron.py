@@ -11,7 +11,7 @@ Checked against the real libraries, not only the round trip:
 * every shard equals an independent numpy implementation of the layout (below) applied to
   the HF weights;
 * that model at tp=1 computes transformers' logits (with its zero-centered norms: the stored
-  w, not 1 + w; a file with 1 + w stored, NeMo 1's convention, does not).
+  w, not 1 + w; a file with 1 + w stored, NeMo 1's Gemma 1 convention, does not).
 
 The torch_dist layouts (and so nemo2: the layers stacked, the TE-style fused norm names,
 ``_extra_state`` entries) against the same stand-in model: megatron-core's own
