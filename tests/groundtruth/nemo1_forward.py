@@ -34,10 +34,12 @@ does with the config is re-stated here from its source (NeMo's
   final ``TENorm`` megatron-core's block builds around a layer spec when TE is present.
   ``Gemma2DotProductAttention``, ``Gemma2OutputLayer`` and ``EmbeddingScalingMixin`` are NeMo's
   own code: their source is taken from the installed NeMo 2.7.3
-  (``nemo/collections/llm/gpt/model/gemma2.py``, the same classes as NeMo 1's last
-  ``gemma2_modules.py`` and ``megatron_gpt_model.py`` apart from ``**kwargs`` signatures) and run
-  without importing NeMo's package (``_nemo_gemma2``); the one change is that ``get_swa``
-  builds its sliding-window mask on the CPU instead of ``"cuda"``.
+  (``nemo/collections/llm/gpt/model/gemma2.py``; their syntax trees, and those of
+  ``get_swa`` and ``logit_softcapping``, equal NeMo 1's last ``megatron/gemma2/gemma2_modules.py``
+  and ``megatron_gpt_model.py``, NeMo commit ff19f95, before its nlp collection was removed) and
+  run without importing NeMo's package (``_nemo_gemma2``; importing its llm collection needs
+  packages not installed here); the one change is that ``get_swa`` builds its sliding-window
+  mask on the CPU instead of ``"cuda"``.
 * ``mcore_model_customize``: ``apply_embedding_scaling`` extends the embedding with
   ``EmbeddingScalingMixin`` (embeddings times ``sqrt(hidden_size)``), a non-zero
   ``mcore_customization_config.final_logit_softcapping`` the output layer with
