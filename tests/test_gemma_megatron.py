@@ -282,6 +282,9 @@ def test_megatron_args_state_the_zero_centered_norms_and_windows(converted, fam,
     assert args["window_size"] == [CONFIGS[fam]["sliding_window"] - 1, 0]
     assert args["window_attn_skip_freq"] == freq
     assert args.get("qk_layernorm", False) == (fam == "gemma3")
+    # the megatron layout's nemo.* entries are NeMo 1's model_config.yaml keys, not arguments
+    assert not [k for k in args if k.startswith("nemo") or k == "apply_embedding_scaling"]
+    assert args.get("openai_gelu", False) == (fam == "gemma2")
 
 
 def test_layer_kinds_megatron_cannot_state_are_refused(tmp_path):
