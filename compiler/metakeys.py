@@ -11,6 +11,12 @@ layout named after one of these formats may only write keys its consumer knows:
 - ``gguf``: the ``gguf`` package's key list (``gguf.Keys``, in ``metakeys/gguf.txt``), ``{arch}``
   being any architecture name.
 
+A format that reads another's layout may have keys of its own there, written ``READER.KEY``
+(:data:`READERS`): the megatron layout's ``nemo.apply_embedding_scaling`` goes into NeMo 1's
+``model_config.yaml`` only, never into Megatron's ``args`` (``metakeys/nemo.txt``: NeMo 1
+config keys that no Megatron-LM argument states). :func:`split_readers` parts a layout's
+evaluated metadata into its own and each reader's.
+
 ``hf``/``dcp`` (``config.json``: transformers keeps any key), ``nxdt`` (mapc's own record) and
 layouts named after no format are not checked.
 """
@@ -36,6 +42,11 @@ class KeySet:
         return difflib.get_close_matches(key, self.shown, n=4, cutoff=0.6)
 
 
+def reader_keys(reader: str) -> frozenset:
+    """The keys of its own a reader format may take in another's layout (without prefix)."""
+    return _listed(reader)
+
+
 def _listed(name: str) -> frozenset:
     text = resources.files("mapc.compiler").joinpath(f"metakeys/{name}.txt").read_text()
     return frozenset(x.strip() for x in text.splitlines() if x.strip() and not x.startswith("#"))
@@ -44,13 +55,17 @@ def _listed(name: str) -> frozenset:
 @functools.lru_cache(maxsize=None)
 def keys_of(layout: str) -> KeySet | None:
     """The keys a layout named ``layout`` may write, or None when they are not checked."""
+    readers = READERS.get(layout, ())
     layout = READS_AS.get(layout, layout)
     if layout not in CHECKED:
         return None
     listed = _listed(layout)
+    for reader in readers:
+        listed |= {f"{reader}.{k}" for k in _listed(reader)}
     names = {k for k in listed if "{" not in k}
     patterns = [re.escape(k).replace(r"\{arch\}", "[A-Za-z0-9_-]+") for k in listed if "{arch}" in k]
-    ks = KeySet(f"compiler/metakeys/{layout}.txt", names, patterns)
+    files = ", ".join(f"compiler/metakeys/{n}.txt" for n in (layout, *readers))
+    ks = KeySet(files, names, patterns)
     ks.shown = sorted(listed)
     return ks
 
@@ -58,3 +73,18 @@ def keys_of(layout: str) -> KeySet | None:
 CHECKED = ("megatron", "neox", "gguf")
 # layouts whose metadata the same consumer reads: torch_dist's args are Megatron-LM's
 READS_AS = {"torch_dist": "megatron"}
+# layout -> the formats that also read it and take keys of their own in its meta (READER.KEY)
+READERS = {"megatron": ("nemo",)}
+
+
+def split_readers(layout: str, meta: dict) -> tuple[dict, dict]:
+    """A layout's evaluated metadata as (its own format's entries, {reader: its entries with
+    the ``READER.`` prefix dropped})."""
+    own, theirs = {}, {r: {} for r in READERS.get(layout, ())}
+    for key, value in meta.items():
+        head, dot, rest = key.partition(".")
+        if dot and head in theirs:
+            theirs[head][rest] = value
+        else:
+            own[key] = value
+    return own, theirs

@@ -13,6 +13,7 @@ from math import prod
 
 from mapc.compiler.check import error_at
 from mapc.compiler.expr import EvalError, evaluate, is_int, show, symbols
+from mapc.compiler.metakeys import split_readers
 from mapc.compiler.recipe import CONCAT, Factor, MemberPlan, Recipe, index_product
 from mapc.compiler.spec import Spec
 from mapc.compiler.values import plan_value
@@ -333,9 +334,12 @@ class LayoutPlan:
             seen.setdefault(coord, None)
         return sorted(seen, key=lambda c: tuple(i for _, i in c))
 
-    def meta(self) -> dict:
-        """The layout's metadata entries evaluated for this plan."""
-        return meta_values(self.layout, self.env)
+    def meta(self, reader: str | None = None) -> dict:
+        """The layout's metadata entries evaluated for this plan: its own format's, or with
+        ``reader`` those a format that reads this layout too has of its own (written
+        ``READER.KEY`` in the spec, the prefix dropped; compiler/metakeys.py)."""
+        own, theirs = split_readers(self.name, meta_values(self.layout, self.env))
+        return own if reader is None else theirs.get(reader, {})
 
     def describe(self) -> str:
         mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items())

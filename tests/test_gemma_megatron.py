@@ -11,7 +11,7 @@ Checked against the real libraries, not only the round trip:
 * every shard equals an independent numpy implementation of the layout (below) applied to
   the HF weights;
 * that model at tp=1 computes transformers' logits (with its zero-centered norms: the stored
-  w, not 1 + w; a file with 1 + w stored, NeMo 1's convention, does not).
+  w, not 1 + w; a file with 1 + w stored, NeMo 1's Gemma 1 convention, does not).
 
 The torch_dist layouts (and so nemo2: the layers stacked, the TE-style fused norm names,
 ``_extra_state`` entries) against the same stand-in model: megatron-core's own
@@ -282,6 +282,9 @@ def test_megatron_args_state_the_zero_centered_norms_and_windows(converted, fam,
     assert args["window_size"] == [CONFIGS[fam]["sliding_window"] - 1, 0]
     assert args["window_attn_skip_freq"] == freq
     assert args.get("qk_layernorm", False) == (fam == "gemma3")
+    # the megatron layout's nemo.* entries are NeMo 1's model_config.yaml keys, not arguments
+    assert not [k for k in args if k.startswith("nemo") or k == "apply_embedding_scaling"]
+    assert args.get("openai_gelu", False) == (fam == "gemma2")
 
 
 def test_layer_kinds_megatron_cannot_state_are_refused(tmp_path):

@@ -108,7 +108,7 @@ FORMATS = {"megatron": ("megatron", {"tp": 2, "pp": 2}), "nemo": ("megatron", {"
 # layouts a spec declares only to refuse them (Phi-3's autotp: DeepSpeed does not shard it;
 # the refusal is tests/test_autotp.py's), and families NeMo 1 cannot build from its config
 # (refused by the nemo writer: tests/test_nemo1_families.py)
-REFUSED = {("phi3", "deepspeed"), ("gemma2", "nemo"), ("gemma3", "nemo"), ("gpt_oss", "nemo")}
+REFUSED = {("phi3", "deepspeed"), ("gemma3", "nemo"), ("gpt_oss", "nemo")}
 CASES = [(fam, fmt) for fam in SPEC_OF for fmt, (layout, _) in FORMATS.items()
          if layout in load_spec(SPEC_OF[fam]).layout_names() and (fam, fmt) not in REFUSED]
 # GPT-OSS's biased experts need expert tensor parallelism 1, and Megatron's torch format then

@@ -90,3 +90,23 @@ def test_every_shipped_meta_key_is_known(layout):
                              re.S | re.M):
             for key in re.findall(r"^\s+([A-Za-z_.0-9]+) =", m.group(1), re.M):
                 assert key in ks, (path.name, key)
+
+
+@pytest.mark.parametrize("layout, key, ok", [
+    ("megatron", "nemo.apply_embedding_scaling", True),
+    ("megatron", "nemo.mcore_customization_config.query_pre_attn_scalar", True),
+    ("megatron", "nemo.apply_embedding_scalin", False),      # not a NeMo 1 key in nemo.txt
+    ("torch_dist", "nemo.apply_embedding_scaling", False),   # NeMo 1 does not read torch_dist
+])
+def test_a_reader_format_has_its_own_prefixed_keys_only_in_the_layout_it_reads(layout, key, ok):
+    """compiler/metakeys.py READERS: the megatron layout, which NeMo 1 reads, takes NeMo 1's
+    keys that no Megatron argument states as nemo.KEY."""
+    assert (key in keys_of(layout)) is ok
+
+
+def test_split_readers_keeps_prefixed_entries_out_of_the_layouts_own_metadata():
+    from mapc.compiler.metakeys import split_readers
+    meta = {"num_layers": 2, "nemo.name": "x", "nemo.a.b": 1, "gemma2.block_count": 2}
+    assert split_readers("megatron", meta) == (
+        {"num_layers": 2, "gemma2.block_count": 2}, {"nemo": {"name": "x", "a.b": 1}})
+    assert split_readers("gguf", meta) == (meta, {})

@@ -1,11 +1,14 @@
 """NeMo 1 (`--to nemo`) for the families beyond Llama's layer: Qwen3 (q/k layernorms),
 Qwen3-MoE (dense and MoE layers), DeepSeek-V3 (MLA, shared experts, expert-bias router) and
-Mixtral (MoE keys), and GPT-2 (LayerNorm, biases, learned positions, OpenAI's tanh GELU) and
-Llama, Qwen2 (q/k/v biases) and Phi-3 for the layer NeMo 1 always built. Ground truth: the model NeMo 1's MegatronGPTModel builds from the
+Mixtral (MoE keys), GPT-2 (LayerNorm, biases, learned positions, OpenAI's tanh GELU), Gemma 2
+(NeMo 1's model-specific megatron_gemma2 layer spec: post-norms, zero-centered norms, embedding
+scaling, soft-capping, query_pre_attn_scalar) and Llama, Qwen2 (q/k/v biases) and Phi-3 for the
+layer NeMo 1 always built. Ground truth: the model NeMo 1's MegatronGPTModel builds from the
 model_config.yaml mapc wrote (NeMo's translation of its config re-stated in
-tests/groundtruth/nemo1_forward.py), in the real megatron-core, loads the model_weights.ckpt
+tests/groundtruth/nemo1_forward.py; Gemma 2's attention, output layer and embedding scaling are
+NeMo's own classes), in the real megatron-core, loads the model_weights.ckpt
 strictly and computes transformers' logits; hf -> nemo -> hf is bit for bit, also without
-mapc's record. Families NeMo 1 cannot build (post-output norms, quick-GELU GLU, MTP) are refused
+mapc's record. Families NeMo 1 cannot build (Gemma 3, quick-GELU GLU, MTP) are refused
 in one line before anything is written."""
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import mapc
 from mapc.errors import MapcError
 from tests.conftest import assert_same_safetensors, build_transformers_model, logits_of
 from tests.test_deepseek_v3 import CFG as DEEPSEEK_V3, _build as build_deepseek, _with_mtp
+from tests.test_gemma import CONFIGS as GEMMA
 from tests.test_matrix import family_config
 from tests.test_qwen3 import CFG as QWEN3
 
@@ -33,6 +37,10 @@ QWEN3_MOE = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], 
                  vocab_size=50, max_position_embeddings=64, rms_norm_eps=1e-6,
                  tie_word_embeddings=False)
 MIXTRAL = family_config("mixtral")
+# Gemma 2 with soft-capping and query_pre_attn_scalar 16 (not head_dim), 3 layers; its sliding
+# window longer than the tokens (NeMo 1 windows other layers than HF: test_gemma2_window_...)
+GEMMA2 = dict(GEMMA["gemma2"], sliding_window=64)
+GEMMA2_WINDOW = dict(GEMMA2, sliding_window=4)
 # megatron-core's forward in fp32 on CPU against transformers' (observed: 6e-8 for DeepSeek-V3
 # to 2.4e-7 for GPT-2)
 TOLERANCE = 1e-5
@@ -44,6 +52,12 @@ def _groundtruth():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# NeMo's own Gemma 2 modules come from the installed NeMo 2 (tests/groundtruth/nemo1_forward.py)
+HAVE_NEMO_GEMMA2 = _groundtruth().nemo_gemma2_source().is_file()
+needs_nemo_gemma2 = pytest.mark.skipif(not HAVE_NEMO_GEMMA2, reason="NeMo 2 (its Gemma 2 "
+                                       "modules) is not installed")
 
 
 def _cfg(root):
@@ -58,7 +72,9 @@ def models(tmp_path_factory):
     for name, cfg in (("qwen3", QWEN3), ("qwen3_moe", QWEN3_MOE), ("deepseek_v3", DEEPSEEK_V3),
                       ("mixtral", MIXTRAL), ("gpt2", family_config("gpt2")),
                       ("llama", family_config("llama")), ("qwen2", family_config("qwen2")),
-                      ("phi3", family_config("phi3"))):
+                      ("phi3", family_config("phi3")),
+                      *([("gemma2", GEMMA2), ("gemma2_window", GEMMA2_WINDOW)]
+                        if HAVE_NEMO_GEMMA2 else [])):
         build = build_deepseek if name == "deepseek_v3" else build_transformers_model
         model = build(cfg, d / name)
         out[name] = (d / name, logits_of(model, TOKENS).numpy())
@@ -70,7 +86,9 @@ def nemo1_world(tmp_path_factory, models):
     """One megatron-core process: each family's tp=1 NeMo directory built as NeMo 1 builds
     it, with negative controls: Qwen3 without the config's layer spec name (the default spec
     has no q/k layernorms: the load fails), Qwen3 with q and k layernorms exchanged in one
-    layer, DeepSeek-V3 without rope_type (MLA's default, yarn)."""
+    layer, DeepSeek-V3 without rope_type (MLA's default, yarn); Gemma 2 without the embedding
+    scaling, without zero-centered norms (what storing 1 + w would need), without the final
+    soft-capping, and with layer 0's post-attention and pre-MLP norms exchanged."""
     pytest.importorskip("megatron.core")
     d = tmp_path_factory.mktemp("nemo1_world")
     jobs = []
@@ -81,6 +99,12 @@ def nemo1_world(tmp_path_factory, models):
     jobs += [{"dir": str(d / "qwen3"), "drop": ["name"]},
              {"dir": str(d / "qwen3"), "swap": [q.format("q"), q.format("k")]},
              {"dir": str(d / "deepseek_v3"), "drop": ["rope_type"]}]
+    if HAVE_NEMO_GEMMA2:
+        g = "decoder.layers.0.{}"
+        jobs += [{"dir": str(d / "gemma2"), "drop": [key]} for key in GEMMA2_CONTROLS]
+        jobs.append({"dir": str(d / "gemma2"),
+                     "swap": [g.format("self_attention.linear_proj.post_layernorm.weight"),
+                              g.format("mlp.linear_fc1.layer_norm_weight")]})
     return d, _groundtruth().nemo1_logits(jobs, TOKENS)
 
 
@@ -88,8 +112,14 @@ def _close(got, ref):
     return float(np.abs(np.array(got)[..., :ref.shape[-1]] - ref).max())
 
 
+GEMMA2_CONTROLS = ("apply_embedding_scaling", "layernorm_zero_centered_gamma",
+                   "mcore_customization_config.final_logit_softcapping")
+CONTROLS = 3        # the jobs after the families' and before Gemma 2's controls
+
+
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "deepseek_v3", "mixtral", "gpt2",
-                                    "llama", "qwen2", "phi3"])
+                                    "llama", "qwen2", "phi3",
+                                    pytest.param("gemma2", marks=needs_nemo_gemma2)])
 def test_the_model_nemo1_builds_from_the_config_computes_transformers_logits(
         models, nemo1_world, family):
     _, results = nemo1_world
@@ -99,11 +129,61 @@ def test_the_model_nemo1_builds_from_the_config_computes_transformers_logits(
 
 
 def test_negative_controls_fail(models, nemo1_world):
-    _, (*_, no_name, swapped, no_rope_type) = nemo1_world
+    _, results = nemo1_world
+    no_name, swapped, no_rope_type = results[len(models):len(models) + CONTROLS]
     assert isinstance(no_name, dict) and "unexpected" in no_name["error"] and \
         "q_layernorm" in no_name["error"]
     assert _close(swapped, models["qwen3"][1]) > 1e-3
     assert _close(no_rope_type, models["deepseek_v3"][1]) > 1e-4     # observed 8e-4
+
+
+@needs_nemo_gemma2
+@pytest.mark.parametrize("control", [*GEMMA2_CONTROLS, "norms exchanged"])
+def test_gemma2_negative_controls_move_the_logits(models, nemo1_world, control):
+    """Each setting NeMo 1's Gemma 2 reads, and the norms' places, matter on these tokens
+    (at least 10x the tolerance; observed: 0.097 unscaled embedding, 0.49 norms computing
+    x * w, 8.5e-4 no final soft-capping, 0.29 norms exchanged)."""
+    _, results = nemo1_world
+    got = results[len(models) + CONTROLS + [*GEMMA2_CONTROLS, "norms exchanged"].index(control)]
+    assert not isinstance(got, dict), got
+    assert _close(got, models["gemma2"][1]) > 10 * TOLERANCE
+
+
+@needs_nemo_gemma2
+def test_gemma2_window_nemo1_windows_the_layers_hf_keeps_global(tmp_path, models, nemo1_world):
+    """NeMo's Gemma2DotProductAttention gives the sliding window to the layers with an even
+    layer_number (1-based: HF's global layers), whatever window_attn_skip_freq says. With a
+    window (4) shorter than the tokens, NeMo 1's model of mapc's file is HF's model with
+    layer_types exchanged and the same window (mapc's window_size [3, 0]: megatron-core's
+    left-window convention, get_swa's too), not HF's own."""
+    _, results = nemo1_world
+    got = results[list(models).index("gemma2_window")]
+    n = GEMMA2_WINDOW["num_hidden_layers"]
+    swapped = dict(GEMMA2_WINDOW, layer_types=["full_attention" if i % 2 == 0 else
+                                                "sliding_attention" for i in range(n)])
+    ref = logits_of(build_transformers_model(swapped, tmp_path / "swapped"), TOKENS).numpy()
+    assert _close(got, ref) <= TOLERANCE
+    assert _close(got, models["gemma2_window"][1]) > 1e-2      # observed 0.35
+
+
+@needs_nemo_gemma2
+def test_gemma2_model_config_is_nemo1s_gemma2(nemo1_world):
+    d, _ = nemo1_world
+    cfg = _cfg(d / "gemma2")
+    assert {k: cfg[k] for k in ("name", "apply_embedding_scaling", "mcore_customization_config",
+                                "normalization", "layernorm_zero_centered_gamma", "activation",
+                                "openai_gelu", "bias_activation_fusion", "bias",
+                                "position_embedding_type", "share_embeddings_and_output_weights",
+                                "kv_channels", "window_size", "transformer_engine")} == {
+        "name": "megatron_gemma2", "apply_embedding_scaling": True,
+        "mcore_customization_config": {"query_pre_attn_scalar": 16,
+                                       "attn_logit_softcapping": 20.0,
+                                       "final_logit_softcapping": 15.0},
+        "normalization": "rmsnorm", "layernorm_zero_centered_gamma": True,
+        "activation": "fast-geglu", "openai_gelu": True, "bias_activation_fusion": False,
+        "bias": False, "position_embedding_type": "rope",
+        "share_embeddings_and_output_weights": True, "kv_channels": 16, "window_size": [63, 0],
+        "transformer_engine": True}
 
 
 def test_model_config_states_the_layer_spec_and_moe_and_mla_keys(nemo1_world):
@@ -128,7 +208,8 @@ def test_model_config_states_the_layer_spec_and_moe_and_mla_keys(nemo1_world):
 
 @pytest.mark.parametrize("family, topo, dst", [
     ("qwen3", dict(tp=2, pp=2), "q.nemo"), ("qwen3_moe", dict(tp=2, pp=3), "m"),
-    ("deepseek_v3", dict(tp=2, pp=3), "d.nemo")])
+    ("deepseek_v3", dict(tp=2, pp=3), "d.nemo"),
+    pytest.param("gemma2", dict(tp=2, pp=3), "g.nemo", marks=needs_nemo_gemma2)])
 def test_hf_to_nemo_to_hf_is_bit_exact(tmp_path, models, family, topo, dst):
     src, _ = models[family]
     mapc.convert(src, tmp_path / dst, to="nemo", **topo)
@@ -136,19 +217,28 @@ def test_hf_to_nemo_to_hf_is_bit_exact(tmp_path, models, family, topo, dst):
     assert_same_safetensors(src, tmp_path / "back", family)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3", "deepseek_v3",
+                                    pytest.param("gemma2", marks=needs_nemo_gemma2)])
 def test_nemo_without_mapc_record_converts_from_its_yaml(tmp_path, models, family):
-    """vocab 50 padded to a multiple of 25 * tp is 50: NeMo's padded size is the true one.
-    Qwen3's config is all in the yaml; DeepSeek-V3's dense-then-MoE split (first_k_dense_replace)
-    is a list (moe_layer_freq) the spec cannot invert: as for Megatron, --config gives it."""
+    """vocab 50 (128) padded to a multiple of 25 * tp (64 * tp) is itself: NeMo's padded size
+    is the true one. Qwen3's and Gemma 2's configs are all in the yaml (Gemma 2's soft-capping
+    and query_pre_attn_scalar in mcore_customization_config, its window in window_size);
+    DeepSeek-V3's dense-then-MoE split (first_k_dense_replace) is a list (moe_layer_freq) the
+    spec cannot invert: as for Megatron, --config gives it."""
     src, _ = models[family]
-    mapc.convert(src, tmp_path / "n", to="nemo", tp=2, set={"vocab_multiple": 25})
+    mapc.convert(src, tmp_path / "n", to="nemo", tp=2,
+                 set={"vocab_multiple": 64 if family == "gemma2" else 25})
     cfg = _cfg(tmp_path / "n")
     del cfg["mapc"]
     (tmp_path / "n" / "model_config.yaml").write_text(yaml.safe_dump(cfg))
-    if family == "qwen3":
+    if family != "deepseek_v3":
         info = mapc.inspect(tmp_path / "n")
-        assert info["family"] == "qwen3" and info["config"]["head_dim"] == 16
+        assert info["family"] == family and info["config"]["head_dim"] == 16
+        if family == "gemma2":
+            assert {k: info["config"][k] for k in (
+                "query_scalar", "attn_softcap", "final_softcap", "window", "tied")} == {
+                "query_scalar": 16, "attn_softcap": 20.0, "final_softcap": 15.0, "window": 64,
+                "tied": True}
         mapc.convert(tmp_path / "n", tmp_path / "back", to="hf")
     else:
         mapc.convert(tmp_path / "n", tmp_path / "back", to="hf", config=src / "config.json")
@@ -156,7 +246,7 @@ def test_nemo_without_mapc_record_converts_from_its_yaml(tmp_path, models, famil
 
 
 @pytest.mark.parametrize("family, message", [
-    ("gemma2", "post_layernorm.weight has no module in the layer specs NeMo 1 selects"),
+    ("gemma3", "post_layernorm.weight has no module in the layer specs NeMo 1 selects"),
     ("gpt_oss", "quick_geglu = True (NeMo 1's activations"),
     ("mtp", "mtp_num_layers = 1 (NeMo 1's MegatronGPTModel builds no multi-token-prediction"),
 ])

@@ -20,10 +20,14 @@ megatron-core TransformerConfig fields (NeMo 1 copies such fields from its confi
 plus ``tensor_model_parallel_size`` / ``pipeline_model_parallel_size``, the layer spec
 (``name: decoder_block_gpt`` when NeMo's default spec would lack q/k layernorms, MLA or dense
 layers between MoE layers) and mapc's record under the key ``mapc``, so re-conversion needs no
-flags (file-format knowledge; no model family is named here). A model NeMo 1 would build
+flags (file-format knowledge; no model family is named here). NeMo 1 keys that no Megatron
+argument states (a model-specific layer spec ``name``, ``apply_embedding_scaling``,
+``mcore_customization_config`` entries) are the layout's ``nemo.KEY`` meta entries
+(compiler/metakeys/nemo.txt), written as they are, dots nesting. A model NeMo 1 would build
 differently from its config (an argument with no NeMo 1 key, a module none of the layer specs
 it selects from the config has) is refused before anything is written. Reading inverts the table:
-``format_meta`` is the Megatron-argument view the spec's ``meta`` reads back. NeMo's config
+``format_meta`` is the Megatron-argument view the spec's ``meta`` reads back, plus the NeMo 1
+keys of that list as ``nemo.KEY``. NeMo's config
 does not hold the true vocabulary size (that comes from the tokenizer); without mapc's record
 the padded size (``override_vocab_size``, else the embedding's rows) stands in for it.
 
@@ -61,6 +65,7 @@ CONFIG = "model_config.yaml"
 WEIGHTS = "model_weights.ckpt"
 PREFIX = "model."
 RECORD_KEY = "mapc"
+READER = "nemo"             # the megatron layout's own meta entries for NeMo 1: nemo.KEY
 SUFFIX = ".nemo"
 _RANK_DIR = re.compile(r"^(?:mp_rank_(\d{2})|tp_rank_(\d{2})_pp_rank_(\d{3}))$")
 
@@ -134,9 +139,9 @@ UNSUPPORTED = {
     "quick_geglu": "NeMo 1's activations (activation_to_func) have no quick-GELU GLU",
 }
 # megatron-core modules that no layer spec NeMo 1 selects from its config holds ('', te_gpt,
-# decoder_block_gpt): a norm after the attention or MLP output projection exists only in NeMo
-# 1's model-specific spec, whose other settings (embedding scaling, logit soft-capping) no
-# Megatron argument of the layout states
+# decoder_block_gpt): a norm after the attention or MLP output projection exists only in a
+# model-specific NeMo 1 spec, which the layout must name (meta nemo.name) with the settings
+# that spec reads (nemo.* entries)
 NO_NEMO1_MODULE = re.compile(r"\.(linear_proj|linear_fc2)\.post_layernorm\.")
 # The layer spec is NeMo's model config key `name`: the default ('' or te_gpt) builds q/k
 # layernorms, MLA or dense layers between MoE layers never; megatron-core's per-layer block
@@ -161,7 +166,8 @@ def plan_write(program, facts, request):
                         f"(ep={mesh['ep']})",
                         hint="write NeMo with --ep 1, or use --to megatron for expert parallelism")
     tensors = planned_tensors(program, facts, request.dtype, ("param",))
-    check_translatable(program.target.meta(), {name for _, name, *_ in tensors})
+    check_translatable(program.target.meta(), {name for _, name, *_ in tensors},
+                       program.target.meta(READER))
     tp, pp = mesh.get("tp", 1), mesh.get("pp", 1)
     as_tar = str(request.dst).endswith(SUFFIX)
     files = ["."] if as_tar else [CONFIG] + [_weights_path(c, tp, pp) for c in
@@ -174,9 +180,10 @@ def plan_write(program, facts, request):
                      serial="a .nemo tar is one file" if as_tar else None)
 
 
-def check_translatable(meta: dict, names) -> None:
+def check_translatable(meta: dict, names, own: dict | None = None) -> None:
     """Refuse, before anything is written, a model NeMo 1 would build differently from its
-    config: a Megatron argument with no NeMo 1 key, or a tensor no NeMo 1 layer spec holds."""
+    config: a Megatron argument with no NeMo 1 key, or a tensor no NeMo 1 layer spec holds
+    (unless the layout names, in ``own``, a model-specific layer spec that does)."""
     for arg, value in meta.items():
         if value is None or value is False or arg in RENAME or arg in DERIVED:
             continue
@@ -188,11 +195,11 @@ def check_translatable(meta: dict, names) -> None:
                                                   "table"),
                         hint="write --to megatron, torch_dist or nemo2 instead")
     odd = sorted(n for n in names if NO_NEMO1_MODULE.search("." + n))
-    if odd:
+    if odd and not (own or {}).get("name"):
         raise MapcError(f"cannot write NeMo 1: {odd[0]} has no module in the layer specs NeMo "
                         "1 selects from its config (a norm after the output projection is "
-                        "only in a model-specific NeMo 1 spec, whose settings the Megatron "
-                        "arguments do not state)",
+                        "only in a model-specific NeMo 1 spec, and the spec's megatron layout "
+                        "names none: meta nemo.name)",
                         hint="write --to megatron, torch_dist or nemo2 instead")
 
 
@@ -293,6 +300,23 @@ def megatron_view(cfg: dict) -> dict:
     if act.endswith("glu") and not act.endswith("swiglu"):
         out["gated_linear_unit"] = True       # a GLU other than SwiGLU (fast-geglu, ...)
     return out
+
+
+def own_view(cfg: dict) -> dict:
+    """The NeMo 1 keys no Megatron argument states, as the layout's ``nemo.KEY`` entries."""
+    out = {}
+    for key in own_keys():
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            out[f"{READER}.{key}"] = node
+    return out
+
+
+def own_keys() -> frozenset:
+    from mapc.compiler.metakeys import reader_keys
+    return reader_keys(READER)
 
 
 class NemoSource(RefSource):
@@ -415,7 +439,7 @@ class NemoSource(RefSource):
             self.record = record
         self.config = self.record.get("config")
         self._tensors: dict = {}
-        self.format_meta = megatron_view(self.nemo_config)
+        self.format_meta = megatron_view(self.nemo_config) | own_view(self.nemo_config)
         if "vocab_size" not in self.format_meta:
             padded = self.format_meta.get("padded_vocab_size") or self._embedding_rows()
             if padded:
@@ -497,6 +521,7 @@ class NemoWriter(PlannedWriter):
         topology = program.target.mesh
         self.tp, self.pp = topology.get("tp", 1), topology.get("pp", 1)
         self.meta = program.target.meta()
+        self.own = program.target.meta(READER)
         self.as_tar = bool(plan.detail)
         self.writers = {}
         self.order = {}
@@ -540,6 +565,12 @@ class NemoWriter(PlannedWriter):
             cfg["bias_activation_fusion"] = False
         if needs_block_spec(meta):
             cfg["name"] = BLOCK_SPEC
+        for key, value in self.own.items():      # the layout's nemo.KEY entries
+            *path, leaf = key.split(".")
+            node = cfg
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = value
         if len(self.dtypes) == 1 and next(iter(self.dtypes)) in PRECISION:
             cfg["precision"] = PRECISION[next(iter(self.dtypes))]
         cfg["target"] = TARGET

@@ -96,24 +96,32 @@ def gemma_logits(jobs: list, tokens: list[int]) -> list:
 
 # --------------------------------------------------------------------------- worker side
 
-def _modules():
+def _modules(from_config: bool = False):
+    """The TE stand-ins. Their RMSNorms are zero-centered (``x / rms(x) * (1 + w)``), or with
+    ``from_config`` zero-centered as ``config.layernorm_zero_centered_gamma`` says (as TE's
+    modules take ``zero_centered_gamma`` from it; Megatron-Bridge's provider sets it)."""
     import torch
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    def zero_centered(x, w, eps):
-        """RMSNorm with zero-centered gamma: x / rms(x) * (1 + w), in fp32."""
+    def zero_centered(x, w, eps, centered=True):
+        """RMSNorm with zero-centered gamma: x / rms(x) * (1 + w), in fp32 (x * w if not
+        ``centered``)."""
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        return (y * (1.0 + w.float())).to(x.dtype)
+        return (y * ((1.0 if centered else 0.0) + w.float())).to(x.dtype)
+
+    def centered_by(config):
+        return bool(config.layernorm_zero_centered_gamma) if from_config else True
 
     class ZeroCenteredRMSNorm(torch.nn.Module):
         def __init__(self, config, hidden_size, eps=None):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
             self.eps = config.layernorm_epsilon if eps is None else eps
+            self.centered = centered_by(config)
 
         def forward(self, x):
-            return zero_centered(x, self.weight, self.eps)
+            return zero_centered(x, self.weight, self.eps, self.centered)
 
     class LayerNormColumn(ColumnParallelLinear):
         """TELayerNormColumnParallelLinear's names: the pre-norm's weight is
@@ -123,10 +131,11 @@ def _modules():
             super().__init__(input_size, output_size, *args, config=config, **kwargs)
             self.layer_norm_weight = torch.nn.Parameter(torch.zeros(input_size))
             self.eps = config.layernorm_epsilon
+            self.centered = centered_by(config)
 
         def forward(self, x, *args, **kwargs):
-            return super().forward(zero_centered(x, self.layer_norm_weight, self.eps),
-                                   *args, **kwargs)
+            return super().forward(zero_centered(x, self.layer_norm_weight, self.eps,
+                                                 self.centered), *args, **kwargs)
 
     class RowLayerNorm(RowParallelLinear):
         """Megatron-Bridge's TERowParallelLinearLayerNorm: the output goes through

@@ -19,10 +19,31 @@ does with the config is re-stated here from its source (NeMo's
   -> ``LayerNorm``; then the MoE fields it sets after construction (``num_moe_experts``,
   ``moe_router_topk`` default 2, ``moe_router_load_balancing_type`` default ``aux_loss``,
   ``moe_grouped_gemm``, ``moe_aux_loss_coeff`` default 0, ...).
+  Then every ``mcore_customization_config`` entry is set on the config as an attribute.
 * The layer spec is the config's ``name``: ``""`` is megatron-core's
   ``get_gpt_layer_local_spec(num_moe_experts, moe_grouped_gemm)`` (``te_gpt``, the TE one,
   when ``transformer_engine``), ``decoder_block_gpt`` is ``get_gpt_decoder_block_spec(config,
-  transformer_engine)``; other names (model-specific NeMo specs) are refused here.
+  transformer_engine)``, ``megatron_gemma2`` is NeMo's ``get_gemma2_layer_spec()``
+  (``megatron/gemma2/gemma2_spec.py``: megatron-core's ``TransformerLayer``, ``SelfAttention``,
+  ``MLP`` and ``get_bias_dropout_add``; ``TELayerNormColumnParallelLinear`` for ``linear_qkv``
+  and ``linear_fc1``, NeMo's ``TERowParallelLinearLayerNorm`` (a ``TERowParallelLinear`` whose
+  output goes through a ``TENorm`` ``post_layernorm``) for ``linear_proj`` and ``linear_fc2``,
+  NeMo's ``Gemma2DotProductAttention`` as core attention); other names are refused here.
+  Transformer Engine is not installed: its modules are mcore_gemma's stand-ins (megatron-core
+  linears with TE's parameter names, RMSNorms zero-centered as the config says), also for the
+  final ``TENorm`` megatron-core's block builds around a layer spec when TE is present.
+  ``Gemma2DotProductAttention``, ``Gemma2OutputLayer`` and ``EmbeddingScalingMixin`` are NeMo's
+  own code: their source is taken from the installed NeMo 2.7.3
+  (``nemo/collections/llm/gpt/model/gemma2.py``; their syntax trees, and those of
+  ``get_swa`` and ``logit_softcapping``, equal NeMo 1's last ``megatron/gemma2/gemma2_modules.py``
+  and ``megatron_gpt_model.py``, NeMo commit ff19f95, before its nlp collection was removed) and
+  run without importing NeMo's package (``_nemo_gemma2``; importing its llm collection needs
+  packages not installed here); the one change is that ``get_swa`` builds its sliding-window
+  mask on the CPU instead of ``"cuda"``.
+* ``mcore_model_customize``: ``apply_embedding_scaling`` extends the embedding with
+  ``EmbeddingScalingMixin`` (embeddings times ``sqrt(hidden_size)``), a non-zero
+  ``mcore_customization_config.final_logit_softcapping`` the output layer with
+  ``Gemma2OutputLayer`` (NeMo's ``extend_instance``: the mixin class placed first).
 * ``GPTModel(config, spec, vocab_size=override_vocab_size, max_sequence_length=
   encoder_seq_length (512), share_embeddings_and_output_weights (true),
   position_embedding_type (learned_absolute), rotary_percent=rotary_percentage (1.0),
@@ -34,7 +55,8 @@ Harness-only settings: ``use_cpu_initialization`` and no initialization, fp32, a
 workarounds of mcore_forward / mcore_names (``cpu_shims``).
 
 ``nemo1_logits(jobs, tokens)``: ``jobs`` is a list of ``{"dir": NEMO_DIR}`` (optionally
-``"drop": [config keys]`` removed from the config before building, ``"swap": [a, b]`` two
+``"drop": [config keys]`` removed from the config before building, ``"a.b"`` for key ``b`` of
+mapping ``a``, ``"swap": [a, b]`` two
 checkpoint tensors exchanged, a negative control); returns per job the logits
 ``[1, len(tokens), padded vocab]`` or ``{"error": message}`` when megatron-core refuses to build
 or load the model.
@@ -117,6 +139,8 @@ def transformer_config(torch, cfg: dict):
         elif f.name in cfg:
             kwargs[f.name] = cfg[f.name]
     config = cls(**kwargs)
+    for key, value in cfg.get("mcore_customization_config", {}).items():
+        setattr(config, key, value)     # after model_specific_configs in NeMo: no key overlaps
     for key, value in {          # megatron_gpt_model's model_specific_configs, set afterwards
         "num_moe_experts": cfg.get("num_moe_experts", None),
         "moe_router_load_balancing_type": cfg.get("moe_router_load_balancing_type", "aux_loss"),
@@ -139,13 +163,17 @@ def build_model(torch, cfg: dict):
         raise ValueError("not an mcore_gpt config")
     config = transformer_config(torch, cfg)
     name, use_te = cfg.get("name", ""), cfg.get("transformer_engine", False)
+    nemo = None
     if name == "" and not use_te:
         spec = specs.get_gpt_layer_local_spec(config.num_moe_experts, config.moe_grouped_gemm)
     elif name == "decoder_block_gpt":
         spec = specs.get_gpt_decoder_block_spec(config, use_te)
+    elif name == "megatron_gemma2":
+        nemo = _nemo_gemma2()
+        spec = _gemma2_block_spec(config, nemo["Gemma2DotProductAttention"])
     else:
         raise ValueError(f"layer spec {name!r} (transformer_engine={use_te}) is not built here")
-    return GPTModel(
+    model = GPTModel(
         config=config, transformer_layer_spec=spec,
         vocab_size=cfg["override_vocab_size"],
         max_sequence_length=cfg.get("encoder_seq_length", 512),
@@ -154,6 +182,91 @@ def build_model(torch, cfg: dict):
         position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
         rotary_percent=cfg.get("rotary_percentage", 1.0),
         rotary_base=cfg.get("rotary_base", 10000))
+    if cfg.get("apply_embedding_scaling", False):       # mcore_model_customize
+        nemo = nemo or _nemo_gemma2()
+        _extend_instance(model.embedding, nemo["EmbeddingScalingMixin"])
+    if cfg.get("mcore_customization_config", {}).get("final_logit_softcapping", 0):
+        nemo = nemo or _nemo_gemma2()
+        _extend_instance(model.output_layer, nemo["Gemma2OutputLayer"])
+    return model
+
+
+def _extend_instance(obj, mixin):
+    """NeMo's extend_instance (nemo/collections/common/parts/utils.py): the mixin first."""
+    obj.__class__ = type(obj.__class__.__name__, (mixin, obj.__class__), {})
+
+
+def _te_modules():
+    sys.path.insert(0, str(_HERE))
+    from mcore_gemma import _modules
+    return _modules(from_config=True)
+
+
+def _gemma2_block_spec(config, core_attention):
+    """NeMo's get_gemma2_layer_spec(), with mcore_gemma's Transformer Engine stand-ins, in the
+    block megatron-core builds around a layer spec (its final norm TENorm when TE is present)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import (TransformerLayer,
+                                                             TransformerLayerSubmodules)
+    norm, column, row = _te_modules()
+    layer = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        self_attention=ModuleSpec(
+            module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core_attention,
+                                               linear_proj=row)),
+        self_attn_bda=get_bias_dropout_add,
+        mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column,
+                                                            linear_fc2=row)),
+        mlp_bda=get_bias_dropout_add))
+    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=norm)
+
+
+NEMO_GEMMA2 = ("get_swa", "logit_softcapping", "Gemma2DotProductAttention",
+               "Gemma2OutputLayer", "EmbeddingScalingMixin")
+
+
+def nemo_gemma2_source() -> Path:
+    """NeMo 2.7.3's file holding NeMo's Gemma 2 modules (the module docstring)."""
+    root = Path(os.environ.get("MAPC_NEMO_DIR") or Path(sys.prefix) / "nemo")
+    return root / "nemo" / "collections" / "llm" / "gpt" / "model" / "gemma2.py"
+
+
+def _nemo_gemma2() -> dict:
+    """NeMo's Gemma 2 modules (:data:`NEMO_GEMMA2`), their definitions taken from
+    :func:`nemo_gemma2_source` and executed with the megatron-core names that file imports."""
+    import ast
+    import math
+    from typing import Callable, Optional
+    import torch
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import MegatronModule, TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import attention_mask_func
+    from megatron.core.utils import divide
+    text = nemo_gemma2_source().read_text()
+    found = {node.name: ast.get_source_segment(text, node) for node in ast.parse(text).body
+             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in NEMO_GEMMA2}
+    if set(found) != set(NEMO_GEMMA2):
+        raise ValueError(f"{nemo_gemma2_source()} lacks {sorted(set(NEMO_GEMMA2) - set(found))}")
+    found["get_swa"] = found["get_swa"].replace('device="cuda"', 'device="cpu"')   # CPU
+    ns = dict(math=math, torch=torch, Tensor=torch.Tensor, nn=torch.nn, Optional=Optional,
+              Callable=Callable, parallel_state=parallel_state,
+              tensor_parallel=tensor_parallel, FusedScaleMaskSoftmax=FusedScaleMaskSoftmax,
+              PackedSeqParams=PackedSeqParams, ColumnParallelLinear=ColumnParallelLinear,
+              MegatronModule=MegatronModule, TransformerConfig=TransformerConfig,
+              AttnMaskType=AttnMaskType, attention_mask_func=attention_mask_func,
+              divide=divide)
+    for name in NEMO_GEMMA2:
+        exec(compile(found[name], str(nemo_gemma2_source()), "exec"), ns)
+    return {name: ns[name] for name in NEMO_GEMMA2}
 
 
 def _worker(jobs: list[dict], tokens: list[int]) -> list:
@@ -171,8 +284,12 @@ def _worker(jobs: list[dict], tokens: list[int]) -> list:
     for job in jobs:
         root = Path(job["dir"])
         cfg = yaml.safe_load((root / "model_config.yaml").read_text())
-        for key in job.get("drop", ()):
-            cfg.pop(key, None)
+        for key in job.get("drop", ()):     # "a.b": key b of the mapping a
+            *path, leaf = key.split(".")
+            node = cfg
+            for part in path:
+                node = node.get(part, {})
+            node.pop(leaf, None)
         cpu_shims({"expert_bias": cfg.get("moe_router_enable_expert_bias"),
                    "mla": cfg.get("multi_latent_attention")})
         state = torch.load(root / "model_weights.ckpt", weights_only=True)
