@@ -395,11 +395,11 @@ class ModelParallelUniversalSource(UniversalSource):
                             f"{list(shape)} for {name}", where=str(f),
                             hint="the universal checkpoint is corrupt; convert it again")
         _tp.check_file(self.info, name, obj, str(f))
-        try:
-            full = ref.read().reshape(tuple(ref.shape))
+        try:                  # mapped, not read: only this rank's slice is copied out of it
+            full = ref.map().reshape(tuple(ref.shape))
+            return np.array(_tp.tp_slice(full, obj, shape, t, self.tp, str(f)), order="C")
         except (OSError, ValueError) as e:
             raise MapcError(f"cannot read the tensor data ({e})", where=str(f)) from None
-        return np.ascontiguousarray(_tp.tp_slice(full, obj, shape, t, self.tp, str(f)))
 
     def _state(self, name, slot):
         raise MapcError(f"internal: {name} of a model-parallel universal checkpoint is read "

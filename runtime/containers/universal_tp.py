@@ -239,7 +239,8 @@ def checkpoint_info(rules: dict, vocab: int | None, pipeline_replicated=()) -> d
 # ---- cutting a universal tensor for one rank (DeepSpeed's load_hp_checkpoint_state) --------------
 def tp_slice(full: np.ndarray, obj: dict, shape: tuple, rank: int, tp: int, where: str):
     """Rank ``rank``'s slice of shape ``shape`` of the universal tensor ``full``, cut as
-    DeepSpeed's loader cuts it from the file's own keys (``obj``)."""
+    DeepSpeed's loader cuts it from the file's own keys (``obj``): a view of ``full`` where
+    it can be (``full`` may be a mapping of the file: only the slice's pages are read)."""
     if tuple(full.shape) == tuple(shape):
         return full
     if obj.get("sub_param_shape") is not None:
@@ -256,6 +257,13 @@ def tp_slice(full: np.ndarray, obj: dict, shape: tuple, rank: int, tp: int, wher
         if rows < full.shape[0]:
             raise MapcError(f"vocabulary tensor has {full.shape[0]} rows, more than {tp} "
                             f"ranks of {shape[0]}", where=where)
+        if rows > full.shape[0] and dim == 0 and n == 1 and full.ndim == len(shape):
+            # the rank's rows, its share of the padding zeros: the tensor is not padded whole
+            out = np.zeros(shape, full.dtype)
+            part = full[rank * shape[0]:(rank + 1) * shape[0]]
+            if tuple(part.shape[1:]) == tuple(shape[1:]):
+                out[:len(part)] = part
+                return out
         if rows > full.shape[0]:
             full = np.concatenate([full, np.zeros((rows - full.shape[0],) + full.shape[1:],
                                                   full.dtype)])
