@@ -1560,9 +1560,10 @@ class TorchWriter:
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         found = self._file_range(array)
-        return self._add_member(array, _array_chunks(array),
-                                None if found is None else [found + (array.nbytes,)],
-                                requires_grad)
+        if found is not None:      # copied in-kernel; checksummed from windows of their own
+            fb = FileBytes(array.shape, array.dtype, [found + (array.nbytes,)])
+            return self._add_member(array, fb.mapped(), fb.ranges, requires_grad)
+        return self._add_member(array, _array_chunks(array), None, requires_grad)
 
     def _add_member(self, array, chunks, ranges, requires_grad) -> TensorPlaceholder:
         dtype = _canonical_dtype(array.dtype)

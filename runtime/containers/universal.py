@@ -31,7 +31,7 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
-from mapc.runtime.fastcopy import Scratch
+from mapc.runtime.fastcopy import Scratch, release
 from mapc.runtime.containers import deepspeed as _ds   # its pickle globals and ModuleSource
 from mapc.runtime.containers import universal_tp as _tp
 from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, ResumePlan,
@@ -55,8 +55,9 @@ def _write_f32(w, ph, arr, places, scratch) -> None:
     """Write ``arr`` as float32 into the reserved tensor ``ph`` of TorchWriter ``w`` at
     ``places`` (universal_tp.Rule.places), ``_PIECE`` bytes of rows of its axis 0 at a time:
     one piece is cast at once (into ``scratch``, a fastcopy.Scratch reused for every piece),
-    so neither a whole tensor nor a whole slice of one is ever held as float32. A float32
-    piece that is a range of a source file is copied in-kernel (TorchWriter.fill)."""
+    so neither a whole tensor nor a whole slice of one is ever held as float32, and the pages
+    of a mapped source are let go once read (fastcopy.release). A float32 piece that is a
+    range of a source file is copied in-kernel (TorchWriter.fill)."""
     if arr.size == 0:
         return
     if arr.ndim == 0:
@@ -66,9 +67,11 @@ def _write_f32(w, ph, arr, places, scratch) -> None:
     for lo, hi, at, seg, stride in places:
         runs = inner // seg                        # runs of seg elements per row
         for r in range(lo, hi, per):
-            block = scratch.materialize(arr[r:min(hi, r + per)], np.float32).reshape(-1, seg)
+            rows = arr[r:min(hi, r + per)]
+            block = scratch.materialize(rows, np.float32).reshape(-1, seg)
             w.fill(ph, (at + (r - lo) * runs * stride) * 4, block,
                    stride=stride * 4 if stride != seg else None)
+            release(rows)                 # a mapped source: its pages read, not kept
 
 
 # ---- finding the folder ------------------------------------------------------------------------
