@@ -341,9 +341,9 @@ def test_streamed_in_small_pieces_is_the_whole_merged_tensors_bytes(gt, tmp_path
 
 def test_peak_memory_stays_below_one_big_tensor_in_float32(tmp_path):
     """hf -> universal --tp 2 of a model whose embedding is 512 MiB in float32 (8 pieces of
-    64 MiB; the writer once held both slices and the merged tensor: 4x that) peaks, by
-    --json, below that one tensor's float32 size (what remains is the interpreter, one
-    piece and the source's mapped pages)."""
+    64 MiB; the writer once held both slices and the merged tensor, and the source's mapped
+    pages: 1.1 GB for a 256 MiB one) peaks, by --json, below half that one tensor's float32
+    size (the interpreter, one piece; the source's pages are let go as they are read)."""
     from safetensors.numpy import save_file
     from tests.conftest import hf_names_shapes
     cfg = llama_config(hidden=2048, layers=1, heads=8, groups=8, ffn=64, vocab=65536, tied=True)
@@ -363,4 +363,4 @@ def test_peak_memory_stays_below_one_big_tensor_in_float32(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = json.loads(proc.stdout)["peak_rss_bytes"]
     fp32 = 65536 * 2048 * 4
-    assert peak < fp32, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert peak < fp32 / 2, f"peak RSS {peak / 2**20:.0f} MiB"
