@@ -26,7 +26,11 @@ machine just before each run:
   - torchrun --standalone --nproc-per-node 2 -m mapc convert hf -> megatron TP=2 PP=2
   - with ``--only-universal-tp`` instead: hf -> universal TP=2 (Megatron-DeepSpeed's layout:
     each parameter's fp32 weights and zero moments in zero/, each rank's model states), with
-    ``--workers 1`` and ``--workers 2``, beside ``cp -r`` of the source
+    ``--workers 1`` and ``--workers 2`` (``--universal-workers``), beside ``cp -r`` of the
+    source; with ``--before PYTHON`` also by that mapc (``--workers 1``), its output checked
+    identical; with ``--big-embedding`` the source is 2 layers of Llama-3-8B's shape with its
+    128256 x 4096 embedding and lm_head (2.97 GB: each of those is 2.1 GB in float32, the
+    tensors the universal writer once held whole), whatever ``--size-gb`` says
 
 Outputs are checked equal to the ``--workers 1`` output (megatron, hf, deepspeed: ``cmp`` of
 every file)
@@ -49,6 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_convert as bc  # noqa: E402  (the generator and the measuring of bench_convert)
 
 
+# Llama-3-8B's shape: a 128256 x 4096 embedding (and lm_head), 1.05 GB each in bf16
+BIG_EMBEDDING = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=14336, vocab_size=128256)
+
+
 def same_tree(a: Path, b: Path) -> bool:
     fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     fb = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
@@ -67,8 +76,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only-universal-tp", action="store_true",
                     help="just hf -> universal --tp 2, --workers 1 and 2 (and cp -r)")
     ap.add_argument("--before", metavar="PYTHON",
-                    help="also time deepspeed dp2 -> dp3 with this interpreter's mapc (another "
-                         "checkout's venv), side by side")
+                    help="also time deepspeed dp2 -> dp3 (with --only-universal-tp: hf -> "
+                         "universal tp2) with this interpreter's mapc (another checkout's "
+                         "venv), side by side")
+    ap.add_argument("--big-embedding", action="store_true",
+                    help="the source: 2 layers of Llama-3-8B's shape, vocabulary 128256")
+    ap.add_argument("--universal-workers", default="1,2",
+                    help="--only-universal-tp: the --workers values timed (default 1,2)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mapc-bench-workers-", dir=args.workdir_parent))
@@ -78,8 +92,11 @@ def main(argv=None) -> int:
     try:
         src = work / "src-hf"
         layers = bc.layers_for_size(args.size_gb * 1e9)
+        shape = bc.LLAMA_1B
+        if args.big_embedding:
+            layers, shape = 2, BIG_EMBEDDING
         t0 = time.perf_counter()
-        bc.write_llama_checkpoint(src, layers)
+        bc.write_llama_checkpoint(src, layers, shape)
         size = bc.dir_bytes(src)
         print(f"generated {size / 1e9:.3f} GB ({layers} layers) in "
               f"{time.perf_counter() - t0:.1f}s", flush=True)
@@ -216,27 +233,43 @@ def _deepspeed_only(args, work, src, size, conv, rounds, rows, copy) -> int:
 
 
 def _universal_tp_only(args, work, src, size, conv, rounds, rows, copy) -> int:
-    """hf -> universal --tp 2 with --workers 1 and 2. Each output is removed after its run
-    (7 bytes written per byte read: a kept output's page cache would slow the next run down),
-    and compared by the sha256 of every file."""
+    """hf -> universal --tp 2 with --workers 1 and 2 (and by the ``--before`` mapc). Each
+    output is removed after its run (7 bytes written per byte read: a kept output's page
+    cache would slow the next run down), and compared by the sha256 of every file (mapc.json
+    aside: it names the mapc version and the time)."""
     import hashlib
-    u1, u2 = work / "u1", work / "u2"
     checks: dict = {}
     digests: dict = {}
 
     def digest(out: Path) -> dict:
-        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(out.rglob("*")) if p.is_file()}
+        out_digest = {}
+        for p in sorted(out.rglob("*")):
+            if p.is_file() and p.name != "mapc.json":
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    while block := f.read(64 << 20):
+                        h.update(block)
+                out_digest[str(p.relative_to(out))] = h.hexdigest()
+        return out_digest
 
-    def same(out):
-        key = "universal --workers 2 == --workers 1"
-        checks[key] = checks.get(key, True) and digest(out) == digests["w1"]
+    def same(key):
+        def check(out):
+            got = digest(out)
+            if "first" not in digests:
+                digests["first"] = got
+            else:
+                checks[key] = checks.get(key, True) and got == digests["first"]
+        return check
     tp = ["--to", "universal", "--tp", "2", "-q", "--workers"]
-    cp, *_ = rounds([
-        ("cp -r", ["cp", "-r", str(src), str(copy)], copy, lambda out: None),
-        ("hf -> universal tp2 --workers 1", conv + [str(u1), *tp, "1"], u1,
-         lambda out: digests.__setitem__("w1", digest(out))),
-        ("hf -> universal tp2 --workers 2", conv + [str(u2), *tp, "2"], u2, same)])
+    ops = [("cp -r", ["cp", "-r", str(src), str(copy)], copy, lambda out: None)]
+    for n in args.universal_workers.split(","):
+        ops.append((f"hf -> universal tp2 --workers {n}", conv + [str(work / f"u{n}"), *tp, n],
+                    work / f"u{n}", same(f"universal --workers {n} == the first")))
+    if args.before:
+        ops.append(("before: hf -> universal tp2 --workers 1",
+                    [args.before, "-m", "mapc", "convert", str(src), str(work / "u-before"),
+                     *tp, "1"], work / "u-before", same("universal before == after")))
+    cp, *_ = rounds(ops)
     return _print(args, size, rows, checks, cp)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import collections
+import functools
 import io
 import math
 import mmap
@@ -1395,6 +1396,31 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     return _mult_mod_p(_x_pow_8n(len2), crc1) ^ crc2
 
 
+# A member filled by rows (a strided fill) has as many pieces as rows; each combine above
+# costs ~9 us, so a length that recurs this often gets its shift as four byte tables
+_TABLE_AFTER = 32
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_tables(n: int) -> tuple[list[int], ...]:
+    """x^(8n) * c mod P as four 256-entry tables, one per byte of c (the product is linear
+    in c): a CRC shifted past n bytes by four lookups."""
+    power = _x_pow_8n(n)
+    tables = []
+    for j in range(4):
+        basis = [_mult_mod_p(power, 1 << (8 * j + b)) for b in range(8)]
+        table = [0] * 256
+        for v in range(1, 256):
+            low = v & -v
+            table[v] = table[v ^ low] ^ basis[low.bit_length() - 1]
+        tables.append(table)
+    return tuple(tables)
+
+
+def _crc32_each(views) -> list[int]:
+    return [zlib.crc32(v) for v in views]
+
+
 _ZEROS = bytes(1 << 20)
 
 
@@ -1534,9 +1560,10 @@ class TorchWriter:
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         found = self._file_range(array)
-        return self._add_member(array, _array_chunks(array),
-                                None if found is None else [found + (array.nbytes,)],
-                                requires_grad)
+        if found is not None:      # copied in-kernel; checksummed from windows of their own
+            fb = FileBytes(array.shape, array.dtype, [found + (array.nbytes,)])
+            return self._add_member(array, fb.mapped(), fb.ranges, requires_grad)
+        return self._add_member(array, _array_chunks(array), None, requires_grad)
 
     def _add_member(self, array, chunks, ranges, requires_grad) -> TensorPlaceholder:
         dtype = _canonical_dtype(array.dtype)
@@ -1578,11 +1605,14 @@ class TorchWriter:
         self._placeholders[key] = placeholder
         return placeholder
 
-    def fill(self, placeholder: TensorPlaceholder, at: int, array: np.ndarray) -> None:
+    def fill(self, placeholder: TensorPlaceholder, at: int, array: np.ndarray,
+             stride: int | None = None) -> None:
         """Write ``array``'s bytes (row-major) at byte ``at`` of a reserved tensor's data: by
         ``pwrite`` (in-kernel when they are a range of a source file), while their CRC-32 is
-        computed from memory on another core. Pieces must not overlap. A suspended writer
-        opens its file for this write only."""
+        computed from memory on another core. With ``stride``, the rows of ``array`` (its
+        first axis) land ``stride`` bytes apart, row k at byte ``at + k * stride``: a slice of
+        a tensor concatenated on an inner axis, written without the rest of it. Pieces must
+        not overlap. A suspended writer opens its file for this write only."""
         self._check_open()
         res = self._reserved.get(placeholder.key)
         if res is None or self._placeholders.get(placeholder.key) is not placeholder:
@@ -1590,39 +1620,51 @@ class TorchWriter:
                             f"TorchWriter", where=str(self.path))
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
-        n = array.nbytes
-        if at < 0 or at + n > res.entry.size:
-            raise MapcError(f"internal: bytes {at}..{at + n} fall outside tensor "
-                            f"{placeholder.key} ({res.entry.size} bytes)", where=str(self.path))
+        array = np.ascontiguousarray(array)
+        if stride is not None and array.ndim >= 2 and array.shape[0] > 1:
+            rows = list(array.reshape(array.shape[0], -1))
+        else:
+            rows, stride = [array], 0
+        n = rows[0].nbytes
         if n == 0:
             return
-        array = np.ascontiguousarray(array)
-        view = memoryview(array.reshape(-1).view(np.uint8))
-        job = _crc_pool().submit(zlib.crc32, view) if n > _CHUNK else None
+        end = at + stride * (len(rows) - 1) + n
+        if at < 0 or end > res.entry.size:
+            raise MapcError(f"internal: bytes {at}..{end} fall outside tensor "
+                            f"{placeholder.key} ({res.entry.size} bytes)", where=str(self.path))
+        if len(rows) > 1 and stride < n:
+            raise MapcError(f"internal: rows of {n} bytes every {stride} bytes overlap in "
+                            f"tensor {placeholder.key}", where=str(self.path))
+        views = [memoryview(r.reshape(-1).view(np.uint8)) for r in rows]
+        job = _crc_pool().submit(_crc32_each, views) if n * len(rows) > _CHUNK else None
+        crcs = None
         try:
             if not self._owns_file:
                 f = self._file
-                end = f.tell()
-                f.seek(res.data + at)
-                f.write(view)
-                f.seek(end)
+                back = f.tell()
+                for k, view in enumerate(views):
+                    f.seek(res.data + at + k * stride)
+                    f.write(view)
+                f.seek(back)
             else:
                 from mapc.runtime.fastcopy import write_array
                 if self._file is not None:
                     self._file.flush()
-                    write_array(self._file.fileno(), array, res.data + at, str(self.path))
+                    fd, close = self._file.fileno(), False
                 else:
-                    fd = os.open(self.path, os.O_WRONLY)
-                    try:
-                        write_array(fd, array, res.data + at, str(self.path))
-                    finally:
+                    fd, close = os.open(self.path, os.O_WRONLY), True
+                try:
+                    for k, row in enumerate(rows):
+                        write_array(fd, row, res.data + at + k * stride, str(self.path))
+                finally:
+                    if close:
                         os.close(fd)
         except OSError as e:
             raise MapcError(f"cannot write checkpoint: {e.strerror or e}",
                             where=str(self.path)) from None
         finally:
-            crc = job.result() if job is not None else zlib.crc32(view)
-        res.pieces.append((at, n, crc))
+            crcs = job.result() if job is not None else _crc32_each(views)
+        res.pieces.extend((at + k * stride, n, crc) for k, crc in enumerate(crcs))
 
     def suspend(self) -> None:
         """Close the file until it is next needed (``fill`` opens it per write; ``add_tensor``,
@@ -1651,11 +1693,19 @@ class TorchWriter:
         f = self._file
         for key, res in self._reserved.items():
             crc, pos = 0, 0
+            lengths = collections.Counter(n for _, n, _ in res.pieces)
             for at, n, piece in sorted(res.pieces):
                 if at < pos:
                     raise MapcError(f"internal: overlapping writes into tensor {key} at byte "
                                     f"{at}", where=str(self.path))
-                crc = crc32_combine(crc32_zeros(at - pos, crc), piece, n)
+                if at > pos:
+                    crc = crc32_zeros(at - pos, crc)
+                if lengths[n] >= _TABLE_AFTER:     # the rows of a strided fill: by lookups
+                    t0, t1, t2, t3 = _shift_tables(n)
+                    crc = t0[crc & 255] ^ t1[(crc >> 8) & 255] ^ t2[(crc >> 16) & 255] ^ \
+                        t3[crc >> 24] ^ piece
+                else:
+                    crc = crc32_combine(crc, piece, n)
                 pos = at + n
             crc = crc32_zeros(res.entry.size - pos, crc)
             res.entry.crc = crc

@@ -300,3 +300,37 @@ def test_file_bytes_are_mapped_a_window_at_a_time(tmp_path):
     assert len(sizes) == 4 and max(sizes) <= 1 << 20 and sum(sizes) == data.size
     assert crc == zlib.crc32(data.tobytes())
     assert np.array_equal(np.asarray(fb), data)
+
+
+def _resident(arr) -> int:
+    """Rss (bytes) of the mapping in /proc/self/smaps that holds ``arr``'s first byte."""
+    ptr = arr.__array_interface__["data"][0]
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= ptr < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("mapping not found")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps")
+def test_release_lets_go_of_a_views_pages_and_keeps_its_bytes(tmp_path):
+    """release() of a view of a read-only mapping drops the pages the view spans from the
+    process's resident set (the rest stays), the bytes read the same afterwards; an array in
+    memory is left alone."""
+    data = np.random.default_rng(2).integers(0, 256, 8 << 20, dtype=np.uint8)
+    path = tmp_path / "src.bin"
+    path.write_bytes(data.tobytes())
+    m = np.memmap(path, np.uint8, mode="r", offset=4096, shape=(data.size - 4096,))
+    rows = m.reshape(-1, 4096)
+    assert int(rows.sum(dtype=np.int64)) == int(data[4096:].sum(dtype=np.int64))   # all touched
+    full = _resident(m)
+    assert full >= data.size - 8192
+    F.release(rows[:1024])                                   # the first 4 MiB
+    assert _resident(m) <= full - (4 << 20) + 8192
+    assert np.array_equal(rows[:1024].reshape(-1), data[4096:4096 + (4 << 20)])
+    F.release(np.ones(10))                                   # not a mapping: nothing

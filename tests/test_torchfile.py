@@ -719,3 +719,42 @@ def test_reserved_tensor_refuses_overlapping_or_outside_pieces(tmp_path):
     with pytest.raises(MapcError, match="overlapping"):
         w.finish({"x": ph})
     w.abort()
+
+
+@pytest.mark.parametrize("table_after", [32, 2], ids=["combine", "tables"])
+def test_strided_fills_equal_add_tensor_of_the_concatenation(torch, tmp_path, monkeypatch,
+                                                              table_after):
+    """Column blocks of a matrix (tp slices concatenated on axis 1) filled by rows, ``stride``
+    bytes apart, in shuffled order and some rows split further, give the bytes add_tensor
+    writes for the whole matrix; the rows' CRCs are combined by the plain combine and by the
+    lookup tables alike, zipfile and torch.load accept the file."""
+    monkeypatch.setattr(torchfile, "_TABLE_AFTER", table_after)
+    torchfile._shift_tables.cache_clear()
+    rng = np.random.default_rng(4)
+    full = rng.standard_normal((37, 12)).astype(np.float32)
+    whole = unique(tmp_path)
+    w = TorchWriter(whole)
+    w.finish({"w": w.add_tensor(full)})
+    path = unique(tmp_path)
+    w = TorchWriter(path)
+    ph = w.reserve_tensor("float32", full.shape)
+    w.suspend()
+    cuts = [(0, 20, 0, 4), (20, 37, 0, 4), (0, 37, 4, 8), (0, 5, 8, 12), (5, 37, 8, 12)]
+    for i in rng.permutation(len(cuts)):
+        r0, r1, c0, c1 = cuts[i]
+        w.fill(ph, (r0 * 12 + c0) * 4, full[r0:r1, c0:c1], stride=12 * 4)
+    w.finish({"w": ph})
+    assert path.read_bytes() == whole.read_bytes()
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None
+    assert np.array_equal(torch.load(path, weights_only=True)["w"].numpy(), full)
+
+
+def test_strided_fill_refuses_rows_that_overlap(tmp_path):
+    w = TorchWriter(unique(tmp_path))
+    ph = w.reserve_tensor("float32", (4, 4))
+    with pytest.raises(MapcError, match="overlap"):
+        w.fill(ph, 0, np.ones((2, 4), np.float32), stride=8)
+    with pytest.raises(MapcError, match="outside tensor"):
+        w.fill(ph, 16, np.ones((4, 2), np.float32), stride=16)
+    w.abort()

@@ -31,6 +31,7 @@ import numpy as np
 from mapc.errors import MapcError
 from mapc.runtime import torchfile
 from mapc.runtime.backends import DTYPES
+from mapc.runtime.fastcopy import Scratch, release
 from mapc.runtime.containers import deepspeed as _ds   # its pickle globals and ModuleSource
 from mapc.runtime.containers import universal_tp as _tp
 from mapc.runtime.containers.zero import (LossScaler as _LOSS_SCALER, ResumePlan,
@@ -46,7 +47,31 @@ SINGLE = ()
 LATEST = "latest_universal"
 
 _IN_FLIGHT = 4           # per-parameter files queued for the writer threads
+_PIECE = 64 << 20        # bytes of float32 converted and written at a time (_write_f32)
 _STATE_FILES = {"master": "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+
+
+def _write_f32(w, ph, arr, places, scratch) -> None:
+    """Write ``arr`` as float32 into the reserved tensor ``ph`` of TorchWriter ``w`` at
+    ``places`` (universal_tp.Rule.places), ``_PIECE`` bytes of rows of its axis 0 at a time:
+    one piece is cast at once (into ``scratch``, a fastcopy.Scratch reused for every piece),
+    so neither a whole tensor nor a whole slice of one is ever held as float32, and the pages
+    of a mapped source are let go once read (fastcopy.release). A float32 piece that is a
+    range of a source file is copied in-kernel (TorchWriter.fill)."""
+    if arr.size == 0:
+        return
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    inner = math.prod(arr.shape[1:])
+    per = max(1, _PIECE // (4 * inner))           # rows of axis 0 per piece
+    for lo, hi, at, seg, stride in places:
+        runs = inner // seg                        # runs of seg elements per row
+        for r in range(lo, hi, per):
+            rows = arr[r:min(hi, r + per)]
+            block = scratch.materialize(rows, np.float32).reshape(-1, seg)
+            w.fill(ph, (at + (r - lo) * runs * stride) * 4, block,
+                   stride=stride * 4 if stride != seg else None)
+            release(rows)                 # a mapped source: its pages read, not kept
 
 
 # ---- finding the folder ------------------------------------------------------------------------
@@ -373,11 +398,11 @@ class ModelParallelUniversalSource(UniversalSource):
                             f"{list(shape)} for {name}", where=str(f),
                             hint="the universal checkpoint is corrupt; convert it again")
         _tp.check_file(self.info, name, obj, str(f))
-        try:
-            full = ref.read().reshape(tuple(ref.shape))
+        try:                  # mapped, not read: only this rank's slice is copied out of it
+            full = ref.map().reshape(tuple(ref.shape))
+            return np.array(_tp.tp_slice(full, obj, shape, t, self.tp, str(f)), order="C")
         except (OSError, ValueError) as e:
             raise MapcError(f"cannot read the tensor data ({e})", where=str(f)) from None
-        return np.ascontiguousarray(_tp.tp_slice(full, obj, shape, t, self.tp, str(f)))
 
     def _state(self, name, slot):
         raise MapcError(f"internal: {name} of a model-parallel universal checkpoint is read "
@@ -520,7 +545,8 @@ def _model_file(stage, rank):
 class UniversalWriter(PlannedWriter):
     """Writes ``DST/latest_universal`` and ``DST/<tag>_universal/`` as planned; every
     parameter's files are written as soon as its tensors arrive (nothing is held across
-    parameters)."""
+    parameters), each float32 tensor streamed into its file a bounded piece at a time
+    (_write_f32: no whole float32 copy of a tensor is made, fresh moments are holes)."""
 
     def __init__(self, tmpdir, program, plan):
         super().__init__(tmpdir, program, plan)
@@ -538,6 +564,7 @@ class UniversalWriter(PlannedWriter):
         self.names: list[str] = []
         self._pool = None
         self._pending: deque = deque()
+        self._scratch = Scratch()
 
     def begin(self, tensors):
         from mapc.runtime.execute import delivery_order
@@ -564,9 +591,9 @@ class UniversalWriter(PlannedWriter):
         return _model_file(self.stage, rank)
 
     def _save(self, name, key, arr):
-        """Write zero/<name>/<key>.pt on a writer thread: one file's bytes go to the kernel
-        while the next file's zip CRC is computed (both release the GIL). At most
-        ``_IN_FLIGHT`` files are pending, so memory stays bounded by a few parameters."""
+        """Write zero/<name>/<key>.pt (a parameter's tiny step.pt) on a writer thread, while
+        the next tensors are built. At most ``_IN_FLIGHT`` files are pending. The tensors
+        (fp32, Adam moments, module entries) are streamed by ``_stream`` instead."""
         if not self._owns_state(name, key):
             return                                # another worker's file
         if self._pool is None:
@@ -582,15 +609,27 @@ class UniversalWriter(PlannedWriter):
     def _save_now(self, name, key, arr):
         d = self.zero / name
         d.mkdir(exist_ok=True)
+        with torchfile.TorchWriter(d / f"{key}.pt") as w:
+            w.finish(w.add_tensor(arr))
+
+    def _stream(self, name, key, arr, shape=None):
+        """Write zero/<name>/<key>.pt now: its float32 tensor reserved at the full shape and
+        ``arr`` streamed into it piece by piece (_write_f32); ``arr`` None: zeros, left as a
+        hole in the file. Resident memory: one piece, whatever the tensor's size."""
+        if not self._owns_state(name, key):
+            return                                # another worker's file
+        shape = tuple(np.shape(arr)) if shape is None else tuple(shape)
+        flat = key != "module" and self.stage == 3
+        d = self.zero / name
+        d.mkdir(exist_ok=True)
         with torchfile.TorchWriter(d / f"{'fp32' if key == 'module' else key}.pt") as w:
-            if key == "module":
-                obj = {"param": w.add_tensor(arr)}
-            elif key == "step" or self.stage == 3:
-                obj = w.add_tensor(arr.reshape(-1) if key != "step" else arr,
-                                   requires_grad=key == "fp32")
-            else:
-                obj = {"cat_dim": 0, "param": w.add_tensor(arr, requires_grad=key == "fp32")}
-            w.finish(obj)
+            ph = w.reserve_tensor("float32", (math.prod(shape),) if flat else shape,
+                                  requires_grad=key == "fp32")
+            if arr is not None:
+                _write_f32(w, ph, np.asarray(arr), _tp.Rule("replicated").places(shape, 0, 1),
+                           self._scratch)
+            w.finish({"param": ph} if key == "module" else ph if flat else
+                     {"cat_dim": 0, "param": ph})
 
     def write(self, coord, name, arr):
         if self.models is not None:
@@ -602,22 +641,21 @@ class UniversalWriter(PlannedWriter):
             # hold, buffers, frozen and tied names too, as zero/<name>/fp32.pt = {"param":
             # the module tensor as float32}
             for alias in ([name] if name in self.kinds else []) + list(self.tied.get(name, ())):
-                if self._owns_state(alias, "module"):
-                    self._save(alias, "module", np.asarray(arr).astype(np.float32))
+                self._stream(alias, "module", arr)
         if name in self.kinds or not self._owns_state(name, "fp32"):
             return          # the model states' worker: the rest is the parameter's worker's
         if self.stage != 3:
             self._save(name, "step", np.array(self.step, dtype=np.float32))
         if "master" not in self.have:       # the weights are the master copy
-            self._save(name, "fp32", np.asarray(arr).astype(np.float32))
+            self._stream(name, "fp32", arr)
         if self.fresh:
             for slot in ("exp_avg", "exp_avg_sq"):
-                self._save(name, slot, np.zeros(arr.shape, np.float32))
+                self._stream(name, slot, None, np.shape(arr))
 
     def write_slot(self, slot, coord, name, arr):
         if name in self.kinds or (self.fresh and slot != "master"):
             return
-        self._save(name, _STATE_FILES[slot], arr)
+        self._stream(name, _STATE_FILES[slot], arr)
 
     # -- the files that are not per parameter -------------------------------------------------
     def finish(self, record: dict):
@@ -938,9 +976,10 @@ class ModelParallelUniversalWriter(UniversalWriter):
     """Writes a model-parallel universal checkpoint as planned (_TPPlan): each rank's shards
     into its ``mp_rank_MM_model_states.pt`` (MM = pp * tp + tp rank; with pipeline stages the
     module is None, as a pipeline engine saves it: the weights are in zero/ only), and every
-    parameter's full tensors into zero/ as soon as all its tp ranks' slices of a slot have
-    arrived (merged as ds_to_universal merges them: one parameter is held at a time). A tied
-    tensor's copy on the last stage is written once. A worker of a parallel run (owned
+    parameter's full tensors into zero/, each tp rank's slice written into its place as it
+    arrives (where ds_to_universal's merge puts it, a bounded piece at a time: no slice and
+    no merged tensor is held, _stream_slice). A tied tensor's copy on the last stage is
+    written once. A worker of a parallel run (owned
     files, _tp_parts) merges only the parameters whose folders it owns and writes only the
     rank files it owns; every rank's names come from the plan, not from what arrived."""
 
@@ -959,8 +998,9 @@ class ModelParallelUniversalWriter(UniversalWriter):
         self.kinds, self.tied, self.groups = {}, {}, None
         self._pool = None
         self._pending: deque = deque()
-        self._slices: dict = {}              # (slot, name) -> {tp rank: array}
-        self._saved: set = set()             # (slot, name) written (a tied copy comes twice)
+        self._scratch = Scratch()
+        self._open: dict = {}                # (key, name) -> (TorchWriter, placeholder, ranks)
+        self._saved: set = set()             # (key, name) written (a tied copy comes twice)
         self.names: list[str] = []
         self.rank_names: dict = {m: [] for m in range(self.mp)}
 
@@ -985,29 +1025,38 @@ class ModelParallelUniversalWriter(UniversalWriter):
         c = dict(coord)
         return c.get("pp", 0) * self.tp + c.get("tp", 0)
 
-    def _collect(self, key, coord, name, arr):
-        """The full tensor once every rank's slice of (key, name) is here, else None."""
-        if (key, name) in self._saved:
-            return None
-        got = self._slices.setdefault((key, name), {})
-        got[dict(coord).get("tp", 0)] = np.array(arr, dtype=np.float32)   # arr may be reused
+    def _stream_slice(self, key, coord, name, arr, shape=None):
+        """Write this tp rank's slice of (key, name) into its place in zero/<name>/<key>.pt
+        (universal_tp.Rule.places: where ds_to_universal's merge puts it), piece by piece as
+        it arrives (_write_f32); ``arr`` None: zeros, left as a hole. The file's tensor is
+        reserved at the first slice; the file is suspended (no descriptor) between slices
+        and finished with the last, so neither the slices nor the merged tensor are ever
+        held. A slice that comes again (a tied copy on another stage) is the same bytes and
+        is not written twice."""
+        if (key, name) in self._saved or not self._owns_state(name, key):
+            return
+        shape = tuple(np.shape(arr)) if shape is None else tuple(shape)
+        rule, t = self.rules[name], dict(coord).get("tp", 0)
+        entry = self._open.get((key, name))
+        if entry is None:
+            d = self.zero / name
+            d.mkdir(exist_ok=True)
+            w = torchfile.TorchWriter(d / f"{key}.pt")
+            entry = (w, w.reserve_tensor("float32", rule.full_shape(shape, self.tp),
+                                         requires_grad=key == "fp32"), set())
+            self._open[(key, name)] = entry
+        w, ph, got = entry
+        if t in got:
+            return
+        got.add(t)
+        if arr is not None:
+            _write_f32(w, ph, np.asarray(arr), rule.places(shape, t, self.tp), self._scratch)
         if len(got) < self.tp:
-            return None
-        del self._slices[(key, name)]
+            w.suspend()
+            return
+        del self._open[(key, name)]
         self._saved.add((key, name))
-        return self.rules[name].merge([got[t] for t in range(self.tp)])
-
-    def _save_now(self, name, key, arr):
-        d = self.zero / name
-        d.mkdir(exist_ok=True)
-        with torchfile.TorchWriter(d / f"{key}.pt") as w:
-            if key == "step":
-                obj = w.add_tensor(arr)
-            else:
-                obj = {**self.rules[name].entries(),
-                       "param": w.add_tensor(np.ascontiguousarray(arr),
-                                             requires_grad=key == "fp32")}
-            w.finish(obj)
+        w.finish({**rule.entries(), "param": ph})
 
     def write(self, coord, name, arr):
         m = self._rank(coord)
@@ -1020,22 +1069,15 @@ class ModelParallelUniversalWriter(UniversalWriter):
             self._saved.add(("step", name))
             self._save(name, "step", np.array(self.step, dtype=np.float32))
         if "master" not in self.have:       # the weights are the master copy
-            full = self._collect("fp32", coord, name, arr)
-            if full is not None:
-                self._save(name, "fp32", full)
+            self._stream_slice("fp32", coord, name, arr)
         if self.fresh:
             for slot in ("exp_avg", "exp_avg_sq"):
-                full = self._collect(slot, coord, name, np.zeros(np.shape(arr), np.float32))
-                if full is not None:
-                    self._save(name, slot, full)
+                self._stream_slice(slot, coord, name, None, np.shape(arr))
 
     def write_slot(self, slot, coord, name, arr):
         if (self.fresh and slot != "master") or not self._owns_state(name, "fp32"):
             return
-        key = _STATE_FILES[slot]
-        full = self._collect(key, coord, name, arr)
-        if full is not None:
-            self._save(name, key, full)
+        self._stream_slice(_STATE_FILES[slot], coord, name, arr)
 
     def _write_states(self, record):
         """The rank files this writer owns, and zero/optimizer_state.pt if it owns it."""
@@ -1044,14 +1086,16 @@ class ModelParallelUniversalWriter(UniversalWriter):
             self._write_optimizer_state()
 
     def _write_model_states(self, record):
-        if self._slices:
-            slot, name = next(iter(self._slices))
-            raise MapcError(f"internal: {name} ({slot}) arrived from "
-                            f"{len(self._slices[(slot, name)])} of {self.tp} ranks")
+        if self._open:
+            (key, name), (_, _, got) = next(iter(self._open.items()))
+            raise MapcError(f"internal: {name} ({key}) arrived from {len(got)} of {self.tp} "
+                            "ranks")
         self._finish_model_states(record)
 
     def _abort_models(self):
         for w in (getattr(self, "models", None) or {}).values():
+            w.abort()
+        for w, _, _ in getattr(self, "_open", {}).values():     # files half written
             w.abort()
 
     def _group_names(self, m=0):

@@ -125,8 +125,42 @@ class Rule:
             return {"cat_dim": 0, "vocab_tensor": True}
         return {"cat_dim": self.dim}
 
+    def full_shape(self, shape, tp: int) -> tuple:
+        """The universal tensor's shape, from one rank's slice ``shape``."""
+        shape = tuple(int(d) for d in shape)
+        if self.kind == "replicated":
+            return shape
+        if self.kind == "vocab":
+            return (self.rows,) + shape[1:]
+        d = self.dim if self.kind == "cat" else 0
+        return shape[:d] + (shape[d] * tp,) + shape[d + 1:]
+
+    def places(self, shape, t: int, tp: int) -> list[tuple[int, int, int, int, int]]:
+        """Where rank ``t``'s slice (of ``shape``) lies in the universal tensor, as
+        :meth:`merge` puts it there, so that each slice can be written into its place as it
+        arrives, no rank's slice and no merged tensor held. Each entry ``(lo, hi, at, seg,
+        stride)``: rows ``lo..hi`` of the slice's axis 0, row-major, cut into runs of ``seg``
+        elements, land run after run ``stride`` elements apart from element ``at`` of the
+        universal tensor (``stride == seg``: one contiguous range)."""
+        shape = tuple(int(d) for d in shape) or (1,)
+        s0, inner = shape[0], math.prod(shape[1:])
+        if self.kind == "replicated":
+            return [(0, s0, 0, inner, inner)] if t == 0 else []
+        if self.kind == "vocab":
+            keep = max(0, min(s0, self.rows - t * s0))          # the padding is not kept
+            return [(0, keep, t * s0 * inner, inner, inner)] if keep else []
+        if self.kind == "sub2":
+            h = s0 // 2
+            return [(0, h, t * h * inner, inner, inner),
+                    (h, s0, (tp + t) * h * inner, inner, inner)]
+        if self.dim == 0:
+            return [(0, s0, t * s0 * inner, inner, inner)]
+        seg = math.prod(shape[self.dim:])
+        return [(0, s0, t * seg, seg, tp * seg)]
+
     def merge(self, slices: list):
-        """ds_to_universal's merge of the ranks' slices (``merge_tp_slices``)."""
+        """ds_to_universal's merge of the ranks' slices (``merge_tp_slices``): the reference
+        that :meth:`places` follows (the writer never holds the slices to call it)."""
         if self.kind == "replicated":
             return slices[0]
         if self.kind == "sub2":
@@ -205,7 +239,8 @@ def checkpoint_info(rules: dict, vocab: int | None, pipeline_replicated=()) -> d
 # ---- cutting a universal tensor for one rank (DeepSpeed's load_hp_checkpoint_state) --------------
 def tp_slice(full: np.ndarray, obj: dict, shape: tuple, rank: int, tp: int, where: str):
     """Rank ``rank``'s slice of shape ``shape`` of the universal tensor ``full``, cut as
-    DeepSpeed's loader cuts it from the file's own keys (``obj``)."""
+    DeepSpeed's loader cuts it from the file's own keys (``obj``): a view of ``full`` where
+    it can be (``full`` may be a mapping of the file: only the slice's pages are read)."""
     if tuple(full.shape) == tuple(shape):
         return full
     if obj.get("sub_param_shape") is not None:
@@ -222,6 +257,13 @@ def tp_slice(full: np.ndarray, obj: dict, shape: tuple, rank: int, tp: int, wher
         if rows < full.shape[0]:
             raise MapcError(f"vocabulary tensor has {full.shape[0]} rows, more than {tp} "
                             f"ranks of {shape[0]}", where=where)
+        if rows > full.shape[0] and dim == 0 and n == 1 and full.ndim == len(shape):
+            # the rank's rows, its share of the padding zeros: the tensor is not padded whole
+            out = np.zeros(shape, full.dtype)
+            part = full[rank * shape[0]:(rank + 1) * shape[0]]
+            if tuple(part.shape[1:]) == tuple(shape[1:]):
+                out[:len(part)] = part
+                return out
         if rows > full.shape[0]:
             full = np.concatenate([full, np.zeros((rows - full.shape[0],) + full.shape[1:],
                                                   full.dtype)])
