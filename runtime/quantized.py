@@ -122,7 +122,10 @@ def quant_fp8_block(x: np.ndarray, where: str = "") -> tuple[np.ndarray, np.ndar
             q, s, back = _quant_band(w3, f8)
             s_out[l, r] = s
             q_out[l, rs] = q.reshape(h, nc * BLOCK)[:, :cols]
-            _count(info, w3, back)
+            if flat.dtype.itemsize > 4:          # float64: rounded already by float32
+                _count(info, flat[l, rs], back.reshape(h, nc * BLOCK)[:, :cols])
+            else:
+                _count(info, w3, back)
     return (q_out.reshape(x.shape), s_out.reshape((*lead, *s_out.shape[1:])), info)
 
 
@@ -146,6 +149,10 @@ def _quant_band(w3: np.ndarray, f8) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     s[amax == 0] = 1.0
     tiny = np.finfo(np.float32).smallest_subnormal
     s[(s == 0) & (amax > 0)] = tiny           # amax / 448 below float32's range
+    # a subnormal amax / 448 rounds to a multiple of ``tiny``: rounded down, amax / s can pass
+    # 448 by far (then e4m3 has no value for it: NaN); one ``tiny`` up keeps it within 448
+    over = (s < np.finfo(np.float32).tiny) & (amax > s * np.float32(FP8_MAX))
+    s[over] = np.nextafter(s[over], np.float32(np.inf))
     y = w3 / s[None, :, None]
     q = y.astype(f8)
     qf = table[q.view(np.uint8)]
@@ -270,7 +277,10 @@ def quant_mxfp4(x: np.ndarray, where: str = "") -> tuple[np.ndarray, np.ndarray,
             g = w.reshape(w.shape[0], k // MX_BLOCK, MX_BLOCK)
             code, s_out[l, r:r + band], back = _quant_mx_blocks(g)
             b_out[l, r:r + band] = code[..., 0::2] | (code[..., 1::2] << 4)
-            _count(info, g, back)
+            if flat.dtype.itemsize > 4:          # float64: rounded already by float32
+                _count(info, flat[l, :, r:r + band].T.reshape(g.shape), back)
+            else:
+                _count(info, g, back)
     return b_out.reshape(bshape), s_out.reshape(sshape), info
 
 

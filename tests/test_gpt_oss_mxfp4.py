@@ -123,6 +123,15 @@ def test_a_block_its_values_cannot_tell_from_its_twin():
     assert back.tobytes() == w.numpy().tobytes()
 
 
+def test_quant_mxfp4_counts_what_float64_loses():
+    """A float64 value is computed on in float32: what that rounds counts as rounded too."""
+    w = np.full((64, 3), 1 + 2.0 ** -40, np.float64)
+    blocks, scales, info = quant_mxfp4(w)
+    assert (dequant_mxfp4(blocks, scales).astype(np.float64) != w).all()
+    assert info.rounded == w.size and info.example == (w[0, 0], 1.0)
+    assert quant_mxfp4(np.full((64, 3), 1.5, np.float64))[2].rounded == 0
+
+
 def test_quant_mxfp4_refuses_what_the_release_cannot_store():
     with pytest.raises(mapc.MapcError, match=r"K a multiple of 32, not shape \[2, 48, 8\]"):
         quant_mxfp4(np.ones((2, 48, 8), np.float32))

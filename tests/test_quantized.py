@@ -273,6 +273,31 @@ def test_fp8_block_quantization_refuses_non_finite_values():
         quant_fp8_block(w, where="x.weight")
 
 
+def test_fp8_block_quantization_of_a_subnormal_block_stays_in_range():
+    """A block whose amax / 448 is a float32 subnormal: rounded down, that scale puts amax /
+    scale past 448, which e4m3 cannot hold (the cast gives NaN); the scale is rounded up
+    instead, so every value dequantizes finite, within half an e4m3 step of 448 (16 scales)."""
+    tiny = np.finfo(np.float32).smallest_subnormal
+    w = np.zeros((4, 4), np.float32)
+    w[0, 0], w[0, 1], w[2, 3] = 448 * 2.5 * tiny, -448 * 2.5 * tiny, 7 * tiny
+    q, s, info = quant_fp8_block(w)
+    back = dequant_fp8_block(q, s).astype(np.float32)
+    assert np.isfinite(back).all() and np.isfinite(q.astype(np.float32)).all()
+    assert np.abs(back - w).max() <= 16 * s.max()
+    assert info.rounded == int((back != w).sum()) and info.max_abs > 0
+
+
+def test_fp8_block_quantization_counts_what_float64_loses():
+    """A float64 value is computed on in float32: what that rounds counts as rounded too (it
+    does not come back as its value), so --quantize does not call such a tensor exact."""
+    w = np.full((3, 5), 1 + 2.0 ** -40, np.float64)
+    q, s, info = quant_fp8_block(w)
+    assert (dequant_fp8_block(q, s).astype(np.float64) != w).all()
+    assert info.rounded == w.size and info.example == (w[0, 0], 1.0)
+    q, s, info = quant_fp8_block(np.full((3, 5), 1.5, np.float64))
+    assert info.rounded == 0
+
+
 def plain_checkpoint(path):
     want = quantized_checkpoint(path.parent / (path.name + "-q"))
     write(path, want, {k: v for k, v in CONFIG.items() if k != "quantization_config"})

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from math import prod
