@@ -27,6 +27,8 @@ machine just before each run:
   - with ``--only-distopt`` instead: deepspeed dp2 (made first, fresh optimizer, not timed) ->
     megatron TP=2 DP=2 with megatron-core's distributed optimizer (``distrib_optim.pt`` per
     rank), ``--workers 1``, beside ``cp -r`` of the deepspeed source (and ``--before``'s mapc)
+  - with ``--only-torch-dist`` instead: hf -> torch_dist beside ``cp -r`` (and ``--before``'s
+    mapc), outputs compared but for ``.metadata`` (its save_id is random)
   - with ``--only-universal-tp`` instead: hf -> universal TP=2 (Megatron-DeepSpeed's layout:
     each parameter's fp32 weights and zero moments in zero/, each rank's model states), with
     ``--workers 1`` and ``--workers 2``, beside ``cp -r`` of the source
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only-distopt", action="store_true",
                     help="just deepspeed dp2 -> megatron tp2 dp2 with megatron-core's "
                          "distributed optimizer (and cp -r of the deepspeed source)")
+    ap.add_argument("--only-torch-dist", action="store_true",
+                    help="just hf -> torch_dist (one data file) and cp -r (with --before: "
+                         "that mapc's too)")
     ap.add_argument("--before", metavar="PYTHON",
                     help="also time deepspeed dp2 -> dp3 (with --only-distopt: -> megatron "
                          "tp2 dp2) with this interpreter's mapc (another checkout's venv), "
@@ -137,6 +142,8 @@ def main(argv=None) -> int:
             return _universal_tp_only(args, work, src, size, conv, rounds, rows, copy)
         if args.only_distopt:
             return _distopt_only(args, work, src, conv, rounds, rows, copy)
+        if args.only_torch_dist:
+            return _torch_dist_only(args, work, src, size, rounds, rows, copy)
         mg = ["--to", "megatron", "--tp", "2", "--pp", "2", "-q"]
         checks = {}
 
@@ -305,6 +312,31 @@ def _distopt_only(args, work, src, conv, rounds, rows, copy) -> int:
     print(f"output: {digests.get('bytes', 0) / 1e9:.2f} GB in {len(digests.get('first', {}))} "
           f"files")
     return _print(args, dsb, rows, checks, cpd)
+
+
+def _torch_dist_only(args, work, src, size, rounds, rows, copy) -> int:
+    """hf -> torch_dist beside cp -r of the source (and by ``--before``'s mapc in the same
+    rounds), each output compared by digest with the first one (``.metadata`` aside: its
+    save_id is random), then removed."""
+    checks: dict = {}
+    digests: dict = {}
+
+    def same(out):
+        d = {k: v for k, v in _digest(out).items() if not k.endswith(".metadata")}
+        digests.setdefault("first", d)
+        key = "torch_dist: every output identical (.metadata's random save_id aside)"
+        checks[key] = checks.get(key, True) and d == digests["first"]
+    td = ["convert", str(src), None, "--to", "torch_dist", "-q"]
+    after = work / "td-after"
+    ops = [("cp -r", ["cp", "-r", str(src), str(copy)], copy, lambda out: None),
+           ("after: hf -> torch_dist", [sys.executable, "-m", "mapc"] +
+            [str(after) if a is None else a for a in td], after, same)]
+    if args.before:
+        before = work / "td-before"
+        ops.append(("before: hf -> torch_dist", [args.before, "-m", "mapc"] +
+                    [str(before) if a is None else a for a in td], before, same))
+    cp, *_ = rounds(ops)
+    return _print(args, size, rows, checks, cp)
 
 
 def _print(args, size, rows, checks, cp) -> int:
