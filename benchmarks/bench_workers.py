@@ -295,16 +295,9 @@ def _distopt_only(args, work, src, conv, rounds, rows, copy) -> int:
         key = "megatron distributed optimizer: every output identical"
         checks[key] = checks.get(key, True) and d == digests["first"]
         digests["bytes"] = bc.dir_bytes(out)
-    after = work / "mg-after"
-    ops = [(f"cp -r deepspeed dp2 ({dsb / 1e9:.2f} GB)", ["cp", "-r", str(ds2), str(copy)],
-            copy, lambda out: None),
-           ("after: deepspeed dp2 -> megatron tp2 dp2", [sys.executable, "-m", "mapc"] +
-            [str(after) if a is None else a for a in mg], after, same)]
-    if args.before:
-        before = work / "mg-before"
-        ops.append(("before: deepspeed dp2 -> megatron tp2 dp2", [args.before, "-m", "mapc"] +
-                    [str(before) if a is None else a for a in mg], before, same))
-    cpd, *conv_rows = rounds(ops)
+    cpd, *conv_rows = rounds(_before_after(
+        args, work, f"cp -r deepspeed dp2 ({dsb / 1e9:.2f} GB)", ds2, copy,
+        "deepspeed dp2 -> megatron tp2 dp2", mg, same))
     for row in conv_rows:
         row["x_cp_own"] = row["seconds"] / cpd["seconds"]
         row["bytes"] = dsb
@@ -312,6 +305,18 @@ def _distopt_only(args, work, src, conv, rounds, rows, copy) -> int:
     print(f"output: {digests.get('bytes', 0) / 1e9:.2f} GB in {len(digests.get('first', {}))} "
           f"files")
     return _print(args, dsb, rows, checks, cpd)
+
+
+def _before_after(args, work, cp_name, src, copy, what, mapc_args, check) -> list:
+    """The ops of a before/after group: ``cp -r`` of ``src``, then ``mapc_args`` (their None:
+    the output) by this mapc and, with ``--before``, by that interpreter's, each checked."""
+    ops = [(cp_name, ["cp", "-r", str(src), str(copy)], copy, lambda out: None)]
+    for side, python in (("after", sys.executable), ("before", args.before)):
+        if python:
+            out = work / f"out-{side}"
+            ops.append((f"{side}: {what}", [python, "-m", "mapc"] +
+                        [str(out) if a is None else a for a in mapc_args], out, check))
+    return ops
 
 
 def _torch_dist_only(args, work, src, size, rounds, rows, copy) -> int:
@@ -327,15 +332,8 @@ def _torch_dist_only(args, work, src, size, rounds, rows, copy) -> int:
         key = "torch_dist: every output identical (.metadata's random save_id aside)"
         checks[key] = checks.get(key, True) and d == digests["first"]
     td = ["convert", str(src), None, "--to", "torch_dist", "-q"]
-    after = work / "td-after"
-    ops = [("cp -r", ["cp", "-r", str(src), str(copy)], copy, lambda out: None),
-           ("after: hf -> torch_dist", [sys.executable, "-m", "mapc"] +
-            [str(after) if a is None else a for a in td], after, same)]
-    if args.before:
-        before = work / "td-before"
-        ops.append(("before: hf -> torch_dist", [args.before, "-m", "mapc"] +
-                    [str(before) if a is None else a for a in td], before, same))
-    cp, *_ = rounds(ops)
+    cp, *_ = rounds(_before_after(args, work, "cp -r", src, copy, "hf -> torch_dist", td,
+                                  same))
     return _print(args, size, rows, checks, cp)
 
 
