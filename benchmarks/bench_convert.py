@@ -217,7 +217,8 @@ import json, resource, subprocess, sys
 rc = subprocess.call(sys.argv[2:])
 ru = resource.getrusage(resource.RUSAGE_CHILDREN)
 with open(sys.argv[1], "w") as f:
-    json.dump({"rc": rc, "maxrss_kb": ru.ru_maxrss, "user": ru.ru_utime, "sys": ru.ru_stime}, f)
+    json.dump({"rc": rc, "maxrss_kb": ru.ru_maxrss, "user": ru.ru_utime, "sys": ru.ru_stime,
+               "oublock": ru.ru_oublock}, f)
 sys.exit(rc)
 """
 
@@ -259,11 +260,15 @@ def measure(cmd: list[str], workdir: Path, use_gnu_time: bool) -> dict:
         maxrss_kb = int(m.group(1))
         user = float(re.search(r"User time \(seconds\): ([\d.]+)", r.stderr).group(1))
         sys_s = float(re.search(r"System time \(seconds\): ([\d.]+)", r.stderr).group(1))
+        oublock = int(re.search(r"File system outputs: (\d+)", r.stderr).group(1))
     else:
         ru = json.loads(rfile.read_text())
-        maxrss_kb, user, sys_s = ru["maxrss_kb"], ru["user"], ru["sys"]
+        maxrss_kb, user, sys_s, oublock = ru["maxrss_kb"], ru["user"], ru["sys"], ru["oublock"]
         rfile.unlink()
-    return {"seconds": seconds, "peak_rss_bytes": maxrss_kb * 1024, "user": user, "sys": sys_s}
+    # file system outputs (512-byte blocks): the bytes the process tree dirtied in the page
+    # cache, scratch files included even when deleted before they reach the disk
+    return {"seconds": seconds, "peak_rss_bytes": maxrss_kb * 1024, "user": user, "sys": sys_s,
+            "written_bytes": oublock * 512}
 
 
 def mapc_revision() -> str:

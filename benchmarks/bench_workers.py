@@ -24,6 +24,11 @@ machine just before each run:
     with ``--before PYTHON`` (the interpreter of another checkout's venv, e.g. main's), the
     same two conversions by that mapc too, in the same rounds, their output checked equal
   - torchrun --standalone --nproc-per-node 2 -m mapc convert hf -> megatron TP=2 PP=2
+  - with ``--only-distopt`` instead: deepspeed dp2 (made first, fresh optimizer, not timed) ->
+    megatron TP=2 DP=2 with megatron-core's distributed optimizer (``distrib_optim.pt`` per
+    rank), ``--workers 1``, beside ``cp -r`` of the deepspeed source (and ``--before``'s mapc)
+  - with ``--only-torch-dist`` instead: hf -> torch_dist beside ``cp -r`` (and ``--before``'s
+    mapc), outputs compared but for ``.metadata`` (its save_id is random)
   - with ``--only-universal-tp`` instead: hf -> universal TP=2 (Megatron-DeepSpeed's layout:
     each parameter's fp32 weights and zero moments in zero/, each rank's model states), with
     ``--workers 1`` and ``--workers 2`` (``--universal-workers``), beside ``cp -r`` of the
@@ -75,9 +80,15 @@ def main(argv=None) -> int:
                     help="just the deepspeed dp2 -> dp3 group (and its cp -r)")
     ap.add_argument("--only-universal-tp", action="store_true",
                     help="just hf -> universal --tp 2, --workers 1 and 2 (and cp -r)")
+    ap.add_argument("--only-distopt", action="store_true",
+                    help="just deepspeed dp2 -> megatron tp2 dp2 with megatron-core's "
+                         "distributed optimizer (and cp -r of the deepspeed source)")
+    ap.add_argument("--only-torch-dist", action="store_true",
+                    help="just hf -> torch_dist (one data file) and cp -r (with --before: "
+                         "that mapc's too)")
     ap.add_argument("--before", metavar="PYTHON",
                     help="also time deepspeed dp2 -> dp3 (with --only-universal-tp: hf -> "
-                         "universal tp2) with this interpreter's mapc (another checkout's "
+                         "universal tp2; with --only-distopt: -> megatron tp2 dp2) with this interpreter's mapc (another checkout's "
                          "venv), side by side")
     ap.add_argument("--big-embedding", action="store_true",
                     help="the source: 2 layers of Llama-3-8B's shape, vocabulary 128256")
@@ -131,6 +142,7 @@ def main(argv=None) -> int:
                 row = {"operation": name, "seconds": best["seconds"],
                        "cpu_seconds": best["user"] + best["sys"],
                        "peak_rss_mib": max(r["peak_rss_bytes"] for r in runs[name]) / 2**20,
+                       "written_bytes": best["written_bytes"],
                        "load": best["load"],
                        "runs": [(round(r["seconds"], 2), round(r["user"] + r["sys"], 2),
                                  round(r["load"], 1)) for r in runs[name]]}
@@ -144,6 +156,10 @@ def main(argv=None) -> int:
             return _deepspeed_only(args, work, src, size, conv, rounds, rows, copy)
         if args.only_universal_tp:
             return _universal_tp_only(args, work, src, size, conv, rounds, rows, copy)
+        if args.only_distopt:
+            return _distopt_only(args, work, src, conv, rounds, rows, copy)
+        if args.only_torch_dist:
+            return _torch_dist_only(args, work, src, size, rounds, rows, copy)
         mg = ["--to", "megatron", "--tp", "2", "--pp", "2", "-q"]
         checks = {}
 
@@ -273,6 +289,86 @@ def _universal_tp_only(args, work, src, size, conv, rounds, rows, copy) -> int:
     return _print(args, size, rows, checks, cp)
 
 
+def _digest(out: Path) -> dict:
+    """sha256 of every file under ``out`` (mapc.json without the spec's file name, which
+    names the checkout it was read from)."""
+    import hashlib
+    got = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == "mapc.json":
+                record = json.loads(data)
+                record.get("spec", {}).pop("file", None)
+                data = json.dumps(record, sort_keys=True).encode()
+            got[str(p.relative_to(out))] = hashlib.sha256(data).hexdigest()
+    return got
+
+
+def _distopt_only(args, work, src, conv, rounds, rows, copy) -> int:
+    """deepspeed dp2 (made from the HF checkpoint with a fresh optimizer, not timed) ->
+    megatron tp2 dp2 with megatron-core's distributed optimizer (``distrib_optim.pt`` beside
+    every rank's ``model_optim_rng.pt``), one process, beside ``cp -r`` of the deepspeed
+    checkpoint; with ``--before``, the same conversion by that mapc in the same rounds. Each
+    output is compared by digest with the first one, then removed (its page cache would slow
+    the next run down)."""
+    ds2 = work / "ds2"
+    subprocess.run(conv + [str(ds2), "--to", "deepspeed", "--dp", "2", "-q"], check=True)
+    shutil.rmtree(src)
+    dsb = bc.dir_bytes(ds2)
+    mg = ["convert", str(ds2), None, "--to", "megatron", "--tp", "2", "--dp", "2", "-q",
+          "--workers", "1"]
+    checks: dict = {}
+    digests: dict = {}
+
+    def same(out):
+        d = _digest(out)
+        digests.setdefault("first", d)
+        key = "megatron distributed optimizer: every output identical"
+        checks[key] = checks.get(key, True) and d == digests["first"]
+        digests["bytes"] = bc.dir_bytes(out)
+    cpd, *conv_rows = rounds(_before_after(
+        args, work, f"cp -r deepspeed dp2 ({dsb / 1e9:.2f} GB)", ds2, copy,
+        "deepspeed dp2 -> megatron tp2 dp2", mg, same))
+    for row in conv_rows:
+        row["x_cp_own"] = row["seconds"] / cpd["seconds"]
+        row["bytes"] = dsb
+    cpd["bytes"] = dsb
+    print(f"output: {digests.get('bytes', 0) / 1e9:.2f} GB in {len(digests.get('first', {}))} "
+          f"files")
+    return _print(args, dsb, rows, checks, cpd)
+
+
+def _before_after(args, work, cp_name, src, copy, what, mapc_args, check) -> list:
+    """The ops of a before/after group: ``cp -r`` of ``src``, then ``mapc_args`` (their None:
+    the output) by this mapc and, with ``--before``, by that interpreter's, each checked."""
+    ops = [(cp_name, ["cp", "-r", str(src), str(copy)], copy, lambda out: None)]
+    for side, python in (("after", sys.executable), ("before", args.before)):
+        if python:
+            out = work / f"out-{side}"
+            ops.append((f"{side}: {what}", [python, "-m", "mapc"] +
+                        [str(out) if a is None else a for a in mapc_args], out, check))
+    return ops
+
+
+def _torch_dist_only(args, work, src, size, rounds, rows, copy) -> int:
+    """hf -> torch_dist beside cp -r of the source (and by ``--before``'s mapc in the same
+    rounds), each output compared by digest with the first one (``.metadata`` aside: its
+    save_id is random), then removed."""
+    checks: dict = {}
+    digests: dict = {}
+
+    def same(out):
+        d = {k: v for k, v in _digest(out).items() if not k.endswith(".metadata")}
+        digests.setdefault("first", d)
+        key = "torch_dist: every output identical (.metadata's random save_id aside)"
+        checks[key] = checks.get(key, True) and d == digests["first"]
+    td = ["convert", str(src), None, "--to", "torch_dist", "-q"]
+    cp, *_ = rounds(_before_after(args, work, "cp -r", src, copy, "hf -> torch_dist", td,
+                                  same))
+    return _print(args, size, rows, checks, cp)
+
+
 def _print(args, size, rows, checks, cp) -> int:
     """The table of ``rows`` (x cp: against ``cp``; GB/s of the bytes each read)."""
     for r in rows:
@@ -281,13 +377,13 @@ def _print(args, size, rows, checks, cp) -> int:
     print()
     print(f"{size / 1e9:.2f} GB bf16, {os.cpu_count()} CPUs, mapc {bc.mapc_revision()}, "
           f"best of {args.repeat}")
-    print(f"| operation | s | x cp | CPU s | peak RSS MiB | load |")
-    print("|---|---|---|---|---|---|")
+    print(f"| operation | s | x cp | CPU s | peak RSS MiB | written GB | load |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['x_cp']:.2f}" + (f" ({r['x_cp_own']:.2f} own cp)" if "x_cp_own" in r
                                        else "")
         print(f"| {r['operation']} | {r['seconds']:.2f} | {ratio} | {r['cpu_seconds']:.2f} "
-              f"| {r['peak_rss_mib']:.0f} | {r['load']:.1f} |")
+              f"| {r['peak_rss_mib']:.0f} | {r['written_bytes'] / 1e9:.2f} | {r['load']:.1f} |")
     for k, ok in checks.items():
         print(f"{k}: {'yes' if ok else 'NO'}")
     if args.json:

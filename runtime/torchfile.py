@@ -1500,6 +1500,47 @@ def copy_checked(src: str | os.PathLike, dst: str | os.PathLike,
     repickle(load(src, allow), dst)
 
 
+def append_archive(file, path, obj: Any = None, array: Any = None) -> tuple[int, int]:
+    """A ``torch.save`` archive of one tensor (``array``, its shape kept, 0-d included) or of
+    a plain object, written at ``file``'s position, as DCP stores each item: (offset, length).
+    The tensor's bytes go straight into the file (in-kernel when they are a range of a source
+    file), not through an archive built in memory first. ``path`` names the file in errors."""
+    from mapc.runtime.fastcopy import FileBytes
+    offset = file.tell()
+    w = TorchWriter(path, append_to=file)
+    if array is not None and not isinstance(array, FileBytes):
+        array = np.require(array, requirements="C")
+    w.finish(w.add_tensor(array) if array is not None else obj)
+    return offset, file.tell() - offset
+
+
+class _Shifted:
+    """A real file seen from byte ``base`` on: positions count from there (an archive written
+    inside a larger file, TorchWriter's ``append_to``); ``fileno`` is the file's own."""
+
+    def __init__(self, f, base: int):
+        self.f, self.base = f, base
+
+    def tell(self) -> int:
+        return self.f.tell() - self.base
+
+    def seek(self, pos: int) -> int:
+        return self.f.seek(self.base + pos) - self.base
+
+    def write(self, data) -> int:
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def truncate(self, pos: int) -> None:
+        self.f.seek(self.base + pos)
+        self.f.truncate()
+
+
 class TorchWriter:
     """Write a ``.pt`` checkpoint incrementally, loadable by ``torch.load``.
 
@@ -1514,12 +1555,22 @@ class TorchWriter:
     manager, the partial file is deleted if the block exits without ``finish``.
     """
 
-    def __init__(self, path: str | os.PathLike, fileobj: Any = None):
+    def __init__(self, path: str | os.PathLike, fileobj: Any = None, *, append_to: Any = None):
         """Write to ``path``; or, given ``fileobj`` (a seekable binary file such as BytesIO),
-        into it (it is left open; ``path`` then only names it in messages)."""
+        into it (it is left open; ``path`` then only names it in messages); or, given
+        ``append_to`` (a real file open for writing, e.g. a DCP ``.distcp`` data file), at its
+        current position as a self-contained archive (its zip offsets count from its own
+        start), with the kernel copies and ``pwrite`` of a file of its own: the file is left
+        open after :meth:`finish`, and :meth:`abort` truncates it back to where the archive
+        began."""
         self.path = Path(path)
-        self._owns_file = fileobj is None
-        if fileobj is not None:
+        self._owns_file = fileobj is None and append_to is None
+        self._base = 0          # where the archive starts in the file (append_to)
+        self._fd_writes = fileobj is None   # bytes may go in by descriptor (in-kernel, pwrite)
+        if append_to is not None:
+            self._base = append_to.tell()
+            self._file = _Shifted(append_to, self._base)
+        elif fileobj is not None:
             self._file = fileobj
         else:
             try:
@@ -1550,7 +1601,7 @@ class TorchWriter:
             array = array.numpy()
         from mapc.runtime.fastcopy import FileBytes
         if isinstance(array, FileBytes):
-            if not self._owns_file:
+            if not self._fd_writes:
                 array = np.asarray(array)
             else:      # bytes of source files: copied in-kernel, checksummed from the mapping
                 return self._add_member(array, array.mapped(), array.ranges, requires_grad)
@@ -1639,7 +1690,7 @@ class TorchWriter:
         job = _crc_pool().submit(_crc32_each, views) if n * len(rows) > _CHUNK else None
         crcs = None
         try:
-            if not self._owns_file:
+            if not self._fd_writes:
                 f = self._file
                 back = f.tell()
                 for k, view in enumerate(views):
@@ -1655,7 +1706,8 @@ class TorchWriter:
                     fd, close = os.open(self.path, os.O_WRONLY), True
                 try:
                     for k, row in enumerate(rows):
-                        write_array(fd, row, res.data + at + k * stride, str(self.path))
+                        write_array(fd, row, self._base + res.data + at + k * stride,
+                                    str(self.path))
                 finally:
                     if close:
                         os.close(fd)
@@ -1757,6 +1809,8 @@ class TorchWriter:
             if self._owns_file and self._file is not None:
                 self._file.close()
         if not self._owns_file:
+            if isinstance(self._file, _Shifted):
+                self._file.truncate(0)      # the archive's start
             return
         try:
             self.path.unlink()
@@ -1773,7 +1827,7 @@ class TorchWriter:
         """Where ``array``'s bytes lie in a source file, when this writer owns a real file
         the kernel can copy them into (see runtime/fastcopy.py), else None."""
         from mapc.runtime import fastcopy
-        if not self._owns_file or array.nbytes < fastcopy.MIN_KERNEL_COPY:
+        if not self._fd_writes or array.nbytes < fastcopy.MIN_KERNEL_COPY:
             return None
         return fastcopy.file_range(array)
 
@@ -1801,7 +1855,8 @@ class TorchWriter:
                 f.flush()
                 at = f.tell()
                 for path, off, n in source:
-                    copy_range(path, off, f.fileno(), at + written, n, str(self.path))
+                    copy_range(path, off, f.fileno(), self._base + at + written, n,
+                               str(self.path))
                     written += n
                 f.seek(at + written)
             else:

@@ -758,3 +758,59 @@ def test_strided_fill_refuses_rows_that_overlap(tmp_path):
     with pytest.raises(MapcError, match="outside tensor"):
         w.fill(ph, 16, np.ones((4, 2), np.float32), stride=16)
     w.abort()
+
+
+# -- archives written straight into a larger file (each item of a DCP .distcp) --
+
+def _archive_in_memory(obj=None, array=None) -> bytes:
+    """The same archive built the other way: whole in a BytesIO (offsets from its start)."""
+    import io
+    buf = io.BytesIO()
+    w = TorchWriter("x.distcp", fileobj=buf)
+    w.finish(w.add_tensor(np.require(array, requirements="C")) if array is not None else obj)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("chunk", [None, 64], ids=["inline-crc", "threaded-crc"])
+def test_append_archive_writes_the_in_memory_archive_at_any_offset(torch, tmp_path,
+                                                                   monkeypatch, chunk):
+    """Archives appended after 13 bytes of other data (plain arrays, a 0-d one, a range of a
+    source file copied in-kernel, plain objects) are byte for byte the archives built whole in
+    memory, each loads with torch.load from its slice, and a failing one (an object mapc cannot
+    pickle) leaves the file as it was, the next appended after it."""
+    import io
+    from mapc.runtime import fastcopy
+    if chunk:
+        monkeypatch.setattr(torchfile, "_CHUNK", chunk)
+    rng = np.random.default_rng(1)
+    src = tmp_path / "source.bin"
+    big = rng.standard_normal(fastcopy.MIN_KERNEL_COPY // 4 + 17).astype(np.float32)
+    src.write_bytes(b"\0" * 64 + big.tobytes())
+    mapped = np.memmap(src, dtype=np.float32, mode="r", offset=64, shape=big.shape)
+    assert fastcopy.file_range(mapped) is not None          # so it goes in-kernel
+    items = [(None, rng.standard_normal((7, 5)).astype(np.float32)),
+             (None, np.array(2.5, np.float32)),
+             (None, mapped),
+             ({"param_groups": [{"lr": 1e-3}]}, None),
+             ([None], None)]
+    path = tmp_path / "__0_0.distcp"
+    with open(path, "wb") as f:
+        f.write(b"thirteen byte")
+        places = [torchfile.append_archive(f, path, obj, arr) for obj, arr in items]
+        end = f.tell()
+        with pytest.raises(MapcError):
+            torchfile.append_archive(f, path, {"bad": object()})
+        assert f.tell() == end
+        places.append(torchfile.append_archive(f, path, array=np.arange(3, dtype=np.int64)))
+        items.append((None, np.arange(3, dtype=np.int64)))
+    data = path.read_bytes()
+    assert len(data) == places[-1][0] + places[-1][1]
+    assert places[0][0] == 13 and all(a[0] + a[1] == b[0] for a, b in zip(places, places[1:]))
+    for (obj, arr), (offset, length) in zip(items, places):
+        piece = data[offset:offset + length]
+        assert piece == _archive_in_memory(obj, None if arr is None else np.asarray(arr))
+        got = torch.load(io.BytesIO(piece), weights_only=True)
+        if arr is None:
+            assert got == obj
+        else:
+            assert got.shape == arr.shape and np.array_equal(got.numpy(), arr)

@@ -736,16 +736,8 @@ class DCPWriter(PlannedWriter):
         self.file = open(self.dir / self.DATA, "wb")
 
     def write(self, coord, name, arr):
-        buf = io.BytesIO()
-        w = torchfile.TorchWriter(self.dir / self.DATA, fileobj=buf)
-        w.finish(w.add_tensor(np.require(arr, requirements="C")))   # keeps 0-d shapes
-        offset = self.file.tell()
-        try:
-            self.file.write(buf.getbuffer())
-        except OSError as e:
-            raise MapcError(f"cannot write: {e.strerror}", where=str(self.dir / self.DATA),
-                            hint="free disk space or choose another destination") from None
-        self.entries[name] = (offset, buf.tell(), tuple(arr.shape), dtype_name(arr.dtype))
+        offset, length = torchfile.append_archive(self.file, self.dir / self.DATA, array=arr)
+        self.entries[name] = (offset, length, tuple(arr.shape), dtype_name(arr.dtype))
 
     def finish(self, record: dict):
         step = (record.get("training") or {}).get("step")

@@ -287,7 +287,7 @@ def coalesced_buffers(obj, what: str, where: str) -> list[tuple]:
         if obj.get("buckets_coalesced") is not True:
             raise ValueError("not buckets_coalesced (an older per-bucket layout)")
         gbufs = [k for k in obj if k != "buckets_coalesced"]
-        if sorted(gbufs, key=str) != list(range(len(gbufs))) or not gbufs:
+        if not gbufs or sorted(gbufs, key=str) != sorted(range(len(gbufs)), key=str):
             raise ValueError(f"its buffers are {gbufs}, not 0..N-1")
         for g in range(len(gbufs)):
             ((pair, per_dtype),) = obj[g].items()

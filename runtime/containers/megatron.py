@@ -682,8 +682,9 @@ class MegatronWriter(PlannedWriter):
         self.dtypes = {}
         self.slot_data: dict = {}     # (coord, name) -> {slot: placeholder}
         self.dist = opt if opt.dp else None
-        # distributed: rank file coord -> per DDP buffer (gbuf_idx order) its (param dtype,
-        # grad dtype) and {slot: scratch memmap}; (coord, name) -> (rank, gbuf, start, numel)
+        # distributed: rank file coord -> (its distrib_optim.pt TorchWriter, per DDP buffer in
+        # gbuf_idx order its (param dtype, grad dtype), {slot: reserved placeholder} and
+        # numel_unpadded); (coord, name) -> (rank, gbuf, start, numel)
         self.flats: dict = {}
         self.place: dict = {}
         if self.dist:
@@ -711,29 +712,36 @@ class MegatronWriter(PlannedWriter):
             self._begin_distributed()
 
     def _begin_distributed(self):
-        """A zero-filled scratch file per owned rank, DDP buffer and slot holding the buffer's
-        flat state (its buckets without end padding, one after another), and each parameter's
-        place. A virtual pipeline's chunks are the rank's buffers one after another."""
-        scratch = self.dir / ".scratch"
+        """Every owned rank's ``distrib_optim.pt`` laid out at once: per DDP buffer (gbuf_idx
+        order) the zip members of its flat fp32 ``param``/``exp_avg``/``exp_avg_sq`` (its
+        buckets without end padding, one after another) reserved at their final offsets
+        (torchfile.TorchWriter.reserve_tensor), and each parameter's place in them. Every
+        arriving master or moment is written straight there (:meth:`_flat`); the alignment
+        gaps are never written (holes, which read as zeros). A virtual pipeline's chunks are
+        the rank's buffers one after another."""
         for coord, lay in sorted(self.dist.layouts.items(), key=lambda x: x[1].gbuf0):
             rank = self._rank_file(coord)[0]
             if rank not in self.writers:
                 continue
-            scratch.mkdir(exist_ok=True)
-            buffers = self.flats.setdefault(rank, [])
+            if rank not in self.flats:
+                self.flats[rank] = (torchfile.TorchWriter(
+                    self.writers[rank][0].path.parent / DISTRIB_OPTIM), [])
+            w, buffers = self.flats[rank]
             for b, buf in enumerate(lay.buffers, lay.gbuf0):
                 if b != len(buffers):
                     raise MapcError(f"internal: buffer {b} of dp_group_idx_{lay.group} planned "
                                     f"after {len(buffers)}")
                 total = sum(x.numel_unpadded for x in buf.buckets)
-                buffers.append((buf.pair, {slot: np.memmap(
-                    scratch / f"{lay.group}.{b}.{slot}", dtype=np.float32, mode="w+",
-                    shape=(total,)) for slot in ("master", "exp_avg", "exp_avg_sq")}))
+                buffers.append((buf.pair, {slot: w.reserve_tensor("float32", (total,))
+                                           for slot in ("master", "exp_avg", "exp_avg_sq")},
+                                total))
                 off = 0
                 for bucket in buf.buckets:
                     for name, start, numel in bucket.params:
                         self.place[(coord, name)] = (rank, b, off + start, numel)
                     off += bucket.numel_unpadded
+        for w, _ in self.flats.values():
+            w.suspend()     # reopened per piece: no descriptor held per rank in between
 
     def _flat(self, slot, coord, name, arr):
         rank, b, start, numel = self.place[(coord, name)]
@@ -741,7 +749,8 @@ class MegatronWriter(PlannedWriter):
         if flat.size != numel:
             raise MapcError(f"internal: {name} has {flat.size} elements, its place in the "
                             f"distributed optimizer's buffer {numel}")
-        self.flats[rank][b][1][slot][start:start + numel] = flat
+        w, buffers = self.flats[rank]
+        w.fill(buffers[b][1][slot], start * 4, flat)
 
     def _rank_file(self, coord):
         """(rank file coord, model chunk) of a program coord: with virtual pipeline stages the
@@ -874,33 +883,23 @@ class MegatronWriter(PlannedWriter):
         write_json(self.dir / MAPC_JSON, record)
 
     def _write_distrib_optim(self, coord):
-        """The rank's ``distrib_optim.pt`` from its scratch buffers, which are then deleted."""
+        """The rank's ``distrib_optim.pt``, its buffers all written: the pickle and the zip
+        directory (each member's CRC-32 combined from its pieces')."""
         from mapc.runtime.containers.distopt import legacy_state
-        w = torchfile.TorchWriter(self.writers[coord][0].path.parent / DISTRIB_OPTIM)
-        buffers = []
-        for pair, flats in self.flats.pop(coord):
-            placeholders = {}
-            for slot, m in flats.items():
-                m.flush()
-                placeholders[slot] = w.add_tensor(np.memmap(m.filename, dtype=np.float32,
-                                                            mode="r", shape=m.shape))
-                Path(m.filename).unlink()
-            buffers.append((tuple(torchfile.TorchDType(x) for x in pair), placeholders,
-                            flats["master"].shape[0]))
-        w.finish(legacy_state(buffers))
-        if not self.flats:      # other workers' ranks may still be in it
-            try:
-                (self.dir / ".scratch").rmdir()
-            except OSError:
-                pass
+        w, buffers = self.flats.pop(coord)
+        try:
+            w.finish(legacy_state([(tuple(torchfile.TorchDType(x) for x in pair), placeholders,
+                                    total) for pair, placeholders, total in buffers]))
+        except BaseException:
+            w.abort()
+            raise
 
     def abort(self):
         for w, _ in self.writers.values():
             w.abort()
-        for buffers in self.flats.values():
-            for _, flats in buffers:
-                for m in flats.values():
-                    Path(m.filename).unlink(missing_ok=True)
+        for w, _ in self.flats.values():
+            w.abort()
+        self.flats = {}
 
 
 # torch.optim.AdamW's param-group defaults, as megatron-core's state_dict() shows them

@@ -312,6 +312,8 @@ def gpt_config(args: dict) -> dict:
     for arg, value in args.items():
         if arg in TO_NEMO:
             key, conv = TO_NEMO[arg]
+            if key in args and key != arg:
+                continue            # stated directly (gated_linear_unit beside swiglu false)
             config[key] = conv(value)
         elif arg not in NOT_IN_CONFIG:
             config[arg] = value

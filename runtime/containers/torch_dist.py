@@ -33,7 +33,6 @@ restricted readers, ``common.pt`` through mapc's restricted unpickler.
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -964,14 +963,6 @@ class _DpZeroGatherScatter(_DpReshardable):
 # --------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------
-def _archive(obj=None, array=None) -> bytes:
-    """A ``torch.save`` archive of one tensor or of a plain object, as DCP stores each item."""
-    buf = io.BytesIO()
-    w = torchfile.TorchWriter(DATA, fileobj=buf)
-    w.finish(w.add_tensor(np.require(array, requirements="C")) if array is not None else obj)
-    return buf.getvalue()
-
-
 # megatron-core's SequentialMLP shards its local experts under "<prefix>experts.experts." on a
 # second global axis (after the layers'); its TopKRouter has no _extra_state, nor have the
 # local spec's attention norms (qk_layernorm's q/k, MLA's q/kv: plain torch norms) and the
@@ -1099,14 +1090,10 @@ class TorchDistWriter(PlannedWriter):
         (self.dir / self.sub).mkdir(parents=True)
         self.file = open(self.dir / self.sub / DATA, "wb")
 
-    def _append(self, data: bytes) -> tuple[int, int]:
-        offset = self.file.tell()
-        try:
-            self.file.write(data)
-        except OSError as e:
-            raise MapcError(f"cannot write: {e.strerror}", where=str(self.dir / DATA),
-                            hint="free disk space or choose another destination") from None
-        return offset, len(data)
+    def _append(self, obj=None, array=None) -> tuple[int, int]:
+        """(offset, length) of one item's ``torch.save`` archive, as DCP stores each, written
+        at the end of the data file."""
+        return torchfile.append_archive(self.file, self.dir / self.sub / DATA, obj, array)
 
     def write(self, coord, name, arr):
         fqn, index = self.expected[name]
@@ -1119,7 +1106,7 @@ class TorchDistWriter(PlannedWriter):
             offsets, chunk = (0,) * arr.ndim, arr
         else:
             offsets, chunk = (index,) + (0,) * arr.ndim, arr[None]
-        entry[2].append((offsets, tuple(chunk.shape)) + self._append(_archive(array=chunk)))
+        entry[2].append((offsets, tuple(chunk.shape)) + self._append(array=chunk))
         if self.opt is not None and self.opt.masters_from_weights and \
                 entry[1] in ("float32", "bfloat16", "float16"):
             self._slot("master", name, np.asarray(arr, np.float32))
@@ -1139,7 +1126,7 @@ class TorchDistWriter(PlannedWriter):
                 ((index,) + (0,) * arr.ndim, arr[None])
             key = f"optimizer.state.{'param' if slot == 'master' else slot}.{fqn}"
             self.tensors[key][2].append((offsets, tuple(chunk.shape)) +
-                                        self._append(_archive(array=chunk)))
+                                        self._append(array=chunk))
             return
         unit = self.cut_unit[name]
         got = self.pending.setdefault((slot, id(unit)), {})
@@ -1167,11 +1154,11 @@ class TorchDistWriter(PlannedWriter):
 
     def _flat_chunk(self, key, start, flat):
         self.tensors[key][2].append(((start,), (flat.size,)) +
-                                    self._append(_archive(array=flat)))
+                                    self._append(array=flat))
 
     def _object(self, key, obj):
         """A ShardedObject as megatron-core stores it: ``[object]`` at ``KEY/shard_0_1``."""
-        self.objects[f"{key}/shard_0_1"] = self._append(_archive(obj=[obj]))
+        self.objects[f"{key}/shard_0_1"] = self._append(obj=[obj])
 
     def _param_groups(self, chain: int | None = None) -> list[dict]:
         """The param groups of optimizer ``chain``: a ChainedOptimizer's expert one (1) has
@@ -1220,7 +1207,7 @@ class TorchDistWriter(PlannedWriter):
                 raise MapcError(f"internal: {fqn} was not written completely")
             if not fqn.startswith("optimizer."):
                 for key in self._extra_state_keys(fqn, shape):
-                    self.objects.setdefault(key, self._append(_archive(obj=[None])))
+                    self.objects.setdefault(key, self._append(obj=[None]))
         self.file.close()
         d = self.dir / self.sub
         dcp.write_chunked_metadata(d / dcp.METADATA, {k: tuple(v) for k, v in
